@@ -1,0 +1,158 @@
+//! The proxy's admin listener: `GET /metrics` (Prometheus text), `GET /healthz`,
+//! `GET /status` (endpoints and their health as JSON) and `POST /reload`
+//! (re-read the config file; a bad file is refused and the old config kept).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::{escape, Writer};
+use crate::server::Proxy;
+use crate::util::now_ms;
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(handle(&proxy, req)) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    r
+}
+
+fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", render_metrics(proxy)),
+        (&Method::GET, "/status") => reply(StatusCode::OK, "application/json", status_json(proxy).to_string()),
+        (&Method::POST, "/reload") => match proxy.reload_from_source() {
+            Ok(()) => reply(StatusCode::OK, "application/json", r#"{"reloaded":true}"#),
+            Err(e) => {
+                tracing::warn!(error = %e, "reload refused");
+                let body = serde_json::json!({ "reloaded": false, "error": e.to_string() });
+                reply(StatusCode::BAD_REQUEST, "application/json", body.to_string())
+            }
+        },
+        (_, "/healthz" | "/metrics" | "/status" | "/reload") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET for /healthz, /metrics, /status and POST for /reload\n")
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics, /status, /healthz or POST /reload\n"),
+    }
+}
+
+fn status_json(proxy: &Proxy) -> serde_json::Value {
+    let now = now_ms();
+    let eps: Vec<_> = proxy
+        .shared()
+        .registry
+        .endpoints()
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "upstream": &*e.upstream,
+                "addr": e.addr.to_string(),
+                "weight": e.weight.load(Relaxed),
+                "effective_weight": e.effective_weight(now, e.settings.load().slow_start) as f64 / 100.0,
+                "active_up": e.active_up(),
+                "ejected": e.ejected(now),
+                "available": e.available(now),
+                "inflight": e.inflight.load(Relaxed),
+                "open_connections": e.pool.open_connections(),
+                "idle_connections": e.pool.idle_connections(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "endpoints": eps })
+}
+
+/// Renders every metric family in the Prometheus text format.
+pub fn render_metrics(proxy: &Proxy) -> String {
+    let reg = &proxy.shared().registry;
+    let mut w = Writer { out: String::with_capacity(16 * 1024) };
+    let routes = reg.route_stats();
+    w.header("halo_route_requests_total", "counter", "Requests by route and status class (error: the proxy answered for a failed upstream).");
+    for (name, rt) in &routes {
+        w.classes("halo_route_requests_total", &format!("route=\"{}\"", escape(name)), &rt.stats.requests);
+    }
+    w.header("halo_route_retries_total", "counter", "Retries made, by route.");
+    for (name, rt) in &routes {
+        w.sample("halo_route_retries_total", &format!("route=\"{}\"", escape(name)), rt.stats.retries.load(Relaxed));
+    }
+    w.header("halo_route_retries_denied_total", "counter", "Retries refused by the retry budget, by route.");
+    for (name, rt) in &routes {
+        w.sample("halo_route_retries_denied_total", &format!("route=\"{}\"", escape(name)), rt.stats.retries_denied.load(Relaxed));
+    }
+    w.header("halo_route_request_duration_seconds", "histogram", "Time to the response head, by route.");
+    for (name, rt) in &routes {
+        w.histogram("halo_route_request_duration_seconds", &format!("route=\"{}\"", escape(name)), &rt.stats.latency);
+    }
+    let eps = reg.endpoints();
+    let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
+    w.header("halo_endpoint_requests_total", "counter", "Requests by upstream, endpoint and status class.");
+    for e in &eps {
+        w.classes("halo_endpoint_requests_total", &label(e), &e.stats.requests);
+    }
+    w.header("halo_endpoint_request_duration_seconds", "histogram", "Time to the response head, by endpoint.");
+    for e in &eps {
+        w.histogram("halo_endpoint_request_duration_seconds", &label(e), &e.stats.latency);
+    }
+    let now = now_ms();
+    w.header("halo_endpoint_up", "gauge", "1 when the endpoint takes traffic (up by active checks and not ejected).");
+    for e in &eps {
+        w.sample("halo_endpoint_up", &label(e), u8::from(e.available(now)));
+    }
+    w.header("halo_endpoint_ejections_total", "counter", "Passive-health ejections, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_ejections_total", &label(e), e.stats.ejections.load(Relaxed));
+    }
+    w.header("halo_endpoint_health_check_failures_total", "counter", "Failed active health checks, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_health_check_failures_total", &label(e), e.stats.health_checks_failed.load(Relaxed));
+    }
+    w.header("halo_endpoint_inflight", "gauge", "Requests in flight, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_inflight", &label(e), e.inflight.load(Relaxed));
+    }
+    w.header("halo_endpoint_connections", "gauge", "Open upstream connections, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_connections", &label(e), e.pool.open_connections());
+    }
+    let mut ls: Vec<_> = reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ls.sort_by(|a, b| a.0.cmp(&b.0));
+    w.header("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.");
+    for (name, s) in &ls {
+        w.sample("halo_listener_connections_active", &format!("listener=\"{}\"", escape(name)), s.active.load(Relaxed));
+    }
+    w.header("halo_listener_connections_total", "counter", "Accepted downstream connections, by listener.");
+    for (name, s) in &ls {
+        w.sample("halo_listener_connections_total", &format!("listener=\"{}\"", escape(name)), s.accepted.load(Relaxed));
+    }
+    w.out
+}

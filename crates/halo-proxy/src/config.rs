@@ -1,0 +1,568 @@
+//! Proxy configuration: the file format and the validated snapshot.
+//!
+//! The chain is `&str` -> [`file::FileConfig`] (serde, unknown fields rejected)
+//! -> [`validate`] -> [`Config`]. Only [`Config`] leaves this module, so the
+//! rest of the proxy never sees an unchecked value. Every error names the file,
+//! the line where it can be found, the field and what is accepted.
+
+mod file;
+mod locate;
+mod types;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use self::file::{FileConfig, HealthSection, OutlierSection, RouteSection, UpstreamSection};
+use self::locate::Locator;
+pub use self::types::*;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line; 0 when the problem is not tied to a line.
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+/// All problems found in one config file, reported together.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn render(errors: &[ConfigError]) -> String {
+    let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    lines.join("\n")
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
+            line: 0,
+            field: "(file)".into(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(&name, &text)
+}
+
+/// Parses and validates config text; `file` is only used in error messages.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: FileConfig = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(0);
+        ConfigErrors(vec![ConfigError {
+            file: file.into(),
+            line,
+            field: "(syntax)".into(),
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let mut v = Validator {
+        loc: Locator::new(text),
+        file: file.into(),
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// Parses a duration such as `250ms`, `5s`, `2m`, `1h`; `0` means zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("'{s}' has no unit; use ms, s, m or h, as in \"500ms\" or \"5s\""))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; use a number and a unit, as in \"5s\""))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit '{unit}' in '{s}'; accepted: ms, s, m, h")),
+    };
+    if !(0.0..=86400.0 * 365.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+struct Validator<'a> {
+    loc: Locator<'a>,
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, line: usize, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line,
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, line: usize, field: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(m)) => {
+                self.err(line, field, m);
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, line: usize, field: &str, v: &str) -> Option<SocketAddr> {
+        match v.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(line, field, format!("'{v}' is not an address; expected IP:PORT such as 127.0.0.1:8080"));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: FileConfig) -> Config {
+        let p = &raw.proxy;
+        let pl = self.loc.table("proxy");
+        let workers = match p.workers {
+            Some(0) => {
+                self.err(self.loc.key(pl, "workers"), "proxy.workers", "must be at least 1 (omit it for one per core)");
+                1
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let grace_line = self.loc.key(pl, "grace_period");
+        let grace_period = self.duration(grace_line, "proxy.grace_period", p.grace_period.as_deref(), Duration::from_secs(10));
+        let hrt_line = self.loc.key(pl, "header_read_timeout");
+        let header_read_timeout =
+            self.duration(hrt_line, "proxy.header_read_timeout", p.header_read_timeout.as_deref(), Duration::from_secs(30));
+        let ka_line = self.loc.key(pl, "keepalive_idle");
+        let keepalive_idle = self.duration(ka_line, "proxy.keepalive_idle", p.keepalive_idle.as_deref(), Duration::from_secs(60));
+        let max_header_bytes = p.max_header_bytes.unwrap_or(64 * 1024);
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            self.err(self.loc.key(pl, "max_header_bytes"), "proxy.max_header_bytes", "accepted: 8192 to 1048576");
+        }
+        let admin = raw.admin.as_ref().and_then(|a| {
+            let line = self.loc.key(self.loc.table("admin"), "listen");
+            self.addr(line, "admin.listen", &a.listen)
+        });
+
+        let listeners = self.listeners(&raw);
+        let upstreams: BTreeMap<String, UpstreamConfig> = raw
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), self.upstream(name, u)))
+            .collect();
+        let names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let routes = raw
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.route(i, r, &upstreams, &names))
+            .collect();
+        Config {
+            workers,
+            grace_period,
+            access_log: p.access_log.unwrap_or(false),
+            max_header_bytes: max_header_bytes.clamp(8192, 1 << 20),
+            header_read_timeout,
+            keepalive_idle,
+            admin,
+            listeners,
+            routes,
+            upstreams,
+        }
+    }
+
+    fn listeners(&mut self, raw: &FileConfig) -> Vec<ListenerConfig> {
+        if raw.listeners.is_empty() {
+            self.err(0, "listeners", "at least one [[listeners]] entry with listen = \"IP:PORT\" is required");
+        }
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let line = self.loc.array_item("listeners", i);
+            let field = format!("listeners[{i}]");
+            let name = l.name.clone().unwrap_or_else(|| format!("listener{i}"));
+            if !seen.insert(name.clone()) {
+                self.err(line, format!("{field}.name"), format!("duplicate listener name '{name}'"));
+            }
+            let protocol = match l.protocol.as_deref().unwrap_or("http") {
+                "http" => ListenerProtocol::Http,
+                other => {
+                    self.err(self.loc.key(line, "protocol"), format!("{field}.protocol"), format!("unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c)"));
+                    ListenerProtocol::Http
+                }
+            };
+            if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
+                out.push(ListenerConfig { name, addr, protocol });
+            }
+        }
+        out
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        r: &RouteSection,
+        ups: &BTreeMap<String, UpstreamConfig>,
+        listeners: &HashSet<&str>,
+    ) -> RouteConfig {
+        let line = self.loc.array_item("routes", i);
+        let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
+        let f = |k: &str| format!("routes[{i}].{k}");
+        let host = r.host.as_deref().map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix("*.") {
+                Some(rest) if !rest.is_empty() && !rest.contains('*') => HostMatch::Suffix(format!(".{rest}")),
+                _ if h.contains('*') || h.is_empty() => {
+                    self.err(self.loc.key(line, "host"), f("host"), format!("'{h}' is not accepted; use an exact host or *.example.com"));
+                    HostMatch::Exact(h)
+                }
+                _ => HostMatch::Exact(h),
+            }
+        });
+        let path = match (&r.path_prefix, &r.path_exact) {
+            (Some(_), Some(_)) => {
+                self.err(self.loc.key(line, "path_exact"), f("path_exact"), "set path_prefix or path_exact, not both");
+                None
+            }
+            (Some(p), None) => Some(PathMatch::Prefix(p.clone())),
+            (None, Some(p)) => Some(PathMatch::Exact(p.clone())),
+            (None, None) => None,
+        };
+        if let Some(PathMatch::Prefix(p) | PathMatch::Exact(p)) = &path {
+            if !p.starts_with('/') {
+                self.err(line, f("path"), format!("'{p}' must start with '/'"));
+            }
+        }
+        let methods = r
+            .methods
+            .iter()
+            .flatten()
+            .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => Some(m),
+                Err(_) => {
+                    self.err(self.loc.key(line, "methods"), f("methods"), format!("'{m}' is not an HTTP method"));
+                    None
+                }
+            })
+            .collect();
+        let headers = r
+            .headers
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+                (Ok(k), Ok(v)) => Some((k, v)),
+                _ => {
+                    self.err(self.loc.key(line, "headers"), f("headers"), format!("'{k}: {v}' is not a valid header name and value"));
+                    None
+                }
+            })
+            .collect();
+        if let Some(ls) = &r.listeners {
+            for l in ls.iter().filter(|l| !listeners.contains(l.as_str())) {
+                self.err(self.loc.key(line, "listeners"), f("listeners"), format!("no listener named '{l}'"));
+            }
+        }
+        let split = self.split(i, line, r, ups);
+        let overrides = self.overrides(i, line, r, ups);
+        let timeouts = self.timeouts(i, line, r);
+        let retry = self.retry(i, line, r);
+        RouteConfig { name, listeners: r.listeners.clone(), host, path, methods, headers, split, overrides, timeouts, retry }
+    }
+
+    fn check_upstream(&mut self, line: usize, field: String, name: &str, ups: &BTreeMap<String, UpstreamConfig>) {
+        if !ups.contains_key(name) {
+            let known: Vec<&str> = ups.keys().map(String::as_str).collect();
+            self.err(line, field, format!("no upstream named '{name}'; defined: [{}]", known.join(", ")));
+        }
+    }
+
+    fn split(&mut self, i: usize, line: usize, r: &RouteSection, ups: &BTreeMap<String, UpstreamConfig>) -> Vec<(String, u32)> {
+        let split: Vec<(String, u32)> = match (&r.upstream, &r.split) {
+            (Some(u), None) => vec![(u.clone(), 1)],
+            (None, Some(s)) if !s.is_empty() => s.iter().map(|s| (s.upstream.clone(), s.weight)).collect(),
+            (Some(_), Some(_)) => {
+                self.err(line, format!("routes[{i}].split"), "set upstream or split, not both");
+                Vec::new()
+            }
+            _ => {
+                self.err(line, format!("routes[{i}].upstream"), "a route needs upstream = \"NAME\" or a non-empty split");
+                Vec::new()
+            }
+        };
+        for (u, _) in &split {
+            self.check_upstream(self.loc.key(line, "upstream"), format!("routes[{i}].upstream"), u, ups);
+        }
+        if !split.is_empty() && split.iter().all(|(_, w)| *w == 0) {
+            self.err(line, format!("routes[{i}].split"), "at least one split weight must be above 0");
+        }
+        split
+    }
+
+    fn overrides(&mut self, i: usize, line: usize, r: &RouteSection, ups: &BTreeMap<String, UpstreamConfig>) -> Vec<Override> {
+        let mut out = Vec::new();
+        for (j, o) in r.overrides.iter().flatten().enumerate() {
+            let field = format!("routes[{i}].overrides[{j}]");
+            self.check_upstream(line, format!("{field}.upstream"), &o.upstream, ups);
+            let matcher = match (&o.header, &o.cookie) {
+                (Some(h), None) => match HeaderName::try_from(h.as_str()) {
+                    Ok(h) => OverrideMatch::Header(h),
+                    Err(_) => {
+                        self.err(line, format!("{field}.header"), format!("'{h}' is not a header name"));
+                        continue;
+                    }
+                },
+                (None, Some(c)) => OverrideMatch::Cookie(c.clone()),
+                _ => {
+                    self.err(line, field, "set exactly one of header or cookie");
+                    continue;
+                }
+            };
+            out.push(Override { matcher, value: o.value.clone(), upstream: o.upstream.clone() });
+        }
+        out
+    }
+
+    fn timeouts(&mut self, i: usize, line: usize, r: &RouteSection) -> Timeouts {
+        let d = Timeouts::default();
+        let Some(t) = &r.timeouts else { return d };
+        let tl = self.loc.key(line, "timeouts");
+        // A given "0" turns an optional timeout off.
+        let opt = |v: &mut Self, key: &str, val: &Option<String>, def: Option<Duration>| match val {
+            None => def,
+            Some(s) => Some(v.duration(tl, &format!("routes[{i}].timeouts.{key}"), Some(s), Duration::ZERO)).filter(|d| !d.is_zero()),
+        };
+        let connect = opt(self, "connect", &t.connect, Some(d.connect));
+        if connect.is_none() {
+            self.err(tl, format!("routes[{i}].timeouts.connect"), "must be above 0");
+        }
+        Timeouts {
+            connect: connect.unwrap_or(d.connect),
+            first_byte: opt(self, "first_byte", &t.first_byte, d.first_byte),
+            request: opt(self, "request", &t.request, d.request),
+            idle: opt(self, "idle", &t.idle, d.idle),
+        }
+    }
+
+    fn retry(&mut self, i: usize, line: usize, r: &RouteSection) -> RetryPolicy {
+        let d = RetryPolicy::default();
+        let Some(rs) = &r.retry else { return d };
+        let field = |k: &str| format!("routes[{i}].retry.{k}");
+        let statuses = rs.statuses.clone().unwrap_or(d.statuses.clone());
+        for s in &statuses {
+            if !(100..=599).contains(s) {
+                self.err(line, field("statuses"), format!("{s} is not an HTTP status (100-599)"));
+            }
+        }
+        let budget_ratio = rs.budget_ratio.unwrap_or(d.budget_ratio);
+        if !(0.0..=1.0).contains(&budget_ratio) {
+            self.err(line, field("budget_ratio"), "accepted: 0.0 to 1.0 (share of recent requests that may be retried)");
+        }
+        let attempts = rs.attempts.unwrap_or(d.attempts);
+        if attempts > 10 {
+            self.err(line, field("attempts"), "accepted: 0 to 10 retries");
+        }
+        RetryPolicy {
+            attempts: attempts.min(10),
+            statuses,
+            budget_ratio: budget_ratio.clamp(0.0, 1.0),
+            budget_min_per_sec: rs.budget_min_per_sec.unwrap_or(d.budget_min_per_sec),
+            body_cap: rs.body_cap.unwrap_or(d.body_cap),
+        }
+    }
+
+    fn upstream(&mut self, name: &str, u: &UpstreamSection) -> UpstreamConfig {
+        let line = self.loc.table(&format!("upstreams.{name}"));
+        let f = |k: &str| format!("upstreams.{name}.{k}");
+        if u.endpoints.is_empty() {
+            self.err(line, f("endpoints"), "at least one endpoint is required, as in endpoints = [\"127.0.0.1:9000\"]");
+        }
+        let mut endpoints = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, e) in u.endpoints.iter().enumerate() {
+            let (addr, weight) = match e {
+                file::EndpointEntry::Addr(a) => (a, 1),
+                file::EndpointEntry::Full { addr, weight } => (addr, weight.unwrap_or(1)),
+            };
+            let eline = self.loc.key(line, "endpoints");
+            if weight == 0 || weight > 1000 {
+                self.err(eline, format!("{}[{j}].weight", f("endpoints")), "accepted: 1 to 1000");
+            }
+            if let Some(a) = self.addr(eline, &format!("{}[{j}]", f("endpoints")), addr) {
+                if !seen.insert(a) {
+                    self.err(eline, f("endpoints"), format!("endpoint {a} is listed twice"));
+                }
+                endpoints.push(EndpointConfig { addr: a, weight: weight.clamp(1, 1000) });
+            }
+        }
+        let policy = match u.policy.as_deref().unwrap_or("round_robin") {
+            "round_robin" => Policy::RoundRobin,
+            "least_request" => Policy::LeastRequest,
+            "p2c_ewma" => Policy::P2cEwma,
+            "random" => Policy::Random,
+            "consistent_hash" => Policy::ConsistentHash,
+            other => {
+                self.err(self.loc.key(line, "policy"), f("policy"), format!("unknown policy '{other}'; accepted: round_robin, least_request, p2c_ewma, random, consistent_hash"));
+                Policy::RoundRobin
+            }
+        };
+        let hash_key = u.hash_key.as_deref().and_then(|k| {
+            let parsed = match k.split_once(':') {
+                Some(("header", h)) => HeaderName::try_from(h).ok().map(HashKey::Header),
+                Some(("cookie", c)) if !c.is_empty() => Some(HashKey::Cookie(c.to_string())),
+                None if k == "source_ip" => Some(HashKey::SourceIp),
+                None if k == "path" => Some(HashKey::Path),
+                _ => None,
+            };
+            if parsed.is_none() {
+                self.err(self.loc.key(line, "hash_key"), f("hash_key"), format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"));
+            }
+            parsed
+        });
+        if policy == Policy::ConsistentHash && hash_key.is_none() && u.hash_key.is_none() {
+            self.err(self.loc.key(line, "policy"), f("hash_key"), "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)");
+        }
+        let sl = self.loc.key(line, "slow_start");
+        let slow_start = u.slow_start.as_deref().map(|s| self.duration(sl, &f("slow_start"), Some(s), Duration::ZERO)).filter(|d| !d.is_zero());
+        let protocol = match u.protocol.as_deref().unwrap_or("http1") {
+            "http1" => UpstreamProtocol::Http1,
+            "h2" | "http2" => UpstreamProtocol::Http2,
+            other => {
+                self.err(self.loc.key(line, "protocol"), f("protocol"), format!("unknown protocol '{other}'; accepted: http1, h2"));
+                UpstreamProtocol::Http1
+            }
+        };
+        let pool = self.pool(name, u);
+        let health = self.health(name, u.health.as_ref());
+        let outlier = self.outlier(name, u.outlier.as_ref());
+        UpstreamConfig {
+            name: name.to_string(),
+            endpoints,
+            policy,
+            hash_key,
+            session_cookie: u.session_cookie.clone(),
+            slow_start,
+            protocol,
+            pool,
+            health,
+            outlier,
+        }
+    }
+
+    fn pool(&mut self, name: &str, u: &UpstreamSection) -> PoolConfig {
+        let d = PoolConfig::default();
+        let Some(p) = &u.pool else { return d };
+        let line = self.loc.table(&format!("upstreams.{name}.pool"));
+        let max_per_endpoint = p.max_per_endpoint.unwrap_or(d.max_per_endpoint);
+        if max_per_endpoint == 0 {
+            self.err(line, format!("upstreams.{name}.pool.max_per_endpoint"), "must be at least 1");
+        }
+        let idle_line = self.loc.key(line, "idle_timeout");
+        PoolConfig {
+            max_per_endpoint: max_per_endpoint.max(1),
+            idle_timeout: self.duration(idle_line, &format!("upstreams.{name}.pool.idle_timeout"), p.idle_timeout.as_deref(), d.idle_timeout),
+        }
+    }
+
+    fn health(&mut self, name: &str, h: Option<&HealthSection>) -> Option<HealthConfig> {
+        let d = HealthConfig::default();
+        let Some(h) = h else { return Some(d) };
+        if h.enabled == Some(false) {
+            return None;
+        }
+        let line = self.loc.table(&format!("upstreams.{name}.health"));
+        let f = |k: &str| format!("upstreams.{name}.health.{k}");
+        let kind = match h.kind.as_deref().unwrap_or("http") {
+            "http" => HealthKind::Http {
+                path: h.path.clone().unwrap_or_else(|| "/".into()),
+                expect_status: h.expect_status,
+            },
+            "tcp" => HealthKind::Tcp,
+            other => {
+                self.err(self.loc.key(line, "type"), f("type"), format!("unknown type '{other}'; accepted: http, tcp"));
+                HealthKind::Tcp
+            }
+        };
+        if let HealthKind::Http { path, .. } = &kind {
+            if !path.starts_with('/') {
+                self.err(self.loc.key(line, "path"), f("path"), "must start with '/'");
+            }
+        }
+        let dur = |v: &mut Self, k: &str, val: &Option<String>, def: Duration| {
+            let l = v.loc.key(line, k);
+            v.duration(l, &f(k), val.as_deref(), def)
+        };
+        let interval = dur(self, "interval", &h.interval, d.interval);
+        let timeout = dur(self, "timeout", &h.timeout, d.timeout);
+        let jitter = dur(self, "jitter", &h.jitter, d.jitter);
+        if interval < Duration::from_millis(10) {
+            self.err(self.loc.key(line, "interval"), f("interval"), "must be at least 10ms");
+        }
+        if timeout.is_zero() {
+            self.err(self.loc.key(line, "timeout"), f("timeout"), "must be above 0");
+        }
+        let (rise, fall) = (h.rise.unwrap_or(d.rise), h.fall.unwrap_or(d.fall));
+        if rise == 0 || fall == 0 {
+            self.err(line, f("rise"), "rise and fall must be at least 1");
+        }
+        Some(HealthConfig { kind, interval: interval.max(Duration::from_millis(10)), timeout, rise: rise.max(1), fall: fall.max(1), jitter })
+    }
+
+    fn outlier(&mut self, name: &str, o: Option<&OutlierSection>) -> Option<OutlierConfig> {
+        let d = OutlierConfig::default();
+        let Some(o) = o else { return Some(d) };
+        if o.enabled == Some(false) {
+            return None;
+        }
+        let line = self.loc.table(&format!("upstreams.{name}.outlier"));
+        let f = |k: &str| format!("upstreams.{name}.outlier.{k}");
+        let consecutive_failures = o.consecutive_failures.unwrap_or(d.consecutive_failures);
+        if consecutive_failures == 0 {
+            self.err(line, f("consecutive_failures"), "must be at least 1");
+        }
+        let pct = o.max_ejected_percent.unwrap_or(d.max_ejected_percent);
+        if pct > 100 {
+            self.err(line, f("max_ejected_percent"), "accepted: 0 to 100");
+        }
+        let bl = self.loc.key(line, "base_ejection");
+        let base_ejection = self.duration(bl, &f("base_ejection"), o.base_ejection.as_deref(), d.base_ejection);
+        let ml = self.loc.key(line, "max_ejection");
+        let max_ejection = self.duration(ml, &f("max_ejection"), o.max_ejection.as_deref(), d.max_ejection);
+        Some(OutlierConfig {
+            consecutive_failures: consecutive_failures.max(1),
+            base_ejection,
+            max_ejection: max_ejection.max(base_ejection),
+            max_ejected_percent: pct.min(100),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! The proxy's file format (`proxy.toml`) as written by users.
+//!
+//! These structs mirror the TOML one to one and reject unknown fields; nothing
+//! outside `config` sees them. `super::validate` turns them into the checked
+//! [`super::Config`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub workers: Option<usize>,
+    pub grace_period: Option<String>,
+    pub access_log: Option<bool>,
+    pub max_header_bytes: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub keepalive_idle: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: Option<String>,
+    pub listen: String,
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: Option<String>,
+    pub listeners: Option<Vec<String>>,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_exact: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub upstream: Option<String>,
+    pub split: Option<Vec<SplitSection>>,
+    pub overrides: Option<Vec<OverrideSection>>,
+    pub timeouts: Option<TimeoutSection>,
+    pub retry: Option<RetrySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSection {
+    pub upstream: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideSection {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub value: String,
+    pub upstream: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutSection {
+    pub connect: Option<String>,
+    pub first_byte: Option<String>,
+    pub request: Option<String>,
+    pub idle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    pub attempts: Option<u32>,
+    pub statuses: Option<Vec<u16>>,
+    pub budget_ratio: Option<f64>,
+    pub budget_min_per_sec: Option<u32>,
+    pub body_cap: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointEntry {
+    Addr(String),
+    Full { addr: String, weight: Option<u32> },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    #[serde(default)]
+    pub endpoints: Vec<EndpointEntry>,
+    pub policy: Option<String>,
+    pub hash_key: Option<String>,
+    pub session_cookie: Option<String>,
+    pub slow_start: Option<String>,
+    pub protocol: Option<String>,
+    pub pool: Option<PoolSection>,
+    pub health: Option<HealthSection>,
+    pub outlier: Option<OutlierSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    pub max_per_endpoint: Option<usize>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    pub enabled: Option<bool>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub expect_status: Option<u16>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub jitter: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSection {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection: Option<String>,
+    pub max_ejection: Option<String>,
+    pub max_ejected_percent: Option<u32>,
+}

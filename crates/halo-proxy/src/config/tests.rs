@@ -1,0 +1,87 @@
+use super::*;
+
+const GOOD: &str = r#"
+[[listeners]]
+listen = "127.0.0.1:0"
+
+[[routes]]
+upstream = "web"
+
+[upstreams.web]
+endpoints = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 3 }]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse("t.toml", GOOD).unwrap();
+    assert_eq!(c.listeners[0].name, "listener0");
+    assert_eq!(c.routes[0].split, vec![("web".to_string(), 1)]);
+    let u = &c.upstreams["web"];
+    assert_eq!(u.endpoints[1].weight, 3);
+    assert_eq!(u.policy, Policy::RoundRobin);
+    assert_eq!(c.routes[0].retry, RetryPolicy::default());
+    assert!(u.health.is_some() && u.outlier.is_some());
+}
+
+#[test]
+fn example_file_is_valid() {
+    let text = include_str!("../../../../examples/proxy.toml");
+    parse("examples/proxy.toml", text).unwrap();
+}
+
+#[test]
+fn unknown_field_names_line() {
+    let text = "[[listeners]]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n";
+    let e = parse("t.toml", text).unwrap_err();
+    assert_eq!(e.0[0].line, 3, "{e}");
+    assert!(e.to_string().contains("lisen"), "{e}");
+}
+
+#[test]
+fn bad_values_are_all_reported_with_field_and_accepted_values() {
+    let text = r#"
+[[listeners]]
+listen = "localhost:80"
+
+[[routes]]
+upstream = "nope"
+
+[upstreams.web]
+policy = "fastest"
+endpoints = ["127.0.0.1:1"]
+
+[upstreams.web.health]
+interval = "5 parsecs"
+"#;
+    let e = parse("t.toml", text).unwrap_err();
+    let s = e.to_string();
+    assert!(s.contains("t.toml:3: listeners[0].listen"), "{s}");
+    assert!(s.contains("no upstream named 'nope'"), "{s}");
+    assert!(s.contains("t.toml:9: upstreams.web.policy") && s.contains("accepted: round_robin"), "{s}");
+    assert!(s.contains("upstreams.web.health.interval"), "{s}");
+    assert_eq!(e.0.len(), 4, "{s}");
+}
+
+#[test]
+fn consistent_hash_needs_a_key() {
+    let text = GOOD.replace("[upstreams.web]", "[upstreams.web]\npolicy = \"consistent_hash\"");
+    let e = parse("t.toml", &text).unwrap_err();
+    assert!(e.to_string().contains("hash_key"), "{e}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert!(parse_duration("10").unwrap_err().contains("no unit"));
+    assert!(parse_duration("3d").unwrap_err().contains("accepted"));
+}
+
+#[test]
+fn zero_turns_optional_timeouts_off() {
+    let text = GOOD.replace("upstream = \"web\"", "upstream = \"web\"\ntimeouts = { first_byte = \"0\", request = \"5s\" }");
+    let c = parse("t.toml", &text).unwrap();
+    assert_eq!(c.routes[0].timeouts.first_byte, None);
+    assert_eq!(c.routes[0].timeouts.request, Some(Duration::from_secs(5)));
+}

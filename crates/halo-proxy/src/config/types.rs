@@ -1,0 +1,238 @@
+//! The validated configuration: what the rest of the proxy reads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+/// A complete, validated proxy configuration (one immutable snapshot).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub workers: usize,
+    pub grace_period: Duration,
+    pub access_log: bool,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub keepalive_idle: Duration,
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
+    /// Tried in file order; the first route that matches wins.
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub protocol: ListenerProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port.
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Listener names this route applies to; `None` for all.
+    pub listeners: Option<Vec<String>>,
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    /// Empty means any method.
+    pub methods: Vec<Method>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Upstream names and weights; one entry when the route has one upstream.
+    pub split: Vec<(String, u32)>,
+    pub overrides: Vec<Override>,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+/// Sends matching requests to one upstream, whatever the split says.
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub matcher: OverrideMatch,
+    pub value: String,
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum OverrideMatch {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From the request being sent to the response head arriving.
+    pub first_byte: Option<Duration>,
+    /// The whole exchange, response body included.
+    pub request: Option<Duration>,
+    /// Longest silence while the response body streams.
+    pub idle: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            first_byte: Some(Duration::from_secs(30)),
+            request: None,
+            idle: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first try (0 turns retries off).
+    pub attempts: u32,
+    /// Response statuses retried for idempotent methods.
+    pub statuses: Vec<u16>,
+    /// Share of recent requests that may be retries.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    pub budget_min_per_sec: u32,
+    /// Request bodies up to this size are kept for replay.
+    pub body_cap: usize,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            statuses: vec![502, 503, 504],
+            budget_ratio: 0.2,
+            budget_min_per_sec: 10,
+            body_cap: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub endpoints: Vec<EndpointConfig>,
+    pub policy: Policy,
+    pub hash_key: Option<HashKey>,
+    /// Cookie name for session persistence; `None` turns it off.
+    pub session_cookie: Option<String>,
+    pub slow_start: Option<Duration>,
+    pub protocol: UpstreamProtocol,
+    pub pool: PoolConfig,
+    pub health: Option<HealthConfig>,
+    pub outlier: Option<OutlierConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    RoundRobin,
+    LeastRequest,
+    P2cEwma,
+    Random,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+    Path,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Connections (busy plus idle) per endpoint; requests beyond wait.
+    pub max_per_endpoint: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { max_per_endpoint: 1024, idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down endpoint up.
+    pub rise: u32,
+    /// Consecutive failures that take an up endpoint down.
+    pub fall: u32,
+    /// Up to this much is added at random to each interval.
+    pub jitter: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            kind: HealthKind::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            jitter: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// GET `path`; healthy on `expect_status`, or any 2xx/3xx when unset.
+    Http { path: String, expect_status: Option<u16> },
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection doubles it up to `max_ejection`.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}

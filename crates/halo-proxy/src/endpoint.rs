@@ -1,0 +1,188 @@
+//! Runtime state of one endpoint of one upstream: health (active and
+//! passive), load (in-flight requests, peak-EWMA latency), its connection pool
+//! and its counters.
+//!
+//! This state lives outside the config snapshot, in the [`crate::registry`],
+//! so that it survives reloads: a reload that keeps an endpoint keeps its
+//! health, its pooled connections and its statistics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::EndpointStats;
+use crate::pool::Pool;
+use crate::util::{hash64, ms, now_ms};
+
+/// Latency assumed for an endpoint with no sample yet.
+const DEFAULT_RTT_NS: u64 = 1_000_000;
+/// Decay time of the peak-EWMA latency estimate.
+const EWMA_TAU_MS: f64 = 10_000.0;
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Stable id used as the session cookie value.
+    pub id: String,
+    pub upstream: Arc<str>,
+    /// The upstream's current settings; swapped on reload.
+    pub settings: ArcSwap<UpstreamConfig>,
+    pub weight: AtomicU32,
+    pub inflight: AtomicUsize,
+    pub pool: Pool,
+    pub stats: EndpointStats,
+    health: Health,
+    ewma_ns: AtomicU64,
+    ewma_at_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Result of active checks (true when checks are off).
+    active_up: AtomicBool,
+    /// When the endpoint last came up (ms, see `util::now_ms`); 0 = never went down.
+    up_since_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, weight: u32, settings: Arc<UpstreamConfig>) -> Self {
+        let upstream: Arc<str> = settings.name.as_str().into();
+        let pool = Pool::new(addr, &settings.pool, settings.protocol);
+        Endpoint {
+            addr,
+            id: format!("{:016x}", hash64(addr.to_string().as_bytes())),
+            upstream,
+            settings: ArcSwap::new(settings),
+            weight: AtomicU32::new(weight),
+            inflight: AtomicUsize::new(0),
+            pool,
+            stats: EndpointStats::default(),
+            health: Health { active_up: AtomicBool::new(true), ..Health::default() },
+            ewma_ns: AtomicU64::new(DEFAULT_RTT_NS),
+            ewma_at_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// Whether new requests may go here: up by active checks and not ejected.
+    pub fn available(&self, now: u64) -> bool {
+        self.health.active_up.load(Relaxed) && now >= self.health.ejected_until_ms.load(Relaxed)
+    }
+
+    pub fn active_up(&self) -> bool {
+        self.health.active_up.load(Relaxed)
+    }
+
+    pub fn ejected(&self, now: u64) -> bool {
+        now < self.health.ejected_until_ms.load(Relaxed)
+    }
+
+    /// Weight scaled by 100 and by the slow-start ramp after a recovery.
+    pub fn effective_weight(&self, now: u64, slow_start: Option<Duration>) -> u64 {
+        let w = u64::from(self.weight.load(Relaxed)) * 100;
+        let Some(window) = slow_start.map(ms).filter(|w| *w > 0) else { return w };
+        let since = self.health.up_since_ms.load(Relaxed).max(self.health.ejected_until_ms.load(Relaxed));
+        if since == 0 || now >= since + window {
+            return w;
+        }
+        // Start at 10% so a recovered endpoint gets some traffic at once.
+        let share = (now.saturating_sub(since) as f64 / window as f64).clamp(0.1, 1.0);
+        ((w as f64) * share).max(1.0) as u64
+    }
+
+    /// Records an active check result; returns the new state when it changed.
+    pub fn active_result(&self, ok: bool, rise: u32, fall: u32, streak: &mut i64) -> Option<bool> {
+        *streak = match (ok, *streak) {
+            (true, s) if s >= 0 => s + 1,
+            (true, _) => 1,
+            (false, s) if s <= 0 => s - 1,
+            (false, _) => -1,
+        };
+        let up = self.health.active_up.load(Relaxed);
+        if !up && ok && *streak >= i64::from(rise) {
+            self.health.up_since_ms.store(now_ms(), Relaxed);
+            self.health.consecutive_failures.store(0, Relaxed);
+            self.health.active_up.store(true, Relaxed);
+            return Some(true);
+        }
+        if up && !ok && -*streak >= i64::from(fall) {
+            self.health.active_up.store(false, Relaxed);
+            return Some(false);
+        }
+        None
+    }
+
+    /// Records a request outcome for passive health. `ejected_share` tells
+    /// whether one more ejection would exceed the upstream's cap; returns true
+    /// when this call ejected the endpoint.
+    pub fn passive_result(&self, ok: bool, may_eject: impl FnOnce() -> bool) -> bool {
+        if ok {
+            self.health.consecutive_failures.store(0, Relaxed);
+            return false;
+        }
+        let Some(outlier) = self.settings.load().outlier.clone() else { return false };
+        let n = self.health.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let now = now_ms();
+        if n < outlier.consecutive_failures || self.ejected(now) || !may_eject() {
+            return false;
+        }
+        let times = self.health.ejections.fetch_add(1, Relaxed).min(16);
+        let span = (ms(outlier.base_ejection) << times).min(ms(outlier.max_ejection));
+        self.health.ejected_until_ms.store(now + span, Relaxed);
+        self.health.consecutive_failures.store(0, Relaxed);
+        self.stats.ejections.fetch_add(1, Relaxed);
+        tracing::warn!(upstream = %self.upstream, endpoint = %self.addr, ejected_ms = span, "endpoint ejected after consecutive failures");
+        true
+    }
+
+    /// Forgets past ejections once an endpoint has served well for a while,
+    /// so that the next ejection starts from the base time again.
+    pub fn reset_ejection_backoff(&self) {
+        self.health.ejections.store(0, Relaxed);
+    }
+
+    pub fn ejection_count(&self) -> u32 {
+        self.health.ejections.load(Relaxed)
+    }
+
+    /// Peak-EWMA latency: rises at once to a slow sample, decays towards fast ones.
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let sample = rtt.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let now = now_ms();
+        let prev = self.ewma_ns.load(Relaxed);
+        let last = self.ewma_at_ms.swap(now, Relaxed);
+        let next = if sample > prev {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(last) as f64) / EWMA_TAU_MS).exp();
+            (prev as f64 * w + sample as f64 * (1.0 - w)) as u64
+        };
+        self.ewma_ns.store(next.max(1), Relaxed);
+    }
+
+    /// Cost for p2c_ewma: expected latency times the queue it would join.
+    pub fn ewma_cost(&self) -> f64 {
+        self.ewma_ns.load(Relaxed) as f64 * (self.inflight.load(Relaxed) + 1) as f64
+    }
+}
+
+/// Keeps an endpoint's in-flight count up while a request is outstanding.
+pub struct InflightGuard(pub Arc<Endpoint>);
+
+impl InflightGuard {
+    pub fn new(ep: Arc<Endpoint>) -> Self {
+        ep.inflight.fetch_add(1, Relaxed);
+        InflightGuard(ep)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,62 @@
+//! Errors a proxied request can end in, each with the status the client gets
+//! and whether another attempt on another endpoint is safe.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::pool::ConnectError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches host '{host}' and path '{path}'")]
+    NoRoute { host: String, path: String },
+    #[error("no healthy endpoint in upstream '{0}'")]
+    NoEndpoint(String),
+    /// The request never left the proxy.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The request was handed to a connection that failed before taking it.
+    #[error("upstream connection closed before the request was sent: {0}")]
+    NotSent(hyper::Error),
+    /// The request may have reached the upstream.
+    #[error("upstream failed before responding: {0}")]
+    Upstream(hyper::Error),
+    #[error("upstream sent no response within {0:?}")]
+    FirstByteTimeout(Duration),
+    #[error("request exceeded its timeout of {0:?}")]
+    RequestTimeout(Duration),
+    #[error("reading the request body: {0}")]
+    RequestBody(hyper::Error),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestBodyTimeout(Duration),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(_) | ProxyError::NotSent(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::FirstByteTimeout(_) | ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    /// Whether trying another endpoint is safe: always when the request
+    /// provably never reached an upstream, otherwise only for idempotent
+    /// requests whose body can be replayed.
+    pub fn retryable(&self, idempotent_and_replayable: bool) -> bool {
+        match self {
+            ProxyError::Connect(_) | ProxyError::NotSent(_) => true,
+            ProxyError::Upstream(_) | ProxyError::FirstByteTimeout(_) => idempotent_and_replayable,
+            _ => false,
+        }
+    }
+
+    /// Whether this counts against the endpoint's passive health.
+    pub fn is_endpoint_failure(&self) -> bool {
+        matches!(self, ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::FirstByteTimeout(_))
+    }
+}

@@ -1,0 +1,354 @@
+//! Forwarding one request: route, pick an endpoint, send over a pooled
+//! connection, retry on another endpoint when that is safe and the budget
+//! allows, and build the response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{ProxyBody, RespBody};
+use crate::endpoint::{Endpoint, InflightGuard};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::metrics::class_index;
+use crate::pool::{ConnectError, Pooled, Sender};
+use crate::router::{self, Route};
+use crate::server::Shared;
+use crate::upstream::Group;
+
+/// How long a request body may take to arrive when it is buffered for replay.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Extra tries on the same endpoint when a pooled connection turns out dead.
+const STALE_TRIES: usize = 3;
+
+/// Where a request came in.
+#[derive(Clone)]
+pub struct Downstream {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+}
+
+/// A successful exchange with an endpoint.
+struct Exchange {
+    resp: Response<Incoming>,
+    conn: Pooled,
+    inflight: InflightGuard,
+    set_cookie: Option<(String, String)>,
+}
+
+/// What an attempt loop ended in, for logs and metrics.
+struct Outcome {
+    endpoint: Option<Arc<Endpoint>>,
+    upstream: Option<Arc<str>>,
+    tries: u32,
+}
+
+pub async fn handle(shared: Arc<Shared>, down: Downstream, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let (mut parts, body) = req.into_parts();
+    let host = router::host(&parts);
+    let Some(route) = snap.routes.iter().find(|r| r.matches(&down.listener, &host, &parts)) else {
+        let e = ProxyError::NoRoute { host, path: parts.uri.path().to_string() };
+        return Ok(error_response(&e, None));
+    };
+    let rid = headers::request_id(&mut parts.headers);
+    route.rt.budget.deposit();
+
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let deadline = route.cfg.timeouts.request.map(|t| start + t);
+    let mut out = Outcome { endpoint: None, upstream: None, tries: 0 };
+    let result = match read_body(body, route.cfg.retry.body_cap).await {
+        Ok(body) => {
+            prepare_upstream_request(&mut parts, down.client);
+            let attempts = attempts(route, &parts, body, down.client, &mut out);
+            match (deadline, route.cfg.timeouts.request) {
+                (Some(d), Some(t)) => tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t))),
+                _ => attempts.await,
+            }
+        }
+        Err(e) => Err(e),
+    };
+
+    let resp = match result {
+        Ok(x) => {
+            let status = x.resp.status();
+            record(route, out.endpoint.as_deref(), class_index(status.as_u16()), start);
+            respond(x, &rid, route, deadline)
+        }
+        Err(e) => {
+            tracing::debug!(route = %route.cfg.name, error = %e, "request failed");
+            record(route, out.endpoint.as_deref(), 5, start);
+            error_response(&e, Some(&rid))
+        }
+    };
+    if snap.config.access_log {
+        access_log(&down, &method, &host, &path, &resp, route, &out, &rid, start);
+    }
+    Ok(resp)
+}
+
+fn record(route: &Route, ep: Option<&Endpoint>, class: usize, start: Instant) {
+    let took = start.elapsed();
+    route.rt.stats.requests[class].fetch_add(1, Relaxed);
+    route.rt.stats.latency.observe(took);
+    if let Some(ep) = ep {
+        ep.stats.requests[class].fetch_add(1, Relaxed);
+        ep.stats.latency.observe(took);
+    }
+}
+
+/// Buffers small bodies so they can be replayed; streams the rest.
+async fn read_body(body: Incoming, cap: usize) -> Result<ProxyBody, ProxyError> {
+    use http_body::Body;
+    if body.is_end_stream() {
+        return Ok(ProxyBody::Empty);
+    }
+    match body.size_hint().upper() {
+        Some(n) if n as usize <= cap => match tokio::time::timeout(BODY_READ_TIMEOUT, body.collect()).await {
+            Ok(Ok(c)) => Ok(ProxyBody::Full(Some(c.to_bytes()))),
+            Ok(Err(e)) => Err(ProxyError::RequestBody(e)),
+            Err(_) => Err(ProxyError::RequestBodyTimeout(BODY_READ_TIMEOUT)),
+        },
+        _ => Ok(ProxyBody::Stream(body)),
+    }
+}
+
+fn prepare_upstream_request(parts: &mut http::request::Parts, client: SocketAddr) {
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let host = parts.headers.get(header::HOST).cloned();
+    headers::add_forwarded(&mut parts.headers, client, host.as_ref());
+    if let Some(pq) = parts.uri.path_and_query() {
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = Uri::from(pq.clone());
+        }
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+fn build(parts: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+async fn attempts(
+    route: &Route,
+    parts: &http::request::Parts,
+    body: ProxyBody,
+    client: SocketAddr,
+    out: &mut Outcome,
+) -> Result<Exchange, ProxyError> {
+    let group = route.group(parts);
+    out.upstream = Some(group.cfg.name.as_str().into());
+    let policy = &route.cfg.retry;
+    let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
+    // A body that cannot be replayed is held here until first sent, and comes
+    // back only if the connection provably did not take it.
+    let mut pending = Some(body);
+    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut last: Option<ProxyError> = None;
+    let mut granted = false;
+    for attempt in 0..=policy.attempts {
+        let Some(pick) = group.pick(parts, client, &tried) else { break };
+        if attempt > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {
+            break;
+        }
+        tried.push(pick.index);
+        let ep = group.endpoints[pick.index].clone();
+        out.endpoint = Some(ep.clone());
+        out.tries = attempt + 1;
+        let Some(body) = pending.as_ref().and_then(ProxyBody::replay).or_else(|| pending.take()) else { break };
+        let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
+        match send(route, &ep, build(parts, body)).await {
+            Ok((resp, conn, inflight)) => {
+                let status = resp.status().as_u16();
+                let retry_status = policy.statuses.contains(&status);
+                ep.passive_result(!(retry_status && status >= 500), || group.may_eject());
+                // Another try is only worth it when there is somewhere else to
+                // go; otherwise the client gets this response as it is.
+                let again = retry_status && safe && attempt < policy.attempts && has_other(group, &tried);
+                if !again || !retry_granted(route) {
+                    return Ok(Exchange { resp, conn, inflight, set_cookie });
+                }
+                granted = true;
+                tracing::debug!(endpoint = %ep.addr, attempt, status, "retrying on a retried status");
+            }
+            Err((e, unsent)) => {
+                if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
+                    ep.passive_result(false, || group.may_eject());
+                }
+                if unsent.is_some() {
+                    pending = unsent;
+                }
+                let retry = pending.is_some() && e.retryable(safe);
+                tracing::debug!(endpoint = %ep.addr, attempt, error = %e, retry, "attempt failed");
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ProxyError::NoEndpoint(group.cfg.name.clone())))
+}
+
+fn retry_granted(route: &Route) -> bool {
+    let p = &route.cfg.retry;
+    if route.rt.budget.withdraw(p.budget_ratio, p.budget_min_per_sec) {
+        route.rt.stats.retries.fetch_add(1, Relaxed);
+        true
+    } else {
+        route.rt.stats.retries_denied.fetch_add(1, Relaxed);
+        false
+    }
+}
+
+fn has_other(group: &Group, tried: &[usize]) -> bool {
+    let now = crate::util::now_ms();
+    group.endpoints.iter().enumerate().any(|(i, e)| !tried.contains(&i) && e.available(now))
+}
+
+type SendResult = Result<(Response<Incoming>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
+
+/// One attempt on one endpoint, with stale pooled connections skipped.
+async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) -> SendResult {
+    let t = &route.cfg.timeouts;
+    for _ in 0..STALE_TRIES {
+        let mut conn = match ep.pool.get(t.connect).await {
+            Ok(c) => c,
+            Err(e) => return Err((e.into(), Some(req.into_body()))),
+        };
+        let inflight = InflightGuard::new(ep.clone());
+        let sent_at = Instant::now();
+        let fut = async {
+            match &mut conn.sender {
+                Sender::H1(s) => {
+                    if let Err(e) = s.ready().await {
+                        return Err((ProxyError::NotSent(e), Some(req)));
+                    }
+                    s.try_send_request(req).await.map_err(split_err)
+                }
+                Sender::H2(s) => {
+                    let mut req = req;
+                    set_h2_uri(&mut req, ep.addr);
+                    s.try_send_request(req).await.map_err(split_err)
+                }
+            }
+        };
+        let res = match t.first_byte {
+            Some(fb) => match tokio::time::timeout(fb, fut).await {
+                Ok(r) => r,
+                Err(_) => return Err((ProxyError::FirstByteTimeout(fb), None)),
+            },
+            None => fut.await,
+        };
+        match res {
+            Ok(resp) => {
+                ep.observe_rtt(sent_at.elapsed());
+                return Ok((resp, conn, inflight));
+            }
+            // A pooled connection died before taking the request: try a
+            // fresh one on the same endpoint.
+            Err((ProxyError::NotSent(_), Some(r))) if conn.reused => {
+                req = r;
+                continue;
+            }
+            Err((e, r)) => return Err((e, r.map(Request::into_body))),
+        }
+    }
+    Err((ProxyError::NoEndpoint(ep.upstream.to_string()), Some(req.into_body())))
+}
+
+fn split_err(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> (ProxyError, Option<Request<ProxyBody>>) {
+    match e.take_message() {
+        Some(req) => (ProxyError::NotSent(e.into_error()), Some(req)),
+        None => (ProxyError::Upstream(e.into_error()), None),
+    }
+}
+
+fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| addr.to_string(), str::to_string);
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    if let Ok(u) = Uri::builder().scheme("http").authority(authority).path_and_query(pq).build() {
+        *req.uri_mut() = u;
+    }
+    req.headers_mut().remove(header::HOST);
+}
+
+fn respond(x: Exchange, rid: &HeaderValue, route: &Route, deadline: Option<Instant>) -> Response<RespBody> {
+    let (mut parts, incoming) = x.resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(headers::X_REQUEST_ID.clone(), rid.clone());
+    if let Some((name, id)) = x.set_cookie {
+        if let Ok(v) = HeaderValue::try_from(format!("{name}={id}; Path=/; HttpOnly")) {
+            parts.headers.append(header::SET_COOKIE, v);
+        }
+    }
+    let body = RespBody::upstream(incoming, x.conn, x.inflight, route.cfg.timeouts.idle, deadline);
+    Response::from_parts(parts, body)
+}
+
+pub fn error_response(e: &ProxyError, rid: Option<&HeaderValue>) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::full(Bytes::from(format!("{} {}: {e}\n", e.status().as_u16(), e.status().canonical_reason().unwrap_or("")))));
+    *r.status_mut() = e.status();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Some(rid) = rid {
+        h.insert(headers::X_REQUEST_ID.clone(), rid.clone());
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    down: &Downstream,
+    method: &Method,
+    host: &str,
+    path: &str,
+    resp: &Response<RespBody>,
+    route: &Route,
+    out: &Outcome,
+    rid: &HeaderValue,
+    start: Instant,
+) {
+    let line = serde_json::json!({
+        "ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        "client": down.client.to_string(),
+        "listener": &*down.listener,
+        "method": method.as_str(),
+        "host": host,
+        "path": path,
+        "status": resp.status().as_u16(),
+        "route": route.cfg.name,
+        "upstream": out.upstream.as_deref(),
+        "endpoint": out.endpoint.as_ref().map(|e| e.addr.to_string()),
+        "tries": out.tries,
+        "duration_ms": start.elapsed().as_secs_f64() * 1000.0,
+        "request_id": rid.to_str().unwrap_or(""),
+    });
+    println!("{line}");
+}

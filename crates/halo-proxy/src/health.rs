@@ -1,0 +1,87 @@
+//! Active health checks: one task per endpoint, probing by HTTP GET or TCP
+//! connect every interval (plus jitter), moving the endpoint down after
+//! `fall` failures in a row and up after `rise` successes. The task holds
+//! only a weak reference, so it ends by itself once a reload removed the
+//! endpoint and its last in-flight request finished.
+//!
+//! Passive health (outlier ejection) is in [`crate::endpoint`]: it is fed by
+//! every proxied request.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{HealthConfig, HealthKind};
+use crate::endpoint::Endpoint;
+use crate::util::rand_below;
+
+/// Starts the checker of a new endpoint.
+pub fn spawn_checker(ep: &Arc<Endpoint>) {
+    let weak = Arc::downgrade(ep);
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(run(weak));
+}
+
+async fn run(weak: Weak<Endpoint>) {
+    let mut streak: i64 = 0;
+    let mut good_since_ejection = 0u32;
+    loop {
+        let Some(ep) = weak.upgrade() else { return };
+        let settings = ep.settings.load_full();
+        let Some(cfg) = settings.health.as_ref() else {
+            drop(ep);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let ok = probe(ep.addr, cfg).await;
+        if !ok {
+            ep.stats.health_checks_failed.fetch_add(1, Relaxed);
+        }
+        if let Some(up) = ep.active_result(ok, cfg.rise, cfg.fall, &mut streak) {
+            tracing::warn!(upstream = %ep.upstream, endpoint = %ep.addr, up, "endpoint health changed by active checks");
+        }
+        // An endpoint that keeps passing checks after an ejection has its
+        // ejection backoff forgiven.
+        good_since_ejection = if ok { good_since_ejection + 1 } else { 0 };
+        if good_since_ejection >= 30 && ep.ejection_count() > 0 {
+            ep.reset_ejection_backoff();
+        }
+        let jitter = Duration::from_millis(rand_below(cfg.jitter.as_millis() as u64 + 1));
+        let wait = cfg.interval + jitter;
+        drop(ep);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One probe; true when the endpoint answered as expected in time.
+pub async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> bool {
+    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind)).await.unwrap_or(false)
+}
+
+async fn probe_inner(addr: SocketAddr, kind: &HealthKind) -> bool {
+    let Ok(stream) = TcpStream::connect(addr).await else { return false };
+    let HealthKind::Http { path, expect_status } = kind else { return true };
+    let Ok((mut sender, conn)) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await else {
+        return false;
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get(path.as_str())
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::USER_AGENT, "halo-health-check")
+        .header(http::header::CONNECTION, "close")
+        .body(Empty::new());
+    let Ok(req) = req else { return false };
+    match sender.send_request(req).await {
+        Ok(resp) => match expect_status {
+            Some(s) => resp.status().as_u16() == *s,
+            None => resp.status().is_success() || resp.status().is_redirection(),
+        },
+        Err(_) => false,
+    }
+}

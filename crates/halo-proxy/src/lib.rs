@@ -1,0 +1,37 @@
+//! halo's data plane.
+//!
+//! The proxy takes an immutable, validated [`config::Config`] snapshot plus
+//! endpoint updates ([`Proxy::set_endpoints`]) and knows nothing of stores or
+//! supervisors. A request flows listener -> router -> traffic split ->
+//! balancing policy over the available endpoints -> pooled upstream
+//! connection -> response; failures that are safe to retry go to another
+//! endpoint within a retry budget, and every outcome feeds passive health.
+//!
+//! Module map: `config` (file format and validation), `server` (listeners,
+//! reload, shutdown), `forward` (one request), `router`, `upstream` +
+//! `balance` (groups and policies), `endpoint` + `health` (endpoint state,
+//! passive and active health), `pool` (upstream connections), `retry`
+//! (budget), `headers`, `body`, `metrics`, `admin`, `registry` (state kept
+//! across reloads).
+
+mod admin;
+mod balance;
+mod body;
+pub mod config;
+mod endpoint;
+mod error;
+mod forward;
+mod headers;
+mod health;
+mod metrics;
+mod pool;
+mod registry;
+mod retry;
+mod router;
+mod server;
+mod upstream;
+mod util;
+
+pub use admin::render_metrics;
+pub use error::ProxyError as RequestError;
+pub use server::{Proxy, ProxyError, ReloadError};

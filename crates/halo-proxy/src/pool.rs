@@ -1,0 +1,227 @@
+//! Per-endpoint upstream connection pool on `hyper::client::conn`.
+//!
+//! HTTP/1.1 connections are reused LIFO (the warmest first), capped per
+//! endpoint (busy plus idle), closed after an idle timeout, and checked before
+//! reuse so that a connection the upstream closed is never handed out. With
+//! HTTP/2 upstreams one multiplexed connection per endpoint is shared.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::config::{PoolConfig, UpstreamProtocol};
+
+/// Why no connection could be had; none of these reached the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("no free connection to {0} within the connect timeout (pool full)")]
+    PoolFull(SocketAddr),
+    #[error("handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+}
+
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    idle: Mutex<Vec<Idle>>,
+    idle_timeout: Mutex<Duration>,
+    permits: Arc<Semaphore>,
+    cap: AtomicUsize,
+    released: Notify,
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Open upstream connections (for metrics).
+    open: Arc<AtomicUsize>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    permit: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+/// A connection checked out of the pool.
+pub struct Pooled {
+    pub sender: Sender,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Inner>,
+    /// Whether this connection served a request before (a stale-connection
+    /// failure on a reused connection is worth one more try).
+    pub reused: bool,
+}
+
+pub enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Pool {
+    pub fn new(addr: SocketAddr, cfg: &PoolConfig, protocol: UpstreamProtocol) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                addr,
+                protocol,
+                idle: Mutex::new(Vec::new()),
+                idle_timeout: Mutex::new(cfg.idle_timeout),
+                permits: Arc::new(Semaphore::new(cfg.max_per_endpoint)),
+                cap: AtomicUsize::new(cfg.max_per_endpoint),
+                released: Notify::new(),
+                h2: Mutex::new(None),
+                open: Arc::new(AtomicUsize::new(0)),
+            }),
+        }
+    }
+
+    /// Applies new settings from a reload without dropping connections.
+    pub fn reconfigure(&self, cfg: &PoolConfig) {
+        *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()) = cfg.idle_timeout;
+        let old = self.inner.cap.swap(cfg.max_per_endpoint, Relaxed);
+        if cfg.max_per_endpoint > old {
+            self.inner.permits.add_permits(cfg.max_per_endpoint - old);
+        } else {
+            // Permits in use come back later; forget what can be forgotten now
+            // and the rest as connections close.
+            let n = self.inner.permits.forget_permits(old - cfg.max_per_endpoint);
+            for _ in n..old - cfg.max_per_endpoint {
+                let permits = self.inner.permits.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_owned().await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.inner.open.load(Relaxed)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.inner.idle.lock().map_or(0, |v| v.len())
+    }
+
+    /// A ready connection: an idle one when there is one, else a new one.
+    pub async fn get(&self, connect_timeout: Duration) -> Result<Pooled, ConnectError> {
+        if self.inner.protocol == UpstreamProtocol::Http2 {
+            return self.get_h2(connect_timeout).await;
+        }
+        let deadline = Instant::now() + connect_timeout;
+        loop {
+            if let Some(p) = self.take_idle() {
+                return Ok(p);
+            }
+            let permit = match self.inner.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let notified = self.inner.released.notified();
+                    tokio::select! {
+                        p = self.inner.permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return Err(ConnectError::PoolFull(self.inner.addr)),
+                        },
+                        _ = notified => continue,
+                        _ = tokio::time::sleep_until(deadline) => return Err(ConnectError::PoolFull(self.inner.addr)),
+                    }
+                }
+            };
+            let stream = self.connect(deadline).await?;
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| ConnectError::Handshake { addr: self.inner.addr, source })?;
+            self.spawn_conn(conn);
+            return Ok(Pooled { sender: Sender::H1(sender), permit: Some(permit), pool: self.inner.clone(), reused: false });
+        }
+    }
+
+    fn spawn_conn<F>(&self, conn: F)
+    where
+        F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let open = self.inner.open.clone();
+        open.fetch_add(1, Relaxed);
+        let addr = self.inner.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+            }
+            open.fetch_sub(1, Relaxed);
+        });
+    }
+
+    async fn connect(&self, deadline: Instant) -> Result<TcpStream, ConnectError> {
+        let addr = self.inner.addr;
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => Err(ConnectError::Timeout(addr)),
+            Ok(Err(source)) => Err(ConnectError::Connect { addr, source }),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<Pooled> {
+        let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(c) = idle.pop() {
+            if c.sender.is_closed() || c.since.elapsed() > timeout {
+                continue;
+            }
+            return Some(Pooled { sender: Sender::H1(c.sender), permit: Some(c.permit), pool: self.inner.clone(), reused: true });
+        }
+        None
+    }
+
+    async fn get_h2(&self, connect_timeout: Duration) -> Result<Pooled, ConnectError> {
+        let existing = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(s) = existing.filter(|s| !s.is_closed()) {
+            return Ok(Pooled { sender: Sender::H2(s), permit: None, pool: self.inner.clone(), reused: true });
+        }
+        let stream = self.connect(Instant::now() + connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake { addr: self.inner.addr, source })?;
+        self.spawn_conn(conn);
+        *self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        Ok(Pooled { sender: Sender::H2(sender), permit: None, pool: self.inner.clone(), reused: false })
+    }
+}
+
+impl Pooled {
+    /// Gives a connection whose exchange completed back for reuse.
+    pub fn release(self) {
+        let Pooled { sender, permit, pool, .. } = self;
+        let (Sender::H1(sender), Some(permit)) = (sender, permit) else { return };
+        if sender.is_closed() {
+            return;
+        }
+        let timeout = *pool.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // Drop the coldest connections once they outlived the idle timeout.
+            while idle.first().is_some_and(|c| c.since.elapsed() > timeout || c.sender.is_closed()) {
+                idle.remove(0);
+            }
+            idle.push(Idle { sender, permit, since: Instant::now() });
+        }
+        pool.released.notify_one();
+    }
+}

@@ -1,0 +1,129 @@
+//! State that outlives config snapshots, and the building of snapshots.
+//!
+//! The registry keeps endpoint state (health, pools, statistics), route
+//! statistics and retry budgets by name. Building a snapshot from a new
+//! [`Config`] reuses every piece of state whose name is unchanged, so a reload
+//! keeps health and pooled connections; an endpoint that leaves the config is
+//! dropped from the registry and finishes its in-flight requests through the
+//! references those requests hold (drained, not cut).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, UpstreamConfig};
+use crate::endpoint::Endpoint;
+use crate::health;
+use crate::metrics::{ListenerStats, RouteStats};
+use crate::retry::RetryBudget;
+use crate::router::Route;
+use crate::upstream::Group;
+
+#[derive(Default)]
+pub struct RouteRuntime {
+    pub stats: RouteStats,
+    pub budget: RetryBudget,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    endpoints: Mutex<HashMap<(String, SocketAddr), Arc<Endpoint>>>,
+    routes: Mutex<HashMap<String, Arc<RouteRuntime>>>,
+    pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
+}
+
+/// One immutable routing snapshot.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub routes: Vec<Route>,
+    pub groups: HashMap<String, Arc<Group>>,
+}
+
+impl Registry {
+    /// Builds the snapshot for `config`, creating state for new endpoints and
+    /// routes and forgetting state for the ones that left.
+    pub fn build(&self, config: Arc<Config>) -> Snapshot {
+        let groups: HashMap<String, Arc<Group>> = {
+            let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let mut keep = HashMap::new();
+            let groups = config
+                .upstreams
+                .values()
+                .map(|u| {
+                    let u = Arc::new(u.clone());
+                    let list = u
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            let key = (u.name.clone(), e.addr);
+                            let ep = match eps.remove(&key) {
+                                Some(ep) => {
+                                    update_endpoint(&ep, &u, e.weight);
+                                    ep
+                                }
+                                None => {
+                                    let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
+                                    health::spawn_checker(&ep);
+                                    ep
+                                }
+                            };
+                            keep.insert(key, ep.clone());
+                            ep
+                        })
+                        .collect();
+                    (u.name.clone(), Arc::new(Group::new(u, list)))
+                })
+                .collect();
+            for ((up, addr), _) in eps.drain() {
+                tracing::info!(upstream = %up, endpoint = %addr, "endpoint removed; draining its in-flight requests");
+            }
+            *eps = keep;
+            groups
+        };
+        let mut rts = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keep_rts = HashMap::new();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let rt = rts.remove(&r.name).unwrap_or_default();
+                keep_rts.insert(r.name.clone(), rt.clone());
+                let split: Vec<(Arc<Group>, u32)> = r.split.iter().map(|(u, w)| (groups[u].clone(), *w)).collect();
+                Route {
+                    total_weight: split.iter().map(|(_, w)| u64::from(*w)).sum(),
+                    split,
+                    overrides: r.overrides.iter().map(|o| (o.matcher.clone(), o.value.clone(), groups[&o.upstream].clone())).collect(),
+                    cfg: r.clone(),
+                    rt,
+                }
+            })
+            .collect();
+        *rts = keep_rts;
+        Snapshot { config, routes, groups }
+    }
+
+    pub fn route_stats(&self) -> Vec<(String, Arc<RouteRuntime>)> {
+        let mut v: Vec<_> = self.routes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        let mut v: Vec<_> = self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        v.sort_by(|a, b| (&*a.upstream, a.addr).cmp(&(&*b.upstream, b.addr)));
+        v
+    }
+
+    pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone()
+    }
+}
+
+fn update_endpoint(ep: &Endpoint, u: &Arc<UpstreamConfig>, weight: u32) {
+    ep.weight.store(weight, Relaxed);
+    if ep.settings.load().pool != u.pool {
+        ep.pool.reconfigure(&u.pool);
+    }
+    ep.settings.store(u.clone());
+}

@@ -1,0 +1,149 @@
+//! Request routing: the compiled routes of one snapshot, matched in file
+//! order. A route matches when every matcher it sets matches: listener, host
+//! (exact, or `*.example.com` for any subdomain), path (exact or prefix),
+//! method and headers. The first match wins; a route with no matchers is a
+//! catch-all, so it belongs last.
+
+use std::sync::Arc;
+
+use http::request::Parts;
+
+use crate::config::{HostMatch, OverrideMatch, PathMatch, RouteConfig};
+use crate::registry::RouteRuntime;
+use crate::upstream::Group;
+use crate::util::rand_below;
+
+pub struct Route {
+    pub cfg: RouteConfig,
+    pub split: Vec<(Arc<Group>, u32)>,
+    pub total_weight: u64,
+    pub overrides: Vec<(OverrideMatch, String, Arc<Group>)>,
+    pub rt: Arc<RouteRuntime>,
+}
+
+impl Route {
+    pub fn matches(&self, listener: &str, host: &str, parts: &Parts) -> bool {
+        let c = &self.cfg;
+        if let Some(ls) = &c.listeners {
+            if !ls.iter().any(|l| l == listener) {
+                return false;
+            }
+        }
+        if let Some(h) = &c.host {
+            let ok = match h {
+                HostMatch::Exact(e) => host == e,
+                HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(p) = &c.path {
+            let path = parts.uri.path();
+            let ok = match p {
+                PathMatch::Exact(e) => path == e,
+                PathMatch::Prefix(pre) => path_has_prefix(path, pre),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if !c.methods.is_empty() && !c.methods.contains(&parts.method) {
+            return false;
+        }
+        c.headers.iter().all(|(k, v)| parts.headers.get_all(k).iter().any(|x| x == v))
+    }
+
+    /// The upstream group for this request: an override when one matches,
+    /// else a weighted pick over the split.
+    pub fn group(&self, parts: &Parts) -> &Arc<Group> {
+        for (m, value, g) in &self.overrides {
+            let hit = match m {
+                OverrideMatch::Header(h) => parts.headers.get_all(h).iter().any(|v| v.as_bytes() == value.as_bytes()),
+                OverrideMatch::Cookie(name) => cookie(parts, name).is_some_and(|v| v == value),
+            };
+            if hit {
+                return g;
+            }
+        }
+        if self.split.len() == 1 {
+            return &self.split[0].0;
+        }
+        let mut r = rand_below(self.total_weight.max(1));
+        for (g, w) in &self.split {
+            if r < u64::from(*w) {
+                return g;
+            }
+            r -= u64::from(*w);
+        }
+        &self.split[0].0
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x` but not `/apix`; a prefix that
+/// ends in `/` matches anything under it.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The value of cookie `name` in the request, if present.
+pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The request's host, lower-cased, without port: from `Host` (HTTP/1.1) or
+/// the URI authority (HTTP/2).
+pub fn host(parts: &Parts) -> String {
+    let raw = parts
+        .uri
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    let no_port = if raw.starts_with('[') {
+        raw.split_once(']').map_or(raw, |(h, _)| h.trim_start_matches('['))
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    no_port.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_respects_segments() {
+        assert!(path_has_prefix("/api", "/api"));
+        assert!(path_has_prefix("/api/v1", "/api"));
+        assert!(!path_has_prefix("/apix", "/api"));
+        assert!(path_has_prefix("/static/x", "/static/"));
+        assert!(path_has_prefix("/anything", "/"));
+    }
+
+    #[test]
+    fn host_strips_port_and_case() {
+        let (p, _) = http::Request::builder().uri("/").header("host", "WWW.Example.com:8080").body(()).unwrap().into_parts();
+        assert_eq!(host(&p), "www.example.com");
+        let (p, _) = http::Request::builder().uri("http://[::1]:80/").body(()).unwrap().into_parts();
+        assert_eq!(host(&p), "::1");
+    }
+
+    #[test]
+    fn cookie_lookup() {
+        let (p, _) = http::Request::builder().uri("/").header("cookie", "a=1; halo-track=beta").body(()).unwrap().into_parts();
+        assert_eq!(cookie(&p, "halo-track"), Some("beta"));
+        assert_eq!(cookie(&p, "b"), None);
+    }
+}

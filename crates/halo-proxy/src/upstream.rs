@@ -1,0 +1,70 @@
+//! An upstream group as seen by one snapshot: its settings, its endpoints
+//! (shared runtime state from the registry) and its balancer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+
+use crate::balance::{Balancer, Candidates};
+use crate::config::{HashKey, UpstreamConfig};
+use crate::endpoint::Endpoint;
+use crate::router::cookie;
+use crate::util::{hash64, now_ms};
+
+pub struct Group {
+    pub cfg: Arc<UpstreamConfig>,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    balancer: Balancer,
+}
+
+/// The outcome of a pick.
+pub struct Pick {
+    pub index: usize,
+    /// Set when the response should carry a new session cookie.
+    pub set_cookie: bool,
+}
+
+impl Group {
+    pub fn new(cfg: Arc<UpstreamConfig>, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let balancer = Balancer::new(cfg.policy, &endpoints);
+        Group { cfg, endpoints, balancer }
+    }
+
+    /// Chooses an endpoint not in `tried`; `None` when no endpoint is
+    /// available.
+    pub fn pick(&self, parts: &Parts, client: SocketAddr, tried: &[usize]) -> Option<Pick> {
+        let now = now_ms();
+        let c = Candidates::collect(&self.endpoints, tried, now, self.cfg.slow_start);
+        if c.idx.is_empty() {
+            return None;
+        }
+        if let Some(name) = &self.cfg.session_cookie {
+            if let Some(id) = cookie(parts, name) {
+                if let Some(&i) = c.idx.iter().find(|&&i| self.endpoints[i].id == id) {
+                    return Some(Pick { index: i, set_cookie: false });
+                }
+            }
+        }
+        let key = self.cfg.hash_key.as_ref().and_then(|k| hash_key(k, parts, client));
+        let index = self.balancer.pick(&self.endpoints, &c, key);
+        Some(Pick { index, set_cookie: self.cfg.session_cookie.is_some() })
+    }
+
+    /// Whether ejecting one more endpoint keeps within `max_ejected_percent`.
+    pub fn may_eject(&self) -> bool {
+        let Some(o) = &self.cfg.outlier else { return false };
+        let now = now_ms();
+        let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        (ejected + 1) * 100 <= self.endpoints.len() * o.max_ejected_percent as usize
+    }
+}
+
+fn hash_key(k: &HashKey, parts: &Parts, client: SocketAddr) -> Option<u64> {
+    match k {
+        HashKey::Header(h) => parts.headers.get(h).map(|v| hash64(v.as_bytes())),
+        HashKey::Cookie(c) => cookie(parts, c).map(|v| hash64(v.as_bytes())),
+        HashKey::SourceIp => Some(hash64(client.ip().to_string().as_bytes())),
+        HashKey::Path => Some(hash64(parts.uri.path().as_bytes())),
+    }
+}

@@ -1,0 +1,93 @@
+//! Small shared helpers: a stable hash, a fast thread-local random source and
+//! a monotonic millisecond clock that fits in an atomic.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// FNV-1a followed by a SplitMix64 finaliser: stable across processes and
+/// versions, so hashes (Maglev tables, session cookie ids) never move on
+/// restart.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let local = 0u8;
+    mix64(t ^ (&local as *const u8 as u64))
+}
+
+/// A uniformly distributed `u64` (xorshift64*); not for secrets.
+pub fn rand_u64() -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// A number in `0..n` (`n > 0`).
+pub fn rand_below(n: u64) -> u64 {
+    ((u128::from(rand_u64()) * u128::from(n)) >> 64) as u64
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process first asked; never 0 after the first call
+/// so that 0 can mean "never".
+pub fn now_ms() -> u64 {
+    base().elapsed().as_millis() as u64 + 1
+}
+
+pub fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// A 128-bit random id in hex, for `x-request-id`.
+pub fn request_id() -> String {
+    format!("{:016x}{:016x}", rand_u64(), rand_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(hash64(b"127.0.0.1:9000"), hash64(b"127.0.0.1:9000"));
+        assert_ne!(hash64(b"127.0.0.1:9000"), hash64(b"127.0.0.1:9001"));
+    }
+
+    #[test]
+    fn rand_below_stays_in_range() {
+        for n in [1u64, 2, 3, 10, 1000] {
+            for _ in 0..1000 {
+                assert!(rand_below(n) < n);
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! `halo proxy` and `halo check`: wiring the proxy engine to a config file or
+//! command-line flags, a runtime and signals.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use halo_proxy::config::{self, Config};
+use halo_proxy::Proxy;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// Config file (see examples/proxy.toml). Without it, --listen and
+    /// --backend describe one listener balancing over the given backends.
+    #[arg(short, long, conflicts_with_all = ["listen", "backend"])]
+    config: Option<PathBuf>,
+    /// Address to accept HTTP on, as IP:PORT.
+    #[arg(long, requires = "backend")]
+    listen: Option<String>,
+    /// A backend address, IP:PORT; repeat for more.
+    #[arg(long)]
+    backend: Vec<String>,
+    /// Balancing policy: round_robin, least_request, p2c_ewma, random.
+    #[arg(long, default_value = "round_robin")]
+    policy: String,
+    /// Worker threads (default: one per core, or the file's proxy.workers).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Admin listener (metrics, status, reload) with --listen, as IP:PORT.
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+/// Builds the config the flags describe by writing it in the file format,
+/// so flags and files share one validation path.
+fn config_from_flags(a: &ProxyArgs) -> anyhow::Result<Config> {
+    let Some(listen) = &a.listen else {
+        bail!("give a config file with -c FILE, or --listen IP:PORT with at least one --backend IP:PORT");
+    };
+    let quote = |s: &str| format!("{s:?}");
+    let mut text = format!("[[listeners]]\nname = \"main\"\nlisten = {}\n\n", quote(listen));
+    if let Some(admin) = &a.admin {
+        text.push_str(&format!("[admin]\nlisten = {}\n\n", quote(admin)));
+    }
+    let backends: Vec<String> = a.backend.iter().map(|b| quote(b)).collect();
+    text.push_str(&format!(
+        "[[routes]]\nname = \"default\"\nupstream = \"backends\"\n\n[upstreams.backends]\npolicy = {}\nendpoints = [{}]\n",
+        quote(&a.policy),
+        backends.join(", ")
+    ));
+    config::parse("(command line)", &text).map_err(|e| anyhow::anyhow!("invalid flags:\n{e}"))
+}
+
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    let c = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "{}: ok ({} listeners, {} routes, {} upstreams, {} endpoints)",
+        path.display(),
+        c.listeners.len(),
+        c.routes.len(),
+        c.upstreams.len(),
+        c.upstreams.values().map(|u| u.endpoints.len()).sum::<usize>()
+    );
+    Ok(())
+}
+
+pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => config_from_flags(&args)?,
+    };
+    if let Some(w) = args.workers {
+        if w == 0 {
+            bail!("--workers must be at least 1");
+        }
+        cfg.workers = w;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.workers)
+        .thread_name("halo-worker")
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    runtime.block_on(serve(cfg, args.config))
+}
+
+async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
+    let grace = cfg.grace_period;
+    let workers = cfg.workers;
+    let proxy = Proxy::start(cfg, source).await?;
+    for (name, addr) in proxy.listener_addrs() {
+        // A machine-readable line, used by scripts and tests to find ports.
+        println!("listening {name} {addr}");
+    }
+    if let Some(a) = proxy.admin_addr() {
+        println!("admin {a}");
+    }
+    tracing::info!(workers, "halo proxy running");
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match proxy.reload_from_source() {
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "reload refused; the running config is kept"),
+            },
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: graceful shutdown");
+                proxy.shutdown(grace).await;
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: fast shutdown");
+                proxy.shutdown(Duration::ZERO).await;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
