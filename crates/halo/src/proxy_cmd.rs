@@ -96,6 +96,7 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(a) = proxy.admin_addr() {
         println!("admin {a}");
     }
+    println!("ready");
     tracing::info!(workers, "halo proxy running");
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
