@@ -60,9 +60,11 @@ fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 reply(StatusCode::BAD_REQUEST, "application/json", body.to_string())
             }
         },
-        (_, "/healthz" | "/metrics" | "/status" | "/reload") => {
-            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET for /healthz, /metrics, /status and POST for /reload\n")
-        }
+        (_, "/healthz" | "/metrics" | "/status" | "/reload") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET for /healthz, /metrics, /status and POST for /reload\n",
+        ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics, /status, /healthz or POST /reload\n"),
     }
 }
@@ -97,7 +99,11 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     let reg = &proxy.shared().registry;
     let mut w = Writer { out: String::with_capacity(16 * 1024) };
     let routes = reg.route_stats();
-    w.header("halo_route_requests_total", "counter", "Requests by route and status class (error: the proxy answered for a failed upstream).");
+    w.header(
+        "halo_route_requests_total",
+        "counter",
+        "Requests by route and status class (error: the proxy answered for a failed upstream).",
+    );
     for (name, rt) in &routes {
         w.classes("halo_route_requests_total", &format!("route=\"{}\"", escape(name)), &rt.stats.requests);
     }
@@ -107,7 +113,11 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     }
     w.header("halo_route_retries_denied_total", "counter", "Retries refused by the retry budget, by route.");
     for (name, rt) in &routes {
-        w.sample("halo_route_retries_denied_total", &format!("route=\"{}\"", escape(name)), rt.stats.retries_denied.load(Relaxed));
+        w.sample(
+            "halo_route_retries_denied_total",
+            &format!("route=\"{}\"", escape(name)),
+            rt.stats.retries_denied.load(Relaxed),
+        );
     }
     w.header("halo_route_request_duration_seconds", "histogram", "Time to the response head, by route.");
     for (name, rt) in &routes {
@@ -144,7 +154,8 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for e in &eps {
         w.sample("halo_endpoint_connections", &label(e), e.pool.open_connections());
     }
-    let mut ls: Vec<_> = reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut ls: Vec<_> =
+        reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     ls.sort_by(|a, b| a.0.cmp(&b.0));
     w.header("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.");
     for (name, s) in &ls {
@@ -152,7 +163,11 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     }
     w.header("halo_listener_connections_total", "counter", "Accepted downstream connections, by listener.");
     for (name, s) in &ls {
-        w.sample("halo_listener_connections_total", &format!("listener=\"{}\"", escape(name)), s.accepted.load(Relaxed));
+        w.sample(
+            "halo_listener_connections_total",
+            &format!("listener=\"{}\"", escape(name)),
+            s.accepted.load(Relaxed),
+        );
     }
     w.out
 }

@@ -58,10 +58,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates config text; `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     let raw: FileConfig = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-            .unwrap_or(0);
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
         ConfigErrors(vec![ConfigError {
             file: file.into(),
             line,
@@ -69,11 +66,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             message: e.message().trim().to_string(),
         }])
     })?;
-    let mut v = Validator {
-        loc: Locator::new(text),
-        file: file.into(),
-        errors: Vec::new(),
-    };
+    let mut v = Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new() };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)
@@ -92,9 +85,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .ok_or_else(|| format!("'{s}' has no unit; use ms, s, m or h, as in \"500ms\" or \"5s\""))?;
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; use a number and a unit, as in \"5s\""))?;
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration; use a number and a unit, as in \"5s\""))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -116,12 +107,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&mut self, line: usize, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
-            file: self.file.clone(),
-            line,
-            field: field.into(),
-            message: message.into(),
-        });
+        self.errors.push(ConfigError { file: self.file.clone(), line, field: field.into(), message: message.into() });
     }
 
     fn duration(&mut self, line: usize, field: &str, v: Option<&str>, default: Duration) -> Duration {
@@ -157,12 +143,18 @@ impl Validator<'_> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let grace_line = self.loc.key(pl, "grace_period");
-        let grace_period = self.duration(grace_line, "proxy.grace_period", p.grace_period.as_deref(), Duration::from_secs(10));
+        let grace_period =
+            self.duration(grace_line, "proxy.grace_period", p.grace_period.as_deref(), Duration::from_secs(10));
         let hrt_line = self.loc.key(pl, "header_read_timeout");
-        let header_read_timeout =
-            self.duration(hrt_line, "proxy.header_read_timeout", p.header_read_timeout.as_deref(), Duration::from_secs(30));
+        let header_read_timeout = self.duration(
+            hrt_line,
+            "proxy.header_read_timeout",
+            p.header_read_timeout.as_deref(),
+            Duration::from_secs(30),
+        );
         let ka_line = self.loc.key(pl, "keepalive_idle");
-        let keepalive_idle = self.duration(ka_line, "proxy.keepalive_idle", p.keepalive_idle.as_deref(), Duration::from_secs(60));
+        let keepalive_idle =
+            self.duration(ka_line, "proxy.keepalive_idle", p.keepalive_idle.as_deref(), Duration::from_secs(60));
         let max_header_bytes = p.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1 << 20).contains(&max_header_bytes) {
             self.err(self.loc.key(pl, "max_header_bytes"), "proxy.max_header_bytes", "accepted: 8192 to 1048576");
@@ -173,18 +165,10 @@ impl Validator<'_> {
         });
 
         let listeners = self.listeners(&raw);
-        let upstreams: BTreeMap<String, UpstreamConfig> = raw
-            .upstreams
-            .iter()
-            .map(|(name, u)| (name.clone(), self.upstream(name, u)))
-            .collect();
+        let upstreams: BTreeMap<String, UpstreamConfig> =
+            raw.upstreams.iter().map(|(name, u)| (name.clone(), self.upstream(name, u))).collect();
         let names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-        let routes = raw
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| self.route(i, r, &upstreams, &names))
-            .collect();
+        let routes = raw.routes.iter().enumerate().map(|(i, r)| self.route(i, r, &upstreams, &names)).collect();
         Config {
             workers,
             grace_period,
@@ -215,7 +199,11 @@ impl Validator<'_> {
             let protocol = match l.protocol.as_deref().unwrap_or("http") {
                 "http" => ListenerProtocol::Http,
                 other => {
-                    self.err(self.loc.key(line, "protocol"), format!("{field}.protocol"), format!("unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c)"));
+                    self.err(
+                        self.loc.key(line, "protocol"),
+                        format!("{field}.protocol"),
+                        format!("unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c)"),
+                    );
                     ListenerProtocol::Http
                 }
             };
@@ -241,7 +229,11 @@ impl Validator<'_> {
             match h.strip_prefix("*.") {
                 Some(rest) if !rest.is_empty() && !rest.contains('*') => HostMatch::Suffix(format!(".{rest}")),
                 _ if h.contains('*') || h.is_empty() => {
-                    self.err(self.loc.key(line, "host"), f("host"), format!("'{h}' is not accepted; use an exact host or *.example.com"));
+                    self.err(
+                        self.loc.key(line, "host"),
+                        f("host"),
+                        format!("'{h}' is not accepted; use an exact host or *.example.com"),
+                    );
                     HostMatch::Exact(h)
                 }
                 _ => HostMatch::Exact(h),
@@ -280,7 +272,11 @@ impl Validator<'_> {
             .filter_map(|(k, v)| match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
                 (Ok(k), Ok(v)) => Some((k, v)),
                 _ => {
-                    self.err(self.loc.key(line, "headers"), f("headers"), format!("'{k}: {v}' is not a valid header name and value"));
+                    self.err(
+                        self.loc.key(line, "headers"),
+                        f("headers"),
+                        format!("'{k}: {v}' is not a valid header name and value"),
+                    );
                     None
                 }
             })
@@ -294,7 +290,18 @@ impl Validator<'_> {
         let overrides = self.overrides(i, line, r, ups);
         let timeouts = self.timeouts(i, line, r);
         let retry = self.retry(i, line, r);
-        RouteConfig { name, listeners: r.listeners.clone(), host, path, methods, headers, split, overrides, timeouts, retry }
+        RouteConfig {
+            name,
+            listeners: r.listeners.clone(),
+            host,
+            path,
+            methods,
+            headers,
+            split,
+            overrides,
+            timeouts,
+            retry,
+        }
     }
 
     fn check_upstream(&mut self, line: usize, field: String, name: &str, ups: &BTreeMap<String, UpstreamConfig>) {
@@ -304,7 +311,13 @@ impl Validator<'_> {
         }
     }
 
-    fn split(&mut self, i: usize, line: usize, r: &RouteSection, ups: &BTreeMap<String, UpstreamConfig>) -> Vec<(String, u32)> {
+    fn split(
+        &mut self,
+        i: usize,
+        line: usize,
+        r: &RouteSection,
+        ups: &BTreeMap<String, UpstreamConfig>,
+    ) -> Vec<(String, u32)> {
         let split: Vec<(String, u32)> = match (&r.upstream, &r.split) {
             (Some(u), None) => vec![(u.clone(), 1)],
             (None, Some(s)) if !s.is_empty() => s.iter().map(|s| (s.upstream.clone(), s.weight)).collect(),
@@ -313,7 +326,11 @@ impl Validator<'_> {
                 Vec::new()
             }
             _ => {
-                self.err(line, format!("routes[{i}].upstream"), "a route needs upstream = \"NAME\" or a non-empty split");
+                self.err(
+                    line,
+                    format!("routes[{i}].upstream"),
+                    "a route needs upstream = \"NAME\" or a non-empty split",
+                );
                 Vec::new()
             }
         };
@@ -326,7 +343,13 @@ impl Validator<'_> {
         split
     }
 
-    fn overrides(&mut self, i: usize, line: usize, r: &RouteSection, ups: &BTreeMap<String, UpstreamConfig>) -> Vec<Override> {
+    fn overrides(
+        &mut self,
+        i: usize,
+        line: usize,
+        r: &RouteSection,
+        ups: &BTreeMap<String, UpstreamConfig>,
+    ) -> Vec<Override> {
         let mut out = Vec::new();
         for (j, o) in r.overrides.iter().flatten().enumerate() {
             let field = format!("routes[{i}].overrides[{j}]");
@@ -357,7 +380,8 @@ impl Validator<'_> {
         // A given "0" turns an optional timeout off.
         let opt = |v: &mut Self, key: &str, val: &Option<String>, def: Option<Duration>| match val {
             None => def,
-            Some(s) => Some(v.duration(tl, &format!("routes[{i}].timeouts.{key}"), Some(s), Duration::ZERO)).filter(|d| !d.is_zero()),
+            Some(s) => Some(v.duration(tl, &format!("routes[{i}].timeouts.{key}"), Some(s), Duration::ZERO))
+                .filter(|d| !d.is_zero()),
         };
         let connect = opt(self, "connect", &t.connect, Some(d.connect));
         if connect.is_none() {
@@ -383,7 +407,11 @@ impl Validator<'_> {
         }
         let budget_ratio = rs.budget_ratio.unwrap_or(d.budget_ratio);
         if !(0.0..=1.0).contains(&budget_ratio) {
-            self.err(line, field("budget_ratio"), "accepted: 0.0 to 1.0 (share of recent requests that may be retried)");
+            self.err(
+                line,
+                field("budget_ratio"),
+                "accepted: 0.0 to 1.0 (share of recent requests that may be retried)",
+            );
         }
         let attempts = rs.attempts.unwrap_or(d.attempts);
         if attempts > 10 {
@@ -442,20 +470,36 @@ impl Validator<'_> {
                 _ => None,
             };
             if parsed.is_none() {
-                self.err(self.loc.key(line, "hash_key"), f("hash_key"), format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"));
+                self.err(
+                    self.loc.key(line, "hash_key"),
+                    f("hash_key"),
+                    format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"),
+                );
             }
             parsed
         });
         if policy == Policy::ConsistentHash && hash_key.is_none() && u.hash_key.is_none() {
-            self.err(self.loc.key(line, "policy"), f("hash_key"), "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)");
+            self.err(
+                self.loc.key(line, "policy"),
+                f("hash_key"),
+                "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)",
+            );
         }
         let sl = self.loc.key(line, "slow_start");
-        let slow_start = u.slow_start.as_deref().map(|s| self.duration(sl, &f("slow_start"), Some(s), Duration::ZERO)).filter(|d| !d.is_zero());
+        let slow_start = u
+            .slow_start
+            .as_deref()
+            .map(|s| self.duration(sl, &f("slow_start"), Some(s), Duration::ZERO))
+            .filter(|d| !d.is_zero());
         let protocol = match u.protocol.as_deref().unwrap_or("http1") {
             "http1" => UpstreamProtocol::Http1,
             "h2" | "http2" => UpstreamProtocol::Http2,
             other => {
-                self.err(self.loc.key(line, "protocol"), f("protocol"), format!("unknown protocol '{other}'; accepted: http1, h2"));
+                self.err(
+                    self.loc.key(line, "protocol"),
+                    f("protocol"),
+                    format!("unknown protocol '{other}'; accepted: http1, h2"),
+                );
                 UpstreamProtocol::Http1
             }
         };
@@ -487,7 +531,12 @@ impl Validator<'_> {
         let idle_line = self.loc.key(line, "idle_timeout");
         PoolConfig {
             max_per_endpoint: max_per_endpoint.max(1),
-            idle_timeout: self.duration(idle_line, &format!("upstreams.{name}.pool.idle_timeout"), p.idle_timeout.as_deref(), d.idle_timeout),
+            idle_timeout: self.duration(
+                idle_line,
+                &format!("upstreams.{name}.pool.idle_timeout"),
+                p.idle_timeout.as_deref(),
+                d.idle_timeout,
+            ),
         }
     }
 
@@ -500,10 +549,9 @@ impl Validator<'_> {
         let line = self.loc.table(&format!("upstreams.{name}.health"));
         let f = |k: &str| format!("upstreams.{name}.health.{k}");
         let kind = match h.kind.as_deref().unwrap_or("http") {
-            "http" => HealthKind::Http {
-                path: h.path.clone().unwrap_or_else(|| "/".into()),
-                expect_status: h.expect_status,
-            },
+            "http" => {
+                HealthKind::Http { path: h.path.clone().unwrap_or_else(|| "/".into()), expect_status: h.expect_status }
+            }
             "tcp" => HealthKind::Tcp,
             other => {
                 self.err(self.loc.key(line, "type"), f("type"), format!("unknown type '{other}'; accepted: http, tcp"));
@@ -532,7 +580,14 @@ impl Validator<'_> {
         if rise == 0 || fall == 0 {
             self.err(line, f("rise"), "rise and fall must be at least 1");
         }
-        Some(HealthConfig { kind, interval: interval.max(Duration::from_millis(10)), timeout, rise: rise.max(1), fall: fall.max(1), jitter })
+        Some(HealthConfig {
+            kind,
+            interval: interval.max(Duration::from_millis(10)),
+            timeout,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            jitter,
+        })
     }
 
     fn outlier(&mut self, name: &str, o: Option<&OutlierSection>) -> Option<OutlierConfig> {

@@ -51,7 +51,11 @@ struct Outcome {
     tries: u32,
 }
 
-pub async fn handle(shared: Arc<Shared>, down: Downstream, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    down: Downstream,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
     let (mut parts, body) = req.into_parts();
@@ -72,7 +76,9 @@ pub async fn handle(shared: Arc<Shared>, down: Downstream, req: Request<Incoming
             prepare_upstream_request(&mut parts, down.client);
             let attempts = attempts(route, &parts, body, down.client, &mut out);
             match (deadline, route.cfg.timeouts.request) {
-                (Some(d), Some(t)) => tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t))),
+                (Some(d), Some(t)) => {
+                    tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t)))
+                }
                 _ => attempts.await,
             }
         }
@@ -287,11 +293,8 @@ fn split_err(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> (P
 }
 
 fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map_or_else(|| addr.to_string(), str::to_string);
+    let authority =
+        req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(|| addr.to_string(), str::to_string);
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     if let Ok(u) = Uri::builder().scheme("http").authority(authority).path_and_query(pq).build() {
         *req.uri_mut() = u;
@@ -313,7 +316,11 @@ fn respond(x: Exchange, rid: &HeaderValue, route: &Route, deadline: Option<Insta
 }
 
 pub fn error_response(e: &ProxyError, rid: Option<&HeaderValue>) -> Response<RespBody> {
-    let mut r = Response::new(RespBody::full(Bytes::from(format!("{} {}: {e}\n", e.status().as_u16(), e.status().canonical_reason().unwrap_or("")))));
+    let mut r = Response::new(RespBody::full(Bytes::from(format!(
+        "{} {}: {e}\n",
+        e.status().as_u16(),
+        e.status().canonical_reason().unwrap_or("")
+    ))));
     *r.status_mut() = e.status();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

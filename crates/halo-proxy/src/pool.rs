@@ -146,7 +146,12 @@ impl Pool {
                 .await
                 .map_err(|source| ConnectError::Handshake { addr: self.inner.addr, source })?;
             self.spawn_conn(conn);
-            return Ok(Pooled { sender: Sender::H1(sender), permit: Some(permit), pool: self.inner.clone(), reused: false });
+            return Ok(Pooled {
+                sender: Sender::H1(sender),
+                permit: Some(permit),
+                pool: self.inner.clone(),
+                reused: false,
+            });
         }
     }
 
@@ -184,7 +189,12 @@ impl Pool {
             if c.sender.is_closed() || c.since.elapsed() > timeout {
                 continue;
             }
-            return Some(Pooled { sender: Sender::H1(c.sender), permit: Some(c.permit), pool: self.inner.clone(), reused: true });
+            return Some(Pooled {
+                sender: Sender::H1(c.sender),
+                permit: Some(c.permit),
+                pool: self.inner.clone(),
+                reused: true,
+            });
         }
         None
     }

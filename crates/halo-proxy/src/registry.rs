@@ -93,7 +93,11 @@ impl Registry {
                 Route {
                     total_weight: split.iter().map(|(_, w)| u64::from(*w)).sum(),
                     split,
-                    overrides: r.overrides.iter().map(|o| (o.matcher.clone(), o.value.clone(), groups[&o.upstream].clone())).collect(),
+                    overrides: r
+                        .overrides
+                        .iter()
+                        .map(|o| (o.matcher.clone(), o.value.clone(), groups[&o.upstream].clone()))
+                        .collect(),
                     cfg: r.clone(),
                     rt,
                 }
@@ -104,7 +108,8 @@ impl Registry {
     }
 
     pub fn route_stats(&self) -> Vec<(String, Arc<RouteRuntime>)> {
-        let mut v: Vec<_> = self.routes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<_> =
+            self.routes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }

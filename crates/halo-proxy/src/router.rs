@@ -134,7 +134,8 @@ mod tests {
 
     #[test]
     fn host_strips_port_and_case() {
-        let (p, _) = http::Request::builder().uri("/").header("host", "WWW.Example.com:8080").body(()).unwrap().into_parts();
+        let (p, _) =
+            http::Request::builder().uri("/").header("host", "WWW.Example.com:8080").body(()).unwrap().into_parts();
         assert_eq!(host(&p), "www.example.com");
         let (p, _) = http::Request::builder().uri("http://[::1]:80/").body(()).unwrap().into_parts();
         assert_eq!(host(&p), "::1");
@@ -142,7 +143,8 @@ mod tests {
 
     #[test]
     fn cookie_lookup() {
-        let (p, _) = http::Request::builder().uri("/").header("cookie", "a=1; halo-track=beta").body(()).unwrap().into_parts();
+        let (p, _) =
+            http::Request::builder().uri("/").header("cookie", "a=1; halo-track=beta").body(()).unwrap().into_parts();
         assert_eq!(cookie(&p, "halo-track"), Some("beta"));
         assert_eq!(cookie(&p, "b"), None);
     }

@@ -66,7 +66,8 @@ impl Proxy {
         let registry = Registry::default();
         let config = Arc::new(config);
         let snapshot = registry.build(config.clone());
-        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), registry, source, update: Mutex::new(()) });
+        let shared =
+            Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), registry, source, update: Mutex::new(()) });
         let (stop, _) = watch::channel(false);
         let drain = Arc::new(Drain::default());
         let builder = Arc::new(http_builder(&config));
@@ -74,7 +75,11 @@ impl Proxy {
         // nothing half-started.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let listener = bind(l.addr).map_err(|source| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, source })?;
+            let listener = bind(l.addr).map_err(|source| ProxyError::BindListener {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            })?;
             bound.push((l.name.clone(), listener));
         }
         let admin = match config.admin {
@@ -83,7 +88,11 @@ impl Proxy {
         };
         let mut addrs = Vec::new();
         for (name, listener) in bound {
-            let local = listener.local_addr().map_err(|source| ProxyError::BindListener { name: name.clone(), addr: local_or_default(&config, &name), source })?;
+            let local = listener.local_addr().map_err(|source| ProxyError::BindListener {
+                name: name.clone(),
+                addr: local_or_default(&config, &name),
+                source,
+            })?;
             addrs.push((name.clone(), local));
             tracing::info!(listener = %name, addr = %local, "listening");
             let ctx = AcceptCtx {
@@ -128,7 +137,10 @@ impl Proxy {
         let before: Vec<_> = old.listeners.iter().map(|l| (&l.name, l.addr)).collect();
         let after: Vec<_> = new.listeners.iter().map(|l| (&l.name, l.addr)).collect();
         if before != after || old.admin != new.admin {
-            return Err(ReloadError::ListenersChanged(format!("running {before:?} admin {:?}, file {after:?} admin {:?}", old.admin, new.admin)));
+            return Err(ReloadError::ListenersChanged(format!(
+                "running {before:?} admin {:?}, file {after:?} admin {:?}",
+                old.admin, new.admin
+            )));
         }
         self.install(new);
         Ok(())
@@ -215,7 +227,10 @@ fn http_builder(c: &Config) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(c.header_read_timeout.min(c.keepalive_idle))
         .max_buf_size(c.max_header_bytes)
         .keep_alive(true);
-    b.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20))).max_concurrent_streams(Some(256));
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(256));
     b
 }
 

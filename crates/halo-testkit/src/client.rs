@@ -57,7 +57,11 @@ impl Client {
             let resp = self.inner.request(req).await.map_err(|e| format!("request: {e:?}"))?;
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-            Ok(Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
         };
         tokio::time::timeout(Duration::from_secs(20), fut).await.map_err(|_| "client timeout (20s)".to_string())?
     }

@@ -88,9 +88,9 @@ async fn concurrent(url: &str, n: usize, conc: usize) -> HashMap<String, usize> 
     m
 }
 
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output>
+async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let hs: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
@@ -119,7 +119,9 @@ async fn least_request_and_p2c_ewma_avoid_a_slow_endpoint() {
 async fn consistent_hash_sticks_and_remaps_minimally() {
     let bs: Vec<Backend> = futures_join((0..5).map(|i| Backend::start_owned(format!("b{i}"))).collect()).await;
     let refs: Vec<&Backend> = bs.iter().collect();
-    let up = |eps: &[&Backend]| format!("policy = \"consistent_hash\"\nhash_key = \"header:x-user\"\nendpoints = [{}]", endpoints(eps));
+    let up = |eps: &[&Backend]| {
+        format!("policy = \"consistent_hash\"\nhash_key = \"header:x-user\"\nendpoints = [{}]", endpoints(eps))
+    };
     let h = Halo::proxy(BIN, &config(&up(&refs))).unwrap();
     let c = Client::new();
     let url = h.url("main", "/");
@@ -238,7 +240,8 @@ endpoints = ["{}"]
     assert_eq!(r.status, 404);
     assert!(r.body.contains("no route"), "{}", r.body);
     assert_eq!(send("/apix", &[("host", "a.example.com")]).await.unwrap().status, 404);
-    let post = c.send(Request::post(h.url("main", "/api/x")).header("host", "a.example.com").body(Full::default()).unwrap());
+    let post =
+        c.send(Request::post(h.url("main", "/api/x")).header("host", "a.example.com").body(Full::default()).unwrap());
     assert_eq!(post.await.unwrap().status, 404, "POST is not in the api route's methods");
     assert_eq!(send("/only", &[("x-team", "blue")]).await.unwrap().backend(), Some("api"));
     assert_eq!(send("/only/not", &[("x-team", "blue")]).await.unwrap().status, 404);

@@ -80,7 +80,8 @@ fn durations() {
 
 #[test]
 fn zero_turns_optional_timeouts_off() {
-    let text = GOOD.replace("upstream = \"web\"", "upstream = \"web\"\ntimeouts = { first_byte = \"0\", request = \"5s\" }");
+    let text =
+        GOOD.replace("upstream = \"web\"", "upstream = \"web\"\ntimeouts = { first_byte = \"0\", request = \"5s\" }");
     let c = parse("t.toml", &text).unwrap();
     assert_eq!(c.routes[0].timeouts.first_byte, None);
     assert_eq!(c.routes[0].timeouts.request, Some(Duration::from_secs(5)));

@@ -213,7 +213,10 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthKind {
     /// GET `path`; healthy on `expect_status`, or any 2xx/3xx when unset.
-    Http { path: String, expect_status: Option<u16> },
+    Http {
+        path: String,
+        expect_status: Option<u16>,
+    },
     Tcp,
 }
 

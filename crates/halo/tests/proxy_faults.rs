@@ -1,0 +1,298 @@
+//! Health (active and passive), slow start, retries, the retry budget and
+//! timeouts, with faults made by real means: killed listeners, failing
+//! health endpoints, a server that drops requests it already read.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use bytes::Bytes;
+use halo_testkit::{eventually, Backend, Client, Halo};
+use http::Request;
+use http_body_util::Full;
+use tokio::io::AsyncReadExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+fn config(route_extra: &str, upstream_body: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"r\"\nupstream = \"web\"\n{route_extra}\n[upstreams.web]\n{upstream_body}\n"
+    )
+}
+
+fn eps(bs: &[&Backend]) -> String {
+    let v: Vec<String> = bs.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    format!("endpoints = [{}]", v.join(", "))
+}
+
+async fn metric(c: &Client, h: &Halo, prefix: &str) -> f64 {
+    let m = c.get(&h.admin_url("/metrics")).await.expect("metrics").body;
+    m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+async fn status_json(c: &Client, h: &Halo) -> serde_json::Value {
+    serde_json::from_str(&c.get(&h.admin_url("/status")).await.expect("status").body).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_endpoint_down_and_back_up() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let up = format!(
+        "{}\n[upstreams.web.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"50ms\"\nrise = 2\nfall = 2\njitter = \"10ms\"",
+        eps(&[&a, &b])
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    b.set_healthy(false);
+    let label = format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}}", b.addr);
+    eventually(Duration::from_secs(10), "b marked down", || async { metric(&c, &h, &label).await == 0.0 }).await;
+    let before = b.requests();
+    for _ in 0..50 {
+        assert_eq!(c.get(&url).await.unwrap().backend(), Some("a"));
+    }
+    assert_eq!(b.requests(), before, "a down endpoint got traffic");
+    assert!(metric(&c, &h, "halo_endpoint_health_check_failures_total").await >= 2.0);
+    b.set_healthy(true);
+    eventually(Duration::from_secs(10), "b back up", || async { metric(&c, &h, &label).await == 1.0 }).await;
+    eventually(Duration::from_secs(5), "b serves again", || async {
+        c.get(&url).await.unwrap().backend() == Some("b")
+    })
+    .await;
+    // TCP checks: a killed listener goes down.
+    let (mut x, y) = (Backend::start("x").await, Backend::start("y").await);
+    let up = format!(
+        "{}\n[upstreams.web.health]\ntype = \"tcp\"\ninterval = \"50ms\"\nfall = 1\njitter = \"0\"",
+        eps(&[&x, &y])
+    );
+    let h2 = Halo::proxy(BIN, &config("", &up)).unwrap();
+    x.kill();
+    let label = format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}}", x.addr);
+    eventually(Duration::from_secs(10), "x marked down by tcp check", || async {
+        metric(&c, &h2, &label).await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_ejection_then_503_when_everything_is_down() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set_status(502);
+    let up = format!(
+        "{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nconsecutive_failures = 3\nbase_ejection = \"30s\"\nmax_ejected_percent = 50",
+        eps(&[&a, &b])
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    // b fails with 502: GETs are retried on a, so clients see no failure.
+    for _ in 0..40 {
+        let r = c.get(&url).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(metric(&c, &h, "halo_endpoint_ejections_total").await >= 1.0);
+    let b_seen = b.requests();
+    assert!(b_seen <= 4, "b got {b_seen} requests; it should have been ejected after 3 failures");
+    let s = status_json(&c, &h).await;
+    let ejected: Vec<bool> =
+        s["endpoints"].as_array().unwrap().iter().map(|e| e["ejected"].as_bool().unwrap()).collect();
+    assert_eq!(ejected.iter().filter(|e| **e).count(), 1, "{s}");
+
+    // Everything down: a clear 503, no hang.
+    let (mut x, mut y) = (Backend::start("x").await, Backend::start("y").await);
+    let up = format!(
+        "{}\n[upstreams.web.health]\ntype = \"tcp\"\ninterval = \"50ms\"\nfall = 1\njitter = \"0\"",
+        eps(&[&x, &y])
+    );
+    let h2 = Halo::proxy(BIN, &config("", &up)).unwrap();
+    x.kill();
+    y.kill();
+    let url = h2.url("main", "/");
+    eventually(Duration::from_secs(10), "503 when no endpoint is up", || async {
+        let r = c.get(&url).await.unwrap();
+        r.status == 503 && r.body.contains("no healthy endpoint in upstream 'web'")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_recovered_endpoint() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let up = format!(
+        "{}\nslow_start = \"3s\"\n[upstreams.web.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"50ms\"\nrise = 1\nfall = 1\njitter = \"0\"",
+        eps(&[&a, &b])
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let weight_of_b = |s: serde_json::Value| {
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["addr"] == b.addr.to_string())
+            .map(|e| (e["available"].as_bool().unwrap(), e["effective_weight"].as_f64().unwrap()))
+            .unwrap()
+    };
+    assert_eq!(weight_of_b(status_json(&c, &h).await), (true, 1.0), "a fresh endpoint starts at full weight");
+    b.set_healthy(false);
+    eventually(Duration::from_secs(10), "b down", || async { !weight_of_b(status_json(&c, &h).await).0 }).await;
+    b.set_healthy(true);
+    eventually(Duration::from_secs(10), "b up", || async { weight_of_b(status_json(&c, &h).await).0 }).await;
+    let (_, w) = weight_of_b(status_json(&c, &h).await);
+    assert!(w < 0.9, "right after recovery b should be ramping, weight {w}");
+    // Traffic share during the ramp is below a's.
+    let mut hits_b = 0;
+    for _ in 0..100 {
+        if c.get(&h.url("main", "/")).await.unwrap().backend() == Some("b") {
+            hits_b += 1;
+        }
+    }
+    assert!(hits_b < 50, "b got {hits_b} of 100 while ramping");
+    eventually(Duration::from_secs(10), "b at full weight", || async {
+        weight_of_b(status_json(&c, &h).await).1 == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_under_load_fails_no_get() {
+    let (a, mut b, c3) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    // Active checks are slow on purpose: retries alone must hide the crash.
+    let up = format!("{}\n[upstreams.web.health]\ninterval = \"30s\"", eps(&[&a, &b, &c3]));
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let url = h.url("main", "/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = Client::new();
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                for _ in 0..5000 {
+                    if stop.load(SeqCst) {
+                        break;
+                    }
+                    match c.get(&url).await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!("requests ok: {ok}, failed: {}", failed.len());
+    assert!(failed.is_empty(), "{} failed GETs, first: {:?}", failed.len(), failed.first());
+    assert!(ok > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_stops_a_storm() {
+    let bs = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    for b in &bs {
+        b.set_status(503);
+    }
+    let up = format!(
+        "{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nenabled = false",
+        eps(&[&bs[0], &bs[1], &bs[2]])
+    );
+    let route = "retry = { attempts = 2, budget_ratio = 0.1, budget_min_per_sec = 1 }";
+    let h = Halo::proxy(BIN, &config(route, &up)).unwrap();
+    let c = Client::new();
+    let n = 300;
+    for _ in 0..n {
+        assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 503);
+    }
+    let upstream_requests: u64 = bs.iter().map(Backend::requests).sum();
+    // Without a budget this would be 3 x 300 = 900; the budget allows 10% of
+    // requests plus 1/s over the 10 s window.
+    assert!(upstream_requests <= n + n / 10 + 10 + 2, "upstreams saw {upstream_requests} requests for {n}");
+    assert!(metric(&c, &h, "halo_route_retries_denied_total").await > 0.0);
+    assert!(metric(&c, &h, "halo_route_retries_total").await >= 10.0);
+}
+
+/// A server that reads a request and closes the connection without answering.
+async fn black_hole() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                if let Ok(n) = s.read(&mut buf).await {
+                    if n > 0 {
+                        seen.fetch_add(1, SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_is_never_replayed_once_it_reached_an_upstream() {
+    let good = Backend::start("good").await;
+    let (hole, hole_seen) = black_hole().await;
+    let up = format!(
+        "endpoints = [\"{hole}\", \"{}\"]\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nenabled = false",
+        good.addr
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let (mut ok, mut bad) = (0, 0);
+    for i in 0..20 {
+        let req = Request::post(h.url("main", "/echo")).body(Full::new(Bytes::from(format!("order {i}")))).unwrap();
+        match c.send(req).await.unwrap().status.as_u16() {
+            200 => ok += 1,
+            502 => bad += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(good.stats().posts.load(SeqCst), ok, "a POST that reached the black hole was replayed");
+    assert_eq!(hole_seen.load(SeqCst), bad);
+    assert!(bad > 0 && ok > 0, "ok {ok} bad {bad}");
+    // GETs are idempotent: the same failure is retried on the good endpoint.
+    for _ in 0..20 {
+        assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 200);
+    }
+    // A POST that provably never left (connection refused) is retried.
+    let dead = halo_testkit::free_addr();
+    let up = format!("endpoints = [\"{dead}\", \"{}\"]\n[upstreams.web.health]\nenabled = false", good.addr);
+    let h2 = Halo::proxy(BIN, &config("", &up)).unwrap();
+    for i in 0..10 {
+        let req = Request::post(h2.url("main", "/echo")).body(Full::new(Bytes::from(format!("order {i}")))).unwrap();
+        assert_eq!(c.send(req).await.unwrap().status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_answer_504() {
+    let a = Backend::start("a").await;
+    let up =
+        format!("{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nenabled = false", eps(&[&a]));
+    let h = Halo::proxy(BIN, &config("timeouts = { first_byte = \"200ms\" }", &up)).unwrap();
+    let c = Client::new();
+    let r = c.get(&h.url("main", "/delay/2000")).await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.body.contains("no response within"), "{}", r.body);
+    assert_eq!(c.get(&h.url("main", "/delay/10")).await.unwrap().status, 200);
+    let h2 = Halo::proxy(BIN, &config("timeouts = { first_byte = \"0\", request = \"300ms\" }", &up)).unwrap();
+    let r = c.get(&h2.url("main", "/delay/2000")).await.unwrap();
+    assert_eq!(r.status, 504);
+    assert!(r.body.contains("exceeded its timeout"), "{}", r.body);
+}

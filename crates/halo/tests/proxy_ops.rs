@@ -1,0 +1,338 @@
+//! Operating the proxy: reloads under load, bad reloads, graceful shutdown,
+//! header handling, malformed input, h2c, `halo check`, command-line mode,
+//! metrics and the access log.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use halo_testkit::{eventually, Backend, Client, Halo, TempDir};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+fn config(extra_top: &str, upstream_body: &str) -> String {
+    format!(
+        "{extra_top}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"r\"\nupstream = \"web\"\n[upstreams.web]\n{upstream_body}\n"
+    )
+}
+
+fn eps(bs: &[&Backend]) -> String {
+    let v: Vec<String> = bs.iter().map(|b| format!("{{ addr = \"{}\", weight = 1 }}", b.addr)).collect();
+    format!("endpoints = [{}]", v.join(", "))
+}
+
+/// Runs `workers` clients in a loop until `stop`; returns (ok, failures).
+fn load(
+    url: String,
+    workers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    (0..workers)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = Client::new();
+                let (mut ok, mut failed) = (0, Vec::new());
+                for _ in 0..200_000 {
+                    if stop.load(SeqCst) {
+                        break;
+                    }
+                    match c.get(&url).await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+async fn collect(ws: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) -> (u64, Vec<String>) {
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in ws {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_reloads_under_load_fail_nothing_and_keep_health() {
+    let (a, b, down) = (Backend::start("a").await, Backend::start("b").await, Backend::start("down").await);
+    down.set_healthy(false);
+    let health = "[upstreams.web.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1000\njitter = \"0\"";
+    let cfg = |w: u32| {
+        config(
+            "",
+            &format!(
+                "endpoints = [{{ addr = \"{}\", weight = {w} }}, \"{}\", \"{}\"]\n{health}",
+                a.addr, b.addr, down.addr
+            ),
+        )
+    };
+    let h = Halo::proxy(BIN, &cfg(1)).unwrap();
+    let c = Client::new();
+    let label = format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}} 0", down.addr);
+    eventually(Duration::from_secs(10), "the failing endpoint is down", || async {
+        c.get(&h.admin_url("/metrics")).await.unwrap().body.contains(&label)
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ws = load(h.url("main", "/"), 4, stop.clone());
+    // Health checks open a connection each; count only proxied ones.
+    let proxied_conns = || {
+        [&a, &b].iter().map(|x| x.stats().connections.load(SeqCst) - x.stats().health_checks.load(SeqCst)).sum::<u64>()
+    };
+    let conns_before = proxied_conns();
+    for i in 0..100u32 {
+        h.write_config(&cfg(1 + i % 3));
+        if i % 10 == 9 {
+            // Some by signal, most through the admin API (which reports errors).
+            h.signal("HUP");
+        } else {
+            let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, SeqCst);
+    let (ok, failed) = collect(ws).await;
+    println!("requests during 100 reloads: ok {ok}, failed {}", failed.len());
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(ok > 200, "load was too light to mean anything: {ok}");
+    // Health state survived: the down endpoint never came back (rise = 1000).
+    assert_eq!(down.requests(), 0, "a reload reset the health of a down endpoint");
+    // Pooled upstream connections survived: no reconnect storm.
+    let conns_after = proxied_conns();
+    assert!(conns_after - conns_before <= 16, "{} new upstream connections during reloads", conns_after - conns_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reload_is_refused_and_traffic_continues() {
+    let a = Backend::start("a").await;
+    let good = config("", &eps(&[&a]));
+    let h = Halo::proxy(BIN, &good).unwrap();
+    let c = Client::new();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ws = load(h.url("main", "/"), 2, stop.clone());
+    h.write_config(&good.replace("[upstreams.web]", "[upstreams.web]\npolicy = \"fastest\""));
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("upstreams.web.policy") && r.body.contains("accepted: round_robin"), "{}", r.body);
+    assert!(r.body.contains("proxy.toml:"), "the error names the file: {}", r.body);
+    h.write_config("this is [not toml");
+    h.signal("HUP");
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 400);
+    // Changing listeners needs a restart, and says so.
+    h.write_config(&good.replace("name = \"main\"", "name = \"other\""));
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("restart"), "{}", r.body);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, SeqCst);
+    let (ok, failed) = collect(ws).await;
+    assert!(failed.is_empty() && ok > 0, "ok {ok}, failed {:?}", failed.first());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let a = Backend::start("a").await;
+    let mut h = Halo::proxy(BIN, &config("[proxy]\ngrace_period = \"10s\"", &eps(&[&a]))).unwrap();
+    let url = h.url("main", "/delay/800");
+    let inflight: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::no_pool().get(&url).await })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), "requests reached the backend", || async { a.requests() == 3 }).await;
+    h.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections are refused while the old ones finish.
+    assert!(tokio::net::TcpStream::connect(h.listeners["main"]).await.is_err(), "still accepting after SIGTERM");
+    for r in inflight {
+        let r = r.await.unwrap().expect("in-flight request survived shutdown");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(tokio::task::spawn_blocking(move || h.wait(Duration::from_secs(10))).await.unwrap(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_request_ids() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    let c = Client::new();
+    let req = Request::get(h.url("main", "/echo"))
+        .header("host", "shop.example.com")
+        .header("connection", "x-drop-me")
+        .header("x-drop-me", "secret")
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(Full::default())
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    let up = a.last_headers().unwrap();
+    assert_eq!(up["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(up["x-forwarded-proto"], "http");
+    assert_eq!(up["x-forwarded-host"], "shop.example.com");
+    assert_eq!(up["forwarded"], "for=127.0.0.1;proto=http;host=shop.example.com");
+    assert_eq!(up["host"], "shop.example.com");
+    assert!(!up.contains_key("x-drop-me"), "a header named in Connection was forwarded");
+    let id = up["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert_eq!(r.headers["x-request-id"], id.as_str(), "the response carries the generated id");
+    let req = Request::get(h.url("main", "/echo")).header("x-request-id", "abc-123").body(Full::default()).unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(a.last_headers().unwrap()["x-request-id"], "abc-123");
+    assert_eq!(r.headers["x-request-id"], "abc-123");
+}
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    // The proxy must answer and close: read to EOF, bounded in time.
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("connection was not closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("[proxy]\nmax_header_bytes = 16384", &eps(&[&a]))).unwrap();
+    let addr = h.listeners["main"];
+    let r = raw(addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let r = raw(addr, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header Line\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "x".repeat(64 * 1024));
+    let r = raw(addr, big.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    let r = raw(addr, b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(a.requests(), 0, "no malformed request reached the backend");
+    // And the proxy still serves.
+    assert_eq!(Client::new().get(&h.url("main", "/")).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_downstream_and_h2_upstream() {
+    let a = Backend::start("a").await;
+    for protocol in ["http1", "h2"] {
+        let h = Halo::proxy(BIN, &config("", &format!("{}\nprotocol = \"{protocol}\"", eps(&[&a])))).unwrap();
+        let stream = tokio::net::TcpStream::connect(h.listeners["main"]).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        for i in 0..5 {
+            let req = Request::post(format!("http://test.local/echo?i={i}"))
+                .body(Full::new(Bytes::from_static(b"hello")))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            assert_eq!(resp.headers()["x-backend"], "a");
+            let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+            assert!(body.contains("body-bytes: 5"), "{protocol}: {body}");
+            assert!(body.contains("host: test.local"), "{protocol}: {body}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_access_log() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("[proxy]\naccess_log = true", &eps(&[&a]))).unwrap();
+    let c = Client::new();
+    for _ in 0..3 {
+        c.get(&h.url("main", "/")).await.unwrap();
+    }
+    c.get(&h.url("main", "/status/500")).await.unwrap();
+    let m = c.get(&h.admin_url("/metrics")).await.unwrap().body;
+    for want in [
+        "halo_route_requests_total{route=\"r\",class=\"2xx\"} 3",
+        "halo_route_requests_total{route=\"r\",class=\"5xx\"} 1",
+        &format!("halo_endpoint_requests_total{{upstream=\"web\",endpoint=\"{}\",class=\"2xx\"}} 3", a.addr),
+        "halo_route_request_duration_seconds_count{route=\"r\"} 4",
+        "halo_listener_connections_active{listener=\"main\"}",
+        &format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}} 1", a.addr),
+        "halo_route_retries_total{route=\"r\"} 0",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(5), "4 access log lines", || {
+        lines.extend(h.stdout_lines());
+        let n = lines.iter().filter(|l| l.starts_with('{')).count();
+        async move { n >= 4 }
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(lines.iter().find(|l| l.contains("/status/500")).unwrap()).unwrap();
+    assert_eq!(v["status"], 500);
+    assert_eq!(v["route"], "r");
+    assert_eq!(v["upstream"], "web");
+    assert_eq!(v["endpoint"], a.addr.to_string());
+    assert_eq!(v["request_id"].as_str().unwrap().len(), 32);
+}
+
+#[test]
+fn check_reports_errors_with_file_and_line() {
+    let dir = TempDir::new("check");
+    let bad = dir.write("bad.toml", "[[listeners]]\nlisten = \"127.0.0.1:80\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"nowhere\"]\n");
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:6: upstreams.web.endpoints[0]") && err.contains("expected IP:PORT"), "{err}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/proxy.toml");
+    let out = std::process::Command::new(BIN).args(["check", "-c", example]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_mode_balances_over_backends() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = TempDir::new("flags");
+    let (aa, ba) = (a.addr.to_string(), b.addr.to_string());
+    let args = [
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &aa,
+        "--backend",
+        &ba,
+        "--workers",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let h = Halo::start(BIN, &args, &dir.0).unwrap();
+    let c = Client::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..10 {
+        seen.insert(c.get(&h.url("main", "/")).await.unwrap().backend().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2);
+    let out = std::process::Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--backend", "localhost"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected IP:PORT"));
+}

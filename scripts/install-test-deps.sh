@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the system tools the tests use, from Debian's packages, when they
+# are missing. Building halo itself needs only the Rust toolchain.
+set -euo pipefail
+
+need=()
+command -v kill >/dev/null 2>&1 || need+=(procps)
+[ -x /bin/kill ] || need+=(procps)
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
