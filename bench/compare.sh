@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Side-by-side HTTP load-balancer benchmark: halo vs HAProxy vs nginx.
+#
+# Three identical backends (one nginx worker answering a small body) and the
+# load generator (wrk) run on CPU 1; each proxy runs alone on CPU 0 with one
+# worker thread. Rounds interleave the proxies so machine noise hits them all
+# alike; the report gives medians and min-max over the rounds, plus the
+# no-proxy ceiling (wrk straight to one backend).
+#
+# Usage: bench/compare.sh [ROUNDS] [SECONDS]   (defaults: 5 rounds, 5 s each)
+# Env:   CONNS="64 256"  OUT=bench/out
+# All traffic stays on 127.0.0.1; everything started is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-5}
+DUR=${2:-5}
+CONNS=${CONNS:-"64 256"}
+OUT=${OUT:-bench/out}
+PROXY_CPU=0
+LOAD_CPU=1
+BASE=${BASE:-19000}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p halo
+HALO=$PWD/target/release/halo
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3))
+P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
+
+# --- backends: one nginx worker, three ports, identical 13-byte answers
+cat > "$OUT/backends.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $OUT/backends.pid;
+error_log $OUT/backends.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; location / { return 200 "hello, world\n"; } }
+  server { listen 127.0.0.1:$B2; location / { return 200 "hello, world\n"; } }
+  server { listen 127.0.0.1:$B3; location / { return 200 "hello, world\n"; } }
+}
+CONF
+taskset -c $LOAD_CPU nginx -c "$OUT/backends.conf" -p "$OUT" &
+PIDS+=($!)
+
+# --- halo
+cat > "$OUT/halo.toml" <<CONF
+[proxy]
+workers = 1
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:$P_HALO"
+[[routes]]
+upstream = "b"
+[upstreams.b]
+policy = "round_robin"
+endpoints = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
+[upstreams.b.health]
+type = "tcp"
+interval = "2s"
+CONF
+HALO_LOG=warn taskset -c $PROXY_CPU "$HALO" proxy -c "$OUT/halo.toml" > "$OUT/halo.out" &
+HALO_PID=$!
+PIDS+=($HALO_PID)
+
+# --- HAProxy: one thread, keep-alive both sides, connection reuse
+cat > "$OUT/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 3s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+backend be
+  balance roundrobin
+  server s1 127.0.0.1:$B1 check inter 2s
+  server s2 127.0.0.1:$B2 check inter 2s
+  server s3 127.0.0.1:$B3 check inter 2s
+CONF
+taskset -c $PROXY_CPU haproxy -db -f "$OUT/haproxy.cfg" > "$OUT/haproxy.out" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=($HAPROXY_PID)
+
+# --- nginx as a proxy: one worker, upstream keep-alive
+cat > "$OUT/nginx-proxy.conf" <<CONF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $OUT/nginx-proxy.pid;
+error_log $OUT/nginx-proxy.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream b {
+    server 127.0.0.1:$B1;
+    server 127.0.0.1:$B2;
+    server 127.0.0.1:$B3;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://b;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+taskset -c $PROXY_CPU nginx -c "$OUT/nginx-proxy.conf" -p "$OUT" &
+NGINX_PID=$!
+PIDS+=($NGINX_PID)
+
+for port in $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX; do
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.05
+  done
+  curl -sf -o /dev/null "http://127.0.0.1:$port/" || { echo "port $port did not come up" >&2; exit 1; }
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+RESULTS=$OUT/results.tsv
+echo -e "round\tconns\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\trss_kb" > "$RESULTS"
+TICK=$(getconf CLK_TCK)
+
+run() { # round conns name port pid
+  local round=$1 conns=$2 name=$3 port=$4 pid=$5
+  local before=0 after=0
+  [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+  local out
+  out=$(taskset -c $LOAD_CPU wrk -t1 -c"$conns" -d"${DUR}s" --latency "http://127.0.0.1:$port/")
+  [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
+  local rss="-"
+  [ "$pid" != "-" ] && rss=$(rss_kb "$pid")
+  python3 - "$round" "$conns" "$name" "$before" "$after" "$TICK" "$rss" "$DUR" <<PY >> "$RESULTS"
+import re, sys
+round_, conns, name, before, after, tick, rss, dur = sys.argv[1:]
+out = """$out"""
+def ms(v):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+total = float(re.search(r"(\d+) requests in", out).group(1))
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+if errs or "Socket errors" in out:
+    print(f"warning: {name} c={conns}: errors in wrk output", file=sys.stderr)
+cpu = "-"
+if name != "direct":
+    cpu = f"{(int(after) - int(before)) * 1e6 / int(tick) / total:.2f}"
+print(f"{round_}\t{conns}\t{name}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{cpu}\t{rss}")
+PY
+}
+
+for round in $(seq "$ROUNDS"); do
+  for conns in $CONNS; do
+    # Rotate the order every round so no proxy always runs first.
+    order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID" "direct $B1 -")
+    for k in $(seq 0 3); do
+      idx=$(( (k + round) % 4 ))
+      # shellcheck disable=SC2086
+      run "$round" "$conns" ${order[$idx]}
+    done
+  done
+  echo "round $round done" >&2
+done
+
+python3 - "$RESULTS" <<'PY' | tee "$OUT/summary.md"
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+def vals(conns, target, key):
+    return [float(r[key]) for r in rows if r["conns"] == conns and r["target"] == target and r[key] != "-"]
+def cell(v, fmt):
+    if not v:
+        return "-"
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+print("| conns | target | req/s | p50 ms | p99 ms | CPU us/req | RSS MiB | req/s vs HAProxy | CPU/req vs HAProxy | p99 vs HAProxy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for conns in sorted({r["conns"] for r in rows}, key=int):
+    base = {k: statistics.median(vals(conns, "haproxy", k) or [float("nan")]) for k in ("rps", "cpu_us_per_req", "p99_ms")}
+    for target in ("halo", "haproxy", "nginx", "direct"):
+        rps, p50, p99 = vals(conns, target, "rps"), vals(conns, target, "p50_ms"), vals(conns, target, "p99_ms")
+        cpu, rss = vals(conns, target, "cpu_us_per_req"), [x / 1024 for x in vals(conns, target, "rss_kb")]
+        ratio = lambda v, k, f="{:.2f}x": f.format(statistics.median(v) / base[k]) if v and target != "direct" else "-"
+        print(f"| {conns} | {target} | {cell(rps, '{:.0f}')} | {cell(p50, '{:.2f}')} | {cell(p99, '{:.2f}')} | "
+              f"{cell(cpu, '{:.1f}')} | {cell(rss, '{:.1f}')} | {ratio(rps, 'rps')} | {ratio(cpu, 'cpu_us_per_req')} | {ratio(p99, 'p99_ms')} |")
+PY
+echo "raw rows: $RESULTS" >&2
