@@ -171,6 +171,7 @@ impl Validator<'_> {
         let routes = raw.routes.iter().enumerate().map(|(i, r)| self.route(i, r, &upstreams, &names)).collect();
         Config {
             workers,
+            work_stealing: p.work_stealing.unwrap_or(false),
             grace_period,
             access_log: p.access_log.unwrap_or(false),
             max_header_bytes: max_header_bytes.clamp(8192, 1 << 20),

@@ -22,10 +22,12 @@ use crate::endpoint::Endpoint;
 use crate::util::rand_below;
 
 /// Starts the checker of a new endpoint.
-pub fn spawn_checker(ep: &Arc<Endpoint>) {
+pub fn spawn_checker(ep: &Arc<Endpoint>, rt: Option<&tokio::runtime::Handle>) {
     let weak = Arc::downgrade(ep);
-    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-    rt.spawn(run(weak));
+    match rt.cloned().or_else(|| tokio::runtime::Handle::try_current().ok()) {
+        Some(rt) => drop(rt.spawn(run(weak))),
+        None => tracing::error!(endpoint = %ep.addr, "no runtime for active health checks"),
+    }
 }
 
 async fn run(weak: Weak<Endpoint>) {

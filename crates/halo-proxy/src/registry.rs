@@ -31,6 +31,8 @@ pub struct Registry {
     endpoints: Mutex<HashMap<(String, SocketAddr), Arc<Endpoint>>>,
     routes: Mutex<HashMap<String, Arc<RouteRuntime>>>,
     pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
+    /// The runtime that runs health checks (the control runtime).
+    control: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 /// One immutable routing snapshot.
@@ -41,6 +43,10 @@ pub struct Snapshot {
 }
 
 impl Registry {
+    pub fn set_control(&self, rt: tokio::runtime::Handle) {
+        let _ = self.control.set(rt);
+    }
+
     /// Builds the snapshot for `config`, creating state for new endpoints and
     /// routes and forgetting state for the ones that left.
     pub fn build(&self, config: Arc<Config>) -> Snapshot {
@@ -64,7 +70,7 @@ impl Registry {
                                 }
                                 None => {
                                     let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
-                                    health::spawn_checker(&ep);
+                                    health::spawn_checker(&ep, self.control.get());
                                     ep
                                 }
                             };

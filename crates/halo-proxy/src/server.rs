@@ -35,6 +35,8 @@ pub enum ProxyError {
     BindListener { name: String, addr: SocketAddr, source: std::io::Error },
     #[error("bind admin listener on {addr}: {source}")]
     BindAdmin { addr: SocketAddr, source: std::io::Error },
+    #[error("start a worker thread: {source}")]
+    StartWorker { source: std::io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,57 +56,76 @@ pub enum ReloadError {
 /// A running proxy. Dropping it does not stop it; call [`Proxy::shutdown`].
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// Tells the workers to stop accepting and drain.
     stop: watch::Sender<bool>,
+    /// Tells the workers to exit (after the grace period).
+    halt: watch::Sender<bool>,
     drain: Arc<Drain>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     addrs: Vec<(String, SocketAddr)>,
     admin_addr: Option<SocketAddr>,
 }
 
 impl Proxy {
-    /// Binds every listener (and the admin listener) and starts serving.
+    /// Binds every listener (and the admin listener) and starts the worker
+    /// threads. Must be called within a tokio runtime, which then runs the
+    /// control tasks: admin listener and active health checks.
     pub async fn start(config: Config, source: Option<PathBuf>) -> Result<Arc<Proxy>, ProxyError> {
         let registry = Registry::default();
+        registry.set_control(tokio::runtime::Handle::current());
         let config = Arc::new(config);
         let snapshot = registry.build(config.clone());
         let shared =
             Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), registry, source, update: Mutex::new(()) });
         let (stop, _) = watch::channel(false);
+        let (halt, _) = watch::channel(false);
         let drain = Arc::new(Drain::default());
-        let builder = Arc::new(http_builder(&config));
-        // Bind everything before serving anything, so a failed bind leaves
-        // nothing half-started.
-        let mut bound = Vec::new();
+        // One socket per listener per worker in the per-core model (the kernel
+        // spreads connections over them); one per listener when work-stealing.
+        let sockets_per_listener = if config.work_stealing { 1 } else { config.workers.max(1) };
+        let mut addrs = Vec::new();
+        let mut per_worker: Vec<Vec<(Arc<str>, std::net::TcpListener)>> = (0..sockets_per_listener).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let listener = bind(l.addr).map_err(|source| ProxyError::BindListener {
-                name: l.name.clone(),
-                addr: l.addr,
-                source,
-            })?;
-            bound.push((l.name.clone(), listener));
+            let err = |source| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, source };
+            let first = bind(l.addr, sockets_per_listener > 1).map_err(err)?;
+            // Port 0 resolves on the first bind; the other workers join it.
+            let local = first.local_addr().map_err(err)?;
+            addrs.push((l.name.clone(), local));
+            per_worker[0].push((l.name.as_str().into(), first));
+            for w in per_worker.iter_mut().skip(1) {
+                w.push((l.name.as_str().into(), bind(local, true).map_err(err)?));
+            }
+            tracing::info!(listener = %l.name, addr = %local, "listening");
         }
         let admin = match config.admin {
-            Some(addr) => Some(bind(addr).map_err(|source| ProxyError::BindAdmin { addr, source })?),
+            Some(addr) => {
+                let err = |source| ProxyError::BindAdmin { addr, source };
+                Some(TcpListener::from_std(bind(addr, false).map_err(err)?).map_err(err)?)
+            }
             None => None,
         };
-        let mut addrs = Vec::new();
-        for (name, listener) in bound {
-            let local = listener.local_addr().map_err(|source| ProxyError::BindListener {
-                name: name.clone(),
-                addr: local_or_default(&config, &name),
-                source,
-            })?;
-            addrs.push((name.clone(), local));
-            tracing::info!(listener = %name, addr = %local, "listening");
-            let ctx = AcceptCtx {
-                name: name.as_str().into(),
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let builder = Arc::new(http_builder(&config));
+        let mut threads = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            let runtime = if config.work_stealing {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(config.workers.max(1));
+                b
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+            };
+            let w = Worker {
+                listeners,
                 shared: shared.clone(),
                 builder: builder.clone(),
-                stats: shared.registry.listener(&name),
+                drain: drain.clone(),
+                stop: stop.subscribe(),
+                halt: halt.subscribe(),
             };
-            tokio::spawn(accept_loop(listener, ctx, drain.clone(), stop.subscribe()));
+            threads.push(w.spawn(i, runtime).map_err(|source| ProxyError::StartWorker { source })?);
         }
-        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let proxy = Arc::new(Proxy { shared, stop, drain, addrs, admin_addr });
+        let proxy = Arc::new(Proxy { shared, stop, halt, drain, addrs, admin_addr, threads: Mutex::new(threads) });
         if let Some(l) = admin {
             tracing::info!(addr = ?admin_addr, "admin listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
@@ -182,6 +203,14 @@ impl Proxy {
         if tokio::time::timeout(grace, self.drain.wait()).await.is_err() {
             tracing::warn!(left = self.drain.count.load(Relaxed), "grace period over; closing remaining connections");
         }
+        let _ = self.halt.send(true);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -210,14 +239,56 @@ impl Drain {
     }
 }
 
-fn local_or_default(c: &Config, name: &str) -> SocketAddr {
-    c.listeners.iter().find(|l| l.name == name).map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.addr)
+/// A non-blocking listening socket; `reuse_port` lets several workers bind
+/// the same address.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    let std: std::net::TcpListener = socket.listen(4096)?.into_std()?;
+    std.set_nonblocking(true)?;
+    Ok(std)
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let std = std::net::TcpListener::bind(addr)?;
-    std.set_nonblocking(true)?;
-    TcpListener::from_std(std)
+/// One worker: a runtime on its own thread serving its listener sockets.
+struct Worker {
+    listeners: Vec<(Arc<str>, std::net::TcpListener)>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: Arc<Drain>,
+    stop: watch::Receiver<bool>,
+    halt: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn spawn(self, index: usize, mut runtime: tokio::runtime::Builder) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let rt = runtime.enable_all().thread_name(format!("halo-worker-{index}")).build()?;
+        std::thread::Builder::new().name(format!("halo-worker-{index}")).spawn(move || {
+            let Worker { listeners, shared, builder, drain, stop, mut halt } = self;
+            rt.block_on(async move {
+                for (name, l) in listeners {
+                    let listener = match TcpListener::from_std(l) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(listener = %name, error = %e, "cannot register listener");
+                            continue;
+                        }
+                    };
+                    let ctx = AcceptCtx {
+                        stats: shared.registry.listener(&name),
+                        name,
+                        shared: shared.clone(),
+                        builder: builder.clone(),
+                    };
+                    tokio::spawn(accept_loop(listener, ctx, drain.clone(), stop.clone()));
+                }
+                let _ = halt.wait_for(|h| *h).await;
+            });
+        })
+    }
 }
 
 fn http_builder(c: &Config) -> auto::Builder<TokioExecutor> {

@@ -76,12 +76,13 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         }
         cfg.workers = w;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.workers)
-        .thread_name("halo-worker")
+    // This runtime runs signals, the admin listener and health checks; the
+    // proxy starts its own worker threads for traffic.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .thread_name("halo-control")
         .enable_all()
         .build()
-        .context("start the runtime")?;
+        .context("start the control runtime")?;
     runtime.block_on(serve(cfg, args.config))
 }
 

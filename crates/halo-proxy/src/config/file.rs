@@ -26,6 +26,7 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ProxySection {
     pub workers: Option<usize>,
+    pub work_stealing: Option<bool>,
     pub grace_period: Option<String>,
     pub access_log: Option<bool>,
     pub max_header_bytes: Option<usize>,

@@ -9,7 +9,12 @@ use http::{HeaderName, HeaderValue, Method};
 /// A complete, validated proxy configuration (one immutable snapshot).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Worker threads that serve connections.
     pub workers: usize,
+    /// false (default): one single-threaded runtime per worker, each with its
+    /// own `SO_REUSEPORT` listener socket (nginx's and Envoy's model); true:
+    /// one work-stealing runtime shared by all workers.
+    pub work_stealing: bool,
     pub grace_period: Duration,
     pub access_log: bool,
     pub max_header_bytes: usize,
