@@ -7,7 +7,8 @@
 
 mod maglev;
 
-use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Policy;
@@ -25,67 +26,87 @@ pub enum Balancer {
     ConsistentHash(Maglev),
 }
 
-/// What a pick may choose from: endpoint indexes, with effective weights.
-pub struct Candidates {
-    pub idx: Vec<usize>,
-    pub weights: Vec<u64>,
+/// What a pick may choose from: the endpoints that are available and not
+/// yet tried, with their effective weights. A view, not a copy: picks
+/// allocate nothing.
+pub struct Candidates<'a> {
+    eps: &'a [Arc<Endpoint>],
+    tried: &'a [usize],
+    now: u64,
+    slow_start: Option<Duration>,
 }
 
-impl Candidates {
-    pub fn collect(eps: &[std::sync::Arc<Endpoint>], tried: &[usize], now: u64, slow_start: Option<Duration>) -> Self {
-        let mut idx = Vec::with_capacity(eps.len());
-        let mut weights = Vec::with_capacity(eps.len());
-        for (i, e) in eps.iter().enumerate() {
-            if !tried.contains(&i) && e.available(now) {
-                idx.push(i);
-                weights.push(e.effective_weight(now, slow_start));
+impl<'a> Candidates<'a> {
+    pub fn new(eps: &'a [Arc<Endpoint>], tried: &'a [usize], now: u64, slow_start: Option<Duration>) -> Self {
+        Candidates { eps, tried, now, slow_start }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        !self.tried.contains(&i) && self.eps[i].available(self.now)
+    }
+
+    /// The effective weight of endpoint `i`, or `None` when it is not a candidate.
+    pub fn weight(&self, i: usize) -> Option<u64> {
+        self.contains(i).then(|| self.eps[i].effective_weight(self.now, self.slow_start))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        (0..self.eps.len()).filter_map(|i| self.weight(i).map(|w| (i, w)))
+    }
+
+    /// The only candidate, the first one, and whether there is any.
+    fn shape(&self) -> (usize, Option<usize>) {
+        let mut n = 0;
+        let mut first = None;
+        for i in 0..self.eps.len() {
+            if self.contains(i) {
+                n += 1;
+                first.get_or_insert(i);
             }
         }
-        Candidates { idx, weights }
+        (n, first)
     }
 }
 
 impl Balancer {
-    pub fn new(policy: Policy, eps: &[std::sync::Arc<Endpoint>]) -> Self {
+    pub fn new(policy: Policy, eps: &[Arc<Endpoint>]) -> Self {
         match policy {
             Policy::RoundRobin => Balancer::RoundRobin(Mutex::new(vec![0; eps.len()])),
             Policy::LeastRequest => Balancer::LeastRequest,
             Policy::P2cEwma => Balancer::P2cEwma,
             Policy::Random => Balancer::Random,
             Policy::ConsistentHash => {
-                let nodes: Vec<(String, u32)> = eps
-                    .iter()
-                    .map(|e| (e.addr.to_string(), e.weight.load(std::sync::atomic::Ordering::Relaxed)))
-                    .collect();
+                let nodes: Vec<(String, u32)> =
+                    eps.iter().map(|e| (e.addr.to_string(), e.weight.load(Relaxed))).collect();
                 Balancer::ConsistentHash(Maglev::new(&nodes))
             }
         }
     }
 
-    /// Picks an endpoint index among `c` (non-empty); `key` is the request's
-    /// hash key for consistent hashing.
-    pub fn pick(&self, eps: &[std::sync::Arc<Endpoint>], c: &Candidates, key: Option<u64>) -> usize {
-        debug_assert!(!c.idx.is_empty());
-        if c.idx.len() == 1 {
-            return c.idx[0];
+    /// Picks an endpoint index among the candidates, `None` when there is
+    /// none; `key` is the request's hash key for consistent hashing.
+    pub fn pick(&self, c: &Candidates, key: Option<u64>) -> Option<usize> {
+        let (n, first) = c.shape();
+        if n <= 1 {
+            return first;
         }
-        match self {
+        Some(match self {
             Balancer::RoundRobin(state) => smooth_rr(&mut state.lock().unwrap_or_else(|e| e.into_inner()), c),
-            Balancer::LeastRequest => least_request(eps, c),
-            Balancer::P2cEwma => p2c(eps, c),
+            Balancer::LeastRequest => least_request(c, n),
+            Balancer::P2cEwma => p2c(c, n),
             Balancer::Random => weighted_random(c),
             Balancer::ConsistentHash(m) => match key {
-                Some(k) => m.lookup(k, |i| c.idx.contains(&i)).unwrap_or_else(|| weighted_random(c)),
+                Some(k) => m.lookup(k, |i| c.contains(i)).unwrap_or_else(|| weighted_random(c)),
                 None => weighted_random(c),
             },
-        }
+        })
     }
 }
 
 fn smooth_rr(current: &mut [i64], c: &Candidates) -> usize {
     let mut total = 0i64;
     let mut best: Option<usize> = None;
-    for (&i, &w) in c.idx.iter().zip(&c.weights) {
+    for (i, w) in c.iter() {
         let w = w as i64;
         current[i] += w;
         total += w;
@@ -93,20 +114,22 @@ fn smooth_rr(current: &mut [i64], c: &Candidates) -> usize {
             best = Some(i);
         }
     }
-    let b = best.unwrap_or(c.idx[0]);
+    let b = best.unwrap_or(0);
     current[b] -= total;
     b
 }
 
-fn least_request(eps: &[std::sync::Arc<Endpoint>], c: &Candidates) -> usize {
+/// The `k`-th candidate (0-based).
+fn nth(c: &Candidates, k: usize) -> (usize, u64) {
+    c.iter().nth(k).unwrap_or((0, 1))
+}
+
+fn least_request(c: &Candidates, n: usize) -> usize {
     // Start at a random offset so ties do not all land on the first endpoint.
-    let n = c.idx.len();
     let start = rand_below(n as u64) as usize;
-    let mut best = (f64::MAX, c.idx[start]);
-    for k in 0..n {
-        let j = (start + k) % n;
-        let i = c.idx[j];
-        let load = (eps[i].inflight.load(std::sync::atomic::Ordering::Relaxed) + 1) as f64 / c.weights[j].max(1) as f64;
+    let mut best = (f64::MAX, 0);
+    for (i, w) in c.iter().skip(start).chain(c.iter().take(start)) {
+        let load = (c.eps[i].inflight.load(Relaxed) + 1) as f64 / w.max(1) as f64;
         if load < best.0 {
             best = (load, i);
         }
@@ -114,57 +137,69 @@ fn least_request(eps: &[std::sync::Arc<Endpoint>], c: &Candidates) -> usize {
     best.1
 }
 
-fn p2c(eps: &[std::sync::Arc<Endpoint>], c: &Candidates) -> usize {
-    let n = c.idx.len() as u64;
-    let a = rand_below(n) as usize;
-    let b = (a + 1 + rand_below(n - 1) as usize) % n as usize;
-    let cost = |j: usize| eps[c.idx[j]].ewma_cost() / c.weights[j].max(1) as f64;
-    if cost(a) <= cost(b) {
-        c.idx[a]
+fn p2c(c: &Candidates, n: usize) -> usize {
+    let a = rand_below(n as u64) as usize;
+    let b = (a + 1 + rand_below(n as u64 - 1) as usize) % n;
+    let ((ia, wa), (ib, wb)) = (nth(c, a), nth(c, b));
+    let cost = |i: usize, w: u64| c.eps[i].ewma_cost() / w.max(1) as f64;
+    if cost(ia, wa) <= cost(ib, wb) {
+        ia
     } else {
-        c.idx[b]
+        ib
     }
 }
 
 pub fn weighted_random(c: &Candidates) -> usize {
-    let total: u64 = c.weights.iter().sum();
-    if total == 0 {
-        return c.idx[rand_below(c.idx.len() as u64) as usize];
-    }
-    let mut r = rand_u64() % total;
-    for (&i, &w) in c.idx.iter().zip(&c.weights) {
+    let total: u64 = c.iter().map(|(_, w)| w).sum();
+    let mut r = rand_u64() % total.max(1);
+    let mut last = 0;
+    for (i, w) in c.iter() {
         if r < w {
             return i;
         }
         r -= w;
+        last = i;
     }
-    c.idx[c.idx.len() - 1]
+    last
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamConfig;
 
-    fn cands(weights: &[u64]) -> Candidates {
-        Candidates { idx: (0..weights.len()).collect(), weights: weights.to_vec() }
+    fn eps(weights: &[u32]) -> Vec<Arc<Endpoint>> {
+        let cfg: Arc<UpstreamConfig> = Arc::new(
+            crate::config::parse("t", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n")
+                .unwrap()
+                .upstreams["u"]
+                .clone(),
+        );
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Arc::new(Endpoint::new(format!("127.0.0.1:{}", 1000 + i).parse().unwrap(), *w, cfg.clone())))
+            .collect()
     }
 
     #[test]
     fn smooth_rr_follows_weights_and_interleaves() {
-        let c = cands(&[500, 100, 100]);
+        let e = eps(&[5, 1, 1]);
+        let c = Candidates::new(&e, &[], crate::util::now_ms(), None);
         let mut cur = vec![0; 3];
         let seq: Vec<usize> = (0..7).map(|_| smooth_rr(&mut cur, &c)).collect();
-        assert_eq!(seq.iter().filter(|&&i| i == 0).count(), 5);
         // nginx's smooth order: a a b a c a a, never five in a row.
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
-    fn weighted_random_respects_weights() {
-        let c = cands(&[300, 100]);
+    fn weighted_random_respects_weights_and_exclusions() {
+        let e = eps(&[3, 1, 5]);
+        let c = Candidates::new(&e, &[2], crate::util::now_ms(), None);
         let n = 40_000;
-        let zero = (0..n).filter(|_| weighted_random(&c) == 0).count();
-        let share = zero as f64 / n as f64;
+        let picks: Vec<usize> = (0..n).map(|_| weighted_random(&c)).collect();
+        assert!(!picks.contains(&2));
+        let share = picks.iter().filter(|&&i| i == 0).count() as f64 / n as f64;
         assert!((0.70..0.80).contains(&share), "share {share}");
     }
 }

@@ -34,6 +34,9 @@ const STALE_TRIES: usize = 3;
 pub struct Downstream {
     pub listener: Arc<str>,
     pub client: SocketAddr,
+    /// The client address as forwarding headers spell it, made once per
+    /// connection rather than per request.
+    pub client_ip: headers::ClientIp,
 }
 
 /// A successful exchange with an endpoint.
@@ -59,21 +62,27 @@ pub async fn handle(
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
     let (mut parts, body) = req.into_parts();
-    let host = router::host(&parts);
-    let Some(route) = snap.routes.iter().find(|r| r.matches(&down.listener, &host, &parts)) else {
-        let e = ProxyError::NoRoute { host, path: parts.uri.path().to_string() };
-        return Ok(error_response(&e, None));
+    let found = {
+        let host = router::host(&parts);
+        snap.routes
+            .iter()
+            .find(|r| r.matches(&down.listener, &host, &parts))
+            .ok_or_else(|| ProxyError::NoRoute { host: host.into_owned(), path: parts.uri.path().to_string() })
+    };
+    let route = match found {
+        Ok(r) => r,
+        Err(e) => return Ok(error_response(&e, None)),
     };
     let rid = headers::request_id(&mut parts.headers);
     route.rt.budget.deposit();
 
     let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
+    let path = if snap.config.access_log { parts.uri.path().to_string() } else { String::new() };
     let deadline = route.cfg.timeouts.request.map(|t| start + t);
     let mut out = Outcome { endpoint: None, upstream: None, tries: 0 };
     let result = match read_body(body, route.cfg.retry.body_cap).await {
         Ok(body) => {
-            prepare_upstream_request(&mut parts, down.client);
+            prepare_upstream_request(&mut parts, &down);
             let attempts = attempts(route, &parts, body, down.client, &mut out);
             match (deadline, route.cfg.timeouts.request) {
                 (Some(d), Some(t)) => {
@@ -98,7 +107,7 @@ pub async fn handle(
         }
     };
     if snap.config.access_log {
-        access_log(&down, &method, &host, &path, &resp, route, &out, &rid, start);
+        access_log(&down, &method, &router::host(&parts), &path, &resp, route, &out, &rid, start);
     }
     Ok(resp)
 }
@@ -129,7 +138,7 @@ async fn read_body(body: Incoming, cap: usize) -> Result<ProxyBody, ProxyError> 
     }
 }
 
-fn prepare_upstream_request(parts: &mut http::request::Parts, client: SocketAddr) {
+fn prepare_upstream_request(parts: &mut http::request::Parts, down: &Downstream) {
     if !parts.headers.contains_key(header::HOST) {
         if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()) {
             parts.headers.insert(header::HOST, v);
@@ -137,7 +146,7 @@ fn prepare_upstream_request(parts: &mut http::request::Parts, client: SocketAddr
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     let host = parts.headers.get(header::HOST).cloned();
-    headers::add_forwarded(&mut parts.headers, client, host.as_ref());
+    headers::add_forwarded(&mut parts.headers, &down.client_ip, host.as_ref());
     if let Some(pq) = parts.uri.path_and_query() {
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             parts.uri = Uri::from(pq.clone());
@@ -165,21 +174,23 @@ async fn attempts(
     out: &mut Outcome,
 ) -> Result<Exchange, ProxyError> {
     let group = route.group(parts);
-    out.upstream = Some(group.cfg.name.as_str().into());
+    out.upstream = group.endpoints.first().map(|e| e.upstream.clone());
     let policy = &route.cfg.retry;
     let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
     // A body that cannot be replayed is held here until first sent, and comes
     // back only if the connection provably did not take it.
     let mut pending = Some(body);
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    // At most 11 tries (attempts is capped at 10): no allocation needed.
+    // Try k went to tried[k]; every try picks a new endpoint.
+    let mut tried = [usize::MAX; 11];
     let mut last: Option<ProxyError> = None;
     let mut granted = false;
     for attempt in 0..=policy.attempts {
-        let Some(pick) = group.pick(parts, client, &tried) else { break };
+        let Some(pick) = group.pick(parts, client, &tried[..attempt as usize]) else { break };
         if attempt > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {
             break;
         }
-        tried.push(pick.index);
+        tried[attempt as usize] = pick.index;
         let ep = group.endpoints[pick.index].clone();
         out.endpoint = Some(ep.clone());
         out.tries = attempt + 1;
@@ -192,7 +203,8 @@ async fn attempts(
                 ep.passive_result(!(retry_status && status >= 500), || group.may_eject());
                 // Another try is only worth it when there is somewhere else to
                 // go; otherwise the client gets this response as it is.
-                let again = retry_status && safe && attempt < policy.attempts && has_other(group, &tried);
+                let again =
+                    retry_status && safe && attempt < policy.attempts && has_other(group, &tried[..=attempt as usize]);
                 if !again || !retry_granted(route) {
                     return Ok(Exchange { resp, conn, inflight, set_cookie });
                 }

@@ -38,33 +38,50 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A client address in the two spellings forwarding headers use.
+#[derive(Clone)]
+pub struct ClientIp {
+    /// `127.0.0.1` or `::1`, for X-Forwarded-For.
+    plain: HeaderValue,
+    /// `for=127.0.0.1` or `for="[::1]"`, for Forwarded.
+    for_: String,
+}
+
+impl ClientIp {
+    pub fn new(client: SocketAddr) -> Self {
+        let ip = client.ip().to_string();
+        let for_ = if client.is_ipv6() { format!("for=\"[{ip}]\"") } else { format!("for={ip}") };
+        ClientIp { plain: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")), for_ }
+    }
+}
+
 /// Adds the forwarding headers for a request from `client` for `host`.
-pub fn add_forwarded(h: &mut HeaderMap, client: SocketAddr, host: Option<&HeaderValue>) {
-    let ip = client.ip().to_string();
+pub fn add_forwarded(h: &mut HeaderMap, client: &ClientIp, host: Option<&HeaderValue>) {
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
+        Some(prev) => HeaderValue::try_from(format!("{prev}, {}", client.plain.to_str().unwrap_or(""))).ok(),
+        None => Some(client.plain.clone()),
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(host) = host {
         h.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    let for_ = if client.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-    let mut fwd = format!("for={for_};proto=http");
+    let mut fwd = String::with_capacity(64);
+    if let Some(prev) = h.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
+    }
+    fwd.push_str(&client.for_);
+    fwd.push_str(";proto=http");
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         if host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)) {
             fwd.push_str(";host=");
             fwd.push_str(host);
         }
     }
-    let value = match h.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::try_from(value) {
+    if let Ok(v) = HeaderValue::try_from(fwd) {
         h.insert(FORWARDED.clone(), v);
     }
 }
@@ -75,7 +92,7 @@ pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
     if let Some(v) = h.get(&X_REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 200) {
         return v.clone();
     }
-    let v = HeaderValue::try_from(crate::util::request_id()).unwrap_or(HeaderValue::from_static("0"));
+    let v = HeaderValue::from_bytes(&crate::util::request_id()).unwrap_or(HeaderValue::from_static("0"));
     h.insert(X_REQUEST_ID.clone(), v.clone());
     v
 }
@@ -102,7 +119,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         let host = HeaderValue::from_static("example.com");
-        add_forwarded(&mut h, "127.0.0.2:5000".parse().unwrap(), Some(&host));
+        add_forwarded(&mut h, &ClientIp::new("127.0.0.2:5000".parse().unwrap()), Some(&host));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=example.com");

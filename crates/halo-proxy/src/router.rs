@@ -104,7 +104,7 @@ pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
 
 /// The request's host, lower-cased, without port: from `Host` (HTTP/1.1) or
 /// the URI authority (HTTP/2).
-pub fn host(parts: &Parts) -> String {
+pub fn host(parts: &Parts) -> std::borrow::Cow<'_, str> {
     let raw = parts
         .uri
         .authority()
@@ -116,7 +116,11 @@ pub fn host(parts: &Parts) -> String {
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
-    no_port.to_ascii_lowercase()
+    if no_port.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(no_port.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(no_port)
+    }
 }
 
 #[cfg(test)]

@@ -84,7 +84,8 @@ impl Proxy {
         // spreads connections over them); one per listener when work-stealing.
         let sockets_per_listener = if config.work_stealing { 1 } else { config.workers.max(1) };
         let mut addrs = Vec::new();
-        let mut per_worker: Vec<Vec<(Arc<str>, std::net::TcpListener)>> = (0..sockets_per_listener).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<(Arc<str>, std::net::TcpListener)>> =
+            (0..sockets_per_listener).map(|_| Vec::new()).collect();
         for l in &config.listeners {
             let err = |source| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, source };
             let first = bind(l.addr, sockets_per_listener > 1).map_err(err)?;
@@ -337,7 +338,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx, drain: Arc<Drain>
     let stats = ctx.stats.clone();
     let builder = ctx.builder.clone();
     let shared = ctx.shared.clone();
-    let down = Downstream { listener: ctx.name.clone(), client: peer };
+    let down = Downstream { listener: ctx.name.clone(), client: peer, client_ip: crate::headers::ClientIp::new(peer) };
     tokio::spawn(async move {
         let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(stream), svc);

@@ -34,20 +34,16 @@ impl Group {
     /// Chooses an endpoint not in `tried`; `None` when no endpoint is
     /// available.
     pub fn pick(&self, parts: &Parts, client: SocketAddr, tried: &[usize]) -> Option<Pick> {
-        let now = now_ms();
-        let c = Candidates::collect(&self.endpoints, tried, now, self.cfg.slow_start);
-        if c.idx.is_empty() {
-            return None;
-        }
+        let c = Candidates::new(&self.endpoints, tried, now_ms(), self.cfg.slow_start);
         if let Some(name) = &self.cfg.session_cookie {
             if let Some(id) = cookie(parts, name) {
-                if let Some(&i) = c.idx.iter().find(|&&i| self.endpoints[i].id == id) {
+                if let Some(i) = (0..self.endpoints.len()).find(|&i| self.endpoints[i].id == id && c.contains(i)) {
                     return Some(Pick { index: i, set_cookie: false });
                 }
             }
         }
         let key = self.cfg.hash_key.as_ref().and_then(|k| hash_key(k, parts, client));
-        let index = self.balancer.pick(&self.endpoints, &c, key);
+        let index = self.balancer.pick(&c, key)?;
         Some(Pick { index, set_cookie: self.cfg.session_cookie.is_some() })
     }
 

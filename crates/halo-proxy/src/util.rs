@@ -65,9 +65,16 @@ pub fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// A 128-bit random id in hex, for `x-request-id`.
-pub fn request_id() -> String {
-    format!("{:016x}{:016x}", rand_u64(), rand_u64())
+/// A 128-bit random id in lower-case hex, for `x-request-id`.
+pub fn request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let (a, b) = (rand_u64(), rand_u64());
+    for i in 0..16 {
+        out[i] = HEX[((a >> (60 - 4 * i)) & 0xf) as usize];
+        out[16 + i] = HEX[((b >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 #[cfg(test)]
