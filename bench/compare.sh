@@ -7,6 +7,11 @@
 # alike; the report gives medians and min-max over the rounds, plus the
 # no-proxy ceiling (wrk straight to one backend).
 #
+# Same work on every proxy: keep-alive on both sides, round robin over the
+# three backends, TCP health checks every 2 s, and the request headers halo
+# adds by default (X-Forwarded-For/-Proto/-Host, X-Request-ID; nginx and
+# halo also add Forwarded, which HAProxy 2.6 cannot).
+#
 # Usage: bench/compare.sh [ROUNDS] [SECONDS]   (defaults: 5 rounds, 5 s each)
 # Env:   CONNS="64 256"  OUT=bench/out
 # All traffic stays on 127.0.0.1; everything started is stopped on exit.
@@ -34,6 +39,15 @@ fi
 cargo build --release -q -p halo
 HALO=$PWD/target/release/halo
 
+B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3))
+P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
+for port in $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX; do
+  if (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    echo "port $port is already in use; stop what holds it or set BASE=<another base port>" >&2
+    exit 1
+  fi
+done
+
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -42,8 +56,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3))
-P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
 
 # --- backends: one nginx worker, three ports, identical 13-byte answers
 cat > "$OUT/backends.conf" <<CONF
@@ -98,6 +110,11 @@ defaults
 frontend fe
   bind 127.0.0.1:$P_HAPROXY
   default_backend be
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  unique-id-format %{+X}o%ci%cp%Ts%rt%pid
+  unique-id-header X-Request-ID
 backend be
   balance roundrobin
   server s1 127.0.0.1:$B1 check inter 2s
@@ -131,6 +148,12 @@ http {
       proxy_pass http://b;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Request-ID \$request_id;
+      proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
     }
   }
 }
