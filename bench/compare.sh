@@ -171,24 +171,29 @@ for port in $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX; do
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Busy ticks of the proxy's CPU, softirq included: loopback packet handling
+# runs there and is not charged to any process.
+core_ticks() { awk -v c="cpu$PROXY_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 RESULTS=$OUT/results.tsv
-echo -e "round\tconns\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\trss_kb" > "$RESULTS"
+echo -e "round\tconns\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\tcore_us_per_req\trss_kb" > "$RESULTS"
 TICK=$(getconf CLK_TCK)
 
 run() { # round conns name port pid
   local round=$1 conns=$2 name=$3 port=$4 pid=$5
-  local before=0 after=0
+  local before=0 after=0 core_before core_after
   [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+  core_before=$(core_ticks)
   local out
   out=$(taskset -c $LOAD_CPU wrk -t1 -c"$conns" -d"${DUR}s" --latency "http://127.0.0.1:$port/")
   [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
+  core_after=$(core_ticks)
   local rss="-"
   [ "$pid" != "-" ] && rss=$(rss_kb "$pid")
-  python3 - "$round" "$conns" "$name" "$before" "$after" "$TICK" "$rss" "$DUR" <<PY >> "$RESULTS"
+  python3 - "$round" "$conns" "$name" "$before" "$after" "$TICK" "$rss" "$DUR" "$core_before" "$core_after" <<PY >> "$RESULTS"
 import re, sys
-round_, conns, name, before, after, tick, rss, dur = sys.argv[1:]
+round_, conns, name, before, after, tick, rss, dur, cb, ca = sys.argv[1:]
 out = """$out"""
 def ms(v):
     n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
@@ -200,10 +205,11 @@ total = float(re.search(r"(\d+) requests in", out).group(1))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 if errs or "Socket errors" in out:
     print(f"warning: {name} c={conns}: errors in wrk output", file=sys.stderr)
-cpu = "-"
+cpu = core = "-"
 if name != "direct":
     cpu = f"{(int(after) - int(before)) * 1e6 / int(tick) / total:.2f}"
-print(f"{round_}\t{conns}\t{name}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{cpu}\t{rss}")
+    core = f"{(int(ca) - int(cb)) * 1e6 / int(tick) / total:.2f}"
+print(f"{round_}\t{conns}\t{name}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{cpu}\t{core}\t{rss}")
 PY
 }
 
@@ -229,15 +235,16 @@ def cell(v, fmt):
     if not v:
         return "-"
     return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
-print("| conns | target | req/s | p50 ms | p99 ms | CPU us/req | RSS MiB | req/s vs HAProxy | CPU/req vs HAProxy | p99 vs HAProxy |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| conns | target | req/s | p50 ms | p99 ms | process CPU us/req | core CPU us/req | RSS MiB | req/s vs HAProxy | CPU/req vs HAProxy | p99 vs HAProxy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for conns in sorted({r["conns"] for r in rows}, key=int):
     base = {k: statistics.median(vals(conns, "haproxy", k) or [float("nan")]) for k in ("rps", "cpu_us_per_req", "p99_ms")}
     for target in ("halo", "haproxy", "nginx", "direct"):
         rps, p50, p99 = vals(conns, target, "rps"), vals(conns, target, "p50_ms"), vals(conns, target, "p99_ms")
         cpu, rss = vals(conns, target, "cpu_us_per_req"), [x / 1024 for x in vals(conns, target, "rss_kb")]
+        core = vals(conns, target, "core_us_per_req")
         ratio = lambda v, k, f="{:.2f}x": f.format(statistics.median(v) / base[k]) if v and target != "direct" else "-"
         print(f"| {conns} | {target} | {cell(rps, '{:.0f}')} | {cell(p50, '{:.2f}')} | {cell(p99, '{:.2f}')} | "
-              f"{cell(cpu, '{:.1f}')} | {cell(rss, '{:.1f}')} | {ratio(rps, 'rps')} | {ratio(cpu, 'cpu_us_per_req')} | {ratio(p99, 'p99_ms')} |")
+              f"{cell(cpu, '{:.1f}')} | {cell(core, '{:.1f}')} | {cell(rss, '{:.1f}')} | {ratio(rps, 'rps')} | {ratio(cpu, 'cpu_us_per_req')} | {ratio(p99, 'p99_ms')} |")
 PY
 echo "raw rows: $RESULTS" >&2

@@ -5,6 +5,7 @@
 //! downstream: it streams the upstream body, gives the pooled connection back
 //! when the body ends, and enforces the idle and whole-request timeouts.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -14,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::client::decode::Step;
+use crate::client::Decoder;
 use crate::endpoint::InflightGuard;
 use crate::pool::Pooled;
 
@@ -69,6 +72,12 @@ impl Body for ProxyBody {
 pub enum BodyError {
     #[error("upstream body: {0}")]
     Upstream(#[from] hyper::Error),
+    #[error("upstream body: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("upstream body: {0}")]
+    Framing(String),
+    #[error("upstream closed the connection in the middle of the body")]
+    Truncated,
     #[error("upstream body idle for longer than {0:?}")]
     Idle(Duration),
     #[error("request exceeded its timeout while streaming the response")]
@@ -83,8 +92,16 @@ enum Kind {
     Stream(Box<Streaming>),
 }
 
+/// Where a streamed body comes from.
+pub enum Source {
+    /// Our HTTP/1.1 client: decoded from the pooled connection's buffer.
+    H1 { decoder: Decoder, keep_alive: bool },
+    /// hyper's HTTP/2 client.
+    H2(Incoming),
+}
+
 struct Streaming {
-    inner: Incoming,
+    source: Source,
     conn: Option<Pooled>,
     _inflight: InflightGuard,
     idle: Option<Duration>,
@@ -98,14 +115,14 @@ impl RespBody {
     }
 
     pub fn upstream(
-        inner: Incoming,
+        source: Source,
         conn: Pooled,
         inflight: InflightGuard,
         idle: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Self {
-        let mut s = Streaming { inner, conn: Some(conn), _inflight: inflight, idle, deadline, timer: None };
-        if s.inner.is_end_stream() {
+        let mut s = Streaming { source, conn: Some(conn), _inflight: inflight, idle, deadline, timer: None };
+        if s.is_end() {
             s.finish();
         }
         RespBody(Kind::Stream(Box::new(s)))
@@ -113,11 +130,31 @@ impl RespBody {
 }
 
 impl Streaming {
-    /// The body was read to its end: the connection can serve another request.
-    fn finish(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.release();
+    fn is_end(&self) -> bool {
+        match &self.source {
+            Source::H1 { decoder, .. } => decoder.is_done(),
+            Source::H2(b) => b.is_end_stream(),
         }
+    }
+
+    /// The body was read to its end: the connection can serve another
+    /// request, unless the upstream asked to close it.
+    fn finish(&mut self) {
+        let reusable = match &self.source {
+            Source::H1 { keep_alive, .. } => *keep_alive,
+            Source::H2(_) => true,
+        };
+        match self.conn.take() {
+            Some(c) if reusable => c.release(),
+            _ => {}
+        }
+    }
+
+    /// Fails the body: the connection is in an unknown state and is dropped.
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        self.source = Source::H1 { decoder: Decoder::Done, keep_alive: false };
+        Poll::Ready(Some(Err(e)))
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
@@ -131,9 +168,43 @@ impl Streaming {
         ready!(timer.as_mut().poll(cx));
         Poll::Ready(err)
     }
-}
 
-use std::future::Future;
+    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        match &mut self.source {
+            Source::H2(b) => loop {
+                match ready!(Pin::new(&mut *b).poll_frame(cx)) {
+                    None => return Poll::Ready(None),
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    // Trailers are not forwarded yet.
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => return Poll::Ready(Some(Ok(d))),
+                        Err(_) => continue,
+                    },
+                }
+            },
+            Source::H1 { decoder, keep_alive } => {
+                let Some(conn) = self.conn.as_mut().and_then(Pooled::h1) else { return Poll::Ready(None) };
+                loop {
+                    match decoder.step(&mut conn.buf) {
+                        Err(e) => return Poll::Ready(Some(Err(BodyError::Framing(e)))),
+                        Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(b))),
+                        Ok(Step::End) => return Poll::Ready(None),
+                        Ok(Step::More) => match ready!(conn.poll_fill(cx)) {
+                            Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                            Ok(0) if *decoder == Decoder::UntilClose => {
+                                *decoder = Decoder::Done;
+                                *keep_alive = false;
+                                return Poll::Ready(None);
+                            }
+                            Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
+                            Ok(_) => continue,
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
 
 impl Body for RespBody {
     type Data = Bytes;
@@ -144,30 +215,24 @@ impl Body for RespBody {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream(s) => s,
         };
-        match Pin::new(&mut s.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
+        match s.poll_source(cx) {
+            Poll::Ready(Some(Ok(data))) => {
                 // Progress: the idle timer starts over from the next wait.
                 if s.idle.is_some() {
                     s.timer = None;
                 }
-                if s.inner.is_end_stream() {
+                if s.is_end() {
                     s.finish();
                 }
-                Poll::Ready(Some(Ok(f)))
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            Poll::Ready(Some(Err(e))) => {
-                s.conn = None;
-                Poll::Ready(Some(Err(e.into())))
-            }
+            Poll::Ready(Some(Err(e))) => s.fail(e),
             Poll::Ready(None) => {
                 s.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => match s.poll_timer(cx) {
-                Poll::Ready(e) => {
-                    s.conn = None;
-                    Poll::Ready(Some(Err(e)))
-                }
+                Poll::Ready(e) => s.fail(e),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -176,14 +241,17 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Full(b) => b.is_none(),
-            Kind::Stream(s) => s.inner.is_end_stream(),
+            Kind::Stream(s) => s.is_end(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream(s) => s.inner.size_hint(),
+            Kind::Stream(s) => match &s.source {
+                Source::H1 { decoder, .. } => decoder.remaining().map_or_else(SizeHint::new, SizeHint::with_exact),
+                Source::H2(b) => b.size_hint(),
+            },
         }
     }
 }

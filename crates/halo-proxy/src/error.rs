@@ -7,6 +7,8 @@ use http::StatusCode;
 
 use crate::pool::ConnectError;
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches host '{host}' and path '{path}'")]
@@ -18,16 +20,16 @@ pub enum ProxyError {
     Connect(#[from] ConnectError),
     /// The request was handed to a connection that failed before taking it.
     #[error("upstream connection closed before the request was sent: {0}")]
-    NotSent(hyper::Error),
+    NotSent(BoxError),
     /// The request may have reached the upstream.
     #[error("upstream failed before responding: {0}")]
-    Upstream(hyper::Error),
+    Upstream(BoxError),
     #[error("upstream sent no response within {0:?}")]
     FirstByteTimeout(Duration),
     #[error("request exceeded its timeout of {0:?}")]
     RequestTimeout(Duration),
     #[error("reading the request body: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(BoxError),
     #[error("the request body did not arrive within {0:?}")]
     RequestBodyTimeout(Duration),
 }

@@ -14,7 +14,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{ProxyBody, RespBody};
+use crate::body::{ProxyBody, RespBody, Source};
+use crate::client::ClientError;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::error::ProxyError;
 use crate::headers;
@@ -41,7 +42,7 @@ pub struct Downstream {
 
 /// A successful exchange with an endpoint.
 struct Exchange {
-    resp: Response<Incoming>,
+    resp: Response<Source>,
     conn: Pooled,
     inflight: InflightGuard,
     set_cookie: Option<(String, String)>,
@@ -131,7 +132,7 @@ async fn read_body(body: Incoming, cap: usize) -> Result<ProxyBody, ProxyError> 
     match body.size_hint().upper() {
         Some(n) if n as usize <= cap => match tokio::time::timeout(BODY_READ_TIMEOUT, body.collect()).await {
             Ok(Ok(c)) => Ok(ProxyBody::Full(Some(c.to_bytes()))),
-            Ok(Err(e)) => Err(ProxyError::RequestBody(e)),
+            Ok(Err(e)) => Err(ProxyError::RequestBody(e.into())),
             Err(_) => Err(ProxyError::RequestBodyTimeout(BODY_READ_TIMEOUT)),
         },
         _ => Ok(ProxyBody::Stream(body)),
@@ -246,7 +247,7 @@ fn has_other(group: &Group, tried: &[usize]) -> bool {
     group.endpoints.iter().enumerate().any(|(i, e)| !tried.contains(&i) && e.available(now))
 }
 
-type SendResult = Result<(Response<Incoming>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
+type SendResult = Result<(Response<Source>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
 
 /// One attempt on one endpoint, with stale pooled connections skipped.
 async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) -> SendResult {
@@ -260,16 +261,27 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) ->
         let sent_at = Instant::now();
         let fut = async {
             match &mut conn.sender {
-                Sender::H1(s) => {
-                    if let Err(e) = s.ready().await {
-                        return Err((ProxyError::NotSent(e), Some(req)));
+                Sender::H1(c) => match c.send(req).await {
+                    Ok(head) => {
+                        let mut r = Response::new(Source::H1 { decoder: head.decoder, keep_alive: head.keep_alive });
+                        *r.status_mut() = head.status;
+                        *r.version_mut() = head.version;
+                        *r.headers_mut() = head.headers;
+                        Ok(r)
                     }
-                    s.try_send_request(req).await.map_err(split_err)
-                }
+                    Err((ClientError::NotSent(e), back)) => Err((ProxyError::NotSent(e.into()), back)),
+                    Err((e, _)) => Err((ProxyError::Upstream(e.into()), None)),
+                },
                 Sender::H2(s) => {
                     let mut req = req;
                     set_h2_uri(&mut req, ep.addr);
-                    s.try_send_request(req).await.map_err(split_err)
+                    match s.try_send_request(req).await {
+                        Ok(r) => Ok(r.map(Source::H2)),
+                        Err(mut e) => match e.take_message() {
+                            Some(req) => Err((ProxyError::NotSent(e.into_error().into()), Some(req))),
+                            None => Err((ProxyError::Upstream(e.into_error().into()), None)),
+                        },
+                    }
                 }
             }
         };
@@ -297,13 +309,6 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) ->
     Err((ProxyError::NoEndpoint(ep.upstream.to_string()), Some(req.into_body())))
 }
 
-fn split_err(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> (ProxyError, Option<Request<ProxyBody>>) {
-    match e.take_message() {
-        Some(req) => (ProxyError::NotSent(e.into_error()), Some(req)),
-        None => (ProxyError::Upstream(e.into_error()), None),
-    }
-}
-
 fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {
     let authority =
         req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(|| addr.to_string(), str::to_string);
@@ -315,7 +320,7 @@ fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {
 }
 
 fn respond(x: Exchange, rid: &HeaderValue, route: &Route, deadline: Option<Instant>) -> Response<RespBody> {
-    let (mut parts, incoming) = x.resp.into_parts();
+    let (mut parts, source) = x.resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(headers::X_REQUEST_ID.clone(), rid.clone());
     if let Some((name, id)) = x.set_cookie {
@@ -323,7 +328,7 @@ fn respond(x: Exchange, rid: &HeaderValue, route: &Route, deadline: Option<Insta
             parts.headers.append(header::SET_COOKIE, v);
         }
     }
-    let body = RespBody::upstream(incoming, x.conn, x.inflight, route.cfg.timeouts.idle, deadline);
+    let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline);
     Response::from_parts(parts, body)
 }
 

@@ -17,6 +17,7 @@
 mod admin;
 mod balance;
 mod body;
+mod client;
 pub mod config;
 mod endpoint;
 mod error;

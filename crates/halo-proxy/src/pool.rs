@@ -1,6 +1,6 @@
-//! Per-endpoint upstream connection pool on `hyper::client::conn`.
+//! Per-endpoint upstream connection pool.
 //!
-//! HTTP/1.1 connections are reused LIFO (the warmest first), capped per
+//! HTTP/1.1 connections (our own client, [`crate::client`]) are reused LIFO (the warmest first), capped per
 //! endpoint (busy plus idle), closed after an idle timeout, and checked before
 //! reuse so that a connection the upstream closed is never handed out. With
 //! HTTP/2 upstreams one multiplexed connection per endpoint is shared.
@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::client::H1Conn;
 use crate::config::{PoolConfig, UpstreamProtocol};
 
 /// Why no connection could be had; none of these reached the upstream.
@@ -50,7 +51,7 @@ struct Inner {
 }
 
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+    conn: H1Conn,
     permit: OwnedSemaphorePermit,
     since: Instant,
 }
@@ -66,7 +67,7 @@ pub struct Pooled {
 }
 
 pub enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(H1Conn),
     H2(http2::SendRequest<ProxyBody>),
 }
 
@@ -141,13 +142,8 @@ impl Pool {
                 }
             };
             let stream = self.connect(deadline).await?;
-            let (sender, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|source| ConnectError::Handshake { addr: self.inner.addr, source })?;
-            self.spawn_conn(conn);
             return Ok(Pooled {
-                sender: Sender::H1(sender),
+                sender: Sender::H1(H1Conn::new(stream, self.inner.open.clone())),
                 permit: Some(permit),
                 pool: self.inner.clone(),
                 reused: false,
@@ -185,12 +181,12 @@ impl Pool {
     fn take_idle(&self) -> Option<Pooled> {
         let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(c) = idle.pop() {
-            if c.sender.is_closed() || c.since.elapsed() > timeout {
+        while let Some(mut c) = idle.pop() {
+            if c.since.elapsed() > timeout || !c.conn.is_usable() {
                 continue;
             }
             return Some(Pooled {
-                sender: Sender::H1(c.sender),
+                sender: Sender::H1(c.conn),
                 permit: Some(c.permit),
                 pool: self.inner.clone(),
                 reused: true,
@@ -216,21 +212,26 @@ impl Pool {
 }
 
 impl Pooled {
-    /// Gives a connection whose exchange completed back for reuse.
+    /// The HTTP/1.1 connection, when this is one.
+    pub fn h1(&mut self) -> Option<&mut H1Conn> {
+        match &mut self.sender {
+            Sender::H1(c) => Some(c),
+            Sender::H2(_) => None,
+        }
+    }
+
+    /// Gives a connection whose exchange completed cleanly back for reuse.
     pub fn release(self) {
         let Pooled { sender, permit, pool, .. } = self;
-        let (Sender::H1(sender), Some(permit)) = (sender, permit) else { return };
-        if sender.is_closed() {
-            return;
-        }
+        let (Sender::H1(conn), Some(permit)) = (sender, permit) else { return };
         let timeout = *pool.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
             // Drop the coldest connections once they outlived the idle timeout.
-            while idle.first().is_some_and(|c| c.since.elapsed() > timeout || c.sender.is_closed()) {
+            while idle.first().is_some_and(|c| c.since.elapsed() > timeout) {
                 idle.remove(0);
             }
-            idle.push(Idle { sender, permit, since: Instant::now() });
+            idle.push(Idle { conn, permit, since: Instant::now() });
         }
         pool.released.notify_one();
     }
