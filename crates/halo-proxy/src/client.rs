@@ -11,14 +11,14 @@
 
 pub mod decode;
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, StatusCode, Version};
+use http::{HeaderMap, Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,6 +38,8 @@ pub struct H1Conn {
     io: TcpStream,
     /// Bytes read but not consumed yet.
     pub buf: BytesMut,
+    /// The request head being written; kept to reuse its allocation.
+    out: Vec<u8>,
     _open: OpenGuard,
 }
 
@@ -80,7 +82,7 @@ pub struct ResponseHead {
 impl H1Conn {
     pub fn new(io: TcpStream, open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Relaxed);
-        H1Conn { io, buf: BytesMut::with_capacity(8 * 1024), _open: OpenGuard(open) }
+        H1Conn { io, buf: BytesMut::with_capacity(8 * 1024), out: Vec::with_capacity(1024), _open: OpenGuard(open) }
     }
 
     /// Whether an idle connection can be reused: the upstream has not closed
@@ -101,27 +103,35 @@ impl H1Conn {
         }
     }
 
-    /// Writes `req` and reads the response head. On [`ClientError::NotSent`]
-    /// the request comes back in the second tuple field.
+    /// Writes a request (head from `parts`, which is only read) and reads
+    /// the response head. On [`ClientError::NotSent`] the body comes back in
+    /// the second tuple field.
     pub async fn send(
         &mut self,
-        req: Request<ProxyBody>,
-    ) -> Result<ResponseHead, (ClientError, Option<Request<ProxyBody>>)> {
-        let head_only = req.method() == Method::HEAD;
-        let mut out = Vec::with_capacity(512);
-        encode_head(&req, &mut out);
-        let (parts, mut body) = req.into_parts();
-        if let ProxyBody::Full(Some(b)) = &body {
-            if b.len() <= INLINE_BODY {
+        parts: &http::request::Parts,
+        body: ProxyBody,
+    ) -> Result<ResponseHead, (ClientError, Option<ProxyBody>)> {
+        let head_only = parts.method == Method::HEAD;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        encode_head(parts, &body, &mut out);
+        let inlined = match &body {
+            ProxyBody::Full(Some(b)) if b.len() <= INLINE_BODY => {
                 out.extend_from_slice(b);
-                body = ProxyBody::Full(None);
+                true
             }
+            _ => false,
+        };
+        // A failed first write means nothing reached the upstream: the body
+        // goes back whole for another try.
+        let written = self.io.write_all(&out).await;
+        self.out = out;
+        if let Err(e) = written {
+            return Err((ClientError::NotSent(e), Some(body)));
         }
-        // A failed first write means nothing reached the upstream.
-        if let Err(e) = self.io.write_all(&out).await {
-            return Err((ClientError::NotSent(e), Some(Request::from_parts(parts, body))));
+        if !inlined {
+            self.write_body(body).await.map_err(|e| (e, None))?;
         }
-        self.write_body(body).await.map_err(|e| (e, None))?;
         self.read_head(head_only).await.map_err(|e| (e, None))
     }
 
@@ -174,9 +184,11 @@ impl H1Conn {
 
     /// Parses a complete head from the buffer, or `None` when more is needed.
     fn parse_head(&mut self, head_only: bool) -> Result<Option<ResponseHead>, ClientError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(&self.buf) {
+        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, &self.buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(ClientError::Parse(e.to_string())),
@@ -185,18 +197,16 @@ impl H1Conn {
         let status = StatusCode::from_u16(code).map_err(|_| ClientError::Parse(format!("status {code}")))?;
         let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
         // Header values share the read buffer's memory instead of copying it.
-        let ranges: Vec<(usize, usize, usize, usize)> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                let n = h.name.as_ptr() as usize - self.buf.as_ptr() as usize;
-                let v = h.value.as_ptr() as usize - self.buf.as_ptr() as usize;
-                (n, h.name.len(), v, h.value.len())
-            })
-            .collect();
+        let mut ranges = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = resp.headers.len();
+        for (slot, h) in ranges.iter_mut().zip(resp.headers.iter()) {
+            let n = h.name.as_ptr() as usize - self.buf.as_ptr() as usize;
+            let v = h.value.as_ptr() as usize - self.buf.as_ptr() as usize;
+            *slot = (n, h.name.len(), v, h.value.len());
+        }
         let head = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(ranges.len());
-        for (n, nl, v, vl) in ranges {
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(n, nl, v, vl) in &ranges[..count] {
             let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|e| ClientError::Parse(e.to_string()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|e| ClientError::Parse(format!("header {name}: {e}")))?;
@@ -237,12 +247,12 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// Writes the request line and headers, with framing for the body.
-fn encode_head(req: &Request<ProxyBody>, out: &mut Vec<u8>) {
-    out.extend_from_slice(req.method().as_str().as_bytes());
+fn encode_head(parts: &http::request::Parts, body: &ProxyBody, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(req.uri().path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (k, v) in req.headers() {
+    for (k, v) in &parts.headers {
         if k == header::CONTENT_LENGTH || k == header::TRANSFER_ENCODING {
             continue;
         }
@@ -251,19 +261,21 @@ fn encode_head(req: &Request<ProxyBody>, out: &mut Vec<u8>) {
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    match req.body() {
+    match body {
         ProxyBody::Empty => {
             // Keep an explicit zero length (a bodiless POST needs it).
-            if req.headers().contains_key(header::CONTENT_LENGTH) {
+            if parts.headers.contains_key(header::CONTENT_LENGTH) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
         }
         ProxyBody::Full(b) => {
             let n = b.as_ref().map_or(0, Bytes::len);
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         ProxyBody::Stream(s) => match s.size_hint().exact() {
-            Some(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+            Some(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
             None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         },
     }

@@ -197,7 +197,7 @@ async fn attempts(
         out.tries = attempt + 1;
         let Some(body) = pending.as_ref().and_then(ProxyBody::replay).or_else(|| pending.take()) else { break };
         let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
-        match send(route, &ep, build(parts, body)).await {
+        match send(route, &ep, parts, body).await {
             Ok((resp, conn, inflight)) => {
                 let status = resp.status().as_u16();
                 let retry_status = policy.statuses.contains(&status);
@@ -250,18 +250,18 @@ fn has_other(group: &Group, tried: &[usize]) -> bool {
 type SendResult = Result<(Response<Source>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
 
 /// One attempt on one endpoint, with stale pooled connections skipped.
-async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) -> SendResult {
+async fn send(route: &Route, ep: &Arc<Endpoint>, parts: &http::request::Parts, mut body: ProxyBody) -> SendResult {
     let t = &route.cfg.timeouts;
     for _ in 0..STALE_TRIES {
         let mut conn = match ep.pool.get(t.connect).await {
             Ok(c) => c,
-            Err(e) => return Err((e.into(), Some(req.into_body()))),
+            Err(e) => return Err((e.into(), Some(body))),
         };
         let inflight = InflightGuard::new(ep.clone());
         let sent_at = Instant::now();
         let fut = async {
             match &mut conn.sender {
-                Sender::H1(c) => match c.send(req).await {
+                Sender::H1(c) => match c.send(parts, body).await {
                     Ok(head) => {
                         let mut r = Response::new(Source::H1 { decoder: head.decoder, keep_alive: head.keep_alive });
                         *r.status_mut() = head.status;
@@ -273,12 +273,12 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) ->
                     Err((e, _)) => Err((ProxyError::Upstream(e.into()), None)),
                 },
                 Sender::H2(s) => {
-                    let mut req = req;
+                    let mut req = build(parts, body);
                     set_h2_uri(&mut req, ep.addr);
                     match s.try_send_request(req).await {
                         Ok(r) => Ok(r.map(Source::H2)),
                         Err(mut e) => match e.take_message() {
-                            Some(req) => Err((ProxyError::NotSent(e.into_error().into()), Some(req))),
+                            Some(req) => Err((ProxyError::NotSent(e.into_error().into()), Some(req.into_body()))),
                             None => Err((ProxyError::Upstream(e.into_error().into()), None)),
                         },
                     }
@@ -299,14 +299,14 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, mut req: Request<ProxyBody>) ->
             }
             // A pooled connection died before taking the request: try a
             // fresh one on the same endpoint.
-            Err((ProxyError::NotSent(_), Some(r))) if conn.reused => {
-                req = r;
+            Err((ProxyError::NotSent(_), Some(b))) if conn.reused => {
+                body = b;
                 continue;
             }
-            Err((e, r)) => return Err((e, r.map(Request::into_body))),
+            Err((e, b)) => return Err((e, b)),
         }
     }
-    Err((ProxyError::NoEndpoint(ep.upstream.to_string()), Some(req.into_body())))
+    Err((ProxyError::NoEndpoint(ep.upstream.to_string()), Some(body)))
 }
 
 fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {

@@ -35,6 +35,13 @@ async fn upstream(script: Vec<&'static [u8]>) -> (std::net::SocketAddr, tokio::t
     (addr, h)
 }
 
+async fn send(
+    c: &mut H1Conn,
+    (parts, body): (http::request::Parts, ProxyBody),
+) -> Result<ResponseHead, (ClientError, Option<ProxyBody>)> {
+    c.send(&parts, body).await
+}
+
 async fn conn(addr: std::net::SocketAddr) -> H1Conn {
     H1Conn::new(TcpStream::connect(addr).await.unwrap(), Arc::new(AtomicUsize::new(0)))
 }
@@ -56,8 +63,8 @@ async fn body(c: &mut H1Conn, mut d: Decoder) -> Vec<u8> {
     }
 }
 
-fn get(path: &str) -> Request<ProxyBody> {
-    Request::get(path).header("host", "up").body(ProxyBody::Empty).unwrap()
+fn get(path: &str) -> (http::request::Parts, ProxyBody) {
+    Request::get(path).header("host", "up").body(ProxyBody::Empty).unwrap().into_parts()
 }
 
 #[tokio::test]
@@ -69,15 +76,15 @@ async fn keep_alive_exchanges_on_one_connection() {
     ])
     .await;
     let mut c = conn(addr).await;
-    let h = c.send(get("/a")).await.map_err(|e| e.0).unwrap();
+    let h = send(&mut c, get("/a")).await.map_err(|e| e.0).unwrap();
     assert_eq!((h.status, h.keep_alive), (StatusCode::OK, true));
     assert_eq!(h.headers["x-a"], "1");
     assert_eq!(body(&mut c, h.decoder).await, b"hello");
     assert!(c.is_usable());
-    let h = c.send(get("/b")).await.map_err(|e| e.0).unwrap();
+    let h = send(&mut c, get("/b")).await.map_err(|e| e.0).unwrap();
     assert_eq!(h.status, StatusCode::CREATED, "the interim 100 is skipped");
     assert_eq!(body(&mut c, h.decoder).await, b"abc");
-    let h = c.send(get("/c")).await.map_err(|e| e.0).unwrap();
+    let h = send(&mut c, get("/c")).await.map_err(|e| e.0).unwrap();
     assert!(!h.keep_alive);
     assert_eq!(body(&mut c, h.decoder).await, b"rest until close");
 }
@@ -90,8 +97,9 @@ async fn request_framing_on_the_wire() {
         .header("host", "up")
         .header("content-length", "999")
         .body(ProxyBody::Full(Some(Bytes::from_static(b"0123456789"))))
-        .unwrap();
-    let h = c.send(req).await.map_err(|e| e.0).unwrap();
+        .unwrap()
+        .into_parts();
+    let h = send(&mut c, req).await.map_err(|e| e.0).unwrap();
     assert!(h.decoder.is_done());
     drop(c);
     let wire = String::from_utf8(seen.await.unwrap()).unwrap();
@@ -104,18 +112,18 @@ async fn request_framing_on_the_wire() {
 async fn closed_and_garbage_responses_are_errors() {
     let (addr, _) = upstream(vec![b""]).await;
     let mut c = conn(addr).await;
-    let e = c.send(get("/")).await.err().unwrap().0;
+    let e = send(&mut c, get("/")).await.err().unwrap().0;
     assert!(matches!(e, ClientError::Closed | ClientError::Io(_)), "{e}");
     let (addr, _) = upstream(vec![b"SMTP ready\r\n\r\n"]).await;
     let mut c = conn(addr).await;
-    assert!(matches!(c.send(get("/")).await.err().unwrap().0, ClientError::Parse(_)));
+    assert!(matches!(send(&mut c, get("/")).await.err().unwrap().0, ClientError::Parse(_)));
 }
 
 #[tokio::test]
 async fn an_upstream_close_makes_an_idle_connection_unusable() {
     let (addr, server) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
     let mut c = conn(addr).await;
-    let h = c.send(get("/")).await.map_err(|e| e.0).unwrap();
+    let h = send(&mut c, get("/")).await.map_err(|e| e.0).unwrap();
     assert!(h.decoder.is_done());
     server.await.unwrap(); // the server task ends and closes its socket
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
