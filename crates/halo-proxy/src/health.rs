@@ -35,6 +35,7 @@ async fn run(weak: Weak<Endpoint>) {
     let mut good_since_ejection = 0u32;
     loop {
         let Some(ep) = weak.upgrade() else { return };
+        ep.pool.reap_idle();
         let settings = ep.settings.load_full();
         let Some(cfg) = settings.health.as_ref() else {
             drop(ep);

@@ -178,6 +178,13 @@ impl Pool {
         }
     }
 
+    /// Closes idle connections older than the idle timeout (called
+    /// periodically, so an idle pool does not hold sockets forever).
+    pub fn reap_idle(&self) {
+        let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.since.elapsed() <= timeout);
+    }
+
     fn take_idle(&self) -> Option<Pooled> {
         let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use crate::config::{self, Config, ConfigErrors, EndpointConfig};
 use crate::forward::{self, Downstream};
@@ -338,23 +339,27 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx, drain: Arc<Drain>
     let stats = ctx.stats.clone();
     let builder = ctx.builder.clone();
     let shared = ctx.shared.clone();
+    let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
     let down = Downstream { listener: ctx.name.clone(), client: peer, client_ip: crate::headers::ClientIp::new(peer) };
-    tokio::spawn(async move {
-        let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                // Finish the request in flight, then close (HTTP/2: GOAWAY).
-                conn.as_mut().graceful_shutdown();
-                conn.await
+    tokio::spawn(
+        async move {
+            let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    // Finish the request in flight, then close (HTTP/2: GOAWAY).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
             }
-        };
-        if let Err(e) = result {
-            tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+            stats.active.fetch_sub(1, Relaxed);
+            drain.done();
         }
-        stats.active.fetch_sub(1, Relaxed);
-        drain.done();
-    });
+        .instrument(span),
+    );
 }

@@ -116,6 +116,34 @@ async fn hundred_reloads_under_load_fail_nothing_and_keep_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_drains_a_removed_endpoint_instead_of_cutting_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set_delay(Duration::from_millis(800));
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a, &b]))).unwrap();
+    let url = h.url("main", "/");
+    let inflight: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::no_pool().get(&url).await })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), "requests in flight on b", || async { b.requests() >= 1 }).await;
+    h.write_config(&config("", &eps(&[&a])));
+    let c = Client::new();
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b_before = b.requests();
+    for _ in 0..10 {
+        assert_eq!(c.get(&url).await.unwrap().backend(), Some("a"), "a removed endpoint still gets new requests");
+    }
+    assert_eq!(b.requests(), b_before);
+    for r in inflight {
+        let r = r.await.unwrap().expect("an in-flight request was cut by the reload");
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_reload_is_refused_and_traffic_continues() {
     let a = Backend::start("a").await;
     let good = config("", &eps(&[&a]));
