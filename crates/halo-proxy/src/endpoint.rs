@@ -151,9 +151,9 @@ impl Endpoint {
     }
 
     /// Peak-EWMA latency: rises at once to a slow sample, decays towards fast ones.
-    pub fn observe_rtt(&self, rtt: Duration) {
+    /// `now` from [`crate::util::now_ms`].
+    pub fn observe_rtt(&self, rtt: Duration, now: u64) {
         let sample = rtt.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let now = now_ms();
         let prev = self.ewma_ns.load(Relaxed);
         let last = self.ewma_at_ms.swap(now, Relaxed);
         let next = if sample > prev {

@@ -30,8 +30,7 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra tries on the same endpoint when a pooled connection turns out dead.
 const STALE_TRIES: usize = 3;
 
-/// Where a request came in.
-#[derive(Clone)]
+/// Where a request came in (one per downstream connection).
 pub struct Downstream {
     pub listener: Arc<str>,
     pub client: SocketAddr,
@@ -57,7 +56,7 @@ struct Outcome {
 
 pub async fn handle(
     shared: Arc<Shared>,
-    down: Downstream,
+    down: Arc<Downstream>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
@@ -75,7 +74,8 @@ pub async fn handle(
         Err(e) => return Ok(error_response(&e, None)),
     };
     let rid = headers::request_id(&mut parts.headers);
-    route.rt.budget.deposit();
+    let start_ms = crate::util::ms_at(start.into_std());
+    route.rt.budget.deposit(start_ms);
 
     let method = parts.method.clone();
     let path = if snap.config.access_log { parts.uri.path().to_string() } else { String::new() };
@@ -84,7 +84,7 @@ pub async fn handle(
     let result = match read_body(body, route.cfg.retry.body_cap).await {
         Ok(body) => {
             prepare_upstream_request(&mut parts, &down);
-            let attempts = attempts(route, &parts, body, down.client, &mut out);
+            let attempts = attempts(route, &parts, body, down.client, start_ms, &mut out);
             match (deadline, route.cfg.timeouts.request) {
                 (Some(d), Some(t)) => {
                     tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t)))
@@ -172,6 +172,7 @@ async fn attempts(
     parts: &http::request::Parts,
     body: ProxyBody,
     client: SocketAddr,
+    start_ms: u64,
     out: &mut Outcome,
 ) -> Result<Exchange, ProxyError> {
     let group = route.group(parts);
@@ -187,7 +188,8 @@ async fn attempts(
     let mut last: Option<ProxyError> = None;
     let mut granted = false;
     for attempt in 0..=policy.attempts {
-        let Some(pick) = group.pick(parts, client, &tried[..attempt as usize]) else { break };
+        let now = if attempt == 0 { start_ms } else { crate::util::now_ms() };
+        let Some(pick) = group.pick(parts, client, &tried[..attempt as usize], now) else { break };
         if attempt > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {
             break;
         }
@@ -294,7 +296,8 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, parts: &http::request::Parts, m
         };
         match res {
             Ok(resp) => {
-                ep.observe_rtt(sent_at.elapsed());
+                let done = Instant::now();
+                ep.observe_rtt(done - sent_at, crate::util::ms_at(done.into_std()));
                 return Ok((resp, conn, inflight));
             }
             // A pooled connection died before taking the request: try a

@@ -14,8 +14,23 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the (few) names first: most messages carry none, and a
+    // scan is cheaper than seven hashed look-ups.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -29,12 +44,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
         h.remove(header::CONNECTION);
     }
-    for n in
-        [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE]
-    {
-        if h.contains_key(n) {
-            h.remove(n);
-        }
+    for n in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+        h.remove(n);
     }
 }
 

@@ -32,9 +32,9 @@ impl RetryBudget {
         s
     }
 
-    /// Counts one original request.
-    pub fn deposit(&self) {
-        self.slot(now_ms() / 1000).requests.fetch_add(1, Relaxed);
+    /// Counts one original request; `now` from [`crate::util::now_ms`].
+    pub fn deposit(&self, now: u64) {
+        self.slot(now / 1000).requests.fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget if there is room.
@@ -66,7 +66,7 @@ mod tests {
     fn budget_caps_retries_to_ratio_plus_floor() {
         let b = RetryBudget::default();
         for _ in 0..1000 {
-            b.deposit();
+            b.deposit(now_ms());
         }
         let granted = (0..1000).filter(|_| b.withdraw(0.2, 1)).count();
         // 20% of 1000 plus a floor of 1/s over 10 s.

@@ -33,8 +33,8 @@ impl Group {
 
     /// Chooses an endpoint not in `tried`; `None` when no endpoint is
     /// available.
-    pub fn pick(&self, parts: &Parts, client: SocketAddr, tried: &[usize]) -> Option<Pick> {
-        let c = Candidates::new(&self.endpoints, tried, now_ms(), self.cfg.slow_start);
+    pub fn pick(&self, parts: &Parts, client: SocketAddr, tried: &[usize], now: u64) -> Option<Pick> {
+        let c = Candidates::new(&self.endpoints, tried, now, self.cfg.slow_start);
         if let Some(name) = &self.cfg.session_cookie {
             if let Some(id) = cookie(parts, name) {
                 if let Some(i) = (0..self.endpoints.len()).find(|&i| self.endpoints[i].id == id && c.contains(i)) {
