@@ -340,8 +340,11 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx, drain: Arc<Drain>
     let builder = ctx.builder.clone();
     let shared = ctx.shared.clone();
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let down =
-        Arc::new(Downstream { listener: ctx.name.clone(), client: peer, client_ip: crate::headers::ClientIp::new(peer) });
+    let down = Arc::new(Downstream {
+        listener: ctx.name.clone(),
+        client: peer,
+        client_ip: crate::headers::ClientIp::new(peer),
+    });
     tokio::spawn(
         async move {
             let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));

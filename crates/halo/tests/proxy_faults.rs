@@ -296,3 +296,92 @@ async fn timeouts_answer_504() {
     assert_eq!(r.status, 504);
     assert!(r.body.contains("exceeded its timeout"), "{}", r.body);
 }
+
+/// A keep-alive upstream that closes every connection 100 ms after answering
+/// on it, silently (as a server with a short keep-alive timeout does).
+async fn closes_idle_connections() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let served = s2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read one request (head plus a content-length body).
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                served.fetch_add(1, SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pooled_connections_are_not_used_even_for_post() {
+    let (addr, served) = closes_idle_connections().await;
+    let up = format!("endpoints = [\"{addr}\"]\n[upstreams.web.health]\nenabled = false");
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    for i in 0..5 {
+        let req = Request::post(h.url("main", "/order")).body(Full::new(Bytes::from(format!("order {i}")))).unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status, 200, "POST {i} failed: {}", r.body);
+        // Long enough for the upstream to close the pooled connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(served.load(SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_caps_connections_per_endpoint_and_closes_idle_ones() {
+    let a = Backend::start("a").await;
+    a.set_delay(Duration::from_millis(200));
+    let up = format!(
+        "{}\n[upstreams.web.pool]\nmax_per_endpoint = 2\nidle_timeout = \"300ms\"\n[upstreams.web.health]\ntype = \"tcp\"\ninterval = \"100ms\"",
+        eps(&[&a])
+    );
+    let h = Halo::proxy(BIN, &config("timeouts = { connect = \"5s\" }", &up)).unwrap();
+    let url = h.url("main", "/");
+    let reqs: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::no_pool().get(&url).await })
+        })
+        .collect();
+    let c = Client::new();
+    let open = |s: serde_json::Value| s["endpoints"][0]["open_connections"].as_u64().unwrap();
+    eventually(Duration::from_secs(5), "requests in flight", || async { a.requests() >= 1 }).await;
+    assert_eq!(open(status_json(&c, &h).await), 2, "the pool should be at its cap of 2 with 6 requests waiting");
+    for r in reqs {
+        assert_eq!(r.await.unwrap().unwrap().status, 200, "requests over the cap wait, they do not fail");
+    }
+    assert_eq!(a.requests(), 6);
+    eventually(Duration::from_secs(5), "idle connections closed after idle_timeout", || async {
+        open(status_json(&c, &h).await) == 0
+    })
+    .await;
+}
