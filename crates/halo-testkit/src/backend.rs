@@ -2,7 +2,9 @@
 //!
 //! Paths: `/healthz` (200, or 503 once [`Backend::set_healthy`] is false),
 //! `/status/NNN` (answers NNN), `/delay/MS` (answers after MS), `/echo`
-//! (request line and headers as the body), anything else (`backend=NAME`).
+//! (request line and headers as the body), `/bytes/N` (N bytes, with a
+//! length), `/chunked/N` (N bytes in 16 KiB chunks, no length: chunked
+//! encoding), anything else (`backend=NAME`).
 //! Every response carries `x-backend: NAME`. [`Backend::set_status`] makes
 //! every non-health path answer with a fixed status.
 
@@ -151,10 +153,44 @@ impl Drop for Backend {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A body of `left` bytes in 16 KiB frames whose length is not announced.
+struct Chunks {
+    left: usize,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let n = self.left.min(16 * 1024);
+        self.left -= n;
+        std::task::Poll::Ready((n > 0).then(|| Ok(http_body::Frame::data(Bytes::from(vec![b'c'; n])))))
+    }
+}
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    let name = state.name.clone();
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|s| s.parse::<usize>().ok()) {
+        state.stats.requests.fetch_add(1, SeqCst);
+        let mut r = Response::new(Full::new(Bytes::from(vec![b'b'; n])).boxed_unsync());
+        r.headers_mut().insert("x-backend", name.parse().expect("name"));
+        return Ok(r);
+    }
+    if let Some(n) = path.strip_prefix("/chunked/").and_then(|s| s.parse::<usize>().ok()) {
+        state.stats.requests.fetch_add(1, SeqCst);
+        let mut r = Response::new(Chunks { left: n }.boxed_unsync());
+        r.headers_mut().insert("x-backend", name.parse().expect("name"));
+        return Ok(r);
+    }
     let reply = |status: u16, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
+        let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r.headers_mut().insert("x-backend", state.name.parse().expect("name"));
         Ok(r)

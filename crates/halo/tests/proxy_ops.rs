@@ -236,6 +236,37 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_chunked_and_bodiless_messages_stream_through() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    let c = Client::new();
+    // Large responses, with a length and chunked, several times on the same
+    // pooled upstream connections.
+    for _ in 0..3 {
+        let r = c.get(&h.url("main", "/bytes/3000000")).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.len()), (200, 3_000_000));
+        assert!(r.body.bytes().all(|b| b == b'b'));
+        let r = c.get(&h.url("main", "/chunked/2500000")).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.len()), (200, 2_500_000));
+        let r = c.get(&h.url("main", "/chunked/0")).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.len()), (200, 0));
+    }
+    // A request body over the replay cap is streamed, not buffered.
+    let big = Bytes::from(vec![b'u'; 1_500_000]);
+    let r = c.send(Request::post(h.url("main", "/echo")).body(Full::new(big)).unwrap()).await.unwrap();
+    assert!(r.body.contains("body-bytes: 1500000"), "{}", &r.body[r.body.len().saturating_sub(200)..]);
+    // HEAD gets the headers and no body, and the connection stays usable.
+    for _ in 0..3 {
+        let r = c.send(Request::head(h.url("main", "/bytes/1000")).body(Full::default()).unwrap()).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["content-length"], "1000");
+        assert!(r.body.is_empty());
+        assert_eq!(c.get(&h.url("main", "/status/204")).await.unwrap().status, 204);
+        assert_eq!(c.get(&h.url("main", "/")).await.unwrap().body, "backend=a");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_requests() {
     let a = Backend::start("a").await;
     let h = Halo::proxy(BIN, &config("[proxy]\nmax_header_bytes = 16384", &eps(&[&a]))).unwrap();
