@@ -6,6 +6,7 @@
 
 mod backend;
 mod client;
+mod load;
 mod process;
 
 use std::future::Future;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
+pub use load::{Load, Report};
 pub use process::Halo;
 
 /// A loopback address with a port that was free a moment ago.

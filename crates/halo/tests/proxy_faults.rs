@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use bytes::Bytes;
-use halo_testkit::{eventually, Backend, Client, Halo};
+use halo_testkit::{eventually, Backend, Client, Halo, Load, Report};
 use http::Request;
 use http_body_util::Full;
 use tokio::io::AsyncReadExt;
@@ -161,37 +161,11 @@ async fn killing_a_backend_under_load_fails_no_get() {
     let up = format!("{}\n[upstreams.web.health]\ninterval = \"30s\"", eps(&[&a, &b, &c3]));
     let h = Halo::proxy(BIN, &config("", &up)).unwrap();
     let url = h.url("main", "/");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (url, stop) = (url.clone(), stop.clone());
-            tokio::spawn(async move {
-                let c = Client::new();
-                let (mut ok, mut failed) = (0u32, Vec::new());
-                for _ in 0..5000 {
-                    if stop.load(SeqCst) {
-                        break;
-                    }
-                    match c.get(&url).await {
-                        Ok(r) if r.status == 200 => ok += 1,
-                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
-                        Err(e) => failed.push(e),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let load = Load::start(&url, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.kill();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for w in workers {
-        let (o, f) = w.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let Report { ok, failed } = load.finish().await;
     println!("requests ok: {ok}, failed: {}", failed.len());
     assert!(failed.is_empty(), "{} failed GETs, first: {:?}", failed.len(), failed.first());
     assert!(ok > 100);

@@ -3,11 +3,10 @@
 //! metrics and the access log.
 
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use halo_testkit::{eventually, Backend, Client, Halo, TempDir};
+use halo_testkit::{eventually, Backend, Client, Halo, Load, Report, TempDir};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,44 +23,6 @@ fn config(extra_top: &str, upstream_body: &str) -> String {
 fn eps(bs: &[&Backend]) -> String {
     let v: Vec<String> = bs.iter().map(|b| format!("{{ addr = \"{}\", weight = 1 }}", b.addr)).collect();
     format!("endpoints = [{}]", v.join(", "))
-}
-
-/// Runs `workers` clients in a loop until `stop`; returns (ok, failures).
-fn load(
-    url: String,
-    workers: usize,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
-    (0..workers)
-        .map(|_| {
-            let (url, stop) = (url.clone(), stop.clone());
-            tokio::spawn(async move {
-                let c = Client::new();
-                let (mut ok, mut failed) = (0, Vec::new());
-                for _ in 0..200_000 {
-                    if stop.load(SeqCst) {
-                        break;
-                    }
-                    match c.get(&url).await {
-                        Ok(r) if r.status == 200 => ok += 1,
-                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
-                        Err(e) => failed.push(e),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect()
-}
-
-async fn collect(ws: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) -> (u64, Vec<String>) {
-    let (mut ok, mut failed) = (0, Vec::new());
-    for w in ws {
-        let (o, f) = w.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
-    (ok, failed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,8 +46,7 @@ async fn hundred_reloads_under_load_fail_nothing_and_keep_health() {
         c.get(&h.admin_url("/metrics")).await.unwrap().body.contains(&label)
     })
     .await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ws = load(h.url("main", "/"), 4, stop.clone());
+    let load = Load::start(&h.url("main", "/"), 4);
     // Health checks open a connection each; count only proxied ones.
     let proxied_conns = || {
         [&a, &b].iter().map(|x| x.stats().connections.load(SeqCst) - x.stats().health_checks.load(SeqCst)).sum::<u64>()
@@ -103,8 +63,7 @@ async fn hundred_reloads_under_load_fail_nothing_and_keep_health() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.store(true, SeqCst);
-    let (ok, failed) = collect(ws).await;
+    let Report { ok, failed } = load.finish().await;
     println!("requests during 100 reloads: ok {ok}, failed {}", failed.len());
     assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
     assert!(ok > 200, "load was too light to mean anything: {ok}");
@@ -149,8 +108,7 @@ async fn bad_reload_is_refused_and_traffic_continues() {
     let good = config("", &eps(&[&a]));
     let h = Halo::proxy(BIN, &good).unwrap();
     let c = Client::new();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ws = load(h.url("main", "/"), 2, stop.clone());
+    let load = Load::start(&h.url("main", "/"), 2);
     h.write_config(&good.replace("[upstreams.web]", "[upstreams.web]\npolicy = \"fastest\""));
     let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
     assert_eq!(r.status, 400);
@@ -166,8 +124,7 @@ async fn bad_reload_is_refused_and_traffic_continues() {
     assert_eq!(r.status, 400);
     assert!(r.body.contains("restart"), "{}", r.body);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, SeqCst);
-    let (ok, failed) = collect(ws).await;
+    let Report { ok, failed } = load.finish().await;
     assert!(failed.is_empty() && ok > 0, "ok {ok}, failed {:?}", failed.first());
 }
 
