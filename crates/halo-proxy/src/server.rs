@@ -299,6 +299,9 @@ fn http_builder(c: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(c.header_read_timeout.min(c.keepalive_idle))
         .max_buf_size(c.max_header_bytes)
+        // One flattened write per response measured 2-3% less CPU per
+        // request than writev on small messages (docs/benchmarks.md).
+        .writev(false)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
