@@ -63,7 +63,9 @@ impl Registry {
                         .iter()
                         .map(|e| {
                             let key = (u.name.clone(), e.addr);
-                            let ep = match eps.remove(&key) {
+                            // A protocol change needs a new pool, so a new endpoint.
+                            let kept = eps.remove(&key).filter(|ep| ep.settings.load().protocol == u.protocol);
+                            let ep = match kept {
                                 Some(ep) => {
                                     update_endpoint(&ep, &u, e.weight);
                                     ep
