@@ -187,6 +187,10 @@ run() { # round conns name port pid
   core_before=$(core_ticks)
   local out
   out=$(taskset -c $LOAD_CPU wrk -t1 -c"$conns" -d"${DUR}s" --latency "http://127.0.0.1:$port/")
+  if [ "$pid" != "-" ] && ! kill -0 "$pid" 2>/dev/null; then
+    echo "error: $name (pid $pid) died during the run" >&2
+    exit 1
+  fi
   [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
   core_after=$(core_ticks)
   local rss="-"
@@ -198,10 +202,14 @@ out = """$out"""
 def ms(v):
     n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
-total = float(re.search(r"(\d+) requests in", out).group(1))
+try:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+    total = float(re.search(r"(\d+) requests in", out).group(1))
+except (AttributeError, ValueError):
+    print(f"error: {name} c={conns}: unreadable wrk output:\n{out}", file=sys.stderr)
+    sys.exit(1)
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 if errs or "Socket errors" in out:
     print(f"warning: {name} c={conns}: errors in wrk output", file=sys.stderr)
