@@ -154,7 +154,8 @@ async fn sigterm_drains_in_flight_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_and_request_ids() {
     let a = Backend::start("a").await;
-    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    // Also runs the work-stealing runtime mode.
+    let h = Halo::proxy(BIN, &config("[proxy]\nworkers = 2\nwork_stealing = true", &eps(&[&a]))).unwrap();
     let c = Client::new();
     let req = Request::get(h.url("main", "/echo"))
         .header("host", "shop.example.com")
