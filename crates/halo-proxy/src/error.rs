@@ -39,6 +39,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            // Queued for longer than the connect timeout: overloaded, as HAProxy says.
+            ProxyError::Connect(ConnectError::PoolFull(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::NotSent(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::FirstByteTimeout(_) | ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,

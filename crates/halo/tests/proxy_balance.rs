@@ -147,6 +147,19 @@ async fn consistent_hash_sticks_and_remaps_minimally() {
         }
     }
     assert!(moved <= users / 20, "{moved} users of surviving endpoints moved");
+
+    // Keyed by path: one path, one endpoint.
+    let by_path = up(&refs).replace("header:x-user", "path");
+    h.write_config(&config(&by_path));
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut spread = std::collections::HashSet::new();
+    for p in 0..40 {
+        let who = tally(&c, &h.url("main", &format!("/item/{p}")), 3, &[]).await;
+        assert_eq!(who.len(), 1, "path /item/{p} was not sticky: {who:?}");
+        spread.extend(who.into_keys());
+    }
+    assert!(spread.len() >= 4, "paths should spread over endpoints: {spread:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +207,15 @@ listen = "127.0.0.1:0"
 name = "main"
 listen = "127.0.0.1:0"
 
+[[listeners]]
+name = "internal"
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "internal-only"
+listeners = ["internal"]
+upstream = "api"
+
 [[routes]]
 name = "api"
 host = "*.example.com"
@@ -227,6 +249,9 @@ endpoints = ["{}"]
     );
     let h = Halo::proxy(BIN, &text).unwrap();
     let c = Client::new();
+    // A second listener with a route of its own, tried before the others.
+    assert_eq!(c.get(&h.url("internal", "/anything")).await.unwrap().backend(), Some("api"));
+    assert_eq!(c.get(&h.url("main", "/anything")).await.unwrap().status, 404);
     let send = |path: &str, hs: &[(&str, &str)]| {
         let mut b = Request::get(h.url("main", path));
         for (k, v) in hs {

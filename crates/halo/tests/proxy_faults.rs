@@ -380,3 +380,82 @@ async fn a_garbage_answering_upstream_gets_a_clear_502() {
     assert_eq!(r.status, 502);
     assert!(r.body.contains("invalid response from upstream"), "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_idle_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    // A listener that never accepts, with its one-slot backlog taken: further
+    // connection attempts get no answer at all.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = sock.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap();
+    let _fillers: Vec<_> = futures_fill(full_addr).await;
+    let up = format!("endpoints = [\"{full_addr}\"]\n[upstreams.web.health]\nenabled = false");
+    let h = Halo::proxy(BIN, &config("timeouts = { connect = \"300ms\" }", &up)).unwrap();
+    let r = Client::new().get(&h.url("main", "/")).await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.body.contains("timed out"), "{}", r.body);
+
+    // An upstream that sends a head and part of the body, then goes silent.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial").await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let up = format!("endpoints = [\"{stall}\"]\n[upstreams.web.health]\nenabled = false");
+    let h2 = Halo::proxy(BIN, &config("timeouts = { idle = \"300ms\" }", &up)).unwrap();
+    let e = Client::new().get(&h2.url("main", "/")).await.unwrap_err();
+    // The proxy cut the stalled body (the client saw it end early), long
+    // before the client's own 20 s limit.
+    assert!(e.starts_with("body"), "{e}");
+    drop(full);
+}
+
+/// Opens connections until the listener's accept queue is full.
+async fn futures_fill(addr: std::net::SocketAddr) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => v.push(s),
+            _ => break,
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_replay_cap_are_never_retried() {
+    let good = Backend::start("good").await;
+    let (hole, hole_seen) = black_hole().await;
+    let up = format!(
+        "endpoints = [\"{hole}\", \"{}\"]\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nenabled = false",
+        good.addr
+    );
+    let h = Halo::proxy(BIN, &config("retry = { body_cap = 1024 }", &up)).unwrap();
+    let c = Client::new();
+    // PUT is idempotent: with a small body it is retried on the good endpoint.
+    for _ in 0..10 {
+        let req = Request::put(h.url("main", "/echo")).body(Full::new(Bytes::from(vec![b's'; 100]))).unwrap();
+        assert_eq!(c.send(req).await.unwrap().status, 200);
+    }
+    // Over the cap the body is streamed, so it cannot be replayed.
+    let (mut ok, mut bad) = (0, 0);
+    for _ in 0..10 {
+        let req = Request::put(h.url("main", "/echo")).body(Full::new(Bytes::from(vec![b'L'; 4096]))).unwrap();
+        match c.send(req).await.unwrap().status.as_u16() {
+            200 => ok += 1,
+            502 => bad += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert!(bad > 0 && ok > 0, "ok {ok} bad {bad}");
+    assert!(hole_seen.load(SeqCst) >= bad);
+}
