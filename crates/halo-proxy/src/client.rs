@@ -213,6 +213,12 @@ impl H1Conn {
             headers.append(name, value);
         }
         let (decoder, framed) = Decoder::for_response(status, head_only, &headers).map_err(ClientError::Parse)?;
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding overrides Content-Length (RFC 9112 6.3); a
+            // stale length must not reach the client, which gets the body
+            // re-framed by the downstream side.
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let keep_alive = framed && keep_alive(version, &headers);
         Ok(Some(ResponseHead { status, version, headers, decoder, keep_alive }))
     }
