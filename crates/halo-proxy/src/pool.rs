@@ -20,6 +20,23 @@ use crate::body::ProxyBody;
 use crate::client::H1Conn;
 use crate::config::{PoolConfig, UpstreamProtocol};
 
+/// Idle lists per endpoint; workers beyond this share lists.
+const IDLE_SLOTS: usize = 16;
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index` (per-core mode only: with
+/// work stealing, tasks move between threads and all share list 0).
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index % IDLE_SLOTS));
+}
+
+fn worker_slot() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 /// Why no connection could be had; none of these reached the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -40,7 +57,10 @@ pub struct Pool {
 struct Inner {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections by worker: a connection is registered with the
+    /// reactor of the worker that opened it, so it is reused there; other
+    /// workers take it only when the pool is at its cap.
+    idle: Box<[Mutex<Vec<Idle>>]>,
     idle_timeout: Mutex<Duration>,
     permits: Arc<Semaphore>,
     cap: AtomicUsize,
@@ -77,7 +97,7 @@ impl Pool {
             inner: Arc::new(Inner {
                 addr,
                 protocol,
-                idle: Mutex::new(Vec::new()),
+                idle: (0..IDLE_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
                 idle_timeout: Mutex::new(cfg.idle_timeout),
                 permits: Arc::new(Semaphore::new(cfg.max_per_endpoint)),
                 cap: AtomicUsize::new(cfg.max_per_endpoint),
@@ -114,7 +134,7 @@ impl Pool {
     }
 
     pub fn idle_connections(&self) -> usize {
-        self.inner.idle.lock().map_or(0, |v| v.len())
+        self.inner.idle.iter().map(|l| l.lock().map_or(0, |v| v.len())).sum()
     }
 
     /// A ready connection: an idle one when there is one, else a new one.
@@ -124,12 +144,17 @@ impl Pool {
         }
         let deadline = Instant::now() + connect_timeout;
         loop {
-            if let Some(p) = self.take_idle() {
+            if let Some(p) = self.take_idle(false) {
                 return Ok(p);
             }
             let permit = match self.inner.permits.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
+                    // At the cap: an idle connection of another worker
+                    // beats waiting.
+                    if let Some(p) = self.take_idle(true) {
+                        return Ok(p);
+                    }
                     let notified = self.inner.released.notified();
                     tokio::select! {
                         p = self.inner.permits.clone().acquire_owned() => match p {
@@ -182,12 +207,21 @@ impl Pool {
     /// periodically, so an idle pool does not hold sockets forever).
     pub fn reap_idle(&self) {
         let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.since.elapsed() <= timeout);
+        for list in self.inner.idle.iter() {
+            list.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.since.elapsed() <= timeout);
+        }
     }
 
-    fn take_idle(&self) -> Option<Pooled> {
+    /// An idle connection of this worker, or of any worker with `steal`.
+    fn take_idle(&self, steal: bool) -> Option<Pooled> {
+        let own = worker_slot();
+        let others = (0..IDLE_SLOTS).filter(|i| *i != own).take(if steal { IDLE_SLOTS } else { 0 });
+        std::iter::once(own).chain(others).find_map(|i| self.take_idle_from(i))
+    }
+
+    fn take_idle_from(&self, slot: usize) -> Option<Pooled> {
         let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.inner.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
         while let Some(mut c) = idle.pop() {
             if c.since.elapsed() > timeout || !c.conn.is_usable() {
                 continue;
@@ -233,7 +267,7 @@ impl Pooled {
         let (Sender::H1(conn), Some(permit)) = (sender, permit) else { return };
         let timeout = *pool.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
         {
-            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = pool.idle[worker_slot()].lock().unwrap_or_else(|e| e.into_inner());
             // Drop the coldest connections once they outlived the idle timeout.
             while idle.first().is_some_and(|c| c.since.elapsed() > timeout) {
                 idle.remove(0);

@@ -124,6 +124,7 @@ impl Proxy {
                 drain: drain.clone(),
                 stop: stop.subscribe(),
                 halt: halt.subscribe(),
+                per_core: !config.work_stealing,
             };
             threads.push(w.spawn(i, runtime).map_err(|source| ProxyError::StartWorker { source })?);
         }
@@ -263,13 +264,18 @@ struct Worker {
     drain: Arc<Drain>,
     stop: watch::Receiver<bool>,
     halt: watch::Receiver<bool>,
+    /// Whether this worker is one single-threaded runtime (not work-stealing).
+    per_core: bool,
 }
 
 impl Worker {
     fn spawn(self, index: usize, mut runtime: tokio::runtime::Builder) -> std::io::Result<std::thread::JoinHandle<()>> {
         let rt = runtime.enable_all().thread_name(format!("halo-worker-{index}")).build()?;
         std::thread::Builder::new().name(format!("halo-worker-{index}")).spawn(move || {
-            let Worker { listeners, shared, builder, drain, stop, mut halt } = self;
+            let Worker { listeners, shared, builder, drain, stop, mut halt, per_core } = self;
+            if per_core {
+                crate::pool::set_worker(index);
+            }
             rt.block_on(async move {
                 for (name, l) in listeners {
                     let listener = match TcpListener::from_std(l) {
