@@ -24,6 +24,7 @@ mod error;
 mod forward;
 mod headers;
 mod health;
+mod listener;
 mod metrics;
 mod pool;
 mod registry;

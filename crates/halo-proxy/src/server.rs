@@ -8,16 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
-use tracing::Instrument;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
-use crate::config::{self, Config, ConfigErrors, EndpointConfig};
-use crate::forward::{self, Downstream};
-use crate::metrics::ListenerStats;
+use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig};
+use crate::listener::{bind, bind_set, http_builder, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
 
 /// State shared by every connection of the proxy.
@@ -46,8 +41,10 @@ pub enum ReloadError {
     NoSource,
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
-    #[error("listeners or admin address changed ({0}); this needs a restart, the running config was kept")]
-    ListenersChanged(String),
+    #[error("the admin address changed ({0}); this needs a restart, the running config was kept")]
+    AdminChanged(String),
+    #[error("bind new listener '{name}' on {addr}: {source}; the running config was kept")]
+    BindListener { name: String, addr: SocketAddr, source: std::io::Error },
     #[error("no upstream named '{0}'")]
     UnknownUpstream(String),
     #[error("upstream '{0}' needs at least one endpoint")]
@@ -57,14 +54,24 @@ pub enum ReloadError {
 /// A running proxy. Dropping it does not stop it; call [`Proxy::shutdown`].
 pub struct Proxy {
     shared: Arc<Shared>,
-    /// Tells the workers to stop accepting and drain.
+    /// Tells the workers' connections to finish and close.
     stop: watch::Sender<bool>,
     /// Tells the workers to exit (after the grace period).
     halt: watch::Sender<bool>,
     drain: Arc<Drain>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    addrs: Vec<(String, SocketAddr)>,
+    workers: Vec<mpsc::UnboundedSender<Command>>,
+    listeners: Mutex<Vec<ListenerHandle>>,
     admin_addr: Option<SocketAddr>,
+}
+
+/// A listener being served: its configured and bound addresses and the
+/// switch that stops its accept loops.
+struct ListenerHandle {
+    name: String,
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -78,26 +85,17 @@ impl Proxy {
         let snapshot = registry.build(config.clone());
         let shared =
             Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), registry, source, update: Mutex::new(()) });
-        let (stop, _) = watch::channel(false);
-        let (halt, _) = watch::channel(false);
-        let drain = Arc::new(Drain::default());
-        // One socket per listener per worker in the per-core model (the kernel
-        // spreads connections over them); one per listener when work-stealing.
-        let sockets_per_listener = if config.work_stealing { 1 } else { config.workers.max(1) };
-        let mut addrs = Vec::new();
-        let mut per_worker: Vec<Vec<(Arc<str>, std::net::TcpListener)>> =
-            (0..sockets_per_listener).map(|_| Vec::new()).collect();
+        // Bind everything before starting anything, so a failed bind leaves
+        // nothing half-started.
+        let n = sockets_per_listener(&config);
+        let mut bound = Vec::new();
         for l in &config.listeners {
-            let err = |source| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, source };
-            let first = bind(l.addr, sockets_per_listener > 1).map_err(err)?;
-            // Port 0 resolves on the first bind; the other workers join it.
-            let local = first.local_addr().map_err(err)?;
-            addrs.push((l.name.clone(), local));
-            per_worker[0].push((l.name.as_str().into(), first));
-            for w in per_worker.iter_mut().skip(1) {
-                w.push((l.name.as_str().into(), bind(local, true).map_err(err)?));
-            }
-            tracing::info!(listener = %l.name, addr = %local, "listening");
+            let set = bind_set(l.addr, n).map_err(|source| ProxyError::BindListener {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            })?;
+            bound.push((l, set));
         }
         let admin = match config.admin {
             Some(addr) => {
@@ -106,10 +104,13 @@ impl Proxy {
             }
             None => None,
         };
-        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let (stop, _) = watch::channel(false);
+        let (halt, _) = watch::channel(false);
+        let drain = Arc::new(Drain::default());
         let builder = Arc::new(http_builder(&config));
         let mut threads = Vec::new();
-        for (i, listeners) in per_worker.into_iter().enumerate() {
+        let mut workers = Vec::new();
+        for i in 0..n {
             let runtime = if config.work_stealing {
                 let mut b = tokio::runtime::Builder::new_multi_thread();
                 b.worker_threads(config.workers.max(1));
@@ -117,8 +118,9 @@ impl Proxy {
             } else {
                 tokio::runtime::Builder::new_current_thread()
             };
+            let (tx, rx) = mpsc::unbounded_channel();
             let w = Worker {
-                listeners,
+                commands: rx,
                 shared: shared.clone(),
                 builder: builder.clone(),
                 drain: drain.clone(),
@@ -127,8 +129,22 @@ impl Proxy {
                 per_core: !config.work_stealing,
             };
             threads.push(w.spawn(i, runtime).map_err(|source| ProxyError::StartWorker { source })?);
+            workers.push(tx);
         }
-        let proxy = Arc::new(Proxy { shared, stop, halt, drain, addrs, admin_addr, threads: Mutex::new(threads) });
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let proxy = Arc::new(Proxy {
+            shared,
+            stop,
+            halt,
+            drain,
+            threads: Mutex::new(threads),
+            workers,
+            listeners: Mutex::new(Vec::new()),
+            admin_addr,
+        });
+        for (l, (local, sockets)) in bound {
+            proxy.serve_listener(l, local, sockets);
+        }
         if let Some(l) = admin {
             tracing::info!(addr = ?admin_addr, "admin listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
@@ -136,9 +152,22 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// Hands one socket of a listener to each worker.
+    fn serve_listener(&self, l: &ListenerConfig, bound: SocketAddr, sockets: Vec<std::net::TcpListener>) {
+        let (stop, _) = watch::channel(false);
+        let name: Arc<str> = l.name.as_str().into();
+        for (tx, socket) in self.workers.iter().zip(sockets) {
+            let _ = tx.send(Command::Listen { name: name.clone(), socket, stop: stop.subscribe() });
+        }
+        tracing::info!(listener = %l.name, addr = %bound, "listening");
+        let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop };
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+
     /// Bound addresses of the listeners, by name.
-    pub fn listener_addrs(&self) -> &[(String, SocketAddr)] {
-        &self.addrs
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        ls.iter().map(|l| (l.name.clone(), l.bound)).collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -154,19 +183,44 @@ impl Proxy {
     }
 
     /// Swaps in a new config. Health state, pooled connections and in-flight
-    /// requests carry over; a config that changes listeners is refused.
+    /// requests carry over. Listeners that appear are bound first (a failed
+    /// bind refuses the whole reload); listeners that disappear stop
+    /// accepting while their open connections finish.
     pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
         let _g = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.config();
-        let before: Vec<_> = old.listeners.iter().map(|l| (&l.name, l.addr)).collect();
-        let after: Vec<_> = new.listeners.iter().map(|l| (&l.name, l.addr)).collect();
-        if before != after || old.admin != new.admin {
-            return Err(ReloadError::ListenersChanged(format!(
-                "running {before:?} admin {:?}, file {after:?} admin {:?}",
-                old.admin, new.admin
-            )));
+        if old.admin != new.admin {
+            return Err(ReloadError::AdminChanged(format!("running {:?}, file {:?}", old.admin, new.admin)));
         }
-        self.install(new);
+        let n = sockets_per_listener(&old);
+        let running: Vec<(String, SocketAddr)> = {
+            let ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            ls.iter().map(|l| (l.name.clone(), l.configured)).collect()
+        };
+        let mut added = Vec::new();
+        for l in new.listeners.iter().filter(|l| !running.contains(&(l.name.clone(), l.addr))) {
+            let set = bind_set(l.addr, n).map_err(|source| ReloadError::BindListener {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            })?;
+            added.push((l.clone(), set));
+        }
+        self.install(new.clone());
+        {
+            let mut ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            ls.retain(|h| {
+                let keep = new.listeners.iter().any(|l| l.name == h.name && l.addr == h.configured);
+                if !keep {
+                    tracing::info!(listener = %h.name, addr = %h.bound, "listener removed; its connections finish");
+                    let _ = h.stop.send(true);
+                }
+                keep
+            });
+        }
+        for (l, (local, sockets)) in added {
+            self.serve_listener(&l, local, sockets);
+        }
         Ok(())
     }
 
@@ -201,6 +255,9 @@ impl Proxy {
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then
     /// returns. Idle keep-alive connections are closed at once.
     pub async fn shutdown(&self, grace: Duration) {
+        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = l.stop.send(true);
+        }
         let _ = self.stop.send(true);
         tracing::info!(connections = self.drain.count.load(Relaxed), grace = ?grace, "draining");
         if tokio::time::timeout(grace, self.drain.wait()).await.is_err() {
@@ -217,162 +274,12 @@ impl Proxy {
     }
 }
 
-/// Counts open downstream connections so shutdown can wait for them.
-#[derive(Default)]
-struct Drain {
-    count: std::sync::atomic::AtomicUsize,
-    idle: Notify,
-}
-
-impl Drain {
-    async fn wait(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.count.load(Relaxed) == 0 {
-                return;
-            }
-            notified.await;
-        }
+/// One socket per listener per worker in the per-core model (the kernel
+/// spreads connections over them); one per listener when work-stealing.
+fn sockets_per_listener(c: &Config) -> usize {
+    if c.work_stealing {
+        1
+    } else {
+        c.workers.max(1)
     }
-
-    fn done(&self) {
-        if self.count.fetch_sub(1, Relaxed) == 1 {
-            self.idle.notify_waiters();
-        }
-    }
-}
-
-/// A non-blocking listening socket; `reuse_port` lets several workers bind
-/// the same address.
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    if reuse_port {
-        socket.set_reuseport(true)?;
-    }
-    socket.bind(addr)?;
-    let std: std::net::TcpListener = socket.listen(4096)?.into_std()?;
-    std.set_nonblocking(true)?;
-    Ok(std)
-}
-
-/// One worker: a runtime on its own thread serving its listener sockets.
-struct Worker {
-    listeners: Vec<(Arc<str>, std::net::TcpListener)>,
-    shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: Arc<Drain>,
-    stop: watch::Receiver<bool>,
-    halt: watch::Receiver<bool>,
-    /// Whether this worker is one single-threaded runtime (not work-stealing).
-    per_core: bool,
-}
-
-impl Worker {
-    fn spawn(self, index: usize, mut runtime: tokio::runtime::Builder) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let rt = runtime.enable_all().thread_name(format!("halo-worker-{index}")).build()?;
-        std::thread::Builder::new().name(format!("halo-worker-{index}")).spawn(move || {
-            let Worker { listeners, shared, builder, drain, stop, mut halt, per_core } = self;
-            if per_core {
-                crate::pool::set_worker(index);
-            }
-            rt.block_on(async move {
-                for (name, l) in listeners {
-                    let listener = match TcpListener::from_std(l) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(listener = %name, error = %e, "cannot register listener");
-                            continue;
-                        }
-                    };
-                    let ctx = AcceptCtx {
-                        stats: shared.registry.listener(&name),
-                        name,
-                        shared: shared.clone(),
-                        builder: builder.clone(),
-                    };
-                    tokio::spawn(accept_loop(listener, ctx, drain.clone(), stop.clone()));
-                }
-                let _ = halt.wait_for(|h| *h).await;
-            });
-        })
-    }
-}
-
-fn http_builder(c: &Config) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(c.header_read_timeout.min(c.keepalive_idle))
-        .max_buf_size(c.max_header_bytes)
-        // One flattened write per response measured 2-3% less CPU per
-        // request than writev on small messages (docs/benchmarks.md).
-        .writev(false)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(Some(256));
-    b
-}
-
-struct AcceptCtx {
-    name: Arc<str>,
-    shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stats: Arc<ListenerStats>,
-}
-
-async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, drain: Arc<Drain>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => serve(stream, peer, &ctx, drain.clone(), stop.clone()),
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            },
-            _ = stop.changed() => break,
-        }
-    }
-    tracing::debug!(listener = %ctx.name, "stopped accepting");
-}
-
-fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx, drain: Arc<Drain>, mut stop: watch::Receiver<bool>) {
-    let _ = stream.set_nodelay(true);
-    ctx.stats.accepted.fetch_add(1, Relaxed);
-    ctx.stats.active.fetch_add(1, Relaxed);
-    drain.count.fetch_add(1, Relaxed);
-    let stats = ctx.stats.clone();
-    let builder = ctx.builder.clone();
-    let shared = ctx.shared.clone();
-    let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let down = Arc::new(Downstream {
-        listener: ctx.name.clone(),
-        client: peer,
-        client_ip: crate::headers::ClientIp::new(peer),
-    });
-    tokio::spawn(
-        async move {
-            let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    // Finish the request in flight, then close (HTTP/2: GOAWAY).
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
-            }
-            stats.active.fetch_sub(1, Relaxed);
-            drain.done();
-        }
-        .instrument(span),
-    );
 }

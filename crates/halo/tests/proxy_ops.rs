@@ -118,14 +118,55 @@ async fn bad_reload_is_refused_and_traffic_continues() {
     h.signal("HUP");
     let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
     assert_eq!(r.status, 400);
-    // Changing listeners needs a restart, and says so.
-    h.write_config(&good.replace("name = \"main\"", "name = \"other\""));
+    // Moving the admin listener needs a restart, and says so.
+    h.write_config(&good.replace("[admin]\nlisten = \"127.0.0.1:0\"", "[admin]\nlisten = \"127.0.0.1:1\""));
     let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
     assert_eq!(r.status, 400);
     assert!(r.body.contains("restart"), "{}", r.body);
+    // A new listener on an address already taken: refused, nothing changes.
+    let taken = h.admin.unwrap();
+    h.write_config(
+        &good.replace("[[routes]]", &format!("[[listeners]]\nname = \"clash\"\nlisten = \"{taken}\"\n[[routes]]")),
+    );
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("bind new listener 'clash'"), "{}", r.body);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let Report { ok, failed } = load.finish().await;
     assert!(failed.is_empty() && ok > 0, "ok {ok}, failed {:?}", failed.first());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_listeners_live() {
+    let a = Backend::start("a").await;
+    let one = config("", &eps(&[&a]));
+    let h = Halo::proxy(BIN, &one).unwrap();
+    let main = h.listeners["main"];
+    let extra = halo_testkit::free_addr();
+    let two = one.replace("[[routes]]", &format!("[[listeners]]\nname = \"extra\"\nlisten = \"{extra}\"\n[[routes]]"));
+    let c = Client::new();
+    let reload = || async {
+        let r = Client::new().send(Request::post(h.admin_url("/reload")).body(Full::default()).unwrap()).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    h.write_config(&two);
+    reload().await;
+    assert_eq!(c.get(&format!("http://{extra}/")).await.unwrap().backend(), Some("a"));
+    assert_eq!(c.get(&format!("http://{main}/")).await.unwrap().backend(), Some("a"));
+    // Remove "main" while a request is in flight on it: the request finishes,
+    // new connections to it are refused, "extra" keeps serving.
+    a.set_delay(Duration::from_millis(500));
+    let slow = tokio::spawn(async move { Client::no_pool().get(&format!("http://{main}/")).await });
+    eventually(Duration::from_secs(5), "request in flight", || async { a.requests() >= 3 }).await;
+    h.write_config(&two.replace("[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n", ""));
+    reload().await;
+    assert_eq!(slow.await.unwrap().unwrap().status, 200, "an in-flight request on a removed listener was cut");
+    a.set_delay(Duration::ZERO);
+    eventually(Duration::from_secs(5), "main stops accepting", || async {
+        tokio::net::TcpStream::connect(main).await.is_err()
+    })
+    .await;
+    assert_eq!(Client::no_pool().get(&format!("http://{extra}/")).await.unwrap().status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
