@@ -451,33 +451,12 @@ impl Validator<'_> {
                 endpoints.push(EndpointConfig { addr: a, weight: weight.clamp(1, 1000) });
             }
         }
-        let policy = match u.policy.as_deref().unwrap_or("round_robin") {
-            "round_robin" => Policy::RoundRobin,
-            "least_request" => Policy::LeastRequest,
-            "p2c_ewma" => Policy::P2cEwma,
-            "random" => Policy::Random,
-            "consistent_hash" => Policy::ConsistentHash,
-            other => {
-                self.err(self.loc.key(line, "policy"), f("policy"), format!("unknown policy '{other}'; accepted: round_robin, least_request, p2c_ewma, random, consistent_hash"));
-                Policy::RoundRobin
-            }
-        };
+        let policy = u.policy.as_deref().unwrap_or("round_robin").parse().unwrap_or_else(|e: String| {
+            self.err(self.loc.key(line, "policy"), f("policy"), e);
+            Policy::RoundRobin
+        });
         let hash_key = u.hash_key.as_deref().and_then(|k| {
-            let parsed = match k.split_once(':') {
-                Some(("header", h)) => HeaderName::try_from(h).ok().map(HashKey::Header),
-                Some(("cookie", c)) if !c.is_empty() => Some(HashKey::Cookie(c.to_string())),
-                None if k == "source_ip" => Some(HashKey::SourceIp),
-                None if k == "path" => Some(HashKey::Path),
-                _ => None,
-            };
-            if parsed.is_none() {
-                self.err(
-                    self.loc.key(line, "hash_key"),
-                    f("hash_key"),
-                    format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"),
-                );
-            }
-            parsed
+            k.parse::<HashKey>().map_err(|e| self.err(self.loc.key(line, "hash_key"), f("hash_key"), e)).ok()
         });
         if policy == Policy::ConsistentHash && hash_key.is_none() && u.hash_key.is_none() {
             self.err(

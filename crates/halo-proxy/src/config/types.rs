@@ -162,12 +162,46 @@ pub enum Policy {
     ConsistentHash,
 }
 
+impl std::str::FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Policy, String> {
+        Ok(match s {
+            "round_robin" => Policy::RoundRobin,
+            "least_request" => Policy::LeastRequest,
+            "p2c_ewma" => Policy::P2cEwma,
+            "random" => Policy::Random,
+            "consistent_hash" => Policy::ConsistentHash,
+            other => {
+                return Err(format!(
+                    "unknown policy '{other}'; accepted: round_robin, least_request, p2c_ewma, random, consistent_hash"
+                ))
+            }
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
     Header(HeaderName),
     Cookie(String),
     SourceIp,
     Path,
+}
+
+impl std::str::FromStr for HashKey {
+    type Err = String;
+
+    fn from_str(k: &str) -> Result<HashKey, String> {
+        let parsed = match k.split_once(':') {
+            Some(("header", h)) => HeaderName::try_from(h).ok().map(HashKey::Header),
+            Some(("cookie", c)) if !c.is_empty() => Some(HashKey::Cookie(c.to_string())),
+            None if k == "source_ip" => Some(HashKey::SourceIp),
+            None if k == "path" => Some(HashKey::Path),
+            _ => None,
+        };
+        parsed.ok_or_else(|| format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

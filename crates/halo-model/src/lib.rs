@@ -1,0 +1,433 @@
+//! The service spec users write, and its validation.
+//!
+//! `&str` -> [`ServiceFile`] (serde, unknown fields refused) ->
+//! [`ServiceFile::validate`] -> [`ServiceSpec`]. Only the validated spec
+//! drives the supervisor and the proxy; every error names the field and
+//! what is accepted. The balancing options reuse the data plane's own types
+//! and parsers (`halo_proxy::config`), so a policy name means the same in a
+//! service file as in a proxy file. No I/O here.
+
+mod file;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use halo_proxy::config::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
+
+pub use file::{BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection};
+
+/// One problem in a service file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// Dotted path of the field, as in `readiness.interval`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in one service file, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+/// A validated service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub replicas: u32,
+    pub run: RunSpec,
+    /// Must pass before readiness and liveness are checked.
+    pub startup: Option<Probe>,
+    /// Must pass before the instance receives traffic (default: TCP connect).
+    pub readiness: Probe,
+    /// Failing it restarts the instance.
+    pub liveness: Option<Probe>,
+    pub restart: RestartSpec,
+    pub stop: StopSpec,
+    pub routes: Vec<RouteSpec>,
+    pub balance: BalanceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// `halo` runs this same halo binary (the quickstart's `halo demo-app`).
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// GET this path on the instance's port; 2xx or 3xx passes.
+    Http(String),
+    /// A TCP connect to the instance's port.
+    Tcp,
+    /// Run this command; exit status 0 passes. `PORT` is set.
+    Exec(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub check: Check,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that make it pass.
+    pub success_threshold: u32,
+    /// Consecutive failures that make it fail.
+    pub failure_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartSpec {
+    pub policy: RestartPolicy,
+    /// First restart delay; doubles per consecutive failure up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// This many restarts within `crash_loop_window` is a crash loop.
+    pub crash_loop_restarts: u32,
+    pub crash_loop_window: Duration,
+}
+
+/// Signals a stop may start with (POSIX numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Term,
+    Int,
+    Quit,
+    Hup,
+    Usr1,
+    Usr2,
+}
+
+impl StopSignal {
+    pub fn number(self) -> i32 {
+        match self {
+            StopSignal::Hup => 1,
+            StopSignal::Int => 2,
+            StopSignal::Quit => 3,
+            StopSignal::Usr1 => 10,
+            StopSignal::Usr2 => 12,
+            StopSignal::Term => 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSpec {
+    pub signal: StopSignal,
+    /// After the signal, this long before SIGKILL of the process group.
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Exact host or `*.example.com`; `None` matches any host.
+    pub host: Option<String>,
+    pub path: PathRule,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRule {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceSpec {
+    pub policy: Policy,
+    pub hash_key: Option<HashKey>,
+    pub session_cookie: Option<String>,
+    pub retry: RetryPolicy,
+    pub timeouts: Timeouts,
+}
+
+/// Parses and validates a service file; `file` names it in errors.
+pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), SpecErrors> {
+    let raw: ServiceFile = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let at = line.map(|l| format!("{file}:{l}")).unwrap_or_else(|| file.to_string());
+        SpecErrors(vec![SpecError { field: "(syntax)".into(), message: format!("{at}: {}", e.message().trim()) }])
+    })?;
+    let spec = raw.validate()?;
+    Ok((raw, spec))
+}
+
+/// Service names: what a DNS label accepts.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid name; use 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// The most replicas one service may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+
+struct Checker<'a> {
+    errors: &'a mut Vec<SpecError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(SpecError { field: field.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, field: &str, v: Option<&str>, default: Duration, min: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v) {
+            Ok(d) if d < min => {
+                self.err(field, format!("'{v}' is too short; at least {min:?}"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(field, e);
+                default
+            }
+        }
+    }
+
+    fn probe(&mut self, field: &str, p: &ProbeSection, defaults: (Duration, u32, u32)) -> Probe {
+        let kinds = [p.http.is_some(), p.tcp == Some(true), p.exec.is_some()].iter().filter(|k| **k).count();
+        let check = match (&p.http, &p.exec) {
+            _ if kinds > 1 => {
+                self.err(field, "set one of http, tcp or exec, not several");
+                Check::Tcp
+            }
+            (Some(path), _) if !path.starts_with('/') => {
+                self.err(&format!("{field}.http"), format!("'{path}' must be a path starting with '/'"));
+                Check::Tcp
+            }
+            (Some(path), _) => Check::Http(path.clone()),
+            (_, Some(argv)) if argv.is_empty() || argv[0].is_empty() => {
+                self.err(&format!("{field}.exec"), "needs a command, as in exec = [\"pg_isready\", \"-q\"]");
+                Check::Tcp
+            }
+            (_, Some(argv)) => Check::Exec(argv.clone()),
+            _ => Check::Tcp,
+        };
+        let interval =
+            self.duration(&format!("{field}.interval"), p.interval.as_deref(), defaults.0, Duration::from_millis(50));
+        let timeout = self.duration(
+            &format!("{field}.timeout"),
+            p.timeout.as_deref(),
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        );
+        let mut threshold = |name: &str, v: Option<u32>, default: u32| match v {
+            Some(0) => {
+                self.err(&format!("{field}.{name}"), "must be at least 1");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        };
+        let success_threshold = threshold("success_threshold", p.success_threshold, defaults.1);
+        let failure_threshold = threshold("failure_threshold", p.failure_threshold, defaults.2);
+        Probe { check, interval, timeout, success_threshold, failure_threshold }
+    }
+}
+
+impl ServiceFile {
+    /// Checks every field; on success the spec the rest of halo reads.
+    pub fn validate(&self) -> Result<ServiceSpec, SpecErrors> {
+        let mut errors = Vec::new();
+        let mut c = Checker { errors: &mut errors };
+        if let Err(e) = check_name(&self.name) {
+            c.err("name", e);
+        }
+        let replicas = match self.replicas {
+            Some(n) if n > MAX_REPLICAS => {
+                c.err("replicas", format!("{n} is too many; accepted: 0 to {MAX_REPLICAS}"));
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        if self.run.command.trim().is_empty() {
+            c.err("run.command", "is required: the program to run, as in command = \"/usr/bin/myapp\"");
+        }
+        for k in self.run.env.keys() {
+            if k.is_empty() || k.contains('=') || k == "PORT" {
+                c.err(
+                    &format!("run.env.{k}"),
+                    "not accepted: names must be non-empty, without '=', and PORT is set by halo",
+                );
+            }
+        }
+        let run = RunSpec {
+            command: self.run.command.clone(),
+            args: self.run.args.clone(),
+            env: self.run.env.clone(),
+            workdir: self.run.workdir.clone(),
+        };
+        let startup = self.startup.as_ref().map(|p| c.probe("startup", p, (Duration::from_millis(500), 1, 60)));
+        let readiness = c.probe(
+            "readiness",
+            self.readiness.as_ref().unwrap_or(&ProbeSection::default()),
+            (Duration::from_secs(1), 1, 3),
+        );
+        let liveness = self.liveness.as_ref().map(|p| c.probe("liveness", p, (Duration::from_secs(2), 1, 3)));
+        let restart = c.restart(self.restart.as_ref().unwrap_or(&RestartSection::default()));
+        let stop = c.stop(self.stop.as_ref().unwrap_or(&StopSection::default()));
+        let routes = self.routes.iter().enumerate().map(|(i, r)| c.route(i, r)).collect();
+        let balance = c.balance(self.balance.as_ref().unwrap_or(&BalanceSection::default()));
+        if errors.is_empty() {
+            Ok(ServiceSpec {
+                name: self.name.clone(),
+                replicas,
+                run,
+                startup,
+                readiness,
+                liveness,
+                restart,
+                stop,
+                routes,
+                balance,
+            })
+        } else {
+            Err(SpecErrors(errors))
+        }
+    }
+
+    /// The file as TOML (what the store keeps).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a service file always serialises")
+    }
+}
+
+impl Checker<'_> {
+    fn restart(&mut self, r: &RestartSection) -> RestartSpec {
+        let policy = match r.policy.as_deref().unwrap_or("always") {
+            "always" => RestartPolicy::Always,
+            "on-failure" => RestartPolicy::OnFailure,
+            "never" => RestartPolicy::Never,
+            other => {
+                self.err("restart.policy", format!("unknown policy '{other}'; accepted: always, on-failure, never"));
+                RestartPolicy::Always
+            }
+        };
+        let ms = Duration::from_millis;
+        let backoff_initial = self.duration("restart.backoff_initial", r.backoff_initial.as_deref(), ms(200), ms(10));
+        let backoff_max =
+            self.duration("restart.backoff_max", r.backoff_max.as_deref(), Duration::from_secs(30), ms(10));
+        if backoff_max < backoff_initial {
+            self.err("restart.backoff_max", "must not be shorter than restart.backoff_initial");
+        }
+        let crash_loop_restarts = r.crash_loop_restarts.unwrap_or(5).max(1);
+        let crash_loop_window = self.duration(
+            "restart.crash_loop_window",
+            r.crash_loop_window.as_deref(),
+            Duration::from_secs(60),
+            ms(100),
+        );
+        RestartSpec { policy, backoff_initial, backoff_max, crash_loop_restarts, crash_loop_window }
+    }
+
+    fn stop(&mut self, s: &StopSection) -> StopSpec {
+        let signal = match s.signal.as_deref().unwrap_or("TERM").trim_start_matches("SIG") {
+            "TERM" => StopSignal::Term,
+            "INT" => StopSignal::Int,
+            "QUIT" => StopSignal::Quit,
+            "HUP" => StopSignal::Hup,
+            "USR1" => StopSignal::Usr1,
+            "USR2" => StopSignal::Usr2,
+            other => {
+                self.err(
+                    "stop.signal",
+                    format!("unknown signal '{other}'; accepted: TERM, INT, QUIT, HUP, USR1, USR2"),
+                );
+                StopSignal::Term
+            }
+        };
+        let grace_period =
+            self.duration("stop.grace_period", s.grace_period.as_deref(), Duration::from_secs(10), Duration::ZERO);
+        StopSpec { signal, grace_period }
+    }
+
+    fn route(&mut self, i: usize, r: &RouteSection) -> RouteSpec {
+        let f = |name: &str| format!("routes[{i}].{name}");
+        if let Some(h) = &r.host {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['*', '/', ' ', ':']) {
+                self.err(&f("host"), format!("'{h}' is not accepted; use a host name or *.example.com"));
+            }
+        }
+        let path = match (&r.path_prefix, &r.path) {
+            (Some(_), Some(_)) => {
+                self.err(&f("path"), "set path_prefix or path, not both");
+                PathRule::Prefix("/".into())
+            }
+            (Some(p), None) | (None, Some(p)) if !p.starts_with('/') => {
+                self.err(
+                    &f(if r.path.is_some() { "path" } else { "path_prefix" }),
+                    format!("'{p}' must start with '/'"),
+                );
+                PathRule::Prefix("/".into())
+            }
+            (None, Some(p)) => PathRule::Exact(p.clone()),
+            (Some(p), None) => PathRule::Prefix(p.clone()),
+            (None, None) => PathRule::Prefix("/".into()),
+        };
+        RouteSpec { host: r.host.as_ref().map(|h| h.to_ascii_lowercase()), path }
+    }
+
+    fn balance(&mut self, b: &BalanceSection) -> BalanceSpec {
+        let policy = b.policy.as_deref().unwrap_or("round_robin").parse().unwrap_or_else(|e: String| {
+            self.err("balance.policy", e);
+            Policy::RoundRobin
+        });
+        let hash_key =
+            b.hash_key.as_deref().and_then(|k| k.parse().map_err(|e: String| self.err("balance.hash_key", e)).ok());
+        if policy == Policy::ConsistentHash && b.hash_key.is_none() {
+            self.err(
+                "balance.hash_key",
+                "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)",
+            );
+        }
+        let mut retry = RetryPolicy::default();
+        retry.attempts = b.retries.unwrap_or(retry.attempts).min(10);
+        if let Some(st) = &b.retry_statuses {
+            if let Some(bad) = st.iter().find(|s| !(500..=599).contains(*s)) {
+                self.err("balance.retry_statuses", format!("{bad} is not accepted; retry statuses are 500 to 599"));
+            }
+            retry.statuses = st.clone();
+        }
+        let d = Timeouts::default();
+        let min = Duration::from_millis(1);
+        let connect = self.duration("balance.connect_timeout", b.connect_timeout.as_deref(), d.connect, min);
+        let opt = |c: &mut Self, name: &str, v: Option<&str>, default: Option<Duration>| {
+            v.map(|v| c.duration(&format!("balance.{name}"), Some(v), Duration::ZERO, Duration::ZERO))
+                .map_or(default, |d| (!d.is_zero()).then_some(d))
+        };
+        let first_byte = opt(self, "first_byte_timeout", b.first_byte_timeout.as_deref(), d.first_byte);
+        let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
+        let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
+        BalanceSpec {
+            policy,
+            hash_key,
+            session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
+            retry,
+            timeouts: Timeouts { connect, first_byte, request, idle },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

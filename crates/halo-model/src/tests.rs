@@ -1,0 +1,112 @@
+use std::time::Duration;
+
+use super::*;
+
+const FULL: &str = r#"
+name = "web"
+replicas = 3
+[run]
+command = "halo"
+args = ["demo-app", "--version", "v1"]
+env = { GREETING = "hello" }
+[readiness]
+http = "/healthz"
+interval = "500ms"
+[liveness]
+http = "/healthz"
+failure_threshold = 2
+[restart]
+policy = "on-failure"
+backoff_initial = "100ms"
+backoff_max = "5s"
+[stop]
+signal = "SIGINT"
+grace_period = "3s"
+[[routes]]
+host = "*.example.com"
+path_prefix = "/api"
+[balance]
+policy = "consistent_hash"
+hash_key = "header:x-user"
+retries = 1
+connect_timeout = "500ms"
+"#;
+
+#[test]
+fn a_full_file_validates() {
+    let (file, spec) = parse_service("app.toml", FULL).unwrap();
+    assert_eq!((spec.name.as_str(), spec.replicas), ("web", 3));
+    assert_eq!(spec.readiness.check, Check::Http("/healthz".into()));
+    assert_eq!(spec.readiness.interval, Duration::from_millis(500));
+    assert_eq!(spec.liveness.as_ref().unwrap().failure_threshold, 2);
+    assert_eq!(spec.restart.policy, RestartPolicy::OnFailure);
+    assert_eq!(spec.stop, StopSpec { signal: StopSignal::Int, grace_period: Duration::from_secs(3) });
+    assert_eq!(spec.routes[0].path, PathRule::Prefix("/api".into()));
+    assert_eq!(spec.balance.policy, Policy::ConsistentHash);
+    assert_eq!(spec.balance.timeouts.connect, Duration::from_millis(500));
+    // What the store keeps reads back to the same spec.
+    let (again, spec2) = parse_service("stored", &file.to_toml()).unwrap();
+    assert_eq!((again, spec2), (file, spec));
+}
+
+#[test]
+fn defaults_are_safe() {
+    let (_, spec) = parse_service("min.toml", "name = \"api\"\n[run]\ncommand = \"/bin/app\"\n").unwrap();
+    assert_eq!(spec.replicas, 1);
+    assert_eq!(spec.readiness.check, Check::Tcp);
+    assert!(spec.liveness.is_none());
+    assert_eq!(spec.restart.policy, RestartPolicy::Always);
+    assert_eq!(spec.stop.signal, StopSignal::Term);
+    assert_eq!(spec.routes.len(), 0);
+}
+
+#[test]
+fn every_bad_field_is_named_with_what_is_accepted() {
+    let bad = r#"
+name = "Web_1"
+replicas = 5000
+[run]
+command = ""
+env = { PORT = "1" }
+[readiness]
+http = "healthz"
+tcp = true
+[restart]
+policy = "sometimes"
+backoff_initial = "5"
+[stop]
+signal = "KILL"
+[[routes]]
+path = "x"
+[balance]
+policy = "fastest"
+retry_statuses = [404]
+"#;
+    let errs = parse_service("bad.toml", bad).unwrap_err().0;
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    for want in [
+        "name",
+        "replicas",
+        "run.command",
+        "run.env.PORT",
+        "readiness",
+        "restart.policy",
+        "restart.backoff_initial",
+        "stop.signal",
+        "routes[0].path",
+        "balance.policy",
+        "balance.retry_statuses",
+    ] {
+        assert!(fields.contains(&want), "no error for {want}: {errs:?}");
+    }
+    let policy = errs.iter().find(|e| e.field == "restart.policy").unwrap();
+    assert!(policy.message.contains("always, on-failure, never"), "{}", policy.message);
+}
+
+#[test]
+fn unknown_fields_and_syntax_errors_say_where() {
+    let e = parse_service("typo.toml", "name = \"a\"\nreplica = 2\n[run]\ncommand = \"x\"\n").unwrap_err();
+    assert!(e.to_string().contains("typo.toml:2") && e.to_string().contains("replica"), "{e}");
+    let e = parse_service("syntax.toml", "name = \n").unwrap_err();
+    assert!(e.to_string().contains("syntax.toml:1"), "{e}");
+}
