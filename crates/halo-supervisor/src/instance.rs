@@ -1,0 +1,330 @@
+//! One instance's life: a task that runs its process, probes it, restarts
+//! it with backoff and stops it gracefully. States and transitions are in
+//! `LIFECYCLE.md` beside this file.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use halo_model::{Probe, RestartPolicy, ServiceSpec};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::logs::LogFile;
+use crate::probe::{check_once, Tally, Verdict};
+use crate::process::{Exit, Proc};
+use crate::Env;
+
+/// What the node asks the supervisor to run.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub service: String,
+    pub spec: Arc<ServiceSpec>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Process started; startup probe (if any) not passed yet.
+    Starting,
+    /// Started; `ready` says whether it takes traffic.
+    Running,
+    /// Waiting before a restart.
+    Backoff,
+    /// Restarting too often: waiting the longest backoff between tries.
+    CrashLoop,
+    Stopping,
+    Stopped,
+    /// Ended and the restart policy says to leave it.
+    Completed,
+}
+
+/// What the node sees of an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub id: String,
+    pub service: String,
+    pub port: u16,
+    pub state: State,
+    pub ready: bool,
+    pub pid: Option<i32>,
+    /// With `pid`, identifies the process across halo restarts.
+    pub start_time: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    /// Unix seconds when the current state began.
+    pub since: u64,
+}
+
+/// A supervised instance. Dropping the handle leaves the process running
+/// (halo killed or restarting); [`Instance::stop`] stops it.
+pub struct Instance {
+    status: watch::Receiver<Status>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub log: LogFile,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Instance {
+    /// Starts supervising: adopts the process `(pid, start_time)` if it is
+    /// still alive, else starts a new one.
+    pub fn start(env: Arc<Env>, spec: InstanceSpec, adopt: Option<(i32, u64)>) -> std::io::Result<Instance> {
+        let log = LogFile::new(&env.logs_dir, &spec.service, &spec.id)?;
+        let status = Status {
+            id: spec.id.clone(),
+            service: spec.service.clone(),
+            port: spec.port,
+            state: State::Starting,
+            ready: false,
+            pid: None,
+            start_time: None,
+            restarts: 0,
+            last_exit: None,
+            since: unix_now(),
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let run = Run { env, spec, log: log.clone(), status: status_tx, stop: stop_rx };
+        let task = tokio::spawn(run.main(adopt));
+        Ok(Instance { status: status_rx, stop: stop_tx, task, log })
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Status changes, for the node to publish endpoints and records.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Drains and stops the instance (stop signal, grace period, SIGKILL
+    /// of its group) and waits until it is gone.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Leaves the process running and stops supervising it (halo is going
+    /// away and will adopt it when it comes back).
+    pub fn detach(self) {
+        self.task.abort();
+    }
+}
+
+struct Run {
+    env: Arc<Env>,
+    spec: InstanceSpec,
+    log: LogFile,
+    status: watch::Sender<Status>,
+    stop: watch::Receiver<bool>,
+}
+
+enum Outcome {
+    Exited(Exit),
+    Unhealthy(String),
+    Stop,
+}
+
+impl Run {
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        self.status.send_modify(|s| {
+            let before = (s.state, s.ready);
+            f(s);
+            if (s.state, s.ready) != before {
+                s.since = unix_now();
+                tracing::info!(service = %s.service, instance = %s.id, state = ?s.state, ready = s.ready, "instance");
+            }
+        });
+    }
+
+    async fn main(mut self, mut adopt: Option<(i32, u64)>) {
+        let spec = self.spec.spec.clone();
+        let mut recent: VecDeque<Instant> = VecDeque::new();
+        let mut failures_in_a_row: u32 = 0;
+        loop {
+            let proc = match adopt.take().and_then(|(pid, t)| Proc::adopt(pid, t)) {
+                Some(p) => Ok(p),
+                None => Proc::spawn(&spec.run, self.spec.port, &self.log.path, &self.env.halo_exe, &self.spec.id),
+            };
+            let started = Instant::now();
+            let outcome = match proc {
+                Ok(mut proc) => {
+                    self.set(|s| {
+                        s.state = State::Starting;
+                        s.pid = Some(proc.pid);
+                        s.start_time = Some(proc.start_time);
+                    });
+                    let outcome = self.watch(&mut proc).await;
+                    self.set(|s| s.ready = false);
+                    match &outcome {
+                        Outcome::Stop => {
+                            self.set(|s| s.state = State::Stopping);
+                            let exit = proc.stop(stop_signal(&spec), spec.stop.grace_period).await;
+                            self.set(|s| {
+                                s.state = State::Stopped;
+                                s.last_exit = Some(exit.detail);
+                                s.pid = None;
+                            });
+                            return;
+                        }
+                        Outcome::Unhealthy(why) => {
+                            tracing::warn!(instance = %self.spec.id, reason = %why, "restarting unhealthy instance");
+                            proc.stop(stop_signal(&spec), spec.stop.grace_period.min(Duration::from_secs(5))).await;
+                        }
+                        Outcome::Exited(_) => proc.signal(Signal::SIGKILL),
+                    }
+                    outcome
+                }
+                Err(e) => {
+                    Outcome::Exited(Exit { success: false, detail: format!("cannot start {}: {e}", spec.run.command) })
+                }
+            };
+            let (success, detail) = match outcome {
+                Outcome::Exited(e) => (e.success, e.detail),
+                Outcome::Unhealthy(why) => (false, why),
+                Outcome::Stop => unreachable!("handled above"),
+            };
+            self.set(|s| {
+                s.last_exit = Some(detail);
+                s.pid = None;
+            });
+            let restart = match spec.restart.policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !success,
+                RestartPolicy::Never => false,
+            };
+            if !restart {
+                self.set(|s| s.state = State::Completed);
+                let _ = self.stop.wait_for(|s| *s).await;
+                self.set(|s| s.state = State::Stopped);
+                return;
+            }
+            // Backoff doubles per failure in a row; a run longer than the
+            // crash-loop window starts the count again.
+            let r = &spec.restart;
+            if started.elapsed() > r.crash_loop_window {
+                failures_in_a_row = 0;
+            }
+            failures_in_a_row += 1;
+            let now = Instant::now();
+            recent.push_back(now);
+            while recent.front().is_some_and(|t| now.duration_since(*t) > r.crash_loop_window) {
+                recent.pop_front();
+            }
+            let looping = recent.len() as u32 >= r.crash_loop_restarts;
+            let delay = if looping {
+                r.backoff_max
+            } else {
+                r.backoff_initial.saturating_mul(1 << (failures_in_a_row - 1).min(20)).min(r.backoff_max)
+            };
+            self.set(|s| {
+                s.state = if looping { State::CrashLoop } else { State::Backoff };
+                s.restarts += 1;
+            });
+            let mut stop = self.stop.clone();
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(delay) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopped {
+                self.set(|s| s.state = State::Stopped);
+                return;
+            }
+        }
+    }
+
+    /// Runs until the process exits, fails its probes, or a stop is asked.
+    async fn watch(&mut self, proc: &mut Proc) -> Outcome {
+        let spec = self.spec.spec.clone();
+        let port = self.spec.port;
+        let rotate = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = self.log.rotate_if_over(self.env.log_cap) {
+                    tracing::warn!(error = %e, "rotating an instance log failed");
+                }
+            }
+        };
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            exit = proc.wait() => Outcome::Exited(exit),
+            why = probes(&spec, port, &self.status) => Outcome::Unhealthy(why),
+            _ = stop.wait_for(|s| *s) => Outcome::Stop,
+            _ = rotate => unreachable!("rotation never ends"),
+        }
+    }
+}
+
+fn stop_signal(spec: &ServiceSpec) -> Signal {
+    Signal::try_from(spec.stop.signal.number()).unwrap_or(Signal::SIGTERM)
+}
+
+/// Startup, then readiness and liveness. Returns only when the instance is
+/// unhealthy, with the reason.
+async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -> String {
+    if let Some(p) = &spec.startup {
+        let mut tally = Tally::default();
+        loop {
+            let r = check_once(&p.check, port, p.timeout).await;
+            match tally.record(p, r.is_ok()) {
+                Verdict::Passing => break,
+                Verdict::Failing => return format!("startup probe failed: {}", r.err().unwrap_or_default()),
+                Verdict::Undecided => tokio::time::sleep(p.interval).await,
+            }
+        }
+    }
+    status.send_modify(|s| {
+        s.state = State::Running;
+        s.since = unix_now();
+    });
+    let readiness = async {
+        let p = &spec.readiness;
+        let mut tally = Tally::default();
+        loop {
+            let r = check_once(&p.check, port, p.timeout).await;
+            let ready = match tally.record(p, r.is_ok()) {
+                Verdict::Passing => true,
+                Verdict::Failing => false,
+                Verdict::Undecided => status.borrow().ready,
+            };
+            if ready != status.borrow().ready {
+                if let Err(e) = &r {
+                    tracing::warn!(instance = %status.borrow().id, error = %e, "readiness probe failing");
+                }
+                status.send_modify(|s| {
+                    s.ready = ready;
+                    s.since = unix_now();
+                });
+                tracing::info!(instance = %status.borrow().id, ready, "readiness changed");
+            }
+            tokio::time::sleep(p.interval).await;
+        }
+    };
+    let liveness = async {
+        let Some(p) = &spec.liveness else { return std::future::pending::<String>().await };
+        liveness(p, port).await
+    };
+    tokio::select! {
+        why = liveness => why,
+        _ = readiness => unreachable!("readiness probing never ends"),
+    }
+}
+
+async fn liveness(p: &Probe, port: u16) -> String {
+    let mut tally = Tally::default();
+    loop {
+        tokio::time::sleep(p.interval).await;
+        let r = check_once(&p.check, port, p.timeout).await;
+        if tally.record(p, r.is_ok()) == Verdict::Failing {
+            return format!("liveness probe failed: {}", r.err().unwrap_or_default());
+        }
+    }
+}

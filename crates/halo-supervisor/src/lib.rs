@@ -1,0 +1,33 @@
+//! Running a node's instances.
+//!
+//! Each instance is a process in its own process group, with its output in
+//! a size-capped log file, supervised by one task ([`Instance`]): startup,
+//! readiness and liveness probes; restart with exponential backoff and a
+//! crash-loop state; a stop that drains, signals, waits the grace period
+//! and kills the whole group. The supervisor knows nothing of other nodes
+//! or of the store: the node tells it what to run and watches [`Status`].
+//! A process outlives halo (kill -9 of halo leaves it running) and is
+//! adopted back by pid plus start time ([`Instance::start`] with `adopt`).
+
+mod instance;
+mod logs;
+mod probe;
+mod process;
+
+use std::path::PathBuf;
+
+pub use instance::{Instance, InstanceSpec, State, Status};
+pub use logs::LogFile;
+pub use probe::check_once;
+pub use process::{alive, start_time};
+
+/// What every instance of a node shares.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Instance logs go to `logs_dir/SERVICE/INSTANCE.log`.
+    pub logs_dir: PathBuf,
+    /// What `command = "halo"` runs: this halo binary.
+    pub halo_exe: PathBuf,
+    /// A log file past this many bytes is rotated.
+    pub log_cap: u64,
+}
