@@ -1,6 +1,9 @@
 //! The `halo` binary: parses arguments and dispatches to a role.
 
+mod cli_cmd;
+mod demo_app;
 mod proxy_cmd;
+mod up_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +19,56 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node on the embedded store: store, supervisor, proxy and API.
+    Up(up_cmd::UpArgs),
+    /// Create or change a service from its file.
+    Apply {
+        #[arg(short, long)]
+        file: PathBuf,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// Services, instances, health and restarts.
+    Status {
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// Set a service's replica count.
+    Scale {
+        service: String,
+        replicas: u32,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// Replace every instance of a service, one at a time, keeping capacity.
+    Restart {
+        service: String,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// Show (or follow) a service's instance logs.
+    Logs {
+        service: String,
+        /// Keep streaming new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Lines from the end of each instance's log.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// Stop and remove a service.
+    Delete {
+        service: String,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
+    /// A small HTTP app for the quickstart and tests.
+    DemoApp(demo_app::DemoArgs),
     /// Run the data plane alone, in front of static upstreams.
     Proxy(proxy_cmd::ProxyArgs),
     /// Validate a proxy config file without running it.
@@ -37,6 +90,16 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(args) => up_cmd::run(args),
+        Command::Apply { file, target } => cli_cmd::apply(&target, &file),
+        Command::Status { target } => cli_cmd::status(&target),
+        Command::Scale { service, replicas, target } => cli_cmd::scale(&target, &service, replicas),
+        Command::Restart { service, target } => cli_cmd::restart(&target, &service),
+        Command::Logs { service, follow, instance, lines, target } => {
+            cli_cmd::logs(&target, &service, follow, instance.as_deref(), lines)
+        }
+        Command::Delete { service, target } => cli_cmd::delete(&target, &service),
+        Command::DemoApp(args) => demo_app::run(args),
         Command::Proxy(args) => proxy_cmd::run(args),
         Command::Check { config } => proxy_cmd::check(&config),
     };

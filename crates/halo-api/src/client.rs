@@ -1,0 +1,71 @@
+//! The client the CLI uses: one HTTP/1.1 request per call to a node's API.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the halo API at {addr}: {source} (is `halo up` running? --api or HALO_API set the address)")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("talking to the halo API failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{message}")]
+    Api { status: StatusCode, message: String },
+}
+
+/// A node's API address and token.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+impl ApiClient {
+    /// Sends one request; a non-2xx answer becomes [`ClientError::Api`]
+    /// with the API's error message. Each chunk of the body goes to
+    /// `on_chunk` as it arrives (log following); the whole body is returned.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        mut on_chunk: impl FnMut(&[u8]),
+    ) -> Result<Bytes, ClientError> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr: self.addr, source })?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, self.addr.to_string())
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("a valid request");
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let mut all = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if status.is_success() {
+                    on_chunk(&data);
+                }
+                all.extend_from_slice(&data);
+            }
+        }
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&all)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&all).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(Bytes::from(all))
+    }
+}

@@ -1,0 +1,9 @@
+//! halo's admin API: the axum server a node runs ([`serve`]), its bearer
+//! token ([`token`]), and the client the CLI uses ([`ApiClient`]).
+
+mod client;
+mod server;
+pub mod token;
+
+pub use client::{ApiClient, ClientError};
+pub use server::{router, serve};

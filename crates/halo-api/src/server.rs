@@ -1,0 +1,204 @@
+//! The admin API a node serves, for the CLI and for people.
+//!
+//! Every route but `/healthz` needs `Authorization: Bearer TOKEN`. Errors
+//! are JSON `{"error": "..."}` with a message a person can act on.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use halo_control::{Node, NodeError};
+use serde::Deserialize;
+
+#[derive(Clone)]
+struct Api {
+    node: Node,
+    token: std::sync::Arc<str>,
+}
+
+/// An error as the API answers it.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> ApiError {
+        let status = match &e {
+            NodeError::Invalid(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Conflict => StatusCode::CONFLICT,
+            NodeError::Store(_) | NodeError::Start(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// The API's routes, for `node`, guarded by `token`.
+pub fn router(node: Node, token: String) -> Router {
+    let api = Api { node, token: token.into() };
+    let guarded = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/services", put(apply))
+        .route("/v1/services/{name}", get(get_service).delete(delete_service))
+        .route("/v1/services/{name}/scale", post(scale))
+        .route("/v1/services/{name}/restart", post(restart))
+        .route("/v1/services/{name}/logs", get(logs))
+        .route_layer(middleware::from_fn_with_state(api.clone(), auth));
+    Router::new().route("/healthz", get(|| async { "ok\n" })).merge(guarded).fallback(not_found).with_state(api)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    node: Node,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(node, token)).with_graceful_shutdown(shutdown).await
+}
+
+async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), api.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "wrong token".into()).into_response(),
+        None => ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing 'Authorization: Bearer TOKEN'; the token is in the node's data directory (file 'token')".into(),
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status, /v1/services/NAME, /metrics".into())
+}
+
+async fn metrics(State(api): State<Api>) -> impl IntoResponse {
+    let mut text = halo_proxy::render_metrics(api.node.proxy());
+    text.push_str(&api.node.metrics());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn status(State(api): State<Api>) -> impl IntoResponse {
+    Json(serde_json::json!({ "services": api.node.status() }))
+}
+
+async fn apply(State(api): State<Api>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the body must be UTF-8 TOML".into()))?;
+    let (name, outcome) = api.node.apply("request", text).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": outcome })))
+}
+
+async fn get_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(([(header::CONTENT_TYPE, "application/toml")], api.node.get(&name).await?))
+}
+
+async fn delete_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    api.node.delete(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": "deleted" })))
+}
+
+#[derive(Deserialize)]
+struct ScaleBody {
+    replicas: u32,
+}
+
+async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let b: ScaleBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(StatusCode::BAD_REQUEST, format!("expected {{\"replicas\": N}} with N from 0 to 1000: {e}"))
+    })?;
+    api.node.scale(&name, b.replicas).await?;
+    Ok(Json(serde_json::json!({ "name": name, "replicas": b.replicas })))
+}
+
+async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    api.node.restart(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": "restarting" })))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    instance: Option<String>,
+    lines: Option<usize>,
+    follow: Option<bool>,
+}
+
+/// The last lines of each instance's log, prefixed with the instance id;
+/// with `follow=true` the response stays open and streams new lines.
+async fn logs(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let files = api.node.logs(&name, q.instance.as_deref())?;
+    let lines = q.lines.unwrap_or(100).min(10_000);
+    let mut head = String::new();
+    for (id, f) in &files {
+        for l in f.tail(lines) {
+            head.push_str(&format!("{id} | {l}\n"));
+        }
+    }
+    if !q.follow.unwrap_or(false) {
+        return Ok(([(header::CONTENT_TYPE, "text/plain")], head).into_response());
+    }
+    let mut offsets: Vec<u64> = files.iter().map(|(_, f)| f.size()).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        if tx.send(Bytes::from(head)).await.is_err() {
+            return;
+        }
+        // Bounded: a follower is dropped after a day, or when it hangs up.
+        for _ in 0..(24 * 3600 * 4) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let mut chunk = String::new();
+            for ((id, f), off) in files.iter().zip(offsets.iter_mut()) {
+                let (text, next) = f.read_from(*off);
+                *off = next;
+                for l in text.lines() {
+                    chunk.push_str(&format!("{id} | {l}\n"));
+                }
+            }
+            if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                return;
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    let body = Body::new(ChannelBody(rx));
+    Ok(([(header::CONTENT_TYPE, "text/plain")], body).into_response())
+}
+
+/// A response body fed by a channel, one frame per message.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}

@@ -1,0 +1,148 @@
+//! The node file (`halo up -c halo.toml`): the proxy's own sections
+//! (`[proxy]`, `[admin]`, `[[listeners]]`, static `[[routes]]` and
+//! `[upstreams.*]`, validated by `halo_proxy::config`), plus `[node]` (data
+//! directory, API address) and `[[services]]` (service files, applied when
+//! the store does not have them yet).
+//!
+//! The proxy parser sees the file with the node's sections blanked out line
+//! for line, so its errors keep their line numbers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use halo_model::{ServiceFile, ServiceSpec};
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// `[node] data_dir`; the command line's `--data-dir` wins over it.
+    pub data_dir: Option<PathBuf>,
+    /// Where the admin API listens.
+    pub api: SocketAddr,
+    /// Listeners, proxy settings and static routes; services add theirs.
+    pub proxy: halo_proxy::config::Config,
+    /// Services to create if the store does not have them.
+    pub services: Vec<(ServiceFile, ServiceSpec)>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    data_dir: Option<PathBuf>,
+    api: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NodeParts {
+    #[serde(default)]
+    node: NodeSection,
+    #[serde(default)]
+    services: Vec<ServiceFile>,
+}
+
+/// Default admin API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7070";
+
+/// Parses and validates a node file; every problem is reported, each with
+/// the file, and the line or field.
+pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
+    let mut errors = Vec::new();
+    let proxy = halo_proxy::config::parse(file, &blank_sections(text, true));
+    let parts: NodeParts = match toml::from_str(&blank_sections(text, false)) {
+        Ok(p) => p,
+        Err(e) => {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            errors.push(format!("{file}:{line}: {}", e.message().trim()));
+            NodeParts::default()
+        }
+    };
+    let api = parts.node.api.as_deref().unwrap_or(DEFAULT_API);
+    let api = api.parse::<SocketAddr>().map_err(|_| {
+        errors.push(format!("{file}: node.api: '{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\""))
+    });
+    let mut services = Vec::new();
+    for (i, s) in parts.services.into_iter().enumerate() {
+        match s.validate() {
+            Ok(spec) => {
+                if services.iter().any(|(f, _): &(ServiceFile, ServiceSpec)| f.name == s.name) {
+                    errors.push(format!("{file}: services[{i}].name: '{}' is declared twice", s.name));
+                }
+                services.push((s, spec));
+            }
+            Err(es) => errors.extend(es.0.iter().map(|e| format!("{file}: services[{i}].{}: {}", e.field, e.message))),
+        }
+    }
+    match proxy {
+        Ok(proxy) if errors.is_empty() => {
+            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services })
+        }
+        Ok(_) => Err(errors),
+        Err(e) => {
+            errors.extend(e.0.iter().map(|e| e.to_string()));
+            Err(errors)
+        }
+    }
+}
+
+/// The text with either the node's own sections (`[node]`, `[[services]]`
+/// and their subtables) or everything else replaced by empty lines.
+fn blank_sections(text: &str, node_sections: bool) -> String {
+    let mut in_node = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            let name = t.trim_start_matches('[').trim_start();
+            in_node = ["node", "services"]
+                .iter()
+                .any(|s| name.strip_prefix(s).is_some_and(|rest| rest.trim_start().starts_with([']', '.'])));
+        }
+        if in_node != node_sections {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = r#"
+[node]
+api = "127.0.0.1:7071"
+
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "http"
+listen = "127.0.0.1:0"
+
+[[services]]
+name = "web"
+replicas = 2
+[services.run]
+command = "halo"
+args = ["demo-app"]
+[[services.routes]]
+path_prefix = "/"
+"#;
+
+    #[test]
+    fn node_proxy_and_services_parse_together() {
+        let n = parse_node("q.toml", NODE).unwrap();
+        assert_eq!(n.api.port(), 7071);
+        assert_eq!(n.proxy.listeners.len(), 1);
+        assert_eq!(n.services[0].1.replicas, 2);
+    }
+
+    #[test]
+    fn errors_keep_lines_and_fields() {
+        let bad = NODE.replace("workers = 1", "workers = \"many\"").replace("replicas = 2", "replicas = 99999");
+        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        assert!(errs.contains("q.toml:6"), "proxy error lost its line: {errs}");
+        assert!(errs.contains("services[0].replicas"), "{errs}");
+    }
+}

@@ -1,0 +1,465 @@
+//! The single-node reconciler: converges the instances this node runs to
+//! the services in the store, and feeds the proxy the ready ones.
+//!
+//! One loop: list the services, compare with the instances, start or stop
+//! what differs, publish endpoints. It runs on every store change, every
+//! instance status change and once a second. Rolling replacement keeps
+//! capacity (at most one extra instance, none fewer ready than asked): a new
+//! instance starts, becomes ready, then an old one is drained and stopped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use halo_model::{ServiceFile, ServiceSpec};
+use halo_proxy::config::{Config, EndpointConfig, PathMatch, RouteConfig, UpstreamConfig, UpstreamProtocol};
+use halo_proxy::Proxy;
+use halo_store::{Store, StoreError};
+use halo_supervisor::{Env, Instance, InstanceSpec, Status};
+use tokio::sync::{watch, Notify};
+
+use crate::records::{instance_key, InstanceRecord, ServiceRecord, INSTANCES, SERVICES};
+
+/// A service as the node runs it.
+#[derive(Clone)]
+struct Svc {
+    file: ServiceFile,
+    spec: Arc<ServiceSpec>,
+    template: String,
+}
+
+struct Managed {
+    record: InstanceRecord,
+    status: watch::Receiver<Status>,
+    /// `None` once a stop has begun.
+    instance: Option<Instance>,
+}
+
+impl Managed {
+    fn stopping(&self) -> bool {
+        self.instance.is_none()
+    }
+
+    fn ready(&self) -> bool {
+        !self.stopping() && self.status.borrow().ready
+    }
+}
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub proxy: Arc<Proxy>,
+    pub base: Config,
+    pub env: Arc<Env>,
+    pub data_dir: PathBuf,
+    instances: Mutex<BTreeMap<String, Managed>>,
+    services: Mutex<BTreeMap<String, Svc>>,
+    published: Mutex<Option<BTreeMap<String, Vec<EndpointConfig>>>>,
+    pub wake: Notify,
+    /// Set by [`Inner::stop_all`]: nothing is started any more.
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+/// Decisions of one reconcile pass.
+#[derive(Default)]
+struct Plan {
+    start: Vec<String>,
+    stop: Vec<String>,
+}
+
+impl Inner {
+    pub fn new(store: Arc<dyn Store>, proxy: Arc<Proxy>, base: Config, env: Arc<Env>, data_dir: PathBuf) -> Inner {
+        Inner {
+            store,
+            proxy,
+            base,
+            env,
+            data_dir,
+            instances: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(BTreeMap::new()),
+            published: Mutex::new(None),
+            wake: Notify::new(),
+            shutting_down: Default::default(),
+        }
+    }
+
+    /// Reads the services from the store. A record that no longer
+    /// validates (written by another version) is skipped with an error.
+    async fn load_services(&self) -> Result<BTreeMap<String, Svc>, StoreError> {
+        let listing = self.store.list(SERVICES).await?;
+        let mut out = BTreeMap::new();
+        for kv in listing.kvs {
+            let name = kv.key.trim_start_matches(SERVICES).to_string();
+            let parsed = serde_json::from_slice::<ServiceRecord>(&kv.value)
+                .map_err(|e| e.to_string())
+                .and_then(|r| halo_model::parse_service(&kv.key, &r.spec).map(|x| (r, x)).map_err(|e| e.to_string()));
+            match parsed {
+                Ok((rec, (file, mut spec))) => {
+                    let template = ServiceRecord::template(&file, rec.restart_generation);
+                    let dir = self.data_dir.display().to_string();
+                    spec.run.env.insert("HALO_DATA_DIR".into(), dir);
+                    out.insert(name, Svc { file, spec: Arc::new(spec), template });
+                }
+                Err(e) => tracing::error!(service = %name, error = %e, "stored service is not valid; ignored"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn plan(&self, services: &BTreeMap<String, Svc>) -> Plan {
+        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plan = Plan::default();
+        for (id, m) in instances.iter() {
+            if !m.stopping() && !services.contains_key(&m.record.service) {
+                plan.stop.push(id.clone());
+            }
+        }
+        for (name, svc) in services {
+            let mine: Vec<(&String, &Managed)> =
+                instances.iter().filter(|(_, m)| &m.record.service == name && !m.stopping()).collect();
+            let (new, old): (Vec<_>, Vec<_>) = mine.into_iter().partition(|(_, m)| m.record.template == svc.template);
+            let want = svc.spec.replicas as usize;
+            let new_ready = new.iter().filter(|(_, m)| m.ready()).count();
+            let old_ready = old.iter().filter(|(_, m)| m.ready()).count();
+            if old.is_empty() {
+                for _ in new.len()..want {
+                    plan.start.push(name.clone());
+                }
+                // Scale down: the not-ready first, then the newest.
+                let mut extra: Vec<_> = new.iter().collect();
+                extra.sort_by_key(|(_, m)| (m.ready(), std::cmp::Reverse(m.status.borrow().since)));
+                plan.stop.extend(extra.iter().take(new.len().saturating_sub(want)).map(|(id, _)| (*id).clone()));
+                continue;
+            }
+            // Rolling: one new instance at a time, each once the previous is
+            // ready; an old one goes only while enough others are ready.
+            if new.len() < want && new_ready == new.len() {
+                plan.start.push(name.clone());
+            }
+            let mut old_sorted: Vec<_> = old.iter().collect();
+            old_sorted.sort_by_key(|(_, m)| m.ready());
+            if let Some((id, m)) = old_sorted.first() {
+                // A not-ready instance carries no traffic: it can go at once.
+                if !m.ready() || new_ready + old_ready > want {
+                    plan.stop.push((*id).clone());
+                }
+            }
+        }
+        plan
+    }
+
+    /// Free port on loopback for a new instance, not one a live instance has.
+    fn free_port(&self) -> std::io::Result<u16> {
+        let taken: BTreeSet<u16> =
+            self.instances.lock().unwrap_or_else(|e| e.into_inner()).values().map(|m| m.record.port).collect();
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            if !taken.contains(&port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free port found"))
+    }
+
+    async fn start_instance(self: &Arc<Self>, svc: &Svc, adopt: Option<InstanceRecord>) -> anyhow_lite::Result<()> {
+        let record = match adopt {
+            Some(r) => r,
+            None => {
+                let id = format!("{}-{}", svc.file.name, short_id());
+                let port = self.free_port()?;
+                let r = InstanceRecord {
+                    id,
+                    service: svc.file.name.clone(),
+                    port,
+                    template: svc.template.clone(),
+                    pid: None,
+                    start_time: None,
+                };
+                // The record exists before the process does: a halo killed
+                // in between finds the record, not an unknown process.
+                self.store.put(&instance_key(&r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
+                r
+            }
+        };
+        let spec = InstanceSpec {
+            id: record.id.clone(),
+            service: record.service.clone(),
+            spec: svc.spec.clone(),
+            port: record.port,
+        };
+        let adopt = record.pid.zip(record.start_time);
+        let instance = Instance::start(self.env.clone(), spec, adopt)?;
+        let status = instance.subscribe();
+        self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            record.id.clone(),
+            Managed { record: record.clone(), status: status.clone(), instance: Some(instance) },
+        );
+        tokio::spawn(follow_status(self.clone(), record, status));
+        Ok(())
+    }
+
+    /// Drain (out of the proxy first), stop, forget.
+    fn stop_instance(self: &Arc<Self>, id: &str) {
+        let taken = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            instances.get_mut(id).and_then(|m| m.instance.take().map(|i| (i, m.record.clone())))
+        };
+        let Some((instance, record)) = taken else { return };
+        self.publish();
+        let me = self.clone();
+        tokio::spawn(async move {
+            instance.stop().await;
+            if let Err(e) = me.store.delete(&instance_key(&record.service, &record.id)).await {
+                tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
+            }
+            me.instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&record.id);
+            // Scaled away or replaced: its log goes with it.
+            if let Ok(log) = halo_supervisor::LogFile::new(&me.env.logs_dir, &record.service, &record.id) {
+                log.remove();
+            }
+            me.wake.notify_one();
+        });
+    }
+
+    /// One reconcile pass.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), StoreError> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let services = self.load_services().await?;
+        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = services.clone();
+        let plan = self.plan(&services);
+        for id in &plan.stop {
+            tracing::info!(instance = %id, "stopping instance");
+            self.stop_instance(id);
+        }
+        for name in &plan.start {
+            if let Err(e) = self.start_instance(&services[name], None).await {
+                tracing::error!(service = %name, error = %e, "starting an instance failed");
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Takes over the instances a previous halo left: adopts live ones,
+    /// restarts dead ones under the same record, stops those of deleted
+    /// services. Then kills any process of this data dir nobody knows.
+    pub async fn adopt(self: &Arc<Self>) -> Result<(), StoreError> {
+        let services = self.load_services().await?;
+        let listing = self.store.list(INSTANCES).await?;
+        let mut known_groups = BTreeSet::new();
+        for kv in listing.kvs {
+            let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
+                tracing::warn!(key = %kv.key, "unreadable instance record removed");
+                self.store.delete(&kv.key).await?;
+                continue;
+            };
+            let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
+            match (services.get(&rec.service), live) {
+                (Some(svc), _) => {
+                    if let Some((pid, _)) = live {
+                        known_groups.insert(pid);
+                        tracing::info!(instance = %rec.id, pid, "adopting running instance");
+                    }
+                    if let Err(e) = self.start_instance(svc, Some(rec.clone())).await {
+                        tracing::error!(instance = %rec.id, error = %e, "adopting failed");
+                    }
+                }
+                (None, Some((pid, _))) => {
+                    tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    self.store.delete(&kv.key).await?;
+                }
+                (None, None) => {
+                    self.store.delete(&kv.key).await?;
+                }
+            }
+        }
+        sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
+        Ok(())
+    }
+
+    /// Builds the proxy config from the node file plus every service's
+    /// routes and ready endpoints, and installs it if endpoints or services
+    /// changed.
+    pub fn publish(&self) {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut endpoints: BTreeMap<String, Vec<EndpointConfig>> =
+            services.keys().map(|n| (n.clone(), Vec::new())).collect();
+        for m in self.instances.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if m.ready() {
+                if let Some(eps) = endpoints.get_mut(&m.record.service) {
+                    eps.push(EndpointConfig { addr: ([127, 0, 0, 1], m.record.port).into(), weight: 1 });
+                }
+            }
+        }
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let key: BTreeMap<String, Vec<EndpointConfig>> =
+            endpoints.iter().map(|(k, v)| (format!("{k}@{}", services[k].template), v.clone())).collect();
+        if published.as_ref() == Some(&key) {
+            return;
+        }
+        let cfg = proxy_config(&self.base, &services, endpoints);
+        match self.proxy.reload(cfg) {
+            Ok(()) => *published = Some(key),
+            Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
+        }
+    }
+
+    /// Instances of `service` (all services when `None`), as statuses.
+    pub fn statuses(&self) -> Vec<(Status, bool)> {
+        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances.values().map(|m| (m.status.borrow().clone(), m.stopping())).collect()
+    }
+
+    pub fn service_specs(&self) -> BTreeMap<String, (u32, String)> {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.iter().map(|(n, s)| (n.clone(), (s.spec.replicas, s.template.clone()))).collect()
+    }
+
+    pub fn instance_template(&self, id: &str) -> Option<String> {
+        self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|m| m.record.template.clone())
+    }
+
+    /// Stops every instance (halo is shutting down), draining each first.
+    pub async fn stop_all(self: &Arc<Self>) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let all: Vec<(Instance, InstanceRecord)> = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            instances.values_mut().filter_map(|m| m.instance.take().map(|i| (i, m.record.clone()))).collect()
+        };
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.publish();
+        let stops = all.into_iter().map(|(i, _)| i.stop());
+        for s in stops.collect::<Vec<_>>() {
+            s.await;
+        }
+    }
+}
+
+/// Keeps the instance's record in step with its process, and wakes the
+/// reconciler on every change.
+async fn follow_status(node: Arc<Inner>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
+    loop {
+        let s = status.borrow_and_update().clone();
+        if s.pid.is_some() && (s.pid, s.start_time) != (record.pid, record.start_time) {
+            record.pid = s.pid;
+            record.start_time = s.start_time;
+            let key = instance_key(&record.service, &record.id);
+            match serde_json::to_vec(&record) {
+                Ok(v) => {
+                    if let Err(e) = node.store.put(&key, v, None).await {
+                        tracing::warn!(instance = %record.id, error = %e, "recording the instance's pid failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "encoding an instance record failed"),
+            }
+        }
+        node.publish();
+        node.wake.notify_one();
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Kills every process group whose leader carries `HALO_DATA_DIR=dir` in
+/// its environment and is not one of `known` (started by a halo that died
+/// before it could record the pid).
+fn sweep_orphans(dir: &str, known: &BTreeSet<i32>) {
+    let needle = format!("HALO_DATA_DIR={dir}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            continue;
+        }
+        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok());
+        if let Some(pgid) = pgid.filter(|g| !known.contains(g) && *g == pid) {
+            tracing::warn!(pid, "killing an orphaned instance process group");
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn short_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    format!("{:06x}", h.finish() & 0xff_ffff)
+}
+
+/// The node file's proxy config plus one upstream and its routes per
+/// service. Service routes follow the file's own, most specific first.
+fn proxy_config(
+    base: &Config,
+    services: &BTreeMap<String, Svc>,
+    mut endpoints: BTreeMap<String, Vec<EndpointConfig>>,
+) -> Config {
+    let mut cfg = base.clone();
+    let mut routes = Vec::new();
+    for (name, svc) in services {
+        let b = &svc.spec.balance;
+        cfg.upstreams.insert(
+            name.clone(),
+            UpstreamConfig {
+                name: name.clone(),
+                endpoints: endpoints.remove(name).unwrap_or_default(),
+                policy: b.policy,
+                hash_key: b.hash_key.clone(),
+                session_cookie: b.session_cookie.clone(),
+                slow_start: None,
+                protocol: UpstreamProtocol::Http1,
+                pool: Default::default(),
+                // Readiness probes decide membership; passive outlier
+                // detection still ejects an endpoint that fails requests.
+                health: None,
+                outlier: Some(Default::default()),
+            },
+        );
+        for (i, r) in svc.spec.routes.iter().enumerate() {
+            routes.push(RouteConfig {
+                name: format!("{name}.{i}"),
+                listeners: None,
+                host: r.host.as_deref().map(|h| match h.strip_prefix('*') {
+                    Some(suffix) => halo_proxy::config::HostMatch::Suffix(suffix.to_string()),
+                    None => halo_proxy::config::HostMatch::Exact(h.to_string()),
+                }),
+                path: Some(match &r.path {
+                    halo_model::PathRule::Prefix(p) => PathMatch::Prefix(p.clone()),
+                    halo_model::PathRule::Exact(p) => PathMatch::Exact(p.clone()),
+                }),
+                methods: Vec::new(),
+                headers: Vec::new(),
+                split: vec![(name.clone(), 1)],
+                overrides: Vec::new(),
+                timeouts: b.timeouts.clone(),
+                retry: b.retry.clone(),
+            });
+        }
+    }
+    routes.sort_by_key(|r| {
+        let host = match &r.host {
+            Some(halo_proxy::config::HostMatch::Exact(_)) => 0,
+            Some(halo_proxy::config::HostMatch::Suffix(_)) => 1,
+            None => 2,
+        };
+        let path = match &r.path {
+            Some(PathMatch::Exact(p)) => (0, std::cmp::Reverse(p.len())),
+            Some(PathMatch::Prefix(p)) => (1, std::cmp::Reverse(p.len())),
+            None => (2, std::cmp::Reverse(0)),
+        };
+        (host, path)
+    });
+    cfg.routes.extend(routes);
+    cfg
+}
+
+/// The small error type of this module: store, I/O and encoding failures.
+mod anyhow_lite {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}

@@ -1,0 +1,150 @@
+//! The CLI verbs that talk to a node's API: apply, status, scale, restart,
+//! logs, delete. They find the node and its token in the data directory
+//! (`api.addr`, `token`), or through `--api` / `HALO_API` and `HALO_TOKEN`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use halo_api::ApiClient;
+use http::Method;
+
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// The node's data directory, where its API address and token are.
+    #[arg(long, global = true, default_value = "halo-data", env = "HALO_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The node's API address [default: read from the data directory].
+    #[arg(long, global = true, env = "HALO_API")]
+    api: Option<SocketAddr>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let addr = match self.api {
+            Some(a) => a,
+            None => {
+                let f = self.data_dir.join("api.addr");
+                let text = std::fs::read_to_string(&f).with_context(|| {
+                    format!("cannot read {} (is `halo up` running with this --data-dir? or pass --api)", f.display())
+                })?;
+                text.trim().parse().with_context(|| format!("{} does not hold an address", f.display()))?
+            }
+        };
+        let token = match std::env::var("HALO_TOKEN") {
+            Ok(t) => t,
+            Err(_) => halo_api::token::read(&self.data_dir).with_context(|| {
+                format!("cannot read the API token in {} (or set HALO_TOKEN)", self.data_dir.display())
+            })?,
+        };
+        Ok(ApiClient { addr, token })
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn call(t: &Target, method: Method, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
+    let c = t.client()?;
+    let bytes = runtime()?.block_on(c.call(method, path, body, |_| {}))?;
+    Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+fn print_outcome(t: &Target, v: &serde_json::Value) {
+    if t.json {
+        println!("{v}");
+    } else {
+        let name = v["name"].as_str().unwrap_or("?");
+        let what = v["outcome"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| v["replicas"].as_u64().map(|r| format!("scaled to {r}")));
+        println!("{name}: {}", what.unwrap_or_default());
+    }
+}
+
+pub fn apply(t: &Target, file: &PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // Validate here too, so errors name the file the user wrote.
+    halo_model::parse_service(&file.display().to_string(), &text)
+        .map_err(|e| anyhow::anyhow!("invalid service:\n{e}"))?;
+    print_outcome(t, &call(t, Method::PUT, "/v1/services", Some(text))?);
+    Ok(())
+}
+
+pub fn scale(t: &Target, name: &str, replicas: u32) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "replicas": replicas }).to_string();
+    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/scale"), Some(body))?);
+    Ok(())
+}
+
+pub fn restart(t: &Target, name: &str) -> anyhow::Result<()> {
+    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/restart"), None)?);
+    Ok(())
+}
+
+pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
+    print_outcome(t, &call(t, Method::DELETE, &format!("/v1/services/{name}"), None)?);
+    Ok(())
+}
+
+pub fn logs(t: &Target, name: &str, follow: bool, instance: Option<&str>, lines: usize) -> anyhow::Result<()> {
+    let c = t.client()?;
+    let mut path = format!("/v1/services/{name}/logs?lines={lines}&follow={follow}");
+    if let Some(i) = instance {
+        path.push_str(&format!("&instance={i}"));
+    }
+    let mut out = std::io::stdout();
+    runtime()?.block_on(c.call(Method::GET, &path, None, |chunk| {
+        let _ = out.write_all(chunk);
+        let _ = out.flush();
+    }))?;
+    Ok(())
+}
+
+pub fn status(t: &Target) -> anyhow::Result<()> {
+    let v = call(t, Method::GET, "/v1/status", None)?;
+    if t.json {
+        let _ = writeln!(std::io::stdout(), "{v}");
+        return Ok(());
+    }
+    let services = v["services"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if services.is_empty() {
+        out.push_str("no services; declare one with `halo apply -f FILE`\n");
+    }
+    for s in services {
+        out.push_str(&format!("{}  ready {}/{}\n", s["name"].as_str().unwrap_or("?"), s["ready"], s["replicas"]));
+        out.push_str(&format!(
+            "  {:<16} {:<10} {:<6} {:<8} {:<6} {:<9} LAST EXIT\n",
+            "INSTANCE", "STATE", "READY", "PID", "PORT", "RESTARTS"
+        ));
+        for i in s["instances"].as_array().cloned().unwrap_or_default() {
+            let mut state = i["state"].as_str().unwrap_or("?").to_string();
+            if i["stopping"].as_bool() == Some(true) {
+                state = "draining".into();
+            } else if i["current"].as_bool() == Some(false) {
+                state.push_str("(old)");
+            }
+            let pid = i["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "  {:<16} {:<10} {:<6} {:<8} {:<6} {:<9} {}\n",
+                i["id"].as_str().unwrap_or("?"),
+                state,
+                if i["ready"].as_bool() == Some(true) { "yes" } else { "no" },
+                pid,
+                i["port"].to_string(),
+                i["restarts"].to_string(),
+                i["last_exit"].as_str().unwrap_or("-")
+            ));
+        }
+    }
+    // A closed pipe (`halo status | head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `halo up`: one node on the embedded store: store, supervisor, proxy and
+//! admin API in one process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use halo_control::{parse_node, Node};
+use halo_store::EmbeddedStore;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// The node file (listeners, API address, services to create).
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Where the store, the token, logs and instance records live
+    /// [default: the file's [node] data_dir, else ./halo-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let name = args.config.display().to_string();
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("cannot read {name}"))?;
+    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
+    let data_dir = args.data_dir.clone().or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("halo-data"));
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("halo-control")
+        .enable_all()
+        .build()
+        .context("start the control runtime")?;
+    runtime.block_on(serve(cfg, data_dir))
+}
+
+async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf) -> anyhow::Result<()> {
+    let grace = cfg.proxy.grace_period;
+    let store = EmbeddedStore::open(&data_dir).await?;
+    let token = halo_api::token::load_or_create(&data_dir).context("API token")?;
+    let api =
+        tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
+    let api_addr = api.local_addr()?;
+    let exe = std::env::current_exe().context("locating the halo binary")?;
+    let node = Node::start(cfg, data_dir.clone(), Arc::new(store), exe).await?;
+    std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(halo_api::serve(api, node.clone(), token, async {
+        let _ = api_stopped.await;
+    }));
+    for (name, addr) in node.proxy().listener_addrs() {
+        println!("listening {name} {addr}");
+    }
+    println!("api {api_addr}");
+    println!("data {}", data_dir.display());
+    println!("ready");
+    tracing::info!(api = %api_addr, data_dir = %data_dir.display(), "halo up");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining and stopping instances"),
+        _ = int.recv() => tracing::info!("SIGINT: draining and stopping instances"),
+        r = server => anyhow::bail!("the API server stopped: {r:?}"),
+    }
+    let _ = stop_api.send(());
+    node.shutdown(grace).await;
+    Ok(())
+}
