@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::records::{instance_key, InstanceRecord, ServiceRecord, INSTANCES, SERVICES};
 
+/// Between taking an instance out of the proxy and signalling it.
+const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// A service as the node runs it.
 #[derive(Clone)]
 struct Svc {
@@ -207,6 +210,8 @@ impl Inner {
         self.publish();
         let me = self.clone();
         tokio::spawn(async move {
+            // Requests the proxy sent before the removal finish first.
+            tokio::time::sleep(DRAIN_DELAY).await;
             instance.stop().await;
             if let Err(e) = me.store.delete(&instance_key(&record.service, &record.id)).await {
                 tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");

@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use load::{Load, Report};
-pub use process::Halo;
+pub use process::{processes_of, Halo};
 
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> std::net::SocketAddr {

@@ -14,6 +14,13 @@ pub struct Halo {
     /// Listener addresses by name, from the process's `listening` lines.
     pub listeners: HashMap<String, SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The node API of `halo up`.
+    pub api: Option<SocketAddr>,
+    /// The data directory of `halo up`; instance processes carry it in
+    /// `HALO_DATA_DIR` and are killed with the harness.
+    pub data_dir: Option<PathBuf>,
+    bin: String,
+    args: Vec<String>,
     stdout: mpsc::Receiver<String>,
     pub dir: PathBuf,
     /// The config file, when started by [`Halo::proxy`].
@@ -24,6 +31,25 @@ pub struct Halo {
 impl Halo {
     /// Starts `bin` with `args` and waits until it printed its listeners.
     pub fn start(bin: &str, args: &[&str], dir: &Path) -> anyhow::Result<Halo> {
+        let (child, rx) = Halo::spawn(bin, args, dir)?;
+        let mut h = Halo {
+            child: Some(child),
+            listeners: HashMap::new(),
+            admin: None,
+            api: None,
+            data_dir: None,
+            bin: bin.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stdout: rx,
+            dir: dir.to_path_buf(),
+            config: None,
+            _scratch: None,
+        };
+        h.wait_ready()?;
+        Ok(h)
+    }
+
+    fn spawn(bin: &str, args: &[&str], dir: &Path) -> anyhow::Result<(Child, mpsc::Receiver<String>)> {
         let mut child = Command::new(bin)
             .args(args)
             .current_dir(dir)
@@ -41,17 +67,70 @@ impl Halo {
                 }
             }
         });
-        let mut h = Halo {
-            child: Some(child),
-            listeners: HashMap::new(),
-            admin: None,
-            stdout: rx,
-            dir: dir.to_path_buf(),
-            config: None,
-            _scratch: None,
-        };
-        h.wait_ready()?;
+        Ok((child, rx))
+    }
+
+    /// Runs `halo up -c FILE --data-dir DIR/data` on a node file written
+    /// from `toml` into a scratch directory owned by the returned value.
+    pub fn up(bin: &str, toml: &str) -> anyhow::Result<Halo> {
+        let dir = crate::TempDir::new("up");
+        let path = dir.write("halo.toml", toml);
+        let data = dir.0.join("data");
+        let args = ["up", "-c", &path.to_string_lossy(), "--data-dir", &data.to_string_lossy()].map(str::to_string);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut h = Halo::start(bin, &args, &dir.0)?;
+        h.config = Some(path);
+        h._scratch = Some(dir);
         Ok(h)
+    }
+
+    /// kill -9 of halo itself (its instances live on), then the same
+    /// command again, in the same directory.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (child, rx) = Halo::spawn(&self.bin, &args, &self.dir)?;
+        self.child = Some(child);
+        self.stdout = rx;
+        self.listeners.clear();
+        self.wait_ready()
+    }
+
+    /// Runs a CLI verb (`status`, `apply -f F`, ...) against this node;
+    /// returns the exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let data = self.data_dir.as_ref().expect("started by Halo::up");
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data)
+            .current_dir(&self.dir)
+            .output()
+            .expect("run the halo CLI");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// The node's `/v1/status` as JSON, through the CLI.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        assert_eq!(code, 0, "halo status failed: {err}");
+        serde_json::from_str(&out).expect("status is JSON")
+    }
+
+    /// The API token of this node.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.as_ref().expect("halo up").join("token"))
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api.expect("node API"))
     }
 
     /// Runs `halo proxy -c FILE` on a config written from `toml` into a
@@ -87,6 +166,8 @@ impl Halo {
                     self.listeners.insert(name.to_string(), addr.parse()?);
                 }
                 ["admin", addr] => self.admin = Some(addr.parse()?),
+                ["api", addr] => self.api = Some(addr.parse()?),
+                ["data", dir] => self.data_dir = Some(PathBuf::from(dir)),
                 ["ready"] => return Ok(()),
                 _ => {}
             }
@@ -141,5 +222,32 @@ impl Drop for Halo {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Instances outlive a killed halo by design: the harness ends them.
+        if let Some(dir) = &self.data_dir {
+            for pid in processes_of(dir) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
+}
+
+/// Live processes started for the node whose data directory is `dir`
+/// (their environment has `HALO_DATA_DIR=dir`).
+pub fn processes_of(dir: &Path) -> Vec<i32> {
+    let needle = format!("HALO_DATA_DIR={}", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            .unwrap_or(true);
+        let ours = std::fs::read(format!("/proc/{pid}/environ"))
+            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+            .unwrap_or(false);
+        if ours && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
 }

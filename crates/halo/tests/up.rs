@@ -1,0 +1,246 @@
+//! `halo up` through the real binary: the quickstart, recovery from
+//! instance crashes, hangs and crash loops, scaling and rolling restarts
+//! under load, kill -9 of halo itself, bad specs and the API token.
+
+use std::time::{Duration, Instant};
+
+use halo_testkit::{eventually, Client, Halo, Load, Report};
+use http::Request;
+use http_body_util::Full;
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+/// The quickstart's node file on free ports, with `replicas` instances and
+/// quick probes.
+fn node(replicas: u32) -> String {
+    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
+    q.replace("127.0.0.1:7070", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("replicas = 3", &format!("replicas = {replicas}"))
+        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+}
+
+fn instances(h: &Halo, service: &str) -> Vec<serde_json::Value> {
+    let s = h.status();
+    let svc = s["services"].as_array().unwrap().iter().find(|s| s["name"] == service).cloned();
+    svc.map(|s| s["instances"].as_array().unwrap().clone()).unwrap_or_default()
+}
+
+fn ready_pids(h: &Halo, service: &str) -> Vec<i64> {
+    let mut pids: Vec<i64> = instances(h, service)
+        .iter()
+        .filter(|i| i["ready"] == true && i["stopping"] == false)
+        .filter_map(|i| i["pid"].as_i64())
+        .collect();
+    pids.sort();
+    pids
+}
+
+async fn all_ready(h: &Halo, service: &str, n: usize) {
+    eventually(Duration::from_secs(20), &format!("{n} ready instances of {service}"), || async {
+        let all = instances(h, service);
+        all.len() == n && all.iter().all(|i| i["ready"] == true && i["stopping"] == false)
+    })
+    .await;
+}
+
+fn kill(pid: i64, sig: &str) {
+    std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_spreads_traffic_and_kill_9_of_an_instance_fails_no_request() {
+    let h = Halo::up(BIN, &node(3)).unwrap();
+    all_ready(&h, "demo", 3).await;
+    let url = h.url("http", "/");
+    let c = Client::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..30 {
+        let r = c.get(&url).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.body.starts_with("demo-app v1 instance demo-"), "{}", r.body);
+        seen.insert(r.body);
+    }
+    assert_eq!(seen.len(), 3, "traffic did not reach all three instances");
+
+    let load = Load::start(&url, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = ready_pids(&h, "demo")[0];
+    let killed = Instant::now();
+    kill(victim, "KILL");
+    eventually(Duration::from_secs(10), "the killed instance back and ready", || async {
+        let pids = ready_pids(&h, "demo");
+        pids.len() == 3 && !pids.contains(&victim)
+    })
+    .await;
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Report { ok, failed } = load.finish().await;
+    println!("kill -9 of an instance: back and ready after {back:?}; {ok} requests ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
+    let restarted = instances(&h, "demo").into_iter().find(|i| i["restarts"] == 1).expect("one instance restarted");
+    assert_eq!(restarted["last_exit"], "killed by SIGKILL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_instance_fails_liveness_and_is_restarted() {
+    let text = node(2).replace("interval = \"1s\"\ntimeout = \"500ms\"", "interval = \"300ms\"\ntimeout = \"200ms\"");
+    let h = Halo::up(BIN, &text).unwrap();
+    all_ready(&h, "demo", 2).await;
+    let victim = ready_pids(&h, "demo")[0];
+    kill(victim, "STOP");
+    let frozen = Instant::now();
+    eventually(Duration::from_secs(15), "the frozen instance replaced", || async {
+        let pids = ready_pids(&h, "demo");
+        pids.len() == 2 && !pids.contains(&victim)
+    })
+    .await;
+    println!("SIGSTOP of an instance: restarted and ready after {:?}", frozen.elapsed());
+    let i = instances(&h, "demo").into_iter().find(|i| i["restarts"] == 1).expect("restarted instance");
+    assert!(i["last_exit"].as_str().unwrap().contains("liveness"), "{}", i["last_exit"]);
+    assert!(!std::path::Path::new(&format!("/proc/{victim}")).exists(), "the frozen process was left behind");
+    let url = h.url("http", "/");
+    for _ in 0..10 {
+        assert_eq!(Client::new().get(&url).await.unwrap().status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_service_says_so_and_does_not_spin() {
+    let h = Halo::up(BIN, &node(1)).unwrap();
+    let app = "name = \"crashy\"\nreplicas = 1\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"echo dying; exit 7\"]\n\
+               [restart]\nbackoff_initial = \"50ms\"\nbackoff_max = \"2s\"\ncrash_loop_restarts = 3\n";
+    let f = h.dir.join("crashy.toml");
+    std::fs::write(&f, app).unwrap();
+    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("crashy: created"), "{out}");
+    eventually(Duration::from_secs(10), "crash-loop state", || async {
+        instances(&h, "crashy").first().is_some_and(|i| i["state"] == "crash-loop")
+    })
+    .await;
+    let before = instances(&h, "crashy")[0]["restarts"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let i = instances(&h, "crashy")[0].clone();
+    assert!(i["restarts"].as_u64().unwrap() - before <= 2, "restarting faster than the longest backoff: {i}");
+    assert_eq!(i["last_exit"], "exited with status 7");
+    let (_, table, _) = h.cli(&["status"]);
+    assert!(table.contains("crash-loop"), "{table}");
+    let (code, logs, _) = h.cli(&["logs", "crashy", "-n", "1"]);
+    assert_eq!(code, 0);
+    assert!(logs.contains("| dying"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_and_a_rolling_restart_under_load_fail_no_request() {
+    let h = Halo::up(BIN, &node(2)).unwrap();
+    all_ready(&h, "demo", 2).await;
+    let load = Load::start(&h.url("http", "/"), 2);
+    let (code, _, err) = h.cli(&["scale", "demo", "4"]);
+    assert_eq!(code, 0, "{err}");
+    all_ready(&h, "demo", 4).await;
+    let (code, _, err) = h.cli(&["scale", "demo", "2"]);
+    assert_eq!(code, 0, "{err}");
+    all_ready(&h, "demo", 2).await;
+    let old: Vec<String> = instances(&h, "demo").iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    let started = Instant::now();
+    let (code, _, err) = h.cli(&["restart", "demo"]);
+    assert_eq!(code, 0, "{err}");
+    eventually(Duration::from_secs(30), "every instance replaced", || async {
+        let now = instances(&h, "demo");
+        now.len() == 2
+            && now.iter().all(|i| i["ready"] == true && !old.contains(&i["id"].as_str().unwrap().to_string()))
+    })
+    .await;
+    println!("rolling restart of 2 instances took {:?}", started.elapsed());
+    let Report { ok, failed } = load.finish().await;
+    println!("scale 2->4->2 and rolling restart: {ok} requests ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
+    assert_eq!(halo_testkit::processes_of(h.data_dir.as_ref().unwrap()).len(), 2, "stopped instances left processes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_halo_then_restart_adopts_without_duplicates_or_orphans() {
+    let mut h = Halo::up(BIN, &node(3)).unwrap();
+    all_ready(&h, "demo", 3).await;
+    let data = h.data_dir.clone().unwrap();
+    let mut before = halo_testkit::processes_of(&data);
+    before.sort();
+    assert_eq!(before.len(), 3);
+    h.kill_and_restart().unwrap();
+    all_ready(&h, "demo", 3).await;
+    let mut after = halo_testkit::processes_of(&data);
+    after.sort();
+    assert_eq!(before, after, "instances were restarted or duplicated instead of adopted");
+    let pids: Vec<i64> = ready_pids(&h, "demo");
+    assert_eq!(pids, before.iter().map(|p| *p as i64).collect::<Vec<_>>());
+    // An adopted instance is still supervised: killed, it comes back.
+    kill(pids[0], "KILL");
+    eventually(Duration::from_secs(10), "adopted instance restarted", || async {
+        let p = ready_pids(&h, "demo");
+        p.len() == 3 && !p.contains(&pids[0])
+    })
+    .await;
+    assert_eq!(halo_testkit::processes_of(&data).len(), 3);
+    assert_eq!(Client::new().get(&h.url("http", "/")).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_refused_and_change_nothing() {
+    let h = Halo::up(BIN, &node(1)).unwrap();
+    all_ready(&h, "demo", 1).await;
+    let bad = h.dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"demo\"\nreplicas = 2\n[run]\ncommand = \"halo\"\n[restart]\npolicy = \"sometimes\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = h.cli(&["apply", "-f", bad.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("restart.policy") && err.contains("always, on-failure, never"), "{err}");
+    // The API refuses it the same way when the CLI is bypassed.
+    let req = Request::put(h.api_url("/v1/services"))
+        .header("authorization", format!("Bearer {}", h.token()))
+        .body(Full::from(std::fs::read_to_string(&bad).unwrap()))
+        .unwrap();
+    let r = Client::new().send(req).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("restart.policy"), "{}", r.body);
+    let (code, _, err) = h.cli(&["scale", "demo", "5000"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("replicas"), "{err}");
+    let (code, _, err) = h.cli(&["scale", "nope", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no service named 'nope'"), "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = instances(&h, "demo");
+    assert_eq!(all.len(), 1, "a refused change changed the service");
+    assert_eq!(all[0]["restarts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_token_and_keeps_it_private() {
+    let h = Halo::up(BIN, &node(1)).unwrap();
+    let c = Client::new();
+    assert_eq!(c.get(&h.api_url("/healthz")).await.unwrap().status, 200);
+    let r = c.get(&h.api_url("/v1/status")).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("Authorization: Bearer"), "{}", r.body);
+    let wrong =
+        Request::get(h.api_url("/metrics")).header("authorization", "Bearer nope").body(Full::default()).unwrap();
+    assert_eq!(c.send(wrong).await.unwrap().status, 401);
+    let right = Request::get(h.api_url("/metrics"))
+        .header("authorization", format!("Bearer {}", h.token()))
+        .body(Full::default())
+        .unwrap();
+    let m = c.send(right).await.unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body.contains("halo_instance_restarts_total") && m.body.contains("halo_route_requests_total"),
+        "{}",
+        m.body
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(h.data_dir.as_ref().unwrap().join("token")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
