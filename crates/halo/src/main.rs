@@ -1,5 +1,6 @@
 //! The `halo` binary: parses arguments and dispatches to a role.
 
+mod check_cmd;
 mod cli_cmd;
 mod demo_app;
 mod proxy_cmd;
@@ -71,7 +72,7 @@ enum Command {
     DemoApp(demo_app::DemoArgs),
     /// Run the data plane alone, in front of static upstreams.
     Proxy(proxy_cmd::ProxyArgs),
-    /// Validate a proxy config file without running it.
+    /// Validate a proxy, node or service file without running it.
     Check {
         /// The config file to check.
         #[arg(short, long)]
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
         Command::Delete { service, target } => cli_cmd::delete(&target, &service),
         Command::DemoApp(args) => demo_app::run(args),
         Command::Proxy(args) => proxy_cmd::run(args),
-        Command::Check { config } => proxy_cmd::check(&config),
+        Command::Check { config } => check_cmd::check(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! `halo proxy` and `halo check`: wiring the proxy engine to a config file or
 //! command-line flags, a runtime and signals.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -50,19 +50,6 @@ fn config_from_flags(a: &ProxyArgs) -> anyhow::Result<Config> {
         backends.join(", ")
     ));
     config::parse("(command line)", &text).map_err(|e| anyhow::anyhow!("invalid flags:\n{e}"))
-}
-
-pub fn check(path: &Path) -> anyhow::Result<()> {
-    let c = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
-        "{}: ok ({} listeners, {} routes, {} upstreams, {} endpoints)",
-        path.display(),
-        c.listeners.len(),
-        c.routes.len(),
-        c.upstreams.len(),
-        c.upstreams.values().map(|u| u.endpoints.len()).sum::<usize>()
-    );
-    Ok(())
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {

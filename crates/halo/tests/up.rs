@@ -244,3 +244,21 @@ async fn the_api_needs_the_token_and_keeps_it_private() {
     let mode = std::fs::metadata(h.data_dir.as_ref().unwrap().join("token")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn check_validates_node_and_service_files() {
+    let dir = halo_testkit::TempDir::new("check-up");
+    let run = |f: &std::path::Path| std::process::Command::new(BIN).args(["check", "-c"]).arg(f).output().unwrap();
+    let svc = dir.write("svc.toml", "name = \"web\"\n[run]\ncommand = \"x\"\n[readiness]\ninterval = \"fast\"\n");
+    let out = run(&svc);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("readiness.interval") && err.contains("unit"), "{err}");
+    let bad_node = dir.write("node.toml", &node(1).replace("workers = 2", "workers = 0"));
+    let out = run(&bad_node);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node.toml:11"), "{err}");
+    let good = dir.write("good.toml", &node(2));
+    let out = run(&good);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 services"));
+}
