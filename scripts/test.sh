@@ -9,9 +9,8 @@ scripts/install-test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Every shipped example must validate.
-cargo build --quiet -p halo
 for f in examples/*.toml; do
-  ./target/debug/halo check -c "$f"
+  cargo run --quiet -p halo -- check -c "$f"
 done
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
