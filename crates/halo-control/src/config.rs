@@ -67,6 +67,12 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
                 if services.iter().any(|(f, _): &(ServiceFile, ServiceSpec)| f.name == s.name) {
                     errors.push(format!("{file}: services[{i}].name: '{}' is declared twice", s.name));
                 }
+                if proxy.as_ref().is_ok_and(|p| p.upstreams.contains_key(&s.name)) {
+                    errors.push(format!(
+                        "{file}: services[{i}].name: '{}' is also a static upstream; rename one",
+                        s.name
+                    ));
+                }
                 services.push((s, spec));
             }
             Err(es) => errors.extend(es.0.iter().map(|e| format!("{file}: services[{i}].{}: {}", e.field, e.message))),
@@ -144,5 +150,12 @@ path_prefix = "/"
         let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
         assert!(errs.contains("q.toml:6"), "proxy error lost its line: {errs}");
         assert!(errs.contains("services[0].replicas"), "{errs}");
+    }
+
+    #[test]
+    fn a_service_may_not_take_a_static_upstream_name() {
+        let clash = format!("{NODE}\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"127.0.0.1:9\"]\n");
+        let errs = parse_node("q.toml", &clash).unwrap_err().join("\n");
+        assert!(errs.contains("services[0].name: 'web' is also a static upstream"), "{errs}");
     }
 }

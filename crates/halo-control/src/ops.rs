@@ -97,6 +97,12 @@ impl Node {
     /// Creates or replaces a service from its file's text.
     pub async fn apply(&self, source: &str, text: &str) -> Result<(String, ApplyOutcome), NodeError> {
         let (file, _) = halo_model::parse_service(source, text)?;
+        if self.inner.base.upstreams.contains_key(&file.name) {
+            return Err(NodeError::BadRequest(format!(
+                "name: '{}' is a static upstream of the node file; choose another service name",
+                file.name
+            )));
+        }
         let key = service_key(&file.name);
         let current = self.inner.store.get(&key).await?;
         let (generation, outcome) = match &current {
