@@ -153,7 +153,7 @@ impl Inner {
     /// Free port on loopback for a new instance, not one a live instance has.
     fn free_port(&self) -> std::io::Result<u16> {
         let taken: BTreeSet<u16> =
-            self.instances.lock().unwrap_or_else(|e| e.into_inner()).values().map(|m| m.record.port).collect();
+            self.instances.lock().unwrap_or_else(|e| e.into_inner()).values().map(|m| m.status.borrow().port).collect();
         for _ in 0..20 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             if !taken.contains(&port) {
@@ -295,7 +295,8 @@ impl Inner {
         for m in self.instances.lock().unwrap_or_else(|e| e.into_inner()).values() {
             if m.ready() {
                 if let Some(eps) = endpoints.get_mut(&m.record.service) {
-                    eps.push(EndpointConfig { addr: ([127, 0, 0, 1], m.record.port).into(), weight: 1 });
+                    let port = m.status.borrow().port;
+                    eps.push(EndpointConfig { addr: ([127, 0, 0, 1], port).into(), weight: 1 });
                 }
             }
         }
@@ -348,9 +349,10 @@ impl Inner {
 async fn follow_status(node: Arc<Inner>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
     loop {
         let s = status.borrow_and_update().clone();
-        if s.pid.is_some() && (s.pid, s.start_time) != (record.pid, record.start_time) {
+        if s.pid.is_some() && (s.pid, s.start_time, s.port) != (record.pid, record.start_time, record.port) {
             record.pid = s.pid;
             record.start_time = s.start_time;
+            record.port = s.port;
             let key = instance_key(&record.service, &record.id);
             match serde_json::to_vec(&record) {
                 Ok(v) => {

@@ -152,7 +152,10 @@ impl Run {
         loop {
             let proc = match adopt.take().and_then(|(pid, t)| Proc::adopt(pid, t)) {
                 Some(p) => Ok(p),
-                None => Proc::spawn(&spec.run, self.spec.port, &self.log.path, &self.env.halo_exe, &self.spec.id),
+                None => {
+                    self.ensure_port_free();
+                    Proc::spawn(&spec.run, self.spec.port, &self.log.path, &self.env.halo_exe, &self.spec.id)
+                }
             };
             let started = Instant::now();
             let outcome = match proc {
@@ -238,6 +241,23 @@ impl Run {
                 self.set(|s| s.state = State::Stopped);
                 return;
             }
+        }
+    }
+
+    /// An instance keeps its port across restarts, unless another program
+    /// took it meanwhile: then it moves to a free one (the node follows
+    /// `Status::port`).
+    fn ensure_port_free(&mut self) {
+        if std::net::TcpListener::bind(("127.0.0.1", self.spec.port)).is_ok() {
+            return;
+        }
+        match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(addr) => {
+                tracing::warn!(instance = %self.spec.id, taken = self.spec.port, port = addr.port(), "port taken; moving the instance");
+                self.spec.port = addr.port();
+                self.set(|s| s.port = addr.port());
+            }
+            Err(e) => tracing::warn!(instance = %self.spec.id, error = %e, "no free port to move to"),
         }
     }
 

@@ -262,3 +262,26 @@ fn check_validates_node_and_service_files() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 services"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_port_was_taken_moves_to_another() {
+    // A long first backoff leaves time to take the port.
+    let h = Halo::up(BIN, &node(1).replace("backoff_initial = \"200ms\"", "backoff_initial = \"1s\"")).unwrap();
+    all_ready(&h, "demo", 1).await;
+    let i = instances(&h, "demo")[0].clone();
+    let (pid, port) = (i["pid"].as_i64().unwrap(), i["port"].as_u64().unwrap() as u16);
+    kill(pid, "KILL");
+    eventually(Duration::from_secs(5), "the port free again", || async {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    eventually(Duration::from_secs(15), "the instance ready on another port", || async {
+        let i = instances(&h, "demo")[0].clone();
+        i["ready"] == true && i["port"].as_u64() != Some(port as u64)
+    })
+    .await;
+    let r = Client::new().get(&h.url("http", "/")).await.unwrap();
+    assert_eq!(r.status, 200, "the proxy did not follow the new port: {}", r.body);
+    drop(squatter);
+}
