@@ -240,6 +240,16 @@ impl Node {
                 u8::from(s.ready)
             ));
         }
+        out.push_str("# HELP halo_probe_failures_total Failed probe checks of each instance.\n# TYPE halo_probe_failures_total counter\n");
+        for (s, _) in &statuses {
+            let f = s.probe_failures;
+            for (probe, n) in [("startup", f.startup), ("readiness", f.readiness), ("liveness", f.liveness)] {
+                out.push_str(&format!(
+                    "halo_probe_failures_total{{service=\"{}\",instance=\"{}\",probe=\"{probe}\"}} {n}\n",
+                    s.service, s.id
+                ));
+            }
+        }
         out.push_str("# HELP halo_instance_state Instances by service and state.\n# TYPE halo_instance_state gauge\n");
         let mut counts = std::collections::BTreeMap::new();
         for (s, _) in &statuses {

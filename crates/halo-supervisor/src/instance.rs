@@ -55,8 +55,17 @@ pub struct Status {
     pub start_time: Option<u64>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Failed checks so far, by probe (startup, readiness, liveness).
+    pub probe_failures: ProbeFailures,
     /// Unix seconds when the current state began.
     pub since: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProbeFailures {
+    pub startup: u64,
+    pub readiness: u64,
+    pub liveness: u64,
 }
 
 /// A supervised instance. Dropping the handle leaves the process running
@@ -87,6 +96,7 @@ impl Instance {
             start_time: None,
             restarts: 0,
             last_exit: None,
+            probe_failures: ProbeFailures::default(),
             since: unix_now(),
         };
         let (status_tx, status_rx) = watch::channel(status);
@@ -294,6 +304,9 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
         let mut tally = Tally::default();
         loop {
             let r = check_once(&p.check, port, p.timeout).await;
+            if r.is_err() {
+                status.send_modify(|s| s.probe_failures.startup += 1);
+            }
             match tally.record(p, r.is_ok()) {
                 Verdict::Passing => break,
                 Verdict::Failing => return format!("startup probe failed: {}", r.err().unwrap_or_default()),
@@ -310,6 +323,9 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
         let mut tally = Tally::default();
         loop {
             let r = check_once(&p.check, port, p.timeout).await;
+            if r.is_err() {
+                status.send_modify(|s| s.probe_failures.readiness += 1);
+            }
             let ready = match tally.record(p, r.is_ok()) {
                 Verdict::Passing => true,
                 Verdict::Failing => false,
@@ -330,7 +346,7 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
     };
     let liveness = async {
         let Some(p) = &spec.liveness else { return std::future::pending::<String>().await };
-        liveness(p, port).await
+        liveness(p, port, status).await
     };
     tokio::select! {
         why = liveness => why,
@@ -338,11 +354,14 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
     }
 }
 
-async fn liveness(p: &Probe, port: u16) -> String {
+async fn liveness(p: &Probe, port: u16, status: &watch::Sender<Status>) -> String {
     let mut tally = Tally::default();
     loop {
         tokio::time::sleep(p.interval).await;
         let r = check_once(&p.check, port, p.timeout).await;
+        if r.is_err() {
+            status.send_modify(|s| s.probe_failures.liveness += 1);
+        }
         if tally.record(p, r.is_ok()) == Verdict::Failing {
             return format!("liveness probe failed: {}", r.err().unwrap_or_default());
         }

@@ -16,7 +16,7 @@ mod process;
 
 use std::path::PathBuf;
 
-pub use instance::{Instance, InstanceSpec, State, Status};
+pub use instance::{Instance, InstanceSpec, ProbeFailures, State, Status};
 pub use logs::LogFile;
 pub use probe::check_once;
 pub use process::{alive, start_time};

@@ -98,6 +98,7 @@ async fn a_hung_instance_fails_liveness_and_is_restarted() {
     println!("SIGSTOP of an instance: restarted and ready after {:?}", frozen.elapsed());
     let i = instances(&h, "demo").into_iter().find(|i| i["restarts"] == 1).expect("restarted instance");
     assert!(i["last_exit"].as_str().unwrap().contains("liveness"), "{}", i["last_exit"]);
+    assert!(i["probe_failures"]["liveness"].as_u64().unwrap() >= 3, "{}", i["probe_failures"]);
     assert!(!std::path::Path::new(&format!("/proc/{victim}")).exists(), "the frozen process was left behind");
     let url = h.url("http", "/");
     for _ in 0..10 {
