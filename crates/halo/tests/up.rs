@@ -286,3 +286,49 @@ async fn an_instance_whose_port_was_taken_moves_to_another() {
     assert_eq!(r.status, 200, "the proxy did not follow the new port: {}", r.body);
     drop(squatter);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_and_delete_stops_everything() {
+    let h = Halo::up(BIN, &node(1)).unwrap();
+    let app = "name = \"ticker\"\nreplicas = 2\n[run]\ncommand = \"sh\"\n\
+               args = [\"-c\", \"i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done\"]\n\
+               [readiness]\nexec = [\"true\"]\n";
+    let f = h.dir.join("ticker.toml");
+    std::fs::write(&f, app).unwrap();
+    assert_eq!(h.cli(&["apply", "-f", f.to_str().unwrap()]).0, 0);
+    all_ready(&h, "ticker", 2).await;
+    // `halo logs -f` keeps streaming: new lines arrive after it started.
+    let data = h.data_dir.clone().unwrap();
+    let mut follow = std::process::Command::new(BIN)
+        .args(["logs", "ticker", "-f", "-n", "1", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out).lines().map_while(Result::ok).take(12).collect::<Vec<String>>()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let lines = reader.join().unwrap();
+    assert_eq!(lines.len(), 12, "follow stopped streaming: {lines:?}");
+    let ids: std::collections::HashSet<&str> = lines.iter().filter_map(|l| l.split(" | ").next()).collect();
+    assert_eq!(ids.len(), 2, "lines from both instances, prefixed with their ids: {lines:?}");
+    // Delete: instances drained and stopped, processes gone, routes gone.
+    let (code, out, _) = h.cli(&["delete", "ticker"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ticker: deleted"), "{out}");
+    eventually(Duration::from_secs(15), "ticker's processes gone", || async {
+        instances(&h, "ticker").is_empty() && halo_testkit::processes_of(&data).len() == 1
+    })
+    .await;
+    let (code, _, err) = h.cli(&["delete", "ticker"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no service named 'ticker'"), "{err}");
+}
