@@ -337,9 +337,22 @@ impl Inner {
         };
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.publish();
-        let stops = all.into_iter().map(|(i, _)| i.stop());
-        for s in stops.collect::<Vec<_>>() {
-            s.await;
+        tokio::time::sleep(DRAIN_DELAY).await;
+        let stops: Vec<_> = all.into_iter().map(|(i, _)| tokio::spawn(i.stop())).collect();
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+
+    /// Stops supervising and leaves every instance running, for the next
+    /// halo to adopt (an upgrade of halo itself).
+    pub fn detach_all(&self) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        for m in instances.values_mut() {
+            if let Some(i) = m.instance.take() {
+                i.detach();
+            }
         }
     }
 }

@@ -263,6 +263,13 @@ impl Node {
         out
     }
 
+    /// Leaves every instance running and unsupervised, then drains the
+    /// proxy: halo is being replaced and the next one adopts them.
+    pub async fn detach(&self, grace: Duration) {
+        self.inner.detach_all();
+        self.inner.proxy.shutdown(grace).await;
+    }
+
     /// Drains and stops every instance, then the proxy.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stop_all().await;

@@ -84,9 +84,9 @@ impl Halo {
         Ok(h)
     }
 
-    /// kill -9 of halo itself (its instances live on), then the same
-    /// command again, in the same directory.
-    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+    /// kill -9 of halo itself if it still runs (its instances live on),
+    /// then the same command again, in the same directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

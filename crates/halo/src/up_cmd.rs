@@ -1,5 +1,7 @@
 //! `halo up`: one node on the embedded store: store, supervisor, proxy and
-//! admin API in one process.
+//! admin API in one process. SIGTERM and SIGINT drain and stop every
+//! instance; SIGQUIT leaves them running for the next halo to adopt (to
+//! upgrade or restart halo without restarting the application).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +30,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
+    // Specs (their env may hold secrets), the token and logs: owner only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private (mode 700)", data_dir.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("halo-control")
@@ -60,12 +66,18 @@ async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf) -> anyhow::Resu
     tracing::info!(api = %api_addr, data_dir = %data_dir.display(), "halo up");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining and stopping instances"),
-        _ = int.recv() => tracing::info!("SIGINT: draining and stopping instances"),
+    let mut quit = signal(SignalKind::quit())?;
+    let stop_instances = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: draining and stopping instances"); true }
+        _ = int.recv() => { tracing::info!("SIGINT: draining and stopping instances"); true }
+        _ = quit.recv() => { tracing::info!("SIGQUIT: leaving instances running for the next halo"); false }
         r = server => anyhow::bail!("the API server stopped: {r:?}"),
-    }
+    };
     let _ = stop_api.send(());
-    node.shutdown(grace).await;
+    if stop_instances {
+        node.shutdown(grace).await;
+    } else {
+        node.detach(grace).await;
+    }
     Ok(())
 }

@@ -168,7 +168,7 @@ async fn kill_9_of_halo_then_restart_adopts_without_duplicates_or_orphans() {
     let mut before = halo_testkit::processes_of(&data);
     before.sort();
     assert_eq!(before.len(), 3);
-    h.kill_and_restart().unwrap();
+    h.restart().unwrap();
     all_ready(&h, "demo", 3).await;
     let mut after = halo_testkit::processes_of(&data);
     after.sort();
@@ -244,6 +244,8 @@ async fn the_api_needs_the_token_and_keeps_it_private() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(h.data_dir.as_ref().unwrap().join("token")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    let mode = std::fs::metadata(h.data_dir.as_ref().unwrap()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data directory is readable by others");
 }
 
 #[test]
@@ -331,4 +333,40 @@ async fn logs_follow_streams_and_delete_stops_everything() {
     let (code, _, err) = h.cli(&["delete", "ticker"]);
     assert_ne!(code, 0);
     assert!(err.contains("no service named 'ticker'"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_leaves_instances_for_the_next_halo_and_sigterm_stops_them() {
+    let h = Halo::up(BIN, &node(2)).unwrap();
+    all_ready(&h, "demo", 2).await;
+    let data = h.data_dir.clone().unwrap();
+    let mut before = halo_testkit::processes_of(&data);
+    before.sort();
+    h.signal("QUIT");
+    let (code, mut h) = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        (h.wait(Duration::from_secs(15)), h)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "halo did not exit cleanly on SIGQUIT");
+    let mut after = halo_testkit::processes_of(&data);
+    after.sort();
+    assert_eq!(before, after, "SIGQUIT stopped or restarted instances");
+    // The next halo adopts them.
+    h.restart().unwrap();
+    all_ready(&h, "demo", 2).await;
+    let mut adopted = halo_testkit::processes_of(&data);
+    adopted.sort();
+    assert_eq!(before, adopted);
+    // SIGTERM drains and stops every instance, then halo exits.
+    h.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        h.wait(Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    assert!(halo_testkit::processes_of(&data).is_empty(), "SIGTERM left instances running");
 }
