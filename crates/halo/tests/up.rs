@@ -370,3 +370,45 @@ async fn sigquit_leaves_instances_for_the_next_halo_and_sigterm_stops_them() {
     assert_eq!(code, Some(0));
     assert!(halo_testkit::processes_of(&data).is_empty(), "SIGTERM left instances running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_rolls_out_under_load_and_a_broken_one_takes_no_capacity() {
+    let h = Halo::up(BIN, &node(2)).unwrap();
+    all_ready(&h, "demo", 2).await;
+    let url = h.url("http", "/");
+    let spec = |version: &str, readiness: &str| {
+        format!(
+            "name = \"demo\"\nreplicas = 2\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\", \"--version\", \"{version}\"]\n\
+             [readiness]\n{readiness}\ninterval = \"200ms\"\n[[routes]]\npath_prefix = \"/\"\n"
+        )
+    };
+    let load = Load::start(&url, 2);
+    // v2: replaces v1 one instance at a time.
+    let f = h.dir.join("v2.toml");
+    std::fs::write(&f, spec("v2", "http = \"/healthz\"")).unwrap();
+    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("demo: updated"), "{out}");
+    let c = Client::new();
+    eventually(Duration::from_secs(30), "every answer from v2", || async {
+        let all = instances(&h, "demo");
+        let v2_only = all.len() == 2 && all.iter().all(|i| i["current"] == true && i["ready"] == true);
+        v2_only && c.get(&url).await.is_ok_and(|r| r.body.starts_with("demo-app v2"))
+    })
+    .await;
+    // v3 never becomes ready: one v3 instance is tried, both v2 stay.
+    let f = h.dir.join("v3.toml");
+    std::fs::write(&f, spec("v3", "exec = [\"false\"]")).unwrap();
+    assert_eq!(h.cli(&["apply", "-f", f.to_str().unwrap()]).0, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = instances(&h, "demo");
+    let old_ready = all.iter().filter(|i| i["current"] == false && i["ready"] == true).count();
+    let new = all.iter().filter(|i| i["current"] == true).count();
+    assert_eq!((old_ready, new), (2, 1), "a broken version took capacity: {all:?}");
+    for _ in 0..10 {
+        assert!(c.get(&url).await.unwrap().body.starts_with("demo-app v2"));
+    }
+    let Report { ok, failed } = load.finish().await;
+    println!("rollout v1 -> v2 and a stuck v3: {ok} requests ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
+}
