@@ -197,16 +197,17 @@ impl H1Conn {
         let status = StatusCode::from_u16(code).map_err(|_| ClientError::Parse(format!("status {code}")))?;
         let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
         // Header values share the read buffer's memory instead of copying it.
-        let mut ranges = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = resp.headers.len();
-        for (slot, h) in ranges.iter_mut().zip(resp.headers.iter()) {
-            let n = h.name.as_ptr() as usize - self.buf.as_ptr() as usize;
-            let v = h.value.as_ptr() as usize - self.buf.as_ptr() as usize;
-            *slot = (n, h.name.len(), v, h.value.len());
-        }
+        // Only as many offsets as there are headers: a zeroed array sized
+        // for MAX_HEADERS cost a 4 KiB memset per response.
+        let base = self.buf.as_ptr() as usize;
+        let ranges: Vec<(usize, usize, usize, usize)> = resp
+            .headers
+            .iter()
+            .map(|h| (h.name.as_ptr() as usize - base, h.name.len(), h.value.as_ptr() as usize - base, h.value.len()))
+            .collect();
         let head = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(n, nl, v, vl) in &ranges[..count] {
+        let mut headers = HeaderMap::with_capacity(ranges.len());
+        for &(n, nl, v, vl) in &ranges {
             let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|e| ClientError::Parse(e.to_string()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|e| ClientError::Parse(format!("header {name}: {e}")))?;
