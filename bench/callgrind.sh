@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Instructions per request of halo's user-space work, under callgrind:
+# repeatable whatever else the machine does (instruction counts, not time).
+# Usage: bench/callgrind.sh [SECONDS]   (needs valgrind, nginx, wrk: installed when missing)
+# Prints total instructions, requests served and instructions per request,
+# and leaves the profile in bench/out/callgrind.out for callgrind_annotate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${1:-8}
+OUT=${OUT:-bench/out}
+BASE=${BASE:-19100}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p halo
+HALO=$PWD/target/release/halo
+
+B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3)); ADMIN=$((BASE + 9)); P=$((BASE + 10))
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+cat > "$OUT/cg-backends.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $OUT/cg-backends.pid;
+error_log $OUT/cg-backends.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; location / { return 200 "hello, world\n"; } }
+  server { listen 127.0.0.1:$B2; location / { return 200 "hello, world\n"; } }
+  server { listen 127.0.0.1:$B3; location / { return 200 "hello, world\n"; } }
+}
+CONF
+taskset -c 1 nginx -c "$OUT/cg-backends.conf" -p "$OUT" &
+PIDS+=($!)
+
+cat > "$OUT/cg-halo.toml" <<CONF
+[proxy]
+workers = 1
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:$P"
+[[routes]]
+upstream = "b"
+[upstreams.b]
+policy = "round_robin"
+endpoints = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
+[upstreams.b.health]
+type = "tcp"
+interval = "2s"
+CONF
+rm -f "$OUT/callgrind.out"
+HALO_LOG=warn taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
+  "$HALO" proxy -c "$OUT/cg-halo.toml" > /dev/null 2> "$OUT/callgrind.err" &
+VG=$!
+PIDS+=($VG)
+for _ in $(seq 1 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$ADMIN/healthz" && break
+  sleep 0.2
+done
+taskset -c 1 wrk -t1 -c16 -d"${DUR}s" "http://127.0.0.1:$P/" > "$OUT/callgrind-wrk.txt"
+n=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^halo_route_requests_total/ {s += $2} END {print s}')
+kill -TERM $VG
+wait $VG || true
+ir=$(callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "instructions $ir requests $n instructions/request $((ir / n))"
