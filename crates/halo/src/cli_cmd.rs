@@ -93,6 +93,14 @@ pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the service file as the node stores it.
+pub fn get(t: &Target, name: &str) -> anyhow::Result<()> {
+    let c = t.client()?;
+    let text = runtime()?.block_on(c.call(Method::GET, &format!("/v1/services/{name}"), None, |_| {}))?;
+    let _ = std::io::stdout().write_all(&text);
+    Ok(())
+}
+
 pub fn logs(t: &Target, name: &str, follow: bool, instance: Option<&str>, lines: usize) -> anyhow::Result<()> {
     let c = t.client()?;
     let mut path = format!("/v1/services/{name}/logs?lines={lines}&follow={follow}");

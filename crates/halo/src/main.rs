@@ -62,6 +62,13 @@ enum Command {
         #[command(flatten)]
         target: cli_cmd::Target,
     },
+    /// Print a service's file as stored (what `halo apply` last set, with
+    /// `halo scale` applied).
+    Get {
+        service: String,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
     /// Stop and remove a service.
     Delete {
         service: String,
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
             cli_cmd::logs(&target, &service, follow, instance.as_deref(), lines)
         }
         Command::Delete { service, target } => cli_cmd::delete(&target, &service),
+        Command::Get { service, target } => cli_cmd::get(&target, &service),
         Command::DemoApp(args) => demo_app::run(args),
         Command::Proxy(args) => proxy_cmd::run(args),
         Command::Check { config } => check_cmd::check(&config),

@@ -210,6 +210,9 @@ async fn invalid_specs_are_refused_and_change_nothing() {
     let (code, _, err) = h.cli(&["scale", "demo", "5000"]);
     assert_ne!(code, 0);
     assert!(err.contains("replicas"), "{err}");
+    let (code, stored, _) = h.cli(&["get", "demo"]);
+    assert_eq!(code, 0);
+    assert!(stored.contains("replicas = 1") && stored.contains("demo-app"), "the stored spec changed: {stored}");
     let (code, _, err) = h.cli(&["scale", "nope", "1"]);
     assert_ne!(code, 0);
     assert!(err.contains("no service named 'nope'"), "{err}");
