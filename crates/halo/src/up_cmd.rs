@@ -13,18 +13,30 @@ use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// The node file (listeners, API address, services to create).
+    /// The node file (listeners, API address, services to create)
+    /// [default: ./halo.toml if present, else a proxy on 127.0.0.1:8080 and
+    /// the API on 127.0.0.1:7070 with no services].
     #[arg(short, long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Where the store, the token, logs and instance records live
     /// [default: the file's [node] data_dir, else ./halo-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }
 
+/// `halo up` without a file: the proxy and the API on loopback, no services.
+const DEFAULT_NODE: &str = "[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n";
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let name = args.config.display().to_string();
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("cannot read {name}"))?;
+    let path = args.config.clone().or_else(|| Some(PathBuf::from("halo.toml")).filter(|p| p.exists()));
+    let (name, text) = match &path {
+        Some(p) => {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {name}"))?;
+            (name, text)
+        }
+        None => ("(built-in default)".to_string(), DEFAULT_NODE.to_string()),
+    };
     let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
     let data_dir = args.data_dir.clone().or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("halo-data"));
     std::fs::create_dir_all(&data_dir)
