@@ -415,3 +415,13 @@ async fn a_new_version_rolls_out_under_load_and_a_broken_one_takes_no_capacity()
     println!("rollout v1 -> v2 and a stuck v3: {ok} requests ok, {} failed", failed.len());
     assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_without_a_file_flag_reads_halo_toml_in_the_working_directory() {
+    let dir = halo_testkit::TempDir::new("up-default");
+    dir.write("halo.toml", &node(1));
+    let h = Halo::start(BIN, &["up", "--data-dir", "data"], &dir.0).unwrap();
+    assert_eq!(h.data_dir.as_deref(), Some(dir.0.join("data").canonicalize().unwrap().as_path()));
+    all_ready(&h, "demo", 1).await;
+    assert_eq!(Client::new().get(&h.url("http", "/")).await.unwrap().status, 200);
+}
