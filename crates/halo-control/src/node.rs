@@ -26,6 +26,8 @@ const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
 /// A service as the node runs it.
 #[derive(Clone)]
 struct Svc {
+    /// The store's mod revision of the service key this was parsed from.
+    revision: i64,
     file: ServiceFile,
     spec: Arc<ServiceSpec>,
     template: String,
@@ -89,9 +91,15 @@ impl Inner {
     /// validates (written by another version) is skipped with an error.
     async fn load_services(&self) -> Result<BTreeMap<String, Svc>, StoreError> {
         let listing = self.store.list(SERVICES).await?;
+        let cached = self.services.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = BTreeMap::new();
         for kv in listing.kvs {
             let name = kv.key.trim_start_matches(SERVICES).to_string();
+            // Unchanged since the last pass: no need to parse it again.
+            if let Some(svc) = cached.get(&name).filter(|s| s.revision == kv.mod_revision) {
+                out.insert(name, svc.clone());
+                continue;
+            }
             let parsed = serde_json::from_slice::<ServiceRecord>(&kv.value)
                 .map_err(|e| e.to_string())
                 .and_then(|r| halo_model::parse_service(&kv.key, &r.spec).map(|x| (r, x)).map_err(|e| e.to_string()));
@@ -100,7 +108,7 @@ impl Inner {
                     let template = ServiceRecord::template(&file, rec.restart_generation);
                     let dir = self.data_dir.display().to_string();
                     spec.run.env.insert("HALO_DATA_DIR".into(), dir);
-                    out.insert(name, Svc { file, spec: Arc::new(spec), template });
+                    out.insert(name, Svc { revision: kv.mod_revision, file, spec: Arc::new(spec), template });
                 }
                 Err(e) => tracing::error!(service = %name, error = %e, "stored service is not valid; ignored"),
             }
@@ -360,8 +368,19 @@ impl Inner {
 /// Keeps the instance's record in step with its process, and wakes the
 /// reconciler on every change.
 async fn follow_status(node: Arc<Inner>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
+    let mut last = None;
     loop {
         let s = status.borrow_and_update().clone();
+        // Counters (probe failures) change often; only a change of what the
+        // node acts on is worth a reconcile pass.
+        let key = (s.state, s.ready, s.pid, s.port);
+        if last == Some(key) {
+            if status.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        last = Some(key);
         if s.pid.is_some() && (s.pid, s.start_time, s.port) != (record.pid, record.start_time, record.port) {
             record.pid = s.pid;
             record.start_time = s.start_time;
