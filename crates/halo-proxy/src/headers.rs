@@ -14,40 +14,52 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION
-        || n == KEEP_ALIVE
-        || n == PROXY_CONNECTION
-        || n == header::TE
-        || n == header::TRAILER
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
+/// The hop-by-hop headers every message loses (RFC 9110 7.6.1), besides
+/// those its `Connection` header names. `Connection` is first.
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the (few) names first: most messages carry none, and a
-    // scan is cheaper than seven hashed look-ups.
-    if !h.keys().any(is_hop_by_hop) {
-        return;
+    // One pass over the (few) names, noting which hop-by-hop ones are there:
+    // most messages carry none or only `Connection: keep-alive`, and every
+    // `remove` hashes its name, so only what is present is removed.
+    let hop = hop_by_hop();
+    let mut present = [false; 7];
+    for k in h.keys() {
+        if let Some(i) = hop.iter().position(|n| *n == k) {
+            present[i] = true;
+        }
     }
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-            .collect();
+    if present[0] {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()) {
+            for token in v.split(',').map(str::trim) {
+                // `close` and `keep-alive` are options, not header names (a
+                // `Keep-Alive` header is removed as hop-by-hop anyway).
+                if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::try_from(token) {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             h.remove(n);
         }
-        h.remove(header::CONNECTION);
     }
-    for n in
-        [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE]
-    {
-        h.remove(n);
+    for (n, _) in hop.iter().zip(present).filter(|(_, p)| *p) {
+        h.remove(*n);
     }
 }
 
@@ -125,6 +137,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // Several Connection values, mixed case, and a named header that is
+        // itself hop-by-hop.
+        let mut h = HeaderMap::new();
+        h.append("connection", "Close, X-A".parse().unwrap());
+        h.append("connection", "upgrade".parse().unwrap());
+        h.insert("x-a", "1".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-b", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
     }
 
     #[test]
