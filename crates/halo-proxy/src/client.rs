@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 
 pub use self::decode::Decoder;
+use self::decode::Framing;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -196,13 +197,42 @@ impl H1Conn {
         let code = resp.code.unwrap_or(0);
         let status = StatusCode::from_u16(code).map_err(|_| ClientError::Parse(format!("status {code}")))?;
         let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        // Framing and the connection's fate come from the raw lines; the
+        // hop-by-hop ones (and those `Connection` names) never enter the
+        // header map, so nothing has to be looked up or removed later.
+        let mut framing = Framing::default();
+        let (mut close, mut keep) = (false, false);
+        let mut named: Vec<&[u8]> = Vec::new();
+        for h in resp.headers.iter() {
+            framing.note(h.name.as_bytes(), h.value);
+            if h.name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep = true;
+                    } else if !token.is_empty() {
+                        named.push(token);
+                    }
+                }
+            }
+        }
+        let (decoder, framed) = Decoder::for_response(status, head_only, &framing).map_err(ClientError::Parse)?;
+        let keep_alive = framed && if version == Version::HTTP_10 { keep } else { !close };
+        // Transfer-Encoding overrides Content-Length (RFC 9112 6.3): a stale
+        // length must not reach the client, which gets the body re-framed.
+        let drop_length = framing.transfer_encoding.is_some();
+        let skip = |name: &str| {
+            is_hop_by_hop(name)
+                || (drop_length && name.eq_ignore_ascii_case("content-length"))
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+        };
         // Header values share the read buffer's memory instead of copying it.
-        // Only as many offsets as there are headers: a zeroed array sized
-        // for MAX_HEADERS cost a 4 KiB memset per response.
         let base = self.buf.as_ptr() as usize;
         let ranges: Vec<(usize, usize, usize, usize)> = resp
             .headers
             .iter()
+            .filter(|h| !skip(h.name))
             .map(|h| (h.name.as_ptr() as usize - base, h.name.len(), h.value.as_ptr() as usize - base, h.value.len()))
             .collect();
         let head = self.buf.split_to(len).freeze();
@@ -213,14 +243,6 @@ impl H1Conn {
                 .map_err(|e| ClientError::Parse(format!("header {name}: {e}")))?;
             headers.append(name, value);
         }
-        let (decoder, framed) = Decoder::for_response(status, head_only, &headers).map_err(ClientError::Parse)?;
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            // Transfer-Encoding overrides Content-Length (RFC 9112 6.3); a
-            // stale length must not reach the client, which gets the body
-            // re-framed by the downstream side.
-            headers.remove(header::CONTENT_LENGTH);
-        }
-        let keep_alive = framed && keep_alive(version, &headers);
         Ok(Some(ResponseHead { status, version, headers, decoder, keep_alive }))
     }
 
@@ -238,19 +260,11 @@ impl H1Conn {
     }
 }
 
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let conn = headers.get_all(header::CONNECTION);
-    let has = |token: &str| {
-        conn.iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if version == Version::HTTP_10 {
-        has("keep-alive")
-    } else {
-        !has("close")
-    }
+/// Hop-by-hop header names (RFC 9110 7.6.1), matched on raw bytes.
+fn is_hop_by_hop(name: &str) -> bool {
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// Writes the request line and headers, with framing for the body.

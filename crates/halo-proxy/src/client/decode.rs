@@ -2,7 +2,7 @@
 //! until the connection closes.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, StatusCode};
+use http::StatusCode;
 
 /// Longest chunk-size line (size, extensions) or trailer line accepted.
 const MAX_LINE: usize = 4096;
@@ -39,10 +39,37 @@ pub enum Step {
     End,
 }
 
+/// What a response head says about its body's framing, read off the raw
+/// header lines (before they become a `HeaderMap`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Framing<'a> {
+    /// The value of the last Transfer-Encoding line, if any.
+    pub transfer_encoding: Option<&'a [u8]>,
+    /// The first Content-Length value, if any.
+    pub content_length: Option<&'a [u8]>,
+    /// A later Content-Length line disagreed with the first.
+    pub conflicting_lengths: bool,
+}
+
+impl<'a> Framing<'a> {
+    /// Notes one header line if it is about framing.
+    pub fn note(&mut self, name: &[u8], value: &'a [u8]) {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = Some(value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            match self.content_length {
+                None => self.content_length = Some(value),
+                Some(first) if first != value => self.conflicting_lengths = true,
+                Some(_) => {}
+            }
+        }
+    }
+}
+
 impl Decoder {
     /// The framing of a response; the flag is false when the body only ends
     /// at connection close (no reuse possible).
-    pub fn for_response(status: StatusCode, head_only: bool, h: &HeaderMap) -> Result<(Decoder, bool), String> {
+    pub fn for_response(status: StatusCode, head_only: bool, f: &Framing<'_>) -> Result<(Decoder, bool), String> {
         if head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -50,21 +77,19 @@ impl Decoder {
         {
             return Ok((Decoder::Done, true));
         }
-        if let Some(te) = h.get(header::TRANSFER_ENCODING) {
-            let te = te.to_str().map_err(|_| "unreadable transfer-encoding".to_string())?;
+        if let Some(te) = f.transfer_encoding {
+            let te = std::str::from_utf8(te).map_err(|_| "unreadable transfer-encoding".to_string())?;
             if te.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")) {
                 return Ok((Decoder::Chunked(Chunk::Size), true));
             }
             return Ok((Decoder::UntilClose, false));
         }
-        let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-        if let Some(first) = lengths.next() {
-            let n: u64 = first
-                .to_str()
+        if let Some(first) = f.content_length {
+            let n: u64 = std::str::from_utf8(first)
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| format!("invalid content-length {first:?}"))?;
-            if lengths.any(|other| other != first) {
+                .ok_or_else(|| format!("invalid content-length {:?}", String::from_utf8_lossy(first)))?;
+            if f.conflicting_lengths {
                 return Err("conflicting content-length headers".into());
             }
             return Ok((if n == 0 { Decoder::Done } else { Decoder::Length(n) }, true));
@@ -204,16 +229,19 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        let mut h = HeaderMap::new();
-        assert_eq!(Decoder::for_response(StatusCode::OK, true, &h).unwrap(), (Decoder::Done, true));
-        assert_eq!(Decoder::for_response(StatusCode::NO_CONTENT, false, &h).unwrap(), (Decoder::Done, true));
-        assert_eq!(Decoder::for_response(StatusCode::OK, false, &h).unwrap(), (Decoder::UntilClose, false));
-        h.insert("content-length", "10".parse().unwrap());
-        assert_eq!(Decoder::for_response(StatusCode::OK, false, &h).unwrap(), (Decoder::Length(10), true));
-        h.append("content-length", "11".parse().unwrap());
-        assert!(Decoder::for_response(StatusCode::OK, false, &h).is_err());
-        h.insert("transfer-encoding", "gzip, chunked".parse().unwrap());
-        assert_eq!(Decoder::for_response(StatusCode::OK, false, &h).unwrap(), (Decoder::Chunked(Chunk::Size), true));
+        let mut f = Framing::default();
+        assert_eq!(Decoder::for_response(StatusCode::OK, true, &f).unwrap(), (Decoder::Done, true));
+        assert_eq!(Decoder::for_response(StatusCode::NO_CONTENT, false, &f).unwrap(), (Decoder::Done, true));
+        assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::UntilClose, false));
+        f.note(b"Content-Length", b"10");
+        f.note(b"content-length", b"10");
+        assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::Length(10), true));
+        f.note(b"content-length", b"11");
+        assert!(Decoder::for_response(StatusCode::OK, false, &f).is_err());
+        f.note(b"Transfer-Encoding", b"gzip, chunked");
+        assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::Chunked(Chunk::Size), true));
+        f.note(b"transfer-encoding", b"gzip");
+        assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::UntilClose, false));
     }
 
     #[test]

@@ -133,3 +133,23 @@ async fn an_upstream_close_makes_an_idle_connection_unusable() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_never_enter_the_map() {
+    let (addr, _up) = upstream(vec![
+        b"HTTP/1.1 200 OK\r\nConnection: X-Internal, keep-alive\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\n\
+          Transfer-Encoding: chunked\r\nContent-Length: 99\r\nX-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+    ])
+    .await;
+    let mut c = conn(addr).await;
+    let head = send(&mut c, get("/")).await.map_err(|e| e.0).unwrap();
+    let names: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["x-kept"], "hop-by-hop, Connection-named or overridden headers reached the map");
+    assert!(head.keep_alive);
+    assert_eq!(body(&mut c, head.decoder).await, b"ok");
+    // HTTP/1.0 without keep-alive: the connection cannot be reused.
+    let head = send(&mut c, get("/")).await.map_err(|e| e.0).unwrap();
+    assert!(!head.keep_alive);
+    assert_eq!(head.headers["content-length"], "2");
+}
