@@ -6,6 +6,11 @@ set -euo pipefail
 need=()
 command -v kill >/dev/null 2>&1 || need+=(procps)
 [ -x /bin/kill ] || need+=(procps)
+# A real etcd for the etcd store's conformance suite and the cluster tests.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# Network namespaces, veth pairs and a bridge for the multi-node harness.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -240,7 +240,8 @@ pub async fn lease_keep_alive_and_expiry<S: Store>(s: &S) {
     let took = stopped.elapsed();
     assert!(took >= Duration::from_millis(1500), "the lease expired {took:?} after its last keep-alive");
     assert_eq!(s.get("/nodes/n1").await.unwrap(), None);
-    assert!(matches!(s.keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+    let r = s.keep_alive(lease).await;
+    assert!(matches!(r, Err(StoreError::LeaseNotFound(_))), "keep-alive of an expired lease: {r:?}");
     assert!(matches!(s.put("/nodes/n1", vec![], Some(lease)).await, Err(StoreError::LeaseNotFound(_))));
 }
 

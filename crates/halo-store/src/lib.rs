@@ -6,10 +6,11 @@
 //! transactions on those revisions, prefix watches that start from any
 //! revision still in the history, and leases whose expiry deletes the keys
 //! attached to them. [`EmbeddedStore`] implements it on one machine with
-//! redb; the etcd implementation comes with the multi-node work. Both must
+//! redb, [`EtcdStore`] on an etcd v3 cluster. Both must
 //! pass the conformance suite in [`conformance`] (feature `conformance`).
 
 mod embedded;
+mod etcd;
 mod types;
 
 #[cfg(feature = "conformance")]
@@ -20,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 pub use types::{
     Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, Listing, Revision, Txn, TxnOp, TxnResult,
     Watch,

@@ -6,6 +6,7 @@
 
 mod backend;
 mod client;
+mod etcd;
 mod load;
 mod process;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
+pub use etcd::Etcd;
 pub use load::{Load, Report};
 pub use process::{processes_of, Halo};
 

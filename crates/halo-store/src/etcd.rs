@@ -1,0 +1,365 @@
+//! The [`Store`] on an etcd v3 cluster, through the `etcd-client` crate.
+//!
+//! Every key lives under the store's namespace (for example `/halo-prod`),
+//! so several halo clusters can share one etcd and the empty prefix means
+//! "everything of this cluster". Nothing of etcd leaks through the trait:
+//! errors become [`StoreError`], keys come back without the namespace.
+//!
+//! Watches end (the stream closes) when etcd cancels them, when the
+//! connection breaks or when the member loses its leader (`require_leader`):
+//! callers resume from the last revision seen + 1, as the trait says. HTTP/2
+//! pings find a dead connection within a few seconds, so a watch cannot hang
+//! silently on a peer that went away.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client as etcd;
+use tokio::sync::mpsc;
+
+use crate::{
+    Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, Listing, Revision, Store, StoreError, Txn,
+    TxnOp, TxnResult, Watch,
+};
+
+/// How long one request may take before it fails (the cluster is
+/// unreachable or has no leader).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A handle on an etcd cluster; cheap to clone, all clones share one
+/// connection per endpoint.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: etcd::Client,
+    namespace: String,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).field("namespace", &self.namespace).finish()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`host:port` or `http://host:port`); every
+    /// key is kept under `namespace` (`""` for none; otherwise it must
+    /// start with `/` and not end with one).
+    pub async fn connect(endpoints: &[String], namespace: &str) -> Result<EtcdStore, StoreError> {
+        let open = |message: String| StoreError::Open { path: endpoints.join(","), message };
+        if endpoints.is_empty() {
+            return Err(open("no etcd endpoint given (expected host:port[,host:port...])".into()));
+        }
+        if !namespace.is_empty() && (!namespace.starts_with('/') || namespace.ends_with('/')) {
+            return Err(open(format!(
+                "namespace '{namespace}' must start with '/' and not end with one (or be empty)"
+            )));
+        }
+        let options = etcd::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = etcd::Client::connect(endpoints, Some(options)).await.map_err(|e| open(e.to_string()))?;
+        Ok(EtcdStore { client, namespace: namespace.to_string(), endpoints: endpoints.to_vec() })
+    }
+
+    /// The endpoints this store was opened with.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
+    }
+
+    fn kv(&self, kv: &etcd::KeyValue) -> Result<KeyValue, StoreError> {
+        let key = std::str::from_utf8(kv.key()).map_err(|_| backend("decode", "a key is not UTF-8".into()))?;
+        let key = key.strip_prefix(&self.namespace).unwrap_or(key).to_string();
+        Ok(KeyValue {
+            key,
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
+            lease: (kv.lease() != 0).then_some(kv.lease()),
+        })
+    }
+
+    /// Whether `rev` can still be read; `Err(Compacted)` when it cannot.
+    async fn check_not_compacted(&self, prefix: &str, rev: Revision) -> Result<(), StoreError> {
+        let key = self.full(prefix);
+        let opts = etcd::GetOptions::new().with_prefix().with_revision(rev).with_count_only();
+        match self.client.kv_client().get(key, Some(opts)).await {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err("watch", e, None) {
+                // A revision in the future is fine for a watch: it waits.
+                StoreError::Invalid(m) if m.contains("future revision") => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+fn backend(op: &'static str, message: String) -> StoreError {
+    StoreError::Backend { op, message, maybe_applied: false }
+}
+
+/// Maps an etcd-client error to the trait's; `lease` is the lease a
+/// "lease not found" refers to.
+fn map_err(op: &'static str, e: etcd::Error, lease: Option<LeaseId>) -> StoreError {
+    match e {
+        etcd::Error::GRpcStatus(status) => {
+            let msg = status.message().to_string();
+            if msg.contains("lease not found") {
+                return StoreError::LeaseNotFound(lease.unwrap_or(0));
+            }
+            if msg.contains("required revision has been compacted") {
+                return StoreError::Compacted { requested: 0, compacted: 0 };
+            }
+            use tonic::Code;
+            match status.code() {
+                Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => StoreError::Invalid(msg),
+                // Refused before anything was sent to the leader.
+                Code::Unavailable if msg.contains("no leader") => {
+                    StoreError::Backend { op, message: msg, maybe_applied: false }
+                }
+                code => StoreError::Backend { op, message: format!("{code:?}: {msg}"), maybe_applied: true },
+            }
+        }
+        etcd::Error::InvalidArgs(m) => StoreError::Invalid(m),
+        etcd::Error::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::LeaseNotFound(lease.unwrap_or(0)),
+        other => StoreError::Backend { op, message: other.to_string(), maybe_applied: true },
+    }
+}
+
+fn compare_op(op: CompareOp) -> etcd::CompareOp {
+    match op {
+        CompareOp::Equal => etcd::CompareOp::Equal,
+        CompareOp::NotEqual => etcd::CompareOp::NotEqual,
+        CompareOp::Less => etcd::CompareOp::Less,
+        CompareOp::Greater => etcd::CompareOp::Greater,
+    }
+}
+
+impl EtcdStore {
+    fn compare(&self, c: &Compare) -> etcd::Compare {
+        let key = self.full(&c.key);
+        let op = compare_op(c.op);
+        match &c.target {
+            CompareTarget::Version(v) => etcd::Compare::version(key, op, *v),
+            CompareTarget::CreateRevision(r) => etcd::Compare::create_revision(key, op, *r),
+            CompareTarget::ModRevision(r) => etcd::Compare::mod_revision(key, op, *r),
+            CompareTarget::Value(v) => etcd::Compare::value(key, op, v.clone()),
+        }
+    }
+
+    fn op(&self, op: &TxnOp) -> etcd::TxnOp {
+        match op {
+            TxnOp::Put { key, value, lease } => {
+                let opts = lease.map(|l| etcd::PutOptions::new().with_lease(l));
+                etcd::TxnOp::put(self.full(key), value.clone(), opts)
+            }
+            TxnOp::Delete(key) => etcd::TxnOp::delete(self.full(key), None),
+            TxnOp::DeletePrefix(prefix) => {
+                let key = self.full(prefix);
+                etcd::TxnOp::delete(key, Some(etcd::DeleteOptions::new().with_prefix()))
+            }
+        }
+    }
+}
+
+/// Splits a watch response's events into one batch per revision.
+fn batches(events: Vec<Event>) -> Vec<Vec<Event>> {
+    let mut out: Vec<Vec<Event>> = Vec::new();
+    for e in events {
+        match out.last_mut() {
+            Some(b) if b[0].kv.mod_revision == e.kv.mod_revision => b.push(e),
+            _ => out.push(vec![e]),
+        }
+    }
+    out
+}
+
+/// Feeds `tx` from an etcd watch stream until etcd cancels it, the stream
+/// breaks, or the [`Watch`] is dropped.
+async fn pump(store: EtcdStore, mut stream: etcd::WatchStream, tx: mpsc::Sender<Vec<Event>>) {
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = tx.closed() => return,
+        };
+        let resp = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd watch broke");
+                return;
+            }
+        };
+        let mut events = Vec::with_capacity(resp.events().len());
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(kv) = store.kv(kv) else { continue };
+            let kind = match ev.event_type() {
+                etcd::EventType::Put => EventKind::Put,
+                etcd::EventType::Delete => EventKind::Delete,
+            };
+            events.push(Event { kind, kv });
+        }
+        for b in batches(events) {
+            if tx.send(b).await.is_err() {
+                return;
+            }
+        }
+        if resp.canceled() {
+            tracing::debug!(reason = resp.cancel_reason(), compact = resp.compact_revision(), "etcd watch canceled");
+            return;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let resp = self.client.kv_client().get(self.full(key), None).await.map_err(|e| map_err("get", e, None))?;
+        resp.kvs().first().map(|kv| self.kv(kv)).transpose()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let key = self.full(prefix);
+        let opts = etcd::GetOptions::new().with_prefix().with_sort(etcd::SortTarget::Key, etcd::SortOrder::Ascend);
+        let resp = self.client.kv_client().get(key, Some(opts)).await.map_err(|e| map_err("list", e, None))?;
+        let kvs = resp.kvs().iter().map(|kv| self.kv(kv)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Listing { kvs, revision: resp.header().map_or(0, |h| h.revision()) })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        txn.validate()?;
+        let lease = txn.success.iter().chain(&txn.failure).find_map(|op| match op {
+            TxnOp::Put { lease, .. } => *lease,
+            _ => None,
+        });
+        let t = etcd::Txn::new()
+            .when(txn.compares.iter().map(|c| self.compare(c)).collect::<Vec<_>>())
+            .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
+        let resp = self.client.kv_client().txn(t).await.map_err(|e| map_err("txn", e, lease))?;
+        Ok(TxnResult { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch, StoreError> {
+        let key = self.full(prefix);
+        let mut opts = etcd::WatchOptions::new().with_prefix();
+        if from > 0 {
+            opts = opts.with_start_revision(from);
+        }
+        let compacted = match self.check_not_compacted(prefix, from.max(1)).await {
+            Ok(()) => false,
+            Err(StoreError::Compacted { .. }) => true,
+            Err(e) => return Err(e),
+        };
+        let mut stream =
+            self.client.watch_client().watch(key, Some(opts)).await.map_err(|e| map_err("watch", e, None))?;
+        if compacted {
+            // etcd tells the compaction revision on the watch it cancels.
+            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+            loop {
+                let msg = tokio::time::timeout_at(deadline, stream.message())
+                    .await
+                    .map_err(|_| backend("watch", "etcd did not report the compaction revision".into()))?;
+                match msg.map_err(|e| map_err("watch", e, None))? {
+                    Some(r) if r.compact_revision() > 0 => {
+                        return Err(StoreError::Compacted { requested: from, compacted: r.compact_revision() })
+                    }
+                    Some(_) => continue,
+                    None => return Err(backend("watch", "etcd closed the watch".into())),
+                }
+            }
+        }
+        // The first message confirms the watch exists: events from then on
+        // are delivered.
+        match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
+            Ok(Ok(Some(r))) if r.created() && !r.canceled() => {}
+            Ok(Ok(Some(r))) => {
+                return Err(backend("watch", format!("etcd refused the watch: {}", r.cancel_reason())));
+            }
+            Ok(Ok(None)) => return Err(backend("watch", "etcd closed the watch".into())),
+            Ok(Err(e)) => return Err(map_err("watch", e, None)),
+            Err(_) => return Err(backend("watch", "etcd did not confirm the watch in time".into())),
+        }
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(pump(self.clone(), stream, tx));
+        Ok(Watch::from_channel(rx))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let opts = etcd::CompactionOptions::new().with_physical();
+        match self.client.kv_client().compact(revision, Some(opts)).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match map_err("compact", e, None) {
+                StoreError::Compacted { .. } => {
+                    StoreError::Invalid(format!("revision {revision} is already compacted"))
+                }
+                other => other,
+            }),
+        }
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        if ttl.is_zero() {
+            return Err(StoreError::Invalid("lease TTL must be at least 1s".into()));
+        }
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let resp = self.client.lease_client().grant(secs as i64, None).await.map_err(|e| map_err("grant", e, None))?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let fail = |e| map_err("keep_alive", e, Some(lease));
+        let work = async {
+            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(lease).await.map_err(fail)?;
+            keeper.keep_alive().await.map_err(fail)?;
+            match stream.message().await.map_err(fail)? {
+                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+                Some(_) => Err(StoreError::LeaseNotFound(lease)),
+                None => Err(backend("keep_alive", "etcd closed the keep-alive stream".into())),
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| StoreError::Backend {
+            op: "keep_alive",
+            message: "no answer from etcd in time".into(),
+            maybe_applied: true,
+        })?
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.client.lease_client().revoke(lease).await.map_err(|e| map_err("revoke", e, Some(lease)))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(key: &str, rev: Revision) -> Event {
+        let kv = KeyValue {
+            key: key.into(),
+            value: vec![],
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            lease: None,
+        };
+        Event { kind: EventKind::Put, kv }
+    }
+
+    #[test]
+    fn one_batch_per_revision() {
+        let b = batches(vec![ev("/a", 5), ev("/b", 5), ev("/a", 6), ev("/c", 8)]);
+        let revs: Vec<Vec<Revision>> = b.iter().map(|b| b.iter().map(|e| e.kv.mod_revision).collect()).collect();
+        assert_eq!(revs, vec![vec![5, 5], vec![6], vec![8]]);
+    }
+}

@@ -1,0 +1,133 @@
+//! A real etcd (Debian's `etcd-server`, installed by
+//! `scripts/install-test-deps.sh`) for tests: one member on loopback with
+//! its own data directory, killed and removed on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::TempDir;
+
+/// One etcd member; killed (SIGKILL) and reaped on drop.
+pub struct Etcd {
+    child: Child,
+    /// `127.0.0.1:PORT`, for clients.
+    pub client: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    /// Starts a single-member cluster on free loopback ports and waits
+    /// until it answers `/health` (at most 20 s).
+    pub fn start() -> Etcd {
+        let dir = TempDir::new("etcd");
+        let client = crate::free_addr();
+        let peer = crate::free_addr();
+        let child = spawn_member("m0", &dir.0, client, peer, &format!("m0=http://{peer}"), None);
+        let mut e = Etcd { child, client, _dir: dir };
+        wait_healthy(&mut e.child, client, &e._dir.0);
+        e
+    }
+
+    /// The endpoint as halo takes it (`--store etcd://...`).
+    pub fn endpoint(&self) -> String {
+        self.client.to_string()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one etcd member. `netns`: run it inside that network namespace.
+pub(crate) fn spawn_member(
+    name: &str,
+    dir: &Path,
+    client: SocketAddr,
+    peer: SocketAddr,
+    initial_cluster: &str,
+    netns: Option<&str>,
+) -> Child {
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("create etcd.log");
+    let bin = which_etcd();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, &bin]);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    cmd.args([
+        "--name",
+        name,
+        "--data-dir",
+        &dir.join("data").to_string_lossy(),
+        "--listen-client-urls",
+        &format!("http://{client}"),
+        "--advertise-client-urls",
+        &format!("http://{client}"),
+        "--listen-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ])
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().expect("clone log"))
+    .stderr(log);
+    cmd.spawn().unwrap_or_else(|e| panic!("cannot start etcd ({bin}): {e}; run scripts/install-test-deps.sh"))
+}
+
+fn which_etcd() -> String {
+    for p in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if Path::new(p).exists() {
+            return p.to_string();
+        }
+    }
+    panic!("etcd not found (Debian's etcd-server); run scripts/install-test-deps.sh")
+}
+
+/// Whether the member at `client` reports itself healthy (has a leader).
+pub(crate) fn healthy(client: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&client, Duration::from_millis(200)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+pub(crate) fn wait_healthy(child: &mut Child, client: SocketAddr, dir: &Path) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if healthy(client) {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default();
+            panic!("etcd exited ({status}) before becoming healthy:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default();
+    panic!("etcd at {client} not healthy after 20s:\n{log}");
+}
