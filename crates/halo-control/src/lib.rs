@@ -7,6 +7,7 @@ mod config;
 mod node;
 mod ops;
 pub mod records;
+pub mod scheduler;
 
 pub use config::{parse_node, NodeConfig, DEFAULT_API};
 pub use ops::{ApplyOutcome, InstanceView, Node, NodeError, ServiceStatus};

@@ -74,7 +74,8 @@ impl Node {
         halo_exe: PathBuf,
     ) -> Result<Node, NodeError> {
         let proxy = Proxy::start(cfg.proxy.clone(), None).await.map_err(|e| NodeError::Start(e.to_string()))?;
-        let env = Arc::new(Env { logs_dir: data_dir.join("logs"), halo_exe, log_cap: 10 << 20 });
+        let env =
+            Arc::new(Env { logs_dir: data_dir.join("logs"), halo_exe, log_cap: 10 << 20, host: [127, 0, 0, 1].into() });
         let inner = Arc::new(Inner::new(store, proxy, cfg.proxy.clone(), env, data_dir));
         let node = Node { inner };
         for (file, _) in &cfg.services {

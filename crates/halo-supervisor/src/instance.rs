@@ -164,7 +164,13 @@ impl Run {
                 Some(p) => Ok(p),
                 None => {
                     self.ensure_port_free();
-                    Proc::spawn(&spec.run, self.spec.port, &self.log.path, &self.env.halo_exe, &self.spec.id)
+                    Proc::spawn(
+                        &spec.run,
+                        (self.env.host, self.spec.port),
+                        &self.log.path,
+                        &self.env.halo_exe,
+                        &self.spec.id,
+                    )
                 }
             };
             let started = Instant::now();

@@ -30,4 +30,8 @@ pub struct Env {
     pub halo_exe: PathBuf,
     /// A log file past this many bytes is rotated.
     pub log_cap: u64,
+    /// The address instances are told to listen on (`HOST`, with `PORT`):
+    /// loopback on a single node, every address on a cluster node (other
+    /// nodes' proxies reach them). Probes always use loopback.
+    pub host: std::net::IpAddr,
 }

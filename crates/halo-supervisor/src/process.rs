@@ -28,14 +28,22 @@ pub struct Exit {
 }
 
 impl Proc {
-    /// Starts `run` with `PORT=port`, stdout and stderr appended to `log`.
-    /// `command = "halo"` runs `halo_exe`, this halo binary.
-    pub fn spawn(run: &RunSpec, port: u16, log: &Path, halo_exe: &Path, instance: &str) -> std::io::Result<Proc> {
+    /// Starts `run` with `HOST` and `PORT` set to `addr`, stdout and stderr
+    /// appended to `log`. `command = "halo"` runs `halo_exe`, this halo binary.
+    pub fn spawn(
+        run: &RunSpec,
+        addr: (std::net::IpAddr, u16),
+        log: &Path,
+        halo_exe: &Path,
+        instance: &str,
+    ) -> std::io::Result<Proc> {
+        let (host, port) = addr;
         let out = OpenOptions::new().create(true).append(true).open(log)?;
         let program = if run.command == "halo" { halo_exe.as_os_str() } else { run.command.as_ref() };
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(&run.args)
             .envs(&run.env)
+            .env("HOST", host.to_string())
             .env("PORT", port.to_string())
             .env("HALO_INSTANCE", instance)
             .stdin(Stdio::null())

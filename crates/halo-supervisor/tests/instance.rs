@@ -7,7 +7,12 @@ use halo_supervisor::{Env, Instance, InstanceSpec, State};
 use halo_testkit::{eventually, TempDir};
 
 fn env(dir: &TempDir) -> Arc<Env> {
-    Arc::new(Env { logs_dir: dir.0.join("logs"), halo_exe: "/bin/false".into(), log_cap: 1 << 20 })
+    Arc::new(Env {
+        logs_dir: dir.0.join("logs"),
+        halo_exe: "/bin/false".into(),
+        log_cap: 1 << 20,
+        host: [127, 0, 0, 1].into(),
+    })
 }
 
 fn spec(script: &str, extra: &str) -> InstanceSpec {

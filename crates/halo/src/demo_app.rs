@@ -26,6 +26,9 @@ pub struct DemoArgs {
     /// Port to listen on [default: $PORT].
     #[arg(long, env = "PORT")]
     port: u16,
+    /// Address to listen on [default: $HOST, else 127.0.0.1].
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     /// Delay added to every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
@@ -62,9 +65,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        let listener = tokio::net::TcpListener::bind((args.host, args.port))
             .await
-            .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         eprintln!("demo-app {} instance {} listening on {}", app.version, app.id, listener.local_addr()?);
         if let Some(secs) = args.crash_after {
             tokio::spawn(async move {

@@ -1,0 +1,420 @@
+//! The scheduler: a pure function from a state snapshot to a placement
+//! plan. No I/O, no clock, no randomness: the same snapshot always gives
+//! the same plan, which makes it testable in memory (see the tests below)
+//! and safe to rerun after a failed write.
+//!
+//! Rules, per service:
+//! - placements on nodes that left the cluster, and of deleted services,
+//!   are removed (a node that comes back stops them itself);
+//! - a placement on a draining node, or with an older template, is
+//!   *displaced*: its replacement starts first, and it is removed only
+//!   while enough other ready placements remain (or once it is not ready);
+//!   template changes roll one new placement at a time, drains start every
+//!   replacement at once;
+//! - new placements go where the service has the fewest placements in the
+//!   zone, then on the node, then where the node has the fewest in all,
+//!   then by node name; a node at capacity or draining takes none;
+//! - scaling down removes the not-ready first, then from the most crowded
+//!   node; nothing healthy is moved otherwise (a returning node is not
+//!   rebalanced onto).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A live member of the cluster, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub zone: String,
+    /// Most placements the node takes, over all services.
+    pub capacity: u32,
+    pub draining: bool,
+}
+
+/// What a service asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceWant {
+    pub replicas: u32,
+    /// Placements with another template are replaced.
+    pub template: String,
+}
+
+/// One instance placed on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub id: String,
+    pub service: String,
+    pub template: String,
+    pub node: String,
+}
+
+/// Everything the scheduler decides from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Store revision the snapshot was read at; names new placements.
+    pub revision: i64,
+    /// Live nodes only.
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub services: BTreeMap<String, ServiceWant>,
+    /// Current placements by id.
+    pub placements: BTreeMap<String, Placement>,
+    /// Ids of placements whose instance is ready (has an endpoint).
+    pub ready: BTreeSet<String>,
+}
+
+/// What to change: placements to add and ids to remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub add: Vec<Placement>,
+    pub remove: Vec<String>,
+    /// Replicas that could not be placed (no node with room).
+    pub unplaced: BTreeMap<String, u32>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Computes the plan for `snap`.
+pub fn schedule(snap: &Snapshot) -> Plan {
+    let mut plan = Plan::default();
+    // Load per node, kept up to date as the plan adds and removes.
+    let mut load: BTreeMap<&str, u32> = snap.nodes.keys().map(|n| (n.as_str(), 0)).collect();
+    let mut gone = BTreeSet::new();
+    for (id, p) in &snap.placements {
+        if !snap.nodes.contains_key(&p.node) || !snap.services.contains_key(&p.service) {
+            gone.insert(id.clone());
+        } else {
+            *load.get_mut(p.node.as_str()).expect("live node") += 1;
+        }
+    }
+    plan.remove.extend(gone.iter().cloned());
+    let mut seq = 0u32;
+    for (name, want) in &snap.services {
+        let mine: Vec<&Placement> =
+            snap.placements.values().filter(|p| &p.service == name && !gone.contains(&p.id)).collect();
+        let displaced = |p: &Placement| p.template != want.template || snap.nodes[&p.node].draining;
+        let (old, mut keep): (Vec<&Placement>, Vec<&Placement>) = mine.into_iter().partition(|p| displaced(p));
+        let target = want.replicas as usize;
+        let is_ready = |p: &Placement| snap.ready.contains(&p.id);
+        // Scale down among the current placements: not ready first, then
+        // the most crowded node (by this service), then the newest id.
+        if keep.len() > target {
+            let mut crowd: BTreeMap<&str, usize> = BTreeMap::new();
+            for p in &keep {
+                *crowd.entry(p.node.as_str()).or_default() += 1;
+            }
+            keep.sort_by_key(|p| {
+                (is_ready(p), std::cmp::Reverse(crowd[p.node.as_str()]), std::cmp::Reverse(p.id.clone()))
+            });
+            for p in keep.drain(..keep.len() - target) {
+                plan.remove.push(p.id.clone());
+                *load.get_mut(p.node.as_str()).expect("live node") -= 1;
+            }
+        }
+        // Add: everything missing, except that a template change rolls
+        // one at a time (the next once the previous is ready).
+        let rolling = old.iter().any(|p| p.template != want.template);
+        let missing = target.saturating_sub(keep.len());
+        let adds = if rolling { usize::from(missing > 0 && keep.iter().all(|p| is_ready(p))) } else { missing };
+        let mut placed_here: Vec<Placement> = Vec::new();
+        for _ in 0..adds {
+            let counted = keep.iter().copied().chain(placed_here.iter());
+            let Some(node) = pick_node(snap, &load, counted) else {
+                *plan.unplaced.entry(name.clone()).or_insert(0) += (missing - placed_here.len()) as u32;
+                break;
+            };
+            *load.get_mut(node.as_str()).expect("live node") += 1;
+            placed_here.push(Placement {
+                id: format!("{name}-{:x}{seq:02x}", snap.revision),
+                service: name.clone(),
+                template: want.template.clone(),
+                node,
+            });
+            seq += 1;
+        }
+        // Remove displaced placements while capacity allows: a not-ready
+        // one carries no traffic; a ready one goes only if enough others
+        // are ready.
+        let mut ready_total = keep.iter().chain(&old).filter(|p| is_ready(p)).count();
+        let mut old_sorted = old.clone();
+        old_sorted.sort_by_key(|p| (is_ready(p), p.id.clone()));
+        for p in old_sorted {
+            if !is_ready(p) {
+                plan.remove.push(p.id.clone());
+            } else if ready_total > target {
+                plan.remove.push(p.id.clone());
+                ready_total -= 1;
+            }
+        }
+        plan.add.extend(placed_here);
+    }
+    plan
+}
+
+/// The node for one more placement of a service whose placements are
+/// `counted`: fewest of the service in the zone, then on the node, then
+/// the least loaded node, then by name. `None` when every node is full or
+/// draining.
+fn pick_node<'a>(
+    snap: &Snapshot,
+    load: &BTreeMap<&str, u32>,
+    counted: impl Iterator<Item = &'a Placement>,
+) -> Option<String> {
+    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in counted {
+        *per_node.entry(p.node.as_str()).or_default() += 1;
+        *per_zone.entry(snap.nodes[&p.node].zone.as_str()).or_default() += 1;
+    }
+    snap.nodes
+        .iter()
+        .filter(|(n, info)| !info.draining && load[n.as_str()] < info.capacity)
+        .min_by_key(|(n, info)| {
+            (
+                per_zone.get(info.zone.as_str()).copied().unwrap_or(0),
+                per_node.get(n.as_str()).copied().unwrap_or(0),
+                load[n.as_str()],
+                n.as_str(),
+            )
+        })
+        .map(|(n, _)| n.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(zone: &str, capacity: u32) -> NodeInfo {
+        NodeInfo { zone: zone.into(), capacity, draining: false }
+    }
+
+    fn snap(nodes: &[(&str, &str, u32)], services: &[(&str, u32, &str)]) -> Snapshot {
+        Snapshot {
+            revision: 1,
+            nodes: nodes.iter().map(|(n, z, c)| (n.to_string(), node(z, *c))).collect(),
+            services: services
+                .iter()
+                .map(|(s, r, t)| (s.to_string(), ServiceWant { replicas: *r, template: t.to_string() }))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Applies `plan`, marks everything ready, bumps the revision.
+    fn apply(s: &mut Snapshot, plan: &Plan) {
+        for id in &plan.remove {
+            s.placements.remove(id);
+            s.ready.remove(id);
+        }
+        for p in &plan.add {
+            assert!(s.placements.insert(p.id.clone(), p.clone()).is_none(), "placement {} added twice", p.id);
+            s.ready.insert(p.id.clone());
+        }
+        s.revision += 1;
+    }
+
+    /// Runs the scheduler until it has nothing left to do (at most 50 rounds).
+    fn converge(s: &mut Snapshot) {
+        for _ in 0..50 {
+            let plan = schedule(s);
+            if plan.is_empty() {
+                return;
+            }
+            apply(s, &plan);
+        }
+        panic!("no fixed point after 50 rounds: {s:?}");
+    }
+
+    fn per_node(s: &Snapshot, service: &str) -> BTreeMap<String, usize> {
+        let mut m: BTreeMap<String, usize> = s.nodes.keys().map(|n| (n.clone(), 0)).collect();
+        for p in s.placements.values().filter(|p| p.service == service) {
+            *m.get_mut(&p.node).unwrap() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn spreads_across_zones_then_nodes() {
+        let mut s = snap(&[("a1", "a", 10), ("a2", "a", 10), ("b1", "b", 10)], &[("web", 4, "t1")]);
+        converge(&mut s);
+        let m = per_node(&s, "web");
+        // Zone b has one node, zone a two: two per zone.
+        assert_eq!(m["b1"], 2, "{m:?}");
+        assert_eq!((m["a1"], m["a2"]), (1, 1), "{m:?}");
+    }
+
+    #[test]
+    fn a_dead_node_is_rescheduled_and_nothing_else_moves() {
+        let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10), ("n3", "z", 10)], &[("web", 3, "t1")]);
+        converge(&mut s);
+        let before = s.placements.clone();
+        s.nodes.remove("n2");
+        let plan = schedule(&s);
+        let lost: Vec<&String> = before.iter().filter(|(_, p)| p.node == "n2").map(|(id, _)| id).collect();
+        assert_eq!(plan.remove.iter().collect::<Vec<_>>(), lost);
+        assert_eq!(plan.add.len(), 1);
+        apply(&mut s, &plan);
+        for (id, p) in &before {
+            if p.node != "n2" {
+                assert_eq!(s.placements.get(id), Some(p), "a healthy placement moved");
+            }
+        }
+    }
+
+    #[test]
+    fn drain_starts_replacements_before_removing() {
+        let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10), ("n3", "z", 10)], &[("web", 3, "t1")]);
+        converge(&mut s);
+        s.nodes.get_mut("n1").unwrap().draining = true;
+        let plan = schedule(&s);
+        assert_eq!(plan.add.len(), 1, "one replacement for the one placement on n1");
+        assert!(plan.remove.is_empty(), "removed before its replacement was ready: {plan:?}");
+        assert_ne!(plan.add[0].node, "n1");
+        apply(&mut s, &plan);
+        let plan = schedule(&s);
+        assert_eq!(plan.remove.len(), 1, "the replacement is ready: the drained one goes");
+        apply(&mut s, &plan);
+        assert_eq!(per_node(&s, "web")["n1"], 0);
+        assert!(schedule(&s).is_empty());
+    }
+
+    #[test]
+    fn template_change_rolls_one_at_a_time_keeping_capacity() {
+        let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10)], &[("web", 2, "t1")]);
+        converge(&mut s);
+        s.services.get_mut("web").unwrap().template = "t2".into();
+        let mut rounds = 0;
+        loop {
+            let plan = schedule(&s);
+            if plan.is_empty() {
+                break;
+            }
+            assert!(plan.add.len() <= 1, "more than one new placement at once");
+            // Simulate: new placements are not ready yet in this round.
+            for id in &plan.remove {
+                s.placements.remove(id);
+                s.ready.remove(id);
+            }
+            for p in &plan.add {
+                s.placements.insert(p.id.clone(), p.clone());
+            }
+            let ready = s.placements.keys().filter(|id| s.ready.contains(*id)).count();
+            assert!(ready >= 2 || s.placements.values().all(|p| p.template == "t2"), "capacity lost: {s:?}");
+            for p in &plan.add {
+                s.ready.insert(p.id.clone());
+            }
+            s.revision += 1;
+            rounds += 1;
+            assert!(rounds < 20);
+        }
+        assert!(s.placements.values().all(|p| p.template == "t2"));
+        assert_eq!(s.placements.len(), 2);
+    }
+
+    #[test]
+    fn capacity_is_respected_and_shortfall_reported() {
+        let mut s = snap(&[("n1", "z", 1), ("n2", "z", 2)], &[("web", 5, "t1")]);
+        let plan = schedule(&s);
+        assert_eq!(plan.add.len(), 3);
+        assert_eq!(plan.unplaced.get("web"), Some(&2));
+        apply(&mut s, &plan);
+        assert_eq!(per_node(&s, "web"), BTreeMap::from([("n1".into(), 1), ("n2".into(), 2)]));
+    }
+
+    #[test]
+    fn scale_down_takes_not_ready_then_crowded() {
+        let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10)], &[("web", 4, "t1")]);
+        converge(&mut s);
+        let not_ready = s.placements.keys().next().unwrap().clone();
+        s.ready.remove(&not_ready);
+        s.services.get_mut("web").unwrap().replicas = 3;
+        let plan = schedule(&s);
+        assert_eq!(plan.remove, vec![not_ready]);
+        assert!(plan.add.is_empty());
+    }
+
+    /// A small deterministic generator for the property test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    #[test]
+    fn property_converges_spread_even_never_twice_deterministic() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..500 {
+            let n_nodes = 1 + rng.next(6) as usize;
+            let zones = 1 + rng.next(3);
+            let nodes: Vec<(String, String, u32)> = (0..n_nodes)
+                .map(|i| (format!("n{i}"), format!("z{}", rng.next(zones)), 1 + rng.next(12) as u32))
+                .collect();
+            let mut s = Snapshot { revision: 1, ..Default::default() };
+            for (n, z, c) in &nodes {
+                s.nodes.insert(n.clone(), node(z, *c));
+            }
+            for i in 0..1 + rng.next(4) {
+                s.services.insert(format!("s{i}"), ServiceWant { replicas: rng.next(8) as u32, template: "t".into() });
+            }
+            // Some history: converge, then a random fault or change.
+            converge(&mut s);
+            match rng.next(4) {
+                0 if s.nodes.len() > 1 => {
+                    let victim = format!("n{}", rng.next(n_nodes as u64));
+                    s.nodes.remove(&victim);
+                }
+                1 => {
+                    let victim = format!("n{}", rng.next(n_nodes as u64));
+                    if let Some(n) = s.nodes.get_mut(&victim) {
+                        n.draining = true;
+                    }
+                }
+                2 => {
+                    for w in s.services.values_mut() {
+                        w.replicas = rng.next(8) as u32;
+                        w.template = "t2".into();
+                    }
+                }
+                _ => {}
+            }
+            assert_eq!(schedule(&s), schedule(&s), "case {case}: not deterministic");
+            converge(&mut s);
+            // Capacity respected; a draining node keeps placements only
+            // while the others have no room for their replacements.
+            let room: u32 = s.nodes.values().filter(|i| !i.draining).map(|i| i.capacity).sum();
+            let asked: u32 = s.services.values().map(|w| w.replicas).sum();
+            let mut on_draining = 0;
+            for (n, info) in &s.nodes {
+                let load = s.placements.values().filter(|p| &p.node == n).count() as u32;
+                assert!(load <= info.capacity, "case {case}: {n} over capacity");
+                if info.draining {
+                    on_draining += load;
+                }
+            }
+            let placed = s.placements.len() as u32 - on_draining;
+            assert_eq!(placed, asked.min(room), "case {case}: {placed} placed of {asked} asked, room {room}");
+            if on_draining > 0 {
+                assert!(!schedule(&s).unplaced.is_empty(), "case {case}: a drain stalled with room to spare");
+            }
+            // Spread: with room to spare everywhere (one zone), the least
+            // and the most crowded node differ by at most one per service.
+            let roomy = s.nodes.values().filter(|i| !i.draining).all(|i| i.capacity >= asked);
+            if roomy && zones == 1 {
+                for name in s.services.keys() {
+                    let counts: Vec<usize> =
+                        per_node(&s, name).into_iter().filter(|(n, _)| !s.nodes[n].draining).map(|(_, c)| c).collect();
+                    if let (Some(lo), Some(hi)) = (counts.iter().min(), counts.iter().max()) {
+                        assert!(hi - lo <= 1, "case {case}: {name} spread {counts:?}");
+                    }
+                }
+            }
+        }
+    }
+}
