@@ -35,7 +35,7 @@ impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> ApiError {
         let status = match &e {
             NodeError::Invalid(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::NotFound(_) | NodeError::NoSuchNode { .. } => StatusCode::NOT_FOUND,
             NodeError::Conflict => StatusCode::CONFLICT,
             NodeError::Store(_) | NodeError::Start(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -54,6 +54,9 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/scale", post(scale))
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/services/{name}/logs", get(logs))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/drain", post(drain))
+        .route("/v1/nodes/{name}/undrain", post(undrain))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
     Router::new().route("/healthz", get(|| async { "ok\n" })).merge(guarded).fallback(not_found).with_state(api)
 }
@@ -87,17 +90,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status, /v1/services/NAME, /metrics".into())
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status, /v1/services/NAME, /v1/nodes, /metrics".into())
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     let mut text = halo_proxy::render_metrics(api.node.proxy());
     text.push_str(&api.node.metrics());
+    // The cluster's gauges need the store; without it the rest still shows.
+    if let Ok(Some(c)) = api.node.cluster().await {
+        text.push_str(&c.metrics());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn status(State(api): State<Api>) -> impl IntoResponse {
-    Json(serde_json::json!({ "services": api.node.status() }))
+    let mut v = serde_json::json!({ "services": api.node.status() });
+    match api.node.cluster().await {
+        Ok(Some(c)) => v["cluster"] = serde_json::json!(c),
+        Ok(None) => {}
+        // Static stability: the local view is still worth showing.
+        Err(e) => v["cluster_error"] = serde_json::json!(e.to_string()),
+    }
+    Json(v)
+}
+
+async fn nodes(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
+    match api.node.cluster().await? {
+        Some(c) => Ok(Json(serde_json::json!(c))),
+        None => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "this is a single node (halo up); nodes are for cluster nodes (halo agent)".into(),
+        )),
+    }
+}
+
+async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    api.node.set_draining(&name, true).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": "draining" })))
+}
+
+async fn undrain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    api.node.set_draining(&name, false).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": "undrained" })))
 }
 
 async fn apply(State(api): State<Api>, body: Bytes) -> Result<impl IntoResponse, ApiError> {

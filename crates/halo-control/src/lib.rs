@@ -3,11 +3,13 @@
 //! the proxy the ready ones. Membership, leader election and the scheduler
 //! arrive with the multi-node work.
 
+pub mod cluster;
 mod config;
 mod node;
 mod ops;
 pub mod records;
 pub mod scheduler;
 
+pub use cluster::ClusterConfig;
 pub use config::{parse_node, NodeConfig, DEFAULT_API};
-pub use ops::{ApplyOutcome, InstanceView, Node, NodeError, ServiceStatus};
+pub use ops::{ApplyOutcome, ClusterView, InstanceView, Node, NodeError, NodeView, ServiceStatus};

@@ -1,11 +1,17 @@
-//! The single-node reconciler: converges the instances this node runs to
-//! the services in the store, and feeds the proxy the ready ones.
+//! The node's reconciler: converges the instances this node runs to what
+//! it should run, and feeds the proxy the ready endpoints.
 //!
 //! One loop: list the services, compare with the instances, start or stop
 //! what differs, publish endpoints. It runs on every store change, every
-//! instance status change and once a second. Rolling replacement keeps
-//! capacity (at most one extra instance, none fewer ready than asked): a new
-//! instance starts, becomes ready, then an old one is drained and stopped.
+//! instance status change and once a second.
+//!
+//! What "should run" depends on the mode. On a single node (`halo up`) the
+//! node decides itself from each service's replicas; rolling replacement
+//! keeps capacity (at most one extra instance, none fewer ready than asked):
+//! a new instance starts, becomes ready, then an old one is drained and
+//! stopped. On a cluster node (`halo agent`) the leader decides: the node
+//! runs exactly the assignments under its name, publishes its ready
+//! instances as endpoints on its lease, and routes to every node's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -18,7 +24,8 @@ use halo_store::{Store, StoreError};
 use halo_supervisor::{Env, Instance, InstanceSpec, Status};
 use tokio::sync::{watch, Notify};
 
-use crate::records::{instance_key, InstanceRecord, ServiceRecord, INSTANCES, SERVICES};
+use crate::cluster::{endpoint_key, Assignment, EndpointRecord, Membership, ASSIGNMENTS, ENDPOINTS};
+use crate::records::{InstanceRecord, ServiceRecord, INSTANCES, SERVICES};
 
 /// Between taking an instance out of the proxy and signalling it.
 const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
@@ -60,6 +67,12 @@ pub(crate) struct Inner {
     services: Mutex<BTreeMap<String, Svc>>,
     published: Mutex<Option<BTreeMap<String, Vec<EndpointConfig>>>>,
     pub wake: Notify,
+    /// Where this node's instance records live (per node in a cluster).
+    records: String,
+    /// Set on a cluster node.
+    pub cluster: Option<Arc<Membership>>,
+    /// Ready endpoints of every other node, by service, from the store.
+    remote: Mutex<BTreeMap<String, Vec<(String, EndpointRecord)>>>,
     /// Set by [`Inner::stop_all`]: nothing is started any more.
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -72,8 +85,22 @@ struct Plan {
 }
 
 impl Inner {
-    pub fn new(store: Arc<dyn Store>, proxy: Arc<Proxy>, base: Config, env: Arc<Env>, data_dir: PathBuf) -> Inner {
+    pub fn new(
+        store: Arc<dyn Store>,
+        proxy: Arc<Proxy>,
+        base: Config,
+        env: Arc<Env>,
+        data_dir: PathBuf,
+        cluster: Option<Arc<Membership>>,
+    ) -> Inner {
+        let records = match &cluster {
+            Some(m) => format!("{INSTANCES}{}/", m.cfg.node),
+            None => INSTANCES.to_string(),
+        };
         Inner {
+            records,
+            cluster,
+            remote: Mutex::new(BTreeMap::new()),
             store,
             proxy,
             base,
@@ -85,6 +112,10 @@ impl Inner {
             wake: Notify::new(),
             shutting_down: Default::default(),
         }
+    }
+
+    fn record_key(&self, service: &str, id: &str) -> String {
+        format!("{}{service}/{id}", self.records)
     }
 
     /// Reads the services from the store. A record that no longer
@@ -171,23 +202,28 @@ impl Inner {
         Err(std::io::Error::other("no free port found"))
     }
 
-    async fn start_instance(self: &Arc<Self>, svc: &Svc, adopt: Option<InstanceRecord>) -> anyhow_lite::Result<()> {
+    /// Starts an instance of `svc`: adopts `adopt`'s process if it is
+    /// alive, or starts a new one (named `assigned`'s id and template on a
+    /// cluster node).
+    async fn start_instance(
+        self: &Arc<Self>,
+        svc: &Svc,
+        adopt: Option<InstanceRecord>,
+        assigned: Option<&Assignment>,
+    ) -> anyhow_lite::Result<()> {
         let record = match adopt {
             Some(r) => r,
             None => {
-                let id = format!("{}-{}", svc.file.name, short_id());
-                let port = self.free_port()?;
-                let r = InstanceRecord {
-                    id,
-                    service: svc.file.name.clone(),
-                    port,
-                    template: svc.template.clone(),
-                    pid: None,
-                    start_time: None,
+                let (id, template) = match assigned {
+                    Some(a) => (a.placement.id.clone(), a.placement.template.clone()),
+                    None => (format!("{}-{}", svc.file.name, short_id()), svc.template.clone()),
                 };
+                let port = self.free_port()?;
+                let r =
+                    InstanceRecord { id, service: svc.file.name.clone(), port, template, pid: None, start_time: None };
                 // The record exists before the process does: a halo killed
                 // in between finds the record, not an unknown process.
-                self.store.put(&instance_key(&r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
+                self.store.put(&self.record_key(&r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
                 r
             }
         };
@@ -218,10 +254,16 @@ impl Inner {
         self.publish();
         let me = self.clone();
         tokio::spawn(async move {
-            // Requests the proxy sent before the removal finish first.
+            // Other nodes' proxies stop sending once the endpoint is gone.
+            if me.cluster.is_some() {
+                if let Err(e) = me.store.delete(&endpoint_key(&record.service, &record.id)).await {
+                    tracing::debug!(instance = %record.id, error = %e, "withdrawing the endpoint failed");
+                }
+            }
+            // Requests the proxies sent before the removal finish first.
             tokio::time::sleep(DRAIN_DELAY).await;
             instance.stop().await;
-            if let Err(e) = me.store.delete(&instance_key(&record.service, &record.id)).await {
+            if let Err(e) = me.store.delete(&me.record_key(&record.service, &record.id)).await {
                 tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
             }
             me.instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&record.id);
@@ -240,13 +282,16 @@ impl Inner {
         }
         let services = self.load_services().await?;
         *self.services.lock().unwrap_or_else(|e| e.into_inner()) = services.clone();
+        if let Some(m) = self.cluster.clone() {
+            return self.reconcile_assigned(&m, &services).await;
+        }
         let plan = self.plan(&services);
         for id in &plan.stop {
             tracing::info!(instance = %id, "stopping instance");
             self.stop_instance(id);
         }
         for name in &plan.start {
-            if let Err(e) = self.start_instance(&services[name], None).await {
+            if let Err(e) = self.start_instance(&services[name], None, None).await {
                 tracing::error!(service = %name, error = %e, "starting an instance failed");
             }
         }
@@ -254,12 +299,114 @@ impl Inner {
         Ok(())
     }
 
+    /// A cluster node's pass: run exactly the assignments under this
+    /// node's name, publish the ready ones as endpoints on the node lease,
+    /// and route to every node's endpoints. Nothing is stopped when the
+    /// store cannot be read (static stability): this acts only on listings
+    /// that succeeded.
+    async fn reconcile_assigned(
+        self: &Arc<Self>,
+        m: &Arc<Membership>,
+        services: &BTreeMap<String, Svc>,
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let node = &m.cfg.node;
+        let listing = self.store.list(&format!("{ASSIGNMENTS}{node}/")).await?;
+        let endpoints = self.store.list(ENDPOINTS).await?;
+        let mut assigned: BTreeMap<String, Assignment> = BTreeMap::new();
+        for kv in listing.kvs {
+            let Ok(a) = serde_json::from_slice::<Assignment>(&kv.value) else { continue };
+            // Fencing as the agent sees it: an order written after a newer
+            // leader was elected, by an older one, is not obeyed.
+            let max = m.max_token.load(Ordering::SeqCst);
+            if a.token < max && kv.mod_revision > max {
+                m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(instance = %a.placement.id, token = a.token, max, "ignoring an order of a deposed leader");
+                continue;
+            }
+            m.see_token(a.token);
+            assigned.insert(a.placement.id.clone(), a);
+        }
+        let (stop, start) = {
+            let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let stop: Vec<String> = instances
+                .iter()
+                .filter(|(id, mi)| !mi.stopping() && !assigned.contains_key(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let start: Vec<Assignment> =
+                assigned.values().filter(|a| !instances.contains_key(&a.placement.id)).cloned().collect();
+            (stop, start)
+        };
+        for id in &stop {
+            tracing::info!(instance = %id, "no longer assigned here; stopping");
+            self.stop_instance(id);
+        }
+        for a in &start {
+            let Some(svc) = services.get(&a.placement.service) else { continue };
+            tracing::info!(instance = %a.placement.id, "assigned here; starting");
+            if let Err(e) = self.start_instance(svc, None, Some(a)).await {
+                tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
+            }
+        }
+        // Every other node's endpoints, for the proxy; ours come from what
+        // this node knows, and are re-published from it.
+        let mut remote: BTreeMap<String, Vec<(String, EndpointRecord)>> = BTreeMap::new();
+        let mut ours: BTreeMap<String, (EndpointRecord, Option<i64>)> = BTreeMap::new();
+        for kv in endpoints.kvs {
+            let rest = kv.key.trim_start_matches(ENDPOINTS);
+            let Some((service, id)) = rest.split_once('/') else { continue };
+            let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) else { continue };
+            if &e.node == node {
+                ours.insert(kv.key.clone(), (e, kv.lease));
+            } else {
+                remote.entry(service.to_string()).or_default().push((id.to_string(), e));
+            }
+        }
+        *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = remote;
+        self.sync_endpoints(m, ours).await;
+        self.publish();
+        Ok(())
+    }
+
+    /// Makes this node's endpoints in the store match its ready instances,
+    /// on the current lease.
+    async fn sync_endpoints(&self, m: &Membership, stored: BTreeMap<String, (EndpointRecord, Option<i64>)>) {
+        let Some(lease) = m.lease() else { return };
+        let want: BTreeMap<String, EndpointRecord> = {
+            let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            instances
+                .values()
+                .filter(|mi| mi.ready())
+                .map(|mi| {
+                    let port = mi.status.borrow().port;
+                    let e = EndpointRecord { node: m.cfg.node.clone(), addr: (m.cfg.addr, port).into() };
+                    (endpoint_key(&mi.record.service, &mi.record.id), e)
+                })
+                .collect()
+        };
+        for (key, e) in &want {
+            if stored.get(key).is_some_and(|(s, l)| s == e && *l == Some(lease)) {
+                continue;
+            }
+            let v = serde_json::to_vec(e).expect("an endpoint record encodes");
+            if let Err(err) = self.store.put(key, v, Some(lease)).await {
+                tracing::warn!(endpoint = %key, error = %err, "publishing an endpoint failed");
+            }
+        }
+        for key in stored.keys().filter(|k| !want.contains_key(*k)) {
+            if let Err(err) = self.store.delete(key).await {
+                tracing::warn!(endpoint = %key, error = %err, "withdrawing an endpoint failed");
+            }
+        }
+    }
+
     /// Takes over the instances a previous halo left: adopts live ones,
     /// restarts dead ones under the same record, stops those of deleted
     /// services. Then kills any process of this data dir nobody knows.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), StoreError> {
         let services = self.load_services().await?;
-        let listing = self.store.list(INSTANCES).await?;
+        let listing = self.store.list(&self.records).await?;
         let mut known_groups = BTreeSet::new();
         for kv in listing.kvs {
             let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
@@ -274,7 +421,7 @@ impl Inner {
                         known_groups.insert(pid);
                         tracing::info!(instance = %rec.id, pid, "adopting running instance");
                     }
-                    if let Err(e) = self.start_instance(svc, Some(rec.clone())).await {
+                    if let Err(e) = self.start_instance(svc, Some(rec.clone()), None).await {
                         tracing::error!(instance = %rec.id, error = %e, "adopting failed");
                     }
                 }
@@ -300,13 +447,23 @@ impl Inner {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut endpoints: BTreeMap<String, Vec<EndpointConfig>> =
             services.keys().map(|n| (n.clone(), Vec::new())).collect();
+        // Our own instances at the address they are reached on.
+        let host = self.cluster.as_ref().map_or([127, 0, 0, 1].into(), |m| m.cfg.addr);
         for m in self.instances.lock().unwrap_or_else(|e| e.into_inner()).values() {
             if m.ready() {
                 if let Some(eps) = endpoints.get_mut(&m.record.service) {
                     let port = m.status.borrow().port;
-                    eps.push(EndpointConfig { addr: ([127, 0, 0, 1], port).into(), weight: 1 });
+                    eps.push(EndpointConfig { addr: (host, port).into(), weight: 1 });
                 }
             }
+        }
+        for (service, list) in self.remote.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Some(eps) = endpoints.get_mut(service) {
+                eps.extend(list.iter().map(|(_, e)| EndpointConfig { addr: e.addr, weight: 1 }));
+            }
+        }
+        for eps in endpoints.values_mut() {
+            eps.sort_by_key(|e| e.addr);
         }
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         let key: BTreeMap<String, Vec<EndpointConfig>> =
@@ -385,7 +542,7 @@ async fn follow_status(node: Arc<Inner>, mut record: InstanceRecord, mut status:
             record.pid = s.pid;
             record.start_time = s.start_time;
             record.port = s.port;
-            let key = instance_key(&record.service, &record.id);
+            let key = node.record_key(&record.service, &record.id);
             match serde_json::to_vec(&record) {
                 Ok(v) => {
                     if let Err(e) = node.store.put(&key, v, None).await {

@@ -11,6 +11,7 @@ use halo_store::{Compare, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Env, LogFile, Status};
 use serde::Serialize;
 
+use crate::cluster::{self, ClusterConfig, ClusterState, Membership, NodeAdmin, NODE_ADMIN};
 use crate::node::Inner;
 use crate::records::{service_key, ServiceRecord, SERVICES};
 use crate::NodeConfig;
@@ -23,6 +24,8 @@ pub enum NodeError {
     BadRequest(String),
     #[error("no service named '{0}'")]
     NotFound(String),
+    #[error("no node named '{name}' (known nodes: {known})")]
+    NoSuchNode { name: String, known: String },
     #[error("the service changed while this request was applied; try again")]
     Conflict,
     #[error(transparent)]
@@ -73,22 +76,96 @@ impl Node {
         store: Arc<dyn Store>,
         halo_exe: PathBuf,
     ) -> Result<Node, NodeError> {
+        let node = Node::build(&cfg, data_dir, store, halo_exe, None).await?;
+        node.create_file_services(&cfg).await?;
+        node.inner.adopt().await?;
+        let inner = node.inner.clone();
+        tokio::spawn(cluster::follow(node.inner.store.clone(), SERVICES, move || inner.wake.notify_one(), None));
+        tokio::spawn(run(node.inner.clone()));
+        Ok(node)
+    }
+
+    /// Starts a cluster node (`halo agent`): registers it under a lease,
+    /// campaigns for leadership (the leader runs the scheduler), adopts
+    /// the instances this node left running, and runs what is assigned
+    /// to it. `api` is the address its API is reached on.
+    pub async fn start_agent(
+        cfg: NodeConfig,
+        cluster_cfg: ClusterConfig,
+        api: std::net::SocketAddr,
+        data_dir: PathBuf,
+        store: Arc<dyn Store>,
+        halo_exe: PathBuf,
+    ) -> Result<Node, NodeError> {
+        let m = Membership::new(cluster_cfg, api, store.clone());
+        let node = Node::build(&cfg, data_dir, store, halo_exe, Some(m.clone())).await?;
+        node.create_file_services(&cfg).await?;
+        node.inner.adopt().await?;
+        let leader_wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(m.clone().run_lease());
+        tokio::spawn(m.clone().run_election(leader_wake.clone()));
+        let inner = node.inner.clone();
+        let wake = move || {
+            inner.wake.notify_one();
+            leader_wake.notify_one();
+        };
+        tokio::spawn(cluster::follow(node.inner.store.clone(), "/halo/", wake, Some(m)));
+        tokio::spawn(run(node.inner.clone()));
+        Ok(node)
+    }
+
+    async fn build(
+        cfg: &NodeConfig,
+        data_dir: PathBuf,
+        store: Arc<dyn Store>,
+        halo_exe: PathBuf,
+        cluster: Option<Arc<Membership>>,
+    ) -> Result<Node, NodeError> {
         let proxy = Proxy::start(cfg.proxy.clone(), None).await.map_err(|e| NodeError::Start(e.to_string()))?;
-        let env =
-            Arc::new(Env { logs_dir: data_dir.join("logs"), halo_exe, log_cap: 10 << 20, host: [127, 0, 0, 1].into() });
-        let inner = Arc::new(Inner::new(store, proxy, cfg.proxy.clone(), env, data_dir));
-        let node = Node { inner };
+        // On a cluster node, other nodes' proxies reach the instances.
+        let host = if cluster.is_some() { [0, 0, 0, 0].into() } else { [127, 0, 0, 1].into() };
+        let env = Arc::new(Env { logs_dir: data_dir.join("logs"), halo_exe, log_cap: 10 << 20, host });
+        let inner = Arc::new(Inner::new(store, proxy, cfg.proxy.clone(), env, data_dir, cluster));
+        Ok(Node { inner })
+    }
+
+    /// Creates the node file's services the store does not have yet.
+    async fn create_file_services(&self, cfg: &NodeConfig) -> Result<(), NodeError> {
         for (file, _) in &cfg.services {
             let key = service_key(&file.name);
             let rec = ServiceRecord { spec: file.to_toml(), restart_generation: 0 };
             let txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(&key, json(&rec), None));
-            if node.inner.store.txn(txn).await?.succeeded {
+            if self.inner.store.txn(txn).await?.succeeded {
                 tracing::info!(service = %file.name, "service created from the node file");
             }
         }
-        node.inner.adopt().await?;
-        tokio::spawn(run(node.inner.clone()));
-        Ok(node)
+        Ok(())
+    }
+
+    /// The cluster as the store has it (`None` on a single node).
+    pub async fn cluster(&self) -> Result<Option<ClusterView>, NodeError> {
+        let Some(m) = &self.inner.cluster else { return Ok(None) };
+        let st = cluster::read_state(&*self.inner.store, &mut Default::default()).await?;
+        Ok(Some(ClusterView::new(m, &st)))
+    }
+
+    /// Marks a node as draining (its instances move elsewhere, replacements
+    /// first) or not.
+    pub async fn set_draining(&self, name: &str, draining: bool) -> Result<(), NodeError> {
+        if self.inner.cluster.is_none() {
+            return Err(NodeError::BadRequest(
+                "this is a single node (halo up); drain is for cluster nodes (halo agent)".into(),
+            ));
+        }
+        let st = cluster::read_state(&*self.inner.store, &mut Default::default()).await?;
+        if !st.nodes.contains_key(name) && !st.admin.contains_key(name) {
+            let known: Vec<&str> = st.nodes.keys().map(String::as_str).collect();
+            return Err(NodeError::NoSuchNode { name: name.to_string(), known: known.join(", ") });
+        }
+        let key = format!("{NODE_ADMIN}{name}");
+        let v = serde_json::to_vec(&NodeAdmin { draining }).expect("encodes");
+        self.inner.store.put(&key, v, None).await?;
+        Ok(())
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -221,9 +298,37 @@ impl Node {
         Ok(files.collect())
     }
 
-    /// Supervisor metrics in Prometheus text format.
+    /// Supervisor metrics (and this node's cluster counters) in Prometheus
+    /// text format.
     pub fn metrics(&self) -> String {
         let mut out = String::new();
+        if let Some(m) = &self.inner.cluster {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &m.counters;
+            let counters = [
+                ("lease_renew_failures_total", "Failed renewals of this node's lease.", &c.lease_renew_failures),
+                ("leases_granted_total", "Leases this node registered under.", &c.leases_granted),
+                ("watch_restarts_total", "Store watches resumed after breaking.", &c.watch_restarts),
+                ("elections_won_total", "Times this node became leader.", &c.elections_won),
+                ("step_downs_total", "Times this node stopped leading.", &c.step_downs),
+                ("fenced_writes_total", "Leader writes refused by the fencing check.", &c.fenced_writes),
+                ("stale_orders_ignored_total", "Assignments of a deposed leader not obeyed.", &c.stale_orders_ignored),
+            ];
+            for (name, help, v) in counters {
+                out.push_str(&format!(
+                    "# HELP halo_cluster_{name} {help}\n# TYPE halo_cluster_{name} counter\nhalo_cluster_{name} {}\n",
+                    v.load(Relaxed)
+                ));
+            }
+            out.push_str(
+                "# HELP halo_cluster_is_leader Whether this node leads.\n# TYPE halo_cluster_is_leader gauge\n",
+            );
+            out.push_str(&format!("halo_cluster_is_leader {}\n", u8::from(m.leading().is_some())));
+            out.push_str("# HELP halo_cluster_lease_held Whether this node holds a fresh lease.\n# TYPE halo_cluster_lease_held gauge\n");
+            out.push_str(&format!("halo_cluster_lease_held {}\n", u8::from(m.lease().is_some())));
+            out.push_str("# HELP halo_cluster_max_fencing_token Highest leader token this node has seen.\n# TYPE halo_cluster_max_fencing_token gauge\n");
+            out.push_str(&format!("halo_cluster_max_fencing_token {}\n", m.max_token.load(Relaxed)));
+        }
         out.push_str("# HELP halo_instance_restarts_total Restarts of each instance.\n# TYPE halo_instance_restarts_total counter\n");
         let statuses = self.inner.statuses();
         for (s, _) in &statuses {
@@ -286,27 +391,154 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, NodeError> 
     serde_json::from_slice(bytes).map_err(|e| NodeError::BadRequest(format!("stored record unreadable: {e}")))
 }
 
-/// The reconcile loop: on store changes under the service and instance
-/// prefixes, on instance status changes, and once a second.
+/// The reconcile loop: when woken (store changes, instance status
+/// changes) and once a second.
 async fn run(node: Arc<Inner>) {
-    let mut watch = None;
     loop {
         if let Err(e) = node.reconcile().await {
             tracing::warn!(error = %e, "reconcile failed; retrying");
         }
-        if watch.is_none() {
-            watch = node.store.watch(SERVICES, 0).await.ok();
-        }
-        let changed = async {
-            match watch.as_mut() {
-                Some(w) => w.next().await.is_some(),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            alive = changed => if !alive { watch = None },
             _ = node.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// The cluster as `halo status` and `halo node list` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// The node answering.
+    pub node: String,
+    pub leader: Option<String>,
+    /// The leader key's create revision.
+    pub fencing_token: Option<i64>,
+    pub nodes: Vec<NodeView>,
+    pub services: Vec<ClusterServiceView>,
+    pub placements: Vec<PlacementView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub addr: Option<std::net::IpAddr>,
+    pub zone: Option<String>,
+    pub capacity: Option<u32>,
+    /// Holds a live lease.
+    pub alive: bool,
+    pub draining: bool,
+    pub leader: bool,
+    pub placements: usize,
+    pub ready: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterServiceView {
+    pub name: String,
+    pub replicas: u32,
+    pub placed: usize,
+    pub ready: usize,
+    /// Replicas not placed yet or not ready yet.
+    pub pending: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlacementView {
+    pub id: String,
+    pub service: String,
+    pub node: String,
+    pub ready: bool,
+    pub endpoint: Option<std::net::SocketAddr>,
+}
+
+impl ClusterView {
+    fn new(m: &Membership, st: &ClusterState) -> ClusterView {
+        let leader = st.leader.as_ref().map(|(n, _)| n.clone());
+        let mut names: std::collections::BTreeSet<&String> = st.nodes.keys().collect();
+        names.extend(st.admin.keys());
+        let nodes = names
+            .into_iter()
+            .map(|name| {
+                let rec = st.nodes.get(name);
+                let mine = st.assignments.values().filter(|a| &a.placement.node == name);
+                let ids: Vec<&String> = mine.map(|a| &a.placement.id).collect();
+                NodeView {
+                    name: name.clone(),
+                    addr: rec.map(|r| r.addr),
+                    zone: rec.map(|r| r.zone.clone()),
+                    capacity: rec.map(|r| r.capacity),
+                    alive: rec.is_some(),
+                    draining: st.admin.get(name).is_some_and(|a| a.draining),
+                    leader: leader.as_ref() == Some(name),
+                    placements: ids.len(),
+                    ready: ids.iter().filter(|id| st.endpoints.contains_key(**id)).count(),
+                }
+            })
+            .collect();
+        let services = st
+            .services
+            .iter()
+            .map(|(name, want)| {
+                let placed: Vec<&String> =
+                    st.assignments.values().filter(|a| &a.placement.service == name).map(|a| &a.placement.id).collect();
+                let ready = placed.iter().filter(|id| st.endpoints.contains_key(**id)).count();
+                ClusterServiceView {
+                    name: name.clone(),
+                    replicas: want.replicas,
+                    placed: placed.len(),
+                    ready,
+                    pending: (want.replicas as usize).saturating_sub(ready),
+                }
+            })
+            .collect();
+        let placements = st
+            .assignments
+            .values()
+            .map(|a| PlacementView {
+                id: a.placement.id.clone(),
+                service: a.placement.service.clone(),
+                node: a.placement.node.clone(),
+                ready: st.endpoints.contains_key(&a.placement.id),
+                endpoint: st.endpoints.get(&a.placement.id).map(|(_, e)| e.addr),
+            })
+            .collect();
+        ClusterView {
+            node: m.cfg.node.clone(),
+            leader,
+            fencing_token: st.leader.as_ref().map(|(_, t)| *t),
+            nodes,
+            services,
+            placements,
+        }
+    }
+
+    /// Cluster metrics in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP halo_cluster_nodes Nodes by liveness.\n# TYPE halo_cluster_nodes gauge\n");
+        let alive = self.nodes.iter().filter(|n| n.alive).count();
+        out.push_str(&format!("halo_cluster_nodes{{state=\"alive\"}} {alive}\n"));
+        out.push_str(&format!("halo_cluster_nodes{{state=\"gone\"}} {}\n", self.nodes.len() - alive));
+        out.push_str("# HELP halo_cluster_leader Which node leads (1).\n# TYPE halo_cluster_leader gauge\n");
+        if let Some(l) = &self.leader {
+            out.push_str(&format!("halo_cluster_leader{{node=\"{l}\"}} 1\n"));
+        }
+        out.push_str(
+            "# HELP halo_cluster_placements Placements per service and node.\n# TYPE halo_cluster_placements gauge\n",
+        );
+        let mut counts = std::collections::BTreeMap::new();
+        for p in &self.placements {
+            *counts.entry((&p.service, &p.node)).or_insert(0) += 1;
+        }
+        for ((s, n), c) in counts {
+            out.push_str(&format!("halo_cluster_placements{{service=\"{s}\",node=\"{n}\"}} {c}\n"));
+        }
+        out.push_str(
+            "# HELP halo_cluster_pending Replicas of each service not ready yet.\n# TYPE halo_cluster_pending gauge\n",
+        );
+        for s in &self.services {
+            out.push_str(&format!("halo_cluster_pending{{service=\"{}\"}} {}\n", s.name, s.pending));
+        }
+        out
     }
 }

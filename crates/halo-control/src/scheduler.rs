@@ -32,7 +32,7 @@ pub struct NodeInfo {
 }
 
 /// What a service asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceWant {
     pub replicas: u32,
     /// Placements with another template are replaced.

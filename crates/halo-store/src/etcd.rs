@@ -10,7 +10,17 @@
 //! callers resume from the last revision seen + 1, as the trait says. HTTP/2
 //! pings find a dead connection within a few seconds, so a watch cannot hang
 //! silently on a peer that went away.
+//!
+//! Members: one connection per endpoint, and requests go to one of them
+//! (the pinned one, as etcd's own Go client does). A request that could not
+//! have been applied (connecting failed, the member has no leader) moves to
+//! the next member and is retried there; other failures move the pin for
+//! the next request. etcd-client's own balancing over several endpoints
+//! sends requests to a dead member and fails them, hence this.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,7 +40,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// connection per endpoint.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: etcd::Client,
+    /// One client per member endpoint.
+    clients: Arc<Vec<etcd::Client>>,
+    /// The member requests go to.
+    pinned: Arc<AtomicUsize>,
     namespace: String,
     endpoints: Vec<String>,
 }
@@ -61,8 +74,48 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let client = etcd::Client::connect(endpoints, Some(options)).await.map_err(|e| open(e.to_string()))?;
-        Ok(EtcdStore { client, namespace: namespace.to_string(), endpoints: endpoints.to_vec() })
+        let mut clients = Vec::new();
+        for ep in endpoints {
+            let c = etcd::Client::connect([ep], Some(options.clone())).await.map_err(|e| open(format!("{ep}: {e}")))?;
+            clients.push(c);
+        }
+        Ok(EtcdStore {
+            clients: Arc::new(clients),
+            pinned: Arc::new(AtomicUsize::new(0)),
+            namespace: namespace.to_string(),
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    /// Runs `f` on the pinned member; on a failure that left the request
+    /// unapplied, moves to the next member and tries again (each member at
+    /// most twice).
+    async fn call<T, F, Fut>(&self, op: &'static str, lease: Option<LeaseId>, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(etcd::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd::Error>>,
+    {
+        let n = self.clients.len();
+        let mut last = None;
+        for _ in 0..2 * n {
+            let at = self.pinned.load(Ordering::Relaxed) % n;
+            match f(self.clients[at].clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let unapplied = not_applied(&e);
+                    if unapplied || moves_pin(&e) {
+                        // Another task may have moved it already.
+                        let _ = self.pinned.compare_exchange(at, (at + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+                    }
+                    if !unapplied {
+                        return Err(map_err(op, e, lease));
+                    }
+                    tracing::debug!(endpoint = %self.endpoints[at], error = %e, "etcd member unavailable; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(map_err(op, last.expect("at least one attempt"), lease))
     }
 
     /// The endpoints this store was opened with.
@@ -91,14 +144,45 @@ impl EtcdStore {
     async fn check_not_compacted(&self, prefix: &str, rev: Revision) -> Result<(), StoreError> {
         let key = self.full(prefix);
         let opts = etcd::GetOptions::new().with_prefix().with_revision(rev).with_count_only();
-        match self.client.kv_client().get(key, Some(opts)).await {
+        match self
+            .call("watch", None, |c| {
+                let key = key.clone();
+                let opts = opts.clone();
+                async move { c.kv_client().get(key, Some(opts)).await }
+            })
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(e) => match map_err("watch", e, None) {
+            Err(e) => match e {
                 // A revision in the future is fine for a watch: it waits.
                 StoreError::Invalid(m) if m.contains("future revision") => Ok(()),
                 other => Err(other),
             },
         }
+    }
+}
+
+/// The request never reached a member that could apply it.
+fn not_applied(e: &etcd::Error) -> bool {
+    match e {
+        etcd::Error::TransportError(_) => true,
+        etcd::Error::GRpcStatus(s) => {
+            let m = s.message();
+            s.code() == tonic::Code::Unavailable
+                && (m.contains("connect") || m.contains("no leader") || m.contains("refused"))
+        }
+        _ => false,
+    }
+}
+
+/// The member looks unhealthy: use another for the next request.
+fn moves_pin(e: &etcd::Error) -> bool {
+    match e {
+        etcd::Error::GRpcStatus(s) => {
+            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+        }
+        etcd::Error::IoError(_) => true,
+        _ => false,
     }
 }
 
@@ -223,14 +307,26 @@ async fn pump(store: EtcdStore, mut stream: etcd::WatchStream, tx: mpsc::Sender<
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = self.client.kv_client().get(self.full(key), None).await.map_err(|e| map_err("get", e, None))?;
+        let key = self.full(key);
+        let resp = self
+            .call("get", None, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let key = self.full(prefix);
         let opts = etcd::GetOptions::new().with_prefix().with_sort(etcd::SortTarget::Key, etcd::SortOrder::Ascend);
-        let resp = self.client.kv_client().get(key, Some(opts)).await.map_err(|e| map_err("list", e, None))?;
+        let resp = self
+            .call("list", None, |c| {
+                let key = key.clone();
+                let opts = opts.clone();
+                async move { c.kv_client().get(key, Some(opts)).await }
+            })
+            .await?;
         let kvs = resp.kvs().iter().map(|kv| self.kv(kv)).collect::<Result<Vec<_>, _>>()?;
         Ok(Listing { kvs, revision: resp.header().map_or(0, |h| h.revision()) })
     }
@@ -245,7 +341,12 @@ impl Store for EtcdStore {
             .when(txn.compares.iter().map(|c| self.compare(c)).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
-        let resp = self.client.kv_client().txn(t).await.map_err(|e| map_err("txn", e, lease))?;
+        let resp = self
+            .call("txn", lease, |c| {
+                let t = t.clone();
+                async move { c.kv_client().txn(t).await }
+            })
+            .await?;
         Ok(TxnResult { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
     }
 
@@ -260,8 +361,13 @@ impl Store for EtcdStore {
             Err(StoreError::Compacted { .. }) => true,
             Err(e) => return Err(e),
         };
-        let mut stream =
-            self.client.watch_client().watch(key, Some(opts)).await.map_err(|e| map_err("watch", e, None))?;
+        let mut stream = self
+            .call("watch", None, |c| {
+                let key = key.clone();
+                let opts = opts.clone();
+                async move { c.watch_client().watch(key, Some(opts)).await }
+            })
+            .await?;
         if compacted {
             // etcd tells the compaction revision on the watch it cancels.
             let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
@@ -296,9 +402,15 @@ impl Store for EtcdStore {
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         let opts = etcd::CompactionOptions::new().with_physical();
-        match self.client.kv_client().compact(revision, Some(opts)).await {
+        match self
+            .call("compact", None, |c| {
+                let opts = opts.clone();
+                async move { c.kv_client().compact(revision, Some(opts)).await }
+            })
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(e) => Err(match map_err("compact", e, None) {
+            Err(e) => Err(match e {
                 StoreError::Compacted { .. } => {
                     StoreError::Invalid(format!("revision {revision} is already compacted"))
                 }
@@ -312,14 +424,16 @@ impl Store for EtcdStore {
             return Err(StoreError::Invalid("lease TTL must be at least 1s".into()));
         }
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let resp = self.client.lease_client().grant(secs as i64, None).await.map_err(|e| map_err("grant", e, None))?;
+        let resp = self.call("grant", None, |c| async move { c.lease_client().grant(secs as i64, None).await }).await?;
         Ok(resp.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let fail = |e| map_err("keep_alive", e, Some(lease));
         let work = async {
-            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(lease).await.map_err(fail)?;
+            let (mut keeper, mut stream) = self
+                .call("keep_alive", Some(lease), |c| async move { c.lease_client().keep_alive(lease).await })
+                .await?;
             keeper.keep_alive().await.map_err(fail)?;
             match stream.message().await.map_err(fail)? {
                 Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
@@ -335,7 +449,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.client.lease_client().revoke(lease).await.map_err(|e| map_err("revoke", e, Some(lease)))?;
+        self.call("revoke", Some(lease), |c| async move { c.lease_client().revoke(lease).await }).await?;
         Ok(())
     }
 }

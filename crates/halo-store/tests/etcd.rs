@@ -47,3 +47,32 @@ async fn watch_ends_when_etcd_dies_and_requests_fail_fast() {
     assert!(matches!(err, StoreError::Backend { .. }), "{err:?}");
     assert!(t.elapsed() < Duration::from_secs(10), "a request to a dead etcd hung for {:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_does_not_fail_or_slow_requests() {
+    let mut etcd = tokio::task::spawn_blocking(|| halo_testkit::EtcdCluster::start(3)).await.unwrap();
+    let s = EtcdStore::connect(&etcd.endpoints(), "/m").await.unwrap();
+    s.put("/k", b"v".to_vec(), None).await.unwrap();
+    etcd.kill(1);
+    // If it was the raft leader, requests fail (time out) until the
+    // others elect a new one; then none may fail.
+    let t = std::time::Instant::now();
+    while s.put("/k", b"v".to_vec(), None).await.is_err() {
+        assert!(t.elapsed() < Duration::from_secs(15), "no write succeeded within 15s of losing one member");
+    }
+    println!("first write after the kill succeeded after {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for i in 0..60 {
+        let one = std::time::Instant::now();
+        let r = s.put(&format!("/k{i}"), b"v".to_vec(), None).await;
+        let took = one.elapsed();
+        assert!(r.is_ok(), "request {i} failed with a member down after {took:?}: {r:?}");
+        assert!(s.get("/k").await.is_ok(), "a read failed with a member down");
+        if took > Duration::from_millis(500) {
+            slow.push(took);
+        }
+    }
+    println!("60 writes and reads with one of three members dead: {:?}, slow: {slow:?}", t.elapsed());
+    assert!(slow.is_empty(), "writes took long with a member down: {slow:?}");
+}

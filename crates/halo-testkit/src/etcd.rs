@@ -53,7 +53,7 @@ pub(crate) fn spawn_member(
     initial_cluster: &str,
     netns: Option<&str>,
 ) -> Child {
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("create etcd.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).expect("open etcd.log");
     let bin = which_etcd();
     let mut cmd = match netns {
         Some(ns) => {
@@ -130,4 +130,48 @@ pub(crate) fn wait_healthy(child: &mut Child, client: SocketAddr, dir: &Path) {
     }
     let log = std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default();
     panic!("etcd at {client} not healthy after 20s:\n{log}");
+}
+
+/// Members of a loopback etcd cluster; all killed on drop.
+pub struct EtcdCluster {
+    members: Vec<(Child, SocketAddr)>,
+    _dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members on loopback and waits until all are healthy.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = TempDir::new("etcd-cluster");
+        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..n).map(|_| (crate::free_addr(), crate::free_addr())).collect();
+        let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://{p}")).collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in addrs.iter().enumerate() {
+            let d = dir.0.join(format!("m{i}"));
+            std::fs::create_dir_all(&d).expect("member dir");
+            members.push((spawn_member(&format!("m{i}"), &d, *client, *peer, &initial.join(","), None), *client));
+        }
+        for (i, (child, client)) in members.iter_mut().enumerate() {
+            wait_healthy(child, *client, &dir.0.join(format!("m{i}")));
+        }
+        EtcdCluster { members, _dir: dir }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|(_, a)| a.to_string()).collect()
+    }
+
+    /// kill -9 of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.members[i].0.kill();
+        let _ = self.members[i].0.wait();
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for (c, _) in &mut self.members {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 mod backend;
 mod client;
+mod cluster;
 mod etcd;
 mod load;
 mod process;
@@ -15,8 +16,9 @@ use std::time::Duration;
 
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
-pub use etcd::Etcd;
-pub use load::{Load, Report};
+pub use cluster::{Cluster, ClusterNode};
+pub use etcd::{Etcd, EtcdCluster};
+pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
 
 /// A loopback address with a port that was free a moment ago.

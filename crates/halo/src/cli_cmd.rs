@@ -115,6 +115,53 @@ pub fn logs(t: &Target, name: &str, follow: bool, instance: Option<&str>, lines:
     Ok(())
 }
 
+pub fn node_list(t: &Target) -> anyhow::Result<()> {
+    let v = call(t, Method::GET, "/v1/nodes", None)?;
+    if t.json {
+        let _ = writeln!(std::io::stdout(), "{v}");
+        return Ok(());
+    }
+    let _ = std::io::stdout().write_all(nodes_table(&v).as_bytes());
+    Ok(())
+}
+
+pub fn node_drain(t: &Target, name: &str, drain: bool) -> anyhow::Result<()> {
+    let verb = if drain { "drain" } else { "undrain" };
+    print_outcome(t, &call(t, Method::POST, &format!("/v1/nodes/{name}/{verb}"), None)?);
+    Ok(())
+}
+
+/// The cluster part of `halo status` and `halo node list`.
+fn nodes_table(c: &serde_json::Value) -> String {
+    let mut out = format!(
+        "leader {} (fencing token {}), asked from {}\n",
+        c["leader"].as_str().unwrap_or("(none)"),
+        c["fencing_token"],
+        c["node"].as_str().unwrap_or("?")
+    );
+    out.push_str(&format!(
+        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<10} READY\n",
+        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED"
+    ));
+    for n in c["nodes"].as_array().cloned().unwrap_or_default() {
+        let mut state = if n["draining"].as_bool() == Some(true) { "draining" } else { "active" }.to_string();
+        if n["leader"].as_bool() == Some(true) {
+            state.push('*');
+        }
+        out.push_str(&format!(
+            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<10} {}\n",
+            n["name"].as_str().unwrap_or("?"),
+            n["addr"].as_str().unwrap_or("-"),
+            n["zone"].as_str().unwrap_or("-"),
+            if n["alive"].as_bool() == Some(true) { "yes" } else { "no" },
+            state,
+            n["placements"].to_string(),
+            n["ready"].to_string()
+        ));
+    }
+    out
+}
+
 pub fn status(t: &Target) -> anyhow::Result<()> {
     let v = call(t, Method::GET, "/v1/status", None)?;
     if t.json {
@@ -123,11 +170,36 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
     }
     let services = v["services"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
+    if let Some(e) = v["cluster_error"].as_str() {
+        out.push_str(&format!("cluster state unavailable ({e}); this node's instances:\n"));
+    }
+    if v["cluster"].is_object() {
+        let c = &v["cluster"];
+        out.push_str(&nodes_table(c));
+        out.push_str(&format!("  {:<16} {:<9} {:<7} {:<6} PENDING\n", "SERVICE", "REPLICAS", "PLACED", "READY"));
+        for s in c["services"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!(
+                "  {:<16} {:<9} {:<7} {:<6} {}\n",
+                s["name"].as_str().unwrap_or("?"),
+                s["replicas"].to_string(),
+                s["placed"].to_string(),
+                s["ready"].to_string(),
+                s["pending"].to_string()
+            ));
+        }
+        out.push_str("instances on this node:\n");
+    }
     if services.is_empty() {
         out.push_str("no services; declare one with `halo apply -f FILE`\n");
     }
+    let clustered = v["cluster"].is_object();
     for s in services {
-        out.push_str(&format!("{}  ready {}/{}\n", s["name"].as_str().unwrap_or("?"), s["ready"], s["replicas"]));
+        let name = s["name"].as_str().unwrap_or("?");
+        if clustered {
+            out.push_str(&format!("{name}  ready here {}\n", s["ready"]));
+        } else {
+            out.push_str(&format!("{name}  ready {}/{}\n", s["ready"], s["replicas"]));
+        }
         out.push_str(&format!(
             "  {:<16} {:<10} {:<6} {:<8} {:<6} {:<9} LAST EXIT\n",
             "INSTANCE", "STATE", "READY", "PID", "PORT", "RESTARTS"

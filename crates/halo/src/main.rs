@@ -1,5 +1,6 @@
 //! The `halo` binary: parses arguments and dispatches to a role.
 
+mod agent_cmd;
 mod check_cmd;
 mod cli_cmd;
 mod demo_app;
@@ -22,6 +23,15 @@ struct Cli {
 enum Command {
     /// Run a node on the embedded store: store, supervisor, proxy and API.
     Up(up_cmd::UpArgs),
+    /// Run a node of a cluster on etcd (every node runs the same roles).
+    Agent(agent_cmd::AgentArgs),
+    /// The cluster's nodes: list, drain, undrain.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
     /// Create or change a service from its file.
     Apply {
         #[arg(short, long)]
@@ -87,6 +97,17 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Nodes, their liveness, zone, placements and the leader.
+    List,
+    /// Move a node's instances elsewhere (replacements start first) and
+    /// place nothing new on it.
+    Drain { name: String },
+    /// Let a drained node take instances again.
+    Undrain { name: String },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -99,6 +120,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => up_cmd::run(args),
+        Command::Agent(args) => agent_cmd::run(args),
+        Command::Node { command, target } => match command {
+            NodeCommand::List => cli_cmd::node_list(&target),
+            NodeCommand::Drain { name } => cli_cmd::node_drain(&target, &name, true),
+            NodeCommand::Undrain { name } => cli_cmd::node_drain(&target, &name, false),
+        },
         Command::Apply { file, target } => cli_cmd::apply(&target, &file),
         Command::Status { target } => cli_cmd::status(&target),
         Command::Scale { service, replicas, target } => cli_cmd::scale(&target, &service, replicas),

@@ -38,7 +38,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         None => ("(built-in default)".to_string(), DEFAULT_NODE.to_string()),
     };
     let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
-    let data_dir = args.data_dir.clone().or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("halo-data"));
+    let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
+    control_runtime()?.block_on(serve(cfg, data_dir, Role::Single))
+}
+
+/// How the node keeps its state.
+pub enum Role {
+    /// `halo up`: the embedded store in the data directory.
+    Single,
+    /// `halo agent`: a cluster node on etcd.
+    Cluster { store: halo_store::EtcdStore, cluster: halo_control::ClusterConfig },
+}
+
+/// Creates the data directory (default `./halo-data`) and makes it private.
+pub fn prepare_data_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let data_dir = dir.unwrap_or_else(|| PathBuf::from("halo-data"));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
@@ -46,24 +60,35 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot make {} private (mode 700)", data_dir.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    Ok(data_dir)
+}
+
+pub fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("halo-control")
         .enable_all()
         .build()
-        .context("start the control runtime")?;
-    runtime.block_on(serve(cfg, data_dir))
+        .context("start the control runtime")
 }
 
-async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf) -> anyhow::Result<()> {
+/// Runs a node (its store, API, supervisor and proxy) until a signal.
+pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role) -> anyhow::Result<()> {
     let grace = cfg.proxy.grace_period;
-    let store = EmbeddedStore::open(&data_dir).await?;
     let token = halo_api::token::load_or_create(&data_dir).context("API token")?;
     let api =
         tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
     let api_addr = api.local_addr()?;
     let exe = std::env::current_exe().context("locating the halo binary")?;
-    let node = Node::start(cfg, data_dir.clone(), Arc::new(store), exe).await?;
+    let node = match role {
+        Role::Single => {
+            let store = EmbeddedStore::open(&data_dir).await?;
+            Node::start(cfg, data_dir.clone(), Arc::new(store), exe).await?
+        }
+        Role::Cluster { store, cluster } => {
+            Node::start_agent(cfg, cluster, api_addr, data_dir.clone(), Arc::new(store), exe).await?
+        }
+    };
     std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(halo_api::serve(api, node.clone(), token, async {

@@ -1,0 +1,376 @@
+//! A multi-node cluster on one machine with real separation: each node in
+//! its own Linux network namespace (a veth pair onto a bridge, its own
+//! address), a real etcd member per node (a 3-member etcd cluster for 3
+//! nodes), and the real `halo agent` in each namespace.
+//!
+//! The test process stays in the root namespace and reaches every node
+//! over the bridge (it has the subnet's first address). Faults are real:
+//! kill -9 of every process of a node, SIGSTOP/SIGCONT of them, the node's
+//! link set down, one etcd member killed.
+//!
+//! Everything is removed on drop (processes, namespaces, the bridge); a
+//! harness whose test process died before it could clean up is swept by
+//! the next one to start (its owner pid is recorded beside it).
+//! Needs root (CI and the sandbox are) and iproute2.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{Halo, TempDir};
+
+/// Runs a command, panicking with its stderr if it fails.
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    if !out.status.success() {
+        panic!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+}
+
+fn quiet(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Pids of every process inside network namespace `ns`.
+fn netns_pids(ns: &str) -> Vec<i32> {
+    let out = Command::new("ip").args(["netns", "pids", ns]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
+    for p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
+}
+
+fn owner_file(k: u8) -> PathBuf {
+    std::env::temp_dir().join(format!("halo-cluster-{k}.owner"))
+}
+
+/// Removes harness `k`: its processes, namespaces and bridge.
+fn teardown(k: u8, nodes: usize) {
+    for i in 1..=nodes {
+        let ns = format!("halo{k}n{i}");
+        // Thawed first, so a frozen process can die.
+        let pids = netns_pids(&ns);
+        signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
+        signal_all(&pids, nix::sys::signal::Signal::SIGCONT);
+        quiet("ip", &["netns", "del", &ns]);
+    }
+    quiet("ip", &["link", "del", &format!("hb{k}")]);
+    for dir in ["-i", "-o"] {
+        while quiet("iptables", &["-D", "FORWARD", dir, &format!("hb{k}"), "-j", "ACCEPT"]) {}
+    }
+    let _ = std::fs::remove_file(owner_file(k));
+}
+
+/// Claims a free harness number: creating the bridge is the atomic step.
+/// Leftovers of harnesses whose owner died are removed first.
+fn claim() -> u8 {
+    for k in 1..=250u8 {
+        if let Ok(owner) = std::fs::read_to_string(owner_file(k)) {
+            let alive = owner.trim().parse::<u32>().is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                teardown(k, 9);
+            }
+        }
+        if quiet("ip", &["link", "add", &format!("hb{k}"), "type", "bridge"]) {
+            std::fs::write(owner_file(k), std::process::id().to_string()).expect("write owner file");
+            return k;
+        }
+    }
+    panic!("no free harness number (bridges hb1..hb250 all exist)");
+}
+
+/// One node of the harness.
+pub struct ClusterNode {
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// The root-namespace end of its veth pair (down = cut off).
+    veth: String,
+    etcd: Option<Child>,
+    pub agent: Option<Halo>,
+    pub data_dir: PathBuf,
+    node_file: PathBuf,
+    etcd_dir: PathBuf,
+}
+
+impl ClusterNode {
+    /// The node's proxy.
+    pub fn proxy(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 8080)
+    }
+
+    /// The node's API.
+    pub fn api(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 7070)
+    }
+
+    pub fn etcd_client(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 2379)
+    }
+
+    fn etcd_peer(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 2380)
+    }
+}
+
+/// A cluster of `halo agent`s with a real etcd, in network namespaces.
+pub struct Cluster {
+    k: u8,
+    pub nodes: Vec<ClusterNode>,
+    bin: String,
+    lease_ttl: String,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (namespaces, etcd members, agents) and waits until
+    /// every agent is ready. `bin` is the halo binary.
+    pub fn start(bin: &str, n: usize) -> Cluster {
+        assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
+        let k = claim();
+        let dir = TempDir::new("cluster");
+        let mut c = Cluster { k, nodes: Vec::new(), bin: bin.to_string(), lease_ttl: "3s".into(), _dir: dir };
+        let bridge = format!("hb{k}");
+        run("ip", &["addr", "add", &format!("10.213.{k}.1/24"), "dev", &bridge]);
+        run("ip", &["link", "set", &bridge, "up"]);
+        // Docker (and others) set the FORWARD policy to DROP, and with
+        // br_netfilter loaded bridged packets pass through it: let ours by.
+        for dir in ["-i", "-o"] {
+            quiet("iptables", &["-I", "FORWARD", dir, &bridge, "-j", "ACCEPT"]);
+        }
+        for i in 1..=n {
+            let ns = format!("halo{k}n{i}");
+            let ip = Ipv4Addr::new(10, 213, k, 10 + i as u8);
+            let (veth, peer) = (format!("hv{k}n{i}"), format!("hp{k}n{i}"));
+            run("ip", &["netns", "add", &ns]);
+            run("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+            run("ip", &["link", "set", &veth, "master", &bridge]);
+            run("ip", &["link", "set", &veth, "up"]);
+            run("ip", &["link", "set", &peer, "netns", &ns]);
+            let inside = |args: &[&str]| {
+                let mut a = vec!["netns", "exec", &ns, "ip"];
+                a.extend_from_slice(args);
+                run("ip", &a);
+            };
+            inside(&["link", "set", &peer, "name", "eth0"]);
+            inside(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            inside(&["link", "set", "eth0", "up"]);
+            inside(&["link", "set", "lo", "up"]);
+            inside(&["route", "add", "default", "via", &format!("10.213.{k}.1")]);
+            let base = c._dir.0.join(format!("n{i}"));
+            std::fs::create_dir_all(&base).expect("node dir");
+            let node_file = base.join("node.toml");
+            std::fs::write(
+                &node_file,
+                format!("[node]\napi = \"{ip}:7070\"\n\n[[listeners]]\nname = \"http\"\nlisten = \"{ip}:8080\"\n"),
+            )
+            .expect("write node file");
+            c.nodes.push(ClusterNode {
+                name: format!("n{i}"),
+                ns,
+                ip,
+                veth,
+                etcd: None,
+                agent: None,
+                data_dir: base.join("data"),
+                node_file,
+                etcd_dir: base.join("etcd"),
+            });
+        }
+        let initial: Vec<String> = c.nodes.iter().map(|nd| format!("{}=http://{}", nd.name, nd.etcd_peer())).collect();
+        let initial = initial.join(",");
+        for nd in &mut c.nodes {
+            std::fs::create_dir_all(&nd.etcd_dir).expect("etcd dir");
+            nd.etcd = Some(crate::etcd::spawn_member(
+                &nd.name,
+                &nd.etcd_dir,
+                nd.etcd_client(),
+                nd.etcd_peer(),
+                &initial,
+                Some(&nd.ns),
+            ));
+        }
+        for nd in &mut c.nodes {
+            let client = nd.etcd_client();
+            crate::etcd::wait_healthy(nd.etcd.as_mut().expect("etcd"), client, &nd.etcd_dir);
+        }
+        for i in 0..n {
+            c.start_agent(i);
+        }
+        c
+    }
+
+    /// `etcd://IP:2379,...` of every member.
+    pub fn store_url(&self) -> String {
+        let eps: Vec<String> = self.nodes.iter().map(|n| n.etcd_client().to_string()).collect();
+        format!("etcd://{}", eps.join(","))
+    }
+
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.etcd_client().to_string()).collect()
+    }
+
+    /// Starts (or restarts) node `i`'s agent and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) {
+        let store = self.store_url();
+        let nd = &mut self.nodes[i];
+        nd.agent = None;
+        let ip = nd.ip.to_string();
+        let args = [
+            "netns",
+            "exec",
+            &nd.ns,
+            &self.bin,
+            "agent",
+            "--store",
+            &store,
+            "--node",
+            &nd.name,
+            "--advertise",
+            &ip,
+            "--lease-ttl",
+            &self.lease_ttl,
+            "-c",
+            &nd.node_file.to_string_lossy(),
+            "--data-dir",
+            &nd.data_dir.to_string_lossy(),
+        ]
+        .map(str::to_string);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = nd.node_file.parent().expect("node dir").to_path_buf();
+        let h = Halo::start("ip", &args, &dir).unwrap_or_else(|e| panic!("agent {} did not start: {e}", nd.name));
+        nd.agent = Some(h);
+    }
+
+    /// Runs the halo CLI against node `i`'s API; returns (exit code, stdout, stderr).
+    pub fn cli(&self, i: usize, args: &[&str]) -> (i32, String, String) {
+        let nd = &self.nodes[i];
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&nd.data_dir)
+            .env("HALO_API", nd.api().to_string())
+            .output()
+            .expect("run the halo CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `halo status --json` from node `i`.
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let (code, out, _) = self.cli(i, &["status", "--json"]);
+        if code != 0 {
+            return None;
+        }
+        serde_json::from_str(&out).ok()
+    }
+
+    /// kill -9 of every process of node `i`: etcd member, agent, instances.
+    pub fn kill_node(&mut self, i: usize) {
+        let nd = &mut self.nodes[i];
+        signal_all(&netns_pids(&nd.ns), nix::sys::signal::Signal::SIGKILL);
+        if let Some(mut e) = nd.etcd.take() {
+            let _ = e.wait();
+        }
+        if let Some(mut a) = nd.agent.take() {
+            a.wait(Duration::from_secs(5));
+        }
+    }
+
+    /// kill -9 of node `i`'s agent and its instances; its etcd member lives on.
+    pub fn kill_agent(&mut self, i: usize) {
+        let nd = &mut self.nodes[i];
+        if let Some(a) = &nd.agent {
+            a.signal("KILL");
+        }
+        for p in crate::processes_of(&nd.data_dir) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(mut a) = nd.agent.take() {
+            a.wait(Duration::from_secs(5));
+        }
+    }
+
+    /// kill -9 of node `i`'s etcd member only.
+    pub fn kill_etcd(&mut self, i: usize) {
+        if let Some(mut e) = self.nodes[i].etcd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+    }
+
+    /// Starts node `i`'s etcd member again on its data (it rejoins).
+    pub fn restart_etcd(&mut self, i: usize) {
+        self.kill_etcd(i);
+        let initial: Vec<String> =
+            self.nodes.iter().map(|nd| format!("{}=http://{}", nd.name, nd.etcd_peer())).collect();
+        let nd = &mut self.nodes[i];
+        nd.etcd = Some(crate::etcd::spawn_member(
+            &nd.name,
+            &nd.etcd_dir,
+            nd.etcd_client(),
+            nd.etcd_peer(),
+            &initial.join(","),
+            Some(&nd.ns),
+        ));
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) of every process of node `i`.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let sig = if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+        signal_all(&netns_pids(&self.nodes[i].ns), sig);
+    }
+
+    /// Cuts node `i` off the network (`true`) or reconnects it.
+    pub fn cut(&self, i: usize, cut: bool) {
+        run("ip", &["link", "set", &self.nodes[i].veth, if cut { "down" } else { "up" }]);
+    }
+
+    /// Processes of every node carrying `HALO_INSTANCE`, as (instance, pid).
+    pub fn instance_processes(&self) -> Vec<(String, i32)> {
+        let mut out = Vec::new();
+        for nd in &self.nodes {
+            for pid in netns_pids(&nd.ns) {
+                let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+                // Only process group leaders: an instance's children share it.
+                let leader = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok())
+                    == Some(pid);
+                if !leader {
+                    continue;
+                }
+                for v in env.split(|b| *b == 0) {
+                    if let Some(id) = v.strip_prefix(b"HALO_INSTANCE=") {
+                        out.push((String::from_utf8_lossy(id).into_owned(), pid));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for nd in &mut self.nodes {
+            nd.agent = None;
+        }
+        teardown(self.k, self.nodes.len());
+        for nd in &mut self.nodes {
+            if let Some(mut e) = nd.etcd.take() {
+                let _ = e.kill();
+                let _ = e.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `halo agent`: one node of a cluster on etcd. Every node runs the same
+//! roles: its proxy routes to every node's instances, its supervisor runs
+//! what the leader assigned to it, its API takes `halo apply` and the
+//! other verbs; one of them, elected, runs the scheduler.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use halo_control::{parse_node, ClusterConfig};
+use halo_store::EtcdStore;
+
+use crate::up_cmd::{control_runtime, prepare_data_dir, serve, Role};
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// The etcd cluster: etcd://HOST:PORT[,HOST:PORT...] (or without the
+    /// scheme).
+    #[arg(long, value_name = "URL")]
+    store: String,
+    /// Keep every key under this prefix, to share an etcd between clusters
+    /// (starts with '/', as in /prod).
+    #[arg(long, default_value = "")]
+    namespace: String,
+    /// This node's name, unique in the cluster (letters, digits, '-', '_').
+    #[arg(long)]
+    node: String,
+    /// The address other nodes reach this node's instances on.
+    #[arg(long)]
+    advertise: IpAddr,
+    /// Failure domain: replicas of a service are spread across zones first.
+    #[arg(long, default_value = "default")]
+    zone: String,
+    /// Most instances this node runs, over all services.
+    #[arg(long, default_value_t = 100)]
+    capacity: u32,
+    /// The node lease's TTL: a node silent for this long is gone from the
+    /// cluster and its instances are started elsewhere.
+    #[arg(long, default_value = "3s", value_parser = parse_ttl)]
+    lease_ttl: Duration,
+    /// The node file (listeners, API address, services to create)
+    /// [default: a proxy on ADVERTISE:8080 and the API on 127.0.0.1:7070].
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Where the token, logs and this node's files live [default: the
+    /// file's [node] data_dir, else ./halo-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = halo_proxy::config::parse_duration(s)?;
+    if d < Duration::from_secs(2) {
+        return Err(format!("'{s}' is too short; the lease TTL is at least 2s (etcd renews in whole seconds)"));
+    }
+    Ok(d)
+}
+
+/// `etcd://a:2379,b:2379` -> ["a:2379", "b:2379"].
+fn parse_store(s: &str) -> anyhow::Result<Vec<String>> {
+    let rest = match s.split_once("://") {
+        Some(("etcd", rest)) => rest,
+        Some((scheme, _)) => {
+            anyhow::bail!("--store: scheme '{scheme}' is not accepted; use etcd://HOST:PORT[,HOST:PORT...]")
+        }
+        None => s,
+    };
+    let eps: Vec<String> = rest.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
+    if eps.is_empty() {
+        anyhow::bail!("--store: no endpoint in '{s}'; use etcd://HOST:PORT[,HOST:PORT...]");
+    }
+    for e in &eps {
+        let ok = e.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !ok {
+            anyhow::bail!("--store: '{e}' is not HOST:PORT (as in 10.0.0.1:2379)");
+        }
+    }
+    Ok(eps)
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let endpoints = parse_store(&args.store)?;
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if args.node.is_empty() || args.node.len() > 63 || !args.node.chars().all(valid) {
+        anyhow::bail!("--node: '{}' is not accepted; use 1 to 63 letters, digits, '-' or '_'", args.node);
+    }
+    if args.advertise.is_unspecified() {
+        anyhow::bail!(
+            "--advertise: {} is not an address other nodes can reach; give this node's own IP",
+            args.advertise
+        );
+    }
+    if args.capacity == 0 {
+        anyhow::bail!("--capacity: 0 is not accepted; a node takes at least 1 instance");
+    }
+    let (name, text) = match &args.config {
+        Some(p) => {
+            let name = p.display().to_string();
+            (name.clone(), std::fs::read_to_string(p).with_context(|| format!("cannot read {name}"))?)
+        }
+        None => {
+            let listen = SocketAddr::new(args.advertise, 8080);
+            ("(built-in default)".to_string(), format!("[[listeners]]\nname = \"http\"\nlisten = \"{listen}\"\n"))
+        }
+    };
+    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
+    let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
+    let cluster = ClusterConfig {
+        node: args.node.clone(),
+        addr: args.advertise,
+        zone: args.zone.clone(),
+        capacity: args.capacity,
+        lease_ttl: args.lease_ttl,
+    };
+    control_runtime()?.block_on(async move {
+        let store = EtcdStore::connect(&endpoints, &args.namespace)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+        serve(cfg, data_dir, Role::Cluster { store, cluster }).await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(parse_store("etcd://a:2379,b:2379").unwrap(), ["a:2379", "b:2379"]);
+        assert_eq!(parse_store("10.0.0.1:2379").unwrap(), ["10.0.0.1:2379"]);
+        assert!(parse_store("redis://a:1").unwrap_err().to_string().contains("etcd://"));
+        assert!(parse_store("etcd://a").unwrap_err().to_string().contains("HOST:PORT"));
+        assert!(parse_store("etcd://").is_err());
+    }
+}

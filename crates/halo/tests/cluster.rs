@@ -1,0 +1,376 @@
+//! Multi-node: three `halo agent`s, each in its own network namespace with
+//! its own etcd member, under faults made by real means (kill -9, SIGSTOP,
+//! link down, a dead etcd member, a lost etcd quorum). A load client that
+//! knows every node's address sends idempotent GETs throughout and retries
+//! a failed attempt on another node; the record must show zero failed
+//! requests. A watch on the store checks that only one leader wrote at a
+//! time (fencing tokens never go back) and that no instance was placed on
+//! two nodes. Recovery times are printed (`--no-capture` to see them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use halo_control::cluster::{read_state, Assignment, ClusterState, SpecCache, ASSIGNMENTS, LEADER};
+use halo_store::{EtcdStore, EventKind, Store};
+use halo_testkit::{Cluster, RetryLoad, RetryReport};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+fn service(replicas: u32) -> String {
+    format!(
+        r#"name = "web"
+replicas = {replicas}
+
+[run]
+command = "halo"
+args = ["demo-app"]
+
+[readiness]
+http = "/healthz"
+interval = "200ms"
+
+[[routes]]
+path = "/"
+"#
+    )
+}
+
+/// Every assignment write and leader change, as the store saw them.
+#[derive(Default)]
+struct History {
+    /// (mod revision, token, id, node) of every assignment put.
+    assignments: Vec<(i64, i64, String, String)>,
+    /// (create revision, node) of every leader key put.
+    leaders: Vec<(i64, String)>,
+}
+
+/// Watches the whole cluster prefix for the test's lifetime.
+struct Observer {
+    history: Arc<Mutex<History>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Observer {
+    async fn start(store: &EtcdStore) -> Observer {
+        let history = Arc::new(Mutex::new(History::default()));
+        let (s, h) = (store.clone(), history.clone());
+        let mut w = s.watch("/halo/", 1).await.expect("watch the cluster");
+        let task = tokio::spawn(async move {
+            let mut next = 0;
+            loop {
+                while let Some(batch) = w.next().await {
+                    let mut h = h.lock().unwrap();
+                    for e in batch {
+                        next = e.kv.mod_revision + 1;
+                        if e.kind != EventKind::Put {
+                            continue;
+                        }
+                        if e.kv.key.starts_with(ASSIGNMENTS) {
+                            let a: Assignment = serde_json::from_slice(&e.kv.value).unwrap();
+                            h.assignments.push((e.kv.mod_revision, a.token, a.placement.id, a.placement.node));
+                        } else if e.kv.key == LEADER {
+                            h.leaders.push((e.kv.create_revision, String::from_utf8_lossy(&e.kv.value).into()));
+                        }
+                    }
+                }
+                // The watched member may be the one a fault took: resume.
+                loop {
+                    if let Ok(nw) = s.watch("/halo/", next).await {
+                        w = nw;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+        Observer { history, task }
+    }
+
+    /// Fencing tokens never go back in write order, and no instance id was
+    /// ever placed on two nodes.
+    fn check(&self) {
+        let h = self.history.lock().unwrap();
+        let mut max = 0;
+        let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
+        for (rev, token, id, node) in &h.assignments {
+            assert!(*token >= max, "revision {rev}: an assignment with token {token} after one with token {max}");
+            max = *token;
+            let first = placed.entry(id).or_insert(node);
+            assert_eq!(*first, node.as_str(), "instance {id} placed on {first} and on {node}");
+        }
+        assert!(!h.assignments.is_empty(), "the observer saw no assignment at all");
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn state(store: &EtcdStore) -> Option<ClusterState> {
+    read_state(store, &mut SpecCache::default()).await.ok()
+}
+
+/// Ready placements of web on live nodes other than `except`.
+fn ready_elsewhere(st: &ClusterState, except: Option<&str>) -> usize {
+    st.assignments
+        .values()
+        .filter(|a| Some(a.placement.node.as_str()) != except && st.nodes.contains_key(&a.placement.node))
+        .filter(|a| st.endpoints.contains_key(&a.placement.id))
+        .count()
+}
+
+/// Polls the store every 50 ms until `done` holds; returns the time since
+/// `since` (the fault).
+async fn until(
+    store: &EtcdStore,
+    since: Instant,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&ClusterState) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = state(store).await {
+            if done(&st) {
+                return since.elapsed();
+            }
+        }
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A three-node cluster running web with `replicas`, all ready, and a
+/// store handle on its etcd.
+async fn cluster_with_web(replicas: u32) -> (Cluster, EtcdStore) {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(BIN, 3)).await.unwrap();
+    let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
+    until(&store, Instant::now(), Duration::from_secs(15), "three nodes and a leader", |st| {
+        st.nodes.len() == 3 && st.leader.is_some()
+    })
+    .await;
+    let dir = halo_testkit::TempDir::new("svc");
+    let f = dir.write("web.toml", &service(replicas));
+    let (code, out, err) = c.cli(0, &["apply", "-f", &f.to_string_lossy()]);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    until(&store, Instant::now(), Duration::from_secs(30), "web ready", |st| {
+        ready_elsewhere(st, None) == replicas as usize
+    })
+    .await;
+    (c, store)
+}
+
+fn load(c: &Cluster) -> RetryLoad {
+    let urls = c.nodes.iter().map(|n| format!("http://{}/", n.proxy())).collect();
+    RetryLoad::start(urls, 2, Duration::from_millis(1000), Duration::from_secs(30))
+}
+
+fn assert_no_failures(what: &str, r: &RetryReport) {
+    println!(
+        "{what}: {} ok at the first node, {} ok after a retry on another node, {} failed attempts, {} failed requests",
+        r.ok_first,
+        r.ok_retried,
+        r.failed_attempts,
+        r.failed.len()
+    );
+    assert!(r.ok_first > 100, "{what}: too little traffic to mean anything: {r:?}");
+    assert!(r.failed.is_empty(), "{what}: failed requests: {:?}", &r.failed[..r.failed.len().min(5)]);
+}
+
+fn leader_index(c: &Cluster, st: &ClusterState) -> usize {
+    let (name, _) = st.leader.clone().expect("a leader");
+    c.nodes.iter().position(|n| n.name == name).expect("leader is a node")
+}
+
+/// After convergence: every instance process runs once, and only where it
+/// is assigned.
+async fn assert_converged(c: &Cluster, store: &EtcdStore, replicas: usize) {
+    let start = Instant::now();
+    loop {
+        let st = state(store).await.expect("store readable");
+        let procs = c.instance_processes();
+        let ids: Vec<&String> = procs.iter().map(|(id, _)| id).collect();
+        let unique: BTreeSet<&String> = ids.iter().copied().collect();
+        let assigned: BTreeSet<&String> = st.assignments.keys().collect();
+        let ready = ready_elsewhere(&st, None);
+        if unique.len() == ids.len() && unique == assigned && ready == replicas && assigned.len() == replicas {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not converged after 30s: processes {ids:?}, assigned {assigned:?}, ready {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_is_rescheduled_without_failed_requests() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let st = state(&store).await.unwrap();
+    // A node that is not the leader: leader loss has its own test.
+    let victim = (leader_index(&c, &st) + 1) % 3;
+    let name = c.nodes[victim].name.clone();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    c.kill_node(victim);
+    let gone = until(&store, t0, Duration::from_secs(15), "the dead node's endpoints gone", |st| {
+        !st.endpoints.values().any(|(_, e)| e.node == name)
+    })
+    .await;
+    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored on the survivors", |st| {
+        ready_elsewhere(st, Some(&name)) == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = l.finish().await;
+    println!("kill -9 of node {name} (etcd member, agent, instances): endpoints gone after {gone:?}, capacity restored after {restored:?}");
+    assert_no_failures("node killed", &report);
+    obs.check();
+    let st = state(&store).await.unwrap();
+    assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on the dead node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_cut_off_fails_over_and_rejoins_without_fighting() {
+    let (c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let st = state(&store).await.unwrap();
+    let victim = leader_index(&c, &st);
+    let (old_leader, old_token) = st.leader.clone().unwrap();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    c.cut(victim, true);
+    let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
+        st.leader.as_ref().is_some_and(|(n, t)| *n != old_leader && *t > old_token)
+    })
+    .await;
+    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored without the cut-off node", |st| {
+        ready_elsewhere(st, Some(&old_leader)) == 3
+    })
+    .await;
+    // Back on the network: the old leader must not fight the new placements.
+    c.cut(victim, false);
+    assert_converged(&c, &store, 3).await;
+    let report = l.finish().await;
+    println!(
+        "leader {old_leader} cut off (link down): new leader after {failover:?}, capacity restored after {restored:?}"
+    );
+    assert_no_failures("leader cut off", &report);
+    obs.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_node_is_replaced_and_stops_its_instances_when_thawed() {
+    let (c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let st = state(&store).await.unwrap();
+    let victim = (leader_index(&c, &st) + 2) % 3;
+    let name = c.nodes[victim].name.clone();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    c.freeze(victim, true);
+    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored without the frozen node", |st| {
+        ready_elsewhere(st, Some(&name)) == 3
+    })
+    .await;
+    c.freeze(victim, false);
+    assert_converged(&c, &store, 3).await;
+    let report = l.finish().await;
+    println!("node {name} frozen (SIGSTOP of all its processes): capacity restored after {restored:?}");
+    assert_no_failures("node frozen", &report);
+    obs.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_and_restarted() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let st = state(&store).await.unwrap();
+    let victim = leader_index(&c, &st);
+    let (old_leader, old_token) = st.leader.clone().unwrap();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    c.kill_agent(victim);
+    let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
+        st.leader.as_ref().is_some_and(|(n, t)| *n != old_leader && *t > old_token)
+    })
+    .await;
+    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored", |st| {
+        ready_elsewhere(st, Some(&old_leader)) == 3
+    })
+    .await;
+    c.start_agent(victim);
+    assert_converged(&c, &store, 3).await;
+    let report = l.finish().await;
+    println!("leader {old_leader} killed (agent and instances): new leader after {failover:?}, capacity restored after {restored:?}");
+    assert_no_failures("leader killed", &report);
+    obs.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One member down: the cluster still has quorum and keeps working.
+    c.kill_etcd(2);
+    // Quorum lost: nothing is stopped, every node keeps routing.
+    c.kill_etcd(1);
+    let before = c.instance_processes();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = c.instance_processes();
+    assert_eq!(before, during, "instances changed while etcd had no quorum");
+    c.restart_etcd(1);
+    c.restart_etcd(2);
+    let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
+    until(&store, Instant::now(), Duration::from_secs(30), "three nodes back after quorum returned", |st| {
+        st.nodes.len() == 3
+    })
+    .await;
+    assert_converged(&c, &store, 3).await;
+    // Drain n1 through n3's API: replacements first, then n1 is empty.
+    let (code, out, err) = c.cli(2, &["node", "drain", "n1"]);
+    assert_eq!(code, 0, "drain: {out}{err}");
+    until(&store, Instant::now(), Duration::from_secs(20), "n1 drained", |st| {
+        st.assignments.values().all(|a| a.placement.node != "n1") && ready_elsewhere(st, None) == 3
+    })
+    .await;
+    let (code, out, _) = c.cli(1, &["node", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("draining"), "node list does not show the drain:\n{out}");
+    let (code, _, err) = c.cli(1, &["node", "drain", "n9"]);
+    assert!(code != 0 && err.contains("no node named 'n9'") && err.contains("n1"), "{err}");
+    c.cli(0, &["node", "undrain", "n1"]);
+    let (code, out, err) = c.cli(1, &["scale", "web", "5"]);
+    assert_eq!(code, 0, "scale: {out}{err}");
+    until(&store, Instant::now(), Duration::from_secs(20), "five ready, n1 used again", |st| {
+        ready_elsewhere(st, None) == 5 && st.assignments.values().any(|a| a.placement.node == "n1")
+    })
+    .await;
+    let report = l.finish().await;
+    assert_no_failures("etcd member loss, quorum loss, drain, scale", &report);
+    obs.check();
+    let metrics = metrics(&c).await;
+    assert!(metrics.contains("halo_cluster_leader{node="), "{metrics}");
+    assert!(metrics.contains("halo_cluster_placements{service=\"web\""), "{metrics}");
+}
+
+/// Node 1's /metrics, with its API token.
+async fn metrics(c: &Cluster) -> String {
+    let token = std::fs::read_to_string(c.nodes[0].data_dir.join("token")).unwrap();
+    let req = http::Request::get(format!("http://{}/metrics", c.nodes[0].api()))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    halo_testkit::Client::new().send(req).await.unwrap().body
+}
