@@ -49,14 +49,21 @@ fn owner_file(k: u8) -> PathBuf {
     std::env::temp_dir().join(format!("halo-cluster-{k}.owner"))
 }
 
-/// Removes harness `k`: its processes, namespaces and bridge.
-fn teardown(k: u8, nodes: usize) {
-    for i in 1..=nodes {
+/// Most nodes a harness has; teardown looks for all of them, so a harness
+/// that failed half-way through its setup is removed as well.
+const MAX_NODES: usize = 9;
+
+/// Removes harness `k`: its processes, veth pairs, namespaces and bridge.
+fn teardown(k: u8) {
+    for i in 1..=MAX_NODES {
         let ns = format!("halo{k}n{i}");
-        // Thawed first, so a frozen process can die.
+        // Thawed too, so a frozen process can die.
         let pids = netns_pids(&ns);
         signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
         signal_all(&pids, nix::sys::signal::Signal::SIGCONT);
+        // Deleting our end removes the pair at once, even while the
+        // namespace lingers until its last process is reaped.
+        quiet("ip", &["link", "del", &format!("hv{k}n{i}")]);
         quiet("ip", &["netns", "del", &ns]);
     }
     quiet("ip", &["link", "del", &format!("hb{k}")]);
@@ -73,7 +80,7 @@ fn claim() -> u8 {
         if let Ok(owner) = std::fs::read_to_string(owner_file(k)) {
             let alive = owner.trim().parse::<u32>().is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
             if !alive {
-                teardown(k, 9);
+                teardown(k);
             }
         }
         if quiet("ip", &["link", "add", &format!("hb{k}"), "type", "bridge"]) {
@@ -132,6 +139,7 @@ impl Cluster {
     /// Starts `n` nodes (namespaces, etcd members, agents) and waits until
     /// every agent is ready. `bin` is the halo binary.
     pub fn start(bin: &str, n: usize) -> Cluster {
+        assert!(n <= MAX_NODES, "at most {MAX_NODES} nodes");
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
         let k = claim();
         let dir = TempDir::new("cluster");
@@ -365,7 +373,7 @@ impl Drop for Cluster {
         for nd in &mut self.nodes {
             nd.agent = None;
         }
-        teardown(self.k, self.nodes.len());
+        teardown(self.k);
         for nd in &mut self.nodes {
             if let Some(mut e) = nd.etcd.take() {
                 let _ = e.kill();
