@@ -11,6 +11,8 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # Network namespaces, veth pairs and a bridge for the multi-node harness.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# The cluster script (scripts/cluster.sh smoke) checks the nodes with curl.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

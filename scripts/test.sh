@@ -17,3 +17,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# The try-it-out cluster script: three nodes in network namespaces, a
+# deploy, every node's proxy serving it, then everything removed.
+cargo build --quiet -p halo
+HALO_BIN="$PWD/target/debug/halo" HALO_CLUSTER_DIR="$(mktemp -d)" scripts/cluster.sh smoke

@@ -128,7 +128,7 @@ pub fn schedule(snap: &Snapshot) -> Plan {
             };
             *load.get_mut(node.as_str()).expect("live node") += 1;
             placed_here.push(Placement {
-                id: format!("{name}-{:x}{seq:02x}", snap.revision),
+                id: format!("{name}-{:x}-{seq:x}", snap.revision),
                 service: name.clone(),
                 template: want.template.clone(),
                 node,

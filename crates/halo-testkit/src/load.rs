@@ -125,7 +125,7 @@ impl RetryLoad {
                             }
                             at = (at + 1) % urls.len();
                             // Every address failed once: a short pause.
-                            if tries as usize % urls.len() == 0 {
+                            if (tries as usize).is_multiple_of(urls.len()) {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
                         };

@@ -156,7 +156,7 @@ fn nodes_table(c: &serde_json::Value) -> String {
             if n["alive"].as_bool() == Some(true) { "yes" } else { "no" },
             state,
             n["placements"].to_string(),
-            n["ready"].to_string()
+            n["ready"]
         ));
     }
     out
@@ -184,7 +184,7 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
                 s["replicas"].to_string(),
                 s["placed"].to_string(),
                 s["ready"].to_string(),
-                s["pending"].to_string()
+                s["pending"]
             ));
         }
         out.push_str("instances on this node:\n");

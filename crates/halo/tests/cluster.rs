@@ -113,6 +113,18 @@ async fn state(store: &EtcdStore) -> Option<ClusterState> {
     read_state(store, &mut SpecCache::default()).await.ok()
 }
 
+/// The state, retrying for up to 10 s (a request may land on a member a
+/// fault took).
+async fn state_now(store: &EtcdStore) -> ClusterState {
+    for _ in 0..50 {
+        if let Some(st) = state(store).await {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the cluster state was unreadable for 10s");
+}
+
 /// Ready placements of web on live nodes other than `except`.
 fn ready_elsewhere(st: &ClusterState, except: Option<&str>) -> usize {
     st.assignments
@@ -190,7 +202,12 @@ fn leader_index(c: &Cluster, st: &ClusterState) -> usize {
 async fn assert_converged(c: &Cluster, store: &EtcdStore, replicas: usize) {
     let start = Instant::now();
     loop {
-        let st = state(store).await.expect("store readable");
+        // A request may land on a member a fault took: try again.
+        let Some(st) = state(store).await else {
+            assert!(start.elapsed() < Duration::from_secs(30), "the store was unreadable for 30s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
         let procs = c.instance_processes();
         let ids: Vec<&String> = procs.iter().map(|(id, _)| id).collect();
         let unique: BTreeSet<&String> = ids.iter().copied().collect();
@@ -211,7 +228,7 @@ async fn assert_converged(c: &Cluster, store: &EtcdStore, replicas: usize) {
 async fn node_killed_is_rescheduled_without_failed_requests() {
     let (mut c, store) = cluster_with_web(3).await;
     let obs = Observer::start(&store).await;
-    let st = state(&store).await.unwrap();
+    let st = state_now(&store).await;
     // A node that is not the leader: leader loss has its own test.
     let victim = (leader_index(&c, &st) + 1) % 3;
     let name = c.nodes[victim].name.clone();
@@ -232,7 +249,7 @@ async fn node_killed_is_rescheduled_without_failed_requests() {
     println!("kill -9 of node {name} (etcd member, agent, instances): endpoints gone after {gone:?}, capacity restored after {restored:?}");
     assert_no_failures("node killed", &report);
     obs.check();
-    let st = state(&store).await.unwrap();
+    let st = state_now(&store).await;
     assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on the dead node");
 }
 
@@ -240,7 +257,7 @@ async fn node_killed_is_rescheduled_without_failed_requests() {
 async fn leader_cut_off_fails_over_and_rejoins_without_fighting() {
     let (c, store) = cluster_with_web(3).await;
     let obs = Observer::start(&store).await;
-    let st = state(&store).await.unwrap();
+    let st = state_now(&store).await;
     let victim = leader_index(&c, &st);
     let (old_leader, old_token) = st.leader.clone().unwrap();
     let l = load(&c);
@@ -270,7 +287,7 @@ async fn leader_cut_off_fails_over_and_rejoins_without_fighting() {
 async fn frozen_node_is_replaced_and_stops_its_instances_when_thawed() {
     let (c, store) = cluster_with_web(3).await;
     let obs = Observer::start(&store).await;
-    let st = state(&store).await.unwrap();
+    let st = state_now(&store).await;
     let victim = (leader_index(&c, &st) + 2) % 3;
     let name = c.nodes[victim].name.clone();
     let l = load(&c);
@@ -293,7 +310,7 @@ async fn frozen_node_is_replaced_and_stops_its_instances_when_thawed() {
 async fn leader_killed_and_restarted() {
     let (mut c, store) = cluster_with_web(3).await;
     let obs = Observer::start(&store).await;
-    let st = state(&store).await.unwrap();
+    let st = state_now(&store).await;
     let victim = leader_index(&c, &st);
     let (old_leader, old_token) = st.leader.clone().unwrap();
     let l = load(&c);
