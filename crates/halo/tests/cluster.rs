@@ -224,113 +224,108 @@ async fn assert_converged(c: &Cluster, store: &EtcdStore, replicas: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_killed_is_rescheduled_without_failed_requests() {
+/// Which node a fault hits.
+enum Victim {
+    Leader,
+    /// A node that does not lead (leader loss has tests of its own).
+    Follower,
+}
+
+/// One fault on one node of a fresh cluster running web x3 under load:
+/// measures, from the fault, when the node's endpoints are gone, when a new
+/// leader is elected (if it led) and when capacity is back on the others;
+/// then `undo` (if any) and convergence (every instance once, where
+/// assigned); then checks the load record and the store's history.
+async fn under_fault(
+    what: &str,
+    victim: Victim,
+    fault: impl FnOnce(&mut Cluster, usize),
+    undo: Option<fn(&mut Cluster, usize)>,
+) {
     let (mut c, store) = cluster_with_web(3).await;
     let obs = Observer::start(&store).await;
     let st = state_now(&store).await;
-    // A node that is not the leader: leader loss has its own test.
-    let victim = (leader_index(&c, &st) + 1) % 3;
-    let name = c.nodes[victim].name.clone();
+    let leader = leader_index(&c, &st);
+    let v = match victim {
+        Victim::Leader => leader,
+        Victim::Follower => (leader + 1) % 3,
+    };
+    let name = c.nodes[v].name.clone();
+    let (_, old_token) = st.leader.clone().expect("a leader");
     let l = load(&c);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t0 = Instant::now();
-    c.kill_node(victim);
-    let gone = until(&store, t0, Duration::from_secs(15), "the dead node's endpoints gone", |st| {
+    fault(&mut c, v);
+    let gone = until(&store, t0, Duration::from_secs(20), "the node's endpoints gone", |st| {
         !st.endpoints.values().any(|(_, e)| e.node == name)
     })
     .await;
-    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored on the survivors", |st| {
+    let mut line = format!("{what} of {name}: endpoints gone after {gone:?}");
+    if matches!(victim, Victim::Leader) {
+        let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
+            st.leader.as_ref().is_some_and(|(n, t)| *n != name && *t > old_token)
+        })
+        .await;
+        line.push_str(&format!(", new leader after {failover:?}"));
+    }
+    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored on the other nodes", |st| {
         ready_elsewhere(st, Some(&name)) == 3
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("{line}, capacity restored after {restored:?}");
+    match undo {
+        // Back: the node must not fight the new placements.
+        Some(undo) => {
+            undo(&mut c, v);
+            assert_converged(&c, &store, 3).await;
+        }
+        None => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let st = state_now(&store).await;
+            assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on {name}");
+        }
+    }
     let report = l.finish().await;
-    println!("kill -9 of node {name} (etcd member, agent, instances): endpoints gone after {gone:?}, capacity restored after {restored:?}");
-    assert_no_failures("node killed", &report);
+    assert_no_failures(what, &report);
     obs.check();
-    let st = state_now(&store).await;
-    assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on the dead node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_is_rescheduled_without_failed_requests() {
+    under_fault(
+        "kill -9 of every process (etcd member, agent, instances)",
+        Victim::Follower,
+        |c, i| c.kill_node(i),
+        None,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_cut_off_fails_over_and_rejoins_without_fighting() {
-    let (c, store) = cluster_with_web(3).await;
-    let obs = Observer::start(&store).await;
-    let st = state_now(&store).await;
-    let victim = leader_index(&c, &st);
-    let (old_leader, old_token) = st.leader.clone().unwrap();
-    let l = load(&c);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t0 = Instant::now();
-    c.cut(victim, true);
-    let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
-        st.leader.as_ref().is_some_and(|(n, t)| *n != old_leader && *t > old_token)
-    })
-    .await;
-    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored without the cut-off node", |st| {
-        ready_elsewhere(st, Some(&old_leader)) == 3
-    })
-    .await;
-    // Back on the network: the old leader must not fight the new placements.
-    c.cut(victim, false);
-    assert_converged(&c, &store, 3).await;
-    let report = l.finish().await;
-    println!(
-        "leader {old_leader} cut off (link down): new leader after {failover:?}, capacity restored after {restored:?}"
-    );
-    assert_no_failures("leader cut off", &report);
-    obs.check();
+    under_fault("link down", Victim::Leader, |c, i| c.cut(i, true), Some(|c, i| c.cut(i, false))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_node_is_replaced_and_stops_its_instances_when_thawed() {
-    let (c, store) = cluster_with_web(3).await;
-    let obs = Observer::start(&store).await;
-    let st = state_now(&store).await;
-    let victim = (leader_index(&c, &st) + 2) % 3;
-    let name = c.nodes[victim].name.clone();
-    let l = load(&c);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t0 = Instant::now();
-    c.freeze(victim, true);
-    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored without the frozen node", |st| {
-        ready_elsewhere(st, Some(&name)) == 3
-    })
+    under_fault(
+        "SIGSTOP of every process",
+        Victim::Follower,
+        |c, i| c.freeze(i, true),
+        Some(|c, i| c.freeze(i, false)),
+    )
     .await;
-    c.freeze(victim, false);
-    assert_converged(&c, &store, 3).await;
-    let report = l.finish().await;
-    println!("node {name} frozen (SIGSTOP of all its processes): capacity restored after {restored:?}");
-    assert_no_failures("node frozen", &report);
-    obs.check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_and_restarted() {
-    let (mut c, store) = cluster_with_web(3).await;
-    let obs = Observer::start(&store).await;
-    let st = state_now(&store).await;
-    let victim = leader_index(&c, &st);
-    let (old_leader, old_token) = st.leader.clone().unwrap();
-    let l = load(&c);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t0 = Instant::now();
-    c.kill_agent(victim);
-    let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
-        st.leader.as_ref().is_some_and(|(n, t)| *n != old_leader && *t > old_token)
-    })
+    under_fault(
+        "kill -9 of the agent and its instances",
+        Victim::Leader,
+        |c, i| c.kill_agent(i),
+        Some(|c, i| c.start_agent(i)),
+    )
     .await;
-    let restored = until(&store, t0, Duration::from_secs(20), "capacity restored", |st| {
-        ready_elsewhere(st, Some(&old_leader)) == 3
-    })
-    .await;
-    c.start_agent(victim);
-    assert_converged(&c, &store, 3).await;
-    let report = l.finish().await;
-    println!("leader {old_leader} killed (agent and instances): new leader after {failover:?}, capacity restored after {restored:?}");
-    assert_no_failures("leader killed", &report);
-    obs.check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
