@@ -20,4 +20,4 @@ fi
 # The try-it-out cluster script: three nodes in network namespaces, a
 # deploy, every node's proxy serving it, then everything removed.
 cargo build --quiet -p halo
-HALO_BIN="$PWD/target/debug/halo" HALO_CLUSTER_DIR="$(mktemp -d)" scripts/cluster.sh smoke
+HALO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/halo" HALO_CLUSTER_DIR="$(mktemp -d)" scripts/cluster.sh smoke
