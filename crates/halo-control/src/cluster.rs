@@ -368,9 +368,19 @@ impl ClusterState {
 /// in the store and twice a second. Every write is fenced by the token.
 async fn leader_loop(m: Arc<Membership>, token: Revision, wake: Arc<Notify>) {
     let mut cache = SpecCache::default();
+    let mut compacted = Instant::now();
     while m.leading() == Some(token) {
         match read_state(&*m.store, &mut cache).await {
             Ok(st) => {
+                // etcd keeps every revision until compacted: the leader
+                // keeps the last KEEP_REVISIONS, enough for any watch that
+                // broke for a while to resume without listing again.
+                if compacted.elapsed() > COMPACT_EVERY && st.revision > KEEP_REVISIONS {
+                    compacted = Instant::now();
+                    if let Err(e) = m.store.compact(st.revision - KEEP_REVISIONS).await {
+                        tracing::debug!(error = %e, "compacting the store's history failed");
+                    }
+                }
                 let plan = scheduler::schedule(&st.snapshot());
                 *m.unplaced.lock().unwrap_or_else(|e| e.into_inner()) = plan.unplaced.clone();
                 if !plan.is_empty() {
@@ -388,6 +398,10 @@ async fn leader_loop(m: Arc<Membership>, token: Revision, wake: Arc<Notify>) {
     }
     tracing::info!(token, "leader loop ended");
 }
+
+/// History the leader keeps when it compacts, and how often it does.
+const KEEP_REVISIONS: Revision = 10_000;
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
 
 /// etcd refuses transactions of more than 128 operations.
 const OPS_PER_TXN: usize = 100;

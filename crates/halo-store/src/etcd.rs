@@ -8,8 +8,8 @@
 //! Watches end (the stream closes) when etcd cancels them, when the
 //! connection breaks or when the member loses its leader (`require_leader`):
 //! callers resume from the last revision seen + 1, as the trait says. HTTP/2
-//! pings find a dead connection within a few seconds, so a watch cannot hang
-//! silently on a peer that went away.
+//! pings (every 6 s, 3 s to answer) find a dead connection, so a watch
+//! cannot hang silently on a peer that went away.
 //!
 //! Members: one connection per endpoint, and requests go to one of them
 //! (the pinned one, as etcd's own Go client does). A request that could not
@@ -35,6 +35,9 @@ use crate::{
 /// How long one request may take before it fails (the cluster is
 /// unreachable or has no leader).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one member may take to renew a lease before the next is tried.
+const KEEP_ALIVE_ATTEMPT: Duration = Duration::from_millis(700);
 
 /// A handle on an etcd cluster; cheap to clone, all clones share one
 /// connection per endpoint.
@@ -71,7 +74,9 @@ impl EtcdStore {
         let options = etcd::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            // etcd closes connections that ping more often than every 5 s
+            // (--grpc-keepalive-min-time; "too many pings").
+            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         let mut clients = Vec::new();
@@ -179,7 +184,8 @@ fn not_applied(e: &etcd::Error) -> bool {
 fn moves_pin(e: &etcd::Error) -> bool {
     match e {
         etcd::Error::GRpcStatus(s) => {
-            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+            use tonic::Code;
+            matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
         }
         etcd::Error::IoError(_) => true,
         _ => false,
@@ -428,24 +434,39 @@ impl Store for EtcdStore {
         Ok(resp.id())
     }
 
+    /// Renewals are idempotent and time-critical (a lease of a few
+    /// seconds): each member gets a short attempt, and a member that does
+    /// not answer in time loses the pin, so one dead member never costs a
+    /// node its lease.
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let fail = |e| map_err("keep_alive", e, Some(lease));
-        let work = async {
-            let (mut keeper, mut stream) = self
-                .call("keep_alive", Some(lease), |c| async move { c.lease_client().keep_alive(lease).await })
-                .await?;
-            keeper.keep_alive().await.map_err(fail)?;
-            match stream.message().await.map_err(fail)? {
-                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-                Some(_) => Err(StoreError::LeaseNotFound(lease)),
-                None => Err(backend("keep_alive", "etcd closed the keep-alive stream".into())),
-            }
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| StoreError::Backend {
-            op: "keep_alive",
-            message: "no answer from etcd in time".into(),
-            maybe_applied: true,
-        })?
+        let n = self.clients.len();
+        let mut last = None;
+        for _ in 0..n {
+            let at = self.pinned.load(Ordering::Relaxed) % n;
+            let client = self.clients[at].clone();
+            let attempt = async move {
+                let (mut keeper, mut stream) = client.lease_client().keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            let err = match tokio::time::timeout(KEEP_ALIVE_ATTEMPT, attempt).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => return Ok(Duration::from_secs(r.ttl() as u64)),
+                Ok(Ok(Some(_))) => return Err(StoreError::LeaseNotFound(lease)),
+                Ok(Ok(None)) => backend("keep_alive", "etcd closed the keep-alive stream".into()),
+                Ok(Err(e)) => match map_err("keep_alive", e, Some(lease)) {
+                    StoreError::LeaseNotFound(l) => return Err(StoreError::LeaseNotFound(l)),
+                    other => other,
+                },
+                Err(_) => StoreError::Backend {
+                    op: "keep_alive",
+                    message: format!("no answer from {} within {KEEP_ALIVE_ATTEMPT:?}", self.endpoints[at]),
+                    maybe_applied: true,
+                },
+            };
+            let _ = self.pinned.compare_exchange(at, (at + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+            last = Some(err);
+        }
+        Err(last.expect("at least one member"))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
