@@ -31,6 +31,17 @@ pub fn load_or_create(dir: &Path) -> std::io::Result<String> {
     }
 }
 
+/// Replaces the token in `dir/token` (owner only), atomically: a cluster
+/// node adopts the cluster's token.
+pub fn store(dir: &Path, token: &str) -> std::io::Result<()> {
+    let tmp = dir.join("token.new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("token"))
+}
+
 /// Reads the token of the node whose data directory is `dir`.
 pub fn read(dir: &Path) -> std::io::Result<String> {
     std::fs::read_to_string(dir.join("token")).map(|t| t.trim().to_string())

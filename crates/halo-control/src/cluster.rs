@@ -274,6 +274,8 @@ impl Membership {
 pub struct ClusterState {
     pub revision: Revision,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// Each live node's lease.
+    pub leases: BTreeMap<String, LeaseId>,
     pub admin: BTreeMap<String, NodeAdmin>,
     pub leader: Option<(String, Revision)>,
     pub services: BTreeMap<String, ServiceWant>,
@@ -293,6 +295,9 @@ pub async fn read_state(store: &dyn Store, cache: &mut SpecCache) -> Result<Clus
     st.revision = nodes.revision;
     for kv in nodes.kvs {
         if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+            if let Some(l) = kv.lease {
+                st.leases.insert(r.name.clone(), l);
+            }
             st.nodes.insert(r.name.clone(), r);
         }
     }

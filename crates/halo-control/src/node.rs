@@ -408,6 +408,7 @@ impl Inner {
         let services = self.load_services().await?;
         let listing = self.store.list(&self.records).await?;
         let mut known_groups = BTreeSet::new();
+        let mut to_start = Vec::new();
         for kv in listing.kvs {
             let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
                 tracing::warn!(key = %kv.key, "unreadable instance record removed");
@@ -416,15 +417,17 @@ impl Inner {
             };
             let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
             match (services.get(&rec.service), live) {
-                (Some(svc), _) => {
-                    if let Some((pid, _)) = live {
-                        known_groups.insert(pid);
-                        tracing::info!(instance = %rec.id, pid, "adopting running instance");
-                    }
-                    if let Err(e) = self.start_instance(svc, Some(rec.clone()), None).await {
-                        tracing::error!(instance = %rec.id, error = %e, "adopting failed");
-                    }
+                (Some(svc), Some((pid, _))) => {
+                    known_groups.insert(pid);
+                    tracing::info!(instance = %rec.id, pid, "adopting running instance");
+                    to_start.push((svc, rec));
                 }
+                // A cluster node starts only what is assigned to it now:
+                // the reconcile pass decides, under a fresh record.
+                (Some(_), None) if self.cluster.is_some() => {
+                    self.store.delete(&kv.key).await?;
+                }
+                (Some(svc), None) => to_start.push((svc, rec)),
                 (None, Some((pid, _))) => {
                     tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
                     let _ =
@@ -436,7 +439,14 @@ impl Inner {
                 }
             }
         }
+        // Before anything new starts: what runs now and is in no record is
+        // an orphan.
         sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
+        for (svc, rec) in to_start {
+            if let Err(e) = self.start_instance(svc, Some(rec.clone()), None).await {
+                tracing::error!(instance = %rec.id, error = %e, "adopting failed");
+            }
+        }
         Ok(())
     }
 

@@ -426,6 +426,8 @@ pub struct NodeView {
     pub capacity: Option<u32>,
     /// Holds a live lease.
     pub alive: bool,
+    /// The lease it holds (hex, as etcdctl shows it).
+    pub lease: Option<String>,
     pub draining: bool,
     pub leader: bool,
     pub placements: usize,
@@ -468,6 +470,7 @@ impl ClusterView {
                     zone: rec.map(|r| r.zone.clone()),
                     capacity: rec.map(|r| r.capacity),
                     alive: rec.is_some(),
+                    lease: st.leases.get(name).map(|l| format!("{l:x}")),
                     draining: st.admin.get(name).is_some_and(|a| a.draining),
                     leader: leader.as_ref() == Some(name),
                     placements: ids.len(),

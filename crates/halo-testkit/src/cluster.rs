@@ -102,6 +102,7 @@ pub struct ClusterNode {
     etcd: Option<Child>,
     pub agent: Option<Halo>,
     pub data_dir: PathBuf,
+    pub zone: String,
     node_file: PathBuf,
     etcd_dir: PathBuf,
 }
@@ -139,6 +140,12 @@ impl Cluster {
     /// Starts `n` nodes (namespaces, etcd members, agents) and waits until
     /// every agent is ready. `bin` is the halo binary.
     pub fn start(bin: &str, n: usize) -> Cluster {
+        Cluster::start_zoned(bin, &vec!["default"; n])
+    }
+
+    /// Starts one node per entry of `zones`, node `i` in zone `zones[i]`.
+    pub fn start_zoned(bin: &str, zones: &[&str]) -> Cluster {
+        let n = zones.len();
         assert!(n <= MAX_NODES, "at most {MAX_NODES} nodes");
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
         let k = claim();
@@ -187,6 +194,7 @@ impl Cluster {
                 etcd: None,
                 agent: None,
                 data_dir: base.join("data"),
+                zone: zones[i - 1].to_string(),
                 node_file,
                 etcd_dir: base.join("etcd"),
             });
@@ -244,6 +252,8 @@ impl Cluster {
             &ip,
             "--lease-ttl",
             &self.lease_ttl,
+            "--zone",
+            &nd.zone,
             "-c",
             &nd.node_file.to_string_lossy(),
             "--data-dir",

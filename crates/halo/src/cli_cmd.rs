@@ -140,8 +140,8 @@ fn nodes_table(c: &serde_json::Value) -> String {
         c["node"].as_str().unwrap_or("?")
     );
     out.push_str(&format!(
-        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<10} READY\n",
-        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED"
+        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} LEASE\n",
+        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED", "READY"
     ));
     for n in c["nodes"].as_array().cloned().unwrap_or_default() {
         let mut state = if n["draining"].as_bool() == Some(true) { "draining" } else { "active" }.to_string();
@@ -149,14 +149,15 @@ fn nodes_table(c: &serde_json::Value) -> String {
             state.push('*');
         }
         out.push_str(&format!(
-            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<10} {}\n",
+            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {}\n",
             n["name"].as_str().unwrap_or("?"),
             n["addr"].as_str().unwrap_or("-"),
             n["zone"].as_str().unwrap_or("-"),
             if n["alive"].as_bool() == Some(true) { "yes" } else { "no" },
             state,
             n["placements"].to_string(),
-            n["ready"]
+            n["ready"].to_string(),
+            n["lease"].as_str().unwrap_or("-")
         ));
     }
     out

@@ -75,7 +75,10 @@ pub fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs a node (its store, API, supervisor and proxy) until a signal.
 pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role) -> anyhow::Result<()> {
     let grace = cfg.proxy.grace_period;
-    let token = halo_api::token::load_or_create(&data_dir).context("API token")?;
+    let mut token = halo_api::token::load_or_create(&data_dir).context("API token")?;
+    if let Role::Cluster { store, .. } = &role {
+        token = cluster_token(store, &data_dir, token).await?;
+    }
     let api =
         tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
     let api_addr = api.local_addr()?;
@@ -117,4 +120,25 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         node.detach(grace).await;
     }
     Ok(())
+}
+
+/// The cluster's API token: the first node to start offers its own (a
+/// create-if-absent in the store), every node adopts what the store holds
+/// and keeps it in its data directory, so one token works on every node's
+/// API. It is as safe as the etcd it is kept in.
+async fn cluster_token(store: &halo_store::EtcdStore, dir: &std::path::Path, local: String) -> anyhow::Result<String> {
+    use halo_store::{Compare, Store, Txn, TxnOp};
+    const KEY: &str = "/halo/api-token";
+    let offer = Txn::new().when(Compare::absent(KEY)).and_then(TxnOp::put(KEY, local.clone().into_bytes(), None));
+    store.txn(offer).await.context("publishing the API token")?;
+    let kv = store.get(KEY).await.context("reading the cluster's API token")?;
+    let token = kv.map(|kv| String::from_utf8_lossy(&kv.value).trim().to_string()).unwrap_or(local.clone());
+    if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        anyhow::bail!("the cluster's API token at {KEY} is not 32+ hex digits; fix or delete that key");
+    }
+    if token != local {
+        halo_api::token::store(dir, &token).context("keeping the cluster's API token")?;
+        tracing::info!("adopted the cluster's API token");
+    }
+    Ok(token)
 }

@@ -158,7 +158,11 @@ async fn until(
 /// A three-node cluster running web with `replicas`, all ready, and a
 /// store handle on its etcd.
 async fn cluster_with_web(replicas: u32) -> (Cluster, EtcdStore) {
-    let c = tokio::task::spawn_blocking(|| Cluster::start(BIN, 3)).await.unwrap();
+    cluster_with_web_in(replicas, &["default"; 3]).await
+}
+
+async fn cluster_with_web_in(replicas: u32, zones: &'static [&'static str]) -> (Cluster, EtcdStore) {
+    let c = tokio::task::spawn_blocking(|| Cluster::start_zoned(BIN, zones)).await.unwrap();
     let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
     until(&store, Instant::now(), Duration::from_secs(15), "three nodes and a leader", |st| {
         st.nodes.len() == 3 && st.leader.is_some()
@@ -172,6 +176,10 @@ async fn cluster_with_web(replicas: u32) -> (Cluster, EtcdStore) {
         ready_elsewhere(st, None) == replicas as usize
     })
     .await;
+    // One API token for the whole cluster: the first node's, adopted by all.
+    let tokens: BTreeSet<String> =
+        c.nodes.iter().map(|n| std::fs::read_to_string(n.data_dir.join("token")).unwrap()).collect();
+    assert_eq!(tokens.len(), 1, "the nodes do not share one API token");
     (c, store)
 }
 
@@ -385,4 +393,20 @@ async fn metrics(c: &Cluster) -> String {
         .body(http_body_util::Full::default())
         .unwrap();
     halo_testkit::Client::new().send(req).await.unwrap().body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_spread_across_zones_first() {
+    // Zone a has one node, zone b two: 4 replicas go 2 and 2 by zone.
+    let (c, store) = cluster_with_web_in(4, &["a", "b", "b"]).await;
+    let st = state_now(&store).await;
+    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in st.assignments.values() {
+        *per_node.entry(a.placement.node.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_node.get("n1"), Some(&2), "zone a (n1 alone) should hold half: {per_node:?}");
+    assert_eq!((per_node.get("n2"), per_node.get("n3")), (Some(&1), Some(&1)), "{per_node:?}");
+    let (code, out, _) = c.cli(1, &["node", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(" a ") && out.contains(" b "), "zones missing from node list:\n{out}");
 }
