@@ -346,9 +346,10 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
     c.kill_etcd(2);
     // Quorum lost: nothing is stopped, every node keeps routing.
     c.kill_etcd(1);
-    let before = c.instance_processes();
+    let before: BTreeSet<(String, i32)> = c.instance_processes().into_iter().collect();
+    assert_eq!(before.len(), 3, "{before:?}");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let during = c.instance_processes();
+    let during: BTreeSet<(String, i32)> = c.instance_processes().into_iter().collect();
     assert_eq!(before, during, "instances changed while etcd had no quorum");
     c.restart_etcd(1);
     c.restart_etcd(2);
