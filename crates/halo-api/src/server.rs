@@ -55,6 +55,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/services/{name}/logs", get(logs))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}/undrain", post(undrain))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
@@ -127,6 +128,11 @@ async fn nodes(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
 async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.set_draining(&name, true).await?;
     Ok(Json(serde_json::json!({ "name": name, "outcome": "draining" })))
+}
+
+async fn remove_node(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    api.node.remove_node(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "outcome": "removed" })))
 }
 
 async fn undrain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

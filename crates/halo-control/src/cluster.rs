@@ -167,6 +167,11 @@ impl Membership {
     async fn register(&self) -> Result<LeaseId, StoreError> {
         let lease = self.store.grant(self.cfg.lease_ttl).await?;
         self.store.put(&format!("{NODES}{}", self.cfg.node), self.record(), Some(lease)).await?;
+        // A lease-less record too, so a node that dies stays listed (as
+        // gone) until `halo node remove`.
+        let admin = format!("{NODE_ADMIN}{}", self.cfg.node);
+        let v = serde_json::to_vec(&NodeAdmin::default()).expect("encodes");
+        self.store.txn(Txn::new().when(Compare::absent(&admin)).and_then(TxnOp::put(&admin, v, None))).await?;
         *self.last_renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
         self.counters.leases_granted.fetch_add(1, Ordering::Relaxed);

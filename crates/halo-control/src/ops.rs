@@ -152,20 +152,48 @@ impl Node {
     /// Marks a node as draining (its instances move elsewhere, replacements
     /// first) or not.
     pub async fn set_draining(&self, name: &str, draining: bool) -> Result<(), NodeError> {
+        let st = self.known_node(name).await?;
+        let key = format!("{NODE_ADMIN}{name}");
+        let v = serde_json::to_vec(&NodeAdmin { draining }).expect("encodes");
+        // Only if unchanged since read: a concurrent remove is not undone.
+        let rev = st.1;
+        let txn = Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::put(&key, v, None));
+        if !self.inner.store.txn(txn).await?.succeeded {
+            return Err(NodeError::Conflict);
+        }
+        Ok(())
+    }
+
+    /// Forgets a node that is gone (holds no lease): it no longer shows in
+    /// `halo node list`. A live node is refused.
+    pub async fn remove_node(&self, name: &str) -> Result<(), NodeError> {
+        let (st, _) = self.known_node(name).await?;
+        if st.nodes.contains_key(name) {
+            return Err(NodeError::BadRequest(format!(
+                "node '{name}' is alive (it holds a lease); stop its agent first (drain it to move its instances)"
+            )));
+        }
+        self.inner.store.delete(&format!("{NODE_ADMIN}{name}")).await?;
+        Ok(())
+    }
+
+    /// The cluster state, if `name` is a node it knows (live or gone), with
+    /// the mod revision of the node's admin record (0: none).
+    async fn known_node(&self, name: &str) -> Result<(ClusterState, i64), NodeError> {
         if self.inner.cluster.is_none() {
             return Err(NodeError::BadRequest(
-                "this is a single node (halo up); drain is for cluster nodes (halo agent)".into(),
+                "this is a single node (halo up); nodes are managed on cluster nodes (halo agent)".into(),
             ));
         }
         let st = cluster::read_state(&*self.inner.store, &mut Default::default()).await?;
         if !st.nodes.contains_key(name) && !st.admin.contains_key(name) {
-            let known: Vec<&str> = st.nodes.keys().map(String::as_str).collect();
+            let mut known: Vec<&str> = st.nodes.keys().chain(st.admin.keys()).map(String::as_str).collect();
+            known.sort();
+            known.dedup();
             return Err(NodeError::NoSuchNode { name: name.to_string(), known: known.join(", ") });
         }
-        let key = format!("{NODE_ADMIN}{name}");
-        let v = serde_json::to_vec(&NodeAdmin { draining }).expect("encodes");
-        self.inner.store.put(&key, v, None).await?;
-        Ok(())
+        let rev = self.inner.store.get(&format!("{NODE_ADMIN}{name}")).await?.map_or(0, |kv| kv.mod_revision);
+        Ok((st, rev))
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {

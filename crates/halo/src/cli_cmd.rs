@@ -131,6 +131,11 @@ pub fn node_drain(t: &Target, name: &str, drain: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn node_remove(t: &Target, name: &str) -> anyhow::Result<()> {
+    print_outcome(t, &call(t, Method::DELETE, &format!("/v1/nodes/{name}"), None)?);
+    Ok(())
+}
+
 /// The cluster part of `halo status` and `halo node list`.
 fn nodes_table(c: &serde_json::Value) -> String {
     let mut out = format!(

@@ -106,6 +106,8 @@ enum NodeCommand {
     Drain { name: String },
     /// Let a drained node take instances again.
     Undrain { name: String },
+    /// Forget a node that is gone (it stays listed as not alive until then).
+    Remove { name: String },
 }
 
 fn main() -> ExitCode {
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
             NodeCommand::List => cli_cmd::node_list(&target),
             NodeCommand::Drain { name } => cli_cmd::node_drain(&target, &name, true),
             NodeCommand::Undrain { name } => cli_cmd::node_drain(&target, &name, false),
+            NodeCommand::Remove { name } => cli_cmd::node_remove(&target, &name),
         },
         Command::Apply { file, target } => cli_cmd::apply(&target, &file),
         Command::Status { target } => cli_cmd::status(&target),

@@ -291,6 +291,17 @@ async fn under_fault(
             tokio::time::sleep(Duration::from_secs(1)).await;
             let st = state_now(&store).await;
             assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on {name}");
+            // Listed as gone until removed; a live node cannot be removed.
+            let other = (v + 1) % 3;
+            let (_, out, _) = c.cli(other, &["node", "list"]);
+            let row = out.lines().find(|l| l.trim_start().starts_with(&name)).unwrap_or_default().to_string();
+            assert!(row.split_whitespace().nth(3) == Some("no"), "{name} not listed as gone:\n{out}");
+            let (code, _, err) = c.cli(other, &["node", "remove", &c.nodes[other].name]);
+            assert!(code != 0 && err.contains("is alive"), "removing a live node: {err}");
+            let (code, out, err) = c.cli(other, &["node", "remove", &name]);
+            assert_eq!(code, 0, "{out}{err}");
+            let (_, out, _) = c.cli(other, &["node", "list"]);
+            assert!(!out.contains(&format!(" {name} ")), "{name} still listed after remove:\n{out}");
         }
     }
     let report = l.finish().await;
