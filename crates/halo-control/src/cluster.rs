@@ -110,11 +110,9 @@ pub struct Membership {
     token: AtomicI64,
     /// The highest fencing token this node has seen.
     pub max_token: AtomicI64,
-    /// Woken when the lease changes (endpoints must be re-published).
-    pub lease_changed: Notify,
     pub counters: ClusterCounters,
-    /// The last plan's unplaced replicas (leader only), for status.
-    pub unplaced: Mutex<BTreeMap<String, u32>>,
+    /// Service specs parsed for the API's cluster views (status, metrics).
+    pub(crate) views: tokio::sync::Mutex<SpecCache>,
 }
 
 impl Membership {
@@ -127,9 +125,8 @@ impl Membership {
             last_renewed: Mutex::new(None),
             token: AtomicI64::new(0),
             max_token: AtomicI64::new(0),
-            lease_changed: Notify::new(),
             counters: ClusterCounters::default(),
-            unplaced: Mutex::new(BTreeMap::new()),
+            views: Default::default(),
         })
     }
 
@@ -176,7 +173,6 @@ impl Membership {
         *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
         self.counters.leases_granted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %self.cfg.node, lease = format!("{lease:x}"), "registered in the cluster");
-        self.lease_changed.notify_waiters();
         Ok(lease)
     }
 
@@ -379,6 +375,7 @@ impl ClusterState {
 async fn leader_loop(m: Arc<Membership>, token: Revision, wake: Arc<Notify>) {
     let mut cache = SpecCache::default();
     let mut compacted = Instant::now();
+    let mut unplaced = BTreeMap::new();
     while m.leading() == Some(token) {
         match read_state(&*m.store, &mut cache).await {
             Ok(st) => {
@@ -392,7 +389,12 @@ async fn leader_loop(m: Arc<Membership>, token: Revision, wake: Arc<Notify>) {
                     }
                 }
                 let plan = scheduler::schedule(&st.snapshot());
-                *m.unplaced.lock().unwrap_or_else(|e| e.into_inner()) = plan.unplaced.clone();
+                if plan.unplaced != unplaced {
+                    if !plan.unplaced.is_empty() {
+                        tracing::warn!(unplaced = ?plan.unplaced, "replicas without a node with room (capacity, drains)");
+                    }
+                    unplaced = plan.unplaced.clone();
+                }
                 if !plan.is_empty() {
                     if let Err(e) = apply_plan(&m, token, &st, &plan).await {
                         tracing::warn!(error = %e, "applying the plan failed");

@@ -72,7 +72,7 @@ pub(crate) struct Inner {
     /// Set on a cluster node.
     pub cluster: Option<Arc<Membership>>,
     /// Ready endpoints of every other node, by service, from the store.
-    remote: Mutex<BTreeMap<String, Vec<(String, EndpointRecord)>>>,
+    remote: Mutex<BTreeMap<String, Vec<std::net::SocketAddr>>>,
     /// Set by [`Inner::stop_all`]: nothing is started any more.
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -351,16 +351,16 @@ impl Inner {
         }
         // Every other node's endpoints, for the proxy; ours come from what
         // this node knows, and are re-published from it.
-        let mut remote: BTreeMap<String, Vec<(String, EndpointRecord)>> = BTreeMap::new();
+        let mut remote: BTreeMap<String, Vec<std::net::SocketAddr>> = BTreeMap::new();
         let mut ours: BTreeMap<String, (EndpointRecord, Option<i64>)> = BTreeMap::new();
         for kv in endpoints.kvs {
             let rest = kv.key.trim_start_matches(ENDPOINTS);
-            let Some((service, id)) = rest.split_once('/') else { continue };
+            let Some((service, _)) = rest.split_once('/') else { continue };
             let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) else { continue };
             if &e.node == node {
                 ours.insert(kv.key.clone(), (e, kv.lease));
             } else {
-                remote.entry(service.to_string()).or_default().push((id.to_string(), e));
+                remote.entry(service.to_string()).or_default().push(e.addr);
             }
         }
         *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = remote;
@@ -469,7 +469,7 @@ impl Inner {
         }
         for (service, list) in self.remote.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if let Some(eps) = endpoints.get_mut(service) {
-                eps.extend(list.iter().map(|(_, e)| EndpointConfig { addr: e.addr, weight: 1 }));
+                eps.extend(list.iter().map(|addr| EndpointConfig { addr: *addr, weight: 1 }));
             }
         }
         for eps in endpoints.values_mut() {

@@ -145,7 +145,7 @@ impl Node {
     /// The cluster as the store has it (`None` on a single node).
     pub async fn cluster(&self) -> Result<Option<ClusterView>, NodeError> {
         let Some(m) = &self.inner.cluster else { return Ok(None) };
-        let st = cluster::read_state(&*self.inner.store, &mut Default::default()).await?;
+        let st = cluster::read_state(&*self.inner.store, &mut *m.views.lock().await).await?;
         Ok(Some(ClusterView::new(m, &st)))
     }
 
@@ -180,12 +180,12 @@ impl Node {
     /// The cluster state, if `name` is a node it knows (live or gone), with
     /// the mod revision of the node's admin record (0: none).
     async fn known_node(&self, name: &str) -> Result<(ClusterState, i64), NodeError> {
-        if self.inner.cluster.is_none() {
+        let Some(m) = &self.inner.cluster else {
             return Err(NodeError::BadRequest(
                 "this is a single node (halo up); nodes are managed on cluster nodes (halo agent)".into(),
             ));
-        }
-        let st = cluster::read_state(&*self.inner.store, &mut Default::default()).await?;
+        };
+        let st = cluster::read_state(&*self.inner.store, &mut *m.views.lock().await).await?;
         if !st.nodes.contains_key(name) && !st.admin.contains_key(name) {
             let mut known: Vec<&str> = st.nodes.keys().chain(st.admin.keys()).map(String::as_str).collect();
             known.sort();
