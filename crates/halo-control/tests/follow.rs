@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use halo_control::cluster::follow;
 use halo_store::{EtcdStore, Store};
-use halo_testkit::{eventually, EtcdCluster};
+use halo_testkit::{eventually, Etcd};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_resumes_after_its_member_dies() {
-    let mut etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap();
+    let mut etcd = tokio::task::spawn_blocking(|| Etcd::cluster(3)).await.unwrap();
     let store = EtcdStore::connect(&etcd.endpoints(), "").await.unwrap();
     let wakes = Arc::new(AtomicU64::new(0));
     let w = wakes.clone();

@@ -50,7 +50,7 @@ async fn watch_ends_when_etcd_dies_and_requests_fail_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_member_does_not_fail_or_slow_requests() {
-    let mut etcd = tokio::task::spawn_blocking(|| halo_testkit::EtcdCluster::start(3)).await.unwrap();
+    let mut etcd = tokio::task::spawn_blocking(|| Etcd::cluster(3)).await.unwrap();
     let s = EtcdStore::connect(&etcd.endpoints(), "/m").await.unwrap();
     s.put("/k", b"v".to_vec(), None).await.unwrap();
     etcd.kill(1);

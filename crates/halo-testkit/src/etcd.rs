@@ -10,37 +10,58 @@ use std::time::{Duration, Instant};
 
 use crate::TempDir;
 
-/// One etcd member; killed (SIGKILL) and reaped on drop.
+/// A real etcd on loopback: one member or a cluster, each member with its
+/// own data directory; every member is killed (SIGKILL) and reaped on drop.
 pub struct Etcd {
-    child: Child,
-    /// `127.0.0.1:PORT`, for clients.
-    pub client: SocketAddr,
+    members: Vec<(Child, SocketAddr)>,
     _dir: TempDir,
 }
 
 impl Etcd {
-    /// Starts a single-member cluster on free loopback ports and waits
-    /// until it answers `/health` (at most 20 s).
+    /// A single-member cluster, once it answers `/health` (at most 20 s).
     pub fn start() -> Etcd {
-        let dir = TempDir::new("etcd");
-        let client = crate::free_addr();
-        let peer = crate::free_addr();
-        let child = spawn_member("m0", &dir.0, client, peer, &format!("m0=http://{peer}"), None);
-        let mut e = Etcd { child, client, _dir: dir };
-        wait_healthy(&mut e.child, client, &e._dir.0);
-        e
+        Etcd::cluster(1)
     }
 
-    /// The endpoint as halo takes it (`--store etcd://...`).
+    /// `n` members on free loopback ports, once all are healthy.
+    pub fn cluster(n: usize) -> Etcd {
+        let dir = TempDir::new("etcd");
+        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..n).map(|_| (crate::free_addr(), crate::free_addr())).collect();
+        let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://{p}")).collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in addrs.iter().enumerate() {
+            let d = dir.0.join(format!("m{i}"));
+            std::fs::create_dir_all(&d).expect("member dir");
+            members.push((spawn_member(&format!("m{i}"), &d, *client, *peer, &initial.join(","), None), *client));
+        }
+        for (i, (child, client)) in members.iter_mut().enumerate() {
+            wait_healthy(child, *client, &dir.0.join(format!("m{i}")));
+        }
+        Etcd { members, _dir: dir }
+    }
+
+    /// The first member's client address, as halo takes it.
     pub fn endpoint(&self) -> String {
-        self.client.to_string()
+        self.members[0].1.to_string()
+    }
+
+    /// Every member's client address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|(_, a)| a.to_string()).collect()
+    }
+
+    /// kill -9 of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.members[i].0.kill();
+        let _ = self.members[i].0.wait();
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
     }
 }
 
@@ -130,48 +151,4 @@ pub(crate) fn wait_healthy(child: &mut Child, client: SocketAddr, dir: &Path) {
     }
     let log = std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default();
     panic!("etcd at {client} not healthy after 20s:\n{log}");
-}
-
-/// Members of a loopback etcd cluster; all killed on drop.
-pub struct EtcdCluster {
-    members: Vec<(Child, SocketAddr)>,
-    _dir: TempDir,
-}
-
-impl EtcdCluster {
-    /// Starts `n` members on loopback and waits until all are healthy.
-    pub fn start(n: usize) -> EtcdCluster {
-        let dir = TempDir::new("etcd-cluster");
-        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..n).map(|_| (crate::free_addr(), crate::free_addr())).collect();
-        let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://{p}")).collect();
-        let mut members = Vec::new();
-        for (i, (client, peer)) in addrs.iter().enumerate() {
-            let d = dir.0.join(format!("m{i}"));
-            std::fs::create_dir_all(&d).expect("member dir");
-            members.push((spawn_member(&format!("m{i}"), &d, *client, *peer, &initial.join(","), None), *client));
-        }
-        for (i, (child, client)) in members.iter_mut().enumerate() {
-            wait_healthy(child, *client, &dir.0.join(format!("m{i}")));
-        }
-        EtcdCluster { members, _dir: dir }
-    }
-
-    pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|(_, a)| a.to_string()).collect()
-    }
-
-    /// kill -9 of member `i`.
-    pub fn kill(&mut self, i: usize) {
-        let _ = self.members[i].0.kill();
-        let _ = self.members[i].0.wait();
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for (c, _) in &mut self.members {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }

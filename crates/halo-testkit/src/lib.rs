@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use cluster::{Cluster, ClusterNode};
-pub use etcd::{Etcd, EtcdCluster};
+pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
 
