@@ -13,43 +13,11 @@ BASE=${BASE:-19100}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release -q -p halo
-HALO=$PWD/target/release/halo
-
-B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3)); ADMIN=$((BASE + 9)); P=$((BASE + 10))
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-cat > "$OUT/cg-backends.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $OUT/cg-backends.pid;
-error_log $OUT/cg-backends.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; location / { return 200 "hello, world\n"; } }
-  server { listen 127.0.0.1:$B2; location / { return 200 "hello, world\n"; } }
-  server { listen 127.0.0.1:$B3; location / { return 200 "hello, world\n"; } }
-}
-CONF
-taskset -c 1 nginx -c "$OUT/cg-backends.conf" -p "$OUT" &
-PIDS+=($!)
+source bench/common.sh
+bench_need valgrind:valgrind nginx:nginx-light wrk:wrk curl:curl
+bench_build
+ADMIN=$((BASE + 9)); P=$((BASE + 10))
+bench_backends cg-backends 1
 
 cat > "$OUT/cg-halo.toml" <<CONF
 [proxy]

@@ -28,18 +28,10 @@ BASE=${BASE:-19000}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-need=()
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release -q -p halo
-HALO=$PWD/target/release/halo
+source bench/common.sh
+bench_need haproxy:haproxy nginx:nginx-light wrk:wrk
+bench_build
 
-B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3))
 P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
 for port in $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX; do
   if (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null; then
@@ -48,32 +40,8 @@ for port in $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX; do
   fi
 done
 
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-
 # --- backends: one nginx worker, three ports, identical 13-byte answers
-cat > "$OUT/backends.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $OUT/backends.pid;
-error_log $OUT/backends.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; location / { return 200 "hello, world\n"; } }
-  server { listen 127.0.0.1:$B2; location / { return 200 "hello, world\n"; } }
-  server { listen 127.0.0.1:$B3; location / { return 200 "hello, world\n"; } }
-}
-CONF
-taskset -c $LOAD_CPU nginx -c "$OUT/backends.conf" -p "$OUT" &
-PIDS+=($!)
+bench_backends backends $LOAD_CPU
 
 # --- halo
 cat > "$OUT/halo.toml" <<CONF
