@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use halo_control::cluster::{read_state, Assignment, ClusterState, SpecCache, ASSIGNMENTS, LEADER};
+use halo_control::cluster::{assignment_key, read_state, Assignment, ClusterState, SpecCache, ASSIGNMENTS, LEADER};
 use halo_store::{EtcdStore, EventKind, Store};
 use halo_testkit::{Cluster, RetryLoad, RetryReport};
 
@@ -392,15 +392,15 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
     let report = l.finish().await;
     assert_no_failures("etcd member loss, quorum loss, drain, scale", &report);
     obs.check();
-    let metrics = metrics(&c).await;
+    let metrics = metrics(&c, 0).await;
     assert!(metrics.contains("halo_cluster_leader{node="), "{metrics}");
     assert!(metrics.contains("halo_cluster_placements{service=\"web\""), "{metrics}");
 }
 
-/// Node 1's /metrics, with its API token.
-async fn metrics(c: &Cluster) -> String {
-    let token = std::fs::read_to_string(c.nodes[0].data_dir.join("token")).unwrap();
-    let req = http::Request::get(format!("http://{}/metrics", c.nodes[0].api()))
+/// Node `i`'s /metrics, with its API token.
+async fn metrics(c: &Cluster, i: usize) -> String {
+    let token = std::fs::read_to_string(c.nodes[i].data_dir.join("token")).unwrap();
+    let req = http::Request::get(format!("http://{}/metrics", c.nodes[i].api()))
         .header("authorization", format!("Bearer {}", token.trim()))
         .body(http_body_util::Full::default())
         .unwrap();
@@ -421,4 +421,40 @@ async fn replicas_spread_across_zones_first() {
     let (code, out, _) = c.cli(1, &["node", "list"]);
     assert_eq!(code, 0);
     assert!(out.contains(" a ") && out.contains(" b "), "zones missing from node list:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_of_a_deposed_leader_are_not_obeyed() {
+    let (c, store) = cluster_with_web(3).await;
+    let st = state_now(&store).await;
+    let leader = leader_index(&c, &st);
+    let (_, token) = st.leader.clone().unwrap();
+    let target = (leader + 1) % 3;
+    // The leader's agent frozen (its etcd member lives on), so nothing
+    // cleans up the forged order below before the target has seen it.
+    c.nodes[leader].agent.as_ref().unwrap().signal("STOP");
+    // An order as a deposed leader (an older token) would write it if the
+    // store's fencing failed: written after the current leader's election.
+    let mut forged = st.assignments.values().next().unwrap().clone();
+    forged.placement.id = "web-forged".into();
+    forged.placement.node = c.nodes[target].name.clone();
+    forged.token = token - 1;
+    let key = assignment_key(&forged.placement.node, &forged.placement.id);
+    store.put(&key, serde_json::to_vec(&forged).unwrap(), None).await.unwrap();
+    // The target reconciles on the change and every second: two seconds
+    // (less than the frozen leader's lease) to obey it, if it would.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let started = c.instance_processes().into_iter().any(|(id, _)| id == "web-forged");
+        assert!(!started, "the target started an instance ordered with a stale token");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = metrics(&c, target).await;
+    let ignored: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("halo_cluster_stale_orders_ignored_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    c.nodes[leader].agent.as_ref().unwrap().signal("CONT");
+    assert!(ignored >= 1, "the stale order was not counted as ignored:\n{m}");
 }
