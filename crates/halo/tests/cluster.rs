@@ -458,3 +458,19 @@ async fn orders_of_a_deposed_leader_are_not_obeyed() {
     c.nodes[leader].agent.as_ref().unwrap().signal("CONT");
     assert!(ignored >= 1, "the stale order was not counted as ignored:\n{m}");
 }
+
+#[test]
+fn agent_refuses_bad_flags_naming_what_is_accepted() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--store", "redis://10.0.0.1:6379", "--node", "n1", "--advertise", "10.0.0.1"], "use etcd://HOST:PORT"),
+        (&["--store", "etcd://10.0.0.1", "--node", "n1", "--advertise", "10.0.0.1"], "is not HOST:PORT"),
+        (&["--store", "10.0.0.1:2379", "--node", "n 1", "--advertise", "10.0.0.1"], "letters, digits"),
+        (&["--store", "10.0.0.1:2379", "--node", "n1", "--advertise", "0.0.0.0"], "give this node's own IP"),
+        (&["--store", "10.0.0.1:2379", "--node", "n1", "--advertise", "10.0.0.1", "--lease-ttl", "1s"], "at least 2s"),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(BIN).arg("agent").args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "halo agent {args:?}: {err}");
+    }
+}
