@@ -37,7 +37,9 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             NodeError::NotFound(_) | NodeError::NoSuchNode { .. } => StatusCode::NOT_FOUND,
             NodeError::Conflict => StatusCode::CONFLICT,
-            NodeError::Store(_) | NodeError::Start(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            NodeError::Store(_) | NodeError::Start(_) | NodeError::Corrupt { .. } | NodeError::Migrate(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -96,33 +98,17 @@ async fn not_found() -> ApiError {
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     let mut text = halo_proxy::render_metrics(api.node.proxy());
+    // From the node's view: answers at once, also while the store is away.
     text.push_str(&api.node.metrics());
-    // The cluster's gauges need the store; without it the rest still shows.
-    if let Ok(Some(c)) = api.node.cluster().await {
-        text.push_str(&c.metrics());
-    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn status(State(api): State<Api>) -> impl IntoResponse {
-    let mut v = serde_json::json!({ "services": api.node.status() });
-    match api.node.cluster().await {
-        Ok(Some(c)) => v["cluster"] = serde_json::json!(c),
-        Ok(None) => {}
-        // Static stability: the local view is still worth showing.
-        Err(e) => v["cluster_error"] = serde_json::json!(e.to_string()),
-    }
-    Json(v)
+    Json(serde_json::json!({ "services": api.node.status(), "cluster": api.node.cluster() }))
 }
 
-async fn nodes(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
-    match api.node.cluster().await? {
-        Some(c) => Ok(Json(serde_json::json!(c))),
-        None => Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "this is a single node (halo up); nodes are for cluster nodes (halo agent)".into(),
-        )),
-    }
+async fn nodes(State(api): State<Api>) -> impl IntoResponse {
+    Json(api.node.cluster())
 }
 
 async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

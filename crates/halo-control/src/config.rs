@@ -48,10 +48,14 @@ pub const DEFAULT_API: &str = "127.0.0.1:7070";
 pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     let mut errors = Vec::new();
     let proxy = halo_proxy::config::parse(file, &blank_sections(text, true));
-    let parts: NodeParts = match toml::from_str(&blank_sections(text, false)) {
+    // The span is into the blanked text, which keeps every line (and so
+    // every line number) of the original but not its byte offsets.
+    let node_text = blank_sections(text, false);
+    let parts: NodeParts = match toml::from_str(&node_text) {
         Ok(p) => p,
         Err(e) => {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            let before = e.span().and_then(|s| node_text.get(..s.start)).unwrap_or(&node_text);
+            let line = before.matches('\n').count() + 1;
             errors.push(format!("{file}:{line}: {}", e.message().trim()));
             NodeParts::default()
         }
@@ -150,6 +154,15 @@ path_prefix = "/"
         let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
         assert!(errs.contains("q.toml:6"), "proxy error lost its line: {errs}");
         assert!(errs.contains("services[0].replicas"), "{errs}");
+    }
+
+    #[test]
+    fn a_node_section_error_names_its_own_line_after_multibyte_text() {
+        // The proxy's sections come first and are blanked for the node
+        // parser; a CJK comment there must neither shift nor break the line.
+        let text = "# 代理配置：监听器和上游\n[proxy]\nworkers = 1 # 工作线程\n\n[node]\napi = = \"x\"\n";
+        let errs = parse_node("n.toml", text).unwrap_err().join("\n");
+        assert!(errs.contains("n.toml:6:"), "wrong line: {errs}");
     }
 
     #[test]

@@ -1,15 +1,27 @@
-//! halo's control plane. Today: the single node (`halo up`), which
-//! converges the instances it runs to the services in the store and feeds
-//! the proxy the ready ones. Membership, leader election and the scheduler
-//! arrive with the multi-node work.
+//! halo's control plane: one pipeline for `halo up` (a cluster of one on
+//! the embedded store) and `halo agent` (a node of a cluster on etcd).
+//!
+//! apply -> store -> [`state`] (the watch-fed view) -> [`leader`] runs the
+//! [`scheduler`] -> fenced assignments -> [`reconcile`] (the supervisor) ->
+//! [`endpoints`] on the node lease -> every node's view -> `proxy_config`.
+//! [`keys`] owns every key the pipeline writes; [`membership`] the node's
+//! lease; [`migrate`] brings older stores to the current layout.
 
-pub mod cluster;
 mod config;
+mod endpoints;
+pub mod keys;
+pub mod leader;
+pub mod membership;
+mod metrics;
+pub mod migrate;
 mod node;
-mod ops;
-pub mod records;
+mod proxy_config;
+mod reconcile;
 pub mod scheduler;
+pub mod state;
+mod views;
 
-pub use cluster::ClusterConfig;
 pub use config::{parse_node, NodeConfig, DEFAULT_API};
-pub use ops::{ApplyOutcome, ClusterView, InstanceView, Node, NodeError, NodeView, ServiceStatus};
+pub use membership::ClusterConfig;
+pub use node::{shared_token, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
+pub use views::{ClusterServiceView, ClusterView, NodeView, PlacementView};

@@ -1,671 +1,403 @@
-//! The node's reconciler: converges the instances this node runs to what
-//! it should run, and feeds the proxy the ready endpoints.
-//!
-//! One loop: list the services, compare with the instances, start or stop
-//! what differs, publish endpoints. It runs on every store change, every
-//! instance status change and once a second.
-//!
-//! What "should run" depends on the mode. On a single node (`halo up`) the
-//! node decides itself from each service's replicas; rolling replacement
-//! keeps capacity (at most one extra instance, none fewer ready than asked):
-//! a new instance starts, becomes ready, then an old one is drained and
-//! stopped. On a cluster node (`halo agent`) the leader decides: the node
-//! runs exactly the assignments under its name, publishes its ready
-//! instances as endpoints on its lease, and routes to every node's.
+//! [`Node`]: what the API and the binary drive. One pipeline for `halo up`
+//! (a cluster of one on the embedded store) and `halo agent` (a node of a
+//! cluster on etcd): membership, election, the leader's scheduler, fenced
+//! assignments, the reconciler, endpoints on the node lease, the proxy fed
+//! from endpoints. Service changes go to the store as compare-and-swap
+//! transactions; everything else follows from the store's events.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use halo_model::{ServiceFile, ServiceSpec};
-use halo_proxy::config::{Config, EndpointConfig, PathMatch, RouteConfig, UpstreamConfig, UpstreamProtocol};
+use halo_model::{ServiceFile, SpecErrors};
 use halo_proxy::Proxy;
-use halo_store::{Store, StoreError};
-use halo_supervisor::{Env, Instance, InstanceSpec, Status};
-use tokio::sync::{watch, Notify};
+use halo_store::{Compare, Store, StoreError, Txn, TxnOp};
+use halo_supervisor::{Env, LogFile, Status};
+use serde::Serialize;
 
-use crate::cluster::{endpoint_key, Assignment, EndpointRecord, Membership, ASSIGNMENTS, ENDPOINTS};
-use crate::records::{InstanceRecord, ServiceRecord, INSTANCES, SERVICES};
+use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord, API_TOKEN};
+use crate::membership::{ClusterConfig, Membership};
+use crate::migrate::{migrate, MigrateError};
+use crate::proxy_config::ProxyFeed;
+use crate::reconcile::{self, Reconciler};
+use crate::state::View;
+use crate::views::ClusterView;
+use crate::NodeConfig;
 
-/// Between taking an instance out of the proxy and signalling it.
-const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// A service as the node runs it.
-#[derive(Clone)]
-struct Svc {
-    /// The store's mod revision of the service key this was parsed from.
-    revision: i64,
-    file: ServiceFile,
-    spec: Arc<ServiceSpec>,
-    template: String,
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid service:\n{0}")]
+    Invalid(#[from] SpecErrors),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no service named '{0}'")]
+    NotFound(String),
+    #[error("no node named '{name}' (known nodes: {known})")]
+    NoSuchNode { name: String, known: String },
+    #[error("the service changed while this request was applied; try again")]
+    Conflict,
+    /// A stored record does not decode: the store holds something this
+    /// halo cannot read (not the caller's fault).
+    #[error("stored record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("cannot start the node: {0}")]
+    Start(String),
 }
 
-struct Managed {
-    record: InstanceRecord,
-    status: watch::Receiver<Status>,
-    /// `None` once a stop has begun.
-    instance: Option<Instance>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Updated,
+    Unchanged,
 }
 
-impl Managed {
-    fn stopping(&self) -> bool {
-        self.instance.is_none()
-    }
-
-    fn ready(&self) -> bool {
-        !self.stopping() && self.status.borrow().ready
-    }
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub status: Status,
+    /// Being drained and stopped.
+    pub stopping: bool,
+    /// Runs the current spec (false: waiting to be replaced).
+    pub current: bool,
 }
 
-pub(crate) struct Inner {
-    pub store: Arc<dyn Store>,
-    pub proxy: Arc<Proxy>,
-    pub base: Config,
-    pub env: Arc<Env>,
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub replicas: u32,
+    pub ready: usize,
+    pub instances: Vec<InstanceView>,
+}
+
+/// How a node runs, beyond its node file.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub cluster: ClusterConfig,
+    /// Where the node's API is reached (in its node record).
+    pub api: SocketAddr,
     pub data_dir: PathBuf,
-    instances: Mutex<BTreeMap<String, Managed>>,
-    services: Mutex<BTreeMap<String, Svc>>,
-    published: Mutex<Option<BTreeMap<String, Vec<EndpointConfig>>>>,
-    pub wake: Notify,
-    /// Where this node's instance records live (per node in a cluster).
-    records: String,
-    /// Set on a cluster node.
-    pub cluster: Option<Arc<Membership>>,
-    /// Ready endpoints of every other node, by service, from the store.
-    remote: Mutex<BTreeMap<String, Vec<std::net::SocketAddr>>>,
-    /// Set by [`Inner::stop_all`]: nothing is started any more.
-    shutting_down: std::sync::atomic::AtomicBool,
+    /// The halo binary (for `command = "halo"` in service files).
+    pub halo_exe: PathBuf,
+    /// The address instances listen on (`HOST`).
+    pub bind: IpAddr,
+    /// The store is this process's alone (the embedded one): a lease left
+    /// by a previous run of this node is ended at start instead of waited out.
+    pub exclusive_store: bool,
 }
 
-/// Decisions of one reconcile pass.
-#[derive(Default)]
-struct Plan {
-    start: Vec<String>,
-    stop: Vec<String>,
-}
-
-impl Inner {
-    pub fn new(
-        store: Arc<dyn Store>,
-        proxy: Arc<Proxy>,
-        base: Config,
-        env: Arc<Env>,
-        data_dir: PathBuf,
-        cluster: Option<Arc<Membership>>,
-    ) -> Inner {
-        let records = match &cluster {
-            Some(m) => format!("{INSTANCES}{}/", m.cfg.node),
-            None => INSTANCES.to_string(),
-        };
-        Inner {
-            records,
-            cluster,
-            remote: Mutex::new(BTreeMap::new()),
-            store,
-            proxy,
-            base,
-            env,
+impl NodeOptions {
+    /// `halo up`: a cluster of one named `local` on loopback, with no
+    /// capacity limit.
+    pub fn single(api: SocketAddr, data_dir: PathBuf, halo_exe: PathBuf) -> NodeOptions {
+        NodeOptions {
+            cluster: ClusterConfig {
+                node: "local".into(),
+                addr: [127, 0, 0, 1].into(),
+                zone: "default".into(),
+                capacity: u32::MAX,
+                lease_ttl: Duration::from_secs(3),
+            },
+            api,
             data_dir,
-            instances: Mutex::new(BTreeMap::new()),
-            services: Mutex::new(BTreeMap::new()),
-            published: Mutex::new(None),
-            wake: Notify::new(),
-            shutting_down: Default::default(),
+            halo_exe,
+            bind: [127, 0, 0, 1].into(),
+            exclusive_store: true,
         }
     }
+}
 
-    fn record_key(&self, service: &str, id: &str) -> String {
-        format!("{}{service}/{id}", self.records)
+/// A running node: supervisor, proxy, reconciler, membership and election.
+#[derive(Clone)]
+pub struct Node {
+    r: Arc<Reconciler>,
+}
+
+impl Node {
+    /// Brings the store to the current layout, starts the proxy, registers
+    /// the node under a lease, follows the store, adopts the instances a
+    /// previous run left, creates the node file's services the store does
+    /// not have, then campaigns (the leader runs the scheduler) and runs
+    /// what is assigned to this node.
+    pub async fn start(cfg: NodeConfig, opts: NodeOptions, store: Arc<dyn Store>) -> Result<Node, NodeError> {
+        migrate(&*store, &opts.cluster.node).await?;
+        let proxy = Proxy::start(cfg.proxy.clone(), None).await.map_err(|e| NodeError::Start(e.to_string()))?;
+        let m = Arc::new(Membership::new(opts.cluster.clone(), opts.api, store.clone()));
+        if opts.exclusive_store {
+            m.reclaim().await?;
+        }
+        m.register().await?;
+        let view = View::start(store.clone()).await?;
+        let env = Arc::new(Env {
+            logs_dir: opts.data_dir.join("logs"),
+            halo_exe: opts.halo_exe,
+            log_cap: 10 << 20,
+            host: opts.bind,
+        });
+        let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
+        let r = Arc::new(Reconciler::new(store, view.clone(), m.clone(), feed, env, opts.data_dir));
+        let node = Node { r };
+        node.create_file_services(&cfg).await?;
+        node.r.adopt().await?;
+        tokio::spawn(m.clone().run_lease());
+        tokio::spawn(crate::leader::run_election(m, view));
+        tokio::spawn(reconcile::run(node.r.clone()));
+        Ok(node)
     }
 
-    /// Reads the services from the store. A record that no longer
-    /// validates (written by another version) is skipped with an error.
-    async fn load_services(&self) -> Result<BTreeMap<String, Svc>, StoreError> {
-        let listing = self.store.list(SERVICES).await?;
-        let cached = self.services.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut out = BTreeMap::new();
-        for kv in listing.kvs {
-            let name = kv.key.trim_start_matches(SERVICES).to_string();
-            // Unchanged since the last pass: no need to parse it again.
-            if let Some(svc) = cached.get(&name).filter(|s| s.revision == kv.mod_revision) {
-                out.insert(name, svc.clone());
-                continue;
-            }
-            let parsed = serde_json::from_slice::<ServiceRecord>(&kv.value)
-                .map_err(|e| e.to_string())
-                .and_then(|r| halo_model::parse_service(&kv.key, &r.spec).map(|x| (r, x)).map_err(|e| e.to_string()));
-            match parsed {
-                Ok((rec, (file, mut spec))) => {
-                    let template = ServiceRecord::template(&file, rec.restart_generation);
-                    let dir = self.data_dir.display().to_string();
-                    spec.run.env.insert("HALO_DATA_DIR".into(), dir);
-                    out.insert(name, Svc { revision: kv.mod_revision, file, spec: Arc::new(spec), template });
-                }
-                Err(e) => tracing::error!(service = %name, error = %e, "stored service is not valid; ignored"),
+    /// Creates the node file's services the store does not have yet.
+    async fn create_file_services(&self, cfg: &NodeConfig) -> Result<(), NodeError> {
+        for (file, _) in &cfg.services {
+            let key = service_key(&file.name);
+            let rec = ServiceRecord { spec: file.to_toml(), restart_generation: 0 };
+            let txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(&key, json(&rec), None));
+            if self.r.store.txn(txn).await?.succeeded {
+                tracing::info!(service = %file.name, "service created from the node file");
             }
         }
-        Ok(out)
-    }
-
-    fn plan(&self, services: &BTreeMap<String, Svc>) -> Plan {
-        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        let mut plan = Plan::default();
-        for (id, m) in instances.iter() {
-            if !m.stopping() && !services.contains_key(&m.record.service) {
-                plan.stop.push(id.clone());
-            }
-        }
-        for (name, svc) in services {
-            let mine: Vec<(&String, &Managed)> =
-                instances.iter().filter(|(_, m)| &m.record.service == name && !m.stopping()).collect();
-            let (new, old): (Vec<_>, Vec<_>) = mine.into_iter().partition(|(_, m)| m.record.template == svc.template);
-            let want = svc.spec.replicas as usize;
-            let new_ready = new.iter().filter(|(_, m)| m.ready()).count();
-            let old_ready = old.iter().filter(|(_, m)| m.ready()).count();
-            if old.is_empty() {
-                for _ in new.len()..want {
-                    plan.start.push(name.clone());
-                }
-                // Scale down: the not-ready first, then the newest.
-                let mut extra: Vec<_> = new.iter().collect();
-                extra.sort_by_key(|(_, m)| (m.ready(), std::cmp::Reverse(m.status.borrow().since)));
-                plan.stop.extend(extra.iter().take(new.len().saturating_sub(want)).map(|(id, _)| (*id).clone()));
-                continue;
-            }
-            // Rolling: one new instance at a time, each once the previous is
-            // ready; an old one goes only while enough others are ready.
-            if new.len() < want && new_ready == new.len() {
-                plan.start.push(name.clone());
-            }
-            let mut old_sorted: Vec<_> = old.iter().collect();
-            old_sorted.sort_by_key(|(_, m)| m.ready());
-            if let Some((id, m)) = old_sorted.first() {
-                // A not-ready instance carries no traffic: it can go at once.
-                if !m.ready() || new_ready + old_ready > want {
-                    plan.stop.push((*id).clone());
-                }
-            }
-        }
-        plan
-    }
-
-    /// Free port on loopback for a new instance, not one a live instance has.
-    fn free_port(&self) -> std::io::Result<u16> {
-        let taken: BTreeSet<u16> =
-            self.instances.lock().unwrap_or_else(|e| e.into_inner()).values().map(|m| m.status.borrow().port).collect();
-        for _ in 0..20 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            if !taken.contains(&port) {
-                return Ok(port);
-            }
-        }
-        Err(std::io::Error::other("no free port found"))
-    }
-
-    /// Starts an instance of `svc`: adopts `adopt`'s process if it is
-    /// alive, or starts a new one (named `assigned`'s id and template on a
-    /// cluster node).
-    async fn start_instance(
-        self: &Arc<Self>,
-        svc: &Svc,
-        adopt: Option<InstanceRecord>,
-        assigned: Option<&Assignment>,
-    ) -> anyhow_lite::Result<()> {
-        let record = match adopt {
-            Some(r) => r,
-            None => {
-                let (id, template) = match assigned {
-                    Some(a) => (a.placement.id.clone(), a.placement.template.clone()),
-                    None => (format!("{}-{}", svc.file.name, short_id()), svc.template.clone()),
-                };
-                let port = self.free_port()?;
-                let r =
-                    InstanceRecord { id, service: svc.file.name.clone(), port, template, pid: None, start_time: None };
-                // The record exists before the process does: a halo killed
-                // in between finds the record, not an unknown process.
-                self.store.put(&self.record_key(&r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
-                r
-            }
-        };
-        let spec = InstanceSpec {
-            id: record.id.clone(),
-            service: record.service.clone(),
-            spec: svc.spec.clone(),
-            port: record.port,
-        };
-        let adopt = record.pid.zip(record.start_time);
-        let instance = Instance::start(self.env.clone(), spec, adopt)?;
-        let status = instance.subscribe();
-        self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            record.id.clone(),
-            Managed { record: record.clone(), status: status.clone(), instance: Some(instance) },
-        );
-        tokio::spawn(follow_status(self.clone(), record, status));
         Ok(())
     }
 
-    /// Drain (out of the proxy first), stop, forget.
-    fn stop_instance(self: &Arc<Self>, id: &str) {
-        let taken = {
-            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-            instances.get_mut(id).and_then(|m| m.instance.take().map(|i| (i, m.record.clone())))
-        };
-        let Some((instance, record)) = taken else { return };
-        self.publish();
-        let me = self.clone();
-        tokio::spawn(async move {
-            // Other nodes' proxies stop sending once the endpoint is gone.
-            if me.cluster.is_some() {
-                if let Err(e) = me.store.delete(&endpoint_key(&record.service, &record.id)).await {
-                    tracing::debug!(instance = %record.id, error = %e, "withdrawing the endpoint failed");
+    /// The cluster as this node's view has it, now (also while the store
+    /// is unreachable; [`ClusterView::view`] says how stale).
+    pub fn cluster(&self) -> ClusterView {
+        ClusterView::new(&self.r.m.cfg.node, &self.r.view.current(), self.r.view.freshness())
+    }
+
+    /// Marks a node as draining (its instances move elsewhere, replacements
+    /// first) or not.
+    pub async fn set_draining(&self, name: &str, draining: bool) -> Result<(), NodeError> {
+        let rev = self.known_node(name).await?;
+        let key = node_admin_key(name);
+        let v = serde_json::to_vec(&NodeAdmin { draining }).expect("encodes");
+        // Only if unchanged since read: a concurrent remove is not undone.
+        let txn = Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::put(&key, v, None));
+        if !self.r.store.txn(txn).await?.succeeded {
+            return Err(NodeError::Conflict);
+        }
+        Ok(())
+    }
+
+    /// Forgets a node that is gone (holds no lease): it no longer shows in
+    /// `halo node list`. A live node is refused.
+    pub async fn remove_node(&self, name: &str) -> Result<(), NodeError> {
+        let rev = self.known_node(name).await?;
+        if self.r.view.current().nodes.contains_key(name) {
+            return Err(NodeError::BadRequest(format!(
+                "node '{name}' is alive (it holds a lease); stop its agent first (drain it to move its instances)"
+            )));
+        }
+        let key = node_admin_key(name);
+        self.r.store.txn(Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::Delete(key))).await?;
+        Ok(())
+    }
+
+    /// The mod revision of `name`'s admin record (0: none), if it is a node
+    /// the view knows (live or gone).
+    async fn known_node(&self, name: &str) -> Result<i64, NodeError> {
+        let st = self.r.view.current();
+        if !st.nodes.contains_key(name) && !st.admin.contains_key(name) {
+            let mut known: Vec<&str> = st.nodes.keys().chain(st.admin.keys()).map(String::as_str).collect();
+            known.sort();
+            known.dedup();
+            return Err(NodeError::NoSuchNode { name: name.to_string(), known: known.join(", ") });
+        }
+        Ok(self.r.store.get(&node_admin_key(name)).await?.map_or(0, |kv| kv.mod_revision))
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.r.feed.proxy
+    }
+
+    /// Creates or replaces a service from its file's text.
+    pub async fn apply(&self, source: &str, text: &str) -> Result<(String, ApplyOutcome), NodeError> {
+        let (file, _) = halo_model::parse_service(source, text)?;
+        if self.r.feed.base.upstreams.contains_key(&file.name) {
+            return Err(NodeError::BadRequest(format!(
+                "name: '{}' is a static upstream of the node file; choose another service name",
+                file.name
+            )));
+        }
+        let key = service_key(&file.name);
+        let current = self.r.store.get(&key).await?;
+        let (generation, outcome) = match &current {
+            Some(kv) => {
+                let old: ServiceRecord = decode(&key, &kv.value)?;
+                if old.spec == file.to_toml() {
+                    return Ok((file.name, ApplyOutcome::Unchanged));
                 }
+                (old.restart_generation, ApplyOutcome::Updated)
             }
-            // Requests the proxies sent before the removal finish first.
-            tokio::time::sleep(DRAIN_DELAY).await;
-            instance.stop().await;
-            if let Err(e) = me.store.delete(&me.record_key(&record.service, &record.id)).await {
-                tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
+            None => (0, ApplyOutcome::Created),
+        };
+        let rec = ServiceRecord { spec: file.to_toml(), restart_generation: generation };
+        self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
+        Ok((file.name, outcome))
+    }
+
+    /// Sets the replica count.
+    pub async fn scale(&self, name: &str, replicas: u32) -> Result<(), NodeError> {
+        self.modify(name, |file, _| {
+            file.replicas = Some(replicas);
+            file.validate().map(drop).map_err(NodeError::from)
+        })
+        .await
+    }
+
+    /// Replaces every instance, one at a time, keeping capacity.
+    pub async fn restart(&self, name: &str) -> Result<(), NodeError> {
+        self.modify(name, |_, generation| {
+            *generation += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
+        match self.r.store.delete(&service_key(name)).await? {
+            Some(_) => Ok(()),
+            None => Err(NodeError::NotFound(name.into())),
+        }
+    }
+
+    /// The service file as stored.
+    pub async fn get(&self, name: &str) -> Result<String, NodeError> {
+        let key = service_key(name);
+        let kv = self.r.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
+        Ok(decode::<ServiceRecord>(&key, &kv.value)?.spec)
+    }
+
+    async fn modify(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut ServiceFile, &mut u64) -> Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
+        let key = service_key(name);
+        let kv = self.r.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
+        let mut rec: ServiceRecord = decode(&key, &kv.value)?;
+        let (mut file, _) = halo_model::parse_service(&key, &rec.spec)?;
+        f(&mut file, &mut rec.restart_generation)?;
+        rec.spec = file.to_toml();
+        self.put_if_unchanged(&key, kv.mod_revision, &rec).await
+    }
+
+    async fn put_if_unchanged(&self, key: &str, mod_revision: i64, rec: &ServiceRecord) -> Result<(), NodeError> {
+        let txn = Txn::new().when(Compare::mod_revision(key, mod_revision)).and_then(TxnOp::put(key, json(rec), None));
+        if !self.r.store.txn(txn).await?.succeeded {
+            return Err(NodeError::Conflict);
+        }
+        Ok(())
+    }
+
+    /// Every service with this node's instances of it.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        let st = self.r.view.current();
+        let instances = self.r.instances.lock().unwrap_or_else(|e| e.into_inner());
+        st.services
+            .iter()
+            .map(|(name, svc)| {
+                let instances: Vec<InstanceView> = instances
+                    .values()
+                    .filter(|m| &m.record.service == name)
+                    .map(|m| InstanceView {
+                        status: m.status.borrow().clone(),
+                        stopping: m.stopping(),
+                        current: m.record.template == svc.template,
+                    })
+                    .collect();
+                let ready = instances.iter().filter(|i| i.status.ready && !i.stopping).count();
+                ServiceStatus { name: name.clone(), replicas: svc.spec.replicas, ready, instances }
+            })
+            .collect()
+    }
+
+    /// Log files of a service's instances on this node (running or
+    /// recently stopped), or of one instance.
+    pub fn logs(&self, service: &str, instance: Option<&str>) -> Result<Vec<(String, LogFile)>, NodeError> {
+        // Both names become path components: only what names can be.
+        halo_model::check_name(service).map_err(|e| NodeError::BadRequest(format!("service: {e}")))?;
+        if let Some(id) = instance.filter(|id| !valid_id(id)) {
+            return Err(NodeError::BadRequest(format!(
+                "instance: '{id}' is not an instance id (lowercase letters, digits and '-', as `halo status` shows)"
+            )));
+        }
+        let dir = self.r.env.logs_dir.join(service);
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|_| NodeError::NotFound(service.into()))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log").map(str::to_string))
+            .collect();
+        ids.sort();
+        if let Some(want) = instance {
+            ids.retain(|i| i == want);
+            if ids.is_empty() {
+                return Err(NodeError::BadRequest(format!("service '{service}' has no instance '{want}'")));
             }
-            me.instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&record.id);
-            // Scaled away or replaced: its log goes with it.
-            if let Ok(log) = halo_supervisor::LogFile::new(&me.env.logs_dir, &record.service, &record.id) {
-                log.remove();
-            }
-            me.wake.notify_one();
+        }
+        Ok(ids.into_iter().map(|id| (id.clone(), LogFile::at(&self.r.env.logs_dir, service, &id))).collect())
+    }
+
+    /// This node's metrics (membership, election, instances) and the
+    /// cluster's as its view has them, in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let mut out = crate::metrics::node(&self.r.m, &self.r.view);
+        out.push_str(&crate::metrics::instances(&self.statuses()));
+        out.push_str(&self.cluster().metrics());
+        out
+    }
+
+    fn statuses(&self) -> Vec<Status> {
+        let instances = self.r.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances.values().map(|m| m.status.borrow().clone()).collect()
+    }
+
+    /// Leaves every instance running and unsupervised, then drains the
+    /// proxy: halo is being replaced and the next one adopts them.
+    pub async fn detach(&self, grace: Duration) {
+        self.r.detach_all();
+        self.r.feed.proxy.shutdown(grace).await;
+    }
+
+    /// Drains and stops every instance, then the proxy.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.r.stop_all().await;
+        self.r.feed.proxy.shutdown(grace).await;
+    }
+}
+
+/// The API token every node of the cluster answers to: the first node to
+/// start offers `local` (create-if-absent), every node adopts what the
+/// store holds. It is as safe as the store it is kept in.
+pub async fn shared_token(store: &dyn Store, local: &str) -> Result<String, NodeError> {
+    let offer = Txn::new().when(Compare::absent(API_TOKEN)).and_then(TxnOp::put(API_TOKEN, local.as_bytes(), None));
+    store.txn(offer).await?;
+    let token = match store.get(API_TOKEN).await? {
+        Some(kv) => String::from_utf8_lossy(&kv.value).trim().to_string(),
+        None => local.to_string(),
+    };
+    if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(NodeError::Corrupt {
+            key: API_TOKEN.into(),
+            message: "not 32+ hex digits; fix or delete that key".into(),
         });
     }
-
-    /// One reconcile pass.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<(), StoreError> {
-        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
-        }
-        let services = self.load_services().await?;
-        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = services.clone();
-        if let Some(m) = self.cluster.clone() {
-            return self.reconcile_assigned(&m, &services).await;
-        }
-        let plan = self.plan(&services);
-        for id in &plan.stop {
-            tracing::info!(instance = %id, "stopping instance");
-            self.stop_instance(id);
-        }
-        for name in &plan.start {
-            if let Err(e) = self.start_instance(&services[name], None, None).await {
-                tracing::error!(service = %name, error = %e, "starting an instance failed");
-            }
-        }
-        self.publish();
-        Ok(())
-    }
-
-    /// A cluster node's pass: run exactly the assignments under this
-    /// node's name, publish the ready ones as endpoints on the node lease,
-    /// and route to every node's endpoints. Nothing is stopped when the
-    /// store cannot be read (static stability): this acts only on listings
-    /// that succeeded.
-    async fn reconcile_assigned(
-        self: &Arc<Self>,
-        m: &Arc<Membership>,
-        services: &BTreeMap<String, Svc>,
-    ) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering;
-        let node = &m.cfg.node;
-        let listing = self.store.list(&format!("{ASSIGNMENTS}{node}/")).await?;
-        let endpoints = self.store.list(ENDPOINTS).await?;
-        let mut assigned: BTreeMap<String, Assignment> = BTreeMap::new();
-        for kv in listing.kvs {
-            let Ok(a) = serde_json::from_slice::<Assignment>(&kv.value) else { continue };
-            // Fencing as the agent sees it: an order written after a newer
-            // leader was elected, by an older one, is not obeyed.
-            let max = m.max_token.load(Ordering::SeqCst);
-            if a.token < max && kv.mod_revision > max {
-                m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(instance = %a.placement.id, token = a.token, max, "ignoring an order of a deposed leader");
-                continue;
-            }
-            m.see_token(a.token);
-            assigned.insert(a.placement.id.clone(), a);
-        }
-        let (stop, start) = {
-            let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-            let stop: Vec<String> = instances
-                .iter()
-                .filter(|(id, mi)| !mi.stopping() && !assigned.contains_key(*id))
-                .map(|(id, _)| id.clone())
-                .collect();
-            let start: Vec<Assignment> =
-                assigned.values().filter(|a| !instances.contains_key(&a.placement.id)).cloned().collect();
-            (stop, start)
-        };
-        for id in &stop {
-            tracing::info!(instance = %id, "no longer assigned here; stopping");
-            self.stop_instance(id);
-        }
-        for a in &start {
-            let Some(svc) = services.get(&a.placement.service) else { continue };
-            tracing::info!(instance = %a.placement.id, "assigned here; starting");
-            if let Err(e) = self.start_instance(svc, None, Some(a)).await {
-                tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
-            }
-        }
-        // Every other node's endpoints, for the proxy; ours come from what
-        // this node knows, and are re-published from it.
-        let mut remote: BTreeMap<String, Vec<std::net::SocketAddr>> = BTreeMap::new();
-        let mut ours: BTreeMap<String, (EndpointRecord, Option<i64>)> = BTreeMap::new();
-        for kv in endpoints.kvs {
-            let rest = kv.key.trim_start_matches(ENDPOINTS);
-            let Some((service, _)) = rest.split_once('/') else { continue };
-            let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) else { continue };
-            if &e.node == node {
-                ours.insert(kv.key.clone(), (e, kv.lease));
-            } else {
-                remote.entry(service.to_string()).or_default().push(e.addr);
-            }
-        }
-        *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = remote;
-        self.sync_endpoints(m, ours).await;
-        self.publish();
-        Ok(())
-    }
-
-    /// Makes this node's endpoints in the store match its ready instances,
-    /// on the current lease.
-    async fn sync_endpoints(&self, m: &Membership, stored: BTreeMap<String, (EndpointRecord, Option<i64>)>) {
-        let Some(lease) = m.lease() else { return };
-        let want: BTreeMap<String, EndpointRecord> = {
-            let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-            instances
-                .values()
-                .filter(|mi| mi.ready())
-                .map(|mi| {
-                    let port = mi.status.borrow().port;
-                    let e = EndpointRecord { node: m.cfg.node.clone(), addr: (m.cfg.addr, port).into() };
-                    (endpoint_key(&mi.record.service, &mi.record.id), e)
-                })
-                .collect()
-        };
-        for (key, e) in &want {
-            if stored.get(key).is_some_and(|(s, l)| s == e && *l == Some(lease)) {
-                continue;
-            }
-            let v = serde_json::to_vec(e).expect("an endpoint record encodes");
-            if let Err(err) = self.store.put(key, v, Some(lease)).await {
-                tracing::warn!(endpoint = %key, error = %err, "publishing an endpoint failed");
-            }
-        }
-        for key in stored.keys().filter(|k| !want.contains_key(*k)) {
-            if let Err(err) = self.store.delete(key).await {
-                tracing::warn!(endpoint = %key, error = %err, "withdrawing an endpoint failed");
-            }
-        }
-    }
-
-    /// Takes over the instances a previous halo left: adopts live ones,
-    /// restarts dead ones under the same record, stops those of deleted
-    /// services. Then kills any process of this data dir nobody knows.
-    pub async fn adopt(self: &Arc<Self>) -> Result<(), StoreError> {
-        let services = self.load_services().await?;
-        let listing = self.store.list(&self.records).await?;
-        let mut known_groups = BTreeSet::new();
-        let mut to_start = Vec::new();
-        for kv in listing.kvs {
-            let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
-                tracing::warn!(key = %kv.key, "unreadable instance record removed");
-                self.store.delete(&kv.key).await?;
-                continue;
-            };
-            let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
-            match (services.get(&rec.service), live) {
-                (Some(svc), Some((pid, _))) => {
-                    known_groups.insert(pid);
-                    tracing::info!(instance = %rec.id, pid, "adopting running instance");
-                    to_start.push((svc, rec));
-                }
-                // A cluster node starts only what is assigned to it now:
-                // the reconcile pass decides, under a fresh record.
-                (Some(_), None) if self.cluster.is_some() => {
-                    self.store.delete(&kv.key).await?;
-                }
-                (Some(svc), None) => to_start.push((svc, rec)),
-                (None, Some((pid, _))) => {
-                    tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
-                    let _ =
-                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                    self.store.delete(&kv.key).await?;
-                }
-                (None, None) => {
-                    self.store.delete(&kv.key).await?;
-                }
-            }
-        }
-        // Before anything new starts: what runs now and is in no record is
-        // an orphan.
-        sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
-        for (svc, rec) in to_start {
-            if let Err(e) = self.start_instance(svc, Some(rec.clone()), None).await {
-                tracing::error!(instance = %rec.id, error = %e, "adopting failed");
-            }
-        }
-        Ok(())
-    }
-
-    /// Builds the proxy config from the node file plus every service's
-    /// routes and ready endpoints, and installs it if endpoints or services
-    /// changed.
-    pub fn publish(&self) {
-        let services = self.services.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut endpoints: BTreeMap<String, Vec<EndpointConfig>> =
-            services.keys().map(|n| (n.clone(), Vec::new())).collect();
-        // Our own instances at the address they are reached on.
-        let host = self.cluster.as_ref().map_or([127, 0, 0, 1].into(), |m| m.cfg.addr);
-        for m in self.instances.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            if m.ready() {
-                if let Some(eps) = endpoints.get_mut(&m.record.service) {
-                    let port = m.status.borrow().port;
-                    eps.push(EndpointConfig { addr: (host, port).into(), weight: 1 });
-                }
-            }
-        }
-        for (service, list) in self.remote.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if let Some(eps) = endpoints.get_mut(service) {
-                eps.extend(list.iter().map(|addr| EndpointConfig { addr: *addr, weight: 1 }));
-            }
-        }
-        for eps in endpoints.values_mut() {
-            eps.sort_by_key(|e| e.addr);
-        }
-        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        let key: BTreeMap<String, Vec<EndpointConfig>> =
-            endpoints.iter().map(|(k, v)| (format!("{k}@{}", services[k].template), v.clone())).collect();
-        if published.as_ref() == Some(&key) {
-            return;
-        }
-        let cfg = proxy_config(&self.base, &services, endpoints);
-        match self.proxy.reload(cfg) {
-            Ok(()) => *published = Some(key),
-            Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
-        }
-    }
-
-    /// Instances of `service` (all services when `None`), as statuses.
-    pub fn statuses(&self) -> Vec<(Status, bool)> {
-        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        instances.values().map(|m| (m.status.borrow().clone(), m.stopping())).collect()
-    }
-
-    pub fn service_specs(&self) -> BTreeMap<String, (u32, String)> {
-        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        services.iter().map(|(n, s)| (n.clone(), (s.spec.replicas, s.template.clone()))).collect()
-    }
-
-    pub fn instance_template(&self, id: &str) -> Option<String> {
-        self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|m| m.record.template.clone())
-    }
-
-    /// Stops every instance (halo is shutting down), draining each first.
-    pub async fn stop_all(self: &Arc<Self>) {
-        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let all: Vec<(Instance, InstanceRecord)> = {
-            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-            instances.values_mut().filter_map(|m| m.instance.take().map(|i| (i, m.record.clone()))).collect()
-        };
-        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.publish();
-        tokio::time::sleep(DRAIN_DELAY).await;
-        let stops: Vec<_> = all.into_iter().map(|(i, _)| tokio::spawn(i.stop())).collect();
-        for s in stops {
-            let _ = s.await;
-        }
-    }
-
-    /// Stops supervising and leaves every instance running, for the next
-    /// halo to adopt (an upgrade of halo itself).
-    pub fn detach_all(&self) {
-        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        for m in instances.values_mut() {
-            if let Some(i) = m.instance.take() {
-                i.detach();
-            }
-        }
-    }
+    Ok(token)
 }
 
-/// Keeps the instance's record in step with its process, and wakes the
-/// reconciler on every change.
-async fn follow_status(node: Arc<Inner>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
-    let mut last = None;
-    loop {
-        let s = status.borrow_and_update().clone();
-        // Counters (probe failures) change often; only a change of what the
-        // node acts on is worth a reconcile pass.
-        let key = (s.state, s.ready, s.pid, s.port);
-        if last == Some(key) {
-            if status.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
-        last = Some(key);
-        if s.pid.is_some() && (s.pid, s.start_time, s.port) != (record.pid, record.start_time, record.port) {
-            record.pid = s.pid;
-            record.start_time = s.start_time;
-            record.port = s.port;
-            let key = node.record_key(&record.service, &record.id);
-            match serde_json::to_vec(&record) {
-                Ok(v) => {
-                    if let Err(e) = node.store.put(&key, v, None).await {
-                        tracing::warn!(instance = %record.id, error = %e, "recording the instance's pid failed");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "encoding an instance record failed"),
-            }
-        }
-        node.publish();
-        node.wake.notify_one();
-        if status.changed().await.is_err() {
-            return;
-        }
-    }
+/// Instance ids: a service name, '-' and lowercase hex parts.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// Kills every process group whose leader carries `HALO_DATA_DIR=dir` in
-/// its environment and is not one of `known` (started by a halo that died
-/// before it could record the pid).
-fn sweep_orphans(dir: &str, known: &BTreeSet<i32>) {
-    let needle = format!("HALO_DATA_DIR={dir}");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
-            continue;
-        }
-        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok());
-        if let Some(pgid) = pgid.filter(|g| !known.contains(g) && *g == pid) {
-            tracing::warn!(pid, "killing an orphaned instance process group");
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
+fn json(rec: &ServiceRecord) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("a record always encodes")
 }
 
-fn short_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    format!("{:06x}", h.finish() & 0xff_ffff)
-}
-
-/// The node file's proxy config plus one upstream and its routes per
-/// service. Service routes follow the file's own, most specific first.
-fn proxy_config(
-    base: &Config,
-    services: &BTreeMap<String, Svc>,
-    mut endpoints: BTreeMap<String, Vec<EndpointConfig>>,
-) -> Config {
-    let mut cfg = base.clone();
-    let mut routes = Vec::new();
-    for (name, svc) in services {
-        let b = &svc.spec.balance;
-        cfg.upstreams.insert(
-            name.clone(),
-            UpstreamConfig {
-                name: name.clone(),
-                endpoints: endpoints.remove(name).unwrap_or_default(),
-                policy: b.policy,
-                hash_key: b.hash_key.clone(),
-                session_cookie: b.session_cookie.clone(),
-                slow_start: None,
-                protocol: UpstreamProtocol::Http1,
-                pool: Default::default(),
-                // Readiness probes decide membership; passive outlier
-                // detection still ejects an endpoint that fails requests.
-                health: None,
-                outlier: Some(Default::default()),
-            },
-        );
-        for (i, r) in svc.spec.routes.iter().enumerate() {
-            routes.push(RouteConfig {
-                name: format!("{name}.{i}"),
-                listeners: None,
-                host: r.host.as_deref().map(|h| match h.strip_prefix('*') {
-                    Some(suffix) => halo_proxy::config::HostMatch::Suffix(suffix.to_string()),
-                    None => halo_proxy::config::HostMatch::Exact(h.to_string()),
-                }),
-                path: Some(match &r.path {
-                    halo_model::PathRule::Prefix(p) => PathMatch::Prefix(p.clone()),
-                    halo_model::PathRule::Exact(p) => PathMatch::Exact(p.clone()),
-                }),
-                methods: Vec::new(),
-                headers: Vec::new(),
-                split: vec![(name.clone(), 1)],
-                overrides: Vec::new(),
-                timeouts: b.timeouts.clone(),
-                retry: b.retry.clone(),
-            });
-        }
-    }
-    routes.sort_by_key(|r| {
-        let host = match &r.host {
-            Some(halo_proxy::config::HostMatch::Exact(_)) => 0,
-            Some(halo_proxy::config::HostMatch::Suffix(_)) => 1,
-            None => 2,
-        };
-        let path = match &r.path {
-            Some(PathMatch::Exact(p)) => (0, std::cmp::Reverse(p.len())),
-            Some(PathMatch::Prefix(p)) => (1, std::cmp::Reverse(p.len())),
-            None => (2, std::cmp::Reverse(0)),
-        };
-        (host, path)
-    });
-    cfg.routes.extend(routes);
-    cfg
-}
-
-/// The small error type of this module: store, I/O and encoding failures.
-mod anyhow_lite {
-    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, NodeError> {
+    serde_json::from_slice(bytes).map_err(|e| NodeError::Corrupt { key: key.to_string(), message: e.to_string() })
 }

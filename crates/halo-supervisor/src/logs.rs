@@ -14,10 +14,20 @@ pub struct LogFile {
 }
 
 impl LogFile {
+    /// The log of `instance` of `service` under `dir`, creating the
+    /// service's folder (for the writer).
     pub fn new(dir: &Path, service: &str, instance: &str) -> std::io::Result<LogFile> {
-        let dir = dir.join(service);
-        std::fs::create_dir_all(&dir)?;
-        Ok(LogFile { path: dir.join(format!("{instance}.log")) })
+        let log = LogFile::at(dir, service, instance);
+        if let Some(parent) = log.path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        Ok(log)
+    }
+
+    /// The same path without touching the disk (for readers). The names
+    /// must be checked by the caller: they become path components.
+    pub fn at(dir: &Path, service: &str, instance: &str) -> LogFile {
+        LogFile { path: dir.join(service).join(format!("{instance}.log")) }
     }
 
     fn older(&self) -> PathBuf {

@@ -176,11 +176,17 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
     }
     let services = v["services"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
-    if let Some(e) = v["cluster_error"].as_str() {
-        out.push_str(&format!("cluster state unavailable ({e}); this node's instances:\n"));
+    let c = &v["cluster"];
+    if c["view"]["watching"].as_bool() == Some(false) {
+        let stale = c["view"]["stale_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        out.push_str(&format!(
+            "the store has been unreachable for {stale:.1}s: this is the last state seen (revision {})\n",
+            c["view"]["revision"]
+        ));
     }
-    if v["cluster"].is_object() {
-        let c = &v["cluster"];
+    // A cluster of one (`halo up`) needs no node table.
+    let clustered = c["nodes"].as_array().is_some_and(|n| n.len() > 1);
+    if clustered {
         out.push_str(&nodes_table(c));
         out.push_str(&format!("  {:<16} {:<9} {:<7} {:<6} PENDING\n", "SERVICE", "REPLICAS", "PLACED", "READY"));
         for s in c["services"].as_array().cloned().unwrap_or_default() {
@@ -198,7 +204,6 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
     if services.is_empty() {
         out.push_str("no services; declare one with `halo apply -f FILE`\n");
     }
-    let clustered = v["cluster"].is_object();
     for s in services {
         let name = s["name"].as_str().unwrap_or("?");
         if clustered {

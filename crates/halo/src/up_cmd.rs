@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use halo_control::{parse_node, Node};
-use halo_store::EmbeddedStore;
+use halo_control::{parse_node, Node, NodeOptions};
+use halo_store::{EmbeddedStore, Store};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(clap::Args)]
@@ -75,23 +75,36 @@ pub fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs a node (its store, API, supervisor and proxy) until a signal.
 pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role) -> anyhow::Result<()> {
     let grace = cfg.proxy.grace_period;
-    let mut token = halo_api::token::load_or_create(&data_dir).context("API token")?;
-    if let Role::Cluster { store, .. } = &role {
-        token = cluster_token(store, &data_dir, token).await?;
-    }
+    let local_token = halo_api::token::load_or_create(&data_dir).context("API token")?;
     let api =
         tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
     let api_addr = api.local_addr()?;
     let exe = std::env::current_exe().context("locating the halo binary")?;
-    let node = match role {
+    let (store, opts): (Arc<dyn Store>, NodeOptions) = match role {
         Role::Single => {
             let store = EmbeddedStore::open(&data_dir).await?;
-            Node::start(cfg, data_dir.clone(), Arc::new(store), exe).await?
+            (Arc::new(store), NodeOptions::single(api_addr, data_dir.clone(), exe))
         }
         Role::Cluster { store, cluster } => {
-            Node::start_agent(cfg, cluster, api_addr, data_dir.clone(), Arc::new(store), exe).await?
+            let opts = NodeOptions {
+                cluster,
+                api: api_addr,
+                data_dir: data_dir.clone(),
+                halo_exe: exe,
+                // Other nodes' proxies reach the instances.
+                bind: [0, 0, 0, 0].into(),
+                exclusive_store: false,
+            };
+            (Arc::new(store), opts)
         }
     };
+    // One token for every node of the cluster: the store's.
+    let token = halo_control::shared_token(&*store, &local_token).await?;
+    if token != local_token {
+        halo_api::token::store(&data_dir, &token).context("keeping the cluster's API token")?;
+        tracing::info!("adopted the cluster's API token");
+    }
+    let node = Node::start(cfg, opts, store).await?;
     std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(halo_api::serve(api, node.clone(), token, async {
@@ -120,25 +133,4 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         node.detach(grace).await;
     }
     Ok(())
-}
-
-/// The cluster's API token: the first node to start offers its own (a
-/// create-if-absent in the store), every node adopts what the store holds
-/// and keeps it in its data directory, so one token works on every node's
-/// API. It is as safe as the etcd it is kept in.
-async fn cluster_token(store: &halo_store::EtcdStore, dir: &std::path::Path, local: String) -> anyhow::Result<String> {
-    use halo_store::{Compare, Store, Txn, TxnOp};
-    const KEY: &str = "/halo/api-token";
-    let offer = Txn::new().when(Compare::absent(KEY)).and_then(TxnOp::put(KEY, local.clone().into_bytes(), None));
-    store.txn(offer).await.context("publishing the API token")?;
-    let kv = store.get(KEY).await.context("reading the cluster's API token")?;
-    let token = kv.map(|kv| String::from_utf8_lossy(&kv.value).trim().to_string()).unwrap_or(local.clone());
-    if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        anyhow::bail!("the cluster's API token at {KEY} is not 32+ hex digits; fix or delete that key");
-    }
-    if token != local {
-        halo_api::token::store(dir, &token).context("keeping the cluster's API token")?;
-        tracing::info!("adopted the cluster's API token");
-    }
-    Ok(token)
 }

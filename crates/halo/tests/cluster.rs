@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use halo_control::cluster::{assignment_key, read_state, Assignment, ClusterState, SpecCache, ASSIGNMENTS, LEADER};
+use halo_control::keys::{assignment_key, Assignment, ASSIGNMENTS, LEADER};
+use halo_control::state::{read_state, ClusterState};
 use halo_store::{EtcdStore, EventKind, Store};
 use halo_testkit::{Cluster, RetryLoad, RetryReport};
 
@@ -110,7 +111,7 @@ impl Drop for Observer {
 }
 
 async fn state(store: &EtcdStore) -> Option<ClusterState> {
-    read_state(store, &mut SpecCache::default()).await.ok()
+    read_state(store).await.ok()
 }
 
 /// The state, retrying for up to 10 s (a request may land on a member a

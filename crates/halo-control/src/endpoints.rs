@@ -1,0 +1,44 @@
+//! Endpoint publication: this node's ready instances, as
+//! [`EndpointRecord`]s on its lease, so every node's proxy routes to them
+//! and they vanish with the node.
+
+use std::collections::BTreeMap;
+
+use halo_store::Store;
+
+use crate::keys::{endpoint_key, EndpointRecord};
+use crate::membership::Membership;
+use crate::state::ClusterState;
+
+/// Makes this node's endpoints in the store (as `st` has them) match its
+/// `ready` instances (service, id, port), on the current lease. Without a
+/// fresh lease nothing is written: the node may be cut off.
+pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, ready: &[(String, String, u16)]) {
+    let Some(lease) = m.lease() else { return };
+    let want: BTreeMap<String, EndpointRecord> = ready
+        .iter()
+        .map(|(service, id, port)| {
+            (endpoint_key(service, id), EndpointRecord { node: m.cfg.node.clone(), addr: (m.cfg.addr, *port).into() })
+        })
+        .collect();
+    let stored: BTreeMap<String, (&EndpointRecord, Option<i64>)> = st
+        .endpoints
+        .iter()
+        .filter(|(_, (_, e))| e.node == m.cfg.node)
+        .map(|(id, (service, e))| (endpoint_key(service, id), (e, st.endpoint_leases.get(id).copied().flatten())))
+        .collect();
+    for (key, e) in &want {
+        if stored.get(key).is_some_and(|(s, l)| *s == e && *l == Some(lease)) {
+            continue;
+        }
+        let v = serde_json::to_vec(e).expect("an endpoint record encodes");
+        if let Err(err) = store.put(key, v, Some(lease)).await {
+            tracing::warn!(endpoint = %key, error = %err, "publishing an endpoint failed");
+        }
+    }
+    for key in stored.keys().filter(|k| !want.contains_key(*k)) {
+        if let Err(err) = store.delete(key).await {
+            tracing::warn!(endpoint = %key, error = %err, "withdrawing an endpoint failed");
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The key schema: every key the control plane writes, its value type
+//! (JSON unless said otherwise) and the lease it lives on. `halo up` and
+//! `halo agent` use the same keys; an etcd namespace (`--namespace`) is a
+//! prefix the store adds in front of all of them.
+//!
+//! | key | value | lease | written by |
+//! | --- | --- | --- | --- |
+//! | `/halo/schema` | layout version, decimal text | none | the first node of a new layout ([`crate::migrate`]) |
+//! | `/halo/api-token` | the API token, hex text | none | the first node (create-if-absent) |
+//! | `/halo/services/NAME` | [`ServiceRecord`] | none | the API (compare-and-swap on mod revision) |
+//! | `/halo/nodes/NODE` | [`NodeRecord`] | the node's | the node, on (re-)registration |
+//! | `/halo/node-admin/NODE` | [`NodeAdmin`] | none | the node (created absent), `halo node drain/undrain/remove` |
+//! | `/halo/leader` | the leader's node name, text | the leader's node lease | the leader (create-if-absent); its create revision is the **fencing token** |
+//! | `/halo/assignments/NODE/ID` | [`Assignment`] | none | the leader only, fenced by its token |
+//! | `/halo/endpoints/SERVICE/ID` | [`EndpointRecord`] | the node's | the node running ID, while it is ready |
+//! | `/halo/instances/NODE/SERVICE/ID` | [`InstanceRecord`] | none | the node running ID, before it starts it; read only by that node |
+
+use std::net::{IpAddr, SocketAddr};
+
+use halo_model::ServiceFile;
+use halo_store::Revision;
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::Placement;
+
+/// Everything the control plane keeps is under this prefix.
+pub const ROOT: &str = "/halo/";
+pub const SCHEMA: &str = "/halo/schema";
+/// The layout described above. 1 (no `/halo/schema` key): `halo up` kept
+/// `/halo/instances/SERVICE/ID` and no assignments.
+pub const SCHEMA_VERSION: u32 = 2;
+pub const API_TOKEN: &str = "/halo/api-token";
+pub const SERVICES: &str = "/halo/services/";
+pub const NODES: &str = "/halo/nodes/";
+pub const NODE_ADMIN: &str = "/halo/node-admin/";
+pub const LEADER: &str = "/halo/leader";
+pub const ASSIGNMENTS: &str = "/halo/assignments/";
+pub const ENDPOINTS: &str = "/halo/endpoints/";
+pub const INSTANCES: &str = "/halo/instances/";
+
+pub fn service_key(name: &str) -> String {
+    format!("{SERVICES}{name}")
+}
+
+pub fn node_key(node: &str) -> String {
+    format!("{NODES}{node}")
+}
+
+pub fn node_admin_key(node: &str) -> String {
+    format!("{NODE_ADMIN}{node}")
+}
+
+pub fn assignment_key(node: &str, id: &str) -> String {
+    format!("{ASSIGNMENTS}{node}/{id}")
+}
+
+pub fn endpoint_key(service: &str, id: &str) -> String {
+    format!("{ENDPOINTS}{service}/{id}")
+}
+
+/// Where `node` keeps the records of the instances it runs.
+pub fn instances_of(node: &str) -> String {
+    format!("{INSTANCES}{node}/")
+}
+
+pub fn instance_key(node: &str, service: &str, id: &str) -> String {
+    format!("{INSTANCES}{node}/{service}/{id}")
+}
+
+/// A service as the API stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The service file, as TOML.
+    pub spec: String,
+    /// Bumped by `halo restart`: instances of an older generation are
+    /// replaced, one at a time.
+    #[serde(default)]
+    pub restart_generation: u64,
+}
+
+impl ServiceRecord {
+    /// What makes instances interchangeable: the file without `replicas`
+    /// (scaling replaces nothing) plus the restart generation.
+    pub fn template(file: &ServiceFile, generation: u64) -> String {
+        let mut f = file.clone();
+        f.replicas = None;
+        format!("{:016x}", fnv64(format!("{}\n#{generation}", f.to_toml()).as_bytes()))
+    }
+}
+
+/// A node of the cluster, present while its lease lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Where other nodes reach this node's instances.
+    pub addr: IpAddr,
+    pub zone: String,
+    pub capacity: u32,
+    /// The node's admin API.
+    pub api: SocketAddr,
+}
+
+/// What operators set on a node; outlives the node's lease, so a node that
+/// died stays listed (as gone) until `halo node remove`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdmin {
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// An instance the leader placed on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    #[serde(flatten)]
+    pub placement: Placement,
+    /// The fencing token of the leader that wrote it.
+    pub token: Revision,
+}
+
+/// A ready instance, reachable at `addr`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub node: String,
+    pub addr: SocketAddr,
+}
+
+/// What a node writes before it starts an instance and updates with its
+/// pid, so a restarted halo finds every process it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub service: String,
+    pub port: u16,
+    pub template: String,
+    pub pid: Option<i32>,
+    pub start_time: Option<u64>,
+}
+
+/// FNV-1a: stable across runs and builds, unlike std's hasher.
+fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}

@@ -1,0 +1,388 @@
+//! The node's reconciler: runs exactly the instances the leader assigned
+//! to this node, publishes the ready ones as endpoints on the node lease,
+//! and feeds the proxy every node's ready endpoints. The same on one node
+//! (`halo up`) as on a cluster node (`halo agent`).
+//!
+//! A pass reads only the watch-fed [`View`]: it runs on every change the
+//! view takes in, on every change of an instance's state, and once a
+//! second. Nothing is stopped because the store is unreachable (static
+//! stability): the view then stays as it last was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use halo_store::Store;
+use halo_supervisor::{Env, Instance, InstanceSpec, Status};
+use tokio::sync::{watch, Notify};
+
+use crate::endpoints;
+use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, InstanceRecord};
+use crate::membership::Membership;
+use crate::proxy_config::ProxyFeed;
+use crate::state::{ClusterState, Svc, View};
+
+/// Between taking an instance out of the proxies and signalling it.
+const DRAIN_DELAY: Duration = Duration::from_millis(300);
+
+pub(crate) struct Managed {
+    pub record: InstanceRecord,
+    pub status: watch::Receiver<Status>,
+    /// `None` once a stop has begun.
+    instance: Option<Instance>,
+}
+
+impl Managed {
+    pub fn stopping(&self) -> bool {
+        self.instance.is_none()
+    }
+
+    pub fn ready(&self) -> bool {
+        !self.stopping() && self.status.borrow().ready
+    }
+}
+
+pub(crate) struct Reconciler {
+    pub store: Arc<dyn Store>,
+    pub view: Arc<View>,
+    pub m: Arc<Membership>,
+    pub feed: ProxyFeed,
+    pub env: Arc<Env>,
+    pub data_dir: PathBuf,
+    pub instances: Mutex<BTreeMap<String, Managed>>,
+    /// Instance state changes wake the loop through this.
+    pub wake: Notify,
+    /// Set by [`Reconciler::stop_all`] and [`Reconciler::detach_all`]:
+    /// nothing is started any more.
+    shutting_down: AtomicBool,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+impl Reconciler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        view: Arc<View>,
+        m: Arc<Membership>,
+        feed: ProxyFeed,
+        env: Arc<Env>,
+        data_dir: PathBuf,
+    ) -> Reconciler {
+        Reconciler {
+            store,
+            view,
+            m,
+            feed,
+            env,
+            data_dir,
+            instances: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn node(&self) -> &str {
+        &self.m.cfg.node
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Managed>> {
+        self.instances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The assignments to this node that it obeys. Fencing as a node sees
+    /// it: an order written after a newer leader was elected, by an older
+    /// one, is not obeyed.
+    fn assigned(&self, st: &ClusterState) -> BTreeMap<String, Assignment> {
+        let mut out = BTreeMap::new();
+        for (id, a) in st.assignments.iter().filter(|(_, a)| a.placement.node == self.node()) {
+            let max = self.m.max_token.load(Ordering::SeqCst);
+            let at = st.assigned_at.get(id).copied().unwrap_or(0);
+            if a.token < max && at > max {
+                self.m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(instance = %id, token = a.token, max, "ignoring an order of a deposed leader");
+                continue;
+            }
+            self.m.see_token(a.token);
+            out.insert(id.clone(), a.clone());
+        }
+        out
+    }
+
+    /// One pass: stop what is no longer assigned here, start what is,
+    /// publish endpoints, feed the proxy.
+    pub async fn reconcile(self: &Arc<Self>) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let st = self.view.current();
+        let assigned = self.assigned(&st);
+        let (stop, start) = {
+            let instances = self.lock();
+            let stop: Vec<String> = instances
+                .iter()
+                .filter(|(id, mi)| !mi.stopping() && !assigned.contains_key(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let start: Vec<&Assignment> =
+                assigned.values().filter(|a| !instances.contains_key(&a.placement.id)).collect();
+            (stop, start)
+        };
+        for id in &stop {
+            tracing::info!(instance = %id, "no longer assigned here; stopping");
+            self.stop_instance(id);
+        }
+        for a in start {
+            let Some(svc) = st.services.get(&a.placement.service) else { continue };
+            tracing::info!(instance = %a.placement.id, "assigned here; starting");
+            if let Err(e) = self.start_new(svc, a).await {
+                tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
+            }
+        }
+        endpoints::sync(&*self.store, &self.m, &st, &self.ready()).await;
+        self.publish_from(&st);
+    }
+
+    /// This node's ready instances: (service, id, port).
+    fn ready(&self) -> Vec<(String, String, u16)> {
+        let instances = self.lock();
+        let ready = instances.values().filter(|m| m.ready());
+        ready.map(|m| (m.record.service.clone(), m.record.id.clone(), m.status.borrow().port)).collect()
+    }
+
+    /// Feeds the proxy this node's ready instances (as they are now) and
+    /// every other node's endpoints (as the view has them).
+    pub fn publish(&self) {
+        self.publish_from(&self.view.current());
+    }
+
+    fn publish_from(&self, st: &ClusterState) {
+        let mut eps: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+        for (service, _, port) in self.ready() {
+            eps.entry(service).or_default().push((self.m.cfg.addr, port).into());
+        }
+        for (service, e) in st.endpoints.values().filter(|(_, e)| e.node != self.node()) {
+            eps.entry(service.clone()).or_default().push(e.addr);
+        }
+        self.feed.publish(&st.services, eps);
+    }
+
+    /// Free port for a new instance, not one a live instance has.
+    fn free_port(&self) -> std::io::Result<u16> {
+        let taken: BTreeSet<u16> = self.lock().values().map(|m| m.status.borrow().port).collect();
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind((self.env.host, 0))?.local_addr()?.port();
+            if !taken.contains(&port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free port found"))
+    }
+
+    /// Starts the instance `a` names, under a new record written first: a
+    /// halo killed in between finds the record, not an unknown process.
+    async fn start_new(self: &Arc<Self>, svc: &Svc, a: &Assignment) -> Result<(), Error> {
+        let p = &a.placement;
+        let port = self.free_port()?;
+        let r = InstanceRecord {
+            id: p.id.clone(),
+            service: p.service.clone(),
+            port,
+            template: p.template.clone(),
+            pid: None,
+            start_time: None,
+        };
+        self.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
+        self.supervise(svc, r)
+    }
+
+    /// Supervises `record`'s instance: adopts its process if it is alive,
+    /// or starts one.
+    fn supervise(self: &Arc<Self>, svc: &Svc, record: InstanceRecord) -> Result<(), Error> {
+        let mut spec = (*svc.spec).clone();
+        // Marks the process as this data directory's (orphan sweep, tests).
+        spec.run.env.insert("HALO_DATA_DIR".into(), self.data_dir.display().to_string());
+        let ispec = InstanceSpec {
+            id: record.id.clone(),
+            service: record.service.clone(),
+            spec: Arc::new(spec),
+            port: record.port,
+        };
+        let instance = Instance::start(self.env.clone(), ispec, record.pid.zip(record.start_time))?;
+        let status = instance.subscribe();
+        self.lock().insert(
+            record.id.clone(),
+            Managed { record: record.clone(), status: status.clone(), instance: Some(instance) },
+        );
+        tokio::spawn(follow_status(self.clone(), record, status));
+        Ok(())
+    }
+
+    /// Drain (out of every proxy first), stop, forget.
+    pub fn stop_instance(self: &Arc<Self>, id: &str) {
+        let taken = {
+            let mut instances = self.lock();
+            instances.get_mut(id).and_then(|m| m.instance.take().map(|i| (i, m.record.clone())))
+        };
+        let Some((instance, record)) = taken else { return };
+        self.publish();
+        let me = self.clone();
+        tokio::spawn(async move {
+            // Other nodes' proxies stop sending once the endpoint is gone.
+            if let Err(e) = me.store.delete(&endpoint_key(&record.service, &record.id)).await {
+                tracing::debug!(instance = %record.id, error = %e, "withdrawing the endpoint failed");
+            }
+            // Requests the proxies sent before the removal finish first.
+            tokio::time::sleep(DRAIN_DELAY).await;
+            instance.stop().await;
+            if let Err(e) = me.store.delete(&instance_key(me.node(), &record.service, &record.id)).await {
+                tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
+            }
+            me.lock().remove(&record.id);
+            // Scaled away or replaced: its log goes with it.
+            halo_supervisor::LogFile::at(&me.env.logs_dir, &record.service, &record.id).remove();
+            me.wake.notify_one();
+        });
+    }
+
+    /// Takes over the instances a previous halo on this node left: adopts
+    /// the live ones of services that still exist (the next pass stops
+    /// those no longer assigned here), forgets the dead ones (the next pass
+    /// starts what is assigned, under a fresh record), kills those of
+    /// deleted services. Then kills every process of this data directory
+    /// that no record names.
+    pub async fn adopt(self: &Arc<Self>) -> Result<(), halo_store::StoreError> {
+        let st = self.view.current();
+        let listing = self.store.list(&instances_of(self.node())).await?;
+        let mut known_groups = BTreeSet::new();
+        let mut to_adopt = Vec::new();
+        for kv in listing.kvs {
+            let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
+                tracing::warn!(key = %kv.key, "unreadable instance record removed");
+                self.store.delete(&kv.key).await?;
+                continue;
+            };
+            let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
+            match (st.services.get(&rec.service), live) {
+                (Some(svc), Some((pid, _))) => {
+                    known_groups.insert(pid);
+                    tracing::info!(instance = %rec.id, pid, "adopting running instance");
+                    to_adopt.push((svc.clone(), rec));
+                }
+                (None, Some((pid, _))) => {
+                    tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    self.store.delete(&kv.key).await?;
+                }
+                (_, None) => {
+                    self.store.delete(&kv.key).await?;
+                }
+            }
+        }
+        // Before anything new starts: what runs now and is in no record is
+        // an orphan.
+        sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
+        for (svc, rec) in to_adopt {
+            let id = rec.id.clone();
+            if let Err(e) = self.supervise(&svc, rec) {
+                tracing::error!(instance = %id, error = %e, "adopting failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every instance (halo is shutting down): leaves the cluster so
+    /// every proxy drops this node's endpoints, drains, then stops them
+    /// all at once.
+    pub async fn stop_all(self: &Arc<Self>) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let all: Vec<Instance> = self.lock().values_mut().filter_map(|m| m.instance.take()).collect();
+        self.publish();
+        self.m.leave().await;
+        tokio::time::sleep(DRAIN_DELAY).await;
+        let stops: Vec<_> = all.into_iter().map(|i| tokio::spawn(i.stop())).collect();
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+
+    /// Stops supervising and leaves every instance running, for the next
+    /// halo to adopt (an upgrade of halo itself).
+    pub fn detach_all(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        for m in self.lock().values_mut() {
+            if let Some(i) = m.instance.take() {
+                i.detach();
+            }
+        }
+    }
+}
+
+/// The reconcile loop: on every change of the view, every instance state
+/// change, and once a second.
+pub(crate) async fn run(r: Arc<Reconciler>) {
+    let mut changed = r.view.subscribe();
+    loop {
+        r.reconcile().await;
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = r.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Keeps the instance's record in step with its process, and wakes the
+/// reconciler on every change it acts on.
+async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
+    let mut last = None;
+    loop {
+        let s = status.borrow_and_update().clone();
+        // Counters (probe failures) change often; only a change of what the
+        // node acts on is worth a pass.
+        let key = (s.state, s.ready, s.pid, s.port);
+        if last != Some(key) {
+            last = Some(key);
+            if s.pid.is_some() && (s.pid, s.start_time, s.port) != (record.pid, record.start_time, record.port) {
+                record.pid = s.pid;
+                record.start_time = s.start_time;
+                record.port = s.port;
+                let key = instance_key(r.node(), &record.service, &record.id);
+                let v = serde_json::to_vec(&record).expect("an instance record encodes");
+                if let Err(e) = r.store.put(&key, v, None).await {
+                    tracing::warn!(instance = %record.id, error = %e, "recording the instance's pid failed");
+                }
+            }
+            r.publish();
+            r.wake.notify_one();
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Kills every process group whose leader carries `HALO_DATA_DIR=dir` in
+/// its environment and is not one of `known` (started by a halo that died
+/// before it could record the pid).
+fn sweep_orphans(dir: &str, known: &BTreeSet<i32>) {
+    let needle = format!("HALO_DATA_DIR={dir}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            continue;
+        }
+        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok());
+        if let Some(pgid) = pgid.filter(|g| !known.contains(g) && *g == pid) {
+            tracing::warn!(pid, "killing an orphaned instance process group");
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The cluster as this node sees it: a typed view of every key under
+//! [`ROOT`](crate::keys::ROOT), built from one listing and then kept
+//! current by one watch of the same prefix (resumed from the last revision
+//! seen + 1 when it breaks, listed again when that revision was compacted).
+//!
+//! One watch over the root rather than one per prefix: the view is then
+//! consistent at every revision (a node record and the leader key it
+//! precedes never arrive out of order), and a change costs only its own
+//! event: no store read at all. A service is parsed once per revision.
+//!
+//! The leader plans from this view, every node reconciles from it, and the
+//! API answers `halo status` and `/metrics` from it, also while the store is
+//! unreachable ([`Freshness`] says how stale it is then).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use halo_model::{ServiceFile, ServiceSpec};
+use halo_store::{Event, EventKind, KeyValue, LeaseId, Listing, Revision, Store, StoreError};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::keys::{
+    Assignment, EndpointRecord, NodeAdmin, NodeRecord, ServiceRecord, ASSIGNMENTS, ENDPOINTS, LEADER, NODES,
+    NODE_ADMIN, ROOT, SERVICES,
+};
+use crate::scheduler::{NodeInfo, ServiceWant, Snapshot};
+
+/// A stored service, parsed and validated.
+#[derive(Debug)]
+pub struct Svc {
+    /// The mod revision of the service key it was parsed from.
+    pub revision: Revision,
+    pub file: ServiceFile,
+    pub spec: Arc<ServiceSpec>,
+    /// What makes its instances interchangeable ([`ServiceRecord::template`]).
+    pub template: String,
+}
+
+/// Everything under the root at one revision, typed.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub revision: Revision,
+    /// Live nodes (holding a lease), by name.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Each live node's lease.
+    pub leases: BTreeMap<String, LeaseId>,
+    /// Admin records: every node ever registered and not removed.
+    pub admin: BTreeMap<String, NodeAdmin>,
+    /// The leader's name and fencing token.
+    pub leader: Option<(String, Revision)>,
+    /// Valid services; a stored one that does not validate is logged and left out.
+    pub services: BTreeMap<String, Arc<Svc>>,
+    /// Placements by instance id.
+    pub assignments: BTreeMap<String, Assignment>,
+    /// The mod revision of each assignment (fencing as agents see it).
+    pub assigned_at: BTreeMap<String, Revision>,
+    /// Ready instances by id: (service, endpoint).
+    pub endpoints: BTreeMap<String, (String, EndpointRecord)>,
+    /// The lease each endpoint is attached to.
+    pub endpoint_leases: BTreeMap<String, Option<LeaseId>>,
+}
+
+/// The last path segment: the name or id a key is for.
+fn last(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+impl ClusterState {
+    /// The state of a listing of the root; services unchanged since `prev`
+    /// are not parsed again.
+    pub fn from_listing(listing: &Listing, prev: Option<&ClusterState>) -> ClusterState {
+        let mut st = ClusterState::default();
+        for kv in &listing.kvs {
+            st.put(kv, prev);
+        }
+        st.revision = listing.revision;
+        st
+    }
+
+    /// Applies one revision's events, in order.
+    pub fn apply(&mut self, batch: &[Event]) {
+        for e in batch {
+            match e.kind {
+                EventKind::Put => self.put(&e.kv, None),
+                EventKind::Delete => self.delete(&e.kv.key),
+            }
+            self.revision = self.revision.max(e.kv.mod_revision);
+        }
+    }
+
+    fn put(&mut self, kv: &KeyValue, prev: Option<&ClusterState>) {
+        let key = kv.key.as_str();
+        if let Some(name) = key.strip_prefix(NODES) {
+            if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                match kv.lease {
+                    Some(l) => self.leases.insert(name.to_string(), l),
+                    None => self.leases.remove(name),
+                };
+                self.nodes.insert(name.to_string(), r);
+            }
+        } else if let Some(name) = key.strip_prefix(NODE_ADMIN) {
+            if let Ok(a) = serde_json::from_slice::<NodeAdmin>(&kv.value) {
+                self.admin.insert(name.to_string(), a);
+            }
+        } else if key == LEADER {
+            self.leader = Some((String::from_utf8_lossy(&kv.value).into_owned(), kv.create_revision));
+        } else if let Some(name) = key.strip_prefix(SERVICES) {
+            let cached = prev.and_then(|p| p.services.get(name)).filter(|s| s.revision == kv.mod_revision);
+            match cached.cloned().map(Ok).unwrap_or_else(|| parse_service(kv)) {
+                Ok(svc) => {
+                    self.services.insert(name.to_string(), svc);
+                }
+                Err(e) => {
+                    tracing::error!(service = %name, error = %e, "stored service is not valid; ignored");
+                    self.services.remove(name);
+                }
+            }
+        } else if key.starts_with(ASSIGNMENTS) {
+            if let Ok(a) = serde_json::from_slice::<Assignment>(&kv.value) {
+                self.assigned_at.insert(a.placement.id.clone(), kv.mod_revision);
+                self.assignments.insert(a.placement.id.clone(), a);
+            }
+        } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
+            let Some((service, id)) = rest.split_once('/') else { return };
+            if let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) {
+                self.endpoint_leases.insert(id.to_string(), kv.lease);
+                self.endpoints.insert(id.to_string(), (service.to_string(), e));
+            }
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        let id = last(key);
+        if key.starts_with(NODES) {
+            self.nodes.remove(id);
+            self.leases.remove(id);
+        } else if key.starts_with(NODE_ADMIN) {
+            self.admin.remove(id);
+        } else if key == LEADER {
+            self.leader = None;
+        } else if key.starts_with(SERVICES) {
+            self.services.remove(id);
+        } else if key.starts_with(ASSIGNMENTS) {
+            self.assignments.remove(id);
+            self.assigned_at.remove(id);
+        } else if key.starts_with(ENDPOINTS) {
+            self.endpoints.remove(id);
+            self.endpoint_leases.remove(id);
+        }
+    }
+
+    /// What the scheduler decides from.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            revision: self.revision,
+            nodes: self
+                .nodes
+                .values()
+                .map(|n| {
+                    let draining = self.admin.get(&n.name).is_some_and(|a| a.draining);
+                    (n.name.clone(), NodeInfo { zone: n.zone.clone(), capacity: n.capacity, draining })
+                })
+                .collect(),
+            services: self
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), ServiceWant { replicas: s.spec.replicas, template: s.template.clone() }))
+                .collect(),
+            placements: self.assignments.iter().map(|(id, a)| (id.clone(), a.placement.clone())).collect(),
+            ready: self.endpoints.keys().filter(|id| self.assignments.contains_key(*id)).cloned().collect(),
+        }
+    }
+}
+
+fn parse_service(kv: &KeyValue) -> Result<Arc<Svc>, String> {
+    let rec = serde_json::from_slice::<ServiceRecord>(&kv.value).map_err(|e| e.to_string())?;
+    let (file, spec) = halo_model::parse_service(&kv.key, &rec.spec).map_err(|e| e.to_string())?;
+    let template = ServiceRecord::template(&file, rec.restart_generation);
+    Ok(Arc::new(Svc { revision: kv.mod_revision, file, spec: Arc::new(spec), template }))
+}
+
+/// The whole state in one listing (tests and tools; nodes use [`View`]).
+pub async fn read_state(store: &dyn Store) -> Result<ClusterState, StoreError> {
+    Ok(ClusterState::from_listing(&store.list(ROOT).await?, None))
+}
+
+/// How current the view is.
+#[derive(Debug, Clone, Serialize)]
+pub struct Freshness {
+    /// The store revision the view is at.
+    pub revision: Revision,
+    /// The watch is up: the view follows every change as it happens.
+    pub watching: bool,
+    /// Milliseconds since the watch broke (0 while watching).
+    pub stale_ms: u64,
+}
+
+struct Health {
+    watching: bool,
+    since: Instant,
+}
+
+/// The shared, watch-fed view of the cluster.
+pub struct View {
+    state: Mutex<Arc<ClusterState>>,
+    changed: watch::Sender<Revision>,
+    health: Mutex<Health>,
+    /// Watches resumed after breaking.
+    pub watch_restarts: AtomicU64,
+}
+
+impl View {
+    /// Lists the root once (so the view is complete when this returns),
+    /// then follows it in a task of its own.
+    pub async fn start(store: Arc<dyn Store>) -> Result<Arc<View>, StoreError> {
+        let listing = store.list(ROOT).await?;
+        let st = ClusterState::from_listing(&listing, None);
+        let view = Arc::new(View {
+            changed: watch::channel(st.revision).0,
+            state: Mutex::new(Arc::new(st)),
+            health: Mutex::new(Health { watching: true, since: Instant::now() }),
+            watch_restarts: AtomicU64::new(0),
+        });
+        let v = view.clone();
+        tokio::spawn(follow(store, ROOT, listing.revision + 1, move |feed| v.feed(feed)));
+        Ok(view)
+    }
+
+    /// The state now (a snapshot: later changes do not show in it).
+    pub fn current(&self) -> Arc<ClusterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes on every revision the view takes in.
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.changed.subscribe()
+    }
+
+    pub fn freshness(&self) -> Freshness {
+        let revision = self.current().revision;
+        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = if h.watching { Duration::ZERO } else { h.since.elapsed() };
+        Freshness { revision, watching: h.watching, stale_ms: stale.as_millis() as u64 }
+    }
+
+    fn set_watching(&self, watching: bool) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if h.watching != watching || watching {
+            *h = Health { watching, since: Instant::now() };
+        }
+    }
+
+    fn feed(&self, feed: Feed<'_>) {
+        let revision = {
+            let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match feed {
+                Feed::Listing(l) => *guard = Arc::new(ClusterState::from_listing(l, Some(&guard))),
+                Feed::Events(batch) => Arc::make_mut(&mut guard).apply(batch),
+                Feed::Watching => {
+                    drop(guard);
+                    return self.set_watching(true);
+                }
+                Feed::Broken => {
+                    drop(guard);
+                    self.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                    return self.set_watching(false);
+                }
+            }
+            guard.revision
+        };
+        self.set_watching(true);
+        self.changed.send_replace(revision);
+    }
+}
+
+/// What [`follow`] hands its callback.
+pub enum Feed<'a> {
+    /// A full listing of the prefix (at the start, and after compaction).
+    Listing(&'a Listing),
+    /// One revision's events.
+    Events(&'a [Event]),
+    /// The watch is (again) established: the view is current.
+    Watching,
+    /// The watch broke; it is being resumed.
+    Broken,
+}
+
+/// Follows `prefix` from revision `from` (0: list it first). A broken
+/// watch resumes from the last revision seen + 1; when that revision was
+/// compacted, it lists again and watches from the listing's revision + 1.
+pub async fn follow(store: Arc<dyn Store>, prefix: &'static str, from: Revision, mut on: impl FnMut(Feed<'_>) + Send) {
+    let mut next: Revision = from;
+    loop {
+        if next == 0 {
+            match store.list(prefix).await {
+                Ok(l) => {
+                    next = l.revision + 1;
+                    on(Feed::Listing(&l));
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            }
+        }
+        match store.watch(prefix, next).await {
+            Ok(mut w) => {
+                on(Feed::Watching);
+                while let Some(batch) = w.next().await {
+                    if let Some(e) = batch.first() {
+                        next = e.kv.mod_revision + 1;
+                    }
+                    on(Feed::Events(&batch));
+                }
+                tracing::debug!(prefix, next, "watch ended; resuming");
+            }
+            Err(StoreError::Compacted { .. }) => {
+                tracing::info!(prefix, next, "watch revision compacted; listing again");
+                next = 0;
+            }
+            Err(e) => {
+                tracing::debug!(prefix, error = %e, "watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        on(Feed::Broken);
+    }
+}

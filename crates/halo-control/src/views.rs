@@ -1,0 +1,154 @@
+//! What `halo status`, `halo node list` and `/metrics` show of the
+//! cluster, built from the node's view (no store read).
+
+use serde::Serialize;
+
+use crate::state::{ClusterState, Freshness};
+
+/// The cluster as `halo status` and `halo node list` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// The node answering.
+    pub node: String,
+    pub leader: Option<String>,
+    /// The leader key's create revision.
+    pub fencing_token: Option<i64>,
+    pub nodes: Vec<NodeView>,
+    pub services: Vec<ClusterServiceView>,
+    pub placements: Vec<PlacementView>,
+    /// How current this view is (it answers while the store is away).
+    pub view: Freshness,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub addr: Option<std::net::IpAddr>,
+    pub zone: Option<String>,
+    pub capacity: Option<u32>,
+    /// Holds a live lease.
+    pub alive: bool,
+    /// The lease it holds (hex, as etcdctl shows it).
+    pub lease: Option<String>,
+    pub draining: bool,
+    pub leader: bool,
+    pub placements: usize,
+    pub ready: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterServiceView {
+    pub name: String,
+    pub replicas: u32,
+    pub placed: usize,
+    pub ready: usize,
+    /// Replicas not placed yet or not ready yet.
+    pub pending: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlacementView {
+    pub id: String,
+    pub service: String,
+    pub node: String,
+    pub ready: bool,
+    pub endpoint: Option<std::net::SocketAddr>,
+}
+
+impl ClusterView {
+    pub fn new(node: &str, st: &ClusterState, view: Freshness) -> ClusterView {
+        let leader = st.leader.as_ref().map(|(n, _)| n.clone());
+        let mut names: std::collections::BTreeSet<&String> = st.nodes.keys().collect();
+        names.extend(st.admin.keys());
+        let nodes = names
+            .into_iter()
+            .map(|name| {
+                let rec = st.nodes.get(name);
+                let mine = st.assignments.values().filter(|a| &a.placement.node == name);
+                let ids: Vec<&String> = mine.map(|a| &a.placement.id).collect();
+                NodeView {
+                    name: name.clone(),
+                    addr: rec.map(|r| r.addr),
+                    zone: rec.map(|r| r.zone.clone()),
+                    capacity: rec.map(|r| r.capacity),
+                    alive: rec.is_some(),
+                    lease: st.leases.get(name).map(|l| format!("{l:x}")),
+                    draining: st.admin.get(name).is_some_and(|a| a.draining),
+                    leader: leader.as_ref() == Some(name),
+                    placements: ids.len(),
+                    ready: ids.iter().filter(|id| st.endpoints.contains_key(**id)).count(),
+                }
+            })
+            .collect();
+        let services = st
+            .services
+            .iter()
+            .map(|(name, svc)| {
+                let placed: Vec<&String> =
+                    st.assignments.values().filter(|a| &a.placement.service == name).map(|a| &a.placement.id).collect();
+                let ready = placed.iter().filter(|id| st.endpoints.contains_key(**id)).count();
+                ClusterServiceView {
+                    name: name.clone(),
+                    replicas: svc.spec.replicas,
+                    placed: placed.len(),
+                    ready,
+                    pending: (svc.spec.replicas as usize).saturating_sub(ready),
+                }
+            })
+            .collect();
+        let placements = st
+            .assignments
+            .values()
+            .map(|a| PlacementView {
+                id: a.placement.id.clone(),
+                service: a.placement.service.clone(),
+                node: a.placement.node.clone(),
+                ready: st.endpoints.contains_key(&a.placement.id),
+                endpoint: st.endpoints.get(&a.placement.id).map(|(_, e)| e.addr),
+            })
+            .collect();
+        ClusterView {
+            node: node.to_string(),
+            leader,
+            fencing_token: st.leader.as_ref().map(|(_, t)| *t),
+            nodes,
+            services,
+            placements,
+            view,
+        }
+    }
+
+    /// Cluster metrics in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP halo_cluster_nodes Nodes by liveness.\n# TYPE halo_cluster_nodes gauge\n");
+        let alive = self.nodes.iter().filter(|n| n.alive).count();
+        out.push_str(&format!("halo_cluster_nodes{{state=\"alive\"}} {alive}\n"));
+        out.push_str(&format!("halo_cluster_nodes{{state=\"gone\"}} {}\n", self.nodes.len() - alive));
+        out.push_str("# HELP halo_cluster_leader Which node leads (1).\n# TYPE halo_cluster_leader gauge\n");
+        if let Some(l) = &self.leader {
+            out.push_str(&format!("halo_cluster_leader{{node=\"{l}\"}} 1\n"));
+        }
+        out.push_str(
+            "# HELP halo_cluster_placements Placements per service and node.\n# TYPE halo_cluster_placements gauge\n",
+        );
+        let mut counts = std::collections::BTreeMap::new();
+        for p in &self.placements {
+            *counts.entry((&p.service, &p.node)).or_insert(0) += 1;
+        }
+        for ((s, n), c) in counts {
+            out.push_str(&format!("halo_cluster_placements{{service=\"{s}\",node=\"{n}\"}} {c}\n"));
+        }
+        out.push_str(
+            "# HELP halo_cluster_pending Replicas of each service not ready yet.\n# TYPE halo_cluster_pending gauge\n",
+        );
+        for s in &self.services {
+            out.push_str(&format!("halo_cluster_pending{{service=\"{}\"}} {}\n", s.name, s.pending));
+        }
+        out.push_str("# HELP halo_cluster_view_revision Store revision this node's view is at.\n# TYPE halo_cluster_view_revision gauge\n");
+        out.push_str(&format!("halo_cluster_view_revision {}\n", self.view.revision));
+        out.push_str("# HELP halo_cluster_view_stale_seconds How long this node's view has not followed the store (0: watching).\n# TYPE halo_cluster_view_stale_seconds gauge\n");
+        out.push_str(&format!("halo_cluster_view_stale_seconds {:.3}\n", self.view.stale_ms as f64 / 1000.0));
+        out
+    }
+}
