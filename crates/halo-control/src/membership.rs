@@ -85,7 +85,9 @@ impl Membership {
     /// and, if it led, another node can be elected without waiting.
     pub async fn leave(&self) {
         self.leaving.store(true, Ordering::SeqCst);
-        self.step_down("leaving the cluster");
+        if self.token.swap(0, Ordering::SeqCst) > 0 {
+            tracing::info!("no longer leading: leaving the cluster");
+        }
         let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(lease) = lease {
             if let Err(e) = self.store.revoke(lease).await {

@@ -425,3 +425,29 @@ async fn up_without_a_file_flag_reads_halo_toml_in_the_working_directory() {
     all_ready(&h, "demo", 1).await;
     assert_eq!(Client::new().get(&h.url("http", "/")).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_names_cannot_leave_the_log_directory() {
+    let h = Halo::up(BIN, &node(1)).unwrap();
+    all_ready(&h, "demo", 1).await;
+    let get = |path: &str| {
+        Request::get(h.api_url(path))
+            .header("authorization", format!("Bearer {}", h.token()))
+            .body(Full::default())
+            .unwrap()
+    };
+    let c = Client::new();
+    // `..%2F..` decodes to a path that would climb out of logs/.
+    let r = c.send(get("/v1/services/..%2F..%2Fetc/logs")).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("lowercase letters, digits and '-'"), "{}", r.body);
+    let r = c.send(get("/v1/services/demo/logs?instance=..%2F..%2Ftoken")).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("not an instance id"), "{}", r.body);
+    // Reading the logs of a service with none creates nothing.
+    let r = c.send(get("/v1/services/nothing-here/logs")).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(!h.data_dir.as_ref().unwrap().join("logs/nothing-here").exists(), "a read created a directory");
+    let r = c.send(get("/v1/services/demo/logs?lines=5")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
