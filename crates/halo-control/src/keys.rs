@@ -21,6 +21,7 @@ use halo_model::ServiceFile;
 use halo_store::Revision;
 use serde::{Deserialize, Serialize};
 
+use crate::fnv::fnv64;
 use crate::scheduler::Placement;
 
 /// Everything the control plane keeps is under this prefix.
@@ -134,9 +135,4 @@ pub struct InstanceRecord {
     pub template: String,
     pub pid: Option<i32>,
     pub start_time: Option<u64>,
-}
-
-/// FNV-1a: stable across runs and builds, unlike std's hasher.
-fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

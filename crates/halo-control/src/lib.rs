@@ -9,6 +9,7 @@
 
 mod config;
 mod endpoints;
+mod fnv;
 pub mod keys;
 pub mod leader;
 pub mod membership;

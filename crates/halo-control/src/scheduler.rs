@@ -20,6 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::fnv::{FnvMap as HashMap, FnvSet as HashSet};
+
 use serde::{Deserialize, Serialize};
 
 /// A live member of the cluster, as the scheduler sees it.
@@ -77,25 +79,33 @@ impl Plan {
     }
 }
 
-/// Computes the plan for `snap`.
+/// Computes the plan for `snap`. Placements are grouped by service once
+/// and eligible nodes are kept ordered by load per zone, so a plan costs
+/// about O(placements + added x zones x replicas), not O(services x
+/// placements) (see `benches/scheduler.rs`).
 pub fn schedule(snap: &Snapshot) -> Plan {
     let mut plan = Plan::default();
-    // Load per node, kept up to date as the plan adds and removes.
-    let mut load: BTreeMap<&str, u32> = snap.nodes.keys().map(|n| (n.as_str(), 0)).collect();
-    let mut gone = BTreeSet::new();
+    let nodes: HashMap<&str, &NodeInfo> = snap.nodes.iter().map(|(n, i)| (n.as_str(), i)).collect();
+    let services: HashSet<&str> = snap.services.keys().map(String::as_str).collect();
+    let mut load: HashMap<&str, u32> = nodes.keys().map(|n| (*n, 0)).collect();
+    let mut by_service: HashMap<&str, Vec<&Placement>> =
+        HashMap::with_capacity_and_hasher(services.len(), Default::default());
     for (id, p) in &snap.placements {
-        if !snap.nodes.contains_key(&p.node) || !snap.services.contains_key(&p.service) {
-            gone.insert(id.clone());
-        } else {
-            *load.get_mut(p.node.as_str()).expect("live node") += 1;
+        match load.get_mut(p.node.as_str()) {
+            Some(l) if services.contains(p.service.as_str()) => {
+                *l += 1;
+                by_service.entry(p.service.as_str()).or_default().push(p);
+            }
+            _ => plan.remove.push(id.clone()),
         }
     }
-    plan.remove.extend(gone.iter().cloned());
+    let any_draining = nodes.values().any(|n| n.draining);
+    let mut fleet = Fleet::new(nodes, load);
     let mut seq = 0u32;
     for (name, want) in &snap.services {
-        let mine: Vec<&Placement> =
-            snap.placements.values().filter(|p| &p.service == name && !gone.contains(&p.id)).collect();
-        let displaced = |p: &Placement| p.template != want.template || snap.nodes[&p.node].draining;
+        let mine = by_service.remove(name.as_str()).unwrap_or_default();
+        let displaced =
+            |p: &Placement| p.template != want.template || (any_draining && fleet.nodes[p.node.as_str()].draining);
         let (old, mut keep): (Vec<&Placement>, Vec<&Placement>) = mine.into_iter().partition(|p| displaced(p));
         let target = want.replicas as usize;
         let is_ready = |p: &Placement| snap.ready.contains(&p.id);
@@ -111,7 +121,7 @@ pub fn schedule(snap: &Snapshot) -> Plan {
             });
             for p in keep.drain(..keep.len() - target) {
                 plan.remove.push(p.id.clone());
-                *load.get_mut(p.node.as_str()).expect("live node") -= 1;
+                fleet.add(&p.node, -1);
             }
         }
         // Add: everything missing, except that a template change rolls
@@ -122,22 +132,26 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         let mut placed_here: Vec<Placement> = Vec::new();
         for _ in 0..adds {
             let counted = keep.iter().copied().chain(placed_here.iter());
-            let Some(node) = pick_node(snap, &load, counted) else {
+            let Some(node) = fleet.pick(counted) else {
                 *plan.unplaced.entry(name.clone()).or_insert(0) += (missing - placed_here.len()) as u32;
                 break;
             };
-            *load.get_mut(node.as_str()).expect("live node") += 1;
+            fleet.add(node, 1);
             placed_here.push(Placement {
                 id: format!("{name}-{:x}-{seq:x}", snap.revision),
                 service: name.clone(),
                 template: want.template.clone(),
-                node,
+                node: node.to_string(),
             });
             seq += 1;
         }
         // Remove displaced placements while capacity allows: a not-ready
         // one carries no traffic; a ready one goes only if enough others
         // are ready.
+        if old.is_empty() {
+            plan.add.extend(placed_here);
+            continue;
+        }
         let mut ready_total = keep.iter().chain(&old).filter(|p| is_ready(p)).count();
         let mut old_sorted = old.clone();
         old_sorted.sort_by_key(|p| (is_ready(p), p.id.clone()));
@@ -154,33 +168,70 @@ pub fn schedule(snap: &Snapshot) -> Plan {
     plan
 }
 
-/// The node for one more placement of a service whose placements are
-/// `counted`: fewest of the service in the zone, then on the node, then
-/// the least loaded node, then by name. `None` when every node is full or
-/// draining.
-fn pick_node<'a>(
-    snap: &Snapshot,
-    load: &BTreeMap<&str, u32>,
-    counted: impl Iterator<Item = &'a Placement>,
-) -> Option<String> {
-    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-    let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
-    for p in counted {
-        *per_node.entry(p.node.as_str()).or_default() += 1;
-        *per_zone.entry(snap.nodes[&p.node].zone.as_str()).or_default() += 1;
+/// Live nodes with their load as the plan changes it, and the ones that
+/// take more placements (not draining, below capacity) ordered by (load,
+/// name) in each zone.
+struct Fleet<'a> {
+    nodes: HashMap<&'a str, &'a NodeInfo>,
+    load: HashMap<&'a str, u32>,
+    open: BTreeMap<&'a str, BTreeSet<(u32, &'a str)>>,
+}
+
+impl<'a> Fleet<'a> {
+    fn new(nodes: HashMap<&'a str, &'a NodeInfo>, load: HashMap<&'a str, u32>) -> Fleet<'a> {
+        let mut open: BTreeMap<&str, BTreeSet<(u32, &str)>> = BTreeMap::new();
+        for (name, info) in &nodes {
+            let zone = open.entry(info.zone.as_str()).or_default();
+            if !info.draining && load[name] < info.capacity {
+                zone.insert((load[name], name));
+            }
+        }
+        Fleet { nodes, load, open }
     }
-    snap.nodes
-        .iter()
-        .filter(|(n, info)| !info.draining && load[n.as_str()] < info.capacity)
-        .min_by_key(|(n, info)| {
-            (
-                per_zone.get(info.zone.as_str()).copied().unwrap_or(0),
-                per_node.get(n.as_str()).copied().unwrap_or(0),
-                load[n.as_str()],
-                n.as_str(),
-            )
-        })
-        .map(|(n, _)| n.clone())
+
+    /// Changes `node`'s load by `delta` (a live node).
+    fn add(&mut self, node: &str, delta: i32) {
+        let (&name, info) = self.nodes.get_key_value(node).expect("live node");
+        let load = self.load.get_mut(node).expect("live node");
+        let zone = self.open.get_mut(info.zone.as_str()).expect("zone of a live node");
+        zone.remove(&(*load, name));
+        *load = load.saturating_add_signed(delta);
+        if !info.draining && *load < info.capacity {
+            zone.insert((*load, name));
+        }
+    }
+
+    /// The node for one more placement of a service whose placements are
+    /// `counted`: fewest of the service in the zone, then on the node, then
+    /// the least loaded node, then by name. `None` when every node is full
+    /// or draining.
+    fn pick<'p>(&self, counted: impl Iterator<Item = &'p Placement>) -> Option<&'a str> {
+        let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
+        for p in counted {
+            *per_node.entry(p.node.as_str()).or_default() += 1;
+            *per_zone.entry(self.nodes[p.node.as_str()].zone.as_str()).or_default() += 1;
+        }
+        let mut best: Option<(u32, u32, u32, &'a str)> = None;
+        for (zone, open) in &self.open {
+            let zc = per_zone.get(zone).copied().unwrap_or(0);
+            if best.is_some_and(|b| zc > b.0) {
+                continue;
+            }
+            // The least loaded open node without the service: at most as
+            // many skipped as the service has nodes.
+            let mut cand = open.iter().find(|(_, n)| !per_node.contains_key(n)).map(|&(l, n)| (zc, 0, l, n));
+            if cand.is_none() {
+                // Every open node of the zone has the service: fewest first.
+                cand = open.iter().map(|&(l, n)| (zc, per_node[n], l, n)).min();
+            }
+            best = match (best, cand) {
+                (Some(b), Some(c)) => Some(b.min(c)),
+                (b, c) => b.or(c),
+            };
+        }
+        best.map(|b| b.3)
+    }
 }
 
 #[cfg(test)]
