@@ -33,22 +33,24 @@ const COMPACT_EVERY: Duration = Duration::from_secs(60);
 const OPS_PER_TXN: usize = 100;
 
 /// Campaigns for leadership and, while this node leads, runs the leader
-/// loop; follows the leader key otherwise.
+/// loop. Whether the key is taken, and by whom, comes from the view: a
+/// node campaigns only when [`campaign`] says so, so an idle cluster costs
+/// the store no polling.
 pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
     loop {
         let tick = tokio::time::sleep(Duration::from_millis(250));
+        let watching = view.freshness().watching;
+        let leader = view.current().leader.clone();
         if let Some(token) = m.leading() {
             // Renewed lately? A leader that is not renewing steps down
             // before its lease can expire and another be elected.
             let renewed = *m.last_renewed.lock().unwrap_or_else(|e| e.into_inner());
             if renewed.is_none_or(|t| t.elapsed() > m.cfg.lease_ttl * 2 / 3) {
                 m.step_down("lease not renewed in time");
-            } else if let Ok(kv) = m.store.get(LEADER).await {
-                if kv.is_none_or(|kv| kv.create_revision != token) {
-                    m.step_down("the leader key changed");
-                }
+            } else if watching && view.current().revision >= token && leader.is_none_or(|(_, t)| t != token) {
+                m.step_down("the leader key changed");
             }
-        } else if let Some(lease) = m.lease() {
+        } else if let Some(lease) = m.lease().filter(|_| campaign(watching, leader.as_ref(), &m.cfg.node)) {
             let me = m.cfg.node.as_bytes().to_vec();
             let txn = Txn::new().when(Compare::absent(LEADER)).and_then(TxnOp::put(LEADER, me.clone(), Some(lease)));
             match m.store.txn(txn).await {
@@ -65,9 +67,18 @@ pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
                 }
                 Err(e) => tracing::debug!(error = %e, "campaign failed"),
             }
+        } else if let Some((_, token)) = &leader {
+            m.see_token(*token);
         }
         tick.await;
     }
+}
+
+/// Whether to try for the key: it is free, or the view cannot say, or it
+/// names this node (a leader that stepped down while its lease lived takes
+/// it back under the same token, as the campaign's failure branch checks).
+fn campaign(watching: bool, leader: Option<&(String, Revision)>, me: &str) -> bool {
+    !watching || leader.is_none_or(|(name, _)| name == me)
 }
 
 fn lead(m: &Arc<Membership>, view: &Arc<View>, token: Revision) {

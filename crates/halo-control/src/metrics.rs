@@ -91,3 +91,13 @@ pub(crate) fn instances(statuses: &[Status]) -> String {
     }
     out
 }
+
+/// Store requests this node made, by operation.
+pub(crate) fn store_requests(counts: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    metric(&mut out, "halo_store_requests_total", "counter", "Requests this node made to the store, by operation.");
+    for (op, n) in counts {
+        let _ = writeln!(out, "halo_store_requests_total{{op=\"{op}\"}} {n}");
+    }
+    out
+}

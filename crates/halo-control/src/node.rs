@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use halo_model::{ServiceFile, SpecErrors};
 use halo_proxy::Proxy;
-use halo_store::{Compare, Store, StoreError, Txn, TxnOp};
+use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Env, LogFile, Status};
 use serde::Serialize;
 
@@ -116,6 +116,8 @@ impl NodeOptions {
 #[derive(Clone)]
 pub struct Node {
     r: Arc<Reconciler>,
+    /// Every store request this node makes, counted.
+    requests: Arc<Counted>,
 }
 
 impl Node {
@@ -125,6 +127,8 @@ impl Node {
     /// not have, then campaigns (the leader runs the scheduler) and runs
     /// what is assigned to this node.
     pub async fn start(cfg: NodeConfig, opts: NodeOptions, store: Arc<dyn Store>) -> Result<Node, NodeError> {
+        let requests = Arc::new(Counted::new(store));
+        let store: Arc<dyn Store> = requests.clone();
         migrate(&*store, &opts.cluster.node).await?;
         let proxy = Proxy::start(cfg.proxy.clone(), None).await.map_err(|e| NodeError::Start(e.to_string()))?;
         let m = Arc::new(Membership::new(opts.cluster.clone(), opts.api, store.clone()));
@@ -141,7 +145,7 @@ impl Node {
         });
         let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
         let r = Arc::new(Reconciler::new(store, view.clone(), m.clone(), feed, env, opts.data_dir));
-        let node = Node { r };
+        let node = Node { r, requests };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         tokio::spawn(m.clone().run_lease());
@@ -347,6 +351,7 @@ impl Node {
     pub fn metrics(&self) -> String {
         let mut out = crate::metrics::node(&self.r.m, &self.r.view);
         out.push_str(&crate::metrics::instances(&self.statuses()));
+        out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
         out.push_str(&self.cluster().metrics());
         out
     }

@@ -9,6 +9,7 @@
 //! redb, [`EtcdStore`] on an etcd v3 cluster. Both must
 //! pass the conformance suite in [`conformance`] (feature `conformance`).
 
+mod counted;
 mod embedded;
 mod etcd;
 mod types;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use counted::Counted;
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
 pub use types::{
