@@ -3,16 +3,18 @@
 //! `&str` -> [`ServiceFile`] (serde, unknown fields refused) ->
 //! [`ServiceFile::validate`] -> [`ServiceSpec`]. Only the validated spec
 //! drives the supervisor and the proxy; every error names the field and
-//! what is accepted. The balancing options reuse the data plane's own types
-//! and parsers (`halo_proxy::config`), so a policy name means the same in a
-//! service file as in a proxy file. No I/O here.
+//! what is accepted. The value types the data plane shares ([`values`]:
+//! policy, hash key, timeouts, retry policy, durations) live here and the
+//! proxy's config reuses them, so a policy name means the same in a service
+//! file as in a proxy file. No I/O here.
 
 mod file;
+pub mod values;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use halo_proxy::config::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
+use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
 
 pub use file::{BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection};
 

@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue, Method};
 use self::file::{FileConfig, HealthSection, OutlierSection, RouteSection, UpstreamSection};
 use self::locate::Locator;
 pub use self::types::*;
+pub use halo_model::values::parse_duration;
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,30 +74,6 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     } else {
         Err(ConfigErrors(v.errors))
     }
-}
-
-/// Parses a duration such as `250ms`, `5s`, `2m`, `1h`; `0` means zero.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("'{s}' has no unit; use ms, s, m or h, as in \"500ms\" or \"5s\""))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration; use a number and a unit, as in \"5s\""))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}'; accepted: ms, s, m, h")),
-    };
-    if !(0.0..=86400.0 * 365.0).contains(&secs) {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 struct Validator<'a> {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
+
 /// A complete, validated proxy configuration (one immutable snapshot).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -84,54 +86,6 @@ pub enum OverrideMatch {
     Cookie(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    /// From the request being sent to the response head arriving.
-    pub first_byte: Option<Duration>,
-    /// The whole exchange, response body included.
-    pub request: Option<Duration>,
-    /// Longest silence while the response body streams.
-    pub idle: Option<Duration>,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(3),
-            first_byte: Some(Duration::from_secs(30)),
-            request: None,
-            idle: Some(Duration::from_secs(60)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetryPolicy {
-    /// Retries after the first try (0 turns retries off).
-    pub attempts: u32,
-    /// Response statuses retried for idempotent methods.
-    pub statuses: Vec<u16>,
-    /// Share of recent requests that may be retries.
-    pub budget_ratio: f64,
-    /// Retries always allowed per second, whatever the ratio.
-    pub budget_min_per_sec: u32,
-    /// Request bodies up to this size are kept for replay.
-    pub body_cap: usize,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts: 2,
-            statuses: vec![502, 503, 504],
-            budget_ratio: 0.2,
-            budget_min_per_sec: 10,
-            body_cap: 64 * 1024,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -151,57 +105,6 @@ pub struct UpstreamConfig {
 pub struct EndpointConfig {
     pub addr: SocketAddr,
     pub weight: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    RoundRobin,
-    LeastRequest,
-    P2cEwma,
-    Random,
-    ConsistentHash,
-}
-
-impl std::str::FromStr for Policy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Policy, String> {
-        Ok(match s {
-            "round_robin" => Policy::RoundRobin,
-            "least_request" => Policy::LeastRequest,
-            "p2c_ewma" => Policy::P2cEwma,
-            "random" => Policy::Random,
-            "consistent_hash" => Policy::ConsistentHash,
-            other => {
-                return Err(format!(
-                    "unknown policy '{other}'; accepted: round_robin, least_request, p2c_ewma, random, consistent_hash"
-                ))
-            }
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashKey {
-    Header(HeaderName),
-    Cookie(String),
-    SourceIp,
-    Path,
-}
-
-impl std::str::FromStr for HashKey {
-    type Err = String;
-
-    fn from_str(k: &str) -> Result<HashKey, String> {
-        let parsed = match k.split_once(':') {
-            Some(("header", h)) => HeaderName::try_from(h).ok().map(HashKey::Header),
-            Some(("cookie", c)) if !c.is_empty() => Some(HashKey::Cookie(c.to_string())),
-            None if k == "source_ip" => Some(HashKey::SourceIp),
-            None if k == "path" => Some(HashKey::Path),
-            _ => None,
-        };
-        parsed.ok_or_else(|| format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
