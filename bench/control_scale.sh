@@ -35,6 +35,18 @@ else
   HALO=$PWD/target/release/halo
 fi
 
+# kill_instances_of DIR_REGEX: kill -9 of every process whose environment
+# has HALO_DATA_DIR matching it (instances outlive a killed agent).
+kill_instances_of() {
+  local e p
+  for e in /proc/[0-9]*/environ; do
+    if grep -qsaz "^HALO_DATA_DIR=$1\$" "$e"; then
+      p=${e#/proc/}
+      kill -9 "${p%/environ}" 2>/dev/null || true
+    fi
+  done
+}
+
 cleanup() {
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for _ in $(seq 1 100); do
@@ -45,11 +57,7 @@ cleanup() {
   done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   # Instances of a killed agent outlive it by design: end them too.
-  for e in /proc/[0-9]*/environ; do
-    if tr '\0' '\n' <"$e" 2>/dev/null | grep -q "^HALO_DATA_DIR=$OUT/"; then
-      p=${e#/proc/}; kill -9 "${p%/environ}" 2>/dev/null || true
-    fi
-  done
+  kill_instances_of "$OUT/[^/]*"
   rm -rf "$OUT"
 }
 trap cleanup EXIT
@@ -179,11 +187,7 @@ observer=$((victim % AGENTS + 1))
 [ "n$observer" = "n$victim" ] && observer=3
 tl=$(now)
 kill -9 "${AGENT_PID[$victim]}"
-for e in /proc/[0-9]*/environ; do
-  if tr '\0' '\n' <"$e" 2>/dev/null | grep -q "^HALO_DATA_DIR=$OUT/n$victim$"; then
-    p=${e#/proc/}; kill -9 "${p%/environ}" 2>/dev/null || true
-  fi
-done
+kill_instances_of "$OUT/n$victim"
 ready_on() { api "http://$(addr "$observer"):7070/v1/nodes" | jq "[.placements[] | select(.ready and .node != \"n$victim\")] | length"; }
 deadline=$(($(date +%s) + 120))
 until [ "$(ready_on)" = "$((TOTAL + 1))" ]; do

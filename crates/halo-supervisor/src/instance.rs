@@ -11,9 +11,9 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::driver::{Exit, Handle, Workload};
 use crate::logs::LogFile;
 use crate::probe::{check_once, Tally, Verdict};
-use crate::process::{Exit, Proc};
 use crate::Env;
 
 /// What the node asks the supervisor to run.
@@ -160,26 +160,23 @@ impl Run {
         let mut recent: VecDeque<Instant> = VecDeque::new();
         let mut failures_in_a_row: u32 = 0;
         loop {
-            let proc = match adopt.take().and_then(|(pid, t)| Proc::adopt(pid, t)) {
+            let driver = self.env.driver.clone();
+            let adopted = adopt.take().and_then(|(pid, start_time)| driver.adopt(Handle { pid, start_time }));
+            let proc = match adopted {
                 Some(p) => Ok(p),
                 None => {
                     self.ensure_port_free();
-                    Proc::spawn(
-                        &spec.run,
-                        (self.env.host, self.spec.port),
-                        &self.log.path,
-                        &self.env.halo_exe,
-                        &self.spec.id,
-                    )
+                    driver.start(&spec.run, (self.env.host, self.spec.port), &self.log.path, &self.spec.id)
                 }
             };
             let started = Instant::now();
             let outcome = match proc {
                 Ok(mut proc) => {
+                    let h = proc.handle();
                     self.set(|s| {
                         s.state = State::Starting;
-                        s.pid = Some(proc.pid);
-                        s.start_time = Some(proc.start_time);
+                        s.pid = Some(h.pid);
+                        s.start_time = Some(h.start_time);
                     });
                     let outcome = self.watch(&mut proc).await;
                     self.set(|s| s.ready = false);
@@ -278,7 +275,7 @@ impl Run {
     }
 
     /// Runs until the process exits, fails its probes, or a stop is asked.
-    async fn watch(&mut self, proc: &mut Proc) -> Outcome {
+    async fn watch(&mut self, proc: &mut Box<dyn Workload>) -> Outcome {
         let spec = self.spec.spec.clone();
         let port = self.spec.port;
         let rotate = async {

@@ -1,7 +1,8 @@
 //! Running a node's instances.
 //!
-//! Each instance is a process in its own process group, with its output in
-//! a size-capped log file, supervised by one task ([`Instance`]): startup,
+//! Each instance is a workload of a [`Driver`] (the [`ExecDriver`]: a
+//! process in its own process group) with its output in a size-capped log
+//! file, supervised by one task ([`Instance`]): startup,
 //! readiness and liveness probes; restart with exponential backoff and a
 //! crash-loop state; a stop that drains, signals, waits the grace period
 //! and kills the whole group. The supervisor knows nothing of other nodes
@@ -9,6 +10,7 @@
 //! A process outlives halo (kill -9 of halo leaves it running) and is
 //! adopted back by pid plus start time ([`Instance::start`] with `adopt`).
 
+mod driver;
 mod instance;
 mod logs;
 mod probe;
@@ -16,18 +18,19 @@ mod process;
 
 use std::path::PathBuf;
 
+pub use driver::{Driver, Exit, Handle, Workload};
 pub use instance::{Instance, InstanceSpec, ProbeFailures, State, Status};
 pub use logs::LogFile;
 pub use probe::check_once;
-pub use process::{alive, start_time};
+pub use process::{alive, start_time, ExecDriver};
 
 /// What every instance of a node shares.
 #[derive(Debug, Clone)]
 pub struct Env {
     /// Instance logs go to `logs_dir/SERVICE/INSTANCE.log`.
     pub logs_dir: PathBuf,
-    /// What `command = "halo"` runs: this halo binary.
-    pub halo_exe: PathBuf,
+    /// What runs the instances.
+    pub driver: std::sync::Arc<dyn Driver>,
     /// A log file past this many bytes is rotated.
     pub log_cap: u64,
     /// The address instances are told to listen on (`HOST`, with `PORT`):

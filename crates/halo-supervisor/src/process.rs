@@ -1,15 +1,47 @@
-//! One OS process of an instance: spawn it in its own process group with
-//! its output in a log file, recognise it again after a halo restart (pid
-//! plus start time from `/proc`), signal its whole group, wait for it.
+//! The exec driver: each run of an instance is one OS process in its own
+//! process group with its output in a log file, recognised again after a
+//! halo restart by pid plus start time from `/proc`; signals go to its
+//! whole group.
 
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use halo_model::RunSpec;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+
+use crate::driver::{Driver, Exit, Handle, Workload};
+
+/// Runs instances as processes. `command = "halo"` runs `halo_exe`, this
+/// halo binary.
+#[derive(Debug, Clone)]
+pub struct ExecDriver {
+    pub halo_exe: PathBuf,
+}
+
+impl Driver for ExecDriver {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+
+    fn start(
+        &self,
+        run: &RunSpec,
+        addr: (IpAddr, u16),
+        log: &Path,
+        instance: &str,
+    ) -> std::io::Result<Box<dyn Workload>> {
+        Ok(Box::new(Proc::spawn(run, addr, log, &self.halo_exe, instance)?))
+    }
+
+    fn adopt(&self, handle: Handle) -> Option<Box<dyn Workload>> {
+        Proc::adopt(handle.pid, handle.start_time).map(|p| Box::new(p) as Box<dyn Workload>)
+    }
+}
 
 /// A running process we started, or one we adopted after a restart.
 pub struct Proc {
@@ -18,13 +50,6 @@ pub struct Proc {
     /// with the pid, what identifies this process and no later one.
     pub start_time: u64,
     child: Option<tokio::process::Child>,
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
-    pub success: bool,
-    pub detail: String,
 }
 
 impl Proc {
@@ -65,10 +90,17 @@ impl Proc {
     pub fn adopt(pid: i32, start_time: u64) -> Option<Proc> {
         alive(pid, start_time).then_some(Proc { pid, start_time, child: None })
     }
+}
+
+#[async_trait]
+impl Workload for Proc {
+    fn handle(&self) -> Handle {
+        Handle { pid: self.pid, start_time: self.start_time }
+    }
 
     /// Waits for the process to end. An adopted process is not our child:
     /// it is polled through `/proc`.
-    pub async fn wait(&mut self) -> Exit {
+    async fn wait(&mut self) -> Exit {
         match &mut self.child {
             Some(child) => match child.wait().await {
                 Ok(status) => Exit { success: status.success(), detail: describe(status) },
@@ -84,7 +116,7 @@ impl Proc {
     }
 
     /// Sends `sig` to the whole process group. A group already gone is fine.
-    pub fn signal(&self, sig: Signal) {
+    fn signal(&self, sig: Signal) {
         match killpg(Pid::from_raw(self.pid), sig) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
             Err(e) => tracing::warn!(pid = self.pid, signal = ?sig, error = %e, "signalling process group failed"),
@@ -93,7 +125,7 @@ impl Proc {
 
     /// Stop: `sig` (and SIGCONT, so a frozen process can act on it), then
     /// SIGKILL of the group after `grace` if the process is still there.
-    pub async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit {
+    async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit {
         self.signal(sig);
         self.signal(Signal::SIGCONT);
         let exit = match tokio::time::timeout(grace, self.wait()).await {

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_supervisor::{Env, Instance, InstanceSpec, State};
+use halo_supervisor::{Env, ExecDriver, Instance, InstanceSpec, State};
 use halo_testkit::{eventually, TempDir};
 
 fn env(dir: &TempDir) -> Arc<Env> {
     Arc::new(Env {
         logs_dir: dir.0.join("logs"),
-        halo_exe: "/bin/false".into(),
+        driver: Arc::new(ExecDriver { halo_exe: "/bin/false".into() }),
         log_cap: 1 << 20,
         host: [127, 0, 0, 1].into(),
     })
