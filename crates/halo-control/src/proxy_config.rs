@@ -1,7 +1,7 @@
 //! What the control plane feeds the proxy: the node file's own proxy
 //! config plus, per service, one upstream (its ready endpoints on every
-//! node) and its routes. Installed only when a service's template or its
-//! endpoints changed.
+//! node) and its routes. A new config only when services or their
+//! templates change; endpoint changes are fed per upstream.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,16 +17,25 @@ pub(crate) struct ProxyFeed {
     pub proxy: Arc<Proxy>,
     /// The node file's proxy config: listeners, static routes and upstreams.
     pub base: Config,
-    published: Mutex<Option<BTreeMap<String, Vec<EndpointConfig>>>>,
+    published: Mutex<Published>,
+}
+
+#[derive(Default)]
+struct Published {
+    /// Each service's template: what its routes and upstream were built
+    /// from (`None`: nothing installed yet, or the last install failed).
+    layout: Option<BTreeMap<String, String>>,
+    endpoints: BTreeMap<String, Vec<EndpointConfig>>,
 }
 
 impl ProxyFeed {
     pub fn new(proxy: Arc<Proxy>, base: Config) -> ProxyFeed {
-        ProxyFeed { proxy, base, published: Mutex::new(None) }
+        ProxyFeed { proxy, base, published: Mutex::default() }
     }
 
-    /// Installs `services` with `endpoints` (by service) if either changed
-    /// since the last call.
+    /// Feeds the proxy `services` with `endpoints` (by service): a new
+    /// config when a service came, went or changed its template; otherwise
+    /// only the endpoint sets that changed, one upstream at a time.
     pub fn publish(&self, services: &BTreeMap<String, Arc<Svc>>, mut endpoints: BTreeMap<String, Vec<SocketAddr>>) {
         let eps: BTreeMap<String, Vec<EndpointConfig>> = services
             .keys()
@@ -41,15 +50,28 @@ impl ProxyFeed {
                 (name.clone(), list)
             })
             .collect();
-        let key: BTreeMap<String, Vec<EndpointConfig>> =
-            eps.iter().map(|(k, v)| (format!("{k}@{}", services[k].template), v.clone())).collect();
+        let layout: BTreeMap<String, String> = services.iter().map(|(n, s)| (n.clone(), s.template.clone())).collect();
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        if published.as_ref() == Some(&key) {
+        if published.layout.as_ref() != Some(&layout) {
+            match self.proxy.reload(proxy_config(&self.base, services, eps.clone())) {
+                Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },
+                Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
+            }
             return;
         }
-        match self.proxy.reload(proxy_config(&self.base, services, eps)) {
-            Ok(()) => *published = Some(key),
-            Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
+        for (name, list) in eps {
+            if published.endpoints.get(&name) == Some(&list) {
+                continue;
+            }
+            match self.proxy.set_endpoints(&name, list.clone()) {
+                Ok(()) => {
+                    published.endpoints.insert(name, list);
+                }
+                Err(e) => {
+                    tracing::error!(service = %name, error = %e, "updating the proxy's endpoints failed");
+                    published.layout = None;
+                }
+            }
         }
     }
 }

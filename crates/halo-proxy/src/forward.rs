@@ -207,7 +207,7 @@ async fn attempts(
                 // Another try is only worth it when there is somewhere else to
                 // go; otherwise the client gets this response as it is.
                 let again =
-                    retry_status && safe && attempt < policy.attempts && has_other(group, &tried[..=attempt as usize]);
+                    retry_status && safe && attempt < policy.attempts && has_other(&group, &tried[..=attempt as usize]);
                 if !again || !retry_granted(route) {
                     return Ok(Exchange { resp, conn, inflight, set_cookie });
                 }

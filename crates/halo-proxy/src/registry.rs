@@ -18,7 +18,7 @@ use crate::health;
 use crate::metrics::{ListenerStats, RouteStats};
 use crate::retry::RetryBudget;
 use crate::router::Route;
-use crate::upstream::Group;
+use crate::upstream::{Group, Slot};
 
 #[derive(Default)]
 pub struct RouteRuntime {
@@ -26,9 +26,11 @@ pub struct RouteRuntime {
     pub budget: RetryBudget,
 }
 
+type EndpointMap = HashMap<(String, SocketAddr), Arc<Endpoint>>;
+
 #[derive(Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<(String, SocketAddr), Arc<Endpoint>>>,
+    endpoints: Mutex<EndpointMap>,
     routes: Mutex<HashMap<String, Arc<RouteRuntime>>>,
     pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
     /// The runtime that runs health checks (the control runtime).
@@ -39,7 +41,7 @@ pub struct Registry {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub routes: Vec<Route>,
-    pub groups: HashMap<String, Arc<Group>>,
+    pub groups: HashMap<String, Arc<Slot>>,
 }
 
 impl Registry {
@@ -50,37 +52,15 @@ impl Registry {
     /// Builds the snapshot for `config`, creating state for new endpoints and
     /// routes and forgetting state for the ones that left.
     pub fn build(&self, config: Arc<Config>) -> Snapshot {
-        let groups: HashMap<String, Arc<Group>> = {
+        let groups: HashMap<String, Arc<Slot>> = {
             let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
             let mut keep = HashMap::new();
             let groups = config
                 .upstreams
                 .values()
                 .map(|u| {
-                    let u = Arc::new(u.clone());
-                    let list = u
-                        .endpoints
-                        .iter()
-                        .map(|e| {
-                            let key = (u.name.clone(), e.addr);
-                            // A protocol change needs a new pool, so a new endpoint.
-                            let kept = eps.remove(&key).filter(|ep| ep.settings.load().protocol == u.protocol);
-                            let ep = match kept {
-                                Some(ep) => {
-                                    update_endpoint(&ep, &u, e.weight);
-                                    ep
-                                }
-                                None => {
-                                    let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
-                                    health::spawn_checker(&ep, self.control.get());
-                                    ep
-                                }
-                            };
-                            keep.insert(key, ep.clone());
-                            ep
-                        })
-                        .collect();
-                    (u.name.clone(), Arc::new(Group::new(u, list)))
+                    let group = self.group(&mut eps, &mut keep, Arc::new(u.clone()));
+                    (u.name.clone(), Arc::new(Slot::from_pointee(group)))
                 })
                 .collect();
             for ((up, addr), _) in eps.drain() {
@@ -97,7 +77,7 @@ impl Registry {
             .map(|r| {
                 let rt = rts.remove(&r.name).unwrap_or_default();
                 keep_rts.insert(r.name.clone(), rt.clone());
-                let split: Vec<(Arc<Group>, u32)> = r.split.iter().map(|(u, w)| (groups[u].clone(), *w)).collect();
+                let split: Vec<(Arc<Slot>, u32)> = r.split.iter().map(|(u, w)| (groups[u].clone(), *w)).collect();
                 Route {
                     total_weight: split.iter().map(|(_, w)| u64::from(*w)).sum(),
                     split,
@@ -113,6 +93,51 @@ impl Registry {
             .collect();
         *rts = keep_rts;
         Snapshot { config, routes, groups }
+    }
+
+    /// The group of one upstream whose endpoints changed, keeping the
+    /// state of the endpoints it still has.
+    pub fn regroup(&self, u: Arc<UpstreamConfig>) -> Group {
+        let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keep = HashMap::new();
+        let group = self.group(&mut eps, &mut keep, u.clone());
+        eps.retain(|(up, addr), _| {
+            let gone = *up == u.name;
+            if gone {
+                tracing::info!(upstream = %up, endpoint = %addr, "endpoint removed; draining its in-flight requests");
+            }
+            !gone
+        });
+        eps.extend(keep);
+        group
+    }
+
+    /// `u`'s group: endpoints taken from `eps` (state kept) or created,
+    /// and put in `keep`.
+    fn group(&self, eps: &mut EndpointMap, keep: &mut EndpointMap, u: Arc<UpstreamConfig>) -> Group {
+        let list = u
+            .endpoints
+            .iter()
+            .map(|e| {
+                let key = (u.name.clone(), e.addr);
+                // A protocol change needs a new pool, so a new endpoint.
+                let kept = eps.remove(&key).filter(|ep| ep.settings.load().protocol == u.protocol);
+                let ep = match kept {
+                    Some(ep) => {
+                        update_endpoint(&ep, &u, e.weight);
+                        ep
+                    }
+                    None => {
+                        let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
+                        health::spawn_checker(&ep, self.control.get());
+                        ep
+                    }
+                };
+                keep.insert(key, ep.clone());
+                ep
+            })
+            .collect();
+        Group::new(u, list)
     }
 
     pub fn route_stats(&self) -> Vec<(String, Arc<RouteRuntime>)> {

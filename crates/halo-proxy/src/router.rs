@@ -10,14 +10,14 @@ use http::request::Parts;
 
 use crate::config::{HostMatch, OverrideMatch, PathMatch, RouteConfig};
 use crate::registry::RouteRuntime;
-use crate::upstream::Group;
+use crate::upstream::{Group, Slot};
 use crate::util::rand_below;
 
 pub struct Route {
     pub cfg: RouteConfig,
-    pub split: Vec<(Arc<Group>, u32)>,
+    pub split: Vec<(Arc<Slot>, u32)>,
     pub total_weight: u64,
-    pub overrides: Vec<(OverrideMatch, String, Arc<Group>)>,
+    pub overrides: Vec<(OverrideMatch, String, Arc<Slot>)>,
     pub rt: Arc<RouteRuntime>,
 }
 
@@ -56,7 +56,11 @@ impl Route {
 
     /// The upstream group for this request: an override when one matches,
     /// else a weighted pick over the split.
-    pub fn group(&self, parts: &Parts) -> &Arc<Group> {
+    pub fn group(&self, parts: &Parts) -> Arc<Group> {
+        self.slot(parts).load_full()
+    }
+
+    fn slot(&self, parts: &Parts) -> &Arc<Slot> {
         for (m, value, g) in &self.overrides {
             let hit = match m {
                 OverrideMatch::Header(h) => parts.headers.get_all(h).iter().any(|v| v.as_bytes() == value.as_bytes()),

@@ -47,8 +47,6 @@ pub enum ReloadError {
     BindListener { name: String, addr: SocketAddr, source: std::io::Error },
     #[error("no upstream named '{0}'")]
     UnknownUpstream(String),
-    #[error("upstream '{0}' needs at least one endpoint")]
-    NoEndpoints(String),
 }
 
 /// A running proxy. Dropping it does not stop it; call [`Proxy::shutdown`].
@@ -234,16 +232,18 @@ impl Proxy {
     }
 
     /// Replaces the endpoints of one upstream: the stream of endpoint updates
-    /// the cluster feeds the proxy with.
+    /// the cluster feeds the proxy with. Only that upstream's group is
+    /// swapped (routes and every other upstream stay as they are), endpoint
+    /// state (health, pools) is kept for the addresses that stay, and an
+    /// empty set is valid: its routes answer 503 naming the upstream.
+    /// [`Proxy::config`] keeps the endpoints of the last reload.
     pub fn set_endpoints(&self, upstream: &str, endpoints: Vec<EndpointConfig>) -> Result<(), ReloadError> {
         let _g = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cfg = (*self.config()).clone();
-        let u = cfg.upstreams.get_mut(upstream).ok_or_else(|| ReloadError::UnknownUpstream(upstream.into()))?;
-        if endpoints.is_empty() {
-            return Err(ReloadError::NoEndpoints(upstream.into()));
-        }
+        let snap = self.shared.snapshot.load();
+        let slot = snap.groups.get(upstream).ok_or_else(|| ReloadError::UnknownUpstream(upstream.into()))?;
+        let mut u = (*slot.load().cfg).clone();
         u.endpoints = endpoints;
-        self.install(cfg);
+        slot.store(Arc::new(self.shared.registry.regroup(Arc::new(u))));
         Ok(())
     }
 

@@ -12,6 +12,11 @@ use crate::endpoint::Endpoint;
 use crate::router::cookie;
 use crate::util::{hash64, now_ms};
 
+/// Where routes find an upstream's current group: swapped on its own when
+/// only the upstream's endpoints change ([`crate::Proxy::set_endpoints`]),
+/// so routes, other upstreams and in-flight requests are left as they are.
+pub type Slot = arc_swap::ArcSwap<Group>;
+
 pub struct Group {
     pub cfg: Arc<UpstreamConfig>,
     pub endpoints: Vec<Arc<Endpoint>>,

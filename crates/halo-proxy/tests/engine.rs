@@ -30,8 +30,15 @@ async fn endpoint_updates_move_traffic_and_bad_ones_change_nothing() {
         assert_eq!(c.get(&url).await.unwrap().backend(), Some("b"));
     }
     assert!(matches!(proxy.set_endpoints("nope", vec![]), Err(ReloadError::UnknownUpstream(_))));
-    assert!(matches!(proxy.set_endpoints("web", vec![]), Err(ReloadError::NoEndpoints(_))));
     assert_eq!(c.get(&url).await.unwrap().backend(), Some("b"), "a refused update changed the routing");
+    // No endpoint at all (a service with no ready instance) is a valid
+    // state: 503 naming the upstream, at once; traffic returns with them.
+    proxy.set_endpoints("web", vec![]).unwrap();
+    let r = c.get(&url).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("'web'"), "{}", r.body);
+    proxy.set_endpoints("web", vec![EndpointConfig { addr: b.addr, weight: 1 }]).unwrap();
+    assert_eq!(c.get(&url).await.unwrap().backend(), Some("b"));
 
     // A reload from a config object works the same way; without a file,
     // reload_from_source says why it cannot.
