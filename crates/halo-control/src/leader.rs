@@ -39,7 +39,7 @@ const OPS_PER_TXN: usize = 100;
 pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
     loop {
         let tick = tokio::time::sleep(Duration::from_millis(250));
-        let watching = view.freshness().watching;
+        let watching = view.watching();
         let leader = view.current().leader.clone();
         if let Some(token) = m.leading() {
             // Renewed lately? A leader that is not renewing steps down

@@ -170,7 +170,11 @@ impl Node {
     /// The cluster as this node's view has it, now (also while the store
     /// is unreachable; [`ClusterView::view`] says how stale).
     pub fn cluster(&self) -> ClusterView {
-        ClusterView::new(&self.r.m.cfg.node, &self.r.view.current(), self.r.view.freshness())
+        let m = &self.r.m;
+        let answered = *m.last_renewed.lock().unwrap_or_else(|e| e.into_inner());
+        // Renewals come every third of the TTL: two missed is a silence.
+        let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
+        ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
     }
 
     /// Marks a node as draining (its instances move elsewhere, replacements

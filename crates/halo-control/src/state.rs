@@ -194,7 +194,12 @@ pub struct Freshness {
     pub revision: Revision,
     /// The watch is up: the view follows every change as it happens.
     pub watching: bool,
-    /// Milliseconds since the watch broke (0 while watching).
+    /// The store answered lately (this node's lease renewals succeed). A
+    /// watch can stay open and silent on a member that lost its cluster.
+    pub store_reachable: bool,
+    /// Milliseconds the view may have missed changes for: since the watch
+    /// broke or the store last answered, whichever is earlier (0 while
+    /// both are fine).
     pub stale_ms: u64,
 }
 
@@ -239,11 +244,30 @@ impl View {
         self.changed.subscribe()
     }
 
-    pub fn freshness(&self) -> Freshness {
+    /// How current the view is; `answered` is when the store last
+    /// answered this node and `patience` how long a silence is normal.
+    pub fn freshness(&self, answered: Option<Instant>, patience: Duration) -> Freshness {
         let revision = self.current().revision;
         let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = if h.watching { Duration::ZERO } else { h.since.elapsed() };
-        Freshness { revision, watching: h.watching, stale_ms: stale.as_millis() as u64 }
+        let silent = answered.map_or(Duration::MAX, |t| t.elapsed());
+        let store_reachable = silent <= patience;
+        let stale = match (h.watching, store_reachable) {
+            (true, true) => Duration::ZERO,
+            (true, false) => silent,
+            (false, true) => h.since.elapsed(),
+            (false, false) => h.since.elapsed().max(silent),
+        };
+        Freshness {
+            revision,
+            watching: h.watching,
+            store_reachable,
+            stale_ms: stale.as_millis().min(u64::MAX as u128) as u64,
+        }
+    }
+
+    /// Whether the watch is up.
+    pub fn watching(&self) -> bool {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).watching
     }
 
     fn set_watching(&self, watching: bool) {

@@ -177,10 +177,15 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
     let services = v["services"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
     let c = &v["cluster"];
-    if c["view"]["watching"].as_bool() == Some(false) {
-        let stale = c["view"]["stale_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    let stale = c["view"]["stale_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    if c["view"]["store_reachable"].as_bool() == Some(false) {
         out.push_str(&format!(
-            "the store has been unreachable for {stale:.1}s: this is the last state seen (revision {})\n",
+            "the store has not answered for {stale:.1}s: this is the last state seen (revision {})\n",
+            c["view"]["revision"]
+        ));
+    } else if c["view"]["watching"].as_bool() == Some(false) {
+        out.push_str(&format!(
+            "the store's watch broke {stale:.1}s ago; resuming (revision {})\n",
             c["view"]["revision"]
         ));
     }

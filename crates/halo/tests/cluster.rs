@@ -360,7 +360,21 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
     c.kill_etcd(1);
     let before: BTreeSet<(String, i32)> = c.instance_processes().into_iter().collect();
     assert_eq!(before.len(), 3, "{before:?}");
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let lost = Instant::now();
+    // Every node still answers from its view, and says it may be stale.
+    for i in 0..3 {
+        halo_testkit::eventually(Duration::from_secs(6), "status saying the store is away", || async {
+            c.status(i).is_some_and(|s| {
+                let view = &s["cluster"]["view"];
+                let placed = s["cluster"]["placements"].as_array().map_or(0, Vec::len);
+                view["store_reachable"] == false && view["stale_ms"].as_u64() > Some(0) && placed == 3
+            })
+        })
+        .await;
+    }
+    let (code, table, _) = c.cli(0, &["status"]);
+    assert!(code == 0 && table.contains("the store has not answered"), "{table}");
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(lost.elapsed())).await;
     let during: BTreeSet<(String, i32)> = c.instance_processes().into_iter().collect();
     assert_eq!(before, during, "instances changed while etcd had no quorum");
     c.restart_etcd(1);
