@@ -7,7 +7,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use halo_proxy::config::{Config, EndpointConfig, PathMatch, RouteConfig, UpstreamConfig, UpstreamProtocol};
+use halo_model::PathRule;
+use halo_proxy::config::{
+    self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, PathMatch, RetrySection,
+    RouteSection, TimeoutSection, UpstreamSection,
+};
 use halo_proxy::Proxy;
 
 use crate::state::Svc;
@@ -77,58 +81,35 @@ impl ProxyFeed {
 }
 
 /// The node file's proxy config plus one upstream and its routes per
-/// service. Service routes follow the file's own, most specific first.
+/// service, each service checked by the proxy's own rules for files
+/// (`halo_proxy::config::extend`); one that fails them is left out and
+/// logged, the others go on. Service routes follow the file's own, most
+/// specific first.
 fn proxy_config(
     base: &Config,
     services: &BTreeMap<String, Arc<Svc>>,
-    mut endpoints: BTreeMap<String, Vec<EndpointConfig>>,
+    endpoints: BTreeMap<String, Vec<EndpointConfig>>,
 ) -> Config {
     let mut cfg = base.clone();
     let mut routes = Vec::new();
     for (name, svc) in services {
-        let b = &svc.spec.balance;
-        cfg.upstreams.insert(
-            name.clone(),
-            UpstreamConfig {
-                name: name.clone(),
-                endpoints: endpoints.remove(name).unwrap_or_default(),
-                policy: b.policy,
-                hash_key: b.hash_key.clone(),
-                session_cookie: b.session_cookie.clone(),
-                slow_start: None,
-                protocol: UpstreamProtocol::Http1,
-                pool: Default::default(),
-                // Readiness probes decide membership; passive outlier
-                // detection still ejects an endpoint that fails requests.
-                health: None,
-                outlier: Some(Default::default()),
-            },
-        );
-        for (i, r) in svc.spec.routes.iter().enumerate() {
-            routes.push(RouteConfig {
-                name: format!("{name}.{i}"),
-                listeners: None,
-                host: r.host.as_deref().map(|h| match h.strip_prefix('*') {
-                    Some(suffix) => halo_proxy::config::HostMatch::Suffix(suffix.to_string()),
-                    None => halo_proxy::config::HostMatch::Exact(h.to_string()),
-                }),
-                path: Some(match &r.path {
-                    halo_model::PathRule::Prefix(p) => PathMatch::Prefix(p.clone()),
-                    halo_model::PathRule::Exact(p) => PathMatch::Exact(p.clone()),
-                }),
-                methods: Vec::new(),
-                headers: Vec::new(),
-                split: vec![(name.clone(), 1)],
-                overrides: Vec::new(),
-                timeouts: b.timeouts.clone(),
-                retry: b.retry.clone(),
-            });
+        let generated = sections(name, svc, endpoints.get(name).map_or(&[], Vec::as_slice));
+        match config::extend(base, &format!("service {name}"), &generated) {
+            Ok(mut one) => {
+                routes.extend(one.routes.drain(base.routes.len()..));
+                if let Some(u) = one.upstreams.remove(name) {
+                    cfg.upstreams.insert(name.clone(), u);
+                }
+            }
+            Err(e) => {
+                tracing::error!(service = %name, error = %e, "the service's routes are refused by the proxy; left out")
+            }
         }
     }
     routes.sort_by_key(|r| {
         let host = match &r.host {
-            Some(halo_proxy::config::HostMatch::Exact(_)) => 0,
-            Some(halo_proxy::config::HostMatch::Suffix(_)) => 1,
+            Some(HostMatch::Exact(_)) => 0,
+            Some(HostMatch::Suffix(_)) => 1,
             None => 2,
         };
         let path = match &r.path {
@@ -140,4 +121,88 @@ fn proxy_config(
     });
     cfg.routes.extend(routes);
     cfg
+}
+
+/// A service's upstream and routes in the proxy file's own terms.
+fn sections(name: &str, svc: &Svc, endpoints: &[EndpointConfig]) -> Generated {
+    let b = svc.file.balance.clone().unwrap_or_default();
+    let upstream = UpstreamSection {
+        endpoints: endpoints.iter().map(|e| EndpointEntry::Addr(e.addr.to_string())).collect(),
+        policy: b.policy.clone(),
+        hash_key: b.hash_key.clone(),
+        session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
+        // Readiness probes decide membership; passive outlier detection
+        // (on by default) still ejects an endpoint that fails requests.
+        health: Some(HealthSection { enabled: Some(false), ..Default::default() }),
+        ..Default::default()
+    };
+    let routes = svc
+        .spec
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (path_prefix, path_exact) = match &r.path {
+                PathRule::Prefix(p) => (Some(p.clone()), None),
+                PathRule::Exact(p) => (None, Some(p.clone())),
+            };
+            RouteSection {
+                name: Some(format!("{name}.{i}")),
+                host: r.host.clone(),
+                path_prefix,
+                path_exact,
+                upstream: Some(name.to_string()),
+                timeouts: Some(TimeoutSection {
+                    connect: b.connect_timeout.clone(),
+                    first_byte: b.first_byte_timeout.clone(),
+                    request: b.request_timeout.clone(),
+                    idle: b.idle_timeout.clone(),
+                }),
+                // The service file caps retries at 10 as the proxy does.
+                retry: Some(RetrySection {
+                    attempts: b.retries.map(|n| n.min(10)),
+                    statuses: b.retry_statuses.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    Generated { upstreams: BTreeMap::from([(name.to_string(), upstream)]), routes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(text: &str) -> Arc<Svc> {
+        let (file, spec) = halo_model::parse_service("t", text).unwrap();
+        Arc::new(Svc { revision: 1, file, spec: Arc::new(spec), template: "t".into() })
+    }
+
+    #[test]
+    fn services_go_through_the_proxy_rules_and_a_refused_one_leaves_the_others() {
+        let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let good = svc(
+            "name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nhost = \"WEB.example\"\n[balance]\nretries = 50\n",
+        );
+        // A stored service whose balance section no longer passes (written
+        // by another version, say): only it is left out.
+        let mut bad = svc("name = \"old\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/old\"\n");
+        let mut file = bad.file.clone();
+        file.balance = Some(halo_model::BalanceSection { policy: Some("fastest".into()), ..Default::default() });
+        Arc::get_mut(&mut bad).unwrap().file = file;
+        let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), bad)]);
+        let eps =
+            BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
+        let cfg = proxy_config(&base, &services, eps);
+        assert!(cfg.upstreams.contains_key("web") && !cfg.upstreams.contains_key("old"), "{:?}", cfg.upstreams.keys());
+        assert_eq!(cfg.upstreams["web"].endpoints.len(), 1);
+        assert!(cfg.upstreams["web"].health.is_none() && cfg.upstreams["web"].outlier.is_some());
+        let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
+        // The proxy's own rules applied: hosts lowercased, retries capped.
+        assert!(matches!(&r.host, Some(HostMatch::Exact(h)) if h == "web.example"), "{:?}", r.host);
+        assert_eq!(r.retry.attempts, 10);
+        assert!(!cfg.routes.iter().any(|r| r.name.starts_with("old.")));
+    }
 }

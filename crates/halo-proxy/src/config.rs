@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
-use self::file::{FileConfig, HealthSection, OutlierSection, RouteSection, UpstreamSection};
+use self::file::FileConfig;
+pub use self::file::{
+    EndpointEntry, HealthSection, OutlierSection, RetrySection, RouteSection, TimeoutSection, UpstreamSection,
+};
 use self::locate::Locator;
 pub use self::types::*;
 pub use halo_model::values::parse_duration;
@@ -67,7 +70,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             message: e.message().trim().to_string(),
         }])
     })?;
-    let mut v = Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new() };
+    let mut v = Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), fed: false };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)
@@ -76,10 +79,46 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// Upstreams and routes a program generates rather than a person writes
+/// (the control plane: one upstream and its routes per service), in the
+/// file's own section types.
+#[derive(Debug, Default)]
+pub struct Generated {
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    pub routes: Vec<RouteSection>,
+}
+
+/// `base` plus `generated`, checked by the same rules as a file's sections
+/// (`source` names them in errors). A generated upstream may have no
+/// endpoint yet: its endpoints are fed later ([`crate::Proxy::set_endpoints`]).
+/// A name `base` already has is refused.
+pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Config, ConfigErrors> {
+    let mut v = Validator { loc: Locator::new(""), file: source.into(), errors: Vec::new(), fed: true };
+    let mut cfg = base.clone();
+    for (name, u) in &generated.upstreams {
+        if cfg.upstreams.contains_key(name) {
+            v.err(0, format!("upstreams.{name}"), "is already an upstream of the node file");
+            continue;
+        }
+        let up = v.upstream(name, u);
+        cfg.upstreams.insert(name.clone(), up);
+    }
+    let listeners: HashSet<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+    let routes: Vec<RouteConfig> =
+        generated.routes.iter().enumerate().map(|(i, r)| v.route(i, r, &cfg.upstreams, &listeners)).collect();
+    if !v.errors.is_empty() {
+        return Err(ConfigErrors(v.errors));
+    }
+    cfg.routes.extend(routes);
+    Ok(cfg)
+}
+
 struct Validator<'a> {
     loc: Locator<'a>,
     file: String,
     errors: Vec<ConfigError>,
+    /// Upstreams may start empty (generated ones, fed later).
+    fed: bool,
 }
 
 impl Validator<'_> {
@@ -407,7 +446,7 @@ impl Validator<'_> {
     fn upstream(&mut self, name: &str, u: &UpstreamSection) -> UpstreamConfig {
         let line = self.loc.table(&format!("upstreams.{name}"));
         let f = |k: &str| format!("upstreams.{name}.{k}");
-        if u.endpoints.is_empty() {
+        if u.endpoints.is_empty() && !self.fed {
             self.err(line, f("endpoints"), "at least one endpoint is required, as in endpoints = [\"127.0.0.1:9000\"]");
         }
         let mut endpoints = Vec::new();
