@@ -39,6 +39,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one member may take to renew a lease before the next is tried.
 const KEEP_ALIVE_ATTEMPT: Duration = Duration::from_millis(700);
 
+/// How often a watch checks that requests still go to its member.
+const PIN_CHECK: Duration = Duration::from_millis(500);
+
 /// A handle on an etcd cluster; cheap to clone, all clones share one
 /// connection per endpoint.
 #[derive(Clone)]
@@ -272,13 +275,24 @@ fn batches(events: Vec<Event>) -> Vec<Vec<Event>> {
     out
 }
 
-/// Feeds `tx` from an etcd watch stream until etcd cancels it, the stream
-/// breaks, or the [`Watch`] is dropped.
-async fn pump(store: EtcdStore, mut stream: etcd::WatchStream, tx: mpsc::Sender<Vec<Event>>) {
+/// Feeds `tx` from an etcd watch stream on member `at` until etcd cancels
+/// it, the stream breaks, the [`Watch`] is dropped, or requests moved off
+/// that member (it failed them): a watch on a member cut off from the
+/// others can stay open and silent for as long as the keep-alive pings take
+/// to notice, so it is ended and resumed on the member requests now use.
+async fn pump(store: EtcdStore, at: usize, mut stream: etcd::WatchStream, tx: mpsc::Sender<Vec<Event>>) {
+    let mut check = tokio::time::interval(PIN_CHECK);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
             _ = tx.closed() => return,
+            _ = check.tick() => {
+                if store.pinned.load(Ordering::Relaxed) % store.clients.len() != at {
+                    tracing::debug!(endpoint = %store.endpoints[at], "requests moved off this member; moving the watch");
+                    return;
+                }
+                continue;
+            }
         };
         let resp = match msg {
             Ok(Some(r)) => r,
@@ -402,7 +416,8 @@ impl Store for EtcdStore {
             Err(_) => return Err(backend("watch", "etcd did not confirm the watch in time".into())),
         }
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(pump(self.clone(), stream, tx));
+        let at = self.pinned.load(Ordering::Relaxed) % self.clients.len();
+        tokio::spawn(pump(self.clone(), at, stream, tx));
         Ok(Watch::from_channel(rx))
     }
 
