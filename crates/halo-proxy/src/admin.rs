@@ -123,6 +123,15 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for (name, rt) in &routes {
         w.histogram("halo_route_request_duration_seconds", &format!("route=\"{}\"", escape(name)), &rt.stats.latency);
     }
+    let ups = reg.upstream_stats();
+    w.header("halo_upstream_requests_total", "counter", "Requests by upstream and status class.");
+    for (name, u) in &ups {
+        w.classes("halo_upstream_requests_total", &format!("upstream=\"{}\"", escape(name)), &u.requests);
+    }
+    w.header("halo_upstream_request_duration_seconds", "histogram", "Time to the response head, by upstream.");
+    for (name, u) in &ups {
+        w.histogram("halo_upstream_request_duration_seconds", &format!("upstream=\"{}\"", escape(name)), &u.latency);
+    }
     let eps = reg.endpoints();
     let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
     w.header("halo_endpoint_requests_total", "counter", "Requests by upstream, endpoint and status class.");

@@ -19,7 +19,7 @@ use crate::client::ClientError;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::class_index;
+use crate::metrics::{class_index, UpstreamStats};
 use crate::pool::{ConnectError, Pooled, Sender};
 use crate::router::{self, Route};
 use crate::server::Shared;
@@ -50,6 +50,8 @@ struct Exchange {
 /// What an attempt loop ended in, for logs and metrics.
 struct Outcome {
     endpoint: Option<Arc<Endpoint>>,
+    /// The upstream's counters, once a group was chosen.
+    upstream_stats: Option<Arc<UpstreamStats>>,
     upstream: Option<Arc<str>>,
     tries: u32,
 }
@@ -80,7 +82,7 @@ pub async fn handle(
     let method = parts.method.clone();
     let path = if snap.config.access_log { parts.uri.path().to_string() } else { String::new() };
     let deadline = route.cfg.timeouts.request.map(|t| start + t);
-    let mut out = Outcome { endpoint: None, upstream: None, tries: 0 };
+    let mut out = Outcome { endpoint: None, upstream_stats: None, upstream: None, tries: 0 };
     let result = match read_body(body, route.cfg.retry.body_cap).await {
         Ok(body) => {
             prepare_upstream_request(&mut parts, &down);
@@ -98,12 +100,12 @@ pub async fn handle(
     let resp = match result {
         Ok(x) => {
             let status = x.resp.status();
-            record(route, out.endpoint.as_deref(), class_index(status.as_u16()), start);
+            record(route, &out, class_index(status.as_u16()), start);
             respond(x, &rid, route, deadline)
         }
         Err(e) => {
             tracing::debug!(route = %route.cfg.name, error = %e, "request failed");
-            record(route, out.endpoint.as_deref(), 5, start);
+            record(route, &out, 5, start);
             error_response(&e, Some(&rid))
         }
     };
@@ -113,11 +115,15 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn record(route: &Route, ep: Option<&Endpoint>, class: usize, start: Instant) {
+fn record(route: &Route, out: &Outcome, class: usize, start: Instant) {
     let took = start.elapsed();
     route.rt.stats.requests[class].fetch_add(1, Relaxed);
     route.rt.stats.latency.observe(took);
-    if let Some(ep) = ep {
+    if let Some(u) = &out.upstream_stats {
+        u.requests[class].fetch_add(1, Relaxed);
+        u.latency.observe(took);
+    }
+    if let Some(ep) = &out.endpoint {
         ep.stats.requests[class].fetch_add(1, Relaxed);
         ep.stats.latency.observe(took);
     }
@@ -177,6 +183,7 @@ async fn attempts(
 ) -> Result<Exchange, ProxyError> {
     let group = route.group(parts);
     out.upstream = group.endpoints.first().map(|e| e.upstream.clone());
+    out.upstream_stats = Some(group.stats.clone());
     let policy = &route.cfg.retry;
     let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
     // A body that cannot be replayed is held here until first sent, and comes

@@ -62,6 +62,23 @@ pub struct EndpointStats {
     pub latency: Histogram,
 }
 
+/// Per upstream, whatever endpoints it has had: what a canary analysis
+/// compares between revisions.
+#[derive(Default)]
+pub struct UpstreamStats {
+    pub requests: [AtomicU64; 6],
+    pub latency: Histogram,
+}
+
+impl UpstreamStats {
+    /// Requests so far, and how many of them failed (5xx or an error the
+    /// proxy answered for).
+    pub fn totals(&self) -> (u64, u64) {
+        let n: Vec<u64> = self.requests.iter().map(|c| c.load(Relaxed)).collect();
+        (n.iter().sum(), n[4] + n[5])
+    }
+}
+
 #[derive(Default)]
 pub struct ListenerStats {
     pub accepted: AtomicU64,

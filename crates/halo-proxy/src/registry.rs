@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{Config, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::health;
-use crate::metrics::{ListenerStats, RouteStats};
+use crate::metrics::{ListenerStats, RouteStats, UpstreamStats};
 use crate::retry::RetryBudget;
 use crate::router::Route;
 use crate::upstream::{Group, Slot};
@@ -32,6 +32,7 @@ type EndpointMap = HashMap<(String, SocketAddr), Arc<Endpoint>>;
 pub struct Registry {
     endpoints: Mutex<EndpointMap>,
     routes: Mutex<HashMap<String, Arc<RouteRuntime>>>,
+    upstreams: Mutex<HashMap<String, Arc<UpstreamStats>>>,
     pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
     /// The runtime that runs health checks (the control runtime).
     control: std::sync::OnceLock<tokio::runtime::Handle>,
@@ -69,6 +70,7 @@ impl Registry {
             *eps = keep;
             groups
         };
+        self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).retain(|name, _| groups.contains_key(name));
         let mut rts = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let mut keep_rts = HashMap::new();
         let routes = config
@@ -137,7 +139,21 @@ impl Registry {
                 ep
             })
             .collect();
-        Group::new(u, list)
+        let stats = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).entry(u.name.clone()).or_default().clone();
+        Group::new(u, list, stats)
+    }
+
+    /// Every upstream's counters, by name, sorted.
+    pub fn upstream_stats(&self) -> Vec<(String, Arc<UpstreamStats>)> {
+        let mut v: Vec<_> = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     pub fn route_stats(&self) -> Vec<(String, Arc<RouteRuntime>)> {

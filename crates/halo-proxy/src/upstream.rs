@@ -9,6 +9,7 @@ use http::request::Parts;
 use crate::balance::{Balancer, Candidates};
 use crate::config::{HashKey, UpstreamConfig};
 use crate::endpoint::Endpoint;
+use crate::metrics::UpstreamStats;
 use crate::router::cookie;
 use crate::util::{hash64, now_ms};
 
@@ -20,6 +21,8 @@ pub type Slot = arc_swap::ArcSwap<Group>;
 pub struct Group {
     pub cfg: Arc<UpstreamConfig>,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The upstream's counters (kept across reloads by the registry).
+    pub stats: Arc<UpstreamStats>,
     balancer: Balancer,
 }
 
@@ -31,9 +34,9 @@ pub struct Pick {
 }
 
 impl Group {
-    pub fn new(cfg: Arc<UpstreamConfig>, endpoints: Vec<Arc<Endpoint>>) -> Self {
+    pub fn new(cfg: Arc<UpstreamConfig>, endpoints: Vec<Arc<Endpoint>>, stats: Arc<UpstreamStats>) -> Self {
         let balancer = Balancer::new(cfg.policy, &endpoints);
-        Group { cfg, endpoints, balancer }
+        Group { cfg, endpoints, stats, balancer }
     }
 
     /// Chooses an endpoint not in `tried`; `None` when no endpoint is

@@ -330,6 +330,9 @@ async fn metrics_and_access_log() {
         "halo_listener_connections_active{listener=\"main\"}",
         &format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}} 1", a.addr),
         "halo_route_retries_total{route=\"r\"} 0",
+        "halo_upstream_requests_total{upstream=\"web\",class=\"2xx\"} 3",
+        "halo_upstream_requests_total{upstream=\"web\",class=\"5xx\"} 1",
+        "halo_upstream_request_duration_seconds_count{upstream=\"web\"} 4",
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
