@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use halo_control::{Node, NodeError};
+use halo_control::{Node, NodeError, RolloutCommand};
 use serde::Deserialize;
 
 #[derive(Clone)]
@@ -56,6 +56,8 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/scale", post(scale))
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/services/{name}/logs", get(logs))
+        .route("/v1/services/{name}/rollout", get(rollout))
+        .route("/v1/services/{name}/rollout/{order}", post(rollout_order))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
@@ -158,6 +160,29 @@ async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) ->
 async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.restart(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "outcome": "restarting" })))
+}
+
+async fn rollout(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(api.node.rollout(&name)?))
+}
+
+async fn rollout_order(
+    State(api): State<Api>,
+    Path((name, order)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let cmd = match order.as_str() {
+        "promote" => RolloutCommand::Promote,
+        "abort" => RolloutCommand::Abort,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout order '{other}'; accepted: promote, abort"),
+            ))
+        }
+    };
+    api.node.rollout_command(&name, cmd).await?;
+    let outcome = if cmd == RolloutCommand::Promote { "promoting" } else { "aborting" };
+    Ok(Json(serde_json::json!({ "name": name, "outcome": outcome })))
 }
 
 #[derive(Deserialize)]

@@ -41,7 +41,7 @@ fn main() {
             })
             .collect(),
         services: (0..services)
-            .map(|i| (format!("svc{i:05}"), ServiceWant { replicas, template: "t1".into() }))
+            .map(|i| (format!("svc{i:05}"), ServiceWant { replicas, template: "t1".into(), canary: None }))
             .collect(),
         placements: BTreeMap::new(),
         ready: BTreeSet::new(),

@@ -10,15 +10,29 @@ use crate::keys::{endpoint_key, EndpointRecord};
 use crate::membership::Membership;
 use crate::state::ClusterState;
 
+/// One of this node's ready instances.
+#[derive(Debug, Clone)]
+pub(crate) struct Ready {
+    pub service: String,
+    pub id: String,
+    pub port: u16,
+    pub template: String,
+}
+
 /// Makes this node's endpoints in the store (as `st` has them) match its
-/// `ready` instances (service, id, port), on the current lease. Without a
-/// fresh lease nothing is written: the node may be cut off.
-pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, ready: &[(String, String, u16)]) {
+/// `ready` instances, on the current lease. Without a fresh lease nothing
+/// is written: the node may be cut off.
+pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, ready: &[Ready]) {
     let Some(lease) = m.lease() else { return };
     let want: BTreeMap<String, EndpointRecord> = ready
         .iter()
-        .map(|(service, id, port)| {
-            (endpoint_key(service, id), EndpointRecord { node: m.cfg.node.clone(), addr: (m.cfg.addr, *port).into() })
+        .map(|r| {
+            let e = EndpointRecord {
+                node: m.cfg.node.clone(),
+                addr: (m.cfg.addr, r.port).into(),
+                template: r.template.clone(),
+            };
+            (endpoint_key(&r.service, &r.id), e)
         })
         .collect();
     let stored: BTreeMap<String, (&EndpointRecord, Option<i64>)> = st

@@ -14,6 +14,9 @@
 //! | `/halo/assignments/NODE/ID` | [`Assignment`] | none | the leader only, fenced by its token |
 //! | `/halo/endpoints/SERVICE/ID` | [`EndpointRecord`] | the node's | the node running ID, while it is ready |
 //! | `/halo/instances/NODE/SERVICE/ID` | [`InstanceRecord`] | none | the node running ID, before it starts it; read only by that node |
+//! | `/halo/rollouts/NAME` | [`RolloutRecord`] | none | the leader only, fenced by its token |
+//! | `/halo/rollout-commands/NAME` | [`RolloutCommand`] | none | the API (`halo rollout promote/abort`); the leader deletes it when it acts |
+//! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress |
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -38,6 +41,21 @@ pub const LEADER: &str = "/halo/leader";
 pub const ASSIGNMENTS: &str = "/halo/assignments/";
 pub const ENDPOINTS: &str = "/halo/endpoints/";
 pub const INSTANCES: &str = "/halo/instances/";
+pub const ROLLOUTS: &str = "/halo/rollouts/";
+pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
+pub const STATS: &str = "/halo/stats/";
+
+pub fn rollout_key(service: &str) -> String {
+    format!("{ROLLOUTS}{service}")
+}
+
+pub fn rollout_command_key(service: &str) -> String {
+    format!("{ROLLOUT_COMMANDS}{service}")
+}
+
+pub fn stats_key(node: &str) -> String {
+    format!("{STATS}{node}")
+}
 
 pub fn service_key(name: &str) -> String {
     format!("{SERVICES}{name}")
@@ -77,14 +95,29 @@ pub struct ServiceRecord {
     /// replaced, one at a time.
     #[serde(default)]
     pub restart_generation: u64,
+    /// While a canary rolls: the revision the stable instances run (`spec`
+    /// above is the canary's). Cleared when the canary is promoted; put
+    /// back as `spec` when it is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<StableRecord>,
+}
+
+/// The stable revision of a service during a canary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StableRecord {
+    pub spec: String,
+    pub restart_generation: u64,
 }
 
 impl ServiceRecord {
     /// What makes instances interchangeable: the file without `replicas`
-    /// (scaling replaces nothing) plus the restart generation.
+    /// (scaling replaces nothing) and without `[release]` (how a change
+    /// rolls out is not a change of the instances), plus the restart
+    /// generation.
     pub fn template(file: &ServiceFile, generation: u64) -> String {
         let mut f = file.clone();
         f.replicas = None;
+        f.release = None;
         format!("{:016x}", fnv64(format!("{}\n#{generation}", f.to_toml()).as_bytes()))
     }
 }
@@ -123,6 +156,72 @@ pub struct Assignment {
 pub struct EndpointRecord {
     pub node: String,
     pub addr: SocketAddr,
+    /// The instance's template: which revision it serves (stable or canary).
+    #[serde(default)]
+    pub template: String,
+}
+
+/// Where a canary rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Progressing,
+    Promoted,
+    RolledBack,
+    Aborted,
+}
+
+/// One analysis window, as the leader judged it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    /// Unix milliseconds when the window closed.
+    pub ended_ms: u64,
+    pub canary_requests: u64,
+    pub canary_errors: u64,
+    pub stable_requests: u64,
+    pub stable_errors: u64,
+    /// `pass`, `fail` or `hold` (too few canary requests to judge).
+    pub verdict: String,
+    pub detail: String,
+}
+
+/// A canary rollout of a service, written by the leader only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub canary_template: String,
+    pub stable_template: String,
+    pub state: RolloutState,
+    /// Index into the release's steps.
+    pub step: usize,
+    /// Unix milliseconds.
+    pub started_ms: u64,
+    pub step_started_ms: u64,
+    /// Windows passed in the current step.
+    pub passed_windows: u32,
+    /// Windows failed in the whole rollout.
+    pub failed_windows: u32,
+    #[serde(default)]
+    pub windows: Vec<WindowRecord>,
+    /// Why it ended (rolled back, aborted) or what it waits for.
+    #[serde(default)]
+    pub reason: String,
+    /// The fencing token of the leader that wrote it.
+    pub token: Revision,
+}
+
+/// An operator's order for a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutCommand {
+    Promote,
+    Abort,
+}
+
+/// A node's cumulative proxy counters of the upstreams in a rollout:
+/// upstream -> (requests, failed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub upstreams: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 /// What a node writes before it starts an instance and updates with its

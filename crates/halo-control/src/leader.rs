@@ -96,6 +96,7 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
     let mut changed = view.subscribe();
     let mut compacted = Instant::now();
     let mut unplaced = BTreeMap::new();
+    let mut rollouts = crate::rollout::Controller::default();
     // The view must have seen the election (and later our own writes).
     let mut seen_up_to = token;
     while m.leading() == Some(token) {
@@ -122,6 +123,7 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
                     tracing::warn!(error = %e, "applying the plan failed");
                 }
             }
+            rollouts.tick(&m, token, &st).await;
         }
         tokio::select! {
             _ = changed.changed() => {}

@@ -18,11 +18,13 @@ pub mod migrate;
 mod node;
 mod proxy_config;
 mod reconcile;
+pub mod rollout;
 pub mod scheduler;
 pub mod state;
 mod views;
 
 pub use config::{parse_node, NodeConfig, DEFAULT_API};
+pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
 pub use node::{shared_token, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
-pub use views::{ClusterServiceView, ClusterView, NodeView, PlacementView};
+pub use views::{ClusterServiceView, ClusterView, NodeView, PlacementView, RolloutView};

@@ -16,13 +16,15 @@ use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Env, ExecDriver, LogFile, Status};
 use serde::Serialize;
 
-use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord, API_TOKEN};
+use crate::keys::{
+    node_admin_key, rollout_command_key, service_key, NodeAdmin, RolloutCommand, ServiceRecord, StableRecord, API_TOKEN,
+};
 use crate::membership::{ClusterConfig, Membership};
 use crate::migrate::{migrate, MigrateError};
 use crate::proxy_config::ProxyFeed;
 use crate::reconcile::{self, Reconciler};
 use crate::state::View;
-use crate::views::ClusterView;
+use crate::views::{ClusterView, RolloutView};
 use crate::NodeConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,7 @@ impl Node {
         tokio::spawn(m.clone().run_lease());
         tokio::spawn(crate::leader::run_election(m, view));
         tokio::spawn(reconcile::run(node.r.clone()));
+        tokio::spawn(reconcile::publish_stats(node.r.clone()));
         Ok(node)
     }
 
@@ -158,7 +161,7 @@ impl Node {
     async fn create_file_services(&self, cfg: &NodeConfig) -> Result<(), NodeError> {
         for (file, _) in &cfg.services {
             let key = service_key(&file.name);
-            let rec = ServiceRecord { spec: file.to_toml(), restart_generation: 0 };
+            let rec = ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None };
             let txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(&key, json(&rec), None));
             if self.r.store.txn(txn).await?.succeeded {
                 tracing::info!(service = %file.name, "service created from the node file");
@@ -175,6 +178,36 @@ impl Node {
         // Renewals come every third of the TTL: two missed is a silence.
         let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
         ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
+    }
+
+    /// The canary rollout of `service`: in progress, or the last one.
+    pub fn rollout(&self, service: &str) -> Result<RolloutView, NodeError> {
+        let st = self.r.view.current();
+        if !st.services.contains_key(service) {
+            return Err(NodeError::NotFound(service.into()));
+        }
+        RolloutView::new(&st, service).ok_or_else(|| {
+            NodeError::BadRequest(format!(
+                "service '{service}' has had no canary rollout; a change rolls out as a canary with \
+                 [release] strategy = \"canary\" and steps in its file"
+            ))
+        })
+    }
+
+    /// Asks the leader to promote or abort the canary of `service` now.
+    pub async fn rollout_command(&self, service: &str, cmd: RolloutCommand) -> Result<(), NodeError> {
+        let st = self.r.view.current();
+        if !st.services.contains_key(service) {
+            return Err(NodeError::NotFound(service.into()));
+        }
+        if st.canary(service).is_none() {
+            return Err(NodeError::BadRequest(format!(
+                "service '{service}' has no canary in progress (`halo rollout status {service}` shows the last one)"
+            )));
+        }
+        let v = serde_json::to_vec(&cmd).expect("encodes");
+        self.r.store.put(&rollout_command_key(service), v, None).await?;
+        Ok(())
     }
 
     /// Marks a node as draining (its instances move elsewhere, replacements
@@ -224,7 +257,7 @@ impl Node {
 
     /// Creates or replaces a service from its file's text.
     pub async fn apply(&self, source: &str, text: &str) -> Result<(String, ApplyOutcome), NodeError> {
-        let (file, _) = halo_model::parse_service(source, text)?;
+        let (file, spec) = halo_model::parse_service(source, text)?;
         if self.r.feed.base.upstreams.contains_key(&file.name) {
             return Err(NodeError::BadRequest(format!(
                 "name: '{}' is a static upstream of the node file; choose another service name",
@@ -233,17 +266,18 @@ impl Node {
         }
         let key = service_key(&file.name);
         let current = self.r.store.get(&key).await?;
-        let (generation, outcome) = match &current {
+        let rec = match &current {
             Some(kv) => {
                 let old: ServiceRecord = decode(&key, &kv.value)?;
                 if old.spec == file.to_toml() {
                     return Ok((file.name, ApplyOutcome::Unchanged));
                 }
-                (old.restart_generation, ApplyOutcome::Updated)
+                let stable = stable_for(&key, &old, &file, &spec)?;
+                ServiceRecord { spec: file.to_toml(), restart_generation: old.restart_generation, stable }
             }
-            None => (0, ApplyOutcome::Created),
+            None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
         };
-        let rec = ServiceRecord { spec: file.to_toml(), restart_generation: generation };
+        let outcome = if current.is_some() { ApplyOutcome::Updated } else { ApplyOutcome::Created };
         self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
         Ok((file.name, outcome))
     }
@@ -396,6 +430,29 @@ pub async fn shared_token(store: &dyn Store, local: &str) -> Result<String, Node
         });
     }
     Ok(token)
+}
+
+/// The stable revision to keep when `old` becomes `file`: a template
+/// change under `strategy = "canary"` keeps the revision stable instances
+/// run (the one already kept, during a canary) so the new one rolls out as
+/// a canary; going back to that revision, or any other strategy, keeps none.
+fn stable_for(
+    key: &str,
+    old: &ServiceRecord,
+    file: &ServiceFile,
+    spec: &halo_model::ServiceSpec,
+) -> Result<Option<StableRecord>, NodeError> {
+    if spec.release.strategy != halo_model::release::Strategy::Canary {
+        return Ok(None);
+    }
+    let stable = old
+        .stable
+        .clone()
+        .unwrap_or(StableRecord { spec: old.spec.clone(), restart_generation: old.restart_generation });
+    let (stable_file, _) = halo_model::parse_service(key, &stable.spec)?;
+    let stable_template = ServiceRecord::template(&stable_file, stable.restart_generation);
+    let new_template = ServiceRecord::template(file, old.restart_generation);
+    Ok((stable_template != new_template).then_some(stable))
 }
 
 /// Instance ids: a service name, '-' and lowercase hex parts.

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use halo_model::PathRule;
 use halo_proxy::config::{
     self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, PathMatch, RetrySection,
-    RouteSection, TimeoutSection, UpstreamSection,
+    RouteSection, SplitSection, TimeoutSection, UpstreamSection,
 };
 use halo_proxy::Proxy;
 
-use crate::state::Svc;
+use crate::state::{ActiveCanary, ClusterState, Svc};
 
 /// The proxy and what it was last given.
 pub(crate) struct ProxyFeed {
@@ -37,27 +37,48 @@ impl ProxyFeed {
         ProxyFeed { proxy, base, published: Mutex::default() }
     }
 
-    /// Feeds the proxy `services` with `endpoints` (by service): a new
-    /// config when a service came, went or changed its template; otherwise
-    /// only the endpoint sets that changed, one upstream at a time.
-    pub fn publish(&self, services: &BTreeMap<String, Arc<Svc>>, mut endpoints: BTreeMap<String, Vec<SocketAddr>>) {
-        let eps: BTreeMap<String, Vec<EndpointConfig>> = services
-            .keys()
-            .map(|name| {
-                let mut list: Vec<EndpointConfig> = endpoints
-                    .remove(name)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|addr| EndpointConfig { addr, weight: 1 })
-                    .collect();
-                list.sort_by_key(|e| e.addr);
-                (name.clone(), list)
-            })
+    /// Feeds the proxy every service of `st` with `endpoints` (service,
+    /// template, address): a new config when a service came, went, changed
+    /// its template or its canary weight; otherwise only the endpoint sets
+    /// that changed, one upstream at a time. During a canary with a ready
+    /// canary instance, the canary's endpoints form the upstream
+    /// `NAME.canary` and the routes split by the step's weight.
+    pub fn publish(&self, st: &ClusterState, endpoints: Vec<(String, String, SocketAddr)>) {
+        let services = &st.services;
+        let canaries: BTreeMap<&String, ActiveCanary> =
+            services.keys().filter_map(|n| st.canary(n).map(|c| (n, c))).collect();
+        let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
+        for name in services.keys() {
+            eps.insert(name.clone(), Vec::new());
+            if canaries.contains_key(name) {
+                eps.insert(canary_upstream(name), Vec::new());
+            }
+        }
+        for (service, template, addr) in endpoints {
+            let upstream = match canaries.get(&service) {
+                Some(c) if c.canary_template == template => canary_upstream(&service),
+                _ => service,
+            };
+            if let Some(list) = eps.get_mut(&upstream) {
+                list.push(EndpointConfig { addr, weight: 1 });
+            }
+        }
+        for list in eps.values_mut() {
+            list.sort_by_key(|e| e.addr);
+        }
+        // The canary takes its share only once it has a ready instance.
+        let weights: BTreeMap<String, u32> = canaries
+            .iter()
+            .filter(|(n, _)| eps.get(&canary_upstream(n)).is_some_and(|l| !l.is_empty()))
+            .map(|(n, c)| ((*n).clone(), c.weight))
             .collect();
-        let layout: BTreeMap<String, String> = services.iter().map(|(n, s)| (n.clone(), s.template.clone())).collect();
+        let layout: BTreeMap<String, String> = services
+            .iter()
+            .map(|(n, s)| (n.clone(), format!("{}@{}", s.template, weights.get(n).copied().unwrap_or(0))))
+            .collect();
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if published.layout.as_ref() != Some(&layout) {
-            match self.proxy.reload(proxy_config(&self.base, services, eps.clone())) {
+            match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights)) {
                 Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },
                 Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
             }
@@ -88,17 +109,21 @@ impl ProxyFeed {
 fn proxy_config(
     base: &Config,
     services: &BTreeMap<String, Arc<Svc>>,
-    endpoints: BTreeMap<String, Vec<EndpointConfig>>,
+    endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
+    canary_weights: &BTreeMap<String, u32>,
 ) -> Config {
     let mut cfg = base.clone();
     let mut routes = Vec::new();
     for (name, svc) in services {
-        let generated = sections(name, svc, endpoints.get(name).map_or(&[], Vec::as_slice));
+        let weight = canary_weights.get(name).copied().unwrap_or(0);
+        let generated = sections(name, svc, endpoints, weight);
         match config::extend(base, &format!("service {name}"), &generated) {
             Ok(mut one) => {
                 routes.extend(one.routes.drain(base.routes.len()..));
-                if let Some(u) = one.upstreams.remove(name) {
-                    cfg.upstreams.insert(name.clone(), u);
+                for (u, cfg_u) in std::mem::take(&mut one.upstreams) {
+                    if generated.upstreams.contains_key(&u) {
+                        cfg.upstreams.insert(u, cfg_u);
+                    }
                 }
             }
             Err(e) => {
@@ -123,11 +148,17 @@ fn proxy_config(
     cfg
 }
 
-/// A service's upstream and routes in the proxy file's own terms.
-fn sections(name: &str, svc: &Svc, endpoints: &[EndpointConfig]) -> Generated {
+/// The upstream of a service's canary instances during a rollout.
+pub(crate) fn canary_upstream(service: &str) -> String {
+    format!("{service}.canary")
+}
+
+/// A service's upstream (and its canary's, when `canary_weight` > 0) and
+/// routes in the proxy file's own terms.
+fn sections(name: &str, svc: &Svc, endpoints: &BTreeMap<String, Vec<EndpointConfig>>, canary_weight: u32) -> Generated {
     let b = svc.file.balance.clone().unwrap_or_default();
-    let upstream = UpstreamSection {
-        endpoints: endpoints.iter().map(|e| EndpointEntry::Addr(e.addr.to_string())).collect(),
+    let upstream = |name: &str| UpstreamSection {
+        endpoints: endpoints.get(name).into_iter().flatten().map(|e| EndpointEntry::Addr(e.addr.to_string())).collect(),
         policy: b.policy.clone(),
         hash_key: b.hash_key.clone(),
         session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
@@ -135,6 +166,18 @@ fn sections(name: &str, svc: &Svc, endpoints: &[EndpointConfig]) -> Generated {
         // (on by default) still ejects an endpoint that fails requests.
         health: Some(HealthSection { enabled: Some(false), ..Default::default() }),
         ..Default::default()
+    };
+    let mut upstreams = BTreeMap::from([(name.to_string(), upstream(name))]);
+    let split = if canary_weight > 0 {
+        let canary = canary_upstream(name);
+        upstreams.insert(canary.clone(), upstream(&canary));
+        let mut split = vec![(canary, canary_weight)];
+        if canary_weight < 100 {
+            split.push((name.to_string(), 100 - canary_weight));
+        }
+        Some(split)
+    } else {
+        None
     };
     let routes = svc
         .spec
@@ -151,7 +194,12 @@ fn sections(name: &str, svc: &Svc, endpoints: &[EndpointConfig]) -> Generated {
                 host: r.host.clone(),
                 path_prefix,
                 path_exact,
-                upstream: Some(name.to_string()),
+                upstream: split.is_none().then(|| name.to_string()),
+                split: split.as_ref().map(|s| {
+                    s.iter()
+                        .map(|(upstream, weight)| SplitSection { upstream: upstream.clone(), weight: *weight })
+                        .collect()
+                }),
                 timeouts: Some(TimeoutSection {
                     connect: b.connect_timeout.clone(),
                     first_byte: b.first_byte_timeout.clone(),
@@ -168,7 +216,7 @@ fn sections(name: &str, svc: &Svc, endpoints: &[EndpointConfig]) -> Generated {
             }
         })
         .collect();
-    Generated { upstreams: BTreeMap::from([(name.to_string(), upstream)]), routes }
+    Generated { upstreams, routes }
 }
 
 #[cfg(test)]
@@ -177,7 +225,8 @@ mod tests {
 
     fn svc(text: &str) -> Arc<Svc> {
         let (file, spec) = halo_model::parse_service("t", text).unwrap();
-        Arc::new(Svc { revision: 1, file, spec: Arc::new(spec), template: "t".into() })
+        let record = crate::keys::ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None };
+        Arc::new(Svc { revision: 1, record, file, spec: Arc::new(spec), template: "t".into(), stable: None })
     }
 
     #[test]
@@ -195,7 +244,7 @@ mod tests {
         let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), bad)]);
         let eps =
             BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
-        let cfg = proxy_config(&base, &services, eps);
+        let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new());
         assert!(cfg.upstreams.contains_key("web") && !cfg.upstreams.contains_key("old"), "{:?}", cfg.upstreams.keys());
         assert_eq!(cfg.upstreams["web"].endpoints.len(), 1);
         assert!(cfg.upstreams["web"].health.is_none() && cfg.upstreams["web"].outlier.is_some());

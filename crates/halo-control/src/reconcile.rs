@@ -15,15 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use halo_model::ServiceSpec;
 use halo_store::Store;
 use halo_supervisor::{Env, Instance, InstanceSpec, Status};
 use tokio::sync::{watch, Notify};
 
-use crate::endpoints;
+use crate::endpoints::{self, Ready};
 use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, InstanceRecord};
 use crate::membership::Membership;
 use crate::proxy_config::ProxyFeed;
-use crate::state::{ClusterState, Svc, View};
+use crate::state::{ClusterState, View};
 
 /// Between taking an instance out of the proxies and signalling it.
 const DRAIN_DELAY: Duration = Duration::from_millis(300);
@@ -136,8 +137,10 @@ impl Reconciler {
         }
         for a in start {
             let Some(svc) = st.services.get(&a.placement.service) else { continue };
+            // An assignment of a revision being replaced is not started again.
+            let Some(spec) = svc.spec_for(&a.placement.template) else { continue };
             tracing::info!(instance = %a.placement.id, "assigned here; starting");
-            if let Err(e) = self.start_new(svc, a).await {
+            if let Err(e) = self.start_new(spec, a).await {
                 tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
             }
         }
@@ -145,11 +148,18 @@ impl Reconciler {
         self.publish_from(&st);
     }
 
-    /// This node's ready instances: (service, id, port).
-    fn ready(&self) -> Vec<(String, String, u16)> {
+    /// This node's ready instances.
+    fn ready(&self) -> Vec<Ready> {
         let instances = self.lock();
         let ready = instances.values().filter(|m| m.ready());
-        ready.map(|m| (m.record.service.clone(), m.record.id.clone(), m.status.borrow().port)).collect()
+        ready
+            .map(|m| Ready {
+                service: m.record.service.clone(),
+                id: m.record.id.clone(),
+                port: m.status.borrow().port,
+                template: m.record.template.clone(),
+            })
+            .collect()
     }
 
     /// Feeds the proxy this node's ready instances (as they are now) and
@@ -159,14 +169,14 @@ impl Reconciler {
     }
 
     fn publish_from(&self, st: &ClusterState) {
-        let mut eps: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
-        for (service, _, port) in self.ready() {
-            eps.entry(service).or_default().push((self.m.cfg.addr, port).into());
+        let mut eps: Vec<(String, String, SocketAddr)> = Vec::new();
+        for r in self.ready() {
+            eps.push((r.service, r.template, (self.m.cfg.addr, r.port).into()));
         }
         for (service, e) in st.endpoints.values().filter(|(_, e)| e.node != self.node()) {
-            eps.entry(service.clone()).or_default().push(e.addr);
+            eps.push((service.clone(), e.template.clone(), e.addr));
         }
-        self.feed.publish(&st.services, eps);
+        self.feed.publish(st, eps);
     }
 
     /// Free port for a new instance, not one a live instance has.
@@ -183,7 +193,7 @@ impl Reconciler {
 
     /// Starts the instance `a` names, under a new record written first: a
     /// halo killed in between finds the record, not an unknown process.
-    async fn start_new(self: &Arc<Self>, svc: &Svc, a: &Assignment) -> Result<(), Error> {
+    async fn start_new(self: &Arc<Self>, spec: &Arc<ServiceSpec>, a: &Assignment) -> Result<(), Error> {
         let p = &a.placement;
         let port = self.free_port()?;
         let r = InstanceRecord {
@@ -195,13 +205,13 @@ impl Reconciler {
             start_time: None,
         };
         self.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
-        self.supervise(svc, r)
+        self.supervise(spec, r)
     }
 
     /// Supervises `record`'s instance: adopts its process if it is alive,
     /// or starts one.
-    fn supervise(self: &Arc<Self>, svc: &Svc, record: InstanceRecord) -> Result<(), Error> {
-        let mut spec = (*svc.spec).clone();
+    fn supervise(self: &Arc<Self>, spec: &Arc<ServiceSpec>, record: InstanceRecord) -> Result<(), Error> {
+        let mut spec = (**spec).clone();
         // Marks the process as this data directory's (orphan sweep, tests).
         spec.run.env.insert("HALO_DATA_DIR".into(), self.data_dir.display().to_string());
         let ispec = InstanceSpec {
@@ -265,11 +275,13 @@ impl Reconciler {
                 continue;
             };
             let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
-            match (st.services.get(&rec.service), live) {
-                (Some(svc), Some((pid, _))) => {
+            let spec =
+                st.services.get(&rec.service).map(|svc| svc.spec_for(&rec.template).unwrap_or(&svc.spec).clone());
+            match (spec, live) {
+                (Some(spec), Some((pid, _))) => {
                     known_groups.insert(pid);
                     tracing::info!(instance = %rec.id, pid, "adopting running instance");
-                    to_adopt.push((svc.clone(), rec));
+                    to_adopt.push((spec, rec));
                 }
                 (None, Some((pid, _))) => {
                     tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
@@ -285,9 +297,9 @@ impl Reconciler {
         // Before anything new starts: what runs now and is in no record is
         // an orphan.
         sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
-        for (svc, rec) in to_adopt {
+        for (spec, rec) in to_adopt {
             let id = rec.id.clone();
-            if let Err(e) = self.supervise(&svc, rec) {
+            if let Err(e) = self.supervise(&spec, rec) {
                 tracing::error!(instance = %id, error = %e, "adopting failed");
             }
         }
@@ -331,6 +343,40 @@ pub(crate) async fn run(r: Arc<Reconciler>) {
             _ = changed.changed() => {}
             _ = r.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Publishes this node's proxy counters of the upstreams in a rollout
+/// (`/halo/stats/NODE`, on the node lease) four times a second while they
+/// change, for the leader's canary analysis; removes them when no rollout
+/// is left.
+pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
+    let key = crate::keys::stats_key(r.node());
+    let mut last: Option<(crate::keys::NodeStats, Option<halo_store::LeaseId>)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let st = r.view.current();
+        let names: BTreeSet<String> = st
+            .services
+            .keys()
+            .filter(|n| st.canary(n).is_some())
+            .flat_map(|n| [n.clone(), crate::proxy_config::canary_upstream(n)])
+            .collect();
+        let upstreams = r.feed.proxy.upstream_totals().into_iter().filter(|(n, _, _)| names.contains(n));
+        let now = crate::keys::NodeStats { upstreams: upstreams.map(|(n, req, err)| (n, (req, err))).collect() };
+        let Some(lease) = r.m.lease() else { continue };
+        if last.as_ref().is_some_and(|(s, l)| *s == now && *l == Some(lease)) || (last.is_none() && names.is_empty()) {
+            continue;
+        }
+        let done = if names.is_empty() {
+            r.store.delete(&key).await.map(drop)
+        } else {
+            r.store.put(&key, serde_json::to_vec(&now).expect("encodes"), Some(lease)).await.map(drop)
+        };
+        match done {
+            Ok(()) => last = (!names.is_empty()).then_some((now, Some(lease))),
+            Err(e) => tracing::debug!(error = %e, "publishing proxy counters failed"),
         }
     }
 }

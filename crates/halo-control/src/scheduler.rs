@@ -39,6 +39,15 @@ pub struct ServiceWant {
     pub replicas: u32,
     /// Placements with another template are replaced.
     pub template: String,
+    /// During a canary: this many placements of the canary's template
+    /// besides `replicas` of `template` (the stable one keeps its capacity).
+    pub canary: Option<CanaryWant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CanaryWant {
+    pub template: String,
+    pub replicas: u32,
 }
 
 /// One instance placed on a node.
@@ -103,7 +112,13 @@ pub fn schedule(snap: &Snapshot) -> Plan {
     let mut fleet = Fleet::new(nodes, load);
     let mut seq = 0u32;
     for (name, want) in &snap.services {
-        let mine = by_service.remove(name.as_str()).unwrap_or_default();
+        let mut mine = by_service.remove(name.as_str()).unwrap_or_default();
+        if let Some(c) = &want.canary {
+            let canary: Vec<&Placement>;
+            (canary, mine) = mine.into_iter().partition(|p| p.template == c.template);
+            let ctx = CanaryPass { snap, name, template: &c.template, target: c.replicas as usize, others: &mine };
+            ctx.plan(canary, &mut fleet, &mut plan, &mut seq);
+        }
         let displaced =
             |p: &Placement| p.template != want.template || (any_draining && fleet.nodes[p.node.as_str()].draining);
         let (old, mut keep): (Vec<&Placement>, Vec<&Placement>) = mine.into_iter().partition(|p| displaced(p));
@@ -166,6 +181,56 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         plan.add.extend(placed_here);
     }
     plan
+}
+
+/// The canary placements of one service: exactly `target` of `template`,
+/// spread like any placement (counting the service's other placements),
+/// the not-ready removed first when there are too many.
+struct CanaryPass<'s> {
+    snap: &'s Snapshot,
+    name: &'s str,
+    template: &'s str,
+    target: usize,
+    others: &'s [&'s Placement],
+}
+
+impl CanaryPass<'_> {
+    fn plan<'a>(&self, mut keep: Vec<&'a Placement>, fleet: &mut Fleet<'a>, plan: &mut Plan, seq: &mut u32) {
+        let is_ready = |p: &Placement| self.snap.ready.contains(&p.id);
+        // A canary on a draining node goes; its replacement comes below.
+        let (gone, kept): (Vec<&Placement>, Vec<&Placement>) =
+            keep.drain(..).partition(|p| self.snap.nodes[&p.node].draining);
+        keep = kept;
+        for p in gone {
+            plan.remove.push(p.id.clone());
+            fleet.add(&p.node, -1);
+        }
+        if keep.len() > self.target {
+            keep.sort_by_key(|p| (is_ready(p), std::cmp::Reverse(p.id.clone())));
+            for p in keep.drain(..keep.len() - self.target) {
+                plan.remove.push(p.id.clone());
+                fleet.add(&p.node, -1);
+            }
+        }
+        let mut added: Vec<Placement> = Vec::new();
+        for _ in keep.len()..self.target {
+            let counted = self.others.iter().copied().chain(keep.iter().copied()).chain(added.iter());
+            let Some(node) = fleet.pick(counted) else {
+                *plan.unplaced.entry(self.name.to_string()).or_insert(0) +=
+                    (self.target - keep.len() - added.len()) as u32;
+                break;
+            };
+            fleet.add(node, 1);
+            added.push(Placement {
+                id: format!("{}-{:x}-{:x}", self.name, self.snap.revision, *seq),
+                service: self.name.to_string(),
+                template: self.template.to_string(),
+                node: node.to_string(),
+            });
+            *seq += 1;
+        }
+        plan.add.extend(added);
+    }
 }
 
 /// Live nodes with their load as the plan changes it, and the ones that
@@ -248,7 +313,7 @@ mod tests {
             nodes: nodes.iter().map(|(n, z, c)| (n.to_string(), node(z, *c))).collect(),
             services: services
                 .iter()
-                .map(|(s, r, t)| (s.to_string(), ServiceWant { replicas: *r, template: t.to_string() }))
+                .map(|(s, r, t)| (s.to_string(), ServiceWant { replicas: *r, template: t.to_string(), canary: None }))
                 .collect(),
             ..Default::default()
         }
@@ -412,7 +477,10 @@ mod tests {
                 s.nodes.insert(n.clone(), node(z, *c));
             }
             for i in 0..1 + rng.next(4) {
-                s.services.insert(format!("s{i}"), ServiceWant { replicas: rng.next(8) as u32, template: "t".into() });
+                s.services.insert(
+                    format!("s{i}"),
+                    ServiceWant { replicas: rng.next(8) as u32, template: "t".into(), canary: None },
+                );
             }
             // Some history: converge, then a random fault or change.
             converge(&mut s);

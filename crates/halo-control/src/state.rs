@@ -23,20 +23,55 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::keys::{
-    Assignment, EndpointRecord, NodeAdmin, NodeRecord, ServiceRecord, ASSIGNMENTS, ENDPOINTS, LEADER, NODES,
-    NODE_ADMIN, ROOT, SERVICES,
+    Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
+    ServiceRecord, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES,
+    STATS,
 };
-use crate::scheduler::{NodeInfo, ServiceWant, Snapshot};
+use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
 
 /// A stored service, parsed and validated.
 #[derive(Debug)]
 pub struct Svc {
     /// The mod revision of the service key it was parsed from.
     pub revision: Revision,
+    /// As stored.
+    pub record: ServiceRecord,
     pub file: ServiceFile,
     pub spec: Arc<ServiceSpec>,
     /// What makes its instances interchangeable ([`ServiceRecord::template`]).
     pub template: String,
+    /// While a canary rolls: the revision the stable instances run.
+    pub stable: Option<Revisioned>,
+}
+
+/// One revision of a service: its template and spec.
+#[derive(Debug, Clone)]
+pub struct Revisioned {
+    pub template: String,
+    pub spec: Arc<ServiceSpec>,
+}
+
+impl Svc {
+    /// The spec instances of `template` run: the current one, or the
+    /// stable one during a canary; `None` for any other (being replaced).
+    pub fn spec_for(&self, template: &str) -> Option<&Arc<ServiceSpec>> {
+        if template == self.template {
+            return Some(&self.spec);
+        }
+        self.stable.as_ref().filter(|s| s.template == template).map(|s| &s.spec)
+    }
+}
+
+/// A canary in progress, as every node derives it from the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCanary {
+    pub canary_template: String,
+    pub stable_template: String,
+    pub step: usize,
+    /// The step's share of requests, in percent.
+    pub weight: u32,
+    /// Canary instances wanted: the weight's share of the replicas, at least one.
+    pub replicas: u32,
 }
 
 /// Everything under the root at one revision, typed.
@@ -61,6 +96,12 @@ pub struct ClusterState {
     pub endpoints: BTreeMap<String, (String, EndpointRecord)>,
     /// The lease each endpoint is attached to.
     pub endpoint_leases: BTreeMap<String, Option<LeaseId>>,
+    /// Canary rollouts by service.
+    pub rollouts: BTreeMap<String, RolloutRecord>,
+    /// Operators' orders waiting for the leader, by service.
+    pub rollout_commands: BTreeMap<String, RolloutCommand>,
+    /// Each node's proxy counters of the upstreams in a rollout.
+    pub stats: BTreeMap<String, NodeStats>,
 }
 
 /// The last path segment: the name or id a key is for.
@@ -129,6 +170,18 @@ impl ClusterState {
                 self.endpoint_leases.insert(id.to_string(), kv.lease);
                 self.endpoints.insert(id.to_string(), (service.to_string(), e));
             }
+        } else if let Some(name) = key.strip_prefix(ROLLOUTS) {
+            if let Ok(r) = serde_json::from_slice::<RolloutRecord>(&kv.value) {
+                self.rollouts.insert(name.to_string(), r);
+            }
+        } else if let Some(name) = key.strip_prefix(ROLLOUT_COMMANDS) {
+            if let Ok(c) = serde_json::from_slice::<RolloutCommand>(&kv.value) {
+                self.rollout_commands.insert(name.to_string(), c);
+            }
+        } else if let Some(node) = key.strip_prefix(STATS) {
+            if let Ok(n) = serde_json::from_slice::<NodeStats>(&kv.value) {
+                self.stats.insert(node.to_string(), n);
+            }
         }
     }
 
@@ -149,7 +202,37 @@ impl ClusterState {
         } else if key.starts_with(ENDPOINTS) {
             self.endpoints.remove(id);
             self.endpoint_leases.remove(id);
+        } else if key.starts_with(ROLLOUTS) {
+            self.rollouts.remove(id);
+        } else if key.starts_with(ROLLOUT_COMMANDS) {
+            self.rollout_commands.remove(id);
+        } else if key.starts_with(STATS) {
+            self.stats.remove(id);
         }
+    }
+
+    /// The canary of `service` in progress, if any: the service has a
+    /// stable revision beside its current one, and no rollout record says
+    /// this canary already ended (the leader may not have written the
+    /// record yet: then it is at its first step).
+    pub fn canary(&self, service: &str) -> Option<ActiveCanary> {
+        let svc = self.services.get(service)?;
+        let stable = svc.stable.as_ref()?;
+        let steps = &svc.spec.release.steps;
+        let rec = self.rollouts.get(service).filter(|r| r.canary_template == svc.template);
+        if rec.is_some_and(|r| r.state != RolloutState::Progressing) {
+            return None;
+        }
+        let step = rec.map_or(0, |r| r.step).min(steps.len().saturating_sub(1));
+        let weight = steps.get(step).map_or(100, |s| s.weight);
+        let replicas = (u64::from(svc.spec.replicas) * u64::from(weight)).div_ceil(100).max(1) as u32;
+        Some(ActiveCanary {
+            canary_template: svc.template.clone(),
+            stable_template: stable.template.clone(),
+            step,
+            weight,
+            replicas,
+        })
     }
 
     /// What the scheduler decides from.
@@ -167,7 +250,17 @@ impl ClusterState {
             services: self
                 .services
                 .iter()
-                .map(|(n, s)| (n.clone(), ServiceWant { replicas: s.spec.replicas, template: s.template.clone() }))
+                .map(|(n, s)| {
+                    let want = match self.canary(n) {
+                        Some(c) => ServiceWant {
+                            replicas: s.spec.replicas,
+                            template: c.stable_template,
+                            canary: Some(CanaryWant { template: c.canary_template, replicas: c.replicas }),
+                        },
+                        None => ServiceWant { replicas: s.spec.replicas, template: s.template.clone(), canary: None },
+                    };
+                    (n.clone(), want)
+                })
                 .collect(),
             placements: self.assignments.iter().map(|(id, a)| (id.clone(), a.placement.clone())).collect(),
             ready: self.endpoints.keys().filter(|id| self.assignments.contains_key(*id)).cloned().collect(),
@@ -176,10 +269,17 @@ impl ClusterState {
 }
 
 fn parse_service(kv: &KeyValue) -> Result<Arc<Svc>, String> {
-    let rec = serde_json::from_slice::<ServiceRecord>(&kv.value).map_err(|e| e.to_string())?;
-    let (file, spec) = halo_model::parse_service(&kv.key, &rec.spec).map_err(|e| e.to_string())?;
-    let template = ServiceRecord::template(&file, rec.restart_generation);
-    Ok(Arc::new(Svc { revision: kv.mod_revision, file, spec: Arc::new(spec), template }))
+    let record = serde_json::from_slice::<ServiceRecord>(&kv.value).map_err(|e| e.to_string())?;
+    let (file, spec) = halo_model::parse_service(&kv.key, &record.spec).map_err(|e| e.to_string())?;
+    let template = ServiceRecord::template(&file, record.restart_generation);
+    let stable = match &record.stable {
+        Some(st) => {
+            let (f, s) = halo_model::parse_service(&kv.key, &st.spec).map_err(|e| format!("stable revision: {e}"))?;
+            Some(Revisioned { template: ServiceRecord::template(&f, st.restart_generation), spec: Arc::new(s) })
+        }
+        None => None,
+    };
+    Ok(Arc::new(Svc { revision: kv.mod_revision, record, file, spec: Arc::new(spec), template, stable }))
 }
 
 /// The whole state in one listing (tests and tools; nodes use [`View`]).

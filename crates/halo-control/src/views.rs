@@ -152,3 +152,91 @@ impl ClusterView {
         out
     }
 }
+
+/// A service's canary rollout as `halo rollout status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    pub service: String,
+    /// `progressing`, `promoted`, `rolled_back`, `aborted`, or `none`.
+    pub state: String,
+    /// 1-based, of `steps`.
+    pub step: usize,
+    pub steps: Vec<StepView>,
+    /// The canary's share of requests now, in percent (0 until a canary
+    /// instance is ready).
+    pub weight: u32,
+    pub canary: RevisionView,
+    pub stable: RevisionView,
+    pub passed_windows: u32,
+    pub failed_windows: u32,
+    pub windows: Vec<crate::keys::WindowRecord>,
+    /// What it waits for, or why it ended.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepView {
+    pub weight: u32,
+    pub pause_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RevisionView {
+    pub template: String,
+    pub placed: usize,
+    pub ready: usize,
+}
+
+impl RolloutView {
+    /// The rollout of `service` in `st`, if it has or had one.
+    pub fn new(st: &ClusterState, service: &str) -> Option<RolloutView> {
+        let svc = st.services.get(service)?;
+        let rec = st.rollouts.get(service);
+        let active = st.canary(service);
+        if rec.is_none() && active.is_none() {
+            return None;
+        }
+        let revision = |template: &str| RevisionView {
+            template: template.to_string(),
+            placed: st
+                .assignments
+                .values()
+                .filter(|a| a.placement.service == service && a.placement.template == template)
+                .count(),
+            ready: st.endpoints.values().filter(|(s, e)| s == service && e.template == template).count(),
+        };
+        let (canary_t, stable_t) = match (&active, rec) {
+            (Some(c), _) => (c.canary_template.clone(), c.stable_template.clone()),
+            (None, Some(r)) => (r.canary_template.clone(), r.stable_template.clone()),
+            (None, None) => unreachable!("checked above"),
+        };
+        let canary = revision(&canary_t);
+        let state = match (&active, rec) {
+            (Some(_), _) => "progressing".to_string(),
+            (None, Some(r)) => {
+                serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            }
+            (None, None) => "none".into(),
+        };
+        let current = rec.filter(|r| r.canary_template == canary_t);
+        Some(RolloutView {
+            service: service.to_string(),
+            state,
+            step: active.as_ref().map_or(current.map_or(0, |r| r.step), |c| c.step) + 1,
+            steps: svc
+                .spec
+                .release
+                .steps
+                .iter()
+                .map(|s| StepView { weight: s.weight, pause_ms: s.pause.as_millis() as u64 })
+                .collect(),
+            weight: active.as_ref().filter(|_| canary.ready > 0).map_or(0, |c| c.weight),
+            canary,
+            stable: revision(&stable_t),
+            passed_windows: current.map_or(0, |r| r.passed_windows),
+            failed_windows: current.map_or(0, |r| r.failed_windows),
+            windows: current.map(|r| r.windows.clone()).unwrap_or_default(),
+            reason: current.map_or_else(|| "waiting for the leader".into(), |r| r.reason.clone()),
+        })
+    }
+}

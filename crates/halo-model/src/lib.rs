@@ -9,6 +9,7 @@
 //! file as in a proxy file. No I/O here.
 
 mod file;
+pub mod release;
 pub mod values;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,8 @@ pub struct ServiceSpec {
     pub stop: StopSpec,
     pub routes: Vec<RouteSpec>,
     pub balance: BalanceSpec,
+    /// How a new template reaches the instances.
+    pub release: release::ReleaseSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +293,7 @@ impl ServiceFile {
         let stop = c.stop(self.stop.as_ref().unwrap_or(&StopSection::default()));
         let routes = self.routes.iter().enumerate().map(|(i, r)| c.route(i, r)).collect();
         let balance = c.balance(self.balance.as_ref().unwrap_or(&BalanceSection::default()));
+        let release = release::validate(self.release.as_ref().unwrap_or(&Default::default()), c.errors);
         if errors.is_empty() {
             Ok(ServiceSpec {
                 name: self.name.clone(),
@@ -302,6 +306,7 @@ impl ServiceFile {
                 stop,
                 routes,
                 balance,
+                release,
             })
         } else {
             Err(SpecErrors(errors))

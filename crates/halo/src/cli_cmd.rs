@@ -88,6 +88,62 @@ pub fn restart(t: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `halo rollout status`: one screen of the rollout, or one a second with
+/// `--watch` until it ends.
+pub fn rollout_status(t: &Target, name: &str, watch: bool) -> anyhow::Result<()> {
+    loop {
+        let v = call(t, Method::GET, &format!("/v1/services/{name}/rollout"), None)?;
+        let out = if t.json { format!("{v}\n") } else { rollout_text(&v) };
+        let _ = std::io::stdout().write_all(out.as_bytes());
+        if !watch || v["state"] != "progressing" {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn rollout_text(v: &serde_json::Value) -> String {
+    let steps: Vec<String> = v["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{}% for {}s", s["weight"], s["pause_ms"].as_u64().unwrap_or(0) as f64 / 1000.0))
+        .collect();
+    let mut out = format!(
+        "{}: canary {} (step {} of {}: {}), canary weight now {}%\n",
+        v["service"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        v["step"],
+        steps.len(),
+        steps.join(", "),
+        v["weight"]
+    );
+    for (what, r) in [("canary", &v["canary"]), ("stable", &v["stable"])] {
+        out.push_str(&format!(
+            "  {what:<7} {}  placed {} ready {}\n",
+            r["template"].as_str().unwrap_or("?"),
+            r["placed"],
+            r["ready"]
+        ));
+    }
+    out.push_str(&format!("  windows passed in this step {}, failed {}\n", v["passed_windows"], v["failed_windows"]));
+    for w in v["windows"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  window {}: {}\n",
+            w["verdict"].as_str().unwrap_or("?"),
+            w["detail"].as_str().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!("  {}\n", v["reason"].as_str().unwrap_or("")));
+    out
+}
+
+/// `halo rollout promote|abort`.
+pub fn rollout_order(t: &Target, name: &str, order: &str) -> anyhow::Result<()> {
+    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/rollout/{order}"), None)?);
+    Ok(())
+}
+
 pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
     print_outcome(t, &call(t, Method::DELETE, &format!("/v1/services/{name}"), None)?);
     Ok(())

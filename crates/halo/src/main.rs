@@ -32,6 +32,13 @@ enum Command {
         #[command(flatten)]
         target: cli_cmd::Target,
     },
+    /// A service's canary rollout: status, promote, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
     /// Create or change a service from its file.
     Apply {
         #[arg(short, long)]
@@ -110,6 +117,22 @@ enum NodeCommand {
     Remove { name: String },
 }
 
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Step, weights, canary and stable counts per window, the verdicts,
+    /// what it waits for.
+    Status {
+        service: String,
+        /// Print it again every second until the rollout ends.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Make the canary stable now, skipping the steps left.
+    Promote { service: String },
+    /// Roll the canary back now: the stable revision takes all traffic.
+    Abort { service: String },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -128,6 +151,11 @@ fn main() -> ExitCode {
             NodeCommand::Drain { name } => cli_cmd::node_drain(&target, &name, true),
             NodeCommand::Undrain { name } => cli_cmd::node_drain(&target, &name, false),
             NodeCommand::Remove { name } => cli_cmd::node_remove(&target, &name),
+        },
+        Command::Rollout { command, target } => match command {
+            RolloutCommand::Status { service, watch } => cli_cmd::rollout_status(&target, &service, watch),
+            RolloutCommand::Promote { service } => cli_cmd::rollout_order(&target, &service, "promote"),
+            RolloutCommand::Abort { service } => cli_cmd::rollout_order(&target, &service, "abort"),
         },
         Command::Apply { file, target } => cli_cmd::apply(&target, &file),
         Command::Status { target } => cli_cmd::status(&target),

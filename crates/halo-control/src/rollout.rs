@@ -1,0 +1,292 @@
+//! Canary rollouts, driven by the leader (states and transitions in
+//! `ROLLOUT.md` beside this file).
+//!
+//! A service whose record keeps a stable revision beside its current one
+//! is rolling a canary: the scheduler places the canary's share of
+//! instances beside the full stable set, every proxy splits the service's
+//! routes by the step's weight once a canary instance is ready, and every
+//! node publishes its proxy's counters of both upstreams. Each analysis
+//! interval the leader sums the counters' growth over all nodes into a
+//! window and judges it: too few canary requests holds the step, an error
+//! rate above the limits fails the window. A step passes once its pause is
+//! over and a window passed in it; the last step promotes. Failed windows
+//! up to the limit, a canary never ready by the deadline, or an operator's
+//! abort roll back: the stable revision becomes the service's spec again,
+//! so the canary's weight is 0 on every proxy at once and its instances
+//! drain. Every write is fenced by the leader's token; the step lives in
+//! the store, so a new leader carries on where the old one was.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
+
+use crate::keys::{
+    rollout_command_key, rollout_key, service_key, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
+    ServiceRecord, WindowRecord, LEADER,
+};
+use crate::membership::Membership;
+use crate::proxy_config::canary_upstream;
+use crate::state::{ClusterState, Svc};
+
+/// Windows kept in a rollout record, newest last.
+const KEEP_WINDOWS: usize = 10;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An open analysis window: when it opened and every node's counters then.
+struct Window {
+    opened: Instant,
+    start: BTreeMap<String, NodeStats>,
+}
+
+/// Requests and failures of one window, summed over the nodes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    canary: (u64, u64),
+    stable: (u64, u64),
+}
+
+impl Window {
+    fn open(st: &ClusterState) -> Window {
+        Window { opened: Instant::now(), start: st.stats.clone() }
+    }
+
+    /// What grew since the window opened, on every node that reported at
+    /// both ends (a node's counters that went back restarted: not counted).
+    fn counts(&self, st: &ClusterState, service: &str) -> Counts {
+        let canary = canary_upstream(service);
+        let mut c = Counts::default();
+        for (node, now) in &st.stats {
+            let Some(then) = self.start.get(node) else { continue };
+            let grew = |up: &str| {
+                let (a, b) = (then.upstreams.get(up).copied().unwrap_or_default(), now.upstreams.get(up).copied());
+                b.map_or((0, 0), |b| (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)))
+            };
+            let (cr, ce) = grew(&canary);
+            let (sr, se) = grew(service);
+            c.canary = (c.canary.0 + cr, c.canary.1 + ce);
+            c.stable = (c.stable.0 + sr, c.stable.1 + se);
+        }
+        c
+    }
+}
+
+/// The leader's rollout state that is not in the store: open windows.
+#[derive(Default)]
+pub(crate) struct Controller {
+    windows: BTreeMap<String, Window>,
+}
+
+/// How a rollout ends.
+enum End {
+    Promote(String),
+    RollBack(RolloutState, String),
+}
+
+impl Controller {
+    /// One pass over every canary in `st`, as the leader with `token`.
+    pub async fn tick(&mut self, m: &Membership, token: Revision, st: &ClusterState) {
+        self.windows.retain(|name, _| st.services.get(name).is_some_and(|s| s.stable.is_some()));
+        for (name, svc) in &st.services {
+            if svc.stable.is_none() {
+                continue;
+            }
+            if let Err(e) = self.service(m, token, st, name, svc).await {
+                tracing::warn!(service = %name, error = %e, "updating the rollout failed; retrying");
+            }
+        }
+    }
+
+    async fn service(
+        &mut self,
+        m: &Membership,
+        token: Revision,
+        st: &ClusterState,
+        name: &str,
+        svc: &Svc,
+    ) -> Result<(), StoreError> {
+        let stable = svc.stable.as_ref().expect("a canary has a stable revision");
+        let release = &svc.spec.release;
+        let now = now_ms();
+        let Some(rec) = st.rollouts.get(name).filter(|r| r.canary_template == svc.template) else {
+            tracing::info!(service = %name, canary = %svc.template, stable = %stable.template, "canary rollout begins");
+            self.windows.remove(name);
+            let rec = RolloutRecord {
+                canary_template: svc.template.clone(),
+                stable_template: stable.template.clone(),
+                state: RolloutState::Progressing,
+                step: 0,
+                started_ms: now,
+                step_started_ms: now,
+                passed_windows: 0,
+                failed_windows: 0,
+                windows: Vec::new(),
+                reason: "waiting for a canary instance to become ready".into(),
+                token,
+            };
+            return write(m, token, None, vec![put_rollout(name, &rec)]).await;
+        };
+        if rec.state != RolloutState::Progressing {
+            return Ok(());
+        }
+        if let Some(cmd) = st.rollout_commands.get(name) {
+            let end = match cmd {
+                RolloutCommand::Promote => End::Promote("promoted by an operator".into()),
+                RolloutCommand::Abort => End::RollBack(RolloutState::Aborted, "aborted by an operator".into()),
+            };
+            return self.finish(m, token, name, svc, rec, end).await;
+        }
+        let ready = st.endpoints.values().filter(|(s, e)| s == name && e.template == svc.template).count();
+        if ready == 0 {
+            self.windows.remove(name);
+            if now.saturating_sub(rec.started_ms) > release.progress_deadline.as_millis() as u64 {
+                let why = format!(
+                    "no canary instance became ready within {:?} (progress_deadline)",
+                    release.progress_deadline
+                );
+                return self.finish(m, token, name, svc, rec, End::RollBack(RolloutState::RolledBack, why)).await;
+            }
+            return Ok(());
+        }
+        let a = &release.analysis;
+        let window = self.windows.entry(name.to_string()).or_insert_with(|| Window::open(st));
+        if window.opened.elapsed() < a.interval {
+            return Ok(());
+        }
+        let c = window.counts(st, name);
+        *window = Window::open(st);
+        let mut next = rec.clone();
+        next.token = token;
+        let (verdict, detail) = judge(&c, a);
+        tracing::info!(service = %name, step = rec.step, verdict, %detail, "canary window");
+        next.windows.push(WindowRecord {
+            ended_ms: now,
+            canary_requests: c.canary.0,
+            canary_errors: c.canary.1,
+            stable_requests: c.stable.0,
+            stable_errors: c.stable.1,
+            verdict: verdict.into(),
+            detail: detail.clone(),
+        });
+        let excess = next.windows.len().saturating_sub(KEEP_WINDOWS);
+        next.windows.drain(..excess);
+        match verdict {
+            "fail" => {
+                next.failed_windows += 1;
+                if next.failed_windows >= a.failure_limit {
+                    let why = format!(
+                        "{} failed windows (failure_limit {}); last: {detail}",
+                        next.failed_windows, a.failure_limit
+                    );
+                    return self.finish(m, token, name, svc, &next, End::RollBack(RolloutState::RolledBack, why)).await;
+                }
+                next.reason =
+                    format!("window failed ({detail}); {} of {} allowed", next.failed_windows, a.failure_limit);
+            }
+            "hold" => next.reason = format!("holding: {detail}"),
+            _ => {
+                next.passed_windows += 1;
+                next.reason = format!("step {} of {}: window passed ({detail})", rec.step + 1, release.steps.len());
+            }
+        }
+        let step = release
+            .steps
+            .get(rec.step)
+            .copied()
+            .unwrap_or(halo_model::release::Step { weight: 100, pause: Duration::ZERO });
+        if next.passed_windows > 0 && now.saturating_sub(rec.step_started_ms) >= step.pause.as_millis() as u64 {
+            if rec.step + 1 >= release.steps.len() {
+                let why = format!("promoted after {} steps", release.steps.len());
+                return self.finish(m, token, name, svc, &next, End::Promote(why)).await;
+            }
+            next.step += 1;
+            next.step_started_ms = now;
+            next.passed_windows = 0;
+            tracing::info!(service = %name, step = next.step, weight = release.steps[next.step].weight, "canary step");
+        }
+        write(m, token, None, vec![put_rollout(name, &next)]).await
+    }
+
+    /// Ends a rollout: the service record loses its stable revision (kept
+    /// as the spec on a rollback), in one fenced transaction with the
+    /// rollout record, if the service did not change meanwhile.
+    async fn finish(
+        &mut self,
+        m: &Membership,
+        token: Revision,
+        name: &str,
+        svc: &Svc,
+        rec: &RolloutRecord,
+        end: End,
+    ) -> Result<(), StoreError> {
+        self.windows.remove(name);
+        let stable = svc.record.stable.clone().expect("a canary has a stable revision");
+        let mut next = rec.clone();
+        next.token = token;
+        let service = match &end {
+            End::Promote(why) => {
+                tracing::info!(service = %name, why, "canary promoted");
+                next.state = RolloutState::Promoted;
+                next.reason = why.clone();
+                ServiceRecord { stable: None, ..svc.record.clone() }
+            }
+            End::RollBack(state, why) => {
+                tracing::warn!(service = %name, why, "canary rolled back");
+                next.state = *state;
+                next.reason = why.clone();
+                ServiceRecord { spec: stable.spec, restart_generation: stable.restart_generation, stable: None }
+            }
+        };
+        let ops = vec![
+            TxnOp::put(&service_key(name), serde_json::to_vec(&service).expect("encodes"), None),
+            put_rollout(name, &next),
+            TxnOp::Delete(rollout_command_key(name)),
+        ];
+        write(m, token, Some(Compare::mod_revision(&service_key(name), svc.revision)), ops).await
+    }
+}
+
+/// The verdict of one window and what it saw.
+fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (&'static str, String) {
+    let rate = |(n, e): (u64, u64)| if n == 0 { 0.0 } else { e as f64 / n as f64 };
+    let (cr, sr) = (rate(c.canary), rate(c.stable));
+    let seen = format!(
+        "canary {} requests, {:.2}% failed; stable {} requests, {:.2}% failed",
+        c.canary.0,
+        cr * 100.0,
+        c.stable.0,
+        sr * 100.0
+    );
+    if c.canary.0 < a.min_requests {
+        return ("hold", format!("{seen}; a window needs {} canary requests (min_requests)", a.min_requests));
+    }
+    if cr > a.max_error_rate {
+        return ("fail", format!("{seen}; above max_error_rate {:.2}%", a.max_error_rate * 100.0));
+    }
+    if let Some(ratio) = a.max_error_rate_vs_stable.filter(|_| sr > 0.0) {
+        if cr > sr * ratio {
+            return ("fail", format!("{seen}; above {ratio}x stable's rate (max_error_rate_vs_stable)"));
+        }
+    }
+    ("pass", seen)
+}
+
+fn put_rollout(name: &str, rec: &RolloutRecord) -> TxnOp {
+    TxnOp::put(&rollout_key(name), serde_json::to_vec(rec).expect("encodes"), None)
+}
+
+/// `ops` if this node still leads with `token` (and `also` holds). A
+/// refused write is retried on the next pass; a lost leadership is the
+/// election loop's to notice.
+async fn write(m: &Membership, token: Revision, also: Option<Compare>, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+    let mut txn = Txn::new().when(Compare::new(LEADER, CompareOp::Equal, CompareTarget::CreateRevision(token)));
+    txn.compares.extend(also);
+    txn.success = ops;
+    if !m.store.txn(txn).await?.succeeded {
+        tracing::debug!("a rollout write was refused (the service changed, or leadership moved)");
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! A service's `[release]` section: how a new template reaches its
+//! instances. `rolling` (the default) replaces instances one at a time;
+//! `canary` starts the new revision beside the stable one, sends it a
+//! growing share of traffic step by step while the proxies' own counters
+//! show it no worse than allowed, and rolls it back by itself otherwise.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::values::parse_duration;
+use crate::SpecError;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepSection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisSection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSection {
+    pub weight: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate_vs_stable: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Rolling,
+    Canary,
+}
+
+/// One canary step: the canary's share of traffic, held for `pause`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Percent of requests, 1 to 100.
+    pub weight: u32,
+    pub pause: Duration,
+}
+
+/// When a canary window passes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    pub interval: Duration,
+    /// Canary requests a window needs to count; fewer holds the step.
+    pub min_requests: u64,
+    /// 5xx and proxy errors over requests, for the canary.
+    pub max_error_rate: f64,
+    /// And at most this many times stable's rate over the same window
+    /// (checked when stable failed any request in it).
+    pub max_error_rate_vs_stable: Option<f64>,
+    /// Failed windows before the rollback.
+    pub failure_limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseSpec {
+    pub strategy: Strategy,
+    pub steps: Vec<Step>,
+    /// A canary that is not ready (no ready instance) this long after the
+    /// rollout began is rolled back.
+    pub progress_deadline: Duration,
+    pub analysis: Analysis,
+}
+
+impl Default for ReleaseSpec {
+    fn default() -> ReleaseSpec {
+        ReleaseSpec {
+            strategy: Strategy::Rolling,
+            steps: Vec::new(),
+            progress_deadline: Duration::from_secs(600),
+            analysis: Analysis {
+                interval: Duration::from_secs(10),
+                min_requests: 100,
+                max_error_rate: 0.01,
+                max_error_rate_vs_stable: None,
+                failure_limit: 2,
+            },
+        }
+    }
+}
+
+/// Validates `r`; every problem goes to `errors` with its field.
+pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec {
+    let mut err = |field: &str, message: String| errors.push(SpecError { field: field.into(), message });
+    let strategy = match r.strategy.as_deref().unwrap_or("rolling") {
+        "rolling" => Strategy::Rolling,
+        "canary" => Strategy::Canary,
+        other => {
+            err("release.strategy", format!("unknown strategy '{other}'; accepted: rolling, canary"));
+            Strategy::Rolling
+        }
+    };
+    let mut spec = ReleaseSpec { strategy, ..ReleaseSpec::default() };
+    let duration = |field: &str, v: &Option<String>, default: Duration, err: &mut dyn FnMut(&str, String)| match v {
+        None => default,
+        Some(s) => parse_duration(s).unwrap_or_else(|m| {
+            err(field, m);
+            default
+        }),
+    };
+    let mut last = 0;
+    for (i, s) in r.steps.iter().flatten().enumerate() {
+        let field = format!("release.steps[{i}]");
+        if !(1..=100).contains(&s.weight) {
+            err(&format!("{field}.weight"), format!("{} is not accepted; a weight is a percent, 1 to 100", s.weight));
+        } else if s.weight <= last {
+            err(
+                &format!("{field}.weight"),
+                format!("{} does not grow: weights must increase, and {last} came before", s.weight),
+            );
+        }
+        last = last.max(s.weight);
+        let pause = duration(&format!("{field}.pause"), &s.pause, Duration::ZERO, &mut err);
+        spec.steps.push(Step { weight: s.weight.clamp(1, 100) as u32, pause });
+    }
+    match spec.strategy {
+        Strategy::Canary if spec.steps.is_empty() => err(
+            "release.steps",
+            "a canary needs steps, as in steps = [{ weight = 10, pause = \"1m\" }, { weight = 50, pause = \"1m\" }]"
+                .into(),
+        ),
+        Strategy::Rolling if !spec.steps.is_empty() => {
+            err("release.steps", "steps are for strategy = \"canary\"; rolling replaces one instance at a time".into())
+        }
+        _ => {}
+    }
+    spec.progress_deadline =
+        duration("release.progress_deadline", &r.progress_deadline, spec.progress_deadline, &mut err);
+    if let Some(a) = &r.analysis {
+        let an = &mut spec.analysis;
+        an.interval = duration("release.analysis.interval", &a.interval, an.interval, &mut err);
+        if an.interval < Duration::from_millis(100) {
+            err("release.analysis.interval", "must be at least 100ms".into());
+        }
+        an.min_requests = a.min_requests.unwrap_or(an.min_requests);
+        if let Some(rate) = a.max_error_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                err("release.analysis.max_error_rate", format!("{rate} is not accepted; a rate is 0.0 to 1.0"));
+            }
+            an.max_error_rate = rate.clamp(0.0, 1.0);
+        }
+        if let Some(ratio) = a.max_error_rate_vs_stable {
+            if !(ratio >= 1.0 && ratio.is_finite()) {
+                err("release.analysis.max_error_rate_vs_stable", format!("{ratio} is not accepted; use 1.0 or more"));
+            }
+            an.max_error_rate_vs_stable = Some(ratio);
+        }
+        an.failure_limit = a.failure_limit.unwrap_or(an.failure_limit);
+        if an.failure_limit == 0 {
+            err("release.analysis.failure_limit", "must be at least 1".into());
+        }
+    }
+    spec
+}

@@ -1,0 +1,199 @@
+//! Canary releases through the real binary on `halo up`: a good version
+//! goes through every step under load and becomes stable; a failing one is
+//! rolled back by the analysis; an operator's abort; bad `[release]` input.
+
+use std::time::{Duration, Instant};
+
+use halo_testkit::{eventually, Client, Halo, Load, Report};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+/// The quickstart on free ports with two instances and quick probes.
+fn node() -> String {
+    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
+    q.replace("127.0.0.1:7070", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("replicas = 3", "replicas = 2")
+        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+}
+
+/// demo at `version` (extra demo-app flags in `args`), released as a canary.
+fn canary(version: &str, args: &str, steps: &str, analysis: &str) -> String {
+    format!(
+        "name = \"demo\"\nreplicas = 2\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\", \"--version\", \"{version}\"{args}]\n\
+         [readiness]\nhttp = \"/healthz\"\ninterval = \"200ms\"\n[[routes]]\npath_prefix = \"/\"\n\
+         [release]\nstrategy = \"canary\"\nsteps = {steps}\n[release.analysis]\n{analysis}\n"
+    )
+}
+
+const QUICK: &str = "interval = \"500ms\"\nmin_requests = 10\nmax_error_rate = 0.01\nfailure_limit = 2";
+
+fn apply(h: &Halo, name: &str, text: &str) -> (i32, String, String) {
+    let f = h.dir.join(name);
+    std::fs::write(&f, text).unwrap();
+    h.cli(&["apply", "-f", f.to_str().unwrap()])
+}
+
+fn rollout(h: &Halo) -> serde_json::Value {
+    let (code, out, err) = h.cli(&["rollout", "status", "demo", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn instances(h: &Halo) -> Vec<serde_json::Value> {
+    let s = h.status();
+    let svc = s["services"].as_array().unwrap().iter().find(|s| s["name"] == "demo").cloned();
+    svc.map(|s| s["instances"].as_array().unwrap().clone()).unwrap_or_default()
+}
+
+async fn all_ready(h: &Halo, n: usize) {
+    eventually(Duration::from_secs(20), &format!("{n} ready instances"), || async {
+        let all = instances(h);
+        all.len() == n && all.iter().all(|i| i["ready"] == true && i["stopping"] == false && i["current"] == true)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_canary_goes_through_every_step_under_load_and_becomes_stable() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let url = h.url("http", "/");
+    let load = Load::start(&url, 2);
+    let started = Instant::now();
+    let text = canary("v2", "", "[{ weight = 20, pause = \"1s\" }, { weight = 50, pause = \"1s\" }]", QUICK);
+    let (code, out, err) = apply(&h, "v2.toml", &text);
+    assert_eq!(code, 0, "{out}{err}");
+    // Both versions answer while the canary takes its share.
+    let c = Client::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut steps = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = rollout(&h);
+        steps.insert(v["step"].as_u64().unwrap_or(0));
+        if let Ok(r) = c.get(&url).await {
+            seen.insert(r.body.split(' ').nth(1).unwrap_or("").to_string());
+        }
+        if v["state"] == "promoted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not promoted after 40s: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    all_ready(&h, 2).await;
+    eventually(Duration::from_secs(10), "only v2 answering", || async {
+        c.get(&url).await.is_ok_and(|r| r.body.starts_with("demo-app v2"))
+    })
+    .await;
+    let Report { ok, failed } = load.finish().await;
+    let v = rollout(&h);
+    println!(
+        "canary v1 -> v2 promoted after {:?}: {ok} requests ok, {} failed; {}",
+        started.elapsed(),
+        failed.len(),
+        v["reason"]
+    );
+    assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
+    assert!(seen.contains("v1") && seen.contains("v2"), "both versions should have answered mid-rollout: {seen:?}");
+    assert!(steps.contains(&2), "the second step was never reached: {steps:?}");
+    assert!(v["windows"].as_array().unwrap().iter().any(|w| w["verdict"] == "pass"), "{v}");
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(stored.contains("\"v2\""), "{stored}");
+    assert_eq!(halo_testkit::processes_of(h.data_dir.as_ref().unwrap()).len(), 2, "old instances left running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_requests_is_rolled_back_by_the_analysis() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let url = h.url("http", "/");
+    let load = Load::start(&url, 2);
+    let text = canary("v2", ", \"--fail-rate\", \"0.05\"", "[{ weight = 20, pause = \"30s\" }]", QUICK);
+    assert_eq!(apply(&h, "bad.toml", &text).0, 0);
+    // From the canary's first answer to its weight going to 0.
+    let c = Client::new();
+    eventually(Duration::from_secs(20), "the canary answering", || async {
+        c.get(&url).await.is_ok_and(|r| r.body.contains("v2"))
+    })
+    .await;
+    let first = Instant::now();
+    eventually(Duration::from_secs(30), "the canary rolled back", || async { rollout(&h)["state"] == "rolled_back" })
+        .await;
+    let detected = first.elapsed();
+    let v = rollout(&h);
+    assert_eq!(v["weight"], 0, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("max_error_rate"), "{v}");
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(
+        stored.contains("\"v1\"") && !stored.contains("fail-rate"),
+        "the stable revision is not the spec again: {stored}"
+    );
+    all_ready(&h, 2).await;
+    for _ in 0..20 {
+        assert!(c.get(&url).await.unwrap().body.starts_with("demo-app v1"));
+    }
+    let Report { ok, failed } = load.finish().await;
+    println!(
+        "5% failing canary: rolled back {detected:?} after its first answer; {ok} requests ok, {} failed ({:.2}%)",
+        failed.len(),
+        failed.len() as f64 * 100.0 / (ok as f64 + failed.len() as f64)
+    );
+    // Only the canary's share of the requests could fail, and only while it had one.
+    assert!(failed.iter().all(|f| f.starts_with("500")), "{:?}", failed.iter().find(|f| !f.starts_with("500")));
+    assert!((failed.len() as f64) < (ok as f64) * 0.2 * 0.05 * 3.0 + 5.0, "{} failed of {ok}", failed.len());
+    assert_eq!(halo_testkit::processes_of(h.data_dir.as_ref().unwrap()).len(), 2, "canary instances left running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_traffic_holds_and_an_abort_rolls_back() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let text = canary("v2", "", "[{ weight = 50, pause = \"0s\" }]", QUICK);
+    assert_eq!(apply(&h, "v2.toml", &text).0, 0);
+    // No traffic: windows hold, the step never passes.
+    eventually(Duration::from_secs(20), "a window holding for traffic", || async {
+        let v = rollout(&h);
+        v["reason"].as_str().is_some_and(|r| r.contains("min_requests")) && v["canary"]["ready"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = rollout(&h);
+    assert_eq!(v["state"], "progressing", "{v}");
+    assert!(v["windows"].as_array().unwrap().iter().all(|w| w["verdict"] == "hold"), "{v}");
+    let (code, table, _) = h.cli(&["rollout", "status", "demo"]);
+    assert!(code == 0 && table.contains("holding") && table.contains("step 1 of 1"), "{table}");
+    let (code, out, err) = h.cli(&["rollout", "abort", "demo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("aborting"), "{out}");
+    eventually(Duration::from_secs(10), "the abort done", || async { rollout(&h)["state"] == "aborted" }).await;
+    all_ready(&h, 2).await;
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(stored.contains("\"v1\""), "{stored}");
+    let (code, _, err) = h.cli(&["rollout", "promote", "demo"]);
+    assert!(code != 0 && err.contains("no canary in progress"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_release_input_names_the_field_and_changes_nothing() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let cases = [
+        ("[{ weight = 50 }, { weight = 20 }]", QUICK, "release.steps[1].weight", "must increase"),
+        ("[{ weight = 150 }]", QUICK, "release.steps[0].weight", "1 to 100"),
+        ("[{ weight = 10, pause = \"-1s\" }]", QUICK, "release.steps[0].pause", "not a duration"),
+        ("[{ weight = 10 }]", "max_p99 = 2.0", "max_p99", "unknown field"),
+        ("[{ weight = 10 }]", "max_error_rate = 3.0", "release.analysis.max_error_rate", "0.0 to 1.0"),
+    ];
+    for (steps, analysis, field, says) in cases {
+        let (code, _, err) = apply(&h, "bad.toml", &canary("v2", "", steps, analysis));
+        assert_ne!(code, 0, "{steps} {analysis} was accepted");
+        assert!(err.contains(field) && err.contains(says), "{steps} {analysis}: {err}");
+    }
+    let text = canary("v2", "", "[{ weight = 10 }]", QUICK).replace("\"canary\"", "\"blue-green\"");
+    let (code, _, err) = apply(&h, "bad.toml", &text);
+    assert!(code != 0 && err.contains("release.strategy") && err.contains("rolling, canary"), "{err}");
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(stored.contains("\"v1\"") && !stored.contains("release"), "{stored}");
+    assert!(instances(&h).iter().all(|i| i["restarts"] == 0 && i["current"] == true));
+}
