@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use halo_model::PathRule;
 use halo_proxy::config::{
-    self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, PathMatch, RetrySection,
-    RouteSection, SplitSection, TimeoutSection, UpstreamSection,
+    self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, OverrideSection, PathMatch,
+    RetrySection, RouteSection, SplitSection, TimeoutSection, UpstreamSection,
 };
 use halo_proxy::Proxy;
 
@@ -148,6 +148,16 @@ fn proxy_config(
     cfg
 }
 
+/// The release's cohort as a route override to the canary's upstream.
+fn cohort(name: &str, release: &halo_model::release::ReleaseSpec) -> Option<Vec<OverrideSection>> {
+    use halo_model::release::Cohort;
+    let (header, cookie, value) = match release.cohort.clone()? {
+        Cohort::Header { name, value } => (Some(name), None, value),
+        Cohort::Cookie { name, value } => (None, Some(name), value),
+    };
+    Some(vec![OverrideSection { header, cookie, value, upstream: canary_upstream(name) }])
+}
+
 /// The upstream of a service's canary instances during a rollout.
 pub(crate) fn canary_upstream(service: &str) -> String {
     format!("{service}.canary")
@@ -195,6 +205,7 @@ fn sections(name: &str, svc: &Svc, endpoints: &BTreeMap<String, Vec<EndpointConf
                 path_prefix,
                 path_exact,
                 upstream: split.is_none().then(|| name.to_string()),
+                overrides: (canary_weight > 0).then(|| cohort(name, &svc.spec.release)).flatten(),
                 split: split.as_ref().map(|s| {
                     s.iter()
                         .map(|(upstream, weight)| SplitSection { upstream: upstream.clone(), weight: *weight })

@@ -22,6 +22,21 @@ pub struct ReleaseSection {
     pub progress_deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<AnalysisSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<CohortSection>,
+}
+
+/// Clients that see the canary from its first ready instance on, whatever
+/// the weight: `{ header = "x-canary", value = "1" }` or
+/// `{ cookie = "track", value = "beta" }`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -84,6 +99,14 @@ pub struct ReleaseSpec {
     /// rollout began is rolled back.
     pub progress_deadline: Duration,
     pub analysis: Analysis,
+    pub cohort: Option<Cohort>,
+}
+
+/// Who always sees the canary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cohort {
+    Header { name: String, value: String },
+    Cookie { name: String, value: String },
 }
 
 impl Default for ReleaseSpec {
@@ -99,6 +122,7 @@ impl Default for ReleaseSpec {
                 max_error_rate_vs_stable: None,
                 failure_limit: 2,
             },
+            cohort: None,
         }
     }
 }
@@ -148,6 +172,23 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
         }
         _ => {}
     }
+    spec.cohort = r.cohort.as_ref().and_then(|c| match (&c.header, &c.cookie) {
+        (Some(h), None) if http::HeaderName::try_from(h.as_str()).is_ok() && !c.value.is_empty() => {
+            Some(Cohort::Header { name: h.to_ascii_lowercase(), value: c.value.clone() })
+        }
+        (None, Some(k)) if !k.is_empty() && !k.contains([';', '=', ' ']) && !c.value.is_empty() => {
+            Some(Cohort::Cookie { name: k.clone(), value: c.value.clone() })
+        }
+        _ => {
+            err(
+                "release.cohort",
+                "give a header or a cookie name, and a value: { header = \"x-canary\", value = \"1\" } or \
+                 { cookie = \"track\", value = \"beta\" }"
+                    .into(),
+            );
+            None
+        }
+    });
     spec.progress_deadline =
         duration("release.progress_deadline", &r.progress_deadline, spec.progress_deadline, &mut err);
     if let Some(a) = &r.analysis {

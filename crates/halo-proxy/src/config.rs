@@ -18,8 +18,8 @@ use http::{HeaderName, HeaderValue, Method};
 
 use self::file::FileConfig;
 pub use self::file::{
-    EndpointEntry, HealthSection, OutlierSection, RetrySection, RouteSection, SplitSection, TimeoutSection,
-    UpstreamSection,
+    EndpointEntry, HealthSection, OutlierSection, OverrideSection, RetrySection, RouteSection, SplitSection,
+    TimeoutSection, UpstreamSection,
 };
 use self::locate::Locator;
 pub use self::types::*;

@@ -70,6 +70,17 @@ impl Route {
                 return g;
             }
         }
+        // A client pinned by its session cookie to an endpoint stays with
+        // that endpoint's group (its version, during a canary).
+        if self.split.len() > 1 {
+            for (slot, _) in &self.split {
+                let g = slot.load();
+                let pinned = g.cfg.session_cookie.as_deref().and_then(|name| cookie(parts, name));
+                if pinned.is_some_and(|id| g.endpoints.iter().any(|e| e.id == id)) {
+                    return slot;
+                }
+            }
+        }
         if self.split.len() == 1 {
             return &self.split[0].0;
         }

@@ -197,3 +197,54 @@ async fn bad_release_input_names_the_field_and_changes_nothing() {
     assert!(stored.contains("\"v1\"") && !stored.contains("release"), "{stored}");
     assert!(instances(&h).iter().all(|i| i["restarts"] == 0 && i["current"] == true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_clients_keep_their_version_and_the_cohort_sees_the_canary() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let pinned = "[balance]\nsession_cookie = \"halo-s\"\n";
+    let v2 = canary("v2", "", "[{ weight = 50, pause = \"1m\" }]", QUICK)
+        .replace("[release]", &format!("{pinned}[release]"))
+        .replace("[release.analysis]", "cohort = { header = \"x-canary\", value = \"1\" }\n[release.analysis]");
+    // v1 with the session cookie first (rolled out one at a time), so that
+    // both versions set it.
+    let v1 = v2.split("[release]").next().unwrap().replace("\"v2\"", "\"v1\"");
+    assert_eq!(apply(&h, "v1.toml", &v1).0, 0);
+    eventually(Duration::from_secs(20), "v1 with the session cookie", || async {
+        instances(&h).iter().all(|i| i["current"] == true && i["ready"] == true) && instances(&h).len() == 2
+    })
+    .await;
+    assert_eq!(apply(&h, "v2.toml", &v2).0, 0);
+    eventually(Duration::from_secs(20), "the canary taking its share", || async { rollout(&h)["weight"] == 50 }).await;
+    let url = h.url("http", "/");
+    let c = Client::new();
+    let get = |cookie: Option<String>, header: bool| {
+        let mut req = http::Request::get(&url);
+        if let Some(k) = cookie {
+            req = req.header("cookie", k);
+        }
+        if header {
+            req = req.header("x-canary", "1");
+        }
+        c.send(req.body(http_body_util::Full::default()).unwrap())
+    };
+    let mut versions = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        // A new client: its first answer pins it; 20 more stay on that version.
+        let first = get(None, false).await.unwrap();
+        let set = first.headers.get("set-cookie").expect("a session cookie").to_str().unwrap().to_string();
+        let cookie = set.split(';').next().unwrap().to_string();
+        let version = first.body.split(' ').nth(1).unwrap().to_string();
+        for _ in 0..20 {
+            let r = get(Some(cookie.clone()), false).await.unwrap();
+            assert_eq!(r.body.split(' ').nth(1).unwrap(), version, "a pinned client changed version mid-rollout");
+        }
+        versions.insert(version);
+    }
+    assert_eq!(versions.len(), 2, "new clients should land on both versions at weight 50: {versions:?}");
+    for _ in 0..30 {
+        let r = get(None, true).await.unwrap();
+        assert!(r.body.starts_with("demo-app v2"), "a cohort client saw {}", r.body);
+    }
+    assert_eq!(rollout(&h)["state"], "progressing");
+}
