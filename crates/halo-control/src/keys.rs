@@ -217,11 +217,46 @@ pub enum RolloutCommand {
     Abort,
 }
 
-/// A node's cumulative proxy counters of the upstreams in a rollout:
-/// upstream -> (requests, failed).
+/// A node's cumulative proxy counters of the upstreams in a rollout.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStats {
-    pub upstreams: std::collections::BTreeMap<String, (u64, u64)>,
+    pub upstreams: std::collections::BTreeMap<String, Counters>,
+}
+
+/// One upstream's counters on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub requests: u64,
+    /// 5xx and errors the proxy answered for.
+    pub failed: u64,
+    /// Requests per latency bucket (the proxy's bounds, then +Inf).
+    #[serde(default)]
+    pub latency: Vec<u64>,
+}
+
+impl Counters {
+    /// What grew from `then` to `self` (a counter that went back, as after
+    /// a proxy restart, counts nothing).
+    pub fn since(&self, then: &Counters) -> Counters {
+        let latency =
+            self.latency.iter().enumerate().map(|(i, n)| n.saturating_sub(then.latency.get(i).copied().unwrap_or(0)));
+        Counters {
+            requests: self.requests.saturating_sub(then.requests),
+            failed: self.failed.saturating_sub(then.failed),
+            latency: latency.collect(),
+        }
+    }
+
+    pub fn add(&mut self, o: &Counters) {
+        self.requests += o.requests;
+        self.failed += o.failed;
+        if self.latency.len() < o.latency.len() {
+            self.latency.resize(o.latency.len(), 0);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&o.latency) {
+            *a += b;
+        }
+    }
 }
 
 /// What a node writes before it starts an instance and updates with its

@@ -363,8 +363,12 @@ pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
             .filter(|n| st.canary(n).is_some())
             .flat_map(|n| [n.clone(), crate::proxy_config::canary_upstream(n)])
             .collect();
-        let upstreams = r.feed.proxy.upstream_totals().into_iter().filter(|(n, _, _)| names.contains(n));
-        let now = crate::keys::NodeStats { upstreams: upstreams.map(|(n, req, err)| (n, (req, err))).collect() };
+        let upstreams = r.feed.proxy.upstream_totals().into_iter().filter(|(n, ..)| names.contains(n));
+        let now = crate::keys::NodeStats {
+            upstreams: upstreams
+                .map(|(n, requests, failed, latency)| (n, crate::keys::Counters { requests, failed, latency }))
+                .collect(),
+        };
         let Some(lease) = r.m.lease() else { continue };
         if last.as_ref().is_some_and(|(s, l)| *s == now && *l == Some(lease)) || (last.is_none() && names.is_empty()) {
             continue;

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
 
+use halo_proxy::metrics::BUCKETS;
+
 use crate::keys::{
-    rollout_command_key, rollout_key, service_key, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
+    rollout_command_key, rollout_key, service_key, Counters, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
     ServiceRecord, WindowRecord, LEADER,
 };
 use crate::membership::Membership;
@@ -42,11 +44,11 @@ struct Window {
     start: BTreeMap<String, NodeStats>,
 }
 
-/// Requests and failures of one window, summed over the nodes.
-#[derive(Debug, Clone, Copy, Default)]
+/// One window's growth, summed over the nodes.
+#[derive(Debug, Clone, Default)]
 struct Counts {
-    canary: (u64, u64),
-    stable: (u64, u64),
+    canary: Counters,
+    stable: Counters,
 }
 
 impl Window {
@@ -62,13 +64,12 @@ impl Window {
         for (node, now) in &st.stats {
             let Some(then) = self.start.get(node) else { continue };
             let grew = |up: &str| {
-                let (a, b) = (then.upstreams.get(up).copied().unwrap_or_default(), now.upstreams.get(up).copied());
-                b.map_or((0, 0), |b| (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)))
+                let zero = Counters::default();
+                let before = then.upstreams.get(up).unwrap_or(&zero);
+                now.upstreams.get(up).map(|n| n.since(before)).unwrap_or_default()
             };
-            let (cr, ce) = grew(&canary);
-            let (sr, se) = grew(service);
-            c.canary = (c.canary.0 + cr, c.canary.1 + ce);
-            c.stable = (c.stable.0 + sr, c.stable.1 + se);
+            c.canary.add(&grew(&canary));
+            c.stable.add(&grew(service));
         }
         c
     }
@@ -164,10 +165,10 @@ impl Controller {
         tracing::info!(service = %name, step = rec.step, verdict, %detail, "canary window");
         next.windows.push(WindowRecord {
             ended_ms: now,
-            canary_requests: c.canary.0,
-            canary_errors: c.canary.1,
-            stable_requests: c.stable.0,
-            stable_errors: c.stable.1,
+            canary_requests: c.canary.requests,
+            canary_errors: c.canary.failed,
+            stable_requests: c.stable.requests,
+            stable_errors: c.stable.failed,
             verdict: verdict.into(),
             detail: detail.clone(),
         });
@@ -249,18 +250,47 @@ impl Controller {
     }
 }
 
+/// Latencies below this are not compared: the histogram's buckets are too
+/// coarse there for a ratio to mean anything.
+const LATENCY_FLOOR_S: f64 = 0.005;
+
+/// The 99th percentile of a latency histogram, in seconds, interpolated
+/// inside its bucket (`None` without observations).
+fn p99(latency: &[u64]) -> Option<f64> {
+    let total: u64 = latency.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * 0.99).ceil() as u64;
+    let mut cum = 0;
+    for (i, n) in latency.iter().enumerate() {
+        if cum + n >= want {
+            let lo = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+            let hi = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+            let into = (want - cum) as f64 / (*n).max(1) as f64;
+            return Some(lo + (hi - lo) * into);
+        }
+        cum += n;
+    }
+    None
+}
+
 /// The verdict of one window and what it saw.
 fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (&'static str, String) {
-    let rate = |(n, e): (u64, u64)| if n == 0 { 0.0 } else { e as f64 / n as f64 };
-    let (cr, sr) = (rate(c.canary), rate(c.stable));
+    let rate = |n: &Counters| if n.requests == 0 { 0.0 } else { n.failed as f64 / n.requests as f64 };
+    let (cr, sr) = (rate(&c.canary), rate(&c.stable));
+    let (cp, sp) = (p99(&c.canary.latency), p99(&c.stable.latency));
+    let ms = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.1}ms", p * 1000.0));
     let seen = format!(
-        "canary {} requests, {:.2}% failed; stable {} requests, {:.2}% failed",
-        c.canary.0,
+        "canary {} requests, {:.2}% failed, p99 {}; stable {} requests, {:.2}% failed, p99 {}",
+        c.canary.requests,
         cr * 100.0,
-        c.stable.0,
-        sr * 100.0
+        ms(cp),
+        c.stable.requests,
+        sr * 100.0,
+        ms(sp)
     );
-    if c.canary.0 < a.min_requests {
+    if c.canary.requests < a.min_requests {
         return ("hold", format!("{seen}; a window needs {} canary requests (min_requests)", a.min_requests));
     }
     if cr > a.max_error_rate {
@@ -269,6 +299,11 @@ fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (&'static str, String
     if let Some(ratio) = a.max_error_rate_vs_stable.filter(|_| sr > 0.0) {
         if cr > sr * ratio {
             return ("fail", format!("{seen}; above {ratio}x stable's rate (max_error_rate_vs_stable)"));
+        }
+    }
+    if let (Some(ratio), Some(cp), Some(sp)) = (a.max_p99_vs_stable, cp, sp) {
+        if cp.max(LATENCY_FLOOR_S) > sp.max(LATENCY_FLOOR_S) * ratio {
+            return ("fail", format!("{seen}; p99 above {ratio}x stable's (max_p99_vs_stable)"));
         }
     }
     ("pass", seen)

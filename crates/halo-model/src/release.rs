@@ -59,6 +59,8 @@ pub struct AnalysisSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate_vs_stable: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_vs_stable: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_limit: Option<u32>,
 }
 
@@ -87,6 +89,9 @@ pub struct Analysis {
     /// And at most this many times stable's rate over the same window
     /// (checked when stable failed any request in it).
     pub max_error_rate_vs_stable: Option<f64>,
+    /// The canary's 99th percentile latency at most this many times
+    /// stable's over the same window (both taken as at least 5 ms).
+    pub max_p99_vs_stable: Option<f64>,
     /// Failed windows before the rollback.
     pub failure_limit: u32,
 }
@@ -120,6 +125,7 @@ impl Default for ReleaseSpec {
                 min_requests: 100,
                 max_error_rate: 0.01,
                 max_error_rate_vs_stable: None,
+                max_p99_vs_stable: None,
                 failure_limit: 2,
             },
             cohort: None,
@@ -209,6 +215,12 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
                 err("release.analysis.max_error_rate_vs_stable", format!("{ratio} is not accepted; use 1.0 or more"));
             }
             an.max_error_rate_vs_stable = Some(ratio);
+        }
+        if let Some(ratio) = a.max_p99_vs_stable {
+            if !(ratio >= 1.0 && ratio.is_finite()) {
+                err("release.analysis.max_p99_vs_stable", format!("{ratio} is not accepted; use 1.0 or more"));
+            }
+            an.max_p99_vs_stable = Some(ratio);
         }
         an.failure_limit = a.failure_limit.unwrap_or(an.failure_limit);
         if an.failure_limit == 0 {

@@ -25,7 +25,7 @@ mod forward;
 mod headers;
 mod health;
 mod listener;
-mod metrics;
+pub mod metrics;
 mod pool;
 mod registry;
 mod retry;

@@ -25,6 +25,11 @@ impl Histogram {
         self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
+    /// Observations per bucket (the bounds in [`BUCKETS`], then +Inf).
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts.iter().map(|c| c.load(Relaxed)).collect()
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {

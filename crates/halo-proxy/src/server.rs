@@ -247,11 +247,13 @@ impl Proxy {
         Ok(())
     }
 
-    /// Each upstream's requests so far and how many failed (5xx, or an
-    /// error the proxy answered for), whatever endpoints it had.
-    pub fn upstream_totals(&self) -> Vec<(String, u64, u64)> {
+    /// Each upstream's requests so far, how many failed (5xx, or an error
+    /// the proxy answered for), and their latency histogram (counts per
+    /// bucket of [`crate::metrics::BUCKETS`], then +Inf), whatever
+    /// endpoints it had.
+    pub fn upstream_totals(&self) -> Vec<(String, u64, u64, Vec<u64>)> {
         let stats = self.shared.registry.upstream_stats();
-        stats.into_iter().map(|(name, s)| (name, s.totals().0, s.totals().1)).collect()
+        stats.into_iter().map(|(name, s)| (name, s.totals().0, s.totals().1, s.latency.counts())).collect()
     }
 
     fn install(&self, cfg: Config) {

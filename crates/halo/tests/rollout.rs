@@ -248,3 +248,24 @@ async fn session_clients_keep_their_version_and_the_cohort_sees_the_canary() {
     }
     assert_eq!(rollout(&h)["state"], "progressing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_canary_is_rolled_back_by_the_latency_guard() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let load = Load::start(&h.url("http", "/"), 2);
+    let analysis = format!("{QUICK}\nmax_p99_vs_stable = 1.5");
+    let text = canary("v2", ", \"--delay-ms\", \"30\"", "[{ weight = 20, pause = \"30s\" }]", &analysis);
+    assert_eq!(apply(&h, "slow.toml", &text).0, 0);
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(30), "the slow canary rolled back", || async {
+        rollout(&h)["state"] == "rolled_back"
+    })
+    .await;
+    let v = rollout(&h);
+    println!("30 ms slower canary: rolled back {:?} after the apply; {}", t0.elapsed(), v["reason"]);
+    assert!(v["reason"].as_str().unwrap().contains("max_p99_vs_stable"), "{v}");
+    let Report { failed, .. } = load.finish().await;
+    assert!(failed.is_empty(), "a slow canary fails no request: {:?}", failed.first());
+    all_ready(&h, 2).await;
+}
