@@ -48,6 +48,10 @@ pub struct ServiceWant {
 pub struct CanaryWant {
     pub template: String,
     pub replicas: u32,
+    /// Only these nodes take canary placements (empty: any).
+    pub nodes: Vec<String>,
+    /// Only nodes of this zone take canary placements.
+    pub zone: Option<String>,
 }
 
 /// One instance placed on a node.
@@ -116,7 +120,7 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         if let Some(c) = &want.canary {
             let canary: Vec<&Placement>;
             (canary, mine) = mine.into_iter().partition(|p| p.template == c.template);
-            let ctx = CanaryPass { snap, name, template: &c.template, target: c.replicas as usize, others: &mine };
+            let ctx = CanaryPass { snap, name, want: c, others: &mine };
             ctx.plan(canary, &mut fleet, &mut plan, &mut seq);
         }
         let displaced =
@@ -189,42 +193,49 @@ pub fn schedule(snap: &Snapshot) -> Plan {
 struct CanaryPass<'s> {
     snap: &'s Snapshot,
     name: &'s str,
-    template: &'s str,
-    target: usize,
+    want: &'s CanaryWant,
     others: &'s [&'s Placement],
 }
 
 impl CanaryPass<'_> {
+    /// Whether `node` may take a canary placement.
+    fn allowed(&self, node: &str) -> bool {
+        let w = self.want;
+        (w.nodes.is_empty() || w.nodes.iter().any(|n| n == node))
+            && w.zone.as_ref().is_none_or(|z| self.snap.nodes.get(node).is_some_and(|i| &i.zone == z))
+    }
+
     fn plan<'a>(&self, mut keep: Vec<&'a Placement>, fleet: &mut Fleet<'a>, plan: &mut Plan, seq: &mut u32) {
         let is_ready = |p: &Placement| self.snap.ready.contains(&p.id);
-        // A canary on a draining node goes; its replacement comes below.
+        let target = self.want.replicas as usize;
+        // A canary on a draining node, or on one the release does not
+        // allow (any more), goes; its replacement comes below.
         let (gone, kept): (Vec<&Placement>, Vec<&Placement>) =
-            keep.drain(..).partition(|p| self.snap.nodes[&p.node].draining);
+            keep.drain(..).partition(|p| self.snap.nodes[&p.node].draining || !self.allowed(&p.node));
         keep = kept;
         for p in gone {
             plan.remove.push(p.id.clone());
             fleet.add(&p.node, -1);
         }
-        if keep.len() > self.target {
+        if keep.len() > target {
             keep.sort_by_key(|p| (is_ready(p), std::cmp::Reverse(p.id.clone())));
-            for p in keep.drain(..keep.len() - self.target) {
+            for p in keep.drain(..keep.len() - target) {
                 plan.remove.push(p.id.clone());
                 fleet.add(&p.node, -1);
             }
         }
         let mut added: Vec<Placement> = Vec::new();
-        for _ in keep.len()..self.target {
+        for _ in keep.len()..target {
             let counted = self.others.iter().copied().chain(keep.iter().copied()).chain(added.iter());
-            let Some(node) = fleet.pick(counted) else {
-                *plan.unplaced.entry(self.name.to_string()).or_insert(0) +=
-                    (self.target - keep.len() - added.len()) as u32;
+            let Some(node) = fleet.pick_where(counted, |n| self.allowed(n)) else {
+                *plan.unplaced.entry(self.name.to_string()).or_insert(0) += (target - keep.len() - added.len()) as u32;
                 break;
             };
             fleet.add(node, 1);
             added.push(Placement {
                 id: format!("{}-{:x}-{:x}", self.name, self.snap.revision, *seq),
                 service: self.name.to_string(),
-                template: self.template.to_string(),
+                template: self.want.template.clone(),
                 node: node.to_string(),
             });
             *seq += 1;
@@ -271,6 +282,15 @@ impl<'a> Fleet<'a> {
     /// the least loaded node, then by name. `None` when every node is full
     /// or draining.
     fn pick<'p>(&self, counted: impl Iterator<Item = &'p Placement>) -> Option<&'a str> {
+        self.pick_where(counted, |_| true)
+    }
+
+    /// [`Fleet::pick`] among the nodes `allowed` accepts.
+    fn pick_where<'p>(
+        &self,
+        counted: impl Iterator<Item = &'p Placement>,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Option<&'a str> {
         let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
         let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
         for p in counted {
@@ -285,10 +305,11 @@ impl<'a> Fleet<'a> {
             }
             // The least loaded open node without the service: at most as
             // many skipped as the service has nodes.
-            let mut cand = open.iter().find(|(_, n)| !per_node.contains_key(n)).map(|&(l, n)| (zc, 0, l, n));
+            let mut cand =
+                open.iter().find(|(_, n)| !per_node.contains_key(n) && allowed(n)).map(|&(l, n)| (zc, 0, l, n));
             if cand.is_none() {
                 // Every open node of the zone has the service: fewest first.
-                cand = open.iter().map(|&(l, n)| (zc, per_node[n], l, n)).min();
+                cand = open.iter().filter(|(_, n)| allowed(n)).map(|&(l, n)| (zc, per_node[n], l, n)).min();
             }
             best = match (best, cand) {
                 (Some(b), Some(c)) => Some(b.min(c)),
@@ -378,6 +399,40 @@ mod tests {
                 assert_eq!(s.placements.get(id), Some(p), "a healthy placement moved");
             }
         }
+    }
+
+    #[test]
+    fn a_canary_goes_beside_stable_only_where_allowed_and_leaves_with_its_want() {
+        let mut s = snap(&[("n1", "a", 10), ("n2", "b", 10), ("n3", "b", 10)], &[("web", 3, "t1")]);
+        converge(&mut s);
+        let stable = s.placements.clone();
+        let want = |nodes: &[&str], zone: Option<&str>, replicas| CanaryWant {
+            template: "t2".into(),
+            replicas,
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            zone: zone.map(str::to_string),
+        };
+        s.services.get_mut("web").unwrap().canary = Some(want(&["n2"], None, 2));
+        converge(&mut s);
+        let canary: Vec<&Placement> = s.placements.values().filter(|p| p.template == "t2").collect();
+        assert_eq!(canary.len(), 2);
+        assert!(canary.iter().all(|p| p.node == "n2"), "{canary:?}");
+        for (id, p) in &stable {
+            assert_eq!(s.placements.get(id), Some(p), "stable lost capacity during the canary");
+        }
+        // By zone; none allowed anywhere: reported unplaced, nothing else moves.
+        s.services.get_mut("web").unwrap().canary = Some(want(&[], Some("a"), 1));
+        converge(&mut s);
+        let canary: Vec<&Placement> = s.placements.values().filter(|p| p.template == "t2").collect();
+        assert!(canary.len() == 1 && canary[0].node == "n1", "{canary:?}");
+        s.services.get_mut("web").unwrap().canary = Some(want(&["n9"], None, 1));
+        let plan = schedule(&s);
+        assert_eq!(plan.unplaced.get("web"), Some(&1));
+        assert!(plan.add.is_empty());
+        // The canary's want gone (rolled back): its placements go.
+        s.services.get_mut("web").unwrap().canary = None;
+        converge(&mut s);
+        assert_eq!(s.placements, stable);
     }
 
     #[test]

@@ -255,7 +255,12 @@ impl ClusterState {
                         Some(c) => ServiceWant {
                             replicas: s.spec.replicas,
                             template: c.stable_template,
-                            canary: Some(CanaryWant { template: c.canary_template, replicas: c.replicas }),
+                            canary: Some(CanaryWant {
+                                template: c.canary_template,
+                                replicas: c.replicas,
+                                nodes: s.spec.release.canary_nodes.clone(),
+                                zone: s.spec.release.canary_zone.clone(),
+                            }),
                         },
                         None => ServiceWant { replicas: s.spec.replicas, template: s.template.clone(), canary: None },
                     };

@@ -24,6 +24,10 @@ pub struct ReleaseSection {
     pub analysis: Option<AnalysisSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cohort: Option<CohortSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_nodes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_zone: Option<String>,
 }
 
 /// Clients that see the canary from its first ready instance on, whatever
@@ -105,6 +109,10 @@ pub struct ReleaseSpec {
     pub progress_deadline: Duration,
     pub analysis: Analysis,
     pub cohort: Option<Cohort>,
+    /// Canary instances go only to these nodes (empty: any node).
+    pub canary_nodes: Vec<String>,
+    /// Canary instances go only to nodes of this zone.
+    pub canary_zone: Option<String>,
 }
 
 /// Who always sees the canary.
@@ -129,6 +137,8 @@ impl Default for ReleaseSpec {
                 failure_limit: 2,
             },
             cohort: None,
+            canary_nodes: Vec::new(),
+            canary_zone: None,
         }
     }
 }
@@ -195,6 +205,19 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
             None
         }
     });
+    let node_name = |n: &str| {
+        !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    for (i, n) in r.canary_nodes.iter().flatten().enumerate() {
+        if !node_name(n) {
+            err(&format!("release.canary_nodes[{i}]"), format!("'{n}' is not a node name (letters, digits, '-', '_')"));
+        }
+    }
+    spec.canary_nodes = r.canary_nodes.clone().unwrap_or_default();
+    spec.canary_zone = r.canary_zone.clone();
+    if spec.canary_zone.as_deref().is_some_and(|z| z.is_empty()) {
+        err("release.canary_zone", "is empty; give a zone name as agents take with --zone".into());
+    }
     spec.progress_deadline =
         duration("release.progress_deadline", &r.progress_deadline, spec.progress_deadline, &mut err);
     if let Some(a) = &r.analysis {

@@ -489,3 +489,71 @@ fn agent_refuses_bad_flags_naming_what_is_accepted() {
         assert!(!out.status.success() && err.contains(want), "halo agent {args:?}: {err}");
     }
 }
+
+/// web at v2 as a canary on `node` only, in two steps.
+fn canary_on(node: &str) -> String {
+    service(3).replace("args = [\"demo-app\"]", "args = [\"demo-app\", \"--version\", \"v2\"]")
+        + &format!(
+            "[release]\nstrategy = \"canary\"\ncanary_nodes = [\"{node}\"]\n\
+             steps = [{{ weight = 34, pause = \"4s\" }}, {{ weight = 67, pause = \"4s\" }}]\n\
+             [release.analysis]\ninterval = \"1s\"\nmin_requests = 5\nfailure_limit = 3\n"
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_runs_only_on_its_node_and_survives_the_leader() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let st = state_now(&store).await;
+    let leader = leader_index(&c, &st);
+    let canary_node = c.nodes[(leader + 1) % 3].name.clone();
+    // Every write of the rollout record, in order: (step, state, token).
+    let history = Arc::new(Mutex::new(Vec::<(usize, String, i64)>::new()));
+    let mut w = store.watch("/halo/rollouts/web", 0).await.unwrap();
+    let h = history.clone();
+    let watcher = tokio::spawn(async move {
+        while let Some(batch) = w.next().await {
+            for e in batch.into_iter().filter(|e| e.kind == EventKind::Put) {
+                let r: halo_control::keys::RolloutRecord = serde_json::from_slice(&e.kv.value).unwrap();
+                let state = serde_json::to_value(r.state).unwrap().as_str().unwrap().to_string();
+                h.lock().unwrap().push((r.step, state, r.token));
+            }
+        }
+    });
+    let l = load(&c);
+    let dir = halo_testkit::TempDir::new("canary");
+    let f = dir.write("web.toml", &canary_on(&canary_node));
+    let (code, out, err) = c.cli(0, &["apply", "-f", &f.to_string_lossy()]);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    // Into the second step, then the leader goes.
+    let start = Instant::now();
+    loop {
+        let st = state_now(&store).await;
+        if let Some(r) = st.rollouts.get("web") {
+            let canary: Vec<&Assignment> =
+                st.assignments.values().filter(|a| a.placement.template == r.canary_template).collect();
+            assert!(canary.iter().all(|a| a.placement.node == canary_node), "a canary off {canary_node}: {canary:?}");
+            if r.step == 1 {
+                break;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "the canary never reached its second step");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.kill_agent(leader);
+    let promoted = until(&store, Instant::now(), Duration::from_secs(40), "the canary promoted", |st| {
+        st.rollouts.get("web").is_some_and(|r| r.state == halo_control::keys::RolloutState::Promoted)
+    })
+    .await;
+    println!("canary on {canary_node}: promoted {promoted:?} after the leader's agent was killed mid-step");
+    c.start_agent(leader);
+    let report = l.finish().await;
+    watcher.abort();
+    assert_no_failures("canary across a leader failover", &report);
+    let h = history.lock().unwrap().clone();
+    let steps: Vec<usize> = h.iter().map(|(s, _, _)| *s).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "a step went back: {h:?}");
+    assert!(steps.contains(&0) && steps.contains(&1), "a step was skipped: {h:?}");
+    let tokens: BTreeSet<i64> = h.iter().map(|(_, _, t)| *t).collect();
+    assert!(tokens.len() >= 2, "no new leader wrote the rollout: {h:?}");
+    assert_eq!(h.last().map(|(_, s, _)| s.as_str()), Some("promoted"), "{h:?}");
+}
