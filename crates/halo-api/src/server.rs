@@ -170,18 +170,25 @@ async fn rollout_order(
     State(api): State<Api>,
     Path((name, order)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let cmd = match order.as_str() {
-        "promote" => RolloutCommand::Promote,
-        "abort" => RolloutCommand::Abort,
+    let (cmd, outcome) = match order.as_str() {
+        "promote" => (Some(RolloutCommand::Promote), "promoting"),
+        "abort" => (Some(RolloutCommand::Abort), "aborting"),
+        "pause" => (Some(RolloutCommand::Pause), "pausing"),
+        "resume" => (Some(RolloutCommand::Resume), "resuming"),
+        "retry" => (None, "retrying"),
+        "undo" => (None, "undoing"),
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no rollout order '{other}'; accepted: promote, abort"),
+                format!("no rollout order '{other}'; accepted: promote, abort, pause, resume, retry, undo"),
             ))
         }
     };
-    api.node.rollout_command(&name, cmd).await?;
-    let outcome = if cmd == RolloutCommand::Promote { "promoting" } else { "aborting" };
+    match (cmd, order.as_str()) {
+        (Some(cmd), _) => api.node.rollout_command(&name, cmd).await?,
+        (None, "retry") => api.node.rollout_retry(&name).await?,
+        (None, _) => api.node.rollout_undo(&name).await?,
+    }
     Ok(Json(serde_json::json!({ "name": name, "outcome": outcome })))
 }
 

@@ -166,6 +166,8 @@ pub struct EndpointRecord {
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
     Progressing,
+    /// Held at its step by an operator: weight kept, no window judged.
+    Paused,
     Promoted,
     RolledBack,
     Aborted,
@@ -185,11 +187,22 @@ pub struct WindowRecord {
     pub detail: String,
 }
 
+impl RolloutState {
+    /// Whether the rollout is still going (its canary runs).
+    pub fn active(self) -> bool {
+        matches!(self, RolloutState::Progressing | RolloutState::Paused)
+    }
+}
+
 /// A canary rollout of a service, written by the leader only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutRecord {
     pub canary_template: String,
     pub stable_template: String,
+    /// Both revisions as they were when it began: for `halo rollout retry`
+    /// (the canary again) and `undo` (the stable one again).
+    pub canary_spec: StableRecord,
+    pub stable_spec: StableRecord,
     pub state: RolloutState,
     /// Index into the release's steps.
     pub step: usize,
@@ -215,6 +228,8 @@ pub struct RolloutRecord {
 pub enum RolloutCommand {
     Promote,
     Abort,
+    Pause,
+    Resume,
 }
 
 /// A node's cumulative proxy counters of the upstreams in a rollout.

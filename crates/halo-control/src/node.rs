@@ -17,7 +17,8 @@ use halo_supervisor::{Env, ExecDriver, LogFile, Status};
 use serde::Serialize;
 
 use crate::keys::{
-    node_admin_key, rollout_command_key, service_key, NodeAdmin, RolloutCommand, ServiceRecord, StableRecord, API_TOKEN,
+    node_admin_key, rollout_command_key, service_key, NodeAdmin, RolloutCommand, RolloutState, ServiceRecord,
+    StableRecord, API_TOKEN,
 };
 use crate::membership::{ClusterConfig, Membership};
 use crate::migrate::{migrate, MigrateError};
@@ -208,6 +209,66 @@ impl Node {
         let v = serde_json::to_vec(&cmd).expect("encodes");
         self.r.store.put(&rollout_command_key(service), v, None).await?;
         Ok(())
+    }
+
+    /// Starts the last canary of `service` again (after a rollback or an
+    /// abort), against the same stable revision.
+    pub async fn rollout_retry(&self, service: &str) -> Result<(), NodeError> {
+        let (svc, rec) = self.ended_rollout(service, &[RolloutState::RolledBack, RolloutState::Aborted], "retry")?;
+        if svc.template != rec.stable_template {
+            return Err(NodeError::BadRequest(format!(
+                "service '{service}' changed since its canary ended; apply the canary's file again instead"
+            )));
+        }
+        let current = StableRecord { spec: svc.record.spec.clone(), restart_generation: svc.record.restart_generation };
+        let next = ServiceRecord {
+            spec: rec.canary_spec.spec.clone(),
+            restart_generation: rec.canary_spec.restart_generation,
+            stable: Some(current),
+        };
+        self.put_if_unchanged(&service_key(service), svc.revision, &next).await
+    }
+
+    /// Goes straight back to the revision a promoted canary replaced, one
+    /// instance at a time, without a canary phase.
+    pub async fn rollout_undo(&self, service: &str) -> Result<(), NodeError> {
+        let (svc, rec) = self.ended_rollout(service, &[RolloutState::Promoted], "undo")?;
+        if svc.template != rec.canary_template {
+            return Err(NodeError::BadRequest(format!(
+                "service '{service}' changed since its canary was promoted; apply the file you want instead"
+            )));
+        }
+        let next = ServiceRecord {
+            spec: rec.stable_spec.spec.clone(),
+            restart_generation: rec.stable_spec.restart_generation,
+            stable: None,
+        };
+        self.put_if_unchanged(&service_key(service), svc.revision, &next).await
+    }
+
+    /// The service and its last rollout, if that ended in one of `states`
+    /// and no canary runs now.
+    fn ended_rollout(
+        &self,
+        service: &str,
+        states: &[RolloutState],
+        verb: &str,
+    ) -> Result<(Arc<crate::state::Svc>, crate::keys::RolloutRecord), NodeError> {
+        let st = self.r.view.current();
+        let svc = st.services.get(service).ok_or_else(|| NodeError::NotFound(service.into()))?.clone();
+        if st.canary(service).is_some() {
+            return Err(NodeError::BadRequest(format!(
+                "service '{service}' has a canary in progress; promote or abort it first"
+            )));
+        }
+        let rec = st.rollouts.get(service).filter(|r| states.contains(&r.state)).cloned().ok_or_else(|| {
+            let was = st.rollouts.get(service).map(|r| format!("{:?}", r.state).to_lowercase());
+            NodeError::BadRequest(format!(
+                "nothing to {verb} for service '{service}' (last rollout: {})",
+                was.unwrap_or_else(|| "none".into())
+            ))
+        })?;
+        Ok((svc, rec))
     }
 
     /// Marks a node as draining (its instances move elsewhere, replacements

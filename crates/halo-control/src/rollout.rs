@@ -25,7 +25,7 @@ use halo_proxy::metrics::BUCKETS;
 
 use crate::keys::{
     rollout_command_key, rollout_key, service_key, Counters, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
-    ServiceRecord, WindowRecord, LEADER,
+    ServiceRecord, StableRecord, WindowRecord, LEADER,
 };
 use crate::membership::Membership;
 use crate::proxy_config::canary_upstream;
@@ -112,12 +112,18 @@ impl Controller {
         let stable = svc.stable.as_ref().expect("a canary has a stable revision");
         let release = &svc.spec.release;
         let now = now_ms();
-        let Some(rec) = st.rollouts.get(name).filter(|r| r.canary_template == svc.template) else {
+        let current = |r: &&RolloutRecord| r.canary_template == svc.template && r.state.active();
+        let Some(rec) = st.rollouts.get(name).filter(current) else {
             tracing::info!(service = %name, canary = %svc.template, stable = %stable.template, "canary rollout begins");
             self.windows.remove(name);
             let rec = RolloutRecord {
                 canary_template: svc.template.clone(),
                 stable_template: stable.template.clone(),
+                canary_spec: StableRecord {
+                    spec: svc.record.spec.clone(),
+                    restart_generation: svc.record.restart_generation,
+                },
+                stable_spec: svc.record.stable.clone().expect("a canary has a stable revision"),
                 state: RolloutState::Progressing,
                 step: 0,
                 started_ms: now,
@@ -130,15 +136,29 @@ impl Controller {
             };
             return write(m, token, None, vec![put_rollout(name, &rec)]).await;
         };
-        if rec.state != RolloutState::Progressing {
-            return Ok(());
-        }
         if let Some(cmd) = st.rollout_commands.get(name) {
             let end = match cmd {
                 RolloutCommand::Promote => End::Promote("promoted by an operator".into()),
                 RolloutCommand::Abort => End::RollBack(RolloutState::Aborted, "aborted by an operator".into()),
+                RolloutCommand::Pause | RolloutCommand::Resume => {
+                    let paused = *cmd == RolloutCommand::Pause;
+                    let mut next = rec.clone();
+                    next.token = token;
+                    next.state = if paused { RolloutState::Paused } else { RolloutState::Progressing };
+                    next.reason = if paused { "paused by an operator".into() } else { "resumed by an operator".into() };
+                    // The step's pause counts again from the resume.
+                    if !paused {
+                        next.step_started_ms = now;
+                    }
+                    self.windows.remove(name);
+                    let ops = vec![put_rollout(name, &next), TxnOp::Delete(rollout_command_key(name))];
+                    return write(m, token, None, ops).await;
+                }
             };
             return self.finish(m, token, name, svc, rec, end).await;
+        }
+        if rec.state == RolloutState::Paused {
+            return Ok(());
         }
         let ready = st.endpoints.values().filter(|(s, e)| s == name && e.template == svc.template).count();
         if ready == 0 {

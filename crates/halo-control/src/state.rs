@@ -23,9 +23,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::keys::{
-    Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
-    ServiceRecord, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES,
-    STATS,
+    Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, ServiceRecord,
+    ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, STATS,
 };
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
 
@@ -212,17 +211,15 @@ impl ClusterState {
     }
 
     /// The canary of `service` in progress, if any: the service has a
-    /// stable revision beside its current one, and no rollout record says
-    /// this canary already ended (the leader may not have written the
-    /// record yet: then it is at its first step).
+    /// stable revision beside its current one (the leader may not have
+    /// written its rollout record yet: then it is at its first step).
     pub fn canary(&self, service: &str) -> Option<ActiveCanary> {
         let svc = self.services.get(service)?;
         let stable = svc.stable.as_ref()?;
         let steps = &svc.spec.release.steps;
-        let rec = self.rollouts.get(service).filter(|r| r.canary_template == svc.template);
-        if rec.is_some_and(|r| r.state != RolloutState::Progressing) {
-            return None;
-        }
+        // An ended record cleared `stable` in the same write: a stable
+        // revision beside an ended record is a new rollout, at its start.
+        let rec = self.rollouts.get(service).filter(|r| r.canary_template == svc.template && r.state.active());
         let step = rec.map_or(0, |r| r.step).min(steps.len().saturating_sub(1));
         let weight = steps.get(step).map_or(100, |s| s.weight);
         let replicas = (u64::from(svc.spec.replicas) * u64::from(weight)).div_ceil(100).max(1) as u32;

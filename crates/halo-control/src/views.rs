@@ -212,13 +212,16 @@ impl RolloutView {
         };
         let canary = revision(&canary_t);
         let state = match (&active, rec) {
+            (Some(c), Some(r)) if r.canary_template == c.canary_template && r.state.active() => {
+                serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            }
             (Some(_), _) => "progressing".to_string(),
             (None, Some(r)) => {
                 serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
             }
             (None, None) => "none".into(),
         };
-        let current = rec.filter(|r| r.canary_template == canary_t);
+        let current = rec.filter(|r| r.canary_template == canary_t && (active.is_none() || r.state.active()));
         Some(RolloutView {
             service: service.to_string(),
             state,

@@ -95,7 +95,7 @@ pub fn rollout_status(t: &Target, name: &str, watch: bool) -> anyhow::Result<()>
         let v = call(t, Method::GET, &format!("/v1/services/{name}/rollout"), None)?;
         let out = if t.json { format!("{v}\n") } else { rollout_text(&v) };
         let _ = std::io::stdout().write_all(out.as_bytes());
-        if !watch || v["state"] != "progressing" {
+        if !watch || !(v["state"] == "progressing" || v["state"] == "paused") {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_secs(1));

@@ -32,7 +32,7 @@ enum Command {
         #[command(flatten)]
         target: cli_cmd::Target,
     },
-    /// A service's canary rollout: status, promote, abort.
+    /// A service's canary rollout: status, promote, abort, pause, resume, retry, undo.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -131,6 +131,14 @@ enum RolloutCommand {
     Promote { service: String },
     /// Roll the canary back now: the stable revision takes all traffic.
     Abort { service: String },
+    /// Hold the canary at its step (weight kept, no window judged).
+    Pause { service: String },
+    /// Go on from the step it was paused at.
+    Resume { service: String },
+    /// Start the last rolled back or aborted canary again.
+    Retry { service: String },
+    /// Go back to the revision the last promoted canary replaced (rolling).
+    Undo { service: String },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +164,10 @@ fn main() -> ExitCode {
             RolloutCommand::Status { service, watch } => cli_cmd::rollout_status(&target, &service, watch),
             RolloutCommand::Promote { service } => cli_cmd::rollout_order(&target, &service, "promote"),
             RolloutCommand::Abort { service } => cli_cmd::rollout_order(&target, &service, "abort"),
+            RolloutCommand::Pause { service } => cli_cmd::rollout_order(&target, &service, "pause"),
+            RolloutCommand::Resume { service } => cli_cmd::rollout_order(&target, &service, "resume"),
+            RolloutCommand::Retry { service } => cli_cmd::rollout_order(&target, &service, "retry"),
+            RolloutCommand::Undo { service } => cli_cmd::rollout_order(&target, &service, "undo"),
         },
         Command::Apply { file, target } => cli_cmd::apply(&target, &file),
         Command::Status { target } => cli_cmd::status(&target),

@@ -269,3 +269,55 @@ async fn a_slow_canary_is_rolled_back_by_the_latency_guard() {
     assert!(failed.is_empty(), "a slow canary fails no request: {:?}", failed.first());
     all_ready(&h, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_promote_undo_abort_and_retry_through_the_cli() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let load = Load::start(&h.url("http", "/"), 1);
+    let text = canary("v2", "", "[{ weight = 50, pause = \"1m\" }]", QUICK);
+    assert_eq!(apply(&h, "v2.toml", &text).0, 0);
+    eventually(Duration::from_secs(20), "the canary taking its share", || async { rollout(&h)["weight"] == 50 }).await;
+    let order = |verb: &str, says: &str| {
+        let (code, out, err) = h.cli(&["rollout", verb, "demo"]);
+        assert!(code == 0 && out.contains(says), "{verb}: {out}{err}");
+    };
+    let state = |want: &'static str| {
+        let h = &h;
+        async move { eventually(Duration::from_secs(10), want, || async { rollout(h)["state"] == want }).await }
+    };
+    // Paused: the weight stays, no window is judged.
+    order("pause", "pausing");
+    state("paused").await;
+    let windows = rollout(&h)["windows"].as_array().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = rollout(&h);
+    assert_eq!((v["windows"].as_array().unwrap().len(), v["weight"].as_u64()), (windows, Some(50)), "{v}");
+    order("resume", "resuming");
+    state("progressing").await;
+    // Promote now, whatever the step; then undo: back to v1, rolling.
+    order("promote", "promoting");
+    state("promoted").await;
+    all_ready(&h, 2).await;
+    order("undo", "undoing");
+    eventually(Duration::from_secs(20), "v1 again", || async {
+        let (_, stored, _) = h.cli(&["get", "demo"]);
+        stored.contains("\"v1\"") && instances(&h).len() == 2 && instances(&h).iter().all(|i| i["current"] == true)
+    })
+    .await;
+    // Abort, then the same canary again: by retry, and by applying it.
+    assert_eq!(apply(&h, "v2.toml", &text).0, 0);
+    state("progressing").await;
+    order("abort", "aborting");
+    state("aborted").await;
+    order("retry", "retrying");
+    state("progressing").await;
+    order("abort", "aborting");
+    state("aborted").await;
+    assert_eq!(apply(&h, "v2.toml", &text).0, 0);
+    state("progressing").await;
+    let (code, _, err) = h.cli(&["rollout", "undo", "demo"]);
+    assert!(code != 0 && err.contains("canary in progress"), "{err}");
+    let Report { failed, .. } = load.finish().await;
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+}
