@@ -494,7 +494,7 @@ pub async fn shared_token(store: &dyn Store, local: &str) -> Result<String, Node
 }
 
 /// The stable revision to keep when `old` becomes `file`: a template
-/// change under `strategy = "canary"` keeps the revision stable instances
+/// change under `strategy = "canary"` (or `blue_green`) keeps the revision stable instances
 /// run (the one already kept, during a canary) so the new one rolls out as
 /// a canary; going back to that revision, or any other strategy, keeps none.
 fn stable_for(
@@ -503,7 +503,7 @@ fn stable_for(
     file: &ServiceFile,
     spec: &halo_model::ServiceSpec,
 ) -> Result<Option<StableRecord>, NodeError> {
-    if spec.release.strategy != halo_model::release::Strategy::Canary {
+    if spec.release.strategy == halo_model::release::Strategy::Rolling {
         return Ok(None);
     }
     let stable = old

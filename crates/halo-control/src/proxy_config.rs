@@ -66,16 +66,16 @@ impl ProxyFeed {
         for list in eps.values_mut() {
             list.sort_by_key(|e| e.addr);
         }
-        // The canary takes its share only once it has a ready instance.
+        // The canary takes its share (or its cohort) only once it has a
+        // ready instance.
         let weights: BTreeMap<String, u32> = canaries
             .iter()
             .filter(|(n, _)| eps.get(&canary_upstream(n)).is_some_and(|l| !l.is_empty()))
+            .filter(|(n, c)| c.weight > 0 || services[**n].spec.release.cohort.is_some())
             .map(|(n, c)| ((*n).clone(), c.weight))
             .collect();
-        let layout: BTreeMap<String, String> = services
-            .iter()
-            .map(|(n, s)| (n.clone(), format!("{}@{}", s.template, weights.get(n).copied().unwrap_or(0))))
-            .collect();
+        let layout: BTreeMap<String, String> =
+            services.iter().map(|(n, s)| (n.clone(), format!("{}@{:?}", s.template, weights.get(n)))).collect();
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if published.layout.as_ref() != Some(&layout) {
             match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights)) {
@@ -115,8 +115,7 @@ fn proxy_config(
     let mut cfg = base.clone();
     let mut routes = Vec::new();
     for (name, svc) in services {
-        let weight = canary_weights.get(name).copied().unwrap_or(0);
-        let generated = sections(name, svc, endpoints, weight);
+        let generated = sections(name, svc, endpoints, canary_weights.get(name).copied());
         match config::extend(base, &format!("service {name}"), &generated) {
             Ok(mut one) => {
                 routes.extend(one.routes.drain(base.routes.len()..));
@@ -163,9 +162,16 @@ pub(crate) fn canary_upstream(service: &str) -> String {
     format!("{service}.canary")
 }
 
-/// A service's upstream (and its canary's, when `canary_weight` > 0) and
-/// routes in the proxy file's own terms.
-fn sections(name: &str, svc: &Svc, endpoints: &BTreeMap<String, Vec<EndpointConfig>>, canary_weight: u32) -> Generated {
+/// A service's upstream (and its canary's, when `canary` has its weight)
+/// and routes in the proxy file's own terms: a weight above 0 splits the
+/// routes, the cohort goes to the canary whatever the weight.
+fn sections(
+    name: &str,
+    svc: &Svc,
+    endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
+    canary: Option<u32>,
+) -> Generated {
+    let canary_weight = canary.unwrap_or(0);
     let b = svc.file.balance.clone().unwrap_or_default();
     let upstream = |name: &str| UpstreamSection {
         endpoints: endpoints.get(name).into_iter().flatten().map(|e| EndpointEntry::Addr(e.addr.to_string())).collect(),
@@ -178,10 +184,11 @@ fn sections(name: &str, svc: &Svc, endpoints: &BTreeMap<String, Vec<EndpointConf
         ..Default::default()
     };
     let mut upstreams = BTreeMap::from([(name.to_string(), upstream(name))]);
+    if canary.is_some() {
+        upstreams.insert(canary_upstream(name), upstream(&canary_upstream(name)));
+    }
     let split = if canary_weight > 0 {
-        let canary = canary_upstream(name);
-        upstreams.insert(canary.clone(), upstream(&canary));
-        let mut split = vec![(canary, canary_weight)];
+        let mut split = vec![(canary_upstream(name), canary_weight)];
         if canary_weight < 100 {
             split.push((name.to_string(), 100 - canary_weight));
         }
@@ -205,7 +212,7 @@ fn sections(name: &str, svc: &Svc, endpoints: &BTreeMap<String, Vec<EndpointConf
                 path_prefix,
                 path_exact,
                 upstream: split.is_none().then(|| name.to_string()),
-                overrides: (canary_weight > 0).then(|| cohort(name, &svc.spec.release)).flatten(),
+                overrides: canary.and_then(|_| cohort(name, &svc.spec.release)),
                 split: split.as_ref().map(|s| {
                     s.iter()
                         .map(|(upstream, weight)| SplitSection { upstream: upstream.clone(), weight: *weight })

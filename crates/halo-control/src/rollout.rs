@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
 
+use halo_model::release::Strategy;
 use halo_proxy::metrics::BUCKETS;
 
 use crate::keys::{
@@ -172,63 +173,100 @@ impl Controller {
             }
             return Ok(());
         }
-        let a = &release.analysis;
-        let window = self.windows.entry(name.to_string()).or_insert_with(|| Window::open(st));
-        if window.opened.elapsed() < a.interval {
-            return Ok(());
-        }
-        let c = window.counts(st, name);
-        *window = Window::open(st);
         let mut next = rec.clone();
         next.token = token;
+        if let Some(w) = self.window(st, name, &release.analysis) {
+            let detail = w.detail.clone();
+            tracing::info!(service = %name, step = rec.step, verdict = %w.verdict, %detail, "canary window");
+            let verdict = w.verdict.clone();
+            next.windows.push(w);
+            let excess = next.windows.len().saturating_sub(KEEP_WINDOWS);
+            next.windows.drain(..excess);
+            let limit = release.analysis.failure_limit;
+            match verdict.as_str() {
+                "fail" => {
+                    next.failed_windows += 1;
+                    if next.failed_windows >= limit {
+                        let why =
+                            format!("{} failed windows (failure_limit {limit}); last: {detail}", next.failed_windows);
+                        return self
+                            .finish(m, token, name, svc, &next, End::RollBack(RolloutState::RolledBack, why))
+                            .await;
+                    }
+                    next.reason = format!("window failed ({detail}); {} of {limit} allowed", next.failed_windows);
+                }
+                "hold" => next.reason = format!("holding: {detail}"),
+                _ => {
+                    next.passed_windows += 1;
+                    next.reason = format!("step {}: window passed ({detail})", rec.step + 1);
+                }
+            }
+        }
+        let since_step = Duration::from_millis(now.saturating_sub(rec.step_started_ms));
+        match release.strategy {
+            Strategy::BlueGreen if rec.step == 0 => {
+                let green = st.endpoints.values().filter(|(s, e)| s == name && e.template == svc.template).count();
+                let want = svc.spec.replicas as usize;
+                // The whole new set ready, and its cohort's window passed
+                // (if it has a cohort): every request goes to it at once.
+                if green >= want && (release.cohort.is_none() || next.passed_windows > 0) {
+                    next.step = 1;
+                    next.step_started_ms = now;
+                    next.passed_windows = 0;
+                    next.reason = format!(
+                        "switched: every request to the new set; the old set stays {:?} (scale_down_delay)",
+                        release.scale_down_delay
+                    );
+                    tracing::info!(service = %name, "blue/green switched");
+                } else if green < want {
+                    next.reason = format!("waiting for the new set: {green} of {want} ready");
+                }
+            }
+            Strategy::BlueGreen => {
+                if since_step >= release.scale_down_delay {
+                    let why = format!("switched {since_step:?} ago; the old set goes");
+                    return self.finish(m, token, name, svc, &next, End::Promote(why)).await;
+                }
+            }
+            _ => {
+                let pause = release.steps.get(rec.step).map_or(Duration::ZERO, |s| s.pause);
+                if next.passed_windows > 0 && since_step >= pause {
+                    if rec.step + 1 >= release.steps.len() {
+                        let why = format!("promoted after {} steps", release.steps.len());
+                        return self.finish(m, token, name, svc, &next, End::Promote(why)).await;
+                    }
+                    next.step += 1;
+                    next.step_started_ms = now;
+                    next.passed_windows = 0;
+                    tracing::info!(service = %name, step = next.step, weight = release.steps[next.step].weight, "canary step");
+                }
+            }
+        }
+        if next == *rec {
+            return Ok(());
+        }
+        write(m, token, None, vec![put_rollout(name, &next)]).await
+    }
+
+    /// The window of `service` that closed, judged, if its interval is over
+    /// (and the next one opened).
+    fn window(&mut self, st: &ClusterState, service: &str, a: &halo_model::release::Analysis) -> Option<WindowRecord> {
+        let window = self.windows.entry(service.to_string()).or_insert_with(|| Window::open(st));
+        if window.opened.elapsed() < a.interval {
+            return None;
+        }
+        let c = window.counts(st, service);
+        *window = Window::open(st);
         let (verdict, detail) = judge(&c, a);
-        tracing::info!(service = %name, step = rec.step, verdict, %detail, "canary window");
-        next.windows.push(WindowRecord {
-            ended_ms: now,
+        Some(WindowRecord {
+            ended_ms: now_ms(),
             canary_requests: c.canary.requests,
             canary_errors: c.canary.failed,
             stable_requests: c.stable.requests,
             stable_errors: c.stable.failed,
             verdict: verdict.into(),
-            detail: detail.clone(),
-        });
-        let excess = next.windows.len().saturating_sub(KEEP_WINDOWS);
-        next.windows.drain(..excess);
-        match verdict {
-            "fail" => {
-                next.failed_windows += 1;
-                if next.failed_windows >= a.failure_limit {
-                    let why = format!(
-                        "{} failed windows (failure_limit {}); last: {detail}",
-                        next.failed_windows, a.failure_limit
-                    );
-                    return self.finish(m, token, name, svc, &next, End::RollBack(RolloutState::RolledBack, why)).await;
-                }
-                next.reason =
-                    format!("window failed ({detail}); {} of {} allowed", next.failed_windows, a.failure_limit);
-            }
-            "hold" => next.reason = format!("holding: {detail}"),
-            _ => {
-                next.passed_windows += 1;
-                next.reason = format!("step {} of {}: window passed ({detail})", rec.step + 1, release.steps.len());
-            }
-        }
-        let step = release
-            .steps
-            .get(rec.step)
-            .copied()
-            .unwrap_or(halo_model::release::Step { weight: 100, pause: Duration::ZERO });
-        if next.passed_windows > 0 && now.saturating_sub(rec.step_started_ms) >= step.pause.as_millis() as u64 {
-            if rec.step + 1 >= release.steps.len() {
-                let why = format!("promoted after {} steps", release.steps.len());
-                return self.finish(m, token, name, svc, &next, End::Promote(why)).await;
-            }
-            next.step += 1;
-            next.step_started_ms = now;
-            next.passed_windows = 0;
-            tracing::info!(service = %name, step = next.step, weight = release.steps[next.step].weight, "canary step");
-        }
-        write(m, token, None, vec![put_rollout(name, &next)]).await
+            detail,
+        })
     }
 
     /// Ends a rollout: the service record loses its stable revision (kept

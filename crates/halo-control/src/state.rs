@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use halo_model::release::Strategy;
 use halo_model::{ServiceFile, ServiceSpec};
 use halo_store::{Event, EventKind, KeyValue, LeaseId, Listing, Revision, Store, StoreError};
 use serde::Serialize;
@@ -220,9 +221,15 @@ impl ClusterState {
         // An ended record cleared `stable` in the same write: a stable
         // revision beside an ended record is a new rollout, at its start.
         let rec = self.rollouts.get(service).filter(|r| r.canary_template == svc.template && r.state.active());
-        let step = rec.map_or(0, |r| r.step).min(steps.len().saturating_sub(1));
-        let weight = steps.get(step).map_or(100, |s| s.weight);
-        let replicas = (u64::from(svc.spec.replicas) * u64::from(weight)).div_ceil(100).max(1) as u32;
+        let step = rec.map_or(0, |r| r.step);
+        let (weight, replicas) = if svc.spec.release.strategy == Strategy::BlueGreen {
+            // The whole new set from the start; every request once switched (step 1).
+            (if step >= 1 { 100 } else { 0 }, svc.spec.replicas)
+        } else {
+            let step = step.min(steps.len().saturating_sub(1));
+            let weight = steps.get(step).map_or(100, |s| s.weight);
+            (weight, (u64::from(svc.spec.replicas) * u64::from(weight)).div_ceil(100).max(1) as u32)
+        };
         Some(ActiveCanary {
             canary_template: svc.template.clone(),
             stable_template: stable.template.clone(),

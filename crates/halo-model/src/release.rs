@@ -21,6 +21,8 @@ pub struct ReleaseSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_delay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<AnalysisSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cohort: Option<CohortSection>,
@@ -72,6 +74,9 @@ pub struct AnalysisSection {
 pub enum Strategy {
     Rolling,
     Canary,
+    /// The whole new set beside the old one, then every request at once;
+    /// the old set is kept `scale_down_delay` for an instant rollback.
+    BlueGreen,
 }
 
 /// One canary step: the canary's share of traffic, held for `pause`.
@@ -107,6 +112,8 @@ pub struct ReleaseSpec {
     /// A canary that is not ready (no ready instance) this long after the
     /// rollout began is rolled back.
     pub progress_deadline: Duration,
+    /// Blue/green: how long the old set stays after the switch.
+    pub scale_down_delay: Duration,
     pub analysis: Analysis,
     pub cohort: Option<Cohort>,
     /// Canary instances go only to these nodes (empty: any node).
@@ -128,6 +135,7 @@ impl Default for ReleaseSpec {
             strategy: Strategy::Rolling,
             steps: Vec::new(),
             progress_deadline: Duration::from_secs(600),
+            scale_down_delay: Duration::from_secs(30),
             analysis: Analysis {
                 interval: Duration::from_secs(10),
                 min_requests: 100,
@@ -149,8 +157,9 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
     let strategy = match r.strategy.as_deref().unwrap_or("rolling") {
         "rolling" => Strategy::Rolling,
         "canary" => Strategy::Canary,
+        "blue_green" => Strategy::BlueGreen,
         other => {
-            err("release.strategy", format!("unknown strategy '{other}'; accepted: rolling, canary"));
+            err("release.strategy", format!("unknown strategy '{other}'; accepted: rolling, canary, blue_green"));
             Strategy::Rolling
         }
     };
@@ -183,9 +192,11 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
             "a canary needs steps, as in steps = [{ weight = 10, pause = \"1m\" }, { weight = 50, pause = \"1m\" }]"
                 .into(),
         ),
-        Strategy::Rolling if !spec.steps.is_empty() => {
-            err("release.steps", "steps are for strategy = \"canary\"; rolling replaces one instance at a time".into())
-        }
+        Strategy::Rolling | Strategy::BlueGreen if !spec.steps.is_empty() => err(
+            "release.steps",
+            "steps are for strategy = \"canary\"; rolling replaces one instance at a time, blue_green switches at once"
+                .into(),
+        ),
         _ => {}
     }
     spec.cohort = r.cohort.as_ref().and_then(|c| match (&c.header, &c.cookie) {
@@ -220,6 +231,7 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
     }
     spec.progress_deadline =
         duration("release.progress_deadline", &r.progress_deadline, spec.progress_deadline, &mut err);
+    spec.scale_down_delay = duration("release.scale_down_delay", &r.scale_down_delay, spec.scale_down_delay, &mut err);
     if let Some(a) = &r.analysis {
         let an = &mut spec.analysis;
         an.interval = duration("release.analysis.interval", &a.interval, an.interval, &mut err);

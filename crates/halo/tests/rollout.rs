@@ -321,3 +321,68 @@ async fn pause_resume_promote_undo_abort_and_retry_through_the_cli() {
     let Report { failed, .. } = load.finish().await;
     assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_at_once_and_rolls_back_instantly_under_load() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let url = h.url("http", "/");
+    let load = Load::start(&url, 2);
+    let bg = |version: &str, delay: &str| {
+        canary(version, "", "[]", QUICK)
+            .replace("steps = []\n", &format!("scale_down_delay = \"{delay}\"\n"))
+            .replace("\"canary\"", "\"blue_green\"")
+    };
+    let c = Client::new();
+    let answers = |want: &'static str| {
+        let (c, url) = (&c, &url);
+        async move {
+            for _ in 0..10 {
+                if !c.get(url).await.is_ok_and(|r| r.body.starts_with(want)) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    // v2: the whole set beside v1, then every request at once; v1 kept a while.
+    assert_eq!(apply(&h, "v2.toml", &bg("v2", "3s")).0, 0);
+    eventually(Duration::from_secs(20), "every answer from v2", || answers("demo-app v2")).await;
+    let v = rollout(&h);
+    assert_eq!((v["state"].as_str(), v["weight"].as_u64()), (Some("progressing"), Some(100)), "{v}");
+    assert_eq!((v["stable"]["ready"].as_u64(), v["canary"]["ready"].as_u64()), (Some(2), Some(2)), "{v}");
+    eventually(Duration::from_secs(20), "v2 promoted and v1 gone", || async {
+        rollout(&h)["state"] == "promoted" && instances(&h).len() == 2
+    })
+    .await;
+    // v3 switched, then rolled back inside scale_down_delay: v2 answers again at once.
+    assert_eq!(apply(&h, "v3.toml", &bg("v3", "1m")).0, 0);
+    eventually(Duration::from_secs(20), "every answer from v3", || answers("demo-app v3")).await;
+    let (code, out, err) = h.cli(&["rollout", "abort", "demo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let t = Instant::now();
+    eventually(Duration::from_secs(10), "every answer from v2 again", || answers("demo-app v2")).await;
+    println!("blue/green rollback inside scale_down_delay: v2 answering again after {:?}", t.elapsed());
+    all_ready(&h, 2).await;
+    let Report { ok, failed } = load.finish().await;
+    println!("blue/green switch, promotion, switch and rollback: {ok} requests ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_never_becomes_ready_is_rolled_back_at_its_deadline() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let text = canary("v2", "", "[{ weight = 50 }]", QUICK)
+        .replace("http = \"/healthz\"", "exec = [\"false\"]")
+        .replace("[release.analysis]", "progress_deadline = \"2s\"\n[release.analysis]");
+    assert_eq!(apply(&h, "stuck.toml", &text).0, 0);
+    eventually(Duration::from_secs(20), "the stuck canary rolled back", || async {
+        rollout(&h)["state"] == "rolled_back"
+    })
+    .await;
+    let v = rollout(&h);
+    assert!(v["reason"].as_str().unwrap().contains("progress_deadline"), "{v}");
+    all_ready(&h, 2).await;
+    assert!(Client::new().get(&h.url("http", "/")).await.unwrap().body.starts_with("demo-app v1"));
+}
