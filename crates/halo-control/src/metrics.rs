@@ -101,3 +101,27 @@ pub(crate) fn store_requests(counts: &[(&str, u64)]) -> String {
     }
     out
 }
+
+/// Every service's rollout as this node's view has it.
+pub(crate) fn rollouts(st: &crate::state::ClusterState) -> String {
+    let mut out = String::new();
+    let views: Vec<crate::views::RolloutView> =
+        st.services.keys().filter_map(|n| crate::views::RolloutView::new(st, n)).collect();
+    metric(&mut out, "halo_rollout_state", "gauge", "Each service's last rollout by state (1 for its state).");
+    for v in &views {
+        let _ = writeln!(out, "halo_rollout_state{{service=\"{}\",state=\"{}\"}} 1", v.service, v.state);
+    }
+    metric(&mut out, "halo_rollout_step", "gauge", "The step a rollout is at (1-based).");
+    for v in &views {
+        let _ = writeln!(out, "halo_rollout_step{{service=\"{}\"}} {}", v.service, v.step);
+    }
+    metric(&mut out, "halo_rollout_canary_weight_percent", "gauge", "The canary's share of requests now.");
+    for v in &views {
+        let _ = writeln!(out, "halo_rollout_canary_weight_percent{{service=\"{}\"}} {}", v.service, v.weight);
+    }
+    metric(&mut out, "halo_rollout_failed_windows", "gauge", "Analysis windows the rollout failed so far.");
+    for v in &views {
+        let _ = writeln!(out, "halo_rollout_failed_windows{{service=\"{}\"}} {}", v.service, v.failed_windows);
+    }
+    out
+}

@@ -452,6 +452,7 @@ impl Node {
         out.push_str(&crate::metrics::instances(&self.statuses()));
         out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
         out.push_str(&self.cluster().metrics());
+        out.push_str(&crate::metrics::rollouts(&self.r.view.current()));
         out
     }
 

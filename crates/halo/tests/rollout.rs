@@ -101,6 +101,16 @@ async fn a_good_canary_goes_through_every_step_under_load_and_becomes_stable() {
     let (_, stored, _) = h.cli(&["get", "demo"]);
     assert!(stored.contains("\"v2\""), "{stored}");
     assert_eq!(halo_testkit::processes_of(h.data_dir.as_ref().unwrap()).len(), 2, "old instances left running");
+    let req = http::Request::get(h.api_url("/metrics"))
+        .header("authorization", format!("Bearer {}", h.token()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let m = c.send(req).await.unwrap().body;
+    for want in
+        ["halo_rollout_state{service=\"demo\",state=\"promoted\"} 1", "halo_upstream_requests_total{upstream=\"demo\""]
+    {
+        assert!(m.contains(want), "metrics lack {want}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
