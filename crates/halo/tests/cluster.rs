@@ -557,3 +557,64 @@ async fn a_canary_runs_only_on_its_node_and_survives_the_leader() {
     assert!(tokens.len() >= 2, "no new leader wrote the rollout: {h:?}");
     assert_eq!(h.last().map(|(_, s, _)| s.as_str()), Some("promoted"), "{h:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_on_every_node() {
+    let (c, store) = cluster_with_web(3).await;
+    let l = load(&c);
+    let bad = service(3)
+        .replace("args = [\"demo-app\"]", "args = [\"demo-app\", \"--version\", \"v2\", \"--fail-rate\", \"0.05\"]")
+        + "[release]\nstrategy = \"canary\"\nsteps = [{ weight = 34, pause = \"1m\" }]\n\
+           [release.analysis]\ninterval = \"1s\"\nmin_requests = 10\nmax_error_rate = 0.01\nfailure_limit = 2\n";
+    let dir = halo_testkit::TempDir::new("bad-canary");
+    let f = dir.write("web.toml", &bad);
+    let (code, out, err) = c.cli(0, &["apply", "-f", &f.to_string_lossy()]);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    // The canary's first answer, through any node.
+    let client = halo_testkit::Client::new();
+    let start = Instant::now();
+    let first = loop {
+        let mut hit = false;
+        for n in &c.nodes {
+            if client.get(&format!("http://{}/", n.proxy())).await.is_ok_and(|r| r.body.contains("v2")) {
+                hit = true;
+            }
+        }
+        if hit {
+            break Instant::now();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the canary never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Rolled back, and its weight 0 on every node's proxy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut zero = 0;
+        for i in 0..3 {
+            let m = metrics(&c, i).await;
+            if m.contains("halo_rollout_state{service=\"web\",state=\"rolled_back\"} 1")
+                && m.contains("halo_rollout_canary_weight_percent{service=\"web\"} 0")
+            {
+                zero += 1;
+            }
+        }
+        if zero == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not rolled back on every node after 30s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = first.elapsed();
+    let st = state_now(&store).await;
+    let reason = st.rollouts["web"].reason.clone();
+    let report = l.finish().await;
+    println!(
+        "5% failing canary on 3 nodes: weight 0 on every node {took:?} after its first answer ({reason}); \
+         {} failed attempts, {} failed requests",
+        report.failed_attempts,
+        report.failed.len()
+    );
+    assert!(reason.contains("max_error_rate"), "{reason}");
+    // Retried on another node, the canary's failures cost no request.
+    assert_no_failures("a failing canary rolled back", &report);
+}
