@@ -202,6 +202,9 @@ impl Controller {
                 }
             }
         }
+        if next.windows.is_empty() && next.reason.starts_with("waiting for a canary instance") {
+            next.reason = format!("a canary instance is ready; judging windows of {:?}", release.analysis.interval);
+        }
         let since_step = Duration::from_millis(now.saturating_sub(rec.step_started_ms));
         match release.strategy {
             Strategy::BlueGreen if rec.step == 0 => {
