@@ -37,9 +37,11 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             NodeError::NotFound(_) | NodeError::NoSuchNode { .. } => StatusCode::NOT_FOUND,
             NodeError::Conflict => StatusCode::CONFLICT,
-            NodeError::Store(_) | NodeError::Start(_) | NodeError::Corrupt { .. } | NodeError::Migrate(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            NodeError::Store(_)
+            | NodeError::Start(_)
+            | NodeError::Corrupt { .. }
+            | NodeError::Migrate(_)
+            | NodeError::Backup(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
     }
@@ -58,6 +60,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/logs", get(logs))
         .route("/v1/services/{name}/rollout", get(rollout))
         .route("/v1/services/{name}/rollout/{order}", post(rollout_order))
+        .route("/v1/backup", get(backup))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
@@ -160,6 +163,10 @@ async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) ->
 async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.restart(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "outcome": "restarting" })))
+}
+
+async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], api.node.backup().await?))
 }
 
 async fn rollout(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

@@ -7,6 +7,7 @@
 //! [`keys`] owns every key the pipeline writes; [`membership`] the node's
 //! lease; [`migrate`] brings older stores to the current layout.
 
+pub mod backup;
 mod config;
 mod endpoints;
 mod fnv;

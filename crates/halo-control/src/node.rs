@@ -48,6 +48,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("cannot start the node: {0}")]
     Start(String),
 }
@@ -179,6 +181,11 @@ impl Node {
         // Renewals come every third of the TTL: two missed is a silence.
         let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
         ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
+    }
+
+    /// A backup archive of the cluster's state now ([`crate::backup`]).
+    pub async fn backup(&self) -> Result<Vec<u8>, NodeError> {
+        Ok(crate::backup::create(&*self.r.store).await?)
     }
 
     /// The canary rollout of `service`: in progress, or the last one.

@@ -100,6 +100,15 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
+    /// Moves the store's revision up to `to` (nothing below it is kept in
+    /// the history: a watch from before fails with `Compacted`), so that
+    /// every revision, and so every fencing token and id derived from one,
+    /// handed out from now on is above `to`. A restore does this: time
+    /// only moves forward.
+    pub async fn advance_revision(&self, to: Revision) -> Result<(), StoreError> {
+        self.blocking(move |i| i.advance(to)).await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
@@ -307,6 +316,25 @@ impl Inner {
         }
         db!("compact", w.commit());
         st.compact_revision = revision;
+        Ok(())
+    }
+
+    fn advance(&self, to: Revision) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        if to <= st.revision {
+            return Ok(());
+        }
+        let w = db!("advance", self.db.begin_write());
+        {
+            let mut meta = db!("advance", w.open_table(META));
+            db!("advance", meta.insert("revision", to));
+            db!("advance", meta.insert("compact_revision", to));
+            let mut history = db!("advance", w.open_table(HISTORY_TABLE));
+            db!("advance", history.retain_in(..to, |_, _| false));
+        }
+        db!("advance", w.commit());
+        st.revision = to;
+        st.compact_revision = to;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn client(&self) -> anyhow::Result<ApiClient> {
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
         let addr = match self.api {
             Some(a) => a,
             None => {

@@ -1,6 +1,7 @@
 //! The `halo` binary: parses arguments and dispatches to a role.
 
 mod agent_cmd;
+mod backup_cmd;
 mod check_cmd;
 mod cli_cmd;
 mod demo_app;
@@ -38,6 +39,11 @@ enum Command {
         command: RolloutCommand,
         #[command(flatten)]
         target: cli_cmd::Target,
+    },
+    /// Backups of the cluster's state: create, verify, restore, list.
+    Backup {
+        #[command(subcommand)]
+        command: backup_cmd::BackupCommand,
     },
     /// Create or change a service from its file.
     Apply {
@@ -169,6 +175,7 @@ fn main() -> ExitCode {
             RolloutCommand::Retry { service } => cli_cmd::rollout_order(&target, &service, "retry"),
             RolloutCommand::Undo { service } => cli_cmd::rollout_order(&target, &service, "undo"),
         },
+        Command::Backup { command } => backup_cmd::run(command),
         Command::Apply { file, target } => cli_cmd::apply(&target, &file),
         Command::Status { target } => cli_cmd::status(&target),
         Command::Scale { service, replicas, target } => cli_cmd::scale(&target, &service, replicas),

@@ -1,0 +1,262 @@
+//! Backups of halo's own state, and their verified restore.
+//!
+//! An archive is a plain tar file (readable with `tar -tf`) holding:
+//! - `store.jsonl`: every durable key (one without a lease: services,
+//!   rollouts, assignments, instance records, node admin records, the
+//!   schema version and the API token) of one consistent listing of
+//!   [`ROOT`], one JSON object a line: `{"key": K, "value": V}` with `V` the
+//!   value as text, or `{"hex": ...}` when it is not UTF-8. Keys on leases
+//!   (nodes, endpoints, the leader, counters) describe live processes, not
+//!   state, and are left out.
+//! - `manifest.json` (last): the format version, halo's version, the
+//!   creation time, the store revision the listing was read at, the number
+//!   of keys, and the size and SHA-256 of every other member.
+//!
+//! Opening an archive checks all of it before anything is used: a member
+//! whose checksum differs is named, a newer format is refused. A restore
+//! writes the keys into a new embedded store and moves its revision
+//! [`RESTORE_GAP`] above the backup's, so every revision, fencing token and
+//! instance id handed out afterwards is above every one the backed-up
+//! store had handed out by then (time only moves forward).
+
+use std::io::Read;
+use std::path::Path;
+
+use halo_store::{EmbeddedStore, Revision, Store, StoreError, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::keys::{
+    Assignment, InstanceRecord, NodeAdmin, RolloutRecord, ServiceRecord, API_TOKEN, ASSIGNMENTS, INSTANCES, NODE_ADMIN,
+    ROLLOUTS, ROOT, SCHEMA, SERVICES,
+};
+
+/// The archive format this halo writes and the newest it reads.
+pub const FORMAT: u32 = 1;
+
+/// How far above the backup's revision a restored store starts.
+pub const RESTORE_GAP: Revision = 1_000_000;
+
+const MANIFEST: &str = "manifest.json";
+const STORE: &str = "store.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("not a halo backup: {0}")]
+    NotABackup(String),
+    #[error("backup format {found} is newer than this halo reads (up to {FORMAT}); use a newer halo")]
+    NewerFormat { found: u32 },
+    #[error("member {member} is damaged: {detail}")]
+    Damaged { member: String, detail: String },
+    #[error("key {key} in {STORE} cannot be restored: {detail}")]
+    BadRecord { key: String, detail: String },
+    #[error("cannot restore into {dir}: {why}")]
+    Target { dir: String, why: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub halo_version: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The store revision the state was read at.
+    pub revision: Revision,
+    pub keys: usize,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    key: String,
+    value: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Value {
+    Text(String),
+    Bytes { hex: String },
+}
+
+/// An archive that opened and passed every check.
+#[derive(Debug)]
+pub struct Backup {
+    pub manifest: Manifest,
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A backup of `store` now: one listing, so one revision's state.
+pub async fn create(store: &dyn Store) -> Result<Vec<u8>, BackupError> {
+    let listing = store.list(ROOT).await?;
+    let mut lines = Vec::new();
+    let mut keys = 0;
+    for kv in listing.kvs.iter().filter(|kv| kv.lease.is_none()) {
+        let value = match String::from_utf8(kv.value.clone()) {
+            Ok(t) => Value::Text(t),
+            Err(_) => Value::Bytes { hex: kv.value.iter().map(|b| format!("{b:02x}")).collect() },
+        };
+        serde_json::to_writer(&mut lines, &Line { key: kv.key.clone(), value }).expect("a line encodes");
+        lines.push(b'\n');
+        keys += 1;
+    }
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let manifest = Manifest {
+        format: FORMAT,
+        halo_version: env!("CARGO_PKG_VERSION").into(),
+        created,
+        revision: listing.revision,
+        keys,
+        members: vec![Member { name: STORE.into(), size: lines.len() as u64, sha256: sha256(&lines) }],
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    append(&mut tar, STORE, &lines, created)?;
+    append(&mut tar, MANIFEST, &serde_json::to_vec_pretty(&manifest).expect("encodes"), created)?;
+    Ok(tar.into_inner()?)
+}
+
+fn append(tar: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8], mtime: u64) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o600);
+    h.set_mtime(mtime);
+    h.set_cksum();
+    tar.append_data(&mut h, name, bytes)
+}
+
+/// Opens an archive and checks it whole: the manifest, every member's size
+/// and checksum, every line and every record's type.
+pub fn open(bytes: &[u8]) -> Result<Backup, BackupError> {
+    let not = |why: &str| BackupError::NotABackup(why.to_string());
+    let mut members = std::collections::BTreeMap::new();
+    let mut archive = tar::Archive::new(bytes);
+    for entry in archive.entries().map_err(|e| not(&format!("not a tar archive ({e})")))? {
+        let mut entry = entry.map_err(|e| not(&format!("not a tar archive ({e})")))?;
+        let name = entry.path().map_err(|e| not(&e.to_string()))?.display().to_string();
+        let mut data = Vec::new();
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| BackupError::Damaged { member: name.clone(), detail: e.to_string() })?;
+        members.insert(name, data);
+    }
+    let raw = members.get(MANIFEST).ok_or_else(|| not(&format!("it has no {MANIFEST}")))?;
+    let probe: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| BackupError::Damaged { member: MANIFEST.into(), detail: e.to_string() })?;
+    let found = probe["format"].as_u64().ok_or_else(|| not(&format!("{MANIFEST} has no format version")))?;
+    if found > u64::from(FORMAT) {
+        return Err(BackupError::NewerFormat { found: found as u32 });
+    }
+    let manifest: Manifest = serde_json::from_value(probe)
+        .map_err(|e| BackupError::Damaged { member: MANIFEST.into(), detail: e.to_string() })?;
+    for m in &manifest.members {
+        let data = members
+            .get(&m.name)
+            .ok_or_else(|| BackupError::Damaged { member: m.name.clone(), detail: "missing".into() })?;
+        if data.len() as u64 != m.size || sha256(data) != m.sha256 {
+            return Err(BackupError::Damaged {
+                member: m.name.clone(),
+                detail: format!("its SHA-256 is {}, the manifest says {}", sha256(data), m.sha256),
+            });
+        }
+    }
+    let store =
+        members.get(STORE).ok_or_else(|| BackupError::Damaged { member: STORE.into(), detail: "missing".into() })?;
+    let mut entries = Vec::new();
+    for (i, line) in store.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+        let bad =
+            |detail: String| BackupError::Damaged { member: STORE.into(), detail: format!("line {}: {detail}", i + 1) };
+        let l: Line = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+        let value = match l.value {
+            Value::Text(t) => t.into_bytes(),
+            Value::Bytes { hex } => (0..hex.len())
+                .step_by(2)
+                .map(|j| u8::from_str_radix(hex.get(j..j + 2).unwrap_or("zz"), 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad("a value is not hex".into()))?,
+        };
+        check_record(&l.key, &value)?;
+        entries.push((l.key, value));
+    }
+    if entries.len() != manifest.keys {
+        return Err(BackupError::Damaged {
+            member: STORE.into(),
+            detail: format!("{} keys, the manifest says {}", entries.len(), manifest.keys),
+        });
+    }
+    Ok(Backup { manifest, entries })
+}
+
+/// Every record decodes as the key schema says (and a service validates).
+fn check_record(key: &str, value: &[u8]) -> Result<(), BackupError> {
+    let bad = |detail: String| BackupError::BadRecord { key: key.to_string(), detail };
+    let json = |r: Result<(), serde_json::Error>| r.map_err(|e| bad(e.to_string()));
+    if key.starts_with(SERVICES) {
+        let rec: ServiceRecord = serde_json::from_slice(value).map_err(|e| bad(e.to_string()))?;
+        halo_model::parse_service(key, &rec.spec).map_err(|e| bad(e.to_string()))?;
+    } else if key.starts_with(ASSIGNMENTS) {
+        json(serde_json::from_slice::<Assignment>(value).map(drop))?;
+    } else if key.starts_with(INSTANCES) {
+        json(serde_json::from_slice::<InstanceRecord>(value).map(drop))?;
+    } else if key.starts_with(NODE_ADMIN) {
+        json(serde_json::from_slice::<NodeAdmin>(value).map(drop))?;
+    } else if key.starts_with(ROLLOUTS) {
+        json(serde_json::from_slice::<RolloutRecord>(value).map(drop))?;
+    } else if key == SCHEMA || key == API_TOKEN {
+        std::str::from_utf8(value).map_err(|_| bad("not text".into()))?;
+    }
+    Ok(())
+}
+
+/// Writes `backup` into a new embedded store in `dir` (which must hold
+/// none yet), its revision moved [`RESTORE_GAP`] above the backup's.
+pub async fn restore(backup: &Backup, dir: &Path) -> Result<Revision, BackupError> {
+    let target = |why: String| BackupError::Target { dir: dir.display().to_string(), why };
+    if dir.join("store.redb").exists() {
+        return Err(target("it already holds a store; restore into a new data directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| target(e.to_string()))?;
+    let store = EmbeddedStore::open(dir).await?;
+    for chunk in backup.entries.chunks(1000) {
+        let mut txn = Txn::new();
+        txn.success = chunk.iter().map(|(k, v)| TxnOp::put(k, v.clone(), None)).collect();
+        store.txn(txn).await?;
+    }
+    let floor = backup.manifest.revision + RESTORE_GAP;
+    store.advance_revision(floor).await?;
+    Ok(floor)
+}
+
+/// Opens `bytes` and restores it into a scratch store under `scratch`, then
+/// reads every key back: a backup that cannot be restored is not fine.
+pub async fn verify(bytes: &[u8], scratch: &Path) -> Result<Backup, BackupError> {
+    let backup = open(bytes)?;
+    restore(&backup, scratch).await?;
+    let store = EmbeddedStore::open(scratch).await?;
+    let back = store.list(ROOT).await?;
+    let want: std::collections::BTreeMap<&str, &[u8]> =
+        backup.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let got: std::collections::BTreeMap<&str, &[u8]> =
+        back.kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())).collect();
+    if want != got {
+        return Err(BackupError::Damaged {
+            member: STORE.into(),
+            detail: format!("a trial restore read back {} keys of {}", got.len(), want.len()),
+        });
+    }
+    Ok(backup)
+}

@@ -1,0 +1,148 @@
+//! `halo backup`: archives of the cluster's state (`create`, through any
+//! node's API) and their checks and restore (`verify`, `restore`, `list`,
+//! on files, without a running halo).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use halo_control::backup;
+use http::Method;
+
+use crate::cli_cmd::Target;
+
+#[derive(clap::Subcommand)]
+pub enum BackupCommand {
+    /// Write an archive of the cluster's state now (one store revision).
+    Create {
+        /// Where to write it [default: ./halo-backup-UNIXTIME.tar].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check an archive: its checksums, every record, and a trial restore
+    /// into a scratch store.
+    Verify { file: PathBuf },
+    /// Restore an archive into a new data directory, for `halo up` on it.
+    Restore {
+        file: PathBuf,
+        /// The data directory to create (it must hold no store yet).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// The archives in a directory, with their revision, time and size.
+    List {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
+    match cmd {
+        BackupCommand::Create { out, target } => create(&target, out),
+        BackupCommand::Verify { file } => verify(&file),
+        BackupCommand::Restore { file, data_dir } => restore(&file, &data_dir),
+        BackupCommand::List { dir } => list(&dir),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+fn create(t: &Target, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let c = t.client()?;
+    let bytes = runtime()?.block_on(c.call(Method::GET, "/v1/backup", None, |_| {}))?;
+    let b = backup::open(&bytes).context("the node sent an archive that does not check out")?;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("halo-backup-{}.tar", b.manifest.created)));
+    write_private(&out, &bytes)?;
+    println!(
+        "{}: {} keys at store revision {}, {} bytes",
+        out.display(),
+        b.manifest.keys,
+        b.manifest.revision,
+        bytes.len()
+    );
+    Ok(())
+}
+
+/// Archives hold the API token and services' environments: owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn verify(file: &Path) -> anyhow::Result<()> {
+    let bytes = read(file)?;
+    let scratch = std::env::temp_dir().join(format!("halo-verify-{}", std::process::id()));
+    let result = runtime()?.block_on(backup::verify(&bytes, &scratch));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let b = result.with_context(|| format!("{} does not verify", file.display()))?;
+    let services = b.entries.iter().filter(|(k, _)| k.starts_with(halo_control::keys::SERVICES)).count();
+    println!(
+        "{}: ok (format {}, halo {}, store revision {}, {} keys, {} services; a trial restore read every key back)",
+        file.display(),
+        b.manifest.format,
+        b.manifest.halo_version,
+        b.manifest.revision,
+        b.manifest.keys,
+        services
+    );
+    Ok(())
+}
+
+fn restore(file: &Path, dir: &Path) -> anyhow::Result<()> {
+    let b = backup::open(&read(file)?).with_context(|| format!("{} cannot be restored", file.display()))?;
+    let floor = runtime()?.block_on(backup::restore(&b, dir))?;
+    println!(
+        "restored {} keys from store revision {} into {} (the store starts at revision {floor}); start it with \
+         `halo up --data-dir {}`",
+        b.manifest.keys,
+        b.manifest.revision,
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn list(dir: &Path) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "tar") {
+            continue;
+        }
+        let row = match std::fs::read(&path).map_err(anyhow::Error::from).and_then(|b| Ok(backup::open(&b)?)) {
+            Ok(b) => format!(
+                "{}  revision {}  created {}  {} keys",
+                path.display(),
+                b.manifest.revision,
+                b.manifest.created,
+                b.manifest.keys
+            ),
+            Err(e) => format!("{}  NOT USABLE: {e}", path.display()),
+        };
+        rows.push(row);
+    }
+    rows.sort();
+    if rows.is_empty() {
+        println!("no backups (*.tar) in {}", dir.display());
+    }
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}

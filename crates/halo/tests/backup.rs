@@ -1,0 +1,133 @@
+//! Backups through the real binary: an archive of a running `halo up`,
+//! verified, restored into a new data directory after the old one is gone,
+//! and the node converging to the same services; damaged and foreign
+//! archives refused, naming what is wrong.
+
+use std::time::Duration;
+
+use halo_testkit::{eventually, Halo, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+fn node() -> String {
+    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
+    q.replace("127.0.0.1:7070", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("replicas = 3", "replicas = 2")
+        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+}
+
+fn ready(h: &Halo) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let s = h.status();
+    s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (s["name"].as_str().unwrap().to_string(), (s["ready"].as_u64().unwrap(), s["replicas"].as_u64().unwrap()))
+        })
+        .collect()
+}
+
+fn halo(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restores_into_a_new_data_dir_and_the_node_converges() {
+    let dir = TempDir::new("backup");
+    let file = dir.write("halo.toml", &node());
+    let data = dir.0.join("data");
+    let up = |data: &std::path::Path| {
+        Halo::start(BIN, &["up", "-c", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &dir.0).unwrap()
+    };
+    let h = up(&data);
+    let ticker = dir.write(
+        "ticker.toml",
+        "name = \"ticker\"\nreplicas = 2\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"while true; do sleep 1; done\"]\n\
+         [readiness]\nexec = [\"true\"]\ninterval = \"200ms\"\n",
+    );
+    assert_eq!(h.cli(&["apply", "-f", ticker.to_str().unwrap()]).0, 0);
+    assert_eq!(h.cli(&["scale", "demo", "3"]).0, 0);
+    let want: std::collections::BTreeMap<String, (u64, u64)> =
+        [("demo".to_string(), (3, 3)), ("ticker".to_string(), (2, 2))].into();
+    eventually(Duration::from_secs(20), "demo x3 and ticker x2 ready", || async { ready(&h) == want }).await;
+
+    let archive = dir.0.join("b.tar");
+    let (code, out, err) = h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("keys at store revision"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777, 0o600, "archives hold the token");
+    let (ok, out, err) = halo(&["backup", "verify", archive.to_str().unwrap()]);
+    assert!(ok && out.contains("ok") && out.contains("2 services"), "{out}{err}");
+    let (ok, out, _) = halo(&["backup", "list", dir.0.to_str().unwrap()]);
+    assert!(ok && out.contains("b.tar") && out.contains("revision"), "{out}");
+    let revision: i64 = out.split("revision ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+
+    // The node and its data are gone.
+    h.signal("TERM");
+    let (code, h) = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        (h.wait(Duration::from_secs(20)), h)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    drop(h);
+    std::fs::remove_dir_all(&data).unwrap();
+
+    let restored = dir.0.join("restored");
+    let (ok, out, err) =
+        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    assert!(ok && out.contains("restored"), "{out}{err}");
+    let (ok, _, err) =
+        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    assert!(!ok && err.contains("already holds a store"), "a restore over a store: {err}");
+    let h = up(&restored);
+    eventually(Duration::from_secs(30), "the same services and replicas after the restore", || async {
+        ready(&h) == want
+    })
+    .await;
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(stored.contains("replicas = 3"), "{stored}");
+    // Time only moves forward: the new leader's token is above the backup's revision.
+    let token = h.status()["cluster"]["fencing_token"].as_i64().unwrap();
+    assert!(token > revision, "fencing token {token} is not above the backed-up revision {revision}");
+    // The restored API token still opens the API (it came with the archive).
+    assert_eq!(h.cli(&["status"]).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_and_foreign_archives_are_refused_naming_what_is_wrong() {
+    let dir = TempDir::new("backup-bad");
+    let h = Halo::up(BIN, &node()).unwrap();
+    eventually(Duration::from_secs(20), "demo ready", || async { ready(&h).get("demo") == Some(&(2, 2)) }).await;
+    let archive = dir.0.join("good.tar");
+    assert_eq!(h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]).0, 0);
+    let good = std::fs::read(&archive).unwrap();
+    let check = |name: &str, bytes: &[u8], says: &str| {
+        let f = dir.write(name, "");
+        std::fs::write(&f, bytes).unwrap();
+        let (ok, out, err) = halo(&["backup", "verify", f.to_str().unwrap()]);
+        assert!(!ok && err.contains(says), "verify {name}: {out}{err}");
+        let target = dir.0.join(format!("{name}.restored"));
+        let (ok, _, err) = halo(&["backup", "restore", f.to_str().unwrap(), "--data-dir", target.to_str().unwrap()]);
+        assert!(!ok && err.contains(says), "restore {name}: {err}");
+        assert!(!target.exists(), "a refused restore created {}", target.display());
+    };
+    // One byte of the store member changed.
+    let at = good.windows(8).position(|w| w == b"demo-app").expect("the service in the archive");
+    let mut damaged = good.clone();
+    damaged[at] ^= 0x20;
+    check("damaged.tar", &damaged, "member store.jsonl is damaged");
+    // A newer format.
+    let at = good.windows(11).position(|w| w == b"\"format\": 1").expect("the manifest's format");
+    let mut newer = good.clone();
+    newer[at + 10] = b'9';
+    check("newer.tar", &newer, "format 9 is newer");
+    check("foreign.tar", b"this is no archive at all, just some text", "not a halo backup");
+    // Nothing of the running node changed.
+    assert_eq!(ready(&h).get("demo"), Some(&(2, 2)));
+}
