@@ -109,7 +109,11 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
 }
 
 async fn status(State(api): State<Api>) -> impl IntoResponse {
-    Json(serde_json::json!({ "services": api.node.status(), "cluster": api.node.cluster() }))
+    Json(serde_json::json!({
+        "services": api.node.status(),
+        "cluster": api.node.cluster(),
+        "backup": api.node.backup_health(),
+    }))
 }
 
 async fn nodes(State(api): State<Api>) -> impl IntoResponse {

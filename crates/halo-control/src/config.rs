@@ -1,8 +1,8 @@
 //! The node file (`halo up -c halo.toml`): the proxy's own sections
 //! (`[proxy]`, `[admin]`, `[[listeners]]`, static `[[routes]]` and
 //! `[upstreams.*]`, validated by `halo_proxy::config`), plus `[node]` (data
-//! directory, API address) and `[[services]]` (service files, applied when
-//! the store does not have them yet).
+//! directory, API address), `[[services]]` (service files, applied when
+//! the store does not have them yet) and `[backup]` (scheduled backups).
 //!
 //! The proxy parser sees the file with the node's sections blanked out line
 //! for line, so its errors keep their line numbers.
@@ -23,6 +23,26 @@ pub struct NodeConfig {
     pub proxy: halo_proxy::config::Config,
     /// Services to create if the store does not have them.
     pub services: Vec<(ServiceFile, ServiceSpec)>,
+    /// `[backup]`: scheduled backups, run by the leader.
+    pub backup: Option<BackupSchedule>,
+}
+
+/// Scheduled backups of the cluster's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSchedule {
+    pub every: std::time::Duration,
+    /// Where archives go [default: DATA_DIR/backups].
+    pub dir: Option<PathBuf>,
+    /// Archives kept; older ones are removed after each new one verified.
+    pub keep_last: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupSection {
+    every: String,
+    dir: Option<PathBuf>,
+    keep_last: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +58,7 @@ struct NodeParts {
     node: NodeSection,
     #[serde(default)]
     services: Vec<ServiceFile>,
+    backup: Option<BackupSection>,
 }
 
 /// Default admin API address.
@@ -64,6 +85,19 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     let api = api.parse::<SocketAddr>().map_err(|_| {
         errors.push(format!("{file}: node.api: '{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\""))
     });
+    let backup = parts.backup.as_ref().and_then(|b| {
+        let every = halo_model::values::parse_duration(&b.every)
+            .map_err(|e| errors.push(format!("{file}: backup.every: {e}")))
+            .ok()?;
+        if every < std::time::Duration::from_secs(1) {
+            errors.push(format!("{file}: backup.every: '{}' is too often; at least 1s", b.every));
+        }
+        let keep_last = b.keep_last.unwrap_or(10);
+        if keep_last == 0 {
+            errors.push(format!("{file}: backup.keep_last: 0 would remove every archive; at least 1"));
+        }
+        Some(BackupSchedule { every, dir: b.dir.clone(), keep_last })
+    });
     let mut services = Vec::new();
     for (i, s) in parts.services.into_iter().enumerate() {
         match s.validate() {
@@ -84,7 +118,7 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     }
     match proxy {
         Ok(proxy) if errors.is_empty() => {
-            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services })
+            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services, backup })
         }
         Ok(_) => Err(errors),
         Err(e) => {
@@ -103,7 +137,7 @@ fn blank_sections(text: &str, node_sections: bool) -> String {
         let t = line.trim_start();
         if t.starts_with('[') {
             let name = t.trim_start_matches('[').trim_start();
-            in_node = ["node", "services"]
+            in_node = ["node", "services", "backup"]
                 .iter()
                 .any(|s| name.strip_prefix(s).is_some_and(|rest| rest.trim_start().starts_with([']', '.'])));
         }

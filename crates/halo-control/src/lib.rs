@@ -8,6 +8,7 @@
 //! lease; [`migrate`] brings older stores to the current layout.
 
 pub mod backup;
+mod backup_schedule;
 mod config;
 mod endpoints;
 mod fnv;
@@ -24,7 +25,7 @@ pub mod scheduler;
 pub mod state;
 mod views;
 
-pub use config::{parse_node, NodeConfig, DEFAULT_API};
+pub use config::{parse_node, BackupSchedule, NodeConfig, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
 pub use node::{shared_token, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};

@@ -125,3 +125,33 @@ pub(crate) fn rollouts(st: &crate::state::ClusterState) -> String {
     }
     out
 }
+
+/// Scheduled backups on this node.
+pub(crate) fn backups(h: &crate::backup_schedule::BackupHealth) -> String {
+    let mut out = String::new();
+    let gauges = [
+        (
+            "halo_backup_last_success_timestamp_seconds",
+            "When the last scheduled backup was written and verified.",
+            h.last_success.unwrap_or(0),
+        ),
+        ("halo_backup_last_size_bytes", "Size of the last scheduled backup.", h.last_size),
+        (
+            "halo_backup_last_duration_milliseconds",
+            "How long the last scheduled backup took, verification included.",
+            h.last_duration_ms,
+        ),
+        (
+            "halo_backup_overdue",
+            "No scheduled backup succeeded within two intervals while this node leads.",
+            u64::from(h.overdue),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        metric(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    metric(&mut out, "halo_backup_failures_total", "counter", "Scheduled backups that failed.");
+    let _ = writeln!(out, "halo_backup_failures_total {}", h.failures);
+    out
+}

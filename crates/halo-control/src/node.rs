@@ -121,6 +121,8 @@ impl NodeOptions {
 #[derive(Clone)]
 pub struct Node {
     r: Arc<Reconciler>,
+    /// Scheduled backups' health (when the node file has `[backup]`).
+    backups: Option<Arc<std::sync::Mutex<crate::backup_schedule::BackupHealth>>>,
     /// Every store request this node makes, counted.
     requests: Arc<Counted>,
 }
@@ -149,8 +151,14 @@ impl Node {
             host: opts.bind,
         });
         let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
-        let r = Arc::new(Reconciler::new(store, view.clone(), m.clone(), feed, env, opts.data_dir));
-        let node = Node { r, requests };
+        let r = Arc::new(Reconciler::new(store.clone(), view.clone(), m.clone(), feed, env, opts.data_dir.clone()));
+        let backups = cfg.backup.clone().map(|sched| {
+            let health = Arc::new(std::sync::Mutex::new(Default::default()));
+            let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
+            tokio::spawn(crate::backup_schedule::run(sched, dir, store.clone(), m.clone(), health.clone()));
+            health
+        });
+        let node = Node { r, requests, backups };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         tokio::spawn(m.clone().run_lease());
@@ -181,6 +189,11 @@ impl Node {
         // Renewals come every third of the TTL: two missed is a silence.
         let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
         ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
+    }
+
+    /// How scheduled backups are doing (`None` without `[backup]`).
+    pub fn backup_health(&self) -> Option<crate::backup_schedule::BackupHealth> {
+        self.backups.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// A backup archive of the cluster's state now ([`crate::backup`]).
@@ -460,6 +473,9 @@ impl Node {
         out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
         out.push_str(&self.cluster().metrics());
         out.push_str(&crate::metrics::rollouts(&self.r.view.current()));
+        if let Some(h) = self.backup_health() {
+            out.push_str(&crate::metrics::backups(&h));
+        }
         out
     }
 

@@ -245,6 +245,12 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
             c["view"]["revision"]
         ));
     }
+    let b = &v["backup"];
+    if let Some(e) = b["last_error"].as_str() {
+        out.push_str(&format!("the last scheduled backup failed: {e}\n"));
+    } else if b["overdue"].as_bool() == Some(true) {
+        out.push_str("scheduled backups are overdue: none succeeded within two intervals\n");
+    }
     // A cluster of one (`halo up`) needs no node table.
     let clustered = c["nodes"].as_array().is_some_and(|n| n.len() > 1);
     if clustered {

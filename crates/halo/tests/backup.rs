@@ -131,3 +131,59 @@ async fn damaged_and_foreign_archives_are_refused_naming_what_is_wrong() {
     // Nothing of the running node changed.
     assert_eq!(ready(&h).get("demo"), Some(&(2, 2)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_are_verified_pruned_and_a_failure_shows() {
+    let dir = TempDir::new("backup-sched");
+    let archives = dir.0.join("archives");
+    let text = format!("{}\n[backup]\nevery = \"1s\"\nkeep_last = 2\ndir = \"{}\"\n", node(), archives.display());
+    let h = Halo::up(BIN, &text).unwrap();
+    let metric = |name: &str| {
+        let (_, out, _) = h.cli(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["backup"][name].clone()
+    };
+    eventually(Duration::from_secs(20), "two scheduled archives kept", || async {
+        let ours = std::fs::read_dir(&archives)
+            .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "tar")).count())
+            .unwrap_or(0);
+        ours == 2 && metric("last_success").as_u64().is_some() && metric("failures") == 0 && {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            true
+        }
+    })
+    .await;
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&archives)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+        .collect();
+    assert_eq!(files.len(), 2, "retention keeps keep_last archives: {files:?}");
+    for f in &files {
+        let (ok, out, err) = halo(&["backup", "verify", f.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+    }
+    let token = std::fs::read_to_string(h.data_dir.as_ref().unwrap().join("token")).unwrap();
+    let req = http::Request::get(h.api_url("/metrics"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let m = halo_testkit::Client::new().send(req).await.unwrap().body;
+    assert!(
+        m.contains("halo_backup_last_success_timestamp_seconds") && m.contains("halo_backup_failures_total 0"),
+        "{m}"
+    );
+    drop(h);
+
+    // A directory that cannot be made: failures, in status and metrics.
+    let blocked = dir.write("a-file", "");
+    let text = format!("{}\n[backup]\nevery = \"1s\"\ndir = \"{}/backups\"\n", node(), blocked.display());
+    let h = Halo::up(BIN, &text).unwrap();
+    eventually(Duration::from_secs(10), "a failed scheduled backup", || async {
+        h.cli(&["status"]).1.contains("the last scheduled backup failed")
+    })
+    .await;
+    let (_, table, _) = h.cli(&["status"]);
+    assert!(table.contains("cannot create"), "{table}");
+}
