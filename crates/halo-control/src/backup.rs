@@ -8,9 +8,12 @@
 //!   value as text, or `{"hex": ...}` when it is not UTF-8. Keys on leases
 //!   (nodes, endpoints, the leader, counters) describe live processes, not
 //!   state, and are left out.
+//! - `hooks/NAME.out`: what each service's backup hook wrote (its
+//!   `[backup] command`, run in a ready instance's environment).
 //! - `manifest.json` (last): the format version, halo's version, the
 //!   creation time, the store revision the listing was read at, the number
-//!   of keys, and the size and SHA-256 of every other member.
+//!   of keys, each hook's outcome, and the size and SHA-256 of every other
+//!   member.
 //!
 //! Opening an archive checks all of it before anything is used: a member
 //! whose checksum differs is named, a newer format is refused. A restore
@@ -52,6 +55,8 @@ pub enum BackupError {
     BadRecord { key: String, detail: String },
     #[error("cannot restore into {dir}: {why}")]
     Target { dir: String, why: String },
+    #[error("the backup hook of service '{service}' failed: {why} (on_error = \"continue\" leaves it out instead)")]
+    Hook { service: String, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -67,7 +72,19 @@ pub struct Manifest {
     /// The store revision the state was read at.
     pub revision: Revision,
     pub keys: usize,
+    /// Each service hook: its member, or why it is not there.
+    #[serde(default)]
+    pub hooks: Vec<HookEntry>,
     pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookEntry {
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,14 +112,37 @@ enum Value {
 pub struct Backup {
     pub manifest: Manifest,
     pub entries: Vec<(String, Vec<u8>)>,
+    /// (service, hook output).
+    pub hooks: Vec<(String, Vec<u8>)>,
+}
+
+fn hook_member(service: &str) -> String {
+    format!("hooks/{service}.out")
+}
+
+/// A backup of the cluster as this node sees it now: every service's hook
+/// this node can run (one failing with `on_error = "fail"` fails it all),
+/// then the store.
+pub(crate) async fn take(r: &crate::reconcile::Reconciler) -> Result<Vec<u8>, BackupError> {
+    let (done, failed) = crate::hooks::backup_all(r).await;
+    if let Some((service, why, _)) = failed.iter().find(|(_, _, fatal)| *fatal) {
+        return Err(BackupError::Hook { service: service.clone(), why: why.clone() });
+    }
+    let skipped = failed.into_iter().map(|(s, why, _)| (s, why)).collect();
+    create(&*r.store, done, skipped).await
 }
 
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A backup of `store` now: one listing, so one revision's state.
-pub async fn create(store: &dyn Store) -> Result<Vec<u8>, BackupError> {
+/// A backup of `store` now (one listing, so one revision's state) with
+/// `hooks` outputs, and the hooks `skipped` with why.
+pub async fn create(
+    store: &dyn Store,
+    hooks: Vec<(String, Vec<u8>)>,
+    skipped: Vec<(String, String)>,
+) -> Result<Vec<u8>, BackupError> {
     let listing = store.list(ROOT).await?;
     let mut lines = Vec::new();
     let mut keys = 0;
@@ -116,16 +156,27 @@ pub async fn create(store: &dyn Store) -> Result<Vec<u8>, BackupError> {
         keys += 1;
     }
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut members = vec![Member { name: STORE.into(), size: lines.len() as u64, sha256: sha256(&lines) }];
+    let mut entries: Vec<HookEntry> =
+        skipped.into_iter().map(|(service, why)| HookEntry { service, member: None, error: Some(why) }).collect();
+    for (service, out) in &hooks {
+        members.push(Member { name: hook_member(service), size: out.len() as u64, sha256: sha256(out) });
+        entries.push(HookEntry { service: service.clone(), member: Some(hook_member(service)), error: None });
+    }
     let manifest = Manifest {
         format: FORMAT,
         halo_version: env!("CARGO_PKG_VERSION").into(),
         created,
         revision: listing.revision,
         keys,
-        members: vec![Member { name: STORE.into(), size: lines.len() as u64, sha256: sha256(&lines) }],
+        hooks: entries,
+        members,
     };
     let mut tar = tar::Builder::new(Vec::new());
     append(&mut tar, STORE, &lines, created)?;
+    for (service, out) in &hooks {
+        append(&mut tar, &hook_member(service), out, created)?;
+    }
     append(&mut tar, MANIFEST, &serde_json::to_vec_pretty(&manifest).expect("encodes"), created)?;
     Ok(tar.into_inner()?)
 }
@@ -198,7 +249,12 @@ pub fn open(bytes: &[u8]) -> Result<Backup, BackupError> {
             detail: format!("{} keys, the manifest says {}", entries.len(), manifest.keys),
         });
     }
-    Ok(Backup { manifest, entries })
+    let hooks = manifest
+        .hooks
+        .iter()
+        .filter_map(|h| Some((h.service.clone(), members.get(h.member.as_ref()?)?.clone())))
+        .collect();
+    Ok(Backup { manifest, entries, hooks })
 }
 
 /// Every record decodes as the key schema says (and a service validates).
@@ -238,6 +294,17 @@ pub async fn restore(backup: &Backup, dir: &Path) -> Result<Revision, BackupErro
     }
     let floor = backup.manifest.revision + RESTORE_GAP;
     store.advance_revision(floor).await?;
+    // Hook outputs wait for the node to run each service's restore hook
+    // once an instance is ready.
+    if !backup.hooks.is_empty() {
+        let pending = dir.join(crate::hooks::RESTORE_DIR);
+        std::fs::create_dir_all(&pending).map_err(|e| target(e.to_string()))?;
+        for (service, out) in &backup.hooks {
+            halo_model::check_name(service)
+                .map_err(|e| BackupError::BadRecord { key: hook_member(service), detail: e })?;
+            std::fs::write(pending.join(format!("{service}.out")), out).map_err(|e| target(e.to_string()))?;
+        }
+    }
     Ok(floor)
 }
 

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use halo_store::Store;
 use serde::Serialize;
 
 use crate::membership::Membership;
+use crate::reconcile::Reconciler;
 use crate::BackupSchedule;
 
 /// How scheduled backups are doing, for `/metrics` and `halo status`.
@@ -36,7 +36,7 @@ const PREFIX: &str = "halo-backup-";
 pub(crate) async fn run(
     sched: BackupSchedule,
     dir: PathBuf,
-    store: Arc<dyn Store>,
+    r: Arc<Reconciler>,
     m: Arc<Membership>,
     health: Arc<Mutex<BackupHealth>>,
 ) {
@@ -49,7 +49,7 @@ pub(crate) async fn run(
             continue;
         }
         let started = Instant::now();
-        let result = once(&*store, &dir, sched.keep_last).await;
+        let result = once(&r, &dir, sched.keep_last).await;
         let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok((file, size)) => {
@@ -72,9 +72,9 @@ pub(crate) async fn run(
 }
 
 /// One backup: written, verified, then the oldest past `keep` removed.
-async fn once(store: &dyn Store, dir: &Path, keep: usize) -> Result<(PathBuf, u64), String> {
+async fn once(r: &Reconciler, dir: &Path, keep: usize) -> Result<(PathBuf, u64), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let bytes = crate::backup::create(store).await.map_err(|e| e.to_string())?;
+    let bytes = crate::backup::take(r).await.map_err(|e| e.to_string())?;
     let b = crate::backup::open(&bytes).map_err(|e| e.to_string())?;
     let name = format!("{PREFIX}{}-r{}.tar", crate::rollout::now_ms(), b.manifest.revision);
     let file = dir.join(&name);

@@ -111,13 +111,15 @@ pub struct StableRecord {
 
 impl ServiceRecord {
     /// What makes instances interchangeable: the file without `replicas`
-    /// (scaling replaces nothing) and without `[release]` (how a change
-    /// rolls out is not a change of the instances), plus the restart
+    /// (scaling replaces nothing) and without `[release]` and `[backup]`
+    /// (how a change rolls out, or how the data is saved, is not a change of
+    /// the instances), plus the restart
     /// generation.
     pub fn template(file: &ServiceFile, generation: u64) -> String {
         let mut f = file.clone();
         f.replicas = None;
         f.release = None;
+        f.backup = None;
         format!("{:016x}", fnv64(format!("{}\n#{generation}", f.to_toml()).as_bytes()))
     }
 }

@@ -12,6 +12,7 @@ mod backup_schedule;
 mod config;
 mod endpoints;
 mod fnv;
+mod hooks;
 pub mod keys;
 pub mod leader;
 pub mod membership;

@@ -155,7 +155,7 @@ impl Node {
         let backups = cfg.backup.clone().map(|sched| {
             let health = Arc::new(std::sync::Mutex::new(Default::default()));
             let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
-            tokio::spawn(crate::backup_schedule::run(sched, dir, store.clone(), m.clone(), health.clone()));
+            tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), health.clone()));
             health
         });
         let node = Node { r, requests, backups };
@@ -165,6 +165,7 @@ impl Node {
         tokio::spawn(crate::leader::run_election(m, view));
         tokio::spawn(reconcile::run(node.r.clone()));
         tokio::spawn(reconcile::publish_stats(node.r.clone()));
+        tokio::spawn(crate::hooks::restore_pending(node.r.clone()));
         Ok(node)
     }
 
@@ -198,7 +199,7 @@ impl Node {
 
     /// A backup archive of the cluster's state now ([`crate::backup`]).
     pub async fn backup(&self) -> Result<Vec<u8>, NodeError> {
-        Ok(crate::backup::create(&*self.r.store).await?)
+        Ok(crate::backup::take(&self.r).await?)
     }
 
     /// The canary rollout of `service`: in progress, or the last one.

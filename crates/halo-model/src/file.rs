@@ -29,6 +29,21 @@ pub struct ServiceFile {
     pub balance: Option<BalanceSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<crate::release::ReleaseSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSection>,
+}
+
+/// `[backup]`: the service's own backup hook.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

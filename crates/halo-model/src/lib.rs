@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
 
-pub use file::{BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection};
+pub use file::{
+    BackupSection, BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection,
+};
 
 /// One problem in a service file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +53,19 @@ pub struct ServiceSpec {
     pub balance: BalanceSpec,
     /// How a new template reaches the instances.
     pub release: release::ReleaseSpec,
+    /// The service's own backup hook.
+    pub backup: Option<BackupHook>,
+}
+
+/// A service's backup hook: `command` writes its data to stdout inside a
+/// ready instance's environment; `restore` reads it back on stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupHook {
+    pub command: Vec<String>,
+    pub restore: Option<Vec<String>>,
+    pub timeout: Duration,
+    /// A failed hook fails the whole backup (`fail`) or is left out of it.
+    pub fail_backup: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +309,7 @@ impl ServiceFile {
         let routes = self.routes.iter().enumerate().map(|(i, r)| c.route(i, r)).collect();
         let balance = c.balance(self.balance.as_ref().unwrap_or(&BalanceSection::default()));
         let release = release::validate(self.release.as_ref().unwrap_or(&Default::default()), c.errors);
+        let backup = self.backup.as_ref().map(|b| c.backup(b));
         if errors.is_empty() {
             Ok(ServiceSpec {
                 name: self.name.clone(),
@@ -307,6 +323,7 @@ impl ServiceFile {
                 routes,
                 balance,
                 release,
+                backup,
             })
         } else {
             Err(SpecErrors(errors))
@@ -320,6 +337,32 @@ impl ServiceFile {
 }
 
 impl Checker<'_> {
+    fn backup(&mut self, b: &BackupSection) -> BackupHook {
+        if b.command.first().is_none_or(|c| c.trim().is_empty()) {
+            self.err(
+                "backup.command",
+                "give the program and its arguments, as in command = [\"pg_dump\", \"-Fc\", \"app\"]",
+            );
+        }
+        if b.restore.as_ref().is_some_and(|r| r.first().is_none_or(|c| c.trim().is_empty())) {
+            self.err(
+                "backup.restore",
+                "give the program that reads the backup on stdin, as in restore = [\"pg_restore\", \"-d\", \"app\"]",
+            );
+        }
+        let timeout =
+            self.duration("backup.timeout", b.timeout.as_deref(), Duration::from_secs(600), Duration::from_millis(100));
+        let fail_backup = match b.on_error.as_deref().unwrap_or("fail") {
+            "fail" => true,
+            "continue" => false,
+            other => {
+                self.err("backup.on_error", format!("'{other}' is not accepted; accepted: fail, continue"));
+                true
+            }
+        };
+        BackupHook { command: b.command.clone(), restore: b.restore.clone(), timeout, fail_backup }
+    }
+
     fn restart(&mut self, r: &RestartSection) -> RestartSpec {
         let policy = match r.policy.as_deref().unwrap_or("always") {
             "always" => RestartPolicy::Always,

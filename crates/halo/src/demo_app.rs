@@ -6,6 +6,7 @@
 //! - `GET /healthz`: 200, or 503 once `/admin/unready` was called
 //! - `POST /admin/slow?ms=N`, `/admin/fail?rate=R` (0.0-1.0), `/admin/unready`,
 //!   `/admin/ready`, `/admin/crash` (exit 1), `/admin/hang` (SIGSTOP itself)
+//! - with `--counter-file`: `GET /count` (the value), `POST /count` (adds one)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,10 @@ pub struct DemoArgs {
     /// Exit with status 1 this many seconds after starting.
     #[arg(long)]
     crash_after: Option<u64>,
+    /// Keep a counter in this file: `GET /count` reads it, `POST /count`
+    /// adds one (application data for backup and restore tests).
+    #[arg(long)]
+    counter_file: Option<std::path::PathBuf>,
 }
 
 struct App {
@@ -48,6 +53,8 @@ struct App {
     fail_ppm: AtomicU64,
     unready: AtomicBool,
     served: AtomicU64,
+    counter: Option<std::path::PathBuf>,
+    counting: tokio::sync::Mutex<()>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -62,6 +69,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         fail_ppm: AtomicU64::new((args.fail_rate * 1e6) as u64),
         unready: AtomicBool::new(false),
         served: AtomicU64::new(0),
+        counter: args.counter_file,
+        counting: tokio::sync::Mutex::new(()),
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -96,6 +105,19 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
         r.headers_mut().insert("x-instance", app.id.parse().expect("ids are header-safe"));
         Ok(r)
     };
+    if let (Some(file), "/count") = (&app.counter, req.uri().path()) {
+        let _one_at_a_time = app.counting.lock().await;
+        let read = || std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let mut n = read();
+        if req.method() == http::Method::POST {
+            n += 1;
+            let tmp = file.with_extension("tmp");
+            if let Err(e) = std::fs::write(&tmp, format!("{n}\n")).and_then(|()| std::fs::rename(&tmp, file)) {
+                return reply(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot write {}: {e}\n", file.display()));
+            }
+        }
+        return reply(StatusCode::OK, format!("{n}\n"));
+    }
     match req.uri().path() {
         "/healthz" if app.unready.load(Ordering::Relaxed) => reply(StatusCode::SERVICE_UNAVAILABLE, "unready\n".into()),
         "/healthz" => reply(StatusCode::OK, "ok\n".into()),

@@ -187,3 +187,87 @@ async fn scheduled_backups_are_verified_pruned_and_a_failure_shows() {
     let (_, table, _) = h.cli(&["status"]);
     assert!(table.contains("cannot create"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_hooks_back_up_and_restore_the_applications_data() {
+    let dir = TempDir::new("backup-hooks");
+    let file = dir.write("halo.toml", &node());
+    let data = dir.0.join("data");
+    let up = |data: &std::path::Path| {
+        Halo::start(BIN, &["up", "-c", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &dir.0).unwrap()
+    };
+    let counter = dir.0.join("counter");
+    let svc = |on_error: &str| {
+        format!(
+            "name = \"counter\"\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\", \"--counter-file\", \"{c}\"]\n\
+             env = {{ COUNTER = \"{c}\" }}\n[readiness]\nhttp = \"/healthz\"\ninterval = \"200ms\"\n\
+             [[routes]]\nhost = \"counter.local\"\n\
+             [backup]\ncommand = [\"sh\", \"-c\", \"cat \\\"$COUNTER\\\"\"]\nrestore = [\"sh\", \"-c\", \"cat > \\\"$COUNTER\\\"\"]\n\
+             timeout = \"10s\"\non_error = \"{on_error}\"\n",
+            c = counter.display()
+        )
+    };
+    let h = up(&data);
+    let f = dir.write("counter.toml", &svc("fail"));
+    assert_eq!(h.cli(&["apply", "-f", f.to_str().unwrap()]).0, 0);
+    eventually(Duration::from_secs(20), "counter ready", || async { ready(&h).get("counter") == Some(&(1, 1)) }).await;
+    let c = halo_testkit::Client::new();
+    let count = |method: http::Method| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(h.url("http", "/count"))
+            .header("host", "counter.local")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        c.send(req)
+    };
+    for _ in 0..5 {
+        assert_eq!(count(http::Method::POST).await.unwrap().status, 200);
+    }
+    assert_eq!(count(http::Method::GET).await.unwrap().body.trim(), "5");
+    // A hook that fails fails the backup, naming the service.
+    let broken = dir.write(
+        "broken.toml",
+        "name = \"broken\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"sleep 1000\"]\n[readiness]\nexec = [\"true\"]\n\
+         interval = \"200ms\"\n[backup]\ncommand = [\"sh\", \"-c\", \"echo disk full >&2; exit 3\"]\n",
+    );
+    assert_eq!(h.cli(&["apply", "-f", broken.to_str().unwrap()]).0, 0);
+    eventually(Duration::from_secs(20), "broken ready", || async { ready(&h).get("broken") == Some(&(1, 1)) }).await;
+    let archive = dir.0.join("b.tar");
+    let (code, _, err) = h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]);
+    assert!(code != 0 && err.contains("service 'broken' failed") && err.contains("disk full"), "{err}");
+    assert!(!archive.exists());
+    assert_eq!(h.cli(&["delete", "broken"]).0, 0);
+    let (code, out, err) = h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The node, its data and the application's data are gone.
+    h.signal("TERM");
+    let (code, h) = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        (h.wait(Duration::from_secs(20)), h)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    drop(h);
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_file(&counter).unwrap();
+
+    let restored = dir.0.join("restored");
+    let (ok, out, err) =
+        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let h = up(&restored);
+    eventually(Duration::from_secs(30), "the counter restored by its hook", || async {
+        std::fs::read_to_string(&counter).is_ok_and(|s| s.trim() == "5")
+    })
+    .await;
+    let c = halo_testkit::Client::new();
+    let req = http::Request::get(h.url("http", "/count"))
+        .header("host", "counter.local")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().body.trim(), "5");
+    assert!(!restored.join("restore/counter.out").exists(), "the restore hook ran but its input stayed");
+}
