@@ -22,9 +22,11 @@ async fn backups_under_writes_hold_one_revision_each() {
         while !st.load(Ordering::SeqCst) && i < 100_000 {
             i += 1;
             let v = i.to_string().into_bytes();
-            let txn = Txn::new()
-                .and_then(TxnOp::put("/halo/test/a", v.clone(), None))
-                .and_then(TxnOp::put("/halo/test/b", v, None));
+            let txn = Txn::new().and_then(TxnOp::put("/halo/test/a", v.clone(), None)).and_then(TxnOp::put(
+                "/halo/test/b",
+                v,
+                None,
+            ));
             s.txn(txn).await.unwrap();
         }
         i
