@@ -308,6 +308,35 @@ pub async fn restore(backup: &Backup, dir: &Path) -> Result<Revision, BackupErro
     Ok(floor)
 }
 
+/// Writes `backup` into `store` (an etcd cluster, fresh: it must hold no
+/// key under the root), after moving its revision above the backup's with
+/// single puts (etcd has no other way up), so the fencing tokens and ids
+/// handed out afterwards are above the backed-up ones. Returns the
+/// revision the store ends at. Start the agents afterwards: they list it.
+pub async fn restore_to(backup: &Backup, store: &dyn Store) -> Result<Revision, BackupError> {
+    let listing = store.list(ROOT).await?;
+    if let Some(kv) = listing.kvs.first() {
+        return Err(BackupError::Target {
+            dir: "the store".into(),
+            why: format!("it already holds halo's state ({} and more); restore into a fresh one", kv.key),
+        });
+    }
+    let mut revision = listing.revision;
+    let floor = backup.manifest.revision + 1;
+    while revision < floor {
+        revision = store.put(RESTORE_FLOOR, floor.to_string().into_bytes(), None).await?;
+    }
+    for chunk in backup.entries.chunks(100) {
+        let mut txn = Txn::new();
+        txn.success = chunk.iter().map(|(k, v)| TxnOp::put(k, v.clone(), None)).collect();
+        revision = store.txn(txn).await?.revision;
+    }
+    Ok(revision)
+}
+
+/// The key a restore into etcd moves the revision up with.
+const RESTORE_FLOOR: &str = "/halo/restore-floor";
+
 /// Opens `bytes` and restores it into a scratch store under `scratch`, then
 /// reads every key back: a backup that cannot be restored is not fine.
 pub async fn verify(bytes: &[u8], scratch: &Path) -> Result<Backup, BackupError> {

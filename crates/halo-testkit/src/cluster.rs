@@ -342,6 +342,27 @@ impl Cluster {
         ));
     }
 
+    /// Every agent killed (with its instances) and every etcd member's data
+    /// destroyed, then a fresh etcd cluster started on the same addresses
+    /// (agents are not started again).
+    pub fn fresh_etcd(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_agent(i);
+            self.kill_etcd(i);
+        }
+        for nd in &self.nodes {
+            let _ = std::fs::remove_dir_all(&nd.etcd_dir);
+            std::fs::create_dir_all(&nd.etcd_dir).expect("etcd dir");
+        }
+        for i in 0..self.nodes.len() {
+            self.restart_etcd(i);
+        }
+        for nd in &mut self.nodes {
+            let client = nd.etcd_client();
+            crate::etcd::wait_healthy(nd.etcd.as_mut().expect("etcd"), client, &nd.etcd_dir);
+        }
+    }
+
     /// SIGSTOP (`true`) or SIGCONT (`false`) of every process of node `i`.
     pub fn freeze(&self, i: usize, frozen: bool) {
         let sig = if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };

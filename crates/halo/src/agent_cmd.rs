@@ -58,7 +58,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 /// `etcd://a:2379,b:2379` -> ["a:2379", "b:2379"].
-fn parse_store(s: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn parse_store(s: &str) -> anyhow::Result<Vec<String>> {
     let rest = match s.split_once("://") {
         Some(("etcd", rest)) => rest,
         Some((scheme, _)) => {

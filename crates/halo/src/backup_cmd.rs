@@ -23,12 +23,19 @@ pub enum BackupCommand {
     /// Check an archive: its checksums, every record, and a trial restore
     /// into a scratch store.
     Verify { file: PathBuf },
-    /// Restore an archive into a new data directory, for `halo up` on it.
+    /// Restore an archive into a new data directory (for `halo up` on it),
+    /// or into a fresh etcd cluster (then start the agents).
     Restore {
         file: PathBuf,
         /// The data directory to create (it must hold no store yet).
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        data_dir: Option<PathBuf>,
+        /// A fresh etcd cluster: etcd://HOST:PORT[,HOST:PORT...].
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// The agents' --namespace, with --store.
+        #[arg(long, default_value = "", requires = "store")]
+        namespace: String,
     },
     /// The archives in a directory, with their revision, time and size.
     List {
@@ -41,7 +48,9 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
     match cmd {
         BackupCommand::Create { out, target } => create(&target, out),
         BackupCommand::Verify { file } => verify(&file),
-        BackupCommand::Restore { file, data_dir } => restore(&file, &data_dir),
+        BackupCommand::Restore { file, data_dir: Some(dir), .. } => restore(&file, &dir),
+        BackupCommand::Restore { file, store: Some(url), namespace, .. } => restore_etcd(&file, &url, &namespace),
+        BackupCommand::Restore { .. } => anyhow::bail!("give --data-dir DIR or --store etcd://..."),
         BackupCommand::List { dir } => list(&dir),
     }
 }
@@ -114,6 +123,24 @@ fn restore(file: &Path, dir: &Path) -> anyhow::Result<()> {
         b.manifest.revision,
         dir.display(),
         dir.display()
+    );
+    Ok(())
+}
+
+fn restore_etcd(file: &Path, url: &str, namespace: &str) -> anyhow::Result<()> {
+    let b = backup::open(&read(file)?).with_context(|| format!("{} cannot be restored", file.display()))?;
+    let endpoints = crate::agent_cmd::parse_store(url)?;
+    let revision = runtime()?.block_on(async {
+        let store = halo_store::EtcdStore::connect(&endpoints, namespace)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+        anyhow::Ok(backup::restore_to(&b, &store).await?)
+    })?;
+    println!(
+        "restored {} keys from store revision {} into etcd at {} (now at revision {revision}); start the agents",
+        b.manifest.keys,
+        b.manifest.revision,
+        endpoints.join(",")
     );
     Ok(())
 }

@@ -618,3 +618,49 @@ async fn a_failing_canary_is_rolled_back_on_every_node() {
     // Retried on another node, the canary's failures cost no request.
     assert_no_failures("a failing canary rolled back", &report);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restores_into_a_fresh_etcd_and_time_moves_forward() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let st = state_now(&store).await;
+    let (_, leader_token) = st.leader.clone().unwrap();
+    let max_before = st.assignments.values().map(|a| a.token).chain([leader_token]).max().unwrap();
+    let dir = halo_testkit::TempDir::new("cluster-backup");
+    let archive = dir.0.join("b.tar");
+    let (code, out, err) = c.cli(1, &["backup", "create", "--out", &archive.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(store);
+    // Every etcd member's data gone; the agents with it.
+    c.fresh_etcd();
+    let out = std::process::Command::new(BIN)
+        .args(["backup", "restore", &archive.to_string_lossy(), "--store", &c.store_url()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("restored"), "{said}");
+    // Not twice: the store holds halo's state now.
+    let again = std::process::Command::new(BIN)
+        .args(["backup", "restore", &archive.to_string_lossy(), "--store", &c.store_url()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds"));
+    let restart = tokio::task::spawn_blocking(move || {
+        for i in 0..3 {
+            c.start_agent(i);
+        }
+        c
+    });
+    let c = restart.await.unwrap();
+    let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
+    until(&store, Instant::now(), Duration::from_secs(40), "web ready again after the restore", |st| {
+        st.nodes.len() == 3 && ready_elsewhere(st, None) == 3
+    })
+    .await;
+    let st = state_now(&store).await;
+    let (_, token) = st.leader.clone().unwrap();
+    println!("restored into a fresh etcd: fencing token {token}, every token before at most {max_before}");
+    assert!(token > max_before, "the new fencing token {token} is not above {max_before}");
+    assert!(st.assignments.values().all(|a| a.token <= token), "an assignment carries a token from the future");
+    let (code, out, _) = c.cli(2, &["get", "web"]);
+    assert!(code == 0 && out.contains("replicas = 3"), "{out}");
+}
