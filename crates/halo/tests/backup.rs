@@ -186,6 +186,23 @@ async fn scheduled_backups_are_verified_pruned_and_a_failure_shows() {
     .await;
     let (_, table, _) = h.cli(&["status"]);
     assert!(table.contains("cannot create"), "{table}");
+    drop(h);
+
+    // A failing hook fails the scheduled backup too, and says which.
+    let ok_dir = dir.0.join("ok");
+    let text = format!("{}\n[backup]\nevery = \"1s\"\ndir = \"{}\"\n", node(), ok_dir.display());
+    let h = Halo::up(BIN, &text).unwrap();
+    let broken = dir.write(
+        "broken.toml",
+        "name = \"broken\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"sleep 1000\"]\n[readiness]\nexec = [\"true\"]\n\
+         interval = \"200ms\"\n[backup]\ncommand = [\"no-such-dump-tool\"]\n",
+    );
+    assert_eq!(h.cli(&["apply", "-f", broken.to_str().unwrap()]).0, 0);
+    eventually(Duration::from_secs(15), "the scheduled backup failing on the hook", || async {
+        let t = h.cli(&["status"]).1;
+        t.contains("service 'broken' failed") && t.contains("cannot run no-such-dump-tool")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
