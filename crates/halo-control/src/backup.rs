@@ -334,6 +334,16 @@ pub async fn restore_to(backup: &Backup, store: &dyn Store) -> Result<Revision, 
     Ok(revision)
 }
 
+/// Writes an archive to a new file only its owner reads (archives hold the
+/// API token and services' environments), synced to disk.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// The key a restore into etcd moves the revision up with.
 const RESTORE_FLOOR: &str = "/halo/restore-floor";
 

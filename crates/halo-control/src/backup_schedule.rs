@@ -81,7 +81,7 @@ async fn once(r: &Reconciler, dir: &Path, keep: usize) -> Result<(PathBuf, u64),
     // Written under a hidden name, verified from the disk, then the oldest
     // pruned, then named: never more than `keep`, never an unverified one.
     let tmp = dir.join(format!(".{name}.tmp"));
-    write_private(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    crate::backup::write_private(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     let scratch = std::env::temp_dir().join(format!("halo-backup-verify-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let written = std::fs::read(&tmp).map_err(|e| format!("cannot read back {}: {e}", tmp.display()))?;
@@ -94,14 +94,6 @@ async fn once(r: &Reconciler, dir: &Path, keep: usize) -> Result<(PathBuf, u64),
     prune(dir, keep.saturating_sub(1));
     std::fs::rename(&tmp, &file).map_err(|e| format!("cannot name {}: {e}", file.display()))?;
     Ok((file, bytes.len() as u64))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// Removes the oldest scheduled archives past `keep` (names sort by time).

@@ -21,6 +21,17 @@ pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
 
+/// The quickstart's node file (`examples/quickstart.toml`) on free ports,
+/// with `replicas` instances of demo and quick readiness probes.
+pub fn quickstart(replicas: u32) -> String {
+    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml"))
+        .expect("examples/quickstart.toml");
+    q.replace("127.0.0.1:7070", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("replicas = 3", &format!("replicas = {replicas}"))
+        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

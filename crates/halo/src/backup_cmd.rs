@@ -68,7 +68,8 @@ fn create(t: &Target, out: Option<PathBuf>) -> anyhow::Result<()> {
     let bytes = runtime()?.block_on(c.call(Method::GET, "/v1/backup", None, |_| {}))?;
     let b = backup::open(&bytes).context("the node sent an archive that does not check out")?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("halo-backup-{}.tar", b.manifest.created)));
-    write_private(&out, &bytes)?;
+    backup::write_private(&out, &bytes)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
     println!(
         "{}: {} keys at store revision {}, {} bytes",
         out.display(),
@@ -76,21 +77,6 @@ fn create(t: &Target, out: Option<PathBuf>) -> anyhow::Result<()> {
         b.manifest.revision,
         bytes.len()
     );
-    Ok(())
-}
-
-/// Archives hold the API token and services' environments: owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
     Ok(())
 }
 

@@ -10,11 +10,7 @@ use halo_testkit::{eventually, Halo, TempDir};
 const BIN: &str = env!("CARGO_BIN_EXE_halo");
 
 fn node() -> String {
-    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
-    q.replace("127.0.0.1:7070", "127.0.0.1:0")
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("replicas = 3", "replicas = 2")
-        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+    halo_testkit::quickstart(2)
 }
 
 fn ready(h: &Halo) -> std::collections::BTreeMap<String, (u64, u64)> {
@@ -27,6 +23,18 @@ fn ready(h: &Halo) -> std::collections::BTreeMap<String, (u64, u64)> {
             (s["name"].as_str().unwrap().to_string(), (s["ready"].as_u64().unwrap(), s["replicas"].as_u64().unwrap()))
         })
         .collect()
+}
+
+/// SIGTERM: every instance drained and stopped, then halo exits cleanly.
+async fn stop(h: Halo) {
+    h.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        h.wait(Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
 }
 
 fn halo(args: &[&str]) -> (bool, String, String) {
@@ -67,15 +75,7 @@ async fn a_backup_restores_into_a_new_data_dir_and_the_node_converges() {
     let revision: i64 = out.split("revision ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
 
     // The node and its data are gone.
-    h.signal("TERM");
-    let (code, h) = tokio::task::spawn_blocking(move || {
-        let mut h = h;
-        (h.wait(Duration::from_secs(20)), h)
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, Some(0));
-    drop(h);
+    stop(h).await;
     std::fs::remove_dir_all(&data).unwrap();
 
     let restored = dir.0.join("restored");
@@ -259,15 +259,7 @@ async fn service_hooks_back_up_and_restore_the_applications_data() {
     assert_eq!(code, 0, "{out}{err}");
 
     // The node, its data and the application's data are gone.
-    h.signal("TERM");
-    let (code, h) = tokio::task::spawn_blocking(move || {
-        let mut h = h;
-        (h.wait(Duration::from_secs(20)), h)
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, Some(0));
-    drop(h);
+    stop(h).await;
     std::fs::remove_dir_all(&data).unwrap();
     std::fs::remove_file(&counter).unwrap();
 

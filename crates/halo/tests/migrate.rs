@@ -72,8 +72,8 @@ async fn a_data_dir_of_the_old_layout_is_migrated_and_its_instances_adopted() {
     }
     expected.sort();
 
-    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
-    let node = q.replace("127.0.0.1:7070", "127.0.0.1:0").replace("127.0.0.1:8080", "127.0.0.1:0");
+    // The stored service (2 replicas) wins over the node file's.
+    let node = halo_testkit::quickstart(3);
     let file = dir.write("halo.toml", &node);
     let h =
         Halo::start(BIN, &["up", "-c", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &dir.0).unwrap();

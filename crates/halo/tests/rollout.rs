@@ -10,11 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_halo");
 
 /// The quickstart on free ports with two instances and quick probes.
 fn node() -> String {
-    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
-    q.replace("127.0.0.1:7070", "127.0.0.1:0")
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("replicas = 3", "replicas = 2")
-        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+    halo_testkit::quickstart(2)
 }
 
 /// demo at `version` (extra demo-app flags in `args`), released as a canary.

@@ -13,11 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_halo");
 /// The quickstart's node file on free ports, with `replicas` instances and
 /// quick probes.
 fn node(replicas: u32) -> String {
-    let q = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.toml")).unwrap();
-    q.replace("127.0.0.1:7070", "127.0.0.1:0")
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("replicas = 3", &format!("replicas = {replicas}"))
-        .replace("interval = \"500ms\"", "interval = \"200ms\"")
+    halo_testkit::quickstart(replicas)
 }
 
 fn instances(h: &Halo, service: &str) -> Vec<serde_json::Value> {
