@@ -32,7 +32,7 @@ impl ApiClient {
         &self,
         method: Method,
         path: &str,
-        body: Option<String>,
+        body: Option<Bytes>,
         mut on_chunk: impl FnMut(&[u8]),
     ) -> Result<Bytes, ClientError> {
         let stream = tokio::net::TcpStream::connect(self.addr)
@@ -45,7 +45,7 @@ impl ApiClient {
             .uri(path)
             .header(http::header::HOST, self.addr.to_string())
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body.unwrap_or_default()))
             .expect("a valid request");
         let resp = send.send_request(req).await?;
         let status = resp.status();

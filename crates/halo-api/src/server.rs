@@ -61,6 +61,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/rollout", get(rollout))
         .route("/v1/services/{name}/rollout/{order}", post(rollout_order))
         .route("/v1/backup", get(backup))
+        .route("/v1/backup/restore", post(restore).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
@@ -171,6 +172,23 @@ async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<imp
 
 async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], api.node.backup().await?))
+}
+
+#[derive(Deserialize)]
+struct RestoreQuery {
+    force: Option<bool>,
+}
+
+async fn restore(
+    State(api): State<Api>,
+    Query(q): Query<RestoreQuery>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let plan = api.node.restore(&body, q.force.unwrap_or(false)).await.map_err(|e| match e {
+        NodeError::Backup(b) => ApiError(StatusCode::BAD_REQUEST, b.to_string()),
+        other => ApiError::from(other),
+    })?;
+    Ok(Json(plan))
 }
 
 async fn rollout(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

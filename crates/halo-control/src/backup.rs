@@ -344,6 +344,83 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// What a restore into a running cluster changes: services (and nodes'
+/// drain marks) created, changed or deleted to match the backup. Runtime
+/// state (assignments, instance records, rollouts) is not restored there:
+/// the running cluster derives it again from the services.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestorePlan {
+    pub create: Vec<String>,
+    pub change: Vec<String>,
+    pub delete: Vec<String>,
+    /// Whether it was carried out (`--force`), or only said.
+    pub applied: bool,
+}
+
+/// The prefixes a running restore puts back.
+const DESIRED: [&str; 2] = [SERVICES, NODE_ADMIN];
+
+/// Compares `backup` with `store`'s desired state and, when `force`,
+/// makes the store match it (puts and deletes, 100 to a transaction). Hook
+/// outputs go to `restore_dir` for this node to run the restore hooks.
+pub async fn restore_running(
+    backup: &Backup,
+    store: &dyn Store,
+    restore_dir: &Path,
+    force: bool,
+) -> Result<RestorePlan, BackupError> {
+    let mut plan = RestorePlan::default();
+    let mut ops = Vec::new();
+    let want: std::collections::BTreeMap<&str, &[u8]> = backup
+        .entries
+        .iter()
+        .filter(|(k, _)| DESIRED.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let mut have = std::collections::BTreeMap::new();
+    for prefix in DESIRED {
+        for kv in store.list(prefix).await?.kvs {
+            have.insert(kv.key.clone(), kv.value);
+        }
+    }
+    for (key, value) in &want {
+        match have.get(*key) {
+            None => plan.create.push(key.to_string()),
+            Some(v) if v.as_slice() != *value => plan.change.push(key.to_string()),
+            Some(_) => continue,
+        }
+        ops.push(TxnOp::put(key, value.to_vec(), None));
+    }
+    for key in have.keys().filter(|k| !want.contains_key(k.as_str())) {
+        plan.delete.push(key.clone());
+        ops.push(TxnOp::Delete(key.clone()));
+    }
+    if !force {
+        return Ok(plan);
+    }
+    for chunk in ops.chunks(100) {
+        let mut txn = Txn::new();
+        txn.success = chunk.to_vec();
+        store.txn(txn).await?;
+    }
+    write_hooks(backup, restore_dir)?;
+    plan.applied = true;
+    Ok(plan)
+}
+
+fn write_hooks(backup: &Backup, pending: &Path) -> Result<(), BackupError> {
+    if backup.hooks.is_empty() {
+        return Ok(());
+    }
+    let target = |why: String| BackupError::Target { dir: pending.display().to_string(), why };
+    std::fs::create_dir_all(pending).map_err(|e| target(e.to_string()))?;
+    for (service, out) in &backup.hooks {
+        halo_model::check_name(service).map_err(|e| BackupError::BadRecord { key: hook_member(service), detail: e })?;
+        std::fs::write(pending.join(format!("{service}.out")), out).map_err(|e| target(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// The key a restore into etcd moves the revision up with.
 const RESTORE_FLOOR: &str = "/halo/restore-floor";
 

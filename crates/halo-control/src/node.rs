@@ -192,6 +192,14 @@ impl Node {
         ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
     }
 
+    /// Restores the archive `bytes` into this running cluster: says what
+    /// would change, and changes it when `force`.
+    pub async fn restore(&self, bytes: &[u8], force: bool) -> Result<crate::backup::RestorePlan, NodeError> {
+        let b = crate::backup::open(bytes)?;
+        let pending = self.r.data_dir.join(crate::hooks::RESTORE_DIR);
+        Ok(crate::backup::restore_running(&b, &*self.r.store, &pending, force).await?)
+    }
+
     /// How scheduled backups are doing (`None` without `[backup]`).
     pub fn backup_health(&self) -> Option<crate::backup_schedule::BackupHealth> {
         self.backups.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone())

@@ -23,19 +23,26 @@ pub enum BackupCommand {
     /// Check an archive: its checksums, every record, and a trial restore
     /// into a scratch store.
     Verify { file: PathBuf },
-    /// Restore an archive into a new data directory (for `halo up` on it),
-    /// or into a fresh etcd cluster (then start the agents).
+    /// Restore an archive: into a new data directory (`--into`, then `halo
+    /// up` on it), into a fresh etcd cluster (`--store`, then start the
+    /// agents), or into the running cluster (says what would change;
+    /// `--force` changes it).
     Restore {
         file: PathBuf,
-        /// The data directory to create (it must hold no store yet).
-        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
-        data_dir: Option<PathBuf>,
+        /// A new data directory to create (it must hold no store yet).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["store", "force"])]
+        into: Option<PathBuf>,
         /// A fresh etcd cluster: etcd://HOST:PORT[,HOST:PORT...].
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", conflicts_with = "force")]
         store: Option<String>,
         /// The agents' --namespace, with --store.
         #[arg(long, default_value = "", requires = "store")]
         namespace: String,
+        /// Into the running cluster: make its services match the archive.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: Target,
     },
     /// The archives in a directory, with their revision, time and size.
     List {
@@ -48,9 +55,9 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
     match cmd {
         BackupCommand::Create { out, target } => create(&target, out),
         BackupCommand::Verify { file } => verify(&file),
-        BackupCommand::Restore { file, data_dir: Some(dir), .. } => restore(&file, &dir),
+        BackupCommand::Restore { file, into: Some(dir), .. } => restore(&file, &dir),
         BackupCommand::Restore { file, store: Some(url), namespace, .. } => restore_etcd(&file, &url, &namespace),
-        BackupCommand::Restore { .. } => anyhow::bail!("give --data-dir DIR or --store etcd://..."),
+        BackupCommand::Restore { file, force, target, .. } => restore_running(&target, &file, force),
         BackupCommand::List { dir } => list(&dir),
     }
 }
@@ -110,6 +117,27 @@ fn restore(file: &Path, dir: &Path) -> anyhow::Result<()> {
         dir.display(),
         dir.display()
     );
+    Ok(())
+}
+
+fn restore_running(t: &Target, file: &Path, force: bool) -> anyhow::Result<()> {
+    let bytes = read(file)?;
+    backup::open(&bytes).with_context(|| format!("{} cannot be restored", file.display()))?;
+    let c = t.client()?;
+    let path = format!("/v1/backup/restore?force={force}");
+    let answer = runtime()?.block_on(c.call(Method::POST, &path, Some(bytes.into()), |_| {}))?;
+    let plan: serde_json::Value = serde_json::from_slice(&answer)?;
+    let list = |k: &str| plan[k].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "));
+    let (create, change, delete) =
+        (list("create").unwrap_or_default(), list("change").unwrap_or_default(), list("delete").unwrap_or_default());
+    let verb = if force { "restored into the running cluster" } else { "would change" };
+    println!("{}: {verb}:", file.display());
+    for (what, keys) in [("create", create), ("change", change), ("delete", delete)] {
+        println!("  {what}: {}", if keys.is_empty() { "-".to_string() } else { keys });
+    }
+    if !force {
+        println!("nothing changed; run again with --force to do it");
+    }
     Ok(())
 }
 

@@ -51,7 +51,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn call(t: &Target, method: Method, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
     let c = t.client()?;
-    let bytes = runtime()?.block_on(c.call(method, path, body, |_| {}))?;
+    let bytes = runtime()?.block_on(c.call(method, path, body.map(bytes::Bytes::from), |_| {}))?;
     Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
 }
 

@@ -79,11 +79,9 @@ async fn a_backup_restores_into_a_new_data_dir_and_the_node_converges() {
     std::fs::remove_dir_all(&data).unwrap();
 
     let restored = dir.0.join("restored");
-    let (ok, out, err) =
-        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    let (ok, out, err) = halo(&["backup", "restore", archive.to_str().unwrap(), "--into", restored.to_str().unwrap()]);
     assert!(ok && out.contains("restored"), "{out}{err}");
-    let (ok, _, err) =
-        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    let (ok, _, err) = halo(&["backup", "restore", archive.to_str().unwrap(), "--into", restored.to_str().unwrap()]);
     assert!(!ok && err.contains("already holds a store"), "a restore over a store: {err}");
     let h = up(&restored);
     eventually(Duration::from_secs(30), "the same services and replicas after the restore", || async {
@@ -113,7 +111,7 @@ async fn damaged_and_foreign_archives_are_refused_naming_what_is_wrong() {
         let (ok, out, err) = halo(&["backup", "verify", f.to_str().unwrap()]);
         assert!(!ok && err.contains(says), "verify {name}: {out}{err}");
         let target = dir.0.join(format!("{name}.restored"));
-        let (ok, _, err) = halo(&["backup", "restore", f.to_str().unwrap(), "--data-dir", target.to_str().unwrap()]);
+        let (ok, _, err) = halo(&["backup", "restore", f.to_str().unwrap(), "--into", target.to_str().unwrap()]);
         assert!(!ok && err.contains(says), "restore {name}: {err}");
         assert!(!target.exists(), "a refused restore created {}", target.display());
     };
@@ -275,8 +273,7 @@ async fn service_hooks_back_up_and_restore_the_applications_data() {
     std::fs::remove_file(&counter).unwrap();
 
     let restored = dir.0.join("restored");
-    let (ok, out, err) =
-        halo(&["backup", "restore", archive.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    let (ok, out, err) = halo(&["backup", "restore", archive.to_str().unwrap(), "--into", restored.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     let h = up(&restored);
     eventually(Duration::from_secs(30), "the counter restored by its hook", || async {
@@ -290,4 +287,46 @@ async fn service_hooks_back_up_and_restore_the_applications_data() {
         .unwrap();
     assert_eq!(c.send(req).await.unwrap().body.trim(), "5");
     assert!(!restored.join("restore/counter.out").exists(), "the restore hook ran but its input stayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_into_the_running_node_says_what_changes_then_does_it_with_force() {
+    let dir = TempDir::new("backup-running");
+    let h = Halo::up(BIN, &node()).unwrap();
+    eventually(Duration::from_secs(20), "demo ready", || async { ready(&h).get("demo") == Some(&(2, 2)) }).await;
+    let archive = dir.0.join("b.tar");
+    assert_eq!(h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]).0, 0);
+    // Changes after the backup: demo scaled down, a new service.
+    assert_eq!(h.cli(&["scale", "demo", "1"]).0, 0);
+    let extra = dir.write(
+        "extra.toml",
+        "name = \"extra\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"sleep 1000\"]\n[readiness]\nexec = [\"true\"]\n",
+    );
+    assert_eq!(h.cli(&["apply", "-f", extra.to_str().unwrap()]).0, 0);
+    let (code, out, err) = h.cli(&["backup", "restore", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("would change")
+            && out.contains("change: /halo/services/demo")
+            && out.contains("delete: /halo/services/extra"),
+        "{out}"
+    );
+    assert!(out.contains("--force"), "{out}");
+    let (_, stored, _) = h.cli(&["get", "demo"]);
+    assert!(stored.contains("replicas = 1"), "a restore without --force changed the service: {stored}");
+    let (code, out, err) = h.cli(&["backup", "restore", archive.to_str().unwrap(), "--force"]);
+    assert!(code == 0 && out.contains("restored into the running cluster"), "{out}{err}");
+    eventually(Duration::from_secs(20), "demo x2 again, extra gone", || async {
+        let r = ready(&h);
+        r.get("demo") == Some(&(2, 2)) && !r.contains_key("extra")
+    })
+    .await;
+    // A damaged archive changes nothing.
+    let mut bad = std::fs::read(&archive).unwrap();
+    let at = bad.windows(8).position(|w| w == b"demo-app").unwrap();
+    bad[at] ^= 0x20;
+    let f = dir.write("bad.tar", "");
+    std::fs::write(&f, &bad).unwrap();
+    let (code, _, err) = h.cli(&["backup", "restore", f.to_str().unwrap(), "--force"]);
+    assert!(code != 0 && err.contains("damaged"), "{err}");
 }
