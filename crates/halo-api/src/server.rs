@@ -61,6 +61,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/rollout", get(rollout))
         .route("/v1/services/{name}/rollout/{order}", post(rollout_order))
         .route("/v1/backup", get(backup))
+        .route("/v1/backup/cancel", post(cancel_backup))
         .route("/v1/backup/restore", post(restore).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
@@ -172,6 +173,11 @@ async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<imp
 
 async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], api.node.backup().await?))
+}
+
+async fn cancel_backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
+    api.node.cancel_backup()?;
+    Ok(Json(serde_json::json!({ "name": "backup", "outcome": "cancelled" })))
 }
 
 #[derive(Deserialize)]

@@ -28,6 +28,31 @@ pub struct BackupHealth {
     pub last_error: Option<String>,
     /// No success within two intervals while this node leads.
     pub overdue: bool,
+    /// Unix seconds when the backup under way began.
+    pub running_since: Option<u64>,
+}
+
+/// The schedule's state shared with the API: health, and a way to cancel
+/// the backup under way.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    pub health: Mutex<BackupHealth>,
+    cancel: tokio::sync::Notify,
+}
+
+impl Schedule {
+    fn health(&self) -> std::sync::MutexGuard<'_, BackupHealth> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancels the backup under way (its hooks are killed); false when none is.
+    pub fn cancel(&self) -> bool {
+        let running = self.health().running_since.is_some();
+        if running {
+            self.cancel.notify_one();
+        }
+        running
+    }
 }
 
 const PREFIX: &str = "halo-backup-";
@@ -38,19 +63,24 @@ pub(crate) async fn run(
     dir: PathBuf,
     r: Arc<Reconciler>,
     m: Arc<Membership>,
-    health: Arc<Mutex<BackupHealth>>,
+    ctl: Arc<Schedule>,
 ) {
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(sched.every).await;
         if m.leading().is_none() {
             last_ok = Instant::now();
-            health.lock().unwrap_or_else(|e| e.into_inner()).overdue = false;
+            ctl.health().overdue = false;
             continue;
         }
         let started = Instant::now();
-        let result = once(&r, &dir, sched.keep_last).await;
-        let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        ctl.health().running_since = Some(crate::rollout::now_ms() / 1000);
+        let result = tokio::select! {
+            r = once(&r, &dir, &sched) => r,
+            _ = ctl.cancel.notified() => Err("cancelled by an operator (halo backup cancel)".to_string()),
+        };
+        let mut h = ctl.health();
+        h.running_since = None;
         match result {
             Ok((file, size)) => {
                 last_ok = Instant::now();
@@ -72,11 +102,12 @@ pub(crate) async fn run(
 }
 
 /// One backup: written, verified, then the oldest past `keep` removed.
-async fn once(r: &Reconciler, dir: &Path, keep: usize) -> Result<(PathBuf, u64), String> {
+async fn once(r: &Reconciler, dir: &Path, sched: &BackupSchedule) -> Result<(PathBuf, u64), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let bytes = crate::backup::take(r).await.map_err(|e| e.to_string())?;
     let b = crate::backup::open(&bytes).map_err(|e| e.to_string())?;
-    let name = format!("{PREFIX}{}-r{}.tar", crate::rollout::now_ms(), b.manifest.revision);
+    let ms = crate::rollout::now_ms();
+    let name = format!("{PREFIX}{ms}-r{}.tar", b.manifest.revision);
     let file = dir.join(&name);
     // Written under a hidden name, verified from the disk, then the oldest
     // pruned, then named: never more than `keep`, never an unverified one.
@@ -91,26 +122,85 @@ async fn once(r: &Reconciler, dir: &Path, keep: usize) -> Result<(PathBuf, u64),
         let _ = std::fs::remove_file(&tmp);
         return Err(format!("the new archive did not verify: {e}"));
     }
-    prune(dir, keep.saturating_sub(1));
+    prune(dir, sched, ms);
     std::fs::rename(&tmp, &file).map_err(|e| format!("cannot name {}: {e}", file.display()))?;
     Ok((file, bytes.len() as u64))
 }
 
-/// Removes the oldest scheduled archives past `keep` (names sort by time).
-fn prune(dir: &Path, keep: usize) {
+/// Removes the scheduled archives the retention does not keep, counting
+/// the one about to be named (made at `incoming` ms) as already there.
+fn prune(dir: &Path, sched: &BackupSchedule, incoming: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut ours: Vec<PathBuf> = entries
+    let ours: Vec<(PathBuf, u64)> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".tar"))
+        .filter_map(|p| {
+            let ms = p.file_name()?.to_str()?.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()?;
+            p.extension().is_some_and(|x| x == "tar").then_some((p, ms))
         })
         .collect();
-    ours.sort();
-    let excess = ours.len().saturating_sub(keep);
-    for old in &ours[..excess] {
-        if let Err(e) = std::fs::remove_file(old) {
-            tracing::warn!(file = %old.display(), error = %e, "removing an old backup failed");
+    let mut times: Vec<u64> = ours.iter().map(|(_, ms)| *ms).collect();
+    times.push(incoming);
+    let keep = kept(&times, sched);
+    for (path, ms) in ours {
+        if !keep.contains(&ms) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "removing an old backup failed");
+            }
         }
+    }
+}
+
+/// Which archive times (unix ms) the retention keeps: the newest
+/// `keep_last`, and the newest of each of the last `keep_daily` days and
+/// `keep_weekly` weeks that have one.
+fn kept(times: &[u64], sched: &BackupSchedule) -> std::collections::BTreeSet<u64> {
+    const DAY: u64 = 86_400_000;
+    let mut newest_first = times.to_vec();
+    newest_first.sort_unstable_by(|a, b| b.cmp(a));
+    newest_first.dedup();
+    let mut keep: std::collections::BTreeSet<u64> = newest_first.iter().take(sched.keep_last).copied().collect();
+    for (period, count) in [(DAY, sched.keep_daily), (7 * DAY, sched.keep_weekly)] {
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &newest_first {
+            if seen.len() >= count {
+                break;
+            }
+            if seen.insert(t / period) {
+                keep.insert(*t);
+            }
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_last_and_the_newest_of_each_day_and_week() {
+        const H: u64 = 3_600_000;
+        let day = 24 * H;
+        // Four a day for 20 days, newest last.
+        let times: Vec<u64> = (0..80u64).map(|i| (i / 4) * day + (i % 4) * H).collect();
+        let sched = |last, daily, weekly| BackupSchedule {
+            every: std::time::Duration::from_secs(3600),
+            dir: None,
+            keep_last: last,
+            keep_daily: daily,
+            keep_weekly: weekly,
+        };
+        let k = kept(&times, &sched(3, 0, 0));
+        assert_eq!(k.into_iter().collect::<Vec<_>>(), vec![19 * day + H, 19 * day + 2 * H, 19 * day + 3 * H]);
+        let k = kept(&times, &sched(1, 5, 0));
+        // The newest overall, then the newest of days 19 (the same), 18, 17, 16, 15.
+        assert_eq!(k.len(), 5);
+        assert!((15..=19).all(|d| k.contains(&(d * day + 3 * H))), "{k:?}");
+        let k = kept(&times, &sched(1, 0, 3));
+        // Weeks (since the epoch) 2, 1 and 0: their newest.
+        let weeks: Vec<u64> = k.iter().map(|t| t / (7 * day)).collect();
+        assert_eq!(weeks, vec![0, 1, 2], "{k:?}");
+        assert!(k.contains(&(6 * day + 3 * H)) && k.contains(&(13 * day + 3 * H)) && k.contains(&(19 * day + 3 * H)));
     }
 }

@@ -35,6 +35,11 @@ pub struct BackupSchedule {
     pub dir: Option<PathBuf>,
     /// Archives kept; older ones are removed after each new one verified.
     pub keep_last: usize,
+    /// Also kept: the newest archive of each of the last this many days
+    /// (UTC) that have one.
+    pub keep_daily: usize,
+    /// And of each of the last this many weeks.
+    pub keep_weekly: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +48,8 @@ struct BackupSection {
     every: String,
     dir: Option<PathBuf>,
     keep_last: Option<usize>,
+    keep_daily: Option<usize>,
+    keep_weekly: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,7 +103,8 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
         if keep_last == 0 {
             errors.push(format!("{file}: backup.keep_last: 0 would remove every archive; at least 1"));
         }
-        Some(BackupSchedule { every, dir: b.dir.clone(), keep_last })
+        let (keep_daily, keep_weekly) = (b.keep_daily.unwrap_or(0), b.keep_weekly.unwrap_or(0));
+        Some(BackupSchedule { every, dir: b.dir.clone(), keep_last, keep_daily, keep_weekly })
     });
     let mut services = Vec::new();
     for (i, s) in parts.services.into_iter().enumerate() {

@@ -64,6 +64,9 @@ async fn run(
     }
     let mut child = cmd.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
     let pid = child.id();
+    // Whatever ends this hook (its timeout, a cancelled backup dropping
+    // this future) ends its whole process group.
+    let _group = KillGroup(pid);
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         tokio::spawn(async move {
             let _ = pipe.write_all(&input).await;
@@ -83,6 +86,17 @@ async fn run(
                     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
             Err(format!("{program} ran past its {timeout:?} timeout and was killed"))
+        }
+    }
+}
+
+/// Kills a hook's process group when dropped (a group already gone is fine).
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

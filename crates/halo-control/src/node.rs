@@ -122,7 +122,7 @@ impl NodeOptions {
 pub struct Node {
     r: Arc<Reconciler>,
     /// Scheduled backups' health (when the node file has `[backup]`).
-    backups: Option<Arc<std::sync::Mutex<crate::backup_schedule::BackupHealth>>>,
+    backups: Option<Arc<crate::backup_schedule::Schedule>>,
     /// Every store request this node makes, counted.
     requests: Arc<Counted>,
 }
@@ -153,10 +153,10 @@ impl Node {
         let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
         let r = Arc::new(Reconciler::new(store.clone(), view.clone(), m.clone(), feed, env, opts.data_dir.clone()));
         let backups = cfg.backup.clone().map(|sched| {
-            let health = Arc::new(std::sync::Mutex::new(Default::default()));
+            let ctl = Arc::new(crate::backup_schedule::Schedule::default());
             let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
-            tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), health.clone()));
-            health
+            tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone()));
+            ctl
         });
         let node = Node { r, requests, backups };
         node.create_file_services(&cfg).await?;
@@ -202,7 +202,18 @@ impl Node {
 
     /// How scheduled backups are doing (`None` without `[backup]`).
     pub fn backup_health(&self) -> Option<crate::backup_schedule::BackupHealth> {
-        self.backups.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.backups.as_ref().map(|s| s.health.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Cancels the scheduled backup under way, killing its hooks.
+    pub fn cancel_backup(&self) -> Result<(), NodeError> {
+        match &self.backups {
+            Some(s) if s.cancel() => Ok(()),
+            Some(_) => Err(NodeError::BadRequest("no scheduled backup is running on this node".into())),
+            None => {
+                Err(NodeError::BadRequest("this node schedules no backups ([backup] every in its node file)".into()))
+            }
+        }
     }
 
     /// A backup archive of the cluster's state now ([`crate::backup`]).

@@ -44,6 +44,11 @@ pub enum BackupCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Cancel the scheduled backup under way on the node (its hooks are killed).
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+    },
     /// The archives in a directory, with their revision, time and size.
     List {
         #[arg(default_value = ".")]
@@ -59,6 +64,12 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Restore { file, store: Some(url), namespace, .. } => restore_etcd(&file, &url, &namespace),
         BackupCommand::Restore { file, force, target, .. } => restore_running(&target, &file, force),
         BackupCommand::List { dir } => list(&dir),
+        BackupCommand::Cancel { target } => {
+            let c = target.client()?;
+            runtime()?.block_on(c.call(Method::POST, "/v1/backup/cancel", None, |_| {}))?;
+            println!("backup: cancelled");
+            Ok(())
+        }
     }
 }
 

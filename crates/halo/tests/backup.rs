@@ -330,3 +330,47 @@ async fn a_restore_into_the_running_node_says_what_changes_then_does_it_with_for
     let (code, _, err) = h.cli(&["backup", "restore", f.to_str().unwrap(), "--force"]);
     assert!(code != 0 && err.contains("damaged"), "{err}");
 }
+
+/// Processes whose command line holds `needle`.
+fn processes_with(needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).replace('\0', " ").contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_scheduled_backup_is_cancelled_and_its_hook_killed() {
+    let dir = TempDir::new("backup-cancel");
+    let text = format!("{}\n[backup]\nevery = \"2s\"\ndir = \"{}\"\n", node(), dir.0.join("archives").display());
+    let h = Halo::up(BIN, &text).unwrap();
+    let slow = dir.write(
+        "slow.toml",
+        "name = \"slowdump\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"sleep 1000\"]\n[readiness]\nexec = [\"true\"]\n\
+         interval = \"200ms\"\n[backup]\ncommand = [\"sh\", \"-c\", \"sleep 31.5; echo late\"]\ntimeout = \"60s\"\n",
+    );
+    assert_eq!(h.cli(&["apply", "-f", slow.to_str().unwrap()]).0, 0);
+    let backup = |h: &Halo| {
+        let (_, out, _) = h.cli(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["backup"].clone()
+    };
+    eventually(Duration::from_secs(20), "a backup stuck in its hook", || async {
+        backup(&h)["running_since"].is_u64() && processes_with("sleep 31.5") > 0
+    })
+    .await;
+    let (code, out, err) = h.cli(&["backup", "cancel"]);
+    assert!(code == 0 && out.contains("cancelled"), "{out}{err}");
+    assert_eq!(h.cli(&["delete", "slowdump"]).0, 0);
+    eventually(Duration::from_secs(10), "the cancel reported and the hook gone", || async {
+        backup(&h)["last_error"].as_str().is_some_and(|e| e.contains("cancelled")) && processes_with("sleep 31.5") == 0
+    })
+    .await;
+    // With nothing under way (a backup now takes milliseconds), cancel says so.
+    eventually(Duration::from_secs(10), "cancel saying none is running", || async {
+        let (code, _, err) = h.cli(&["backup", "cancel"]);
+        code != 0 && err.contains("no scheduled backup is running")
+    })
+    .await;
+}
