@@ -1,5 +1,5 @@
-//! Scheduled backups (`[backup] every` in the node file): the leader writes
-//! an archive every interval into the backup directory, verifies it (a
+//! Scheduled backups (`[backup] every` or `cron` in the node file): the
+//! leader writes an archive every interval (or at each cron time) into the backup directory, verifies it (a
 //! trial restore), then removes the oldest past `keep_last`. Only the
 //! leader runs them; a slow or failing one delays only the next, never the
 //! scheduler or a rollout (it runs in a task of its own). `/metrics` and
@@ -67,7 +67,7 @@ pub(crate) async fn run(
 ) {
     let mut last_ok = Instant::now();
     loop {
-        tokio::time::sleep(sched.every).await;
+        tokio::time::sleep(wait(&sched.when)).await;
         if m.leading().is_none() {
             last_ok = Instant::now();
             ctl.health().overdue = false;
@@ -97,7 +97,28 @@ pub(crate) async fn run(
                 tracing::error!(error = %e, "scheduled backup failed");
             }
         }
-        h.overdue = last_ok.elapsed() > sched.every * 2;
+        h.overdue = match &sched.when {
+            crate::When::Every(every) => last_ok.elapsed() > *every * 2,
+            // A fire time passed without a backup.
+            crate::When::Cron(_) => h.last_error.is_some(),
+        };
+    }
+}
+
+/// How long until the next backup is due.
+fn wait(when: &crate::When) -> std::time::Duration {
+    match when {
+        crate::When::Every(every) => *every,
+        crate::When::Cron(cron) => {
+            let now_ms = crate::rollout::now_ms();
+            match cron.next_after(now_ms / 1000) {
+                Some(next) => std::time::Duration::from_millis((next * 1000).saturating_sub(now_ms)),
+                None => {
+                    tracing::error!("the backup cron expression matches no time in the next 5 years");
+                    std::time::Duration::from_secs(86_400)
+                }
+            }
+        }
     }
 }
 
@@ -185,7 +206,7 @@ mod tests {
         // Four a day for 20 days, newest last.
         let times: Vec<u64> = (0..80u64).map(|i| (i / 4) * day + (i % 4) * H).collect();
         let sched = |last, daily, weekly| BackupSchedule {
-            every: std::time::Duration::from_secs(3600),
+            when: crate::When::Every(std::time::Duration::from_secs(3600)),
             dir: None,
             keep_last: last,
             keep_daily: daily,

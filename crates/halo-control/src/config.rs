@@ -30,7 +30,7 @@ pub struct NodeConfig {
 /// Scheduled backups of the cluster's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupSchedule {
-    pub every: std::time::Duration,
+    pub when: When,
     /// Where archives go [default: DATA_DIR/backups].
     pub dir: Option<PathBuf>,
     /// Archives kept; older ones are removed after each new one verified.
@@ -42,10 +42,18 @@ pub struct BackupSchedule {
     pub keep_weekly: usize,
 }
 
+/// When scheduled backups run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum When {
+    Every(std::time::Duration),
+    Cron(crate::cron::Cron),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackupSection {
-    every: String,
+    every: Option<String>,
+    cron: Option<String>,
     dir: Option<PathBuf>,
     keep_last: Option<usize>,
     keep_daily: Option<usize>,
@@ -93,18 +101,30 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
         errors.push(format!("{file}: node.api: '{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\""))
     });
     let backup = parts.backup.as_ref().and_then(|b| {
-        let every = halo_model::values::parse_duration(&b.every)
-            .map_err(|e| errors.push(format!("{file}: backup.every: {e}")))
-            .ok()?;
-        if every < std::time::Duration::from_secs(1) {
-            errors.push(format!("{file}: backup.every: '{}' is too often; at least 1s", b.every));
-        }
+        let when = match (&b.every, &b.cron) {
+            (Some(every), None) => {
+                let d = halo_model::values::parse_duration(every)
+                    .map_err(|e| errors.push(format!("{file}: backup.every: {e}")))
+                    .ok()?;
+                if d < std::time::Duration::from_secs(1) {
+                    errors.push(format!("{file}: backup.every: '{every}' is too often; at least 1s"));
+                }
+                When::Every(d)
+            }
+            (None, Some(cron)) => When::Cron(
+                crate::cron::Cron::parse(cron).map_err(|e| errors.push(format!("{file}: backup.cron: {e}"))).ok()?,
+            ),
+            _ => {
+                errors.push(format!("{file}: backup: give every = \"15m\" or cron = \"0 3 * * *\" (one of them)"));
+                return None;
+            }
+        };
         let keep_last = b.keep_last.unwrap_or(10);
         if keep_last == 0 {
             errors.push(format!("{file}: backup.keep_last: 0 would remove every archive; at least 1"));
         }
         let (keep_daily, keep_weekly) = (b.keep_daily.unwrap_or(0), b.keep_weekly.unwrap_or(0));
-        Some(BackupSchedule { every, dir: b.dir.clone(), keep_last, keep_daily, keep_weekly })
+        Some(BackupSchedule { when, dir: b.dir.clone(), keep_last, keep_daily, keep_weekly })
     });
     let mut services = Vec::new();
     for (i, s) in parts.services.into_iter().enumerate() {

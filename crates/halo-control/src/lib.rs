@@ -10,6 +10,7 @@
 pub mod backup;
 mod backup_schedule;
 mod config;
+pub mod cron;
 mod endpoints;
 mod fnv;
 mod hooks;
@@ -26,7 +27,7 @@ pub mod scheduler;
 pub mod state;
 mod views;
 
-pub use config::{parse_node, BackupSchedule, NodeConfig, DEFAULT_API};
+pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
 pub use node::{shared_token, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};

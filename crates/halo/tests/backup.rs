@@ -374,3 +374,20 @@ async fn a_stuck_scheduled_backup_is_cancelled_and_its_hook_killed() {
     })
     .await;
 }
+
+#[test]
+fn the_backup_schedule_in_a_node_file_is_checked() {
+    let dir = TempDir::new("backup-check");
+    let check = |backup: &str| {
+        let f = dir.write("node.toml", &format!("{}\n[backup]\n{backup}\n", node()));
+        halo(&["check", "-c", f.to_str().unwrap()])
+    };
+    assert!(check("cron = \"0 3 * * *\"\nkeep_daily = 7").0);
+    assert!(check("every = \"15m\"\nkeep_weekly = 4").0);
+    let (ok, _, err) = check("cron = \"0 25 * * *\"");
+    assert!(!ok && err.contains("backup.cron") && err.contains("hour") && err.contains("0-23"), "{err}");
+    let (ok, _, err) = check("every = \"1h\"\ncron = \"0 3 * * *\"");
+    assert!(!ok && err.contains("one of them"), "{err}");
+    let (ok, _, err) = check("every = \"100ms\"");
+    assert!(!ok && err.contains("at least 1s"), "{err}");
+}
