@@ -58,6 +58,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/services/{name}/scale", post(scale))
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/services/{name}/logs", get(logs))
+        .route("/v1/services/{name}/backup-hook", post(backup_hook))
         .route("/v1/services/{name}/rollout", get(rollout))
         .route("/v1/services/{name}/rollout/{order}", post(rollout_order))
         .route("/v1/backup", get(backup))
@@ -173,6 +174,11 @@ async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<imp
 
 async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], api.node.backup().await?))
+}
+
+async fn backup_hook(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let out = api.node.backup_hook(&name).await.map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out))
 }
 
 async fn cancel_backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {

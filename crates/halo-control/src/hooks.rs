@@ -101,9 +101,68 @@ impl Drop for KillGroup {
     }
 }
 
-/// Every service's backup hook that this node can run: (service, output)
-/// for those that succeeded, (service, why) for the others, and whether a
-/// failure must fail the whole backup.
+/// Runs `service`'s backup hook in one of this node's ready instances.
+pub(crate) async fn run_here(r: &Reconciler, service: &str) -> Result<Vec<u8>, String> {
+    let st = r.view.current();
+    let hook = st.services.get(service).and_then(|s| s.spec.backup.clone());
+    let hook = hook.ok_or_else(|| format!("service '{service}' has no [backup] hook"))?;
+    let h = host(r, service).ok_or_else(|| format!("no ready instance of '{service}' on this node"))?;
+    run(r, &h, &hook.command, None, hook.timeout).await
+}
+
+/// Asks the nodes with a ready instance of `service` to run its hook
+/// (`POST /v1/services/NAME/backup-hook` on their API), one after another
+/// until one answers.
+async fn from_peers(r: &Reconciler, service: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let st = r.view.current();
+    let mut nodes: Vec<&str> = st
+        .endpoints
+        .values()
+        .filter(|(s, e)| s == service && e.node != r.m.cfg.node)
+        .map(|(_, e)| e.node.as_str())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut why = format!("no node has a ready instance of '{service}'");
+    for node in nodes {
+        let Some(api) = st.nodes.get(node).map(|n| n.api) else { continue };
+        match post(api, &format!("/v1/services/{service}/backup-hook"), &r.api_token, timeout).await {
+            Ok(out) => return Ok(out),
+            Err(e) => why = format!("node {node} ({api}): {e}"),
+        }
+    }
+    Err(why)
+}
+
+/// One POST to a node's API with the cluster's token; the answer's body.
+async fn post(addr: std::net::SocketAddr, path: &str, token: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt;
+    let call = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::post(path)
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !status.is_success() {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            return Err(v["error"].as_str().map_or_else(|| status.to_string(), str::to_string));
+        }
+        Ok(body.to_vec())
+    };
+    tokio::time::timeout(timeout + Duration::from_secs(5), call).await.map_err(|_| "no answer in time".to_string())?
+}
+
+/// Every service's backup hook, run here or by a node that has a ready
+/// instance: (service, output) for those that succeeded, (service, why)
+/// for the others, and whether a failure must fail the whole backup.
 pub(crate) async fn backup_all(r: &Reconciler) -> (Vec<(String, Vec<u8>)>, Vec<(String, String, bool)>) {
     let st = r.view.current();
     let (mut done, mut failed) = (Vec::new(), Vec::new());
@@ -111,14 +170,7 @@ pub(crate) async fn backup_all(r: &Reconciler) -> (Vec<(String, Vec<u8>)>, Vec<(
         let Some(hook) = &svc.spec.backup else { continue };
         let result = match host(r, name) {
             Some(h) => run(r, &h, &hook.command, None, hook.timeout).await,
-            None => {
-                let nodes: Vec<&str> =
-                    st.endpoints.values().filter(|(s, _)| s == name).map(|(_, e)| e.node.as_str()).collect();
-                Err(format!(
-                    "no ready instance of '{name}' on this node (ready on: [{}]); ask one of those",
-                    nodes.join(", ")
-                ))
-            }
+            None => from_peers(r, name, hook.timeout).await,
         };
         match result {
             Ok(out) => done.push((name.clone(), out)),

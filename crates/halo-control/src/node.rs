@@ -94,6 +94,8 @@ pub struct NodeOptions {
     /// The store is this process's alone (the embedded one): a lease left
     /// by a previous run of this node is ended at start instead of waited out.
     pub exclusive_store: bool,
+    /// The cluster's API token, to ask other nodes' APIs (backup hooks).
+    pub api_token: String,
 }
 
 impl NodeOptions {
@@ -113,6 +115,7 @@ impl NodeOptions {
             halo_exe,
             bind: [127, 0, 0, 1].into(),
             exclusive_store: true,
+            api_token: String::new(),
         }
     }
 }
@@ -151,7 +154,15 @@ impl Node {
             host: opts.bind,
         });
         let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
-        let r = Arc::new(Reconciler::new(store.clone(), view.clone(), m.clone(), feed, env, opts.data_dir.clone()));
+        let r = Arc::new(Reconciler::new(
+            store.clone(),
+            view.clone(),
+            m.clone(),
+            feed,
+            env,
+            opts.data_dir.clone(),
+            opts.api_token.clone(),
+        ));
         let backups = cfg.backup.clone().map(|sched| {
             let ctl = Arc::new(crate::backup_schedule::Schedule::default());
             let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
@@ -198,6 +209,12 @@ impl Node {
         let b = crate::backup::open(bytes)?;
         let pending = self.r.data_dir.join(crate::hooks::RESTORE_DIR);
         Ok(crate::backup::restore_running(&b, &*self.r.store, &pending, force).await?)
+    }
+
+    /// Runs `service`'s backup hook in one of this node's ready instances
+    /// (another node taking a backup asks this way); its output.
+    pub async fn backup_hook(&self, service: &str) -> Result<Vec<u8>, NodeError> {
+        crate::hooks::run_here(&self.r, service).await.map_err(NodeError::BadRequest)
     }
 
     /// How scheduled backups are doing (`None` without `[backup]`).

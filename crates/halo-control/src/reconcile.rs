@@ -53,6 +53,8 @@ pub(crate) struct Reconciler {
     pub feed: ProxyFeed,
     pub env: Arc<Env>,
     pub data_dir: PathBuf,
+    /// The cluster's API token: to ask other nodes (backup hooks).
+    pub api_token: String,
     pub instances: Mutex<BTreeMap<String, Managed>>,
     /// Instance state changes wake the loop through this.
     pub wake: Notify,
@@ -71,6 +73,7 @@ impl Reconciler {
         feed: ProxyFeed,
         env: Arc<Env>,
         data_dir: PathBuf,
+        api_token: String,
     ) -> Reconciler {
         Reconciler {
             store,
@@ -79,6 +82,7 @@ impl Reconciler {
             feed,
             env,
             data_dir,
+            api_token,
             instances: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),

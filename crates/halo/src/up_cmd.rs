@@ -80,7 +80,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
     let api_addr = api.local_addr()?;
     let exe = std::env::current_exe().context("locating the halo binary")?;
-    let (store, opts): (Arc<dyn Store>, NodeOptions) = match role {
+    let (store, mut opts): (Arc<dyn Store>, NodeOptions) = match role {
         Role::Single => {
             let store = EmbeddedStore::open(&data_dir).await?;
             (Arc::new(store), NodeOptions::single(api_addr, data_dir.clone(), exe))
@@ -94,6 +94,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
                 // Other nodes' proxies reach the instances.
                 bind: [0, 0, 0, 0].into(),
                 exclusive_store: false,
+                api_token: String::new(),
             };
             (Arc::new(store), opts)
         }
@@ -104,6 +105,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         halo_api::token::store(&data_dir, &token).context("keeping the cluster's API token")?;
         tracing::info!("adopted the cluster's API token");
     }
+    opts.api_token = token.clone();
     let node = Node::start(cfg, opts, store).await?;
     std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();

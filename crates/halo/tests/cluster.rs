@@ -664,3 +664,33 @@ async fn a_backup_restores_into_a_fresh_etcd_and_time_moves_forward() {
     let (code, out, _) = c.cli(2, &["get", "web"]);
     assert!(code == 0 && out.contains("replicas = 3"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_anywhere_runs_each_hook_where_an_instance_is_ready() {
+    let (c, store) = cluster_with_web(3).await;
+    let solo = "name = \"solo\"\nreplicas = 1\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"sleep 1000\"]\n\
+                [readiness]\nexec = [\"true\"]\ninterval = \"200ms\"\n\
+                [backup]\ncommand = [\"sh\", \"-c\", \"echo backed up by $HALO_INSTANCE\"]\n";
+    let dir = halo_testkit::TempDir::new("cluster-hooks");
+    let f = dir.write("solo.toml", solo);
+    let (code, out, err) = c.cli(0, &["apply", "-f", &f.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}{err}");
+    until(&store, Instant::now(), Duration::from_secs(20), "solo ready", |st| {
+        st.endpoints.values().any(|(s, _)| s == "solo")
+    })
+    .await;
+    let st = state_now(&store).await;
+    let runs_on = st.assignments.values().find(|a| a.placement.service == "solo").unwrap().placement.node.clone();
+    let ask = c.nodes.iter().position(|n| n.name != runs_on).unwrap();
+    let archive = dir.0.join("b.tar");
+    let (code, out, err) = c.cli(ask, &["backup", "create", "--out", &archive.to_string_lossy()]);
+    assert_eq!(code, 0, "backup through {}: {out}{err}", c.nodes[ask].name);
+    let bytes = std::fs::read(&archive).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("backed up by solo-"),
+        "the hook's output is not in the archive taken on {}",
+        c.nodes[ask].name
+    );
+    println!("backup taken on {} ran solo's hook on {runs_on}", c.nodes[ask].name);
+}
