@@ -4,8 +4,9 @@
 //! - `store.jsonl`: every durable key (one without a lease: services,
 //!   rollouts, assignments, instance records, node admin records, the
 //!   schema version and the API token) of one consistent listing of
-//!   [`ROOT`], one JSON object a line: `{"key": K, "value": V}` with `V` the
-//!   value as text, or `{"hex": ...}` when it is not UTF-8. Keys on leases
+//!   [`ROOT`], one JSON object a line: `{"v": 1, "key": K, "value": V}`
+//!   with `v` the record version and `V` the value as text, or
+//!   `{"hex": ...}` when it is not UTF-8. Keys on leases
 //!   (nodes, endpoints, the leader, counters) describe live processes, not
 //!   state, and are left out.
 //! - `hooks/NAME.out`: what each service's backup hook wrote (its
@@ -94,8 +95,13 @@ pub struct Member {
     pub sha256: String,
 }
 
+/// The record version this halo writes and the newest it reads.
+const RECORD_VERSION: u8 = 1;
+
 #[derive(Serialize, Deserialize)]
 struct Line {
+    /// The record's version, so a later halo reads an older archive.
+    v: u8,
     key: String,
     value: Value,
 }
@@ -151,7 +157,8 @@ pub async fn create(
             Ok(t) => Value::Text(t),
             Err(_) => Value::Bytes { hex: kv.value.iter().map(|b| format!("{b:02x}")).collect() },
         };
-        serde_json::to_writer(&mut lines, &Line { key: kv.key.clone(), value }).expect("a line encodes");
+        serde_json::to_writer(&mut lines, &Line { v: RECORD_VERSION, key: kv.key.clone(), value })
+            .expect("a line encodes");
         lines.push(b'\n');
         keys += 1;
     }
@@ -232,6 +239,9 @@ pub fn open(bytes: &[u8]) -> Result<Backup, BackupError> {
         let bad =
             |detail: String| BackupError::Damaged { member: STORE.into(), detail: format!("line {}: {detail}", i + 1) };
         let l: Line = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+        if l.v > RECORD_VERSION {
+            return Err(bad(format!("record version {} is newer than this halo reads ({RECORD_VERSION})", l.v)));
+        }
         let value = match l.value {
             Value::Text(t) => t.into_bytes(),
             Value::Bytes { hex } => (0..hex.len())
