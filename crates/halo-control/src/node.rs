@@ -371,7 +371,7 @@ impl Node {
         st.services
             .iter()
             .map(|(name, svc)| {
-                let instances: Vec<InstanceView> = instances
+                let mut instances: Vec<InstanceView> = instances
                     .values()
                     .filter(|m| &m.record.service == name)
                     .map(|m| InstanceView {
@@ -380,6 +380,7 @@ impl Node {
                         current: m.record.template == svc.template,
                     })
                     .collect();
+                instances.sort_by_cached_key(|i| id_order(name, &i.status.id));
                 let ready = instances.iter().filter(|i| i.status.ready && !i.stopping).count();
                 ServiceStatus { name: name.clone(), replicas: svc.spec.replicas, ready, instances }
             })
@@ -464,6 +465,13 @@ pub async fn shared_token(store: &dyn Store, local: &str) -> Result<String, Node
     Ok(token)
 }
 
+/// The order instances are shown in: ids are `SERVICE-REV-SEQ` in hex, so
+/// by those numbers (oldest first), not as text (`web-1c-0` after `web-6-0`).
+fn id_order(service: &str, id: &str) -> (Vec<u64>, String) {
+    let rest = id.strip_prefix(service).and_then(|r| r.strip_prefix('-')).unwrap_or(id);
+    (rest.split('-').map(|p| u64::from_str_radix(p, 16).unwrap_or(u64::MAX)).collect(), id.to_string())
+}
+
 /// Instance ids: a service name, '-' and lowercase hex parts.
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -475,4 +483,14 @@ fn json(rec: &ServiceRecord) -> Vec<u8> {
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, NodeError> {
     serde_json::from_slice(bytes).map_err(|e| NodeError::Corrupt { key: key.to_string(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn instances_are_shown_by_revision_then_sequence() {
+        let mut ids = vec!["web-1c-0", "web-6-1", "web-6-0", "web-a-0", "web-legacy"];
+        ids.sort_by_cached_key(|id| super::id_order("web", id));
+        assert_eq!(ids, ["web-6-0", "web-6-1", "web-a-0", "web-1c-0", "web-legacy"]);
+    }
 }
