@@ -200,6 +200,18 @@ impl Halo {
         }
     }
 
+    /// SIGTERM, then waits (off the async runtime) up to `within` for halo
+    /// to exit; its exit code. The harness is gone afterwards.
+    pub async fn terminate(self, within: Duration) -> Option<i32> {
+        self.signal("TERM");
+        tokio::task::spawn_blocking(move || {
+            let mut h = self;
+            h.wait(within)
+        })
+        .await
+        .expect("the waiting task")
+    }
+
     /// Waits for the process to exit; returns its exit code.
     pub fn wait(&mut self, within: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + within;

@@ -27,14 +27,7 @@ fn ready(h: &Halo) -> std::collections::BTreeMap<String, (u64, u64)> {
 
 /// SIGTERM: every instance drained and stopped, then halo exits cleanly.
 async fn stop(h: Halo) {
-    h.signal("TERM");
-    let code = tokio::task::spawn_blocking(move || {
-        let mut h = h;
-        h.wait(Duration::from_secs(20))
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, Some(0));
+    assert_eq!(h.terminate(Duration::from_secs(20)).await, Some(0));
 }
 
 fn halo(args: &[&str]) -> (bool, String, String) {

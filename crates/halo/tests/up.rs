@@ -359,13 +359,7 @@ async fn sigquit_leaves_instances_for_the_next_halo_and_sigterm_stops_them() {
     adopted.sort();
     assert_eq!(before, adopted);
     // SIGTERM drains and stops every instance, then halo exits.
-    h.signal("TERM");
-    let code = tokio::task::spawn_blocking(move || {
-        let mut h = h;
-        h.wait(Duration::from_secs(20))
-    })
-    .await
-    .unwrap();
+    let code = h.terminate(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0));
     assert!(halo_testkit::processes_of(&data).is_empty(), "SIGTERM left instances running");
 }
