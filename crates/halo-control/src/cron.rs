@@ -104,6 +104,13 @@ impl Cron {
     }
 }
 
+/// `secs` (unix seconds) as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(secs: u64) -> String {
+    let (y, m, d) = civil((secs / 86_400) as i64);
+    let t = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", t / 3600, t % 3600 / 60, t % 60)
+}
+
 /// Year, month (1-12) and day (1-31) of a day count since 1970-01-01
 /// (Howard Hinnant's civil_from_days).
 fn civil(days: i64) -> (i64, u32, u32) {
@@ -122,7 +129,7 @@ fn civil(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
 
-    // 2026-12-01 (a Tuesday) 20:11:15 UTC.
+    // 2026-12-01 (a Tuesday) 20:17:55 UTC.
     const NOW: u64 = 1_796_156_275;
 
     #[test]
@@ -138,6 +145,7 @@ mod tests {
         // The 1st of January.
         assert_eq!(at("0 0 1 1 *"), 1_798_761_600);
         assert_eq!(civil(20_453), (2025, 12, 31));
+        assert_eq!(utc(NOW), "2026-12-01 20:17:55 UTC");
     }
 
     #[test]

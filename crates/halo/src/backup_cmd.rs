@@ -182,7 +182,7 @@ fn list(dir: &Path) -> anyhow::Result<()> {
                 "{}  revision {}  created {}  {} keys",
                 path.display(),
                 b.manifest.revision,
-                b.manifest.created,
+                halo_control::cron::utc(b.manifest.created),
                 b.manifest.keys
             ),
             Err(e) => format!("{}  NOT USABLE: {e}", path.display()),

@@ -148,15 +148,18 @@ enum RolloutCommand {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Servers log what they do; a CLI verb prints its answer, and only
+    // warnings beside it.
+    let serving = matches!(cli.command, Command::Up(_) | Command::Agent(_) | Command::Proxy(_));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HALO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => up_cmd::run(args),
         Command::Agent(args) => agent_cmd::run(args),

@@ -205,6 +205,17 @@ async fn scheduled_backups_are_verified_pruned_and_a_failure_shows() {
         t.contains("service 'broken' failed") && t.contains("cannot run no-such-dump-tool")
     })
     .await;
+    let req = http::Request::get(h.api_url("/metrics"))
+        .header("authorization", format!("Bearer {}", h.token()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let m = halo_testkit::Client::new().send(req).await.unwrap().body;
+    let failures: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("halo_backup_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("halo_backup_failures_total in /metrics");
+    assert!(failures >= 1, "a failed scheduled backup is not counted: {failures}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
