@@ -1,104 +1,35 @@
-//! Services' backup hooks, run in a ready instance's environment on this
-//! node: the service's env and working directory, with the instance's
-//! `HOST`, `PORT`, `HALO_INSTANCE` and `HALO_DATA_DIR`, in a process group
-//! of its own that is killed whole when the hook runs past its timeout.
-//! A backup runs `command` and keeps its stdout; a restore runs `restore`
-//! with that output on stdin, once an instance is ready after the restore.
+//! Services' backup hooks, run where a ready instance of the service runs
+//! on this node (its driver's runner: for a process, the service's env and
+//! working directory with the instance's `HOST`, `PORT`, `HALO_INSTANCE`
+//! and `HALO_DATA_DIR`, in a process group killed whole past the timeout;
+//! for a container, `docker exec` inside it). A backup runs `command` and
+//! keeps its stdout; a restore runs `restore` with that output on stdin,
+//! once an instance is ready after the restore.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_model::{BackupHook, ServiceSpec};
-use tokio::io::AsyncWriteExt;
+use halo_model::BackupHook;
+use halo_supervisor::Runner;
 
 use crate::reconcile::Reconciler;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
 pub const RESTORE_DIR: &str = "restore";
 
-/// The most a hook may write; past it the hook fails.
-const MAX_OUTPUT: usize = 1 << 30;
-
-/// One ready local instance of a service, with the spec it runs.
+/// One ready local instance of a service.
 struct Host {
-    spec: Arc<ServiceSpec>,
     id: String,
-    port: u16,
+    runner: Arc<dyn Runner>,
 }
 
 fn host(r: &Reconciler, service: &str) -> Option<Host> {
-    let st = r.view.current();
-    let svc = st.services.get(service)?;
     let instances = r.instances.lock().unwrap_or_else(|e| e.into_inner());
-    let m = instances.values().find(|m| m.record.service == service && m.ready())?;
-    let spec = svc.spec_for(&m.record.template).unwrap_or(&svc.spec).clone();
-    let host = Host { spec, id: m.record.id.clone(), port: m.status.borrow().port };
-    Some(host)
-}
-
-/// Runs `argv` as the instance `h` would be, feeding `stdin`; its stdout.
-async fn run(
-    r: &Reconciler,
-    h: &Host,
-    argv: &[String],
-    stdin: Option<Vec<u8>>,
-    timeout: Duration,
-) -> Result<Vec<u8>, String> {
-    let (program, args) = argv.split_first().ok_or("the hook has no command")?;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .envs(&h.spec.run.env)
-        .env("HOST", "127.0.0.1")
-        .env("PORT", h.port.to_string())
-        .env("HALO_INSTANCE", &h.id)
-        .env("HALO_DATA_DIR", r.data_dir.display().to_string())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(dir) = &h.spec.run.workdir {
-        cmd.current_dir(dir);
-    }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
-    let pid = child.id();
-    // Whatever ends this hook (its timeout, a cancelled backup dropping
-    // this future) ends its whole process group.
-    let _group = KillGroup(pid);
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        tokio::spawn(async move {
-            let _ = pipe.write_all(&input).await;
-        });
-    }
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) if out.status.success() && out.stdout.len() <= MAX_OUTPUT => Ok(out.stdout),
-        Ok(Ok(out)) if out.status.success() => Err(format!("{program} wrote more than {MAX_OUTPUT} bytes")),
-        Ok(Ok(out)) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            Err(format!("{program} failed ({}): {}", out.status, err.trim().lines().last().unwrap_or("")))
-        }
-        Ok(Err(e)) => Err(format!("{program}: {e}")),
-        Err(_) => {
-            if let Some(pid) = pid {
-                let _ =
-                    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-            Err(format!("{program} ran past its {timeout:?} timeout and was killed"))
-        }
-    }
-}
-
-/// Kills a hook's process group when dropped (a group already gone is fine).
-struct KillGroup(Option<u32>);
-
-impl Drop for KillGroup {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
+    instances
+        .values()
+        .filter(|m| m.record.service == service && m.ready())
+        .find_map(|m| Some(Host { id: m.record.id.clone(), runner: m.runner()? }))
 }
 
 /// Runs `service`'s backup hook in one of this node's ready instances.
@@ -107,7 +38,7 @@ pub(crate) async fn run_here(r: &Reconciler, service: &str) -> Result<Vec<u8>, S
     let hook = st.services.get(service).and_then(|s| s.spec.backup.clone());
     let hook = hook.ok_or_else(|| format!("service '{service}' has no [backup] hook"))?;
     let h = host(r, service).ok_or_else(|| format!("no ready instance of '{service}' on this node"))?;
-    run(r, &h, &hook.command, None, hook.timeout).await
+    h.runner.run(&hook.command, None, hook.timeout).await
 }
 
 /// Asks the nodes with a ready instance of `service` to run its hook
@@ -169,7 +100,7 @@ pub(crate) async fn backup_all(r: &Reconciler) -> (Vec<(String, Vec<u8>)>, Vec<(
     for (name, svc) in &st.services {
         let Some(hook) = &svc.spec.backup else { continue };
         let result = match host(r, name) {
-            Some(h) => run(r, &h, &hook.command, None, hook.timeout).await,
+            Some(h) => h.runner.run(&hook.command, None, hook.timeout).await,
             None => from_peers(r, name, hook.timeout).await,
         };
         match result {
@@ -207,7 +138,7 @@ pub(crate) async fn restore_pending(r: Arc<Reconciler>) {
                 }
             };
             let timeout = hook.map_or(Duration::from_secs(600), |h| h.timeout);
-            match run(&r, &h, &restore, Some(input), timeout).await {
+            match h.runner.run(&restore, Some(input), timeout).await {
                 Ok(_) => {
                     tracing::info!(service, instance = %h.id, "restore hook done");
                     let _ = std::fs::remove_file(&path);

@@ -286,4 +286,15 @@ pub struct InstanceRecord {
     pub template: String,
     pub pid: Option<i32>,
     pub start_time: Option<u64>,
+    /// The container id of a docker instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl InstanceRecord {
+    /// What a restarted halo adopts the run by, once it was recorded.
+    pub fn handle(&self) -> Option<halo_supervisor::Handle> {
+        let (pid, start_time) = (self.pid?, self.start_time?);
+        Some(halo_supervisor::Handle { pid, start_time, container: self.container.clone() })
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use halo_model::{ServiceFile, SpecErrors};
 use halo_proxy::Proxy;
 use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
-use halo_supervisor::{Env, ExecDriver, LogFile, Status};
+use halo_supervisor::{Drivers, Env, LogFile, Status};
 use serde::Serialize;
 
 use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord, API_TOKEN};
@@ -149,7 +149,7 @@ impl Node {
         let view = View::start(store.clone()).await?;
         let env = Arc::new(Env {
             logs_dir: opts.data_dir.join("logs"),
-            driver: Arc::new(ExecDriver { halo_exe: opts.halo_exe }),
+            drivers: Drivers::new(&opts.halo_exe, &opts.data_dir, &opts.cluster.node),
             log_cap: 10 << 20,
             host: opts.bind,
         });

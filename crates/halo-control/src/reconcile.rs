@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use halo_model::ServiceSpec;
 use halo_store::Store;
-use halo_supervisor::{Env, Instance, InstanceSpec, Status};
+use halo_supervisor::{Env, Instance, InstanceSpec, Status, Workload};
 use tokio::sync::{watch, Notify};
 
 use crate::endpoints::{self, Ready};
@@ -43,6 +43,11 @@ impl Managed {
 
     pub fn ready(&self) -> bool {
         !self.stopping() && self.status.borrow().ready
+    }
+
+    /// Runs commands where the instance's app runs (backup hooks).
+    pub fn runner(&self) -> Option<std::sync::Arc<dyn halo_supervisor::Runner>> {
+        self.instance.as_ref()?.runner()
     }
 }
 
@@ -207,24 +212,21 @@ impl Reconciler {
             template: p.template.clone(),
             pid: None,
             start_time: None,
+            container: None,
         };
         self.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
-        self.supervise(spec, r)
+        self.supervise(instance_spec(spec, &r), r, None)
     }
 
-    /// Supervises `record`'s instance: adopts its process if it is alive,
-    /// or starts one.
-    fn supervise(self: &Arc<Self>, spec: &Arc<ServiceSpec>, record: InstanceRecord) -> Result<(), Error> {
-        let mut spec = (**spec).clone();
-        // Marks the process as this data directory's (orphan sweep, tests).
-        spec.run.env.insert("HALO_DATA_DIR".into(), self.data_dir.display().to_string());
-        let ispec = InstanceSpec {
-            id: record.id.clone(),
-            service: record.service.clone(),
-            spec: Arc::new(spec),
-            port: record.port,
-        };
-        let instance = Instance::start(self.env.clone(), ispec, record.pid.zip(record.start_time))?;
+    /// Supervises `record`'s instance: `adopted`, the run a previous halo
+    /// left, or a new one.
+    fn supervise(
+        self: &Arc<Self>,
+        ispec: InstanceSpec,
+        record: InstanceRecord,
+        adopted: Option<Box<dyn Workload>>,
+    ) -> Result<(), Error> {
+        let instance = Instance::start(self.env.clone(), ispec, adopted)?;
         let status = instance.subscribe();
         self.lock().insert(
             record.id.clone(),
@@ -264,13 +266,13 @@ impl Reconciler {
     /// Takes over the instances a previous halo on this node left: adopts
     /// the live ones of services that still exist (the next pass stops
     /// those no longer assigned here), forgets the dead ones (the next pass
-    /// starts what is assigned, under a fresh record), kills those of
-    /// deleted services. Then kills every process of this data directory
-    /// that no record names.
+    /// starts what is assigned, under a fresh record), stops those of
+    /// deleted services. Then every driver removes what it runs for this
+    /// data directory that no record names.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), halo_store::StoreError> {
         let st = self.view.current();
         let listing = self.store.list(&instances_of(self.node())).await?;
-        let mut known_groups = BTreeSet::new();
+        let mut known = Vec::new();
         let mut to_adopt = Vec::new();
         for kv in listing.kvs {
             let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
@@ -278,32 +280,35 @@ impl Reconciler {
                 self.store.delete(&kv.key).await?;
                 continue;
             };
-            let live = rec.pid.zip(rec.start_time).filter(|(p, t)| halo_supervisor::alive(*p, *t));
-            let spec =
-                st.services.get(&rec.service).map(|svc| svc.spec_for(&rec.template).unwrap_or(&svc.spec).clone());
-            match (spec, live) {
-                (Some(spec), Some((pid, _))) => {
-                    known_groups.insert(pid);
-                    tracing::info!(instance = %rec.id, pid, "adopting running instance");
-                    to_adopt.push((spec, rec));
-                }
-                (None, Some((pid, _))) => {
-                    tracing::info!(instance = %rec.id, pid, "stopping instance of a deleted service");
-                    let _ =
-                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                    self.store.delete(&kv.key).await?;
-                }
-                (_, None) => {
-                    self.store.delete(&kv.key).await?;
-                }
-            }
+            let Some(handle) = rec.handle() else {
+                self.store.delete(&kv.key).await?;
+                continue;
+            };
+            let driver = self.env.drivers.for_handle(&handle);
+            let Some(svc) = st.services.get(&rec.service) else {
+                tracing::info!(instance = %rec.id, "stopping instance of a deleted service");
+                driver.remove(&handle).await;
+                self.store.delete(&kv.key).await?;
+                continue;
+            };
+            let ispec = instance_spec(svc.spec_for(&rec.template).unwrap_or(&svc.spec), &rec);
+            let log = halo_supervisor::LogFile::at(&self.env.logs_dir, &rec.service, &rec.id).path;
+            let Some(run) = driver.adopt(&handle, &ispec, &log).await else {
+                self.store.delete(&kv.key).await?;
+                continue;
+            };
+            tracing::info!(instance = %rec.id, pid = handle.pid, container = ?handle.container, "adopting running instance");
+            known.push(handle);
+            to_adopt.push((ispec, rec, run));
         }
         // Before anything new starts: what runs now and is in no record is
         // an orphan.
-        sweep_orphans(&self.data_dir.display().to_string(), &known_groups);
-        for (spec, rec) in to_adopt {
+        for driver in self.env.drivers.all() {
+            driver.sweep(&known).await;
+        }
+        for (ispec, rec, run) in to_adopt {
             let id = rec.id.clone();
-            if let Err(e) = self.supervise(&spec, rec) {
+            if let Err(e) = self.supervise(ispec, rec, Some(run)) {
                 tracing::error!(instance = %id, error = %e, "adopting failed");
             }
         }
@@ -400,9 +405,11 @@ async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut statu
         let key = (s.state, s.ready, s.pid, s.port);
         if last != Some(key) {
             last = Some(key);
-            if s.pid.is_some() && (s.pid, s.start_time, s.port) != (record.pid, record.start_time, record.port) {
+            let now = (s.pid, s.start_time, &s.container, s.port);
+            if s.pid.is_some() && now != (record.pid, record.start_time, &record.container, record.port) {
                 record.pid = s.pid;
                 record.start_time = s.start_time;
+                record.container = s.container.clone();
                 record.port = s.port;
                 let key = instance_key(r.node(), &record.service, &record.id);
                 let v = serde_json::to_vec(&record).expect("an instance record encodes");
@@ -419,24 +426,13 @@ async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut statu
     }
 }
 
-/// Kills every process group whose leader carries `HALO_DATA_DIR=dir` in
-/// its environment and is not one of `known` (started by a halo that died
-/// before it could record the pid).
-fn sweep_orphans(dir: &str, known: &BTreeSet<i32>) {
-    let needle = format!("HALO_DATA_DIR={dir}");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
-            continue;
-        }
-        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok());
-        if let Some(pgid) = pgid.filter(|g| !known.contains(g) && *g == pid) {
-            tracing::warn!(pid, "killing an orphaned instance process group");
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
-        }
+/// What the supervisor runs for `record`, under `spec`.
+fn instance_spec(spec: &Arc<ServiceSpec>, record: &InstanceRecord) -> InstanceSpec {
+    InstanceSpec {
+        id: record.id.clone(),
+        service: record.service.clone(),
+        spec: spec.clone(),
+        port: record.port,
+        revision: record.template.clone(),
     }
 }

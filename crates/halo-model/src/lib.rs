@@ -10,9 +10,9 @@
 
 mod file;
 pub mod release;
+pub mod run;
 pub mod values;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
@@ -20,6 +20,7 @@ use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
 pub use file::{
     BackupSection, BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection,
 };
+pub use run::{DockerRun, Pull, RunDriver, RunSpec, Volume};
 
 /// One problem in a service file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,15 +67,6 @@ pub struct BackupHook {
     pub timeout: Duration,
     /// A failed hook fails the whole backup (`fail`) or is left out of it.
     pub fail_backup: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunSpec {
-    /// `halo` runs this same halo binary (the quickstart's `halo demo-app`).
-    pub command: String,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub workdir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,23 +272,7 @@ impl ServiceFile {
             Some(n) => n,
             None => 1,
         };
-        if self.run.command.trim().is_empty() {
-            c.err("run.command", "is required: the program to run, as in command = \"/usr/bin/myapp\"");
-        }
-        for k in self.run.env.keys() {
-            if k.is_empty() || k.contains('=') || k == "PORT" {
-                c.err(
-                    &format!("run.env.{k}"),
-                    "not accepted: names must be non-empty, without '=', and PORT is set by halo",
-                );
-            }
-        }
-        let run = RunSpec {
-            command: self.run.command.clone(),
-            args: self.run.args.clone(),
-            env: self.run.env.clone(),
-            workdir: self.run.workdir.clone(),
-        };
+        let run = run::validate(&self.run, c.errors);
         let startup = self.startup.as_ref().map(|p| c.probe("startup", p, (Duration::from_millis(500), 1, 60)));
         let readiness = c.probe(
             "readiness",

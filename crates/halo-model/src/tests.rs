@@ -110,3 +110,51 @@ fn unknown_fields_and_syntax_errors_say_where() {
     let e = parse_service("syntax.toml", "name = \n").unwrap_err();
     assert!(e.to_string().contains("syntax.toml:1"), "{e}");
 }
+
+#[test]
+fn a_docker_service_validates_and_reads_back() {
+    let text = r#"
+name = "web"
+[run]
+driver = "docker"
+image = "myapp:1.4"
+pull = "never"
+port = 8080
+env = { RUST_LOG = "info" }
+volumes = ["data:/var/lib/app", "/etc/app:/etc/app:ro"]
+cpus = 0.5
+memory = "256MiB"
+"#;
+    let (file, spec) = parse_service("docker.toml", text).unwrap();
+    let RunDriver::Docker(d) = &spec.run.driver else { panic!("docker expected: {:?}", spec.run.driver) };
+    assert_eq!((d.image.as_str(), d.pull, d.port), ("myapp:1.4", Pull::Never, 8080));
+    assert_eq!((d.nano_cpus, d.memory), (Some(500_000_000), Some(256 << 20)));
+    assert_eq!(d.volumes[1].bind(), "/etc/app:/etc/app:ro");
+    assert_eq!(spec.run.command, "", "the image's own command");
+    let (again, spec2) = parse_service("stored", &file.to_toml()).unwrap();
+    assert_eq!((again, spec2), (file, spec));
+}
+
+#[test]
+fn docker_mistakes_are_named() {
+    let text = "name = \"web\"\n[run]\ndriver = \"docker\"\nvolumes = [\"data\"]\ncpus = 0\nmemory = \"1MiB\"\npull = \"sometimes\"\n";
+    let e = parse_service("bad.toml", text).unwrap_err().to_string();
+    for want in [
+        "run.image: is required",
+        "run.port: is required",
+        "run.volumes[0]: 'data' does not parse",
+        "run.cpus: 0 is not accepted",
+        "run.memory: 1048576 bytes is below",
+        "run.pull: 'sometimes' is not accepted; accepted: never, if_missing, always",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    let e = parse_service("x.toml", "name = \"web\"\n[run]\ncommand = \"/bin/app\"\nimage = \"app:1\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("run.image: only applies with driver = \"docker\""), "{e}");
+    let e = parse_service("x.toml", "name = \"web\"\n[run]\ndriver = \"podman\"\n").unwrap_err().to_string();
+    assert!(e.contains("run.driver: 'podman' is not accepted; accepted: exec, docker"), "{e}");
+    let e = parse_service("x.toml", "name = \"web\"\n[run]\nargs = []\n").unwrap_err().to_string();
+    assert!(e.contains("run.command: is required"), "{e}");
+}

@@ -1,24 +1,31 @@
 //! The driver boundary: how one run of an instance is started, adopted
-//! after a halo restart, signalled, stopped and waited for. The instance
-//! task ([`crate::Instance`]: probes, restarts, backoff, status) is the
-//! same for every driver; [`crate::exec::ExecDriver`] runs processes, and
-//! a container driver slots in beside it by implementing these two traits.
+//! after a halo restart, signalled, stopped and waited for, and where its
+//! probes and hooks reach it. The instance task ([`crate::Instance`]:
+//! probes, restarts, backoff, status) is the same for every driver;
+//! [`crate::ExecDriver`] runs processes, [`crate::DockerDriver`]
+//! containers. A service's `run.driver` picks one ([`Drivers::for_run`]).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use halo_model::RunSpec;
+use halo_model::RunDriver;
 use nix::sys::signal::Signal;
+
+use crate::runner::Runner;
+use crate::InstanceSpec;
 
 /// What identifies a running workload across halo restarts: the host pid
 /// of its main process and that process's start time (clock ticks since
-/// boot), so a recycled pid is never mistaken for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// boot), so a recycled pid is never mistaken for it; for a container,
+/// its id (the pid is then only shown).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handle {
     pub pid: i32,
     pub start_time: u64,
+    pub container: Option<String>,
 }
 
 /// How a run ended.
@@ -33,34 +40,84 @@ pub struct Exit {
 pub trait Workload: Send {
     fn handle(&self) -> Handle;
 
+    /// Where probes connect: the app itself (a container's own address,
+    /// not the port forwarder in front of it, which accepts connections
+    /// whether the app listens or not).
+    fn probe_addr(&self) -> SocketAddr;
+
+    /// Runs exec probes and backup hooks where the app runs.
+    fn runner(&self) -> Arc<dyn Runner>;
+
     /// Waits for the run to end.
     async fn wait(&mut self) -> Exit;
 
     /// Sends `sig` to everything the run consists of; a run already gone
     /// is fine.
-    fn signal(&self, sig: Signal);
+    async fn signal(&self, sig: Signal);
 
-    /// Stops the run: `sig`, `grace` to end by itself, then killed. Returns
-    /// how it ended.
+    /// Stops the run: `sig`, `grace` to end by itself, then killed; what
+    /// it leaves behind goes with it. Returns how it ended.
     async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit;
 }
 
 /// Starts and adopts workloads. One per kind of runtime, shared by every
 /// instance of a node.
+#[async_trait]
 pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
-    /// The name a service file would choose it by (`exec`).
+    /// The name a service file chooses it by (`run.driver`).
     fn name(&self) -> &'static str;
 
-    /// Starts one run of `run` for `instance`, told to listen on `addr`
-    /// (`HOST`, `PORT`), with its output appended to `log`.
-    fn start(
-        &self,
-        run: &RunSpec,
-        addr: (IpAddr, u16),
-        log: &Path,
-        instance: &str,
-    ) -> std::io::Result<Box<dyn Workload>>;
+    /// Starts one run of `inst`, its app told to listen on `host` and the
+    /// instance's port, its output appended to `log`. The error says what
+    /// is wrong in words an operator can act on.
+    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String>;
 
-    /// Takes over the run `handle` names if it still runs.
-    fn adopt(&self, handle: Handle) -> Option<Box<dyn Workload>>;
+    /// Takes over the run `handle` names if it still runs and is `inst`'s.
+    async fn adopt(&self, handle: &Handle, inst: &InstanceSpec, log: &Path) -> Option<Box<dyn Workload>>;
+
+    /// Ends the run `handle` names at once (its service is gone); a run
+    /// already gone is fine.
+    async fn remove(&self, handle: &Handle);
+
+    /// Removes every run of this node's halo that none of `known` names
+    /// (left by a halo that died before it recorded them).
+    async fn sweep(&self, known: &[Handle]);
+}
+
+/// The drivers of a node.
+#[derive(Debug, Clone)]
+pub struct Drivers {
+    pub exec: Arc<dyn Driver>,
+    pub docker: Arc<dyn Driver>,
+}
+
+impl Drivers {
+    /// The drivers of the node `node` with data dir `data_dir`: processes
+    /// (`command = "halo"` runs `halo_exe`), and containers through the
+    /// daemon `DOCKER_HOST` names (default `/var/run/docker.sock`).
+    pub fn new(halo_exe: &Path, data_dir: &Path, node: &str) -> Drivers {
+        let data_dir = data_dir.display().to_string();
+        let docker = crate::DockerDriver::new(&crate::DockerDriver::socket_from_env(), node, &data_dir);
+        Drivers { exec: Arc::new(crate::ExecDriver { halo_exe: halo_exe.into(), data_dir }), docker: Arc::new(docker) }
+    }
+
+    pub fn for_run(&self, d: &RunDriver) -> &Arc<dyn Driver> {
+        match d {
+            RunDriver::Exec => &self.exec,
+            RunDriver::Docker(_) => &self.docker,
+        }
+    }
+
+    /// The driver that started the run `h` names.
+    pub fn for_handle(&self, h: &Handle) -> &Arc<dyn Driver> {
+        if h.container.is_some() {
+            &self.docker
+        } else {
+            &self.exec
+        }
+    }
+
+    pub fn all(&self) -> [&Arc<dyn Driver>; 2] {
+        [&self.exec, &self.docker]
+    }
 }

@@ -3,7 +3,8 @@
 //! `LIFECYCLE.md` beside this file.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halo_model::{Probe, RestartPolicy, ServiceSpec};
@@ -11,9 +12,10 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::driver::{Exit, Handle, Workload};
+use crate::driver::{Exit, Workload};
 use crate::logs::LogFile;
 use crate::probe::{check_once, Tally, Verdict};
+use crate::runner::Runner;
 use crate::Env;
 
 /// What the node asks the supervisor to run.
@@ -22,7 +24,10 @@ pub struct InstanceSpec {
     pub id: String,
     pub service: String,
     pub spec: Arc<ServiceSpec>,
+    /// The host port the instance is reached on.
     pub port: u16,
+    /// The service template it runs (labels a container).
+    pub revision: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,6 +58,8 @@ pub struct Status {
     pub pid: Option<i32>,
     /// With `pid`, identifies the process across halo restarts.
     pub start_time: Option<u64>,
+    /// The container id, for a docker instance.
+    pub container: Option<String>,
     pub restarts: u32,
     pub last_exit: Option<String>,
     /// Failed checks so far, by probe (startup, readiness, liveness).
@@ -75,16 +82,20 @@ pub struct Instance {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     pub log: LogFile,
+    runner: RunnerSlot,
 }
+
+/// The current run's runner, while there is a run.
+type RunnerSlot = Arc<Mutex<Option<Arc<dyn Runner>>>>;
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Instance {
-    /// Starts supervising: adopts the process `(pid, start_time)` if it is
-    /// still alive, else starts a new one.
-    pub fn start(env: Arc<Env>, spec: InstanceSpec, adopt: Option<(i32, u64)>) -> std::io::Result<Instance> {
+    /// Starts supervising: `adopted` (a run a previous halo started) if
+    /// given, else a new run.
+    pub fn start(env: Arc<Env>, spec: InstanceSpec, adopted: Option<Box<dyn Workload>>) -> std::io::Result<Instance> {
         let log = LogFile::new(&env.logs_dir, &spec.service, &spec.id)?;
         let status = Status {
             id: spec.id.clone(),
@@ -94,6 +105,7 @@ impl Instance {
             ready: false,
             pid: None,
             start_time: None,
+            container: None,
             restarts: 0,
             last_exit: None,
             probe_failures: ProbeFailures::default(),
@@ -101,9 +113,16 @@ impl Instance {
         };
         let (status_tx, status_rx) = watch::channel(status);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let run = Run { env, spec, log: log.clone(), status: status_tx, stop: stop_rx };
-        let task = tokio::spawn(run.main(adopt));
-        Ok(Instance { status: status_rx, stop: stop_tx, task, log })
+        let runner = RunnerSlot::default();
+        let run = Run { env, spec, log: log.clone(), status: status_tx, stop: stop_rx, runner: runner.clone() };
+        let task = tokio::spawn(run.main(adopted));
+        Ok(Instance { status: status_rx, stop: stop_tx, task, log, runner })
+    }
+
+    /// Runs commands where the current run's app runs (backup hooks);
+    /// `None` between runs.
+    pub fn runner(&self) -> Option<Arc<dyn Runner>> {
+        self.runner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn status(&self) -> Status {
@@ -135,6 +154,7 @@ struct Run {
     log: LogFile,
     status: watch::Sender<Status>,
     stop: watch::Receiver<bool>,
+    runner: RunnerSlot,
 }
 
 enum Outcome {
@@ -155,18 +175,31 @@ impl Run {
         });
     }
 
-    async fn main(mut self, mut adopt: Option<(i32, u64)>) {
+    fn set_runner(&self, r: Option<Arc<dyn Runner>>) {
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
+    async fn main(mut self, mut adopted: Option<Box<dyn Workload>>) {
         let spec = self.spec.spec.clone();
         let mut recent: VecDeque<Instant> = VecDeque::new();
         let mut failures_in_a_row: u32 = 0;
         loop {
-            let driver = self.env.driver.clone();
-            let adopted = adopt.take().and_then(|(pid, start_time)| driver.adopt(Handle { pid, start_time }));
-            let proc = match adopted {
+            let driver = self.env.drivers.for_run(&spec.run.driver).clone();
+            let proc = match adopted.take() {
                 Some(p) => Ok(p),
                 None => {
                     self.ensure_port_free();
-                    driver.start(&spec.run, (self.env.host, self.spec.port), &self.log.path, &self.spec.id)
+                    let start = driver.start(&self.spec, self.env.host, &self.log.path);
+                    // A stop asked while the start waits (an image pull)
+                    // is not held up by it.
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        started = start => started,
+                        _ = stop.wait_for(|s| *s) => {
+                            self.set(|s| s.state = State::Stopped);
+                            return;
+                        }
+                    }
                 }
             };
             let started = Instant::now();
@@ -177,9 +210,12 @@ impl Run {
                         s.state = State::Starting;
                         s.pid = Some(h.pid);
                         s.start_time = Some(h.start_time);
+                        s.container = h.container.clone();
                     });
+                    self.set_runner(Some(proc.runner()));
                     let outcome = self.watch(&mut proc).await;
                     self.set(|s| s.ready = false);
+                    self.set_runner(None);
                     match &outcome {
                         Outcome::Stop => {
                             self.set(|s| s.state = State::Stopping);
@@ -195,12 +231,13 @@ impl Run {
                             tracing::warn!(instance = %self.spec.id, reason = %why, "restarting unhealthy instance");
                             proc.stop(stop_signal(&spec), spec.stop.grace_period.min(Duration::from_secs(5))).await;
                         }
-                        Outcome::Exited(_) => proc.signal(Signal::SIGKILL),
+                        Outcome::Exited(_) => proc.signal(Signal::SIGKILL).await,
                     }
                     outcome
                 }
                 Err(e) => {
-                    Outcome::Exited(Exit { success: false, detail: format!("cannot start {}: {e}", spec.run.command) })
+                    tracing::warn!(instance = %self.spec.id, error = %e, "starting the instance failed");
+                    Outcome::Exited(Exit { success: false, detail: e })
                 }
             };
             let (success, detail) = match outcome {
@@ -277,7 +314,7 @@ impl Run {
     /// Runs until the process exits, fails its probes, or a stop is asked.
     async fn watch(&mut self, proc: &mut Box<dyn Workload>) -> Outcome {
         let spec = self.spec.spec.clone();
-        let port = self.spec.port;
+        let (addr, runner) = (proc.probe_addr(), proc.runner());
         let rotate = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -289,7 +326,7 @@ impl Run {
         let mut stop = self.stop.clone();
         tokio::select! {
             exit = proc.wait() => Outcome::Exited(exit),
-            why = probes(&spec, port, &self.status) => Outcome::Unhealthy(why),
+            why = probes(&spec, addr, &*runner, &self.status) => Outcome::Unhealthy(why),
             _ = stop.wait_for(|s| *s) => Outcome::Stop,
             _ = rotate => unreachable!("rotation never ends"),
         }
@@ -302,11 +339,11 @@ fn stop_signal(spec: &ServiceSpec) -> Signal {
 
 /// Startup, then readiness and liveness. Returns only when the instance is
 /// unhealthy, with the reason.
-async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -> String {
+async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, status: &watch::Sender<Status>) -> String {
     if let Some(p) = &spec.startup {
         let mut tally = Tally::default();
         loop {
-            let r = check_once(&p.check, port, p.timeout).await;
+            let r = check_once(&p.check, addr, runner, p.timeout).await;
             if r.is_err() {
                 status.send_modify(|s| s.probe_failures.startup += 1);
             }
@@ -325,7 +362,7 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
         let p = &spec.readiness;
         let mut tally = Tally::default();
         loop {
-            let r = check_once(&p.check, port, p.timeout).await;
+            let r = check_once(&p.check, addr, runner, p.timeout).await;
             if r.is_err() {
                 status.send_modify(|s| s.probe_failures.readiness += 1);
             }
@@ -349,7 +386,7 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
     };
     let liveness = async {
         let Some(p) = &spec.liveness else { return std::future::pending::<String>().await };
-        liveness(p, port, status).await
+        liveness(p, addr, runner, status).await
     };
     tokio::select! {
         why = liveness => why,
@@ -357,11 +394,11 @@ async fn probes(spec: &ServiceSpec, port: u16, status: &watch::Sender<Status>) -
     }
 }
 
-async fn liveness(p: &Probe, port: u16, status: &watch::Sender<Status>) -> String {
+async fn liveness(p: &Probe, addr: SocketAddr, runner: &dyn Runner, status: &watch::Sender<Status>) -> String {
     let mut tally = Tally::default();
     loop {
         tokio::time::sleep(p.interval).await;
-        let r = check_once(&p.check, port, p.timeout).await;
+        let r = check_once(&p.check, addr, runner, p.timeout).await;
         if r.is_err() {
             status.send_modify(|s| s.probe_failures.liveness += 1);
         }

@@ -10,27 +10,31 @@
 //! A process outlives halo (kill -9 of halo leaves it running) and is
 //! adopted back by pid plus start time ([`Instance::start`] with `adopt`).
 
+pub mod docker;
 mod driver;
 mod instance;
 mod logs;
 mod probe;
 mod process;
+mod runner;
 
 use std::path::PathBuf;
 
-pub use driver::{Driver, Exit, Handle, Workload};
+pub use docker::DockerDriver;
+pub use driver::{Driver, Drivers, Exit, Handle, Workload};
 pub use instance::{Instance, InstanceSpec, ProbeFailures, State, Status};
 pub use logs::LogFile;
 pub use probe::check_once;
 pub use process::{alive, start_time, ExecDriver};
+pub use runner::{HostRunner, Runner};
 
 /// What every instance of a node shares.
 #[derive(Debug, Clone)]
 pub struct Env {
     /// Instance logs go to `logs_dir/SERVICE/INSTANCE.log`.
     pub logs_dir: PathBuf,
-    /// What runs the instances.
-    pub driver: std::sync::Arc<dyn Driver>,
+    /// What runs the instances, by `run.driver`.
+    pub drivers: Drivers,
     /// A log file past this many bytes is rotated.
     pub log_cap: u64,
     /// The address instances are told to listen on (`HOST`, with `PORT`):

@@ -1,28 +1,34 @@
 //! Probes: one check of an instance (HTTP GET, TCP connect or a command),
 //! and the thresholds that turn check results into pass or fail.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use halo_model::{Check, Probe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Runs `check` against the instance on `port` once, within `timeout`.
-pub async fn check_once(check: &Check, port: u16, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, run(check, port)).await {
+use crate::runner::Runner;
+
+/// Runs `check` once within `timeout`: HTTP and TCP against the app at
+/// `addr`, a command through `runner` (where the app runs).
+pub async fn check_once(check: &Check, addr: SocketAddr, runner: &dyn Runner, timeout: Duration) -> Result<(), String> {
+    if let Check::Exec(argv) = check {
+        return runner.run(argv, None, timeout).await.map(drop);
+    }
+    match tokio::time::timeout(timeout, connect(check, addr)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
-async fn run(check: &Check, port: u16) -> Result<(), String> {
+async fn connect(check: &Check, addr: SocketAddr) -> Result<(), String> {
     match check {
-        Check::Tcp => TcpStream::connect(("127.0.0.1", port)).await.map(drop).map_err(|e| format!("connect: {e}")),
+        Check::Tcp => TcpStream::connect(addr).await.map(drop).map_err(|e| format!("connect: {e}")),
         Check::Http(path) => {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
-            let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: halo-probe\r\nConnection: close\r\n\r\n"
-            );
+            let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: halo-probe\r\nConnection: close\r\n\r\n");
             s.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
             // The status line is all we need.
             let mut buf = [0u8; 64];
@@ -42,23 +48,7 @@ async fn run(check: &Check, port: u16) -> Result<(), String> {
                 Err(format!("GET {path} answered {status}"))
             }
         }
-        Check::Exec(argv) => {
-            let out = tokio::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .env("PORT", port.to_string())
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status()
-                .await
-                .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
-            if out.success() {
-                Ok(())
-            } else {
-                Err(format!("{} {out}", argv[0]))
-            }
-        }
+        Check::Exec(_) => unreachable!("commands run through the runner"),
     }
 }
 
@@ -135,13 +125,15 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        assert_eq!(check_once(&Check::Tcp, port, t).await, Ok(()));
-        assert_eq!(check_once(&Check::Http("/ok".into()), port, t).await, Ok(()));
-        let e = check_once(&Check::Http("/bad".into()), port, t).await.unwrap_err();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let host = crate::runner::HostRunner { env: Default::default(), workdir: None };
+        assert_eq!(check_once(&Check::Tcp, addr, &host, t).await, Ok(()));
+        assert_eq!(check_once(&Check::Http("/ok".into()), addr, &host, t).await, Ok(()));
+        let e = check_once(&Check::Http("/bad".into()), addr, &host, t).await.unwrap_err();
         assert!(e.contains("503"), "{e}");
-        let closed = halo_testkit::free_addr().port();
-        assert!(check_once(&Check::Tcp, closed, t).await.is_err());
-        assert_eq!(check_once(&Check::Exec(vec!["true".into()]), port, t).await, Ok(()));
-        assert!(check_once(&Check::Exec(vec!["false".into()]), port, t).await.is_err());
+        let closed = halo_testkit::free_addr();
+        assert!(check_once(&Check::Tcp, closed, &host, t).await.is_err());
+        assert_eq!(check_once(&Check::Exec(vec!["true".into()]), addr, &host, t).await, Ok(()));
+        assert!(check_once(&Check::Exec(vec!["false".into()]), addr, &host, t).await.is_err());
     }
 }

@@ -3,10 +3,12 @@
 //! halo restart by pid plus start time from `/proc`; signals go to its
 //! whole group.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,31 +17,82 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::driver::{Driver, Exit, Handle, Workload};
+use crate::runner::{HostRunner, Runner};
+use crate::InstanceSpec;
 
 /// Runs instances as processes. `command = "halo"` runs `halo_exe`, this
-/// halo binary.
+/// halo binary. Every process carries `HALO_DATA_DIR=data_dir` in its
+/// environment: what marks it as this halo's (the orphan sweep).
 #[derive(Debug, Clone)]
 pub struct ExecDriver {
     pub halo_exe: PathBuf,
+    pub data_dir: String,
 }
 
+impl ExecDriver {
+    /// The environment `inst`'s process and its hooks get.
+    fn env(&self, inst: &InstanceSpec, host: IpAddr) -> BTreeMap<String, String> {
+        let mut env = inst.spec.run.env.clone();
+        env.insert("HOST".into(), host.to_string());
+        env.insert("PORT".into(), inst.port.to_string());
+        env.insert("HALO_INSTANCE".into(), inst.id.clone());
+        env.insert("HALO_DATA_DIR".into(), self.data_dir.clone());
+        env
+    }
+
+    fn runner(&self, inst: &InstanceSpec) -> Arc<dyn Runner> {
+        // Hooks and probes reach the app on loopback.
+        Arc::new(HostRunner { env: self.env(inst, Ipv4Addr::LOCALHOST.into()), workdir: inst.spec.run.workdir.clone() })
+    }
+}
+
+#[async_trait]
 impl Driver for ExecDriver {
     fn name(&self) -> &'static str {
         "exec"
     }
 
-    fn start(
-        &self,
-        run: &RunSpec,
-        addr: (IpAddr, u16),
-        log: &Path,
-        instance: &str,
-    ) -> std::io::Result<Box<dyn Workload>> {
-        Ok(Box::new(Proc::spawn(run, addr, log, &self.halo_exe, instance)?))
+    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String> {
+        let run = &inst.spec.run;
+        let mut p = Proc::spawn(run, &self.env(inst, host), log, &self.halo_exe)
+            .map_err(|e| format!("cannot start {}: {e}", run.command))?;
+        p.port = inst.port;
+        p.runner = Some(self.runner(inst));
+        Ok(Box::new(p))
     }
 
-    fn adopt(&self, handle: Handle) -> Option<Box<dyn Workload>> {
-        Proc::adopt(handle.pid, handle.start_time).map(|p| Box::new(p) as Box<dyn Workload>)
+    async fn adopt(&self, handle: &Handle, inst: &InstanceSpec, _log: &Path) -> Option<Box<dyn Workload>> {
+        let mut p = Proc::adopt(handle.pid, handle.start_time)?;
+        p.port = inst.port;
+        p.runner = Some(self.runner(inst));
+        Some(Box::new(p))
+    }
+
+    async fn remove(&self, handle: &Handle) {
+        if alive(handle.pid, handle.start_time) {
+            let _ = killpg(Pid::from_raw(handle.pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Kills every process group whose leader carries this data dir's
+    /// `HALO_DATA_DIR` and is not one of `known`.
+    async fn sweep(&self, known: &[Handle]) {
+        let needle = format!("HALO_DATA_DIR={}", self.data_dir);
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+            if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+                continue;
+            }
+            let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse::<i32>().ok());
+            if let Some(pgid) = pgid.filter(|g| *g == pid && !known.iter().any(|h| h.pid == *g)) {
+                tracing::warn!(pid, "killing an orphaned instance process group");
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -50,27 +103,19 @@ pub struct Proc {
     /// with the pid, what identifies this process and no later one.
     pub start_time: u64,
     child: Option<tokio::process::Child>,
+    port: u16,
+    runner: Option<Arc<dyn Runner>>,
 }
 
 impl Proc {
-    /// Starts `run` with `HOST` and `PORT` set to `addr`, stdout and stderr
-    /// appended to `log`. `command = "halo"` runs `halo_exe`, this halo binary.
-    pub fn spawn(
-        run: &RunSpec,
-        addr: (std::net::IpAddr, u16),
-        log: &Path,
-        halo_exe: &Path,
-        instance: &str,
-    ) -> std::io::Result<Proc> {
-        let (host, port) = addr;
+    /// Starts `run` with `env`, stdout and stderr appended to `log`.
+    /// `command = "halo"` runs `halo_exe`, this halo binary.
+    pub fn spawn(run: &RunSpec, env: &BTreeMap<String, String>, log: &Path, halo_exe: &Path) -> std::io::Result<Proc> {
         let out = OpenOptions::new().create(true).append(true).open(log)?;
         let program = if run.command == "halo" { halo_exe.as_os_str() } else { run.command.as_ref() };
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(&run.args)
-            .envs(&run.env)
-            .env("HOST", host.to_string())
-            .env("PORT", port.to_string())
-            .env("HALO_INSTANCE", instance)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
@@ -82,20 +127,28 @@ impl Proc {
         let child = cmd.spawn()?;
         let pid = child.id().map(|p| p as i32).ok_or_else(|| std::io::Error::other("process exited at once"))?;
         let start_time = start_time(pid).ok_or_else(|| std::io::Error::other("process exited at once"))?;
-        Ok(Proc { pid, start_time, child: Some(child) })
+        Ok(Proc { pid, start_time, child: Some(child), port: 0, runner: None })
     }
 
     /// Takes over a process a previous halo started, if it is still that
     /// process (same pid and start time, not a zombie).
     pub fn adopt(pid: i32, start_time: u64) -> Option<Proc> {
-        alive(pid, start_time).then_some(Proc { pid, start_time, child: None })
+        alive(pid, start_time).then_some(Proc { pid, start_time, child: None, port: 0, runner: None })
     }
 }
 
 #[async_trait]
 impl Workload for Proc {
     fn handle(&self) -> Handle {
-        Handle { pid: self.pid, start_time: self.start_time }
+        Handle { pid: self.pid, start_time: self.start_time, container: None }
+    }
+
+    fn probe_addr(&self) -> SocketAddr {
+        (Ipv4Addr::LOCALHOST, self.port).into()
+    }
+
+    fn runner(&self) -> Arc<dyn Runner> {
+        self.runner.clone().unwrap_or_else(|| Arc::new(HostRunner { env: BTreeMap::new(), workdir: None }))
     }
 
     /// Waits for the process to end. An adopted process is not our child:
@@ -116,7 +169,7 @@ impl Workload for Proc {
     }
 
     /// Sends `sig` to the whole process group. A group already gone is fine.
-    fn signal(&self, sig: Signal) {
+    async fn signal(&self, sig: Signal) {
         match killpg(Pid::from_raw(self.pid), sig) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
             Err(e) => tracing::warn!(pid = self.pid, signal = ?sig, error = %e, "signalling process group failed"),
@@ -126,19 +179,19 @@ impl Workload for Proc {
     /// Stop: `sig` (and SIGCONT, so a frozen process can act on it), then
     /// SIGKILL of the group after `grace` if the process is still there.
     async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit {
-        self.signal(sig);
-        self.signal(Signal::SIGCONT);
+        self.signal(sig).await;
+        self.signal(Signal::SIGCONT).await;
         let exit = match tokio::time::timeout(grace, self.wait()).await {
             Ok(exit) => exit,
             Err(_) => {
-                self.signal(Signal::SIGKILL);
+                self.signal(Signal::SIGKILL).await;
                 let mut exit = self.wait().await;
                 exit.detail = format!("killed after the {grace:?} grace period");
                 exit
             }
         };
         // Whatever the process left behind in its group goes with it.
-        self.signal(Signal::SIGKILL);
+        self.signal(Signal::SIGKILL).await;
         exit
     }
 }

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_supervisor::{Env, ExecDriver, Instance, InstanceSpec, State};
+use halo_supervisor::{Drivers, Env, Handle, Instance, InstanceSpec, State};
 use halo_testkit::{eventually, TempDir};
 
 fn env(dir: &TempDir) -> Arc<Env> {
     Arc::new(Env {
         logs_dir: dir.0.join("logs"),
-        driver: Arc::new(ExecDriver { halo_exe: "/bin/false".into() }),
+        drivers: Drivers::new("/bin/false".as_ref(), &dir.0, "test"),
         log_cap: 1 << 20,
         host: [127, 0, 0, 1].into(),
     })
@@ -20,7 +20,7 @@ fn spec(script: &str, extra: &str) -> InstanceSpec {
         "name = \"t\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n[readiness]\nexec = [\"true\"]\ninterval = \"100ms\"\n{extra}"
     );
     let (_, spec) = halo_model::parse_service("test", &text).unwrap();
-    InstanceSpec { id: "t-1".into(), service: "t".into(), spec: Arc::new(spec), port: 1 }
+    InstanceSpec { id: "t-1".into(), service: "t".into(), spec: Arc::new(spec), port: 1, revision: "r".into() }
 }
 
 fn group_alive(pgid: i32) -> bool {
@@ -74,7 +74,11 @@ async fn a_detached_instance_is_adopted_not_duplicated() {
     let (pid, t) = (i.status().pid.unwrap(), i.status().start_time.unwrap());
     i.detach();
     assert!(halo_supervisor::alive(pid, t), "detaching stopped the process");
-    let again = Instance::start(env(&dir), spec("exec sleep 300", ""), Some((pid, t))).unwrap();
+    let (env, spec) = (env(&dir), spec("exec sleep 300", ""));
+    let handle = Handle { pid, start_time: t, container: None };
+    let adopted = env.drivers.exec.adopt(&handle, &spec, &dir.0.join("log")).await;
+    assert!(adopted.is_some(), "the live process was not adopted");
+    let again = Instance::start(env, spec, adopted).unwrap();
     eventually(Duration::from_secs(10), "ready again", || async { again.status().ready }).await;
     assert_eq!(again.status().pid, Some(pid), "a live process was started again instead of adopted");
     // A process that exits while adopted is noticed and restarted.

@@ -1,0 +1,110 @@
+//! Running a command where an instance's app runs: exec probes and backup
+//! hooks. For a process that is the host, with the instance's environment
+//! and working directory, in a process group of its own that is killed
+//! whole when the command runs past its timeout or is given up; for a
+//! container it is inside the container (`docker::ContainerRunner`).
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+/// The most a command may write to stdout; past it the command fails.
+pub const MAX_OUTPUT: usize = 1 << 30;
+
+/// Runs commands in one run's environment.
+#[async_trait]
+pub trait Runner: Send + Sync + std::fmt::Debug {
+    /// Runs `argv` with `stdin` fed to it; its stdout when it exits with
+    /// status 0 within `timeout`, else why not (stderr's last line
+    /// included).
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String>;
+}
+
+/// Runs commands on the host with an instance's environment.
+#[derive(Debug, Clone)]
+pub struct HostRunner {
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+}
+
+#[async_trait]
+impl Runner for HostRunner {
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String> {
+        let (program, args) = argv.split_first().ok_or("no command given")?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(&self.env)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.workdir {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
+        // Whatever ends this command (its timeout, a caller dropping this
+        // future) ends its whole process group.
+        let _group = KillGroup(child.id());
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            tokio::spawn(async move {
+                let _ = pipe.write_all(&input).await;
+            });
+        }
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => finish(program, out.status.success(), &out.status.to_string(), out.stdout, &out.stderr),
+            Ok(Err(e)) => Err(format!("{program}: {e}")),
+            Err(_) => Err(format!("{program} ran past its {timeout:?} timeout and was killed")),
+        }
+    }
+}
+
+/// The result of a finished command, as [`Runner::run`] gives it.
+pub(crate) fn finish(
+    program: &str,
+    success: bool,
+    status: &str,
+    stdout: Vec<u8>,
+    stderr: &[u8],
+) -> Result<Vec<u8>, String> {
+    if !success {
+        let err = String::from_utf8_lossy(stderr);
+        return Err(format!("{program} failed ({status}): {}", err.trim().lines().last().unwrap_or("")));
+    }
+    if stdout.len() > MAX_OUTPUT {
+        return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes"));
+    }
+    Ok(stdout)
+}
+
+/// Kills a process group when dropped (a group already gone is fine).
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn host_commands_get_the_env_stdin_and_a_timeout() {
+        let r = HostRunner { env: [("GREETING".to_string(), "hi".to_string())].into(), workdir: None };
+        let sh = |s: &str| vec!["sh".to_string(), "-c".to_string(), s.to_string()];
+        let t = Duration::from_secs(5);
+        assert_eq!(r.run(&sh("echo $GREETING; cat"), Some(b"in".to_vec()), t).await, Ok(b"hi\nin".to_vec()));
+        let e = r.run(&sh("echo nope >&2; exit 3"), None, t).await.unwrap_err();
+        assert!(e.contains("exit status: 3") && e.ends_with("nope"), "{e}");
+        let e = r.run(&sh("sleep 5"), None, Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.contains("timeout and was killed"), "{e}");
+        assert!(r.run(&["/no/such/program".into()], None, t).await.unwrap_err().contains("cannot run"));
+    }
+}
