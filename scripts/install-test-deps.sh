@@ -22,3 +22,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+
+# The docker driver's tests need a Docker Engine (no registry: they build
+# their images from the halo binary with strip, ldd and tar). Where the
+# engine is installed but its daemon is down, start it.
+command -v strip >/dev/null 2>&1 || echo "note: strip (binutils) is missing; docker test images keep debug info" >&2
+if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  echo "starting dockerd for the docker tests" >&2
+  setsid dockerd >/tmp/dockerd.log 2>&1 </dev/null &
+  for _ in $(seq 1 100); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
+fi

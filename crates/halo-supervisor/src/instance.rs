@@ -224,6 +224,7 @@ impl Run {
                                 s.state = State::Stopped;
                                 s.last_exit = Some(exit.detail);
                                 s.pid = None;
+                                s.container = None;
                             });
                             return;
                         }
@@ -248,6 +249,7 @@ impl Run {
             self.set(|s| {
                 s.last_exit = Some(detail);
                 s.pid = None;
+                s.container = None;
             });
             let restart = match spec.restart.policy {
                 RestartPolicy::Always => true,

@@ -90,3 +90,25 @@ async fn a_detached_instance_is_adopted_not_duplicated() {
     again.stop().await;
     assert!(!halo_supervisor::alive(pid, t));
 }
+
+#[tokio::test]
+async fn a_docker_instance_without_a_daemon_says_so_and_backs_off() {
+    let dir = TempDir::new("sup-nodocker");
+    let mut drivers = Drivers::new("/bin/false".as_ref(), &dir.0, "test");
+    let socket = dir.0.join("no-daemon.sock");
+    drivers.docker = Arc::new(halo_supervisor::DockerDriver::new(&socket.display().to_string(), "test", "/x"));
+    let env = Arc::new(Env { logs_dir: dir.0.join("logs"), drivers, log_cap: 1 << 20, host: [127, 0, 0, 1].into() });
+    let text = "name = \"t\"\n[run]\ndriver = \"docker\"\nimage = \"app:1\"\nport = 80\n[restart]\nbackoff_initial = \"50ms\"\n";
+    let (_, spec) = halo_model::parse_service("test", text).unwrap();
+    let spec =
+        InstanceSpec { id: "t-1".into(), service: "t".into(), spec: Arc::new(spec), port: 1, revision: "r".into() };
+    let i = Instance::start(env, spec, None).unwrap();
+    eventually(Duration::from_secs(10), "the missing daemon named", || async {
+        let s = i.status();
+        s.restarts >= 1
+            && s.last_exit
+                .is_some_and(|e| e.contains("cannot reach the Docker daemon") && e.contains("is dockerd running?"))
+    })
+    .await;
+    i.stop().await;
+}

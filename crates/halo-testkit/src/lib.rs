@@ -7,6 +7,7 @@
 mod backend;
 mod client;
 mod cluster;
+mod docker;
 mod etcd;
 mod load;
 mod process;
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use cluster::{Cluster, ClusterNode};
+pub use docker::{containers_labelled, docker, docker_available, remove_containers_of, DemoImage, Volume};
 pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};

@@ -239,6 +239,9 @@ impl Drop for Halo {
             for pid in processes_of(dir) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
+            if Path::new("/var/run/docker.sock").exists() {
+                crate::docker::remove_containers_of(dir);
+            }
         }
     }
 }

@@ -278,11 +278,20 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
         } else {
             out.push_str(&format!("{name}  ready {}/{}\n", s["ready"], s["replicas"]));
         }
+        let instances = s["instances"].as_array().cloned().unwrap_or_default();
+        // Docker instances show their container (short id) beside the pid.
+        let containers = instances.iter().any(|i| i["container"].is_string());
         out.push_str(&format!(
-            "  {:<16} {:<10} {:<6} {:<8} {:<6} {:<9} LAST EXIT\n",
-            "INSTANCE", "STATE", "READY", "PID", "PORT", "RESTARTS"
+            "  {:<16} {:<10} {:<6} {:<8} {}{:<6} {:<9} LAST EXIT\n",
+            "INSTANCE",
+            "STATE",
+            "READY",
+            "PID",
+            if containers { "CONTAINER    " } else { "" },
+            "PORT",
+            "RESTARTS"
         ));
-        for i in s["instances"].as_array().cloned().unwrap_or_default() {
+        for i in instances {
             let mut state = i["state"].as_str().unwrap_or("?").to_string();
             if i["stopping"].as_bool() == Some(true) {
                 state = "draining".into();
@@ -290,12 +299,18 @@ pub fn status(t: &Target) -> anyhow::Result<()> {
                 state.push_str("(old)");
             }
             let pid = i["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let container = match i["container"].as_str() {
+                Some(c) => format!("{:<13}", &c[..c.len().min(12)]),
+                None if containers => format!("{:<13}", "-"),
+                None => String::new(),
+            };
             out.push_str(&format!(
-                "  {:<16} {:<10} {:<6} {:<8} {:<6} {:<9} {}\n",
+                "  {:<16} {:<10} {:<6} {:<8} {}{:<6} {:<9} {}\n",
                 i["id"].as_str().unwrap_or("?"),
                 state,
                 if i["ready"].as_bool() == Some(true) { "yes" } else { "no" },
                 pid,
+                container,
                 i["port"].to_string(),
                 i["restarts"].to_string(),
                 i["last_exit"].as_str().unwrap_or("-")

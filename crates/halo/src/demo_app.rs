@@ -5,7 +5,8 @@
 //! - `GET /` and any other path: `demo-app VERSION instance ID`
 //! - `GET /healthz`: 200, or 503 once `/admin/unready` was called
 //! - `POST /admin/slow?ms=N`, `/admin/fail?rate=R` (0.0-1.0), `/admin/unready`,
-//!   `/admin/ready`, `/admin/crash` (exit 1), `/admin/hang` (SIGSTOP itself)
+//!   `/admin/ready`, `/admin/crash` (exit 1), `/admin/hang` (SIGSTOP itself),
+//!   `/admin/hog?mib=N` (allocates and touches N MiB more, kept)
 //! - with `--counter-file`: `GET /count` (the value), `POST /count` (adds one)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +56,7 @@ struct App {
     served: AtomicU64,
     counter: Option<std::path::PathBuf>,
     counting: tokio::sync::Mutex<()>,
+    hogged: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -71,6 +73,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         served: AtomicU64::new(0),
         counter: args.counter_file,
         counting: tokio::sync::Mutex::new(()),
+        hogged: std::sync::Mutex::new(Vec::new()),
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -142,6 +145,17 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
         "/admin/crash" => {
             eprintln!("crashing as asked (/admin/crash)");
             std::process::exit(1);
+        }
+        "/admin/hog" => {
+            let mib: usize = param("mib").and_then(|v| v.parse().ok()).unwrap_or(0).min(1 << 16);
+            let mut hogged = app.hogged.lock().unwrap_or_else(|e| e.into_inner());
+            for _ in 0..mib {
+                // Written, so the pages are really taken.
+                hogged.push(vec![1u8; 1 << 20]);
+            }
+            let total = hogged.len();
+            drop(hogged);
+            reply(StatusCode::OK, format!("holding {total} MiB\n"))
         }
         "/admin/hang" => {
             eprintln!("hanging as asked (/admin/hang)");

@@ -1,0 +1,104 @@
+//! Docker for tests: the `docker` CLI against the local daemon, and an
+//! image of the `halo` binary under test (`docker import` of a tarball
+//! with the stripped binary and the shared libraries `ldd` lists), so a
+//! container runs `halo demo-app` with no registry. Images, containers and
+//! volumes a test makes are removed on drop.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Runs `docker ARGS`; exit code, stdout, stderr.
+pub fn docker(args: &[&str]) -> (i32, String, String) {
+    match Command::new("docker").args(args).stdin(Stdio::null()).output() {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ),
+        Err(e) => (-1, String::new(), format!("cannot run docker: {e}")),
+    }
+}
+
+/// Whether a Docker daemon answers. Where none does, docker tests skip
+/// with a message, unless `HALO_REQUIRE_DOCKER=1` (the project's test
+/// script sets it where a daemon runs): then they fail.
+pub fn docker_available(test: &str) -> bool {
+    let (code, _, err) = docker(&["info", "--format", "{{.ServerVersion}}"]);
+    if code == 0 {
+        return true;
+    }
+    if std::env::var("HALO_REQUIRE_DOCKER").as_deref() == Ok("1") {
+        panic!("{test}: no Docker daemon answers and HALO_REQUIRE_DOCKER=1: {err}");
+    }
+    eprintln!("SKIPPED {test}: no Docker daemon answers ({err})");
+    false
+}
+
+/// Ids of the containers with label `key=value`, running or not.
+pub fn containers_labelled(key: &str, value: &str) -> Vec<String> {
+    let filter = format!("label={key}={value}");
+    let (_, out, _) = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter]);
+    out.lines().map(str::to_string).collect()
+}
+
+/// Removes every container of the halo whose data dir is `dir`.
+pub fn remove_containers_of(dir: &Path) {
+    let ids = containers_labelled("halo.data_dir", &dir.display().to_string());
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids.iter().map(String::as_str));
+        docker(&args);
+    }
+}
+
+/// Images of the halo binary under test, one per tag; removed on drop.
+pub struct DemoImage {
+    pub tags: Vec<String>,
+}
+
+impl DemoImage {
+    /// Builds the image once and tags it `TAG` for each of `tags`
+    /// (different tags, same content: a new template for a rollout).
+    pub fn build(bin: &str, tags: &[&str]) -> anyhow::Result<DemoImage> {
+        let dir = crate::TempDir::new("image");
+        let root = dir.0.join("root");
+        std::fs::create_dir_all(&root)?;
+        let ok = Command::new("strip").arg("-o").arg(root.join("halo")).arg(bin).status()?.success();
+        if !ok {
+            std::fs::copy(bin, root.join("halo"))?;
+        }
+        let ldd = Command::new("ldd").arg(bin).output()?;
+        for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
+            let dest = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(dest.parent().expect("a library path has a parent"))?;
+            std::fs::copy(lib, &dest)?;
+        }
+        std::fs::create_dir_all(root.join("tmp"))?;
+        let tar = dir.0.join("image.tar");
+        let ok = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status()?.success();
+        anyhow::ensure!(ok, "tar of the image root failed");
+        let image = DemoImage { tags: tags.iter().map(|t| t.to_string()).collect() };
+        for tag in tags {
+            let (code, _, err) = docker(&["import", "--change", "ENTRYPOINT [\"/halo\"]", &tar.to_string_lossy(), tag]);
+            anyhow::ensure!(code == 0, "docker import {tag}: {err}");
+        }
+        Ok(image)
+    }
+}
+
+impl Drop for DemoImage {
+    fn drop(&mut self) {
+        let mut args = vec!["rmi", "-f"];
+        args.extend(self.tags.iter().map(String::as_str));
+        docker(&args);
+    }
+}
+
+/// A named volume removed on drop.
+pub struct Volume(pub String);
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        docker(&["volume", "rm", "-f", &self.0]);
+    }
+}
