@@ -13,6 +13,9 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 # The cluster script (scripts/cluster.sh smoke) checks the nodes with curl.
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The docker tests' image carries a static busybox for hooks and probes
+# inside the container.
+[ -x /bin/busybox ] || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,14 +1,16 @@
 //! Running a node's instances.
 //!
 //! Each instance is a workload of a [`Driver`] (the [`ExecDriver`]: a
-//! process in its own process group) with its output in a size-capped log
-//! file, supervised by one task ([`Instance`]): startup,
+//! process in its own process group; the [`DockerDriver`]: a container),
+//! chosen by the service's `run.driver`, with its output in a size-capped
+//! log file, supervised by one task ([`Instance`]): startup,
 //! readiness and liveness probes; restart with exponential backoff and a
 //! crash-loop state; a stop that drains, signals, waits the grace period
 //! and kills the whole group. The supervisor knows nothing of other nodes
 //! or of the store: the node tells it what to run and watches [`Status`].
-//! A process outlives halo (kill -9 of halo leaves it running) and is
-//! adopted back by pid plus start time ([`Instance::start`] with `adopt`).
+//! A process or container outlives halo (kill -9 of halo leaves it
+//! running) and is adopted back ([`Driver::adopt`]: pid plus start time,
+//! or container id), then handed to [`Instance::start`].
 
 pub mod docker;
 mod driver;

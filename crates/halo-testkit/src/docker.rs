@@ -1,6 +1,7 @@
 //! Docker for tests: the `docker` CLI against the local daemon, and an
 //! image of the `halo` binary under test (`docker import` of a tarball
-//! with the stripped binary and the shared libraries `ldd` lists), so a
+//! with the stripped binary, the shared libraries `ldd` lists and a static
+//! busybox at `/bin/busybox`), so a
 //! container runs `halo demo-app` with no registry. Images, containers and
 //! volumes a test makes are removed on drop.
 
@@ -74,6 +75,12 @@ impl DemoImage {
             std::fs::copy(lib, &dest)?;
         }
         std::fs::create_dir_all(root.join("tmp"))?;
+        // A static busybox (Debian's busybox-static), for commands run
+        // inside the container: hooks, exec probes.
+        if Path::new("/bin/busybox").exists() {
+            std::fs::create_dir_all(root.join("bin"))?;
+            std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+        }
         let tar = dir.0.join("image.tar");
         let ok = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status()?.success();
         anyhow::ensure!(ok, "tar of the image root failed");

@@ -371,3 +371,80 @@ async fn bad_docker_input_is_named_and_nothing_else_stops() {
     assert_eq!(ready_containers(&h), running, "the running service was disturbed");
     assert_eq!(Client::new().get(&h.url("http", "/")).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_exec_probes_run_inside_the_container_and_a_volume_is_restored() {
+    if !docker_available("backup hooks in containers") {
+        return;
+    }
+    let image = DemoImage::build(BIN, &[&tag("hooks")]).unwrap();
+    let volume = halo_testkit::Volume(format!("halo-test-counter-{}", std::process::id()));
+    // The app keeps its counter in a named volume; the hooks read and
+    // write it with the image's busybox, inside the container.
+    let svc = format!(
+        r#"
+volumes = ["{vol}:/data"]
+
+[services.liveness]
+exec = ["/bin/busybox", "test", "-d", "/data"]
+interval = "300ms"
+
+[services.backup]
+command = ["/bin/busybox", "cat", "/data/count"]
+restore = ["/bin/busybox", "sh", "-c", "cat > /data/count"]
+timeout = "10s"
+"#,
+        vol = volume.0
+    );
+    let text = node(&image.tags[0], 1, &svc).replace("\"v1\"]", "\"v1\", \"--counter-file\", \"/data/count\"]");
+    let h = Halo::up(BIN, &text).unwrap();
+    all_ready(&h, 1).await;
+    let c = Client::new();
+    let count = |method: http::Method| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(h.url("http", "/count"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        c.send(req)
+    };
+    for _ in 0..4 {
+        assert_eq!(count(http::Method::POST).await.unwrap().status, 200);
+    }
+    assert_eq!(count(http::Method::GET).await.unwrap().body.trim(), "4");
+    // The exec liveness probe passes inside the container (it would fail
+    // on the host, which has no /data).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let i = instances(&h)[0].clone();
+    assert_eq!((i["restarts"].as_u64(), i["probe_failures"]["liveness"].as_u64()), (Some(0), Some(0)), "{i}");
+    let dir = halo_testkit::TempDir::new("docker-hooks");
+    let archive = dir.0.join("b.tar");
+    let (code, out, err) = h.cli(&["backup", "create", "--out", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The node, its containers and the volume are gone.
+    assert_eq!(h.terminate(Duration::from_secs(20)).await, Some(0));
+    let (code, _, err) = docker(&["volume", "rm", &volume.0]);
+    assert_eq!(code, 0, "{err}");
+    let restored = dir.0.join("restored");
+    let status = std::process::Command::new(BIN)
+        .args(["backup", "restore", archive.to_str().unwrap(), "--into", restored.to_str().unwrap()])
+        .env("HALO_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cfg = dir.write("halo.toml", &text);
+    let h = Halo::start(BIN, &["up", "-c", cfg.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()], &dir.0)
+        .unwrap();
+    let count = || {
+        let req = http::Request::get(h.url("http", "/count")).body(http_body_util::Full::default()).unwrap();
+        c.send(req)
+    };
+    eventually(Duration::from_secs(30), "the counter restored into the new volume by the hook", || async {
+        count().await.is_ok_and(|r| r.body.trim() == "4")
+    })
+    .await;
+    assert!(!restored.join("restore/web.out").exists(), "the restore hook ran but its input stayed");
+    drop(h);
+    halo_testkit::remove_containers_of(&restored);
+}

@@ -2,7 +2,7 @@
 //! service's image, created and started through the Docker Engine API on
 //! the local socket ([`api`]), its `run.port` published on the instance's
 //! host port on the node's address, its output copied into the instance's
-//! log file, its exit seen on the daemon's event stream ([`events`]).
+//! log file, its exit seen on the daemon's event stream (`events.rs`).
 //!
 //! Every container is named `halo-SCOPE-INSTANCE` (SCOPE: a hash of the
 //! data dir) and labelled with its instance, service, revision, node and
