@@ -105,6 +105,9 @@ pub struct ClusterNode {
     pub zone: String,
     node_file: PathBuf,
     etcd_dir: PathBuf,
+    /// The socket of the node's own Docker daemon, when the harness runs
+    /// one per node ([`Cluster::start_docker`]).
+    pub docker: Option<PathBuf>,
 }
 
 impl ClusterNode {
@@ -145,6 +148,18 @@ impl Cluster {
 
     /// Starts one node per entry of `zones`, node `i` in zone `zones[i]`.
     pub fn start_zoned(bin: &str, zones: &[&str]) -> Cluster {
+        Cluster::start_inner(bin, zones, None)
+    }
+
+    /// Starts `n` nodes, each with a Docker daemon of its own in its
+    /// namespace (its containers publish on the node's address), `image`
+    /// (a tag of the host daemon) loaded into each, and the agents pointed
+    /// at their node's daemon (`DOCKER_HOST`).
+    pub fn start_docker(bin: &str, n: usize, image: &str) -> Cluster {
+        Cluster::start_inner(bin, &vec!["default"; n], Some(image))
+    }
+
+    fn start_inner(bin: &str, zones: &[&str], docker_image: Option<&str>) -> Cluster {
         let n = zones.len();
         assert!(n <= MAX_NODES, "at most {MAX_NODES} nodes");
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
@@ -197,6 +212,7 @@ impl Cluster {
                 zone: zones[i - 1].to_string(),
                 node_file,
                 etcd_dir: base.join("etcd"),
+                docker: None,
             });
         }
         let initial: Vec<String> = c.nodes.iter().map(|nd| format!("{}=http://{}", nd.name, nd.etcd_peer())).collect();
@@ -215,6 +231,18 @@ impl Cluster {
         for nd in &mut c.nodes {
             let client = nd.etcd_client();
             crate::etcd::wait_healthy(nd.etcd.as_mut().expect("etcd"), client, &nd.etcd_dir);
+        }
+        if let Some(image) = docker_image {
+            let tar = c._dir.0.join("image.tar");
+            let (code, _, err) = crate::docker(&["save", "-o", &tar.to_string_lossy(), image]);
+            assert_eq!(code, 0, "docker save {image}: {err}");
+            for nd in &mut c.nodes {
+                let base = nd.node_file.parent().expect("node dir").to_path_buf();
+                let socket = crate::docker::start_daemon(&nd.ns, &base.join("docker"));
+                let (code, _, err) = crate::docker::docker_at(Some(&socket), &["load", "-i", &tar.to_string_lossy()]);
+                assert_eq!(code, 0, "loading {image} into {}'s daemon: {err}", nd.name);
+                nd.docker = Some(socket);
+            }
         }
         for i in 0..n {
             c.start_agent(i);
@@ -238,10 +266,13 @@ impl Cluster {
         let nd = &mut self.nodes[i];
         nd.agent = None;
         let ip = nd.ip.to_string();
-        let args = [
-            "netns",
-            "exec",
-            &nd.ns,
+        let docker_host =
+            format!("DOCKER_HOST=unix://{}", nd.docker.as_ref().map_or(String::new(), |s| s.display().to_string()));
+        let mut args = vec!["netns", "exec", &nd.ns];
+        if nd.docker.is_some() {
+            args.extend(["env", &docker_host]);
+        }
+        let rest = [
             &self.bin,
             "agent",
             "--store",
@@ -260,7 +291,7 @@ impl Cluster {
             &nd.data_dir.to_string_lossy(),
         ]
         .map(str::to_string);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(rest.iter().map(String::as_str));
         let dir = nd.node_file.parent().expect("node dir").to_path_buf();
         let h = Halo::start("ip", &args, &dir).unwrap_or_else(|e| panic!("agent {} did not start: {e}", nd.name));
         nd.agent = Some(h);
@@ -292,10 +323,13 @@ impl Cluster {
         serde_json::from_str(&out).ok()
     }
 
-    /// kill -9 of every process of node `i`: etcd member, agent, instances.
+    /// kill -9 of every process of node `i`: etcd member, agent, instances
+    /// (and its containers and Docker daemon, when it has one).
     pub fn kill_node(&mut self, i: usize) {
         let nd = &mut self.nodes[i];
-        signal_all(&netns_pids(&nd.ns), nix::sys::signal::Signal::SIGKILL);
+        let mut pids = nd.docker.as_deref().map(crate::docker::container_pids).unwrap_or_default();
+        pids.extend(netns_pids(&nd.ns));
+        signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
         if let Some(mut e) = nd.etcd.take() {
             let _ = e.wait();
         }
@@ -404,7 +438,13 @@ impl Drop for Cluster {
         for nd in &mut self.nodes {
             nd.agent = None;
         }
+        for socket in self.nodes.iter().filter_map(|nd| nd.docker.as_deref()) {
+            signal_all(&crate::docker::container_pids(socket), nix::sys::signal::Signal::SIGKILL);
+        }
         teardown(self.k);
+        // What the nodes' daemons mounted (image layers) goes before the
+        // scratch directory does.
+        crate::docker::unmount_under(&self._dir.0);
         for nd in &mut self.nodes {
             if let Some(mut e) = nd.etcd.take() {
                 let _ = e.kill();

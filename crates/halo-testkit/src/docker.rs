@@ -8,9 +8,18 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Runs `docker ARGS`; exit code, stdout, stderr.
+/// Runs `docker ARGS` against the host's daemon; exit code, stdout, stderr.
 pub fn docker(args: &[&str]) -> (i32, String, String) {
-    match Command::new("docker").args(args).stdin(Stdio::null()).output() {
+    docker_at(None, args)
+}
+
+/// Runs `docker ARGS` against the daemon at `socket` (default: the host's).
+pub fn docker_at(socket: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new("docker");
+    if let Some(s) = socket {
+        cmd.arg("-H").arg(format!("unix://{}", s.display()));
+    }
+    match cmd.args(args).stdin(Stdio::null()).output() {
         Ok(o) => (
             o.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&o.stdout).trim().to_string(),
@@ -49,6 +58,75 @@ pub fn remove_containers_of(dir: &Path) {
         let mut args = vec!["rm", "-f"];
         args.extend(ids.iter().map(String::as_str));
         docker(&args);
+    }
+}
+
+/// Starts a Docker daemon inside the network namespace `ns` (entered with
+/// nsenter, which keeps the host's mounts: the daemon needs the cgroup
+/// tree) with its state under `dir`; its socket once it answers.
+pub fn start_daemon(ns: &str, dir: &Path) -> std::path::PathBuf {
+    for sub in ["root", "exec"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("docker dir");
+    }
+    let socket = dir.join("docker.sock");
+    let config = dir.join("daemon.json");
+    // The host daemon's storage driver (fuse-overlayfs here), so layers work where it works.
+    let (_, driver, _) = docker(&["info", "--format", "{{.Driver}}"]);
+    std::fs::write(&config, format!("{{\"storage-driver\": \"{driver}\", \"log-driver\": \"json-file\"}}"))
+        .expect("daemon.json");
+    let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+    let ok = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["setsid", "--fork", "dockerd", "--config-file"])
+        .arg(&config)
+        .arg("--data-root")
+        .arg(dir.join("root"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("docker.pid"))
+        .arg("-H")
+        .arg(format!("unix://{}", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "starting dockerd in {ns} failed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while docker_at(Some(&socket), &["info", "--format", "{{.ServerVersion}}"]).0 != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dockerd in {ns} did not answer within 30s; see {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    socket
+}
+
+/// Host pids of the main processes of the daemon's running containers.
+pub fn container_pids(socket: &Path) -> Vec<i32> {
+    let (_, ids, _) = docker_at(Some(socket), &["ps", "-q"]);
+    let ids: Vec<&str> = ids.lines().collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let mut args = vec!["inspect", "--format", "{{.State.Pid}}"];
+    args.extend(ids);
+    let (_, pids, _) = docker_at(Some(socket), &args);
+    pids.lines().filter_map(|p| p.trim().parse().ok()).filter(|p| *p > 0).collect()
+}
+
+/// Lazily unmounts everything mounted under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    let mut points: Vec<&str> =
+        mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|p| p.starts_with(&prefix)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", p]).status();
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use backend::{Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use cluster::{Cluster, ClusterNode};
-pub use docker::{containers_labelled, docker, docker_available, remove_containers_of, DemoImage, Volume};
+pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};
 pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};

@@ -5,7 +5,9 @@
 //! a failed attempt on another node; the record must show zero failed
 //! requests. A watch on the store checks that only one leader wrote at a
 //! time (fencing tokens never go back) and that no instance was placed on
-//! two nodes. Recovery times are printed (`--no-capture` to see them).
+//! two nodes. Recovery times are printed (`--no-capture` to see them). One
+//! test gives each node its own Docker daemon (in the node's namespace)
+//! and moves a docker service off a killed node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -693,4 +695,74 @@ async fn a_backup_taken_anywhere_runs_each_hook_where_an_instance_is_ready() {
         c.nodes[ask].name
     );
     println!("backup taken on {} ran solo's hook on {runs_on}", c.nodes[ask].name);
+}
+
+/// A docker service on three nodes, each with its own Docker daemon in its
+/// namespace: a node killed (its containers, daemon, agent and etcd member
+/// with it) has its instances rescheduled onto the others' daemons, and
+/// the load sees no failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_service_is_rescheduled_off_a_killed_node() {
+    if !halo_testkit::docker_available("docker service on the cluster") {
+        return;
+    }
+    let image = halo_testkit::DemoImage::build(BIN, &[&format!("halo-test-cluster:{}", std::process::id())]).unwrap();
+    let tag = image.tags[0].clone();
+    let mut c = tokio::task::spawn_blocking(move || Cluster::start_docker(BIN, 3, &tag)).await.unwrap();
+    let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
+    until(&store, Instant::now(), Duration::from_secs(15), "three nodes and a leader", |st| {
+        st.nodes.len() == 3 && st.leader.is_some()
+    })
+    .await;
+    let svc = service(3).replace(
+        "command = \"halo\"\nargs = [\"demo-app\"]",
+        &format!(
+            "driver = \"docker\"\nimage = \"{}\"\npull = \"never\"\nport = 8080\nargs = [\"demo-app\"]",
+            image.tags[0]
+        ),
+    );
+    let dir = halo_testkit::TempDir::new("svc");
+    let f = dir.write("web.toml", &svc);
+    let (code, out, err) = c.cli(0, &["apply", "-f", &f.to_string_lossy()]);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    until(&store, Instant::now(), Duration::from_secs(60), "web ready in containers", |st| {
+        ready_elsewhere(st, None) == 3
+    })
+    .await;
+    // Each node's daemon runs exactly the instances assigned to the node.
+    let containers_on = |c: &Cluster, i: usize| {
+        let (_, out, _) =
+            halo_testkit::docker_at(c.nodes[i].docker.as_deref(), &["ps", "--format", "{{.Label \"halo.instance\"}}"]);
+        let mut ids: Vec<String> = out.lines().map(str::to_string).collect();
+        ids.sort();
+        ids
+    };
+    let assigned_to = |st: &ClusterState, node: &str| {
+        let mut ids: Vec<String> =
+            st.assignments.values().filter(|a| a.placement.node == node).map(|a| a.placement.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let st = state_now(&store).await;
+    for i in 0..3 {
+        assert_eq!(containers_on(&c, i), assigned_to(&st, &c.nodes[i].name), "node {i}'s containers");
+    }
+    let v = (leader_index(&c, &st) + 1) % 3;
+    let name = c.nodes[v].name.clone();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    c.kill_node(v);
+    let moved =
+        until(&store, t0, Duration::from_secs(60), "the killed node's instances in containers elsewhere", |st| {
+            !st.endpoints.values().any(|(_, e)| e.node == name) && ready_elsewhere(st, Some(&name)) == 3
+        })
+        .await;
+    println!("docker node killed: 3 instances ready elsewhere after {moved:?}");
+    let report = l.finish().await;
+    assert_no_failures("kill -9 of a docker node", &report);
+    let st = state_now(&store).await;
+    for i in (0..3).filter(|i| *i != v) {
+        assert_eq!(containers_on(&c, i), assigned_to(&st, &c.nodes[i].name), "node {i}'s containers after the move");
+    }
 }
