@@ -36,12 +36,22 @@ fn main() {
         revision: 1,
         nodes: (0..nodes)
             .map(|i| {
-                let info = NodeInfo { zone: format!("z{}", i % 3), capacity: 200, draining: false };
+                let info = NodeInfo {
+                    zone: format!("z{}", i % 3),
+                    capacity: 200,
+                    draining: false,
+                    drivers: vec!["exec".into()],
+                };
                 (format!("n{i:04}"), info)
             })
             .collect(),
         services: (0..services)
-            .map(|i| (format!("svc{i:05}"), ServiceWant { replicas, template: "t1".into(), canary: None }))
+            .map(|i| {
+                (
+                    format!("svc{i:05}"),
+                    ServiceWant { replicas, template: "t1".into(), driver: "exec".into(), canary: None },
+                )
+            })
             .collect(),
         placements: BTreeMap::new(),
         ready: BTreeSet::new(),

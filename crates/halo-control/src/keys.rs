@@ -134,6 +134,15 @@ pub struct NodeRecord {
     pub capacity: u32,
     /// The node's admin API.
     pub api: SocketAddr,
+    /// The drivers that answer on the node (`exec`, `docker`), checked
+    /// every few seconds. A record without them is of a node that runs
+    /// only processes.
+    #[serde(default = "exec_only")]
+    pub drivers: Vec<String>,
+}
+
+fn exec_only() -> Vec<String> {
+    vec!["exec".into()]
 }
 
 /// What operators set on a node; outlives the node's lease, so a node that

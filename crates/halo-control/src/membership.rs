@@ -52,6 +52,8 @@ pub struct Membership {
     pub counters: ClusterCounters,
     /// Set by [`Membership::leave`]: no lease is renewed or granted again.
     leaving: std::sync::atomic::AtomicBool,
+    /// The drivers that answer here, as the node record says.
+    drivers: Mutex<Vec<String>>,
 }
 
 impl Membership {
@@ -66,6 +68,33 @@ impl Membership {
             max_token: AtomicI64::new(0),
             counters: ClusterCounters::default(),
             leaving: Default::default(),
+            drivers: Mutex::new(vec!["exec".into()]),
+        }
+    }
+
+    /// Keeps the node record's drivers in step with what answers (a
+    /// Docker daemon stopped or started), every few seconds.
+    pub async fn follow_drivers(self: std::sync::Arc<Self>, drivers: halo_supervisor::Drivers) {
+        while !self.leaving.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            self.set_drivers(drivers.available().await).await;
+        }
+    }
+
+    /// Records which drivers answer here; a change rewrites the node
+    /// record (under the node lease, when there is one).
+    pub async fn set_drivers(&self, drivers: Vec<String>) {
+        {
+            let mut now = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+            if *now == drivers {
+                return;
+            }
+            tracing::info!(node = %self.cfg.node, ?drivers, "drivers answering on this node");
+            *now = drivers;
+        }
+        let Some(lease) = *self.lease.lock().unwrap_or_else(|e| e.into_inner()) else { return };
+        if let Err(e) = self.store.put(&node_key(&self.cfg.node), self.record(), Some(lease)).await {
+            tracing::warn!(error = %e, "updating the node record's drivers failed");
         }
     }
 
@@ -112,6 +141,7 @@ impl Membership {
             zone: self.cfg.zone.clone(),
             capacity: self.cfg.capacity,
             api: self.api,
+            drivers: self.drivers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         serde_json::to_vec(&r).expect("a node record encodes")
     }

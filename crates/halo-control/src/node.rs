@@ -145,11 +145,13 @@ impl Node {
         if opts.exclusive_store {
             m.reclaim().await?;
         }
+        let drivers = Drivers::new(&opts.halo_exe, &opts.data_dir, &opts.cluster.node);
+        m.set_drivers(drivers.available().await).await;
         m.register().await?;
         let view = View::start(store.clone()).await?;
         let env = Arc::new(Env {
             logs_dir: opts.data_dir.join("logs"),
-            drivers: Drivers::new(&opts.halo_exe, &opts.data_dir, &opts.cluster.node),
+            drivers: drivers.clone(),
             log_cap: 10 << 20,
             host: opts.bind,
         });
@@ -173,6 +175,7 @@ impl Node {
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         tokio::spawn(m.clone().run_lease());
+        tokio::spawn(m.clone().follow_drivers(drivers));
         tokio::spawn(crate::leader::run_election(m, view));
         tokio::spawn(reconcile::run(node.r.clone()));
         tokio::spawn(reconcile::publish_stats(node.r.clone()));

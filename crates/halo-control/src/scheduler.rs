@@ -13,7 +13,11 @@
 //!   replacement at once;
 //! - new placements go where the service has the fewest placements in the
 //!   zone, then on the node, then where the node has the fewest in all,
-//!   then by node name; a node at capacity or draining takes none;
+//!   then by node name; a node at capacity or draining takes none, nor
+//!   one whose driver for the service (`run.driver`) does not answer,
+//!   unless no live node's does (then the instances say why they cannot
+//!   start); a placement on a node whose driver stopped answering is
+//!   displaced while another node's answers;
 //! - scaling down removes the not-ready first, then from the most crowded
 //!   node; nothing healthy is moved otherwise (a returning node is not
 //!   rebalanced onto).
@@ -31,6 +35,8 @@ pub struct NodeInfo {
     /// Most placements the node takes, over all services.
     pub capacity: u32,
     pub draining: bool,
+    /// The drivers that answer on the node.
+    pub drivers: Vec<String>,
 }
 
 /// What a service asks for.
@@ -39,6 +45,8 @@ pub struct ServiceWant {
     pub replicas: u32,
     /// Placements with another template are replaced.
     pub template: String,
+    /// The driver the template runs on (`run.driver`).
+    pub driver: String,
     /// During a canary: this many placements of the canary's template
     /// besides `replicas` of `template` (the stable one keeps its capacity).
     pub canary: Option<CanaryWant>,
@@ -47,6 +55,7 @@ pub struct ServiceWant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CanaryWant {
     pub template: String,
+    pub driver: String,
     pub replicas: u32,
     /// Only these nodes take canary placements (empty: any).
     pub nodes: Vec<String>,
@@ -113,6 +122,7 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         }
     }
     let any_draining = nodes.values().any(|n| n.draining);
+    let answering: BTreeSet<&str> = nodes.values().flat_map(|n| n.drivers.iter().map(String::as_str)).collect();
     let mut fleet = Fleet::new(nodes, load);
     let mut seq = 0u32;
     for (name, want) in &snap.services {
@@ -120,11 +130,17 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         if let Some(c) = &want.canary {
             let canary: Vec<&Placement>;
             (canary, mine) = mine.into_iter().partition(|p| p.template == c.template);
-            let ctx = CanaryPass { snap, name, want: c, others: &mine };
+            let ctx = CanaryPass { snap, name, want: c, others: &mine, strict: answering.contains(c.driver.as_str()) };
             ctx.plan(canary, &mut fleet, &mut plan, &mut seq);
         }
-        let displaced =
-            |p: &Placement| p.template != want.template || (any_draining && fleet.nodes[p.node.as_str()].draining);
+        // Nodes whose driver answers, when any does.
+        let strict = answering.contains(want.driver.as_str());
+        let runs = |fleet: &Fleet, node: &str| !strict || fleet.nodes[node].drivers.contains(&want.driver);
+        let displaced = |p: &Placement| {
+            p.template != want.template
+                || (any_draining && fleet.nodes[p.node.as_str()].draining)
+                || !runs(&fleet, &p.node)
+        };
         let (old, mut keep): (Vec<&Placement>, Vec<&Placement>) = mine.into_iter().partition(|p| displaced(p));
         let target = want.replicas as usize;
         let is_ready = |p: &Placement| snap.ready.contains(&p.id);
@@ -151,7 +167,7 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         let mut placed_here: Vec<Placement> = Vec::new();
         for _ in 0..adds {
             let counted = keep.iter().copied().chain(placed_here.iter());
-            let Some(node) = fleet.pick(counted) else {
+            let Some(node) = fleet.pick_where(counted, |n| runs(&fleet, n)) else {
                 *plan.unplaced.entry(name.clone()).or_insert(0) += (missing - placed_here.len()) as u32;
                 break;
             };
@@ -195,14 +211,18 @@ struct CanaryPass<'s> {
     name: &'s str,
     want: &'s CanaryWant,
     others: &'s [&'s Placement],
+    /// Only nodes whose driver for the canary answers (some node's does).
+    strict: bool,
 }
 
 impl CanaryPass<'_> {
     /// Whether `node` may take a canary placement.
     fn allowed(&self, node: &str) -> bool {
         let w = self.want;
+        let info = self.snap.nodes.get(node);
         (w.nodes.is_empty() || w.nodes.iter().any(|n| n == node))
-            && w.zone.as_ref().is_none_or(|z| self.snap.nodes.get(node).is_some_and(|i| &i.zone == z))
+            && w.zone.as_ref().is_none_or(|z| info.is_some_and(|i| &i.zone == z))
+            && (!self.strict || info.is_some_and(|i| i.drivers.contains(&w.driver)))
     }
 
     fn plan<'a>(&self, mut keep: Vec<&'a Placement>, fleet: &mut Fleet<'a>, plan: &mut Plan, seq: &mut u32) {
@@ -278,14 +298,9 @@ impl<'a> Fleet<'a> {
     }
 
     /// The node for one more placement of a service whose placements are
-    /// `counted`: fewest of the service in the zone, then on the node, then
-    /// the least loaded node, then by name. `None` when every node is full
-    /// or draining.
-    fn pick<'p>(&self, counted: impl Iterator<Item = &'p Placement>) -> Option<&'a str> {
-        self.pick_where(counted, |_| true)
-    }
-
-    /// [`Fleet::pick`] among the nodes `allowed` accepts.
+    /// `counted`, among the nodes `allowed` accepts: fewest of the service
+    /// in the zone, then on the node, then the least loaded node, then by
+    /// name. `None` when every such node is full or draining.
     fn pick_where<'p>(
         &self,
         counted: impl Iterator<Item = &'p Placement>,

@@ -248,25 +248,35 @@ impl ClusterState {
                 .values()
                 .map(|n| {
                     let draining = self.admin.get(&n.name).is_some_and(|a| a.draining);
-                    (n.name.clone(), NodeInfo { zone: n.zone.clone(), capacity: n.capacity, draining })
+                    let info =
+                        NodeInfo { zone: n.zone.clone(), capacity: n.capacity, draining, drivers: n.drivers.clone() };
+                    (n.name.clone(), info)
                 })
                 .collect(),
             services: self
                 .services
                 .iter()
                 .map(|(n, s)| {
+                    let driver = |t: &str| s.spec_for(t).unwrap_or(&s.spec).run.driver.name().to_string();
                     let want = match self.canary(n) {
                         Some(c) => ServiceWant {
                             replicas: s.spec.replicas,
+                            driver: driver(&c.stable_template),
                             template: c.stable_template,
                             canary: Some(CanaryWant {
+                                driver: driver(&c.canary_template),
                                 template: c.canary_template,
                                 replicas: c.replicas,
                                 nodes: s.spec.release.canary_nodes.clone(),
                                 zone: s.spec.release.canary_zone.clone(),
                             }),
                         },
-                        None => ServiceWant { replicas: s.spec.replicas, template: s.template.clone(), canary: None },
+                        None => ServiceWant {
+                            replicas: s.spec.replicas,
+                            template: s.template.clone(),
+                            driver: driver(&s.template),
+                            canary: None,
+                        },
                     };
                     (n.clone(), want)
                 })

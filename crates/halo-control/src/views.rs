@@ -34,6 +34,8 @@ pub struct NodeView {
     pub leader: bool,
     pub placements: usize,
     pub ready: usize,
+    /// The drivers that answer on it (`exec`, `docker`).
+    pub drivers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +79,7 @@ impl ClusterView {
                     leader: leader.as_ref() == Some(name),
                     placements: ids.len(),
                     ready: ids.iter().filter(|id| st.endpoints.contains_key(**id)).count(),
+                    drivers: rec.map(|r| r.drivers.clone()).unwrap_or_default(),
                 }
             })
             .collect();

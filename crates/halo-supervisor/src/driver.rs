@@ -60,6 +60,20 @@ pub trait Workload: Send {
     async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit;
 }
 
+/// Waits `grace` for a run told to stop to end, then kills it (SIGKILL)
+/// and waits for that.
+pub(crate) async fn wait_or_kill<W: Workload + ?Sized>(w: &mut W, grace: Duration) -> Exit {
+    match tokio::time::timeout(grace, w.wait()).await {
+        Ok(exit) => exit,
+        Err(_) => {
+            w.signal(Signal::SIGKILL).await;
+            let mut exit = w.wait().await;
+            exit.detail = format!("killed after the {grace:?} grace period");
+            exit
+        }
+    }
+}
+
 /// Starts and adopts workloads. One per kind of runtime, shared by every
 /// instance of a node.
 #[async_trait]
@@ -78,6 +92,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Ends the run `handle` names at once (its service is gone); a run
     /// already gone is fine.
     async fn remove(&self, handle: &Handle);
+
+    /// Whether the driver can run anything now (the docker daemon
+    /// answers); the node advertises the ones that do, for placement.
+    async fn available(&self) -> bool;
 
     /// Removes every run of this node's halo that none of `known` names
     /// (left by a halo that died before it recorded them).
@@ -119,5 +137,16 @@ impl Drivers {
 
     pub fn all(&self) -> [&Arc<dyn Driver>; 2] {
         [&self.exec, &self.docker]
+    }
+
+    /// The names of the drivers that answer now.
+    pub async fn available(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for d in self.all() {
+            if d.available().await {
+                names.push(d.name().to_string());
+            }
+        }
+        names
     }
 }

@@ -68,6 +68,10 @@ impl Driver for ExecDriver {
         Some(Box::new(p))
     }
 
+    async fn available(&self) -> bool {
+        true
+    }
+
     async fn remove(&self, handle: &Handle) {
         if alive(handle.pid, handle.start_time) {
             let _ = killpg(Pid::from_raw(handle.pid), Signal::SIGKILL);
@@ -181,15 +185,7 @@ impl Workload for Proc {
     async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit {
         self.signal(sig).await;
         self.signal(Signal::SIGCONT).await;
-        let exit = match tokio::time::timeout(grace, self.wait()).await {
-            Ok(exit) => exit,
-            Err(_) => {
-                self.signal(Signal::SIGKILL).await;
-                let mut exit = self.wait().await;
-                exit.detail = format!("killed after the {grace:?} grace period");
-                exit
-            }
-        };
+        let exit = crate::driver::wait_or_kill(self, grace).await;
         // Whatever the process left behind in its group goes with it.
         self.signal(Signal::SIGKILL).await;
         exit

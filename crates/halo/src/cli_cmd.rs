@@ -201,16 +201,17 @@ fn nodes_table(c: &serde_json::Value) -> String {
         c["node"].as_str().unwrap_or("?")
     );
     out.push_str(&format!(
-        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} LEASE\n",
-        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED", "READY"
+        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {:<18} DRIVERS\n",
+        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED", "READY", "LEASE"
     ));
     for n in c["nodes"].as_array().cloned().unwrap_or_default() {
         let mut state = if n["draining"].as_bool() == Some(true) { "draining" } else { "active" }.to_string();
         if n["leader"].as_bool() == Some(true) {
             state.push('*');
         }
+        let drivers: Vec<&str> = n["drivers"].as_array().into_iter().flatten().filter_map(|d| d.as_str()).collect();
         out.push_str(&format!(
-            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {}\n",
+            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {:<18} {}\n",
             n["name"].as_str().unwrap_or("?"),
             n["addr"].as_str().unwrap_or("-"),
             n["zone"].as_str().unwrap_or("-"),
@@ -218,7 +219,8 @@ fn nodes_table(c: &serde_json::Value) -> String {
             state,
             n["placements"].to_string(),
             n["ready"].to_string(),
-            n["lease"].as_str().unwrap_or("-")
+            n["lease"].as_str().unwrap_or("-"),
+            if drivers.is_empty() { "-".to_string() } else { drivers.join(",") }
         ));
     }
     out

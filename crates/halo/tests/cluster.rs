@@ -714,6 +714,8 @@ async fn a_docker_service_is_rescheduled_off_a_killed_node() {
         st.nodes.len() == 3 && st.leader.is_some()
     })
     .await;
+    let (_, out, _) = c.cli(0, &["node", "list"]);
+    assert_eq!(out.lines().filter(|l| l.trim_end().ends_with(" exec,docker")).count(), 3, "drivers per node:\n{out}");
     let svc = service(3).replace(
         "command = \"halo\"\nargs = [\"demo-app\"]",
         &format!(

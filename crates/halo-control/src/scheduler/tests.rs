@@ -3,7 +3,7 @@
 use super::*;
 
 fn node(zone: &str, capacity: u32) -> NodeInfo {
-    NodeInfo { zone: zone.into(), capacity, draining: false }
+    NodeInfo { zone: zone.into(), capacity, draining: false, drivers: vec!["exec".into()] }
 }
 
 fn snap(nodes: &[(&str, &str, u32)], services: &[(&str, u32, &str)]) -> Snapshot {
@@ -12,7 +12,12 @@ fn snap(nodes: &[(&str, &str, u32)], services: &[(&str, u32, &str)]) -> Snapshot
         nodes: nodes.iter().map(|(n, z, c)| (n.to_string(), node(z, *c))).collect(),
         services: services
             .iter()
-            .map(|(s, r, t)| (s.to_string(), ServiceWant { replicas: *r, template: t.to_string(), canary: None }))
+            .map(|(s, r, t)| {
+                (
+                    s.to_string(),
+                    ServiceWant { replicas: *r, template: t.to_string(), driver: "exec".into(), canary: None },
+                )
+            })
             .collect(),
         ..Default::default()
     }
@@ -80,12 +85,39 @@ fn a_dead_node_is_rescheduled_and_nothing_else_moves() {
 }
 
 #[test]
+fn a_service_goes_only_where_its_driver_answers_unless_none_does() {
+    let mut s = snap(&[("a", "z", 10), ("b", "z", 10), ("c", "z", 10)], &[("web", 4, "t1")]);
+    s.services.get_mut("web").unwrap().driver = "docker".into();
+    // No node's docker answers: placed anyway, to say why they cannot start.
+    converge(&mut s);
+    assert_eq!(s.placements.len(), 4);
+    for n in ["b", "c"] {
+        s.nodes.get_mut(n).unwrap().drivers.push("docker".into());
+    }
+    // Once some node's does, the others' placements move there.
+    converge(&mut s);
+    let on = |s: &Snapshot, n: &str| s.placements.values().filter(|p| p.node == n).count();
+    assert_eq!((on(&s, "a"), on(&s, "b"), on(&s, "c")), (0, 2, 2), "{:?}", s.placements);
+    // A node whose daemon stops answering loses its placements to the rest.
+    s.nodes.get_mut("b").unwrap().drivers.retain(|d| d == "exec");
+    converge(&mut s);
+    assert_eq!((on(&s, "a"), on(&s, "b"), on(&s, "c")), (0, 0, 4));
+    // An exec service is not held to docker nodes.
+    s.services
+        .insert("job".into(), ServiceWant { replicas: 3, template: "j".into(), driver: "exec".into(), canary: None });
+    converge(&mut s);
+    let job_on_a = s.placements.values().filter(|p| p.service == "job" && p.node == "a").count();
+    assert!(job_on_a >= 1, "{:?}", s.placements);
+}
+
+#[test]
 fn a_canary_goes_beside_stable_only_where_allowed_and_leaves_with_its_want() {
     let mut s = snap(&[("n1", "a", 10), ("n2", "b", 10), ("n3", "b", 10)], &[("web", 3, "t1")]);
     converge(&mut s);
     let stable = s.placements.clone();
     let want = |nodes: &[&str], zone: Option<&str>, replicas| CanaryWant {
         template: "t2".into(),
+        driver: "exec".into(),
         replicas,
         nodes: nodes.iter().map(|n| n.to_string()).collect(),
         zone: zone.map(str::to_string),
@@ -211,7 +243,7 @@ fn property_converges_spread_even_never_twice_deterministic() {
         for i in 0..1 + rng.next(4) {
             s.services.insert(
                 format!("s{i}"),
-                ServiceWant { replicas: rng.next(8) as u32, template: "t".into(), canary: None },
+                ServiceWant { replicas: rng.next(8) as u32, template: "t".into(), driver: "exec".into(), canary: None },
             );
         }
         // Some history: converge, then a random fault or change.

@@ -248,6 +248,11 @@ impl Driver for DockerDriver {
         self.workload(id.to_string(), inst, log, since).await.ok().map(|c| Box::new(c) as Box<dyn Workload>)
     }
 
+    async fn available(&self) -> bool {
+        let ping = self.api.call(Method::GET, "/_ping", None);
+        matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)))
+    }
+
     async fn remove(&self, handle: &Handle) {
         if let Some(id) = &handle.container {
             if let Err(e) = self.remove_container(id).await {
@@ -383,15 +388,7 @@ impl Workload for Container {
 
     async fn stop(&mut self, sig: Signal, grace: Duration) -> Exit {
         self.signal(sig).await;
-        let exit = match tokio::time::timeout(grace, self.wait()).await {
-            Ok(exit) => exit,
-            Err(_) => {
-                self.signal(Signal::SIGKILL).await;
-                let mut exit = self.wait().await;
-                exit.detail = format!("killed after the {grace:?} grace period");
-                exit
-            }
-        };
+        let exit = crate::driver::wait_or_kill(self, grace).await;
         if let Err(e) = self.api.call(Method::DELETE, &format!("/containers/{}?force=1", self.id), None).await {
             if !e.is_not_found() {
                 tracing::warn!(container = %self.id, error = %e, "removing the stopped container failed");
