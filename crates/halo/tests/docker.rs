@@ -1,9 +1,9 @@
 //! The docker driver through the real binary and a real Docker Engine:
 //! an image of this halo binary (no registry), `halo up` with docker
 //! services, `docker kill` under load, kill -9 of halo and adoption by
-//! container id, a daemon restart, a rolling update between image tags,
-//! limits in the container's cgroup, an OOM kill named in status, and the
-//! bad inputs. Every container, image and volume a test makes is removed
+//! container id, a daemon restart, a rolling update between image tags
+//! and scaling, limits in the container's cgroup, an OOM kill named in
+//! status, hooks and exec probes inside the container, and the bad inputs. Every container, image and volume a test makes is removed
 //! (the harness removes containers labelled with its data dir on drop).
 //! Where no daemon answers, each test says so and skips (fails with
 //! `HALO_REQUIRE_DOCKER=1`).
@@ -281,6 +281,15 @@ async fn a_rolling_update_between_image_tags_under_load_fails_no_request() {
     println!("rolling update {v1} -> {v2}: {} ok, {} failed", report.ok, report.failed.len());
     assert!(report.failed.is_empty(), "{} failed, first: {:?}", report.failed.len(), report.failed.first());
     eventually(Duration::from_secs(10), "old containers removed", || async { containers_of(&h).len() == 2 }).await;
+    // Scaling adds and drains containers like processes.
+    assert_eq!(h.cli(&["scale", "web", "3"]).0, 0);
+    all_ready(&h, 3).await;
+    assert_eq!(h.cli(&["scale", "web", "1"]).0, 0);
+    all_ready(&h, 1).await;
+    eventually(Duration::from_secs(10), "scaled-away containers removed", || async {
+        containers_of(&h) == ready_containers(&h)
+    })
+    .await;
 }
 
 /// The cgroup file `name` of the process `pid` (v1 or v2 hierarchy).

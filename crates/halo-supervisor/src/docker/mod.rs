@@ -286,15 +286,28 @@ impl Driver for DockerDriver {
 }
 
 /// Copies the container's stdout and stderr into the instance log until
-/// the container ends.
-async fn copy_logs(api: Client, id: String, path: std::path::PathBuf, since: u64) {
-    let q = format!("/containers/{id}/logs?follow=1&stdout=1&stderr=1&since={since}");
-    let Ok(resp) = api.send(Method::GET, &q, None).await else { return };
+/// the container ends. A stream that ends while the container runs (the
+/// daemon restarted with live-restore) is followed again from then on.
+async fn copy_logs(api: Client, id: String, path: std::path::PathBuf, mut since: u64) {
     let Ok(mut file) = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await else { return };
-    let mut stream = Stream::new(resp);
-    while let Ok(Some((_, data))) = stream.next_frame().await {
-        if file.write_all(&data).await.is_err() {
-            return;
+    loop {
+        let q = format!("/containers/{id}/logs?follow=1&stdout=1&stderr=1&since={since}");
+        if let Ok(resp) = api.send(Method::GET, &q, None).await {
+            let mut stream = Stream::new(resp);
+            while let Ok(Some((_, data))) = stream.next_frame().await {
+                if file.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match api.call(Method::GET, &format!("/containers/{id}/json"), None).await {
+            Ok(info) if info.pointer("/State/Running").and_then(Value::as_bool) == Some(true) => {}
+            Ok(_) => return,
+            Err(e) if e.is_not_found() => return,
+            // The daemon is away: its return is waited for.
+            Err(_) => {}
         }
     }
 }
