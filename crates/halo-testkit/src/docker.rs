@@ -136,36 +136,17 @@ pub struct DemoImage {
 }
 
 impl DemoImage {
-    /// Builds the image once and tags it `TAG` for each of `tags`
-    /// (different tags, same content: a new template for a rollout).
+    /// Builds the image (`scripts/demo-image.sh`) and tags it with each of
+    /// `tags` (different tags, same content: a new template for a rollout).
     pub fn build(bin: &str, tags: &[&str]) -> anyhow::Result<DemoImage> {
-        let dir = crate::TempDir::new("image");
-        let root = dir.0.join("root");
-        std::fs::create_dir_all(&root)?;
-        let ok = Command::new("strip").arg("-o").arg(root.join("halo")).arg(bin).status()?.success();
-        if !ok {
-            std::fs::copy(bin, root.join("halo"))?;
-        }
-        let ldd = Command::new("ldd").arg(bin).output()?;
-        for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
-            let dest = root.join(lib.trim_start_matches('/'));
-            std::fs::create_dir_all(dest.parent().expect("a library path has a parent"))?;
-            std::fs::copy(lib, &dest)?;
-        }
-        std::fs::create_dir_all(root.join("tmp"))?;
-        // A static busybox (Debian's busybox-static), for commands run
-        // inside the container: hooks, exec probes.
-        if Path::new("/bin/busybox").exists() {
-            std::fs::create_dir_all(root.join("bin"))?;
-            std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-        }
-        let tar = dir.0.join("image.tar");
-        let ok = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status()?.success();
-        anyhow::ensure!(ok, "tar of the image root failed");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/demo-image.sh");
         let image = DemoImage { tags: tags.iter().map(|t| t.to_string()).collect() };
-        for tag in tags {
-            let (code, _, err) = docker(&["import", "--change", "ENTRYPOINT [\"/halo\"]", &tar.to_string_lossy(), tag]);
-            anyhow::ensure!(code == 0, "docker import {tag}: {err}");
+        let (first, rest) = tags.split_first().ok_or_else(|| anyhow::anyhow!("no tag given"))?;
+        let out = Command::new(script).args([bin, first]).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(out.status.success(), "{script} {bin} {first}: {}", String::from_utf8_lossy(&out.stderr));
+        for tag in rest {
+            let (code, _, err) = docker(&["tag", first, tag]);
+            anyhow::ensure!(code == 0, "docker tag {first} {tag}: {err}");
         }
         Ok(image)
     }

@@ -264,11 +264,17 @@ impl Driver for DockerDriver {
     async fn sweep(&self, known: &[Handle]) {
         let filters = json!({"label": [format!("{LABEL_DATA_DIR}={}", self.data_dir)]});
         let path = format!("/containers/json?all=1&filters={}", escape(&filters.to_string()));
-        let listing = match self.api.call(Method::GET, &path, None).await {
-            Ok(l) => l,
-            Err(ApiError::Unreachable { .. }) => return,
-            Err(e) => {
+        // A daemon that hangs does not hold up the node's start.
+        let listing = match tokio::time::timeout(Duration::from_secs(10), self.api.call(Method::GET, &path, None)).await
+        {
+            Ok(Ok(l)) => l,
+            Ok(Err(ApiError::Unreachable { .. })) => return,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "listing this node's containers failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("the Docker daemon did not list this node's containers within 10s; orphans stay");
                 return;
             }
         };
