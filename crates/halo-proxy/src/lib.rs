@@ -16,6 +16,7 @@
 
 mod admin;
 mod balance;
+mod bind;
 mod body;
 mod client;
 pub mod config;

@@ -47,32 +47,6 @@ impl Drain {
     }
 }
 
-/// A non-blocking listening socket; `reuse_port` lets several workers bind
-/// the same address.
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    if reuse_port {
-        socket.set_reuseport(true)?;
-    }
-    socket.bind(addr)?;
-    let std: std::net::TcpListener = socket.listen(4096)?.into_std()?;
-    std.set_nonblocking(true)?;
-    Ok(std)
-}
-
-/// Binds `addr` once per worker (`SO_REUSEPORT` when more than one); port 0
-/// resolves on the first socket and the others join it.
-pub fn bind_set(addr: SocketAddr, n: usize) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
-    let first = bind(addr, n > 1)?;
-    let local = first.local_addr()?;
-    let mut all = vec![first];
-    for _ in 1..n {
-        all.push(bind(local, true)?);
-    }
-    Ok((local, all))
-}
-
 /// What a worker is told to do.
 pub enum Command {
     /// Accept on this socket until `stop` flips.

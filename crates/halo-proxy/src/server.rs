@@ -11,8 +11,9 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::bind::{bind, bind_set, BoundSet, Claim};
 use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig};
-use crate::listener::{bind, bind_set, http_builder, Command, Drain, Worker};
+use crate::listener::{http_builder, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
 
 /// State shared by every connection of the proxy.
@@ -27,12 +28,14 @@ pub struct Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("bind listener '{name}' on {addr}: {source}")]
-    BindListener { name: String, addr: SocketAddr, source: std::io::Error },
-    #[error("bind admin listener on {addr}: {source}")]
-    BindAdmin { addr: SocketAddr, source: std::io::Error },
-    #[error("start a worker thread: {source}")]
-    StartWorker { source: std::io::Error },
+    // The io error is in the message (not a `source`), so it is printed
+    // once however the error is shown.
+    #[error("bind listener '{name}' on {addr}: {error}")]
+    BindListener { name: String, addr: SocketAddr, error: std::io::Error },
+    #[error("bind admin listener on {addr}: {error}")]
+    BindAdmin { addr: SocketAddr, error: std::io::Error },
+    #[error("start a worker thread: {error}")]
+    StartWorker { error: std::io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +46,8 @@ pub enum ReloadError {
     Invalid(#[from] ConfigErrors),
     #[error("the admin address changed ({0}); this needs a restart, the running config was kept")]
     AdminChanged(String),
-    #[error("bind new listener '{name}' on {addr}: {source}; the running config was kept")]
-    BindListener { name: String, addr: SocketAddr, source: std::io::Error },
+    #[error("bind new listener '{name}' on {addr}: {error}; the running config was kept")]
+    BindListener { name: String, addr: SocketAddr, error: std::io::Error },
     #[error("no upstream named '{0}'")]
     UnknownUpstream(String),
 }
@@ -70,6 +73,8 @@ struct ListenerHandle {
     configured: SocketAddr,
     bound: SocketAddr,
     stop: watch::Sender<bool>,
+    /// The hold on the address, released with the listener.
+    _claim: Option<Claim>,
 }
 
 impl Proxy {
@@ -88,16 +93,16 @@ impl Proxy {
         let n = sockets_per_listener(&config);
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let set = bind_set(l.addr, n).map_err(|source| ProxyError::BindListener {
+            let set = bind_set(l.addr, n).map_err(|error| ProxyError::BindListener {
                 name: l.name.clone(),
                 addr: l.addr,
-                source,
+                error,
             })?;
             bound.push((l, set));
         }
         let admin = match config.admin {
             Some(addr) => {
-                let err = |source| ProxyError::BindAdmin { addr, source };
+                let err = |error| ProxyError::BindAdmin { addr, error };
                 Some(TcpListener::from_std(bind(addr, false).map_err(err)?).map_err(err)?)
             }
             None => None,
@@ -126,7 +131,7 @@ impl Proxy {
                 halt: halt.subscribe(),
                 per_core: !config.work_stealing,
             };
-            threads.push(w.spawn(i, runtime).map_err(|source| ProxyError::StartWorker { source })?);
+            threads.push(w.spawn(i, runtime).map_err(|error| ProxyError::StartWorker { error })?);
             workers.push(tx);
         }
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -140,8 +145,8 @@ impl Proxy {
             listeners: Mutex::new(Vec::new()),
             admin_addr,
         });
-        for (l, (local, sockets)) in bound {
-            proxy.serve_listener(l, local, sockets);
+        for (l, set) in bound {
+            proxy.serve_listener(l, set);
         }
         if let Some(l) = admin {
             tracing::info!(addr = ?admin_addr, "admin listening");
@@ -151,14 +156,15 @@ impl Proxy {
     }
 
     /// Hands one socket of a listener to each worker.
-    fn serve_listener(&self, l: &ListenerConfig, bound: SocketAddr, sockets: Vec<std::net::TcpListener>) {
+    fn serve_listener(&self, l: &ListenerConfig, set: BoundSet) {
+        let BoundSet { local: bound, sockets, claim } = set;
         let (stop, _) = watch::channel(false);
         let name: Arc<str> = l.name.as_str().into();
         for (tx, socket) in self.workers.iter().zip(sockets) {
             let _ = tx.send(Command::Listen { name: name.clone(), socket, stop: stop.subscribe() });
         }
         tracing::info!(listener = %l.name, addr = %bound, "listening");
-        let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop };
+        let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop, _claim: claim };
         self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
     }
 
@@ -197,10 +203,10 @@ impl Proxy {
         };
         let mut added = Vec::new();
         for l in new.listeners.iter().filter(|l| !running.contains(&(l.name.clone(), l.addr))) {
-            let set = bind_set(l.addr, n).map_err(|source| ReloadError::BindListener {
+            let set = bind_set(l.addr, n).map_err(|error| ReloadError::BindListener {
                 name: l.name.clone(),
                 addr: l.addr,
-                source,
+                error,
             })?;
             added.push((l.clone(), set));
         }
@@ -216,8 +222,8 @@ impl Proxy {
                 keep
             });
         }
-        for (l, (local, sockets)) in added {
-            self.serve_listener(&l, local, sockets);
+        for (l, set) in added {
+            self.serve_listener(&l, set);
         }
         Ok(())
     }

@@ -397,3 +397,34 @@ async fn command_line_mode_balances_over_backends() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected IP:PORT"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_is_an_error_naming_the_holder_not_a_silent_share() {
+    let a = Backend::start("a").await;
+    let port = halo_testkit::free_addr().port();
+    let cfg = config("[proxy]\nworkers = 2", &eps(&[&a]))
+        .replace("listen = \"127.0.0.1:0\"\n[[routes]]", &format!("listen = \"127.0.0.1:{port}\"\n[[routes]]"));
+    let first = Halo::proxy(BIN, &cfg).unwrap();
+    assert_eq!(first.listeners["main"].port(), port);
+    // A second halo on the same address exits at once and says who has it.
+    let dir = TempDir::new("second");
+    let path = dir.write("proxy.toml", &cfg);
+    let out = std::process::Command::new(BIN).args(["proxy", "-c", &path.to_string_lossy()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second proxy started: {err}");
+    let want = format!("127.0.0.1:{port} is in use by pid {}", first.pid());
+    assert!(err.contains(&want) && err.contains("halo proxy"), "{err}");
+    // A program that is not halo holding the port is named the same way.
+    drop(first);
+    let other = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = std::process::Command::new(BIN).args(["proxy", "-c", &path.to_string_lossy()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port} is in use by pid {}", std::process::id())), "{err}");
+    drop(other);
+    // Every request reaches the one proxy that holds the port.
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let c = Client::new();
+    for _ in 0..20 {
+        assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 200);
+    }
+}
