@@ -143,6 +143,8 @@ pub struct BalanceSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_statuses: Option<Vec<u16>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub try_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout: Option<String>,

@@ -429,6 +429,12 @@ impl Checker<'_> {
         }
         let mut retry = RetryPolicy::default();
         retry.attempts = b.retries.unwrap_or(retry.attempts).min(10);
+        if let Some(t) = &b.try_timeout {
+            match values::TryTimeout::parse(t) {
+                Ok(t) => retry.try_timeout = t,
+                Err(e) => self.err("balance.try_timeout", e),
+            }
+        }
         if let Some(st) = &b.retry_statuses {
             if let Some(bad) = st.iter().find(|s| !(500..=599).contains(*s)) {
                 self.err("balance.retry_statuses", format!("{bad} is not accepted; retry statuses are 500 to 599"));

@@ -112,6 +112,18 @@ fn unknown_fields_and_syntax_errors_say_where() {
 }
 
 #[test]
+fn try_timeouts_parse() {
+    use values::TryTimeout;
+    assert_eq!(TryTimeout::parse("auto"), Ok(TryTimeout::Auto));
+    assert_eq!(TryTimeout::parse("300ms"), Ok(TryTimeout::Fixed(Duration::from_millis(300))));
+    assert_eq!(TryTimeout::parse("off"), Ok(TryTimeout::Off));
+    assert!(TryTimeout::parse("0").unwrap_err().contains("\"off\""));
+    let text = "name = \"web\"\n[run]\ncommand = \"/bin/app\"\n[balance]\ntry_timeout = \"soon\"\n";
+    let e = parse_service("x.toml", text).unwrap_err().to_string();
+    assert!(e.contains("balance.try_timeout") && e.contains("\"auto\""), "{e}");
+}
+
+#[test]
 fn a_docker_service_validates_and_reads_back() {
     let text = r#"
 name = "web"

@@ -64,6 +64,32 @@ pub struct RetryPolicy {
     pub budget_min_per_sec: u32,
     /// Request bodies up to this size are kept for replay.
     pub body_cap: usize,
+    /// How long one try of an idempotent, replayable request waits for the
+    /// response head before it is abandoned and retried elsewhere.
+    pub try_timeout: TryTimeout,
+}
+
+/// The per-try timeout: derived from the upstream's recent latency
+/// (`auto`), fixed, or off (a try waits the whole first-byte timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryTimeout {
+    Auto,
+    Fixed(Duration),
+    Off,
+}
+
+impl TryTimeout {
+    pub fn parse(s: &str) -> Result<TryTimeout, String> {
+        match s.trim() {
+            "auto" => Ok(TryTimeout::Auto),
+            "off" => Ok(TryTimeout::Off),
+            d => match parse_duration(d) {
+                Ok(d) if d.is_zero() => Err("0 is not accepted; use \"off\" to turn per-try timeouts off".into()),
+                Ok(d) => Ok(TryTimeout::Fixed(d)),
+                Err(e) => Err(format!("{e}; or \"auto\" (from the upstream's recent latency) or \"off\"")),
+            },
+        }
+    }
 }
 
 impl Default for RetryPolicy {
@@ -74,6 +100,7 @@ impl Default for RetryPolicy {
             budget_ratio: 0.2,
             budget_min_per_sec: 10,
             body_cap: 64 * 1024,
+            try_timeout: TryTimeout::Auto,
         }
     }
 }

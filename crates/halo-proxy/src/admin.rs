@@ -119,6 +119,18 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             rt.stats.retries_denied.load(Relaxed),
         );
     }
+    w.header(
+        "halo_route_try_timeouts_total",
+        "counter",
+        "Tries abandoned at their per-try timeout and retried on another endpoint, by route.",
+    );
+    for (name, rt) in &routes {
+        w.sample(
+            "halo_route_try_timeouts_total",
+            &format!("route=\"{}\"", escape(name)),
+            rt.stats.try_timeouts.load(Relaxed),
+        );
+    }
     w.header("halo_route_request_duration_seconds", "histogram", "Time to the response head, by route.");
     for (name, rt) in &routes {
         w.histogram("halo_route_request_duration_seconds", &format!("route=\"{}\"", escape(name)), &rt.stats.latency);

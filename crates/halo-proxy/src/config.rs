@@ -435,7 +435,16 @@ impl Validator<'_> {
         if attempts > 10 {
             self.err(line, field("attempts"), "accepted: 0 to 10 retries");
         }
+        let try_timeout = match rs.try_timeout.as_deref().map(halo_model::values::TryTimeout::parse) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                self.err(line, field("try_timeout"), e);
+                d.try_timeout
+            }
+            None => d.try_timeout,
+        };
         RetryPolicy {
+            try_timeout,
             attempts: attempts.min(10),
             statuses,
             budget_ratio: budget_ratio.clamp(0.0, 1.0),

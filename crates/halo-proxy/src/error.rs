@@ -26,6 +26,9 @@ pub enum ProxyError {
     Upstream(BoxError),
     #[error("upstream sent no response within {0:?}")]
     FirstByteTimeout(Duration),
+    /// One try of an idempotent request gave up at its per-try timeout.
+    #[error("upstream sent no response within the per-try timeout of {0:?}")]
+    TryTimeout(Duration),
     #[error("request exceeded its timeout of {0:?}")]
     RequestTimeout(Duration),
     #[error("reading the request body: {0}")]
@@ -43,7 +46,9 @@ impl ProxyError {
             // Queued for longer than the connect timeout: overloaded, as HAProxy says.
             ProxyError::Connect(ConnectError::PoolFull(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::NotSent(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::FirstByteTimeout(_) | ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::FirstByteTimeout(_) | ProxyError::TryTimeout(_) | ProxyError::RequestTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
@@ -55,13 +60,21 @@ impl ProxyError {
     pub fn retryable(&self, idempotent_and_replayable: bool) -> bool {
         match self {
             ProxyError::Connect(_) | ProxyError::NotSent(_) => true,
-            ProxyError::Upstream(_) | ProxyError::FirstByteTimeout(_) => idempotent_and_replayable,
+            ProxyError::Upstream(_) | ProxyError::FirstByteTimeout(_) | ProxyError::TryTimeout(_) => {
+                idempotent_and_replayable
+            }
             _ => false,
         }
     }
 
     /// Whether this counts against the endpoint's passive health.
     pub fn is_endpoint_failure(&self) -> bool {
-        matches!(self, ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::FirstByteTimeout(_))
+        matches!(
+            self,
+            ProxyError::Connect(_)
+                | ProxyError::Upstream(_)
+                | ProxyError::FirstByteTimeout(_)
+                | ProxyError::TryTimeout(_)
+        )
     }
 }

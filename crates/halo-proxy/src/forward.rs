@@ -29,6 +29,12 @@ use crate::upstream::Group;
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra tries on the same endpoint when a pooled connection turns out dead.
 const STALE_TRIES: usize = 3;
+/// `auto` per-try timeouts: this many times the upstream's recent p99 to
+/// the response head, at least `AUTO_FLOOR`; `AUTO_UNKNOWN` until there
+/// are samples.
+const AUTO_FACTOR: u32 = 4;
+const AUTO_FLOOR: Duration = Duration::from_millis(250);
+const AUTO_UNKNOWN: Duration = Duration::from_secs(1);
 
 /// Where a request came in (one per downstream connection).
 pub struct Downstream {
@@ -206,7 +212,14 @@ async fn attempts(
         out.tries = attempt + 1;
         let Some(body) = pending.as_ref().and_then(ProxyBody::replay).or_else(|| pending.take()) else { break };
         let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
-        match send(route, &ep, parts, body).await {
+        // A try that may be abandoned: the request is safe to replay and
+        // has somewhere else to go.
+        let per_try = if safe && attempt < policy.attempts && has_other(&group, &tried[..=attempt as usize]) {
+            per_try_timeout(policy.try_timeout, &group)
+        } else {
+            None
+        };
+        match send(route, &ep, &group, parts, body, per_try).await {
             Ok((resp, conn, inflight)) => {
                 let status = resp.status().as_u16();
                 let retry_status = policy.statuses.contains(&status);
@@ -222,6 +235,8 @@ async fn attempts(
                 tracing::debug!(endpoint = %ep.addr, attempt, status, "retrying on a retried status");
             }
             Err((e, unsent)) => {
+                // `send` abandoned the try only with a retry granted.
+                granted = matches!(e, ProxyError::TryTimeout(_));
                 if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
                     ep.passive_result(false, || group.may_eject());
                 }
@@ -238,6 +253,22 @@ async fn attempts(
         }
     }
     Err(last.unwrap_or_else(|| ProxyError::NoEndpoint(group.cfg.name.clone())))
+}
+
+/// The per-try timeout of `t` for `group` now.
+fn per_try_timeout(t: halo_model::values::TryTimeout, group: &Group) -> Option<Duration> {
+    use halo_model::values::TryTimeout;
+    match t {
+        TryTimeout::Off => None,
+        TryTimeout::Fixed(d) => Some(d),
+        TryTimeout::Auto => Some(
+            group
+                .stats
+                .first_byte
+                .p99(crate::util::now_ms())
+                .map_or(AUTO_UNKNOWN, |p| (p * AUTO_FACTOR).max(AUTO_FLOOR)),
+        ),
+    }
 }
 
 fn retry_granted(route: &Route) -> bool {
@@ -259,7 +290,17 @@ fn has_other(group: &Group, tried: &[usize]) -> bool {
 type SendResult = Result<(Response<Source>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
 
 /// One attempt on one endpoint, with stale pooled connections skipped.
-async fn send(route: &Route, ep: &Arc<Endpoint>, parts: &http::request::Parts, mut body: ProxyBody) -> SendResult {
+/// Past `per_try` without a response head the try is abandoned, when the
+/// retry budget grants its replacement; else it waits on to the
+/// first-byte timeout.
+async fn send(
+    route: &Route,
+    ep: &Arc<Endpoint>,
+    group: &Group,
+    parts: &http::request::Parts,
+    mut body: ProxyBody,
+    per_try: Option<Duration>,
+) -> SendResult {
     let t = &route.cfg.timeouts;
     for _ in 0..STALE_TRIES {
         let mut conn = match ep.pool.get(t.connect).await {
@@ -294,17 +335,35 @@ async fn send(route: &Route, ep: &Arc<Endpoint>, parts: &http::request::Parts, m
                 }
             }
         };
-        let res = match t.first_byte {
-            Some(fb) => match tokio::time::timeout(fb, fut).await {
-                Ok(r) => r,
-                Err(_) => return Err((ProxyError::FirstByteTimeout(fb), None)),
-            },
-            None => fut.await,
+        let res = {
+            let first_byte = t.first_byte.map(|fb| sent_at + fb);
+            tokio::pin!(fut);
+            let mut early = None;
+            if let Some(p) = per_try.filter(|p| t.first_byte.is_none_or(|fb| *p < fb)) {
+                match tokio::time::timeout(p, &mut fut).await {
+                    Ok(r) => early = Some(r),
+                    Err(_) if retry_granted(route) => {
+                        route.rt.stats.try_timeouts.fetch_add(1, Relaxed);
+                        return Err((ProxyError::TryTimeout(p), None));
+                    }
+                    Err(_) => {}
+                }
+            }
+            match (early, first_byte) {
+                (Some(r), _) => r,
+                (None, Some(at)) => match tokio::time::timeout_at(at, &mut fut).await {
+                    Ok(r) => r,
+                    Err(_) => return Err((ProxyError::FirstByteTimeout(at - sent_at), None)),
+                },
+                (None, None) => fut.await,
+            }
         };
         match res {
             Ok(resp) => {
                 let done = Instant::now();
-                ep.observe_rtt(done - sent_at, crate::util::ms_at(done.into_std()));
+                let now = crate::util::ms_at(done.into_std());
+                ep.observe_rtt(done - sent_at, now);
+                group.stats.first_byte.observe(done - sent_at, now);
                 return Ok((resp, conn, inflight));
             }
             // A pooled connection died before taking the request: try a

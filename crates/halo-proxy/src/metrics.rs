@@ -51,11 +51,84 @@ pub fn class_index(status: u16) -> usize {
     (usize::from(status / 100)).clamp(1, 5) - 1
 }
 
+/// Latencies of the last ten seconds in [`BUCKETS`], one slot per second,
+/// and the 99th percentile of them, recomputed at most four times a second.
+#[derive(Default)]
+pub struct RecentLatency {
+    slots: [RecentSlot; 10],
+    /// The last p99 in microseconds plus one (0: not enough samples).
+    p99_us: AtomicU64,
+    computed_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct RecentSlot {
+    second: AtomicU64,
+    counts: [AtomicU64; BUCKETS.len() + 1],
+}
+
+/// Fewer samples than this in ten seconds give no percentile.
+const MIN_SAMPLES: u64 = 20;
+
+impl RecentLatency {
+    pub fn observe(&self, d: Duration, now_ms: u64) {
+        let now_s = now_ms / 1000;
+        let slot = &self.slots[(now_s % 10) as usize];
+        let seen = slot.second.load(Relaxed);
+        if seen != now_s && slot.second.compare_exchange(seen, now_s, Relaxed, Relaxed).is_ok() {
+            for c in &slot.counts {
+                c.store(0, Relaxed);
+            }
+        }
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        slot.counts[i].fetch_add(1, Relaxed);
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile of the
+    /// last ten seconds, if there were enough samples.
+    pub fn p99(&self, now_ms: u64) -> Option<Duration> {
+        if now_ms.saturating_sub(self.computed_ms.load(Relaxed)) >= 250 {
+            self.computed_ms.store(now_ms, Relaxed);
+            let now_s = now_ms / 1000;
+            let mut counts = [0u64; BUCKETS.len() + 1];
+            for slot in &self.slots {
+                let sec = slot.second.load(Relaxed);
+                if sec + 10 > now_s && sec <= now_s {
+                    for (sum, c) in counts.iter_mut().zip(&slot.counts) {
+                        *sum += c.load(Relaxed);
+                    }
+                }
+            }
+            let total: u64 = counts.iter().sum();
+            let mut p99 = 0;
+            if total >= MIN_SAMPLES {
+                let mut cum = 0;
+                for (i, c) in counts.iter().enumerate() {
+                    cum += c;
+                    if cum * 100 >= total * 99 {
+                        let bound = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+                        p99 = (bound * 1e6) as u64 + 1;
+                        break;
+                    }
+                }
+            }
+            self.p99_us.store(p99, Relaxed);
+        }
+        match self.p99_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us - 1)),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct RouteStats {
     pub requests: [AtomicU64; 6],
     pub retries: AtomicU64,
     pub retries_denied: AtomicU64,
+    /// Tries abandoned at their per-try timeout (and retried elsewhere).
+    pub try_timeouts: AtomicU64,
     pub latency: Histogram,
 }
 
@@ -73,6 +146,9 @@ pub struct EndpointStats {
 pub struct UpstreamStats {
     pub requests: [AtomicU64; 6],
     pub latency: Histogram,
+    /// Time to the response head of recent tries: what `auto` per-try
+    /// timeouts derive from.
+    pub first_byte: RecentLatency,
 }
 
 impl UpstreamStats {
@@ -116,5 +192,28 @@ impl Writer {
 
     pub fn histogram(&mut self, name: &str, labels: &str, h: &Histogram) {
         h.render(&mut self.out, name, labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_p99_needs_samples_and_forgets_old_seconds() {
+        let r = RecentLatency::default();
+        for _ in 0..10 {
+            r.observe(Duration::from_millis(2), 5_000);
+        }
+        assert_eq!(r.p99(5_000), None, "too few samples");
+        for _ in 0..990 {
+            r.observe(Duration::from_millis(2), 5_000);
+        }
+        for _ in 0..5 {
+            r.observe(Duration::from_millis(400), 5_000);
+        }
+        assert_eq!(r.p99(5_300), Some(Duration::from_micros(2_500)));
+        // Ten seconds later none of it counts.
+        assert_eq!(r.p99(16_000), None);
     }
 }

@@ -459,3 +459,81 @@ async fn bodies_over_the_replay_cap_are_never_retried() {
     assert!(bad > 0 && ok > 0, "ok {ok} bad {bad}");
     assert!(hole_seen.load(SeqCst) >= bad);
 }
+
+/// `halo demo-app` as a process of its own (so it can be frozen with
+/// SIGSTOP); thawed and killed on drop.
+struct App {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl App {
+    fn start() -> App {
+        let addr = halo_testkit::free_addr();
+        let child = std::process::Command::new(BIN)
+            .args(["demo-app", "--port", &addr.port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        App { child, addr }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A backend frozen under load (SIGSTOP: its kernel still accepts
+/// connections, nothing answers). With `try_timeout = "off"` this test
+/// fails: requests held by the frozen app wait out the client's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_fails_no_get_its_tries_move_elsewhere_and_it_is_ejected() {
+    let apps = [App::start(), App::start(), App::start()];
+    let list: Vec<String> = apps.iter().map(|a| format!("\"{}\"", a.addr)).collect();
+    // No active checks: only the per-try timeout and passive ejection act.
+    let up = format!(
+        "endpoints = [{}]\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nconsecutive_failures = 3\nbase_ejection = \"30s\"",
+        list.join(", ")
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    eventually(Duration::from_secs(10), "every app answering", || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..12 {
+            if let Ok(r) = c.get(&url).await {
+                seen.insert(r.body);
+            }
+        }
+        seen.len() == 3
+    })
+    .await;
+    let load = Load::start(&url, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    apps[0].signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Still frozen: every GET must have been answered by the others.
+    let Report { ok, failed } = load.finish().await;
+    apps[0].signal(nix::sys::signal::Signal::SIGCONT);
+    println!("frozen backend: {ok} ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(metric(&c, &h, "halo_route_try_timeouts_total").await >= 1.0, "no try was abandoned");
+    let s = status_json(&c, &h).await;
+    let frozen = s["endpoints"].as_array().unwrap().iter().find(|e| e["addr"] == apps[0].addr.to_string()).cloned();
+    assert_eq!(frozen.as_ref().map(|e| e["ejected"].clone()), Some(serde_json::json!(true)), "{s}");
+    // A POST is never abandoned and replayed: it waits for its endpoint.
+    let r = c.send(Request::post(&url).body(Full::new(Bytes::from_static(b"x"))).unwrap()).await.unwrap();
+    assert_eq!(r.status, 200);
+}

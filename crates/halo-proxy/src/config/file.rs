@@ -98,6 +98,7 @@ pub struct RetrySection {
     pub budget_ratio: Option<f64>,
     pub budget_min_per_sec: Option<u32>,
     pub body_cap: Option<usize>,
+    pub try_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
