@@ -13,6 +13,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyError {
     #[error("no route matches host '{host}' and path '{path}'")]
     NoRoute { host: String, path: String },
+    /// The request breaks HTTP/1.1's rules (RFC 9112); never forwarded.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("CONNECT is not supported here: this proxy forwards HTTP requests, it does not open tunnels")]
+    ConnectRefused,
     #[error("no healthy endpoint in upstream '{0}'")]
     NoEndpoint(String),
     /// The request never left the proxy.
@@ -41,6 +46,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             // Queued for longer than the connect timeout: overloaded, as HAProxy says.

@@ -70,6 +70,12 @@ pub async fn handle(
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
     let (mut parts, body) = req.into_parts();
+    if let Err(e) = strict(&parts) {
+        // What else the connection carries cannot be trusted: close it.
+        let mut r = error_response(&e, None);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     let found = {
         let host = router::host(&parts);
         snap.routes
@@ -119,6 +125,35 @@ pub async fn handle(
         access_log(&down, &method, &router::host(&parts), &path, &resp, route, &out, &rid, start);
     }
     Ok(resp)
+}
+
+/// What RFC 9112 requires of a request before it may be forwarded: HTTP/1.1
+/// needs exactly one Host, an absolute-form target's authority must be
+/// that Host, and CONNECT (a tunnel) is refused. (A body framed by both
+/// Transfer-Encoding and Content-Length is read as chunked with the
+/// Content-Length dropped and the connection closed after it, by hyper's
+/// parser, as RFC 9112 section 6.1 allows.)
+fn strict(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::ConnectRefused);
+    }
+    if parts.version != http::Version::HTTP_11 {
+        // HTTP/1.0 may omit Host; HTTP/2 carries :authority instead.
+        return Ok(());
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"));
+    };
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(authority) = parts.uri.authority() {
+        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
+            return Err(ProxyError::BadRequest("the Host header differs from the request target's authority"));
+        }
+    }
+    Ok(())
 }
 
 fn record(route: &Route, out: &Outcome, class: usize, start: Instant) {
@@ -313,9 +348,10 @@ async fn send(
             match &mut conn.sender {
                 Sender::H1(c) => match c.send(parts, body).await {
                     Ok(head) => {
+                        // The response leaves in the client's protocol (an
+                        // HTTP/1.0 upstream's answer goes out as HTTP/1.1).
                         let mut r = Response::new(Source::H1 { decoder: head.decoder, keep_alive: head.keep_alive });
                         *r.status_mut() = head.status;
-                        *r.version_mut() = head.version;
                         *r.headers_mut() = head.headers;
                         Ok(r)
                     }

@@ -428,3 +428,62 @@ async fn a_port_in_use_is_an_error_naming_the_holder_not_a_silent_share() {
         assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 200);
     }
 }
+
+/// An upstream that answers every request with an HTTP/1.0 status line and
+/// closes.
+async fn http10_upstream() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold server\n").await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_break_rfc_9112_get_400_and_connect_is_refused() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    let addr = h.listeners["main"];
+    let cases: [(&[u8], &str, &str); 4] = [
+        (b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 400", "needs a Host header"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400", "more than one Host header"),
+        (
+            b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n",
+            "HTTP/1.1 400",
+            "differs from the request target",
+        ),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "HTTP/1.1 405", "does not open tunnels"),
+    ];
+    for (req, status, why) in cases {
+        let r = raw(addr, req).await;
+        assert!(r.starts_with(status) && r.contains(why), "{}:\n{r}", String::from_utf8_lossy(req));
+    }
+    assert_eq!(a.requests(), 0, "a request breaking RFC 9112 reached the backend");
+    // Framed by both Transfer-Encoding and Content-Length: read as chunked,
+    // forwarded without the Content-Length, and the connection closed.
+    let r =
+        raw(addr, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 50\r\n\r\n0\r\n\r\n")
+            .await;
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    let seen = a.last_headers().expect("forwarded");
+    assert!(!seen.contains_key("content-length") || seen["content-length"] == "0", "{seen:?}");
+    // HTTP/1.0 may omit Host; an absolute-form target whose authority is the Host is fine.
+    let r = raw(addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(r.contains(" 200 ") && r.contains("backend=a"), "{r}");
+    let r = raw(addr, b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // An HTTP/1.0 upstream's answer reaches an HTTP/1.1 client as HTTP/1.1.
+    let old = http10_upstream().await;
+    let h10 =
+        Halo::proxy(BIN, &config("", &format!("endpoints = [\"{old}\"]\n[upstreams.web.health]\nenabled = false")))
+            .unwrap();
+    let r = raw(h10.listeners["main"], b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("old server\n"), "{r}");
+}
