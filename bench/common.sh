@@ -83,7 +83,7 @@ CONF
   cat > "$OUT/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 3s
@@ -116,7 +116,7 @@ daemon off;
 master_process off;
 pid $OUT/nginx-proxy.pid;
 error_log $OUT/nginx-proxy.err warn;
-events { worker_connections 20000; }
+events { worker_connections 16384; }
 http {
   access_log off;
   keepalive_requests 1000000;

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What idle keep-alive connections cost: halo vs HAProxy vs nginx.
 #
-# Each proxy (configured as in bench/compare.sh, one worker on CPU 0) gets
-# N connections that each send one request and then stay open; the
-# proxy's RSS before and after gives the cost per connection, and a sample
-# of the idle connections must still answer. Rounds interleave the proxies.
+# Each proxy (configured as in bench/compare.sh, one worker on CPU 0,
+# started afresh every round) gets N connections that each send one
+# request and then stay open; the proxy's RSS before and after gives the
+# cost per connection, and a sample of the idle connections must still
+# answer. Rounds interleave the proxies.
 #
 # Usage: bench/idle.sh [ROUNDS] [N]   (defaults 3, 5000)   Env: OUT=bench/out BASE=19300
 set -euo pipefail
@@ -16,26 +17,29 @@ OUT=${OUT:-bench/out}
 BASE=${BASE:-19300}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-ulimit -n $((N * 2 + 4096))
+ulimit -n "$(ulimit -Hn)"
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light wrk:wrk
 bench_build
 bench_backends idle-backends 1
-bench_proxies 0
-bench_wait_up $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX
 
 RESULTS=$OUT/idle.tsv
 echo -e "round\ttarget\tbefore_kb\tafter_kb\tper_conn_bytes\tanswering" > "$RESULTS"
 for round in $(seq "$ROUNDS"); do
+  # Fresh proxies every round: memory a process freed stays in its RSS.
+  bench_proxies 0
+  bench_wait_up $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX
   order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID")
   for k in 0 1 2; do
     read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
     read -r before after answering asked < <(taskset -c 1 python3 bench/idle.py "$port" "$pid" "$N")
     per=$(( (after - before) * 1024 / N ))
     echo -e "$round\t$name\t$before\t$after\t$per\t$answering/$asked" >> "$RESULTS"
-    sleep 2
+    sleep 1
   done
+  kill "$HALO_PID" "$HAPROXY_PID" "$NGINX_PID"
+  wait "$HALO_PID" "$HAPROXY_PID" "$NGINX_PID" 2>/dev/null || true
   echo "round $round done" >&2
 done
 
