@@ -1,34 +1,37 @@
 //! Finds the line of a table, array item or key in TOML text, so that
-//! validation errors can point at the line to fix.
+//! validation errors can point at the line to fix. Table headers are
+//! indexed once, so a lookup costs no scan of the file (a file of 1,000
+//! routes and 1,000 upstreams asks for 2,000 of them on every reload).
+
+use std::collections::HashMap;
 
 pub struct Locator<'a> {
     lines: Vec<&'a str>,
+    /// Header (`[name]` or `[[name]]`, trimmed) -> its lines, 1-based, in order.
+    headers: HashMap<&'a str, Vec<usize>>,
 }
 
 impl<'a> Locator<'a> {
     pub fn new(text: &'a str) -> Self {
-        Locator { lines: text.lines().collect() }
+        let lines: Vec<&str> = text.lines().collect();
+        let mut headers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim();
+            if t.starts_with('[') && t.ends_with(']') {
+                headers.entry(t).or_default().push(i + 1);
+            }
+        }
+        Locator { lines, headers }
     }
 
     /// Line of `[name]`, or 0.
     pub fn table(&self, name: &str) -> usize {
-        let header = format!("[{name}]");
-        self.find(0, |l| l == header)
+        self.headers.get(format!("[{name}]").as_str()).and_then(|v| v.first().copied()).unwrap_or(0)
     }
 
     /// Line of the `index`-th `[[name]]`, or 0.
     pub fn array_item(&self, name: &str, index: usize) -> usize {
-        let header = format!("[[{name}]]");
-        let mut seen = 0;
-        for (i, l) in self.lines.iter().enumerate() {
-            if l.trim() == header {
-                if seen == index {
-                    return i + 1;
-                }
-                seen += 1;
-            }
-        }
-        0
+        self.headers.get(format!("[[{name}]]").as_str()).and_then(|v| v.get(index).copied()).unwrap_or(0)
     }
 
     /// Line of `key = ...` in the table starting at `table_line`, or
@@ -47,8 +50,18 @@ impl<'a> Locator<'a> {
         }
         table_line
     }
+}
 
-    fn find(&self, from: usize, pred: impl Fn(&str) -> bool) -> usize {
-        self.lines.iter().enumerate().skip(from).find(|(_, l)| pred(l.trim())).map_or(0, |(i, _)| i + 1)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_items_and_keys_are_found_by_line() {
+        let text = "[proxy]\nworkers = 2\n[[routes]]\nname = \"a\"\n  [[routes]]\nname = \"b\"\nupstream = \"u\"\n[upstreams.u]\n";
+        let l = Locator::new(text);
+        assert_eq!((l.table("proxy"), l.table("upstreams.u"), l.table("admin")), (1, 8, 0));
+        assert_eq!((l.array_item("routes", 0), l.array_item("routes", 1), l.array_item("routes", 2)), (3, 5, 0));
+        assert_eq!((l.key(5, "upstream"), l.key(3, "upstream"), l.key(1, "workers")), (7, 3, 2));
     }
 }
