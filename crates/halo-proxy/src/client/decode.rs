@@ -85,9 +85,7 @@ impl Decoder {
             return Ok((Decoder::UntilClose, false));
         }
         if let Some(first) = f.content_length {
-            let n: u64 = std::str::from_utf8(first)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
+            let n = digits(first.trim_ascii(), 10)
                 .ok_or_else(|| format!("invalid content-length {:?}", String::from_utf8_lossy(first)))?;
             if f.conflicting_lengths {
                 return Err("conflicting content-length headers".into());
@@ -135,11 +133,10 @@ impl Decoder {
                 Decoder::Chunked(state) => match *state {
                     Chunk::Size => {
                         let Some(line) = take_line(buf)? else { return Ok(Step::More) };
+                        // chunk-size [BWS ; ext]: only hex digits (no sign,
+                        // no 0x, no spaces inside), at most 16 of them.
                         let size = line.split(|b| *b == b';').next().unwrap_or_default();
-                        let size = std::str::from_utf8(size)
-                            .ok()
-                            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                            .ok_or_else(|| "invalid chunk size".to_string())?;
+                        let size = digits(size.trim_ascii_end(), 16).ok_or_else(|| "invalid chunk size".to_string())?;
                         *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
@@ -172,6 +169,19 @@ impl Decoder {
             }
         }
     }
+}
+
+/// `s` as a number in `radix` (10 or 16) if it is digits
+/// only: no sign, prefix or spaces (what `str::parse` would let through:
+/// "+5" is a known request-smuggling vector); `None` on overflow.
+fn digits(s: &[u8], radix: u32) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, b| {
+        let d = (*b as char).to_digit(radix)?;
+        n.checked_mul(u64::from(radix))?.checked_add(u64::from(d))
+    })
 }
 
 /// A CRLF-terminated line without its CRLF, or `None` when incomplete.
@@ -242,6 +252,116 @@ mod tests {
         assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::Chunked(Chunk::Size), true));
         f.note(b"transfer-encoding", b"gzip");
         assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::UntilClose, false));
+    }
+
+    /// A small deterministic generator (xorshift), so the property tests
+    /// below need no crate and repeat exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    /// Encodes `body` as chunks of random sizes, with random-case hex,
+    /// extensions and trailers.
+    fn chunked(rng: &mut Rng, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = body;
+        while !rest.is_empty() {
+            let n = (1 + rng.next(40) as usize).min(rest.len());
+            let hex = format!("{n:x}");
+            let hex = if rng.next(2) == 0 { hex.to_uppercase() } else { hex };
+            out.extend_from_slice(hex.as_bytes());
+            if rng.next(4) == 0 {
+                out.extend_from_slice(b" ;name=value");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+        }
+        out.extend_from_slice(b"0\r\n");
+        for t in 0..rng.next(3) {
+            out.extend_from_slice(format!("x-trailer-{t}: {t}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// Feeds `input` in random pieces; the body, whether it ended, and the
+    /// bytes left after it. Errors are returned, never panics.
+    fn feed(rng: &mut Rng, d: &mut Decoder, input: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), String> {
+        let (mut buf, mut out, mut fed) = (BytesMut::new(), Vec::new(), 0);
+        loop {
+            match d.step(&mut buf)? {
+                Step::Data(b) => out.extend_from_slice(&b),
+                Step::End => {
+                    buf.extend_from_slice(&input[fed..]);
+                    return Ok((out, true, buf.to_vec()));
+                }
+                Step::More if fed >= input.len() => return Ok((out, false, Vec::new())),
+                Step::More => {
+                    let end = (fed + 1 + rng.next(64) as usize).min(input.len());
+                    buf.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn property_any_chunking_and_any_split_decode_to_the_body_and_keep_what_follows() {
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        for _ in 0..2_000 {
+            let body: Vec<u8> = (0..rng.next(300)).map(|_| rng.next(256) as u8).collect();
+            let mut wire = chunked(&mut rng, &body);
+            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            let (out, ended, rest) = feed(&mut rng, &mut Decoder::Chunked(Chunk::Size), &wire).unwrap();
+            assert!(ended);
+            assert_eq!(out, body);
+            assert_eq!(rest, b"HTTP/1.1 200 OK\r\n", "the next message's bytes were eaten");
+        }
+    }
+
+    #[test]
+    fn property_damaged_input_never_panics_nor_yields_more_than_it_was_given() {
+        let mut rng = Rng(0x2545f4914f6cdd1d);
+        for _ in 0..5_000 {
+            let body: Vec<u8> = (0..rng.next(100)).map(|_| rng.next(256) as u8).collect();
+            let mut wire = chunked(&mut rng, &body);
+            for _ in 0..1 + rng.next(4) {
+                let i = rng.next(wire.len() as u64) as usize;
+                match rng.next(3) {
+                    0 => wire[i] = rng.next(256) as u8,
+                    1 => wire.insert(i, b"+-x \r\n;0"[rng.next(8) as usize]),
+                    _ => {
+                        wire.remove(i);
+                    }
+                }
+            }
+            if let Ok((out, _, _)) = feed(&mut rng, &mut Decoder::Chunked(Chunk::Size), &wire) {
+                assert!(out.len() <= wire.len());
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_are_digits_only() {
+        for bad in ["+5", "0x5", "5 5", "-1", " ", ""] {
+            let mut d = Decoder::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(format!("{bad}\r\nhello\r\n0\r\n\r\n").as_bytes());
+            assert!(d.step(&mut buf).is_err(), "chunk size {bad:?} was accepted");
+            let mut f = Framing::default();
+            f.note(b"content-length", bad.as_bytes());
+            assert!(Decoder::for_response(StatusCode::OK, false, &f).is_err(), "content-length {bad:?} was accepted");
+        }
+        assert_eq!(digits(b"ffffffffffffffff", 16), Some(u64::MAX));
+        assert_eq!(digits(b"10000000000000000", 16), None, "overflow");
     }
 
     #[test]
