@@ -18,13 +18,47 @@ use tokio::time::{Instant, Sleep};
 use crate::client::decode::Step;
 use crate::client::Decoder;
 use crate::endpoint::InflightGuard;
+use crate::error::BoxError;
 use crate::pool::Pooled;
+
+/// A request body as it comes from the client: read by our HTTP/1.1
+/// connection task, or by hyper's HTTP/2 server.
+pub enum DownBody {
+    H1(crate::h1::RequestBody),
+    H2(Incoming),
+}
+
+impl Body for DownBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            DownBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownBody::H1(b) => b.is_end_stream(),
+            DownBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownBody::H1(b) => b.size_hint(),
+            DownBody::H2(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A request body on its way upstream.
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Stream(DownBody),
 }
 
 impl ProxyBody {
@@ -40,9 +74,9 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut *self {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -67,7 +67,7 @@ pub enum ClientError {
     #[error("invalid response from upstream: {0}")]
     Parse(String),
     #[error("reading the request body: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(crate::error::BoxError),
 }
 
 /// A parsed response head, and how to read the body that follows.

@@ -11,10 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{ProxyBody, RespBody, Source};
+use crate::body::{DownBody, ProxyBody, RespBody, Source};
 use crate::client::ClientError;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::error::ProxyError;
@@ -65,7 +64,7 @@ struct Outcome {
 pub async fn handle(
     shared: Arc<Shared>,
     down: Arc<Downstream>,
-    req: Request<Incoming>,
+    req: Request<DownBody>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
@@ -129,10 +128,9 @@ pub async fn handle(
 
 /// What RFC 9112 requires of a request before it may be forwarded: HTTP/1.1
 /// needs exactly one Host, an absolute-form target's authority must be
-/// that Host, and CONNECT (a tunnel) is refused. (A body framed by both
-/// Transfer-Encoding and Content-Length is read as chunked with the
-/// Content-Length dropped and the connection closed after it, by hyper's
-/// parser, as RFC 9112 section 6.1 allows.)
+/// that Host, and CONNECT (a tunnel) is refused. (Framing errors, as a
+/// body framed by both Transfer-Encoding and Content-Length, are refused
+/// by the HTTP/1.1 codec before a request exists: `h1/head.rs`.)
 fn strict(parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
@@ -171,7 +169,7 @@ fn record(route: &Route, out: &Outcome, class: usize, start: Instant) {
 }
 
 /// Buffers small bodies so they can be replayed; streams the rest.
-async fn read_body(body: Incoming, cap: usize) -> Result<ProxyBody, ProxyError> {
+async fn read_body(body: DownBody, cap: usize) -> Result<ProxyBody, ProxyError> {
     use http_body::Body;
     if body.is_end_stream() {
         return Ok(ProxyBody::Empty);
@@ -179,7 +177,7 @@ async fn read_body(body: Incoming, cap: usize) -> Result<ProxyBody, ProxyError> 
     match body.size_hint().upper() {
         Some(n) if n as usize <= cap => match tokio::time::timeout(BODY_READ_TIMEOUT, body.collect()).await {
             Ok(Ok(c)) => Ok(ProxyBody::Full(Some(c.to_bytes()))),
-            Ok(Err(e)) => Err(ProxyError::RequestBody(e.into())),
+            Ok(Err(e)) => Err(ProxyError::RequestBody(e)),
             Err(_) => Err(ProxyError::RequestBodyTimeout(BODY_READ_TIMEOUT)),
         },
         _ => Ok(ProxyBody::Stream(body)),

@@ -23,6 +23,7 @@ pub mod config;
 mod endpoint;
 mod error;
 mod forward;
+mod h1;
 mod headers;
 mod health;
 mod listener;

@@ -10,15 +10,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
+use crate::body::DownBody;
 use crate::config::Config;
 use crate::forward::{self, Downstream};
+use crate::h1;
 use crate::metrics::ListenerStats;
 use crate::server::Shared;
 
@@ -57,7 +59,7 @@ pub enum Command {
 pub struct Worker {
     pub commands: mpsc::UnboundedReceiver<Command>,
     pub shared: Arc<Shared>,
-    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    pub protocols: Arc<Protocols>,
     pub drain: Arc<Drain>,
     /// Flips on shutdown: connections finish their request and close.
     pub stop: watch::Receiver<bool>,
@@ -75,7 +77,7 @@ impl Worker {
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let rt = runtime.enable_all().thread_name(format!("halo-worker-{index}")).build()?;
         std::thread::Builder::new().name(format!("halo-worker-{index}")).spawn(move || {
-            let Worker { mut commands, shared, builder, drain, stop, mut halt, per_core } = self;
+            let Worker { mut commands, shared, protocols, drain, stop, mut halt, per_core } = self;
             if per_core {
                 crate::pool::set_worker(index);
             }
@@ -95,7 +97,7 @@ impl Worker {
                                     stats: shared.registry.listener(&name),
                                     name,
                                     shared: shared.clone(),
-                                    builder: builder.clone(),
+                                    protocols: protocols.clone(),
                                     drain: drain.clone(),
                                     stop: stop.clone(),
                                 };
@@ -113,27 +115,45 @@ impl Worker {
     }
 }
 
-pub fn http_builder(c: &Config) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(c.header_read_timeout.min(c.keepalive_idle))
-        .max_buf_size(c.max_header_bytes)
-        // One flattened write per response measured 2-3% less CPU per
-        // request than writev on small messages (docs/benchmarks.md).
-        .writev(false)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(Some(256));
-    b
+/// How downstream connections are served: HTTP/1.1 by our codec
+/// (`h1`), HTTP/2 (prior knowledge, h2c) by hyper.
+pub struct Protocols {
+    pub h1: h1::Settings,
+    pub h2: http2::Builder<TokioExecutor>,
+}
+
+pub fn protocols(c: &Config) -> Protocols {
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20))).max_concurrent_streams(Some(256));
+    let h1 = h1::Settings {
+        head_timeout: c.header_read_timeout.min(c.keepalive_idle),
+        max_header_bytes: c.max_header_bytes,
+    };
+    Protocols { h1, h2 }
+}
+
+/// Whether the client opens with the HTTP/2 connection preface (looked at
+/// without reading it, so either protocol gets the stream whole).
+async fn is_h2(stream: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut b = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut b).await?;
+        if n == 0 || b[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of a preface so far: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 struct AcceptCtx {
     name: Arc<str>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    protocols: Arc<Protocols>,
     stats: Arc<ListenerStats>,
     drain: Arc<Drain>,
     stop: watch::Receiver<bool>,
@@ -165,7 +185,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     ctx.stats.active.fetch_add(1, Relaxed);
     drain.count.fetch_add(1, Relaxed);
     let stats = ctx.stats.clone();
-    let builder = ctx.builder.clone();
+    let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
     let down = Arc::new(Downstream {
@@ -175,19 +195,40 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     });
     tokio::spawn(
         async move {
-            let svc = service_fn(move |req| forward::handle(shared.clone(), down.clone(), req));
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    // Finish the request in flight, then close (HTTP/2: GOAWAY).
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let h2 = tokio::time::timeout(protocols.h1.head_timeout, is_h2(&stream)).await;
+            match h2 {
+                Ok(Ok(false)) => {
+                    let handler = move |req| {
+                        let (shared, down) = (shared.clone(), down.clone());
+                        async move {
+                            match forward::handle(shared, down, req).await {
+                                Ok(r) => r,
+                                Err(never) => match never {},
+                            }
+                        }
+                    };
+                    h1::serve(stream, protocols.h1, stop, handler).await;
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+                Ok(Ok(true)) => {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
+                    });
+                    let conn = protocols.h2.serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    let result = tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                            // Finish the streams in flight, then close (GOAWAY).
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                // Closed, failed or silent before saying which protocol.
+                _ => {}
             }
             stats.active.fetch_sub(1, Relaxed);
             drain.done();

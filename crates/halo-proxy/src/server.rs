@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::bind::{bind, bind_set, BoundSet, Claim};
 use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig};
-use crate::listener::{http_builder, Command, Drain, Worker};
+use crate::listener::{protocols, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
 
 /// State shared by every connection of the proxy.
@@ -110,7 +110,7 @@ impl Proxy {
         let (stop, _) = watch::channel(false);
         let (halt, _) = watch::channel(false);
         let drain = Arc::new(Drain::default());
-        let builder = Arc::new(http_builder(&config));
+        let protocols = Arc::new(protocols(&config));
         let mut threads = Vec::new();
         let mut workers = Vec::new();
         for i in 0..n {
@@ -125,7 +125,7 @@ impl Proxy {
             let w = Worker {
                 commands: rx,
                 shared: shared.clone(),
-                builder: builder.clone(),
+                protocols: protocols.clone(),
                 drain: drain.clone(),
                 stop: stop.subscribe(),
                 halt: halt.subscribe(),

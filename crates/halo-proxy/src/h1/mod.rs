@@ -1,0 +1,328 @@
+//! The downstream HTTP/1.1 side, our own (as the upstream client is): one
+//! task per connection reads a head (`head.rs`), hands the request to the
+//! forwarding code, and writes the response as it streams, one exchange
+//! after another (pipelined requests are answered in order).
+//!
+//! A request body is read by the connection task itself, concurrently
+//! with the exchange, and passed to the request's [`RequestBody`] through
+//! a small channel (backpressure: the client is read only as fast as the
+//! upstream takes it). What the forwarding code does not read is drained,
+//! up to a limit, so the connection can be kept.
+//!
+//! Memory: an idle keep-alive connection holds no buffer. The read buffer
+//! is allocated when bytes arrive and released when the exchange is over
+//! and nothing pipelined is left; the write buffer likewise; the
+//! per-request work lives in a box of its own only while the request runs.
+
+mod head;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::body::{DownBody, RespBody};
+use crate::client::decode::{Decoder, Step};
+use head::{Framing, Head};
+
+/// What every connection of a listener shares.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// A head must arrive whole within this, counted from the end of the
+    /// previous exchange (so it is also the keep-alive idle limit).
+    pub head_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Longest wait for more of a request body.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+/// Most of an unread request body drained to keep the connection.
+const DRAIN_MAX: u64 = 256 << 10;
+/// Read buffer size while bytes arrive.
+const READ_CHUNK: usize = 4096;
+/// Past this much pending output, the write buffer is flushed.
+const WRITE_HIGH: usize = 64 << 10;
+
+/// Serves one connection until it closes, fails, or `stop` flips between
+/// exchanges.
+pub async fn serve<H, F>(mut stream: TcpStream, settings: Settings, mut stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(Request<DownBody>) -> F,
+    F: Future<Output = Response<RespBody>> + Send + 'static,
+{
+    let mut buf = BytesMut::new();
+    loop {
+        let idle = buf.is_empty();
+        let head = tokio::select! {
+            r = tokio::time::timeout(settings.head_timeout, read_head(&mut stream, &mut buf, settings.max_header_bytes)) => r,
+            _ = stop.wait_for(|s| *s), if idle => return,
+        };
+        let head = match head {
+            Ok(Ok(Some(h))) => h,
+            Ok(Err(Some(refused))) => {
+                let _ = stream.write_all(&head::refusal(&refused)).await;
+                return;
+            }
+            // Closed, failed, or silent past the head timeout.
+            Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return,
+        };
+        let Head { request, body: decoder, keep_alive, expects_continue } = head;
+        if expects_continue && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return;
+        }
+        let head_only = request.method() == Method::HEAD;
+        let version = request.version();
+        let (body, pump) = RequestBody::channel(&decoder);
+        let fut = Box::pin(handler(request.map(|()| DownBody::H1(body))));
+        let (mut rd, mut wr) = stream.split();
+        let keep = keep_alive && !*stop.borrow();
+        let exchange = async {
+            let resp = fut.await;
+            write_response(&mut wr, resp, head_only, version, keep).await.unwrap_or(false)
+        };
+        let read_body = async {
+            match pump {
+                Some(tx) => pump_body(&mut rd, &mut buf, decoder, tx).await,
+                None => true,
+            }
+        };
+        let (written, read) = tokio::join!(exchange, read_body);
+        if !(written && read) || *stop.borrow() {
+            return;
+        }
+        if buf.is_empty() {
+            // Nothing pipelined: hold no buffer while idle.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Reads until a whole head is in `buf`. `Ok(None)`: closed before any
+/// byte of a head; `Err(None)`: closed or failed mid-head.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Head>, Option<head::Refused>> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(h) = head::parse(buf, max).map_err(Some)? {
+                return Ok(Some(h));
+            }
+        }
+        if buf.capacity() == 0 {
+            // Idle: wait for bytes before taking memory for them.
+            stream.readable().await.map_err(|_| None)?;
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_CHUNK);
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads a request body off the connection into `tx`; once the request
+/// no longer wants it, drains what is left (up to [`DRAIN_MAX`]). Returns
+/// whether the connection can carry another request.
+async fn pump_body(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+    mut decoder: Decoder,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+) -> bool {
+    let mut wanted = true;
+    let mut drained = 0u64;
+    loop {
+        match decoder.step(buf) {
+            Err(e) => {
+                if wanted {
+                    let _ = tx.send(Err(io::Error::new(io::ErrorKind::InvalidData, e))).await;
+                }
+                return false;
+            }
+            Ok(Step::End) => return true,
+            Ok(Step::Data(b)) => {
+                let n = b.len() as u64;
+                if wanted && tx.send(Ok(b)).await.is_err() {
+                    wanted = false;
+                }
+                if !wanted {
+                    drained += n;
+                    if drained > DRAIN_MAX {
+                        return false;
+                    }
+                }
+            }
+            Ok(Step::More) => {
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(READ_CHUNK * 2);
+                }
+                let read = tokio::time::timeout(BODY_IDLE, rd.read_buf(buf)).await;
+                if !matches!(read, Ok(Ok(n)) if n > 0) {
+                    if wanted {
+                        let why = io::Error::new(io::ErrorKind::UnexpectedEof, "the client stopped sending the body");
+                        let _ = tx.send(Err(why)).await;
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `resp`, frames ready at once going out with the head in one
+/// write. Returns whether the connection can carry another request.
+async fn write_response(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    mut resp: Response<RespBody>,
+    head_only: bool,
+    version: Version,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let exact = resp.body().size_hint().exact();
+    // The proxy's own answer may ask to close (a refused request).
+    let closing =
+        resp.headers().get(http::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let keep_alive = keep_alive && !closing;
+    let mut out = Vec::with_capacity(512);
+    let framing = head::encode(&mut resp, exact, head_only, version, keep_alive, &mut out);
+    let mut body = resp.into_body();
+    if framing == Framing::None {
+        wr.write_all(&out).await?;
+        return Ok(keep_alive);
+    }
+    let mut sent = 0u64;
+    loop {
+        let frame = match poll_ready(&mut body) {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                }
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                // The client cannot be told; the connection ends short.
+                tracing::debug!(error = %e, "response body failed; closing the connection");
+                wr.write_all(&out).await?;
+                return Ok(false);
+            }
+            Some(Ok(f)) => {
+                let Ok(data) = f.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                }
+                if data.len() > WRITE_HIGH {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                    wr.write_all(&data).await?;
+                } else {
+                    out.extend_from_slice(&data);
+                }
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() > WRITE_HIGH {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+        }
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    wr.write_all(&out).await?;
+    let complete = match framing {
+        Framing::Length(n) => sent == n,
+        _ => true,
+    };
+    Ok(keep_alive && complete && framing != Framing::Close)
+}
+
+/// The next frame if it is ready now; `None` when it is not.
+fn poll_ready(body: &mut RespBody) -> Option<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    match Pin::new(body).poll_frame(&mut cx) {
+        Poll::Ready(f) => Some(f),
+        Poll::Pending => None,
+    }
+}
+
+/// A request body as the connection task reads it.
+pub struct RequestBody {
+    rx: Option<mpsc::Receiver<io::Result<Bytes>>>,
+    /// Bytes still to come when the length is known.
+    left: Option<u64>,
+}
+
+impl RequestBody {
+    /// The body `decoder` frames, and the sender the connection task feeds
+    /// (none for a request without a body).
+    fn channel(decoder: &Decoder) -> (RequestBody, Option<mpsc::Sender<io::Result<Bytes>>>) {
+        if decoder.is_done() {
+            return (RequestBody { rx: None, left: Some(0) }, None);
+        }
+        let (tx, rx) = mpsc::channel(4);
+        (RequestBody { rx: Some(rx), left: decoder.remaining() }, Some(tx))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let Some(rx) = self.rx.as_mut() else { return Poll::Ready(None) };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                if let Some(left) = self.left.as_mut() {
+                    *left = left.saturating_sub(b.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.rx = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.rx = None;
+                self.left = Some(0);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rx.is_none() || self.left == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::new(),
+        }
+    }
+}
