@@ -485,3 +485,67 @@ async fn requests_that_break_rfc_9112_get_400_and_connect_is_refused() {
     let r = raw(h10.listeners["main"], b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 200") && r.contains("old server\n"), "{r}");
 }
+
+/// Reads from `s` until `want` has arrived (bounded in time).
+async fn read_until(s: &mut tokio::net::TcpStream, want: &str) -> String {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("answer in time").unwrap();
+        assert!(n > 0, "closed before {want:?}: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_codec_pipelines_in_order_continues_streams_and_keeps_connections() {
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    let addr = h.listeners["main"];
+    // Three pipelined requests in one write: answered in order.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let pipelined = "GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/22 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/333 HTTP/1.1\r\nHost: a\r\n\r\n";
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    let got = read_until(&mut s, "content-length: 333").await;
+    let order: Vec<usize> = ["content-length: 1\r\n", "content-length: 22\r\n", "content-length: 333\r\n"]
+        .iter()
+        .map(|l| got.find(l).unwrap_or_else(|| panic!("{l:?} missing in {got}")))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {got}");
+    // Expect: 100-continue gets its interim answer before the body is sent.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    read_until(&mut s, "HTTP/1.1 100 Continue\r\n\r\n").await;
+    s.write_all(b"hello").await.unwrap();
+    read_until(&mut s, "body-bytes: 5").await;
+    // A chunked body past the replay cap streams through, in pieces.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    for _ in 0..20 {
+        s.write_all(format!("{:x}\r\n{}\r\n", 10_000, "y".repeat(10_000)).as_bytes()).await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    read_until(&mut s, "body-bytes: 200000").await;
+    // A body nobody reads (no route for it) is drained; the connection goes on.
+    let h2 = Halo::proxy(
+        BIN,
+        &config("", &eps(&[&a]))
+            .replace("[[routes]]\nname = \"r\"", "[[routes]]\nname = \"r\"\nhost = \"only.example\""),
+    )
+    .unwrap();
+    let mut s = tokio::net::TcpStream::connect(h2.listeners["main"]).await.unwrap();
+    let body = "z".repeat(3000);
+    s.write_all(format!("POST / HTTP/1.1\r\nHost: other\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s, "no route matches").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: only.example\r\n\r\n").await.unwrap();
+    read_until(&mut s, "backend=a").await;
+    // HTTP/1.0 with keep-alive keeps the connection; the answers are HTTP/1.1.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
+        let r = read_until(&mut s, "backend=a").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.to_ascii_lowercase().contains("connection: keep-alive"), "{r}");
+    }
+}

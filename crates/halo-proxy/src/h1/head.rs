@@ -241,6 +241,57 @@ mod tests {
         assert_eq!(head(&big).err().map(|e| e.status), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
     }
 
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    #[test]
+    fn property_any_split_of_a_valid_head_parses_to_it_and_damage_never_panics() {
+        let mut rng = Rng(0x5851f42d4c957f2d);
+        let methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+        for round in 0..3_000 {
+            let method = methods[rng.next(methods.len() as u64) as usize];
+            let path = format!("/p{}?q={}", rng.next(1000), rng.next(1000));
+            let n = rng.next(12);
+            let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: h{round}.example\r\n");
+            for i in 0..n {
+                raw.push_str(&format!("X-H{i}: {}\r\n", "v".repeat(rng.next(40) as usize)));
+            }
+            raw.push_str("\r\nNEXT");
+            // Fed in random pieces: incomplete until the blank line, then whole.
+            let mut buf = BytesMut::new();
+            let bytes = raw.as_bytes();
+            let mut fed = 0;
+            let head = loop {
+                if let Some(h) = parse(&mut buf, 16 << 10).unwrap() {
+                    break h;
+                }
+                assert!(fed < bytes.len(), "complete head not recognised: {raw:?}");
+                let end = (fed + 1 + rng.next(30) as usize).min(bytes.len());
+                buf.extend_from_slice(&bytes[fed..end]);
+                fed = end;
+            };
+            assert_eq!((head.request.method().as_str(), head.request.uri().to_string()), (method, path));
+            assert_eq!(head.request.headers().len(), 1 + n as usize);
+            buf.extend_from_slice(&bytes[fed..]);
+            assert_eq!(&buf[..], b"NEXT", "bytes after the head were eaten");
+            // Damaged copies: an answer or a refusal, never a panic.
+            let mut bad = raw.clone().into_bytes();
+            for _ in 0..1 + rng.next(4) {
+                let i = rng.next(bad.len() as u64) as usize;
+                bad[i] = rng.next(256) as u8;
+            }
+            let _ = parse(&mut BytesMut::from(&bad[..]), 16 << 10);
+        }
+    }
+
     #[test]
     fn responses_leave_as_http_1_1_with_their_framing() {
         let mut out = Vec::new();
