@@ -207,14 +207,15 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
                             }
                         }
                     };
-                    h1::serve(stream, protocols.h1, stop, handler).await;
+                    // Boxed, as the HTTP/2 side: the task holds only the
+                    // protocol in use.
+                    Box::pin(h1::serve(stream, protocols.h1, stop, handler)).await;
                 }
                 Ok(Ok(true)) => {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
                     });
-                    let conn = protocols.h2.serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
+                    let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
                     let result = tokio::select! {
                         r = conn.as_mut() => r,
                         _ = async { let _ = stop.wait_for(|s| *s).await; } => {

@@ -78,24 +78,11 @@ where
         if expects_continue && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
             return;
         }
-        let head_only = request.method() == Method::HEAD;
-        let version = request.version();
-        let (body, pump) = RequestBody::channel(&decoder);
-        let fut = Box::pin(handler(request.map(|()| DownBody::H1(body))));
-        let (mut rd, mut wr) = stream.split();
         let keep = keep_alive && !*stop.borrow();
-        let exchange = async {
-            let resp = fut.await;
-            write_response(&mut wr, resp, head_only, version, keep).await.unwrap_or(false)
-        };
-        let read_body = async {
-            match pump {
-                Some(tx) => pump_body(&mut rd, &mut buf, decoder, tx).await,
-                None => true,
-            }
-        };
-        let (written, read) = tokio::join!(exchange, read_body);
-        if !(written && read) || *stop.borrow() {
+        // Boxed: what one exchange needs is held only while it runs, not by
+        // the connection's idle state.
+        let reusable = Box::pin(exchange(&mut stream, &mut buf, &handler, request, decoder, keep)).await;
+        if !reusable || *stop.borrow() {
             return;
         }
         if buf.is_empty() {
@@ -103,6 +90,39 @@ where
             buf = BytesMut::new();
         }
     }
+}
+
+/// One request and its response; whether the connection can carry
+/// another.
+async fn exchange<H, F>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    handler: &H,
+    request: Request<()>,
+    decoder: Decoder,
+    keep: bool,
+) -> bool
+where
+    H: Fn(Request<DownBody>) -> F,
+    F: Future<Output = Response<RespBody>> + Send + 'static,
+{
+    let head_only = request.method() == Method::HEAD;
+    let version = request.version();
+    let (body, pump) = RequestBody::channel(&decoder);
+    let fut = handler(request.map(|()| DownBody::H1(body)));
+    let (mut rd, mut wr) = stream.split();
+    let respond = async {
+        let resp = fut.await;
+        write_response(&mut wr, resp, head_only, version, keep).await.unwrap_or(false)
+    };
+    let read_body = async {
+        match pump {
+            Some(tx) => pump_body(&mut rd, buf, decoder, tx).await,
+            None => true,
+        }
+    };
+    let (written, read) = tokio::join!(respond, read_body);
+    written && read
 }
 
 /// Reads until a whole head is in `buf`. `Ok(None)`: closed before any
