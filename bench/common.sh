@@ -54,7 +54,9 @@ CONF
 # bench_proxies CPU: halo, HAProxy and nginx, each with one worker on CPU,
 # keep-alive both sides, round robin over B1..B3 with TCP checks every 2 s,
 # the same request headers; on ports P_HALO, P_HAPROXY, P_NGINX (BASE+10..12).
-# Sets HALO_PID, HAPROXY_PID, NGINX_PID. HALO_EXTRA is appended to halo's file.
+# Sets HALO_PID, HAPROXY_PID, NGINX_PID. HALO_EXTRA is appended to halo's file;
+# H2=1 makes HAProxy and nginx listen for HTTP/2 prior knowledge (h2c; halo
+# detects it on the same listener).
 bench_proxies() {
   local PROXY_CPU=$1
   P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
@@ -92,7 +94,7 @@ defaults
   option http-keep-alive
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$P_HAPROXY
+  bind 127.0.0.1:$P_HAPROXY${H2:+ proto h2}
   default_backend be
   option forwardfor
   http-request set-header X-Forwarded-Proto http
@@ -127,7 +129,7 @@ http {
     keepalive 256;
   }
   server {
-    listen 127.0.0.1:$P_NGINX;
+    listen 127.0.0.1:$P_NGINX${H2:+ http2};
     location / {
       proxy_pass http://b;
       proxy_http_version 1.1;

@@ -50,6 +50,9 @@ const DRAIN_MAX: u64 = 256 << 10;
 const READ_CHUNK: usize = 4096;
 /// Past this much pending output, the write buffer is flushed.
 const WRITE_HIGH: usize = 64 << 10;
+/// A connection quiet this long gives its buffers back (a busy one keeps
+/// them: no allocation per request).
+const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
 /// Serves one connection until it closes, fails, or `stop` flips between
 /// exchanges.
@@ -59,6 +62,7 @@ where
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let idle = buf.is_empty();
         let head = tokio::select! {
@@ -81,13 +85,17 @@ where
         let keep = keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs is held only while it runs, not by
         // the connection's idle state.
-        let reusable = Box::pin(exchange(&mut stream, &mut buf, &handler, request, decoder, keep)).await;
+        let reusable = Box::pin(exchange(&mut stream, &mut buf, &mut out, &handler, request, decoder, keep)).await;
         if !reusable || *stop.borrow() {
             return;
         }
-        if buf.is_empty() {
-            // Nothing pipelined: hold no buffer while idle.
+        if out.capacity() > WRITE_HIGH {
+            out = Vec::new();
+        }
+        if buf.is_empty() && !busy_within(&stream, IDLE_RELEASE).await {
+            // Nothing pipelined and nothing coming: hold no buffer while idle.
             buf = BytesMut::new();
+            out = Vec::new();
         }
     }
 }
@@ -97,6 +105,7 @@ where
 async fn exchange<H, F>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    out: &mut Vec<u8>,
     handler: &H,
     request: Request<()>,
     decoder: Decoder,
@@ -113,7 +122,7 @@ where
     let (mut rd, mut wr) = stream.split();
     let respond = async {
         let resp = fut.await;
-        write_response(&mut wr, resp, head_only, version, keep).await.unwrap_or(false)
+        write_response(&mut wr, out, resp, head_only, version, keep).await.unwrap_or(false)
     };
     let read_body = async {
         match pump {
@@ -123,6 +132,12 @@ where
     };
     let (written, read) = tokio::join!(respond, read_body);
     written && read
+}
+
+/// Whether bytes arrive on `stream` within `wait` (the next request of a
+/// busy connection).
+async fn busy_within(stream: &TcpStream, wait: Duration) -> bool {
+    matches!(tokio::time::timeout(wait, stream.readable()).await, Ok(Ok(())))
 }
 
 /// Reads until a whole head is in `buf`. `Ok(None)`: closed before any
@@ -206,6 +221,7 @@ async fn pump_body(
 /// write. Returns whether the connection can carry another request.
 async fn write_response(
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    out: &mut Vec<u8>,
     mut resp: Response<RespBody>,
     head_only: bool,
     version: Version,
@@ -216,11 +232,11 @@ async fn write_response(
     let closing =
         resp.headers().get(http::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let keep_alive = keep_alive && !closing;
-    let mut out = Vec::with_capacity(512);
-    let framing = head::encode(&mut resp, exact, head_only, version, keep_alive, &mut out);
+    out.clear();
+    let framing = head::encode(&mut resp, exact, head_only, version, keep_alive, out);
     let mut body = resp.into_body();
     if framing == Framing::None {
-        wr.write_all(&out).await?;
+        wr.write_all(out).await?;
         return Ok(keep_alive);
     }
     let mut sent = 0u64;
@@ -229,7 +245,7 @@ async fn write_response(
             Some(f) => f,
             None => {
                 if !out.is_empty() {
-                    wr.write_all(&out).await?;
+                    wr.write_all(out).await?;
                     out.clear();
                 }
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
@@ -240,7 +256,7 @@ async fn write_response(
             Some(Err(e)) => {
                 // The client cannot be told; the connection ends short.
                 tracing::debug!(error = %e, "response body failed; closing the connection");
-                wr.write_all(&out).await?;
+                wr.write_all(out).await?;
                 return Ok(false);
             }
             Some(Ok(f)) => {
@@ -253,7 +269,7 @@ async fn write_response(
                     out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                 }
                 if data.len() > WRITE_HIGH {
-                    wr.write_all(&out).await?;
+                    wr.write_all(out).await?;
                     out.clear();
                     wr.write_all(&data).await?;
                 } else {
@@ -263,7 +279,7 @@ async fn write_response(
                     out.extend_from_slice(b"\r\n");
                 }
                 if out.len() > WRITE_HIGH {
-                    wr.write_all(&out).await?;
+                    wr.write_all(out).await?;
                     out.clear();
                 }
             }
@@ -272,7 +288,7 @@ async fn write_response(
     if framing == Framing::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    wr.write_all(&out).await?;
+    wr.write_all(out).await?;
     let complete = match framing {
         Framing::Length(n) => sent == n,
         _ => true,
