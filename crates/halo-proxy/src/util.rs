@@ -82,6 +82,22 @@ pub fn request_id() -> [u8; 32] {
     out
 }
 
+/// A small deterministic generator (xorshift) for the property tests: no
+/// crate, and the same cases every run.
+#[cfg(test)]
+pub(crate) struct Rng(pub u64);
+
+#[cfg(test)]
+impl Rng {
+    /// The next value in `0..n`.
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,7 +174,7 @@ impl Decoder {
 /// `s` as a number in `radix` (10 or 16) if it is digits
 /// only: no sign, prefix or spaces (what `str::parse` would let through:
 /// "+5" is a known request-smuggling vector); `None` on overflow.
-fn digits(s: &[u8], radix: u32) -> Option<u64> {
+pub(crate) fn digits(s: &[u8], radix: u32) -> Option<u64> {
     if s.is_empty() || s.len() > 20 {
         return None;
     }
@@ -200,6 +200,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::Rng;
 
     fn all(d: &mut Decoder, input: &[u8], split: usize) -> (Vec<u8>, bool) {
         let mut buf = BytesMut::new();
@@ -252,19 +253,6 @@ mod tests {
         assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::Chunked(Chunk::Size), true));
         f.note(b"transfer-encoding", b"gzip");
         assert_eq!(Decoder::for_response(StatusCode::OK, false, &f).unwrap(), (Decoder::UntilClose, false));
-    }
-
-    /// A small deterministic generator (xorshift), so the property tests
-    /// below need no crate and repeat exactly.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n.max(1)
-        }
     }
 
     /// Encodes `body` as chunks of random sizes, with random-case hex,

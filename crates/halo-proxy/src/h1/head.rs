@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
-use crate::client::decode::{Chunk, Decoder};
+use crate::client::decode::{digits, Chunk, Decoder};
 
 /// Most header lines a request may have (past it: 431).
 pub const MAX_HEADERS: usize = 100;
@@ -66,7 +66,7 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, Refus
         if name == header::TRANSFER_ENCODING {
             te = Some(h.value);
         } else if name == header::CONTENT_LENGTH {
-            let n = digits(h.value.trim_ascii()).ok_or_else(|| bad("invalid Content-Length"))?;
+            let n = digits(h.value.trim_ascii(), 10).ok_or_else(|| bad("invalid Content-Length"))?;
             if cl.is_some_and(|c| c != n) {
                 return Err(bad("conflicting Content-Length headers"));
             }
@@ -103,14 +103,6 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, Refus
     *request.version_mut() = version;
     *request.headers_mut() = map;
     Ok(Some(Head { request, body, keep_alive, expects_continue }))
-}
-
-/// Decimal digits only (no sign, no spaces: "+5" is a smuggling vector).
-fn digits(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |n, b| b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0')))
 }
 
 /// How a response body goes on the wire.
@@ -202,6 +194,7 @@ pub fn refusal(r: &Refused) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::Rng;
 
     fn head(raw: &str) -> Result<Option<Head>, Refused> {
         parse(&mut BytesMut::from(raw), 16 << 10)
@@ -239,17 +232,6 @@ mod tests {
         }
         let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "x".repeat(20 << 10));
         assert_eq!(head(&big).err().map(|e| e.status), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n.max(1)
-        }
     }
 
     #[test]
