@@ -45,8 +45,8 @@ fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
     }
 }
 
-fn owner_file(k: u8) -> PathBuf {
-    std::env::temp_dir().join(format!("halo-cluster-{k}.owner"))
+fn lock_file(k: u8) -> PathBuf {
+    std::env::temp_dir().join(format!("halo-cluster-{k}.lock"))
 }
 
 /// Most nodes a harness has; teardown looks for all of them, so a harness
@@ -70,25 +70,27 @@ fn teardown(k: u8) {
     for dir in ["-i", "-o"] {
         while quiet("iptables", &["-D", "FORWARD", dir, &format!("hb{k}"), "-j", "ACCEPT"]) {}
     }
-    let _ = std::fs::remove_file(owner_file(k));
 }
 
-/// Claims a free harness number: creating the bridge is the atomic step.
-/// Leftovers of harnesses whose owner died are removed first.
-fn claim() -> u8 {
+/// Claims a free harness number: a lock on its lock file, held for the
+/// harness's life (the kernel drops it when the owner dies, whatever way).
+/// Whatever a dead owner of that number left (namespaces, links, rules) is
+/// removed before the number is used: with the lock held, nothing else can
+/// be using them.
+fn claim() -> (u8, std::fs::File) {
     for k in 1..=250u8 {
-        if let Ok(owner) = std::fs::read_to_string(owner_file(k)) {
-            let alive = owner.trim().parse::<u32>().is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
-                teardown(k);
-            }
+        let Ok(f) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(lock_file(k)) else {
+            continue;
+        };
+        if f.try_lock().is_err() {
+            continue;
         }
+        teardown(k);
         if quiet("ip", &["link", "add", &format!("hb{k}"), "type", "bridge"]) {
-            std::fs::write(owner_file(k), std::process::id().to_string()).expect("write owner file");
-            return k;
+            return (k, f);
         }
     }
-    panic!("no free harness number (bridges hb1..hb250 all exist)");
+    panic!("no free harness number (locks halo-cluster-1..250 all held, or bridges hb1..hb250 not removable)");
 }
 
 /// One node of the harness.
@@ -133,6 +135,8 @@ impl ClusterNode {
 /// A cluster of `halo agent`s with a real etcd, in network namespaces.
 pub struct Cluster {
     k: u8,
+    /// Held while the harness lives: its number is ours.
+    _claim: std::fs::File,
     pub nodes: Vec<ClusterNode>,
     bin: String,
     lease_ttl: String,
@@ -163,9 +167,10 @@ impl Cluster {
         let n = zones.len();
         assert!(n <= MAX_NODES, "at most {MAX_NODES} nodes");
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
-        let k = claim();
+        let (k, claim) = claim();
         let dir = TempDir::new("cluster");
-        let mut c = Cluster { k, nodes: Vec::new(), bin: bin.to_string(), lease_ttl: "3s".into(), _dir: dir };
+        let mut c =
+            Cluster { k, _claim: claim, nodes: Vec::new(), bin: bin.to_string(), lease_ttl: "3s".into(), _dir: dir };
         let bridge = format!("hb{k}");
         run("ip", &["addr", "add", &format!("10.213.{k}.1/24"), "dev", &bridge]);
         run("ip", &["link", "set", &bridge, "up"]);
