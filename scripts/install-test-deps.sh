@@ -16,6 +16,10 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # The docker tests' image carries a static busybox for hooks and probes
 # inside the container.
 [ -x /bin/busybox ] || need+=(busybox-static)
+# The per-node Docker daemons of the cluster harness start under nsenter and
+# setsid; test images are stripped with strip.
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -29,7 +33,6 @@ fi
 # The docker driver's tests need a Docker Engine (no registry: they build
 # their images from the halo binary with strip, ldd and tar). Where the
 # engine is installed but its daemon is down, start it.
-command -v strip >/dev/null 2>&1 || echo "note: strip (binutils) is missing; docker test images keep debug info" >&2
 if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "starting dockerd for the docker tests" >&2
   setsid dockerd >/tmp/dockerd.log 2>&1 </dev/null &

@@ -73,7 +73,6 @@ pub enum ClientError {
 /// A parsed response head, and how to read the body that follows.
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: HeaderMap,
     pub decoder: Decoder,
     /// Whether the connection can serve another request after this body.
@@ -243,7 +242,7 @@ impl H1Conn {
                 .map_err(|e| ClientError::Parse(format!("header {name}: {e}")))?;
             headers.append(name, value);
         }
-        Ok(Some(ResponseHead { status, version, headers, decoder, keep_alive }))
+        Ok(Some(ResponseHead { status, headers, decoder, keep_alive }))
     }
 
     /// Reads more bytes into the buffer for the body decoder.

@@ -245,14 +245,12 @@ async fn attempts(
         out.tries = attempt + 1;
         let Some(body) = pending.as_ref().and_then(ProxyBody::replay).or_else(|| pending.take()) else { break };
         let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
-        // A try that may be abandoned: the request is safe to replay and
-        // has somewhere else to go.
-        let per_try = if safe && attempt < policy.attempts && has_other(&group, &tried[..=attempt as usize]) {
-            per_try_timeout(policy.try_timeout, &group)
-        } else {
-            None
-        };
-        match send(route, &ep, &group, parts, body, per_try).await {
+        // A try that may be abandoned: the request is safe to replay and a
+        // retry is left (whether another endpoint can take it is asked only
+        // if the timer fires: it walks the group).
+        let per_try =
+            if safe && attempt < policy.attempts { per_try_timeout(policy.try_timeout, &group) } else { None };
+        match send(route, &ep, &group, parts, body, per_try, &tried[..=attempt as usize]).await {
             Ok((resp, conn, inflight)) => {
                 let status = resp.status().as_u16();
                 let retry_status = policy.statuses.contains(&status);
@@ -323,9 +321,9 @@ fn has_other(group: &Group, tried: &[usize]) -> bool {
 type SendResult = Result<(Response<Source>, Pooled, InflightGuard), (ProxyError, Option<ProxyBody>)>;
 
 /// One attempt on one endpoint, with stale pooled connections skipped.
-/// Past `per_try` without a response head the try is abandoned, when the
-/// retry budget grants its replacement; else it waits on to the
-/// first-byte timeout.
+/// Past `per_try` without a response head the try is abandoned, when an
+/// endpoint not `tried` can take it and the retry budget grants it; else
+/// it waits on to the first-byte timeout.
 async fn send(
     route: &Route,
     ep: &Arc<Endpoint>,
@@ -333,6 +331,7 @@ async fn send(
     parts: &http::request::Parts,
     mut body: ProxyBody,
     per_try: Option<Duration>,
+    tried: &[usize],
 ) -> SendResult {
     let t = &route.cfg.timeouts;
     for _ in 0..STALE_TRIES {
@@ -376,7 +375,7 @@ async fn send(
             if let Some(p) = per_try.filter(|p| t.first_byte.is_none_or(|fb| *p < fb)) {
                 match tokio::time::timeout(p, &mut fut).await {
                     Ok(r) => early = Some(r),
-                    Err(_) if retry_granted(route) => {
+                    Err(_) if has_other(group, tried) && retry_granted(route) => {
                         route.rt.stats.try_timeouts.fetch_add(1, Relaxed);
                         return Err((ProxyError::TryTimeout(p), None));
                     }

@@ -17,11 +17,15 @@ pub struct Histogram {
     sum_us: AtomicU64,
 }
 
+/// The bucket `d` falls in: the first bound it does not exceed, or +Inf.
+fn bucket(d: Duration) -> usize {
+    let s = d.as_secs_f64();
+    BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len())
+}
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Relaxed);
+        self.counts[bucket(d)].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
@@ -80,9 +84,7 @@ impl RecentLatency {
                 c.store(0, Relaxed);
             }
         }
-        let s = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
-        slot.counts[i].fetch_add(1, Relaxed);
+        slot.counts[bucket(d)].fetch_add(1, Relaxed);
     }
 
     /// The upper bound of the bucket holding the 99th percentile of the

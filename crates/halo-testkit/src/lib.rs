@@ -15,7 +15,7 @@ mod process;
 use std::future::Future;
 use std::time::Duration;
 
-pub use backend::{Backend, BackendStats};
+pub use backend::{canned_upstream, Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use cluster::{Cluster, ClusterNode};
 pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};

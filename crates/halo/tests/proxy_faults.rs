@@ -362,18 +362,7 @@ async fn pool_caps_connections_per_endpoint_and_closes_idle_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_answering_upstream_gets_a_clear_502() {
-    use tokio::io::AsyncWriteExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"220 mail.example.com ESMTP ready\r\n\r\n").await;
-            });
-        }
-    });
+    let addr = halo_testkit::canned_upstream(b"220 mail.example.com ESMTP ready\r\n\r\n").await;
     let up = format!("endpoints = [\"{addr}\"]\n[upstreams.web.health]\nenabled = false");
     let h = Halo::proxy(BIN, &config("", &up)).unwrap();
     let r = Client::new().get(&h.url("main", "/")).await.unwrap();

@@ -429,23 +429,6 @@ async fn a_port_in_use_is_an_error_naming_the_holder_not_a_silent_share() {
     }
 }
 
-/// An upstream that answers every request with an HTTP/1.0 status line and
-/// closes.
-async fn http10_upstream() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold server\n").await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_break_rfc_9112_get_400_and_connect_is_refused() {
     let a = Backend::start("a").await;
@@ -478,7 +461,7 @@ async fn requests_that_break_rfc_9112_get_400_and_connect_is_refused() {
     let r = raw(addr, b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     // An HTTP/1.0 upstream's answer reaches an HTTP/1.1 client as HTTP/1.1.
-    let old = http10_upstream().await;
+    let old = halo_testkit::canned_upstream(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold server\n").await;
     let h10 =
         Halo::proxy(BIN, &config("", &format!("endpoints = [\"{old}\"]\n[upstreams.web.health]\nenabled = false")))
             .unwrap();

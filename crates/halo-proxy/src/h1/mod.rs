@@ -17,7 +17,7 @@
 mod head;
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -266,7 +266,7 @@ async fn write_response(
                 }
                 sent += data.len() as u64;
                 if framing == Framing::Chunked {
-                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    let _ = write!(out, "{:x}\r\n", data.len());
                 }
                 if data.len() > WRITE_HIGH {
                     wr.write_all(out).await?;
