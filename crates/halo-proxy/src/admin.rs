@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::{escape, Writer};
+use crate::metrics::{escape, ListenerStats, Writer};
 use crate::server::Proxy;
 use crate::util::now_ms;
 
@@ -94,6 +94,9 @@ fn status_json(proxy: &Proxy) -> serde_json::Value {
     serde_json::json!({ "endpoints": eps })
 }
 
+/// A family rendered from one counter per item: name, type, help, value.
+type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
 /// Renders every metric family in the Prometheus text format.
 pub fn render_metrics(proxy: &Proxy) -> String {
     let reg = &proxy.shared().registry;
@@ -167,7 +170,15 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for e in &eps {
         w.sample("halo_endpoint_health_check_failures_total", &label(e), e.stats.health_checks_failed.load(Relaxed));
     }
-    w.header("halo_endpoint_inflight", "gauge", "Requests in flight, by endpoint.");
+    w.header("halo_endpoint_connect_failures_total", "counter", "Failed or timed-out connects, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_connect_failures_total", &label(e), e.stats.connect_failures.load(Relaxed));
+    }
+    w.header("halo_endpoint_tcp_connections_total", "counter", "Connections TCP listeners opened, by endpoint.");
+    for e in &eps {
+        w.sample("halo_endpoint_tcp_connections_total", &label(e), e.stats.tcp_connections.load(Relaxed));
+    }
+    w.header("halo_endpoint_inflight", "gauge", "Requests and tunnels in flight, by endpoint.");
     for e in &eps {
         w.sample("halo_endpoint_inflight", &label(e), e.inflight.load(Relaxed));
     }
@@ -189,6 +200,35 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             &format!("listener=\"{}\"", escape(name)),
             s.accepted.load(Relaxed),
         );
+    }
+    let families: [Family<ListenerStats>; 4] = [
+        (
+            "halo_listener_tunnels_active",
+            "gauge",
+            "Open tunnels (TCP connections, upgraded HTTP connections), by listener.",
+            |s| s.tunnels.load(Relaxed),
+        ),
+        (
+            "halo_listener_tunnel_received_bytes_total",
+            "counter",
+            "Tunnel bytes received from clients, by listener.",
+            |s| s.bytes_in.load(Relaxed),
+        ),
+        ("halo_listener_tunnel_sent_bytes_total", "counter", "Tunnel bytes sent to clients, by listener.", |s| {
+            s.bytes_out.load(Relaxed)
+        }),
+        (
+            "halo_listener_unserved_total",
+            "counter",
+            "TCP connections closed because no endpoint took them, by listener.",
+            |s| s.unserved.load(Relaxed),
+        ),
+    ];
+    for (family, kind, help, value) in families {
+        w.header(family, kind, help);
+        for (name, s) in &ls {
+            w.sample(family, &format!("listener=\"{}\"", escape(name)), value(s));
+        }
     }
     w.out
 }

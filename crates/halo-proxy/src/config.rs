@@ -6,8 +6,10 @@
 //! the line where it can be found, the field and what is accepted.
 
 mod file;
+mod listener;
 mod locate;
 mod types;
+mod upstream;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -104,7 +106,7 @@ pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Conf
         let up = v.upstream(name, u);
         cfg.upstreams.insert(name.clone(), up);
     }
-    let listeners: HashSet<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+    let listeners = http_listeners(&cfg.listeners);
     let routes: Vec<RouteConfig> =
         generated.routes.iter().enumerate().map(|(i, r)| v.route(i, r, &cfg.upstreams, &listeners)).collect();
     if !v.errors.is_empty() {
@@ -112,6 +114,11 @@ pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Conf
     }
     cfg.routes.extend(routes);
     Ok(cfg)
+}
+
+/// The names routes may name: the http listeners'.
+fn http_listeners(ls: &[ListenerConfig]) -> HashSet<&str> {
+    ls.iter().filter(|l| l.protocol == ListenerProtocol::Http).map(|l| l.name.as_str()).collect()
 }
 
 struct Validator<'a> {
@@ -181,10 +188,10 @@ impl Validator<'_> {
             self.addr(line, "admin.listen", &a.listen)
         });
 
-        let listeners = self.listeners(&raw);
         let upstreams: BTreeMap<String, UpstreamConfig> =
             raw.upstreams.iter().map(|(name, u)| (name.clone(), self.upstream(name, u))).collect();
-        let names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let listeners = self.listeners(&raw, &upstreams);
+        let names = http_listeners(&listeners);
         let routes = raw.routes.iter().enumerate().map(|(i, r)| self.route(i, r, &upstreams, &names)).collect();
         Config {
             workers,
@@ -199,37 +206,6 @@ impl Validator<'_> {
             routes,
             upstreams,
         }
-    }
-
-    fn listeners(&mut self, raw: &FileConfig) -> Vec<ListenerConfig> {
-        if raw.listeners.is_empty() {
-            self.err(0, "listeners", "at least one [[listeners]] entry with listen = \"IP:PORT\" is required");
-        }
-        let mut out = Vec::new();
-        let mut seen = HashSet::new();
-        for (i, l) in raw.listeners.iter().enumerate() {
-            let line = self.loc.array_item("listeners", i);
-            let field = format!("listeners[{i}]");
-            let name = l.name.clone().unwrap_or_else(|| format!("listener{i}"));
-            if !seen.insert(name.clone()) {
-                self.err(line, format!("{field}.name"), format!("duplicate listener name '{name}'"));
-            }
-            let protocol = match l.protocol.as_deref().unwrap_or("http") {
-                "http" => ListenerProtocol::Http,
-                other => {
-                    self.err(
-                        self.loc.key(line, "protocol"),
-                        format!("{field}.protocol"),
-                        format!("unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c)"),
-                    );
-                    ListenerProtocol::Http
-                }
-            };
-            if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
-                out.push(ListenerConfig { name, addr, protocol });
-            }
-        }
-        out
     }
 
     fn route(
@@ -301,7 +277,7 @@ impl Validator<'_> {
             .collect();
         if let Some(ls) = &r.listeners {
             for l in ls.iter().filter(|l| !listeners.contains(l.as_str())) {
-                self.err(self.loc.key(line, "listeners"), f("listeners"), format!("no listener named '{l}'"));
+                self.err(self.loc.key(line, "listeners"), f("listeners"), format!("no http listener named '{l}'"));
             }
         }
         let split = self.split(i, line, r, ups);
@@ -451,177 +427,6 @@ impl Validator<'_> {
             budget_min_per_sec: rs.budget_min_per_sec.unwrap_or(d.budget_min_per_sec),
             body_cap: rs.body_cap.unwrap_or(d.body_cap),
         }
-    }
-
-    fn upstream(&mut self, name: &str, u: &UpstreamSection) -> UpstreamConfig {
-        let line = self.loc.table(&format!("upstreams.{name}"));
-        let f = |k: &str| format!("upstreams.{name}.{k}");
-        if u.endpoints.is_empty() && !self.fed {
-            self.err(line, f("endpoints"), "at least one endpoint is required, as in endpoints = [\"127.0.0.1:9000\"]");
-        }
-        let mut endpoints = Vec::new();
-        let mut seen = HashSet::new();
-        for (j, e) in u.endpoints.iter().enumerate() {
-            let (addr, weight) = match e {
-                file::EndpointEntry::Addr(a) => (a, 1),
-                file::EndpointEntry::Full { addr, weight } => (addr, weight.unwrap_or(1)),
-            };
-            let eline = self.loc.key(line, "endpoints");
-            if weight == 0 || weight > 1000 {
-                self.err(eline, format!("{}[{j}].weight", f("endpoints")), "accepted: 1 to 1000");
-            }
-            if let Some(a) = self.addr(eline, &format!("{}[{j}]", f("endpoints")), addr) {
-                if !seen.insert(a) {
-                    self.err(eline, f("endpoints"), format!("endpoint {a} is listed twice"));
-                }
-                endpoints.push(EndpointConfig { addr: a, weight: weight.clamp(1, 1000) });
-            }
-        }
-        let policy = u.policy.as_deref().unwrap_or("round_robin").parse().unwrap_or_else(|e: String| {
-            self.err(self.loc.key(line, "policy"), f("policy"), e);
-            Policy::RoundRobin
-        });
-        let hash_key = u.hash_key.as_deref().and_then(|k| {
-            k.parse::<HashKey>().map_err(|e| self.err(self.loc.key(line, "hash_key"), f("hash_key"), e)).ok()
-        });
-        if policy == Policy::ConsistentHash && hash_key.is_none() && u.hash_key.is_none() {
-            self.err(
-                self.loc.key(line, "policy"),
-                f("hash_key"),
-                "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)",
-            );
-        }
-        let sl = self.loc.key(line, "slow_start");
-        let slow_start = u
-            .slow_start
-            .as_deref()
-            .map(|s| self.duration(sl, &f("slow_start"), Some(s), Duration::ZERO))
-            .filter(|d| !d.is_zero());
-        let protocol = match u.protocol.as_deref().unwrap_or("http1") {
-            "http1" => UpstreamProtocol::Http1,
-            "h2" | "http2" => UpstreamProtocol::Http2,
-            other => {
-                self.err(
-                    self.loc.key(line, "protocol"),
-                    f("protocol"),
-                    format!("unknown protocol '{other}'; accepted: http1, h2"),
-                );
-                UpstreamProtocol::Http1
-            }
-        };
-        let pool = self.pool(name, u);
-        let health = self.health(name, u.health.as_ref());
-        let outlier = self.outlier(name, u.outlier.as_ref());
-        UpstreamConfig {
-            name: name.to_string(),
-            endpoints,
-            policy,
-            hash_key,
-            session_cookie: u.session_cookie.clone(),
-            slow_start,
-            protocol,
-            pool,
-            health,
-            outlier,
-        }
-    }
-
-    fn pool(&mut self, name: &str, u: &UpstreamSection) -> PoolConfig {
-        let d = PoolConfig::default();
-        let Some(p) = &u.pool else { return d };
-        let line = self.loc.table(&format!("upstreams.{name}.pool"));
-        let max_per_endpoint = p.max_per_endpoint.unwrap_or(d.max_per_endpoint);
-        if max_per_endpoint == 0 {
-            self.err(line, format!("upstreams.{name}.pool.max_per_endpoint"), "must be at least 1");
-        }
-        let idle_line = self.loc.key(line, "idle_timeout");
-        PoolConfig {
-            max_per_endpoint: max_per_endpoint.max(1),
-            idle_timeout: self.duration(
-                idle_line,
-                &format!("upstreams.{name}.pool.idle_timeout"),
-                p.idle_timeout.as_deref(),
-                d.idle_timeout,
-            ),
-        }
-    }
-
-    fn health(&mut self, name: &str, h: Option<&HealthSection>) -> Option<HealthConfig> {
-        let d = HealthConfig::default();
-        let Some(h) = h else { return Some(d) };
-        if h.enabled == Some(false) {
-            return None;
-        }
-        let line = self.loc.table(&format!("upstreams.{name}.health"));
-        let f = |k: &str| format!("upstreams.{name}.health.{k}");
-        let kind = match h.kind.as_deref().unwrap_or("http") {
-            "http" => {
-                HealthKind::Http { path: h.path.clone().unwrap_or_else(|| "/".into()), expect_status: h.expect_status }
-            }
-            "tcp" => HealthKind::Tcp,
-            other => {
-                self.err(self.loc.key(line, "type"), f("type"), format!("unknown type '{other}'; accepted: http, tcp"));
-                HealthKind::Tcp
-            }
-        };
-        if let HealthKind::Http { path, .. } = &kind {
-            if !path.starts_with('/') {
-                self.err(self.loc.key(line, "path"), f("path"), "must start with '/'");
-            }
-        }
-        let dur = |v: &mut Self, k: &str, val: &Option<String>, def: Duration| {
-            let l = v.loc.key(line, k);
-            v.duration(l, &f(k), val.as_deref(), def)
-        };
-        let interval = dur(self, "interval", &h.interval, d.interval);
-        let timeout = dur(self, "timeout", &h.timeout, d.timeout);
-        let jitter = dur(self, "jitter", &h.jitter, d.jitter);
-        if interval < Duration::from_millis(10) {
-            self.err(self.loc.key(line, "interval"), f("interval"), "must be at least 10ms");
-        }
-        if timeout.is_zero() {
-            self.err(self.loc.key(line, "timeout"), f("timeout"), "must be above 0");
-        }
-        let (rise, fall) = (h.rise.unwrap_or(d.rise), h.fall.unwrap_or(d.fall));
-        if rise == 0 || fall == 0 {
-            self.err(line, f("rise"), "rise and fall must be at least 1");
-        }
-        Some(HealthConfig {
-            kind,
-            interval: interval.max(Duration::from_millis(10)),
-            timeout,
-            rise: rise.max(1),
-            fall: fall.max(1),
-            jitter,
-        })
-    }
-
-    fn outlier(&mut self, name: &str, o: Option<&OutlierSection>) -> Option<OutlierConfig> {
-        let d = OutlierConfig::default();
-        let Some(o) = o else { return Some(d) };
-        if o.enabled == Some(false) {
-            return None;
-        }
-        let line = self.loc.table(&format!("upstreams.{name}.outlier"));
-        let f = |k: &str| format!("upstreams.{name}.outlier.{k}");
-        let consecutive_failures = o.consecutive_failures.unwrap_or(d.consecutive_failures);
-        if consecutive_failures == 0 {
-            self.err(line, f("consecutive_failures"), "must be at least 1");
-        }
-        let pct = o.max_ejected_percent.unwrap_or(d.max_ejected_percent);
-        if pct > 100 {
-            self.err(line, f("max_ejected_percent"), "accepted: 0 to 100");
-        }
-        let bl = self.loc.key(line, "base_ejection");
-        let base_ejection = self.duration(bl, &f("base_ejection"), o.base_ejection.as_deref(), d.base_ejection);
-        let ml = self.loc.key(line, "max_ejection");
-        let max_ejection = self.duration(ml, &f("max_ejection"), o.max_ejection.as_deref(), d.max_ejection);
-        Some(OutlierConfig {
-            consecutive_failures: consecutive_failures.max(1),
-            base_ejection,
-            max_ejection: max_ejection.max(base_ejection),
-            max_ejected_percent: pct.min(100),
-        })
     }
 }
 

@@ -37,6 +37,10 @@ pub struct Endpoint {
     health: Health,
     ewma_ns: AtomicU64,
     ewma_at_ms: AtomicU64,
+    /// Set when a reload or an endpoint update removed the endpoint:
+    /// requests in flight finish, tunnels close after the grace period.
+    retired: AtomicBool,
+    on_retire: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -66,6 +70,25 @@ impl Endpoint {
             health: Health { active_up: AtomicBool::new(true), ..Health::default() },
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS),
             ewma_at_ms: AtomicU64::new(now_ms()),
+            retired: AtomicBool::new(false),
+            on_retire: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Marks the endpoint removed from its upstream (see [`Endpoint::retired`]).
+    pub fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        self.on_retire.notify_waiters();
+    }
+
+    /// Resolves once the endpoint has been removed from its upstream.
+    pub async fn retired(&self) {
+        loop {
+            let notified = self.on_retire.notified();
+            if self.retired.load(Relaxed) {
+                return;
+            }
+            notified.await;
         }
     }
 

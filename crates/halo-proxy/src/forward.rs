@@ -270,6 +270,9 @@ async fn attempts(
                 granted = matches!(e, ProxyError::TryTimeout(_));
                 if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
                     ep.passive_result(false, || group.may_eject());
+                    if matches!(e, ProxyError::Connect(_)) {
+                        ep.stats.connect_failures.fetch_add(1, Relaxed);
+                    }
                 }
                 if unsent.is_some() {
                     pending = unsent;

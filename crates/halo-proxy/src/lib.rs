@@ -12,7 +12,8 @@
 //! `balance` (groups and policies), `endpoint` + `health` (endpoint state,
 //! passive and active health), `pool` (upstream connections), `retry`
 //! (budget), `headers`, `body`, `metrics`, `admin`, `registry` (state kept
-//! across reloads).
+//! across reloads), `tcp` (L4 listeners), `tunnel` (bytes both ways, for
+//! TCP and HTTP Upgrade).
 
 mod admin;
 mod balance;
@@ -33,6 +34,8 @@ mod registry;
 mod retry;
 mod router;
 mod server;
+mod tcp;
+mod tunnel;
 mod upstream;
 mod util;
 

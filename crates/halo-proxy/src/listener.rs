@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::body::DownBody;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::forward::{self, Downstream};
 use crate::h1;
 use crate::metrics::ListenerStats;
@@ -179,7 +179,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: w
 }
 
 fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
-    let (drain, mut stop) = (ctx.drain.clone(), ctx.stop.clone());
+    let (drain, stop) = (ctx.drain.clone(), ctx.stop.clone());
     let _ = stream.set_nodelay(true);
     ctx.stats.accepted.fetch_add(1, Relaxed);
     ctx.stats.active.fetch_add(1, Relaxed);
@@ -187,53 +187,74 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let stats = ctx.stats.clone();
     let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
+    // The listener's current settings: a reload may change them.
+    let tcp = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
+        Some(ListenerConfig { protocol: ListenerProtocol::Tcp(f), .. }) => Some(f.clone()),
+        _ => None,
+    };
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let down = Arc::new(Downstream {
-        listener: ctx.name.clone(),
-        client: peer,
-        client_ip: crate::headers::ClientIp::new(peer),
-    });
+    let listener = ctx.name.clone();
     tokio::spawn(
         async move {
-            let h2 = tokio::time::timeout(protocols.h1.head_timeout, is_h2(&stream)).await;
-            match h2 {
-                Ok(Ok(false)) => {
-                    let handler = move |req| {
-                        let (shared, down) = (shared.clone(), down.clone());
-                        async move {
-                            match forward::handle(shared, down, req).await {
-                                Ok(r) => r,
-                                Err(never) => match never {},
-                            }
-                        }
-                    };
-                    // Boxed, as the HTTP/2 side: the task holds only the
-                    // protocol in use.
-                    Box::pin(h1::serve(stream, protocols.h1, stop, handler)).await;
+            match tcp {
+                Some(fwd) => Box::pin(crate::tcp::serve(stream, peer, &shared, &fwd, &stats)).await,
+                None => {
+                    let down =
+                        Arc::new(Downstream { listener, client: peer, client_ip: crate::headers::ClientIp::new(peer) });
+                    serve_http(stream, down, shared, &protocols, stop).await
                 }
-                Ok(Ok(true)) => {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
-                    });
-                    let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                            // Finish the streams in flight, then close (GOAWAY).
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
-                    }
-                }
-                // Closed, failed or silent before saying which protocol.
-                _ => {}
             }
             stats.active.fetch_sub(1, Relaxed);
             drain.done();
         }
         .instrument(span),
     );
+}
+
+/// One HTTP connection: HTTP/1.1 by our codec, or HTTP/2 when the client
+/// opens with the preface.
+async fn serve_http(
+    stream: TcpStream,
+    down: Arc<Downstream>,
+    shared: Arc<Shared>,
+    protocols: &Protocols,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = down.client;
+    let h2 = tokio::time::timeout(protocols.h1.head_timeout, is_h2(&stream)).await;
+    match h2 {
+        Ok(Ok(false)) => {
+            let handler = move |req| {
+                let (shared, down) = (shared.clone(), down.clone());
+                async move {
+                    match forward::handle(shared, down, req).await {
+                        Ok(r) => r,
+                        Err(never) => match never {},
+                    }
+                }
+            };
+            // Boxed, as the HTTP/2 side: the task holds only the
+            // protocol in use.
+            Box::pin(h1::serve(stream, protocols.h1, stop, handler)).await;
+        }
+        Ok(Ok(true)) => {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
+            });
+            let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    // Finish the streams in flight, then close (GOAWAY).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+            }
+        }
+        // Closed, failed or silent before saying which protocol.
+        _ => {}
+    }
 }

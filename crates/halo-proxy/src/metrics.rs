@@ -137,6 +137,10 @@ pub struct RouteStats {
 #[derive(Default)]
 pub struct EndpointStats {
     pub requests: [AtomicU64; 6],
+    /// Connections a TCP listener opened here.
+    pub tcp_connections: AtomicU64,
+    /// Connects that failed or timed out (TCP listeners and upstream pools).
+    pub connect_failures: AtomicU64,
     pub ejections: AtomicU64,
     pub health_checks_failed: AtomicU64,
     pub latency: Histogram,
@@ -166,6 +170,13 @@ impl UpstreamStats {
 pub struct ListenerStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,
+    /// Open tunnels: TCP connections, and HTTP connections after an Upgrade.
+    pub tunnels: AtomicU64,
+    /// Tunnel bytes from clients, and to clients.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// TCP connections closed because no endpoint took them.
+    pub unserved: AtomicU64,
 }
 
 /// Helpers that write Prometheus families; label values are escaped.

@@ -64,8 +64,9 @@ impl Registry {
                     (u.name.clone(), Arc::new(Slot::from_pointee(group)))
                 })
                 .collect();
-            for ((up, addr), _) in eps.drain() {
+            for ((up, addr), ep) in eps.drain() {
                 tracing::info!(upstream = %up, endpoint = %addr, "endpoint removed; draining its in-flight requests");
+                ep.retire();
             }
             *eps = keep;
             groups
@@ -103,10 +104,11 @@ impl Registry {
         let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let mut keep = HashMap::new();
         let group = self.group(&mut eps, &mut keep, u.clone());
-        eps.retain(|(up, addr), _| {
+        eps.retain(|(up, addr), ep| {
             let gone = *up == u.name;
             if gone {
                 tracing::info!(upstream = %up, endpoint = %addr, "endpoint removed; draining its in-flight requests");
+                ep.retire();
             }
             !gone
         });
@@ -123,7 +125,14 @@ impl Registry {
             .map(|e| {
                 let key = (u.name.clone(), e.addr);
                 // A protocol change needs a new pool, so a new endpoint.
-                let kept = eps.remove(&key).filter(|ep| ep.settings.load().protocol == u.protocol);
+                let kept = match eps.remove(&key) {
+                    Some(ep) if ep.settings.load().protocol == u.protocol => Some(ep),
+                    Some(old) => {
+                        old.retire();
+                        None
+                    }
+                    None => None,
+                };
                 let ep = match kept {
                     Some(ep) => {
                         update_endpoint(&ep, &u, e.weight);

@@ -39,18 +39,28 @@ impl Group {
         Group { cfg, endpoints, stats, balancer }
     }
 
-    /// Chooses an endpoint not in `tried`; `None` when no endpoint is
-    /// available.
+    /// Chooses an endpoint for a request, not in `tried`; `None` when no
+    /// endpoint is available.
     pub fn pick(&self, parts: &Parts, client: SocketAddr, tried: &[usize], now: u64) -> Option<Pick> {
+        let session = self.cfg.session_cookie.as_ref().and_then(|name| cookie(parts, name));
+        let key = self.cfg.hash_key.as_ref().and_then(|k| hash_key(k, Some(parts), client));
+        self.pick_by(session, key, tried, now)
+    }
+
+    /// Chooses an endpoint for a connection (no request to look at: only
+    /// a `source_ip` hash key applies).
+    pub fn pick_conn(&self, client: SocketAddr, tried: &[usize], now: u64) -> Option<usize> {
+        let key = self.cfg.hash_key.as_ref().and_then(|k| hash_key(k, None, client));
+        self.pick_by(None, key, tried, now).map(|p| p.index)
+    }
+
+    fn pick_by(&self, session: Option<&str>, key: Option<u64>, tried: &[usize], now: u64) -> Option<Pick> {
         let c = Candidates::new(&self.endpoints, tried, now, self.cfg.slow_start);
-        if let Some(name) = &self.cfg.session_cookie {
-            if let Some(id) = cookie(parts, name) {
-                if let Some(i) = (0..self.endpoints.len()).find(|&i| self.endpoints[i].id == id && c.contains(i)) {
-                    return Some(Pick { index: i, set_cookie: false });
-                }
+        if let Some(id) = session {
+            if let Some(i) = (0..self.endpoints.len()).find(|&i| self.endpoints[i].id == id && c.contains(i)) {
+                return Some(Pick { index: i, set_cookie: false });
             }
         }
-        let key = self.cfg.hash_key.as_ref().and_then(|k| hash_key(k, parts, client));
         let index = self.balancer.pick(&c, key)?;
         Some(Pick { index, set_cookie: self.cfg.session_cookie.is_some() })
     }
@@ -64,11 +74,11 @@ impl Group {
     }
 }
 
-fn hash_key(k: &HashKey, parts: &Parts, client: SocketAddr) -> Option<u64> {
+fn hash_key(k: &HashKey, parts: Option<&Parts>, client: SocketAddr) -> Option<u64> {
     match k {
-        HashKey::Header(h) => parts.headers.get(h).map(|v| hash64(v.as_bytes())),
-        HashKey::Cookie(c) => cookie(parts, c).map(|v| hash64(v.as_bytes())),
         HashKey::SourceIp => Some(hash64(client.ip().to_string().as_bytes())),
-        HashKey::Path => Some(hash64(parts.uri.path().as_bytes())),
+        HashKey::Header(h) => parts?.headers.get(h).map(|v| hash64(v.as_bytes())),
+        HashKey::Cookie(c) => cookie(parts?, c).map(|v| hash64(v.as_bytes())),
+        HashKey::Path => Some(hash64(parts?.uri.path().as_bytes())),
     }
 }

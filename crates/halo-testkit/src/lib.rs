@@ -8,6 +8,7 @@ mod backend;
 mod client;
 mod cluster;
 mod docker;
+mod echo;
 mod etcd;
 mod load;
 mod process;
@@ -19,6 +20,7 @@ pub use backend::{canned_upstream, Backend, BackendStats};
 pub use client::{Client, Reply};
 pub use cluster::{Cluster, ClusterNode};
 pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};
+pub use echo::EchoServer;
 pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
@@ -32,6 +34,13 @@ pub fn quickstart(replicas: u32) -> String {
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("replicas = 3", &format!("replicas = {replicas}"))
         .replace("interval = \"500ms\"", "interval = \"200ms\"")
+}
+
+/// The sum of the samples on `h`'s `/metrics` whose line starts with
+/// `prefix` (a family name, or a name with labels).
+pub async fn metric(c: &Client, h: &Halo, prefix: &str) -> f64 {
+    let m = c.get(&h.admin_url("/metrics")).await.expect("metrics").body;
+    m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// A loopback address with a port that was free a moment ago.

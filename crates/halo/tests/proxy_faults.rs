@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use bytes::Bytes;
-use halo_testkit::{eventually, Backend, Client, Halo, Load, Report};
+use halo_testkit::{eventually, metric, Backend, Client, Halo, Load, Report};
 use http::Request;
 use http_body_util::Full;
 use tokio::io::AsyncReadExt;
@@ -23,11 +23,6 @@ fn config(route_extra: &str, upstream_body: &str) -> String {
 fn eps(bs: &[&Backend]) -> String {
     let v: Vec<String> = bs.iter().map(|b| format!("\"{}\"", b.addr)).collect();
     format!("endpoints = [{}]", v.join(", "))
-}
-
-async fn metric(c: &Client, h: &Halo, prefix: &str) -> f64 {
-    let m = c.get(&h.admin_url("/metrics")).await.expect("metrics").body;
-    m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 async fn status_json(c: &Client, h: &Halo) -> serde_json::Value {

@@ -46,6 +46,11 @@ pub struct ListenerSection {
     pub name: Option<String>,
     pub listen: String,
     pub protocol: Option<String>,
+    /// `protocol = "tcp"`: the upstream connections go to.
+    pub upstream: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub connect_tries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

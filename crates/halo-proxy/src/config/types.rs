@@ -36,10 +36,29 @@ pub struct ListenerConfig {
     pub protocol: ListenerProtocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenerProtocol {
     /// HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port.
     Http,
+    /// Bytes forwarded to an upstream group (L4).
+    Tcp(TcpForward),
+}
+
+/// How a TCP listener forwards its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpForward {
+    pub upstream: String,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// Endpoints tried (each a different one) before the client is closed.
+    pub connect_tries: u32,
+}
+
+impl TcpForward {
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_TRIES: u32 = 3;
 }
 
 #[derive(Debug, Clone)]

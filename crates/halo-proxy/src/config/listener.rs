@@ -1,0 +1,116 @@
+//! Listener validation: http listeners (traffic goes by routes) and tcp
+//! listeners (bytes to one upstream).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use super::file::{self, FileConfig};
+use super::{HashKey, ListenerConfig, ListenerProtocol, TcpForward, UpstreamConfig, Validator};
+
+impl Validator<'_> {
+    pub(super) fn listeners(
+        &mut self,
+        raw: &FileConfig,
+        ups: &BTreeMap<String, UpstreamConfig>,
+    ) -> Vec<ListenerConfig> {
+        if raw.listeners.is_empty() {
+            self.err(0, "listeners", "at least one [[listeners]] entry with listen = \"IP:PORT\" is required");
+        }
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let line = self.loc.array_item("listeners", i);
+            let field = format!("listeners[{i}]");
+            let name = l.name.clone().unwrap_or_else(|| format!("listener{i}"));
+            if !seen.insert(name.clone()) {
+                self.err(line, format!("{field}.name"), format!("duplicate listener name '{name}'"));
+            }
+            let protocol = match l.protocol.as_deref().unwrap_or("http") {
+                "http" => {
+                    let tcp_only = [
+                        ("upstream", l.upstream.is_some()),
+                        ("idle_timeout", l.idle_timeout.is_some()),
+                        ("connect_timeout", l.connect_timeout.is_some()),
+                        ("connect_tries", l.connect_tries.is_some()),
+                    ];
+                    for (key, _) in tcp_only.iter().filter(|(_, set)| *set) {
+                        self.err(
+                            self.loc.key(line, key),
+                            format!("{field}.{key}"),
+                            "is for protocol = \"tcp\" listeners; an http listener's traffic goes by [[routes]]",
+                        );
+                    }
+                    ListenerProtocol::Http
+                }
+                "tcp" => ListenerProtocol::Tcp(self.tcp_forward(line, &field, l, ups)),
+                other => {
+                    self.err(
+                        self.loc.key(line, "protocol"),
+                        format!("{field}.protocol"),
+                        format!(
+                            "unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c), tcp (bytes to an upstream)"
+                        ),
+                    );
+                    ListenerProtocol::Http
+                }
+            };
+            if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
+                out.push(ListenerConfig { name, addr, protocol });
+            }
+        }
+        out
+    }
+
+    fn tcp_forward(
+        &mut self,
+        line: usize,
+        field: &str,
+        l: &file::ListenerSection,
+        ups: &BTreeMap<String, UpstreamConfig>,
+    ) -> TcpForward {
+        let upstream = l.upstream.clone().unwrap_or_default();
+        match ups.get(&upstream) {
+            _ if l.upstream.is_none() => {
+                self.err(line, format!("{field}.upstream"), "a tcp listener needs upstream = \"NAME\"");
+            }
+            None => self.check_upstream(self.loc.key(line, "upstream"), format!("{field}.upstream"), &upstream, ups),
+            Some(u) => {
+                let by_request = matches!(u.hash_key, Some(HashKey::Header(_) | HashKey::Cookie(_) | HashKey::Path));
+                if by_request || u.session_cookie.is_some() {
+                    self.err(
+                        self.loc.key(line, "upstream"),
+                        format!("{field}.upstream"),
+                        format!(
+                            "upstream '{upstream}' hashes or pins by HTTP request fields, which a tcp listener does not have; \
+                             accepted for tcp: hash_key = \"source_ip\" and no session_cookie"
+                        ),
+                    );
+                }
+            }
+        }
+        let il = self.loc.key(line, "idle_timeout");
+        let idle =
+            self.duration(il, &format!("{field}.idle_timeout"), l.idle_timeout.as_deref(), TcpForward::DEFAULT_IDLE);
+        let cl = self.loc.key(line, "connect_timeout");
+        let connect_timeout = self.duration(
+            cl,
+            &format!("{field}.connect_timeout"),
+            l.connect_timeout.as_deref(),
+            TcpForward::DEFAULT_CONNECT,
+        );
+        if connect_timeout.is_zero() {
+            self.err(cl, format!("{field}.connect_timeout"), "must be above 0");
+        }
+        let connect_tries = l.connect_tries.unwrap_or(TcpForward::DEFAULT_TRIES);
+        if !(1..=10).contains(&connect_tries) {
+            self.err(self.loc.key(line, "connect_tries"), format!("{field}.connect_tries"), "accepted: 1 to 10");
+        }
+        TcpForward {
+            upstream,
+            // "0" turns the idle timeout off.
+            idle_timeout: Some(idle).filter(|d| !d.is_zero()),
+            connect_timeout: connect_timeout.max(Duration::from_millis(1)),
+            connect_tries: connect_tries.clamp(1, 10),
+        }
+    }
+}

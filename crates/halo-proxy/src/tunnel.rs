@@ -1,0 +1,136 @@
+//! Tunnels: bytes copied both ways between a client and an endpoint, for
+//! TCP listeners and for HTTP Upgrade (WebSocket) after the 101.
+//!
+//! A half-close is passed on (one side's end of stream shuts the other
+//! side's write half; the other direction goes on). A tunnel ends when
+//! both directions ended, either side failed, nothing moved either way
+//! for the idle limit, or its endpoint was removed from its upstream (by
+//! a reload or an endpoint update) and the grace period after that is
+//! over: a reload that keeps an endpoint keeps its tunnels open.
+//!
+//! Memory: each direction holds a buffer only while bytes flow; a quiet
+//! tunnel gives them back.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::endpoint::Endpoint;
+use crate::metrics::ListenerStats;
+use crate::server::Shared;
+use crate::util::now_ms;
+
+/// Read size per direction while bytes flow.
+const BUF: usize = 16 << 10;
+/// A direction quiet this long gives its buffer back.
+const IDLE_RELEASE: Duration = Duration::from_millis(100);
+
+/// Why a tunnel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum End {
+    #[error("both sides closed")]
+    Closed,
+    #[error("nothing moved for {0:?} (the idle timeout)")]
+    Idle(Duration),
+    #[error("the endpoint was removed from its upstream and the grace period is over")]
+    Retired,
+    #[error("{0}")]
+    Failed(io::Error),
+}
+
+/// One tunnel: the client, bytes the client sent that are not yet
+/// forwarded (after an Upgrade head), the endpoint's connection and bytes
+/// it sent that the client has not seen.
+pub struct Tunnel<'a> {
+    pub client: TcpStream,
+    pub client_early: &'a [u8],
+    pub upstream: TcpStream,
+    pub upstream_early: &'a [u8],
+    pub idle: Option<Duration>,
+    pub endpoint: &'a Endpoint,
+}
+
+impl Tunnel<'_> {
+    /// Runs the tunnel to its end; counts its bytes in `stats`.
+    pub async fn run(self, shared: &Shared, stats: &ListenerStats) -> End {
+        let (cr, mut cw) = self.client.into_split();
+        let (ur, mut uw) = self.upstream.into_split();
+        let last = AtomicU64::new(now_ms());
+        stats.tunnels.fetch_add(1, Relaxed);
+        let both = async {
+            tokio::try_join!(
+                pump(&cr, &mut uw, self.client_early, &last, &stats.bytes_in),
+                pump(&ur, &mut cw, self.upstream_early, &last, &stats.bytes_out),
+            )
+        };
+        let retired = async {
+            self.endpoint.retired().await;
+            let grace = shared.snapshot.load().config.grace_period;
+            tokio::time::sleep(grace).await;
+        };
+        let end = tokio::select! {
+            r = both => r.map_or_else(End::Failed, |_| End::Closed),
+            d = idle(self.idle, &last) => End::Idle(d),
+            _ = retired => End::Retired,
+        };
+        stats.tunnels.fetch_sub(1, Relaxed);
+        end
+    }
+}
+
+/// Copies `r` to `w` (after `early`) until `r` ends, then shuts `w`.
+async fn pump(
+    r: &OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+    early: &[u8],
+    last: &AtomicU64,
+    moved: &AtomicU64,
+) -> io::Result<()> {
+    if !early.is_empty() {
+        w.write_all(early).await?;
+        moved.fetch_add(early.len() as u64, Relaxed);
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        if buf.capacity() == 0 {
+            // Quiet: wait for bytes before taking memory for them.
+            r.readable().await?;
+            buf.reserve_exact(BUF);
+        }
+        buf.clear();
+        match r.try_read_buf(&mut buf) {
+            Ok(0) => {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            Ok(n) => {
+                w.write_all(&buf).await?;
+                last.store(now_ms(), Relaxed);
+                moved.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if tokio::time::timeout(IDLE_RELEASE, r.readable()).await.is_err() {
+                    buf = Vec::new();
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Resolves once nothing moved for `limit` (never without a limit).
+async fn idle(limit: Option<Duration>, last: &AtomicU64) -> Duration {
+    let Some(limit) = limit else { return std::future::pending().await };
+    let limit_ms = limit.as_millis() as u64;
+    loop {
+        let quiet = now_ms().saturating_sub(last.load(Relaxed));
+        if quiet >= limit_ms {
+            return limit;
+        }
+        tokio::time::sleep(Duration::from_millis(limit_ms - quiet)).await;
+    }
+}
