@@ -223,6 +223,7 @@ fn sections(
                     first_byte: b.first_byte_timeout.clone(),
                     request: b.request_timeout.clone(),
                     idle: b.idle_timeout.clone(),
+                    tunnel: b.tunnel_timeout.clone(),
                 }),
                 // The service file caps retries at 10 as the proxy does.
                 retry: Some(RetrySection {

@@ -152,4 +152,7 @@ pub struct BalanceSection {
     pub request_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
+    /// Idle limit of an upgraded (WebSocket) connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_timeout: Option<String>,
 }

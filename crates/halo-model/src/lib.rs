@@ -451,12 +451,13 @@ impl Checker<'_> {
         let first_byte = opt(self, "first_byte_timeout", b.first_byte_timeout.as_deref(), d.first_byte);
         let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
         let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
+        let tunnel = opt(self, "tunnel_timeout", b.tunnel_timeout.as_deref(), d.tunnel);
         BalanceSpec {
             policy,
             hash_key,
             session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
             retry,
-            timeouts: Timeouts { connect, first_byte, request, idle },
+            timeouts: Timeouts { connect, first_byte, request, idle, tunnel },
         }
     }
 }

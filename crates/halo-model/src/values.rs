@@ -39,6 +39,8 @@ pub struct Timeouts {
     pub request: Option<Duration>,
     /// Longest silence while the response body streams.
     pub idle: Option<Duration>,
+    /// Longest silence, both ways, of a tunnel after an Upgrade (WebSocket).
+    pub tunnel: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -48,6 +50,7 @@ impl Default for Timeouts {
             first_byte: Some(Duration::from_secs(30)),
             request: None,
             idle: Some(Duration::from_secs(60)),
+            tunnel: Some(Duration::from_secs(3600)),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::client::Decoder;
 use crate::endpoint::InflightGuard;
 use crate::error::BoxError;
 use crate::pool::Pooled;
+use crate::tunnel::Upgraded;
 
 /// A request body as it comes from the client: read by our HTTP/1.1
 /// connection task, or by hyper's HTTP/2 server.
@@ -124,6 +125,8 @@ pub struct RespBody(Kind);
 enum Kind {
     Full(Option<Bytes>),
     Stream(Box<Streaming>),
+    /// A 101's: no body, the connection becomes a tunnel.
+    Upgrade(Option<Box<Upgraded>>),
 }
 
 /// Where a streamed body comes from.
@@ -146,6 +149,19 @@ struct Streaming {
 impl RespBody {
     pub fn full(b: impl Into<Bytes>) -> Self {
         RespBody(Kind::Full(Some(b.into())))
+    }
+
+    /// The body of a 101: the upstream connection, for the tunnel.
+    pub fn upgrade(u: Upgraded) -> Self {
+        RespBody(Kind::Upgrade(Some(Box::new(u))))
+    }
+
+    /// The upstream connection of a 101, once.
+    pub fn take_upgrade(&mut self) -> Option<Box<Upgraded>> {
+        match &mut self.0 {
+            Kind::Upgrade(u) => u.take(),
+            _ => None,
+        }
     }
 
     pub fn upstream(
@@ -247,6 +263,7 @@ impl Body for RespBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let s = match &mut self.0 {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upgrade(_) => return Poll::Ready(None),
             Kind::Stream(s) => s,
         };
         match s.poll_source(cx) {
@@ -275,6 +292,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Full(b) => b.is_none(),
+            Kind::Upgrade(_) => true,
             Kind::Stream(s) => s.is_end(),
         }
     }
@@ -282,6 +300,7 @@ impl Body for RespBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upgrade(_) => SizeHint::with_exact(0),
             Kind::Stream(s) => match &s.source {
                 Source::H1 { decoder, .. } => decoder.remaining().map_or_else(SizeHint::new, SizeHint::with_exact),
                 Source::H2(b) => b.size_hint(),

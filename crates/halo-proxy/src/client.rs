@@ -80,6 +80,12 @@ pub struct ResponseHead {
 }
 
 impl H1Conn {
+    /// The socket and the bytes read past the last response head: what
+    /// a tunnel takes over after a 101.
+    pub fn into_io(self) -> (TcpStream, BytesMut) {
+        (self.io, self.buf)
+    }
+
     pub fn new(io: TcpStream, open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Relaxed);
         H1Conn { io, buf: BytesMut::with_capacity(8 * 1024), out: Vec::with_capacity(1024), _open: OpenGuard(open) }
@@ -217,12 +223,15 @@ impl H1Conn {
             }
         }
         let (decoder, framed) = Decoder::for_response(status, head_only, &framing).map_err(ClientError::Parse)?;
-        let keep_alive = framed && if version == Version::HTTP_10 { keep } else { !close };
+        // After a 101 the connection speaks another protocol: never reused.
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let keep_alive = framed && !switching && if version == Version::HTTP_10 { keep } else { !close };
         // Transfer-Encoding overrides Content-Length (RFC 9112 6.3): a stale
         // length must not reach the client, which gets the body re-framed.
         let drop_length = framing.transfer_encoding.is_some();
         let skip = |name: &str| {
-            is_hop_by_hop(name)
+            // A 101 says what it switched to.
+            (is_hop_by_hop(name) && !(switching && name.eq_ignore_ascii_case("upgrade")))
                 || (drop_length && name.eq_ignore_ascii_case("content-length"))
                 || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
         };

@@ -386,6 +386,7 @@ impl Validator<'_> {
             first_byte: opt(self, "first_byte", &t.first_byte, d.first_byte),
             request: opt(self, "request", &t.request, d.request),
             idle: opt(self, "idle", &t.idle, d.idle),
+            tunnel: opt(self, "tunnel", &t.tunnel, d.tunnel),
         }
     }
 

@@ -18,6 +18,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("CONNECT is not supported here: this proxy forwards HTTP requests, it does not open tunnels")]
     ConnectRefused,
+    #[error("upstream '{0}' speaks h2, and a protocol switch (Upgrade, WebSocket) needs an http1 upstream")]
+    UpgradeNeedsHttp1(String),
     #[error("no healthy endpoint in upstream '{0}'")]
     NoEndpoint(String),
     /// The request never left the proxy.
@@ -49,6 +51,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpgradeNeedsHttp1(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             // Queued for longer than the connect timeout: overloaded, as HAProxy says.
             ProxyError::Connect(ConnectError::PoolFull(_)) => StatusCode::SERVICE_UNAVAILABLE,

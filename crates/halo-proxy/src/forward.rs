@@ -17,11 +17,13 @@ use crate::body::{DownBody, ProxyBody, RespBody, Source};
 use crate::client::ClientError;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::error::ProxyError;
+use crate::h1::UpgradeRequested;
 use crate::headers;
-use crate::metrics::{class_index, UpstreamStats};
+use crate::metrics::{class_index, ListenerStats, UpstreamStats};
 use crate::pool::{ConnectError, Pooled, Sender};
 use crate::router::{self, Route};
 use crate::server::Shared;
+use crate::tunnel::Upgraded;
 use crate::upstream::Group;
 
 /// How long a request body may take to arrive when it is buffered for replay.
@@ -38,6 +40,8 @@ const AUTO_UNKNOWN: Duration = Duration::from_secs(1);
 /// Where a request came in (one per downstream connection).
 pub struct Downstream {
     pub listener: Arc<str>,
+    /// The listener's counters (tunnels count their bytes there).
+    pub stats: Arc<ListenerStats>,
     pub client: SocketAddr,
     /// The client address as forwarding headers spell it, made once per
     /// connection rather than per request.
@@ -87,6 +91,11 @@ pub async fn handle(
         Err(e) => return Ok(error_response(&e, None)),
     };
     let rid = headers::request_id(&mut parts.headers);
+    // What the client asks to switch to, kept past the hop-by-hop strip.
+    let upgrade = match parts.extensions.get::<UpgradeRequested>() {
+        Some(_) => parts.headers.get(header::UPGRADE).cloned(),
+        None => None,
+    };
     let start_ms = crate::util::ms_at(start.into_std());
     route.rt.budget.deposit(start_ms);
 
@@ -97,6 +106,10 @@ pub async fn handle(
     let result = match read_body(body, route.cfg.retry.body_cap).await {
         Ok(body) => {
             prepare_upstream_request(&mut parts, &down);
+            if let Some(protocol) = upgrade {
+                parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol);
+            }
             let attempts = attempts(route, &parts, body, down.client, start_ms, &mut out);
             match (deadline, route.cfg.timeouts.request) {
                 (Some(d), Some(t)) => {
@@ -112,7 +125,7 @@ pub async fn handle(
         Ok(x) => {
             let status = x.resp.status();
             record(route, &out, class_index(status.as_u16()), start);
-            respond(x, &rid, route, deadline)
+            respond(x, &rid, route, deadline, &shared, &down)
         }
         Err(e) => {
             tracing::debug!(route = %route.cfg.name, error = %e, "request failed");
@@ -337,6 +350,8 @@ async fn send(
     tried: &[usize],
 ) -> SendResult {
     let t = &route.cfg.timeouts;
+    // Only an Upgrade request keeps an Upgrade header this far.
+    let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
     for _ in 0..STALE_TRIES {
         let mut conn = match ep.pool.get(t.connect).await {
             Ok(c) => c,
@@ -347,6 +362,10 @@ async fn send(
         let fut = async {
             match &mut conn.sender {
                 Sender::H1(c) => match c.send(parts, body).await {
+                    Ok(head) if head.status == http::StatusCode::SWITCHING_PROTOCOLS && !asks_upgrade => Err((
+                        ProxyError::Upstream("it switched protocols (101) on a request that did not ask".into()),
+                        None,
+                    )),
                     Ok(head) => {
                         // The response leaves in the client's protocol (an
                         // HTTP/1.0 upstream's answer goes out as HTTP/1.1).
@@ -358,6 +377,7 @@ async fn send(
                     Err((ClientError::NotSent(e), back)) => Err((ProxyError::NotSent(e.into()), back)),
                     Err((e, _)) => Err((ProxyError::Upstream(e.into()), None)),
                 },
+                Sender::H2(_) if asks_upgrade => Err((ProxyError::UpgradeNeedsHttp1(ep.upstream.to_string()), None)),
                 Sender::H2(s) => {
                     let mut req = build(parts, body);
                     set_h2_uri(&mut req, ep.addr);
@@ -424,14 +444,43 @@ fn set_h2_uri(req: &mut Request<ProxyBody>, addr: SocketAddr) {
     req.headers_mut().remove(header::HOST);
 }
 
-fn respond(x: Exchange, rid: &HeaderValue, route: &Route, deadline: Option<Instant>) -> Response<RespBody> {
+fn respond(
+    x: Exchange,
+    rid: &HeaderValue,
+    route: &Route,
+    deadline: Option<Instant>,
+    shared: &Arc<Shared>,
+    down: &Downstream,
+) -> Response<RespBody> {
     let (mut parts, source) = x.resp.into_parts();
+    let switched = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let protocol = if switched { parts.headers.get(header::UPGRADE).cloned() } else { None };
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(headers::X_REQUEST_ID.clone(), rid.clone());
     if let Some((name, id)) = x.set_cookie {
         if let Ok(v) = HeaderValue::try_from(format!("{name}={id}; Path=/; HttpOnly")) {
             parts.headers.append(header::SET_COOKIE, v);
         }
+    }
+    if switched {
+        // The connection is the client's now: a tunnel, not a pool member.
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = protocol {
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        if let Some(conn) = x.conn.into_h1() {
+            let (upstream, early) = conn.into_io();
+            let u = Upgraded {
+                upstream,
+                early,
+                busy: x.inflight,
+                idle: route.cfg.timeouts.tunnel,
+                shared: shared.clone(),
+                stats: down.stats.clone(),
+            };
+            return Response::from_parts(parts, RespBody::upgrade(u));
+        }
+        return error_response(&ProxyError::Upstream("it switched protocols over h2".into()), Some(rid));
     }
     let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline);
     Response::from_parts(parts, body)

@@ -199,8 +199,12 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
             match tcp {
                 Some(fwd) => Box::pin(crate::tcp::serve(stream, peer, &shared, &fwd, &stats)).await,
                 None => {
-                    let down =
-                        Arc::new(Downstream { listener, client: peer, client_ip: crate::headers::ClientIp::new(peer) });
+                    let down = Arc::new(Downstream {
+                        listener,
+                        stats: stats.clone(),
+                        client: peer,
+                        client_ip: crate::headers::ClientIp::new(peer),
+                    });
                     serve_http(stream, down, shared, &protocols, stop).await
                 }
             }

@@ -261,6 +261,15 @@ impl Pooled {
         }
     }
 
+    /// The HTTP/1.1 connection itself, leaving the pool for good (a
+    /// tunnel after a 101).
+    pub fn into_h1(self) -> Option<H1Conn> {
+        match self.sender {
+            Sender::H1(c) => Some(c),
+            Sender::H2(_) => None,
+        }
+    }
+
     /// Gives a connection whose exchange completed cleanly back for reuse.
     pub fn release(self) {
         let Pooled { sender, permit, pool, .. } = self;

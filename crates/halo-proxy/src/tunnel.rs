@@ -13,13 +13,15 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, InflightGuard};
 use crate::metrics::ListenerStats;
 use crate::server::Shared;
 use crate::util::now_ms;
@@ -79,6 +81,29 @@ impl Tunnel<'_> {
         };
         stats.tunnels.fetch_sub(1, Relaxed);
         end
+    }
+}
+
+/// An upstream connection that switched protocols (101): what the
+/// downstream codec needs to open the tunnel once the 101 is written.
+pub struct Upgraded {
+    pub upstream: TcpStream,
+    /// Bytes the upstream sent after its 101 head.
+    pub early: BytesMut,
+    /// Keeps the endpoint counted as busy; its endpoint is the tunnel's.
+    pub busy: InflightGuard,
+    pub idle: Option<Duration>,
+    pub shared: Arc<Shared>,
+    pub stats: Arc<ListenerStats>,
+}
+
+impl Upgraded {
+    /// Runs the tunnel with the client's connection and the bytes it sent
+    /// after its request head.
+    pub async fn run(self, client: TcpStream, client_early: &[u8]) -> End {
+        let Upgraded { upstream, early, busy, idle, shared, stats } = self;
+        let tunnel = Tunnel { client, client_early, upstream, upstream_early: &early, idle, endpoint: &busy.0 };
+        tunnel.run(&shared, &stats).await
     }
 }
 

@@ -12,6 +12,7 @@ mod echo;
 mod etcd;
 mod load;
 mod process;
+mod ws;
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub use echo::EchoServer;
 pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
+pub use ws::{WsClient, WsEcho};
 
 /// The quickstart's node file (`examples/quickstart.toml`) on free ports,
 /// with `replicas` instances of demo and quick readiness probes.

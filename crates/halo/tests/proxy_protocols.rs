@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_testkit::{eventually, metric, Client, EchoServer, Halo};
+use bytes::Bytes;
+use halo_testkit::{eventually, metric, Backend, Client, EchoServer, Halo, WsClient, WsEcho};
+use http::Request;
+use http_body_util::Full;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -198,4 +201,141 @@ fn tcp_listener_mistakes_are_named() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+}
+
+fn ws_config(endpoints: &[SocketAddr], weight: u32) -> String {
+    let mut eps: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    eps[0] = format!("{{ addr = \"{}\", weight = {weight} }}", endpoints[0]);
+    format!(
+        "[proxy]\ngrace_period = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"quiet\"\nhost = \"quiet.test\"\nupstream = \"ws\"\n[routes.timeouts]\ntunnel = \"300ms\"\n\
+         [[routes]]\nname = \"ws\"\nupstream = \"ws\"\n\
+         [upstreams.ws]\nendpoints = [{}]\n",
+        eps.join(", ")
+    )
+}
+
+async fn reload(c: &Client, h: &Halo) {
+    let r = c.send(Request::post(h.admin_url("/reload")).body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_survive_a_hundred_reloads_and_close_only_with_their_endpoint() {
+    let (a, b) = (WsEcho::start("a").await, WsEcho::start("b").await);
+    let h = Halo::proxy(BIN, &ws_config(&[a.addr, b.addr], 1)).unwrap();
+    let to = h.listeners["main"];
+    let c = Client::new();
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(WsClient::connect(to, "app.test", "/chat").await.unwrap());
+    }
+    assert_eq!(a.upgraded.load(SeqCst) + b.upgraded.load(SeqCst), 200);
+    assert_eq!(metric(&c, &h, "halo_listener_tunnels_active").await, 200.0);
+    // Every socket talks (in order) while the config is reloaded 100 times.
+    let reloading = Arc::new(AtomicU64::new(1));
+    let mut talkers = Vec::new();
+    for (id, mut ws) in clients.into_iter().enumerate() {
+        let reloading = reloading.clone();
+        talkers.push(tokio::spawn(async move {
+            let mut k = 0u32;
+            while reloading.load(SeqCst) == 1 || k < 20 {
+                let msg = format!("{id}-{k}");
+                ws.send_text(&msg).await.map_err(|e| format!("{id}: send {k}: {e}"))?;
+                match tokio::time::timeout(STEP, ws.recv()).await {
+                    Ok(Ok(Some(got))) if got == msg => {}
+                    other => return Err(format!("{id}: message {k}: {other:?}")),
+                }
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, String>((ws, k))
+        }));
+    }
+    for i in 0..100u32 {
+        h.write_config(&ws_config(&[a.addr, b.addr], 1 + i % 3));
+        reload(&c, &h).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reloading.store(0, SeqCst);
+    let mut clients = Vec::new();
+    let mut messages = 0;
+    for t in talkers {
+        let (ws, k) = t.await.unwrap().expect("a WebSocket was dropped or reordered across reloads");
+        messages += k;
+        clients.push(ws);
+    }
+    println!("200 WebSockets, 100 reloads, {messages} messages echoed in order");
+    assert_eq!(metric(&c, &h, "halo_listener_tunnels_active").await, 200.0);
+
+    // A reload that removes b: b's sockets close after the grace period
+    // (1s), a's stay open.
+    h.write_config(&ws_config(&[a.addr], 1));
+    reload(&c, &h).await;
+    let removed_at = std::time::Instant::now();
+    let (mut on_a, mut on_b) = (0, 0);
+    let mut waits = Vec::new();
+    for mut ws in clients {
+        let on = if ws.response_head.contains("x-backend: b") { "b" } else { "a" };
+        waits.push(tokio::spawn(async move {
+            let closed = tokio::time::timeout(Duration::from_secs(3), ws.recv()).await;
+            (on, closed.is_ok(), ws)
+        }));
+    }
+    let mut survivors = Vec::new();
+    for w in waits {
+        let (on, closed, ws) = w.await.unwrap();
+        match on {
+            "b" => {
+                assert!(closed, "a tunnel to the removed endpoint stayed open");
+                on_b += 1;
+            }
+            _ => {
+                assert!(!closed, "a tunnel to a kept endpoint was closed");
+                on_a += 1;
+                survivors.push(ws);
+            }
+        }
+    }
+    assert!(removed_at.elapsed() >= Duration::from_millis(900), "closed before the grace period");
+    assert!(on_a > 0 && on_b > 0, "a {on_a}, b {on_b}");
+    let mut ws = survivors.pop().unwrap();
+    ws.send_text("still here").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().as_deref(), Some("still here"));
+    ws.close().await.unwrap();
+
+    // A route's tunnel idle timeout closes a quiet socket.
+    let mut quiet = WsClient::connect(to, "quiet.test", "/").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), quiet.recv()).await;
+    assert!(matches!(closed, Ok(Ok(None)) | Ok(Err(_))), "quiet tunnel not closed: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_the_upstream_refuses_is_an_ordinary_response() {
+    // A plain HTTP backend answers the upgrade request normally; the
+    // connection stays HTTP and serves the next request.
+    let web = Backend::start("web").await;
+    let cfg = format!(
+        "[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"web\"\n\
+         [upstreams.web]\nendpoints = [\"{}\"]\n",
+        web.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let mut s = TcpStream::connect(h.listeners["main"]).await.unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
+        let n = tokio::time::timeout(STEP, s.read(&mut buf)).await.expect("two answers").unwrap();
+        assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    // What the backend saw: no Upgrade header leaked into a non-101 answer.
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(!text.contains("upgrade"), "{text}");
 }

@@ -93,6 +93,7 @@ pub struct TimeoutSection {
     pub first_byte: Option<String>,
     pub request: Option<String>,
     pub idle: Option<String>,
+    pub tunnel: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

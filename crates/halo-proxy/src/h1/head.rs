@@ -21,6 +21,12 @@ pub struct Head {
     pub expects_continue: bool,
 }
 
+/// Marks a request that asks to switch protocols (in its extensions):
+/// the forwarding code keeps its Upgrade headers and, on a 101, hands the
+/// upstream connection back for a tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeRequested;
+
 /// Why a head was refused; the status the client gets.
 #[derive(Debug)]
 pub struct Refused {
@@ -60,6 +66,7 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, Refus
     let mut map = HeaderMap::with_capacity(req.headers.len());
     let (mut te, mut cl): (Option<&[u8]>, Option<u64>) = (None, None);
     let (mut close, mut keep, mut expect) = (false, false, false);
+    let (mut upgrade_option, mut upgrade_header) = (false, false);
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("invalid header name"))?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("invalid header value"))?;
@@ -75,7 +82,12 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, Refus
             for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep |= token.eq_ignore_ascii_case(b"keep-alive");
+                upgrade_option |= token.eq_ignore_ascii_case(b"upgrade");
             }
+        } else if name == header::UPGRADE {
+            // h2c is not tunnelled: the client gets HTTP/1.1 and may
+            // speak h2c with prior knowledge.
+            upgrade_header = !h.value.trim_ascii().eq_ignore_ascii_case(b"h2c");
         } else if name == header::EXPECT {
             expect = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -102,6 +114,11 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, Refus
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = map;
+    // An Upgrade (WebSocket) needs both `Connection: upgrade` and the
+    // `Upgrade` header, HTTP/1.1, and no body (RFC 9110 7.8).
+    if upgrade_option && upgrade_header && version == Version::HTTP_11 && body.is_done() {
+        request.extensions_mut().insert(UpgradeRequested);
+    }
     Ok(Some(Head { request, body, keep_alive, expects_continue }))
 }
 
@@ -198,6 +215,20 @@ mod tests {
 
     fn head(raw: &str) -> Result<Option<Head>, Refused> {
         parse(&mut BytesMut::from(raw), 16 << 10)
+    }
+
+    #[test]
+    fn an_upgrade_needs_the_option_the_header_http_1_1_and_no_body() {
+        let asks = |raw: &str| head(raw).unwrap().unwrap().request.extensions().get::<UpgradeRequested>().is_some();
+        assert!(asks("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(!asks("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"), "no Connection option");
+        assert!(!asks("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n"), "no Upgrade header");
+        assert!(!asks("GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"), "HTTP/1.0");
+        assert!(!asks("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"), "h2c");
+        assert!(
+            !asks("POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 2\r\n\r\nhi"),
+            "with a body"
+        );
     }
 
     #[test]

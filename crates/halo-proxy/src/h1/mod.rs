@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::body::{DownBody, RespBody};
 use crate::client::decode::{Decoder, Step};
+use crate::tunnel::Upgraded;
+pub use head::UpgradeRequested;
 use head::{Framing, Head};
 
 /// What every connection of a listener shares.
@@ -85,9 +87,16 @@ where
         let keep = keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs is held only while it runs, not by
         // the connection's idle state.
-        let reusable = Box::pin(exchange(&mut stream, &mut buf, &mut out, &handler, request, decoder, keep)).await;
-        if !reusable || *stop.borrow() {
-            return;
+        let next = Box::pin(exchange(&mut stream, &mut buf, &mut out, &handler, request, decoder, keep)).await;
+        match next {
+            Next::Request if !*stop.borrow() => {}
+            Next::Request | Next::Close => return,
+            Next::Tunnel(upgraded) => {
+                drop(out);
+                let end = upgraded.run(stream, &buf).await;
+                tracing::debug!(%end, "tunnel closed");
+                return;
+            }
         }
         if out.capacity() > WRITE_HIGH {
             out = Vec::new();
@@ -100,8 +109,16 @@ where
     }
 }
 
-/// One request and its response; whether the connection can carry
-/// another.
+/// What a connection does after an exchange.
+enum Next {
+    /// Reads the next request.
+    Request,
+    Close,
+    /// Becomes a tunnel (the response was a 101).
+    Tunnel(Box<Upgraded>),
+}
+
+/// One request and its response; what the connection does next.
 async fn exchange<H, F>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -110,7 +127,7 @@ async fn exchange<H, F>(
     request: Request<()>,
     decoder: Decoder,
     keep: bool,
-) -> bool
+) -> Next
 where
     H: Fn(Request<DownBody>) -> F,
     F: Future<Output = Response<RespBody>> + Send + 'static,
@@ -122,7 +139,7 @@ where
     let (mut rd, mut wr) = stream.split();
     let respond = async {
         let resp = fut.await;
-        write_response(&mut wr, out, resp, head_only, version, keep).await.unwrap_or(false)
+        write_response(&mut wr, out, resp, head_only, version, keep).await.unwrap_or(Next::Close)
     };
     let read_body = async {
         match pump {
@@ -130,8 +147,10 @@ where
             None => true,
         }
     };
-    let (written, read) = tokio::join!(respond, read_body);
-    written && read
+    match tokio::join!(respond, read_body) {
+        (next, true) => next,
+        (_, false) => Next::Close,
+    }
 }
 
 /// Whether bytes arrive on `stream` within `wait` (the next request of a
@@ -218,8 +237,28 @@ async fn pump_body(
 }
 
 /// Writes `resp`, frames ready at once going out with the head in one
-/// write. Returns whether the connection can carry another request.
+/// write. Returns what the connection does next.
 async fn write_response(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    out: &mut Vec<u8>,
+    mut resp: Response<RespBody>,
+    head_only: bool,
+    version: Version,
+    keep_alive: bool,
+) -> io::Result<Next> {
+    if let Some(upgraded) = resp.body_mut().take_upgrade() {
+        out.clear();
+        head::encode(&mut resp, Some(0), false, version, true, out);
+        wr.write_all(out).await?;
+        return Ok(Next::Tunnel(upgraded));
+    }
+    let reusable = write_body(wr, out, resp, head_only, version, keep_alive).await?;
+    Ok(if reusable { Next::Request } else { Next::Close })
+}
+
+/// [`write_response`] of an HTTP response; whether the connection can
+/// carry another request.
+async fn write_body(
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
     out: &mut Vec<u8>,
     mut resp: Response<RespBody>,
