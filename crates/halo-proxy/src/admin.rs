@@ -224,10 +224,45 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             |s| s.unserved.load(Relaxed),
         ),
     ];
-    for (family, kind, help, value) in families {
+    let tls: [Family<ListenerStats>; 4] = [
+        ("halo_tls_handshakes_total", "counter", "Completed TLS handshakes, by listener.", |s| {
+            s.tls_handshakes.load(Relaxed)
+        }),
+        ("halo_tls_handshake_failures_total", "counter", "Failed or timed-out TLS handshakes, by listener.", |s| {
+            s.tls_handshake_failures.load(Relaxed)
+        }),
+        (
+            "halo_tls_certificate_reloads_total",
+            "counter",
+            "Certificate files re-read after a change, by listener.",
+            |s| s.tls_reloads.load(Relaxed),
+        ),
+        (
+            "halo_tls_certificate_reload_failures_total",
+            "counter",
+            "Changed certificate files refused (the previous ones kept serving), by listener.",
+            |s| s.tls_reload_failures.load(Relaxed),
+        ),
+    ];
+    for (family, kind, help, value) in families.into_iter().chain(tls) {
         w.header(family, kind, help);
         for (name, s) in &ls {
             w.sample(family, &format!("listener=\"{}\"", escape(name)), value(s));
+        }
+    }
+    w.header(
+        "halo_tls_certificate_expiry_days",
+        "gauge",
+        "Days until the certificate expires (negative: expired), by listener and certificate file.",
+    );
+    let now = crate::tls::unix_now();
+    for l in &proxy.config().listeners {
+        let crate::config::ListenerProtocol::Https(t) = &l.protocol else { continue };
+        for c in &t.certificates().info {
+            if let Some(at) = c.not_after {
+                let labels = format!("listener=\"{}\",certificate=\"{}\"", escape(&l.name), escape(&c.path));
+                w.sample("halo_tls_certificate_expiry_days", &labels, format!("{:.2}", (at - now) as f64 / 86_400.0));
+            }
         }
     }
     w.out

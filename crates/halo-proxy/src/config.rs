@@ -118,7 +118,7 @@ pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Conf
 
 /// The names routes may name: the http listeners'.
 fn http_listeners(ls: &[ListenerConfig]) -> HashSet<&str> {
-    ls.iter().filter(|l| l.protocol == ListenerProtocol::Http).map(|l| l.name.as_str()).collect()
+    ls.iter().filter(|l| l.protocol.is_http()).map(|l| l.name.as_str()).collect()
 }
 
 struct Validator<'a> {

@@ -63,20 +63,30 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// A client address in the two spellings forwarding headers use.
+/// A client address in the two spellings forwarding headers use, and
+/// the scheme it came in by.
 #[derive(Clone)]
 pub struct ClientIp {
     /// `127.0.0.1` or `::1`, for X-Forwarded-For.
     plain: HeaderValue,
     /// `for=127.0.0.1` or `for="[::1]"`, for Forwarded.
     for_: String,
+    tls: bool,
 }
 
 impl ClientIp {
-    pub fn new(client: SocketAddr) -> Self {
+    pub fn new(client: SocketAddr, tls: bool) -> Self {
         let ip = client.ip().to_string();
         let for_ = if client.is_ipv6() { format!("for=\"[{ip}]\"") } else { format!("for={ip}") };
-        ClientIp { plain: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")), for_ }
+        ClientIp { plain: HeaderValue::try_from(ip).unwrap_or(HeaderValue::from_static("unknown")), for_, tls }
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -89,7 +99,7 @@ pub fn add_forwarded(h: &mut HeaderMap, client: &ClientIp, host: Option<&HeaderV
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(client.proto()));
     if let Some(host) = host {
         h.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
@@ -99,7 +109,8 @@ pub fn add_forwarded(h: &mut HeaderMap, client: &ClientIp, host: Option<&HeaderV
         fwd.push_str(", ");
     }
     fwd.push_str(&client.for_);
-    fwd.push_str(";proto=http");
+    fwd.push_str(";proto=");
+    fwd.push_str(client.proto());
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         if host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)) {
             fwd.push_str(";host=");
@@ -155,7 +166,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         let host = HeaderValue::from_static("example.com");
-        add_forwarded(&mut h, &ClientIp::new("127.0.0.2:5000".parse().unwrap()), Some(&host));
+        add_forwarded(&mut h, &ClientIp::new("127.0.0.2:5000".parse().unwrap(), false), Some(&host));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=example.com");

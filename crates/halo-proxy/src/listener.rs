@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::body::DownBody;
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
+use crate::conn::Conn;
 use crate::forward::{self, Downstream};
 use crate::h1;
 use crate::metrics::ListenerStats;
@@ -188,24 +189,44 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
     // The listener's current settings: a reload may change them.
-    let tcp = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
-        Some(ListenerConfig { protocol: ListenerProtocol::Tcp(f), .. }) => Some(f.clone()),
-        _ => None,
+    let protocol = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
+        Some(ListenerConfig { protocol, .. }) => protocol.clone(),
+        None => ListenerProtocol::Http,
     };
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
     let listener = ctx.name.clone();
     tokio::spawn(
         async move {
-            match tcp {
-                Some(fwd) => Box::pin(crate::tcp::serve(stream, peer, &shared, &fwd, &stats)).await,
-                None => {
-                    let down = Arc::new(Downstream {
-                        listener,
-                        stats: stats.clone(),
-                        client: peer,
-                        client_ip: crate::headers::ClientIp::new(peer),
-                    });
-                    serve_http(stream, down, shared, &protocols, stop).await
+            let tls = matches!(protocol, ListenerProtocol::Https(_));
+            let down = |stats: &Arc<ListenerStats>| {
+                Arc::new(Downstream {
+                    listener,
+                    stats: stats.clone(),
+                    client: peer,
+                    client_ip: crate::headers::ClientIp::new(peer, tls),
+                })
+            };
+            match protocol {
+                ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, peer, &shared, &fwd, &stats)).await,
+                ListenerProtocol::Http => serve_http(Conn::Plain(stream), down(&stats), shared, &protocols, stop).await,
+                ListenerProtocol::Https(t) => {
+                    let handshake = tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream));
+                    match handshake.await {
+                        Ok(Ok(s)) => {
+                            stats.tls_handshakes.fetch_add(1, Relaxed);
+                            drop(t);
+                            let conn = Conn::Tls(Box::new(s));
+                            serve_http(conn, down(&stats), shared, &protocols, stop).await
+                        }
+                        Ok(Err(e)) => {
+                            stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                            tracing::debug!("TLS handshake timed out");
+                        }
+                    }
                 }
             }
             stats.active.fetch_sub(1, Relaxed);
@@ -216,16 +237,19 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
 }
 
 /// One HTTP connection: HTTP/1.1 by our codec, or HTTP/2 when the client
-/// opens with the preface.
+/// opens with the preface (plain) or chose `h2` by ALPN (TLS).
 async fn serve_http(
-    stream: TcpStream,
+    stream: Conn,
     down: Arc<Downstream>,
     shared: Arc<Shared>,
     protocols: &Protocols,
     mut stop: watch::Receiver<bool>,
 ) {
     let peer = down.client;
-    let h2 = tokio::time::timeout(protocols.h1.head_timeout, is_h2(&stream)).await;
+    let h2 = match &stream {
+        Conn::Plain(s) => tokio::time::timeout(protocols.h1.head_timeout, is_h2(s)).await,
+        Conn::Tls(s) => Ok(Ok(s.get_ref().1.alpn_protocol() == Some(b"h2"))),
+    };
     match h2 {
         Ok(Ok(false)) => {
             let handler = move |req| {

@@ -177,6 +177,11 @@ pub struct ListenerStats {
     pub bytes_out: AtomicU64,
     /// TCP connections closed because no endpoint took them.
     pub unserved: AtomicU64,
+    pub tls_handshakes: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    /// Certificate files re-read after a change, and changes refused.
+    pub tls_reloads: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
 }
 
 /// Helpers that write Prometheus families; label values are escaped.

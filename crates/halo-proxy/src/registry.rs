@@ -50,6 +50,15 @@ impl Registry {
         let _ = self.control.set(rt);
     }
 
+    /// Runs a background task (health checks, certificate watching) on
+    /// the control runtime, or the current one when none was set.
+    pub fn spawn_control(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        match self.control.get().cloned().or_else(|| tokio::runtime::Handle::try_current().ok()) {
+            Some(rt) => drop(rt.spawn(task)),
+            None => tracing::error!("no runtime for background tasks"),
+        }
+    }
+
     /// Builds the snapshot for `config`, creating state for new endpoints and
     /// routes and forgetting state for the ones that left.
     pub fn build(&self, config: Arc<Config>) -> Snapshot {

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::bind::{bind, bind_set, BoundSet, Claim};
-use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig};
+use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig, ListenerProtocol};
 use crate::listener::{protocols, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
 
@@ -86,8 +86,10 @@ impl Proxy {
         registry.set_control(tokio::runtime::Handle::current());
         let config = Arc::new(config);
         let snapshot = registry.build(config.clone());
+        let certificates = config.clone();
         let shared =
             Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), registry, source, update: Mutex::new(()) });
+        watch_certificates(&shared, &certificates);
         // Bind everything before starting anything, so a failed bind leaves
         // nothing half-started.
         let n = sockets_per_listener(&config);
@@ -264,6 +266,7 @@ impl Proxy {
 
     fn install(&self, cfg: Config) {
         let snap = self.shared.registry.build(Arc::new(cfg));
+        watch_certificates(&self.shared, &snap.config);
         self.shared.snapshot.store(Arc::new(snap));
     }
 
@@ -286,6 +289,36 @@ impl Proxy {
             }
         })
         .await;
+    }
+}
+
+/// How often certificate files are looked at for changes.
+const CERT_POLL: Duration = Duration::from_secs(2);
+
+/// Starts, for each https listener of `cfg`, the task that re-reads its
+/// certificate files when they change; it ends with the config.
+fn watch_certificates(shared: &Shared, cfg: &Config) {
+    for l in &cfg.listeners {
+        let ListenerProtocol::Https(t) = &l.protocol else { continue };
+        let (tls, name) = (Arc::downgrade(t), l.name.clone());
+        let stats = shared.registry.listener(&l.name);
+        shared.registry.spawn_control(async move {
+            loop {
+                tokio::time::sleep(CERT_POLL).await;
+                let Some(tls) = tls.upgrade() else { return };
+                match tls.refresh() {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        stats.tls_reloads.fetch_add(1, Relaxed);
+                        tracing::info!(listener = %name, "certificate files changed; new handshakes use them");
+                    }
+                    Err(e) => {
+                        stats.tls_reload_failures.fetch_add(1, Relaxed);
+                        tracing::error!(listener = %name, error = %e, "changed certificate files refused; the previous certificates keep serving");
+                    }
+                }
+            }
+        });
     }
 }
 

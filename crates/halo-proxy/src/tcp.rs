@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::net::TcpStream;
 
 use crate::config::TcpForward;
+use crate::conn::Conn;
 use crate::endpoint::InflightGuard;
 use crate::metrics::ListenerStats;
 use crate::server::Shared;
@@ -32,7 +33,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
                 let _busy = InflightGuard::new(ep.clone());
                 let _ = upstream.set_nodelay(true);
                 let tunnel = Tunnel {
-                    client,
+                    client: Conn::Plain(client),
                     client_early: &[],
                     upstream,
                     upstream_early: &[],

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use crate::conn::{Conn, OwnedRead, OwnedWrite};
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::metrics::ListenerStats;
 use crate::server::Shared;
@@ -48,7 +48,7 @@ pub enum End {
 /// forwarded (after an Upgrade head), the endpoint's connection and bytes
 /// it sent that the client has not seen.
 pub struct Tunnel<'a> {
-    pub client: TcpStream,
+    pub client: Conn,
     pub client_early: &'a [u8],
     pub upstream: TcpStream,
     pub upstream_early: &'a [u8],
@@ -59,14 +59,14 @@ pub struct Tunnel<'a> {
 impl Tunnel<'_> {
     /// Runs the tunnel to its end; counts its bytes in `stats`.
     pub async fn run(self, shared: &Shared, stats: &ListenerStats) -> End {
-        let (cr, mut cw) = self.client.into_split();
-        let (ur, mut uw) = self.upstream.into_split();
+        let (mut cr, mut cw) = self.client.into_split();
+        let (mut ur, mut uw) = Conn::Plain(self.upstream).into_split();
         let last = AtomicU64::new(now_ms());
         stats.tunnels.fetch_add(1, Relaxed);
         let both = async {
             tokio::try_join!(
-                pump(&cr, &mut uw, self.client_early, &last, &stats.bytes_in),
-                pump(&ur, &mut cw, self.upstream_early, &last, &stats.bytes_out),
+                pump(&mut cr, &mut uw, self.client_early, &last, &stats.bytes_in),
+                pump(&mut ur, &mut cw, self.upstream_early, &last, &stats.bytes_out),
             )
         };
         let retired = async {
@@ -100,7 +100,7 @@ pub struct Upgraded {
 impl Upgraded {
     /// Runs the tunnel with the client's connection and the bytes it sent
     /// after its request head.
-    pub async fn run(self, client: TcpStream, client_early: &[u8]) -> End {
+    pub async fn run(self, client: Conn, client_early: &[u8]) -> End {
         let Upgraded { upstream, early, busy, idle, shared, stats } = self;
         let tunnel = Tunnel { client, client_early, upstream, upstream_early: &early, idle, endpoint: &busy.0 };
         tunnel.run(&shared, &stats).await
@@ -109,40 +109,30 @@ impl Upgraded {
 
 /// Copies `r` to `w` (after `early`) until `r` ends, then shuts `w`.
 async fn pump(
-    r: &OwnedReadHalf,
-    w: &mut OwnedWriteHalf,
+    r: &mut OwnedRead,
+    w: &mut OwnedWrite,
     early: &[u8],
     last: &AtomicU64,
     moved: &AtomicU64,
 ) -> io::Result<()> {
     if !early.is_empty() {
         w.write_all(early).await?;
+        w.flush().await?;
         moved.fetch_add(early.len() as u64, Relaxed);
     }
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        if buf.capacity() == 0 {
-            // Quiet: wait for bytes before taking memory for them.
-            r.readable().await?;
-            buf.reserve_exact(BUF);
+        let n = r.read_some(&mut buf, BUF).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
         }
-        buf.clear();
-        match r.try_read_buf(&mut buf) {
-            Ok(0) => {
-                w.shutdown().await?;
-                return Ok(());
-            }
-            Ok(n) => {
-                w.write_all(&buf).await?;
-                last.store(now_ms(), Relaxed);
-                moved.fetch_add(n as u64, Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if tokio::time::timeout(IDLE_RELEASE, r.readable()).await.is_err() {
-                    buf = Vec::new();
-                }
-            }
-            Err(e) => return Err(e),
+        w.write_all(&buf).await?;
+        w.flush().await?;
+        last.store(now_ms(), Relaxed);
+        moved.fetch_add(n as u64, Relaxed);
+        if !r.ready_within(IDLE_RELEASE).await {
+            buf = Vec::new();
         }
     }
 }

@@ -12,6 +12,7 @@ mod echo;
 mod etcd;
 mod load;
 mod process;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -25,6 +26,7 @@ pub use echo::EchoServer;
 pub use etcd::Etcd;
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
+pub use tls::{https_get, https_h2_get, HttpsReply, Leaf, TestCa};
 pub use ws::{WsClient, WsEcho};
 
 /// The quickstart's node file (`examples/quickstart.toml`) on free ports,

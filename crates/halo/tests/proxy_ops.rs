@@ -359,7 +359,7 @@ fn check_reports_errors_with_file_and_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:6: upstreams.web.endpoints[0]") && err.contains("expected IP:PORT"), "{err}");
-    for example in ["proxy.toml", "tcp.toml"] {
+    for example in ["proxy.toml", "tcp.toml", "tls.toml"] {
         let path = format!("{}/../../examples/{example}", env!("CARGO_MANIFEST_DIR"));
         let out = std::process::Command::new(BIN).args(["check", "-c", &path]).output().unwrap();
         assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));

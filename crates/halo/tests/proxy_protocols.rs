@@ -1,5 +1,6 @@
-//! Protocols beyond plain HTTP through the real binary: TCP (L4)
-//! listeners and HTTP Upgrade tunnels (WebSocket).
+//! Protocols beyond plain HTTP through the real binary: TLS termination
+//! (SNI, ALPN, certificate reloads), TCP (L4) listeners and HTTP Upgrade
+//! tunnels (WebSocket). Certificates are made by the test (rcgen).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use halo_testkit::{eventually, metric, Backend, Client, EchoServer, Halo, WsClient, WsEcho};
+use halo_testkit::{
+    eventually, https_get, https_h2_get, metric, Backend, Client, EchoServer, Halo, TempDir, TestCa, WsClient, WsEcho,
+};
 use http::Request;
 use http_body_util::Full;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -338,4 +341,168 @@ async fn an_upgrade_the_upstream_refuses_is_an_ordinary_response() {
     // What the backend saw: no Upgrade header leaked into a non-101 answer.
     let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
     assert!(!text.contains("upgrade"), "{text}");
+}
+
+/// An https listener over `web` with the given certificate entries
+/// (`{ cert = ..., key = ... }`, paths relative to the config file).
+fn https_config(web: &Backend, certificates: &[String]) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+         [listeners.tls]\ncertificates = [{}]\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\n",
+        certificates.join(", "),
+        web.addr
+    )
+}
+
+fn cert_entry(stem: &str) -> String {
+    format!("{{ cert = \"{stem}.crt\", key = \"{stem}.key\" }}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_picks_the_certificate_by_sni_speaks_h2_by_alpn_and_refuses_a_bad_reload() {
+    let ca = TestCa::new();
+    let web = Backend::start("web").await;
+    let (a, b, c, old) = (
+        ca.issue(&["a.test", "127.0.0.1"]),
+        ca.issue(&["*.b.test"]),
+        ca.issue(&["c.test", "www.c.test"]),
+        ca.issue_expired(&["old.test"]),
+    );
+    // The certificates live beside the config.
+    let dir = TempDir::new("tls-sni");
+    for (leaf, stem) in [(&a, "a"), (&b, "b"), (&c, "c"), (&old, "old")] {
+        leaf.write(&dir, stem);
+    }
+    let entries: Vec<String> = ["a", "b", "c", "old"].iter().map(|s| cert_entry(s)).collect();
+    let cfg_path = dir.write("proxy.toml", &https_config(&web, &entries));
+    let mut h = Halo::start(BIN, &["proxy", "-c", &cfg_path.to_string_lossy()], &dir.0).unwrap();
+    let to = h.listeners["tls"];
+    let client = ca.client(&[b"http/1.1"]);
+    for (sni, want, name) in [
+        ("a.test", &a, "a"),
+        ("x.b.test", &b, "b (wildcard)"),
+        ("www.c.test", &c, "c"),
+        ("c.test", &c, "c"),
+        // An IP address sends no SNI: the first certificate is the default.
+        ("127.0.0.1", &a, "a (the default)"),
+    ] {
+        let r = https_get(to, sni, "/", &client).await.unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(r.status, 200, "{sni}: {r:?}");
+        assert!(r.peer == want.der, "{sni} was not served {name}");
+        assert!(r.body.contains("backend=web"), "{r:?}");
+        assert_eq!(r.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    }
+    // The client's scheme reaches the backend.
+    let seen = web.last_headers().unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert!(seen["forwarded"].to_str().unwrap().contains("proto=https"));
+    // h2 by ALPN.
+    let (status, body) = https_h2_get(to, "a.test", "/", &ca.client(&[b"h2", b"http/1.1"])).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "backend=web"));
+    // Days left per certificate: the expired one is negative.
+    let c2 = Client::new();
+    let days = |cert: &str| {
+        format!("halo_tls_certificate_expiry_days{{listener=\"tls\",certificate=\"{}\"}}", dir.0.join(cert).display())
+    };
+    assert!(metric(&c2, &h, &days("a.crt")).await > 300.0);
+    assert!(metric(&c2, &h, &days("old.crt")).await < 0.0);
+    assert_eq!(metric(&c2, &h, "halo_tls_handshakes_total").await, 6.0);
+
+    // A reload whose certificate has the wrong key is refused; the old
+    // certificates keep serving.
+    let wrong = ca.issue(&["*.b.test"]);
+    dir.write("b2.crt", &wrong.cert_pem);
+    dir.write("b2.key", &a.key_pem);
+    let mut bad = entries.clone();
+    bad[1] = cert_entry("b2");
+    std::fs::write(&cfg_path, https_config(&web, &bad)).unwrap();
+    let r = c2.send(Request::post(h.admin_url("/reload")).body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    assert_ne!(r.status, 200);
+    assert!(r.body.contains("does not match the certificate in") && r.body.contains("b2.crt"), "{}", r.body);
+    let r = https_get(to, "y.b.test", "/", &client).await.unwrap();
+    assert!(r.peer == b.der, "the refused reload changed the served certificate");
+    // A missing file is named too, by `halo check` as by a reload.
+    bad[1] = cert_entry("missing");
+    std::fs::write(&cfg_path, https_config(&web, &bad)).unwrap();
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&cfg_path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("listeners[0].tls.certificates[1]: cannot read certificate file"),
+        "{err}"
+    );
+    assert!(h.wait(Duration::from_millis(10)).is_none(), "the proxy died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_load_fails_no_handshake() {
+    let ca = TestCa::new();
+    let web = Backend::start("web").await;
+    let dir = TempDir::new("tls-rotate");
+    let first = ca.issue(&["a.test"]);
+    first.write(&dir, "a");
+    let cfg_path = dir.write("proxy.toml", &https_config(&web, &[cert_entry("a")]));
+    let h = Halo::start(BIN, &["proxy", "-c", &cfg_path.to_string_lossy()], &dir.0).unwrap();
+    let to = h.listeners["tls"];
+    let client = ca.client(&[b"http/1.1"]);
+    let stop = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (client, stop) = (client.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut peers) = (0u32, Vec::new(), std::collections::BTreeSet::new());
+            // Bounded: at most 4000 handshakes per worker.
+            for _ in 0..4000 {
+                if stop.load(SeqCst) == 1 {
+                    break;
+                }
+                match https_get(to, "a.test", "/", &client).await {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        peers.insert(r.peer);
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed, peers)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Three rotations: new files written in place (the certificate, then
+    // the key: a watcher may see a mismatched pair in between and must
+    // keep serving the old one), and a config reload in between.
+    let c = Client::new();
+    let mut leaves = vec![first];
+    for i in 0..3 {
+        let next = ca.issue(&["a.test"]);
+        next.write(&dir, "a");
+        leaves.push(next);
+        let served = leaves.last().unwrap().der.clone();
+        eventually(Duration::from_secs(10), "the new certificate is served", || {
+            let (client, served) = (client.clone(), served.clone());
+            async move { https_get(to, "a.test", "/", &client).await.is_ok_and(|r| r.peer == served) }
+        })
+        .await;
+        if i == 1 {
+            let r =
+                c.send(Request::post(h.admin_url("/reload")).body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(1, SeqCst);
+    let (mut ok, mut failed, mut peers) = (0, Vec::new(), std::collections::BTreeSet::new());
+    for w in workers {
+        let (o, f, p) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+        peers.extend(p);
+    }
+    println!("{ok} HTTPS requests (a handshake each) across 3 rotations, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(ok >= 100, "load too light: {ok}");
+    assert!(peers.len() >= 3, "the load saw {} certificates", peers.len());
+    assert!(metric(&c, &h, "halo_tls_certificate_reloads_total").await >= 2.0);
+    assert_eq!(metric(&c, &h, "halo_tls_handshake_failures_total").await, 0.0);
 }

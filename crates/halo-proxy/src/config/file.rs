@@ -51,6 +51,24 @@ pub struct ListenerSection {
     pub idle_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub connect_tries: Option<u32>,
+    /// `protocol = "https"`: the certificates.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default)]
+    pub certificates: Vec<CertificateSection>,
+    pub min_version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub cert: String,
+    pub key: String,
+    pub names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,10 +2,15 @@
 //! listeners (bytes to one upstream).
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::file::{self, FileConfig};
-use super::{HashKey, ListenerConfig, ListenerProtocol, TcpForward, UpstreamConfig, Validator};
+use super::{
+    CertFiles, HashKey, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener, UpstreamConfig,
+    Validator,
+};
 
 impl Validator<'_> {
     pub(super) fn listeners(
@@ -25,30 +30,36 @@ impl Validator<'_> {
             if !seen.insert(name.clone()) {
                 self.err(line, format!("{field}.name"), format!("duplicate listener name '{name}'"));
             }
-            let protocol = match l.protocol.as_deref().unwrap_or("http") {
-                "http" => {
-                    let tcp_only = [
-                        ("upstream", l.upstream.is_some()),
-                        ("idle_timeout", l.idle_timeout.is_some()),
-                        ("connect_timeout", l.connect_timeout.is_some()),
-                        ("connect_tries", l.connect_tries.is_some()),
-                    ];
-                    for (key, _) in tcp_only.iter().filter(|(_, set)| *set) {
-                        self.err(
-                            self.loc.key(line, key),
-                            format!("{field}.{key}"),
-                            "is for protocol = \"tcp\" listeners; an http listener's traffic goes by [[routes]]",
-                        );
-                    }
-                    ListenerProtocol::Http
+            if l.tls.is_some() && l.protocol.as_deref() != Some("https") {
+                self.err(self.loc.key(line, "tls"), format!("{field}.tls"), "is for protocol = \"https\" listeners");
+            }
+            let proto = l.protocol.as_deref().unwrap_or("http");
+            if proto != "tcp" {
+                let tcp_only = [
+                    ("upstream", l.upstream.is_some()),
+                    ("idle_timeout", l.idle_timeout.is_some()),
+                    ("connect_timeout", l.connect_timeout.is_some()),
+                    ("connect_tries", l.connect_tries.is_some()),
+                ];
+                for (key, _) in tcp_only.iter().filter(|(_, set)| *set) {
+                    self.err(
+                        self.loc.key(line, key),
+                        format!("{field}.{key}"),
+                        "is for protocol = \"tcp\" listeners; an http or https listener's traffic goes by [[routes]]",
+                    );
                 }
+            }
+            let protocol = match proto {
+                "http" => ListenerProtocol::Http,
+                "https" => self.tls(line, &field, l),
                 "tcp" => ListenerProtocol::Tcp(self.tcp_forward(line, &field, l, ups)),
                 other => {
                     self.err(
                         self.loc.key(line, "protocol"),
                         format!("{field}.protocol"),
                         format!(
-                            "unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c), tcp (bytes to an upstream)"
+                            "unknown protocol '{other}'; accepted: http (HTTP/1.1 and h2c), https (TLS, then HTTP/1.1 \
+                             or h2 by ALPN), tcp (bytes to an upstream)"
                         ),
                     );
                     ListenerProtocol::Http
@@ -59,6 +70,72 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// An https listener's certificates, loaded now so that a bad file
+    /// is reported with the config.
+    fn tls(&mut self, line: usize, field: &str, l: &file::ListenerSection) -> ListenerProtocol {
+        let Some(t) = &l.tls else {
+            self.err(
+                line,
+                format!("{field}.tls"),
+                "an https listener needs [listeners.tls] with certificates = [{ cert = \"FILE\", key = \"FILE\" }]",
+            );
+            return ListenerProtocol::Http;
+        };
+        let tl = self.loc.key(line, "certificates");
+        if t.certificates.is_empty() {
+            self.err(
+                tl,
+                format!("{field}.tls.certificates"),
+                "at least one { cert = \"FILE\", key = \"FILE\" } is required",
+            );
+            return ListenerProtocol::Http;
+        }
+        let min_version = match t.min_version.as_deref().unwrap_or("1.2") {
+            "1.2" => MinVersion::Tls12,
+            "1.3" => MinVersion::Tls13,
+            other => {
+                self.err(
+                    self.loc.key(line, "min_version"),
+                    format!("{field}.tls.min_version"),
+                    format!("'{other}' is not accepted; accepted: \"1.2\" (TLS 1.2 and 1.3) or \"1.3\""),
+                );
+                MinVersion::Tls12
+            }
+        };
+        // Relative paths are the config file's.
+        let base = Path::new(&self.file).parent().map(Path::to_path_buf).unwrap_or_default();
+        let files: Vec<CertFiles> = t
+            .certificates
+            .iter()
+            .map(|c| CertFiles {
+                cert: base.join(&c.cert),
+                key: base.join(&c.key),
+                names: c.names.clone().unwrap_or_default(),
+            })
+            .collect();
+        for (j, c) in t.certificates.iter().enumerate() {
+            for n in c.names.iter().flatten() {
+                let plain = n.strip_prefix("*.").unwrap_or(n);
+                if plain.is_empty() || plain.contains('*') || n.contains(':') {
+                    self.err(
+                        tl,
+                        format!("{field}.tls.certificates[{j}].names"),
+                        format!("'{n}' is not accepted; use a host name or *.example.com"),
+                    );
+                }
+            }
+        }
+        match TlsListener::new(files, min_version) {
+            Ok(t) => ListenerProtocol::Https(Arc::new(t)),
+            Err(errors) => {
+                for (j, e) in errors {
+                    self.err(tl, format!("{field}.tls.certificates[{j}]"), e);
+                }
+                ListenerProtocol::Http
+            }
+        }
     }
 
     fn tcp_forward(

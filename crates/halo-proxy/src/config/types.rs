@@ -2,10 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use crate::tls::{CertFiles, MinVersion, TlsListener};
 pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
 
 /// A complete, validated proxy configuration (one immutable snapshot).
@@ -42,6 +44,16 @@ pub enum ListenerProtocol {
     Http,
     /// Bytes forwarded to an upstream group (L4).
     Tcp(TcpForward),
+    /// TLS terminated, then HTTP/1.1 or HTTP/2 as ALPN says; routes as
+    /// for `Http`.
+    Https(Arc<TlsListener>),
+}
+
+impl ListenerProtocol {
+    /// Whether routes serve this listener's traffic.
+    pub fn is_http(&self) -> bool {
+        matches!(self, ListenerProtocol::Http | ListenerProtocol::Https(_))
+    }
 }
 
 /// How a TCP listener forwards its connections.

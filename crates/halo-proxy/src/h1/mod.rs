@@ -26,11 +26,11 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::body::{DownBody, RespBody};
 use crate::client::decode::{Decoder, Step};
+use crate::conn::{Conn, ReadHalf, WriteHalf};
 use crate::tunnel::Upgraded;
 pub use head::UpgradeRequested;
 use head::{Framing, Head};
@@ -58,7 +58,7 @@ const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
 /// Serves one connection until it closes, fails, or `stop` flips between
 /// exchanges.
-pub async fn serve<H, F>(mut stream: TcpStream, settings: Settings, mut stop: watch::Receiver<bool>, handler: H)
+pub async fn serve<H, F>(mut stream: Conn, settings: Settings, mut stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(Request<DownBody>) -> F,
     F: Future<Output = Response<RespBody>> + Send + 'static,
@@ -74,15 +74,20 @@ where
         let head = match head {
             Ok(Ok(Some(h))) => h,
             Ok(Err(Some(refused))) => {
-                let _ = stream.write_all(&head::refusal(&refused)).await;
+                if stream.write_all(&head::refusal(&refused)).await.is_ok() {
+                    let _ = stream.flush().await;
+                }
                 return;
             }
             // Closed, failed, or silent past the head timeout.
             Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return,
         };
         let Head { request, body: decoder, keep_alive, expects_continue } = head;
-        if expects_continue && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-            return;
+        if expects_continue {
+            let sent = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            if sent.is_err() || stream.flush().await.is_err() {
+                return;
+            }
         }
         let keep = keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs is held only while it runs, not by
@@ -101,7 +106,7 @@ where
         if out.capacity() > WRITE_HIGH {
             out = Vec::new();
         }
-        if buf.is_empty() && !busy_within(&stream, IDLE_RELEASE).await {
+        if buf.is_empty() && !busy_within(&mut stream, IDLE_RELEASE).await {
             // Nothing pipelined and nothing coming: hold no buffer while idle.
             buf = BytesMut::new();
             out = Vec::new();
@@ -120,7 +125,7 @@ enum Next {
 
 /// One request and its response; what the connection does next.
 async fn exchange<H, F>(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
     handler: &H,
@@ -155,17 +160,13 @@ where
 
 /// Whether bytes arrive on `stream` within `wait` (the next request of a
 /// busy connection).
-async fn busy_within(stream: &TcpStream, wait: Duration) -> bool {
+async fn busy_within(stream: &mut Conn, wait: Duration) -> bool {
     matches!(tokio::time::timeout(wait, stream.readable()).await, Ok(Ok(())))
 }
 
 /// Reads until a whole head is in `buf`. `Ok(None)`: closed before any
 /// byte of a head; `Err(None)`: closed or failed mid-head.
-async fn read_head(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Option<Head>, Option<head::Refused>> {
+async fn read_head(stream: &mut Conn, buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Option<head::Refused>> {
     loop {
         if !buf.is_empty() {
             if let Some(h) = head::parse(buf, max).map_err(Some)? {
@@ -191,7 +192,7 @@ async fn read_head(
 /// no longer wants it, drains what is left (up to [`DRAIN_MAX`]). Returns
 /// whether the connection can carry another request.
 async fn pump_body(
-    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    rd: &mut ReadHalf<'_>,
     buf: &mut BytesMut,
     mut decoder: Decoder,
     tx: mpsc::Sender<io::Result<Bytes>>,
@@ -239,7 +240,7 @@ async fn pump_body(
 /// Writes `resp`, frames ready at once going out with the head in one
 /// write. Returns what the connection does next.
 async fn write_response(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    wr: &mut WriteHalf<'_>,
     out: &mut Vec<u8>,
     mut resp: Response<RespBody>,
     head_only: bool,
@@ -250,6 +251,7 @@ async fn write_response(
         out.clear();
         head::encode(&mut resp, Some(0), false, version, true, out);
         wr.write_all(out).await?;
+        wr.flush().await?;
         return Ok(Next::Tunnel(upgraded));
     }
     let reusable = write_body(wr, out, resp, head_only, version, keep_alive).await?;
@@ -259,7 +261,7 @@ async fn write_response(
 /// [`write_response`] of an HTTP response; whether the connection can
 /// carry another request.
 async fn write_body(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    wr: &mut WriteHalf<'_>,
     out: &mut Vec<u8>,
     mut resp: Response<RespBody>,
     head_only: bool,
@@ -276,6 +278,7 @@ async fn write_body(
     let mut body = resp.into_body();
     if framing == Framing::None {
         wr.write_all(out).await?;
+        wr.flush().await?;
         return Ok(keep_alive);
     }
     let mut sent = 0u64;
@@ -283,10 +286,12 @@ async fn write_body(
         let frame = match poll_ready(&mut body) {
             Some(f) => f,
             None => {
+                // Everything so far goes out before waiting on the upstream.
                 if !out.is_empty() {
                     wr.write_all(out).await?;
                     out.clear();
                 }
+                wr.flush().await?;
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             }
         };
@@ -296,6 +301,7 @@ async fn write_body(
                 // The client cannot be told; the connection ends short.
                 tracing::debug!(error = %e, "response body failed; closing the connection");
                 wr.write_all(out).await?;
+                wr.flush().await?;
                 return Ok(false);
             }
             Some(Ok(f)) => {
@@ -328,6 +334,7 @@ async fn write_body(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     wr.write_all(out).await?;
+    wr.flush().await?;
     let complete = match framing {
         Framing::Length(n) => sent == n,
         _ => true,
