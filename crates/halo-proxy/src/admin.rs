@@ -201,7 +201,13 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             s.accepted.load(Relaxed),
         );
     }
-    let families: [Family<ListenerStats>; 4] = [
+    let families: [Family<ListenerStats>; 5] = [
+        (
+            "halo_listener_proxy_protocol_refused_total",
+            "counter",
+            "Connections closed over their PROXY protocol header (missing, malformed or untrusted), by listener.",
+            |s| s.proxy_protocol_refused.load(Relaxed),
+        ),
         (
             "halo_listener_tunnels_active",
             "gauge",

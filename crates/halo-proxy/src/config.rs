@@ -298,10 +298,23 @@ impl Validator<'_> {
         }
     }
 
+    /// A route's upstream: it exists, and can be shared among clients.
     fn check_upstream(&mut self, line: usize, field: String, name: &str, ups: &BTreeMap<String, UpstreamConfig>) {
-        if !ups.contains_key(name) {
-            let known: Vec<&str> = ups.keys().map(String::as_str).collect();
-            self.err(line, field, format!("no upstream named '{name}'; defined: [{}]", known.join(", ")));
+        match ups.get(name) {
+            None => {
+                let known: Vec<&str> = ups.keys().map(String::as_str).collect();
+                self.err(line, field, format!("no upstream named '{name}'; defined: [{}]", known.join(", ")));
+            }
+            Some(u) if u.send_proxy_protocol.is_some() => self.err(
+                line,
+                field,
+                format!(
+                    "upstream '{name}' sends a PROXY protocol header, which only a tcp listener's upstream can: \
+                     HTTP routes share upstream connections among clients (X-Forwarded-For and Forwarded carry \
+                     the client address)"
+                ),
+            ),
+            Some(_) => {}
         }
     }
 

@@ -15,9 +15,10 @@ use std::time::Duration;
 use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{HealthConfig, HealthKind};
+use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
 use crate::endpoint::Endpoint;
 use crate::util::rand_below;
 
@@ -42,7 +43,7 @@ async fn run(weak: Weak<Endpoint>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let ok = probe(ep.addr, cfg).await;
+        let ok = probe(ep.addr, cfg, settings.send_proxy_protocol).await;
         if !ok {
             ep.stats.health_checks_failed.fetch_add(1, Relaxed);
         }
@@ -62,13 +63,19 @@ async fn run(weak: Weak<Endpoint>) {
     }
 }
 
-/// One probe; true when the endpoint answered as expected in time.
-pub async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> bool {
-    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind)).await.unwrap_or(false)
+/// One probe; true when the endpoint answered as expected in time. An
+/// upstream that takes PROXY protocol headers gets a LOCAL one first.
+pub async fn probe(addr: SocketAddr, cfg: &HealthConfig, proxy: Option<ProxyProtocolVersion>) -> bool {
+    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy)).await.unwrap_or(false)
 }
 
-async fn probe_inner(addr: SocketAddr, kind: &HealthKind) -> bool {
-    let Ok(stream) = TcpStream::connect(addr).await else { return false };
+async fn probe_inner(addr: SocketAddr, kind: &HealthKind, proxy: Option<ProxyProtocolVersion>) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+    if let Some(v) = proxy {
+        if stream.write_all(&crate::proxy_protocol::encode_local(v)).await.is_err() {
+            return false;
+        }
+    }
     let HealthKind::Http { path, expect_status } = kind else { return true };
     let Ok((mut sender, conn)) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await else {
         return false;

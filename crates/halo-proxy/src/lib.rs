@@ -31,6 +31,7 @@ mod health;
 mod listener;
 pub mod metrics;
 mod pool;
+mod proxy_protocol;
 mod registry;
 mod retry;
 mod router;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::body::DownBody;
-use crate::config::{Config, ListenerConfig, ListenerProtocol};
+use crate::config::{Cidr, Config, ListenerProtocol};
 use crate::conn::Conn;
 use crate::forward::{self, Downstream};
 use crate::h1;
@@ -189,51 +189,113 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
     // The listener's current settings: a reload may change them.
-    let protocol = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
-        Some(ListenerConfig { protocol, .. }) => protocol.clone(),
-        None => ListenerProtocol::Http,
+    let (protocol, proxy_from) = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
+        Some(l) => (l.protocol.clone(), l.proxy_protocol_from.clone()),
+        None => (ListenerProtocol::Http, Vec::new()),
     };
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let listener = ctx.name.clone();
+    let conn = Accepted { stream, peer, listener: ctx.name.clone(), protocol, proxy_from };
     tokio::spawn(
         async move {
-            let tls = matches!(protocol, ListenerProtocol::Https(_));
-            let down = |stats: &Arc<ListenerStats>| {
-                Arc::new(Downstream {
-                    listener,
-                    stats: stats.clone(),
-                    client: peer,
-                    client_ip: crate::headers::ClientIp::new(peer, tls),
-                })
-            };
-            match protocol {
-                ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, peer, &shared, &fwd, &stats)).await,
-                ListenerProtocol::Http => serve_http(Conn::Plain(stream), down(&stats), shared, &protocols, stop).await,
-                ListenerProtocol::Https(t) => {
-                    let handshake = tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream));
-                    match handshake.await {
-                        Ok(Ok(s)) => {
-                            stats.tls_handshakes.fetch_add(1, Relaxed);
-                            drop(t);
-                            let conn = Conn::Tls(Box::new(s));
-                            serve_http(conn, down(&stats), shared, &protocols, stop).await
-                        }
-                        Ok(Err(e)) => {
-                            stats.tls_handshake_failures.fetch_add(1, Relaxed);
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            stats.tls_handshake_failures.fetch_add(1, Relaxed);
-                            tracing::debug!("TLS handshake timed out");
-                        }
-                    }
-                }
-            }
+            conn.serve(&shared, &stats, &protocols, stop).await;
             stats.active.fetch_sub(1, Relaxed);
             drain.done();
         }
         .instrument(span),
     );
+}
+
+/// An accepted connection and the settings of its listener.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    protocol: ListenerProtocol,
+    proxy_from: Vec<Cidr>,
+}
+
+impl Accepted {
+    async fn serve(
+        self,
+        shared: &Arc<Shared>,
+        stats: &Arc<ListenerStats>,
+        protocols: &Protocols,
+        stop: watch::Receiver<bool>,
+    ) {
+        let Accepted { mut stream, peer, listener, protocol, proxy_from } = self;
+        let Some(client) = proxy_header(&mut stream, peer, &protocol, &proxy_from, protocols, stats).await else {
+            return;
+        };
+        let tls = matches!(protocol, ListenerProtocol::Https(_));
+        let down = || {
+            Arc::new(Downstream {
+                listener,
+                stats: stats.clone(),
+                client,
+                client_ip: crate::headers::ClientIp::new(client, tls),
+            })
+        };
+        match protocol {
+            ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, client, shared, &fwd, stats)).await,
+            ListenerProtocol::Http => serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop).await,
+            ListenerProtocol::Https(t) => {
+                let handshake = tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream));
+                match handshake.await {
+                    Ok(Ok(s)) => {
+                        stats.tls_handshakes.fetch_add(1, Relaxed);
+                        drop(t);
+                        let conn = Conn::Tls(Box::new(s));
+                        serve_http(conn, down(), shared.clone(), protocols, stop).await
+                    }
+                    Ok(Err(e)) => {
+                        stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                        tracing::debug!("TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's address: the connection's own, or what a trusted
+/// source's PROXY protocol header says; `None` when the connection is
+/// refused (a header missing from a trusted source, malformed, or sent
+/// by an untrusted one). A tcp listener does not look at untrusted
+/// connections (the server may speak first); an upstream that wants the
+/// client address gets halo's own header first, so a forged one is data.
+async fn proxy_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    protocol: &ListenerProtocol,
+    from: &[Cidr],
+    protocols: &Protocols,
+    stats: &ListenerStats,
+) -> Option<SocketAddr> {
+    if from.is_empty() {
+        return Some(peer);
+    }
+    let trusted = from.iter().any(|c| c.contains(peer.ip()));
+    if !trusted && matches!(protocol, ListenerProtocol::Tcp(_)) {
+        return Some(peer);
+    }
+    let read = tokio::time::timeout(protocols.h1.head_timeout, crate::proxy_protocol::accept(stream, peer, trusted));
+    match read.await {
+        Ok(Ok(client)) => Some(client.unwrap_or(peer)),
+        Ok(Err(e)) => {
+            stats.proxy_protocol_refused.fetch_add(1, Relaxed);
+            tracing::warn!(client.addr = %peer, error = %e, "connection refused");
+            None
+        }
+        Err(_) => {
+            stats.proxy_protocol_refused.fetch_add(1, Relaxed);
+            tracing::debug!(client.addr = %peer, "no PROXY protocol header in time");
+            None
+        }
+    }
 }
 
 /// One HTTP connection: HTTP/1.1 by our codec, or HTTP/2 when the client

@@ -177,6 +177,8 @@ pub struct ListenerStats {
     pub bytes_out: AtomicU64,
     /// TCP connections closed because no endpoint took them.
     pub unserved: AtomicU64,
+    /// Connections closed over their PROXY protocol header.
+    pub proxy_protocol_refused: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     /// Certificate files re-read after a change, and changes refused.

@@ -9,12 +9,14 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::TcpForward;
 use crate::conn::Conn;
 use crate::endpoint::InflightGuard;
 use crate::metrics::ListenerStats;
+use crate::proxy_protocol;
 use crate::server::Shared;
 use crate::tunnel::{End, Tunnel};
 use crate::util::now_ms;
@@ -27,8 +29,15 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
         tried[attempt] = i;
         let ep = &group.endpoints[i];
         let failure = match tokio::time::timeout(fwd.connect_timeout, TcpStream::connect(ep.addr)).await {
-            Ok(Ok(upstream)) => {
+            Ok(Ok(mut upstream)) => {
                 ep.passive_result(true, || false);
+                if let Some(v) = group.cfg.send_proxy_protocol {
+                    let here = client.local_addr().unwrap_or(peer);
+                    if let Err(e) = upstream.write_all(&proxy_protocol::encode(v, peer, here)).await {
+                        tracing::debug!(endpoint = %ep.addr, error = %e, "sending the PROXY header failed");
+                        return;
+                    }
+                }
                 ep.stats.tcp_connections.fetch_add(1, Relaxed);
                 let _busy = InflightGuard::new(ep.clone());
                 let _ = upstream.set_nodelay(true);

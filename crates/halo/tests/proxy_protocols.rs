@@ -1,6 +1,7 @@
 //! Protocols beyond plain HTTP through the real binary: TLS termination
 //! (SNI, ALPN, certificate reloads), TCP (L4) listeners and HTTP Upgrade
-//! tunnels (WebSocket). Certificates are made by the test (rcgen).
+//! tunnels (WebSocket), the PROXY protocol in and out. Certificates are
+//! made by the test (rcgen).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -190,7 +191,9 @@ fn tcp_listener_mistakes_are_named() {
          [[listeners]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"web\"\nconnect_tries = 0\n\
          [[listeners]]\nname = \"h\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"5s\"\n\
          [[routes]]\nlisteners = [\"u\"]\nupstream = \"web\"\n\
-         [upstreams.web]\nendpoints = [\"127.0.0.1:9\"]\nhash_key = \"header:x-user\"\npolicy = \"consistent_hash\"\n",
+         [upstreams.web]\nendpoints = [\"127.0.0.1:9\"]\nhash_key = \"header:x-user\"\npolicy = \"consistent_hash\"\n\
+         [[routes]]\nupstream = \"pp\"\n[upstreams.pp]\nendpoints = [\"127.0.0.1:9\"]\nsend_proxy_protocol = \"v3\"\n\
+         [[listeners]]\nname = \"p\"\nlisten = \"127.0.0.1:0\"\nproxy_protocol_from = [\"10.0.0.0/33\"]\n",
     );
     let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -201,6 +204,8 @@ fn tcp_listener_mistakes_are_named() {
         "listeners[1].connect_tries: accepted: 1 to 10",
         "listeners[2].idle_timeout: is for protocol = \"tcp\" listeners",
         "routes[0].listeners: no http listener named 'u'",
+        "upstreams.pp.send_proxy_protocol: 'v3' is not accepted; accepted: v1 (text), v2 (binary)",
+        "listeners[3].proxy_protocol_from: '10.0.0.0/33' is not accepted",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
@@ -505,4 +510,126 @@ async fn certificate_rotation_under_load_fails_no_handshake() {
     assert!(peers.len() >= 3, "the load saw {} certificates", peers.len());
     assert!(metric(&c, &h, "halo_tls_certificate_reloads_total").await >= 2.0);
     assert_eq!(metric(&c, &h, "halo_tls_handshake_failures_total").await, 0.0);
+}
+
+/// A server behind a `send_proxy_protocol` upstream: reads the PROXY
+/// header (v1 or v2, parsed here independently of halo) and answers
+/// with the source it names, then closes.
+async fn proxy_header_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head[..6]).await.is_err() {
+                    return; // a TCP health check
+                }
+                let answer = if &head[..6] == b"PROXY " {
+                    let mut line = b"PROXY ".to_vec();
+                    while !line.ends_with(b"\r\n") {
+                        let mut b = [0u8; 1];
+                        if s.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        line.push(b[0]);
+                    }
+                    let line = String::from_utf8_lossy(&line).trim().to_string();
+                    let f: Vec<&str> = line.split(' ').collect();
+                    if f[1] == "UNKNOWN" {
+                        "v1 local".to_string()
+                    } else {
+                        format!("v1 {}:{}", f[2], f[4])
+                    }
+                } else {
+                    s.read_exact(&mut head[6..]).await.unwrap();
+                    assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n");
+                    let mut body = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+                    s.read_exact(&mut body).await.unwrap();
+                    match (head[12], head[13]) {
+                        (0x21, 0x11) => format!(
+                            "v2 {}.{}.{}.{}:{}",
+                            body[0],
+                            body[1],
+                            body[2],
+                            body[3],
+                            u16::from_be_bytes([body[8], body[9]])
+                        ),
+                        (0x20, _) => "v2 local".to_string(),
+                        other => format!("v2 unexpected {other:?}"),
+                    }
+                };
+                let _ = s.write_all(format!("{answer}\n").as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects from `source`, sends `first`, reads until the peer closes.
+async fn exchange(to: SocketAddr, source: &str, first: &[u8]) -> String {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = tokio::time::timeout(STEP, sock.connect(to)).await.unwrap().unwrap();
+    s.write_all(first).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, s.read_to_end(&mut out)).await.expect("the connection ended");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn v2_header(src: [u8; 4], sport: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&80u16.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_in_from_trusted_sources_and_out_to_upstreams() {
+    let web = Backend::start("web").await;
+    let behind = proxy_header_server().await;
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\n\
+         [[listeners]]\nname = \"tcp1\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"pp1\"\nproxy_protocol_from = [\"127.0.0.1\"]\n\
+         [[listeners]]\nname = \"tcp2\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"pp2\"\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\n\
+         [upstreams.pp1]\nendpoints = [\"{behind}\"]\nsend_proxy_protocol = \"v1\"\n\
+         [upstreams.pp2]\nendpoints = [\"{behind}\"]\nsend_proxy_protocol = \"v2\"\n\
+         [upstreams.pp2.health]\ntype = \"http\"\npath = \"/\"\ninterval = \"100ms\"\n",
+        web.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let main = h.listeners["main"];
+    let get = b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    // In, v1 and v2, from a trusted source: the header's client is the client.
+    let r = exchange(main, "127.0.0.1", &[&b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 80\r\n"[..], get].concat()).await;
+    assert!(r.contains("x-forwarded-for: 203.0.113.7\n"), "{r}");
+    let r = exchange(main, "127.0.0.1", &[&v2_header([198, 51, 100, 9], 5555)[..], get].concat()).await;
+    assert!(r.contains("x-forwarded-for: 198.51.100.9\n"), "{r}");
+    // A trusted source without a header, and an untrusted one with a
+    // header: closed unanswered. An untrusted one without: served as itself.
+    assert_eq!(exchange(main, "127.0.0.1", get).await, "");
+    let forged = [&b"PROXY TCP4 10.9.9.9 127.0.0.1 1 80\r\n"[..], get].concat();
+    assert_eq!(exchange(main, "127.0.0.2", &forged).await, "");
+    assert_eq!(exchange(main, "127.0.0.2", &[&v2_header([10, 9, 9, 9], 1)[..], get].concat()).await, "");
+    let r = exchange(main, "127.0.0.2", get).await;
+    assert!(r.contains("x-forwarded-for: 127.0.0.2\n"), "{r}");
+    let c = Client::new();
+    assert_eq!(metric(&c, &h, "halo_listener_proxy_protocol_refused_total{listener=\"main\"}").await, 3.0);
+
+    // Out: v1 carries the address a trusted balancer named; v2 the
+    // connection's own. Health checks send a LOCAL header (pp2 checks by HTTP).
+    let r = exchange(h.listeners["tcp1"], "127.0.0.1", b"PROXY TCP4 192.0.2.5 127.0.0.1 5555 80\r\n").await;
+    assert_eq!(r, "v1 192.0.2.5:5555\n");
+    let r = exchange(h.listeners["tcp2"], "127.0.0.3", b"").await;
+    assert!(r.starts_with("v2 127.0.0.3:"), "{r}");
+    let up = format!("halo_endpoint_health_check_failures_total{{upstream=\"pp2\",endpoint=\"{behind}\"}}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server answers a LOCAL header with text, not HTTP: the checks
+    // fail, which shows they reached it with the header first.
+    assert!(metric(&c, &h, &up).await >= 1.0);
 }

@@ -53,6 +53,8 @@ pub struct ListenerSection {
     pub connect_tries: Option<u32>,
     /// `protocol = "https"`: the certificates.
     pub tls: Option<TlsSection>,
+    /// Sources that send a PROXY protocol header first.
+    pub proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +144,7 @@ pub struct UpstreamSection {
     pub session_cookie: Option<String>,
     pub slow_start: Option<String>,
     pub protocol: Option<String>,
+    pub send_proxy_protocol: Option<String>,
     pub pool: Option<PoolSection>,
     pub health: Option<HealthSection>,
     pub outlier: Option<OutlierSection>,

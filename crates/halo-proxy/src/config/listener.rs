@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::file::{self, FileConfig};
 use super::{
-    CertFiles, HashKey, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener, UpstreamConfig,
+    CertFiles, Cidr, HashKey, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener, UpstreamConfig,
     Validator,
 };
 
@@ -65,8 +65,17 @@ impl Validator<'_> {
                     ListenerProtocol::Http
                 }
             };
+            let mut proxy_protocol_from = Vec::new();
+            for c in l.proxy_protocol_from.iter().flatten() {
+                match c.parse::<Cidr>() {
+                    Ok(c) => proxy_protocol_from.push(c),
+                    Err(e) => {
+                        self.err(self.loc.key(line, "proxy_protocol_from"), format!("{field}.proxy_protocol_from"), e)
+                    }
+                }
+            }
             if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
-                out.push(ListenerConfig { name, addr, protocol });
+                out.push(ListenerConfig { name, addr, protocol, proxy_protocol_from });
             }
         }
         out

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use crate::proxy_protocol::{Cidr, Version as ProxyProtocolVersion};
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
 pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
 
@@ -36,6 +37,8 @@ pub struct ListenerConfig {
     pub name: String,
     pub addr: SocketAddr,
     pub protocol: ListenerProtocol,
+    /// Sources that must send a PROXY protocol header; empty: none.
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +130,8 @@ pub struct UpstreamConfig {
     pub session_cookie: Option<String>,
     pub slow_start: Option<Duration>,
     pub protocol: UpstreamProtocol,
+    /// A PROXY protocol header first on every connection (tcp listeners).
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub pool: PoolConfig,
     pub health: Option<HealthConfig>,
     pub outlier: Option<OutlierConfig>,

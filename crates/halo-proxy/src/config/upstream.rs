@@ -63,6 +63,19 @@ impl Validator<'_> {
                 UpstreamProtocol::Http1
             }
         };
+        let send_proxy_protocol = match u.send_proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(ProxyProtocolVersion::V1),
+            Some("v2") => Some(ProxyProtocolVersion::V2),
+            Some(other) => {
+                self.err(
+                    self.loc.key(line, "send_proxy_protocol"),
+                    f("send_proxy_protocol"),
+                    format!("'{other}' is not accepted; accepted: v1 (text), v2 (binary)"),
+                );
+                None
+            }
+        };
         let pool = self.pool(name, u);
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
@@ -74,6 +87,7 @@ impl Validator<'_> {
             session_cookie: u.session_cookie.clone(),
             slow_start,
             protocol,
+            send_proxy_protocol,
             pool,
             health,
             outlier,
