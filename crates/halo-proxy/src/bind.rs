@@ -38,7 +38,20 @@ pub struct BoundSet {
 
 /// This process's hold on a listening address.
 pub struct Claim {
-    _lock: File,
+    lock: File,
+}
+
+impl Claim {
+    /// A claim handed over by an old process (its lock file, still locked).
+    pub fn inherited(lock: File) -> Claim {
+        Claim { lock }
+    }
+
+    /// The lock file, to hand the claim to a new process (the lock
+    /// belongs to the open file, which both then share).
+    pub fn file(&self) -> &File {
+        &self.lock
+    }
 }
 
 /// Binds `addr` once per worker (`SO_REUSEPORT` when more than one); port 0
@@ -73,7 +86,7 @@ fn claim(addr: SocketAddr) -> std::io::Result<Claim> {
     match lock.try_lock() {
         Ok(()) => {
             std::fs::write(&path, std::process::id().to_string())?;
-            Ok(Claim { _lock: lock })
+            Ok(Claim { lock })
         }
         Err(std::fs::TryLockError::WouldBlock) => {
             let pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());

@@ -163,6 +163,26 @@ impl Endpoint {
         true
     }
 
+    /// The health a new process should carry on with (binary upgrade).
+    pub fn export(&self, now: u64) -> crate::handover::EndpointState {
+        crate::handover::EndpointState {
+            upstream: self.upstream.to_string(),
+            addr: self.addr,
+            active_up: self.active_up(),
+            ejected_for_ms: self.health.ejected_until_ms.load(Relaxed).saturating_sub(now),
+            ejections: self.ejection_count(),
+        }
+    }
+
+    /// Takes on the health an old process had (binary upgrade).
+    pub fn restore(&self, s: &crate::handover::EndpointState, now: u64) {
+        self.health.active_up.store(s.active_up, Relaxed);
+        if s.ejected_for_ms > 0 {
+            self.health.ejected_until_ms.store(now + s.ejected_for_ms, Relaxed);
+        }
+        self.health.ejections.store(s.ejections, Relaxed);
+    }
+
     /// Forgets past ejections once an endpoint has served well for a while,
     /// so that the next ejection starts from the base time again.
     pub fn reset_ejection_backoff(&self) {

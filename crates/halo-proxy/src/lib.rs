@@ -26,6 +26,7 @@ mod endpoint;
 mod error;
 mod forward;
 mod h1;
+pub mod handover;
 mod headers;
 mod health;
 mod listener;

@@ -11,8 +11,11 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use std::os::fd::OwnedFd;
+
 use crate::bind::{bind, bind_set, BoundSet, Claim};
 use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig, ListenerProtocol};
+use crate::handover::{Inherited, InheritedListener, ListenerFds, Manifest};
 use crate::listener::{protocols, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
 
@@ -64,6 +67,8 @@ pub struct Proxy {
     workers: Vec<mpsc::UnboundedSender<Command>>,
     listeners: Mutex<Vec<ListenerHandle>>,
     admin_addr: Option<SocketAddr>,
+    /// The admin socket (a duplicate of the one served), to hand over.
+    admin_socket: Option<std::net::TcpListener>,
 }
 
 /// A listener being served: its configured and bound addresses and the
@@ -74,7 +79,9 @@ struct ListenerHandle {
     bound: SocketAddr,
     stop: watch::Sender<bool>,
     /// The hold on the address, released with the listener.
-    _claim: Option<Claim>,
+    claim: Option<Claim>,
+    /// Duplicates of the workers' sockets, to hand over.
+    sockets: Vec<std::net::TcpListener>,
 }
 
 impl Proxy {
@@ -82,6 +89,19 @@ impl Proxy {
     /// threads. Must be called within a tokio runtime, which then runs the
     /// control tasks: admin listener and active health checks.
     pub async fn start(config: Config, source: Option<PathBuf>) -> Result<Arc<Proxy>, ProxyError> {
+        Self::start_inherited(config, source, None).await
+    }
+
+    /// [`Proxy::start`] on the sockets an old process handed over
+    /// (binary upgrade): a listener whose name and address it had takes
+    /// its sockets and address claim (more are bound if this process has
+    /// more workers); the admin address likewise; endpoints it knew start
+    /// with the health it had.
+    pub async fn start_inherited(
+        config: Config,
+        source: Option<PathBuf>,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         let registry = Registry::default();
         registry.set_control(tokio::runtime::Handle::current());
         let config = Arc::new(config);
@@ -95,20 +115,35 @@ impl Proxy {
         let n = sockets_per_listener(&config);
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let set = bind_set(l.addr, n).map_err(|error| ProxyError::BindListener {
-                name: l.name.clone(),
-                addr: l.addr,
-                error,
-            })?;
+            let err = |error| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, error };
+            let old = inherited.as_deref_mut().and_then(|i| i.listeners.remove(&(l.name.clone(), l.addr)));
+            let set = match old {
+                Some(old) => take_over(old, n).map_err(err)?,
+                None => bind_set(l.addr, n).map_err(err)?,
+            };
             bound.push((l, set));
         }
-        let admin = match config.admin {
+        let (admin, admin_socket) = match config.admin {
             Some(addr) => {
                 let err = |error| ProxyError::BindAdmin { addr, error };
-                Some(TcpListener::from_std(bind(addr, false).map_err(err)?).map_err(err)?)
+                let old = inherited.as_deref_mut().and_then(|i| i.admin.take()).filter(|(a, _)| *a == addr);
+                let std = match old {
+                    Some((_, s)) => s,
+                    None => bind(addr, false).map_err(err)?,
+                };
+                let dup = std.try_clone().map_err(err)?;
+                (Some(TcpListener::from_std(std).map_err(err)?), Some(dup))
             }
-            None => None,
+            None => (None, None),
         };
+        if let Some(i) = inherited.as_deref() {
+            let now = crate::util::now_ms();
+            for ep in shared.registry.endpoints() {
+                if let Some(s) = i.endpoints.iter().find(|s| s.addr == ep.addr && *s.upstream == *ep.upstream) {
+                    ep.restore(s, now);
+                }
+            }
+        }
         let (stop, _) = watch::channel(false);
         let (halt, _) = watch::channel(false);
         let drain = Arc::new(Drain::default());
@@ -146,6 +181,7 @@ impl Proxy {
             workers,
             listeners: Mutex::new(Vec::new()),
             admin_addr,
+            admin_socket,
         });
         for (l, set) in bound {
             proxy.serve_listener(l, set);
@@ -162,12 +198,52 @@ impl Proxy {
         let BoundSet { local: bound, sockets, claim } = set;
         let (stop, _) = watch::channel(false);
         let name: Arc<str> = l.name.as_str().into();
+        let mut dups = Vec::new();
         for (tx, socket) in self.workers.iter().zip(sockets) {
+            match socket.try_clone() {
+                Ok(d) => dups.push(d),
+                Err(e) => tracing::warn!(listener = %l.name, error = %e, "cannot keep a socket for a binary upgrade"),
+            }
             let _ = tx.send(Command::Listen { name: name.clone(), socket, stop: stop.subscribe() });
         }
         tracing::info!(listener = %l.name, addr = %bound, "listening");
-        let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop, _claim: claim };
+        let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop, claim, sockets: dups };
         self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+
+    /// What a new process needs to take over (binary upgrade): the
+    /// listening sockets, address claims and admin socket (duplicated
+    /// descriptors, in the manifest's order) and the endpoints' health.
+    /// `extra` sockets (the node API) go last, by name.
+    pub fn handover(&self, extra: &[(String, &std::net::TcpListener)]) -> std::io::Result<(Manifest, Vec<OwnedFd>)> {
+        let mut m = Manifest { pid: std::process::id(), ..Manifest::default() };
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for s in &l.sockets {
+                fds.push(s.try_clone()?.into());
+            }
+            if let Some(c) = &l.claim {
+                fds.push(c.file().try_clone()?.into());
+            }
+            m.listeners.push(ListenerFds {
+                name: l.name.clone(),
+                addr: l.configured,
+                bound: l.bound,
+                sockets: l.sockets.len(),
+                claim: l.claim.is_some(),
+            });
+        }
+        if let (Some(a), Some(s)) = (self.admin_addr, &self.admin_socket) {
+            m.admin = Some(self.config().admin.unwrap_or(a));
+            fds.push(s.try_clone()?.into());
+        }
+        for (name, s) in extra {
+            m.extra.push((name.clone(), s.local_addr()?));
+            fds.push(s.try_clone()?.into());
+        }
+        let now = crate::util::now_ms();
+        m.endpoints = self.shared.registry.endpoints().iter().map(|e| e.export(now)).collect();
+        Ok((m, fds))
     }
 
     /// Bound addresses of the listeners, by name.
@@ -271,10 +347,13 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then
-    /// returns. Idle keep-alive connections are closed at once.
+    /// returns. A keep-alive connection's next response says
+    /// `connection: close`; one idle for a second is closed.
     pub async fn shutdown(&self, grace: Duration) {
-        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
             let _ = l.stop.send(true);
+            // Closed here too (a new process after an upgrade has its own).
+            l.sockets.clear();
         }
         let _ = self.stop.send(true);
         tracing::info!(connections = self.drain.count.load(Relaxed), grace = ?grace, "draining");
@@ -290,6 +369,17 @@ impl Proxy {
         })
         .await;
     }
+}
+
+/// An inherited listener's sockets, one per worker: the old process's,
+/// and more bound beside them when this process has more workers.
+fn take_over(old: InheritedListener, n: usize) -> std::io::Result<BoundSet> {
+    let InheritedListener { bound, mut sockets, claim } = old;
+    sockets.truncate(n);
+    while sockets.len() < n {
+        sockets.push(bind(bound, true)?);
+    }
+    Ok(BoundSet { local: bound, sockets, claim: claim.map(Claim::inherited) })
 }
 
 /// How often certificate files are looked at for changes.

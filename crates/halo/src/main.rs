@@ -7,6 +7,7 @@ mod cli_cmd;
 mod demo_app;
 mod proxy_cmd;
 mod up_cmd;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,18 @@ enum Command {
     DemoApp(demo_app::DemoArgs),
     /// Run the data plane alone, in front of static upstreams.
     Proxy(proxy_cmd::ProxyArgs),
+    /// Replace a running `halo proxy -c FILE` (or `halo up`/`agent` with
+    /// --data-dir) by the binary now on disk, without dropping a
+    /// connection: the new process takes over the listening sockets and
+    /// endpoint health, the old one drains and exits. SIGUSR2 does the same.
+    Upgrade {
+        /// The running proxy's config file.
+        #[arg(short, long, conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// The running node's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Validate a proxy, node or service file without running it.
     Check {
         /// The config file to check.
@@ -191,6 +204,13 @@ fn main() -> ExitCode {
         Command::DemoApp(args) => demo_app::run(args),
         Command::Proxy(args) => proxy_cmd::run(args),
         Command::Check { config } => check_cmd::check(&config),
+        Command::Upgrade { config, data_dir } => match (config, data_dir) {
+            (Some(c), _) => upgrade::request(&upgrade::proxy_socket(&c)),
+            (None, Some(d)) => upgrade::request(&upgrade::node_socket(&d)),
+            (None, None) => Err(anyhow::anyhow!(
+                "say which halo: -c FILE for `halo proxy -c FILE`, --data-dir DIR for `halo up` or `halo agent`"
+            )),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! command-line flags, a runtime and signals.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -76,7 +77,10 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let grace = cfg.grace_period;
     let workers = cfg.workers;
-    let proxy = Proxy::start(cfg, source).await?;
+    let taken = crate::upgrade::take_over()?;
+    let (mut inherited, ready) = taken.map_or((None, None), |(i, r)| (Some(i), Some(r)));
+    let proxy = Proxy::start_inherited(cfg, source.clone(), inherited.as_mut()).await?;
+    drop(inherited);
     for (name, addr) in proxy.listener_addrs() {
         // A machine-readable line, used by scripts and tests to find ports.
         println!("listening {name} {addr}");
@@ -86,6 +90,23 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     println!("ready");
     tracing::info!(workers, "halo proxy running");
+    // Binary upgrades: for a proxy run from a config file.
+    let (done_tx, mut upgraded) = tokio::sync::mpsc::channel(1);
+    let took_over = ready.is_some();
+    if let Some(r) = ready {
+        r.confirm()?;
+    }
+    let upgrades = match &source {
+        Some(path) => {
+            let p = proxy.clone();
+            let give: crate::upgrade::Give = Arc::new(move || p.handover(&[]));
+            let (u, l) = crate::upgrade::Upgrades::bind(crate::upgrade::proxy_socket(path), took_over, give, done_tx)?;
+            tokio::spawn(u.clone().serve(l));
+            Some(u)
+        }
+        None => None,
+    };
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -103,6 +124,18 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             _ = int.recv() => {
                 tracing::info!("SIGINT: fast shutdown");
                 proxy.shutdown(Duration::ZERO).await;
+                break;
+            }
+            _ = usr2.recv() => match &upgrades {
+                Some(u) => drop(tokio::spawn({
+                    let u = u.clone();
+                    async move { u.upgrade().await }
+                })),
+                None => tracing::warn!("SIGUSR2: binary upgrades need a config file (-c FILE)"),
+            },
+            Some(pid) = upgraded.recv() => {
+                tracing::info!(new_pid = pid, grace = ?grace, "upgraded: this process stops accepting and drains");
+                proxy.shutdown(grace).await;
                 break;
             }
         }

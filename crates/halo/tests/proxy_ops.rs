@@ -534,3 +534,69 @@ async fn the_http1_codec_pipelines_in_order_continues_streams_and_keeps_connecti
         assert!(r.starts_with("HTTP/1.1 200") && r.to_ascii_lowercase().contains("connection: keep-alive"), "{r}");
     }
 }
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Kills the processes an upgrade chain left, whatever the test's outcome.
+struct Reaper(Vec<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_binary_upgrades_under_load_fail_nothing_and_keep_endpoint_health() {
+    let (a, b, down) = (Backend::start("a").await, Backend::start("b").await, Backend::start("down").await);
+    down.set_healthy(false);
+    let health = "[upstreams.web.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\nfall = 1\nrise = 1000\njitter = \"0\"";
+    let cfg = config("[proxy]\ngrace_period = \"2s\"", &format!("{}\n{health}", eps(&[&a, &b, &down])));
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let path = h.config.clone().unwrap();
+    let c = Client::new();
+    let label = format!("halo_endpoint_up{{upstream=\"web\",endpoint=\"{}\"}} 0", down.addr);
+    eventually(Duration::from_secs(10), "the failing endpoint is down", || async {
+        c.get(&h.admin_url("/metrics")).await.unwrap().body.contains(&label)
+    })
+    .await;
+    let mut reaper = Reaper(Vec::new());
+    let load = Load::start(&h.url("main", "/"), 64);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut serving = h.pid();
+    for i in 0..10 {
+        let out = std::process::Command::new(BIN).args(["upgrade", "-c"]).arg(&path).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "upgrade {i}: {said}");
+        let pid: i32 = said.split_whitespace().nth(2).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+        reaper.0.push(pid);
+        assert_ne!(pid, serving);
+        let old = serving;
+        eventually(Duration::from_secs(15), "the old process drained and exited", || async move { !alive(old) }).await;
+        serving = pid;
+        // The health the old process had: the failing endpoint is still
+        // down in the new one (rise = 1000: it could not have come back).
+        assert!(c.get(&h.admin_url("/metrics")).await.unwrap().body.contains(&label), "upgrade {i} reset health");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let Report { ok, failed } = load.finish().await;
+    println!("requests across 10 binary upgrades (64 connections): ok {ok}, failed {}", failed.len());
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(ok > 1000, "load too light to mean anything: {ok}");
+    assert_eq!(down.requests(), 0, "an upgrade sent traffic to a down endpoint");
+    // An upgrade whose new process cannot start changes nothing.
+    std::fs::write(&path, "[[listeners]]\nlisten = \"nope\"\n").unwrap();
+    let out = std::process::Command::new(BIN).args(["upgrade", "-c"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("exited before taking over"), "{err}");
+    assert!(alive(serving));
+    assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 200);
+}

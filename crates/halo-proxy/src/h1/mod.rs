@@ -52,12 +52,15 @@ const DRAIN_MAX: u64 = 256 << 10;
 const READ_CHUNK: usize = 4096;
 /// Past this much pending output, the write buffer is flushed.
 const WRITE_HIGH: usize = 64 << 10;
+/// While draining, an idle connection is closed after this long without
+/// a request.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
 /// A connection quiet this long gives its buffers back (a busy one keeps
 /// them: no allocation per request).
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
-/// Serves one connection until it closes, fails, or `stop` flips between
-/// exchanges.
+/// Serves one connection until it closes or fails; once `stop` flips, the
+/// next response closes it, or [`DRAIN_IDLE`] without a request does.
 pub async fn serve<H, F>(mut stream: Conn, settings: Settings, mut stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(Request<DownBody>) -> F,
@@ -67,9 +70,14 @@ where
     let mut out: Vec<u8> = Vec::new();
     loop {
         let idle = buf.is_empty();
+        // Draining (shutdown, binary upgrade): an idle connection waits a
+        // little for its next request, answered with `connection: close`;
+        // closing it at once would race a request already on its way.
+        let draining = *stop.borrow();
+        let limit = if draining { settings.head_timeout.min(DRAIN_IDLE) } else { settings.head_timeout };
         let head = tokio::select! {
-            r = tokio::time::timeout(settings.head_timeout, read_head(&mut stream, &mut buf, settings.max_header_bytes)) => r,
-            _ = stop.wait_for(|s| *s), if idle => return,
+            r = tokio::time::timeout(limit, read_head(&mut stream, &mut buf, settings.max_header_bytes)) => r,
+            _ = stop.wait_for(|s| *s), if idle && !draining => continue,
         };
         let head = match head {
             Ok(Ok(Some(h))) => h,
@@ -94,8 +102,11 @@ where
         // the connection's idle state.
         let next = Box::pin(exchange(&mut stream, &mut buf, &mut out, &handler, request, decoder, keep)).await;
         match next {
-            Next::Request if !*stop.borrow() => {}
-            Next::Request | Next::Close => return,
+            // Also when draining: the response said keep-alive, so the
+            // client may send another request, which is answered with
+            // `connection: close`.
+            Next::Request => {}
+            Next::Close => return,
             Next::Tunnel(upgraded) => {
                 drop(out);
                 let end = upgraded.run(stream, &buf).await;
