@@ -134,6 +134,17 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             rt.stats.try_timeouts.load(Relaxed),
         );
     }
+    w.header(
+        "halo_route_grpc_responses_total",
+        "counter",
+        "gRPC calls by route and the grpc-status they ended with (a proxy error counts as 14, UNAVAILABLE).",
+    );
+    for (name, rt) in routes.iter().filter(|(_, rt)| rt.stats.grpc.any()) {
+        for (code, n) in rt.stats.grpc.0.iter().enumerate() {
+            let labels = format!("route=\"{}\",grpc_status=\"{code}\"", escape(name));
+            w.sample("halo_route_grpc_responses_total", &labels, n.load(Relaxed));
+        }
+    }
     w.header("halo_route_request_duration_seconds", "histogram", "Time to the response head, by route.");
     for (name, rt) in &routes {
         w.histogram("halo_route_request_duration_seconds", &format!("route=\"{}\"", escape(name)), &rt.stats.latency);

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -141,6 +142,8 @@ struct Streaming {
     source: Source,
     conn: Option<Pooled>,
     _inflight: InflightGuard,
+    /// A gRPC call's route: counts the `grpc-status` of its trailers.
+    grpc: Option<Arc<crate::registry::RouteRuntime>>,
     idle: Option<Duration>,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -170,8 +173,9 @@ impl RespBody {
         inflight: InflightGuard,
         idle: Option<Duration>,
         deadline: Option<Instant>,
+        grpc: Option<Arc<crate::registry::RouteRuntime>>,
     ) -> Self {
-        let mut s = Streaming { source, conn: Some(conn), _inflight: inflight, idle, deadline, timer: None };
+        let mut s = Streaming { source, conn: Some(conn), _inflight: inflight, grpc, idle, deadline, timer: None };
         if s.is_end() {
             s.finish();
         }
@@ -219,17 +223,18 @@ impl Streaming {
         Poll::Ready(err)
     }
 
-    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.source {
-            Source::H2(b) => loop {
-                match ready!(Pin::new(&mut *b).poll_frame(cx)) {
-                    None => return Poll::Ready(None),
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                    // Trailers are not forwarded yet.
-                    Some(Ok(f)) => match f.into_data() {
-                        Ok(d) => return Poll::Ready(Some(Ok(d))),
-                        Err(_) => continue,
-                    },
+            // Data and trailers (gRPC's status travels in them).
+            Source::H2(b) => match ready!(Pin::new(&mut *b).poll_frame(cx)) {
+                None => Poll::Ready(None),
+                Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                Some(Ok(f)) => {
+                    if let (Some(t), Some(rt)) = (f.trailers_ref(), &self.grpc) {
+                        rt.stats.grpc.count(t.get("grpc-status"));
+                        self.grpc = None;
+                    }
+                    Poll::Ready(Some(Ok(f)))
                 }
             },
             Source::H1 { decoder, keep_alive } => {
@@ -237,7 +242,7 @@ impl Streaming {
                 loop {
                     match decoder.step(&mut conn.buf) {
                         Err(e) => return Poll::Ready(Some(Err(BodyError::Framing(e)))),
-                        Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(b))),
+                        Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
                         Ok(Step::End) => return Poll::Ready(None),
                         Ok(Step::More) => match ready!(conn.poll_fill(cx)) {
                             Err(e) => return Poll::Ready(Some(Err(e.into()))),
@@ -267,7 +272,7 @@ impl Body for RespBody {
             Kind::Stream(s) => s,
         };
         match s.poll_source(cx) {
-            Poll::Ready(Some(Ok(data))) => {
+            Poll::Ready(Some(Ok(frame))) => {
                 // Progress: the idle timer starts over from the next wait.
                 if s.idle.is_some() {
                     s.timer = None;
@@ -275,7 +280,7 @@ impl Body for RespBody {
                 if s.is_end() {
                     s.finish();
                 }
-                Poll::Ready(Some(Ok(Frame::data(data))))
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => s.fail(e),
             Poll::Ready(None) => {

@@ -91,6 +91,7 @@ pub async fn handle(
         Err(e) => return Ok(error_response(&e, None)),
     };
     let rid = headers::request_id(&mut parts.headers);
+    let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     // What the client asks to switch to, kept past the hop-by-hop strip.
     let upgrade = match parts.extensions.get::<UpgradeRequested>() {
         Some(_) => parts.headers.get(header::UPGRADE).cloned(),
@@ -125,11 +126,15 @@ pub async fn handle(
         Ok(x) => {
             let status = x.resp.status();
             record(route, &out, class_index(status.as_u16()), start);
-            respond(x, &rid, route, deadline, &shared, &down)
+            respond(x, &rid, route, deadline, &shared, &down, grpc)
         }
         Err(e) => {
             tracing::debug!(route = %route.cfg.name, error = %e, "request failed");
             record(route, &out, 5, start);
+            if grpc {
+                // What a gRPC client makes of a proxy error: UNAVAILABLE.
+                route.rt.stats.grpc.count(Some(&HeaderValue::from_static("14")));
+            }
             error_response(&e, Some(&rid))
         }
     };
@@ -203,7 +208,12 @@ fn prepare_upstream_request(parts: &mut http::request::Parts, down: &Downstream)
             parts.headers.insert(header::HOST, v);
         }
     }
+    // `TE: trailers` is the one TE HTTP/2 allows, and gRPC needs it.
+    let trailers = parts.headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let host = parts.headers.get(header::HOST).cloned();
     headers::add_forwarded(&mut parts.headers, &down.client_ip, host.as_ref());
     if let Some(pq) = parts.uri.path_and_query() {
@@ -451,6 +461,7 @@ fn respond(
     deadline: Option<Instant>,
     shared: &Arc<Shared>,
     down: &Downstream,
+    grpc: bool,
 ) -> Response<RespBody> {
     let (mut parts, source) = x.resp.into_parts();
     let switched = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -482,7 +493,16 @@ fn respond(
         }
         return error_response(&ProxyError::Upstream("it switched protocols over h2".into()), Some(rid));
     }
-    let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline);
+    // A gRPC status comes in the trailers, or in the head of a
+    // trailers-only answer.
+    let grpc = match parts.headers.get("grpc-status") {
+        Some(status) if grpc => {
+            route.rt.stats.grpc.count(Some(status));
+            None
+        }
+        _ => grpc.then(|| route.rt.clone()),
+    };
+    let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline, grpc);
     Response::from_parts(parts, body)
 }
 

@@ -76,7 +76,11 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthKind, proxy: Option<ProxyPro
             return false;
         }
     }
-    let HealthKind::Http { path, expect_status } = kind else { return true };
+    let (path, expect_status) = match kind {
+        HealthKind::Tcp => return true,
+        HealthKind::Grpc { service } => return grpc_check(stream, addr, service).await,
+        HealthKind::Http { path, expect_status } => (path, expect_status),
+    };
     let Ok((mut sender, conn)) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await else {
         return false;
     };
@@ -94,4 +98,53 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthKind, proxy: Option<ProxyPro
         },
         Err(_) => false,
     }
+}
+
+/// `grpc.health.v1.Health/Check` for `service`: true when the answer is
+/// SERVING with grpc-status 0.
+async fn grpc_check(stream: TcpStream, addr: SocketAddr, service: &str) -> bool {
+    use http_body_util::{BodyExt, Full};
+    let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    else {
+        return false;
+    };
+    tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1; } in one length-prefixed message.
+    let mut msg = vec![0x0a];
+    push_varint(&mut msg, service.len() as u64);
+    msg.extend_from_slice(service.as_bytes());
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "halo-health-check")
+        .body(Full::new(bytes::Bytes::from(body)));
+    let Ok(req) = req else { return false };
+    let Ok(resp) = sender.send_request(req).await else { return false };
+    if !resp.status().is_success() {
+        return false;
+    }
+    let head_status = resp.headers().get("grpc-status").cloned();
+    let Ok(collected) = resp.into_body().collect().await else { return false };
+    let status = collected.trailers().and_then(|t| t.get("grpc-status").cloned()).or(head_status);
+    if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
+        return false;
+    }
+    // HealthCheckResponse { ServingStatus status = 1; }, SERVING = 1.
+    let data = collected.to_bytes();
+    data.len() >= 5 && data[5..] == [0x08, 0x01]
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }

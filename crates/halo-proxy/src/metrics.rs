@@ -132,6 +132,28 @@ pub struct RouteStats {
     /// Tries abandoned at their per-try timeout (and retried elsewhere).
     pub try_timeouts: AtomicU64,
     pub latency: Histogram,
+    pub grpc: GrpcStatuses,
+}
+
+/// gRPC calls by the `grpc-status` they ended with (0 to 16; anything
+/// else, or none, counted as 2, UNKNOWN, as gRPC clients read it).
+#[derive(Default)]
+pub struct GrpcStatuses(pub [AtomicU64; 17]);
+
+impl GrpcStatuses {
+    /// Counts the status a header or trailer value says.
+    pub fn count(&self, value: Option<&http::HeaderValue>) {
+        let code = value
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|c| *c < self.0.len())
+            .unwrap_or(2);
+        self.0[code].fetch_add(1, Relaxed);
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|c| c.load(Relaxed) > 0)
+    }
 }
 
 #[derive(Default)]

@@ -1,6 +1,7 @@
 //! Protocols beyond plain HTTP through the real binary: TLS termination
-//! (SNI, ALPN, certificate reloads), TCP (L4) listeners and HTTP Upgrade
-//! tunnels (WebSocket), the PROXY protocol in and out. Certificates are
+//! (SNI, ALPN, certificate reloads), TCP (L4) listeners, HTTP Upgrade
+//! tunnels (WebSocket), gRPC (trailers, status metrics, health checks),
+//! the PROXY protocol in and out. Certificates are
 //! made by the test (rcgen).
 
 use std::collections::BTreeMap;
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use halo_testkit::{
-    eventually, https_get, https_h2_get, metric, Backend, Client, EchoServer, Halo, TempDir, TestCa, WsClient, WsEcho,
+    eventually, grpc_call, https_get, https_h2_get, metric, Backend, Client, EchoServer, GrpcServer, Halo, TempDir,
+    TestCa, WsClient, WsEcho,
 };
 use http::Request;
 use http_body_util::Full;
@@ -632,4 +634,60 @@ async fn proxy_protocol_in_from_trusted_sources_and_out_to_upstreams() {
     // The server answers a LOCAL header with text, not HTTP: the checks
     // fail, which shows they reached it with the header first.
     assert!(metric(&c, &h, &up).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_keep_their_trailers_count_their_status_and_health_checks_speak_grpc() {
+    let (g1, g2) = (GrpcServer::start("g1").await, GrpcServer::start("g2").await);
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"grpc\"\nupstream = \"grpc\"\n\
+         [upstreams.grpc]\nendpoints = [\"{}\", \"{}\"]\nprotocol = \"h2\"\n\
+         [upstreams.grpc.health]\ntype = \"grpc\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\njitter = \"0\"\n",
+        g1.addr, g2.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let to = h.listeners["main"];
+    let c = Client::new();
+    // Unary: the answer and the trailers, as the server sent them.
+    let (r, _) = grpc_call(to, "/halo.test.Echo/Unary", &[b"hello"], Duration::ZERO).await.unwrap();
+    assert_eq!(r.status, 200);
+    let served = r.trailers.as_ref().and_then(|t| t.get("x-served-by")).unwrap().to_str().unwrap().to_string();
+    assert_eq!(
+        r.messages.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(),
+        vec![format!("{served}:hello").into_bytes()]
+    );
+    assert_eq!(r.grpc_status(), Some("0"));
+    // Streaming both ways: every answer arrives while the client still sends.
+    let sent_msgs: [&[u8]; 5] = [b"1", b"2", b"3", b"4", b"5"];
+    let (r, sent) = grpc_call(to, "/halo.test.Echo/Stream", &sent_msgs, Duration::from_millis(100)).await.unwrap();
+    let got: Vec<String> = r.messages.iter().map(|(m, _)| String::from_utf8_lossy(m).into_owned()).collect();
+    let who = r.trailers.as_ref().and_then(|t| t.get("x-served-by")).unwrap().to_str().unwrap().to_string();
+    assert_eq!(got, (1..=5).map(|i| format!("{who}:{i}")).collect::<Vec<_>>());
+    assert!(r.messages[0].1 < sent[4], "the first answer waited for the whole request: not streamed");
+    assert_eq!(r.grpc_status(), Some("0"));
+    // Errors: trailers-only, and after a message.
+    let (r, _) = grpc_call(to, "/halo.test.Echo/Fail", &[b"x"], Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (r.grpc_status(), r.headers.get("grpc-message").map(|v| v.to_str().unwrap())),
+        (Some("5"), Some("not found here"))
+    );
+    let (r, _) = grpc_call(to, "/halo.test.Echo/FailLate", &[b"x"], Duration::ZERO).await.unwrap();
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.grpc_status(), Some("13"));
+    let count = |code: &str| format!("halo_route_grpc_responses_total{{route=\"grpc\",grpc_status=\"{code}\"}}");
+    assert_eq!(metric(&c, &h, &count("0")).await, 2.0);
+    assert_eq!(metric(&c, &h, &count("5")).await, 1.0);
+    assert_eq!(metric(&c, &h, &count("13")).await, 1.0);
+    // gRPC health checks: NOT_SERVING takes g2 out, SERVING brings it back.
+    g2.set_serving(false);
+    let label = format!("halo_endpoint_up{{upstream=\"grpc\",endpoint=\"{}\"}}", g2.addr);
+    eventually(Duration::from_secs(10), "g2 down by its gRPC health", || async { metric(&c, &h, &label).await == 0.0 })
+        .await;
+    for _ in 0..10 {
+        let (r, _) = grpc_call(to, "/halo.test.Echo/Unary", &[b"x"], Duration::ZERO).await.unwrap();
+        assert_eq!(r.trailers.unwrap()["x-served-by"], "g1");
+    }
+    g2.set_serving(true);
+    eventually(Duration::from_secs(10), "g2 back up", || async { metric(&c, &h, &label).await == 1.0 }).await;
 }

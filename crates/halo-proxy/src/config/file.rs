@@ -165,6 +165,8 @@ pub struct HealthSection {
     pub kind: Option<String>,
     pub path: Option<String>,
     pub expect_status: Option<u16>,
+    /// `type = "grpc"`: the service name asked about.
+    pub service: Option<String>,
     pub interval: Option<String>,
     pub timeout: Option<String>,
     pub rise: Option<u32>,

@@ -196,6 +196,11 @@ pub enum HealthKind {
         expect_status: Option<u16>,
     },
     Tcp,
+    /// `grpc.health.v1.Health/Check` over h2c; healthy when SERVING.
+    Grpc {
+        /// The service asked about; empty: the server as a whole.
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -127,11 +127,19 @@ impl Validator<'_> {
                 HealthKind::Http { path: h.path.clone().unwrap_or_else(|| "/".into()), expect_status: h.expect_status }
             }
             "tcp" => HealthKind::Tcp,
+            "grpc" => HealthKind::Grpc { service: h.service.clone().unwrap_or_default() },
             other => {
-                self.err(self.loc.key(line, "type"), f("type"), format!("unknown type '{other}'; accepted: http, tcp"));
+                self.err(
+                    self.loc.key(line, "type"),
+                    f("type"),
+                    format!("unknown type '{other}'; accepted: http, tcp, grpc (grpc.health.v1 over h2c)"),
+                );
                 HealthKind::Tcp
             }
         };
+        if h.service.is_some() && !matches!(kind, HealthKind::Grpc { .. }) {
+            self.err(self.loc.key(line, "service"), f("service"), "is for type = \"grpc\" checks");
+        }
         if let HealthKind::Http { path, .. } = &kind {
             if !path.starts_with('/') {
                 self.err(self.loc.key(line, "path"), f("path"), "must start with '/'");
