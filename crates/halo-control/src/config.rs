@@ -83,7 +83,7 @@ pub const DEFAULT_API: &str = "127.0.0.1:7070";
 /// the file, and the line or field.
 pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     let mut errors = Vec::new();
-    let proxy = halo_proxy::config::parse(file, &blank_sections(text, true));
+    let proxy = halo_proxy::config::parse_with_services(file, &blank_sections(text, true));
     // The span is into the blanked text, which keeps every line (and so
     // every line number) of the original but not its byte offsets.
     let node_text = blank_sections(text, false);
@@ -142,6 +142,20 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
                 services.push((s, spec));
             }
             Err(es) => errors.extend(es.0.iter().map(|e| format!("{file}: services[{i}].{}: {}", e.field, e.message))),
+        }
+    }
+    if let Ok(p) = &proxy {
+        for l in &p.listeners {
+            let halo_proxy::config::ListenerProtocol::Tcp(t) = &l.protocol else { continue };
+            let known = p.upstreams.contains_key(&t.upstream) || services.iter().any(|(f, _)| f.name == t.upstream);
+            if !known {
+                tracing::warn!(
+                    "{file}: listener '{}' forwards to '{}', which is neither an upstream nor a service of this file; \
+                     its connections are closed until a service of that name exists",
+                    l.name,
+                    t.upstream
+                );
+            }
         }
     }
     match proxy {

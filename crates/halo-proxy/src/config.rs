@@ -64,6 +64,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates config text; `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_as(file, text, false)
+}
+
+/// [`parse`] for a node file: a tcp listener may name an upstream the
+/// file does not have, a service's (generated later, [`extend`]); until
+/// it exists, the listener's connections are closed.
+pub fn parse_with_services(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_as(file, text, true)
+}
+
+fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, ConfigErrors> {
     let raw: FileConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
         ConfigErrors(vec![ConfigError {
@@ -73,7 +84,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             message: e.message().trim().to_string(),
         }])
     })?;
-    let mut v = Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), fed: false };
+    let mut v =
+        Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), fed: false, services_later };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)
@@ -96,7 +108,8 @@ pub struct Generated {
 /// endpoint yet: its endpoints are fed later ([`crate::Proxy::set_endpoints`]).
 /// A name `base` already has is refused.
 pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { loc: Locator::new(""), file: source.into(), errors: Vec::new(), fed: true };
+    let mut v =
+        Validator { loc: Locator::new(""), file: source.into(), errors: Vec::new(), fed: true, services_later: false };
     let mut cfg = base.clone();
     for (name, u) in &generated.upstreams {
         if cfg.upstreams.contains_key(name) {
@@ -127,6 +140,8 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
     /// Upstreams may start empty (generated ones, fed later).
     fed: bool,
+    /// A tcp listener may name an upstream that comes later (a service's).
+    services_later: bool,
 }
 
 impl Validator<'_> {

@@ -22,7 +22,12 @@ use crate::tunnel::{End, Tunnel};
 use crate::util::now_ms;
 
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &TcpForward, stats: &ListenerStats) {
-    let Some(group) = shared.snapshot.load().groups.get(&fwd.upstream).map(|s| s.load_full()) else { return };
+    let Some(group) = shared.snapshot.load().groups.get(&fwd.upstream).map(|s| s.load_full()) else {
+        // A service's upstream that does not exist (yet).
+        stats.unserved.fetch_add(1, Relaxed);
+        tracing::warn!(client.addr = %peer, upstream = %fwd.upstream, "no such upstream (yet); closing the connection");
+        return;
+    };
     let mut tried = [usize::MAX; 10];
     for attempt in 0..fwd.connect_tries as usize {
         let Some(i) = group.pick_conn(peer, &tried[..attempt], now_ms()) else { break };

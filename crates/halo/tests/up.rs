@@ -441,3 +441,38 @@ async fn log_names_cannot_leave_the_log_directory() {
     let r = c.send(get("/v1/services/demo/logs?lines=5")).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_file_serves_a_service_over_https_and_over_a_tcp_listener() {
+    let ca = halo_testkit::TestCa::new();
+    let certs = halo_testkit::TempDir::new("up-tls");
+    let (crt, key) = ca.issue(&["demo.test"]).write(&certs, "demo");
+    let extra = format!(
+        "[[listeners]]\nname = \"https\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+         [listeners.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\n\
+         [[listeners]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"demo\"\n\n",
+        crt.display(),
+        key.display()
+    );
+    // The listeners go before the services (TOML tables end at the next header).
+    let text = node(2).replacen("[[services]]", &format!("{extra}[[services]]"), 1);
+    let h = Halo::up(BIN, &text).unwrap();
+    all_ready(&h, "demo", 2).await;
+    // HTTPS: the service's route, behind the node file's certificate.
+    let client = ca.client(&[b"http/1.1"]);
+    let r = halo_testkit::https_get(h.listeners["https"], "demo.test", "/", &client).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.starts_with("demo-app v1"), "{r:?}");
+    // TCP: bytes to the service's instances, balanced over both.
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(h.listeners["tcp"]).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        pids.insert(out.split("instance ").nth(1).map(|p| p.trim().to_string()).unwrap_or_default());
+    }
+    assert_eq!(pids.len(), 2, "the tcp listener used {pids:?}");
+}

@@ -159,6 +159,7 @@ impl Validator<'_> {
             _ if l.upstream.is_none() => {
                 self.err(line, format!("{field}.upstream"), "a tcp listener needs upstream = \"NAME\"");
             }
+            None if self.services_later => {}
             None => self.check_upstream(self.loc.key(line, "upstream"), format!("{field}.upstream"), &upstream, ups),
             Some(u) => {
                 let by_request = matches!(u.hash_key, Some(HashKey::Header(_) | HashKey::Cookie(_) | HashKey::Path));
