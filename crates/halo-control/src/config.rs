@@ -147,14 +147,15 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     if let Ok(p) = &proxy {
         for l in &p.listeners {
             let halo_proxy::config::ListenerProtocol::Tcp(t) = &l.protocol else { continue };
-            let known = p.upstreams.contains_key(&t.upstream) || services.iter().any(|(f, _)| f.name == t.upstream);
-            if !known {
-                tracing::warn!(
-                    "{file}: listener '{}' forwards to '{}', which is neither an upstream nor a service of this file; \
-                     its connections are closed until a service of that name exists",
-                    l.name,
-                    t.upstream
-                );
+            for name in t.upstream.iter().chain(t.sni.iter().map(|(_, u)| u)) {
+                let known = p.upstreams.contains_key(name) || services.iter().any(|(f, _)| f.name == *name);
+                if !known {
+                    tracing::warn!(
+                        "{file}: listener '{}' forwards to '{name}', which is neither an upstream nor a service of this \
+                         file; those connections are closed until a service of that name exists",
+                        l.name
+                    );
+                }
             }
         }
     }

@@ -234,19 +234,10 @@ impl Validator<'_> {
         let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
         let f = |k: &str| format!("routes[{i}].{k}");
         let host = r.host.as_deref().map(|h| {
-            let h = h.to_ascii_lowercase();
-            match h.strip_prefix("*.") {
-                Some(rest) if !rest.is_empty() && !rest.contains('*') => HostMatch::Suffix(format!(".{rest}")),
-                _ if h.contains('*') || h.is_empty() => {
-                    self.err(
-                        self.loc.key(line, "host"),
-                        f("host"),
-                        format!("'{h}' is not accepted; use an exact host or *.example.com"),
-                    );
-                    HostMatch::Exact(h)
-                }
-                _ => HostMatch::Exact(h),
-            }
+            HostMatch::parse(h).unwrap_or_else(|e| {
+                self.err(self.loc.key(line, "host"), f("host"), e);
+                HostMatch::Exact(h.to_ascii_lowercase())
+            })
         });
         let path = match (&r.path_prefix, &r.path_exact) {
             (Some(_), Some(_)) => {

@@ -8,6 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -94,8 +95,8 @@ pub enum OwnedWrite {
 impl OwnedRead {
     /// Reads what is there into `buf` (cleared first), holding no buffer
     /// while the peer is quiet: `buf` is given memory once bytes are
-    /// ready, and may be emptied by the caller between reads. 0: the end.
-    pub async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
+    /// ready, and given back when none came for `release`. 0: the end.
+    pub async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize, release: Duration) -> io::Result<usize> {
         buf.clear();
         match self {
             OwnedRead::Plain(r) => loop {
@@ -104,7 +105,12 @@ impl OwnedRead {
                     buf.reserve_exact(size);
                 }
                 match r.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => r.readable().await?,
+                    // A timer only when the peer pauses, not per read.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if tokio::time::timeout(release, r.readable()).await.is_err() {
+                            *buf = Vec::new();
+                        }
+                    }
                     other => return other,
                 }
             },
@@ -114,16 +120,6 @@ impl OwnedRead {
                 buf.reserve_exact(size);
                 r.read_buf(buf).await
             }
-        }
-    }
-
-    /// Resolves when the next read may find bytes, or after `wait`:
-    /// whether it did before `wait`.
-    pub async fn ready_within(&self, wait: std::time::Duration) -> bool {
-        match self {
-            OwnedRead::Plain(r) => matches!(tokio::time::timeout(wait, r.readable()).await, Ok(Ok(()))),
-            // Cannot tell: the buffer is kept.
-            OwnedRead::Tls(_) => true,
         }
     }
 }

@@ -37,6 +37,7 @@ mod registry;
 mod retry;
 mod router;
 mod server;
+mod sni;
 mod tcp;
 mod tls;
 mod tunnel;

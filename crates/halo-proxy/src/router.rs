@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::request::Parts;
 
-use crate::config::{HostMatch, OverrideMatch, PathMatch, RouteConfig};
+use crate::config::{OverrideMatch, PathMatch, RouteConfig};
 use crate::registry::RouteRuntime;
 use crate::upstream::{Group, Slot};
 use crate::util::rand_below;
@@ -29,14 +29,8 @@ impl Route {
                 return false;
             }
         }
-        if let Some(h) = &c.host {
-            let ok = match h {
-                HostMatch::Exact(e) => host == e,
-                HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
-            };
-            if !ok {
-                return false;
-            }
+        if c.host.as_ref().is_some_and(|h| !h.matches(host)) {
+            return false;
         }
         if let Some(p) = &c.path {
             let path = parts.uri.path();

@@ -122,7 +122,7 @@ async fn pump(
     }
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = r.read_some(&mut buf, BUF).await?;
+        let n = r.read_some(&mut buf, BUF, IDLE_RELEASE).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(());
@@ -131,9 +131,6 @@ async fn pump(
         w.flush().await?;
         last.store(now_ms(), Relaxed);
         moved.fetch_add(n as u64, Relaxed);
-        if !r.ready_within(IDLE_RELEASE).await {
-            buf = Vec::new();
-        }
     }
 }
 

@@ -28,7 +28,7 @@ pub use etcd::Etcd;
 pub use grpc::{grpc_call, GrpcReply, GrpcServer};
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{processes_of, Halo};
-pub use tls::{https_get, https_h2_get, HttpsReply, Leaf, TestCa};
+pub use tls::{https_get, https_h2_get, HttpsReply, HttpsServer, Leaf, TestCa};
 pub use ws::{WsClient, WsEcho};
 
 /// The quickstart's node file (`examples/quickstart.toml`) on free ports,

@@ -51,10 +51,19 @@ pub struct ListenerSection {
     pub idle_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub connect_tries: Option<u32>,
+    /// `protocol = "tcp"`: TLS passthrough routes by server name.
+    pub sni: Option<Vec<SniSection>>,
     /// `protocol = "https"`: the certificates.
     pub tls: Option<TlsSection>,
     /// Sources that send a PROXY protocol header first.
     pub proxy_protocol_from: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniSection {
+    pub names: Vec<String>,
+    pub upstream: String,
 }
 
 #[derive(Debug, Deserialize)]

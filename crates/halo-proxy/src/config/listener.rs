@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::file::{self, FileConfig};
 use super::{
-    CertFiles, Cidr, HashKey, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener, UpstreamConfig,
-    Validator,
+    CertFiles, Cidr, HashKey, HostMatch, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener,
+    UpstreamConfig, Validator,
 };
 
 impl Validator<'_> {
@@ -37,6 +37,7 @@ impl Validator<'_> {
             if proto != "tcp" {
                 let tcp_only = [
                     ("upstream", l.upstream.is_some()),
+                    ("sni", l.sni.is_some()),
                     ("idle_timeout", l.idle_timeout.is_some()),
                     ("connect_timeout", l.connect_timeout.is_some()),
                     ("connect_tries", l.connect_tries.is_some()),
@@ -147,26 +148,18 @@ impl Validator<'_> {
         }
     }
 
-    fn tcp_forward(
-        &mut self,
-        line: usize,
-        field: &str,
-        l: &file::ListenerSection,
-        ups: &BTreeMap<String, UpstreamConfig>,
-    ) -> TcpForward {
-        let upstream = l.upstream.clone().unwrap_or_default();
-        match ups.get(&upstream) {
-            _ if l.upstream.is_none() => {
-                self.err(line, format!("{field}.upstream"), "a tcp listener needs upstream = \"NAME\"");
-            }
+    /// An upstream a tcp listener sends to: it exists (or may come with a
+    /// service) and balances without HTTP request fields.
+    fn tcp_upstream(&mut self, line: usize, field: String, upstream: &str, ups: &BTreeMap<String, UpstreamConfig>) {
+        match ups.get(upstream) {
             None if self.services_later => {}
-            None => self.check_upstream(self.loc.key(line, "upstream"), format!("{field}.upstream"), &upstream, ups),
+            None => self.check_upstream(line, field, upstream, ups),
             Some(u) => {
                 let by_request = matches!(u.hash_key, Some(HashKey::Header(_) | HashKey::Cookie(_) | HashKey::Path));
                 if by_request || u.session_cookie.is_some() {
                     self.err(
-                        self.loc.key(line, "upstream"),
-                        format!("{field}.upstream"),
+                        line,
+                        field,
                         format!(
                             "upstream '{upstream}' hashes or pins by HTTP request fields, which a tcp listener does not have; \
                              accepted for tcp: hash_key = \"source_ip\" and no session_cookie"
@@ -174,6 +167,42 @@ impl Validator<'_> {
                     );
                 }
             }
+        }
+    }
+
+    fn tcp_forward(
+        &mut self,
+        line: usize,
+        field: &str,
+        l: &file::ListenerSection,
+        ups: &BTreeMap<String, UpstreamConfig>,
+    ) -> TcpForward {
+        let ul = self.loc.key(line, "upstream");
+        if let Some(u) = &l.upstream {
+            self.tcp_upstream(ul, format!("{field}.upstream"), u, ups);
+        }
+        let mut sni = Vec::new();
+        for (j, r) in l.sni.iter().flatten().enumerate() {
+            let sl = self.loc.key(line, "sni");
+            self.tcp_upstream(sl, format!("{field}.sni[{j}].upstream"), &r.upstream, ups);
+            if r.names.is_empty() {
+                self.err(sl, format!("{field}.sni[{j}].names"), "at least one name, as in names = [\"example.com\"]");
+            }
+            let names = r
+                .names
+                .iter()
+                .filter_map(|n| {
+                    HostMatch::parse(n).map_err(|e| self.err(sl, format!("{field}.sni[{j}].names"), e)).ok()
+                })
+                .collect();
+            sni.push((names, r.upstream.clone()));
+        }
+        if l.upstream.is_none() && sni.is_empty() {
+            self.err(
+                line,
+                format!("{field}.upstream"),
+                "a tcp listener needs upstream = \"NAME\", or sni = [{ names = [...], upstream = \"NAME\" }] for TLS passthrough",
+            );
         }
         let il = self.loc.key(line, "idle_timeout");
         let idle =
@@ -193,7 +222,8 @@ impl Validator<'_> {
             self.err(self.loc.key(line, "connect_tries"), format!("{field}.connect_tries"), "accepted: 1 to 10");
         }
         TcpForward {
-            upstream,
+            upstream: l.upstream.clone(),
+            sni,
             // "0" turns the idle timeout off.
             idle_timeout: Some(idle).filter(|d| !d.is_zero()),
             connect_timeout: connect_timeout.max(Duration::from_millis(1)),

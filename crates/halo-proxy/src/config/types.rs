@@ -62,7 +62,10 @@ impl ListenerProtocol {
 /// How a TCP listener forwards its connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpForward {
-    pub upstream: String,
+    /// Where connections go (those no `sni` entry takes, when there are some).
+    pub upstream: Option<String>,
+    /// TLS passthrough: by the server name of the ClientHello, first match.
+    pub sni: Vec<(Vec<HostMatch>, String)>,
     /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Option<Duration>,
     pub connect_timeout: Duration,
@@ -71,6 +74,12 @@ pub struct TcpForward {
 }
 
 impl TcpForward {
+    /// The upstream for a connection whose ClientHello named `name`.
+    pub fn upstream_for(&self, name: Option<&str>) -> Option<&str> {
+        let by_name = name.and_then(|n| self.sni.iter().find(|(hosts, _)| hosts.iter().any(|h| h.matches(n))));
+        by_name.map(|(_, u)| u.as_str()).or(self.upstream.as_deref())
+    }
+
     pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
     pub const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
     pub const DEFAULT_TRIES: u32 = 3;
@@ -98,6 +107,30 @@ pub enum HostMatch {
     Exact(String),
     /// `*.example.com` stored as `.example.com`.
     Suffix(String),
+}
+
+impl HostMatch {
+    /// `example.com` or `*.example.com`, any case; the error says what is
+    /// accepted.
+    pub fn parse(h: &str) -> Result<HostMatch, String> {
+        let h = h.to_ascii_lowercase();
+        match h.strip_prefix("*.") {
+            Some(rest) if !rest.is_empty() && !rest.contains('*') => Ok(HostMatch::Suffix(format!(".{rest}"))),
+            _ if h.contains('*') || h.is_empty() => {
+                Err(format!("'{h}' is not accepted; use an exact host or *.example.com"))
+            }
+            _ => Ok(HostMatch::Exact(h)),
+        }
+    }
+
+    /// Whether `host` (lower-case) matches: a wildcard matches any
+    /// subdomain, not the parent itself.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(e) => host == e,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,6 +52,9 @@ const DRAIN_MAX: u64 = 256 << 10;
 const READ_CHUNK: usize = 4096;
 /// Past this much pending output, the write buffer is flushed.
 const WRITE_HIGH: usize = 64 << 10;
+/// Longest wait for a clean close (a TLS close_notify to a peer that
+/// does not read).
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 /// While draining, an idle connection is closed after this long without
 /// a request.
 const DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -60,13 +63,38 @@ const DRAIN_IDLE: Duration = Duration::from_secs(1);
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
 /// Serves one connection until it closes or fails; once `stop` flips, the
-/// next response closes it, or [`DRAIN_IDLE`] without a request does.
-pub async fn serve<H, F>(mut stream: Conn, settings: Settings, mut stop: watch::Receiver<bool>, handler: H)
+/// next response closes it, or [`DRAIN_IDLE`] without a request does. The
+/// close is a clean one (TLS sends close_notify, which strict clients
+/// require), or the connection becomes a tunnel after a 101.
+pub async fn serve<H, F>(mut stream: Conn, settings: Settings, stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(Request<DownBody>) -> F,
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let mut buf = BytesMut::new();
+    match exchanges(&mut stream, &mut buf, settings, stop, handler).await {
+        Some(upgraded) => {
+            let end = upgraded.run(stream, &buf).await;
+            tracing::debug!(%end, "tunnel closed");
+        }
+        None => {
+            let _ = tokio::time::timeout(CLOSE_WITHIN, stream.shutdown()).await;
+        }
+    }
+}
+
+/// The exchanges of one connection; the tunnel it became, if it did.
+async fn exchanges<H, F>(
+    stream: &mut Conn,
+    buf: &mut BytesMut,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+) -> Option<Box<Upgraded>>
+where
+    H: Fn(Request<DownBody>) -> F,
+    F: Future<Output = Response<RespBody>> + Send + 'static,
+{
     let mut out: Vec<u8> = Vec::new();
     loop {
         let idle = buf.is_empty();
@@ -76,7 +104,7 @@ where
         let draining = *stop.borrow();
         let limit = if draining { settings.head_timeout.min(DRAIN_IDLE) } else { settings.head_timeout };
         let head = tokio::select! {
-            r = tokio::time::timeout(limit, read_head(&mut stream, &mut buf, settings.max_header_bytes)) => r,
+            r = tokio::time::timeout(limit, read_head(stream, buf, settings.max_header_bytes)) => r,
             _ = stop.wait_for(|s| *s), if idle && !draining => continue,
         };
         let head = match head {
@@ -85,41 +113,36 @@ where
                 if stream.write_all(&head::refusal(&refused)).await.is_ok() {
                     let _ = stream.flush().await;
                 }
-                return;
+                return None;
             }
             // Closed, failed, or silent past the head timeout.
-            Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return,
+            Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return None,
         };
         let Head { request, body: decoder, keep_alive, expects_continue } = head;
         if expects_continue {
             let sent = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
             if sent.is_err() || stream.flush().await.is_err() {
-                return;
+                return None;
             }
         }
         let keep = keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs is held only while it runs, not by
         // the connection's idle state.
-        let next = Box::pin(exchange(&mut stream, &mut buf, &mut out, &handler, request, decoder, keep)).await;
+        let next = Box::pin(exchange(stream, buf, &mut out, &handler, request, decoder, keep)).await;
         match next {
             // Also when draining: the response said keep-alive, so the
             // client may send another request, which is answered with
             // `connection: close`.
             Next::Request => {}
-            Next::Close => return,
-            Next::Tunnel(upgraded) => {
-                drop(out);
-                let end = upgraded.run(stream, &buf).await;
-                tracing::debug!(%end, "tunnel closed");
-                return;
-            }
+            Next::Close => return None,
+            Next::Tunnel(upgraded) => return Some(upgraded),
         }
         if out.capacity() > WRITE_HIGH {
             out = Vec::new();
         }
-        if buf.is_empty() && !busy_within(&mut stream, IDLE_RELEASE).await {
+        if buf.is_empty() && !busy_within(stream, IDLE_RELEASE).await {
             // Nothing pipelined and nothing coming: hold no buffer while idle.
-            buf = BytesMut::new();
+            *buf = BytesMut::new();
             out = Vec::new();
         }
     }
