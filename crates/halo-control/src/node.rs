@@ -128,6 +128,9 @@ pub struct Node {
     backups: Option<Arc<crate::backup_schedule::Schedule>>,
     /// Every store request this node makes, counted.
     requests: Arc<Counted>,
+    /// The node's loops (lease, election, reconcile...), stopped when the
+    /// node is handed over to a new process.
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Node {
@@ -137,10 +140,25 @@ impl Node {
     /// not have, then campaigns (the leader runs the scheduler) and runs
     /// what is assigned to this node.
     pub async fn start(cfg: NodeConfig, opts: NodeOptions, store: Arc<dyn Store>) -> Result<Node, NodeError> {
+        Self::start_inherited(cfg, opts, store, None).await
+    }
+
+    /// [`Node::start`] with the proxy on the sockets an old process
+    /// handed over (binary upgrade); its listeners accept only once
+    /// [`Proxy::resume`] is called, when the endpoints are known again.
+    pub async fn start_inherited(
+        cfg: NodeConfig,
+        opts: NodeOptions,
+        store: Arc<dyn Store>,
+        inherited: Option<&mut halo_proxy::handover::Inherited>,
+    ) -> Result<Node, NodeError> {
         let requests = Arc::new(Counted::new(store));
         let store: Arc<dyn Store> = requests.clone();
         migrate(&*store, &opts.cluster.node).await?;
-        let proxy = Proxy::start(cfg.proxy.clone(), None).await.map_err(|e| NodeError::Start(e.to_string()))?;
+        let paused = inherited.is_some();
+        let proxy = Proxy::start_inherited(cfg.proxy.clone(), None, inherited, paused)
+            .await
+            .map_err(|e| NodeError::Start(e.to_string()))?;
         let m = Arc::new(Membership::new(opts.cluster.clone(), opts.api, store.clone()));
         if opts.exclusive_store {
             m.reclaim().await?;
@@ -165,21 +183,23 @@ impl Node {
             opts.data_dir.clone(),
             opts.api_token.clone(),
         ));
+        let mut tasks = Vec::new();
         let backups = cfg.backup.clone().map(|sched| {
             let ctl = Arc::new(crate::backup_schedule::Schedule::default());
             let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
-            tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone()));
+            tasks.push(tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone())));
             ctl
         });
-        let node = Node { r, requests, backups };
+        let node = Node { r, requests, backups, tasks: Arc::default() };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
-        tokio::spawn(m.clone().run_lease());
-        tokio::spawn(m.clone().follow_drivers(drivers));
-        tokio::spawn(crate::leader::run_election(m, view));
-        tokio::spawn(reconcile::run(node.r.clone()));
-        tokio::spawn(reconcile::publish_stats(node.r.clone()));
-        tokio::spawn(crate::hooks::restore_pending(node.r.clone()));
+        tasks.push(tokio::spawn(m.clone().run_lease()));
+        tasks.push(tokio::spawn(m.clone().follow_drivers(drivers)));
+        tasks.push(tokio::spawn(crate::leader::run_election(m, view)));
+        tasks.push(tokio::spawn(reconcile::run(node.r.clone())));
+        tasks.push(tokio::spawn(reconcile::publish_stats(node.r.clone())));
+        tasks.push(tokio::spawn(crate::hooks::restore_pending(node.r.clone())));
+        *node.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         Ok(node)
     }
 
@@ -433,6 +453,19 @@ impl Node {
     fn statuses(&self) -> Vec<Status> {
         let instances = self.r.instances.lock().unwrap_or_else(|e| e.into_inner());
         instances.values().map(|m| m.status.borrow().clone()).collect()
+    }
+
+    /// Hands the node over to a new process (binary upgrade): leaves every
+    /// instance running and unsupervised, stops the node's loops and the
+    /// view, and closes the store, so the new process can open it and
+    /// adopt the instances. The proxy serves on until [`Node::detach`].
+    pub async fn release(&self) {
+        self.r.detach_all();
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.abort();
+        }
+        self.r.view.stop();
+        self.r.store.close().await;
     }
 
     /// Leaves every instance running and unsupervised, then drains the

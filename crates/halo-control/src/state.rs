@@ -334,9 +334,18 @@ pub struct View {
     health: Mutex<Health>,
     /// Watches resumed after breaking.
     pub watch_restarts: AtomicU64,
+    /// The task that follows the store.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl View {
+    /// Stops following the store (the node is handed over).
+    pub fn stop(&self) {
+        if let Some(t) = self.follower.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+
     /// Lists the root once (so the view is complete when this returns),
     /// then follows it in a task of its own.
     pub async fn start(store: Arc<dyn Store>) -> Result<Arc<View>, StoreError> {
@@ -347,9 +356,11 @@ impl View {
             state: Mutex::new(Arc::new(st)),
             health: Mutex::new(Health { watching: true, since: Instant::now() }),
             watch_restarts: AtomicU64::new(0),
+            follower: Mutex::new(None),
         });
         let v = view.clone();
-        tokio::spawn(follow(store, ROOT, listing.revision + 1, move |feed| v.feed(feed)));
+        let task = tokio::spawn(follow(store, ROOT, listing.revision + 1, move |feed| v.feed(feed)));
+        *view.follower.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(view)
     }
 

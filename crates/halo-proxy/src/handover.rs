@@ -77,9 +77,10 @@ pub fn send(stream: &UnixStream, manifest: &Manifest, fds: &[BorrowedFd<'_>]) ->
     w.flush()
 }
 
-/// Receives a manifest and its descriptors.
+/// Receives a manifest and its descriptors, reading nothing past it.
 pub fn recv(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>)> {
-    let mut first = vec![0u8; 64 << 10];
+    // The length first: the descriptors ride on its bytes.
+    let mut first = [0u8; 4];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, raw) = {
         let mut iov = [IoSliceMut::new(&mut first)];
@@ -94,18 +95,14 @@ pub fn recv(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>)> {
         (msg.bytes, raw)
     };
     let fds: Vec<OwnedFd> = raw.into_iter().map(own).collect();
-    if n < 4 {
+    if n == 0 {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the old process closed before its manifest"));
     }
-    let len = u32::from_be_bytes([first[0], first[1], first[2], first[3]]) as usize;
-    let mut body = first[4..n].to_vec();
-    if body.len() < len {
-        let mut rest = vec![0u8; len - body.len()];
-        let mut r = stream;
-        r.read_exact(&mut rest)?;
-        body.extend_from_slice(&rest);
-    }
-    body.truncate(len);
+    let mut r = stream;
+    r.read_exact(&mut first[n..])?;
+    let len = u32::from_be_bytes(first) as usize;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
     let manifest: Manifest = serde_json::from_slice(&body).map_err(io::Error::other)?;
     Ok((manifest, fds))
 }

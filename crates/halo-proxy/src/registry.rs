@@ -36,6 +36,10 @@ pub struct Registry {
     pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
     /// The runtime that runs health checks (the control runtime).
     control: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Health an old process handed over (binary upgrade), given to each
+    /// endpoint when it is created: at start, or when its upstream's
+    /// endpoints are fed later.
+    restores: Mutex<HashMap<(String, SocketAddr), crate::handover::EndpointState>>,
 }
 
 /// One immutable routing snapshot.
@@ -46,6 +50,11 @@ pub struct Snapshot {
 }
 
 impl Registry {
+    pub fn set_restores(&self, states: Vec<crate::handover::EndpointState>) {
+        let mut r = self.restores.lock().unwrap_or_else(|e| e.into_inner());
+        r.extend(states.into_iter().map(|s| ((s.upstream.clone(), s.addr), s)));
+    }
+
     pub fn set_control(&self, rt: tokio::runtime::Handle) {
         let _ = self.control.set(rt);
     }
@@ -149,6 +158,10 @@ impl Registry {
                     }
                     None => {
                         let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
+                        let restore = self.restores.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                        if let Some(s) = restore {
+                            ep.restore(&s, crate::util::now_ms());
+                        }
                         health::spawn_checker(&ep, self.control.get());
                         ep
                     }

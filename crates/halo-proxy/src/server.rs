@@ -69,6 +69,8 @@ pub struct Proxy {
     admin_addr: Option<SocketAddr>,
     /// The admin socket (a duplicate of the one served), to hand over.
     admin_socket: Option<std::net::TcpListener>,
+    /// Listeners bound but not served yet ([`Proxy::resume`]).
+    paused: Mutex<Vec<(ListenerConfig, BoundSet)>>,
 }
 
 /// A listener being served: its configured and bound addresses and the
@@ -89,20 +91,26 @@ impl Proxy {
     /// threads. Must be called within a tokio runtime, which then runs the
     /// control tasks: admin listener and active health checks.
     pub async fn start(config: Config, source: Option<PathBuf>) -> Result<Arc<Proxy>, ProxyError> {
-        Self::start_inherited(config, source, None).await
+        Self::start_inherited(config, source, None, false).await
     }
 
     /// [`Proxy::start`] on the sockets an old process handed over
     /// (binary upgrade): a listener whose name and address it had takes
     /// its sockets and address claim (more are bound if this process has
     /// more workers); the admin address likewise; endpoints it knew start
-    /// with the health it had.
+    /// with the health it had (also those fed later). `paused`: the
+    /// listeners accept only after [`Proxy::resume`] (the old process
+    /// serves until then).
     pub async fn start_inherited(
         config: Config,
         source: Option<PathBuf>,
         mut inherited: Option<&mut Inherited>,
+        paused: bool,
     ) -> Result<Arc<Proxy>, ProxyError> {
         let registry = Registry::default();
+        if let Some(i) = inherited.as_deref_mut() {
+            registry.set_restores(std::mem::take(&mut i.endpoints));
+        }
         registry.set_control(tokio::runtime::Handle::current());
         let config = Arc::new(config);
         let snapshot = registry.build(config.clone());
@@ -126,7 +134,7 @@ impl Proxy {
         let (admin, admin_socket) = match config.admin {
             Some(addr) => {
                 let err = |error| ProxyError::BindAdmin { addr, error };
-                let old = inherited.as_deref_mut().and_then(|i| i.admin.take()).filter(|(a, _)| *a == addr);
+                let old = inherited.and_then(|i| i.admin.take()).filter(|(a, _)| *a == addr);
                 let std = match old {
                     Some((_, s)) => s,
                     None => bind(addr, false).map_err(err)?,
@@ -136,14 +144,7 @@ impl Proxy {
             }
             None => (None, None),
         };
-        if let Some(i) = inherited.as_deref() {
-            let now = crate::util::now_ms();
-            for ep in shared.registry.endpoints() {
-                if let Some(s) = i.endpoints.iter().find(|s| s.addr == ep.addr && *s.upstream == *ep.upstream) {
-                    ep.restore(s, now);
-                }
-            }
-        }
+
         let (stop, _) = watch::channel(false);
         let (halt, _) = watch::channel(false);
         let drain = Arc::new(Drain::default());
@@ -182,9 +183,14 @@ impl Proxy {
             listeners: Mutex::new(Vec::new()),
             admin_addr,
             admin_socket,
+            paused: Mutex::new(Vec::new()),
         });
         for (l, set) in bound {
-            proxy.serve_listener(l, set);
+            if paused {
+                proxy.paused.lock().unwrap_or_else(|e| e.into_inner()).push((l.clone(), set));
+            } else {
+                proxy.serve_listener(l, set);
+            }
         }
         if let Some(l) = admin {
             tracing::info!(addr = ?admin_addr, "admin listening");
@@ -244,6 +250,21 @@ impl Proxy {
         let now = crate::util::now_ms();
         m.endpoints = self.shared.registry.endpoints().iter().map(|e| e.export(now)).collect();
         Ok((m, fds))
+    }
+
+    /// Starts accepting on the listeners of a paused start.
+    pub fn resume(&self) {
+        let paused = std::mem::take(&mut *self.paused.lock().unwrap_or_else(|e| e.into_inner()));
+        for (l, set) in paused {
+            self.serve_listener(&l, set);
+        }
+    }
+
+    /// Whether `upstream` has an endpoint that takes traffic now.
+    pub fn has_available_endpoint(&self, upstream: &str) -> bool {
+        let snap = self.shared.snapshot.load();
+        let now = crate::util::now_ms();
+        snap.groups.get(upstream).is_some_and(|g| g.load().endpoints.iter().any(|e| e.available(now)))
     }
 
     /// Bound addresses of the listeners, by name.

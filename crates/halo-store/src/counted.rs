@@ -75,4 +75,8 @@ impl Store for Counted {
         self.count(7);
         self.inner.revoke(lease).await
     }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
 }

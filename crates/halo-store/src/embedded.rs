@@ -47,7 +47,9 @@ pub struct EmbeddedStore {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` once closed ([`EmbeddedStore::close`]: the file is free for
+    /// another process).
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
     state: Mutex<State>,
 }
@@ -109,6 +111,19 @@ impl EmbeddedStore {
         self.blocking(move |i| i.advance(to)).await
     }
 
+    /// Closes the file now, whoever still holds this store: every call
+    /// after fails with [`StoreError::Closed`], and another process may
+    /// open the data directory (a binary upgrade hands it over).
+    pub async fn close(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let db = inner.db.write().unwrap_or_else(|p| p.into_inner()).take();
+            drop(db);
+        })
+        .await;
+        tracing::info!(path = %self.inner.path.display(), "store closed");
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
@@ -151,7 +166,19 @@ impl Inner {
         w.commit().map_err(|e| open_err(e.to_string()))?;
         tracing::info!(path = %path.display(), revision, leases = leases.len(), "store opened");
         let state = State { revision, compact_revision, next_lease, leases, watchers: Vec::new() };
-        Ok(Inner { db, path, state: Mutex::new(state) })
+        Ok(Inner { db: std::sync::RwLock::new(Some(db)), path, state: Mutex::new(state) })
+    }
+
+    fn read(&self, op: &'static str) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or(StoreError::Closed)?;
+        db.begin_read().map_err(|e| backend(op)(e.into()))
+    }
+
+    fn write(&self, op: &'static str) -> Result<redb::WriteTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or(StoreError::Closed)?;
+        db.begin_write().map_err(|e| backend(op)(e.into()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -159,14 +186,14 @@ impl Inner {
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let r = db!("get", self.db.begin_read());
+        let r = self.read("get")?;
         let kv = db!("get", r.open_table(KV));
         let found = db!("get", kv.get(key));
         found.map(|v| decode(key, v.value())).transpose()
     }
 
     fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let r = db!("list", self.db.begin_read());
+        let r = self.read("list")?;
         let revision = db!("list", db!("list", r.open_table(META)).get("revision")).map_or(0, |g| g.value());
         let kv = db!("list", r.open_table(KV));
         let mut kvs = Vec::new();
@@ -182,7 +209,7 @@ impl Inner {
 
     fn txn(&self, txn: &Txn) -> Result<TxnResult, StoreError> {
         let mut st = self.lock();
-        let w = db!("txn", self.db.begin_write());
+        let w = self.write("txn")?;
         let rev = st.revision + 1;
         let (succeeded, events) = {
             let mut kv = db!("txn", w.open_table(KV));
@@ -278,7 +305,7 @@ impl Inner {
             return Err(StoreError::Compacted { requested: from, compacted: st.compact_revision });
         }
         let mut backlog = Vec::new();
-        let r = db!("watch", self.db.begin_read());
+        let r = self.read("watch")?;
         let history = db!("watch", r.open_table(HISTORY_TABLE));
         for item in db!("watch", history.range(from..)) {
             let (rev, bytes) = db!("watch", item);
@@ -308,7 +335,7 @@ impl Inner {
         if revision <= st.compact_revision {
             return Ok(());
         }
-        let w = db!("compact", self.db.begin_write());
+        let w = self.write("compact")?;
         {
             let mut history = db!("compact", w.open_table(HISTORY_TABLE));
             db!("compact", history.retain_in(..revision, |_, _| false));
@@ -324,7 +351,7 @@ impl Inner {
         if to <= st.revision {
             return Ok(());
         }
-        let w = db!("advance", self.db.begin_write());
+        let w = self.write("advance")?;
         {
             let mut meta = db!("advance", w.open_table(META));
             db!("advance", meta.insert("revision", to));
@@ -344,7 +371,7 @@ impl Inner {
         }
         let mut st = self.lock();
         let id = st.next_lease;
-        let w = db!("grant", self.db.begin_write());
+        let w = self.write("grant")?;
         {
             db!("grant", db!("grant", w.open_table(LEASES)).insert(id, ttl.as_millis() as u64));
             db!("grant", db!("grant", w.open_table(META)).insert("next_lease", id + 1));
@@ -368,7 +395,7 @@ impl Inner {
             return Err(StoreError::LeaseNotFound(lease));
         }
         let rev = st.revision + 1;
-        let w = db!("revoke", self.db.begin_write());
+        let w = self.write("revoke")?;
         let events = {
             let mut kv = db!("revoke", w.open_table(KV));
             let mut lease_keys = db!("revoke", w.open_multimap_table(LEASE_KEYS));
@@ -508,5 +535,9 @@ impl Store for EmbeddedStore {
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.blocking(move |i| i.revoke(lease)).await
+    }
+
+    async fn close(&self) {
+        EmbeddedStore::close(self).await
     }
 }

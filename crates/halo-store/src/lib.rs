@@ -88,6 +88,11 @@ pub trait Store: Send + Sync + 'static {
     /// Ends `lease` now, deleting every key attached to it.
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
 
+    /// Lets go of the backend (the embedded store's file) before this
+    /// process ends: what a binary upgrade does before the new process
+    /// opens it. Every call after fails with [`StoreError::Closed`].
+    async fn close(&self) {}
+
     /// Sets `key` (attached to `lease` if given); returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         let r = self.txn(Txn::new().and_then(TxnOp::put(key, value, lease))).await?;

@@ -27,7 +27,7 @@ pub use echo::EchoServer;
 pub use etcd::Etcd;
 pub use grpc::{grpc_call, GrpcReply, GrpcServer};
 pub use load::{Load, Report, RetryLoad, RetryReport};
-pub use process::{processes_of, Halo};
+pub use process::{alive, processes_of, upgrade, Halo, Reaper};
 pub use tls::{https_get, https_h2_get, HttpsReply, HttpsServer, Leaf, TestCa};
 pub use ws::{WsClient, WsEcho};
 

@@ -246,6 +246,37 @@ impl Drop for Halo {
     }
 }
 
+/// Whether `pid` runs (a zombie does not).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Kills the processes a chain of binary upgrades left (each new halo is
+/// the old one's child, not the test's), whatever the test's outcome.
+#[derive(Default)]
+pub struct Reaper(pub Vec<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs `halo upgrade ARGS`; the new process's pid, or what it said.
+pub fn upgrade(bin: &str, args: &[&std::ffi::OsStr]) -> Result<i32, String> {
+    let out = Command::new(bin).arg("upgrade").args(args).output().map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(said);
+    }
+    said.split_whitespace().nth(2).and_then(|p| p.parse().ok()).ok_or(said)
+}
+
 /// Live processes started for the node whose data directory is `dir`
 /// (their environment has `HALO_DATA_DIR=dir`).
 pub fn processes_of(dir: &Path) -> Vec<i32> {

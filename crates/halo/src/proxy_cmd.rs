@@ -79,7 +79,7 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let workers = cfg.workers;
     let taken = crate::upgrade::take_over()?;
     let (mut inherited, ready) = taken.map_or((None, None), |(i, r)| (Some(i), Some(r)));
-    let proxy = Proxy::start_inherited(cfg, source.clone(), inherited.as_mut()).await?;
+    let proxy = Proxy::start_inherited(cfg, source.clone(), inherited.as_mut(), false).await?;
     drop(inherited);
     for (name, addr) in proxy.listener_addrs() {
         // A machine-readable line, used by scripts and tests to find ports.
@@ -100,7 +100,8 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         Some(path) => {
             let p = proxy.clone();
             let give: crate::upgrade::Give = Arc::new(move || p.handover(&[]));
-            let (u, l) = crate::upgrade::Upgrades::bind(crate::upgrade::proxy_socket(path), took_over, give, done_tx)?;
+            let socket = crate::upgrade::proxy_socket(path);
+            let (u, l) = crate::upgrade::Upgrades::bind(socket, took_over, give, None, done_tx)?;
             tokio::spawn(u.clone().serve(l));
             Some(u)
         }

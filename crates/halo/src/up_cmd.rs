@@ -75,9 +75,22 @@ pub fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs a node (its store, API, supervisor and proxy) until a signal.
 pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role) -> anyhow::Result<()> {
     let grace = cfg.proxy.grace_period;
+    // A binary upgrade: the old process's sockets, once it let go of the
+    // store (it serves on until this one is ready).
+    let taken = crate::upgrade::take_over()?;
+    let (mut inherited, ready) = taken.map_or((None, None), |(i, r)| (Some(i), Some(r)));
     let local_token = halo_api::token::load_or_create(&data_dir).context("API token")?;
-    let api =
-        tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("cannot bind the API on {}", cfg.api))?;
+    let api_std = match inherited.as_mut().and_then(|i| i.extra.remove("api")) {
+        Some(l) => l,
+        None => {
+            let l =
+                std::net::TcpListener::bind(cfg.api).with_context(|| format!("cannot bind the API on {}", cfg.api))?;
+            l.set_nonblocking(true)?;
+            l
+        }
+    };
+    let api_dup = api_std.try_clone()?;
+    let api = tokio::net::TcpListener::from_std(api_std)?;
     let api_addr = api.local_addr()?;
     let exe = std::env::current_exe().context("locating the halo binary")?;
     let (store, mut opts): (Arc<dyn Store>, NodeOptions) = match role {
@@ -106,9 +119,26 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         tracing::info!("adopted the cluster's API token");
     }
     opts.api_token = token.clone();
-    let node = Node::start(cfg, opts, store).await?;
+    let wanted: Vec<String> = inherited.as_ref().map(upstreams_with_endpoints).unwrap_or_default();
+    let node = Node::start_inherited(cfg, opts, store, inherited.as_mut()).await?;
+    drop(inherited);
+    if ready.is_some() {
+        // Accept once every service that had endpoints has them again
+        // (the adopted instances pass their readiness probes).
+        let proxy = node.proxy().clone();
+        let all_back = async {
+            while !wanted.iter().all(|u| proxy.has_available_endpoint(u)) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(30), all_back).await.is_err() {
+            tracing::warn!("upgrade: not every service's endpoints are back after 30 s; serving anyway");
+        }
+        node.proxy().resume();
+    }
     std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let stop_api = Arc::new(std::sync::Mutex::new(Some(stop_api)));
     let server = tokio::spawn(halo_api::serve(api, node.clone(), token, async {
         let _ = api_stopped.await;
     }));
@@ -119,20 +149,78 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     println!("data {}", data_dir.display());
     println!("ready");
     tracing::info!(api = %api_addr, data_dir = %data_dir.display(), "halo up");
+    let took_over = ready.is_some();
+    if let Some(r) = ready {
+        r.confirm()?;
+    }
+    // Binary upgrades: the sockets (proxy listeners, admin, API) go to the
+    // new process; then this one stops its API and control plane and
+    // closes the store, and drains.
+    let (done_tx, mut upgraded) = tokio::sync::mpsc::channel(1);
+    let give: crate::upgrade::Give = {
+        let proxy = node.proxy().clone();
+        Arc::new(move || proxy.handover(&[("api".to_string(), &api_dup)]))
+    };
+    let release: crate::upgrade::Release = {
+        let (node, stop_api) = (node.clone(), stop_api.clone());
+        Arc::new(move || {
+            let (node, stop_api) = (node.clone(), stop_api.clone());
+            Box::pin(async move {
+                if let Some(s) = stop_api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = s.send(());
+                }
+                node.release().await;
+            })
+        })
+    };
+    let socket = crate::upgrade::node_socket(&data_dir);
+    let (upgrades, l) = crate::upgrade::Upgrades::bind(socket, took_over, give, Some(release), done_tx)?;
+    tokio::spawn(upgrades.clone().serve(l));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
-    let stop_instances = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: draining and stopping instances"); true }
-        _ = int.recv() => { tracing::info!("SIGINT: draining and stopping instances"); true }
-        _ = quit.recv() => { tracing::info!("SIGQUIT: leaving instances running for the next halo"); false }
-        r = server => anyhow::bail!("the API server stopped: {r:?}"),
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut server = server;
+    let mut api_ended = false;
+    let stop_instances = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining and stopping instances"); break true }
+            _ = int.recv() => { tracing::info!("SIGINT: draining and stopping instances"); break true }
+            _ = quit.recv() => { tracing::info!("SIGQUIT: leaving instances running for the next halo"); break false }
+            _ = usr2.recv() => drop(tokio::spawn({
+                let u = upgrades.clone();
+                async move { u.upgrade().await }
+            })),
+            Some(pid) = upgraded.recv() => {
+                tracing::info!(new_pid = pid, grace = ?grace, "upgraded: this process drains and exits");
+                node.proxy().shutdown(grace).await;
+                return Ok(());
+            }
+            r = &mut server, if !api_ended => {
+                api_ended = true;
+                // Stopped by a handover (its stop sender taken): fine.
+                if stop_api.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                    anyhow::bail!("the API server stopped: {r:?}");
+                }
+            }
+        }
     };
-    let _ = stop_api.send(());
+    if let Some(s) = stop_api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = s.send(());
+    }
     if stop_instances {
         node.shutdown(grace).await;
     } else {
         node.detach(grace).await;
     }
     Ok(())
+}
+
+/// The upstreams an old process had endpoints for: the new one waits for
+/// them before it accepts.
+fn upstreams_with_endpoints(i: &halo_proxy::handover::Inherited) -> Vec<String> {
+    let mut v: Vec<String> = i.endpoints.iter().filter(|e| e.active_up).map(|e| e.upstream.clone()).collect();
+    v.sort();
+    v.dedup();
+    v
 }

@@ -10,7 +10,9 @@
 //! `halo upgrade` says why.
 //!
 //! Lines on the socket: `upgrade` (answered `ok PID` or `error WHY`),
-//! `takeover` (answered by the handover, then awaits `ready`).
+//! `takeover` (answered by the handover, then `released` once the old
+//! process let go of what only one process may hold, the node's store;
+//! then it awaits `ready`).
 
 use std::ffi::OsString;
 use std::os::fd::AsFd;
@@ -59,6 +61,14 @@ pub fn take_over() -> anyhow::Result<Option<(Inherited, Ready)>> {
     }
     let (manifest, fds) = handover::recv(&stream).context("receive the old process's sockets")?;
     let inherited = Inherited::new(manifest, fds)?;
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        if line.trim() != "released" {
+            bail!("the old process did not let go of its state (it said {line:?})");
+        }
+    }
     tracing::info!(from = inherited.from_pid, "took over the listening sockets of the old process");
     Ok(Some((inherited, Ready { stream, path })))
 }
@@ -79,6 +89,14 @@ impl Ready {
 
 /// What the serving process gives a new one.
 pub type Give = Arc<dyn Fn() -> std::io::Result<(Manifest, Vec<std::os::fd::OwnedFd>)> + Send + Sync>;
+/// What it lets go of once the sockets are sent (a node's store); a
+/// proxy has nothing to.
+pub type Release = Arc<dyn Fn() -> futures_boxed::BoxFuture + Send + Sync>;
+
+/// A boxed future, without a crate for one.
+pub mod futures_boxed {
+    pub type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
 
 /// The old side: the upgrade socket and what it needs to start a new
 /// process.
@@ -87,6 +105,7 @@ pub struct Upgrades {
     exe: PathBuf,
     args: Vec<OsString>,
     give: Give,
+    release: Option<Release>,
     /// Serialises upgrades; holds the waiter of the one under way.
     pending: Mutex<Option<mpsc::Sender<Result<u32, String>>>>,
     /// Receives the new process's pid once it is ready.
@@ -102,6 +121,7 @@ impl Upgrades {
         path: PathBuf,
         took_over: bool,
         give: Give,
+        release: Option<Release>,
         done: mpsc::Sender<u32>,
     ) -> anyhow::Result<(Arc<Upgrades>, UnixListener)> {
         if let Some(dir) = path.parent() {
@@ -120,7 +140,7 @@ impl Upgrades {
         let exe = std::env::current_exe().context("find this binary")?;
         let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
         let args = std::env::args_os().skip(1).collect();
-        let u = Arc::new(Upgrades { path, exe, args, give, pending: Mutex::new(None), done });
+        let u = Arc::new(Upgrades { path, exe, args, give, release, pending: Mutex::new(None), done });
         Ok((u, listener))
     }
 
@@ -142,11 +162,17 @@ impl Upgrades {
         stream.read_line(&mut line).await?;
         match line.trim() {
             "upgrade" => {
-                let answer = match self.upgrade().await {
+                let result = self.start_upgrade().await;
+                let answer = match &result {
                     Ok(pid) => format!("ok {pid}\n"),
                     Err(e) => format!("error {e}\n"),
                 };
-                stream.get_mut().write_all(answer.as_bytes()).await?;
+                // Answered before this process starts to drain and exit.
+                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+                let _ = stream.get_mut().shutdown().await;
+                if let Ok(pid) = result {
+                    let _ = self.done.send(pid).await;
+                }
             }
             "takeover" => self.hand_over(stream).await?,
             other => bail!("unknown request {other:?}"),
@@ -154,8 +180,17 @@ impl Upgrades {
         Ok(())
     }
 
-    /// Starts the binary on disk and waits until it took over or failed.
+    /// Starts the binary on disk and waits until it took over or failed;
+    /// then, if it took over, this process drains and exits.
     pub async fn upgrade(&self) -> Result<u32, String> {
+        let result = self.start_upgrade().await;
+        if let Ok(pid) = result {
+            let _ = self.done.send(pid).await;
+        }
+        result
+    }
+
+    async fn start_upgrade(&self) -> Result<u32, String> {
         let mut pending = self.pending.lock().await;
         if pending.is_some() {
             return Err("an upgrade is already under way".into());
@@ -165,9 +200,6 @@ impl Upgrades {
         drop(pending);
         let result = self.start_new(&mut rx).await;
         *self.pending.lock().await = None;
-        if let Ok(pid) = result {
-            let _ = self.done.send(pid).await;
-        }
         result
     }
 
@@ -221,6 +253,12 @@ impl Upgrades {
             })
             .await??;
         }
+        // From here the new process runs the control plane: this one
+        // only drains its connections.
+        if let Some(release) = &self.release {
+            release().await;
+        }
+        stream.get_mut().write_all(b"released\n").await?;
         let mut line = String::new();
         let got = tokio::time::timeout(READY_WITHIN, stream.read_line(&mut line)).await;
         let result = match got {

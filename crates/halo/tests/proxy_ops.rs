@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use bytes::Bytes;
-use halo_testkit::{eventually, Backend, Client, Halo, Load, Report, TempDir};
+use halo_testkit::{alive, eventually, upgrade, Backend, Client, Halo, Load, Reaper, Report, TempDir};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -535,25 +535,6 @@ async fn the_http1_codec_pipelines_in_order_continues_streams_and_keeps_connecti
     }
 }
 
-/// Whether `pid` runs (a zombie does not).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-/// Kills the processes an upgrade chain left, whatever the test's outcome.
-struct Reaper(Vec<i32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_binary_upgrades_under_load_fail_nothing_and_keep_endpoint_health() {
     let (a, b, down) = (Backend::start("a").await, Backend::start("b").await, Backend::start("down").await);
@@ -568,15 +549,12 @@ async fn ten_binary_upgrades_under_load_fail_nothing_and_keep_endpoint_health() 
         c.get(&h.admin_url("/metrics")).await.unwrap().body.contains(&label)
     })
     .await;
-    let mut reaper = Reaper(Vec::new());
+    let mut reaper = Reaper::default();
     let load = Load::start(&h.url("main", "/"), 64);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut serving = h.pid();
     for i in 0..10 {
-        let out = std::process::Command::new(BIN).args(["upgrade", "-c"]).arg(&path).output().unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "upgrade {i}: {said}");
-        let pid: i32 = said.split_whitespace().nth(2).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+        let pid = upgrade(BIN, &["-c".as_ref(), path.as_os_str()]).unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
         reaper.0.push(pid);
         assert_ne!(pid, serving);
         let old = serving;

@@ -476,3 +476,41 @@ async fn a_node_file_serves_a_service_over_https_and_over_a_tcp_listener() {
     }
     assert_eq!(pids.len(), 2, "the tcp listener used {pids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrades_of_a_node_under_load_fail_nothing_and_keep_its_instances() {
+    let h = Halo::up(BIN, &node(2)).unwrap();
+    all_ready(&h, "demo", 2).await;
+    let pids = ready_pids(&h, "demo");
+    let data = h.data_dir.clone().unwrap();
+    let mut reaper = halo_testkit::Reaper::default();
+    let load = Load::start(&h.url("http", "/"), 16);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut serving = h.pid();
+    for i in 0..3 {
+        let pid = halo_testkit::upgrade(BIN, &["--data-dir".as_ref(), data.as_os_str()])
+            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+        reaper.0.push(pid);
+        let old = serving;
+        eventually(
+            Duration::from_secs(20),
+            "the old node drained and exited",
+            || async move { !halo_testkit::alive(old) },
+        )
+        .await;
+        serving = pid;
+        // The new process adopted the instances: same processes, no restart;
+        // its API (the same socket) answers with the same token.
+        assert_eq!(ready_pids(&h, "demo"), pids, "upgrade {i} restarted instances");
+    }
+    let Report { ok, failed } = load.finish().await;
+    println!("requests across 3 node upgrades: ok {ok}, failed {}", failed.len());
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(ok > 200, "load too light: {ok}");
+    // The instances belong to the last process now: stop it for real.
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(serving.to_string()).status();
+    eventually(Duration::from_secs(20), "the last node stopped its instances", || async {
+        pids.iter().all(|p| !halo_testkit::alive(*p as i32))
+    })
+    .await;
+}
