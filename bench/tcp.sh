@@ -117,50 +117,13 @@ for round in $(seq "$ROUNDS"); do
     read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
     before=$(cpu_ticks "$pid")
     out=$(taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "http://127.0.0.1:$port/" 2>&1 | tail -40 || true)
-    after=$(cpu_ticks "$pid")
-    python3 - "$round" "$name" "$before" "$after" "$TICK" "$out" <<'PY' >> "$RESULTS"
-import re, sys
-round_, name, before, after, tick, out = sys.argv[1:]
-done = re.search(r"Complete requests:\s+(\d+)", out)
-failed = re.search(r"Failed requests:\s+(\d+)", out)
-rate = re.search(r"Requests per second:\s+([\d.]+)", out)
-if not done or not rate:
-    sys.exit(f"unreadable ab output for {name}:\n{out}")
-cpu = (int(after) - int(before)) * 1e6 / int(tick) / max(int(done.group(1)), 1)
-print(f"{round_}\tconnections\t{name}\t{float(rate.group(1)):.0f}\t{cpu:.1f}\t{failed.group(1) if failed else 0}")
-PY
+    python3 bench/rows.py ab "$round" connections "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
     before=$(cpu_ticks "$pid")
     out=$(taskset -c 1 wrk -t1 -c8 -d"${DUR}s" "http://127.0.0.1:$port/big" 2>&1)
-    after=$(cpu_ticks "$pid")
-    python3 - "$round" "$name" "$before" "$after" "$TICK" "$out" <<'PY' >> "$RESULTS"
-import re, sys
-round_, name, before, after, tick, out = sys.argv[1:]
-reqs = re.search(r"(\d+) requests in ([\d.]+)s", out)
-sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-if not reqs:
-    sys.exit(f"unreadable wrk output for {name}:\n{out}")
-mib, secs = int(reqs.group(1)), float(reqs.group(2))
-cpu = (int(after) - int(before)) * 1e6 / int(tick) / max(mib, 1)
-failed = sum(map(int, sock.groups())) if sock else 0
-print(f"{round_}\tthroughput\t{name}\t{mib / secs:.0f}\t{cpu:.1f}\t{failed}")
-PY
+    python3 bench/rows.py wrk "$round" throughput "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" mib <<< "$out" >> "$RESULTS"
   done
   echo "round $round done" >&2
 done
 
-python3 - "$RESULTS" <<'PY' | tee "$OUT/tcp.md"
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-for kind, unit, per in (("connections", "connections/s (one request each)", "connection"), ("throughput", "MiB/s (1 MiB bodies)", "MiB")):
-    sel = [r for r in rows if r["kind"] == kind]
-    med = lambda t, k: statistics.median(float(r[k]) for r in sel if r["target"] == t)
-    rng = lambda t, k: (min(float(r[k]) for r in sel if r["target"] == t), max(float(r[k]) for r in sel if r["target"] == t))
-    print(f"\n{unit}\n")
-    print(f"| target | rate | CPU us/{per} | failed | rate vs HAProxy | CPU vs HAProxy |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for t in ("halo", "haproxy", "nginx"):
-        lo, hi = rng(t, "rate"); clo, chi = rng(t, "cpu_us_per_op")
-        print(f"| {t} | {med(t, 'rate'):.0f} ({lo:.0f}-{hi:.0f}) | {med(t, 'cpu_us_per_op'):.1f} ({clo:.1f}-{chi:.1f}) | "
-              f"{sum(int(r['failed']) for r in sel if r['target'] == t)} | {med(t, 'rate') / med('haproxy', 'rate'):.2f}x | "
-              f"{med(t, 'cpu_us_per_op') / med('haproxy', 'cpu_us_per_op'):.2f}x |")
-PY
+python3 bench/rows.py summary "$RESULTS" "connections=New connections per second (one request each)=connection" \
+  "throughput=MiB/s (1 MiB bodies)=MiB" | tee "$OUT/tcp.md"

@@ -145,52 +145,14 @@ for round in $(seq "$ROUNDS"); do
     # Handshakes: a new TLS connection per request.
     before=$(cpu_ticks "$pid")
     out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "https://127.0.0.1:$port/" 2>&1 | tail -40 || true)
-    after=$(cpu_ticks "$pid")
-    python3 - "$round" "$name" "$before" "$after" "$TICK" "$out" <<'PY' >> "$RESULTS"
-import re, sys
-round_, name, before, after, tick, out = sys.argv[1:]
-done = re.search(r"Complete requests:\s+(\d+)", out)
-failed = re.search(r"Failed requests:\s+(\d+)", out)
-rate = re.search(r"Requests per second:\s+([\d.]+)", out)
-if not done or not rate:
-    sys.exit(f"unreadable ab output for {name}:\n{out}")
-cpu = (int(after) - int(before)) * 1e6 / int(tick) / max(int(done.group(1)), 1)
-print(f"{round_}\thandshakes\t{name}\t{float(rate.group(1)):.0f}\t{cpu:.1f}\t{failed.group(1) if failed else 0}")
-PY
+    python3 bench/rows.py ab "$round" handshakes "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
     # Requests over kept-alive TLS connections.
     before=$(cpu_ticks "$pid")
     out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 wrk -t1 -c64 -d"${DUR}s" "https://127.0.0.1:$port/" 2>&1)
-    after=$(cpu_ticks "$pid")
-    python3 - "$round" "$name" "$before" "$after" "$TICK" "$out" <<'PY' >> "$RESULTS"
-import re, sys
-round_, name, before, after, tick, out = sys.argv[1:]
-reqs = re.search(r"(\d+) requests in", out)
-rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-if not reqs or not rate:
-    sys.exit(f"unreadable wrk output for {name}:\n{out}")
-failed = (int(errs.group(1)) if errs else 0) + (sum(map(int, sock.groups())) if sock else 0)
-cpu = (int(after) - int(before)) * 1e6 / int(tick) / max(int(reqs.group(1)), 1)
-print(f"{round_}\trequests\t{name}\t{float(rate.group(1)):.0f}\t{cpu:.1f}\t{failed}")
-PY
+    python3 bench/rows.py wrk "$round" requests "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
   done
   echo "round $round done" >&2
 done
 
-python3 - "$RESULTS" <<'PY' | tee "$OUT/tls.md"
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-for kind, unit in (("handshakes", "handshakes/s"), ("requests", "requests/s (keep-alive)")):
-    sel = [r for r in rows if r["kind"] == kind]
-    med = lambda t, k: statistics.median(float(r[k]) for r in sel if r["target"] == t)
-    rng = lambda t, k: (min(float(r[k]) for r in sel if r["target"] == t), max(float(r[k]) for r in sel if r["target"] == t))
-    print(f"\n{unit}\n")
-    print("| target | rate | CPU us/op | failed | rate vs HAProxy | CPU/op vs HAProxy |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for t in ("halo", "haproxy", "nginx"):
-        lo, hi = rng(t, "rate"); clo, chi = rng(t, "cpu_us_per_op")
-        print(f"| {t} | {med(t, 'rate'):.0f} ({lo:.0f}-{hi:.0f}) | {med(t, 'cpu_us_per_op'):.1f} ({clo:.1f}-{chi:.1f}) | "
-              f"{sum(int(r['failed']) for r in sel if r['target'] == t)} | {med(t, 'rate') / med('haproxy', 'rate'):.2f}x | "
-              f"{med(t, 'cpu_us_per_op') / med('haproxy', 'cpu_us_per_op'):.2f}x |")
-PY
+python3 bench/rows.py summary "$RESULTS" "handshakes=Full handshakes per second=handshake" \
+  "requests=Requests per second over kept-alive connections=request" | tee "$OUT/tls.md"
