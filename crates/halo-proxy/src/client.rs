@@ -20,10 +20,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Version};
 use http_body::Body;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::body::ProxyBody;
+use crate::tls::client::UpIo;
 
 pub use self::decode::Decoder;
 use self::decode::Framing;
@@ -36,7 +36,7 @@ const INLINE_BODY: usize = 16 * 1024;
 
 /// One upstream HTTP/1.1 connection.
 pub struct H1Conn {
-    io: TcpStream,
+    io: UpIo,
     /// Bytes read but not consumed yet.
     pub buf: BytesMut,
     /// The request head being written; kept to reuse its allocation.
@@ -82,11 +82,11 @@ pub struct ResponseHead {
 impl H1Conn {
     /// The socket and the bytes read past the last response head: what
     /// a tunnel takes over after a 101.
-    pub fn into_io(self) -> (TcpStream, BytesMut) {
+    pub fn into_io(self) -> (UpIo, BytesMut) {
         (self.io, self.buf)
     }
 
-    pub fn new(io: TcpStream, open: Arc<AtomicUsize>) -> Self {
+    pub fn new(io: UpIo, open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Relaxed);
         H1Conn { io, buf: BytesMut::with_capacity(8 * 1024), out: Vec::with_capacity(1024), _open: OpenGuard(open) }
     }
@@ -99,12 +99,16 @@ impl H1Conn {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let tcp = self.io.tcp();
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
+            // Over TLS, bytes on an idle connection are a close_notify or
+            // an alert: not reused.
+            Poll::Ready(Ok(())) if matches!(self.io, UpIo::Tls(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -138,6 +142,8 @@ impl H1Conn {
         if !inlined {
             self.write_body(body).await.map_err(|e| (e, None))?;
         }
+        // TLS holds writes until flushed (a no-op on plain TCP).
+        self.io.flush().await.map_err(|e| (ClientError::Io(e), None))?;
         self.read_head(head_only).await.map_err(|e| (e, None))
     }
 
@@ -257,9 +263,20 @@ impl H1Conn {
     /// Reads more bytes into the buffer for the body decoder.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.buf.reserve(8 * 1024);
+        let tcp = match &mut self.io {
+            UpIo::Plain(tcp) => tcp,
+            UpIo::Tls(tls) => {
+                // Through the TLS layer (decrypted bytes may wait there).
+                let mut chunk = [0u8; 8 * 1024];
+                let mut rb = tokio::io::ReadBuf::new(&mut chunk);
+                std::task::ready!(std::pin::Pin::new(tls).poll_read(cx, &mut rb))?;
+                self.buf.extend_from_slice(rb.filled());
+                return Poll::Ready(Ok(rb.filled().len()));
+            }
+        };
         loop {
-            std::task::ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.buf) {
+            std::task::ready!(tcp.poll_read_ready(cx))?;
+            match tcp.try_read_buf(&mut self.buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),

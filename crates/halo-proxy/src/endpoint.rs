@@ -57,7 +57,7 @@ struct Health {
 impl Endpoint {
     pub fn new(addr: SocketAddr, weight: u32, settings: Arc<UpstreamConfig>) -> Self {
         let upstream: Arc<str> = settings.name.as_str().into();
-        let pool = Pool::new(addr, &settings.pool, settings.protocol);
+        let pool = Pool::new(addr, &settings.pool, settings.protocol, settings.tls.clone());
         Endpoint {
             addr,
             id: format!("{:016x}", hash64(addr.to_string().as_bytes())),

@@ -481,6 +481,10 @@ fn respond(
         }
         if let Some(conn) = x.conn.into_h1() {
             let (upstream, early) = conn.into_io();
+            let crate::tls::client::UpIo::Plain(upstream) = upstream else {
+                let e = ProxyError::Upstream("a protocol switch over TLS to an upstream is not supported yet".into());
+                return error_response(&e, Some(rid));
+            };
             let u = Upgraded {
                 upstream,
                 early,

@@ -18,8 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
+use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion, UpstreamTls};
 use crate::endpoint::Endpoint;
+use crate::tls::client::UpIo;
 use crate::util::rand_below;
 
 /// Starts the checker of a new endpoint.
@@ -43,7 +44,7 @@ async fn run(weak: Weak<Endpoint>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let ok = probe(ep.addr, cfg, settings.send_proxy_protocol).await;
+        let ok = probe(ep.addr, cfg, settings.send_proxy_protocol, settings.tls.as_deref()).await;
         if !ok {
             ep.stats.health_checks_failed.fetch_add(1, Relaxed);
         }
@@ -64,18 +65,39 @@ async fn run(weak: Weak<Endpoint>) {
 }
 
 /// One probe; true when the endpoint answered as expected in time. An
-/// upstream that takes PROXY protocol headers gets a LOCAL one first.
-pub async fn probe(addr: SocketAddr, cfg: &HealthConfig, proxy: Option<ProxyProtocolVersion>) -> bool {
-    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy)).await.unwrap_or(false)
+/// upstream that takes PROXY protocol headers gets a LOCAL one first; an
+/// upstream behind TLS is checked over TLS (HTTP and gRPC checks).
+pub async fn probe(
+    addr: SocketAddr,
+    cfg: &HealthConfig,
+    proxy: Option<ProxyProtocolVersion>,
+    tls: Option<&UpstreamTls>,
+) -> bool {
+    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy, tls)).await.unwrap_or(false)
 }
 
-async fn probe_inner(addr: SocketAddr, kind: &HealthKind, proxy: Option<ProxyProtocolVersion>) -> bool {
+async fn probe_inner(
+    addr: SocketAddr,
+    kind: &HealthKind,
+    proxy: Option<ProxyProtocolVersion>,
+    tls: Option<&UpstreamTls>,
+) -> bool {
     let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
     if let Some(v) = proxy {
         if stream.write_all(&crate::proxy_protocol::encode_local(v)).await.is_err() {
             return false;
         }
     }
+    if *kind == HealthKind::Tcp {
+        return true;
+    }
+    let stream = match tls {
+        Some(t) => match t.connect(stream, addr).await {
+            Ok(io) => io,
+            Err(_) => return false,
+        },
+        None => UpIo::Plain(stream),
+    };
     let (path, expect_status) = match kind {
         HealthKind::Tcp => return true,
         HealthKind::Grpc { service } => return grpc_check(stream, addr, service).await,
@@ -102,7 +124,7 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthKind, proxy: Option<ProxyPro
 
 /// `grpc.health.v1.Health/Check` for `service`: true when the answer is
 /// SERVING with grpc-status 0.
-async fn grpc_check(stream: TcpStream, addr: SocketAddr, service: &str) -> bool {
+async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> bool {
     use http_body_util::{BodyExt, Full};
     let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
         hyper_util::rt::TokioExecutor::new(),

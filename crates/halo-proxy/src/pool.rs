@@ -18,7 +18,8 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client::H1Conn;
-use crate::config::{PoolConfig, UpstreamProtocol};
+use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTls};
+use crate::tls::client::UpIo;
 
 /// Idle lists per endpoint; workers beyond this share lists.
 const IDLE_SLOTS: usize = 16;
@@ -48,6 +49,8 @@ pub enum ConnectError {
     PoolFull(SocketAddr),
     #[error("handshake with {addr}: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
 }
 
 pub struct Pool {
@@ -57,6 +60,7 @@ pub struct Pool {
 struct Inner {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
+    tls: Option<Arc<UpstreamTls>>,
     /// Idle connections by worker: a connection is registered with the
     /// reactor of the worker that opened it, so it is reused there; other
     /// workers take it only when the pool is at its cap.
@@ -92,11 +96,12 @@ pub enum Sender {
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, cfg: &PoolConfig, protocol: UpstreamProtocol) -> Self {
+    pub fn new(addr: SocketAddr, cfg: &PoolConfig, protocol: UpstreamProtocol, tls: Option<Arc<UpstreamTls>>) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 addr,
                 protocol,
+                tls,
                 idle: (0..IDLE_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
                 idle_timeout: Mutex::new(cfg.idle_timeout),
                 permits: Arc::new(Semaphore::new(cfg.max_per_endpoint)),
@@ -191,15 +196,19 @@ impl Pool {
         });
     }
 
-    async fn connect(&self, deadline: Instant) -> Result<TcpStream, ConnectError> {
+    async fn connect(&self, deadline: Instant) -> Result<UpIo, ConnectError> {
         let addr = self.inner.addr;
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+            Ok(Err(source)) => return Err(ConnectError::Connect { addr, source }),
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.inner.tls else { return Ok(UpIo::Plain(tcp)) };
+        match tokio::time::timeout_at(deadline, tls.connect(tcp, addr)).await {
             Err(_) => Err(ConnectError::Timeout(addr)),
-            Ok(Err(source)) => Err(ConnectError::Connect { addr, source }),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
+            Ok(Err(source)) => Err(ConnectError::Tls { addr, source }),
+            Ok(Ok(io)) => Ok(io),
         }
     }
 

@@ -144,7 +144,10 @@ impl Registry {
                 let key = (u.name.clone(), e.addr);
                 // A protocol change needs a new pool, so a new endpoint.
                 let kept = match eps.remove(&key) {
-                    Some(ep) if ep.settings.load().protocol == u.protocol => Some(ep),
+                    // A protocol or TLS change needs a new pool, so a new endpoint.
+                    Some(ep) if ep.settings.load().protocol == u.protocol && ep.settings.load().tls == u.tls => {
+                        Some(ep)
+                    }
                     Some(old) => {
                         old.retire();
                         None

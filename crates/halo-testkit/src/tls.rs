@@ -49,6 +49,11 @@ impl TestCa {
         TestCa { cert, key }
     }
 
+    /// The CA's certificate, PEM: what a client trusts.
+    pub fn ca_pem(&self) -> String {
+        self.cert.pem()
+    }
+
     /// A certificate for `names` (DNS names, `*.x` wildcards allowed).
     pub fn issue(&self, names: &[&str]) -> Leaf {
         self.issue_until(names, false)

@@ -724,3 +724,73 @@ async fn tls_passthrough_routes_by_server_name_without_terminating() {
     assert_eq!(metric(&c, &h, "halo_listener_unserved_total{listener=\"strict\"}").await, 1.0);
     assert_eq!(https_get(h.listeners["strict"], "a.test", "/", &client).await.unwrap().body, "server-a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_upstreams_verifies_their_certificates() {
+    let (ca, other_ca) = (TestCa::new(), TestCa::new());
+    let up = HttpsServer::start(&ca.issue(&["up.test", "127.0.0.1"]), "server-up").await;
+    let dir = TempDir::new("up-tls");
+    dir.write("ca.pem", &ca.ca_pem());
+    dir.write("other-ca.pem", &other_ca.ca_pem());
+    let route = |host: &str, up: &str| format!("[[routes]]\nhost = \"{host}\"\nupstream = \"{up}\"\n");
+    let upstream = |name: &str, tls: &str| {
+        // Checked over TLS too; wrong_ca's checks are off, so that a
+        // request reaches its handshake (wrong_checked's take it down).
+        let checks = if name == "wrong_ca" {
+            "enabled = false"
+        } else {
+            "type = \"http\"\npath = \"/\"\ninterval = \"100ms\"\njitter = \"0\"\nfall = 1"
+        };
+        format!(
+            "[upstreams.{name}]\nendpoints = [\"{}\"]\n[upstreams.{name}.tls]\n{tls}\n[upstreams.{name}.health]\n{checks}\n",
+            up.addr
+        )
+    };
+    let cfg = [
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n".to_string(),
+        route("named.test", "named"),
+        route("by-ip.test", "by_ip"),
+        route("wrong.test", "wrong_ca"),
+        route("blind.test", "blind"),
+        upstream("named", "ca = \"ca.pem\"\nserver_name = \"up.test\""),
+        upstream("by_ip", "ca = \"ca.pem\""),
+        upstream("wrong_ca", "ca = \"other-ca.pem\""),
+        upstream("wrong_checked", "ca = \"other-ca.pem\""),
+        upstream("blind", "verify = false"),
+    ]
+    .concat();
+    let path = dir.write("proxy.toml", &cfg);
+    let h = Halo::start(BIN, &["proxy", "-c", &path.to_string_lossy()], &dir.0).unwrap();
+    let c = Client::new();
+    let get =
+        |host: &str| Request::get(h.url("main", "/")).header("host", host).body(Full::<Bytes>::default()).unwrap();
+    for host in ["named.test", "by-ip.test", "blind.test"] {
+        let r = c.send(get(host)).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "server-up"), "{host}");
+    }
+    // A certificate from a CA the upstream's bundle does not hold: 502
+    // saying so, and the health checks (over TLS too) take it down.
+    let r = c.send(get("wrong.test")).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("TLS handshake") && r.body.contains("certificate"), "{}", r.body);
+    let down = format!("halo_endpoint_up{{upstream=\"wrong_checked\",endpoint=\"{}\"}}", up.addr);
+    eventually(Duration::from_secs(10), "the unverifiable endpoint is down", || async {
+        metric(&c, &h, &down).await == 0.0
+    })
+    .await;
+    let ok = format!("halo_endpoint_up{{upstream=\"named\",endpoint=\"{}\"}}", up.addr);
+    assert_eq!(metric(&c, &h, &ok).await, 1.0);
+    // Verification without a CA bundle is refused, with what to do.
+    let bad = dir.write(
+        "bad.toml",
+        &format!(
+            "{}{}{}",
+            cfg.split("[[routes]]").next().unwrap(),
+            route("x.test", "u"),
+            upstream("u", "server_name = \"x\"")
+        ),
+    );
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("upstreams.u.tls: verification needs ca = \"FILE\""), "{err}");
+}

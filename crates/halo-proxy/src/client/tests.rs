@@ -43,7 +43,7 @@ async fn send(
 }
 
 async fn conn(addr: std::net::SocketAddr) -> H1Conn {
-    H1Conn::new(TcpStream::connect(addr).await.unwrap(), Arc::new(AtomicUsize::new(0)))
+    H1Conn::new(crate::tls::client::UpIo::Plain(TcpStream::connect(addr).await.unwrap()), Arc::new(AtomicUsize::new(0)))
 }
 
 async fn body(c: &mut H1Conn, mut d: Decoder) -> Vec<u8> {

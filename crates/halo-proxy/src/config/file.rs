@@ -154,9 +154,18 @@ pub struct UpstreamSection {
     pub slow_start: Option<String>,
     pub protocol: Option<String>,
     pub send_proxy_protocol: Option<String>,
+    pub tls: Option<UpstreamTlsSection>,
     pub pool: Option<PoolSection>,
     pub health: Option<HealthSection>,
     pub outlier: Option<OutlierSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    pub ca: Option<String>,
+    pub verify: Option<bool>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 pub use crate::proxy_protocol::{Cidr, Version as ProxyProtocolVersion};
+pub use crate::tls::client::UpstreamTls;
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
 pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
 
@@ -165,6 +166,8 @@ pub struct UpstreamConfig {
     pub protocol: UpstreamProtocol,
     /// A PROXY protocol header first on every connection (tcp listeners).
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// TLS to the endpoints.
+    pub tls: Option<Arc<UpstreamTls>>,
     pub pool: PoolConfig,
     pub health: Option<HealthConfig>,
     pub outlier: Option<OutlierConfig>,

@@ -76,6 +76,19 @@ impl Validator<'_> {
                 None
             }
         };
+        let tls = u.tls.as_ref().and_then(|t| {
+            let base = std::path::Path::new(&self.file).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let ca = t.ca.as_ref().map(|c| base.join(c));
+            let verify = t.verify.unwrap_or(true);
+            if !verify {
+                tracing::warn!(upstream = name, "upstream TLS without certificate verification (verify = false)");
+            }
+            let h2 = protocol == UpstreamProtocol::Http2;
+            UpstreamTls::new(ca, verify, t.server_name.clone(), h2)
+                .map_err(|e| self.err(self.loc.table(&format!("upstreams.{name}.tls")), f("tls"), e))
+                .ok()
+                .map(std::sync::Arc::new)
+        });
         let pool = self.pool(name, u);
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
@@ -88,6 +101,7 @@ impl Validator<'_> {
             slow_start,
             protocol,
             send_proxy_protocol,
+            tls,
             pool,
             health,
             outlier,

@@ -9,6 +9,7 @@
 //! replaces the served one for new handshakes (open connections are not
 //! touched), a bad one is reported and the old set keeps serving.
 
+pub mod client;
 mod der;
 
 use std::collections::HashMap;

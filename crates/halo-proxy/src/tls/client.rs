@@ -1,0 +1,181 @@
+//! TLS to upstreams: an upstream with `[upstreams.NAME.tls]` is reached
+//! over TLS, its certificate verified against a CA bundle (on by
+//! default), for the configured server name or else the endpoint's IP
+//! address; ALPN offers what the upstream's protocol is.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// An upstream's TLS settings and the client config built from them.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CAs trusted for this upstream.
+    pub ca: Option<PathBuf>,
+    pub verify: bool,
+    /// The name asked for (SNI) and verified; `None`: the endpoint's IP.
+    pub server_name: Option<String>,
+    connector: TlsConnector,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca)
+            .field("verify", &self.verify)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+/// Settings compare equal (a reload that keeps them keeps the pools).
+impl PartialEq for UpstreamTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.ca == o.ca && self.verify == o.verify && self.server_name == o.server_name
+    }
+}
+
+impl UpstreamTls {
+    /// Reads the CA bundle; `h2` offers ALPN h2, else http/1.1. The error
+    /// names the file and what is wrong.
+    pub fn new(ca: Option<PathBuf>, verify: bool, server_name: Option<String>, h2: bool) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        let mut cfg = if verify {
+            let Some(path) = &ca else {
+                return Err(
+                    "verification needs ca = \"FILE\" (a PEM bundle of the CAs to trust), or verify = false".into()
+                );
+            };
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "{}: no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)",
+                    path.display()
+                ));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
+        };
+        cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        if let Some(n) = &server_name {
+            ServerName::try_from(n.clone()).map_err(|e| format!("server_name '{n}': {e}"))?;
+        }
+        Ok(UpstreamTls { ca, verify, server_name, connector: TlsConnector::from(Arc::new(cfg)) })
+    }
+
+    /// The TLS handshake on a connected socket.
+    pub async fn connect(&self, tcp: TcpStream, addr: SocketAddr) -> io::Result<UpIo> {
+        let name = match &self.server_name {
+            Some(n) => ServerName::try_from(n.clone()).map_err(io::Error::other)?,
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        let tls = self.connector.connect(name, tcp).await?;
+        Ok(UpIo::Tls(Box::new(tls)))
+    }
+}
+
+/// `verify = false`: any certificate is taken (signatures are still
+/// checked, so the handshake is TLS, but not who the peer is).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// An upstream connection: plain TCP or TLS.
+pub enum UpIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpIo {
+    /// The socket under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpIo::Plain(s) => s,
+            UpIo::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
