@@ -91,7 +91,9 @@ pub async fn handle(
         Err(e) => return Ok(error_response(&e, None)),
     };
     let rid = headers::request_id(&mut parts.headers);
-    let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // gRPC is HTTP/2 only: HTTP/1.1 requests skip the header lookup.
+    let grpc = parts.version == http::Version::HTTP_2
+        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     // What the client asks to switch to, kept past the hop-by-hop strip.
     let upgrade = match parts.extensions.get::<UpgradeRequested>() {
         Some(_) => parts.headers.get(header::UPGRADE).cloned(),
@@ -209,7 +211,8 @@ fn prepare_upstream_request(parts: &mut http::request::Parts, down: &Downstream)
         }
     }
     // `TE: trailers` is the one TE HTTP/2 allows, and gRPC needs it.
-    let trailers = parts.headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let trailers = parts.version == http::Version::HTTP_2
+        && parts.headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::strip_hop_by_hop(&mut parts.headers);
     if trailers {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -360,8 +363,7 @@ async fn send(
     tried: &[usize],
 ) -> SendResult {
     let t = &route.cfg.timeouts;
-    // Only an Upgrade request keeps an Upgrade header this far.
-    let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
+    let asks_upgrade = parts.extensions.get::<UpgradeRequested>().is_some();
     for _ in 0..STALE_TRIES {
         let mut conn = match ep.pool.get(t.connect).await {
             Ok(c) => c,
@@ -499,12 +501,13 @@ fn respond(
     }
     // A gRPC status comes in the trailers, or in the head of a
     // trailers-only answer.
-    let grpc = match parts.headers.get("grpc-status") {
-        Some(status) if grpc => {
+    let grpc = match grpc.then(|| parts.headers.get("grpc-status")) {
+        None => None,
+        Some(Some(status)) => {
             route.rt.stats.grpc.count(Some(status));
             None
         }
-        _ => grpc.then(|| route.rt.clone()),
+        Some(None) => Some(route.rt.clone()),
     };
     let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline, grpc);
     Response::from_parts(parts, body)
