@@ -5,6 +5,7 @@ mod backup_cmd;
 mod check_cmd;
 mod cli_cmd;
 mod demo_app;
+mod notify;
 mod proxy_cmd;
 mod up_cmd;
 mod upgrade;

@@ -96,6 +96,7 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(r) = ready {
         r.confirm()?;
     }
+    crate::notify::ready(took_over);
     let upgrades = match &source {
         Some(path) => {
             let p = proxy.clone();

@@ -153,6 +153,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     if let Some(r) = ready {
         r.confirm()?;
     }
+    crate::notify::ready(took_over);
     // Binary upgrades: the sockets (proxy listeners, admin, API) go to the
     // new process; then this one stops its API and control plane and
     // closes the store, and drains.

@@ -578,3 +578,27 @@ async fn ten_binary_upgrades_under_load_fail_nothing_and_keep_endpoint_health() 
     assert!(alive(serving));
     assert_eq!(c.get(&h.url("main", "/")).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_manager_hears_ready_and_the_new_main_pid_after_an_upgrade() {
+    // What systemd's $NOTIFY_SOCKET receives (this test's process only:
+    // nextest runs each test alone in its process).
+    let dir = TempDir::new("notify");
+    let sock_path = dir.0.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &sock_path);
+    let a = Backend::start("a").await;
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a]))).unwrap();
+    let mut reaper = Reaper::default();
+    let recv = |sock: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(&sock), "READY=1\n");
+    let path = h.config.clone().unwrap();
+    let pid = upgrade(BIN, &["-c".as_ref(), path.as_os_str()]).unwrap();
+    reaper.0.push(pid);
+    assert_eq!(recv(&sock), format!("MAINPID={pid}\nREADY=1\n"));
+}
