@@ -138,9 +138,12 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             Some(pid) = upgraded.recv() => {
                 tracing::info!(new_pid = pid, grace = ?grace, "upgraded: this process stops accepting and drains");
                 proxy.shutdown(grace).await;
-                break;
+                return Ok(());
             }
         }
+    }
+    if let Some(u) = &upgrades {
+        u.remove_socket();
     }
     Ok(())
 }

@@ -209,6 +209,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     if let Some(s) = stop_api.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = s.send(());
     }
+    upgrades.remove_socket();
     if stop_instances {
         node.shutdown(grace).await;
     } else {

@@ -144,6 +144,12 @@ impl Upgrades {
         Ok((u, listener))
     }
 
+    /// Removes the upgrade socket when this process stops for good (not
+    /// after an upgrade: the new process has bound its own there).
+    pub fn remove_socket(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     pub async fn serve(self: Arc<Self>, listener: UnixListener) {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
