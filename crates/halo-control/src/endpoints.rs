@@ -20,9 +20,10 @@ pub(crate) struct Ready {
 }
 
 /// Makes this node's endpoints in the store (as `st` has them) match its
-/// `ready` instances, on the current lease. Without a fresh lease nothing
-/// is written: the node may be cut off.
-pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, ready: &[Ready]) {
+/// `ready` instances, on the current lease; the `unjudged` keys (an
+/// instance no readiness probe has judged yet) are left as they are.
+/// Without a fresh lease nothing is written: the node may be cut off.
+pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, ready: &[Ready], unjudged: &[String]) {
     let Some(lease) = m.lease() else { return };
     let want: BTreeMap<String, EndpointRecord> = ready
         .iter()
@@ -50,7 +51,17 @@ pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, r
             tracing::warn!(endpoint = %key, error = %err, "publishing an endpoint failed");
         }
     }
-    for key in stored.keys().filter(|k| !want.contains_key(*k)) {
+    // An unjudged endpoint moves to this lease (the old process's lease
+    // would take it with it when it runs out).
+    for (key, (e, l)) in stored.iter().filter(|(k, _)| !want.contains_key(*k) && unjudged.contains(*k)) {
+        if *l != Some(lease) {
+            let v = serde_json::to_vec(e).expect("an endpoint record encodes");
+            if let Err(err) = store.put(key, v, Some(lease)).await {
+                tracing::warn!(endpoint = %key, error = %err, "keeping an endpoint failed");
+            }
+        }
+    }
+    for key in stored.keys().filter(|k| !want.contains_key(*k) && !unjudged.contains(*k)) {
         if let Err(err) = store.delete(key).await {
             tracing::warn!(endpoint = %key, error = %err, "withdrawing an endpoint failed");
         }

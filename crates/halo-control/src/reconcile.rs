@@ -153,8 +153,27 @@ impl Reconciler {
                 tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
             }
         }
-        endpoints::sync(&*self.store, &self.m, &st, &self.ready()).await;
+        endpoints::sync(&*self.store, &self.m, &st, &self.ready(), &self.unjudged()).await;
         self.publish_from(&st);
+    }
+
+    /// Endpoint keys of this node's instances that are up but whose
+    /// readiness no probe has judged yet (adopted by a new halo process:
+    /// their endpoints stay published until a probe says otherwise, so
+    /// other nodes' proxies keep them across an upgrade).
+    fn unjudged(&self) -> Vec<String> {
+        let instances = self.lock();
+        instances
+            .values()
+            .filter(|m| {
+                let s = m.status.borrow();
+                !m.stopping()
+                    && !s.ready
+                    && s.probe_failures.readiness == 0
+                    && matches!(s.state, halo_supervisor::State::Starting | halo_supervisor::State::Running)
+            })
+            .map(|m| crate::keys::endpoint_key(&m.record.service, &m.record.id))
+            .collect()
     }
 
     /// This node's ready instances.

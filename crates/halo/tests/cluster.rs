@@ -768,3 +768,37 @@ async fn a_docker_service_is_rescheduled_off_a_killed_node() {
         assert_eq!(containers_on(&c, i), assigned_to(&st, &c.nodes[i].name), "node {i}'s containers after the move");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
+    let (c, store) = cluster_with_web(3).await;
+    let leader = leader_index(&c, &state_now(&store).await);
+    // The leader: its upgrade also hands over the election.
+    let v = leader;
+    let name = c.nodes[v].name.clone();
+    let old = c.nodes[v].agent.as_ref().unwrap().pid();
+    let instances = c.instance_processes();
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let data = c.nodes[v].data_dir.clone();
+    let pid = halo_testkit::upgrade(BIN, &["--data-dir".as_ref(), data.as_os_str()]).expect("halo upgrade");
+    assert_ne!(pid, old);
+    halo_testkit::eventually(Duration::from_secs(20), "the old agent drained and exited", || async move {
+        !halo_testkit::alive(old)
+    })
+    .await;
+    // The new process is the node: alive in the cluster, and a leader
+    // exists (its own or another's once the old lease ran out).
+    until(&store, Instant::now(), Duration::from_secs(30), "the node alive and a leader", |st| {
+        st.nodes.contains_key(&name) && st.leader.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = l.finish().await;
+    // No request fails (the client retries a failed attempt on another
+    // node, as the cluster tests' clients do); the failed attempts are
+    // printed: an in-place upgrade still costs a few (see the note in
+    // docs/architecture.md).
+    assert_no_failures("an agent upgraded in place", &report);
+    assert_eq!(c.instance_processes(), instances, "the upgrade restarted instances");
+}
