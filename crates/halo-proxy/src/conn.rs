@@ -1,6 +1,7 @@
-//! A downstream connection, plain TCP or TLS-terminated, as the HTTP/1.1
-//! codec and tunnels use it: read, write, split into halves, and wait for
-//! bytes before taking memory for them.
+//! Connections, plain TCP or TLS: downstream ([`Conn`], TLS terminated
+//! here) as the HTTP/1.1 codec and tunnels use it (read, write, split
+//! into halves, wait for bytes before taking memory for them), and
+//! upstream ([`UpIo`], TLS to the endpoint) as pools hold it.
 //!
 //! Writes may sit in the TLS layer until flushed: whoever writes flushes
 //! before waiting on anything else (a no-op on plain TCP).
@@ -18,6 +19,22 @@ use tokio_rustls::server::TlsStream;
 pub enum Conn {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An upstream connection: plain TCP or TLS to the endpoint.
+pub enum UpIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpIo {
+    /// The socket under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpIo::Plain(s) => s,
+            UpIo::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
 impl Conn {
@@ -166,6 +183,8 @@ macro_rules! delegate_write {
 
 delegate_read!(Conn);
 delegate_write!(Conn);
+delegate_read!(UpIo);
+delegate_write!(UpIo);
 delegate_read!(ReadHalf<'_>);
 delegate_write!(WriteHalf<'_>);
 delegate_read!(OwnedRead);

@@ -272,7 +272,8 @@ async fn pump_body(
 }
 
 /// Writes `resp`, frames ready at once going out with the head in one
-/// write. Returns what the connection does next.
+/// write. Returns what the connection does next: a 101 carrying an
+/// upstream connection becomes a tunnel.
 async fn write_response(
     wr: &mut WriteHalf<'_>,
     out: &mut Vec<u8>,
@@ -281,27 +282,7 @@ async fn write_response(
     version: Version,
     keep_alive: bool,
 ) -> io::Result<Next> {
-    if let Some(upgraded) = resp.body_mut().take_upgrade() {
-        out.clear();
-        head::encode(&mut resp, Some(0), false, version, true, out);
-        wr.write_all(out).await?;
-        wr.flush().await?;
-        return Ok(Next::Tunnel(upgraded));
-    }
-    let reusable = write_body(wr, out, resp, head_only, version, keep_alive).await?;
-    Ok(if reusable { Next::Request } else { Next::Close })
-}
-
-/// [`write_response`] of an HTTP response; whether the connection can
-/// carry another request.
-async fn write_body(
-    wr: &mut WriteHalf<'_>,
-    out: &mut Vec<u8>,
-    mut resp: Response<RespBody>,
-    head_only: bool,
-    version: Version,
-    keep_alive: bool,
-) -> io::Result<bool> {
+    let upgraded = resp.body_mut().take_upgrade();
     let exact = resp.body().size_hint().exact();
     // The proxy's own answer may ask to close (a refused request).
     let closing =
@@ -313,7 +294,10 @@ async fn write_body(
     if framing == Framing::None {
         wr.write_all(out).await?;
         wr.flush().await?;
-        return Ok(keep_alive);
+        return Ok(match upgraded {
+            Some(u) => Next::Tunnel(u),
+            None => next(keep_alive),
+        });
     }
     let mut sent = 0u64;
     loop {
@@ -336,7 +320,7 @@ async fn write_body(
                 tracing::debug!(error = %e, "response body failed; closing the connection");
                 wr.write_all(out).await?;
                 wr.flush().await?;
-                return Ok(false);
+                return Ok(Next::Close);
             }
             Some(Ok(f)) => {
                 let Ok(data) = f.into_data() else { continue };
@@ -373,7 +357,15 @@ async fn write_body(
         Framing::Length(n) => sent == n,
         _ => true,
     };
-    Ok(keep_alive && complete && framing != Framing::Close)
+    Ok(next(keep_alive && complete && framing != Framing::Close))
+}
+
+fn next(reusable: bool) -> Next {
+    if reusable {
+        Next::Request
+    } else {
+        Next::Close
+    }
 }
 
 /// The next frame if it is ready now; `None` when it is not.

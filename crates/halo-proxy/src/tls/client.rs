@@ -6,17 +6,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+pub use crate::conn::UpIo;
 
 /// An upstream's TLS settings and the client config built from them.
 #[derive(Clone)]
@@ -131,51 +129,5 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// An upstream connection: plain TCP or TLS.
-pub enum UpIo {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl UpIo {
-    /// The socket under it.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            UpIo::Plain(s) => s,
-            UpIo::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for UpIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
