@@ -20,6 +20,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # setsid; test images are stripped with strip.
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v strip >/dev/null 2>&1 || need+=(binutils)
+# The floating IP tests ask which MAC answers for the address.
+command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

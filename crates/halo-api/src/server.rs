@@ -65,6 +65,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/backup/cancel", post(cancel_backup))
         .route("/v1/backup/restore", post(restore).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/vips", get(vips))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}/undrain", post(undrain))
@@ -121,6 +122,10 @@ async fn status(State(api): State<Api>) -> impl IntoResponse {
 
 async fn nodes(State(api): State<Api>) -> impl IntoResponse {
     Json(api.node.cluster())
+}
+
+async fn vips(State(api): State<Api>) -> impl IntoResponse {
+    Json(api.node.vips())
 }
 
 async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

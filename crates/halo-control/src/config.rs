@@ -2,7 +2,8 @@
 //! (`[proxy]`, `[admin]`, `[[listeners]]`, static `[[routes]]` and
 //! `[upstreams.*]`, validated by `halo_proxy::config`), plus `[node]` (data
 //! directory, API address), `[[services]]` (service files, applied when
-//! the store does not have them yet) and `[backup]` (scheduled backups).
+//! the store does not have them yet), `[backup]` (scheduled backups) and
+//! `[[vip]]` (floating IPs this node may hold).
 //!
 //! The proxy parser sees the file with the node's sections blanked out line
 //! for line, so its errors keep their line numbers.
@@ -25,6 +26,8 @@ pub struct NodeConfig {
     pub services: Vec<(ServiceFile, ServiceSpec)>,
     /// `[backup]`: scheduled backups, run by the leader.
     pub backup: Option<BackupSchedule>,
+    /// `[[vip]]`: floating IPs this node may hold.
+    pub vips: Vec<crate::vip::VipSpec>,
 }
 
 /// Scheduled backups of the cluster's state.
@@ -74,6 +77,25 @@ struct NodeParts {
     #[serde(default)]
     services: Vec<ServiceFile>,
     backup: Option<BackupSection>,
+    #[serde(default)]
+    vip: Vec<VipSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipSection {
+    address: String,
+    interface: String,
+    #[serde(default)]
+    prefer: Vec<String>,
+    track: Option<TrackSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TrackSection {
+    Word(String),
+    Exec { exec: Vec<String> },
 }
 
 /// Default admin API address.
@@ -126,6 +148,7 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
         let (keep_daily, keep_weekly) = (b.keep_daily.unwrap_or(0), b.keep_weekly.unwrap_or(0));
         Some(BackupSchedule { when, dir: b.dir.clone(), keep_last, keep_daily, keep_weekly })
     });
+    let vips = vips(file, &parts.vip, &mut errors);
     let mut services = Vec::new();
     for (i, s) in parts.services.into_iter().enumerate() {
         match s.validate() {
@@ -160,8 +183,12 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
         }
     }
     match proxy {
-        Ok(proxy) if errors.is_empty() => {
-            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services, backup })
+        Ok(mut proxy) if errors.is_empty() => {
+            // A listener on a floating IP binds it before this node holds it.
+            for l in &mut proxy.listeners {
+                l.freebind = vips.iter().any(|v| v.address == l.addr.ip());
+            }
+            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services, backup, vips })
         }
         Ok(_) => Err(errors),
         Err(e) => {
@@ -171,8 +198,63 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
     }
 }
 
-/// The text with either the node's own sections (`[node]`, `[[services]]`
-/// and their subtables) or everything else replaced by empty lines.
+/// The `[[vip]]` sections, checked: every address parses and is declared
+/// once, the interface is a possible name, `prefer` names no node twice.
+/// Whether the interface exists is a property of the node, decided at run
+/// time (a node without it is not eligible and says so).
+fn vips(file: &str, sections: &[VipSection], errors: &mut Vec<String>) -> Vec<crate::vip::VipSpec> {
+    use crate::vip::{Track, VipSpec};
+    let mut out: Vec<VipSpec> = Vec::new();
+    for (i, v) in sections.iter().enumerate() {
+        let at = format!("{file}: vip[{i}]");
+        let Some((address, prefix)) = crate::vip::parse_cidr(&v.address) else {
+            errors.push(format!(
+                "{at}.address: '{}' is not accepted; use IP/PREFIX, as in \"10.0.0.100/24\" or \"fd00::100/64\"",
+                v.address
+            ));
+            continue;
+        };
+        if out.iter().any(|o| o.address == address) {
+            errors.push(format!("{at}.address: {address} is declared twice; one [[vip]] per address"));
+        }
+        let iface_ok = !v.interface.is_empty()
+            && v.interface.len() < 16
+            && !v.interface.contains(|c: char| c == '/' || c.is_whitespace() || c == ':');
+        if !iface_ok {
+            errors.push(format!(
+                "{at}.interface: '{}' is not an interface name (1 to 15 characters, no '/', ':' or spaces), as in \"eth0\"",
+                v.interface
+            ));
+        }
+        for (j, n) in v.prefer.iter().enumerate() {
+            if v.prefer[..j].contains(n) {
+                errors.push(format!("{at}.prefer: '{n}' is listed twice"));
+            }
+        }
+        let track = match &v.track {
+            None => Track::Proxy,
+            Some(TrackSection::Word(w)) if w == "proxy" => Track::Proxy,
+            Some(TrackSection::Word(w)) if w == "none" => Track::None,
+            Some(TrackSection::Exec { exec }) if !exec.is_empty() && !exec[0].is_empty() => Track::Exec(exec.clone()),
+            Some(other) => {
+                let shown = match other {
+                    TrackSection::Word(w) => format!("'{w}'"),
+                    TrackSection::Exec { .. } => "an empty exec".to_string(),
+                };
+                errors.push(format!(
+                    "{at}.track: {shown} is not accepted; use \"proxy\" (the default: this node's listeners answer), \
+                     \"none\", or {{ exec = [\"/path/to/check\", \"arg\"] }} (exit status 0 = healthy)"
+                ));
+                continue;
+            }
+        };
+        out.push(VipSpec { address, prefix, interface: v.interface.clone(), prefer: v.prefer.clone(), track });
+    }
+    out
+}
+
+/// The text with either the node's own sections (`[node]`, `[[services]]`,
+/// `[backup]`, `[[vip]]` and their subtables) or everything else replaced by empty lines.
 fn blank_sections(text: &str, node_sections: bool) -> String {
     let mut in_node = false;
     let mut out = String::with_capacity(text.len());
@@ -180,7 +262,7 @@ fn blank_sections(text: &str, node_sections: bool) -> String {
         let t = line.trim_start();
         if t.starts_with('[') {
             let name = t.trim_start_matches('[').trim_start();
-            in_node = ["node", "services", "backup"]
+            in_node = ["node", "services", "backup", "vip"]
                 .iter()
                 .any(|s| name.strip_prefix(s).is_some_and(|rest| rest.trim_start().starts_with([']', '.'])));
         }
@@ -240,6 +322,39 @@ path_prefix = "/"
         let text = "# 代理配置：监听器和上游\n[proxy]\nworkers = 1 # 工作线程\n\n[node]\napi = = \"x\"\n";
         let errs = parse_node("n.toml", text).unwrap_err().join("\n");
         assert!(errs.contains("n.toml:6:"), "wrong line: {errs}");
+    }
+
+    #[test]
+    fn vips_parse_and_bad_ones_are_named() {
+        let good = format!(
+            "{NODE}\n[[listeners]]\nname = \"v\"\nlisten = \"10.0.0.100:80\"\n\n[[vip]]\naddress = \"10.0.0.100/24\"\n\
+             interface = \"eth0\"\nprefer = [\"n1\"]\n\n[[vip]]\naddress = \"fd00::5\"\ninterface = \"eth1\"\n\
+             track = {{ exec = [\"true\"] }}\n"
+        );
+        let n = parse_node("q.toml", &good).unwrap();
+        assert_eq!(n.vips.len(), 2);
+        assert_eq!((n.vips[0].prefix, n.vips[1].prefix), (24, 128));
+        assert_eq!(n.vips[1].track, crate::vip::Track::Exec(vec!["true".into()]));
+        let freebind: Vec<bool> = n.proxy.listeners.iter().map(|l| l.freebind).collect();
+        assert_eq!(freebind, [false, true], "only the listener on the VIP binds it before holding it");
+        let bad = format!(
+            "{NODE}\n[[vip]]\naddress = \"10.0.0.300/24\"\ninterface = \"eth0\"\n\n[[vip]]\naddress = \"10.0.0.9/33\"\n\
+             interface = \"a/b\"\ntrack = \"ping\"\n\n[[vip]]\naddress = \"10.0.0.8\"\ninterface = \"e\"\n\n\
+             [[vip]]\naddress = \"10.0.0.8/32\"\ninterface = \"e\"\nprefer = [\"a\", \"a\"]\n"
+        );
+        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        for want in [
+            "vip[0].address: '10.0.0.300/24' is not accepted; use IP/PREFIX",
+            "vip[1].address: '10.0.0.9/33'",
+            "vip[3].address: 10.0.0.8 is declared twice",
+            "vip[3].prefer: 'a' is listed twice",
+        ] {
+            assert!(errs.contains(want), "missing {want:?} in {errs}");
+        }
+        let bad = format!("{NODE}\n[[vip]]\naddress = \"10.0.0.9/32\"\ninterface = \"a/b\"\ntrack = \"ping\"\n");
+        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        assert!(errs.contains("vip[0].interface: 'a/b' is not an interface name"), "{errs}");
+        assert!(errs.contains("vip[0].track: 'ping' is not accepted; use \"proxy\""), "{errs}");
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! | `/halo/rollouts/NAME` | [`RolloutRecord`] | none | the leader only, fenced by its token |
 //! | `/halo/rollout-commands/NAME` | [`RolloutCommand`] | none | the API (`halo rollout promote/abort`); the leader deletes it when it acts |
 //! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress |
+//! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
+//! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -44,6 +46,37 @@ pub const INSTANCES: &str = "/halo/instances/";
 pub const ROLLOUTS: &str = "/halo/rollouts/";
 pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
 pub const STATS: &str = "/halo/stats/";
+pub const VIPS: &str = "/halo/vips/";
+pub const VIP_NODES: &str = "/halo/vip-nodes/";
+
+pub fn vip_key(ip: &IpAddr) -> String {
+    format!("{VIPS}{ip}")
+}
+
+pub fn vip_node_key(ip: &IpAddr, node: &str) -> String {
+    format!("{VIP_NODES}{ip}/{node}")
+}
+
+/// Who holds a floating IP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipHolder {
+    pub node: String,
+    /// When it took the key, Unix milliseconds (its own clock).
+    pub since_ms: u64,
+    pub interface: String,
+}
+
+/// A node's standing for a floating IP it declares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipCandidate {
+    /// The interface exists there.
+    pub eligible: bool,
+    /// Its tracked check passes.
+    pub healthy: bool,
+    /// Why not, when it may not hold the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
 
 pub fn rollout_key(service: &str) -> String {
     format!("{ROLLOUTS}{service}")

@@ -26,6 +26,7 @@ pub mod rollout;
 pub mod scheduler;
 pub mod state;
 mod views;
+pub mod vip;
 
 pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;

@@ -131,6 +131,8 @@ pub struct Node {
     /// The node's loops (lease, election, reconcile...), stopped when the
     /// node is handed over to a new process.
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The node file's floating IPs, when it has `[[vip]]`.
+    vips: Option<Arc<crate::vip::Vips>>,
 }
 
 impl Node {
@@ -190,7 +192,16 @@ impl Node {
             tasks.push(tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone())));
             ctl
         });
-        let node = Node { r, requests, backups, tasks: Arc::default() };
+        let vips = if cfg.vips.is_empty() {
+            None
+        } else {
+            let proxy = r.feed.proxy.clone();
+            let (v, t) =
+                crate::vip::Vips::start(&opts.cluster.node, &cfg.vips, store.clone(), view.clone(), proxy).await;
+            tasks.extend(t);
+            Some(v)
+        };
+        let node = Node { r, requests, backups, tasks: Arc::default(), vips };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         tasks.push(tokio::spawn(m.clone().run_lease()));
@@ -447,7 +458,15 @@ impl Node {
         if let Some(h) = self.backup_health() {
             out.push_str(&crate::metrics::backups(&h));
         }
+        if let Some(v) = &self.vips {
+            out.push_str(&v.metrics());
+        }
         out
+    }
+
+    /// The cluster's floating IPs: holders, and every node's standing.
+    pub fn vips(&self) -> Vec<crate::vip::VipStatus> {
+        crate::vip::list(&self.r.view.current())
     }
 
     fn statuses(&self) -> Vec<Status> {
@@ -469,14 +488,19 @@ impl Node {
     }
 
     /// Leaves every instance running and unsupervised, then drains the
-    /// proxy: halo is being replaced and the next one adopts them.
+    /// proxy: halo is being replaced and the next one adopts them (and
+    /// the floating IPs, whose lease it continues).
     pub async fn detach(&self, grace: Duration) {
         self.r.detach_all();
         self.r.feed.proxy.shutdown(grace).await;
     }
 
-    /// Drains and stops every instance, then the proxy.
+    /// Hands the floating IPs over, drains and stops every instance, then
+    /// the proxy.
     pub async fn shutdown(&self, grace: Duration) {
+        if let Some(v) = &self.vips {
+            v.release_all().await;
+        }
         self.r.stop_all().await;
         self.r.feed.proxy.shutdown(grace).await;
     }

@@ -25,7 +25,8 @@ use tokio::sync::watch;
 
 use crate::keys::{
     Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, ServiceRecord,
-    ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, STATS,
+    VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT,
+    SERVICES, STATS, VIPS, VIP_NODES,
 };
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
 
@@ -102,6 +103,19 @@ pub struct ClusterState {
     pub rollout_commands: BTreeMap<String, RolloutCommand>,
     /// Each node's proxy counters of the upstreams in a rollout.
     pub stats: BTreeMap<String, NodeStats>,
+    /// Floating IPs held, by address: the holder and its fencing token.
+    pub vips: BTreeMap<String, HeldVip>,
+    /// Each floating IP's candidate nodes, by address then node.
+    pub vip_candidates: BTreeMap<String, BTreeMap<String, VipCandidate>>,
+}
+
+/// A floating IP's holder as the store has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldVip {
+    pub holder: VipHolder,
+    /// The key's create revision.
+    pub token: Revision,
+    pub lease: Option<LeaseId>,
 }
 
 /// The last path segment: the name or id a key is for.
@@ -182,6 +196,14 @@ impl ClusterState {
             if let Ok(n) = serde_json::from_slice::<NodeStats>(&kv.value) {
                 self.stats.insert(node.to_string(), n);
             }
+        } else if let Some(ip) = key.strip_prefix(VIPS) {
+            if let Ok(holder) = serde_json::from_slice::<VipHolder>(&kv.value) {
+                self.vips.insert(ip.to_string(), HeldVip { holder, token: kv.create_revision, lease: kv.lease });
+            }
+        } else if let Some((ip, node)) = key.strip_prefix(VIP_NODES).and_then(|r| r.split_once('/')) {
+            if let Ok(c) = serde_json::from_slice::<VipCandidate>(&kv.value) {
+                self.vip_candidates.entry(ip.to_string()).or_default().insert(node.to_string(), c);
+            }
         }
     }
 
@@ -208,6 +230,15 @@ impl ClusterState {
             self.rollout_commands.remove(id);
         } else if key.starts_with(STATS) {
             self.stats.remove(id);
+        } else if let Some(ip) = key.strip_prefix(VIPS) {
+            self.vips.remove(ip);
+        } else if let Some((ip, node)) = key.strip_prefix(VIP_NODES).and_then(|r| r.split_once('/')) {
+            if let Some(c) = self.vip_candidates.get_mut(ip) {
+                c.remove(node);
+                if c.is_empty() {
+                    self.vip_candidates.remove(ip);
+                }
+            }
         }
     }
 

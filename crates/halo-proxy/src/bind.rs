@@ -14,12 +14,16 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 /// A non-blocking listening socket; `reuse_port` lets several workers bind
-/// the same address.
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// the same address; `freebind` binds an address this host does not have
+/// (yet): a floating IP, which only the node holding it has.
+pub fn bind(addr: SocketAddr, reuse_port: bool, freebind: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     if reuse_port {
         socket.set_reuseport(true)?;
+    }
+    if freebind {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpFreebind, &true)?;
     }
     socket.bind(addr).map_err(|e| in_use(addr, e))?;
     let std: TcpListener = socket.listen(4096)?.into_std()?;
@@ -56,17 +60,17 @@ impl Claim {
 
 /// Binds `addr` once per worker (`SO_REUSEPORT` when more than one); port 0
 /// resolves on the first socket and the others join it.
-pub fn bind_set(addr: SocketAddr, n: usize) -> std::io::Result<BoundSet> {
+pub fn bind_set(addr: SocketAddr, n: usize, freebind: bool) -> std::io::Result<BoundSet> {
     let claim = if addr.port() == 0 { None } else { Some(claim(addr)?) };
     if addr.port() != 0 && n > 1 {
         // Fails while anyone else listens here, SO_REUSEPORT or not.
-        drop(bind(addr, false)?);
+        drop(bind(addr, false, freebind)?);
     }
-    let first = bind(addr, n > 1)?;
+    let first = bind(addr, n > 1, freebind)?;
     let local = first.local_addr()?;
     let mut sockets = vec![first];
     for _ in 1..n {
-        sockets.push(bind(local, true)?);
+        sockets.push(bind(local, true, freebind)?);
     }
     Ok(BoundSet { local, sockets, claim })
 }
@@ -186,16 +190,16 @@ mod tests {
     #[tokio::test]
     async fn a_second_claim_on_an_address_names_the_holder() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let held = bind_set(addr, 2).unwrap();
+        let held = bind_set(addr, 2, false).unwrap();
         assert_eq!(held.sockets.len(), 2);
         // The claim is per process: a second halo would be refused by
         // the lock; within this process the probe bind refuses it.
-        let e = bind(addr, false).expect_err("the address is taken");
+        let e = bind(addr, false, false).expect_err("the address is taken");
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
         let msg = e.to_string();
         assert!(msg.starts_with(&format!("{addr} is in use by pid {}", std::process::id())), "{msg}");
         drop(held);
-        let again = bind_set(addr, 2).expect("released with the listener");
+        let again = bind_set(addr, 2, false).expect("released with the listener");
         drop(again);
     }
 

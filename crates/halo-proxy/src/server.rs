@@ -126,8 +126,8 @@ impl Proxy {
             let err = |error| ProxyError::BindListener { name: l.name.clone(), addr: l.addr, error };
             let old = inherited.as_deref_mut().and_then(|i| i.listeners.remove(&(l.name.clone(), l.addr)));
             let set = match old {
-                Some(old) => take_over(old, n).map_err(err)?,
-                None => bind_set(l.addr, n).map_err(err)?,
+                Some(old) => take_over(old, n, l.freebind).map_err(err)?,
+                None => bind_set(l.addr, n, l.freebind).map_err(err)?,
             };
             bound.push((l, set));
         }
@@ -137,7 +137,7 @@ impl Proxy {
                 let old = inherited.and_then(|i| i.admin.take()).filter(|(a, _)| *a == addr);
                 let std = match old {
                     Some((_, s)) => s,
-                    None => bind(addr, false).map_err(err)?,
+                    None => bind(addr, false, false).map_err(err)?,
                 };
                 let dup = std.try_clone().map_err(err)?;
                 (Some(TcpListener::from_std(std).map_err(err)?), Some(dup))
@@ -302,7 +302,7 @@ impl Proxy {
         };
         let mut added = Vec::new();
         for l in new.listeners.iter().filter(|l| !running.contains(&(l.name.clone(), l.addr))) {
-            let set = bind_set(l.addr, n).map_err(|error| ReloadError::BindListener {
+            let set = bind_set(l.addr, n, l.freebind).map_err(|error| ReloadError::BindListener {
                 name: l.name.clone(),
                 addr: l.addr,
                 error,
@@ -394,11 +394,11 @@ impl Proxy {
 
 /// An inherited listener's sockets, one per worker: the old process's,
 /// and more bound beside them when this process has more workers.
-fn take_over(old: InheritedListener, n: usize) -> std::io::Result<BoundSet> {
+fn take_over(old: InheritedListener, n: usize, freebind: bool) -> std::io::Result<BoundSet> {
     let InheritedListener { bound, mut sockets, claim } = old;
     sockets.truncate(n);
     while sockets.len() < n {
-        sockets.push(bind(bound, true)?);
+        sockets.push(bind(bound, true, freebind)?);
     }
     Ok(BoundSet { local: bound, sockets, claim: claim.map(Claim::inherited) })
 }

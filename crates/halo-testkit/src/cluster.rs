@@ -66,6 +66,10 @@ fn teardown(k: u8) {
         quiet("ip", &["link", "del", &format!("hv{k}n{i}")]);
         quiet("ip", &["netns", "del", &ns]);
     }
+    let client = format!("halo{k}c");
+    signal_all(&netns_pids(&client), nix::sys::signal::Signal::SIGKILL);
+    quiet("ip", &["link", "del", &format!("hv{k}c")]);
+    quiet("ip", &["netns", "del", &client]);
     quiet("ip", &["link", "del", &format!("hb{k}")]);
     for dir in ["-i", "-o"] {
         while quiet("iptables", &["-D", "FORWARD", dir, &format!("hb{k}"), "-j", "ACCEPT"]) {}
@@ -127,6 +131,12 @@ impl ClusterNode {
         SocketAddr::new(self.ip.into(), 2379)
     }
 
+    /// Address `host` of the nodes' subnet (its /24), as for a floating IP.
+    pub fn subnet(&self, host: u8) -> Ipv4Addr {
+        let o = self.ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], host)
+    }
+
     fn etcd_peer(&self) -> SocketAddr {
         SocketAddr::new(self.ip.into(), 2380)
     }
@@ -140,6 +150,8 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     bin: String,
     lease_ttl: String,
+    /// Whether the client namespace ([`Cluster::client_ns`]) exists.
+    client: bool,
     _dir: TempDir,
 }
 
@@ -152,7 +164,13 @@ impl Cluster {
 
     /// Starts one node per entry of `zones`, node `i` in zone `zones[i]`.
     pub fn start_zoned(bin: &str, zones: &[&str]) -> Cluster {
-        Cluster::start_inner(bin, zones, None)
+        Cluster::start_inner(bin, zones, None, &|_| String::new())
+    }
+
+    /// Starts `n` nodes, each node file ending with what `extra` returns
+    /// for that node (`[[vip]]`, more listeners...).
+    pub fn start_with(bin: &str, n: usize, extra: &dyn Fn(&ClusterNode) -> String) -> Cluster {
+        Cluster::start_inner(bin, &vec!["default"; n], None, extra)
     }
 
     /// Starts `n` nodes, each with a Docker daemon of its own in its
@@ -160,17 +178,29 @@ impl Cluster {
     /// (a tag of the host daemon) loaded into each, and the agents pointed
     /// at their node's daemon (`DOCKER_HOST`).
     pub fn start_docker(bin: &str, n: usize, image: &str) -> Cluster {
-        Cluster::start_inner(bin, &vec!["default"; n], Some(image))
+        Cluster::start_inner(bin, &vec!["default"; n], Some(image), &|_| String::new())
     }
 
-    fn start_inner(bin: &str, zones: &[&str], docker_image: Option<&str>) -> Cluster {
+    fn start_inner(
+        bin: &str,
+        zones: &[&str],
+        docker_image: Option<&str>,
+        extra: &dyn Fn(&ClusterNode) -> String,
+    ) -> Cluster {
         let n = zones.len();
         assert!(n <= MAX_NODES, "at most {MAX_NODES} nodes");
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
         let (k, claim) = claim();
         let dir = TempDir::new("cluster");
-        let mut c =
-            Cluster { k, _claim: claim, nodes: Vec::new(), bin: bin.to_string(), lease_ttl: "3s".into(), _dir: dir };
+        let mut c = Cluster {
+            k,
+            _claim: claim,
+            nodes: Vec::new(),
+            bin: bin.to_string(),
+            lease_ttl: "3s".into(),
+            client: false,
+            _dir: dir,
+        };
         let bridge = format!("hb{k}");
         run("ip", &["addr", "add", &format!("10.213.{k}.1/24"), "dev", &bridge]);
         run("ip", &["link", "set", &bridge, "up"]);
@@ -201,11 +231,6 @@ impl Cluster {
             let base = c._dir.0.join(format!("n{i}"));
             std::fs::create_dir_all(&base).expect("node dir");
             let node_file = base.join("node.toml");
-            std::fs::write(
-                &node_file,
-                format!("[node]\napi = \"{ip}:7070\"\n\n[[listeners]]\nname = \"http\"\nlisten = \"{ip}:8080\"\n"),
-            )
-            .expect("write node file");
             c.nodes.push(ClusterNode {
                 name: format!("n{i}"),
                 ns,
@@ -219,6 +244,15 @@ impl Cluster {
                 etcd_dir: base.join("etcd"),
                 docker: None,
             });
+            let nd = c.nodes.last().expect("just pushed");
+            std::fs::write(
+                &nd.node_file,
+                format!(
+                    "[node]\napi = \"{ip}:7070\"\n\n[[listeners]]\nname = \"http\"\nlisten = \"{ip}:8080\"\n\n{}",
+                    extra(nd)
+                ),
+            )
+            .expect("write node file");
         }
         let initial: Vec<String> = c.nodes.iter().map(|nd| format!("{}=http://{}", nd.name, nd.etcd_peer())).collect();
         let initial = initial.join(",");
@@ -273,9 +307,15 @@ impl Cluster {
         let ip = nd.ip.to_string();
         let docker_host =
             format!("DOCKER_HOST=unix://{}", nd.docker.as_ref().map_or(String::new(), |s| s.display().to_string()));
-        let mut args = vec!["netns", "exec", &nd.ns];
+        // Each node its own temporary directory, as separate hosts have:
+        // the address claims of listeners live there, and nodes may listen
+        // on the same floating address.
+        let tmp = nd.node_file.parent().expect("node dir").join("tmp");
+        std::fs::create_dir_all(&tmp).expect("node tmp dir");
+        let tmpdir = format!("TMPDIR={}", tmp.display());
+        let mut args = vec!["netns", "exec", &nd.ns, "env", &tmpdir];
         if nd.docker.is_some() {
-            args.extend(["env", &docker_host]);
+            args.push(&docker_host);
         }
         let rest = [
             &self.bin,
@@ -413,6 +453,72 @@ impl Cluster {
         run("ip", &["link", "set", &self.nodes[i].veth, if cut { "down" } else { "up" }]);
     }
 
+    /// A client host on the nodes' bridge (its own namespace, address .250),
+    /// made on first use; its namespace's name.
+    pub fn client_ns(&mut self) -> String {
+        let ns = format!("halo{}c", self.k);
+        if !self.client {
+            let (veth, peer) = (format!("hv{}c", self.k), format!("hp{}c", self.k));
+            run("ip", &["netns", "add", &ns]);
+            run("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+            run("ip", &["link", "set", &veth, "master", &format!("hb{}", self.k)]);
+            run("ip", &["link", "set", &veth, "up"]);
+            run("ip", &["link", "set", &peer, "netns", &ns]);
+            let ip = format!("10.213.{}.250/24", self.k);
+            for args in [
+                vec!["link", "set", peer.as_str(), "name", "eth0"],
+                vec!["addr", "add", ip.as_str(), "dev", "eth0"],
+                vec!["link", "set", "eth0", "up"],
+                vec!["link", "set", "lo", "up"],
+            ] {
+                let mut a = vec!["-n", ns.as_str()];
+                a.extend(args);
+                run("ip", &a);
+            }
+            self.client = true;
+        }
+        ns
+    }
+
+    /// Indexes of the nodes that have `ip` on their interface now (`ip addr`
+    /// in each node's namespace).
+    pub fn nodes_with_address(&self, ip: Ipv4Addr) -> Vec<usize> {
+        let ns: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
+        holding(&ns, ip)
+    }
+
+    /// Samples which nodes have each of `ips` every `every` (`ip addr` in
+    /// every node's namespace) until [`Sampler::stop`].
+    pub fn sample_addresses(&self, ips: &[Ipv4Addr], every: Duration) -> Sampler {
+        let ns: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
+        let ips = ips.to_vec();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            // Bounded: at most ten minutes of samples.
+            let start = std::time::Instant::now();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < Duration::from_secs(600) {
+                let at = std::time::Instant::now();
+                samples.push(Sample { at, holders: ips.iter().map(|ip| holding(&ns, *ip)).collect() });
+                std::thread::sleep(every.saturating_sub(at.elapsed()));
+            }
+            samples
+        });
+        Sampler { stop, thread: Some(thread) }
+    }
+
+    /// Blocks (`true`) or lets through TCP to `port` inside node `i` (an
+    /// iptables rule in its namespace: connections are refused).
+    pub fn refuse_port(&self, i: usize, port: u16, refuse: bool) {
+        let p = port.to_string();
+        let rule = ["-p", "tcp", "--dport", p.as_str(), "-j", "REJECT", "--reject-with", "tcp-reset"];
+        let mut args =
+            vec!["netns", "exec", self.nodes[i].ns.as_str(), "iptables", if refuse { "-I" } else { "-D" }, "INPUT"];
+        args.extend(rule);
+        run("ip", &args);
+    }
+
     /// Processes of every node carrying `HALO_INSTANCE`, as (instance, pid).
     pub fn instance_processes(&self) -> Vec<(String, i32)> {
         let mut out = Vec::new();
@@ -457,4 +563,53 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Which of the namespaces `ns` have `ip` on an interface.
+fn holding(ns: &[String], ip: Ipv4Addr) -> Vec<usize> {
+    let needle = format!(" {ip}/");
+    (0..ns.len())
+        .filter(|&i| {
+            let out = Command::new("ip").args(["-n", &ns[i], "-o", "-4", "addr", "show"]).output();
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&needle))
+        })
+        .collect()
+}
+
+/// One look at every node: for each address sampled, the nodes that had it.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: std::time::Instant,
+    pub holders: Vec<Vec<usize>>,
+}
+
+/// A running [`Cluster::sample_addresses`].
+pub struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Sampler {
+    /// Every sample taken so far, in order; the sampling stops.
+    pub fn stop(mut self) -> Vec<Sample> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("sampler thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns`: every
+/// socket it makes is that namespace's (a client on the nodes' bridge).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
 }

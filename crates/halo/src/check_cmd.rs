@@ -1,6 +1,6 @@
 //! `halo check -c FILE`: validates any of halo's files without running
 //! it. The kind is told by its top-level keys: `[run]` is a service file,
-//! `[node]` or `[[services]]` a node file (`halo up`), anything else a
+//! `[node]`, `[[services]]` or `[[vip]]` a node file (`halo up`), anything else a
 //! proxy file (`halo proxy`).
 
 use std::path::Path;
@@ -15,13 +15,14 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     if has("run") {
         let (_, spec) = halo_model::parse_service(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("{name}: ok (service '{}', {} replicas, {} routes)", spec.name, spec.replicas, spec.routes.len());
-    } else if has("node") || has("services") {
+    } else if has("node") || has("services") || has("vip") {
         let n = halo_control::parse_node(&name, &text).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
         println!(
-            "{name}: ok (node file: API {}, {} listeners, {} services)",
+            "{name}: ok (node file: API {}, {} listeners, {} services, {} floating IPs)",
             n.api,
             n.proxy.listeners.len(),
-            n.services.len()
+            n.services.len(),
+            n.vips.len()
         );
     } else {
         let c = halo_proxy::config::parse(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;

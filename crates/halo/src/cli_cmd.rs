@@ -181,6 +181,59 @@ pub fn node_list(t: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `halo vip list`.
+pub fn vip_list(t: &Target) -> anyhow::Result<()> {
+    let v = call(t, Method::GET, "/v1/vips", None)?;
+    if t.json {
+        let _ = writeln!(std::io::stdout(), "{v}");
+        return Ok(());
+    }
+    let vips: Vec<halo_control::vip::VipStatus> =
+        serde_json::from_value(v).context("the node's answer to /v1/vips is not a list of floating IPs")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let _ = std::io::stdout().write_all(vips_table(&vips, now).as_bytes());
+    Ok(())
+}
+
+fn vips_table(vips: &[halo_control::vip::VipStatus], now_ms: u64) -> String {
+    if vips.is_empty() {
+        return "no floating IPs (declare them with [[vip]] in node files)\n".into();
+    }
+    let mut out = format!("{:<26} {:<10} {:<12} {:<8} NODES\n", "ADDRESS", "HOLDER", "SINCE", "TOKEN");
+    let mut reasons = Vec::new();
+    for v in vips {
+        let since = v.since_ms.map_or("-".to_string(), |s| format!("{}s ago", now_ms.saturating_sub(s) / 1000));
+        let nodes: Vec<String> = v
+            .nodes
+            .iter()
+            .map(|(n, c)| {
+                if let Some(r) = &c.reason {
+                    reasons.push(format!("  {} on {n}: {r}", v.address));
+                }
+                match (c.eligible, c.healthy) {
+                    (true, true) => n.clone(),
+                    (false, _) => format!("{n}(not eligible)"),
+                    (true, false) => format!("{n}(check failing)"),
+                }
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<26} {:<10} {:<12} {:<8} {}\n",
+            v.address,
+            v.holder.as_deref().unwrap_or("(none)"),
+            since,
+            v.token.map_or("-".to_string(), |t| t.to_string()),
+            nodes.join(" ")
+        ));
+    }
+    if !reasons.is_empty() {
+        out.push_str("why not:\n");
+        out.push_str(&reasons.join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
 pub fn node_drain(t: &Target, name: &str, drain: bool) -> anyhow::Result<()> {
     let verb = if drain { "drain" } else { "undrain" };
     print_outcome(t, &call(t, Method::POST, &format!("/v1/nodes/{name}/{verb}"), None)?);

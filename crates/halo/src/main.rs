@@ -35,6 +35,13 @@ enum Command {
         #[command(flatten)]
         target: cli_cmd::Target,
     },
+    /// Floating IPs (`[[vip]]` in node files): who holds each, and which nodes may.
+    Vip {
+        #[command(subcommand)]
+        command: VipCommand,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+    },
     /// A service's canary rollout: status, promote, abort, pause, resume, retry, undo.
     Rollout {
         #[command(subcommand)]
@@ -138,6 +145,13 @@ enum NodeCommand {
 }
 
 #[derive(Subcommand)]
+enum VipCommand {
+    /// Each floating IP: its holder, since when, its fencing token, and
+    /// every node that declares it (and why it may not hold it).
+    List,
+}
+
+#[derive(Subcommand)]
 enum RolloutCommand {
     /// Step, weights, canary and stable counts per window, the verdicts,
     /// what it waits for.
@@ -183,6 +197,7 @@ fn main() -> ExitCode {
             NodeCommand::Undrain { name } => cli_cmd::node_drain(&target, &name, false),
             NodeCommand::Remove { name } => cli_cmd::node_remove(&target, &name),
         },
+        Command::Vip { command: VipCommand::List, target } => cli_cmd::vip_list(&target),
         Command::Rollout { command, target } => match command {
             RolloutCommand::Status { service, watch } => cli_cmd::rollout_status(&target, &service, watch),
             RolloutCommand::Promote { service } => cli_cmd::rollout_order(&target, &service, "promote"),

@@ -76,7 +76,7 @@ impl Validator<'_> {
                 }
             }
             if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
-                out.push(ListenerConfig { name, addr, protocol, proxy_protocol_from });
+                out.push(ListenerConfig { name, addr, protocol, proxy_protocol_from, freebind: false });
             }
         }
         out

@@ -40,6 +40,10 @@ pub struct ListenerConfig {
     pub protocol: ListenerProtocol,
     /// Sources that must send a PROXY protocol header; empty: none.
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Bound with `IP_FREEBIND`: the address is a floating IP that this
+    /// host may not have yet (set by the node file for its `[[vip]]`
+    /// addresses, not by users).
+    pub freebind: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

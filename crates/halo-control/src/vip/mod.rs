@@ -1,0 +1,779 @@
+//! Floating IPs (`[[vip]]` in the node file): an address that one node of
+//! the cluster at a time has on its interface, moved to another healthy
+//! node when its holder fails.
+//!
+//! **Who holds it** is decided in the store: the holder's key
+//! `/halo/vips/IP` lives on the holder's *VIP lease* (its own, renewed
+//! every [`RENEW_EVERY`]); the key's create revision is the fencing token.
+//! Each node that declares the VIP keeps a candidacy record on the same
+//! lease saying whether it may hold it (interface present, tracked check
+//! passing). With the key absent, the best candidate (first in `prefer`,
+//! then by a hash of address and node, which spreads several VIPs)
+//! campaigns at once and the others after [`FALLBACK`].
+//!
+//! **Never on two nodes**, whatever fails:
+//! - The holder keeps the address only while its last successful renewal
+//!   was sent less than [`HOLD_WINDOW`] ago; past that it removes the
+//!   address itself, before anyone could take it.
+//! - The kernel removes the address [`netlink::LIFETIME_SECS`] after the
+//!   last refresh, which only a renewing holder does: a frozen or dead
+//!   holder cannot keep it.
+//! - A node that takes the key waits [`GUARD`] (longer than both) before
+//!   adding the address, and for IPv4 first asks the network (an ARP
+//!   probe) whether anyone still answers for it.
+//!
+//! **Moving fast**: the candidates ask the holder's node API every
+//! [`PROBE_EVERY`]; one that has not answered for [`SUSPECT_AFTER`] (dead,
+//! frozen, cut off) has its VIP lease revoked, which removes its key at
+//! once instead of after the lease's TTL. A holder whose check fails, or
+//! that sees a node earlier in `prefer` healthy for [`PREEMPT_AFTER`],
+//! removes the address and then its key.
+
+mod announce;
+pub(crate) mod netlink;
+mod track;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use halo_proxy::Proxy;
+use halo_store::{Compare, CompareOp, CompareTarget, LeaseId, Revision, Store, StoreError, Txn, TxnOp};
+use serde::Serialize;
+
+use crate::fnv::fnv64;
+use crate::keys::{vip_key, vip_node_key, VipCandidate, VipHolder};
+use crate::state::{ClusterState, HeldVip, View};
+use netlink::{IfAddr, Interface};
+
+/// The VIP lease's TTL (etcd's smallest with its default election timeout).
+pub const VIP_LEASE_TTL: Duration = Duration::from_secs(2);
+pub const RENEW_EVERY: Duration = Duration::from_millis(150);
+/// A holder whose last successful renewal was sent longer ago removes
+/// the address.
+pub const HOLD_WINDOW: Duration = Duration::from_millis(500);
+/// A new holder waits this long after taking the key before adding the
+/// address: longer than [`HOLD_WINDOW`] (and a tick) for a live old holder.
+pub const GUARD: Duration = Duration::from_millis(800);
+/// IPv6 has no probe: the wait also covers the kernel's lifetime of a dead
+/// or frozen holder's address ([`SUSPECT_AFTER`] + this > 1.25 s).
+pub const GUARD_V6: Duration = Duration::from_millis(1000);
+pub const PROBE_EVERY: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// A holder whose node API has not answered for this long (and three
+/// probes in a row) loses its VIP lease.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
+/// The best candidate campaigns at once, the others after this.
+pub const FALLBACK: Duration = Duration::from_secs(1);
+/// A node earlier in `prefer` takes the address back once it has been
+/// healthy this long.
+pub const PREEMPT_AFTER: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_millis(50);
+/// Announcements: a burst when the address is added, another a second later.
+const BURST: usize = 3;
+const SECOND_BURST_AFTER: Duration = Duration::from_secs(1);
+/// How long an IPv4 takeover listens for an answer to its probe.
+const PROBE_LISTEN: Duration = Duration::from_millis(100);
+
+/// One `[[vip]]` of the node file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipSpec {
+    pub address: IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+    /// Nodes in order of preference; should be the same on every node.
+    pub prefer: Vec<String>,
+    pub track: Track,
+}
+
+/// What a node must pass to hold the address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Track {
+    /// This node's proxy: every listener accepts connections.
+    Proxy,
+    /// A command; exit status 0 is healthy.
+    Exec(Vec<String>),
+    None,
+}
+
+/// `IP/PREFIX` or a bare IP (a host address: /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (ip.trim().parse::<IpAddr>().ok()?, Some(p.trim().parse::<u8>().ok()?)),
+        None => (s.trim().parse::<IpAddr>().ok()?, None),
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(max);
+    (prefix <= max && !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast()).then_some((ip, prefix))
+}
+
+/// A floating IP as `halo vip list` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VipStatus {
+    pub address: String,
+    pub holder: Option<String>,
+    pub since_ms: Option<u64>,
+    pub token: Option<Revision>,
+    pub interface: Option<String>,
+    /// Every node that declares it, and whether it may hold it.
+    pub nodes: BTreeMap<String, VipCandidate>,
+}
+
+/// The cluster's floating IPs from a view.
+pub fn list(st: &ClusterState) -> Vec<VipStatus> {
+    let mut addrs: Vec<&String> = st.vips.keys().chain(st.vip_candidates.keys()).collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+        .into_iter()
+        .map(|a| {
+            let held = st.vips.get(a);
+            VipStatus {
+                address: a.clone(),
+                holder: held.map(|h| h.holder.node.clone()),
+                since_ms: held.map(|h| h.holder.since_ms),
+                token: held.map(|h| h.token),
+                interface: held.map(|h| h.holder.interface.clone()),
+                nodes: st.vip_candidates.get(a).cloned().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// This node's floating IPs: its VIP lease and one task per address.
+pub struct Vips {
+    node: String,
+    store: Arc<dyn Store>,
+    view: Arc<View>,
+    /// The VIP lease and when the last successful renewal was sent.
+    lease: Mutex<Option<(LeaseId, Instant)>>,
+    local: Vec<Arc<Local>>,
+    stopped: AtomicBool,
+}
+
+/// One floating IP on this node.
+struct Local {
+    spec: VipSpec,
+    key: String,
+    health: Arc<track::Health>,
+    /// Whether the address is on the interface (this process added it).
+    up: AtomicBool,
+    /// What the task does with it now, for status and release.
+    held: Mutex<Option<Held>>,
+    acquired: AtomicU64,
+    released: AtomicU64,
+    conflicts: AtomicU64,
+    held_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    token: Revision,
+    lease: LeaseId,
+    iface: Interface,
+    phase: Phase,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The key is ours; the address is added once this passes.
+    Guard(Instant),
+    /// The address is on the interface, refreshed with each renewal.
+    Up { refreshed: Instant, second_burst: bool },
+    /// The key is ours but renewals are late: the address is off until
+    /// one succeeds again.
+    Down,
+    /// Someone else answers for the address; asked again at this time.
+    Conflict(Instant),
+}
+
+impl Vips {
+    /// Starts the VIP lease and one task per floating IP of the node file.
+    pub async fn start(
+        node: &str,
+        specs: &[VipSpec],
+        store: Arc<dyn Store>,
+        view: Arc<View>,
+        proxy: Arc<Proxy>,
+    ) -> (Arc<Vips>, Vec<tokio::task::JoinHandle<()>>) {
+        let local = specs
+            .iter()
+            .map(|s| {
+                Arc::new(Local {
+                    key: vip_key(&s.address),
+                    spec: s.clone(),
+                    health: track::Health::new(),
+                    up: AtomicBool::new(false),
+                    held: Mutex::new(None),
+                    acquired: AtomicU64::new(0),
+                    released: AtomicU64::new(0),
+                    conflicts: AtomicU64::new(0),
+                    held_ms: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let v = Arc::new(Vips {
+            node: node.to_string(),
+            store,
+            view,
+            lease: Mutex::new(None),
+            local,
+            stopped: AtomicBool::new(false),
+        });
+        v.adopt().await;
+        let mut tasks = vec![tokio::spawn(v.clone().renew())];
+        for l in &v.local {
+            let floating = {
+                let v = Arc::downgrade(&v);
+                move |ip: IpAddr| {
+                    let v = v.upgrade()?;
+                    v.local.iter().find(|o| o.spec.address == ip).map(|o| o.up.load(Relaxed))
+                }
+            };
+            tasks.push(tokio::spawn(track::run(
+                l.spec.track.clone(),
+                l.spec.address,
+                proxy.clone(),
+                floating,
+                l.health.clone(),
+            )));
+            tasks.push(tokio::spawn(v.clone().run_one(l.clone())));
+        }
+        (v, tasks)
+    }
+
+    /// A previous process of this node (before a restart or a binary
+    /// upgrade) may still hold addresses on a live lease: that lease is
+    /// this process's from now on, and so are its keys.
+    async fn adopt(&self) {
+        let st = self.view.current();
+        let Some(lease) = st.vips.values().filter(|h| h.holder.node == self.node).find_map(|h| h.lease) else {
+            return;
+        };
+        let sent = Instant::now();
+        if self.store.keep_alive(lease).await.is_ok() {
+            tracing::info!(lease = format!("{lease:x}"), "continuing the floating IPs held by this node's last run");
+            *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((lease, sent));
+        }
+    }
+
+    /// The VIP lease while its last renewal was sent within [`HOLD_WINDOW`].
+    fn fresh(&self) -> Option<LeaseId> {
+        let l = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        l.filter(|(_, at)| at.elapsed() < HOLD_WINDOW).map(|(id, _)| id)
+    }
+
+    fn lease_id(&self) -> Option<LeaseId> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(id, _)| id)
+    }
+
+    /// Keeps the VIP lease; a lease that is gone is replaced (the tasks
+    /// see their keys went with it).
+    async fn renew(self: Arc<Self>) {
+        while !self.stopped.load(Relaxed) {
+            match self.lease_id() {
+                None => match self.store.grant(VIP_LEASE_TTL).await {
+                    Ok(id) => {
+                        tracing::debug!(lease = format!("{id:x}"), "floating IP lease granted");
+                        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, Instant::now()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot grant the floating IP lease; retrying");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    }
+                },
+                Some(id) => {
+                    let sent = Instant::now();
+                    match self.store.keep_alive(id).await {
+                        Ok(_) => {
+                            let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+                            if l.is_some_and(|(now, _)| now == id) {
+                                *l = Some((id, sent));
+                            }
+                        }
+                        Err(StoreError::LeaseNotFound(_)) => {
+                            tracing::warn!(
+                                lease = format!("{id:x}"),
+                                "the floating IP lease is gone (expired or revoked)"
+                            );
+                            let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+                            if l.is_some_and(|(now, _)| now == id) {
+                                *l = None;
+                            }
+                            continue;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "renewing the floating IP lease failed"),
+                    }
+                }
+            }
+            tokio::time::sleep(RENEW_EVERY).await;
+        }
+    }
+
+    /// The loop of one floating IP.
+    async fn run_one(self: Arc<Self>, l: Arc<Local>) {
+        let mut t = TaskState::default();
+        while !self.stopped.load(Relaxed) {
+            self.step(&l, &mut t).await;
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn step(&self, l: &Local, t: &mut TaskState) {
+        if t.iface_checked.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+            t.iface = Some(netlink::interface(&l.spec.interface));
+            t.iface_checked = Some(Instant::now());
+        }
+        let iface = t.iface.clone().expect("just looked up");
+        let health = l.health.get();
+        let me = VipCandidate {
+            eligible: iface.is_ok(),
+            healthy: health.is_ok(),
+            reason: iface.as_ref().err().or(health.as_ref().err()).cloned(),
+        };
+        if let Some(lease) = self.lease_id() {
+            if t.written.as_ref() != Some(&(lease, me.clone())) {
+                let key = vip_node_key(&l.spec.address, &self.node);
+                let v = serde_json::to_vec(&me).expect("encodes");
+                match self.store.put(&key, v, Some(lease)).await {
+                    Ok(_) => {
+                        if !me.eligible || !me.healthy {
+                            tracing::warn!(vip = %l.spec.address, reason = ?me.reason, "this node may not hold the floating IP");
+                        }
+                        t.written = Some((lease, me.clone()));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "writing the floating IP candidacy failed"),
+                }
+            }
+        }
+        let st = self.view.current();
+        let ip = l.spec.address.to_string();
+        let holder = st.vips.get(&ip).cloned();
+        let held = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match held {
+            Some(h) => self.hold(l, h, &st, holder.as_ref(), &me, t).await,
+            None => match (holder, iface) {
+                (Some(h), Ok(iface))
+                    if h.holder.node == self.node && h.lease.is_some() && h.lease == self.lease_id() =>
+                {
+                    // Ours (a previous run's, adopted): serve it again.
+                    let h = Held {
+                        token: h.token,
+                        lease: h.lease.expect("checked"),
+                        iface,
+                        phase: Phase::Down,
+                        since: Instant::now(),
+                    };
+                    self.set_held(l, Some(h));
+                }
+                (Some(h), _) if h.holder.node == self.node => {
+                    // An older run's lease, not ours: end it so the key goes.
+                    if let Some(lease) = h.lease {
+                        let _ = self.store.revoke(lease).await;
+                    }
+                }
+                (Some(h), _) => {
+                    t.absent_since = None;
+                    if me.eligible && me.healthy {
+                        self.watch_holder(l, &st, &h, t).await;
+                    }
+                }
+                (None, Ok(iface)) if me.eligible && me.healthy => {
+                    t.probe = None;
+                    let absent = *t.absent_since.get_or_insert_with(Instant::now);
+                    let best = self.best(l, &st).is_none_or(|b| b == self.node);
+                    if best || absent.elapsed() >= FALLBACK {
+                        self.campaign(l, iface).await;
+                    }
+                }
+                (None, _) => t.absent_since = None,
+            },
+        }
+    }
+
+    /// The healthy candidate that should hold the address: first in
+    /// `prefer`, then by the hash of address and node.
+    fn best(&self, l: &Local, st: &ClusterState) -> Option<String> {
+        let ip = l.spec.address.to_string();
+        let cands = st.vip_candidates.get(&ip)?;
+        cands.iter().filter(|(_, c)| c.eligible && c.healthy).map(|(n, _)| n).min_by_key(|n| rank(&l.spec, n)).cloned()
+    }
+
+    async fn campaign(&self, l: &Local, iface: Interface) {
+        let Some(lease) = self.fresh() else { return };
+        let since_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let rec = VipHolder { node: self.node.clone(), since_ms, interface: l.spec.interface.clone() };
+        let txn = Txn::new().when(Compare::absent(&l.key)).and_then(TxnOp::put(
+            &l.key,
+            serde_json::to_vec(&rec).expect("encodes"),
+            Some(lease),
+        ));
+        match self.store.txn(txn).await {
+            Ok(r) if r.succeeded => {
+                let guard = if l.spec.address.is_ipv4() { GUARD } else { GUARD_V6 };
+                tracing::info!(vip = %l.spec.address, token = r.revision, "took the floating IP's key; adding the address after {guard:?}");
+                let h = Held {
+                    token: r.revision,
+                    lease,
+                    iface,
+                    phase: Phase::Guard(Instant::now() + guard),
+                    since: Instant::now(),
+                };
+                self.set_held(l, Some(h));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "campaigning for the floating IP failed"),
+        }
+    }
+
+    /// Probes the holder's node API; one silent for [`SUSPECT_AFTER`] loses
+    /// its VIP lease (its keys go at once).
+    async fn watch_holder(&self, l: &Local, st: &ClusterState, h: &HeldVip, t: &mut TaskState) {
+        let p = match &mut t.probe {
+            Some(p) if p.token == h.token => p,
+            _ => t.probe.insert(Probe {
+                token: h.token,
+                last_ok: Instant::now(),
+                fails: 0,
+                next: Instant::now(),
+                revoked: false,
+            }),
+        };
+        if p.revoked || Instant::now() < p.next {
+            return;
+        }
+        p.next = Instant::now() + PROBE_EVERY;
+        let answered = match st.nodes.get(&h.holder.node) {
+            Some(n) => healthz(n.api).await,
+            None => false,
+        };
+        if answered {
+            p.last_ok = Instant::now();
+            p.fails = 0;
+            return;
+        }
+        p.fails += 1;
+        if p.fails >= 3 && p.last_ok.elapsed() >= SUSPECT_AFTER && self.fresh().is_some() {
+            let Some(lease) = h.lease else { return };
+            tracing::warn!(vip = %l.spec.address, holder = %h.holder.node, silent_ms = p.last_ok.elapsed().as_millis() as u64,
+                "the floating IP's holder does not answer; ending its hold");
+            match self.store.revoke(lease).await {
+                Ok(()) | Err(StoreError::LeaseNotFound(_)) => p.revoked = true,
+                Err(e) => tracing::debug!(error = %e, "revoking the holder's lease failed"),
+            }
+        }
+    }
+
+    /// One tick of a held floating IP.
+    async fn hold(
+        &self,
+        l: &Local,
+        mut h: Held,
+        st: &ClusterState,
+        key: Option<&HeldVip>,
+        me: &VipCandidate,
+        t: &mut TaskState,
+    ) {
+        let fresh = self.fresh() == Some(h.lease);
+        let ours = key.is_some_and(|k| k.token == h.token);
+        let lost = self.lease_id() != Some(h.lease) || (st.revision >= h.token && !ours);
+        if lost {
+            self.drop_address(l, &h, "the hold was lost (its lease expired or was revoked)");
+            tracing::warn!(vip = %l.spec.address, token = h.token, "no longer the floating IP's holder");
+            self.set_held(l, None);
+            return;
+        }
+        if !fresh {
+            if l.up.load(Relaxed) {
+                self.drop_address(l, &h, "the hold could not be renewed in time");
+            }
+            if !matches!(h.phase, Phase::Guard(_)) {
+                h.phase = Phase::Down;
+            }
+            self.set_held(l, Some(h));
+            return;
+        }
+        if !me.eligible || !me.healthy {
+            let why = me.reason.clone().unwrap_or_default();
+            self.release(l, &h, &format!("this node may not hold it: {why}")).await;
+            return;
+        }
+        match self.preferred_over_me(l, st) {
+            Some(better) => {
+                let since = match &t.better {
+                    Some((n, at)) if *n == better => *at,
+                    _ => t.better.insert((better.clone(), Instant::now())).1,
+                };
+                if since.elapsed() >= PREEMPT_AFTER {
+                    t.better = None;
+                    self.release(l, &h, &format!("{better} is preferred and healthy")).await;
+                    return;
+                }
+            }
+            None => t.better = None,
+        }
+        let now = Instant::now();
+        match h.phase {
+            Phase::Guard(until) | Phase::Conflict(until) if now >= until => {
+                if let IpAddr::V4(v4) = l.spec.address {
+                    let iface = h.iface;
+                    let answered = tokio::task::spawn_blocking(move || announce::probe(&iface, v4, PROBE_LISTEN))
+                        .await
+                        .unwrap_or(Ok(None));
+                    match answered {
+                        Ok(Some(mac)) => {
+                            if !matches!(h.phase, Phase::Conflict(_)) {
+                                l.conflicts.fetch_add(1, Relaxed);
+                            }
+                            if h.since.elapsed() > Duration::from_secs(3) && !matches!(h.phase, Phase::Conflict(_)) {
+                                tracing::error!(vip = %l.spec.address, mac = %announce::mac_text(&mac),
+                                    "another host answers for the floating IP although this node holds it; not adding it");
+                            }
+                            h.phase = Phase::Conflict(Instant::now() + Duration::from_millis(200));
+                            self.set_held(l, Some(h));
+                            return;
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(error = %e, "probing for the floating IP failed; adding it"),
+                    }
+                }
+                if self.add_address(l, &h) {
+                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
+                    l.acquired.fetch_add(1, Relaxed);
+                    tracing::info!(vip = %l.spec.address, interface = %l.spec.interface, token = h.token, "holding the floating IP");
+                }
+            }
+            Phase::Down => {
+                if self.add_address(l, &h) {
+                    tracing::info!(vip = %l.spec.address, "renewing again: the floating IP is back on the interface");
+                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
+                }
+            }
+            Phase::Up { refreshed, second_burst } => {
+                let confirmed = self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(_, at)| at);
+                if confirmed.is_some_and(|c| c > refreshed) && self.fresh() == Some(h.lease) {
+                    if let Err(e) = netlink::put(&l.addr(&h)) {
+                        tracing::warn!(vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
+                    }
+                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst };
+                }
+                if !second_burst && h.since.elapsed() >= SECOND_BURST_AFTER {
+                    let (iface, ip) = (h.iface, l.spec.address);
+                    tokio::task::spawn_blocking(move || announce::announce(&iface, ip, BURST));
+                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: true };
+                }
+                l.held_ms.fetch_add(TICK.as_millis() as u64, Relaxed);
+            }
+            _ => {}
+        }
+        self.set_held(l, Some(h));
+    }
+
+    /// A healthy candidate earlier in `prefer` than this node.
+    fn preferred_over_me(&self, l: &Local, st: &ClusterState) -> Option<String> {
+        let mine = rank(&l.spec, &self.node).0;
+        let cands = st.vip_candidates.get(&l.spec.address.to_string())?;
+        cands
+            .iter()
+            .filter(|(n, c)| c.eligible && c.healthy && rank(&l.spec, n).0 < mine)
+            .min_by_key(|(n, _)| rank(&l.spec, n))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Adds the address (if the hold is still fresh) and announces it.
+    fn add_address(&self, l: &Local, h: &Held) -> bool {
+        if self.fresh() != Some(h.lease) {
+            return false;
+        }
+        if let Err(e) = netlink::put(&l.addr(h)) {
+            tracing::warn!(vip = %l.spec.address, interface = %l.spec.interface, error = %e, "cannot add the floating IP");
+            return false;
+        }
+        l.up.store(true, Relaxed);
+        let (iface, ip) = (h.iface, l.spec.address);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = announce::announce(&iface, ip, BURST) {
+                tracing::warn!(vip = %ip, error = %e, "announcing the floating IP failed");
+            }
+        });
+        true
+    }
+
+    fn drop_address(&self, l: &Local, h: &Held, why: &str) {
+        if l.up.swap(false, Relaxed) {
+            match netlink::remove(&l.addr(h)) {
+                Ok(()) => tracing::warn!(vip = %l.spec.address, why, "removed the floating IP from the interface"),
+                Err(e) => tracing::error!(vip = %l.spec.address, error = %e, "cannot remove the floating IP"),
+            }
+        }
+    }
+
+    /// Lets go: the address first, then the key (fenced by its token), so
+    /// the next holder can start at once.
+    async fn release(&self, l: &Local, h: &Held, why: &str) {
+        self.drop_address(l, h, why);
+        tracing::info!(vip = %l.spec.address, why, "handing the floating IP over");
+        let txn = Txn::new()
+            .when(Compare::new(&l.key, CompareOp::Equal, CompareTarget::CreateRevision(h.token)))
+            .and_then(TxnOp::Delete(l.key.clone()));
+        if let Err(e) = self.store.txn(txn).await {
+            tracing::debug!(error = %e, "deleting the floating IP's key failed; it goes with the lease");
+        }
+        l.released.fetch_add(1, Relaxed);
+        self.set_held(l, None);
+    }
+
+    fn set_held(&self, l: &Local, h: Option<Held>) {
+        *l.held.lock().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    /// Halo is stopping for good: every address is removed and handed over.
+    pub async fn release_all(&self) {
+        self.stopped.store(true, Relaxed);
+        for l in &self.local {
+            let h = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(h) = h {
+                self.release(l, &h, "halo is stopping").await;
+            }
+        }
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((id, _)) = lease {
+            let _ = self.store.revoke(id).await;
+        }
+    }
+
+    /// This node's floating IP metrics.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let families = [
+            ("halo_vip_held", "gauge", "Whether this node has the floating IP on its interface."),
+            (
+                "halo_vip_healthy",
+                "gauge",
+                "Whether this node may hold the floating IP (interface there, check passing).",
+            ),
+            ("halo_vip_acquired_total", "counter", "Times this node added the floating IP."),
+            ("halo_vip_released_total", "counter", "Times this node handed the floating IP over."),
+            ("halo_vip_conflicts_total", "counter", "Takeovers delayed because another host answered for the address."),
+            ("halo_vip_held_seconds_total", "counter", "Time this node has held the floating IP."),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for l in &self.local {
+                let v = match name {
+                    "halo_vip_held" => u64::from(l.up.load(Relaxed)).to_string(),
+                    "halo_vip_healthy" => u64::from(l.health.get().is_ok()).to_string(),
+                    "halo_vip_acquired_total" => l.acquired.load(Relaxed).to_string(),
+                    "halo_vip_released_total" => l.released.load(Relaxed).to_string(),
+                    "halo_vip_conflicts_total" => l.conflicts.load(Relaxed).to_string(),
+                    _ => format!("{:.3}", l.held_ms.load(Relaxed) as f64 / 1000.0),
+                };
+                let _ = writeln!(out, "{name}{{address=\"{}\"}} {v}", l.spec.address);
+            }
+        }
+        out
+    }
+}
+
+impl Local {
+    fn addr(&self, h: &Held) -> IfAddr {
+        IfAddr { index: h.iface.index, ip: self.spec.address, prefix: self.spec.prefix }
+    }
+}
+
+/// What one floating IP's task remembers between ticks.
+#[derive(Default)]
+struct TaskState {
+    iface: Option<Result<Interface, String>>,
+    iface_checked: Option<Instant>,
+    /// The candidacy record last written, and on which lease.
+    written: Option<(LeaseId, VipCandidate)>,
+    /// Since when no one has held the key (as the view says).
+    absent_since: Option<Instant>,
+    probe: Option<Probe>,
+    /// A node earlier in `prefer` that is healthy, and since when.
+    better: Option<(String, Instant)>,
+}
+
+/// Probes of the current holder (by its token).
+struct Probe {
+    token: Revision,
+    last_ok: Instant,
+    fails: u32,
+    next: Instant,
+    revoked: bool,
+}
+
+/// Order of candidates: position in `prefer` (others after), then a hash
+/// of address and node, which spreads several addresses over the nodes.
+fn rank(spec: &VipSpec, node: &str) -> (usize, u64) {
+    let at = spec.prefer.iter().position(|p| p == node).unwrap_or(spec.prefer.len());
+    (at, fnv64(format!("{}/{node}", spec.address).as_bytes()))
+}
+
+/// Whether the node API at `api` answers `/healthz` within [`PROBE_TIMEOUT`].
+async fn healthz(api: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(api).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: halo\r\n\r\n").await.ok()?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.ok()?;
+        let head = &buf[..n];
+        Some(head.starts_with(b"HTTP/1.") && head.get(9..12) == Some(b"200"))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, ask).await.ok().flatten().unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_with_or_without_a_prefix() {
+        assert_eq!(parse_cidr("10.0.0.100/24"), Some(("10.0.0.100".parse().unwrap(), 24)));
+        assert_eq!(parse_cidr("10.0.0.100"), Some(("10.0.0.100".parse().unwrap(), 32)));
+        assert_eq!(parse_cidr("fd00::1/64"), Some(("fd00::1".parse().unwrap(), 64)));
+        for bad in ["10.0.0.300/24", "10.0.0.1/33", "fd00::1/129", "0.0.0.0", "127.0.0.5/8", "x", "10.0.0.1/"] {
+            assert_eq!(parse_cidr(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefer_comes_first_and_the_rest_spread_by_address() {
+        let mut spec = VipSpec {
+            address: "10.0.0.100".parse().unwrap(),
+            prefix: 24,
+            interface: "eth0".into(),
+            prefer: vec!["n3".into()],
+            track: Track::None,
+        };
+        let nodes = ["n1", "n2", "n3"];
+        let best = |s: &VipSpec| nodes.iter().min_by_key(|n| rank(s, n)).copied().unwrap();
+        assert_eq!(best(&spec), "n3");
+        spec.prefer.clear();
+        let mut firsts = std::collections::BTreeSet::new();
+        for i in 1..40u8 {
+            spec.address = IpAddr::from([10, 0, 0, i]);
+            firsts.insert(best(&spec));
+        }
+        assert_eq!(firsts.len(), 3, "addresses without prefer spread over every node");
+    }
+
+    #[test]
+    fn the_waits_keep_one_holder() {
+        // A live old holder drops by HOLD_WINDOW (+ a tick) after its last
+        // renewal; the new one adds no earlier than GUARD after the key went.
+        assert!(GUARD > HOLD_WINDOW + TICK * 4);
+        // A frozen holder's address lives LIFETIME_SECS (+ the kernel's
+        // quarter second) after its last refresh; IPv6 has no probe.
+        let kernel = Duration::from_secs(u64::from(netlink::LIFETIME_SECS)) + Duration::from_millis(250);
+        assert!(SUSPECT_AFTER + GUARD_V6 > kernel);
+        assert!(VIP_LEASE_TTL > HOLD_WINDOW * 2);
+    }
+}

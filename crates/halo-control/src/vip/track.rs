@@ -1,0 +1,128 @@
+//! The check a node must pass to hold a floating IP: by default its own
+//! proxy answers (every listener accepts a connection, from inside the
+//! node), or a command of the operator's exits 0. Two failures in a row
+//! make the node unhealthy, three passes healthy again, so one slow
+//! answer moves nothing.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use halo_proxy::Proxy;
+
+use super::Track;
+
+const EVERY: Duration = Duration::from_millis(250);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const EXEC_EVERY: Duration = Duration::from_secs(1);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(2);
+const FAILS_TO_DOWN: u32 = 2;
+const PASSES_TO_UP: u32 = 3;
+
+/// The check's verdict: `Ok` while healthy, the last failure's reason
+/// otherwise.
+#[derive(Debug)]
+pub struct Health(Mutex<Result<(), String>>);
+
+impl Health {
+    /// Healthy until the first checks say otherwise.
+    pub fn new() -> Arc<Health> {
+        Arc::new(Health(Mutex::new(Ok(()))))
+    }
+
+    pub fn get(&self) -> Result<(), String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Runs `track` for the floating IP `vip` until the task is aborted.
+/// `floating(ip)` says whether `ip` is one of this node's floating IPs and
+/// if so whether it is on the interface now: a listener bound to a
+/// floating address can only be reached from here while this node holds it.
+pub async fn run(
+    track: Track,
+    vip: IpAddr,
+    proxy: Arc<Proxy>,
+    floating: impl Fn(IpAddr) -> Option<bool>,
+    health: Arc<Health>,
+) {
+    let (mut fails, mut passes) = (0u32, 0u32);
+    loop {
+        let verdict = match &track {
+            Track::None => Ok(()),
+            Track::Proxy => listeners_answer(&proxy, &floating).await,
+            Track::Exec(argv) => exec(argv).await,
+        };
+        let now = health.get();
+        match verdict {
+            Ok(()) => {
+                fails = 0;
+                passes += 1;
+                if now.is_err() && passes >= PASSES_TO_UP {
+                    tracing::info!(%vip, "tracked check passes again: this node may hold the floating IP");
+                    *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Ok(());
+                }
+            }
+            Err(why) => {
+                passes = 0;
+                fails += 1;
+                if fails >= FAILS_TO_DOWN && now.as_ref().err() != Some(&why) {
+                    if now.is_ok() {
+                        tracing::warn!(%vip, reason = %why, "tracked check fails: this node may not hold the floating IP");
+                    }
+                    *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Err(why);
+                }
+            }
+        }
+        tokio::time::sleep(if matches!(track, Track::Exec(_)) { EXEC_EVERY } else { EVERY }).await;
+    }
+}
+
+/// Every listener of the proxy accepts a TCP connection; a wildcard
+/// address is tried on loopback, one on a floating IP not held here is
+/// skipped.
+async fn listeners_answer(proxy: &Proxy, floating: &impl Fn(IpAddr) -> Option<bool>) -> Result<(), String> {
+    let listeners = proxy.listener_addrs();
+    if listeners.is_empty() {
+        return Err("this node's proxy has no listeners".into());
+    }
+    for (name, addr) in listeners {
+        let target = match addr.ip() {
+            ip if floating(ip) == Some(false) => continue,
+            IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), addr.port()),
+            IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port()),
+            _ => addr,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("listener {name} ({target}) refuses connections: {e}")),
+            Err(_) => return Err(format!("listener {name} ({target}) does not accept within {CONNECT_TIMEOUT:?}")),
+        }
+    }
+    Ok(())
+}
+
+async fn exec(argv: &[String]) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let shown = argv.join(" ");
+    match tokio::time::timeout(EXEC_TIMEOUT, cmd.output()).await {
+        Err(_) => Err(format!("check `{shown}` did not finish within {EXEC_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("check `{shown}` cannot run: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let said = String::from_utf8_lossy(if out.stderr.is_empty() { &out.stdout } else { &out.stderr })
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let status = out.status.code().map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
+            Err(if said.is_empty() {
+                format!("check `{shown}` exited with {status}")
+            } else {
+                format!("check `{shown}` exited with {status}: {said}")
+            })
+        }
+    }
+}
