@@ -2,7 +2,9 @@
 # A three-node halo cluster on one machine, for trying it out: each node in
 # its own network namespace (10.214.0.11-13 on a bridge, reachable from this
 # shell), with its own etcd member (a 3-member etcd cluster) and its own
-# `halo agent`. Needs root, iproute2 and etcd (scripts/install-test-deps.sh).
+# `halo agent`, and a floating IP ($NET.100, `[[vip]]` in every node file)
+# held by one of them. Needs root, iproute2 and etcd
+# (scripts/install-test-deps.sh).
 #
 #   scripts/cluster.sh up       # start it; prints what to try
 #   scripts/cluster.sh status   # halo status as node n1 sees it
@@ -17,6 +19,7 @@ cd "$(dirname "$0")/.."
 NODES=(n1 n2 n3)
 BRIDGE=hbdemo
 NET=10.214.0
+VIP=$NET.100
 STATE=${HALO_CLUSTER_DIR:-$PWD/halo-cluster}
 
 ip_of() { echo "$NET.$((10 + ${1#n}))"; }
@@ -86,7 +89,7 @@ up() {
       --listen-client-urls "http://$ip:2379" --advertise-client-urls "http://$ip:2379" \
       --listen-peer-urls "http://$ip:2380" --initial-advertise-peer-urls "http://$ip:2380" \
       --initial-cluster "$initial" --initial-cluster-state new \
-      --heartbeat-interval 100 --election-timeout 1000 --logger zap --log-level warn \
+      --heartbeat-interval 100 --election-timeout 1000 --pre-vote=true --logger zap --log-level warn \
       >"$STATE/$n/etcd.log" 2>&1 &
     disown
   done
@@ -95,8 +98,12 @@ up() {
   done
   for n in "${NODES[@]}"; do
     local ns ip; ns=$(ns_of "$n"); ip=$(ip_of "$n")
-    printf '[node]\napi = "%s:7070"\n\n[[listeners]]\nname = "http"\nlisten = "%s:8080"\n' "$ip" "$ip" >"$STATE/$n/node.toml"
-    HALO_LOG=${HALO_LOG:-info} ip netns exec "$ns" "$halo" agent --store "etcd://$stores" --node "$n" \
+    printf '[node]\napi = "%s:7070"\n\n[[listeners]]\nname = "http"\nlisten = "%s:8080"\n\n[[listeners]]\nname = "vip"\nlisten = "%s:8080"\n\n[[vip]]\naddress = "%s/24"\ninterface = "eth0"\n' \
+      "$ip" "$ip" "$VIP" "$VIP" >"$STATE/$n/node.toml"
+    # Each node its own TMPDIR, as separate hosts have (listeners' address
+    # claims live there, and every node listens on the floating IP).
+    mkdir -p "$STATE/$n/tmp"
+    TMPDIR="$STATE/$n/tmp" HALO_LOG=${HALO_LOG:-info} ip netns exec "$ns" "$halo" agent --store "etcd://$stores" --node "$n" \
       --advertise "$ip" -c "$STATE/$n/node.toml" --data-dir "$STATE/$n/data" >"$STATE/$n/agent.log" 2>&1 &
     disown
   done
@@ -111,7 +118,10 @@ try:
   h apply -f examples/app.toml        # any node's API will do
   h status                            # nodes, leader, placements, readiness
   curl -H 'Host: web.localhost' $(ip_of n2):8080/     # every node's proxy serves every service
+  curl -H 'Host: web.localhost' $VIP:8080/      # the floating IP, on one node at a time
+  h vip list                          # who holds it, since when, its fencing token
   ip netns pids $(ns_of n2) | xargs kill -9          # lose a node: its instances come back elsewhere
+                                      # (kill the VIP's holder: it answers from another node in ~1.5 s)
   h node drain n3 ; h node undrain n3
   scripts/cluster.sh down
 EOF
@@ -132,7 +142,10 @@ smoke() {
     wait_for "web served through $n" 30 curl -sf -H 'Host: web.localhost' "http://$(ip_of "$n"):8080/"
     echo "$n serves: $(curl -s -H 'Host: web.localhost' "http://$(ip_of "$n"):8080/")"
   done
+  wait_for "web served through the floating IP $VIP" 30 curl -sf -H 'Host: web.localhost' "http://$VIP:8080/"
+  echo "$VIP serves: $(curl -s -H 'Host: web.localhost' "http://$VIP:8080/")"
   "${h[@]}" node list
+  "${h[@]}" vip list
   echo "cluster smoke test passed"
 }
 

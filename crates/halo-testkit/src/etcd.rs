@@ -105,6 +105,9 @@ pub(crate) fn spawn_member(
         "100",
         "--election-timeout",
         "1000",
+        // The default from etcd 3.5 on (Debian has 3.4): a member that was
+        // cut off does not depose the leader when it returns.
+        "--pre-vote=true",
         "--logger",
         "zap",
         "--log-level",

