@@ -182,8 +182,9 @@ struct Held {
 enum Phase {
     /// The key is ours; the address is added once this passes.
     Guard(Instant),
-    /// The address is on the interface, refreshed with each renewal.
-    Up { refreshed: Instant, second_burst: bool },
+    /// The address is on the interface (since `added`), refreshed with
+    /// each renewal.
+    Up { refreshed: Instant, added: Instant, second_burst: bool },
     /// The key is ours but renewals are late: the address is off until
     /// one succeeds again.
     Down,
@@ -560,30 +561,30 @@ impl Vips {
                         Err(e) => tracing::debug!(error = %e, "probing for the floating IP failed; adding it"),
                     }
                 }
-                if self.add_address(l, &h) {
-                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
+                if self.still_ours(l, &h).await && self.add_address(l, &h) {
+                    h.phase = Phase::Up { refreshed: Instant::now(), added: Instant::now(), second_burst: false };
                     l.acquired.fetch_add(1, Relaxed);
                     tracing::info!(node = %self.node, vip = %l.spec.address, interface = %l.spec.interface, token = h.token, "holding the floating IP");
                 }
             }
-            Phase::Down => {
-                if self.add_address(l, &h) {
-                    tracing::info!(node = %self.node, vip = %l.spec.address, "renewing again: the floating IP is back on the interface");
-                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: false };
-                }
+            Phase::Down if self.still_ours(l, &h).await && self.add_address(l, &h) => {
+                tracing::info!(node = %self.node, vip = %l.spec.address, "renewing again: the floating IP is back on the interface");
+                h.phase = Phase::Up { refreshed: Instant::now(), added: Instant::now(), second_burst: false };
             }
-            Phase::Up { refreshed, second_burst } => {
+            Phase::Up { refreshed, added, second_burst } => {
                 let confirmed = self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(_, at)| at);
                 if confirmed.is_some_and(|c| c > refreshed) && self.fresh() == Some(h.lease) {
                     if let Err(e) = netlink::put(&l.addr(&h)) {
                         tracing::warn!(node = %self.node, vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
                     }
-                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst };
+                    h.phase = Phase::Up { refreshed: Instant::now(), added, second_burst };
                 }
-                if !second_burst && h.since.elapsed() >= SECOND_BURST_AFTER {
+                if !second_burst && added.elapsed() >= SECOND_BURST_AFTER {
                     let (iface, ip) = (h.iface, l.spec.address);
                     tokio::task::spawn_blocking(move || announce::announce(&iface, ip, BURST));
-                    h.phase = Phase::Up { refreshed: Instant::now(), second_burst: true };
+                    if let Phase::Up { second_burst, .. } = &mut h.phase {
+                        *second_burst = true;
+                    }
                 }
                 l.held_ms.fetch_add(TICK.as_millis() as u64, Relaxed);
             }
@@ -601,6 +602,18 @@ impl Vips {
             .filter(|(n, c)| c.eligible && c.healthy && rank(&l.spec, n).0 < mine)
             .min_by_key(|(n, _)| rank(&l.spec, n))
             .map(|(n, _)| n.clone())
+    }
+
+    /// Whether the store, asked now, still has the key under this hold's
+    /// token and lease. A read is linearizable: an etcd member that lost
+    /// its quorum cannot answer it, although as a stale leader it may still
+    /// answer renewals for a while; so an address is added, or added again
+    /// after renewals were late, only on this answer.
+    async fn still_ours(&self, l: &Local, h: &Held) -> bool {
+        match tokio::time::timeout(HOLD_WINDOW, self.store.get(&l.key)).await {
+            Ok(Ok(Some(kv))) => kv.create_revision == h.token && kv.lease == Some(h.lease),
+            _ => false,
+        }
     }
 
     /// Adds the address (if the hold is still fresh) and announces it.
