@@ -451,6 +451,12 @@ impl Vips {
         if p.revoked {
             return;
         }
+        // A node that could not renew its own lease (cut off itself) judges
+        // no one until it has seen the holder answer again.
+        if self.fresh().is_none() {
+            p.answered = false;
+            p.fails = 0;
+        }
         let mut pending = Vec::new();
         for (started, probe) in p.inflight.drain(..) {
             if !probe.is_finished() {
@@ -479,6 +485,12 @@ impl Vips {
         // just started or came back from a cut may not reach it yet.
         if p.answered && p.fails >= 3 && p.last_ok.elapsed() >= SUSPECT_AFTER && self.fresh().is_some() {
             let Some(lease) = h.lease else { return };
+            // The store, asked now (a linearizable read: not answered by a
+            // member cut off with this node), must still have that holder.
+            let now = tokio::time::timeout(HOLD_WINDOW, self.store.get(&l.key)).await;
+            if !matches!(now, Ok(Ok(Some(ref kv))) if kv.create_revision == h.token) {
+                return;
+            }
             tracing::warn!(node = %self.node, vip = %l.spec.address, holder = %h.holder.node, silent_ms = p.last_ok.elapsed().as_millis() as u64,
                 "the floating IP's holder does not answer; ending its hold");
             match self.store.revoke(lease).await {
