@@ -623,6 +623,27 @@ impl Drop for Sampler {
     }
 }
 
+/// A service file for the harness: `web`, `replicas` instances of the demo
+/// app (`halo demo-app`), ready on `/healthz`, routed at `/`.
+pub fn web_service(replicas: u32) -> String {
+    format!(
+        r#"name = "web"
+replicas = {replicas}
+
+[run]
+command = "halo"
+args = ["demo-app"]
+
+[readiness]
+http = "/healthz"
+interval = "200ms"
+
+[[routes]]
+path = "/"
+"#
+    )
+}
+
 /// Runs `f` on a thread of its own inside network namespace `ns`: every
 /// socket it makes is that namespace's (a client on the nodes' bridge).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use backend::{canned_upstream, Backend, BackendStats};
 pub use client::{Client, Reply};
-pub use cluster::{in_netns, Cluster, ClusterNode, Sample, Sampler};
+pub use cluster::{in_netns, web_service, Cluster, ClusterNode, Sample, Sampler};
 pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};
 pub use echo::EchoServer;
 pub use etcd::Etcd;

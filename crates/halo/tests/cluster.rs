@@ -16,28 +16,9 @@ use std::time::{Duration, Instant};
 use halo_control::keys::{assignment_key, Assignment, ASSIGNMENTS, LEADER};
 use halo_control::state::{read_state, ClusterState};
 use halo_store::{EtcdStore, EventKind, Store};
-use halo_testkit::{Cluster, RetryLoad, RetryReport};
+use halo_testkit::{web_service as service, Cluster, RetryLoad, RetryReport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_halo");
-
-fn service(replicas: u32) -> String {
-    format!(
-        r#"name = "web"
-replicas = {replicas}
-
-[run]
-command = "halo"
-args = ["demo-app"]
-
-[readiness]
-http = "/healthz"
-interval = "200ms"
-
-[[routes]]
-path = "/"
-"#
-    )
-}
 
 /// Every assignment write and leader change, as the store saw them.
 #[derive(Default)]

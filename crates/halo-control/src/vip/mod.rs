@@ -99,6 +99,16 @@ pub enum Track {
     None,
 }
 
+impl std::fmt::Display for Track {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Track::Proxy => f.write_str("proxy"),
+            Track::Exec(argv) => write!(f, "exec `{}`", argv.join(" ")),
+            Track::None => f.write_str("none"),
+        }
+    }
+}
+
 /// `IP/PREFIX` or a bare IP (a host address: /32 or /128).
 pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, prefix) = match s.split_once('/') {
@@ -158,14 +168,18 @@ pub struct Vips {
 struct Local {
     spec: VipSpec,
     key: String,
+    /// The verdict of its tracked check (shared by the VIPs with the same one).
     health: Arc<track::Health>,
-    /// Whether the address is on the interface (this process added it).
-    up: AtomicBool,
-    /// What the task does with it now, for status and release.
+    /// What the task does with it now; `Phase::Up` is the address being on
+    /// the interface.
     held: Mutex<Option<Held>>,
+    /// Taken by each tick of the task and by [`Vips::release_all`], so a
+    /// tick in progress cannot add the address back after it was released.
+    turn: tokio::sync::Mutex<()>,
     acquired: AtomicU64,
     released: AtomicU64,
     conflicts: AtomicU64,
+    /// Time held up to the last removal (the current stretch is added on read).
     held_ms: AtomicU64,
 }
 
@@ -188,8 +202,9 @@ enum Phase {
     /// The key is ours but renewals are late: the address is off until
     /// one succeeds again.
     Down,
-    /// Someone else answers for the address; asked again at this time.
-    Conflict(Instant),
+    /// Someone else answers for the address; asked again at `retry`.
+    /// `reported`: logged as an error (it lasted past a takeover's wait).
+    Conflict { retry: Instant, reported: bool },
 }
 
 impl Vips {
@@ -201,15 +216,24 @@ impl Vips {
         view: Arc<View>,
         proxy: Arc<Proxy>,
     ) -> (Arc<Vips>, Vec<tokio::task::JoinHandle<()>>) {
+        // One check per distinct `track`: the proxy's verdict is the same
+        // for every floating IP.
+        let mut checks: Vec<(Track, Arc<track::Health>)> = Vec::new();
+        for s in specs {
+            if !checks.iter().any(|(t, _)| *t == s.track) {
+                checks.push((s.track.clone(), track::Health::new()));
+            }
+        }
         let local = specs
             .iter()
             .map(|s| {
+                let health = checks.iter().find(|(t, _)| *t == s.track).expect("one per track").1.clone();
                 Arc::new(Local {
                     key: vip_key(&s.address),
                     spec: s.clone(),
-                    health: track::Health::new(),
-                    up: AtomicBool::new(false),
+                    health,
                     held: Mutex::new(None),
+                    turn: tokio::sync::Mutex::new(()),
                     acquired: AtomicU64::new(0),
                     released: AtomicU64::new(0),
                     conflicts: AtomicU64::new(0),
@@ -227,21 +251,17 @@ impl Vips {
         });
         v.adopt().await;
         let mut tasks = vec![tokio::spawn(v.clone().renew())];
-        for l in &v.local {
+        for (track, health) in checks {
             let floating = {
                 let v = Arc::downgrade(&v);
                 move |ip: IpAddr| {
                     let v = v.upgrade()?;
-                    v.local.iter().find(|o| o.spec.address == ip).map(|o| o.up.load(Relaxed))
+                    v.local.iter().find(|o| o.spec.address == ip).map(|o| o.is_up())
                 }
             };
-            tasks.push(tokio::spawn(track::run(
-                l.spec.track.clone(),
-                l.spec.address,
-                proxy.clone(),
-                floating,
-                l.health.clone(),
-            )));
+            tasks.push(tokio::spawn(track::run(track, proxy.clone(), floating, health)));
+        }
+        for l in &v.local {
             tasks.push(tokio::spawn(v.clone().run_one(l.clone())));
         }
         (v, tasks)
@@ -319,8 +339,14 @@ impl Vips {
     /// The loop of one floating IP.
     async fn run_one(self: Arc<Self>, l: Arc<Local>) {
         let mut t = TaskState::default();
-        while !self.stopped.load(Relaxed) {
-            self.step(&l, &mut t).await;
+        loop {
+            {
+                let _turn = l.turn.lock().await;
+                if self.stopped.load(Relaxed) {
+                    return;
+                }
+                self.step(&l, &mut t).await;
+            }
             tokio::time::sleep(TICK).await;
         }
     }
@@ -342,15 +368,22 @@ impl Vips {
                 let key = vip_node_key(&l.spec.address, &self.node);
                 let v = serde_json::to_vec(&me).expect("encodes");
                 match self.store.put(&key, v, Some(lease)).await {
-                    Ok(_) => {
-                        if !me.eligible || !me.healthy {
-                            tracing::warn!(node = %self.node, vip = %l.spec.address, reason = ?me.reason, "this node may not hold the floating IP");
-                        }
-                        t.written = Some((lease, me.clone()));
-                    }
+                    Ok(_) => t.written = Some((lease, me.clone())),
                     Err(e) => tracing::debug!(error = %e, "writing the floating IP candidacy failed"),
                 }
             }
+        }
+        if t.logged.as_ref() != Some(&me) {
+            match &me.reason {
+                Some(why) => {
+                    tracing::warn!(node = %self.node, vip = %l.spec.address, reason = %why, "this node may not hold the floating IP")
+                }
+                None if t.logged.is_some() => {
+                    tracing::info!(node = %self.node, vip = %l.spec.address, "this node may hold the floating IP again")
+                }
+                None => {}
+            }
+            t.logged = Some(me.clone());
         }
         let st = self.view.current();
         let ip = l.spec.address.to_string();
@@ -520,9 +553,7 @@ impl Vips {
             return;
         }
         if !fresh {
-            if l.up.load(Relaxed) {
-                self.drop_address(l, &h, "the hold could not be renewed in time");
-            }
+            self.drop_address(l, &h, "the hold could not be renewed in time");
             if !matches!(h.phase, Phase::Guard(_)) {
                 h.phase = Phase::Down;
             }
@@ -550,7 +581,7 @@ impl Vips {
         }
         let now = Instant::now();
         match h.phase {
-            Phase::Guard(until) | Phase::Conflict(until) if now >= until => {
+            Phase::Guard(until) | Phase::Conflict { retry: until, .. } if now >= until => {
                 if let IpAddr::V4(v4) = l.spec.address {
                     let iface = h.iface;
                     let answered = tokio::task::spawn_blocking(move || announce::probe(&iface, v4, PROBE_LISTEN))
@@ -558,14 +589,23 @@ impl Vips {
                         .unwrap_or(Ok(None));
                     match answered {
                         Ok(Some(mac)) => {
-                            if !matches!(h.phase, Phase::Conflict(_)) {
-                                l.conflicts.fetch_add(1, Relaxed);
-                            }
-                            if h.since.elapsed() > Duration::from_secs(3) && !matches!(h.phase, Phase::Conflict(_)) {
+                            let reported = match h.phase {
+                                Phase::Conflict { reported, .. } => reported,
+                                _ => {
+                                    l.conflicts.fetch_add(1, Relaxed);
+                                    false
+                                }
+                            };
+                            // Right after a takeover the old holder's kernel may
+                            // answer until its lifetime runs out; longer is a
+                            // host with the address configured.
+                            let report = !reported && h.since.elapsed() > Duration::from_secs(3);
+                            if report {
                                 tracing::error!(node = %self.node, vip = %l.spec.address, mac = %announce::mac_text(&mac),
                                     "another host answers for the floating IP although this node holds it; not adding it");
                             }
-                            h.phase = Phase::Conflict(Instant::now() + Duration::from_millis(200));
+                            let retry = Instant::now() + Duration::from_millis(200);
+                            h.phase = Phase::Conflict { retry, reported: reported || report };
                             self.set_held(l, Some(h));
                             return;
                         }
@@ -598,7 +638,6 @@ impl Vips {
                         *second_burst = true;
                     }
                 }
-                l.held_ms.fetch_add(TICK.as_millis() as u64, Relaxed);
             }
             _ => {}
         }
@@ -637,7 +676,6 @@ impl Vips {
             tracing::warn!(node = %self.node, vip = %l.spec.address, interface = %l.spec.interface, error = %e, "cannot add the floating IP");
             return false;
         }
-        l.up.store(true, Relaxed);
         let (iface, ip) = (h.iface, l.spec.address);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = announce::announce(&iface, ip, BURST) {
@@ -647,8 +685,11 @@ impl Vips {
         true
     }
 
+    /// Removes the address if this hold has it up; the caller moves the
+    /// hold out of `Phase::Up`.
     fn drop_address(&self, l: &Local, h: &Held, why: &str) {
-        if l.up.swap(false, Relaxed) {
+        if let Phase::Up { added, .. } = h.phase {
+            l.held_ms.fetch_add(added.elapsed().as_millis() as u64, Relaxed);
             match netlink::remove(&l.addr(h)) {
                 Ok(()) => {
                     tracing::warn!(node = %self.node, vip = %l.spec.address, why, "removed the floating IP from the interface")
@@ -683,6 +724,7 @@ impl Vips {
     pub async fn release_all(&self) {
         self.stopped.store(true, Relaxed);
         for l in &self.local {
+            let _turn = l.turn.lock().await;
             let h = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(h) = h {
                 self.release(l, &h, "halo is stopping").await;
@@ -714,12 +756,12 @@ impl Vips {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for l in &self.local {
                 let v = match name {
-                    "halo_vip_held" => u64::from(l.up.load(Relaxed)).to_string(),
+                    "halo_vip_held" => u64::from(l.is_up()).to_string(),
                     "halo_vip_healthy" => u64::from(l.health.get().is_ok()).to_string(),
                     "halo_vip_acquired_total" => l.acquired.load(Relaxed).to_string(),
                     "halo_vip_released_total" => l.released.load(Relaxed).to_string(),
                     "halo_vip_conflicts_total" => l.conflicts.load(Relaxed).to_string(),
-                    _ => format!("{:.3}", l.held_ms.load(Relaxed) as f64 / 1000.0),
+                    _ => format!("{:.3}", l.held_time().as_secs_f64()),
                 };
                 let _ = writeln!(out, "{name}{{address=\"{}\"}} {v}", l.spec.address);
             }
@@ -731,6 +773,23 @@ impl Vips {
 impl Local {
     fn addr(&self, h: &Held) -> IfAddr {
         IfAddr { index: h.iface.index, ip: self.spec.address, prefix: self.spec.prefix }
+    }
+
+    /// Since when the address has been on the interface, if it is.
+    fn up_since(&self) -> Option<Instant> {
+        match self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.phase {
+            Phase::Up { added, .. } => Some(added),
+            _ => None,
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.up_since().is_some()
+    }
+
+    /// Time held in all, the current stretch included.
+    fn held_time(&self) -> Duration {
+        Duration::from_millis(self.held_ms.load(Relaxed)) + self.up_since().map_or(Duration::ZERO, |a| a.elapsed())
     }
 }
 
@@ -746,6 +805,8 @@ struct TaskState {
     probe: Option<Probe>,
     /// A node earlier in `prefer` that is healthy, and since when.
     better: Option<(String, Instant)>,
+    /// The standing last logged.
+    logged: Option<VipCandidate>,
 }
 
 /// Probes of the current holder (by its token).

@@ -35,17 +35,11 @@ impl Health {
     }
 }
 
-/// Runs `track` for the floating IP `vip` until the task is aborted.
+/// Runs `track` until the task is aborted.
 /// `floating(ip)` says whether `ip` is one of this node's floating IPs and
 /// if so whether it is on the interface now: a listener bound to a
 /// floating address can only be reached from here while this node holds it.
-pub async fn run(
-    track: Track,
-    vip: IpAddr,
-    proxy: Arc<Proxy>,
-    floating: impl Fn(IpAddr) -> Option<bool>,
-    health: Arc<Health>,
-) {
+pub async fn run(track: Track, proxy: Arc<Proxy>, floating: impl Fn(IpAddr) -> Option<bool>, health: Arc<Health>) {
     let (mut fails, mut passes) = (0u32, 0u32);
     loop {
         let verdict = match &track {
@@ -59,7 +53,7 @@ pub async fn run(
                 fails = 0;
                 passes += 1;
                 if now.is_err() && passes >= PASSES_TO_UP {
-                    tracing::info!(%vip, "tracked check passes again: this node may hold the floating IP");
+                    tracing::info!(check = %track, "tracked check passes again: this node may hold its floating IPs");
                     *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Ok(());
                 }
             }
@@ -68,7 +62,7 @@ pub async fn run(
                 fails += 1;
                 if fails >= FAILS_TO_DOWN && now.as_ref().err() != Some(&why) {
                     if now.is_ok() {
-                        tracing::warn!(%vip, reason = %why, "tracked check fails: this node may not hold the floating IP");
+                        tracing::warn!(check = %track, reason = %why, "tracked check fails: this node may not hold its floating IPs");
                     }
                     *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Err(why);
                 }
