@@ -185,46 +185,42 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for e in &eps {
         w.sample("halo_endpoint_up", &label(e), u8::from(e.available(now)));
     }
-    w.header("halo_endpoint_ejections_total", "counter", "Passive-health ejections, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_ejections_total", &label(e), e.stats.ejections.load(Relaxed));
-    }
-    w.header("halo_endpoint_health_check_failures_total", "counter", "Failed active health checks, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_health_check_failures_total", &label(e), e.stats.health_checks_failed.load(Relaxed));
-    }
-    w.header("halo_endpoint_connect_failures_total", "counter", "Failed or timed-out connects, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_connect_failures_total", &label(e), e.stats.connect_failures.load(Relaxed));
-    }
-    w.header("halo_endpoint_tcp_connections_total", "counter", "Connections TCP listeners opened, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_tcp_connections_total", &label(e), e.stats.tcp_connections.load(Relaxed));
-    }
-    w.header("halo_endpoint_inflight", "gauge", "Requests and tunnels in flight, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_inflight", &label(e), e.inflight.load(Relaxed));
-    }
-    w.header("halo_endpoint_connections", "gauge", "Open upstream connections, by endpoint.");
-    for e in &eps {
-        w.sample("halo_endpoint_connections", &label(e), e.pool.open_connections());
+    let per_endpoint: [Family<crate::endpoint::Endpoint>; 6] = [
+        ("halo_endpoint_ejections_total", "counter", "Passive-health ejections, by endpoint.", |e| {
+            e.stats.ejections.load(Relaxed)
+        }),
+        ("halo_endpoint_health_check_failures_total", "counter", "Failed active health checks, by endpoint.", |e| {
+            e.stats.health_checks_failed.load(Relaxed)
+        }),
+        ("halo_endpoint_connect_failures_total", "counter", "Failed or timed-out connects, by endpoint.", |e| {
+            e.stats.connect_failures.load(Relaxed)
+        }),
+        ("halo_endpoint_tcp_connections_total", "counter", "Connections TCP listeners opened, by endpoint.", |e| {
+            e.stats.tcp_connections.load(Relaxed)
+        }),
+        ("halo_endpoint_inflight", "gauge", "Requests and tunnels in flight, by endpoint.", |e| {
+            e.inflight.load(Relaxed) as u64
+        }),
+        ("halo_endpoint_connections", "gauge", "Open upstream connections, by endpoint.", |e| {
+            e.pool.open_connections() as u64
+        }),
+    ];
+    for (family, kind, help, value) in per_endpoint {
+        w.header(family, kind, help);
+        for e in &eps {
+            w.sample(family, &label(e), value(e));
+        }
     }
     let mut ls: Vec<_> =
         reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     ls.sort_by(|a, b| a.0.cmp(&b.0));
-    w.header("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.");
-    for (name, s) in &ls {
-        w.sample("halo_listener_connections_active", &format!("listener=\"{}\"", escape(name)), s.active.load(Relaxed));
-    }
-    w.header("halo_listener_connections_total", "counter", "Accepted downstream connections, by listener.");
-    for (name, s) in &ls {
-        w.sample(
-            "halo_listener_connections_total",
-            &format!("listener=\"{}\"", escape(name)),
-            s.accepted.load(Relaxed),
-        );
-    }
-    let families: [Family<ListenerStats>; 5] = [
+    let families: [Family<ListenerStats>; 7] = [
+        ("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.", |s| {
+            s.active.load(Relaxed)
+        }),
+        ("halo_listener_connections_total", "counter", "Accepted downstream connections, by listener.", |s| {
+            s.accepted.load(Relaxed)
+        }),
         (
             "halo_listener_proxy_protocol_refused_total",
             "counter",
