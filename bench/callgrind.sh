@@ -8,10 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DUR=${1:-8}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19100}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need valgrind:valgrind nginx:nginx-light wrk:wrk curl:curl

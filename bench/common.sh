@@ -1,7 +1,74 @@
 # Shared by the bench scripts (sourced): tools, the halo build, three nginx
-# backends, and stopping everything started on exit. Expects OUT and BASE.
+# backends, the proxies' common config blocks, interleaved rounds, and
+# stopping everything started on exit. Expects BASE; OUT defaults to
+# bench/out (made absolute here).
 
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 B1=$((BASE + 1)); B2=$((BASE + 2)); B3=$((BASE + 3))
+TICK=$(getconf CLK_TCK)
+
+# cpu_ticks PID: user + system ticks the process has used.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# bench_start VAR CPU CMD...: starts CMD on CPU in the background, stopped
+# on exit; its pid in VAR.
+bench_start() {
+  local var=$1 cpu=$2
+  shift 2
+  taskset -c "$cpu" "$@" &
+  printf -v "$var" %s $!
+  PIDS+=($!)
+}
+
+# The three backends as each proxy names them.
+bench_halo_upstream() { # [LINE...]: [upstreams.b] (with LINEs) and TCP checks every 2 s
+  printf '[upstreams.b]\nendpoints = ["127.0.0.1:%s", "127.0.0.1:%s", "127.0.0.1:%s"]\n' $B1 $B2 $B3
+  if [ $# -gt 0 ]; then printf '%s\n' "$@"; fi
+  printf '[upstreams.b.health]\ntype = "tcp"\ninterval = "2s"\n'
+}
+bench_haproxy_head() { # MODE [GLOBAL...]: one thread, the same timeouts; keep-alive and reuse in http mode
+  local mode=$1
+  shift
+  printf 'global\n  nbthread 1\n  maxconn 8000\n'
+  if [ $# -gt 0 ]; then printf '  %s\n' "$@"; fi
+  printf 'defaults\n  mode %s\n' "$mode"
+  printf '  timeout connect 3s\n  timeout client 30s\n  timeout server 30s\n'
+  if [ "$mode" = http ]; then printf '  option http-keep-alive\n  http-reuse always\n'; fi
+}
+bench_haproxy_backend() { # backend be, round robin, checks every 2 s
+  printf 'backend be\n  balance roundrobin\n'
+  printf '  server s%s 127.0.0.1:%s check inter 2s\n' 1 $B1 2 $B2 3 $B3
+}
+bench_nginx_head() { # NAME: one worker, no master, its pid and error log under OUT
+  printf 'worker_processes 1;\ndaemon off;\nmaster_process off;\npid %s;\nerror_log %s warn;\n' \
+    "$OUT/$1.pid" "$OUT/$1.err"
+  printf 'events { worker_connections 16384; }\n'
+}
+bench_nginx_servers() { # the upstream block's server lines
+  printf '    server 127.0.0.1:%s;\n' $B1 $B2 $B3
+}
+bench_nginx_http_upstream() { # in http {}: no access log, upstream b with 256 idle keep-alive connections
+  printf '  access_log off;\n  keepalive_requests 1000000;\n  upstream b {\n'
+  bench_nginx_servers
+  printf '    keepalive 256;\n  }\n'
+}
+
+# bench_interleave FN: ROUNDS rounds over halo, HAProxy and nginx (their
+# ports and pids in P_* and *_PID), the order rotated each round so machine
+# noise hits all alike; calls FN ROUND NAME PORT PID for each.
+bench_interleave() {
+  local round k name port pid
+  for round in $(seq "$ROUNDS"); do
+    local order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID")
+    for k in 0 1 2; do
+      read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
+      "$1" "$round" "$name" "$port" "$pid"
+    done
+    echo "round $round done" >&2
+  done
+}
 
 # bench_need CMD:PACKAGE...: installs from Debian's packages what is missing.
 bench_need() {
@@ -69,30 +136,14 @@ name = "main"
 listen = "127.0.0.1:$P_HALO"
 [[routes]]
 upstream = "b"
-[upstreams.b]
-policy = "round_robin"
-endpoints = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
-[upstreams.b.health]
-type = "tcp"
-interval = "2s"
+$(bench_halo_upstream 'policy = "round_robin"')
 ${HALO_EXTRA:-}
 CONF
-  HALO_LOG=warn taskset -c $PROXY_CPU "$HALO" proxy -c "$OUT/halo.toml" > "$OUT/halo.out" &
-  HALO_PID=$!
-  PIDS+=($HALO_PID)
+  HALO_LOG=warn bench_start HALO_PID "$PROXY_CPU" "$HALO" proxy -c "$OUT/halo.toml" > "$OUT/halo.out"
   
   # --- HAProxy: one thread, keep-alive both sides, connection reuse
   cat > "$OUT/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 3s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
+$(bench_haproxy_head http)
 frontend fe
   bind 127.0.0.1:$P_HAPROXY${H2:+ proto h2}
   default_backend be
@@ -101,33 +152,15 @@ frontend fe
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
   unique-id-format %{+X}o%ci%cp%Ts%rt%pid
   unique-id-header X-Request-ID
-backend be
-  balance roundrobin
-  server s1 127.0.0.1:$B1 check inter 2s
-  server s2 127.0.0.1:$B2 check inter 2s
-  server s3 127.0.0.1:$B3 check inter 2s
+$(bench_haproxy_backend)
 CONF
-  taskset -c $PROXY_CPU haproxy -db -f "$OUT/haproxy.cfg" > "$OUT/haproxy.out" 2>&1 &
-  HAPROXY_PID=$!
-  PIDS+=($HAPROXY_PID)
+  bench_start HAPROXY_PID "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg" > "$OUT/haproxy.out" 2>&1
   
   # --- nginx as a proxy: one worker, upstream keep-alive
   cat > "$OUT/nginx-proxy.conf" <<CONF
-worker_processes 1;
-daemon off;
-master_process off;
-pid $OUT/nginx-proxy.pid;
-error_log $OUT/nginx-proxy.err warn;
-events { worker_connections 16384; }
+$(bench_nginx_head nginx-proxy)
 http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream b {
-    server 127.0.0.1:$B1;
-    server 127.0.0.1:$B2;
-    server 127.0.0.1:$B3;
-    keepalive 256;
-  }
+$(bench_nginx_http_upstream)
   server {
     listen 127.0.0.1:$P_NGINX${H2:+ http2};
     location / {
@@ -144,9 +177,7 @@ http {
   }
 }
 CONF
-  taskset -c $PROXY_CPU nginx -c "$OUT/nginx-proxy.conf" -p "$OUT" &
-  NGINX_PID=$!
-  PIDS+=($NGINX_PID)
+  bench_start NGINX_PID "$PROXY_CPU" nginx -c "$OUT/nginx-proxy.conf" -p "$OUT"
 }
 
 # bench_wait_up PORT...: each answers HTTP within 5 s, or the script stops.

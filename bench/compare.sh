@@ -21,12 +21,9 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-5}
 DUR=${2:-5}
 CONNS=${CONNS:-"64 256"}
-OUT=${OUT:-bench/out}
 PROXY_CPU=0
 LOAD_CPU=1
 BASE=${BASE:-19000}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light wrk:wrk
@@ -47,7 +44,6 @@ bench_proxies $PROXY_CPU
 
 bench_wait_up $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_NGINX
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Busy ticks of the proxy's CPU, softirq included: loopback packet handling
 # runs there and is not charged to any process.
 core_ticks() { awk -v c="cpu$PROXY_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
@@ -55,7 +51,6 @@ rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 RESULTS=$OUT/results.tsv
 echo -e "round\tconns\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\tcore_us_per_req\trss_kb" > "$RESULTS"
-TICK=$(getconf CLK_TCK)
 
 run() { # round conns name port pid
   local round=$1 conns=$2 name=$3 port=$4 pid=$5

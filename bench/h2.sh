@@ -11,10 +11,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
 DUR=${2:-5}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19400}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light h2load:nghttp2-client curl:curl
@@ -29,18 +26,14 @@ for port in $P_HAPROXY $P_NGINX; do
   done
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK=$(getconf CLK_TCK)
 RESULTS=$OUT/h2.tsv
 echo -e "round\ttarget\trps\tcpu_us_per_req\tfailed" > "$RESULTS"
-for round in $(seq "$ROUNDS"); do
-  order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID")
-  for k in 0 1 2; do
-    read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
-    before=$(cpu_ticks "$pid")
-    out=$(taskset -c 1 h2load -c 64 -m 10 -D "$DUR" "http://127.0.0.1:$port/" 2>&1)
-    after=$(cpu_ticks "$pid")
-    python3 - "$round" "$name" "$before" "$after" "$TICK" <<PY >> "$RESULTS"
+measure() { # round name port pid
+  local round=$1 name=$2 port=$3 pid=$4 before out after
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c 1 h2load -c 64 -m 10 -D "$DUR" "http://127.0.0.1:$port/" 2>&1)
+  after=$(cpu_ticks "$pid")
+  python3 - "$round" "$name" "$before" "$after" "$TICK" <<PY >> "$RESULTS"
 import re, sys
 round_, name, before, after, tick = sys.argv[1:]
 out = """$out"""
@@ -52,9 +45,8 @@ done, ok, failed, errored = map(int, m.groups())
 cpu = (int(after) - int(before)) * 1e6 / int(tick) / max(done, 1)
 print(f"{round_}\t{name}\t{float(rps.group(1)):.0f}\t{cpu:.1f}\t{failed + errored}")
 PY
-  done
-  echo "round $round done" >&2
-done
+}
+bench_interleave measure
 
 python3 - "$RESULTS" <<'PY' | tee "$OUT/h2.md"
 import csv, statistics, sys

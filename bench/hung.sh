@@ -14,10 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-3}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19200}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light wrk:wrk

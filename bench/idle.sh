@@ -13,10 +13,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-3}
 N=${2:-5000}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19300}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 ulimit -n "$(ulimit -Hn)"
 
 source bench/common.sh

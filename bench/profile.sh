@@ -10,10 +10,7 @@ cd "$(dirname "$0")/.."
 
 PROTO=${1:-h1}
 DUR=${2:-8}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19500}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need perf:linux-perf wrk:wrk h2load:nghttp2-client nginx:nginx-light haproxy:haproxy

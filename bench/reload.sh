@@ -10,10 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-3}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19600}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need nginx:nginx-light wrk:wrk curl:curl

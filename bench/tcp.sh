@@ -14,10 +14,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
 DUR=${2:-5}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19700}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light wrk:wrk ab:apache2-utils curl:curl
@@ -43,8 +40,7 @@ http {
   }
 }
 CONF
-taskset -c 1 nginx -c "$OUT/tcp-backends.conf" -p "$OUT" &
-PIDS+=($!)
+bench_start BACKENDS_PID 1 nginx -c "$OUT/tcp-backends.conf" -p "$OUT"
 
 P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
 cat > "$OUT/halo-tcp.toml" <<CONF
@@ -55,75 +51,45 @@ name = "tcp"
 listen = "127.0.0.1:$P_HALO"
 protocol = "tcp"
 upstream = "b"
-[upstreams.b]
-endpoints = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
-[upstreams.b.health]
-type = "tcp"
-interval = "2s"
+$(bench_halo_upstream)
 CONF
-HALO_LOG=warn taskset -c 0 "$HALO" proxy -c "$OUT/halo-tcp.toml" > "$OUT/halo-tcp.out" &
-HALO_PID=$!; PIDS+=($HALO_PID)
+HALO_LOG=warn bench_start HALO_PID 0 "$HALO" proxy -c "$OUT/halo-tcp.toml" > "$OUT/halo-tcp.out"
 
 cat > "$OUT/haproxy-tcp.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode tcp
-  timeout connect 3s
-  timeout client 30s
-  timeout server 30s
+$(bench_haproxy_head tcp)
 frontend fe
   bind 127.0.0.1:$P_HAPROXY
   default_backend be
-backend be
-  balance roundrobin
-  server s1 127.0.0.1:$B1 check inter 2s
-  server s2 127.0.0.1:$B2 check inter 2s
-  server s3 127.0.0.1:$B3 check inter 2s
+$(bench_haproxy_backend)
 CONF
-taskset -c 0 haproxy -db -f "$OUT/haproxy-tcp.cfg" > "$OUT/haproxy-tcp.out" 2>&1 &
-HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+bench_start HAPROXY_PID 0 haproxy -db -f "$OUT/haproxy-tcp.cfg" > "$OUT/haproxy-tcp.out" 2>&1
 
 cat > "$OUT/nginx-tcp.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-daemon off;
-master_process off;
-pid $OUT/nginx-tcp.pid;
-error_log $OUT/nginx-tcp.err warn;
-events { worker_connections 16384; }
+$(bench_nginx_head nginx-tcp)
 stream {
   upstream b {
-    server 127.0.0.1:$B1;
-    server 127.0.0.1:$B2;
-    server 127.0.0.1:$B3;
+$(bench_nginx_servers)
   }
   server { listen 127.0.0.1:$P_NGINX; proxy_pass b; }
 }
 CONF
-taskset -c 0 nginx -c "$OUT/nginx-tcp.conf" -p "$OUT" &
-NGINX_PID=$!; PIDS+=($NGINX_PID)
+bench_start NGINX_PID 0 nginx -c "$OUT/nginx-tcp.conf" -p "$OUT"
 
 bench_wait_up $B1 $P_HALO $P_HAPROXY $P_NGINX
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK=$(getconf CLK_TCK)
 RESULTS=$OUT/tcp.tsv
 echo -e "round\tkind\ttarget\trate\tcpu_us_per_op\tfailed" > "$RESULTS"
-for round in $(seq "$ROUNDS"); do
-  order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID")
-  for k in 0 1 2; do
-    read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
-    before=$(cpu_ticks "$pid")
-    out=$(taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "http://127.0.0.1:$port/" 2>&1 | tail -40 || true)
-    python3 bench/rows.py ab "$round" connections "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
-    before=$(cpu_ticks "$pid")
-    out=$(taskset -c 1 wrk -t1 -c8 -d"${DUR}s" "http://127.0.0.1:$port/big" 2>&1)
-    python3 bench/rows.py wrk "$round" throughput "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" mib <<< "$out" >> "$RESULTS"
-  done
-  echo "round $round done" >&2
-done
+measure() { # round name port pid
+  local before out
+  before=$(cpu_ticks "$4")
+  out=$(taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "http://127.0.0.1:$3/" 2>&1 | tail -40 || true)
+  python3 bench/rows.py ab "$1" connections "$2" "$before" "$(cpu_ticks "$4")" "$TICK" <<< "$out" >> "$RESULTS"
+  before=$(cpu_ticks "$4")
+  out=$(taskset -c 1 wrk -t1 -c8 -d"${DUR}s" "http://127.0.0.1:$3/big" 2>&1)
+  python3 bench/rows.py wrk "$1" throughput "$2" "$before" "$(cpu_ticks "$4")" "$TICK" mib <<< "$out" >> "$RESULTS"
+}
+bench_interleave measure
 
 python3 bench/rows.py summary "$RESULTS" "connections=New connections per second (one request each)=connection" \
   "throughput=MiB/s (1 MiB bodies)=MiB" | tee "$OUT/tcp.md"

@@ -15,10 +15,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
 DUR=${2:-5}
-OUT=${OUT:-bench/out}
 BASE=${BASE:-19600}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 
 source bench/common.sh
 bench_need haproxy:haproxy nginx:nginx-light wrk:wrk ab:apache2-utils openssl:openssl curl:curl
@@ -41,56 +38,24 @@ protocol = "https"
 certificates = [{ cert = "$OUT/tls.crt", key = "$OUT/tls.key" }]
 [[routes]]
 upstream = "b"
-[upstreams.b]
-endpoints = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
-[upstreams.b.health]
-type = "tcp"
-interval = "2s"
+$(bench_halo_upstream)
 CONF
-HALO_LOG=warn taskset -c 0 "$HALO" proxy -c "$OUT/halo-tls.toml" > "$OUT/halo-tls.out" &
-HALO_PID=$!; PIDS+=($HALO_PID)
+HALO_LOG=warn bench_start HALO_PID 0 "$HALO" proxy -c "$OUT/halo-tls.toml" > "$OUT/halo-tls.out"
 
 cat > "$OUT/haproxy-tls.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-  tune.ssl.default-dh-param 2048
-defaults
-  mode http
-  timeout connect 3s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
+$(bench_haproxy_head http "tune.ssl.default-dh-param 2048")
 frontend fe
   bind 127.0.0.1:$P_HAPROXY ssl crt $OUT/tls.pem alpn http/1.1
   default_backend be
   option forwardfor
-backend be
-  balance roundrobin
-  server s1 127.0.0.1:$B1 check inter 2s
-  server s2 127.0.0.1:$B2 check inter 2s
-  server s3 127.0.0.1:$B3 check inter 2s
+$(bench_haproxy_backend)
 CONF
-taskset -c 0 haproxy -db -f "$OUT/haproxy-tls.cfg" > "$OUT/haproxy-tls.out" 2>&1 &
-HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+bench_start HAPROXY_PID 0 haproxy -db -f "$OUT/haproxy-tls.cfg" > "$OUT/haproxy-tls.out" 2>&1
 
 cat > "$OUT/nginx-tls.conf" <<CONF
-worker_processes 1;
-daemon off;
-master_process off;
-pid $OUT/nginx-tls.pid;
-error_log $OUT/nginx-tls.err warn;
-events { worker_connections 16384; }
+$(bench_nginx_head nginx-tls)
 http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream b {
-    server 127.0.0.1:$B1;
-    server 127.0.0.1:$B2;
-    server 127.0.0.1:$B3;
-    keepalive 256;
-  }
+$(bench_nginx_http_upstream)
   server {
     listen 127.0.0.1:$P_NGINX ssl;
     ssl_certificate $OUT/tls.crt;
@@ -105,8 +70,7 @@ http {
   }
 }
 CONF
-taskset -c 0 nginx -c "$OUT/nginx-tls.conf" -p "$OUT" &
-NGINX_PID=$!; PIDS+=($NGINX_PID)
+bench_start NGINX_PID 0 nginx -c "$OUT/nginx-tls.conf" -p "$OUT"
 
 for port in $P_HALO $P_HAPROXY $P_NGINX; do
   for _ in $(seq 100); do
@@ -134,25 +98,20 @@ Ciphersuites = TLS_AES_128_GCM_SHA256
 Groups = X25519
 CONF
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK=$(getconf CLK_TCK)
 RESULTS=$OUT/tls.tsv
 echo -e "round\tkind\ttarget\trate\tcpu_us_per_op\tfailed" > "$RESULTS"
-for round in $(seq "$ROUNDS"); do
-  order=("halo $P_HALO $HALO_PID" "haproxy $P_HAPROXY $HAPROXY_PID" "nginx $P_NGINX $NGINX_PID")
-  for k in 0 1 2; do
-    read -r name port pid <<< "${order[$(( (k + round) % 3 ))]}"
-    # Handshakes: a new TLS connection per request.
-    before=$(cpu_ticks "$pid")
-    out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "https://127.0.0.1:$port/" 2>&1 | tail -40 || true)
-    python3 bench/rows.py ab "$round" handshakes "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
-    # Requests over kept-alive TLS connections.
-    before=$(cpu_ticks "$pid")
-    out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 wrk -t1 -c64 -d"${DUR}s" "https://127.0.0.1:$port/" 2>&1)
-    python3 bench/rows.py wrk "$round" requests "$name" "$before" "$(cpu_ticks "$pid")" "$TICK" <<< "$out" >> "$RESULTS"
-  done
-  echo "round $round done" >&2
-done
+measure() { # round name port pid
+  local before out
+  # Handshakes: a new TLS connection per request.
+  before=$(cpu_ticks "$4")
+  out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 ab -q -t "$DUR" -n 10000000 -c 32 "https://127.0.0.1:$3/" 2>&1 | tail -40 || true)
+  python3 bench/rows.py ab "$1" handshakes "$2" "$before" "$(cpu_ticks "$4")" "$TICK" <<< "$out" >> "$RESULTS"
+  # Requests over kept-alive TLS connections.
+  before=$(cpu_ticks "$4")
+  out=$(OPENSSL_CONF=$OUT/openssl-client.cnf taskset -c 1 wrk -t1 -c64 -d"${DUR}s" "https://127.0.0.1:$3/" 2>&1)
+  python3 bench/rows.py wrk "$1" requests "$2" "$before" "$(cpu_ticks "$4")" "$TICK" <<< "$out" >> "$RESULTS"
+}
+bench_interleave measure
 
 python3 bench/rows.py summary "$RESULTS" "handshakes=Full handshakes per second=handshake" \
   "requests=Requests per second over kept-alive connections=request" | tee "$OUT/tls.md"
