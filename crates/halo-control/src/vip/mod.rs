@@ -22,10 +22,12 @@
 //!   adding the address, and for IPv4 first asks the network (an ARP
 //!   probe) whether anyone still answers for it.
 //!
-//! **Moving fast**: the candidates ask the holder's node API every
-//! [`PROBE_EVERY`]; one that has not answered for [`SUSPECT_AFTER`] (dead,
-//! frozen, cut off) has its VIP lease revoked, which removes its key at
-//! once instead of after the lease's TTL. A holder whose check fails, or
+//! **Moving fast**: every node asks the other nodes' APIs every
+//! [`PROBE_EVERY`]; a holder that has not answered for [`SUSPECT_AFTER`]
+//! (dead, frozen, cut off) has its VIP lease revoked by a candidate, which
+//! removes its key at once instead of after the lease's TTL. A node that
+//! hears from no other node and cannot renew its own lease is the one cut
+//! off: it judges no one until nodes answer it again. A holder whose check fails, or
 //! that sees a node earlier in `prefer` healthy for [`PREEMPT_AFTER`],
 //! removes the address and then its key.
 
@@ -161,6 +163,8 @@ pub struct Vips {
     /// The VIP lease and when the last successful renewal was sent.
     lease: Mutex<Option<(LeaseId, Instant)>>,
     local: Vec<Arc<Local>>,
+    /// Every other live node's answers ([`Vips::probe_peers`]).
+    peers: Mutex<BTreeMap<String, Peer>>,
     stopped: AtomicBool,
 }
 
@@ -247,10 +251,11 @@ impl Vips {
             view,
             lease: Mutex::new(None),
             local,
+            peers: Mutex::new(BTreeMap::new()),
             stopped: AtomicBool::new(false),
         });
         v.adopt().await;
-        let mut tasks = vec![tokio::spawn(v.clone().renew())];
+        let mut tasks = vec![tokio::spawn(v.clone().renew()), tokio::spawn(v.clone().probe_peers())];
         for (track, health) in checks {
             let floating = {
                 let v = Arc::downgrade(&v);
@@ -414,11 +419,10 @@ impl Vips {
                 (Some(h), _) => {
                     t.absent_since = None;
                     if me.eligible && me.healthy {
-                        self.watch_holder(l, &st, &h, t).await;
+                        self.watch_holder(l, &h, t).await;
                     }
                 }
                 (None, Ok(iface)) if me.eligible && me.healthy => {
-                    t.probe = None;
                     let absent = *t.absent_since.get_or_insert_with(Instant::now);
                     let best = self.best(l, &st).is_none_or(|b| b == self.node);
                     if best || absent.elapsed() >= FALLBACK {
@@ -465,71 +469,64 @@ impl Vips {
         }
     }
 
-    /// Probes the holder's node API every [`PROBE_EVERY`] (each probe on
-    /// its own, so a slow answer delays no other); one silent for
+    /// A holder that [`Vips::probe_peers`] finds silent for
     /// [`SUSPECT_AFTER`] loses its VIP lease (its keys go at once).
-    async fn watch_holder(&self, l: &Local, st: &ClusterState, h: &HeldVip, t: &mut TaskState) {
-        let p = match &mut t.probe {
-            Some(p) if p.token == h.token => p,
-            _ => t.probe.insert(Probe {
-                token: h.token,
-                last_ok: Instant::now(),
-                fails: 0,
-                next: Instant::now(),
-                revoked: false,
-                answered: false,
-                inflight: Vec::new(),
-            }),
-        };
-        if p.revoked {
+    async fn watch_holder(&self, l: &Local, h: &HeldVip, t: &mut TaskState) {
+        if t.revoked == Some(h.token) || self.fresh().is_none() {
             return;
         }
-        // A node that could not renew its own lease (cut off itself) judges
-        // no one until it has seen the holder answer again.
-        if self.fresh().is_none() {
-            p.answered = false;
-            p.fails = 0;
+        let silent = {
+            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.get(&h.holder.node).and_then(|p| p.silent())
+        };
+        let (Some(silent), Some(lease)) = (silent, h.lease) else { return };
+        // The store, asked now (a linearizable read: not answered by a
+        // member cut off with this node), must still have that holder.
+        let now = tokio::time::timeout(HOLD_WINDOW, self.store.get(&l.key)).await;
+        if !matches!(now, Ok(Ok(Some(ref kv))) if kv.create_revision == h.token) {
+            return;
         }
-        let mut pending = Vec::new();
-        for (started, probe) in p.inflight.drain(..) {
-            if !probe.is_finished() {
-                pending.push((started, probe));
-            } else if probe.await.unwrap_or(false) {
-                p.last_ok = p.last_ok.max(started);
-                p.fails = 0;
-                p.answered = true;
-            } else {
-                p.fails += 1;
-            }
+        tracing::warn!(node = %self.node, vip = %l.spec.address, holder = %h.holder.node, silent_ms = silent.as_millis() as u64,
+            "the floating IP's holder does not answer; ending its hold");
+        match self.store.revoke(lease).await {
+            Ok(()) | Err(StoreError::LeaseNotFound(_)) => t.revoked = Some(h.token),
+            Err(e) => tracing::debug!(error = %e, "revoking the holder's lease failed"),
         }
-        p.inflight = pending;
-        if Instant::now() >= p.next {
-            p.next = Instant::now() + PROBE_EVERY;
-            let api = st.nodes.get(&h.holder.node).map(|n| n.api);
-            let probe = tokio::spawn(async move {
-                match api {
-                    Some(api) => healthz(api).await,
-                    None => false,
+    }
+
+    /// Asks every other live node's API `/healthz` every [`PROBE_EVERY`]
+    /// (each probe on its own, so a slow answer delays no other), for the
+    /// VIP tasks to judge holders by. A node that hears from no one and
+    /// cannot renew its own lease is cut off itself: it forgets what it
+    /// heard, and judges a node again only once it has answered since.
+    async fn probe_peers(self: Arc<Self>) {
+        while !self.stopped.load(Relaxed) {
+            let st = self.view.current();
+            let now = Instant::now();
+            {
+                let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+                peers.retain(|n, _| st.nodes.contains_key(n));
+                let heard = peers.values().any(|p| p.last_ok.elapsed() < SUSPECT_AFTER && p.answered);
+                if !heard && self.fresh().is_none() {
+                    peers.values_mut().for_each(|p| p.answered = false);
                 }
-            });
-            p.inflight.push((Instant::now(), probe));
-        }
-        // Only a node that has seen this holder answer judges it: one that
-        // just started or came back from a cut may not reach it yet.
-        if p.answered && p.fails >= 3 && p.last_ok.elapsed() >= SUSPECT_AFTER && self.fresh().is_some() {
-            let Some(lease) = h.lease else { return };
-            // The store, asked now (a linearizable read: not answered by a
-            // member cut off with this node), must still have that holder.
-            let now = tokio::time::timeout(HOLD_WINDOW, self.store.get(&l.key)).await;
-            if !matches!(now, Ok(Ok(Some(ref kv))) if kv.create_revision == h.token) {
-                return;
             }
-            tracing::warn!(node = %self.node, vip = %l.spec.address, holder = %h.holder.node, silent_ms = p.last_ok.elapsed().as_millis() as u64,
-                "the floating IP's holder does not answer; ending its hold");
-            match self.store.revoke(lease).await {
-                Ok(()) | Err(StoreError::LeaseNotFound(_)) => p.revoked = true,
-                Err(e) => tracing::debug!(error = %e, "revoking the holder's lease failed"),
+            for (name, rec) in st.nodes.iter().filter(|(n, _)| **n != self.node) {
+                let (me, name, api) = (self.clone(), name.clone(), rec.api);
+                tokio::spawn(async move {
+                    let ok = healthz(api).await;
+                    let mut peers = me.peers.lock().unwrap_or_else(|e| e.into_inner());
+                    let p = peers.entry(name).or_insert(Peer { last_ok: now, fails: 0, answered: false });
+                    if ok {
+                        p.last_ok = p.last_ok.max(now);
+                        p.fails = 0;
+                        p.answered = true;
+                    } else {
+                        p.fails += 1;
+                    }
+                });
             }
+            tokio::time::sleep(PROBE_EVERY).await;
         }
     }
 
@@ -802,26 +799,32 @@ struct TaskState {
     written: Option<(LeaseId, VipCandidate)>,
     /// Since when no one has held the key (as the view says).
     absent_since: Option<Instant>,
-    probe: Option<Probe>,
+    /// The holder token whose lease this task revoked.
+    revoked: Option<Revision>,
     /// A node earlier in `prefer` that is healthy, and since when.
     better: Option<(String, Instant)>,
     /// The standing last logged.
     logged: Option<VipCandidate>,
 }
 
-/// Probes of the current holder (by its token).
-struct Probe {
-    token: Revision,
+/// What this node heard from another node's API.
+struct Peer {
     /// When the last answered probe was sent.
     last_ok: Instant,
     /// Unanswered probes since then.
     fails: u32,
-    next: Instant,
-    revoked: bool,
-    /// Some probe of this holder was answered.
+    /// It answered since this node last heard from no one (or ever).
     answered: bool,
-    /// Probes under way, with when each was sent.
-    inflight: Vec<(Instant, tokio::task::JoinHandle<bool>)>,
+}
+
+impl Peer {
+    /// How long it has been silent, when that makes it suspect: it
+    /// answered before, missed three probes and nothing came for
+    /// [`SUSPECT_AFTER`].
+    fn silent(&self) -> Option<Duration> {
+        let silent = self.last_ok.elapsed();
+        (self.answered && self.fails >= 3 && silent >= SUSPECT_AFTER).then_some(silent)
+    }
 }
 
 /// Order of candidates: position in `prefer` (others after), then a hash
