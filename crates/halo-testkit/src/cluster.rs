@@ -13,7 +13,7 @@
 //! the next one to start (its owner pid is recorded beside it).
 //! Needs root (CI and the sandbox are) and iproute2.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -482,14 +482,15 @@ impl Cluster {
 
     /// Indexes of the nodes that have `ip` on their interface now (`ip addr`
     /// in each node's namespace).
-    pub fn nodes_with_address(&self, ip: Ipv4Addr) -> Vec<usize> {
+    pub fn nodes_with_address(&self, ip: impl Into<IpAddr>) -> Vec<usize> {
+        let ip = ip.into();
         let ns: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
         holding(&ns, ip)
     }
 
     /// Samples which nodes have each of `ips` every `every` (the addresses
     /// `ip addr` lists in every node's namespace) until [`Sampler::stop`].
-    pub fn sample_addresses(&self, ips: &[Ipv4Addr], every: Duration) -> Sampler {
+    pub fn sample_addresses(&self, ips: &[IpAddr], every: Duration) -> Sampler {
         let ns: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
         let ips = ips.to_vec();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -572,7 +573,7 @@ impl Drop for Cluster {
 
 /// Which of the namespaces `ns` have `ip` on an interface (what `ip addr`
 /// lists there), asked from a short-lived thread that enters each one.
-fn holding(ns: &[String], ip: Ipv4Addr) -> Vec<usize> {
+fn holding(ns: &[String], ip: IpAddr) -> Vec<usize> {
     let ns = ns.to_vec();
     let files = ns.iter().map(|n| netns_file(n)).collect::<Vec<_>>();
     std::thread::spawn(move || (0..files.len()).filter(|&i| has_address(&files[i], ip)).collect())
@@ -587,12 +588,16 @@ fn netns_file(ns: &str) -> std::fs::File {
 
 /// Moves this thread into the namespace `ns` and says whether `ip` is on
 /// one of its interfaces. Only for threads of their own.
-fn has_address(ns: &std::fs::File, ip: Ipv4Addr) -> bool {
+fn has_address(ns: &std::fs::File, ip: IpAddr) -> bool {
     if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
         return false;
     }
     nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
-        addrs.any(|a| a.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some_and(|v| v.ip() == ip))
+        addrs.any(|a| {
+            let Some(s) = a.address.as_ref() else { return false };
+            s.as_sockaddr_in().map(|v| IpAddr::V4(v.ip())).or_else(|| s.as_sockaddr_in6().map(|v| IpAddr::V6(v.ip())))
+                == Some(ip)
+        })
     })
 }
 

@@ -9,7 +9,7 @@
 //! machines are shared.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,26 @@ fn vips(nd: &ClusterNode) -> String {
     if nd.name == "n3" {
         s.push_str(&format!("\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth9\"\n", nd.subnet(102)));
     }
+    // IPv6 (neighbour advertisements, no probe), and one tracked by a
+    // command: the node may hold it while its `healthy` file exists.
+    let k = nd.subnet(0).octets()[2];
+    s.push_str(&format!("\n[[vip]]\naddress = \"{}/64\"\ninterface = \"eth0\"\n", v6(k)));
+    s.push_str(&format!(
+        "\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\ntrack = {{ exec = [\"test\", \"-e\", \"{}\"] }}\n",
+        nd.subnet(103),
+        healthy_file(nd).display()
+    ));
     s
+}
+
+/// The IPv6 floating address of harness `k`.
+fn v6(k: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x213, u16::from(k), 0, 0, 0, 0, 0x100)
+}
+
+/// The file whose presence the exec-tracked floating IP checks on `nd`.
+fn healthy_file(nd: &ClusterNode) -> std::path::PathBuf {
+    nd.data_dir.with_file_name("healthy")
 }
 
 async fn vip_cluster() -> (Cluster, EtcdStore) {
@@ -61,6 +80,10 @@ fn wait_for(within: Duration, what: &str, mut done: impl FnMut() -> bool) -> Dur
 
 /// The one node that has `ip`, waiting up to 10 s for there to be one.
 fn holder(c: &Cluster, ip: Ipv4Addr) -> usize {
+    wait_one(c, ip.into())
+}
+
+fn wait_one(c: &Cluster, ip: IpAddr) -> usize {
     let mut h = Vec::new();
     wait_for(Duration::from_secs(10), &format!("one node holding {ip}"), || {
         h = c.nodes_with_address(ip);
@@ -69,7 +92,7 @@ fn holder(c: &Cluster, ip: Ipv4Addr) -> usize {
     h[0]
 }
 
-fn assert_never_two(what: &str, samples: &[Sample], ips: &[Ipv4Addr]) {
+fn assert_never_two(what: &str, samples: &[Sample], ips: &[IpAddr]) {
     assert!(samples.len() > 10, "{what}: too few samples ({})", samples.len());
     for s in samples {
         for (k, h) in s.holders.iter().enumerate() {
@@ -181,9 +204,11 @@ fn answered_after(attempts: &[Attempt], fault: Instant) -> Option<Duration> {
 async fn the_floating_ip_moves_off_a_killed_node_and_a_failing_proxy_with_one_mac_answering() {
     let (mut c, store) = vip_cluster().await;
     let (a, b) = (c.nodes[0].subnet(100), c.nodes[0].subnet(101));
+    let (a6, e) = (IpAddr::V6(v6(a.octets()[2])), c.nodes[0].subnet(103));
     let client = c.client_ns();
-    let sampler = c.sample_addresses(&[a, b], Duration::from_millis(50));
+    let sampler = c.sample_addresses(&[a.into(), b.into(), a6, e.into()], Duration::from_millis(50));
     let first = holder(&c, a);
+    let first6 = wait_one(&c, a6);
     assert_eq!(holder(&c, b), 0, "{b} prefers n1");
     assert_one_mac(&c, &client, a, first);
     let (name, token) = listed_holder(&c, 1, a).expect("halo vip list names the holder");
@@ -224,6 +249,31 @@ async fn the_floating_ip_moves_off_a_killed_node_and_a_failing_proxy_with_one_ma
     );
     assert_eq!(failed, 0, "requests that never got an answer");
     assert_one_mac(&c, &client, a, second);
+    if first6 == first {
+        let took = wait_for(Duration::from_secs(15), "the IPv6 address moves off the killed node", || {
+            let now = c.nodes_with_address(a6);
+            now.len() == 1 && now[0] != first
+        });
+        println!("kill -9: {a6} moved too, {took:?} after {a} did");
+    }
+    assert_ne!(wait_one(&c, a6), first, "{a6} stayed on the killed node");
+
+    // The exec-tracked address: no node's check passes yet, so no one holds
+    // it and each says why; once the files exist one holds it, and it moves
+    // when the holder's check fails.
+    assert!(c.nodes_with_address(e).is_empty(), "{e} held although every check fails");
+    let (_, listing, _) = c.cli(second, &["vip", "list"]);
+    assert!(listing.contains("exited with status 1"), "{listing}");
+    for nd in c.nodes.iter().filter(|nd| nd.name != c.nodes[first].name) {
+        std::fs::write(healthy_file(nd), "").unwrap();
+    }
+    let e_holder = wait_one(&c, e.into());
+    std::fs::remove_file(healthy_file(&c.nodes[e_holder])).unwrap();
+    let took = wait_for(Duration::from_secs(15), "the exec-tracked address moves when its check fails", || {
+        let now = c.nodes_with_address(e);
+        now.len() == 1 && now[0] != e_holder
+    });
+    println!("{}'s exec check failing: {e} moved in {took:?}", c.nodes[e_holder].name);
     let (name, new_token) = listed_holder(&c, second, a).expect("listed");
     assert_eq!(name, c.nodes[second].name);
     assert!(new_token > token, "the new holder's fencing token {new_token} is not above {token}");
@@ -251,7 +301,7 @@ async fn the_floating_ip_moves_off_a_killed_node_and_a_failing_proxy_with_one_ma
     assert!(m.contains(&format!("halo_vip_held{{address=\"{a}\"}} 1")), "{m}");
     assert!(m.contains(&format!("halo_vip_acquired_total{{address=\"{a}\"}} 1")), "{m}");
     let samples = sampler.stop();
-    assert_never_two("kill and failing proxy", &samples, &[a, b]);
+    assert_never_two("kill and failing proxy", &samples, &[a.into(), b.into(), a6, e.into()]);
     let st = read_state(&store).await.unwrap();
     assert_eq!(st.vips.get(&a.to_string()).map(|h| h.holder.node.clone()), Some(c.nodes[third].name.clone()));
 }
@@ -269,7 +319,7 @@ async fn the_floating_ip_is_never_on_two_nodes_when_links_are_cut_or_nodes_froze
     let (mut c, _store) = vip_cluster().await;
     let (a, b) = (c.nodes[0].subnet(100), c.nodes[0].subnet(101));
     let client = c.client_ns();
-    let sampler = c.sample_addresses(&[a, b], Duration::from_millis(50));
+    let sampler = c.sample_addresses(&[a.into(), b.into()], Duration::from_millis(50));
     let mut moves = Vec::new();
     let reps: usize = std::env::var("HALO_VIP_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     for rep in 0..reps {
@@ -329,7 +379,7 @@ async fn the_floating_ip_is_never_on_two_nodes_when_links_are_cut_or_nodes_froze
     }
     println!("SIGSTOP x3: {a} moved after {freezes:?}");
     let samples = sampler.stop();
-    assert_never_two("cuts and freezes", &samples, &[a, b]);
+    assert_never_two("cuts and freezes", &samples, &[a.into(), b.into()]);
     let none = samples.iter().filter(|s| s.holders[0].is_empty()).count();
     println!("{a} was on no node in {none} of {} samples (moves, and etcd elections)", samples.len());
 }
