@@ -11,7 +11,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use halo_model::{ServiceFile, ServiceSpec};
+use halo_model::diag::Locator;
+use halo_model::{Diagnostic, Diagnostics, FileKind, ServiceFile, ServiceSpec};
 use serde::Deserialize;
 
 #[derive(Debug, Clone)]
@@ -103,68 +104,73 @@ pub const DEFAULT_API: &str = "127.0.0.1:7070";
 
 /// Parses and validates a node file; every problem is reported, each with
 /// the file, and the line or field.
-pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
-    let mut errors = Vec::new();
+pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
+    if let Some(message) =
+        FileKind::misfiled(text, FileKind::Node).filter(|_| FileKind::of(text) == Some(FileKind::Service))
+    {
+        return Err(Diagnostics(vec![Diagnostic {
+            file: file.into(),
+            line: 0,
+            col: 0,
+            field: String::new(),
+            message,
+        }]));
+    }
+    let loc = Locator::new(text);
+    let mut errors = Errors { file, loc: &loc, list: Vec::new() };
     let proxy = halo_proxy::config::parse_with_services(file, &blank_sections(text, true));
     // The span is into the blanked text, which keeps every line (and so
     // every line number) of the original but not its byte offsets.
     let node_text = blank_sections(text, false);
-    let parts: NodeParts = match toml::from_str(&node_text) {
-        Ok(p) => p,
-        Err(e) => {
-            let before = e.span().and_then(|s| node_text.get(..s.start)).unwrap_or(&node_text);
-            let line = before.matches('\n').count() + 1;
-            errors.push(format!("{file}:{line}: {}", e.message().trim()));
-            NodeParts::default()
-        }
-    };
-    let api = parts.node.api.as_deref().unwrap_or(DEFAULT_API);
-    let api = api.parse::<SocketAddr>().map_err(|_| {
-        errors.push(format!("{file}: node.api: '{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\""))
+    let parts: NodeParts = halo_model::diag::deserialize(file, &node_text).unwrap_or_else(|e| {
+        errors.list.extend(e.0);
+        NodeParts::default()
     });
+    let api = parts.node.api.as_deref().unwrap_or(DEFAULT_API);
+    let api = api
+        .parse::<SocketAddr>()
+        .map_err(|_| errors.push("node.api", format!("'{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\"")));
     let backup = parts.backup.as_ref().and_then(|b| {
         let when = match (&b.every, &b.cron) {
             (Some(every), None) => {
-                let d = halo_model::values::parse_duration(every)
-                    .map_err(|e| errors.push(format!("{file}: backup.every: {e}")))
-                    .ok()?;
+                let d = halo_model::values::parse_duration(every).map_err(|e| errors.push("backup.every", e)).ok()?;
                 if d < std::time::Duration::from_secs(1) {
-                    errors.push(format!("{file}: backup.every: '{every}' is too often; at least 1s"));
+                    errors.push("backup.every", format!("'{every}' is too often; at least 1s"));
                 }
                 When::Every(d)
             }
-            (None, Some(cron)) => When::Cron(
-                crate::cron::Cron::parse(cron).map_err(|e| errors.push(format!("{file}: backup.cron: {e}"))).ok()?,
-            ),
+            (None, Some(cron)) => {
+                When::Cron(crate::cron::Cron::parse(cron).map_err(|e| errors.push("backup.cron", e)).ok()?)
+            }
             _ => {
-                errors.push(format!("{file}: backup: give every = \"15m\" or cron = \"0 3 * * *\" (one of them)"));
+                errors.push("backup", "give every = \"15m\" or cron = \"0 3 * * *\" (one of them)");
                 return None;
             }
         };
         let keep_last = b.keep_last.unwrap_or(10);
         if keep_last == 0 {
-            errors.push(format!("{file}: backup.keep_last: 0 would remove every archive; at least 1"));
+            errors.push("backup.keep_last", "0 would remove every archive; at least 1");
         }
         let (keep_daily, keep_weekly) = (b.keep_daily.unwrap_or(0), b.keep_weekly.unwrap_or(0));
         Some(BackupSchedule { when, dir: b.dir.clone(), keep_last, keep_daily, keep_weekly })
     });
-    let vips = vips(file, &parts.vip, &mut errors);
+    let vips = vips(&parts.vip, &mut errors);
     let mut services = Vec::new();
     for (i, s) in parts.services.into_iter().enumerate() {
         match s.validate() {
             Ok(spec) => {
                 if services.iter().any(|(f, _): &(ServiceFile, ServiceSpec)| f.name == s.name) {
-                    errors.push(format!("{file}: services[{i}].name: '{}' is declared twice", s.name));
+                    errors.push(&format!("services[{i}].name"), format!("'{}' is declared twice", s.name));
                 }
                 if proxy.as_ref().is_ok_and(|p| p.upstreams.contains_key(&s.name)) {
-                    errors.push(format!(
-                        "{file}: services[{i}].name: '{}' is also a static upstream; rename one",
-                        s.name
-                    ));
+                    errors.push(
+                        &format!("services[{i}].name"),
+                        format!("'{}' is also a static upstream; rename one", s.name),
+                    );
                 }
                 services.push((s, spec));
             }
-            Err(es) => errors.extend(es.0.iter().map(|e| format!("{file}: services[{i}].{}: {}", e.field, e.message))),
+            Err(es) => errors.list.extend(es.locate(file, text, &format!("services[{i}].")).0),
         }
     }
     if let Ok(p) = &proxy {
@@ -183,18 +189,37 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
         }
     }
     match proxy {
-        Ok(mut proxy) if errors.is_empty() => {
+        Ok(mut proxy) if errors.list.is_empty() => {
             // A listener on a floating IP binds it before this node holds it.
             for l in &mut proxy.listeners {
                 l.freebind = vips.iter().any(|v| v.address == l.addr.ip());
             }
             Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services, backup, vips })
         }
-        Ok(_) => Err(errors),
+        Ok(_) => Err(errors.done()),
         Err(e) => {
-            errors.extend(e.0.iter().map(|e| e.to_string()));
-            Err(errors)
+            errors.list.extend(e.0);
+            Err(errors.done())
         }
+    }
+}
+
+/// A node file's errors as they are found, each placed by its field.
+struct Errors<'a> {
+    file: &'a str,
+    loc: &'a Locator<'a>,
+    list: Vec<Diagnostic>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.list.push(self.loc.diag(self.file, field, message));
+    }
+
+    fn done(self) -> Diagnostics {
+        let mut d = Diagnostics(self.list);
+        d.sort();
+        d
     }
 }
 
@@ -202,33 +227,36 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Vec<String>> {
 /// once, the interface is a possible name, `prefer` names no node twice.
 /// Whether the interface exists is a property of the node, decided at run
 /// time (a node without it is not eligible and says so).
-fn vips(file: &str, sections: &[VipSection], errors: &mut Vec<String>) -> Vec<crate::vip::VipSpec> {
+fn vips(sections: &[VipSection], errors: &mut Errors<'_>) -> Vec<crate::vip::VipSpec> {
     use crate::vip::{Track, VipSpec};
     let mut out: Vec<VipSpec> = Vec::new();
     for (i, v) in sections.iter().enumerate() {
-        let at = format!("{file}: vip[{i}]");
+        let at = format!("vip[{i}]");
         let Some((address, prefix)) = crate::vip::parse_cidr(&v.address) else {
-            errors.push(format!(
-                "{at}.address: '{}' is not accepted; use IP/PREFIX, as in \"10.0.0.100/24\" or \"fd00::100/64\"",
-                v.address
-            ));
+            errors.push(
+                &format!("{at}.address"),
+                format!("'{}' is not accepted; use IP/PREFIX, as in \"10.0.0.100/24\" or \"fd00::100/64\"", v.address),
+            );
             continue;
         };
         if out.iter().any(|o| o.address == address) {
-            errors.push(format!("{at}.address: {address} is declared twice; one [[vip]] per address"));
+            errors.push(&format!("{at}.address"), format!("{address} is declared twice; one [[vip]] per address"));
         }
         let iface_ok = !v.interface.is_empty()
             && v.interface.len() < 16
             && !v.interface.contains(|c: char| c == '/' || c.is_whitespace() || c == ':');
         if !iface_ok {
-            errors.push(format!(
-                "{at}.interface: '{}' is not an interface name (1 to 15 characters, no '/', ':' or spaces), as in \"eth0\"",
-                v.interface
-            ));
+            errors.push(
+                &format!("{at}.interface"),
+                format!(
+                    "'{}' is not an interface name (1 to 15 characters, no '/', ':' or spaces), as in \"eth0\"",
+                    v.interface
+                ),
+            );
         }
         for (j, n) in v.prefer.iter().enumerate() {
             if v.prefer[..j].contains(n) {
-                errors.push(format!("{at}.prefer: '{n}' is listed twice"));
+                errors.push(&format!("{at}.prefer"), format!("'{n}' is listed twice"));
             }
         }
         let track = match &v.track {
@@ -241,10 +269,13 @@ fn vips(file: &str, sections: &[VipSection], errors: &mut Vec<String>) -> Vec<cr
                     TrackSection::Word(w) => format!("'{w}'"),
                     TrackSection::Exec { .. } => "an empty exec".to_string(),
                 };
-                errors.push(format!(
-                    "{at}.track: {shown} is not accepted; use \"proxy\" (the default: this node's listeners answer), \
-                     \"none\", or {{ exec = [\"/path/to/check\", \"arg\"] }} (exit status 0 = healthy)"
-                ));
+                errors.push(
+                    &format!("{at}.track"),
+                    format!(
+                        "{shown} is not accepted; use \"proxy\" (the default: this node's listeners answer), \
+                         \"none\", or {{ exec = [\"/path/to/check\", \"arg\"] }} (exit status 0 = healthy)"
+                    ),
+                );
                 continue;
             }
         };
@@ -310,7 +341,7 @@ path_prefix = "/"
     #[test]
     fn errors_keep_lines_and_fields() {
         let bad = NODE.replace("workers = 1", "workers = \"many\"").replace("replicas = 2", "replicas = 99999");
-        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        let errs = parse_node("q.toml", &bad).unwrap_err().to_string();
         assert!(errs.contains("q.toml:6"), "proxy error lost its line: {errs}");
         assert!(errs.contains("services[0].replicas"), "{errs}");
     }
@@ -320,7 +351,7 @@ path_prefix = "/"
         // The proxy's sections come first and are blanked for the node
         // parser; a CJK comment there must neither shift nor break the line.
         let text = "# 代理配置：监听器和上游\n[proxy]\nworkers = 1 # 工作线程\n\n[node]\napi = = \"x\"\n";
-        let errs = parse_node("n.toml", text).unwrap_err().join("\n");
+        let errs = parse_node("n.toml", text).unwrap_err().to_string();
         assert!(errs.contains("n.toml:6:"), "wrong line: {errs}");
     }
 
@@ -342,7 +373,7 @@ path_prefix = "/"
              interface = \"a/b\"\ntrack = \"ping\"\n\n[[vip]]\naddress = \"10.0.0.8\"\ninterface = \"e\"\n\n\
              [[vip]]\naddress = \"10.0.0.8/32\"\ninterface = \"e\"\nprefer = [\"a\", \"a\"]\n"
         );
-        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        let errs = parse_node("q.toml", &bad).unwrap_err().to_string();
         for want in [
             "vip[0].address: '10.0.0.300/24' is not accepted; use IP/PREFIX",
             "vip[1].address: '10.0.0.9/33'",
@@ -352,7 +383,7 @@ path_prefix = "/"
             assert!(errs.contains(want), "missing {want:?} in {errs}");
         }
         let bad = format!("{NODE}\n[[vip]]\naddress = \"10.0.0.9/32\"\ninterface = \"a/b\"\ntrack = \"ping\"\n");
-        let errs = parse_node("q.toml", &bad).unwrap_err().join("\n");
+        let errs = parse_node("q.toml", &bad).unwrap_err().to_string();
         assert!(errs.contains("vip[0].interface: 'a/b' is not an interface name"), "{errs}");
         assert!(errs.contains("vip[0].track: 'ping' is not accepted; use \"proxy\""), "{errs}");
     }
@@ -360,7 +391,7 @@ path_prefix = "/"
     #[test]
     fn a_service_may_not_take_a_static_upstream_name() {
         let clash = format!("{NODE}\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"127.0.0.1:9\"]\n");
-        let errs = parse_node("q.toml", &clash).unwrap_err().join("\n");
+        let errs = parse_node("q.toml", &clash).unwrap_err().to_string();
         assert!(errs.contains("services[0].name: 'web' is also a static upstream"), "{errs}");
     }
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_model::{ServiceFile, SpecErrors};
+use halo_model::{Diagnostics, ServiceFile};
 use halo_proxy::Proxy;
 use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
@@ -31,7 +31,7 @@ use rollouts::stable_for;
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("invalid service:\n{0}")]
-    Invalid(#[from] SpecErrors),
+    Invalid(#[from] Diagnostics),
     #[error("{0}")]
     BadRequest(String),
     #[error("no service named '{0}'")]
@@ -348,7 +348,7 @@ impl Node {
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<(), NodeError> {
         self.modify(name, |file, _| {
             file.replicas = Some(replicas);
-            file.validate().map(drop).map_err(NodeError::from)
+            file.validate().map(drop).map_err(|e| NodeError::BadRequest(e.to_string()))
         })
         .await
     }

@@ -8,7 +8,9 @@
 //! proxy's config reuses them, so a policy name means the same in a service
 //! file as in a proxy file. No I/O here.
 
+pub mod diag;
 mod file;
+mod kind;
 pub mod release;
 pub mod run;
 pub mod values;
@@ -17,9 +19,11 @@ use std::time::Duration;
 
 use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
 
+pub use diag::{Diagnostic, Diagnostics};
 pub use file::{
     BackupSection, BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection,
 };
+pub use kind::FileKind;
 pub use run::{DockerRun, Pull, RunDriver, RunSpec, Volume};
 
 /// One problem in a service file.
@@ -35,6 +39,15 @@ pub struct SpecError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct SpecErrors(pub Vec<SpecError>);
+
+impl SpecErrors {
+    /// The errors of the service written at `prefix` (empty for a file of
+    /// its own, `services[2].` in a node file), placed in `text`.
+    pub fn locate(&self, file: &str, text: &str, prefix: &str) -> Diagnostics {
+        let loc = diag::Locator::new(text);
+        Diagnostics(self.0.iter().map(|e| loc.diag(file, &format!("{prefix}{}", e.field), e.message.clone())).collect())
+    }
+}
 
 /// A validated service.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,15 +174,33 @@ pub struct BalanceSpec {
     pub timeouts: Timeouts,
 }
 
-/// Parses and validates a service file; `file` names it in errors.
-pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), SpecErrors> {
-    let raw: ServiceFile = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        let at = line.map(|l| format!("{file}:{l}")).unwrap_or_else(|| file.to_string());
-        SpecErrors(vec![SpecError { field: "(syntax)".into(), message: format!("{at}: {}", e.message().trim()) }])
-    })?;
-    let spec = raw.validate()?;
-    Ok((raw, spec))
+/// Parses and validates a service file; `file` names it in errors, which
+/// are all reported at once, each with its line, column and field.
+pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), Diagnostics> {
+    if let Some(message) = FileKind::misfiled(text, FileKind::Service) {
+        return Err(Diagnostics(vec![Diagnostic {
+            file: file.into(),
+            line: 0,
+            col: 0,
+            field: String::new(),
+            message,
+        }]));
+    }
+    let read = diag::read::<ServiceFile>(file, text);
+    let Some(raw) = &read.value else { return Err(read.errors) };
+    match raw.validate() {
+        Ok(spec) if read.errors.is_empty() => Ok((read.value.expect("checked"), spec)),
+        Ok(_) => Err(read.errors),
+        Err(e) => {
+            // What was set aside holds a default now: its checks would
+            // repeat the error already reported.
+            let later = e.locate(file, text, "").0.into_iter().filter(|d| !read.follows(&d.field));
+            let mut all = read.errors.clone();
+            all.0.extend(later);
+            all.sort();
+            Err(all)
+        }
+    }
 }
 
 /// Service names: what a DNS label accepts.

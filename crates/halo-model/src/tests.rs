@@ -170,3 +170,24 @@ fn docker_mistakes_are_named() {
     let e = parse_service("x.toml", "name = \"web\"\n[run]\nargs = []\n").unwrap_err().to_string();
     assert!(e.contains("run.command: is required"), "{e}");
 }
+
+#[test]
+fn every_error_of_a_file_is_reported_at_once_with_line_and_column() {
+    let text = "name = \"web\"\nreplicas = \"three\"\n[run]\ncommand = \"x\"\nagrs = [\"a\"]\n[readiness]\n  interval = \"fast\"\n[restart]\npolicy = \"sometimes\"\n";
+    let errs = parse_service("svc.toml", text).unwrap_err();
+    let s = errs.to_string();
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 4, "{s}");
+    assert!(lines[0].starts_with("svc.toml:2:12: replicas: expected a whole number"), "{s}");
+    assert!(lines[1].starts_with("svc.toml:5:1: run.agrs: unknown field 'agrs' (did you mean 'args'?)"), "{s}");
+    assert!(lines[2].starts_with("svc.toml:7:3: readiness.interval:"), "{s}");
+    assert!(lines[3].starts_with("svc.toml:9:1: restart.policy: unknown policy 'sometimes'"), "{s}");
+}
+
+#[test]
+fn a_node_or_proxy_file_is_named_for_what_it_is() {
+    let e = parse_service("n.toml", "[node]\napi = \"127.0.0.1:7070\"\n").unwrap_err().to_string();
+    assert!(e.contains("this is a node file") && e.contains("halo up -c FILE"), "{e}");
+    let e = parse_service("p.toml", "[[listeners]]\nlisten = \"127.0.0.1:1\"\n").unwrap_err().to_string();
+    assert!(e.contains("this is a proxy file") && e.contains("halo proxy -c FILE"), "{e}");
+}

@@ -27,35 +27,22 @@ use self::locate::Locator;
 pub use self::types::*;
 pub use halo_model::values::parse_duration;
 
-/// One problem found in a config file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {field}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    /// 1-based line; 0 when the problem is not tied to a line.
-    pub line: usize,
-    pub field: String,
-    pub message: String,
-}
+/// One problem found in a config file: file, line (0 when it is not
+/// tied to one), field and message, as every file halo reads reports them.
+pub type ConfigError = halo_model::Diagnostic;
 
 /// All problems found in one config file, reported together.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}", render(.0))]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-fn render(errors: &[ConfigError]) -> String {
-    let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-    lines.join("\n")
-}
+pub type ConfigErrors = halo_model::Diagnostics;
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
+        halo_model::Diagnostics(vec![ConfigError {
             file: name.clone(),
             line: 0,
-            field: "(file)".into(),
+            col: 0,
+            field: String::new(),
             message: format!("cannot read the config file: {e}"),
         }])
     })?;
@@ -75,22 +62,21 @@ pub fn parse_with_services(file: &str, text: &str) -> Result<Config, ConfigError
 }
 
 fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, ConfigErrors> {
-    let raw: FileConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
-        ConfigErrors(vec![ConfigError {
-            file: file.into(),
-            line,
-            field: "(syntax)".into(),
-            message: e.message().trim().to_string(),
-        }])
-    })?;
+    let misfiled = (!services_later).then(|| halo_model::FileKind::misfiled(text, halo_model::FileKind::Proxy));
+    if let Some(message) = misfiled.flatten() {
+        let e = ConfigError { file: file.into(), line: 0, col: 0, field: String::new(), message };
+        return Err(halo_model::Diagnostics(vec![e]));
+    }
+    let raw: FileConfig = halo_model::diag::deserialize(file, text)?;
     let mut v =
         Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), fed: false, services_later };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigErrors(v.errors))
+        let mut errors = halo_model::Diagnostics(v.errors);
+        errors.sort();
+        Err(errors)
     }
 }
 
@@ -123,7 +109,7 @@ pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Conf
     let routes: Vec<RouteConfig> =
         generated.routes.iter().enumerate().map(|(i, r)| v.route(i, r, &cfg.upstreams, &listeners)).collect();
     if !v.errors.is_empty() {
-        return Err(ConfigErrors(v.errors));
+        return Err(halo_model::Diagnostics(v.errors));
     }
     cfg.routes.extend(routes);
     Ok(cfg)
@@ -146,7 +132,14 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&mut self, line: usize, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError { file: self.file.clone(), line, field: field.into(), message: message.into() });
+        // The validator knows the line of a key, not its column.
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line,
+            col: 0,
+            field: field.into(),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, line: usize, field: &str, v: Option<&str>, default: Duration) -> Duration {

@@ -104,7 +104,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             ("(built-in default)".to_string(), format!("[[listeners]]\nname = \"http\"\nlisten = \"{listen}\"\n"))
         }
     };
-    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
+    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{e}"))?;
     let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
     let cluster = ClusterConfig {
         node: args.node.clone(),

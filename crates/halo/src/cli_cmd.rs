@@ -71,8 +71,7 @@ fn print_outcome(t: &Target, v: &serde_json::Value) {
 pub fn apply(t: &Target, file: &PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Validate here too, so errors name the file the user wrote.
-    halo_model::parse_service(&file.display().to_string(), &text)
-        .map_err(|e| anyhow::anyhow!("invalid service:\n{e}"))?;
+    halo_model::parse_service(&file.display().to_string(), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     print_outcome(t, &call(t, Method::PUT, "/v1/services", Some(text))?);
     Ok(())
 }

@@ -37,7 +37,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         None => ("(built-in default)".to_string(), DEFAULT_NODE.to_string()),
     };
-    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{}", e.join("\n")))?;
+    let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{e}"))?;
     let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
     control_runtime()?.block_on(serve(cfg, data_dir, Role::Single))
 }
