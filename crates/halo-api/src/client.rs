@@ -9,10 +9,14 @@ use hyper_util::rt::TokioIo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the halo API at {addr}: {source} (is `halo up` running? --api or HALO_API set the address)")]
-    Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("talking to the halo API failed: {0}")]
+    // The cause is in the message, not a `source`: printed with its
+    // chain, it would be said twice.
+    #[error("cannot reach the halo API at {addr}: {cause} (is `halo up` running? --api or HALO_API set the address)")]
+    Connect { addr: SocketAddr, cause: std::io::Error },
+    #[error("talking to the halo API failed")]
     Http(#[from] hyper::Error),
+    #[error("the node's answer to {path} is not what this halo reads (is the node another version?): {cause}")]
+    Decode { path: String, cause: serde_json::Error },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
 }
@@ -25,6 +29,23 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// GETs `path` and reads the answer as `T` (a view the API serves).
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let body = self.call(Method::GET, path, None, |_| {}).await?;
+        serde_json::from_slice(&body).map_err(|cause| ClientError::Decode { path: path.into(), cause })
+    }
+
+    /// Sends a change and reads what it did.
+    pub async fn change(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<halo_control::Outcome, ClientError> {
+        let answer = self.call(method, path, body, |_| {}).await?;
+        serde_json::from_slice(&answer).map_err(|cause| ClientError::Decode { path: path.into(), cause })
+    }
+
     /// Sends one request; a non-2xx answer becomes [`ClientError::Api`]
     /// with the API's error message. Each chunk of the body goes to
     /// `on_chunk` as it arrives (log following); the whole body is returned.
@@ -37,7 +58,7 @@ impl ApiClient {
     ) -> Result<Bytes, ClientError> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
-            .map_err(|source| ClientError::Connect { addr: self.addr, source })?;
+            .map_err(|cause| ClientError::Connect { addr: self.addr, cause })?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = Request::builder()

@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use halo_control::{Node, NodeError, RolloutCommand};
+use halo_control::{Node, NodeError, Outcome, RolloutCommand, StatusView};
 use serde::Deserialize;
 
 #[derive(Clone)]
@@ -80,14 +80,34 @@ pub async fn serve(
     token: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node, token)).with_graceful_shutdown(shutdown).await
+    let app = router(node, token).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), api.token.as_bytes()) => next.run(req).await,
+        Some(t) if constant_time_eq(t.as_bytes(), api.token.as_bytes()) => {
+            let change = req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD;
+            if !change {
+                return next.run(req).await;
+            }
+            // Every change is logged: who asked, what, and how it ended.
+            let from = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map_or_else(|| "-".to_string(), |c| c.0.to_string());
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let resp = next.run(req).await;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                tracing::info!(%from, %method, %path, status, "api change");
+            } else {
+                tracing::warn!(%from, %method, %path, status, "api change refused");
+            }
+            resp
+        }
         Some(_) => ApiError(StatusCode::UNAUTHORIZED, "wrong token".into()).into_response(),
         None => ApiError(
             StatusCode::UNAUTHORIZED,
@@ -112,12 +132,8 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-async fn status(State(api): State<Api>) -> impl IntoResponse {
-    Json(serde_json::json!({
-        "services": api.node.status(),
-        "cluster": api.node.cluster(),
-        "backup": api.node.backup_health(),
-    }))
+async fn status(State(api): State<Api>) -> Json<StatusView> {
+    Json(StatusView { services: api.node.status(), cluster: api.node.cluster(), backup: api.node.backup_health() })
 }
 
 async fn nodes(State(api): State<Api>) -> impl IntoResponse {
@@ -130,24 +146,35 @@ async fn vips(State(api): State<Api>) -> impl IntoResponse {
 
 async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.set_draining(&name, true).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": "draining" })))
+    Ok(Json(Outcome::new(name, "draining")))
 }
 
 async fn remove_node(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.remove_node(&name).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": "removed" })))
+    Ok(Json(Outcome::new(name, "removed")))
 }
 
 async fn undrain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.set_draining(&name, false).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": "undrained" })))
+    Ok(Json(Outcome::new(name, "undrained")))
 }
 
-async fn apply(State(api): State<Api>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+#[derive(Deserialize)]
+struct ApplyQuery {
+    dry_run: Option<bool>,
+}
+
+/// Applies a service file; `?dry_run=true` answers what would change
+/// ([`halo_control::Applied`]) and changes nothing.
+async fn apply(State(api): State<Api>, Query(q): Query<ApplyQuery>, body: Bytes) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the body must be UTF-8 TOML".into()))?;
-    let (name, outcome) = api.node.apply("request", text).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": outcome })))
+    let dry_run = q.dry_run.unwrap_or(false);
+    let applied = api.node.apply("request", text, dry_run).await?;
+    if dry_run {
+        return Ok(Json(applied).into_response());
+    }
+    Ok(Json(Outcome::new(applied.name, applied.outcome.to_string())).into_response())
 }
 
 async fn get_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
@@ -156,7 +183,7 @@ async fn get_service(State(api): State<Api>, Path(name): Path<String>) -> Result
 
 async fn delete_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.delete(&name).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": "deleted" })))
+    Ok(Json(Outcome::new(name, "deleted")))
 }
 
 #[derive(Deserialize)]
@@ -169,12 +196,12 @@ async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) ->
         ApiError(StatusCode::BAD_REQUEST, format!("expected {{\"replicas\": N}} with N from 0 to 1000: {e}"))
     })?;
     api.node.scale(&name, b.replicas).await?;
-    Ok(Json(serde_json::json!({ "name": name, "replicas": b.replicas })))
+    Ok(Json(Outcome::new(name, format!("scaled to {}", b.replicas))))
 }
 
 async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.restart(&name).await?;
-    Ok(Json(serde_json::json!({ "name": name, "outcome": "restarting" })))
+    Ok(Json(Outcome::new(name, "restarting")))
 }
 
 async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
@@ -188,7 +215,7 @@ async fn backup_hook(State(api): State<Api>, Path(name): Path<String>) -> Result
 
 async fn cancel_backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
     api.node.cancel_backup()?;
-    Ok(Json(serde_json::json!({ "name": "backup", "outcome": "cancelled" })))
+    Ok(Json(Outcome::new("backup", "cancelled")))
 }
 
 #[derive(Deserialize)]
@@ -235,7 +262,7 @@ async fn rollout_order(
         (None, "retry") => api.node.rollout_retry(&name).await?,
         (None, _) => api.node.rollout_undo(&name).await?,
     }
-    Ok(Json(serde_json::json!({ "name": name, "outcome": outcome })))
+    Ok(Json(Outcome::new(name, outcome)))
 }
 
 #[derive(Deserialize)]
@@ -263,17 +290,32 @@ async fn logs(
     if !q.follow.unwrap_or(false) {
         return Ok(([(header::CONTENT_TYPE, "text/plain")], head).into_response());
     }
-    let mut offsets: Vec<u64> = files.iter().map(|(_, f)| f.size()).collect();
+    let mut files: Vec<(String, _, u64)> = files
+        .into_iter()
+        .map(|(id, f)| {
+            let size = f.size();
+            (id, f, size)
+        })
+        .collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         if tx.send(Bytes::from(head)).await.is_err() {
             return;
         }
         // Bounded: a follower is dropped after a day, or when it hangs up.
-        for _ in 0..(24 * 3600 * 4) {
+        for tick in 0..(24 * 3600 * 4u64) {
             tokio::time::sleep(Duration::from_millis(250)).await;
+            // Instances started since the follow began join it, from
+            // their first line.
+            if tick % 4 == 3 {
+                for (id, f) in api.node.logs(&name, q.instance.as_deref()).unwrap_or_default() {
+                    if !files.iter().any(|(known, _, _)| *known == id) {
+                        files.push((id, f, 0));
+                    }
+                }
+            }
             let mut chunk = String::new();
-            for ((id, f), off) in files.iter().zip(offsets.iter_mut()) {
+            for (id, f, off) in files.iter_mut() {
                 let (text, next) = f.read_from(*off);
                 *off = next;
                 for l in text.lines() {

@@ -16,7 +16,7 @@ use crate::reconcile::Reconciler;
 use crate::BackupSchedule;
 
 /// How scheduled backups are doing, for `/metrics` and `halo status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct BackupHealth {
     /// Unix seconds of the last backup written and verified.
     pub last_success: Option<u64>,

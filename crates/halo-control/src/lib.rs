@@ -28,8 +28,9 @@ pub mod state;
 mod views;
 pub mod vip;
 
+pub use backup_schedule::BackupHealth;
 pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
-pub use node::{shared_token, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
-pub use views::{ClusterServiceView, ClusterView, NodeView, PlacementView, RolloutView};
+pub use node::{shared_token, Applied, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
+pub use views::{ClusterServiceView, ClusterView, NodeView, Outcome, PlacementView, RolloutView, StatusView};

@@ -14,7 +14,7 @@ use halo_model::{Diagnostics, ServiceFile};
 use halo_proxy::Proxy;
 use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord, API_TOKEN};
 use crate::membership::{ClusterConfig, Membership};
@@ -54,7 +54,7 @@ pub enum NodeError {
     Start(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplyOutcome {
     Created,
@@ -62,7 +62,26 @@ pub enum ApplyOutcome {
     Unchanged,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl std::fmt::Display for ApplyOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyOutcome::Created => "created",
+            ApplyOutcome::Updated => "updated",
+            ApplyOutcome::Unchanged => "unchanged",
+        })
+    }
+}
+
+/// What `apply` did, or would do: the stored file before and after.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    pub name: String,
+    pub outcome: ApplyOutcome,
+    pub before: Option<String>,
+    pub after: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceView {
     #[serde(flatten)]
     pub status: Status,
@@ -72,7 +91,7 @@ pub struct InstanceView {
     pub current: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub replicas: u32,
@@ -317,8 +336,9 @@ impl Node {
         &self.r.feed.proxy
     }
 
-    /// Creates or replaces a service from its file's text.
-    pub async fn apply(&self, source: &str, text: &str) -> Result<(String, ApplyOutcome), NodeError> {
+    /// Creates or replaces a service from its file's text; with `dry_run`
+    /// only says what it would do.
+    pub async fn apply(&self, source: &str, text: &str, dry_run: bool) -> Result<Applied, NodeError> {
         let (file, spec) = halo_model::parse_service(source, text)?;
         if self.r.feed.base.upstreams.contains_key(&file.name) {
             return Err(NodeError::BadRequest(format!(
@@ -326,22 +346,55 @@ impl Node {
                 file.name
             )));
         }
+        self.check_routes_free(&file.name, &spec)?;
         let key = service_key(&file.name);
         let current = self.r.store.get(&key).await?;
+        let after = file.to_toml();
+        let before = match &current {
+            Some(kv) => Some(decode::<ServiceRecord>(&key, &kv.value)?.spec),
+            None => None,
+        };
+        let applied =
+            |outcome| Applied { name: file.name.clone(), outcome, before: before.clone(), after: after.clone() };
+        let outcome = match &before {
+            Some(b) if *b == after => ApplyOutcome::Unchanged,
+            Some(_) => ApplyOutcome::Updated,
+            None => ApplyOutcome::Created,
+        };
+        if dry_run || outcome == ApplyOutcome::Unchanged {
+            return Ok(applied(outcome));
+        }
         let rec = match &current {
             Some(kv) => {
                 let old: ServiceRecord = decode(&key, &kv.value)?;
-                if old.spec == file.to_toml() {
-                    return Ok((file.name, ApplyOutcome::Unchanged));
-                }
                 let stable = stable_for(&key, &old, &file, &spec)?;
                 ServiceRecord { spec: file.to_toml(), restart_generation: old.restart_generation, stable }
             }
             None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
         };
-        let outcome = if current.is_some() { ApplyOutcome::Updated } else { ApplyOutcome::Created };
         self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
-        Ok((file.name, outcome))
+        Ok(applied(outcome))
+    }
+
+    /// A route another service has already would take no traffic (the
+    /// first service keeps it): refused, naming that service.
+    fn check_routes_free(&self, name: &str, spec: &halo_model::ServiceSpec) -> Result<(), NodeError> {
+        let st = self.r.view.current();
+        for (i, r) in spec.routes.iter().enumerate() {
+            let taken = st.services.iter().find(|(other, svc)| *other != name && svc.spec.routes.contains(r));
+            if let Some((other, _)) = taken {
+                let host = r.host.as_deref().unwrap_or("any host");
+                let path = match &r.path {
+                    halo_model::PathRule::Prefix(p) => format!("path_prefix {p}"),
+                    halo_model::PathRule::Exact(p) => format!("path_exact {p}"),
+                };
+                return Err(NodeError::BadRequest(format!(
+                    "routes[{i}]: service '{other}' already routes {host}, {path}; give this one another host or \
+                     path, or change '{other}' first"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Sets the replica count.

@@ -316,7 +316,8 @@ impl Reconciler {
                 self.store.delete(&kv.key).await?;
                 continue;
             };
-            tracing::info!(instance = %rec.id, pid = handle.pid, container = ?handle.container, "adopting running instance");
+            let container = handle.container.as_deref().unwrap_or("-");
+            tracing::info!(instance = %rec.id, pid = handle.pid, container, "adopting running instance");
             known.push(handle);
             to_adopt.push((ispec, rec, run));
         }

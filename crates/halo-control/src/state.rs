@@ -338,7 +338,7 @@ pub async fn read_state(store: &dyn Store) -> Result<ClusterState, StoreError> {
 }
 
 /// How current the view is.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Freshness {
     /// The store revision the view is at.
     pub revision: Revision,

@@ -1,12 +1,12 @@
 //! What `halo status`, `halo node list` and `/metrics` show of the
 //! cluster, built from the node's view (no store read).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::state::{ClusterState, Freshness};
 
 /// The cluster as `halo status` and `halo node list` show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterView {
     /// The node answering.
     pub node: String,
@@ -20,7 +20,7 @@ pub struct ClusterView {
     pub view: Freshness,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeView {
     pub name: String,
     pub addr: Option<std::net::IpAddr>,
@@ -38,7 +38,7 @@ pub struct NodeView {
     pub drivers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterServiceView {
     pub name: String,
     pub replicas: u32,
@@ -46,15 +46,27 @@ pub struct ClusterServiceView {
     pub ready: usize,
     /// Replicas not placed yet or not ready yet.
     pub pending: usize,
+    /// The revision (template) instances should run.
+    #[serde(default)]
+    pub template: String,
+    /// Placements of `template` (the others wait to be replaced, or are a
+    /// rollout's stable set).
+    #[serde(default)]
+    pub current: usize,
+    /// Ready placements of `template`.
+    #[serde(default)]
+    pub current_ready: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlacementView {
     pub id: String,
     pub service: String,
     pub node: String,
     pub ready: bool,
     pub endpoint: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub template: String,
 }
 
 impl ClusterView {
@@ -87,15 +99,20 @@ impl ClusterView {
             .services
             .iter()
             .map(|(name, svc)| {
-                let placed: Vec<&String> =
-                    st.assignments.values().filter(|a| &a.placement.service == name).map(|a| &a.placement.id).collect();
-                let ready = placed.iter().filter(|id| st.endpoints.contains_key(**id)).count();
+                let placed: Vec<&crate::scheduler::Placement> =
+                    st.assignments.values().filter(|a| &a.placement.service == name).map(|a| &a.placement).collect();
+                let is_ready = |p: &&&crate::scheduler::Placement| st.endpoints.contains_key(&p.id);
+                let ready = placed.iter().filter(is_ready).count();
+                let current: Vec<_> = placed.iter().filter(|p| p.template == svc.template).collect();
                 ClusterServiceView {
                     name: name.clone(),
                     replicas: svc.spec.replicas,
                     placed: placed.len(),
                     ready,
                     pending: (svc.spec.replicas as usize).saturating_sub(ready),
+                    template: svc.template.clone(),
+                    current: current.len(),
+                    current_ready: current.iter().filter(|p| st.endpoints.contains_key(&p.id)).count(),
                 }
             })
             .collect();
@@ -108,6 +125,7 @@ impl ClusterView {
                 node: a.placement.node.clone(),
                 ready: st.endpoints.contains_key(&a.placement.id),
                 endpoint: st.endpoints.get(&a.placement.id).map(|(_, e)| e.addr),
+                template: a.placement.template.clone(),
             })
             .collect();
         ClusterView {
@@ -157,7 +175,7 @@ impl ClusterView {
 }
 
 /// A service's canary rollout as `halo rollout status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutView {
     pub service: String,
     /// `progressing`, `promoted`, `rolled_back`, `aborted`, or `none`.
@@ -177,13 +195,13 @@ pub struct RolloutView {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepView {
     pub weight: u32,
     pub pause_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevisionView {
     pub template: String,
     pub placed: usize,
@@ -244,5 +262,27 @@ impl RolloutView {
             windows: current.map(|r| r.windows.clone()).unwrap_or_default(),
             reason: current.map_or_else(|| "waiting for the leader".into(), |r| r.reason.clone()),
         })
+    }
+}
+
+/// `/v1/status`: this node's instances, the cluster as its view has it,
+/// and scheduled backups (when this node runs them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub services: Vec<crate::node::ServiceStatus>,
+    pub cluster: ClusterView,
+    pub backup: Option<crate::backup_schedule::BackupHealth>,
+}
+
+/// What a change through the API did: `{"name": "web", "outcome": "created"}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub name: String,
+    pub outcome: String,
+}
+
+impl Outcome {
+    pub fn new(name: impl Into<String>, outcome: impl Into<String>) -> Outcome {
+        Outcome { name: name.into(), outcome: outcome.into() }
     }
 }

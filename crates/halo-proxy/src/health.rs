@@ -44,12 +44,19 @@ async fn run(weak: Weak<Endpoint>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let ok = probe(ep.addr, cfg, settings.send_proxy_protocol, settings.tls.as_deref()).await;
+        let result = probe(ep.addr, cfg, settings.send_proxy_protocol, settings.tls.as_deref()).await;
+        let ok = result.is_ok();
         if !ok {
             ep.stats.health_checks_failed.fetch_add(1, Relaxed);
         }
-        if let Some(up) = ep.active_result(ok, cfg.rise, cfg.fall, &mut streak) {
-            tracing::warn!(upstream = %ep.upstream, endpoint = %ep.addr, up, "endpoint health changed by active checks");
+        match (ep.active_result(ok, cfg.rise, cfg.fall, &mut streak), &result) {
+            (Some(false), Err(why)) => {
+                tracing::warn!(upstream = %ep.upstream, endpoint = %ep.addr, reason = %why, "endpoint down: active health checks fail")
+            }
+            (Some(_), _) => {
+                tracing::info!(upstream = %ep.upstream, endpoint = %ep.addr, "endpoint up: active health checks pass")
+            }
+            (None, _) => {}
         }
         // An endpoint that keeps passing checks after an ejection has its
         // ejection backoff forgiven.
@@ -64,16 +71,20 @@ async fn run(weak: Weak<Endpoint>) {
     }
 }
 
-/// One probe; true when the endpoint answered as expected in time. An
-/// upstream that takes PROXY protocol headers gets a LOCAL one first; an
-/// upstream behind TLS is checked over TLS (HTTP and gRPC checks).
+/// One probe; `Ok` when the endpoint answered as expected in time, else
+/// what went wrong (`GET /healthz answered 503`). An upstream that takes
+/// PROXY protocol headers gets a LOCAL one first; an upstream behind TLS is
+/// checked over TLS (HTTP and gRPC checks).
 pub async fn probe(
     addr: SocketAddr,
     cfg: &HealthConfig,
     proxy: Option<ProxyProtocolVersion>,
     tls: Option<&UpstreamTls>,
-) -> bool {
-    tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy, tls)).await.unwrap_or(false)
+) -> Result<(), String> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", cfg.timeout.as_millis())),
+    }
 }
 
 async fn probe_inner(
@@ -81,59 +92,57 @@ async fn probe_inner(
     kind: &HealthKind,
     proxy: Option<ProxyProtocolVersion>,
     tls: Option<&UpstreamTls>,
-) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     if let Some(v) = proxy {
-        if stream.write_all(&crate::proxy_protocol::encode_local(v)).await.is_err() {
-            return false;
-        }
+        let local = crate::proxy_protocol::encode_local(v);
+        stream.write_all(&local).await.map_err(|e| format!("sending the PROXY header: {e}"))?;
     }
     if *kind == HealthKind::Tcp {
-        return true;
+        return Ok(());
     }
     let stream = match tls {
-        Some(t) => match t.connect(stream, addr).await {
-            Ok(io) => io,
-            Err(_) => return false,
-        },
+        Some(t) => t.connect(stream, addr).await.map_err(|e| format!("TLS: {e}"))?,
         None => UpIo::Plain(stream),
     };
     let (path, expect_status) = match kind {
-        HealthKind::Tcp => return true,
+        HealthKind::Tcp => return Ok(()),
         HealthKind::Grpc { service } => return grpc_check(stream, addr, service).await,
         HealthKind::Http { path, expect_status } => (path, expect_status),
     };
-    let Ok((mut sender, conn)) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await else {
-        return false;
-    };
+    let (mut sender, conn) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
     tokio::spawn(conn);
     let req = http::Request::get(path.as_str())
         .header(http::header::HOST, addr.to_string())
         .header(http::header::USER_AGENT, "halo-health-check")
         .header(http::header::CONNECTION, "close")
-        .body(Empty::new());
-    let Ok(req) = req else { return false };
-    match sender.send_request(req).await {
-        Ok(resp) => match expect_status {
-            Some(s) => resp.status().as_u16() == *s,
-            None => resp.status().is_success() || resp.status().is_redirection(),
-        },
-        Err(_) => false,
+        .body(Empty::new())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("GET {path}: {e}"))?;
+    let status = resp.status();
+    let good = match expect_status {
+        Some(s) => status.as_u16() == *s,
+        None => status.is_success() || status.is_redirection(),
+    };
+    match (good, expect_status) {
+        (true, _) => Ok(()),
+        (false, Some(want)) => Err(format!("GET {path} answered {}, expected {want}", status.as_u16())),
+        (false, None) => Err(format!("GET {path} answered {}, expected 2xx or 3xx", status.as_u16())),
     }
 }
 
-/// `grpc.health.v1.Health/Check` for `service`: true when the answer is
+/// `grpc.health.v1.Health/Check` for `service`: `Ok` when the answer is
 /// SERVING with grpc-status 0.
-async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> bool {
+async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> Result<(), String> {
     use http_body_util::{BodyExt, Full};
-    let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(stream),
     )
     .await
-    else {
-        return false;
-    };
+    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(conn);
     // HealthCheckRequest { string service = 1; } in one length-prefixed message.
     let mut msg = vec![0x0a];
@@ -147,20 +156,25 @@ async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> bool {
         .header(http::header::TE, "trailers")
         .header(http::header::USER_AGENT, "halo-health-check")
         .body(Full::new(bytes::Bytes::from(body)));
-    let Ok(req) = req else { return false };
-    let Ok(resp) = sender.send_request(req).await else { return false };
+    let req = req.map_err(|e| format!("grpc health check: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("grpc health check: {e}"))?;
     if !resp.status().is_success() {
-        return false;
+        return Err(format!("grpc health check answered HTTP {}", resp.status().as_u16()));
     }
     let head_status = resp.headers().get("grpc-status").cloned();
-    let Ok(collected) = resp.into_body().collect().await else { return false };
+    let collected = resp.into_body().collect().await.map_err(|e| format!("grpc health check: {e}"))?;
     let status = collected.trailers().and_then(|t| t.get("grpc-status").cloned()).or(head_status);
     if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
-        return false;
+        let shown = status.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("none");
+        return Err(format!("grpc health check answered grpc-status {shown}"));
     }
     // HealthCheckResponse { ServingStatus status = 1; }, SERVING = 1.
     let data = collected.to_bytes();
-    data.len() >= 5 && data[5..] == [0x08, 0x01]
+    if data.len() >= 5 && data[5..] == [0x08, 0x01] {
+        Ok(())
+    } else {
+        Err(format!("service '{service}' is not SERVING"))
+    }
 }
 
 fn push_varint(out: &mut Vec<u8>, mut v: u64) {

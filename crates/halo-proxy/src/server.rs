@@ -193,7 +193,9 @@ impl Proxy {
             }
         }
         if let Some(l) = admin {
-            tracing::info!(addr = ?admin_addr, "admin listening");
+            if let Some(addr) = admin_addr {
+                tracing::info!(%addr, "admin listening");
+            }
             tokio::spawn(crate::admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
         }
         Ok(proxy)
@@ -293,7 +295,8 @@ impl Proxy {
         let _g = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.config();
         if old.admin != new.admin {
-            return Err(ReloadError::AdminChanged(format!("running {:?}, file {:?}", old.admin, new.admin)));
+            let show = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
+            return Err(ReloadError::AdminChanged(format!("running {}, file {}", show(old.admin), show(new.admin))));
         }
         let n = sockets_per_listener(&old);
         let running: Vec<(String, SocketAddr)> = {

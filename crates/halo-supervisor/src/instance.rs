@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halo_model::{Probe, RestartPolicy, ServiceSpec};
 use nix::sys::signal::Signal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::driver::{Exit, Workload};
@@ -30,7 +30,7 @@ pub struct InstanceSpec {
     pub revision: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Process started; startup probe (if any) not passed yet.
@@ -47,8 +47,23 @@ pub enum State {
     Completed,
 }
 
+impl State {
+    /// The state as `halo status` and the API name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::CrashLoop => "crash-loop",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Completed => "completed",
+        }
+    }
+}
+
 /// What the node sees of an instance.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub id: String,
     pub service: String,
@@ -64,11 +79,15 @@ pub struct Status {
     pub last_exit: Option<String>,
     /// Failed checks so far, by probe (startup, readiness, liveness).
     pub probe_failures: ProbeFailures,
+    /// Why the last failed check failed (`readiness: GET /healthz
+    /// answered 404`); cleared when the instance becomes ready.
+    #[serde(default)]
+    pub last_probe_error: Option<String>,
     /// Unix seconds when the current state began.
     pub since: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct ProbeFailures {
     pub startup: u64,
     pub readiness: u64,
@@ -109,6 +128,7 @@ impl Instance {
             restarts: 0,
             last_exit: None,
             probe_failures: ProbeFailures::default(),
+            last_probe_error: None,
             since: unix_now(),
         };
         let (status_tx, status_rx) = watch::channel(status);
@@ -170,7 +190,7 @@ impl Run {
             f(s);
             if (s.state, s.ready) != before {
                 s.since = unix_now();
-                tracing::info!(service = %s.service, instance = %s.id, state = ?s.state, ready = s.ready, "instance");
+                tracing::info!(service = %s.service, instance = %s.id, state = s.state.as_str(), ready = s.ready, "instance");
             }
         });
     }
@@ -246,6 +266,15 @@ impl Run {
                 Outcome::Unhealthy(why) => (false, why),
                 Outcome::Stop => unreachable!("handled above"),
             };
+            let restarts = self.status.borrow().restarts;
+            tracing::warn!(
+                service = %self.spec.service,
+                instance = %self.spec.id,
+                exit = %detail,
+                ran_for = ?started.elapsed(),
+                restarts,
+                "instance ended"
+            );
             self.set(|s| {
                 s.last_exit = Some(detail);
                 s.pid = None;
@@ -280,6 +309,16 @@ impl Run {
             } else {
                 r.backoff_initial.saturating_mul(1 << (failures_in_a_row - 1).min(20)).min(r.backoff_max)
             };
+            if looping && self.status.borrow().state != State::CrashLoop {
+                tracing::warn!(
+                    service = %self.spec.service,
+                    instance = %self.spec.id,
+                    restarts = recent.len(),
+                    within = ?r.crash_loop_window,
+                    next_try_in = ?delay,
+                    "crash loop: restarting too often; waiting the longest backoff between tries"
+                );
+            }
             self.set(|s| {
                 s.state = if looping { State::CrashLoop } else { State::Backoff };
                 s.restarts += 1;
@@ -342,13 +381,12 @@ fn stop_signal(spec: &ServiceSpec) -> Signal {
 /// Startup, then readiness and liveness. Returns only when the instance is
 /// unhealthy, with the reason.
 async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, status: &watch::Sender<Status>) -> String {
+    let mut failed = FailureLog::default();
     if let Some(p) = &spec.startup {
         let mut tally = Tally::default();
         loop {
             let r = check_once(&p.check, addr, runner, p.timeout).await;
-            if r.is_err() {
-                status.send_modify(|s| s.probe_failures.startup += 1);
-            }
+            failed.note("startup", p.failure_threshold, &r, status, |f| f.startup += 1);
             match tally.record(p, r.is_ok()) {
                 Verdict::Passing => break,
                 Verdict::Failing => return format!("startup probe failed: {}", r.err().unwrap_or_default()),
@@ -363,23 +401,22 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
     let readiness = async {
         let p = &spec.readiness;
         let mut tally = Tally::default();
+        let mut failed = FailureLog::default();
         loop {
             let r = check_once(&p.check, addr, runner, p.timeout).await;
-            if r.is_err() {
-                status.send_modify(|s| s.probe_failures.readiness += 1);
-            }
+            failed.note("readiness", p.failure_threshold, &r, status, |f| f.readiness += 1);
             let ready = match tally.record(p, r.is_ok()) {
                 Verdict::Passing => true,
                 Verdict::Failing => false,
                 Verdict::Undecided => status.borrow().ready,
             };
             if ready != status.borrow().ready {
-                if let Err(e) = &r {
-                    tracing::warn!(instance = %status.borrow().id, error = %e, "readiness probe failing");
-                }
                 status.send_modify(|s| {
                     s.ready = ready;
                     s.since = unix_now();
+                    if ready {
+                        s.last_probe_error = None;
+                    }
                 });
                 tracing::info!(instance = %status.borrow().id, ready, "readiness changed");
             }
@@ -396,16 +433,73 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
     }
 }
 
+/// Counts a probe's failures, keeps the last reason in the status, and
+/// logs a warning once they are as many in a row as the probe's
+/// `failure_threshold` (one failure while an app starts is no news), then
+/// at most every 30 s while they go on (a probe every 100 ms must not flood
+/// the log).
+#[derive(Default)]
+struct FailureLog {
+    in_a_row: u64,
+    warned: Option<Instant>,
+}
+
+impl FailureLog {
+    fn note(
+        &mut self,
+        probe: &str,
+        threshold: u32,
+        r: &Result<(), String>,
+        status: &watch::Sender<Status>,
+        count: impl FnOnce(&mut ProbeFailures),
+    ) {
+        let Err(e) = r else {
+            if self.warned.is_some() {
+                tracing::info!(instance = %status.borrow().id, probe, after = self.in_a_row, "probe passing again");
+            }
+            self.in_a_row = 0;
+            self.warned = None;
+            return;
+        };
+        self.in_a_row += 1;
+        status.send_modify(|s| {
+            count(&mut s.probe_failures);
+            s.last_probe_error = Some(format!("{probe}: {e}"));
+        });
+        let due = self.warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        if self.in_a_row >= u64::from(threshold) && due {
+            self.warned = Some(Instant::now());
+            let (service, id) = {
+                let s = status.borrow();
+                (s.service.clone(), s.id.clone())
+            };
+            tracing::warn!(service = %service, instance = %id, probe, error = %e, failures_in_a_row = self.in_a_row, "probe failing");
+        }
+    }
+}
+
 async fn liveness(p: &Probe, addr: SocketAddr, runner: &dyn Runner, status: &watch::Sender<Status>) -> String {
     let mut tally = Tally::default();
+    let mut failed = FailureLog::default();
     loop {
         tokio::time::sleep(p.interval).await;
         let r = check_once(&p.check, addr, runner, p.timeout).await;
-        if r.is_err() {
-            status.send_modify(|s| s.probe_failures.liveness += 1);
-        }
+        failed.note("liveness", p.failure_threshold, &r, status, |f| f.liveness += 1);
         if tally.record(p, r.is_ok()) == Verdict::Failing {
             return format!("liveness probe failed: {}", r.err().unwrap_or_default());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::State;
+
+    #[test]
+    fn state_names_are_the_apis() {
+        use State::*;
+        for s in [Starting, Running, Backoff, CrashLoop, Stopping, Stopped, Completed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
     }
 }

@@ -25,13 +25,19 @@ pub struct Halo {
     pub dir: PathBuf,
     /// The config file, when started by [`Halo::proxy`].
     pub config: Option<PathBuf>,
+    /// Where its log (stderr, at info) goes, when started by [`Halo::up_logged`].
+    pub log: Option<PathBuf>,
     _scratch: Option<crate::TempDir>,
 }
 
 impl Halo {
     /// Starts `bin` with `args` and waits until it printed its listeners.
     pub fn start(bin: &str, args: &[&str], dir: &Path) -> anyhow::Result<Halo> {
-        let (child, rx) = Halo::spawn(bin, args, dir)?;
+        Halo::start_logging(bin, args, dir, None)
+    }
+
+    fn start_logging(bin: &str, args: &[&str], dir: &Path, log: Option<PathBuf>) -> anyhow::Result<Halo> {
+        let (child, rx) = Halo::spawn(bin, args, dir, log.as_deref())?;
         let mut h = Halo {
             child: Some(child),
             listeners: HashMap::new(),
@@ -43,21 +49,31 @@ impl Halo {
             stdout: rx,
             dir: dir.to_path_buf(),
             config: None,
+            log,
             _scratch: None,
         };
         h.wait_ready()?;
         Ok(h)
     }
 
-    fn spawn(bin: &str, args: &[&str], dir: &Path) -> anyhow::Result<(Child, mpsc::Receiver<String>)> {
-        let mut child = Command::new(bin)
-            .args(args)
-            .current_dir(dir)
-            .env("HALO_LOG", std::env::var("HALO_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+    fn spawn(
+        bin: &str,
+        args: &[&str],
+        dir: &Path,
+        log: Option<&Path>,
+    ) -> anyhow::Result<(Child, mpsc::Receiver<String>)> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(Stdio::piped());
+        match log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                cmd.env("HALO_LOG", "info").stderr(f)
+            }
+            None => cmd
+                .env("HALO_LOG", std::env::var("HALO_LOG").unwrap_or_else(|_| "warn".into()))
+                .stderr(Stdio::inherit()),
+        };
+        let mut child = cmd.spawn()?;
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -73,12 +89,22 @@ impl Halo {
     /// Runs `halo up -c FILE --data-dir DIR/data` on a node file written
     /// from `toml` into a scratch directory owned by the returned value.
     pub fn up(bin: &str, toml: &str) -> anyhow::Result<Halo> {
+        Halo::up_with_log(bin, toml, false)
+    }
+
+    /// [`Halo::up`] with its log at info written to a file ([`Halo::log_text`]).
+    pub fn up_logged(bin: &str, toml: &str) -> anyhow::Result<Halo> {
+        Halo::up_with_log(bin, toml, true)
+    }
+
+    fn up_with_log(bin: &str, toml: &str, logged: bool) -> anyhow::Result<Halo> {
         let dir = crate::TempDir::new("up");
         let path = dir.write("halo.toml", toml);
         let data = dir.0.join("data");
         let args = ["up", "-c", &path.to_string_lossy(), "--data-dir", &data.to_string_lossy()].map(str::to_string);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut h = Halo::start(bin, &args, &dir.0)?;
+        let log = logged.then(|| dir.0.join("halo.log"));
+        let mut h = Halo::start_logging(bin, &args, &dir.0, log)?;
         h.config = Some(path);
         h._scratch = Some(dir);
         Ok(h)
@@ -92,7 +118,7 @@ impl Halo {
             let _ = c.wait();
         }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let (child, rx) = Halo::spawn(&self.bin, &args, &self.dir)?;
+        let (child, rx) = Halo::spawn(&self.bin, &args, &self.dir, self.log.as_deref())?;
         self.child = Some(child);
         self.stdout = rx;
         self.listeners.clear();
@@ -114,9 +140,34 @@ impl Halo {
         (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
     }
 
+    /// [`Halo::cli`] with `input` on standard input.
+    pub fn cli_with_input(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        use std::io::Write;
+        let data = self.data_dir.as_ref().expect("started by Halo::up");
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data)
+            .current_dir(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the halo CLI");
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+        let out = child.wait_with_output().expect("run the halo CLI");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// What the process logged so far (started by [`Halo::up_logged`]).
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
     /// The node's `/v1/status` as JSON, through the CLI.
     pub fn status(&self) -> serde_json::Value {
-        let (code, out, err) = self.cli(&["status", "--json"]);
+        let (code, out, err) = self.cli(&["status", "-o", "json"]);
         assert_eq!(code, 0, "halo status failed: {err}");
         serde_json::from_str(&out).expect("status is JSON")
     }

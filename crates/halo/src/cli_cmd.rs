@@ -1,14 +1,20 @@
 //! The CLI verbs that talk to a node's API: apply, status, scale, restart,
-//! logs, delete. They find the node and its token in the data directory
-//! (`api.addr`, `token`), or through `--api` / `HALO_API` and `HALO_TOKEN`.
+//! logs, delete, nodes, floating IPs, rollouts. They find the node and its
+//! token in the data directory (`api.addr`, `token`), or through `--api` /
+//! `HALO_API` and `HALO_TOKEN`. What they read is the API's own typed
+//! views (`halo_control::StatusView`, ...), printed by [`crate::output`].
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use halo_api::ApiClient;
+use halo_control::vip::VipStatus;
+use halo_control::{Applied, ApplyOutcome, ClusterView, Outcome, RolloutView, StatusView};
 use http::Method;
+
+use crate::output::{render, table, Output};
 
 #[derive(clap::Args, Clone)]
 pub struct Target {
@@ -18,9 +24,6 @@ pub struct Target {
     /// The node's API address [default: read from the data directory].
     #[arg(long, global = true, env = "HALO_API")]
     api: Option<SocketAddr>,
-    /// Print JSON instead of tables.
-    #[arg(long, global = true)]
-    json: bool,
 }
 
 impl Target {
@@ -29,131 +32,229 @@ impl Target {
             Some(a) => a,
             None => {
                 let f = self.data_dir.join("api.addr");
-                let text = std::fs::read_to_string(&f).with_context(|| {
-                    format!("cannot read {} (is `halo up` running with this --data-dir? or pass --api)", f.display())
+                let text = std::fs::read_to_string(&f).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read {}: {e} (is `halo up` running with this --data-dir? or pass --api)",
+                        f.display()
+                    )
                 })?;
                 text.trim().parse().with_context(|| format!("{} does not hold an address", f.display()))?
             }
         };
         let token = match std::env::var("HALO_TOKEN") {
             Ok(t) => t,
-            Err(_) => halo_api::token::read(&self.data_dir).with_context(|| {
-                format!("cannot read the API token in {} (or set HALO_TOKEN)", self.data_dir.display())
+            Err(_) => halo_api::token::read(&self.data_dir).map_err(|e| {
+                anyhow::anyhow!("cannot read the API token in {}: {e} (or set HALO_TOKEN)", self.data_dir.display())
             })?,
         };
         Ok(ApiClient { addr, token })
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-fn call(t: &Target, method: Method, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
+/// GETs a typed view.
+pub fn read<T: serde::de::DeserializeOwned>(t: &Target, path: &str) -> anyhow::Result<T> {
     let c = t.client()?;
-    let bytes = runtime()?.block_on(c.call(method, path, body.map(bytes::Bytes::from), |_| {}))?;
-    Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    Ok(runtime()?.block_on(c.get(path))?)
 }
 
-fn print_outcome(t: &Target, v: &serde_json::Value) {
-    if t.json {
-        println!("{v}");
-    } else {
-        let name = v["name"].as_str().unwrap_or("?");
-        let what = v["outcome"]
-            .as_str()
-            .map(str::to_string)
-            .or_else(|| v["replicas"].as_u64().map(|r| format!("scaled to {r}")));
-        println!("{name}: {}", what.unwrap_or_default());
+/// Sends a change; prints what it did (`web: created`).
+fn change(t: &Target, out: &Output, method: Method, path: &str, body: Option<String>) -> anyhow::Result<Outcome> {
+    let c = t.client()?;
+    let o = runtime()?.block_on(c.change(method, path, body.map(bytes::Bytes::from)))?;
+    out.print(&o, |_| format!("{}: {}\n", o.name, o.outcome))?;
+    Ok(o)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A duration as kubectl prints ages: `45s`, `3m10s`, `2h5m`, `4d3h`.
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86400, s % 86400 / 3600),
     }
 }
 
-pub fn apply(t: &Target, file: &PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+/// The text of a service file: from FILE, or from standard input for `-`.
+fn read_file(file: &Path) -> anyhow::Result<(String, String)> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read the service file from standard input")?;
+        return Ok(("(stdin)".into(), text));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    Ok((file.display().to_string(), text))
+}
+
+pub fn apply(t: &Target, out: &Output, file: &Path, dry_run: bool) -> anyhow::Result<Outcome> {
+    let (name, text) = read_file(file)?;
     // Validate here too, so errors name the file the user wrote.
-    halo_model::parse_service(&file.display().to_string(), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
-    print_outcome(t, &call(t, Method::PUT, "/v1/services", Some(text))?);
-    Ok(())
+    halo_model::parse_service(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !dry_run {
+        return change(t, out, Method::PUT, "/v1/services", Some(text));
+    }
+    let c = t.client()?;
+    let answer = runtime()?.block_on(c.call(Method::PUT, "/v1/services?dry_run=true", Some(text.into()), |_| {}))?;
+    let plan: Applied = serde_json::from_slice(&answer).context("the node's answer to a dry run is not a plan")?;
+    out.print(&plan, |_| plan_text(&plan))?;
+    Ok(Outcome::new(plan.name.clone(), plan.outcome.to_string()))
 }
 
-pub fn scale(t: &Target, name: &str, replicas: u32) -> anyhow::Result<()> {
+/// What a dry run found: the change, as a diff of the stored file.
+fn plan_text(p: &Applied) -> String {
+    match (&p.before, p.outcome) {
+        (_, ApplyOutcome::Unchanged) => format!("{}: unchanged (dry run)\n", p.name),
+        (None, _) => {
+            let mut s = format!("{}: would be created (dry run):\n", p.name);
+            for l in p.after.lines() {
+                s.push_str(&format!("+ {l}\n"));
+            }
+            s
+        }
+        (Some(before), _) => {
+            let mut s = format!("{}: would be updated (dry run):\n", p.name);
+            s.push_str(&diff(before, &p.after));
+            s
+        }
+    }
+}
+
+/// A line diff (longest common subsequence): `- ` removed, `+ ` added,
+/// two lines of context around each change, `  ...` for what is skipped.
+pub fn diff(before: &str, after: &str) -> String {
+    const CONTEXT: usize = 2;
+    let (a, b): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let mut lines: Vec<(char, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            lines.push((' ', a[i]));
+            (i, j) = (i + 1, j + 1);
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            lines.push(('-', a[i]));
+            i += 1;
+        } else {
+            lines.push(('+', b[j]));
+            j += 1;
+        }
+    }
+    let changed: Vec<usize> = (0..lines.len()).filter(|k| lines[*k].0 != ' ').collect();
+    let near = |k: usize| changed.iter().any(|c| c.abs_diff(k) <= CONTEXT);
+    let mut out = String::new();
+    let mut skipped = false;
+    for (k, (mark, line)) in lines.iter().enumerate() {
+        if near(k) {
+            if skipped {
+                out.push_str("  ...\n");
+                skipped = false;
+            }
+            out.push_str(&format!("{mark} {line}\n"));
+        } else {
+            skipped = true;
+        }
+    }
+    out
+}
+
+/// Replica counts as `halo scale` takes them: 0 to the most a service may
+/// ask for.
+pub fn parse_replicas(s: &str) -> Result<u32, String> {
+    let max = halo_model::MAX_REPLICAS;
+    match s.parse::<i64>() {
+        Ok(n) if (0..=i64::from(max)).contains(&n) => Ok(n as u32),
+        Ok(n) if n < 0 => Err(format!("{n} replicas is not possible; accepted: 0 to {max}")),
+        Ok(n) => Err(format!("{n} replicas is too many; accepted: 0 to {max}")),
+        Err(_) => Err(format!("'{s}' is not a number of replicas; accepted: 0 to {max}")),
+    }
+}
+
+pub fn scale(t: &Target, out: &Output, name: &str, replicas: u32) -> anyhow::Result<Outcome> {
     let body = serde_json::json!({ "replicas": replicas }).to_string();
-    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/scale"), Some(body))?);
-    Ok(())
+    change(t, out, Method::POST, &format!("/v1/services/{name}/scale"), Some(body))
 }
 
-pub fn restart(t: &Target, name: &str) -> anyhow::Result<()> {
-    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/restart"), None)?);
-    Ok(())
+pub fn restart(t: &Target, out: &Output, name: &str) -> anyhow::Result<Outcome> {
+    change(t, out, Method::POST, &format!("/v1/services/{name}/restart"), None)
+}
+
+pub fn delete(t: &Target, out: &Output, name: &str) -> anyhow::Result<Outcome> {
+    change(t, out, Method::DELETE, &format!("/v1/services/{name}"), None)
+}
+
+/// `halo rollout promote|abort|...`.
+pub fn rollout_order(t: &Target, out: &Output, name: &str, order: &str) -> anyhow::Result<()> {
+    change(t, out, Method::POST, &format!("/v1/services/{name}/rollout/{order}"), None).map(drop)
+}
+
+pub fn node_drain(t: &Target, out: &Output, name: &str, drain: bool) -> anyhow::Result<Outcome> {
+    let verb = if drain { "drain" } else { "undrain" };
+    change(t, out, Method::POST, &format!("/v1/nodes/{name}/{verb}"), None)
+}
+
+pub fn node_remove(t: &Target, out: &Output, name: &str) -> anyhow::Result<()> {
+    change(t, out, Method::DELETE, &format!("/v1/nodes/{name}"), None).map(drop)
 }
 
 /// `halo rollout status`: one screen of the rollout, or one a second with
 /// `--watch` until it ends.
-pub fn rollout_status(t: &Target, name: &str, watch: bool) -> anyhow::Result<()> {
+pub fn rollout_status(t: &Target, out: &Output, name: &str, watch: bool) -> anyhow::Result<()> {
     loop {
-        let v = call(t, Method::GET, &format!("/v1/services/{name}/rollout"), None)?;
-        let out = if t.json { format!("{v}\n") } else { rollout_text(&v) };
-        let _ = std::io::stdout().write_all(out.as_bytes());
-        if !watch || !(v["state"] == "progressing" || v["state"] == "paused") {
+        let v: RolloutView = read(t, &format!("/v1/services/{name}/rollout"))?;
+        out.print(&v, |_| rollout_text(&v))?;
+        if !watch || !(v.state == "progressing" || v.state == "paused") {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
-fn rollout_text(v: &serde_json::Value) -> String {
-    let steps: Vec<String> = v["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| format!("{}% for {}s", s["weight"], s["pause_ms"].as_u64().unwrap_or(0) as f64 / 1000.0))
-        .collect();
+fn rollout_text(v: &RolloutView) -> String {
+    let steps: Vec<String> =
+        v.steps.iter().map(|s| format!("{}% for {}s", s.weight, s.pause_ms as f64 / 1000.0)).collect();
     let mut out = format!(
         "{}: canary {} (step {} of {}: {}), canary weight now {}%\n",
-        v["service"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        v["step"],
+        v.service,
+        v.state,
+        v.step,
         steps.len(),
         steps.join(", "),
-        v["weight"]
+        v.weight
     );
-    for (what, r) in [("canary", &v["canary"]), ("stable", &v["stable"])] {
-        out.push_str(&format!(
-            "  {what:<7} {}  placed {} ready {}\n",
-            r["template"].as_str().unwrap_or("?"),
-            r["placed"],
-            r["ready"]
-        ));
+    let mut t = table(&["REVISION", "TEMPLATE", "PLACED", "READY"]);
+    for (what, r) in [("canary", &v.canary), ("stable", &v.stable)] {
+        t.add_row(vec![what.to_string(), r.template.clone(), r.placed.to_string(), r.ready.to_string()]);
     }
-    out.push_str(&format!("  windows passed in this step {}, failed {}\n", v["passed_windows"], v["failed_windows"]));
-    for w in v["windows"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "  window {}: {}\n",
-            w["verdict"].as_str().unwrap_or("?"),
-            w["detail"].as_str().unwrap_or("")
-        ));
+    out.push_str(&render(t, 2));
+    out.push_str(&format!("  windows passed in this step {}, failed {}\n", v.passed_windows, v.failed_windows));
+    for w in &v.windows {
+        out.push_str(&format!("  window {}: {}\n", w.verdict, w.detail));
     }
-    out.push_str(&format!("  {}\n", v["reason"].as_str().unwrap_or("")));
+    out.push_str(&format!("  {}\n", v.reason));
     out
 }
 
-/// `halo rollout promote|abort`.
-pub fn rollout_order(t: &Target, name: &str, order: &str) -> anyhow::Result<()> {
-    print_outcome(t, &call(t, Method::POST, &format!("/v1/services/{name}/rollout/{order}"), None)?);
-    Ok(())
-}
-
-pub fn delete(t: &Target, name: &str) -> anyhow::Result<()> {
-    print_outcome(t, &call(t, Method::DELETE, &format!("/v1/services/{name}"), None)?);
-    Ok(())
-}
-
-/// Prints the service file as the node stores it.
-pub fn get(t: &Target, name: &str) -> anyhow::Result<()> {
+/// Prints the service file as the node stores it (`-o json|yaml`: as data).
+pub fn get(t: &Target, out: &Output, name: &str) -> anyhow::Result<()> {
     let c = t.client()?;
     let text = runtime()?.block_on(c.call(Method::GET, &format!("/v1/services/{name}"), None, |_| {}))?;
-    let _ = std::io::stdout().write_all(&text);
-    Ok(())
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let value: toml::Value = toml::from_str(&text).context("the stored service file is not TOML")?;
+    out.print(&value, |_| text.clone())
 }
 
 pub fn logs(t: &Target, name: &str, follow: bool, instance: Option<&str>, lines: usize) -> anyhow::Result<()> {
@@ -170,38 +271,30 @@ pub fn logs(t: &Target, name: &str, follow: bool, instance: Option<&str>, lines:
     Ok(())
 }
 
-pub fn node_list(t: &Target) -> anyhow::Result<()> {
-    let v = call(t, Method::GET, "/v1/nodes", None)?;
-    if t.json {
-        let _ = writeln!(std::io::stdout(), "{v}");
-        return Ok(());
-    }
-    let _ = std::io::stdout().write_all(nodes_table(&v).as_bytes());
-    Ok(())
+pub fn node_list(t: &Target, out: &Output) -> anyhow::Result<()> {
+    let v: ClusterView = read(t, "/v1/nodes")?;
+    out.print(&v, |wide| nodes_text(&v, wide))
 }
 
 /// `halo vip list`.
-pub fn vip_list(t: &Target) -> anyhow::Result<()> {
-    let v = call(t, Method::GET, "/v1/vips", None)?;
-    if t.json {
-        let _ = writeln!(std::io::stdout(), "{v}");
-        return Ok(());
-    }
-    let vips: Vec<halo_control::vip::VipStatus> =
-        serde_json::from_value(v).context("the node's answer to /v1/vips is not a list of floating IPs")?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let _ = std::io::stdout().write_all(vips_table(&vips, now).as_bytes());
-    Ok(())
+pub fn vip_list(t: &Target, out: &Output) -> anyhow::Result<()> {
+    let vips: Vec<VipStatus> = read(t, "/v1/vips")?;
+    let now_ms = unix_now() * 1000;
+    out.print(&vips, |wide| vips_text(&vips, now_ms, wide))
 }
 
-fn vips_table(vips: &[halo_control::vip::VipStatus], now_ms: u64) -> String {
+fn vips_text(vips: &[VipStatus], now_ms: u64, wide: bool) -> String {
     if vips.is_empty() {
         return "no floating IPs (declare them with [[vip]] in node files)\n".into();
     }
-    let mut out = format!("{:<26} {:<10} {:<12} {:<8} NODES\n", "ADDRESS", "HOLDER", "SINCE", "TOKEN");
+    let mut header = vec!["ADDRESS", "HOLDER", "SINCE", "TOKEN", "NODES"];
+    if wide {
+        header.insert(2, "INTERFACE");
+    }
+    let mut t = table(&header);
     let mut reasons = Vec::new();
     for v in vips {
-        let since = v.since_ms.map_or("-".to_string(), |s| format!("{}s ago", now_ms.saturating_sub(s) / 1000));
+        let since = v.since_ms.map_or("-".to_string(), |s| format!("{} ago", age(now_ms.saturating_sub(s) / 1000)));
         let nodes: Vec<String> = v
             .nodes
             .iter()
@@ -216,15 +309,19 @@ fn vips_table(vips: &[halo_control::vip::VipStatus], now_ms: u64) -> String {
                 }
             })
             .collect();
-        out.push_str(&format!(
-            "{:<26} {:<10} {:<12} {:<8} {}\n",
-            v.address,
-            v.holder.as_deref().unwrap_or("(none)"),
+        let mut row = vec![
+            v.address.clone(),
+            v.holder.clone().unwrap_or_else(|| "(none)".into()),
             since,
             v.token.map_or("-".to_string(), |t| t.to_string()),
-            nodes.join(" ")
-        ));
+            nodes.join(" "),
+        ];
+        if wide {
+            row.insert(2, v.interface.clone().unwrap_or_else(|| "-".into()));
+        }
+        t.add_row(row);
     }
+    let mut out = render(t, 0);
     if !reasons.is_empty() {
         out.push_str("why not:\n");
         out.push_str(&reasons.join("\n"));
@@ -233,145 +330,199 @@ fn vips_table(vips: &[halo_control::vip::VipStatus], now_ms: u64) -> String {
     out
 }
 
-pub fn node_drain(t: &Target, name: &str, drain: bool) -> anyhow::Result<()> {
-    let verb = if drain { "drain" } else { "undrain" };
-    print_outcome(t, &call(t, Method::POST, &format!("/v1/nodes/{name}/{verb}"), None)?);
-    Ok(())
-}
-
-pub fn node_remove(t: &Target, name: &str) -> anyhow::Result<()> {
-    print_outcome(t, &call(t, Method::DELETE, &format!("/v1/nodes/{name}"), None)?);
-    Ok(())
-}
-
 /// The cluster part of `halo status` and `halo node list`.
-fn nodes_table(c: &serde_json::Value) -> String {
-    let mut out = format!(
-        "leader {} (fencing token {}), asked from {}\n",
-        c["leader"].as_str().unwrap_or("(none)"),
-        c["fencing_token"],
-        c["node"].as_str().unwrap_or("?")
-    );
-    out.push_str(&format!(
-        "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {:<18} DRIVERS\n",
-        "NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "PLACED", "READY", "LEASE"
-    ));
-    for n in c["nodes"].as_array().cloned().unwrap_or_default() {
-        let mut state = if n["draining"].as_bool() == Some(true) { "draining" } else { "active" }.to_string();
-        if n["leader"].as_bool() == Some(true) {
-            state.push('*');
+fn nodes_text(c: &ClusterView, wide: bool) -> String {
+    let mut out = match (&c.leader, c.fencing_token) {
+        (Some(l), Some(f)) => format!("leader {l} (fencing token {f}), asked from {}\n", c.node),
+        _ => format!("no leader elected now, asked from {}\n", c.node),
+    };
+    let mut header = vec!["NODE", "ADDRESS", "ZONE", "ALIVE", "STATE", "LEADER", "PLACED", "READY", "DRIVERS"];
+    if wide {
+        header.extend(["CAPACITY", "LEASE"]);
+    }
+    let mut t = table(&header);
+    for n in &c.nodes {
+        // A node without a live lease is gone, drained or not; a drained
+        // node that is alive says so.
+        let state = match (n.alive, n.draining) {
+            (false, _) => "gone",
+            (true, true) => "draining",
+            (true, false) => "active",
+        };
+        let mut row = vec![
+            n.name.clone(),
+            n.addr.map_or("-".to_string(), |a| a.to_string()),
+            n.zone.clone().filter(|z| !z.is_empty()).unwrap_or_else(|| "-".into()),
+            if n.alive { "yes" } else { "no" }.to_string(),
+            state.to_string(),
+            if n.leader { "yes" } else { "" }.to_string(),
+            n.placements.to_string(),
+            n.ready.to_string(),
+            if n.drivers.is_empty() { "-".to_string() } else { n.drivers.join(",") },
+        ];
+        if wide {
+            row.push(match n.capacity {
+                Some(u32::MAX) => "unlimited".to_string(),
+                Some(c) => c.to_string(),
+                None => "-".to_string(),
+            });
+            row.push(n.lease.clone().unwrap_or_else(|| "-".into()));
         }
-        let drivers: Vec<&str> = n["drivers"].as_array().into_iter().flatten().filter_map(|d| d.as_str()).collect();
+        t.add_row(row);
+    }
+    out.push_str(&render(t, 2));
+    out
+}
+
+pub fn status(t: &Target, out: &Output) -> anyhow::Result<()> {
+    let v: StatusView = read(t, "/v1/status")?;
+    out.print(&v, |wide| status_text(&v, unix_now(), wide))
+}
+
+fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
+    let mut out = String::new();
+    let c = &v.cluster;
+    let stale = c.view.stale_ms as f64 / 1000.0;
+    if !c.view.store_reachable {
         out.push_str(&format!(
-            "  {:<12} {:<16} {:<8} {:<6} {:<10} {:<7} {:<6} {:<18} {}\n",
-            n["name"].as_str().unwrap_or("?"),
-            n["addr"].as_str().unwrap_or("-"),
-            n["zone"].as_str().unwrap_or("-"),
-            if n["alive"].as_bool() == Some(true) { "yes" } else { "no" },
-            state,
-            n["placements"].to_string(),
-            n["ready"].to_string(),
-            n["lease"].as_str().unwrap_or("-"),
-            if drivers.is_empty() { "-".to_string() } else { drivers.join(",") }
+            "the store has not answered for {stale:.1}s: this is the last state seen (revision {})\n",
+            c.view.revision
         ));
+    } else if !c.view.watching {
+        out.push_str(&format!("the store's watch broke {stale:.1}s ago; resuming (revision {})\n", c.view.revision));
+    }
+    if let Some(b) = &v.backup {
+        if let Some(e) = &b.last_error {
+            out.push_str(&format!("the last scheduled backup failed: {e}\n"));
+        } else if b.overdue {
+            out.push_str("scheduled backups are overdue: none succeeded within two intervals\n");
+        }
+    }
+    // A cluster of one (`halo up`) needs no node table.
+    let clustered = c.nodes.len() > 1;
+    if clustered {
+        out.push_str(&nodes_text(c, wide));
+        let mut t = table(&["SERVICE", "REPLICAS", "PLACED", "READY", "PENDING", "OUTDATED"]);
+        for s in &c.services {
+            t.add_row(vec![
+                s.name.clone(),
+                s.replicas.to_string(),
+                s.placed.to_string(),
+                s.ready.to_string(),
+                s.pending.to_string(),
+                s.placed.saturating_sub(s.current).to_string(),
+            ]);
+        }
+        out.push_str(&render(t, 2));
+        out.push_str("instances on this node:\n");
+    }
+    if v.services.is_empty() {
+        out.push_str("no services; declare one with `halo apply -f FILE`\n");
+        return out;
+    }
+    if !clustered {
+        let mut t = table(&["SERVICE", "READY", "INSTANCES", "RESTARTS"]);
+        for s in &v.services {
+            t.add_row(vec![
+                s.name.clone(),
+                format!("{}/{}", s.ready, s.replicas),
+                s.instances.len().to_string(),
+                s.instances.iter().map(|i| i.status.restarts).sum::<u32>().to_string(),
+            ]);
+        }
+        out.push_str(&render(t, 0));
+    }
+    // Docker instances show their container (short id) beside the pid.
+    let containers = v.services.iter().flat_map(|s| &s.instances).any(|i| i.status.container.is_some());
+    let mut header = vec!["INSTANCE", "SERVICE", "STATE", "READY", "PID"];
+    if containers {
+        header.push("CONTAINER");
+    }
+    header.extend(["PORT", "RESTARTS", "LAST EXIT"]);
+    if wide {
+        header.extend(["AGE", "PROBE FAILURES (S/R/L)"]);
+    }
+    let mut t = table(&header);
+    let mut not_ready = Vec::new();
+    for s in &v.services {
+        for i in &s.instances {
+            let st = &i.status;
+            let mut state = st.state.as_str().to_string();
+            if i.stopping {
+                state = "draining".into();
+            } else if !i.current {
+                state.push_str(" (old)");
+            }
+            // A draining instance takes no new requests.
+            let ready = st.ready && !i.stopping;
+            if !ready && !i.stopping {
+                if let Some(why) = &st.last_probe_error {
+                    let f = &st.probe_failures;
+                    not_ready.push(format!(
+                        "  {}: {why} ({} failed checks)",
+                        st.id,
+                        f.startup + f.readiness + f.liveness
+                    ));
+                }
+            }
+            let mut row = vec![
+                st.id.clone(),
+                s.name.clone(),
+                state,
+                if ready { "yes" } else { "no" }.to_string(),
+                st.pid.map_or("-".to_string(), |p| p.to_string()),
+            ];
+            if containers {
+                row.push(st.container.as_deref().map_or("-".to_string(), |c| c[..c.len().min(12)].to_string()));
+            }
+            row.extend([
+                st.port.to_string(),
+                st.restarts.to_string(),
+                st.last_exit.clone().unwrap_or_else(|| "-".into()),
+            ]);
+            if wide {
+                let f = &st.probe_failures;
+                row.push(age(now.saturating_sub(st.since)));
+                row.push(format!("{}/{}/{}", f.startup, f.readiness, f.liveness));
+            }
+            t.add_row(row);
+        }
+    }
+    out.push_str(&render(t, 0));
+    if !not_ready.is_empty() {
+        out.push_str("not ready, last failed check:\n");
+        out.push_str(&not_ready.join("\n"));
+        out.push('\n');
     }
     out
 }
 
-pub fn status(t: &Target) -> anyhow::Result<()> {
-    let v = call(t, Method::GET, "/v1/status", None)?;
-    if t.json {
-        let _ = writeln!(std::io::stdout(), "{v}");
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_show_what_changes() {
+        let d = diff("name = \"a\"\nreplicas = 1\n[run]\n", "name = \"a\"\nreplicas = 3\n[run]\n");
+        assert_eq!(d, "  name = \"a\"\n- replicas = 1\n+ replicas = 3\n  [run]\n");
+        let long: String = (0..20).map(|i| format!("k{i} = {i}\n")).collect();
+        let d = diff(&long, &long.replace("k10 = 10", "k10 = 11"));
+        assert_eq!(d, "  ...\n  k8 = 8\n  k9 = 9\n- k10 = 10\n+ k10 = 11\n  k11 = 11\n  k12 = 12\n");
     }
-    let services = v["services"].as_array().cloned().unwrap_or_default();
-    let mut out = String::new();
-    let c = &v["cluster"];
-    let stale = c["view"]["stale_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
-    if c["view"]["store_reachable"].as_bool() == Some(false) {
-        out.push_str(&format!(
-            "the store has not answered for {stale:.1}s: this is the last state seen (revision {})\n",
-            c["view"]["revision"]
-        ));
-    } else if c["view"]["watching"].as_bool() == Some(false) {
-        out.push_str(&format!(
-            "the store's watch broke {stale:.1}s ago; resuming (revision {})\n",
-            c["view"]["revision"]
-        ));
+
+    #[test]
+    fn replica_counts_name_the_real_limit() {
+        assert_eq!(parse_replicas("3"), Ok(3));
+        assert!(parse_replicas("-1").unwrap_err().contains("accepted: 0 to 1000"));
+        assert!(parse_replicas("5000").unwrap_err().contains("too many"));
+        assert!(parse_replicas("three").unwrap_err().contains("not a number of replicas"));
     }
-    let b = &v["backup"];
-    if let Some(e) = b["last_error"].as_str() {
-        out.push_str(&format!("the last scheduled backup failed: {e}\n"));
-    } else if b["overdue"].as_bool() == Some(true) {
-        out.push_str("scheduled backups are overdue: none succeeded within two intervals\n");
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        assert_eq!(
+            (age(5), age(190), age(7500), age(90000)),
+            ("5s".into(), "3m10s".into(), "2h5m".into(), "1d1h".into())
+        );
     }
-    // A cluster of one (`halo up`) needs no node table.
-    let clustered = c["nodes"].as_array().is_some_and(|n| n.len() > 1);
-    if clustered {
-        out.push_str(&nodes_table(c));
-        out.push_str(&format!("  {:<16} {:<9} {:<7} {:<6} PENDING\n", "SERVICE", "REPLICAS", "PLACED", "READY"));
-        for s in c["services"].as_array().cloned().unwrap_or_default() {
-            out.push_str(&format!(
-                "  {:<16} {:<9} {:<7} {:<6} {}\n",
-                s["name"].as_str().unwrap_or("?"),
-                s["replicas"].to_string(),
-                s["placed"].to_string(),
-                s["ready"].to_string(),
-                s["pending"]
-            ));
-        }
-        out.push_str("instances on this node:\n");
-    }
-    if services.is_empty() {
-        out.push_str("no services; declare one with `halo apply -f FILE`\n");
-    }
-    for s in services {
-        let name = s["name"].as_str().unwrap_or("?");
-        if clustered {
-            out.push_str(&format!("{name}  ready here {}\n", s["ready"]));
-        } else {
-            out.push_str(&format!("{name}  ready {}/{}\n", s["ready"], s["replicas"]));
-        }
-        let instances = s["instances"].as_array().cloned().unwrap_or_default();
-        // Docker instances show their container (short id) beside the pid.
-        let containers = instances.iter().any(|i| i["container"].is_string());
-        out.push_str(&format!(
-            "  {:<16} {:<10} {:<6} {:<8} {}{:<6} {:<9} LAST EXIT\n",
-            "INSTANCE",
-            "STATE",
-            "READY",
-            "PID",
-            if containers { "CONTAINER    " } else { "" },
-            "PORT",
-            "RESTARTS"
-        ));
-        for i in instances {
-            let mut state = i["state"].as_str().unwrap_or("?").to_string();
-            if i["stopping"].as_bool() == Some(true) {
-                state = "draining".into();
-            } else if i["current"].as_bool() == Some(false) {
-                state.push_str("(old)");
-            }
-            let pid = i["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            let container = match i["container"].as_str() {
-                Some(c) => format!("{:<13}", &c[..c.len().min(12)]),
-                None if containers => format!("{:<13}", "-"),
-                None => String::new(),
-            };
-            out.push_str(&format!(
-                "  {:<16} {:<10} {:<6} {:<8} {}{:<6} {:<9} {}\n",
-                i["id"].as_str().unwrap_or("?"),
-                state,
-                if i["ready"].as_bool() == Some(true) { "yes" } else { "no" },
-                pid,
-                container,
-                i["port"].to_string(),
-                i["restarts"].to_string(),
-                i["last_exit"].as_str().unwrap_or("-")
-            ));
-        }
-    }
-    // A closed pipe (`halo status | head`) is not an error worth a panic.
-    let _ = std::io::stdout().write_all(out.as_bytes());
-    Ok(())
 }

@@ -6,6 +6,7 @@ mod check_cmd;
 mod cli_cmd;
 mod demo_app;
 mod notify;
+mod output;
 mod proxy_cmd;
 mod up_cmd;
 mod upgrade;
@@ -13,10 +14,14 @@ mod upgrade;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use output::Output;
+
+/// The version and the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("HALO_COMMIT"), ")");
 
 #[derive(Parser)]
-#[command(name = "halo", version, about = "Load balancing, multi-node deployment and fault recovery in one binary")]
+#[command(name = "halo", version = VERSION, about = "Load balancing, multi-node deployment and fault recovery in one binary")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,28 +61,42 @@ enum Command {
     },
     /// Create or change a service from its file.
     Apply {
+        /// The service file; `-` reads it from standard input.
         #[arg(short, long)]
         file: PathBuf,
+        /// Show what would change (a diff of the stored file) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// Services, instances, health and restarts.
     Status {
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// Set a service's replica count.
     Scale {
         service: String,
+        /// 0 to 1000.
+        #[arg(value_parser = cli_cmd::parse_replicas, allow_hyphen_values = true)]
         replicas: u32,
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// Replace every instance of a service, one at a time, keeping capacity.
     Restart {
         service: String,
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// Show (or follow) a service's instance logs.
     Logs {
@@ -100,12 +119,16 @@ enum Command {
         service: String,
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// Stop and remove a service.
     Delete {
         service: String,
         #[command(flatten)]
         target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
     },
     /// A small HTTP app for the quickstart and tests.
     DemoApp(demo_app::DemoArgs),
@@ -129,26 +152,53 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Print a shell completion script: `halo completions bash >
+    /// /etc/bash_completion.d/halo` (zsh, fish, elvish, powershell too).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (halo.1, halo-up.1, ...) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum NodeCommand {
     /// Nodes, their liveness, zone, placements and the leader.
-    List,
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Move a node's instances elsewhere (replacements start first) and
     /// place nothing new on it.
-    Drain { name: String },
+    Drain {
+        name: String,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Let a drained node take instances again.
-    Undrain { name: String },
+    Undrain {
+        name: String,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Forget a node that is gone (it stays listed as not alive until then).
-    Remove { name: String },
+    Remove {
+        name: String,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Subcommand)]
 enum VipCommand {
     /// Each floating IP: its holder, since when, its fencing token, and
     /// every node that declares it (and why it may not hold it).
-    List,
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,19 +210,28 @@ enum RolloutCommand {
         /// Print it again every second until the rollout ends.
         #[arg(short, long)]
         watch: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Make the canary stable now, skipping the steps left.
-    Promote { service: String },
+    Promote(RolloutOrder),
     /// Roll the canary back now: the stable revision takes all traffic.
-    Abort { service: String },
+    Abort(RolloutOrder),
     /// Hold the canary at its step (weight kept, no window judged).
-    Pause { service: String },
+    Pause(RolloutOrder),
     /// Go on from the step it was paused at.
-    Resume { service: String },
+    Resume(RolloutOrder),
     /// Start the last rolled back or aborted canary again.
-    Retry { service: String },
+    Retry(RolloutOrder),
     /// Go back to the revision the last promoted canary replaced (rolling).
-    Undo { service: String },
+    Undo(RolloutOrder),
+}
+
+#[derive(clap::Args)]
+struct RolloutOrder {
+    service: String,
+    #[command(flatten)]
+    out: Output,
 }
 
 fn main() -> ExitCode {
@@ -192,31 +251,43 @@ fn main() -> ExitCode {
         Command::Up(args) => up_cmd::run(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Node { command, target } => match command {
-            NodeCommand::List => cli_cmd::node_list(&target),
-            NodeCommand::Drain { name } => cli_cmd::node_drain(&target, &name, true),
-            NodeCommand::Undrain { name } => cli_cmd::node_drain(&target, &name, false),
-            NodeCommand::Remove { name } => cli_cmd::node_remove(&target, &name),
+            NodeCommand::List { out } => cli_cmd::node_list(&target, &out),
+            NodeCommand::Drain { name, out } => cli_cmd::node_drain(&target, &out, &name, true).map(drop),
+            NodeCommand::Undrain { name, out } => cli_cmd::node_drain(&target, &out, &name, false).map(drop),
+            NodeCommand::Remove { name, out } => cli_cmd::node_remove(&target, &out, &name),
         },
-        Command::Vip { command: VipCommand::List, target } => cli_cmd::vip_list(&target),
-        Command::Rollout { command, target } => match command {
-            RolloutCommand::Status { service, watch } => cli_cmd::rollout_status(&target, &service, watch),
-            RolloutCommand::Promote { service } => cli_cmd::rollout_order(&target, &service, "promote"),
-            RolloutCommand::Abort { service } => cli_cmd::rollout_order(&target, &service, "abort"),
-            RolloutCommand::Pause { service } => cli_cmd::rollout_order(&target, &service, "pause"),
-            RolloutCommand::Resume { service } => cli_cmd::rollout_order(&target, &service, "resume"),
-            RolloutCommand::Retry { service } => cli_cmd::rollout_order(&target, &service, "retry"),
-            RolloutCommand::Undo { service } => cli_cmd::rollout_order(&target, &service, "undo"),
-        },
+        Command::Vip { command: VipCommand::List { out }, target } => cli_cmd::vip_list(&target, &out),
+        Command::Rollout { command, target } => {
+            let (order, o) = match command {
+                RolloutCommand::Status { service, watch, out } => {
+                    return exit(cli_cmd::rollout_status(&target, &out, &service, watch))
+                }
+                RolloutCommand::Promote(o) => ("promote", o),
+                RolloutCommand::Abort(o) => ("abort", o),
+                RolloutCommand::Pause(o) => ("pause", o),
+                RolloutCommand::Resume(o) => ("resume", o),
+                RolloutCommand::Retry(o) => ("retry", o),
+                RolloutCommand::Undo(o) => ("undo", o),
+            };
+            cli_cmd::rollout_order(&target, &o.out, &o.service, order)
+        }
         Command::Backup { command } => backup_cmd::run(command),
-        Command::Apply { file, target } => cli_cmd::apply(&target, &file),
-        Command::Status { target } => cli_cmd::status(&target),
-        Command::Scale { service, replicas, target } => cli_cmd::scale(&target, &service, replicas),
-        Command::Restart { service, target } => cli_cmd::restart(&target, &service),
+        Command::Apply { file, dry_run, target, out } => cli_cmd::apply(&target, &out, &file, dry_run).map(drop),
+        Command::Status { target, out } => cli_cmd::status(&target, &out),
+        Command::Scale { service, replicas, target, out } => {
+            cli_cmd::scale(&target, &out, &service, replicas).map(drop)
+        }
+        Command::Restart { service, target, out } => cli_cmd::restart(&target, &out, &service).map(drop),
         Command::Logs { service, follow, instance, lines, target } => {
             cli_cmd::logs(&target, &service, follow, instance.as_deref(), lines)
         }
-        Command::Delete { service, target } => cli_cmd::delete(&target, &service),
-        Command::Get { service, target } => cli_cmd::get(&target, &service),
+        Command::Delete { service, target, out } => cli_cmd::delete(&target, &out, &service).map(drop),
+        Command::Get { service, target, out } => cli_cmd::get(&target, &out, &service),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "halo", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man(&dir),
         Command::DemoApp(args) => demo_app::run(args),
         Command::Proxy(args) => proxy_cmd::run(args),
         Command::Check { config } => check_cmd::check(&config),
@@ -228,6 +299,10 @@ fn main() -> ExitCode {
             )),
         },
     };
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -235,4 +310,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `halo man --dir DIR`: one page per command.
+fn man(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .map_err(|e| anyhow::anyhow!("cannot write the manual pages into {}: {e}", dir.display()))?;
+    println!("manual pages written to {}", dir.display());
+    Ok(())
 }

@@ -130,7 +130,7 @@ async fn scheduled_backups_are_verified_pruned_and_a_failure_shows() {
     let text = format!("{}\n[backup]\nevery = \"1s\"\nkeep_last = 2\ndir = \"{}\"\n", node(), archives.display());
     let h = Halo::up(BIN, &text).unwrap();
     let metric = |name: &str| {
-        let (_, out, _) = h.cli(&["status", "--json"]);
+        let (_, out, _) = h.cli(&["status", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["backup"][name].clone()
     };
@@ -359,7 +359,7 @@ async fn a_stuck_scheduled_backup_is_cancelled_and_its_hook_killed() {
     );
     assert_eq!(h.cli(&["apply", "-f", slow.to_str().unwrap()]).0, 0);
     let backup = |h: &Halo| {
-        let (_, out, _) = h.cli(&["status", "--json"]);
+        let (_, out, _) = h.cli(&["status", "-o", "json"]);
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["backup"].clone()
     };
     eventually(Duration::from_secs(20), "a backup stuck in its hook", || async {

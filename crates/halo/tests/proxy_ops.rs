@@ -602,3 +602,28 @@ async fn a_service_manager_hears_ready_and_the_new_main_pid_after_an_upgrade() {
     reaper.0.push(pid);
     assert_eq!(recv(&sock), format!("MAINPID={pid}\nREADY=1\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_recipe_serves_backends_that_have_no_healthz() {
+    // The README puts `python3 -m http.server` behind examples/proxy.toml:
+    // it answers / but not /healthz, and the example's checks must pass.
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.set_healthy(false);
+    b.set_healthy(false);
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let cfg = std::fs::read_to_string(format!("{examples}/proxy.toml"))
+        .unwrap()
+        .replace("127.0.0.1:9001", &a.addr.to_string())
+        .replace("127.0.0.1:9002", &b.addr.to_string())
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("\"certs/", &format!("\"{examples}/certs/"));
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    // fall = 3 checks 2 s apart: a failing check would have taken both
+    // endpoints out (503) by now.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let c = Client::new();
+    for _ in 0..10 {
+        assert_eq!(c.get(&h.url("http", "/")).await.unwrap().status, 200);
+    }
+}

@@ -31,7 +31,7 @@ fn apply(h: &Halo, name: &str, text: &str) -> (i32, String, String) {
 }
 
 fn rollout(h: &Halo) -> serde_json::Value {
-    let (code, out, err) = h.cli(&["rollout", "status", "demo", "--json"]);
+    let (code, out, err) = h.cli(&["rollout", "status", "demo", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap()
 }

@@ -64,7 +64,10 @@ async fn vip_cluster() -> (Cluster, EtcdStore) {
     assert_eq!(code, 0, "apply: {out}{err}");
     wait_for(Duration::from_secs(40), "web ready and both floating IPs held", || {
         let held = [100, 101].iter().all(|h| c.nodes_with_address(c.nodes[0].subnet(*h)).len() == 1);
-        held && c.cli(0, &["status", "--json"]).1.matches("\"ready\":true").count() >= 3
+        let status: serde_json::Value =
+            serde_json::from_str(&c.cli(0, &["status", "-o", "json"]).1).unwrap_or_default();
+        let placements = status["cluster"]["placements"].as_array().cloned().unwrap_or_default();
+        held && placements.iter().filter(|p| p["ready"] == true).count() >= 3
     });
     (c, store)
 }
@@ -183,9 +186,9 @@ fn assert_one_mac(c: &Cluster, ns: &str, ip: Ipv4Addr, holder: usize) {
     assert_eq!(macs, vec![mac_of(c, holder)], "arping {ip}: want only {}'s MAC", c.nodes[holder].name);
 }
 
-/// The holder `halo vip list --json` names for `ip`, from node `from`.
+/// The holder `halo vip list -o json` names for `ip`, from node `from`.
 fn listed_holder(c: &Cluster, from: usize, ip: Ipv4Addr) -> Option<(String, i64)> {
-    let (code, out, _) = c.cli(from, &["vip", "list", "--json"]);
+    let (code, out, _) = c.cli(from, &["vip", "list", "-o", "json"]);
     if code != 0 {
         return None;
     }
