@@ -64,6 +64,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/backup", get(backup))
         .route("/v1/backup/cancel", post(cancel_backup))
         .route("/v1/backup/restore", post(restore).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
+        .route("/v1/events", get(events))
         .route("/v1/nodes", get(nodes))
         .route("/v1/vips", get(vips))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
@@ -263,6 +264,54 @@ async fn rollout_order(
         (None, _) => api.node.rollout_undo(&name).await?,
     }
     Ok(Json(Outcome::new(name, outcome)))
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    service: Option<String>,
+    limit: Option<usize>,
+    follow: Option<bool>,
+}
+
+/// The cluster's recent events: a JSON array, or with `follow=true` one
+/// JSON object a line, the recent ones first, then each new one as it is
+/// written (until the client hangs up or a day passed).
+async fn events(State(api): State<Api>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let (recent, revision) = api.node.events(q.service.as_deref(), limit).await?;
+    if !q.follow.unwrap_or(false) {
+        return Ok(Json(recent).into_response());
+    }
+    let mut watch = api.node.watch_events(revision + 1).await?;
+    let line = |e: &halo_control::events::Event| {
+        let mut l = serde_json::to_vec(e).expect("an event encodes");
+        l.push(b'\n');
+        Bytes::from(l)
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        for e in &recent {
+            if tx.send(line(e)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+        loop {
+            let batch = tokio::select! {
+                b = watch.next() => b,
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+            };
+            // A broken watch ends the stream; `halo events -f` says so.
+            let Some(batch) = batch else { return };
+            for e in halo_control::events::from_batch(&batch, q.service.as_deref()) {
+                if tx.send(line(&e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::new(ChannelBody(rx))).into_response())
 }
 
 #[derive(Deserialize)]

@@ -19,6 +19,7 @@
 //! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress |
 //! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
 //! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
+//! | `/halo/events/MS-NODE-SEQ` | [`crate::events::Event`] | the node's events lease (an hour, not renewed) | each node, for what it saw ([`crate::events`]); the view skips them |
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -48,6 +49,7 @@ pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
 pub const STATS: &str = "/halo/stats/";
 pub const VIPS: &str = "/halo/vips/";
 pub const VIP_NODES: &str = "/halo/vip-nodes/";
+pub const EVENTS: &str = "/halo/events/";
 
 pub fn vip_key(ip: &IpAddr) -> String {
     format!("{VIPS}{ip}")

@@ -86,6 +86,7 @@ fn lead(m: &Arc<Membership>, view: &Arc<View>, token: Revision) {
     if m.token.compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         m.counters.elections_won.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %m.cfg.node, token, "elected leader");
+        m.events.info("elected", None, None, format!("{} leads (fencing token {token})", m.cfg.node));
         tokio::spawn(leader_loop(m.clone(), view.clone(), token));
     }
 }
@@ -147,11 +148,18 @@ async fn apply_plan(
     for id in &plan.remove {
         if let Some(a) = st.assignments.get(id) {
             tracing::info!(instance = %id, node = %a.placement.node, "unassigning");
+            let (svc, node) = (Some(a.placement.service.as_str()), &a.placement.node);
+            if !st.nodes.contains_key(node) {
+                m.events.warn("rescheduled", svc, Some(id), format!("{id} leaves {node}: the node is gone"));
+            } else if st.admin.get(node).is_some_and(|n| n.draining) {
+                m.events.info("rescheduled", svc, Some(id), format!("{id} leaves {node}: the node is drained"));
+            }
             ops.push(TxnOp::Delete(assignment_key(&a.placement.node, id)));
         }
     }
     for p in &plan.add {
         tracing::info!(instance = %p.id, node = %p.node, "assigning");
+        m.events.info("placed", Some(&p.service), Some(&p.id), format!("{} placed on {}", p.id, p.node));
         let a = Assignment { placement: p.clone(), token };
         ops.push(TxnOp::put(&assignment_key(&p.node, &p.id), serde_json::to_vec(&a).expect("encodes"), None));
     }

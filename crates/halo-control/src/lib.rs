@@ -12,6 +12,7 @@ mod backup_schedule;
 mod config;
 pub mod cron;
 mod endpoints;
+pub mod events;
 mod fnv;
 mod hooks;
 pub mod keys;

@@ -54,10 +54,13 @@ pub struct Membership {
     leaving: std::sync::atomic::AtomicBool,
     /// The drivers that answer here, as the node record says.
     drivers: Mutex<Vec<String>>,
+    /// What this node saw, for `halo events`.
+    pub events: crate::events::Events,
 }
 
 impl Membership {
     pub fn new(cfg: ClusterConfig, api: SocketAddr, store: std::sync::Arc<dyn Store>) -> Membership {
+        let events = crate::events::Events::start(store.clone(), &cfg.node);
         Membership {
             cfg,
             api,
@@ -69,6 +72,7 @@ impl Membership {
             counters: ClusterCounters::default(),
             leaving: Default::default(),
             drivers: Mutex::new(vec!["exec".into()]),
+            events,
         }
     }
 

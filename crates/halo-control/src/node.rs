@@ -302,6 +302,12 @@ impl Node {
         if !self.r.store.txn(txn).await?.succeeded {
             return Err(NodeError::Conflict);
         }
+        let (kind, what) = if draining {
+            ("drained", "drained: its instances move to other nodes, replacements first")
+        } else {
+            ("undrained", "undrained: it takes instances again")
+        };
+        self.r.m.events.info(kind, None, None, format!("node {name} {what}"));
         Ok(())
     }
 
@@ -316,6 +322,7 @@ impl Node {
         }
         let key = node_admin_key(name);
         self.r.store.txn(Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::Delete(key))).await?;
+        self.r.m.events.info("removed", None, None, format!("node {name} forgotten"));
         Ok(())
     }
 
@@ -373,6 +380,7 @@ impl Node {
             None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
         };
         self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
+        self.r.m.events.info("applied", Some(&file.name), None, format!("{} {outcome} by apply", file.name));
         Ok(applied(outcome))
     }
 
@@ -403,7 +411,9 @@ impl Node {
             file.replicas = Some(replicas);
             file.validate().map(drop).map_err(|e| NodeError::BadRequest(e.to_string()))
         })
-        .await
+        .await?;
+        self.r.m.events.info("scaled", Some(name), None, format!("{name} scaled to {replicas}"));
+        Ok(())
     }
 
     /// Replaces every instance, one at a time, keeping capacity.
@@ -412,12 +422,17 @@ impl Node {
             *generation += 1;
             Ok(())
         })
-        .await
+        .await?;
+        self.r.m.events.info("restarted", Some(name), None, format!("{name}: rolling restart asked"));
+        Ok(())
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
         match self.r.store.delete(&service_key(name)).await? {
-            Some(_) => Ok(()),
+            Some(_) => {
+                self.r.m.events.info("deleted", Some(name), None, format!("{name} deleted"));
+                Ok(())
+            }
             None => Err(NodeError::NotFound(name.into())),
         }
     }
@@ -514,7 +529,26 @@ impl Node {
         if let Some(v) = &self.vips {
             out.push_str(&v.metrics());
         }
+        out.push_str("# HELP halo_events_dropped_total Events this node could not record (store away, queue full).\n");
+        out.push_str("# TYPE halo_events_dropped_total counter\n");
+        let dropped = self.r.m.events.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!("halo_events_dropped_total {dropped}\n"));
         out
+    }
+
+    /// The newest `limit` events of the cluster (of `service` if given),
+    /// oldest first, and the revision to follow them from.
+    pub async fn events(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<crate::events::Event>, halo_store::Revision), NodeError> {
+        Ok(crate::events::list(&*self.r.store, service, limit).await?)
+    }
+
+    /// A watch of the events written after `from`.
+    pub async fn watch_events(&self, from: halo_store::Revision) -> Result<halo_store::Watch, NodeError> {
+        Ok(self.r.store.watch(crate::keys::EVENTS, from).await?)
     }
 
     /// The cluster's floating IPs: holders, and every node's standing.

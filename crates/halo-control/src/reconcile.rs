@@ -418,8 +418,13 @@ pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
 /// reconciler on every change it acts on.
 async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut status: watch::Receiver<Status>) {
     let mut last = None;
+    let mut seen: Option<Status> = None;
     loop {
         let s = status.borrow_and_update().clone();
+        if let Some(before) = &seen {
+            instance_events(&r.m.events, before, &s);
+        }
+        seen = Some(s.clone());
         // Counters (probe failures) change often; only a change of what the
         // node acts on is worth a pass.
         let key = (s.state, s.ready, s.pid, s.port);
@@ -442,6 +447,39 @@ async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut statu
         }
         if status.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// The events an instance's status change makes (`halo events`).
+fn instance_events(ev: &crate::events::Events, before: &Status, now: &Status) {
+    use halo_supervisor::State;
+    let (svc, id) = (Some(now.service.as_str()), Some(now.id.as_str()));
+    let exit = now.last_exit.as_deref().unwrap_or("no exit status");
+    if now.restarts > before.restarts {
+        ev.warn("exited", svc, id, format!("{} ended ({exit}); restart {}", now.id, now.restarts));
+    }
+    if now.state != before.state {
+        match now.state {
+            State::CrashLoop => ev.warn(
+                "crash-loop",
+                svc,
+                id,
+                format!("{} restarts too often ({exit}); waiting the longest backoff between tries", now.id),
+            ),
+            State::Stopped => ev.info("stopped", svc, id, format!("{} stopped ({exit})", now.id)),
+            State::Completed => {
+                ev.info("completed", svc, id, format!("{} ended and is not restarted ({exit})", now.id))
+            }
+            _ => {}
+        }
+    }
+    if now.ready != before.ready && now.state == State::Running {
+        if now.ready {
+            ev.info("ready", svc, id, format!("{} is ready on port {}", now.id, now.port));
+        } else {
+            let why = now.last_probe_error.as_deref().unwrap_or("its readiness check fails");
+            ev.warn("not-ready", svc, id, format!("{} is not ready: {why}", now.id));
         }
     }
 }

@@ -185,6 +185,7 @@ impl Controller {
             let limit = release.analysis.failure_limit;
             match verdict.as_str() {
                 "fail" => {
+                    m.events.warn("rollout", Some(name), None, format!("canary window failed: {detail}"));
                     next.failed_windows += 1;
                     if next.failed_windows >= limit {
                         let why =
@@ -291,12 +292,14 @@ impl Controller {
         let service = match &end {
             End::Promote(why) => {
                 tracing::info!(service = %name, why, "canary promoted");
+                m.events.info("rollout", Some(name), None, format!("canary promoted: {why}"));
                 next.state = RolloutState::Promoted;
                 next.reason = why.clone();
                 ServiceRecord { stable: None, ..svc.record.clone() }
             }
             End::RollBack(state, why) => {
                 tracing::warn!(service = %name, why, "canary rolled back");
+                m.events.warn("rollout", Some(name), None, format!("canary rolled back: {why}"));
                 next.state = *state;
                 next.reason = why.clone();
                 ServiceRecord { spec: stable.spec, restart_generation: stable.restart_generation, stable: None }

@@ -443,6 +443,9 @@ impl View {
             let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
             match feed {
                 Feed::Listing(l) => *guard = Arc::new(ClusterState::from_listing(l, Some(&guard))),
+                // Events change nothing the control plane acts on: no copy
+                // of the state, no wake-up of everything that follows it.
+                Feed::Events(batch) if batch.iter().all(|e| e.kv.key.starts_with(crate::keys::EVENTS)) => return,
                 Feed::Events(batch) => Arc::make_mut(&mut guard).apply(batch),
                 Feed::Watching => {
                     drop(guard);

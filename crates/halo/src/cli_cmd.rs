@@ -95,18 +95,19 @@ fn read_file(file: &Path) -> anyhow::Result<(String, String)> {
     Ok((file.display().to_string(), text))
 }
 
-pub fn apply(t: &Target, out: &Output, file: &Path, dry_run: bool) -> anyhow::Result<Outcome> {
+pub fn apply(t: &Target, out: &Output, file: &Path, dry_run: bool, w: &WaitArgs) -> anyhow::Result<()> {
     let (name, text) = read_file(file)?;
     // Validate here too, so errors name the file the user wrote.
     halo_model::parse_service(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     if !dry_run {
-        return change(t, out, Method::PUT, "/v1/services", Some(text));
+        let goal = w.wait.then(|| Goal::of_apply(t, &text)).transpose()?;
+        change(t, out, Method::PUT, "/v1/services", Some(text))?;
+        return goal.map_or(Ok(()), |g| wait(t, &g, w.timeout));
     }
     let c = t.client()?;
     let answer = runtime()?.block_on(c.call(Method::PUT, "/v1/services?dry_run=true", Some(text.into()), |_| {}))?;
     let plan: Applied = serde_json::from_slice(&answer).context("the node's answer to a dry run is not a plan")?;
-    out.print(&plan, |_| plan_text(&plan))?;
-    Ok(Outcome::new(plan.name.clone(), plan.outcome.to_string()))
+    out.print(&plan, |_| plan_text(&plan))
 }
 
 /// What a dry run found: the change, as a diff of the stored file.
@@ -524,5 +525,138 @@ mod tests {
             (age(5), age(190), age(7500), age(90000)),
             ("5s".into(), "3m10s".into(), "2h5m".into(), "1d1h".into())
         );
+    }
+}
+
+/// `--wait` on a change: returns when it is done or failed, saying which.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WaitArgs {
+    /// Return only when the change is done (every replica of the new
+    /// revision ready, nothing old left) or failed (a crash loop, a rolled
+    /// back canary), printing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits before it gives up.
+    #[arg(long, default_value = "5m", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    halo_model::values::parse_duration(s)
+}
+
+/// What `--wait` waits for.
+pub enum Goal {
+    /// The service runs `replicas` ready instances of one revision: a new
+    /// one when `new_template`, unlike `before`.
+    Service { name: String, replicas: Option<u32>, new_template: bool, before: Option<String> },
+    /// The service is gone, instances and all.
+    Deleted(String),
+    /// The node holds no placement.
+    Drained(String),
+}
+
+impl Goal {
+    /// The goal of applying `text`, from what the node has now (read before the change).
+    pub fn of_apply(t: &Target, text: &str) -> anyhow::Result<Goal> {
+        let (file, _) = halo_model::parse_service("(file)", text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let c = t.client()?;
+        let stored = runtime()?.block_on(c.call(Method::GET, &format!("/v1/services/{}", file.name), None, |_| {}));
+        let old = stored.ok().and_then(|b| halo_model::parse_service("(stored)", &String::from_utf8_lossy(&b)).ok());
+        let template = |f: &halo_model::ServiceFile| halo_control::keys::ServiceRecord::template(f, 0);
+        let new_template = old.as_ref().is_none_or(|(o, _)| template(o) != template(&file));
+        Goal::service(t, &file.name, file.replicas.or(Some(1)), new_template)
+    }
+
+    /// A goal for `name`, remembering its revision now.
+    pub fn service(t: &Target, name: &str, replicas: Option<u32>, new_template: bool) -> anyhow::Result<Goal> {
+        let v: ClusterView = read(t, "/v1/nodes")?;
+        let before = v.services.iter().find(|s| s.name == name).map(|s| s.template.clone());
+        Ok(Goal::Service { name: name.to_string(), replicas, new_template, before })
+    }
+
+    /// The service whose crash loops and rollbacks fail the wait.
+    fn failing_service(&self) -> Option<&str> {
+        match self {
+            Goal::Service { name, .. } => Some(name),
+            Goal::Deleted(_) | Goal::Drained(_) => None,
+        }
+    }
+
+    /// Done, and what to say now.
+    fn check(&self, v: &ClusterView) -> (bool, String) {
+        match self {
+            Goal::Service { name, replicas, new_template, before } => {
+                let Some(s) = v.services.iter().find(|s| &s.name == name) else {
+                    return (false, format!("{name}: not in the cluster's view yet"));
+                };
+                let outdated = s.placed.saturating_sub(s.current);
+                let revision_ok = !new_template || before.as_ref() != Some(&s.template);
+                let done = revision_ok
+                    && replicas.is_none_or(|r| r == s.replicas)
+                    && outdated == 0
+                    && s.current == s.replicas as usize
+                    && s.current_ready == s.replicas as usize;
+                let mut say = format!("{name}: {} of {} ready", s.current_ready, s.replicas);
+                if outdated > 0 {
+                    say.push_str(&format!(", {outdated} of the old revision to replace"));
+                }
+                if !revision_ok {
+                    say.push_str(", the new revision not seen yet");
+                }
+                (done, say)
+            }
+            Goal::Deleted(name) => {
+                let left = v.placements.iter().filter(|p| &p.service == name).count();
+                let listed = v.services.iter().any(|s| &s.name == name);
+                (!listed && left == 0, format!("{name}: {} left", count(left, "instance")))
+            }
+            Goal::Drained(node) => {
+                let left = v.placements.iter().filter(|p| &p.node == node).count();
+                (left == 0, format!("node {node}: {} left to move", count(left, "instance")))
+            }
+        }
+    }
+}
+
+/// `1 instance`, `2 instances`.
+fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Waits for `goal`, printing each new state of progress; fails on a
+/// crash loop or a rolled back canary of the service, or after `timeout`.
+pub fn wait(t: &Target, goal: &Goal, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let since_ms = unix_now().saturating_sub(1) * 1000;
+    let mut said = String::new();
+    loop {
+        let v: ClusterView = read(t, "/v1/nodes")?;
+        let (done, say) = goal.check(&v);
+        if say != said {
+            println!("{say}");
+            said = say;
+        }
+        if done {
+            println!("done after {:.1}s", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if let Some(name) = goal.failing_service() {
+            let events: Vec<halo_control::events::Event> = read(t, &format!("/v1/events?service={name}&limit=200"))?;
+            let failed = events.iter().filter(|e| e.time_ms >= since_ms).find(|e| {
+                e.kind == "crash-loop" || (e.kind == "rollout" && e.message.starts_with("canary rolled back"))
+            });
+            if let Some(e) = failed {
+                anyhow::bail!("failed: {} (on {}); `halo events --service {name}` has the story", e.message, e.node);
+            }
+        }
+        if started.elapsed() >= timeout {
+            anyhow::bail!("gave up after {}s (--timeout): {said}", timeout.as_secs());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }

@@ -5,6 +5,7 @@ mod backup_cmd;
 mod check_cmd;
 mod cli_cmd;
 mod demo_app;
+mod events_cmd;
 mod notify;
 mod output;
 mod proxy_cmd;
@@ -65,8 +66,10 @@ enum Command {
         #[arg(short, long)]
         file: PathBuf,
         /// Show what would change (a diff of the stored file) and change nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wait")]
         dry_run: bool,
+        #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
         #[command(flatten)]
         target: cli_cmd::Target,
         #[command(flatten)]
@@ -86,6 +89,8 @@ enum Command {
         #[arg(value_parser = cli_cmd::parse_replicas, allow_hyphen_values = true)]
         replicas: u32,
         #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
+        #[command(flatten)]
         target: cli_cmd::Target,
         #[command(flatten)]
         out: Output,
@@ -94,10 +99,15 @@ enum Command {
     Restart {
         service: String,
         #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
+        #[command(flatten)]
         target: cli_cmd::Target,
         #[command(flatten)]
         out: Output,
     },
+    /// What happened in the cluster (exits, restarts, reschedules,
+    /// elections, drains, API changes, rollouts, backups); -f follows.
+    Events(events_cmd::EventsArgs),
     /// Show (or follow) a service's instance logs.
     Logs {
         service: String,
@@ -125,6 +135,8 @@ enum Command {
     /// Stop and remove a service.
     Delete {
         service: String,
+        #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
         #[command(flatten)]
         target: cli_cmd::Target,
         #[command(flatten)]
@@ -174,6 +186,8 @@ enum NodeCommand {
     /// place nothing new on it.
     Drain {
         name: String,
+        #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
         #[command(flatten)]
         out: Output,
     },
@@ -247,12 +261,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match cli.command {
+    exit(run(cli.command))
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up(args) => up_cmd::run(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Node { command, target } => match command {
             NodeCommand::List { out } => cli_cmd::node_list(&target, &out),
-            NodeCommand::Drain { name, out } => cli_cmd::node_drain(&target, &out, &name, true).map(drop),
+            NodeCommand::Drain { name, wait, out } => {
+                cli_cmd::node_drain(&target, &out, &name, true)?;
+                if wait.wait {
+                    cli_cmd::wait(&target, &cli_cmd::Goal::Drained(name), wait.timeout)?;
+                }
+                Ok(())
+            }
             NodeCommand::Undrain { name, out } => cli_cmd::node_drain(&target, &out, &name, false).map(drop),
             NodeCommand::Remove { name, out } => cli_cmd::node_remove(&target, &out, &name),
         },
@@ -260,7 +284,7 @@ fn main() -> ExitCode {
         Command::Rollout { command, target } => {
             let (order, o) = match command {
                 RolloutCommand::Status { service, watch, out } => {
-                    return exit(cli_cmd::rollout_status(&target, &out, &service, watch))
+                    return cli_cmd::rollout_status(&target, &out, &service, watch)
                 }
                 RolloutCommand::Promote(o) => ("promote", o),
                 RolloutCommand::Abort(o) => ("abort", o),
@@ -272,17 +296,32 @@ fn main() -> ExitCode {
             cli_cmd::rollout_order(&target, &o.out, &o.service, order)
         }
         Command::Backup { command } => backup_cmd::run(command),
-        Command::Apply { file, dry_run, target, out } => cli_cmd::apply(&target, &out, &file, dry_run).map(drop),
+        Command::Apply { file, dry_run, wait, target, out } => cli_cmd::apply(&target, &out, &file, dry_run, &wait),
         Command::Status { target, out } => cli_cmd::status(&target, &out),
-        Command::Scale { service, replicas, target, out } => {
-            cli_cmd::scale(&target, &out, &service, replicas).map(drop)
+        Command::Scale { service, replicas, wait, target, out } => {
+            let goal =
+                wait.wait.then(|| cli_cmd::Goal::service(&target, &service, Some(replicas), false)).transpose()?;
+            cli_cmd::scale(&target, &out, &service, replicas)?;
+            goal.map_or(Ok(()), |g| cli_cmd::wait(&target, &g, wait.timeout))
         }
-        Command::Restart { service, target, out } => cli_cmd::restart(&target, &out, &service).map(drop),
+        Command::Restart { service, wait, target, out } => {
+            let goal = wait.wait.then(|| cli_cmd::Goal::service(&target, &service, None, true)).transpose()?;
+            cli_cmd::restart(&target, &out, &service)?;
+            goal.map_or(Ok(()), |g| cli_cmd::wait(&target, &g, wait.timeout))
+        }
         Command::Logs { service, follow, instance, lines, target } => {
             cli_cmd::logs(&target, &service, follow, instance.as_deref(), lines)
         }
-        Command::Delete { service, target, out } => cli_cmd::delete(&target, &out, &service).map(drop),
+        Command::Delete { service, wait, target, out } => {
+            cli_cmd::delete(&target, &out, &service)?;
+            let goal = cli_cmd::Goal::Deleted(service);
+            if wait.wait {
+                cli_cmd::wait(&target, &goal, wait.timeout)?;
+            }
+            Ok(())
+        }
         Command::Get { service, target, out } => cli_cmd::get(&target, &out, &service),
+        Command::Events(args) => events_cmd::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "halo", &mut std::io::stdout());
             Ok(())
@@ -298,8 +337,7 @@ fn main() -> ExitCode {
                 "say which halo: -c FILE for `halo proxy -c FILE`, --data-dir DIR for `halo up` or `halo agent`"
             )),
         },
-    };
-    exit(result)
+    }
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {

@@ -218,3 +218,72 @@ fn version_completions_and_manual_pages() {
         assert!(text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH "), "{page}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_what_happened_and_follow_what_happens() {
+    let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
+    eventually(Duration::from_secs(20), "1 ready instance", || async {
+        h.status()["services"][0]["ready"].as_u64() == Some(1)
+    })
+    .await;
+    let data = h.data_dir.clone().unwrap();
+    let mut follow = Command::new(BIN)
+        .args(["events", "-f", "-o", "json", "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let pid = h.status()["services"][0]["instances"][0]["pid"].as_i64().unwrap();
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert_eq!(h.cli(&["scale", "demo", "2"]).0, 0);
+    let mut kinds = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline
+        && !(kinds.contains(&"exited".to_string()) && kinds.contains(&"scaled".to_string()))
+    {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let e: serde_json::Value = serde_json::from_str(&l).expect("one JSON event a line");
+            kinds.push(e["kind"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(kinds.contains(&"elected".to_string()), "the recent events come first: {kinds:?}");
+    assert!(kinds.contains(&"exited".to_string()) && kinds.contains(&"scaled".to_string()), "{kinds:?}");
+    let (_, table, _) = h.cli(&["events"]);
+    let exit = table.lines().find(|l| l.contains("exited")).unwrap_or_default();
+    assert!(exit.contains("warning") && exit.contains("killed by SIGKILL"), "{table}");
+    assert!(table.lines().next().unwrap_or_default().starts_with("AGE"), "{table}");
+    let (_, only, _) = h.cli(&["events", "--service", "nope"]);
+    assert_eq!(only, "no events in the last hour\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_when_a_change_is_done_or_says_how_it_failed() {
+    let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
+    let (code, out, err) = h.cli(&["scale", "demo", "2", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("demo: 2 of 2 ready") && out.contains("done after"), "{out}");
+    let status = h.status();
+    let ready = status["services"][0]["instances"].as_array().unwrap().iter().filter(|i| i["ready"] == true).count();
+    assert_eq!(ready, 2, "--wait returned before both were ready");
+    let (code, out, err) = h.cli(&["restart", "demo", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("of the old revision to replace") && out.contains("done after"), "{out}");
+    let crashy = "name = \"crashy\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"exit 3\"]\n\
+                  [restart]\nbackoff_initial = \"50ms\"\n[[routes]]\nhost = \"crashy.localhost\"\n";
+    let (code, _, err) = h.cli_with_input(&["apply", "-f", "-", "--wait", "--timeout", "60s"], crashy);
+    assert!(code != 0 && err.contains("failed: crashy-") && err.contains("restarts too often"), "{err}");
+    let (code, out, err) = h.cli(&["delete", "crashy", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("done after"), "{out}");
+    let (code, _, err) = h.cli(&["scale", "demo", "3", "--wait", "--timeout", "1ms"]);
+    assert!(code != 0 && err.contains("gave up after"), "{err}");
+}

@@ -265,6 +265,17 @@ async fn under_fault(
     })
     .await;
     println!("{line}, capacity restored after {restored:?}");
+    // `halo events` on another node tells the story.
+    let other = (v + 1) % 3;
+    let events = |c: &Cluster| -> Vec<serde_json::Value> {
+        let (_, out, _) = c.cli(other, &["events", "-o", "json", "-n", "1000"]);
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    if matches!(victim, Victim::Leader) {
+        let ev = events(&c);
+        let elected = ev.iter().any(|e| e["kind"] == "elected" && e["node"] != name.as_str());
+        assert!(elected, "no election event from a node other than {name}: {ev:?}");
+    }
     match undo {
         // Back: the node must not fight the new placements.
         Some(undo) => {
@@ -275,8 +286,13 @@ async fn under_fault(
             tokio::time::sleep(Duration::from_secs(1)).await;
             let st = state_now(&store).await;
             assert!(st.assignments.values().all(|a| a.placement.node != name), "placements left on {name}");
+            let ev = events(&c);
+            let moved = ev.iter().filter(|e| {
+                e["kind"] == "rescheduled"
+                    && e["message"].as_str().is_some_and(|m| m.contains(&format!("leaves {name}: the node is gone")))
+            });
+            assert!(moved.count() >= 1, "no reschedule event for {name}: {ev:?}");
             // Listed as gone until removed; a live node cannot be removed.
-            let other = (v + 1) % 3;
             let (_, out, _) = c.cli(other, &["node", "list"]);
             let row = out.lines().find(|l| l.trim_start().starts_with(&name)).unwrap_or_default().to_string();
             assert!(row.split_whitespace().nth(3) == Some("no"), "{name} not listed as gone:\n{out}");

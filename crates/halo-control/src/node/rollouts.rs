@@ -37,6 +37,7 @@ impl Node {
         }
         let v = serde_json::to_vec(&cmd).expect("encodes");
         self.r.store.put(&rollout_command_key(service), v, None).await?;
+        self.r.m.events.info("rollout", Some(service), None, format!("{cmd:?} asked by an operator").to_lowercase());
         Ok(())
     }
 
