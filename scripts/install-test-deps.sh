@@ -22,6 +22,11 @@ command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v strip >/dev/null 2>&1 || need+=(binutils)
 # The floating IP tests ask which MAC answers for the address.
 command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
+# The dashboard test drives the real page in a headless Chromium.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The package test builds a .deb and checks its systemd units.
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

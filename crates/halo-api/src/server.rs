@@ -65,13 +65,41 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/backup/cancel", post(cancel_backup))
         .route("/v1/backup/restore", post(restore).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/events", get(events))
+        .route("/v1/traffic", get(traffic))
         .route("/v1/nodes", get(nodes))
         .route("/v1/vips", get(vips))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}/undrain", post(undrain))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
-    Router::new().route("/healthz", get(|| async { "ok\n" })).merge(guarded).fallback(not_found).with_state(api)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ui", get(|| async { asset("text/html; charset=utf-8", include_str!("ui/index.html")) }))
+        .route("/ui/", get(|| async { asset("text/html; charset=utf-8", include_str!("ui/index.html")) }))
+        .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", include_str!("ui/app.js")) }))
+        .route("/ui/app.css", get(|| async { asset("text/css; charset=utf-8", include_str!("ui/app.css")) }))
+        .merge(guarded)
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// A dashboard file (built into the binary): no data in it, so no token
+/// needed; the page asks the API with the token the person gives it.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -123,7 +151,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status, /v1/services/NAME, /v1/nodes, /metrics".into())
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /ui (the dashboard), /v1/status, /v1/services/NAME, /v1/nodes, /v1/events, /v1/traffic, /metrics".into())
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
@@ -135,6 +163,12 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
 
 async fn status(State(api): State<Api>) -> Json<StatusView> {
     Json(StatusView { services: api.node.status(), cluster: api.node.cluster(), backup: api.node.backup_health() })
+}
+
+/// The last minutes of this node's proxy: requests/s, error rate, p50/p99
+/// per route and upstream.
+async fn traffic(State(api): State<Api>) -> impl IntoResponse {
+    Json(api.node.traffic())
 }
 
 async fn nodes(State(api): State<Api>) -> impl IntoResponse {

@@ -152,6 +152,8 @@ pub struct Node {
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// The node file's floating IPs, when it has `[[vip]]`.
     vips: Option<Arc<crate::vip::Vips>>,
+    /// The proxy's counters of the last minutes, for the dashboard.
+    history: Arc<halo_proxy::history::History>,
 }
 
 impl Node {
@@ -220,7 +222,9 @@ impl Node {
             tasks.extend(t);
             Some(v)
         };
-        let node = Node { r, requests, backups, tasks: Arc::default(), vips };
+        let history = Arc::new(halo_proxy::history::History::default());
+        tasks.push(tokio::spawn(history.clone().run(Arc::downgrade(&r.feed.proxy))));
+        let node = Node { r, requests, backups, tasks: Arc::default(), vips, history };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         tasks.push(tokio::spawn(m.clone().run_lease()));
@@ -534,6 +538,11 @@ impl Node {
         let dropped = self.r.m.events.dropped.load(std::sync::atomic::Ordering::Relaxed);
         out.push_str(&format!("halo_events_dropped_total {dropped}\n"));
         out
+    }
+
+    /// The last minutes of this node's proxy, per route and upstream.
+    pub fn traffic(&self) -> Vec<halo_proxy::history::Series> {
+        self.history.series()
     }
 
     /// The newest `limit` events of the cluster (of `service` if given),

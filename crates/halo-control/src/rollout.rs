@@ -22,7 +22,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
 
 use halo_model::release::Strategy;
-use halo_proxy::metrics::BUCKETS;
 
 use crate::keys::{
     rollout_command_key, rollout_key, service_key, Counters, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
@@ -318,25 +317,9 @@ impl Controller {
 /// coarse there for a ratio to mean anything.
 const LATENCY_FLOOR_S: f64 = 0.005;
 
-/// The 99th percentile of a latency histogram, in seconds, interpolated
-/// inside its bucket (`None` without observations).
+/// The 99th percentile of a latency histogram, in seconds.
 fn p99(latency: &[u64]) -> Option<f64> {
-    let total: u64 = latency.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = (total as f64 * 0.99).ceil() as u64;
-    let mut cum = 0;
-    for (i, n) in latency.iter().enumerate() {
-        if cum + n >= want {
-            let lo = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
-            let hi = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
-            let into = (want - cum) as f64 / (*n).max(1) as f64;
-            return Some(lo + (hi - lo) * into);
-        }
-        cum += n;
-    }
-    None
+    halo_proxy::metrics::quantile(latency, 0.99)
 }
 
 /// The verdict of one window and what it saw.

@@ -29,6 +29,7 @@ mod h1;
 pub mod handover;
 mod headers;
 mod health;
+pub mod history;
 mod listener;
 pub mod metrics;
 mod pool;

@@ -47,6 +47,28 @@ impl Histogram {
     }
 }
 
+/// The `q` quantile (0 to 1) of a latency histogram's per-bucket counts
+/// ([`BUCKETS`], then +Inf), in seconds, interpolated inside its bucket;
+/// `None` without observations.
+pub fn quantile(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = ((total as f64 * q).ceil() as u64).max(1);
+    let mut cum = 0;
+    for (i, n) in counts.iter().enumerate() {
+        if cum + n >= want {
+            let lo = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+            let hi = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+            let into = (want - cum) as f64 / (*n).max(1) as f64;
+            return Some(lo + (hi - lo) * into);
+        }
+        cum += n;
+    }
+    None
+}
+
 /// Status classes counted: 1xx..5xx, plus responses the proxy made itself
 /// because the upstream failed (`error`).
 pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];

@@ -364,6 +364,19 @@ impl Proxy {
         stats.into_iter().map(|(name, s)| (name, s.totals().0, s.totals().1, s.latency.counts())).collect()
     }
 
+    /// [`Proxy::upstream_totals`] for each route.
+    pub fn route_totals(&self) -> Vec<(String, u64, u64, Vec<u64>)> {
+        let routes = self.shared.registry.route_stats();
+        routes
+            .into_iter()
+            .map(|(name, r)| {
+                let n: Vec<u64> =
+                    r.stats.requests.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
+                (name, n.iter().sum(), n[4] + n[5], r.stats.latency.counts())
+            })
+            .collect()
+    }
+
     fn install(&self, cfg: Config) {
         let snap = self.shared.registry.build(Arc::new(cfg));
         watch_certificates(&self.shared, &snap.config);

@@ -5,6 +5,7 @@
 //! child processes are killed and reaped.
 
 mod backend;
+mod browser;
 mod client;
 mod cluster;
 mod docker;
@@ -20,6 +21,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use backend::{canned_upstream, Backend, BackendStats};
+pub use browser::{chromium, Browser, Page};
 pub use client::{Client, Reply};
 pub use cluster::{in_netns, web_service, Cluster, ClusterNode, Sample, Sampler};
 pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};
