@@ -11,8 +11,11 @@
 #   scripts/cluster.sh down     # stop everything and remove the namespaces
 #   scripts/cluster.sh smoke    # up, deploy, check every node serves, down
 #
-# HALO_BIN picks the binary [default: target/release/halo, built if missing].
-# State and logs go to ./halo-cluster.
+# HALO_BIN picks the binary [default: $CARGO_TARGET_DIR/release/halo, or
+# target/release/halo, built if missing]. State and logs go to
+# HALO_CLUSTER_DIR [default: /var/tmp/halo-cluster, outside the repository:
+# three etcd members and three data directories take a few hundred MB].
+# A failed `up` says which log tells why, and takes down what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,15 +23,17 @@ NODES=(n1 n2 n3)
 BRIDGE=hbdemo
 NET=10.214.0
 VIP=$NET.100
-STATE=${HALO_CLUSTER_DIR:-$PWD/halo-cluster}
+STATE=${HALO_CLUSTER_DIR:-/var/tmp/halo-cluster}
 
 ip_of() { echo "$NET.$((10 + ${1#n}))"; }
 ns_of() { echo "halodemo-$1"; }
 
 bin() {
   if [ -n "${HALO_BIN:-}" ]; then echo "$HALO_BIN"; return; fi
-  if [ ! -x target/release/halo ]; then cargo build --release -p halo >&2; fi
-  echo "$PWD/target/release/halo"
+  local target=${CARGO_TARGET_DIR:-$PWD/target}
+  case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+  if [ ! -x "$target/release/halo" ]; then cargo build --release -p halo >&2; fi
+  echo "$target/release/halo"
 }
 
 down() {
@@ -47,14 +52,25 @@ down() {
   echo "cluster down (state kept in $STATE)"
 }
 
-wait_for() { # what, seconds, command...
-  local what=$1 secs=$2; shift 2
+wait_for() { # what, seconds, log (or -), command...
+  local what=$1 secs=$2 log=$3; shift 3
   for _ in $(seq 1 $((secs * 10))); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
   echo "timed out after ${secs}s waiting for $what" >&2
+  if [ "$log" != - ]; then
+    echo "the last lines of $log (the whole of it says why):" >&2
+    tail -n 15 "$log" >&2 || true
+  fi
   return 1
+}
+
+# A failed `up` leaves nothing running (its logs stay in $STATE).
+failed_up() {
+  echo "scripts/cluster.sh up failed; taking down what it started" >&2
+  down >&2
+  exit 1
 }
 
 up() {
@@ -62,6 +78,7 @@ up() {
   command -v etcd >/dev/null || { echo "etcd not found: run scripts/install-test-deps.sh" >&2; exit 1; }
   local halo; halo=$(bin)
   down >/dev/null
+  trap failed_up ERR
   rm -rf "$STATE"
   mkdir -p "$STATE"
   ip link add "$BRIDGE" type bridge
@@ -94,7 +111,7 @@ up() {
     disown
   done
   for n in "${NODES[@]}"; do
-    wait_for "etcd on $n" 30 curl -sf "http://$(ip_of "$n"):2379/health"
+    wait_for "etcd on $n" 30 "$STATE/$n/etcd.log" curl -sf "http://$(ip_of "$n"):2379/health" || failed_up
   done
   for n in "${NODES[@]}"; do
     local ns ip; ns=$(ns_of "$n"); ip=$(ip_of "$n")
@@ -108,8 +125,9 @@ up() {
     disown
   done
   for n in "${NODES[@]}"; do
-    wait_for "halo agent on $n" 30 grep -q '^ready' "$STATE/$n/agent.log"
+    wait_for "halo agent on $n" 30 "$STATE/$n/agent.log" grep -q '^ready' "$STATE/$n/agent.log" || failed_up
   done
+  trap - ERR
   cat <<EOF
 cluster up: nodes n1 n2 n3 at $(ip_of n1) $(ip_of n2) $(ip_of n3); proxies on :8080, APIs on :7070; logs in $STATE/NODE/
 try:
@@ -139,10 +157,10 @@ smoke() {
   local h=("$halo")
   "${h[@]}" apply -f examples/app.toml
   for n in "${NODES[@]}"; do
-    wait_for "web served through $n" 30 curl -sf -H 'Host: web.localhost' "http://$(ip_of "$n"):8080/"
+    wait_for "web served through $n" 30 "$STATE/$n/agent.log" curl -sf -H 'Host: web.localhost' "http://$(ip_of "$n"):8080/"
     echo "$n serves: $(curl -s -H 'Host: web.localhost' "http://$(ip_of "$n"):8080/")"
   done
-  wait_for "web served through the floating IP $VIP" 30 curl -sf -H 'Host: web.localhost' "http://$VIP:8080/"
+  wait_for "web served through the floating IP $VIP" 30 - curl -sf -H 'Host: web.localhost' "http://$VIP:8080/"
   echo "$VIP serves: $(curl -s -H 'Host: web.localhost' "http://$VIP:8080/")"
   "${h[@]}" node list
   "${h[@]}" vip list

@@ -17,8 +17,9 @@ done
 if docker info >/dev/null 2>&1; then
   export HALO_REQUIRE_DOCKER=1 HALO_TEST_RESTART_DOCKERD=1
 fi
-# Chromium was installed above: the dashboard test must run, not skip.
-export HALO_REQUIRE_CHROMIUM=1
+# Chromium, dpkg-deb and systemd-analyze were installed above: the
+# dashboard and package tests must run, not skip.
+export HALO_REQUIRE_CHROMIUM=1 HALO_REQUIRE_PACKAGING=1
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
