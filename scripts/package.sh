@@ -78,10 +78,11 @@ cat > "$root/DEBIAN/postinst" <<'POSTINST'
 #!/bin/sh
 set -e
 if [ "$1" = configure ]; then
+  install -d -m 0700 /var/lib/halo
   if ! getent passwd halo >/dev/null; then
     adduser --system --group --home /var/lib/halo --no-create-home --gecos "halo" halo >/dev/null
   fi
-  install -d -o halo -g halo -m 0700 /var/lib/halo
+  chown halo:halo /var/lib/halo
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
   fi

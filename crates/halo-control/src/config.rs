@@ -108,13 +108,7 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
     if let Some(message) =
         FileKind::misfiled(text, FileKind::Node).filter(|_| FileKind::of(text) == Some(FileKind::Service))
     {
-        return Err(Diagnostics(vec![Diagnostic {
-            file: file.into(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            message,
-        }]));
+        return Err(Diagnostics::of_file(file, message));
     }
     let loc = Locator::new(text);
     let mut errors = Errors { file, loc: &loc, list: Vec::new() };

@@ -64,6 +64,11 @@ impl fmt::Display for Diagnostics {
 impl std::error::Error for Diagnostics {}
 
 impl Diagnostics {
+    /// One problem of the whole file, tied to no line.
+    pub fn of_file(file: &str, message: String) -> Diagnostics {
+        Diagnostics(vec![Diagnostic { file: file.into(), line: 0, col: 0, field: String::new(), message }])
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -178,13 +178,7 @@ pub struct BalanceSpec {
 /// are all reported at once, each with its line, column and field.
 pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), Diagnostics> {
     if let Some(message) = FileKind::misfiled(text, FileKind::Service) {
-        return Err(Diagnostics(vec![Diagnostic {
-            file: file.into(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            message,
-        }]));
+        return Err(Diagnostics::of_file(file, message));
     }
     let read = diag::read::<ServiceFile>(file, text);
     let Some(raw) = &read.value else { return Err(read.errors) };

@@ -64,8 +64,7 @@ pub fn parse_with_services(file: &str, text: &str) -> Result<Config, ConfigError
 fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, ConfigErrors> {
     let misfiled = (!services_later).then(|| halo_model::FileKind::misfiled(text, halo_model::FileKind::Proxy));
     if let Some(message) = misfiled.flatten() {
-        let e = ConfigError { file: file.into(), line: 0, col: 0, field: String::new(), message };
-        return Err(halo_model::Diagnostics(vec![e]));
+        return Err(halo_model::Diagnostics::of_file(file, message));
     }
     let raw: FileConfig = halo_model::diag::deserialize(file, text)?;
     let mut v =

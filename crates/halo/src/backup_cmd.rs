@@ -8,7 +8,7 @@ use anyhow::Context;
 use halo_control::backup;
 use http::Method;
 
-use crate::cli_cmd::Target;
+use crate::cli_cmd::{runtime, Target};
 
 #[derive(clap::Subcommand)]
 pub enum BackupCommand {
@@ -53,6 +53,8 @@ pub enum BackupCommand {
     List {
         #[arg(default_value = ".")]
         dir: PathBuf,
+        #[command(flatten)]
+        out: crate::output::Output,
     },
 }
 
@@ -63,7 +65,7 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Restore { file, into: Some(dir), .. } => restore(&file, &dir),
         BackupCommand::Restore { file, store: Some(url), namespace, .. } => restore_etcd(&file, &url, &namespace),
         BackupCommand::Restore { file, force, target, .. } => restore_running(&target, &file, force),
-        BackupCommand::List { dir } => list(&dir),
+        BackupCommand::List { dir, out } => list(&dir, &out),
         BackupCommand::Cancel { target } => {
             let c = target.client()?;
             runtime()?.block_on(c.call(Method::POST, "/v1/backup/cancel", None, |_| {}))?;
@@ -71,10 +73,6 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
@@ -170,31 +168,57 @@ fn restore_etcd(file: &Path, url: &str, namespace: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn list(dir: &Path) -> anyhow::Result<()> {
+/// One archive as `halo backup list` shows it.
+#[derive(serde::Serialize)]
+struct Archive {
+    file: String,
+    size: u64,
+    revision: Option<i64>,
+    /// Unix seconds.
+    created: Option<u64>,
+    keys: Option<usize>,
+    /// Why it cannot be restored, if it cannot.
+    error: Option<String>,
+}
+
+fn list(dir: &Path, out: &crate::output::Output) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.flatten() {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "tar") {
             continue;
         }
-        let row = match std::fs::read(&path).map_err(anyhow::Error::from).and_then(|b| Ok(backup::open(&b)?)) {
-            Ok(b) => format!(
-                "{}  revision {}  created {}  {} keys",
-                path.display(),
-                b.manifest.revision,
-                halo_control::cron::utc(b.manifest.created),
-                b.manifest.keys
-            ),
-            Err(e) => format!("{}  NOT USABLE: {e}", path.display()),
-        };
-        rows.push(row);
+        let size = e.metadata().map_or(0, |m| m.len());
+        let file = path.display().to_string();
+        rows.push(match std::fs::read(&path).map_err(anyhow::Error::from).and_then(|b| Ok(backup::open(&b)?)) {
+            Ok(b) => Archive {
+                file,
+                size,
+                revision: Some(b.manifest.revision),
+                created: Some(b.manifest.created),
+                keys: Some(b.manifest.keys),
+                error: None,
+            },
+            Err(e) => Archive { file, size, revision: None, created: None, keys: None, error: Some(format!("{e:#}")) },
+        });
     }
-    rows.sort();
-    if rows.is_empty() {
-        println!("no backups (*.tar) in {}", dir.display());
-    }
-    for r in rows {
-        println!("{r}");
-    }
-    Ok(())
+    rows.sort_by(|a, b| a.file.cmp(&b.file));
+    out.print(&rows, |_| {
+        if rows.is_empty() {
+            return format!("no backups (*.tar) in {}\n", dir.display());
+        }
+        let mut t = crate::output::table(&["FILE", "REVISION", "CREATED", "KEYS", "SIZE", "USABLE"]);
+        for r in &rows {
+            let show = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            t.add_row(vec![
+                r.file.clone(),
+                show(r.revision.map(|v| v.to_string())),
+                show(r.created.map(halo_control::cron::utc)),
+                show(r.keys.map(|v| v.to_string())),
+                r.size.to_string(),
+                r.error.as_ref().map_or("yes".to_string(), |e| format!("NO: {e}")),
+            ]);
+        }
+        crate::output::render(t, 0)
+    })
 }

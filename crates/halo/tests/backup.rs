@@ -64,8 +64,10 @@ async fn a_backup_restores_into_a_new_data_dir_and_the_node_converges() {
     let (ok, out, err) = halo(&["backup", "verify", archive.to_str().unwrap()]);
     assert!(ok && out.contains("ok") && out.contains("2 services"), "{out}{err}");
     let (ok, out, _) = halo(&["backup", "list", dir.0.to_str().unwrap()]);
-    assert!(ok && out.contains("b.tar") && out.contains("revision"), "{out}");
-    let revision: i64 = out.split("revision ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(ok && out.contains("b.tar") && out.starts_with("FILE") && out.contains("yes"), "{out}");
+    let (_, json, _) = halo(&["backup", "list", dir.0.to_str().unwrap(), "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let revision = listed[0]["revision"].as_i64().unwrap();
 
     // The node and its data are gone.
     stop(h).await;

@@ -17,6 +17,26 @@ fn halo(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
+/// Starts a following CLI verb (`logs -f`, `events -f`) against `h`; its
+/// lines arrive on the receiver. Kill the child when done.
+fn follow(h: &Halo, args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(h.data_dir.as_ref().unwrap())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, rx)
+}
+
 #[test]
 fn file_errors_are_all_reported_with_line_column_field_and_a_suggestion() {
     let dir = TempDir::new("cli-errors");
@@ -163,16 +183,7 @@ async fn logs_follow_picks_up_instances_started_after_it_began() {
         h.status()["services"][0]["ready"].as_u64() == Some(1)
     })
     .await;
-    let data = h.data_dir.clone().unwrap();
-    let mut follow =
-        Command::new(BIN).args(["logs", "demo", "-f", "--data-dir"]).arg(&data).stdout(Stdio::piped()).spawn().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let (mut follow, rx) = follow(&h, &["logs", "demo", "-f"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(h.cli(&["scale", "demo", "2"]).0, 0);
     eventually(Duration::from_secs(20), "2 ready instances", || async {
@@ -226,20 +237,7 @@ async fn events_tell_what_happened_and_follow_what_happens() {
         h.status()["services"][0]["ready"].as_u64() == Some(1)
     })
     .await;
-    let data = h.data_dir.clone().unwrap();
-    let mut follow = Command::new(BIN)
-        .args(["events", "-f", "-o", "json", "--data-dir"])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let (mut follow, rx) = follow(&h, &["events", "-f", "-o", "json"]);
     let pid = h.status()["services"][0]["instances"][0]["pid"].as_i64().unwrap();
     Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert_eq!(h.cli(&["scale", "demo", "2"]).0, 0);

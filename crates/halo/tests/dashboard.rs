@@ -1,8 +1,9 @@
 //! The dashboard at /ui, in a real headless Chromium against a real
 //! `halo up`: it signs in with the token, shows three ready instances and
 //! the traffic through the proxy, an instance killed with kill -9 comes
-//! back on the page with its restart and exit counted, and the events
-//! say so. A screenshot is left under the target directory to look at.
+//! back on the page with its restart and exit counted, the events say so,
+//! and a canary's Promote button promotes it. A screenshot is left under
+//! the target directory to look at.
 
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,34 @@ async fn the_dashboard_signs_in_shows_instances_and_traffic_and_follows_a_kill()
         Duration::from_secs(10),
         "the exit in the events",
         "[...document.querySelectorAll('[data-test=event][data-kind=exited]')].some(r => r.textContent.includes('SIGKILL'))",
+    )
+    .await;
+
+    // A canary shows its progress, and the page's Promote button ends it.
+    let canary = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/canary.toml"))
+        .unwrap()
+        .replace("pause = \"10s\"", "pause = \"10m\"");
+    let (code, _, err) = h.cli_with_input(&["apply", "-f", "-"], &canary);
+    assert_eq!(code, 0, "{err}");
+    until(
+        &mut page,
+        Duration::from_secs(30),
+        "the canary's row with its Promote button",
+        "!!document.querySelector('[data-test=rollout][data-service=demo] button[data-order=promote]')",
+    )
+    .await;
+    page.eval(
+        "window.confirm = () => true; \
+         document.querySelector('[data-test=rollout][data-service=demo] button[data-order=promote]').click(); true",
+    )
+    .await
+    .unwrap();
+    until(
+        &mut page,
+        Duration::from_secs(30),
+        "the canary promoted",
+        "(() => { const r = document.querySelector('[data-test=rollout][data-service=demo]'); \
+         return !!r && r.textContent.includes('promoted'); })()",
     )
     .await;
     load.abort();
