@@ -6,4 +6,4 @@ mod server;
 pub mod token;
 
 pub use client::{ApiClient, ClientError};
-pub use server::{router, serve};
+pub use server::{router, serve, Tokens};

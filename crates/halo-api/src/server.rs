@@ -1,7 +1,10 @@
 //! The admin API a node serves, for the CLI and for people.
 //!
-//! Every route but `/healthz` needs `Authorization: Bearer TOKEN`. Errors
-//! are JSON `{"error": "..."}` with a message a person can act on.
+//! Every route but `/healthz` and the dashboard's files needs
+//! `Authorization: Bearer TOKEN`: the admin token for anything, the
+//! read-only token for reads (status, metrics, logs, events, traffic; not
+//! the backup archive, which holds the tokens). Errors are JSON
+//! `{"error": "..."}` with a message a person can act on.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -14,12 +17,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use halo_control::{Node, NodeError, Outcome, RolloutCommand, StatusView};
+use halo_proxy::config::Secret;
 use serde::Deserialize;
 
 #[derive(Clone)]
 struct Api {
     node: Node,
-    token: std::sync::Arc<str>,
+    admin: Secret,
+    read: Secret,
+}
+
+/// The node API's tokens.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// May do anything.
+    pub admin: String,
+    /// May only read.
+    pub read: String,
 }
 
 /// An error as the API answers it.
@@ -47,9 +61,9 @@ impl From<NodeError> for ApiError {
     }
 }
 
-/// The API's routes, for `node`, guarded by `token`.
-pub fn router(node: Node, token: String) -> Router {
-    let api = Api { node, token: token.into() };
+/// The API's routes, for `node`, guarded by `tokens`.
+pub fn router(node: Node, tokens: Tokens) -> Router {
+    let api = Api { node, admin: Secret::new(&tokens.admin), read: Secret::new(&tokens.read) };
     let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
@@ -106,19 +120,27 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Node,
-    token: String,
+    tokens: Tokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(node, token).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = router(node, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = halo_proxy::admin_bearer(&headers);
+    let change = req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD;
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), api.token.as_bytes()) => {
-            let change = req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD;
+        // The archive holds the tokens and every service's environment.
+        Some(t) if api.read.matches(t) && (change || req.uri().path() == "/v1/backup") => ApiError(
+            StatusCode::FORBIDDEN,
+            "this token is read-only: it may read status, metrics, logs, events and the dashboard; changes and \
+             backups need the admin token (file 'token' in the node's data directory)"
+                .into(),
+        )
+        .into_response(),
+        Some(t) if api.read.matches(t) => next.run(req).await,
+        Some(t) if api.admin.matches(t) => {
             if !change {
                 return next.run(req).await;
             }
@@ -144,10 +166,6 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
         )
         .into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn not_found() -> ApiError {

@@ -1,14 +1,20 @@
-//! The API token: generated on a node's first start, kept in the data
-//! directory readable by its owner only (0600).
+//! The API tokens, generated on a node's first start and kept in the data
+//! directory readable by its owner only (0600): `token` may do anything,
+//! `read-token` only read (status, metrics, logs, events, the dashboard).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// The token in `dir/token`, created if missing. A token file others can
+/// The admin token's file in a data directory.
+pub const ADMIN: &str = "token";
+/// The read-only token's file.
+pub const READ: &str = "read-token";
+
+/// The token in `dir/name`, created if missing. A token file others can
 /// read is refused rather than trusted.
-pub fn load_or_create(dir: &Path) -> std::io::Result<String> {
-    let path = dir.join("token");
+pub fn load_or_create(dir: &Path, name: &str) -> std::io::Result<String> {
+    let path = dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(t) => {
             let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
@@ -31,20 +37,20 @@ pub fn load_or_create(dir: &Path) -> std::io::Result<String> {
     }
 }
 
-/// Replaces the token in `dir/token` (owner only), atomically: a cluster
+/// Replaces the token in `dir/name` (owner only), atomically: a cluster
 /// node adopts the cluster's token.
-pub fn store(dir: &Path, token: &str) -> std::io::Result<()> {
-    let tmp = dir.join("token.new");
+pub fn store(dir: &Path, name: &str, token: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.new"));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     writeln!(f, "{token}")?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join("token"))
+    std::fs::rename(&tmp, dir.join(name))
 }
 
-/// Reads the token of the node whose data directory is `dir`.
-pub fn read(dir: &Path) -> std::io::Result<String> {
-    std::fs::read_to_string(dir.join("token")).map(|t| t.trim().to_string())
+/// Reads a token of the node whose data directory is `dir`.
+pub fn read(dir: &Path, name: &str) -> std::io::Result<String> {
+    std::fs::read_to_string(dir.join(name)).map(|t| t.trim().to_string())
 }
 
 fn random_token() -> std::io::Result<String> {

@@ -16,7 +16,7 @@ use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord, API_TOKEN};
+use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord};
 use crate::membership::{ClusterConfig, Membership};
 use crate::migrate::{migrate, MigrateError};
 use crate::proxy_config::ProxyFeed;
@@ -602,19 +602,20 @@ impl Node {
     }
 }
 
-/// The API token every node of the cluster answers to: the first node to
-/// start offers `local` (create-if-absent), every node adopts what the
+/// A token every node of the cluster answers to (the admin token at
+/// `/halo/api-token`, the read-only one at `/halo/api-read-token`): the first node
+/// to start offers `local` (create-if-absent), every node adopts what the
 /// store holds. It is as safe as the store it is kept in.
-pub async fn shared_token(store: &dyn Store, local: &str) -> Result<String, NodeError> {
-    let offer = Txn::new().when(Compare::absent(API_TOKEN)).and_then(TxnOp::put(API_TOKEN, local.as_bytes(), None));
+pub async fn shared_token(store: &dyn Store, key: &str, local: &str) -> Result<String, NodeError> {
+    let offer = Txn::new().when(Compare::absent(key)).and_then(TxnOp::put(key, local.as_bytes(), None));
     store.txn(offer).await?;
-    let token = match store.get(API_TOKEN).await? {
+    let token = match store.get(key).await? {
         Some(kv) => String::from_utf8_lossy(&kv.value).trim().to_string(),
         None => local.to_string(),
     };
     if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(NodeError::Corrupt {
-            key: API_TOKEN.into(),
+            key: key.into(),
             message: "not 32+ hex digits; fix or delete that key".into(),
         });
     }

@@ -59,7 +59,25 @@ fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Res
     r
 }
 
+/// The bearer token of a request, if it has one.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
 fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/healthz" {
+        if let Some(want) = &proxy.config().admin_token {
+            match bearer(req.headers()) {
+                Some(given) if want.matches(given) => {}
+                Some(_) => return reply(StatusCode::UNAUTHORIZED, "text/plain", "wrong token\n"),
+                None => {
+                    let say =
+                        "missing 'Authorization: Bearer TOKEN'; the token is in the file admin.token_file names\n";
+                    return reply(StatusCode::UNAUTHORIZED, "text/plain", say);
+                }
+            }
+        }
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", render_metrics(proxy)),

@@ -194,6 +194,25 @@ impl Validator<'_> {
             let line = self.loc.key(self.loc.table("admin"), "listen");
             self.addr(line, "admin.listen", &a.listen)
         });
+        let admin_token = raw.admin.as_ref().and_then(|a| a.token_file.as_ref()).and_then(|f| {
+            let line = self.loc.key(self.loc.table("admin"), "token_file");
+            let base = Path::new(&self.file).parent().map(Path::to_path_buf).unwrap_or_default();
+            read_secret(&base.join(f)).map_err(|e| self.err(line, "admin.token_file", e)).ok()
+        });
+        // Reload, metrics and status to anyone who can reach it: only on
+        // this host, unless it takes a token.
+        let token_set = raw.admin.as_ref().is_some_and(|a| a.token_file.is_some());
+        if let Some(addr) = admin.filter(|a| !a.ip().is_loopback() && !token_set) {
+            let line = self.loc.key(self.loc.table("admin"), "listen");
+            self.err(
+                line,
+                "admin.listen",
+                format!(
+                    "{addr} is reachable from other hosts and the admin API reloads the config: set \
+                     admin.token_file (a file holding a token, mode 600) or listen on 127.0.0.1"
+                ),
+            );
+        }
 
         let upstreams: BTreeMap<String, UpstreamConfig> =
             raw.upstreams.iter().map(|(name, u)| (name.clone(), self.upstream(name, u))).collect();
@@ -209,6 +228,7 @@ impl Validator<'_> {
             header_read_timeout,
             keepalive_idle,
             admin,
+            admin_token,
             listeners,
             routes,
             upstreams,

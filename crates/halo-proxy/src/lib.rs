@@ -45,6 +45,6 @@ mod tunnel;
 mod upstream;
 mod util;
 
-pub use admin::render_metrics;
+pub use admin::{bearer as admin_bearer, render_metrics};
 pub use error::ProxyError as RequestError;
 pub use server::{Proxy, ProxyError, ReloadError};

@@ -41,11 +41,15 @@ impl Target {
                 text.trim().parse().with_context(|| format!("{} does not hold an address", f.display()))?
             }
         };
+        // HALO_TOKEN, else the admin token, else (a user who may only
+        // read) the read-only one.
         let token = match std::env::var("HALO_TOKEN") {
             Ok(t) => t,
-            Err(_) => halo_api::token::read(&self.data_dir).map_err(|e| {
-                anyhow::anyhow!("cannot read the API token in {}: {e} (or set HALO_TOKEN)", self.data_dir.display())
-            })?,
+            Err(_) => halo_api::token::read(&self.data_dir, halo_api::token::ADMIN)
+                .or_else(|e| halo_api::token::read(&self.data_dir, halo_api::token::READ).map_err(|_| e))
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read the API token in {}: {e} (or set HALO_TOKEN)", self.data_dir.display())
+                })?,
         };
         Ok(ApiClient { addr, token })
     }

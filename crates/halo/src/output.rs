@@ -181,7 +181,7 @@ mod tests {
         });
         let y = yaml(&v);
         // Keys sorted, as kubectl prints them.
-        let want = "empty: []\ninstances:\n- exit: null\n  id: web-1\n  ready: true\n- id: web-2\n  ready: false\nname: web\nnested:\n  x:\n    y: 1\n\"on\": \"yes\"\nport: \"8080\"\nreplicas: 3\ntags:\n- \"a b\"\n- c\n";
+        let want = "empty: []\ninstances:\n- exit: null\n  id: web-1\n  ready: true\n- id: web-2\n  ready: false\nname: web\nnested:\n  x:\n    \"y\": 1\n\"on\": \"yes\"\nport: \"8080\"\nreplicas: 3\ntags:\n- \"a b\"\n- c\n";
         assert_eq!(y, want, "\n{y}");
     }
 

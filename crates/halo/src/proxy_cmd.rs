@@ -31,6 +31,10 @@ pub struct ProxyArgs {
     /// Admin listener (metrics, status, reload) with --listen, as IP:PORT.
     #[arg(long)]
     admin: Option<String>,
+    /// A file holding the token the admin listener wants (mode 600);
+    /// required when --admin is not on loopback.
+    #[arg(long, requires = "admin")]
+    admin_token_file: Option<std::path::PathBuf>,
 }
 
 /// Builds the config the flags describe by writing it in the file format,
@@ -42,7 +46,13 @@ fn config_from_flags(a: &ProxyArgs) -> anyhow::Result<Config> {
     let quote = |s: &str| format!("{s:?}");
     let mut text = format!("[[listeners]]\nname = \"main\"\nlisten = {}\n\n", quote(listen));
     if let Some(admin) = &a.admin {
-        text.push_str(&format!("[admin]\nlisten = {}\n\n", quote(admin)));
+        text.push_str(&format!("[admin]\nlisten = {}\n", quote(admin)));
+        if let Some(f) = &a.admin_token_file {
+            // Absolute: the flags' "file" has no directory of its own.
+            let f = std::path::absolute(f).unwrap_or_else(|_| f.clone());
+            text.push_str(&format!("token_file = {}\n", quote(&f.to_string_lossy())));
+        }
+        text.push('\n');
     }
     let backends: Vec<String> = a.backend.iter().map(|b| quote(b)).collect();
     text.push_str(&format!(

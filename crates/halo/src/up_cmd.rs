@@ -79,7 +79,9 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     // store (it serves on until this one is ready).
     let taken = crate::upgrade::take_over()?;
     let (mut inherited, ready) = taken.map_or((None, None), |(i, r)| (Some(i), Some(r)));
-    let local_token = halo_api::token::load_or_create(&data_dir).context("API token")?;
+    let local_token = halo_api::token::load_or_create(&data_dir, halo_api::token::ADMIN).context("API token")?;
+    let local_read =
+        halo_api::token::load_or_create(&data_dir, halo_api::token::READ).context("read-only API token")?;
     let api_std = match inherited.as_mut().and_then(|i| i.extra.remove("api")) {
         Some(l) => l,
         None => {
@@ -112,11 +114,15 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
             (Arc::new(store), opts)
         }
     };
-    // One token for every node of the cluster: the store's.
-    let token = halo_control::shared_token(&*store, &local_token).await?;
+    // One pair of tokens for every node of the cluster: the store's.
+    let token = halo_control::shared_token(&*store, halo_control::keys::API_TOKEN, &local_token).await?;
     if token != local_token {
-        halo_api::token::store(&data_dir, &token).context("keeping the cluster's API token")?;
+        halo_api::token::store(&data_dir, halo_api::token::ADMIN, &token).context("keeping the cluster's API token")?;
         tracing::info!("adopted the cluster's API token");
+    }
+    let read = halo_control::shared_token(&*store, halo_control::keys::API_READ_TOKEN, &local_read).await?;
+    if read != local_read {
+        halo_api::token::store(&data_dir, halo_api::token::READ, &read).context("keeping the cluster's read token")?;
     }
     opts.api_token = token.clone();
     let wanted: Vec<String> = inherited.as_ref().map(upstreams_with_endpoints).unwrap_or_default();
@@ -139,7 +145,8 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let stop_api = Arc::new(std::sync::Mutex::new(Some(stop_api)));
-    let server = tokio::spawn(halo_api::serve(api, node.clone(), token, async {
+    let tokens = halo_api::Tokens { admin: token, read };
+    let server = tokio::spawn(halo_api::serve(api, node.clone(), tokens, async {
         let _ = api_stopped.await;
     }));
     for (name, addr) in node.proxy().listener_addrs() {

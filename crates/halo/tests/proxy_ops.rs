@@ -627,3 +627,55 @@ async fn the_readme_recipe_serves_backends_that_have_no_healthz() {
         assert_eq!(c.get(&h.url("http", "/")).await.unwrap().status, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_takes_a_token_and_other_hosts_need_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Backend::start("a").await;
+    let dir = TempDir::new("admin-token");
+    let token_file = dir.write("admin.token", "0123456789abcdef0123\n");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = config("", &eps(&[&a])).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let c = Client::new();
+    assert_eq!(c.get(&h.admin_url("/healthz")).await.unwrap().status, 200, "health needs no token");
+    let r = c.get(&h.admin_url("/metrics")).await.unwrap();
+    assert!(r.status == 401 && r.body.contains("Authorization: Bearer"), "{} {}", r.status, r.body);
+    let ask = |method: &str, path: &str, token: &str| {
+        Request::builder()
+            .method(method)
+            .uri(h.admin_url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    assert_eq!(c.send(ask("GET", "/metrics", "0123456789abcdef0123")).await.unwrap().status, 200);
+    assert_eq!(c.send(ask("POST", "/reload", "wrong-token-wrong-token")).await.unwrap().status, 401);
+    assert_eq!(c.send(ask("POST", "/reload", "0123456789abcdef0123")).await.unwrap().status, 200);
+    // A token file others can read, and an admin API other hosts reach
+    // without one, are refused naming why.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loose = dir.write("loose.toml", &cfg);
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&loose).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("admin.token_file") && err.contains("chmod 600"), "{err}");
+    let open = dir.write(
+        "open.toml",
+        &config("", &eps(&[&a]))
+            .replace("listen = \"127.0.0.1:0\"\n[[listeners]]", "listen = \"0.0.0.0:0\"\n[[listeners]]"),
+    );
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&open).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("admin.listen") && err.contains("reachable from other hosts"),
+        "{err}"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--backend", &a.addr.to_string(), "--admin", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("admin.token_file"));
+}

@@ -243,6 +243,35 @@ async fn the_api_needs_the_token_and_keeps_it_private() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(h.data_dir.as_ref().unwrap().join("token")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // The read-only token reads, and nothing else.
+    let read_file = h.data_dir.as_ref().unwrap().join("read-token");
+    assert_eq!(std::fs::metadata(&read_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let read = std::fs::read_to_string(&read_file).unwrap().trim().to_string();
+    assert_ne!(read, h.token());
+    let with = |method: &str, path: &str, body: &str| {
+        Request::builder()
+            .method(method)
+            .uri(h.api_url(path))
+            .header("authorization", format!("Bearer {read}"))
+            .body(Full::from(body.to_string()))
+            .unwrap()
+    };
+    for path in ["/v1/status", "/metrics", "/v1/events", "/v1/traffic", "/v1/nodes"] {
+        assert_eq!(c.send(with("GET", path, "")).await.unwrap().status, 200, "{path} with the read-only token");
+    }
+    let apply = c.send(with("PUT", "/v1/services", "name = \"x\"\n[run]\ncommand = \"true\"\n")).await.unwrap();
+    assert_eq!(apply.status, 403);
+    assert!(apply.body.contains("read-only") && apply.body.contains("admin token"), "{}", apply.body);
+    assert_eq!(c.send(with("GET", "/v1/backup", "")).await.unwrap().status, 403, "the archive holds the tokens");
+    assert_eq!(c.send(with("POST", "/v1/services/demo/restart", "")).await.unwrap().status, 403);
+    let out = std::process::Command::new(BIN)
+        .args(["scale", "demo", "2", "--data-dir"])
+        .arg(h.data_dir.as_ref().unwrap())
+        .env("HALO_TOKEN", &read)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("read-only"), "{err}");
     let mode = std::fs::metadata(h.data_dir.as_ref().unwrap()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "the data directory is readable by others");
 }

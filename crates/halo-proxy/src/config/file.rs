@@ -38,6 +38,8 @@ pub struct ProxySection {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: String,
+    /// A file holding the token every request but /healthz must bear.
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,6 +12,50 @@ pub use crate::tls::client::UpstreamTls;
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
 pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
 
+/// A token: compared in constant time, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(std::sync::Arc<str>);
+
+impl Secret {
+    pub fn new(s: &str) -> Secret {
+        Secret(s.into())
+    }
+
+    /// Whether `given` is this secret, in time that does not depend on
+    /// where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads a token file: its first line, at least 16 characters, in a file
+/// only its owner can read.
+pub fn read_secret(path: &std::path::Path) -> Result<Secret, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!("{} is readable by others (mode {mode:o}); run chmod 600 on it", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < 16 {
+        return Err(format!("{} holds no token of at least 16 characters", path.display()));
+    }
+    Ok(Secret::new(token))
+}
+
 /// A complete, validated proxy configuration (one immutable snapshot).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +71,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub keepalive_idle: Duration,
     pub admin: Option<SocketAddr>,
+    /// The token the admin listener wants (`admin.token_file`), read when
+    /// the file is loaded or reloaded.
+    pub admin_token: Option<Secret>,
     pub listeners: Vec<ListenerConfig>,
     /// Tried in file order; the first route that matches wins.
     pub routes: Vec<RouteConfig>,
