@@ -177,10 +177,13 @@ pub struct BalanceSpec {
 /// Parses and validates a service file; `file` names it in errors, which
 /// are all reported at once, each with its line, column and field.
 pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), Diagnostics> {
-    if let Some(message) = FileKind::misfiled(text, FileKind::Service) {
-        return Err(Diagnostics::of_file(file, message));
-    }
     let read = diag::read::<ServiceFile>(file, text);
+    // Only a file that does not read as a service may be another kind.
+    if !read.errors.is_empty() {
+        if let Some(message) = FileKind::misfiled(text, FileKind::Service) {
+            return Err(Diagnostics::of_file(file, message));
+        }
+    }
     let Some(raw) = &read.value else { return Err(read.errors) };
     match raw.validate() {
         Ok(spec) if read.errors.is_empty() => Ok((read.value.expect("checked"), spec)),

@@ -39,19 +39,15 @@ impl Output {
     /// Prints `value` as JSON or YAML, or what `text` makes of it (told
     /// whether wide columns were asked for).
     pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce(bool) -> String) -> anyhow::Result<()> {
-        let out = self.render(value, text)?;
-        // A closed pipe (`halo status | head`) is not an error worth a panic.
-        let _ = std::io::stdout().write_all(out.as_bytes());
-        Ok(())
-    }
-
-    pub fn render<T: Serialize>(&self, value: &T, text: impl FnOnce(bool) -> String) -> anyhow::Result<String> {
-        Ok(match self.format() {
+        let out = match self.format() {
             Format::Table => text(false),
             Format::Wide => text(true),
             Format::Json => format!("{}\n", serde_json::to_string_pretty(value)?),
             Format::Yaml => yaml(&serde_json::to_value(value)?),
-        })
+        };
+        // A closed pipe (`halo status | head`) is not an error worth a panic.
+        let _ = std::io::stdout().write_all(out.as_bytes());
+        Ok(())
     }
 }
 

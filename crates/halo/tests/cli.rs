@@ -37,6 +37,14 @@ fn follow(h: &Halo, args: &[&str]) -> (std::process::Child, std::sync::mpsc::Rec
     (child, rx)
 }
 
+/// Waits until the node's first service has `n` ready instances.
+async fn ready(h: &Halo, n: u64) {
+    eventually(Duration::from_secs(20), &format!("{n} ready instances"), || async {
+        h.status()["services"][0]["ready"].as_u64() == Some(n)
+    })
+    .await;
+}
+
 #[test]
 fn file_errors_are_all_reported_with_line_column_field_and_a_suggestion() {
     let dir = TempDir::new("cli-errors");
@@ -80,10 +88,7 @@ fn file_errors_are_all_reported_with_line_column_field_and_a_suggestion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_commands_print_tables_wide_json_and_yaml_from_one_typed_view() {
     let h = Halo::up(BIN, &halo_testkit::quickstart(2)).unwrap();
-    eventually(Duration::from_secs(20), "2 ready instances", || async {
-        h.status()["services"][0]["ready"].as_u64() == Some(2)
-    })
-    .await;
+    ready(&h, 2).await;
     let (code, table, _) = h.cli(&["status"]);
     assert_eq!(code, 0);
     let head = table.lines().find(|l| l.starts_with("INSTANCE")).expect("an instance table");
@@ -179,17 +184,11 @@ async fn an_app_that_never_gets_ready_says_why_and_exits_are_logged_with_their_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_follow_picks_up_instances_started_after_it_began() {
     let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
-    eventually(Duration::from_secs(20), "1 ready instance", || async {
-        h.status()["services"][0]["ready"].as_u64() == Some(1)
-    })
-    .await;
+    ready(&h, 1).await;
     let (mut follow, rx) = follow(&h, &["logs", "demo", "-f"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(h.cli(&["scale", "demo", "2"]).0, 0);
-    eventually(Duration::from_secs(20), "2 ready instances", || async {
-        h.status()["services"][0]["ready"].as_u64() == Some(2)
-    })
-    .await;
+    ready(&h, 2).await;
     let ids: Vec<String> = h.status()["services"][0]["instances"]
         .as_array()
         .unwrap()
@@ -233,10 +232,7 @@ fn version_completions_and_manual_pages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_tell_what_happened_and_follow_what_happens() {
     let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
-    eventually(Duration::from_secs(20), "1 ready instance", || async {
-        h.status()["services"][0]["ready"].as_u64() == Some(1)
-    })
-    .await;
+    ready(&h, 1).await;
     let (mut follow, rx) = follow(&h, &["events", "-f", "-o", "json"]);
     let pid = h.status()["services"][0]["instances"][0]["pid"].as_i64().unwrap();
     Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
