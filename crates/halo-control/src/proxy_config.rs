@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use halo_model::PathRule;
 use halo_proxy::config::{
     self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, OverrideSection, PathMatch,
-    RetrySection, RouteSection, SplitSection, TimeoutSection, UpstreamSection,
+    RateLimitSection, RetrySection, RouteSection, SplitSection, TimeoutSection, UpstreamSection,
 };
 use halo_proxy::Proxy;
 
@@ -181,6 +181,7 @@ fn sections(
         // Readiness probes decide membership; passive outlier detection
         // (on by default) still ejects an endpoint that fails requests.
         health: Some(HealthSection { enabled: Some(false), ..Default::default() }),
+        max_in_flight: b.max_in_flight,
         ..Default::default()
     };
     let mut upstreams = BTreeMap::from([(name.to_string(), upstream(name))]);
@@ -231,6 +232,7 @@ fn sections(
                     statuses: b.retry_statuses.clone(),
                     ..Default::default()
                 }),
+                rate_limit: b.rate_limit.clone().map(|rate| RateLimitSection { rate, burst: b.rate_limit_burst }),
                 ..Default::default()
             }
         })
@@ -272,5 +274,18 @@ mod tests {
         assert!(matches!(&r.host, Some(HostMatch::Exact(h)) if h == "web.example"), "{:?}", r.host);
         assert_eq!(r.retry.attempts, 10);
         assert!(!cfg.routes.iter().any(|r| r.name.starts_with("old.")));
+    }
+
+    #[test]
+    fn a_services_limits_reach_its_upstream_and_routes() {
+        let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[balance]\n\
+                       max_in_flight = 64\nrate_limit = \"100/s\"\nrate_limit_burst = 300\n");
+        let services = BTreeMap::from([("web".to_string(), web)]);
+        let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(cfg.upstreams["web"].max_in_flight, Some(64));
+        let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
+        let limit = r.rate_limit.expect("the route's rate limit");
+        assert_eq!((limit.count, limit.per, limit.burst), (100, std::time::Duration::from_secs(1), 300));
     }
 }

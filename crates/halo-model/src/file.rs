@@ -155,4 +155,12 @@ pub struct BalanceSection {
     /// Idle limit of an upgraded (WebSocket) connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_timeout: Option<String>,
+    /// Requests in flight to the service at most, per node; past it, 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u64>,
+    /// Requests per client address, per node: `N/s`, `N/m` or `N/h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<u32>,
 }

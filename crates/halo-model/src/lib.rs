@@ -172,6 +172,8 @@ pub struct BalanceSpec {
     pub session_cookie: Option<String>,
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
+    pub max_in_flight: Option<u64>,
+    pub rate_limit: Option<values::RateLimit>,
 }
 
 /// Parses and validates a service file; `file` names it in errors, which
@@ -480,12 +482,25 @@ impl Checker<'_> {
         let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
         let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
         let tunnel = opt(self, "tunnel_timeout", b.tunnel_timeout.as_deref(), d.tunnel);
+        if b.max_in_flight.is_some_and(|n| !(1..=10_000_000).contains(&n)) {
+            self.err("balance.max_in_flight", "accepted: 1 to 10000000 (omit it for no limit)");
+        }
+        let rate_limit = match (&b.rate_limit, b.rate_limit_burst) {
+            (Some(r), burst) => values::RateLimit::parse(r, burst).map_err(|e| self.err("balance.rate_limit", e)).ok(),
+            (None, Some(_)) => {
+                self.err("balance.rate_limit_burst", "is for a rate_limit; set rate_limit = \"N/s\" too");
+                None
+            }
+            (None, None) => None,
+        };
         BalanceSpec {
             policy,
             hash_key,
             session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
             retry,
             timeouts: Timeouts { connect, first_byte, request, idle, tunnel },
+            max_in_flight: b.max_in_flight,
+            rate_limit,
         }
     }
 }

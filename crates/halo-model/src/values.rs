@@ -30,6 +30,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Requests per client address: `count` every `per` on average, up to
+/// `burst` at once (a client quiet for a while may send `burst` together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The largest count and burst accepted.
+    pub const MAX: u32 = 1_000_000;
+
+    /// `rate` as `N/s`, `N/m` or `N/h`; `burst` defaults to the rate's
+    /// count (at least 1), so `"100/s"` lets 100 through at once.
+    pub fn parse(rate: &str, burst: Option<u32>) -> Result<RateLimit, String> {
+        let accepted = "accepted: N/s, N/m or N/h with N from 1 to 1000000, as in \"100/s\"";
+        let (n, unit) = rate.trim().split_once('/').ok_or_else(|| format!("'{rate}' is not a rate; {accepted}"))?;
+        let count: u32 = n.trim().parse().map_err(|_| format!("'{rate}' is not a rate; {accepted}"))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            u => return Err(format!("unknown unit '{u}' in '{rate}'; {accepted}")),
+        };
+        if !(1..=Self::MAX).contains(&count) {
+            return Err(format!("'{rate}' is out of range; {accepted}"));
+        }
+        let burst = burst.unwrap_or(count);
+        if !(1..=Self::MAX).contains(&burst) {
+            return Err(format!("a burst of {burst} is not accepted; accepted: 1 to {}", Self::MAX));
+        }
+        Ok(RateLimit { count, per, burst })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,

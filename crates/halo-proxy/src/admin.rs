@@ -165,6 +165,18 @@ pub fn render_metrics(proxy: &Proxy) -> String {
         );
     }
     w.header(
+        "halo_route_rate_limited_total",
+        "counter",
+        "Requests answered 429 because their client was over the route's rate limit, by route.",
+    );
+    for (name, rt) in &routes {
+        w.sample(
+            "halo_route_rate_limited_total",
+            &format!("route=\"{}\"", escape(name)),
+            rt.stats.rate_limited.load(Relaxed),
+        );
+    }
+    w.header(
         "halo_route_grpc_responses_total",
         "counter",
         "gRPC calls by route and the grpc-status they ended with (a proxy error counts as 14, UNAVAILABLE).",
@@ -187,6 +199,22 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     w.header("halo_upstream_request_duration_seconds", "histogram", "Time to the response head, by upstream.");
     for (name, u) in &ups {
         w.histogram("halo_upstream_request_duration_seconds", &format!("upstream=\"{}\"", escape(name)), &u.latency);
+    }
+    w.header(
+        "halo_upstream_in_flight",
+        "gauge",
+        "Requests in flight, by upstream (counted for upstreams with max_in_flight).",
+    );
+    for (name, u) in &ups {
+        w.sample("halo_upstream_in_flight", &format!("upstream=\"{}\"", escape(name)), u.in_flight.load(Relaxed));
+    }
+    w.header(
+        "halo_upstream_shed_total",
+        "counter",
+        "Requests answered 503 at once because max_in_flight requests were in flight, by upstream.",
+    );
+    for (name, u) in &ups {
+        w.sample("halo_upstream_shed_total", &format!("upstream=\"{}\"", escape(name)), u.shed.load(Relaxed));
     }
     let eps = reg.endpoints();
     let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
@@ -232,13 +260,20 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     let mut ls: Vec<_> =
         reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     ls.sort_by(|a, b| a.0.cmp(&b.0));
-    let families: [Family<ListenerStats>; 7] = [
+    let families: [Family<ListenerStats>; 8] = [
         ("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.", |s| {
-            s.active.load(Relaxed)
+            s.conns.active.load(Relaxed)
         }),
         ("halo_listener_connections_total", "counter", "Accepted downstream connections, by listener.", |s| {
             s.accepted.load(Relaxed)
         }),
+        (
+            "halo_listener_limit_pauses_total",
+            "counter",
+            "Times the listener stopped accepting at its max_connections (new connections waited in the kernel's \
+             accept queue), by listener.",
+            |s| s.conns.paused.load(Relaxed),
+        ),
         (
             "halo_listener_proxy_protocol_refused_total",
             "counter",

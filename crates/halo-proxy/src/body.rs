@@ -20,6 +20,7 @@ use crate::client::decode::Step;
 use crate::client::Decoder;
 use crate::endpoint::InflightGuard;
 use crate::error::BoxError;
+use crate::overload::Admitted;
 use crate::pool::Pooled;
 use crate::tunnel::Upgraded;
 
@@ -141,7 +142,9 @@ pub enum Source {
 struct Streaming {
     source: Source,
     conn: Option<Pooled>,
-    _inflight: InflightGuard,
+    /// The endpoint's in-flight count and the upstream's admission, held
+    /// until the body is done.
+    _inflight: (InflightGuard, Option<Admitted>),
     /// A gRPC call's route: counts the `grpc-status` of its trailers.
     grpc: Option<Arc<crate::registry::RouteRuntime>>,
     idle: Option<Duration>,
@@ -170,7 +173,7 @@ impl RespBody {
     pub fn upstream(
         source: Source,
         conn: Pooled,
-        inflight: InflightGuard,
+        inflight: (InflightGuard, Option<Admitted>),
         idle: Option<Duration>,
         deadline: Option<Instant>,
         grpc: Option<Arc<crate::registry::RouteRuntime>>,

@@ -20,8 +20,8 @@ use http::{HeaderName, HeaderValue, Method};
 
 use self::file::FileConfig;
 pub use self::file::{
-    EndpointEntry, HealthSection, OutlierSection, OverrideSection, RetrySection, RouteSection, SplitSection,
-    TimeoutSection, UpstreamSection,
+    EndpointEntry, HealthSection, OutlierSection, OverrideSection, RateLimitSection, RetrySection, RouteSection,
+    SplitSection, TimeoutSection, UpstreamSection,
 };
 use self::locate::Locator;
 pub use self::types::*;
@@ -302,6 +302,11 @@ impl Validator<'_> {
         let overrides = self.overrides(i, line, r, ups);
         let timeouts = self.timeouts(i, line, r);
         let retry = self.retry(i, line, r);
+        let rate_limit = r.rate_limit.as_ref().and_then(|rl| {
+            RateLimit::parse(&rl.rate, rl.burst)
+                .map_err(|e| self.err(self.loc.key(line, "rate_limit"), f("rate_limit"), e))
+                .ok()
+        });
         RouteConfig {
             name,
             listeners: r.listeners.clone(),
@@ -313,6 +318,7 @@ impl Validator<'_> {
             overrides,
             timeouts,
             retry,
+            rate_limit,
         }
     }
 

@@ -22,6 +22,12 @@ pub enum ProxyError {
     UpgradeNeedsHttp1(String),
     #[error("no healthy endpoint in upstream '{0}'")]
     NoEndpoint(String),
+    /// The upstream's circuit breaker: `limit` requests were in flight.
+    #[error("upstream '{upstream}' has its limit of {limit} requests in flight (max_in_flight)")]
+    Overloaded { upstream: String, limit: u64 },
+    /// The client is over the route's rate limit; it may send again after this.
+    #[error("too many requests from this client (the route's rate_limit); retry in {} s", retry_secs(*.0))]
+    RateLimited(Duration),
     /// The request never left the proxy.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -50,7 +56,8 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpgradeNeedsHttp1(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             // Queued for longer than the connect timeout: overloaded, as HAProxy says.
@@ -77,6 +84,29 @@ impl ProxyError {
         }
     }
 
+    /// Whether the proxy refused the client's request for the client's own
+    /// doing (counted in its status class, not as an upstream error).
+    pub fn is_client_refusal(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoRoute { .. }
+                | ProxyError::BadRequest(_)
+                | ProxyError::ConnectRefused
+                | ProxyError::RateLimited(_)
+                | ProxyError::RequestBody(_)
+                | ProxyError::RequestBodyTimeout(_)
+        )
+    }
+
+    /// Seconds a client should wait before trying again (`Retry-After`).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::RateLimited(d) => Some(retry_secs(*d)),
+            ProxyError::Overloaded { .. } => Some(1),
+            _ => None,
+        }
+    }
+
     /// Whether this counts against the endpoint's passive health.
     pub fn is_endpoint_failure(&self) -> bool {
         matches!(
@@ -87,4 +117,9 @@ impl ProxyError {
                 | ProxyError::TryTimeout(_)
         )
     }
+}
+
+/// Whole seconds to wait, at least 1 (what `Retry-After` can say).
+fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }

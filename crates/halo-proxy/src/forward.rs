@@ -53,6 +53,8 @@ struct Exchange {
     resp: Response<Source>,
     conn: Pooled,
     inflight: InflightGuard,
+    /// The upstream's `max_in_flight` place, held until the body is done.
+    admitted: Option<crate::overload::Admitted>,
     set_cookie: Option<(String, String)>,
 }
 
@@ -100,28 +102,38 @@ pub async fn handle(
         None => None,
     };
     let start_ms = crate::util::ms_at(start.into_std());
-    route.rt.budget.deposit(start_ms);
 
     let method = parts.method.clone();
     let path = if snap.config.access_log { parts.uri.path().to_string() } else { String::new() };
     let deadline = route.cfg.timeouts.request.map(|t| start + t);
     let mut out = Outcome { endpoint: None, upstream_stats: None, upstream: None, tries: 0 };
-    let result = match read_body(body, route.cfg.retry.body_cap).await {
-        Ok(body) => {
-            prepare_upstream_request(&mut parts, &down);
-            if let Some(protocol) = upgrade {
-                parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                parts.headers.insert(header::UPGRADE, protocol);
-            }
-            let attempts = attempts(route, &parts, body, down.client, start_ms, &mut out);
-            match (deadline, route.cfg.timeouts.request) {
-                (Some(d), Some(t)) => {
-                    tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t)))
-                }
-                _ => attempts.await,
-            }
+    let limited = match route.rt.rate.load().as_deref() {
+        Some(rate) => rate.check(down.client.ip(), start_ms).err(),
+        None => None,
+    };
+    let result = match limited {
+        Some(wait) => {
+            route.rt.stats.rate_limited.fetch_add(1, Relaxed);
+            Err(ProxyError::RateLimited(wait))
         }
-        Err(e) => Err(e),
+        None => match read_body(body, route.cfg.retry.body_cap).await {
+            Ok(body) => {
+                route.rt.budget.deposit(start_ms);
+                prepare_upstream_request(&mut parts, &down);
+                if let Some(protocol) = upgrade {
+                    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(header::UPGRADE, protocol);
+                }
+                let attempts = attempts(route, &parts, body, down.client, start_ms, &mut out);
+                match (deadline, route.cfg.timeouts.request) {
+                    (Some(d), Some(t)) => {
+                        tokio::time::timeout_at(d, attempts).await.unwrap_or(Err(ProxyError::RequestTimeout(t)))
+                    }
+                    _ => attempts.await,
+                }
+            }
+            Err(e) => Err(e),
+        },
     };
 
     let resp = match result {
@@ -132,7 +144,9 @@ pub async fn handle(
         }
         Err(e) => {
             tracing::debug!(route = %route.cfg.name, error = %e, "request failed");
-            record(route, &out, 5, start);
+            // A refusal of the client's is its class; the rest are errors
+            // the proxy answered for.
+            record(route, &out, if e.is_client_refusal() { class_index(e.status().as_u16()) } else { 5 }, start);
             if grpc {
                 // What a gRPC client makes of a proxy error: UNAVAILABLE.
                 route.rt.stats.grpc.count(Some(&HeaderValue::from_static("14")));
@@ -249,6 +263,8 @@ async fn attempts(
     let group = route.group(parts);
     out.upstream = group.endpoints.first().map(|e| e.upstream.clone());
     out.upstream_stats = Some(group.stats.clone());
+    let admitted = crate::overload::admit(&group.stats, group.cfg.max_in_flight)
+        .map_err(|full| ProxyError::Overloaded { upstream: group.cfg.name.clone(), limit: full.0 })?;
     let policy = &route.cfg.retry;
     let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
     // A body that cannot be replayed is held here until first sent, and comes
@@ -286,7 +302,7 @@ async fn attempts(
                 let again =
                     retry_status && safe && attempt < policy.attempts && has_other(&group, &tried[..=attempt as usize]);
                 if !again || !retry_granted(route) {
-                    return Ok(Exchange { resp, conn, inflight, set_cookie });
+                    return Ok(Exchange { resp, conn, inflight, admitted, set_cookie });
                 }
                 granted = true;
                 tracing::debug!(endpoint = %ep.addr, attempt, status, "retrying on a retried status");
@@ -509,7 +525,7 @@ fn respond(
         }
         Some(None) => Some(route.rt.clone()),
     };
-    let body = RespBody::upstream(source, x.conn, x.inflight, route.cfg.timeouts.idle, deadline, grpc);
+    let body = RespBody::upstream(source, x.conn, (x.inflight, x.admitted), route.cfg.timeouts.idle, deadline, grpc);
     Response::from_parts(parts, body)
 }
 
@@ -524,6 +540,9 @@ pub fn error_response(e: &ProxyError, rid: Option<&HeaderValue>) -> Response<Res
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if let Some(rid) = rid {
         h.insert(headers::X_REQUEST_ID.clone(), rid.clone());
+    }
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

@@ -11,8 +11,9 @@
 //! reload, shutdown), `forward` (one request), `router`, `upstream` +
 //! `balance` (groups and policies), `endpoint` + `health` (endpoint state,
 //! passive and active health), `pool` (upstream connections), `retry`
-//! (budget), `headers`, `body`, `metrics`, `admin`, `registry` (state kept
-//! across reloads), `tcp` (L4 listeners), `tunnel` (bytes both ways, for
+//! (budget), `overload` (connection, in-flight and rate limits),
+//! `headers`, `body`, `metrics`, `admin`, `registry` (state kept across
+//! reloads), `tcp` (L4 listeners), `tunnel` (bytes both ways, for
 //! TCP and HTTP Upgrade).
 
 mod admin;
@@ -32,6 +33,7 @@ mod health;
 pub mod history;
 mod listener;
 pub mod metrics;
+mod overload;
 mod pool;
 mod proxy_protocol;
 mod registry;

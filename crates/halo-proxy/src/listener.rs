@@ -162,10 +162,23 @@ struct AcceptCtx {
 
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: watch::Receiver<bool>) {
     let mut stop = ctx.stop.clone();
-    loop {
+    let conns = &ctx.stats.conns;
+    'accept: loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, peer)) => serve(stream, peer, &ctx),
+                Ok((stream, peer)) => {
+                    // A slot (max_connections) before it is served. At the
+                    // limit this loop holds the one connection, unread, and
+                    // accepts no more: the rest wait in the kernel's queue.
+                    while !conns.try_open() {
+                        tokio::select! {
+                            _ = conns.wait() => {}
+                            _ = async { let _ = stop.wait_for(|s| *s).await; } => break 'accept,
+                            _ = async { let _ = listener_stop.wait_for(|s| *s).await; } => break 'accept,
+                        }
+                    }
+                    serve(stream, peer, &ctx)
+                }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
                     tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
@@ -179,11 +192,11 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: w
     tracing::debug!(listener = %ctx.name, "stopped accepting");
 }
 
+/// Serves an accepted connection, which holds the slot taken for it.
 fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let (drain, stop) = (ctx.drain.clone(), ctx.stop.clone());
     let _ = stream.set_nodelay(true);
     ctx.stats.accepted.fetch_add(1, Relaxed);
-    ctx.stats.active.fetch_add(1, Relaxed);
     drain.count.fetch_add(1, Relaxed);
     let stats = ctx.stats.clone();
     let protocols = ctx.protocols.clone();
@@ -198,7 +211,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     tokio::spawn(
         async move {
             conn.serve(&shared, &stats, &protocols, stop).await;
-            stats.active.fetch_sub(1, Relaxed);
+            stats.conns.close();
             drain.done();
         }
         .instrument(span),

@@ -153,6 +153,8 @@ pub struct RouteStats {
     pub retries_denied: AtomicU64,
     /// Tries abandoned at their per-try timeout (and retried elsewhere).
     pub try_timeouts: AtomicU64,
+    /// Requests answered 429: their client was over the route's rate limit.
+    pub rate_limited: AtomicU64,
     pub latency: Histogram,
     pub grpc: GrpcStatuses,
 }
@@ -199,6 +201,10 @@ pub struct UpstreamStats {
     /// Time to the response head of recent tries: what `auto` per-try
     /// timeouts derive from.
     pub first_byte: RecentLatency,
+    /// Requests in flight (counted when the upstream has `max_in_flight`).
+    pub in_flight: AtomicU64,
+    /// Requests answered 503 at once because `max_in_flight` were in flight.
+    pub shed: AtomicU64,
 }
 
 impl UpstreamStats {
@@ -213,7 +219,8 @@ impl UpstreamStats {
 #[derive(Default)]
 pub struct ListenerStats {
     pub accepted: AtomicU64,
-    pub active: AtomicU64,
+    /// Open connections and the `max_connections` slots.
+    pub conns: crate::overload::ConnLimit,
     /// Open tunnels: TCP connections, and HTTP connections after an Upgrade.
     pub tunnels: AtomicU64,
     /// Tunnel bytes from clients, and to clients.

@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, RateLimit, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::health;
 use crate::metrics::{ListenerStats, RouteStats, UpstreamStats};
+use crate::overload::ClientRate;
 use crate::retry::RetryBudget;
 use crate::router::Route;
 use crate::upstream::{Group, Slot};
@@ -24,6 +25,17 @@ use crate::upstream::{Group, Slot};
 pub struct RouteRuntime {
     pub stats: RouteStats,
     pub budget: RetryBudget,
+    /// The per-client rate limit and its clients' state, kept across
+    /// reloads while the limit is unchanged.
+    pub rate: arc_swap::ArcSwapOption<ClientRate>,
+}
+
+impl RouteRuntime {
+    fn set_rate(&self, cfg: Option<RateLimit>) {
+        if self.rate.load().as_ref().map(|r| r.cfg) != cfg {
+            self.rate.store(cfg.map(|c| Arc::new(ClientRate::new(c))));
+        }
+    }
 }
 
 type EndpointMap = HashMap<(String, SocketAddr), Arc<Endpoint>>;
@@ -96,7 +108,8 @@ impl Registry {
             .routes
             .iter()
             .map(|r| {
-                let rt = rts.remove(&r.name).unwrap_or_default();
+                let rt: Arc<RouteRuntime> = rts.remove(&r.name).unwrap_or_default();
+                rt.set_rate(r.rate_limit);
                 keep_rts.insert(r.name.clone(), rt.clone());
                 let split: Vec<(Arc<Slot>, u32)> = r.split.iter().map(|(u, w)| (groups[u].clone(), *w)).collect();
                 Route {
@@ -113,6 +126,10 @@ impl Registry {
             })
             .collect();
         *rts = keep_rts;
+        drop(rts);
+        for l in &config.listeners {
+            self.listener(&l.name).conns.set_max(l.max_connections);
+        }
         Snapshot { config, routes, groups }
     }
 

@@ -543,3 +543,24 @@ async fn binary_upgrades_of_a_node_under_load_fail_nothing_and_keep_its_instance
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_rate_limit_answers_429_through_the_node_proxy() {
+    // The quickstart's last table is demo's route: [services.balance] joins demo.
+    let h = Halo::up(BIN, &format!("{}\n[services.balance]\nrate_limit = \"3/m\"\n", node(1))).unwrap();
+    all_ready(&h, "demo", 1).await;
+    let c = Client::new();
+    let url = h.url("http", "/");
+    for _ in 0..3 {
+        assert_eq!(c.get(&url).await.unwrap().status, 200);
+    }
+    let r = c.get(&url).await.unwrap();
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    let bad = h.cli_with_input(
+        &["apply", "-f", "-"],
+        "name = \"demo\"\n[run]\ncommand = \"halo\"\n[balance]\nrate_limit = \"3 per minute\"\n",
+    );
+    assert_ne!(bad.0, 0);
+    assert!(bad.2.contains("balance.rate_limit") && bad.2.contains("N/s, N/m or N/h"), "{}", bad.2);
+}

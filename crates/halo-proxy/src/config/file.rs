@@ -59,6 +59,9 @@ pub struct ListenerSection {
     pub tls: Option<TlsSection>,
     /// Sources that send a PROXY protocol header first.
     pub proxy_protocol_from: Option<Vec<String>>,
+    /// Open connections at most; at the limit, new ones wait in the
+    /// kernel's accept queue.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +102,16 @@ pub struct RouteSection {
     pub overrides: Option<Vec<OverrideSection>>,
     pub timeouts: Option<TimeoutSection>,
     pub retry: Option<RetrySection>,
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// Requests per client address on a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    /// `N/s`, `N/m` or `N/h`.
+    pub rate: String,
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +173,8 @@ pub struct UpstreamSection {
     pub pool: Option<PoolSection>,
     pub health: Option<HealthSection>,
     pub outlier: Option<OutlierSection>,
+    /// Requests in flight at most; past it, 503 at once.
+    pub max_in_flight: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,9 @@ use super::{
     UpstreamConfig, Validator,
 };
 
+/// The largest `max_connections` accepted (what one process can hold).
+const MAX_CONNECTIONS: u64 = 10_000_000;
+
 impl Validator<'_> {
     pub(super) fn listeners(
         &mut self,
@@ -75,8 +78,26 @@ impl Validator<'_> {
                     }
                 }
             }
+            let max_connections = l.max_connections.filter(|n| {
+                let ok = (1..=MAX_CONNECTIONS).contains(n);
+                if !ok {
+                    self.err(
+                        self.loc.key(line, "max_connections"),
+                        format!("{field}.max_connections"),
+                        format!("accepted: 1 to {MAX_CONNECTIONS} (omit it for no limit)"),
+                    );
+                }
+                ok
+            });
             if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
-                out.push(ListenerConfig { name, addr, protocol, proxy_protocol_from, freebind: false });
+                out.push(ListenerConfig {
+                    name,
+                    addr,
+                    protocol,
+                    proxy_protocol_from,
+                    max_connections,
+                    freebind: false,
+                });
             }
         }
         out

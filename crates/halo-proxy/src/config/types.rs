@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Method};
 pub use crate::proxy_protocol::{Cidr, Version as ProxyProtocolVersion};
 pub use crate::tls::client::UpstreamTls;
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
-pub use halo_model::values::{HashKey, Policy, RetryPolicy, Timeouts};
+pub use halo_model::values::{HashKey, Policy, RateLimit, RetryPolicy, Timeouts};
 
 /// A token: compared in constant time, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -83,6 +83,10 @@ pub struct ListenerConfig {
     pub protocol: ListenerProtocol,
     /// Sources that must send a PROXY protocol header; empty: none.
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Open connections at most (across workers); at the limit the
+    /// listener stops accepting until one closes, so new connections wait
+    /// in the kernel's accept queue (HAProxy's `maxconn`). `None`: no limit.
+    pub max_connections: Option<u64>,
     /// Bound with `IP_FREEBIND`: the address is a floating IP that this
     /// host may not have yet (set by the node file for its `[[vip]]`
     /// addresses, not by users).
@@ -148,6 +152,8 @@ pub struct RouteConfig {
     pub overrides: Vec<Override>,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
+    /// Requests per client address; past it, 429.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +224,9 @@ pub struct UpstreamConfig {
     pub pool: PoolConfig,
     pub health: Option<HealthConfig>,
     pub outlier: Option<OutlierConfig>,
+    /// Requests in flight at most (a circuit breaker): past it, 503 at
+    /// once rather than a queue without bound. `None`: no limit.
+    pub max_in_flight: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

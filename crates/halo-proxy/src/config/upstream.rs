@@ -6,6 +6,9 @@ use std::time::Duration;
 use super::file::{self, HealthSection, OutlierSection, UpstreamSection};
 use super::*;
 
+/// The largest `max_in_flight` accepted.
+pub(super) const MAX_IN_FLIGHT: u64 = 10_000_000;
+
 impl Validator<'_> {
     pub(super) fn upstream(&mut self, name: &str, u: &UpstreamSection) -> UpstreamConfig {
         let line = self.loc.table(&format!("upstreams.{name}"));
@@ -92,6 +95,14 @@ impl Validator<'_> {
         let pool = self.pool(name, u);
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
+        let max_in_flight = u.max_in_flight.filter(|n| {
+            let ok = (1..=MAX_IN_FLIGHT).contains(n);
+            if !ok {
+                let message = format!("accepted: 1 to {MAX_IN_FLIGHT} (omit it for no limit)");
+                self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), message);
+            }
+            ok
+        });
         UpstreamConfig {
             name: name.to_string(),
             endpoints,
@@ -105,6 +116,7 @@ impl Validator<'_> {
             pool,
             health,
             outlier,
+            max_in_flight,
         }
     }
 
