@@ -150,11 +150,11 @@ async fn once(r: &Reconciler, dir: &Path, sched: &BackupSchedule) -> Result<(Pat
     Ok((file, bytes.len() as u64))
 }
 
-/// Removes the scheduled archives the retention does not keep, counting
-/// the one about to be named (made at `incoming` ms) as already there.
-fn prune(dir: &Path, sched: &BackupSchedule, incoming: u64) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let ours: Vec<(PathBuf, u64)> = entries
+/// The scheduled archives in `dir` and when each was made (ms), oldest
+/// first.
+fn archives(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut ours: Vec<(PathBuf, u64)> = entries
         .flatten()
         .map(|e| e.path())
         .filter_map(|p| {
@@ -162,6 +162,20 @@ fn prune(dir: &Path, sched: &BackupSchedule, incoming: u64) {
             p.extension().is_some_and(|x| x == "tar").then_some((p, ms))
         })
         .collect();
+    ours.sort_by_key(|(_, ms)| *ms);
+    ours
+}
+
+/// The newest scheduled archive in `dir`: what to restore from when the
+/// store is lost.
+pub fn newest_archive(dir: &Path) -> Option<PathBuf> {
+    archives(dir).pop().map(|(p, _)| p)
+}
+
+/// Removes the scheduled archives the retention does not keep, counting
+/// the one about to be named (made at `incoming` ms) as already there.
+fn prune(dir: &Path, sched: &BackupSchedule, incoming: u64) {
+    let ours = archives(dir);
     let mut times: Vec<u64> = ours.iter().map(|(_, ms)| *ms).collect();
     times.push(incoming);
     let keep = kept(&times, sched);

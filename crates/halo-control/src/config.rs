@@ -9,7 +9,7 @@
 //! for line, so its errors keep their line numbers.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use halo_model::diag::Locator;
 use halo_model::{Diagnostic, Diagnostics, FileKind, ServiceFile, ServiceSpec};
@@ -44,6 +44,13 @@ pub struct BackupSchedule {
     pub keep_daily: usize,
     /// And of each of the last this many weeks.
     pub keep_weekly: usize,
+}
+
+impl BackupSchedule {
+    /// Where the archives of a node with `data_dir` go.
+    pub fn archive_dir(&self, data_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| data_dir.join("backups"))
+    }
 }
 
 /// When scheduled backups run.

@@ -29,7 +29,7 @@ pub mod state;
 mod views;
 pub mod vip;
 
-pub use backup_schedule::BackupHealth;
+pub use backup_schedule::{newest_archive, BackupHealth};
 pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;

@@ -209,7 +209,7 @@ impl Node {
         let mut tasks = Vec::new();
         let backups = cfg.backup.clone().map(|sched| {
             let ctl = Arc::new(crate::backup_schedule::Schedule::default());
-            let dir = sched.dir.clone().unwrap_or_else(|| opts.data_dir.join("backups"));
+            let dir = sched.archive_dir(&opts.data_dir);
             tasks.push(tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone())));
             ctl
         });

@@ -136,12 +136,19 @@ impl EmbeddedStore {
 impl Inner {
     fn open(path: PathBuf) -> Result<Inner, StoreError> {
         let open_err = |message: String| StoreError::Open { path: path.display().to_string(), message };
+        // Past the file's header, an error reading it is damage.
+        let damaged = |message: String| StoreError::Damaged { path: path.display().to_string(), message };
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 open_err("already open by another process (is another halo running on this data dir?)".into())
             }
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)) => damaged(m),
+            redb::DatabaseError::Storage(redb::StorageError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                damaged(e.to_string())
+            }
             e => open_err(e.to_string()),
         })?;
+        let open_err = damaged;
         let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         let (mut revision, mut compact_revision, mut next_lease) = (0, 0, 1);
         let mut leases = HashMap::new();

@@ -45,6 +45,10 @@ pub enum StoreError {
     /// The store could not be opened (already in use, unreadable...).
     #[error("cannot open store at {path}: {message}")]
     Open { path: String, message: String },
+    /// The store's file is torn or corrupt (not a store, truncated, a page
+    /// that fails its checksum); it was not changed.
+    #[error("the store file {path} is damaged: {message}")]
+    Damaged { path: String, message: String },
     /// The backend failed; the operation may or may not have been applied
     /// when `maybe_applied` is true (a timeout after sending, for example).
     #[error("store {op} failed: {message}")]

@@ -3,7 +3,7 @@
 //! instance; SIGQUIT leaves them running for the next halo to adopt (to
 //! upgrade or restart halo without restarting the application).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -97,7 +97,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     let exe = std::env::current_exe().context("locating the halo binary")?;
     let (store, mut opts): (Arc<dyn Store>, NodeOptions) = match role {
         Role::Single => {
-            let store = EmbeddedStore::open(&data_dir).await?;
+            let store = EmbeddedStore::open(&data_dir).await.map_err(|e| damaged_store(e, &cfg, &data_dir))?;
             (Arc::new(store), NodeOptions::single(api_addr, data_dir.clone(), exe))
         }
         Role::Cluster { store, cluster } => {
@@ -227,6 +227,32 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
 
 /// The upstreams an old process had endpoints for: the new one waits for
 /// them before it accepts.
+/// A damaged store's error, with the way back: the newest backup restored
+/// into a new data directory, or starting afresh.
+fn damaged_store(e: halo_store::StoreError, cfg: &halo_control::NodeConfig, data_dir: &Path) -> anyhow::Error {
+    let halo_store::StoreError::Damaged { path, .. } = &e else { return e.into() };
+    let archives = cfg.backup.as_ref().map_or_else(|| data_dir.join("backups"), |b| b.archive_dir(data_dir));
+    let new_dir = data_dir.with_file_name(format!(
+        "{}-restored",
+        data_dir.file_name().map_or("halo-data".into(), |n| n.to_string_lossy())
+    ));
+    let way_back = match halo_control::newest_archive(&archives) {
+        Some(a) => format!(
+            "To recover from the newest backup ({}):\n  halo backup restore {} --into {}\n  halo up --data-dir {}              (with the same node file)",
+            a.display(),
+            a.display(),
+            new_dir.display(),
+            new_dir.display()
+        ),
+        None => format!(
+            "There is no backup in {}. Restore one you keep elsewhere with `halo backup restore FILE --into DIR`, \
+             or move {path} aside to start with an empty store (the node file's services are created again).",
+            archives.display()
+        ),
+    };
+    anyhow::anyhow!("{e}\nhalo has not changed it. {way_back}")
+}
+
 fn upstreams_with_endpoints(i: &halo_proxy::handover::Inherited) -> Vec<String> {
     let mut v: Vec<String> = i.endpoints.iter().filter(|e| e.active_up).map(|e| e.upstream.clone()).collect();
     v.sort();

@@ -564,3 +564,44 @@ async fn a_services_rate_limit_answers_429_through_the_node_proxy() {
     assert_ne!(bad.0, 0);
     assert!(bad.2.contains("balance.rate_limit") && bad.2.contains("N/s, N/m or N/h"), "{}", bad.2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_refused_with_the_way_back_from_the_newest_backup() {
+    let mut h = Halo::up(BIN, &node(1)).unwrap();
+    all_ready(&h, "demo", 1).await;
+    let data = h.data_dir.clone().unwrap();
+    let file = h.config.clone().unwrap();
+    let archive = data.join("backups").join("halo-backup-1700000000000-r1.tar");
+    std::fs::create_dir_all(archive.parent().unwrap()).unwrap();
+    let (code, _, err) = h.cli(&["backup", "create", "--out", &archive.to_string_lossy()]);
+    assert_eq!(code, 0, "{err}");
+    h.signal("TERM");
+    assert!(h.wait(Duration::from_secs(20)).is_some(), "halo did not stop");
+    // A torn write: the file ends early.
+    let store = data.join("store.redb");
+    let len = std::fs::metadata(&store).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&store).unwrap().set_len(len / 3).unwrap();
+    let damaged = std::fs::read(&store).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["up", "-c", &file.to_string_lossy(), "--data-dir", &data.to_string_lossy()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is damaged") && err.contains("halo has not changed it"), "{err}");
+    assert_eq!(std::fs::read(&store).unwrap(), damaged, "the damaged file was changed");
+    // The message names the way back; following it brings the service back.
+    let restored = data.with_file_name("data-restored");
+    let restore = format!("halo backup restore {} --into {}", archive.display(), restored.display());
+    assert!(err.contains(&restore), "{err}");
+    let out = std::process::Command::new(BIN)
+        .args(["backup", "restore", &archive.to_string_lossy(), "--into", &restored.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut back =
+        Halo::start(BIN, &["up", "-c", &file.to_string_lossy(), "--data-dir", &restored.to_string_lossy()], &h.dir)
+            .unwrap();
+    back.data_dir = Some(restored);
+    all_ready(&back, "demo", 1).await;
+}
