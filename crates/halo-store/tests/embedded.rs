@@ -58,7 +58,10 @@ fn writer_child() {
         let mut out = std::io::stdout().lock();
         for i in 0.. {
             let key = format!("/k/{}-{i:06}", std::process::id());
-            let rev = s.put(&key, i.to_string().into_bytes(), None).await.unwrap();
+            // Values of every size, some over a page, so the file grows
+            // and pages split while it dies.
+            let size = [8, 300, 5_000, 70_000][i % 4];
+            let rev = s.put(&key, vec![b'0' + (i % 10) as u8; size], None).await.unwrap();
             writeln!(out, "ack {key} {rev}").unwrap();
             out.flush().unwrap();
         }
@@ -69,7 +72,19 @@ fn writer_child() {
 async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let dir = TempDir::new("store-kill9");
     let mut acked: Vec<(String, i64)> = Vec::new();
-    for round in 0..3u64 {
+    // Where each round kills: a seeded spread of points, replayable by
+    // HALO_STORE_KILL_SEED.
+    let mut seed: u64 = std::env::var("HALO_STORE_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
+    println!("HALO_STORE_KILL_SEED={seed}");
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..10u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["writer_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
             .env("HALO_STORE_WRITER", &dir.0)
@@ -87,8 +102,10 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
                 }
             }
         });
-        // Kill at a different point each round, mid-stream.
-        let want = 50 + 40 * round as usize;
+        // Kill at a different point each round, mid-stream: after 1 to 150
+        // acknowledged writes, then up to 5 ms on (a write under way).
+        let want = 1 + next(150) as usize;
+        let extra = Duration::from_micros(next(5_000));
         let deadline = Instant::now() + Duration::from_secs(30);
         let before = acked.len();
         while acked.len() - before < want && Instant::now() < deadline {
@@ -97,6 +114,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
             }
         }
         assert!(acked.len() - before >= want, "the writer acknowledged only {} writes in 30s", acked.len() - before);
+        std::thread::sleep(extra);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         reader.join().unwrap();
@@ -109,7 +127,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
             assert_eq!(
                 kv.map(|kv| kv.mod_revision),
                 Some(*rev),
-                "acknowledged write {key} at {rev} lost (round {round})"
+                "acknowledged write {key} at {rev} lost (round {round}, {want} acknowledged, then {extra:?})"
             );
         }
         let revs: Vec<i64> = acked.iter().map(|(_, r)| *r).collect();
