@@ -60,11 +60,41 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// How halo proves itself to etcd: TLS (the CA that signed etcd's
+/// certificates, and a client certificate when etcd asks for one) and a
+/// user. Read from files by the caller; held as PEM and text here.
+#[derive(Clone, Default)]
+pub struct EtcdAuth {
+    /// TLS to every member, verified against this CA (PEM).
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate and its key (PEM), for `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd's role-based authentication: user name and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key or the password.
+        f.debug_struct("EtcdAuth")
+            .field("tls", &self.ca.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 impl EtcdStore {
     /// Connects to `endpoints` (`host:port` or `http://host:port`); every
     /// key is kept under `namespace` (`""` for none; otherwise it must
     /// start with `/` and not end with one).
     pub async fn connect(endpoints: &[String], namespace: &str) -> Result<EtcdStore, StoreError> {
+        EtcdStore::connect_with(endpoints, namespace, &EtcdAuth::default()).await
+    }
+
+    /// [`EtcdStore::connect`] over TLS and with a user, as `auth` says
+    /// (TLS endpoints are `host:port` or `https://host:port`).
+    pub async fn connect_with(endpoints: &[String], namespace: &str, auth: &EtcdAuth) -> Result<EtcdStore, StoreError> {
         let open = |message: String| StoreError::Open { path: endpoints.join(","), message };
         if endpoints.is_empty() {
             return Err(open("no etcd endpoint given (expected host:port[,host:port...])".into()));
@@ -82,9 +112,30 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let options = match &auth.ca {
+            Some(ca) => {
+                let mut tls = etcd::TlsOptions::new().ca_certificate(etcd::Certificate::from_pem(ca));
+                if let Some((cert, key)) = &auth.identity {
+                    tls = tls.identity(etcd::Identity::from_pem(cert, key));
+                }
+                options.with_tls(tls)
+            }
+            None => options,
+        };
+        let options = match &auth.user {
+            Some((user, password)) => options.with_user(user, password),
+            None => options,
+        };
         let mut clients = Vec::new();
         for ep in endpoints {
-            let c = etcd::Client::connect([ep], Some(options.clone())).await.map_err(|e| open(format!("{ep}: {e}")))?;
+            let url = match (auth.ca.is_some(), ep.split_once("://")) {
+                (true, None) => format!("https://{ep}"),
+                (false, None) => format!("http://{ep}"),
+                (_, Some(_)) => ep.clone(),
+            };
+            let c = etcd::Client::connect([&url], Some(options.clone()))
+                .await
+                .map_err(|e| open(format!("{url}: {}", describe(&e))))?;
             clients.push(c);
         }
         Ok(EtcdStore {
@@ -218,7 +269,12 @@ fn map_err(op: &'static str, e: etcd::Error, lease: Option<LeaseId>) -> StoreErr
                 Code::Unavailable if msg.contains("no leader") => {
                     StoreError::Backend { op, message: msg, maybe_applied: false }
                 }
-                code => StoreError::Backend { op, message: format!("{code:?}: {msg}"), maybe_applied: true },
+                // A transport failure's cause (TLS refused, connection reset) is below it.
+                code => StoreError::Backend {
+                    op,
+                    message: format!("{code:?}: {msg}{}", causes(&status, &msg)),
+                    maybe_applied: true,
+                },
             }
         }
         etcd::Error::InvalidArgs(m) => StoreError::Invalid(m),
@@ -488,6 +544,28 @@ impl Store for EtcdStore {
         self.call("revoke", Some(lease), |c| async move { c.lease_client().revoke(lease).await }).await?;
         Ok(())
     }
+}
+
+/// An etcd-client error with its causes (a TLS refusal is two levels
+/// down, under "transport error").
+fn describe(e: &etcd::Error) -> String {
+    let text = e.to_string();
+    format!("{text}{}", causes(e, &text))
+}
+
+/// The sources under `e`, each not already said in `said`, as ": a: b".
+fn causes(e: &dyn std::error::Error, said: &str) -> String {
+    let mut out = String::new();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !said.contains(&text) && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 #[cfg(test)]

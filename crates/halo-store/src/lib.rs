@@ -23,7 +23,7 @@ use async_trait::async_trait;
 
 pub use counted::Counted;
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdAuth, EtcdStore};
 pub use types::{
     Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, Listing, Revision, Txn, TxnOp, TxnResult,
     Watch,

@@ -265,6 +265,7 @@ impl Cluster {
                 nd.etcd_peer(),
                 &initial,
                 Some(&nd.ns),
+                None,
             ));
         }
         for nd in &mut c.nodes {
@@ -418,6 +419,7 @@ impl Cluster {
             nd.etcd_peer(),
             &initial.join(","),
             Some(&nd.ns),
+            None,
         ));
     }
 

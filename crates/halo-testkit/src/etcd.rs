@@ -32,12 +32,28 @@ impl Etcd {
         for (i, (client, peer)) in addrs.iter().enumerate() {
             let d = dir.0.join(format!("m{i}"));
             std::fs::create_dir_all(&d).expect("member dir");
-            members.push((spawn_member(&format!("m{i}"), &d, *client, *peer, &initial.join(","), None), *client));
+            members.push((spawn_member(&format!("m{i}"), &d, *client, *peer, &initial.join(","), None, None), *client));
         }
         for (i, (child, client)) in members.iter_mut().enumerate() {
             wait_healthy(child, *client, &dir.0.join(format!("m{i}")));
         }
         Etcd { members, _dir: dir }
+    }
+
+    /// One member serving clients over TLS only, with `leaf` (issued for
+    /// 127.0.0.1), and only to clients with a certificate `ca` signed
+    /// (`--client-cert-auth`). Its health is asked on a plain metrics
+    /// listener. The files live in the etcd's own directory.
+    pub fn start_tls(ca: &crate::TestCa, leaf: &crate::Leaf) -> Etcd {
+        let dir = TempDir::new("etcd-tls");
+        let (client, peer, metrics) = (crate::free_addr(), crate::free_addr(), crate::free_addr());
+        let (cert, key) = leaf.write(&dir, "etcd");
+        let tls = MemberTls { ca: dir.write("ca.crt", &ca.ca_pem()), cert, key, metrics };
+        let d = dir.0.join("m0");
+        std::fs::create_dir_all(&d).expect("member dir");
+        let mut child = spawn_member("m0", &d, client, peer, &format!("m0=http://{peer}"), None, Some(&tls));
+        wait_healthy(&mut child, metrics, &d);
+        Etcd { members: vec![(child, client)], _dir: dir }
     }
 
     /// The first member's client address, as halo takes it.
@@ -65,7 +81,17 @@ impl Drop for Etcd {
     }
 }
 
-/// Starts one etcd member. `netns`: run it inside that network namespace.
+/// A member's client TLS: its certificate, the CA its clients' come
+/// from, and a plain listener for `/health`.
+pub(crate) struct MemberTls {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    metrics: SocketAddr,
+}
+
+/// Starts one etcd member. `netns`: run it inside that network namespace;
+/// `tls`: clients over TLS with certificates only.
 pub(crate) fn spawn_member(
     name: &str,
     dir: &Path,
@@ -73,7 +99,9 @@ pub(crate) fn spawn_member(
     peer: SocketAddr,
     initial_cluster: &str,
     netns: Option<&str>,
+    tls: Option<&MemberTls>,
 ) -> Child {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).expect("open etcd.log");
     let bin = which_etcd();
     let mut cmd = match netns {
@@ -90,9 +118,9 @@ pub(crate) fn spawn_member(
         "--data-dir",
         &dir.join("data").to_string_lossy(),
         "--listen-client-urls",
-        &format!("http://{client}"),
+        &format!("{scheme}://{client}"),
         "--advertise-client-urls",
-        &format!("http://{client}"),
+        &format!("{scheme}://{client}"),
         "--listen-peer-urls",
         &format!("http://{peer}"),
         "--initial-advertise-peer-urls",
@@ -113,9 +141,13 @@ pub(crate) fn spawn_member(
         "--log-level",
         "warn",
     ])
-    .stdin(Stdio::null())
-    .stdout(log.try_clone().expect("clone log"))
-    .stderr(log);
+    .stdin(Stdio::null());
+    if let Some(t) = tls {
+        cmd.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key);
+        cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+        cmd.arg("--listen-metrics-urls").arg(format!("http://{}", t.metrics));
+    }
+    cmd.stdout(log.try_clone().expect("clone log")).stderr(log);
     cmd.spawn().unwrap_or_else(|e| panic!("cannot start etcd ({bin}): {e}; run scripts/install-test-deps.sh"))
 }
 

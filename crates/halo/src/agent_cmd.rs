@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use halo_control::{parse_node, ClusterConfig};
-use halo_store::EtcdStore;
 
 use crate::up_cmd::{control_runtime, prepare_data_dir, serve, Role};
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
     /// The etcd cluster: etcd://HOST:PORT[,HOST:PORT...] (or without the
-    /// scheme).
+    /// scheme), or etcds:// for TLS (with --etcd-ca).
     #[arg(long, value_name = "URL")]
     store: String,
+    #[command(flatten)]
+    etcd: crate::etcd_args::EtcdArgs,
     /// Keep every key under this prefix, to share an etcd between clusters
     /// (starts with '/', as in /prod).
     #[arg(long, default_value = "")]
@@ -57,30 +58,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `etcd://a:2379,b:2379` -> ["a:2379", "b:2379"].
-pub(crate) fn parse_store(s: &str) -> anyhow::Result<Vec<String>> {
-    let rest = match s.split_once("://") {
-        Some(("etcd", rest)) => rest,
-        Some((scheme, _)) => {
-            anyhow::bail!("--store: scheme '{scheme}' is not accepted; use etcd://HOST:PORT[,HOST:PORT...]")
-        }
-        None => s,
-    };
-    let eps: Vec<String> = rest.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
-    if eps.is_empty() {
-        anyhow::bail!("--store: no endpoint in '{s}'; use etcd://HOST:PORT[,HOST:PORT...]");
-    }
-    for e in &eps {
-        let ok = e.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-        if !ok {
-            anyhow::bail!("--store: '{e}' is not HOST:PORT (as in 10.0.0.1:2379)");
-        }
-    }
-    Ok(eps)
-}
-
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let endpoints = parse_store(&args.store)?;
+    let url = crate::etcd_args::parse_store(&args.store)?;
+    // The files are read (and a missing one reported) before anything starts.
+    args.etcd.auth(&url)?;
     let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     if args.node.is_empty() || args.node.len() > 63 || !args.node.chars().all(valid) {
         anyhow::bail!("--node: '{}' is not accepted; use 1 to 63 letters, digits, '-' or '_'", args.node);
@@ -114,23 +95,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
     };
     control_runtime()?.block_on(async move {
-        let store = EtcdStore::connect(&endpoints, &args.namespace)
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+        let store = args.etcd.connect(&url, &args.namespace).await?;
         serve(cfg, data_dir, Role::Cluster { store, cluster }).await
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_urls() {
-        assert_eq!(parse_store("etcd://a:2379,b:2379").unwrap(), ["a:2379", "b:2379"]);
-        assert_eq!(parse_store("10.0.0.1:2379").unwrap(), ["10.0.0.1:2379"]);
-        assert!(parse_store("redis://a:1").unwrap_err().to_string().contains("etcd://"));
-        assert!(parse_store("etcd://a").unwrap_err().to_string().contains("HOST:PORT"));
-        assert!(parse_store("etcd://").is_err());
-    }
 }

@@ -32,12 +32,14 @@ pub enum BackupCommand {
         /// A new data directory to create (it must hold no store yet).
         #[arg(long, value_name = "DIR", conflicts_with_all = ["store", "force"])]
         into: Option<PathBuf>,
-        /// A fresh etcd cluster: etcd://HOST:PORT[,HOST:PORT...].
+        /// A fresh etcd cluster: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS).
         #[arg(long, value_name = "URL", conflicts_with = "force")]
         store: Option<String>,
         /// The agents' --namespace, with --store.
         #[arg(long, default_value = "", requires = "store")]
         namespace: String,
+        #[command(flatten)]
+        etcd: crate::etcd_args::EtcdArgs,
         /// Into the running cluster: make its services match the archive.
         #[arg(long)]
         force: bool,
@@ -63,7 +65,9 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Create { out, target } => create(&target, out),
         BackupCommand::Verify { file } => verify(&file),
         BackupCommand::Restore { file, into: Some(dir), .. } => restore(&file, &dir),
-        BackupCommand::Restore { file, store: Some(url), namespace, .. } => restore_etcd(&file, &url, &namespace),
+        BackupCommand::Restore { file, store: Some(url), namespace, etcd, .. } => {
+            restore_etcd(&file, &url, &namespace, &etcd)
+        }
         BackupCommand::Restore { file, force, target, .. } => restore_running(&target, &file, force),
         BackupCommand::List { dir, out } => list(&dir, &out),
         BackupCommand::Cancel { target } => {
@@ -150,13 +154,12 @@ fn restore_running(t: &Target, file: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restore_etcd(file: &Path, url: &str, namespace: &str) -> anyhow::Result<()> {
+fn restore_etcd(file: &Path, url: &str, namespace: &str, etcd: &crate::etcd_args::EtcdArgs) -> anyhow::Result<()> {
     let b = backup::open(&read(file)?).with_context(|| format!("{} cannot be restored", file.display()))?;
-    let endpoints = crate::agent_cmd::parse_store(url)?;
+    let url = crate::etcd_args::parse_store(url)?;
+    let endpoints = &url.endpoints;
     let revision = runtime()?.block_on(async {
-        let store = halo_store::EtcdStore::connect(&endpoints, namespace)
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+        let store = etcd.connect(&url, namespace).await?;
         anyhow::Ok(backup::restore_to(&b, &store).await?)
     })?;
     println!(

@@ -5,6 +5,7 @@ mod backup_cmd;
 mod check_cmd;
 mod cli_cmd;
 mod demo_app;
+mod etcd_args;
 mod events_cmd;
 mod notify;
 mod output;

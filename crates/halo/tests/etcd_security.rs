@@ -1,0 +1,101 @@
+//! `halo agent` on an etcd that serves clients over TLS only and asks for
+//! a client certificate: with the CA and a certificate it joins (writes its
+//! node, serves its API); without the certificate, in the clear or with a
+//! key others can read, it is refused with an error that says why.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use halo_store::{EtcdAuth, EtcdStore, Store};
+use halo_testkit::{eventually, free_addr, Etcd, Halo, TempDir, TestCa};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+fn node_file(dir: &TempDir) -> String {
+    let text =
+        format!("[node]\napi = \"{}\"\n[[listeners]]\nname = \"http\"\nlisten = \"{}\"\n", free_addr(), free_addr());
+    dir.write("node.toml", &text).to_string_lossy().into_owned()
+}
+
+/// `halo agent` run to its end (it must fail fast): exit code and stderr.
+fn agent_fails(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("refused: {}", err.trim());
+    (out.status.code(), err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_needs_the_ca_and_a_client_certificate_to_use_a_tls_etcd() {
+    let ca = TestCa::new();
+    let etcd = Etcd::start_tls(&ca, &ca.issue(&["127.0.0.1"]));
+    let dir = TempDir::new("etcd-tls-agent");
+    let ca_file = dir.write("ca.crt", &ca.ca_pem()).to_string_lossy().into_owned();
+    let client = ca.issue(&["halo-agent"]);
+    let (cert, key) = client.write(&dir, "agent");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (cert, key) = (cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned());
+    let tls_store = format!("etcds://{}", etcd.endpoint());
+    let data = dir.0.join("data").to_string_lossy().into_owned();
+    let node = node_file(&dir);
+    let base = ["agent", "--node", "n1", "--advertise", "127.0.0.1", "-c", &node, "--data-dir", &data];
+
+    // In the clear, to a TLS-only member.
+    let plain = format!("etcd://{}", etcd.endpoint());
+    let (code, err) = agent_fails(&[&base[..], &["--store", &plain]].concat());
+    assert_ne!(code, Some(0));
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    // TLS without the CA.
+    let (code, err) = agent_fails(&[&base[..], &["--store", &tls_store]].concat());
+    assert_ne!(code, Some(0));
+    assert!(err.contains("etcds:// needs --etcd-ca"), "{err}");
+    // TLS without a client certificate: etcd refuses the connection.
+    let (code, err) = agent_fails(&[&base[..], &["--store", &tls_store, "--etcd-ca", &ca_file]].concat());
+    assert_ne!(code, Some(0), "an agent without a client certificate ran");
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    // A key others can read.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let with_cert = ["--store", &tls_store, "--etcd-ca", &ca_file, "--etcd-cert", &cert, "--etcd-key", &key];
+    let (code, err) = agent_fails(&[&base[..], &with_cert[..]].concat());
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--etcd-key") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // With all of it the agent joins: its node record is in etcd.
+    let args = [&base[..], &with_cert[..]].concat();
+    let agent = Halo::start(BIN, &args, &dir.0).unwrap();
+    let auth = EtcdAuth {
+        ca: Some(ca.ca_pem().into_bytes()),
+        identity: Some((client.cert_pem.clone().into_bytes(), client.key_pem.clone().into_bytes())),
+        user: None,
+    };
+    let store = EtcdStore::connect_with(&[etcd.endpoint()], "", &auth).await.unwrap();
+    eventually(Duration::from_secs(20), "the agent's node record in etcd", || async {
+        store.list("/halo/nodes/").await.is_ok_and(|l| l.kvs.iter().any(|kv| kv.key.ends_with("/n1")))
+    })
+    .await;
+    // A client without a certificate reads nothing.
+    let no_cert = EtcdAuth { identity: None, ..auth.clone() };
+    let refused = match EtcdStore::connect_with(&[etcd.endpoint()], "", &no_cert).await {
+        Err(e) => e.to_string(),
+        Ok(s) => s.list("/halo/").await.map(|l| format!("read {} keys", l.kvs.len())).unwrap_or_else(|e| e.to_string()),
+    };
+    assert!(!refused.starts_with("read "), "a client without a certificate {refused}");
+    drop(agent);
+}
