@@ -66,6 +66,17 @@ impl Etcd {
         self.members.iter().map(|(_, a)| a.to_string()).collect()
     }
 
+    /// Turns on etcd's role-based authentication with one user, `root`
+    /// (etcd's all-powerful role) and `password`: from then on a client
+    /// without the user reads and writes nothing. Plain-text members only.
+    pub async fn enable_auth(&self, password: &str) {
+        let mut c = etcd_client::Client::connect([self.endpoint()], None).await.expect("connect to etcd");
+        c.role_add("root").await.expect("add the root role");
+        c.user_add("root", password, None).await.expect("add the root user");
+        c.user_grant_role("root", "root").await.expect("grant root");
+        c.auth_enable().await.expect("enable auth");
+    }
+
     /// kill -9 of member `i`.
     pub fn kill(&mut self, i: usize) {
         let _ = self.members[i].0.kill();

@@ -105,7 +105,11 @@ impl EtcdArgs {
             ""
         };
         let reach = || format!("cannot reach etcd at {}{hint}", url.endpoints.join(","));
-        let store = EtcdStore::connect_with(&url.endpoints, namespace, &auth).await.with_context(reach)?;
+        let store = EtcdStore::connect_with(&url.endpoints, namespace, &auth).await.map_err(|e| match e {
+            // It names the endpoint already.
+            halo_store::StoreError::Open { message, .. } => anyhow::anyhow!("{}: {message}", reach()),
+            e => anyhow::Error::new(e).context(reach()),
+        })?;
         // Connections open lazily: one read proves the TLS handshake, the
         // certificate and the user before anything starts.
         store.get("/halo/").await.with_context(reach)?;

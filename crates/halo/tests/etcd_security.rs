@@ -1,7 +1,8 @@
 //! `halo agent` on an etcd that serves clients over TLS only and asks for
 //! a client certificate: with the CA and a certificate it joins (writes its
 //! node, serves its API); without the certificate, in the clear or with a
-//! key others can read, it is refused with an error that says why.
+//! key others can read, it is refused with an error that says why. On an
+//! etcd with users, the same for a missing user or a wrong password.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -97,5 +98,40 @@ async fn an_agent_needs_the_ca_and_a_client_certificate_to_use_a_tls_etcd() {
         Ok(s) => s.list("/halo/").await.map(|l| format!("read {} keys", l.kvs.len())).unwrap_or_else(|e| e.to_string()),
     };
     assert!(!refused.starts_with("read "), "a client without a certificate {refused}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_needs_its_user_and_password_on_an_etcd_with_auth() {
+    let etcd = Etcd::start();
+    etcd.enable_auth("s3cret-pass").await;
+    let dir = TempDir::new("etcd-auth-agent");
+    let store = format!("etcd://{}", etcd.endpoint());
+    let data = dir.0.join("data").to_string_lossy().into_owned();
+    let node = node_file(&dir);
+    let base =
+        ["agent", "--node", "n1", "--advertise", "127.0.0.1", "-c", &node, "--data-dir", &data, "--store", &store];
+    // No user: etcd refuses the first read.
+    let (code, err) = agent_fails(&base);
+    assert_ne!(code, Some(0), "an agent without the user ran");
+    assert!(err.contains("cannot reach etcd") && err.contains("user name is empty"), "{err}");
+    // A wrong password: refused at the authentication itself.
+    let wrong = dir.write("wrong", "nope\n");
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let wrong = wrong.to_string_lossy().into_owned();
+    let (code, err) = agent_fails(&[&base[..], &["--etcd-user", "root", "--etcd-password-file", &wrong]].concat());
+    assert_ne!(code, Some(0));
+    assert!(err.contains("authentication failed"), "{err}");
+    // The password from the environment: the agent joins.
+    let args = [&base[..], &["--etcd-user", "root"]].concat();
+    std::env::set_var("HALO_ETCD_PASSWORD", "s3cret-pass");
+    let agent = Halo::start(BIN, &args, &dir.0).unwrap();
+    std::env::remove_var("HALO_ETCD_PASSWORD");
+    let auth = EtcdAuth { user: Some(("root".into(), "s3cret-pass".into())), ..Default::default() };
+    let s = EtcdStore::connect_with(&[etcd.endpoint()], "", &auth).await.unwrap();
+    eventually(Duration::from_secs(20), "the agent's node record in etcd", || async {
+        s.list("/halo/nodes/").await.is_ok_and(|l| l.kvs.iter().any(|kv| kv.key.ends_with("/n1")))
+    })
+    .await;
     drop(agent);
 }
