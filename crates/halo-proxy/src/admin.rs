@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -30,25 +31,45 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Re
             _ = stop.changed() => return,
         };
         let proxy = proxy.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
+        // HTTPS when the current config says so (a reload may change it).
+        let tls = proxy.config().admin_tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(handle(&proxy, req)) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                // Shutting down (or handing over to a new process): idle
-                // connections close now, long before this process exits,
-                // so clients see it before they reuse them.
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => serve_conn(stream, proxy, stop).await,
+                Some(t) => {
+                    let handshake = tokio::time::timeout(Duration::from_secs(10), t.acceptor().accept(stream));
+                    match handshake.await {
+                        Ok(Ok(s)) => serve_conn(s, proxy, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                        Err(_) => tracing::debug!("admin TLS handshake timed out"),
+                    }
                 }
             }
         });
+    }
+}
+
+/// One admin connection, plain or TLS.
+async fn serve_conn<IO>(io: IO, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(handle(&proxy, req)) }
+    });
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        // Shutting down (or handing over to a new process): idle
+        // connections close now, long before this process exits,
+        // so clients see it before they reuse them.
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

@@ -199,6 +199,10 @@ impl Validator<'_> {
             let base = Path::new(&self.file).parent().map(Path::to_path_buf).unwrap_or_default();
             read_secret(&base.join(f)).map_err(|e| self.err(line, "admin.token_file", e)).ok()
         });
+        let admin_tls = raw.admin.as_ref().and_then(|a| a.tls.as_ref()).and_then(|t| {
+            let line = self.loc.key(self.loc.table("admin"), "tls");
+            self.tls_section(line, "admin.tls", t)
+        });
         // Reload, metrics and status to anyone who can reach it: only on
         // this host, unless it takes a token.
         let token_set = raw.admin.as_ref().is_some_and(|a| a.token_file.is_some());
@@ -229,6 +233,7 @@ impl Validator<'_> {
             keepalive_idle,
             admin,
             admin_token,
+            admin_tls,
             listeners,
             routes,
             upstreams,

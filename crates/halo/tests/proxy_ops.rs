@@ -679,3 +679,33 @@ async fn the_admin_api_takes_a_token_and_other_hosts_need_one() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("admin.token_file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_can_speak_https_only() {
+    let a = Backend::start("a").await;
+    let dir = TempDir::new("admin-tls");
+    let ca = halo_testkit::TestCa::new();
+    let (cert, key) = ca.issue(&["localhost"]).write(&dir, "admin");
+    let tls = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[admin.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]",
+        cert.display(),
+        key.display()
+    );
+    let h = Halo::proxy(BIN, &config("", &eps(&[&a])).replace("[admin]\nlisten = \"127.0.0.1:0\"", &tls)).unwrap();
+    let admin = h.admin.expect("the admin address");
+    let client = ca.client(&[b"http/1.1"]);
+    let r = halo_testkit::https_get(admin, "localhost", "/metrics", &client).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("halo_route_requests_total"), "{}", r.body);
+    // Plain HTTP gets no admin answer.
+    let plain = Client::new().get(&h.admin_url("/metrics")).await;
+    assert!(plain.is_err() || plain.as_ref().is_ok_and(|r| r.status != 200), "{plain:?}");
+    // A certificate file that does not exist is named.
+    let bad = dir.write(
+        "bad.toml",
+        &config("", &eps(&[&a])).replace("[admin]\nlisten = \"127.0.0.1:0\"", &tls.replace("admin.crt", "missing.crt")),
+    );
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("admin.tls.certificates[0]") && err.contains("missing.crt"), "{err}");
+}

@@ -40,6 +40,8 @@ pub struct AdminSection {
     pub listen: String,
     /// A file holding the token every request but /healthz must bear.
     pub token_file: Option<String>,
+    /// HTTPS instead of HTTP, with these certificates.
+    pub tls: Option<TlsSection>,
 }
 
 #[derive(Debug, Deserialize)]

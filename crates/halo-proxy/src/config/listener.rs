@@ -114,14 +114,23 @@ impl Validator<'_> {
             );
             return ListenerProtocol::Http;
         };
+        match self.tls_section(line, &format!("{field}.tls"), t) {
+            Some(t) => ListenerProtocol::Https(t),
+            None => ListenerProtocol::Http,
+        }
+    }
+
+    /// A `tls` section's certificates, loaded now so that a bad file is
+    /// reported with the config; `field` names the section.
+    pub(super) fn tls_section(&mut self, line: usize, field: &str, t: &file::TlsSection) -> Option<Arc<TlsListener>> {
         let tl = self.loc.key(line, "certificates");
         if t.certificates.is_empty() {
             self.err(
                 tl,
-                format!("{field}.tls.certificates"),
+                format!("{field}.certificates"),
                 "at least one { cert = \"FILE\", key = \"FILE\" } is required",
             );
-            return ListenerProtocol::Http;
+            return None;
         }
         let min_version = match t.min_version.as_deref().unwrap_or("1.2") {
             "1.2" => MinVersion::Tls12,
@@ -129,7 +138,7 @@ impl Validator<'_> {
             other => {
                 self.err(
                     self.loc.key(line, "min_version"),
-                    format!("{field}.tls.min_version"),
+                    format!("{field}.min_version"),
                     format!("'{other}' is not accepted; accepted: \"1.2\" (TLS 1.2 and 1.3) or \"1.3\""),
                 );
                 MinVersion::Tls12
@@ -152,19 +161,19 @@ impl Validator<'_> {
                 if plain.is_empty() || plain.contains('*') || n.contains(':') {
                     self.err(
                         tl,
-                        format!("{field}.tls.certificates[{j}].names"),
+                        format!("{field}.certificates[{j}].names"),
                         format!("'{n}' is not accepted; use a host name or *.example.com"),
                     );
                 }
             }
         }
         match TlsListener::new(files, min_version) {
-            Ok(t) => ListenerProtocol::Https(Arc::new(t)),
+            Ok(t) => Some(Arc::new(t)),
             Err(errors) => {
                 for (j, e) in errors {
-                    self.err(tl, format!("{field}.tls.certificates[{j}]"), e);
+                    self.err(tl, format!("{field}.certificates[{j}]"), e);
                 }
-                ListenerProtocol::Http
+                None
             }
         }
     }

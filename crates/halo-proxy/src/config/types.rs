@@ -70,6 +70,8 @@ pub struct Config {
     /// The token the admin listener wants (`admin.token_file`), read when
     /// the file is loaded or reloaded.
     pub admin_token: Option<Secret>,
+    /// The admin listener speaks HTTPS with these certificates.
+    pub admin_tls: Option<Arc<TlsListener>>,
     pub listeners: Vec<ListenerConfig>,
     /// Tried in file order; the first route that matches wins.
     pub routes: Vec<RouteConfig>,
