@@ -170,7 +170,11 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: w
                     // A slot (max_connections) before it is served. At the
                     // limit this loop holds the one connection, unread, and
                     // accepts no more: the rest wait in the kernel's queue.
+                    let mut paused = false;
                     while !conns.try_open() {
+                        if !std::mem::replace(&mut paused, true) {
+                            conns.paused.fetch_add(1, Relaxed);
+                        }
                         tokio::select! {
                             _ = conns.wait() => {}
                             _ = async { let _ = stop.wait_for(|s| *s).await; } => break 'accept,

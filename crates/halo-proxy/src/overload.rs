@@ -36,7 +36,8 @@ pub struct ConnLimit {
     /// Accept loops waiting for a slot; closes only wake them when one is.
     waiters: AtomicUsize,
     freed: Notify,
-    /// Times an accept loop found the listener full and paused.
+    /// Times an accept loop found the listener full and paused (once per
+    /// connection it held, however often it was woken).
     pub paused: AtomicU64,
 }
 
@@ -47,10 +48,6 @@ impl ConnLimit {
             // A raised limit frees slots.
             self.freed.notify_waiters();
         }
-    }
-
-    pub fn max(&self) -> Option<u64> {
-        Some(self.max.load(Relaxed)).filter(|m| *m > 0)
     }
 
     /// Takes a slot for an accepted connection, or `false` when the
@@ -75,8 +72,16 @@ impl ConnLimit {
     /// Waits until a slot may be free (a connection closed, or the limit
     /// changed); the caller tries again.
     pub async fn wait(&self) {
-        self.paused.fetch_add(1, Relaxed);
+        /// Counts this loop as waiting until it stops, even when the
+        /// wait is dropped (the listener stopping).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
         self.waiters.fetch_add(1, SeqCst);
+        let _waiting = Waiting(&self.waiters);
         let freed = self.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
@@ -84,7 +89,6 @@ impl ConnLimit {
         if max != 0 && self.active.load(SeqCst) >= max {
             freed.await;
         }
-        self.waiters.fetch_sub(1, SeqCst);
     }
 }
 
@@ -149,10 +153,5 @@ impl ClientRate {
             self.limiter.retain_recent();
         }
         self.limiter.check_key(&client).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
-    }
-
-    /// Clients with state (sent recently enough to be below a full burst).
-    pub fn clients(&self) -> usize {
-        self.limiter.len()
     }
 }

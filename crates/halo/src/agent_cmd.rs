@@ -61,7 +61,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let url = crate::etcd_args::parse_store(&args.store)?;
     // The files are read (and a missing one reported) before anything starts.
-    args.etcd.auth(&url)?;
+    let auth = args.etcd.auth(&url)?;
     let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     if args.node.is_empty() || args.node.len() > 63 || !args.node.chars().all(valid) {
         anyhow::bail!("--node: '{}' is not accepted; use 1 to 63 letters, digits, '-' or '_'", args.node);
@@ -95,7 +95,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
     };
     control_runtime()?.block_on(async move {
-        let store = args.etcd.connect(&url, &args.namespace).await?;
+        let store = crate::etcd_args::connect(&url, &args.namespace, &auth).await?;
         serve(cfg, data_dir, Role::Cluster { store, cluster }).await
     })
 }

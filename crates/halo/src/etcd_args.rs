@@ -97,24 +97,28 @@ impl EtcdArgs {
 
     /// Connects to the etcd `url` names, as these flags say.
     pub async fn connect(&self, url: &StoreUrl, namespace: &str) -> anyhow::Result<EtcdStore> {
-        use halo_store::Store;
-        let auth = self.auth(url)?;
-        let hint = if url.tls && auth.identity.is_none() {
-            " (if etcd runs with --client-cert-auth, give --etcd-cert and --etcd-key)"
-        } else {
-            ""
-        };
-        let reach = || format!("cannot reach etcd at {}{hint}", url.endpoints.join(","));
-        let store = EtcdStore::connect_with(&url.endpoints, namespace, &auth).await.map_err(|e| match e {
-            // It names the endpoint already.
-            halo_store::StoreError::Open { message, .. } => anyhow::anyhow!("{}: {message}", reach()),
-            e => anyhow::Error::new(e).context(reach()),
-        })?;
-        // Connections open lazily: one read proves the TLS handshake, the
-        // certificate and the user before anything starts.
-        store.get("/halo/").await.with_context(reach)?;
-        Ok(store)
+        connect(url, namespace, &self.auth(url)?).await
     }
+}
+
+/// Connects to the etcd `url` names with `auth` (read by [`EtcdArgs::auth`]).
+pub async fn connect(url: &StoreUrl, namespace: &str, auth: &EtcdAuth) -> anyhow::Result<EtcdStore> {
+    use halo_store::Store;
+    let hint = if url.tls && auth.identity.is_none() {
+        " (if etcd runs with --client-cert-auth, give --etcd-cert and --etcd-key)"
+    } else {
+        ""
+    };
+    let reach = || format!("cannot reach etcd at {}{hint}", url.endpoints.join(","));
+    let store = EtcdStore::connect_with(&url.endpoints, namespace, auth).await.map_err(|e| match e {
+        // It names the endpoint already.
+        halo_store::StoreError::Open { message, .. } => anyhow::anyhow!("{}: {message}", reach()),
+        e => anyhow::Error::new(e).context(reach()),
+    })?;
+    // Connections open lazily: one read proves the TLS handshake, the
+    // certificate and the user before anything starts.
+    store.get("/halo/").await.with_context(reach)?;
+    Ok(store)
 }
 
 /// A file a flag names; `secret`: it must not be readable by others.

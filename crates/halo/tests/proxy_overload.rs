@@ -107,8 +107,9 @@ async fn an_upstream_at_max_in_flight_answers_503_at_once_and_admits_again_when_
             tokio::spawn(async move { c.get(&url).await })
         })
         .collect();
+    // Admitted by halo and arrived at the backend (which counts on arrival).
     eventually(Duration::from_secs(10), "two requests in flight", || async {
-        metric(&c, &h, "halo_upstream_in_flight{upstream=\"web\"}").await == 2.0
+        metric(&c, &h, "halo_upstream_in_flight{upstream=\"web\"}").await == 2.0 && b.requests() == 2
     })
     .await;
     let before = b.requests();
