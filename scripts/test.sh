@@ -29,3 +29,7 @@ fi
 # deploy, every node's proxy serving it, then everything removed.
 cargo build --quiet -p halo
 HALO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/halo" HALO_CLUSTER_DIR="$(mktemp -d)" scripts/cluster.sh smoke
+# The chaos soak in its short form: random faults under load on the
+# three-node cluster, checked on the record (scripts/soak.sh MINUTES for a
+# longer run).
+scripts/soak.sh 3

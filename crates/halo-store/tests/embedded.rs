@@ -74,16 +74,8 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let mut acked: Vec<(String, i64)> = Vec::new();
     // Where each round kills: a seeded spread of points, replayable by
     // HALO_STORE_KILL_SEED.
-    let mut seed: u64 = std::env::var("HALO_STORE_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
-    });
-    println!("HALO_STORE_KILL_SEED={seed}");
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rng = halo_testkit::Rng::from_env("HALO_STORE_KILL_SEED");
+    let mut next = move |n: u64| rng.below(n as usize) as u64;
     for round in 0..10u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["writer_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])

@@ -268,9 +268,8 @@ impl Cluster {
                 None,
             ));
         }
-        for nd in &mut c.nodes {
-            let client = nd.etcd_client();
-            crate::etcd::wait_healthy(nd.etcd.as_mut().expect("etcd"), client, &nd.etcd_dir);
+        for i in 0..n {
+            c.wait_etcd(i);
         }
         if let Some(image) = docker_image {
             let tar = c._dir.0.join("image.tar");
@@ -423,6 +422,14 @@ impl Cluster {
         ));
     }
 
+    /// Waits until node `i`'s etcd member answers healthy (it has rejoined
+    /// and the cluster has quorum); panics with its log after 20 s.
+    pub fn wait_etcd(&mut self, i: usize) {
+        let nd = &mut self.nodes[i];
+        let client = nd.etcd_client();
+        crate::etcd::wait_healthy(nd.etcd.as_mut().expect("node's etcd member runs"), client, &nd.etcd_dir);
+    }
+
     /// Every agent killed (with its instances) and every etcd member's data
     /// destroyed, then a fresh etcd cluster started on the same addresses
     /// (agents are not started again).
@@ -438,9 +445,8 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.restart_etcd(i);
         }
-        for nd in &mut self.nodes {
-            let client = nd.etcd_client();
-            crate::etcd::wait_healthy(nd.etcd.as_mut().expect("etcd"), client, &nd.etcd_dir);
+        for i in 0..self.nodes.len() {
+            self.wait_etcd(i);
         }
     }
 

@@ -14,6 +14,7 @@ mod etcd;
 mod grpc;
 mod load;
 mod process;
+mod rng;
 mod tls;
 mod ws;
 
@@ -30,6 +31,7 @@ pub use etcd::Etcd;
 pub use grpc::{grpc_call, GrpcReply, GrpcServer};
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{alive, processes_of, upgrade, Halo, Reaper};
+pub use rng::Rng;
 pub use tls::{https_get, https_h2_get, HttpsReply, HttpsServer, Leaf, TestCa};
 pub use ws::{WsClient, WsEcho};
 

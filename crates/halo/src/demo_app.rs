@@ -44,6 +44,10 @@ pub struct DemoArgs {
     /// adds one (application data for backup and restore tests).
     #[arg(long)]
     counter_file: Option<std::path::PathBuf>,
+    /// Serve at most this many requests at once; the others wait their turn
+    /// (a backend of fixed capacity: workers / delay requests a second).
+    #[arg(long)]
+    workers: Option<std::num::NonZeroU32>,
 }
 
 struct App {
@@ -57,6 +61,8 @@ struct App {
     counter: Option<std::path::PathBuf>,
     counting: tokio::sync::Mutex<()>,
     hogged: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// `--workers`: a permit per request being served.
+    workers: Option<tokio::sync::Semaphore>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -74,6 +80,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         counter: args.counter_file,
         counting: tokio::sync::Mutex::new(()),
         hogged: std::sync::Mutex::new(Vec::new()),
+        workers: args.workers.map(|n| tokio::sync::Semaphore::new(n.get() as usize)),
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -163,6 +170,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
             reply(StatusCode::OK, "resumed\n".into())
         }
         _ => {
+            let _worker = match &app.workers {
+                Some(w) => Some(w.acquire().await.expect("the semaphore is never closed")),
+                None => None,
+            };
             let delay = app.delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;

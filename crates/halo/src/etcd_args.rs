@@ -116,9 +116,34 @@ pub async fn connect(url: &StoreUrl, namespace: &str, auth: &EtcdAuth) -> anyhow
         e => anyhow::Error::new(e).context(reach()),
     })?;
     // Connections open lazily: one read proves the TLS handshake, the
-    // certificate and the user before anything starts.
-    store.get("/halo/").await.with_context(reach)?;
-    Ok(store)
+    // certificate and the user before anything starts. A cluster between
+    // leaders, or a member down, answers again in a moment (the next try
+    // goes to another member): only those are tried again, for a while.
+    let mut tries = 0;
+    loop {
+        match store.get("/halo/").await {
+            Ok(_) => return Ok(store),
+            Err(e) if tries < PROBE_TRIES && transient(&e) => {
+                tries += 1;
+                tracing::warn!(error = %e, "etcd did not answer the first read; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(reach())),
+        }
+    }
+}
+
+/// How many more times a transient failure of the first read is tried
+/// (half a second apart): etcd elects a leader within about a second.
+const PROBE_TRIES: u32 = 10;
+
+/// An error that passes by itself: an election under way, a member that
+/// is down or restarting. Refused credentials and certificates are not.
+fn transient(e: &halo_store::StoreError) -> bool {
+    let m = e.to_string();
+    ["leader changed", "no leader", "DeadlineExceeded", "timed out", "Connection refused", "within"]
+        .iter()
+        .any(|t| m.contains(t))
 }
 
 /// A file a flag names; `secret`: it must not be readable by others.

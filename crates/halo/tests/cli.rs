@@ -281,3 +281,44 @@ async fn wait_returns_when_a_change_is_done_or_says_how_it_failed() {
     let (code, _, err) = h.cli(&["scale", "demo", "3", "--wait", "--timeout", "1ms"]);
     assert!(code != 0 && err.contains("gave up after"), "{err}");
 }
+
+/// `halo demo-app --workers N` is a backend of fixed capacity (the
+/// overload benchmark's): with one worker and 300 ms per answer, three
+/// requests sent at once are answered one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_app_serves_at_most_its_workers_at_once() {
+    let addr = halo_testkit::free_addr();
+    let port = addr.port().to_string();
+    let mut app = Command::new(BIN)
+        .args(["demo-app", "--port", &port, "--workers", "1", "--delay-ms", "300"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = halo_testkit::Client::no_pool();
+    let url = format!("http://{addr}/");
+    let health = format!("http://{addr}/healthz");
+    eventually(Duration::from_secs(10), "demo-app listening", || async { c.get(&health).await.is_ok() }).await;
+    let start = std::time::Instant::now();
+    let answers = (0..3).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            let r = c.get(&url).await.unwrap();
+            (r.status, start.elapsed())
+        })
+    });
+    let mut times = Vec::new();
+    for a in answers.collect::<Vec<_>>() {
+        let (status, took) = a.await.unwrap();
+        assert_eq!(status, 200);
+        times.push(took);
+    }
+    times.sort();
+    let _ = app.kill();
+    let _ = app.wait();
+    // One at a time: the k-th answer cannot come before k delays.
+    for (k, t) in times.iter().enumerate() {
+        assert!(*t >= Duration::from_millis(300 * (k as u64 + 1)), "answer {} after {t:?}: {times:?}", k + 1);
+    }
+    let (ok, _, err) = halo(&["demo-app", "--port", "1", "--workers", "0"]);
+    assert!(!ok && err.contains("--workers"), "{err}");
+}

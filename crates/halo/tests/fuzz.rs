@@ -9,35 +9,11 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
-use halo_testkit::{Client, Halo};
+use halo_testkit::{Client, Halo, Rng};
 use http::Request;
 use http_body_util::Full;
 
 const BIN: &str = env!("CARGO_BIN_EXE_halo");
-
-/// xorshift64*: small, fast, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("HALO_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
-        println!("HALO_FUZZ_SEED={seed}");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// Pieces that make parsers work hardest: TOML and JSON syntax, numbers
 /// at and past the edges, units, odd strings, halo's own section names.
@@ -116,7 +92,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
                 let t = TOKENS[rng.below(TOKENS.len())].as_bytes();
                 b.splice(at..at, t.iter().copied());
             }
-            2 if at < b.len() => b[at] = (rng.next() & 0xff) as u8,
+            2 if at < b.len() => b[at] = (rng.next_u64() & 0xff) as u8,
             3 => b.truncate(at),
             4 => {
                 // A line repeated: duplicate keys and tables.
@@ -128,7 +104,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
                 }
             }
             _ => {
-                let digits = rng.next().to_string();
+                let digits = rng.next_u64().to_string();
                 b.splice(at..at, digits.into_bytes());
             }
         }
@@ -171,7 +147,7 @@ fn read_all(file: &str, text: &str) -> (usize, bool) {
 
 #[test]
 fn mutated_node_service_and_proxy_files_never_panic_and_every_refusal_says_why() {
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::from_env("HALO_FUZZ_SEED");
     let rounds: usize = std::env::var("HALO_FUZZ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
     let (mut accepted, mut total) = (0, 0);
     for (path, text) in examples() {
@@ -193,7 +169,7 @@ fn mutated_node_service_and_proxy_files_never_panic_and_every_refusal_says_why()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_answers_mutated_payloads_with_4xx_and_keeps_serving() {
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::from_env("HALO_FUZZ_SEED");
     let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
     let c = Client::new();
     let token = h.token();

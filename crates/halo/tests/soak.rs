@@ -1,0 +1,361 @@
+//! The chaos soak (`scripts/soak.sh [MINUTES]`, 3 minutes in the test
+//! command): the three-node netns cluster running web x3 under steady load
+//! from a client that knows every node and retries a failed attempt on
+//! another, while faults drawn at random from the whole list hit it one
+//! after the other: kill -9 of an instance, of an agent, of the leader's
+//! agent, of a whole node; SIGSTOP of a node; its link down; one etcd
+//! member down; 100 route reloads; apply, scale and restart; a backup.
+//! Every fault kind runs at least once; then more, until the time is up.
+//!
+//! Checked on the record: no failed request, fencing tokens never going
+//! back in write order (one leader writing at a time), no instance id
+//! running twice at once nor placed on two nodes, full capacity (every
+//! replica ready, each instance once, where assigned) back after every
+//! fault, and every acknowledged API write in the store at the end.
+//! `HALO_SOAK_SEED` replays a run's choices.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use halo_store::EtcdStore;
+use halo_testkit::{web_service, Cluster, Rng, TempDir};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillInstance,
+    KillAgent,
+    KillLeader,
+    KillNode,
+    Freeze,
+    LinkDown,
+    EtcdMemberDown,
+    Reloads,
+    Apply,
+    Scale,
+    Restart,
+    Backup,
+}
+
+const FAULTS: [Fault; 12] = [
+    Fault::KillInstance,
+    Fault::KillAgent,
+    Fault::KillLeader,
+    Fault::KillNode,
+    Fault::Freeze,
+    Fault::LinkDown,
+    Fault::EtcdMemberDown,
+    Fault::Reloads,
+    Fault::Apply,
+    Fault::Scale,
+    Fault::Restart,
+    Fault::Backup,
+];
+
+/// Longest a fault may take to be fully undone: past it the soak fails.
+const RESTORE_WITHIN: Duration = Duration::from_secs(45);
+
+/// The soak's own view while it runs: instance processes sampled at every
+/// wait, and the API writes the CLI acknowledged.
+struct Record {
+    /// Instance ids seen in two processes at once, with when.
+    twice: Vec<String>,
+    samples: u64,
+    /// The web file's generation (`SOAK_GEN`) and replicas last acknowledged.
+    web_gen: u32,
+    web_replicas: u32,
+    /// The aux service's route host last acknowledged.
+    aux_host: Option<String>,
+    /// Archives `halo backup create` acknowledged.
+    backups: Vec<std::path::PathBuf>,
+    reloads: u32,
+}
+
+impl Record {
+    fn sample(&mut self, c: &Cluster) {
+        let procs = c.instance_processes();
+        let mut seen = BTreeSet::new();
+        for (id, pid) in &procs {
+            if !seen.insert(id.clone()) {
+                self.twice.push(format!("{id} (pid {pid} and another) at sample {}", self.samples));
+            }
+        }
+        self.samples += 1;
+    }
+}
+
+fn web_file(gen: u32, replicas: u32) -> String {
+    web_service(replicas).replace("[run]\n", &format!("[run]\nenv = {{ SOAK_GEN = \"{gen}\" }}\n"))
+}
+
+fn aux_file(host: &str) -> String {
+    format!(
+        "name = \"aux\"\nreplicas = 0\n\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\"]\n\n[[routes]]\nhost = \"{host}\"\npath = \"/\"\n"
+    )
+}
+
+/// Runs the CLI on node `i`, panicking with what it said unless it succeeded.
+fn cli_ok(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let (code, out, err) = c.cli(i, args);
+    assert_eq!(code, 0, "halo {} on {}: {out}{err}", args.join(" "), c.nodes[i].name);
+    out
+}
+
+/// A node whose agent is up (every node is, between faults).
+fn live_node(c: &Cluster, rng: &mut Rng) -> usize {
+    let live: Vec<usize> = (0..c.nodes.len()).filter(|&i| c.nodes[i].agent.is_some()).collect();
+    live[rng.below(live.len())]
+}
+
+/// Waits until the cluster has every node, a leader, and `replicas` ready
+/// instances of web, each running once and only where assigned; samples
+/// the instance processes all the while. Returns the time since `since`.
+async fn full_capacity(c: &Cluster, store: &EtcdStore, rec: &mut Record, since: Instant, what: &str) -> Duration {
+    let start = Instant::now();
+    let replicas = rec.web_replicas as usize;
+    loop {
+        rec.sample(c);
+        if let Some(st) = state(store).await {
+            let procs = c.instance_processes();
+            let ids: BTreeSet<&String> = procs.iter().map(|(id, _)| id).collect();
+            let web: BTreeSet<&String> = st.assignments.keys().collect();
+            let ready = ready_elsewhere(&st, None);
+            if st.nodes.len() == c.nodes.len()
+                && st.leader.is_some()
+                && ids.len() == procs.len()
+                && ids == web
+                && web.len() == replicas
+                && ready == replicas
+            {
+                return since.elapsed();
+            }
+            assert!(
+                start.elapsed() < RESTORE_WITHIN,
+                "{what}: capacity not back after {RESTORE_WITHIN:?}: {} nodes, leader {:?}, processes {procs:?}, \
+                 assigned {web:?}, {ready} of {replicas} ready",
+                st.nodes.len(),
+                st.leader
+            );
+        } else {
+            assert!(start.elapsed() < RESTORE_WITHIN, "{what}: the store was unreadable for {RESTORE_WITHIN:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sleeps `d` while sampling the instance processes.
+async fn hold(c: &Cluster, rec: &mut Record, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        rec.sample(c);
+        tokio::time::sleep(Duration::from_millis(100).min(end.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// Makes one fault and undoes it (the faults that heal by themselves are
+/// left to heal); returns what it did, for the log.
+async fn inject(
+    f: Fault,
+    c: &mut Cluster,
+    store: &EtcdStore,
+    rng: &mut Rng,
+    rec: &mut Record,
+    dir: &TempDir,
+) -> String {
+    let n = c.nodes.len();
+    let v = rng.below(n);
+    let name = c.nodes[v].name.clone();
+    let short = rng.between(Duration::from_millis(500), Duration::from_secs(3));
+    let long = rng.between(Duration::from_secs(2), Duration::from_secs(6));
+    match f {
+        Fault::KillInstance => {
+            let procs = c.instance_processes();
+            let (id, pid) = procs[rng.below(procs.len())].clone();
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            format!("kill -9 of instance {id}")
+        }
+        Fault::KillAgent => {
+            c.kill_agent(v);
+            hold(c, rec, short).await;
+            c.start_agent(v);
+            format!("kill -9 of {name}'s agent and instances, back after {short:?}")
+        }
+        Fault::KillLeader => {
+            let st = state_now(store).await;
+            let l = leader_index(c, &st);
+            c.kill_agent(l);
+            hold(c, rec, short).await;
+            c.start_agent(l);
+            format!("kill -9 of the leader {}'s agent, back after {short:?}", c.nodes[l].name)
+        }
+        Fault::KillNode => {
+            c.kill_node(v);
+            hold(c, rec, long).await;
+            c.restart_etcd(v);
+            c.wait_etcd(v);
+            c.start_agent(v);
+            format!("kill -9 of every process of {name}, back after {long:?}")
+        }
+        Fault::Freeze => {
+            c.freeze(v, true);
+            hold(c, rec, long).await;
+            c.freeze(v, false);
+            format!("SIGSTOP of {name} for {long:?}")
+        }
+        Fault::LinkDown => {
+            c.cut(v, true);
+            hold(c, rec, long).await;
+            c.cut(v, false);
+            format!("{name}'s link down for {long:?}")
+        }
+        Fault::EtcdMemberDown => {
+            c.kill_etcd(v);
+            hold(c, rec, long).await;
+            c.restart_etcd(v);
+            c.wait_etcd(v);
+            format!("{name}'s etcd member down for {long:?}")
+        }
+        Fault::Reloads => {
+            // Each apply changes every node's routing table: 100 reloads of
+            // every proxy while web serves.
+            for _ in 0..100 {
+                rec.reloads += 1;
+                let host = format!("aux{}.soak", rec.reloads);
+                let f = dir.write("aux.toml", &aux_file(&host));
+                cli_ok(c, live_node(c, rng), &["apply", "-f", &f.to_string_lossy()]);
+                rec.aux_host = Some(host);
+            }
+            "100 route reloads (aux's host changed by apply)".into()
+        }
+        Fault::Apply => {
+            let gen = rec.web_gen + 1;
+            let f = dir.write("web.toml", &web_file(gen, rec.web_replicas));
+            let i = live_node(c, rng);
+            cli_ok(c, i, &["apply", "-f", &f.to_string_lossy(), "--wait", "--timeout", "60s"]);
+            rec.web_gen = gen;
+            format!("apply of web generation {gen} through {}", c.nodes[i].name)
+        }
+        Fault::Scale => {
+            let up = 4 + rng.below(2) as u32;
+            let i = live_node(c, rng);
+            cli_ok(c, i, &["scale", "web", &up.to_string()]);
+            rec.web_replicas = up;
+            full_capacity(c, store, rec, Instant::now(), "scaled up").await;
+            cli_ok(c, live_node(c, rng), &["scale", "web", "3"]);
+            rec.web_replicas = 3;
+            format!("scale of web to {up} through {}, then back to 3", c.nodes[i].name)
+        }
+        Fault::Restart => {
+            let i = live_node(c, rng);
+            cli_ok(c, i, &["restart", "web", "--wait", "--timeout", "60s"]);
+            format!("rolling restart of web through {}", c.nodes[i].name)
+        }
+        Fault::Backup => {
+            let i = live_node(c, rng);
+            let out = dir.0.join(format!("backup-{}.tar", rec.backups.len()));
+            cli_ok(c, i, &["backup", "create", "--out", &out.to_string_lossy()]);
+            rec.backups.push(out);
+            format!("backup through {}", c.nodes[i].name)
+        }
+    }
+}
+
+// Four workers: the CLI and the harness block one while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the chaos soak: scripts/soak.sh [MINUTES] runs it"]
+async fn chaos_soak() {
+    let minutes: f64 = std::env::var("HALO_SOAK_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(3.0);
+    let mut rng = Rng::from_env("HALO_SOAK_SEED");
+    let dir = TempDir::new("soak");
+    let (mut c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let mut rec = Record {
+        twice: Vec::new(),
+        samples: 0,
+        web_gen: 0,
+        web_replicas: 3,
+        aux_host: None,
+        backups: Vec::new(),
+        reloads: 0,
+    };
+    let l = load(&c);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(minutes * 60.0);
+    let mut restored: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
+    let mut round = 0;
+    // Every kind once in a random order, then again in another order, until
+    // the time is up (the first round runs whole).
+    'soak: loop {
+        let mut order = FAULTS;
+        rng.shuffle(&mut order);
+        for f in order {
+            if round > 0 && Instant::now() >= deadline {
+                break 'soak;
+            }
+            let t0 = Instant::now();
+            let what = inject(f, &mut c, &store, &mut rng, &mut rec, &dir).await;
+            let took = full_capacity(&c, &store, &mut rec, t0, &what).await;
+            println!("[{:>6.1}s] {what}: full capacity after {took:.2?}", start.elapsed().as_secs_f64());
+            restored.entry(f).or_default().push(took);
+        }
+        round += 1;
+    }
+    let ran = start.elapsed();
+    let report = l.finish().await;
+    // Every acknowledged write is in the store.
+    let web = cli_ok(&c, 0, &["get", "web"]);
+    assert!(
+        web.contains(&format!("replicas = {}", rec.web_replicas))
+            && (rec.web_gen == 0 || web.contains(&format!("SOAK_GEN = \"{}\"", rec.web_gen))),
+        "web as stored is not the last acknowledged write (generation {}, {} replicas):\n{web}",
+        rec.web_gen,
+        rec.web_replicas
+    );
+    if let Some(host) = &rec.aux_host {
+        let aux = cli_ok(&c, 1, &["get", "aux"]);
+        assert!(aux.contains(host), "aux as stored is not the last acknowledged write (host {host}):\n{aux}");
+    }
+    // Every archive taken under faults verifies (checksums, records, a
+    // trial restore).
+    for b in &rec.backups {
+        let out = std::process::Command::new(BIN).args(["backup", "verify"]).arg(b).output().expect("run halo");
+        assert!(
+            out.status.success(),
+            "halo backup verify {}: {}{}",
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "soak: {:.1} min, {} faults in {round} rounds, {} requests ({} retried on another node, {} failed attempts), \
+         {} failed; {} process samples, {} reloads, {} backups",
+        ran.as_secs_f64() / 60.0,
+        restored.values().map(Vec::len).sum::<usize>(),
+        report.ok_first + report.ok_retried + report.failed.len() as u64,
+        report.ok_retried,
+        report.failed_attempts,
+        report.failed.len(),
+        rec.samples,
+        rec.reloads,
+        rec.backups.len()
+    );
+    println!("{:<16} {:>5} {:>10} {:>10}", "fault", "count", "median", "max");
+    for (f, times) in &mut restored {
+        times.sort();
+        let median = times[times.len() / 2];
+        let max = times[times.len() - 1];
+        println!(
+            "{:<16} {:>5} {:>9.2}s {:>9.2}s",
+            format!("{f:?}"),
+            times.len(),
+            median.as_secs_f64(),
+            max.as_secs_f64()
+        );
+    }
+    assert!(rec.twice.is_empty(), "an instance ran twice at once: {:?}", &rec.twice[..rec.twice.len().min(5)]);
+    assert_no_failures("chaos soak", &report);
+    obs.check();
+}
