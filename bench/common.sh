@@ -28,6 +28,13 @@ bench_halo_upstream() { # [LINE...]: [upstreams.b] (with LINEs) and TCP checks e
   if [ $# -gt 0 ]; then printf '%s\n' "$@"; fi
   printf '[upstreams.b.health]\ntype = "tcp"\ninterval = "2s"\n'
 }
+bench_halo_file() { # PORT [LINE...]: one worker, one listener on PORT, every request to upstream b (with LINEs)
+  local port=$1
+  shift
+  printf '[proxy]\nworkers = 1\n[[listeners]]\nname = "main"\nlisten = "127.0.0.1:%s"\n' "$port"
+  printf '[[routes]]\nupstream = "b"\n'
+  bench_halo_upstream "$@"
+}
 bench_haproxy_head() { # MODE [GLOBAL...]: one thread, the same timeouts; keep-alive and reuse in http mode
   local mode=$1
   shift
@@ -128,17 +135,7 @@ bench_proxies() {
   local PROXY_CPU=$1
   P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_NGINX=$((BASE + 12))
   # --- halo
-  cat > "$OUT/halo.toml" <<CONF
-[proxy]
-workers = 1
-[[listeners]]
-name = "main"
-listen = "127.0.0.1:$P_HALO"
-[[routes]]
-upstream = "b"
-$(bench_halo_upstream 'policy = "round_robin"')
-${HALO_EXTRA:-}
-CONF
+  { bench_halo_file "$P_HALO" 'policy = "round_robin"'; echo "${HALO_EXTRA:-}"; } > "$OUT/halo.toml"
   HALO_LOG=warn bench_start HALO_PID "$PROXY_CPU" "$HALO" proxy -c "$OUT/halo.toml" > "$OUT/halo.out"
   
   # --- HAProxy: one thread, keep-alive both sides, connection reuse

@@ -20,8 +20,6 @@ esac
 [ "$(id -u)" -eq 0 ] || { echo "the soak needs root (network namespaces)" >&2; exit 1; }
 
 export HALO_SOAK_MINUTES=$minutes
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run -p halo --test soak --run-ignored ignored-only --no-capture
-else
-  cargo test -p halo --test soak -- --ignored --nocapture
-fi
+# cargo test, not nextest: the soak runs as long as asked (it bounds
+# itself), past nextest's timeouts for one test.
+cargo test -p halo --test soak -- --ignored --nocapture

@@ -21,6 +21,7 @@ pub mod membership;
 mod metrics;
 pub mod migrate;
 mod node;
+pub mod peers;
 mod proxy_config;
 mod reconcile;
 pub mod rollout;

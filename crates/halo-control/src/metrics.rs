@@ -48,6 +48,17 @@ pub(crate) fn node(m: &Membership, view: &View) -> String {
     out
 }
 
+/// Which other nodes answer this one (a silent node's endpoints are out of
+/// this node's proxy).
+pub(crate) fn peers(p: &crate::peers::Peers) -> String {
+    let mut out = String::new();
+    metric(&mut out, "halo_cluster_peer_answering", "gauge", "Whether another node's API answers this node.");
+    for (node, answering) in p.answering() {
+        let _ = writeln!(out, "halo_cluster_peer_answering{{node=\"{node}\"}} {}", i64::from(answering));
+    }
+    out
+}
+
 /// The instances this node supervises.
 pub(crate) fn instances(statuses: &[Status]) -> String {
     let mut out = String::new();

@@ -206,7 +206,7 @@ impl Node {
             opts.data_dir.clone(),
             opts.api_token.clone(),
         ));
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(r.peers.clone().run())];
         let backups = cfg.backup.clone().map(|sched| {
             let ctl = Arc::new(crate::backup_schedule::Schedule::default());
             let dir = sched.archive_dir(&opts.data_dir);
@@ -217,8 +217,15 @@ impl Node {
             None
         } else {
             let proxy = r.feed.proxy.clone();
-            let (v, t) =
-                crate::vip::Vips::start(&opts.cluster.node, &cfg.vips, store.clone(), view.clone(), proxy).await;
+            let (v, t) = crate::vip::Vips::start(
+                &opts.cluster.node,
+                &cfg.vips,
+                store.clone(),
+                view.clone(),
+                proxy,
+                r.peers.clone(),
+            )
+            .await;
             tasks.extend(t);
             Some(v)
         };
@@ -523,6 +530,7 @@ impl Node {
     /// cluster's as its view has them, in Prometheus text format.
     pub fn metrics(&self) -> String {
         let mut out = crate::metrics::node(&self.r.m, &self.r.view);
+        out.push_str(&crate::metrics::peers(&self.r.peers));
         out.push_str(&crate::metrics::instances(&self.statuses()));
         out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
         out.push_str(&self.cluster().metrics());

@@ -60,6 +60,9 @@ pub(crate) struct Reconciler {
     pub data_dir: PathBuf,
     /// The cluster's API token: to ask other nodes (backup hooks).
     pub api_token: String,
+    /// Which other nodes answer this one: a silent node's endpoints are
+    /// out of this node's proxy before its lease expires.
+    pub peers: Arc<crate::peers::Peers>,
     pub instances: Mutex<BTreeMap<String, Managed>>,
     /// Instance state changes wake the loop through this.
     pub wake: Notify,
@@ -80,10 +83,13 @@ impl Reconciler {
         data_dir: PathBuf,
         api_token: String,
     ) -> Reconciler {
+        let lease_of = m.clone();
+        let peers = crate::peers::Peers::new(&m.cfg.node, view.clone(), Box::new(move || lease_of.lease().is_some()));
         Reconciler {
             store,
             view,
             m,
+            peers,
             feed,
             env,
             data_dir,
@@ -191,7 +197,8 @@ impl Reconciler {
     }
 
     /// Feeds the proxy this node's ready instances (as they are now) and
-    /// every other node's endpoints (as the view has them).
+    /// every other node's endpoints (as the view has them), but those of
+    /// nodes that do not answer this one.
     pub fn publish(&self) {
         self.publish_from(&self.view.current());
     }
@@ -201,9 +208,8 @@ impl Reconciler {
         for r in self.ready() {
             eps.push((r.service, r.template, (self.m.cfg.addr, r.port).into()));
         }
-        for (service, e) in st.endpoints.values().filter(|(_, e)| e.node != self.node()) {
-            eps.push((service.clone(), e.template.clone(), e.addr));
-        }
+        let remote = st.endpoints.values().filter(|(_, e)| e.node != self.node());
+        eps.extend(answering(remote, &self.peers.silent_nodes(), &eps));
         self.feed.publish(st, eps);
     }
 
@@ -366,14 +372,37 @@ impl Reconciler {
 /// change, and once a second.
 pub(crate) async fn run(r: Arc<Reconciler>) {
     let mut changed = r.view.subscribe();
+    let mut silent = r.peers.subscribe();
     loop {
         r.reconcile().await;
         tokio::select! {
             _ = changed.changed() => {}
+            _ = silent.changed() => {}
             _ = r.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// Other nodes' endpoints as (service, template, address), without those
+/// of `silent` nodes, unless that would leave a service with no endpoint
+/// at all (with `local`, this node's own): then a silent node's may be
+/// wrong about it, and its endpoints stay for the proxy's own health to
+/// judge.
+fn answering<'a>(
+    remote: impl Iterator<Item = &'a (String, crate::keys::EndpointRecord)>,
+    silent: &BTreeSet<String>,
+    local: &[(String, String, SocketAddr)],
+) -> Vec<(String, String, SocketAddr)> {
+    let remote: Vec<_> =
+        remote.map(|(s, e)| (s.clone(), e.template.clone(), e.addr, silent.contains(&e.node))).collect();
+    let served: BTreeSet<&String> =
+        local.iter().map(|(s, ..)| s).chain(remote.iter().filter(|r| !r.3).map(|(s, ..)| s)).collect();
+    remote
+        .iter()
+        .filter(|(s, .., quiet)| !quiet || !served.contains(s))
+        .map(|(s, t, a, _)| (s.clone(), t.clone(), *a))
+        .collect()
 }
 
 /// Publishes this node's proxy counters of the upstreams in a rollout
@@ -492,5 +521,29 @@ fn instance_spec(spec: &Arc<ServiceSpec>, record: &InstanceRecord) -> InstanceSp
         spec: spec.clone(),
         port: record.port,
         revision: record.template.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::EndpointRecord;
+
+    fn ep(service: &str, node: &str, port: u16) -> (String, EndpointRecord) {
+        let addr = SocketAddr::from(([10, 0, 0, node[1..].parse::<u8>().unwrap()], port));
+        (service.to_string(), EndpointRecord { node: node.into(), addr, template: "t".into() })
+    }
+
+    #[test]
+    fn a_silent_nodes_endpoints_go_unless_they_are_a_services_last() {
+        let remote = [ep("web", "n2", 1), ep("web", "n3", 2), ep("db", "n3", 3), ep("api", "n3", 4)];
+        let silent = BTreeSet::from(["n3".to_string()]);
+        let local = vec![("api".to_string(), "t".to_string(), SocketAddr::from(([10, 0, 0, 1], 5)))];
+        let kept: Vec<u16> = answering(remote.iter(), &silent, &local).iter().map(|(_, _, a)| a.port()).collect();
+        // web keeps n2's, db has only n3's (kept for the proxy to judge),
+        // api is served here.
+        assert_eq!(kept, [1, 3]);
+        let none = answering(remote.iter(), &BTreeSet::new(), &local);
+        assert_eq!(none.len(), 4, "nothing silent: every endpoint stays");
     }
 }

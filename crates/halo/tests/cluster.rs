@@ -55,9 +55,9 @@ async fn under_fault(
     fault(&mut c, v);
     let gone = until(&store, t0, Duration::from_secs(20), "the node's endpoints gone", |st| {
         !st.endpoints.values().any(|(_, e)| e.node == name)
-    })
-    .await;
-    let mut line = format!("{what} of {name}: endpoints gone after {gone:?}");
+    });
+    let (out, gone) = tokio::join!(out_of_proxies(&c, v, t0), gone);
+    let mut line = format!("{what} of {name}: out of every other proxy after {out:?}, endpoints gone after {gone:?}");
     if matches!(victim, Victim::Leader) {
         let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
             st.leader.as_ref().is_some_and(|(n, t)| *n != name && *t > old_token)
@@ -214,6 +214,29 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
     let metrics = metrics(&c, 0).await;
     assert!(metrics.contains("halo_cluster_leader{node="), "{metrics}");
     assert!(metrics.contains("halo_cluster_placements{service=\"web\""), "{metrics}");
+}
+
+/// Waits until no other node's proxy sends to node `v`'s endpoints (none
+/// of them listed up in its `/metrics`); the time since `t0`, the fault.
+async fn out_of_proxies(c: &Cluster, v: usize, t0: Instant) -> Duration {
+    let victim = format!("endpoint=\"{}:", c.nodes[v].ip);
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != v).collect();
+    loop {
+        let mut serving = Vec::new();
+        for &i in &others {
+            let m = metrics(c, i).await;
+            if m.is_empty()
+                || m.lines().any(|l| l.starts_with("halo_endpoint_up{") && l.contains(&victim) && l.ends_with(" 1"))
+            {
+                serving.push(c.nodes[i].name.clone());
+            }
+        }
+        if serving.is_empty() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{serving:?} still send to {}'s endpoints", c.nodes[v].name);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Node `i`'s /metrics, with its API token.

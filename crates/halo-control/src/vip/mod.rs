@@ -22,12 +22,10 @@
 //!   adding the address, and for IPv4 first asks the network (an ARP
 //!   probe) whether anyone still answers for it.
 //!
-//! **Moving fast**: every node asks the other nodes' APIs every
-//! [`PROBE_EVERY`]; a holder that has not answered for [`SUSPECT_AFTER`]
-//! (dead, frozen, cut off) has its VIP lease revoked by a candidate, which
-//! removes its key at once instead of after the lease's TTL. A node that
-//! hears from no other node and cannot renew its own lease is the one cut
-//! off: it judges no one until nodes answer it again. A holder whose check fails, or
+//! **Moving fast**: a holder that [`Peers`] finds silent (its node API has
+//! not answered for [`crate::peers::SUSPECT_AFTER`]: dead, frozen, cut off) has its VIP
+//! lease revoked by a candidate, which removes its key at once instead of
+//! after the lease's TTL. A holder whose check fails, or
 //! that sees a node earlier in `prefer` healthy for [`PREEMPT_AFTER`],
 //! removes the address and then its key.
 
@@ -36,7 +34,7 @@ pub(crate) mod netlink;
 mod track;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -47,6 +45,7 @@ use serde::Serialize;
 
 use crate::fnv::fnv64;
 use crate::keys::{vip_key, vip_node_key, VipCandidate, VipHolder};
+use crate::peers::Peers;
 use crate::state::{ClusterState, HeldVip, View};
 use netlink::{IfAddr, Interface};
 
@@ -60,14 +59,8 @@ pub const HOLD_WINDOW: Duration = Duration::from_millis(500);
 /// address: longer than [`HOLD_WINDOW`] (and a tick) for a live old holder.
 pub const GUARD: Duration = Duration::from_millis(800);
 /// IPv6 has no probe: the wait also covers the kernel's lifetime of a dead
-/// or frozen holder's address ([`SUSPECT_AFTER`] + this > 1.25 s).
+/// or frozen holder's address ([`crate::peers::SUSPECT_AFTER`] + this > 1.25 s).
 pub const GUARD_V6: Duration = Duration::from_millis(1000);
-pub const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// A busy holder answering in 300 ms is alive: only silence counts.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
-/// A holder whose node API has not answered for this long (and three
-/// probes in a row) loses its VIP lease.
-pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
 /// The best candidate campaigns at once, the others after this.
 pub const FALLBACK: Duration = Duration::from_secs(1);
 /// A node earlier in `prefer` takes the address back once it has been
@@ -163,8 +156,8 @@ pub struct Vips {
     /// The VIP lease and when the last successful renewal was sent.
     lease: Mutex<Option<(LeaseId, Instant)>>,
     local: Vec<Arc<Local>>,
-    /// Every other live node's answers ([`Vips::probe_peers`]).
-    peers: Mutex<BTreeMap<String, Peer>>,
+    /// What this node hears from the others.
+    peers: Arc<Peers>,
     stopped: AtomicBool,
 }
 
@@ -219,6 +212,7 @@ impl Vips {
         store: Arc<dyn Store>,
         view: Arc<View>,
         proxy: Arc<Proxy>,
+        peers: Arc<Peers>,
     ) -> (Arc<Vips>, Vec<tokio::task::JoinHandle<()>>) {
         // One check per distinct `track`: the proxy's verdict is the same
         // for every floating IP.
@@ -251,11 +245,11 @@ impl Vips {
             view,
             lease: Mutex::new(None),
             local,
-            peers: Mutex::new(BTreeMap::new()),
+            peers,
             stopped: AtomicBool::new(false),
         });
         v.adopt().await;
-        let mut tasks = vec![tokio::spawn(v.clone().renew()), tokio::spawn(v.clone().probe_peers())];
+        let mut tasks = vec![tokio::spawn(v.clone().renew())];
         for (track, health) in checks {
             let floating = {
                 let v = Arc::downgrade(&v);
@@ -469,16 +463,13 @@ impl Vips {
         }
     }
 
-    /// A holder that [`Vips::probe_peers`] finds silent for
-    /// [`SUSPECT_AFTER`] loses its VIP lease (its keys go at once).
+    /// A holder that [`Peers`] finds silent loses its VIP lease (its keys
+    /// go at once).
     async fn watch_holder(&self, l: &Local, h: &HeldVip, t: &mut TaskState) {
         if t.revoked == Some(h.token) || self.fresh().is_none() {
             return;
         }
-        let silent = {
-            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-            peers.get(&h.holder.node).and_then(|p| p.silent())
-        };
+        let silent = self.peers.silent(&h.holder.node);
         let (Some(silent), Some(lease)) = (silent, h.lease) else { return };
         // The store, asked now (a linearizable read: not answered by a
         // member cut off with this node), must still have that holder.
@@ -491,42 +482,6 @@ impl Vips {
         match self.store.revoke(lease).await {
             Ok(()) | Err(StoreError::LeaseNotFound(_)) => t.revoked = Some(h.token),
             Err(e) => tracing::debug!(error = %e, "revoking the holder's lease failed"),
-        }
-    }
-
-    /// Asks every other live node's API `/healthz` every [`PROBE_EVERY`]
-    /// (each probe on its own, so a slow answer delays no other), for the
-    /// VIP tasks to judge holders by. A node that hears from no one and
-    /// cannot renew its own lease is cut off itself: it forgets what it
-    /// heard, and judges a node again only once it has answered since.
-    async fn probe_peers(self: Arc<Self>) {
-        while !self.stopped.load(Relaxed) {
-            let st = self.view.current();
-            let now = Instant::now();
-            {
-                let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-                peers.retain(|n, _| st.nodes.contains_key(n));
-                let heard = peers.values().any(|p| p.last_ok.elapsed() < SUSPECT_AFTER && p.answered);
-                if !heard && self.fresh().is_none() {
-                    peers.values_mut().for_each(|p| p.answered = false);
-                }
-            }
-            for (name, rec) in st.nodes.iter().filter(|(n, _)| **n != self.node) {
-                let (me, name, api) = (self.clone(), name.clone(), rec.api);
-                tokio::spawn(async move {
-                    let ok = healthz(api).await;
-                    let mut peers = me.peers.lock().unwrap_or_else(|e| e.into_inner());
-                    let p = peers.entry(name).or_insert(Peer { last_ok: now, fails: 0, answered: false });
-                    if ok {
-                        p.last_ok = p.last_ok.max(now);
-                        p.fails = 0;
-                        p.answered = true;
-                    } else {
-                        p.fails += 1;
-                    }
-                });
-            }
-            tokio::time::sleep(PROBE_EVERY).await;
         }
     }
 
@@ -807,45 +762,11 @@ struct TaskState {
     logged: Option<VipCandidate>,
 }
 
-/// What this node heard from another node's API.
-struct Peer {
-    /// When the last answered probe was sent.
-    last_ok: Instant,
-    /// Unanswered probes since then.
-    fails: u32,
-    /// It answered since this node last heard from no one (or ever).
-    answered: bool,
-}
-
-impl Peer {
-    /// How long it has been silent, when that makes it suspect: it
-    /// answered before, missed three probes and nothing came for
-    /// [`SUSPECT_AFTER`].
-    fn silent(&self) -> Option<Duration> {
-        let silent = self.last_ok.elapsed();
-        (self.answered && self.fails >= 3 && silent >= SUSPECT_AFTER).then_some(silent)
-    }
-}
-
 /// Order of candidates: position in `prefer` (others after), then a hash
 /// of address and node, which spreads several addresses over the nodes.
 fn rank(spec: &VipSpec, node: &str) -> (usize, u64) {
     let at = spec.prefer.iter().position(|p| p == node).unwrap_or(spec.prefer.len());
     (at, fnv64(format!("{}/{node}", spec.address).as_bytes()))
-}
-
-/// Whether the node API at `api` answers `/healthz` within [`PROBE_TIMEOUT`].
-async fn healthz(api: SocketAddr) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(api).await.ok()?;
-        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: halo\r\n\r\n").await.ok()?;
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).await.ok()?;
-        let head = &buf[..n];
-        Some(head.starts_with(b"HTTP/1.") && head.get(9..12) == Some(b"200"))
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, ask).await.ok().flatten().unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -891,7 +812,7 @@ mod tests {
         // A frozen holder's address lives LIFETIME_SECS (+ the kernel's
         // quarter second) after its last refresh; IPv6 has no probe.
         let kernel = Duration::from_secs(u64::from(netlink::LIFETIME_SECS)) + Duration::from_millis(250);
-        assert!(SUSPECT_AFTER + GUARD_V6 > kernel);
+        assert!(crate::peers::SUSPECT_AFTER + GUARD_V6 > kernel);
         assert!(VIP_LEASE_TTL > HOLD_WINDOW * 2);
     }
 }
