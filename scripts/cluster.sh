@@ -113,6 +113,9 @@ up() {
   for n in "${NODES[@]}"; do
     wait_for "etcd on $n" 30 "$STATE/$n/etcd.log" curl -sf "http://$(ip_of "$n"):2379/health" || failed_up
   done
+  # The cluster's API token, given to every agent (the store keeps only
+  # its digest; an agent with another token is refused).
+  (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$STATE/token")
   for n in "${NODES[@]}"; do
     local ns ip; ns=$(ns_of "$n"); ip=$(ip_of "$n")
     printf '[node]\napi = "%s:7070"\n\n[[listeners]]\nname = "http"\nlisten = "%s:8080"\n\n[[listeners]]\nname = "vip"\nlisten = "%s:8080"\n\n[[vip]]\naddress = "%s/24"\ninterface = "eth0"\n' \
@@ -121,7 +124,7 @@ up() {
     # claims live there, and every node listens on the floating IP).
     mkdir -p "$STATE/$n/tmp"
     TMPDIR="$STATE/$n/tmp" HALO_LOG=${HALO_LOG:-info} ip netns exec "$ns" "$halo" agent --store "etcd://$stores" --node "$n" \
-      --advertise "$ip" -c "$STATE/$n/node.toml" --data-dir "$STATE/$n/data" >"$STATE/$n/agent.log" 2>&1 &
+      --advertise "$ip" -c "$STATE/$n/node.toml" --data-dir "$STATE/$n/data" --token-file "$STATE/token" >"$STATE/$n/agent.log" 2>&1 &
     disown
   done
   for n in "${NODES[@]}"; do

@@ -6,8 +6,7 @@
 //! | key | value | lease | written by |
 //! | --- | --- | --- | --- |
 //! | `/halo/schema` | layout version, decimal text | none | the first node of a new layout ([`crate::migrate`]) |
-//! | `/halo/api-token` | the API token, hex text | none | the first node (create-if-absent) |
-//! | `/halo/api-read-token` | the read-only API token, hex text | none | the first node (create-if-absent) |
+//! | `/halo/api-token` | the API token's digest, `sha256:HEX` (never the token; `token.rs`) | none | the first node (create-if-absent) |
 //! | `/halo/services/NAME` | [`ServiceRecord`] | none | the API (compare-and-swap on mod revision) |
 //! | `/halo/nodes/NODE` | [`NodeRecord`] | the node's | the node, on (re-)registration |
 //! | `/halo/node-admin/NODE` | [`NodeAdmin`] | none | the node (created absent), `halo node drain/undrain/remove` |
@@ -38,7 +37,6 @@ pub const SCHEMA: &str = "/halo/schema";
 /// `/halo/instances/SERVICE/ID` and no assignments.
 pub const SCHEMA_VERSION: u32 = 2;
 pub const API_TOKEN: &str = "/halo/api-token";
-pub const API_READ_TOKEN: &str = "/halo/api-read-token";
 pub const SERVICES: &str = "/halo/services/";
 pub const NODES: &str = "/halo/nodes/";
 pub const NODE_ADMIN: &str = "/halo/node-admin/";

@@ -27,6 +27,7 @@ mod reconcile;
 pub mod rollout;
 pub mod scheduler;
 pub mod state;
+pub mod token;
 mod views;
 pub mod vip;
 
@@ -34,5 +35,5 @@ pub use backup_schedule::{newest_archive, BackupHealth};
 pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
-pub use node::{shared_token, Applied, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
+pub use node::{Applied, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
 pub use views::{ClusterServiceView, ClusterView, NodeView, Outcome, PlacementView, RolloutView, StatusView};

@@ -610,26 +610,6 @@ impl Node {
     }
 }
 
-/// A token every node of the cluster answers to (the admin token at
-/// `/halo/api-token`, the read-only one at `/halo/api-read-token`): the first node
-/// to start offers `local` (create-if-absent), every node adopts what the
-/// store holds. It is as safe as the store it is kept in.
-pub async fn shared_token(store: &dyn Store, key: &str, local: &str) -> Result<String, NodeError> {
-    let offer = Txn::new().when(Compare::absent(key)).and_then(TxnOp::put(key, local.as_bytes(), None));
-    store.txn(offer).await?;
-    let token = match store.get(key).await? {
-        Some(kv) => String::from_utf8_lossy(&kv.value).trim().to_string(),
-        None => local.to_string(),
-    };
-    if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(NodeError::Corrupt {
-            key: key.into(),
-            message: "not 32+ hex digits; fix or delete that key".into(),
-        });
-    }
-    Ok(token)
-}
-
 /// The order instances are shown in: ids are `SERVICE-REV-SEQ` in hex, so
 /// by those numbers (oldest first), not as text (`web-1c-0` after `web-6-0`).
 fn id_order(service: &str, id: &str) -> (Vec<u64>, String) {

@@ -20,6 +20,14 @@ use std::time::Duration;
 
 use crate::{Halo, TempDir};
 
+/// 64 random bits from the kernel.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("open /dev/urandom"), &mut b)
+        .expect("read /dev/urandom");
+    u64::from_le_bytes(b)
+}
+
 /// Runs a command, panicking with its stderr if it fails.
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
@@ -150,6 +158,8 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     bin: String,
     lease_ttl: String,
+    /// The cluster's API token, given to every agent (`--token-file`).
+    token_file: PathBuf,
     /// Whether the client namespace ([`Cluster::client_ns`]) exists.
     client: bool,
     _dir: TempDir,
@@ -192,7 +202,13 @@ impl Cluster {
         assert!(nix::unistd::geteuid().is_root(), "the cluster harness needs root (network namespaces)");
         let (k, claim) = claim();
         let dir = TempDir::new("cluster");
+        let token_file = dir.0.join("cluster-token");
+        let token: String = (0..3).map(|_| format!("{:016x}", random_u64())).collect();
+        std::fs::write(&token_file, token).expect("write the cluster token");
+        std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("make the cluster token owner-only");
         let mut c = Cluster {
+            token_file,
             k,
             _claim: claim,
             nodes: Vec::new(),
@@ -334,6 +350,8 @@ impl Cluster {
             &nd.node_file.to_string_lossy(),
             "--data-dir",
             &nd.data_dir.to_string_lossy(),
+            "--token-file",
+            &self.token_file.to_string_lossy(),
         ]
         .map(str::to_string);
         args.extend(rest.iter().map(String::as_str));

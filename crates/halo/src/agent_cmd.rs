@@ -48,6 +48,12 @@ pub struct AgentArgs {
     /// file's [node] data_dir, else ./halo-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The cluster's API token: the file `token` in the first node's data
+    /// directory (owner-only). Every other node needs it to join; the store
+    /// keeps only its digest [default: this node's own, from an earlier
+    /// run, else a new one: right for the first node only].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -85,6 +91,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             ("(built-in default)".to_string(), format!("[[listeners]]\nname = \"http\"\nlisten = \"{listen}\"\n"))
         }
     };
+    let token = match &args.token_file {
+        Some(f) => {
+            let text = crate::flag_file::read_flag_file(f, "--token-file", true)?;
+            Some((String::from_utf8_lossy(&text).trim().to_string(), format!("--token-file {}", f.display())))
+        }
+        None => None,
+    };
     let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{e}"))?;
     let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
     let cluster = ClusterConfig {
@@ -96,6 +109,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     control_runtime()?.block_on(async move {
         let store = crate::etcd_args::connect(&url, &args.namespace, &auth).await?;
-        serve(cfg, data_dir, Role::Cluster { store, cluster }).await
+        serve(cfg, data_dir, Role::Cluster { store, cluster, token }).await
     })
 }

@@ -2,9 +2,9 @@
 //! `--store` URL (`etcd://` in the clear, `etcds://` over TLS) and the
 //! flags that secure it (CA, client certificate, user), one parser for both.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
+use crate::flag_file::read_flag_file;
 use halo_store::{EtcdAuth, EtcdStore};
 
 /// TLS and authentication to etcd.
@@ -68,21 +68,25 @@ impl EtcdArgs {
             anyhow::bail!("--etcd-ca and --etcd-cert are for TLS; use --store etcds://HOST:PORT");
         }
         let ca = match &self.etcd_ca {
-            Some(f) => Some(read(f, "--etcd-ca", false)?),
+            Some(f) => Some(read_flag_file(f, "--etcd-ca", false)?),
             None if url.tls => {
                 anyhow::bail!("--store: etcds:// needs --etcd-ca FILE, the CA that signed etcd's certificates")
             }
             None => None,
         };
         let identity = match (&self.etcd_cert, &self.etcd_key) {
-            (Some(c), Some(k)) => Some((read(c, "--etcd-cert", false)?, read(k, "--etcd-key", true)?)),
+            (Some(c), Some(k)) => {
+                Some((read_flag_file(c, "--etcd-cert", false)?, read_flag_file(k, "--etcd-key", true)?))
+            }
             _ => None,
         };
         let user = match &self.etcd_user {
             None => None,
             Some(u) => {
                 let password = match &self.etcd_password_file {
-                    Some(f) => String::from_utf8_lossy(&read(f, "--etcd-password-file", true)?).trim_end().to_string(),
+                    Some(f) => String::from_utf8_lossy(&read_flag_file(f, "--etcd-password-file", true)?)
+                        .trim_end()
+                        .to_string(),
                     None => std::env::var("HALO_ETCD_PASSWORD").map_err(|_| {
                         anyhow::anyhow!(
                             "--etcd-user: no password; give --etcd-password-file FILE or set HALO_ETCD_PASSWORD"
@@ -144,22 +148,6 @@ fn transient(e: &halo_store::StoreError) -> bool {
     ["leader changed", "no leader", "DeadlineExceeded", "timed out", "Connection refused", "within"]
         .iter()
         .any(|t| m.contains(t))
-}
-
-/// A file a flag names; `secret`: it must not be readable by others.
-fn read(path: &Path, flag: &str, secret: bool) -> anyhow::Result<Vec<u8>> {
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).with_context(|| format!("{flag}: cannot read {}", path.display()))?;
-        if mode.permissions().mode() & 0o077 != 0 {
-            anyhow::bail!(
-                "{flag}: {} is readable by others (mode {:o}); chmod 600 it",
-                path.display(),
-                mode.permissions().mode() & 0o777
-            );
-        }
-    }
-    std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
 }
 
 #[cfg(test)]

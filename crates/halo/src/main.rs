@@ -7,6 +7,7 @@ mod cli_cmd;
 mod demo_app;
 mod etcd_args;
 mod events_cmd;
+mod flag_file;
 mod notify;
 mod output;
 mod proxy_cmd;

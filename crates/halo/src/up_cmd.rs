@@ -47,7 +47,9 @@ pub enum Role {
     /// `halo up`: the embedded store in the data directory.
     Single,
     /// `halo agent`: a cluster node on etcd.
-    Cluster { store: halo_store::EtcdStore, cluster: halo_control::ClusterConfig },
+    /// `token`: the cluster's API token as `--token-file` gave it, and
+    /// where it came from.
+    Cluster { store: halo_store::EtcdStore, cluster: halo_control::ClusterConfig, token: Option<(String, String)> },
 }
 
 /// Creates the data directory (default `./halo-data`) and makes it private.
@@ -79,9 +81,13 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     // store (it serves on until this one is ready).
     let taken = crate::upgrade::take_over()?;
     let (mut inherited, ready) = taken.map_or((None, None), |(i, r)| (Some(i), Some(r)));
-    let local_token = halo_api::token::load_or_create(&data_dir, halo_api::token::ADMIN).context("API token")?;
-    let local_read =
-        halo_api::token::load_or_create(&data_dir, halo_api::token::READ).context("read-only API token")?;
+    let kept = halo_api::token::load_or_create(&data_dir, halo_api::token::ADMIN).context("API token")?;
+    let (local_token, source) = match &role {
+        Role::Cluster { token: Some((t, from)), .. } => (t.clone(), from.clone()),
+        _ => (kept.clone(), data_dir.join(halo_api::token::ADMIN).display().to_string()),
+    };
+    // The embedded store is this node's alone.
+    let exclusive = matches!(role, Role::Single);
     let api_std = match inherited.as_mut().and_then(|i| i.extra.remove("api")) {
         Some(l) => l,
         None => {
@@ -100,7 +106,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
             let store = EmbeddedStore::open(&data_dir).await.map_err(|e| damaged_store(e, &cfg, &data_dir))?;
             (Arc::new(store), NodeOptions::single(api_addr, data_dir.clone(), exe))
         }
-        Role::Cluster { store, cluster } => {
+        Role::Cluster { store, cluster, .. } => {
             let opts = NodeOptions {
                 cluster,
                 api: api_addr,
@@ -114,15 +120,16 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
             (Arc::new(store), opts)
         }
     };
-    // One pair of tokens for every node of the cluster: the store's.
-    let token = halo_control::shared_token(&*store, halo_control::keys::API_TOKEN, &local_token).await?;
-    if token != local_token {
+    // One token for every node of the cluster, the first node's; the
+    // store keeps its digest. The read-only token is derived from it.
+    let token = halo_control::token::join(&*store, &local_token, &source, exclusive).await?;
+    if token != kept {
         halo_api::token::store(&data_dir, halo_api::token::ADMIN, &token).context("keeping the cluster's API token")?;
-        tracing::info!("adopted the cluster's API token");
+        tracing::info!("keeping the cluster's API token in the data directory");
     }
-    let read = halo_control::shared_token(&*store, halo_control::keys::API_READ_TOKEN, &local_read).await?;
-    if read != local_read {
-        halo_api::token::store(&data_dir, halo_api::token::READ, &read).context("keeping the cluster's read token")?;
+    let read = halo_control::token::read_token(&token);
+    if halo_api::token::read(&data_dir, halo_api::token::READ).ok().as_deref() != Some(read.as_str()) {
+        halo_api::token::store(&data_dir, halo_api::token::READ, &read).context("keeping the read-only API token")?;
     }
     opts.api_token = token.clone();
     let wanted: Vec<String> = inherited.as_ref().map(upstreams_with_endpoints).unwrap_or_default();

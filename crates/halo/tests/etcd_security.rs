@@ -135,3 +135,71 @@ async fn an_agent_needs_its_user_and_password_on_an_etcd_with_auth() {
     .await;
     drop(agent);
 }
+
+/// The store keeps only the digest of the cluster's API token: a second
+/// agent joins with the first one's token (`--token-file`) and is refused,
+/// saying how to fix it, with another token; both answer the same admin
+/// and read-only tokens, and the read-only one cannot change anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_token_is_kept_as_a_digest_and_a_node_must_bring_it() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("etcd-token");
+    let store = format!("etcd://{}", etcd.endpoint());
+    let agent = |n: &str| -> Vec<String> {
+        let data = dir.0.join(n).to_string_lossy().into_owned();
+        let node = std::fs::read_to_string(node_file(&dir)).unwrap();
+        let file = dir.write(&format!("{n}.toml"), &node).to_string_lossy().into_owned();
+        ["agent", "--node", n, "--advertise", "127.0.0.1", "-c", &file, "--data-dir", &data, "--store", &store]
+            .map(str::to_string)
+            .to_vec()
+    };
+    let first = agent("n1");
+    let first_refs: Vec<&str> = first.iter().map(String::as_str).collect();
+    let n1 = Halo::start(BIN, &first_refs, &dir.0).unwrap();
+    let token = std::fs::read_to_string(dir.0.join("n1/token")).unwrap().trim().to_string();
+    let s = EtcdStore::connect(&[etcd.endpoint()], "").await.unwrap();
+    let kept = String::from_utf8(s.get("/halo/api-token").await.unwrap().unwrap().value).unwrap();
+    assert!(kept.starts_with("sha256:") && !kept.contains(&token), "the store keeps {kept}");
+    let read = std::fs::read_to_string(dir.0.join("n1/read-token")).unwrap().trim().to_string();
+    let listing = s.list("/halo/").await.unwrap();
+    for kv in &listing.kvs {
+        let v = String::from_utf8_lossy(&kv.value);
+        assert!(!v.contains(&token) && !v.contains(&read), "{} holds a token in clear", kv.key);
+    }
+
+    // Another token: refused, naming the file and the fix.
+    let second = agent("n2");
+    let mut refs: Vec<&str> = second.iter().map(String::as_str).collect();
+    let wrong = dir.write("wrong-token", "0123456789abcdef0123456789abcdef0123456789abcdef\n");
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let wrong = wrong.to_string_lossy().into_owned();
+    let (code, err) = agent_fails(&[&refs[..], &["--token-file", &wrong]].concat());
+    assert_ne!(code, Some(0), "an agent with another token joined");
+    assert!(err.contains("not the cluster's") && err.contains(&wrong) && err.contains("--token-file"), "{err}");
+    // No token file at all: its own new token is not the cluster's either.
+    let (code, err) = agent_fails(&refs);
+    assert!(code != Some(0) && err.contains("not the cluster's"), "{err}");
+    // The first node's token: it joins, and both nodes answer both tokens.
+    let right = dir.write("cluster-token", &format!("{token}\n"));
+    std::fs::set_permissions(&right, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let right = right.to_string_lossy().into_owned();
+    refs.extend(["--token-file", &right]);
+    let n2 = Halo::start(BIN, &refs, &dir.0).unwrap();
+    let c = halo_testkit::Client::new();
+    for (h, name) in [(&n1, "n1"), (&n2, "n2")] {
+        let api = h.api.expect("the agent's API address");
+        for (t, want) in [(&token, 200), (&read, 200)] {
+            let req = http::Request::get(format!("http://{api}/v1/status"))
+                .header("authorization", format!("Bearer {t}"))
+                .body(http_body_util::Full::default())
+                .unwrap();
+            assert_eq!(c.send(req).await.unwrap().status, want, "{name} GET /v1/status");
+        }
+        let req = http::Request::post(format!("http://{api}/v1/services/x/restart"))
+            .header("authorization", format!("Bearer {read}"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        assert_eq!(c.send(req).await.unwrap().status, 403, "{name}: the read-only token changed something");
+    }
+    drop((n1, n2));
+}
