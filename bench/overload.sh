@@ -9,6 +9,7 @@
 # whatever the answers do; latency from when each was due) on CPU 1; each
 # proxy alone on CPU 0, one worker:
 #   halo          [upstreams.b] max_in_flight = 12: a 503 at once past it
+#   halo-auto     max_in_flight = "auto": the limit adapts to the latency
 #   haproxy       server maxconn 4, timeout queue 1s (a bounded wait, then 503)
 #   haproxy-q50   server maxconn 4, timeout queue 50ms
 #   nginx         server max_conns=4 (a 502 at once when every server is full)
@@ -34,8 +35,11 @@ for port in $B1 $B2 $B3; do
 done
 
 P_HALO=$((BASE + 10)); P_HAPROXY=$((BASE + 11)); P_HAPROXY_Q=$((BASE + 12)); P_NGINX=$((BASE + 13))
+P_HALO_AUTO=$((BASE + 14))
 bench_halo_file "$P_HALO" 'max_in_flight = 12' > "$OUT/overload-halo.toml"
 HALO_LOG=warn bench_start PID_ 0 "$HALO" proxy -c "$OUT/overload-halo.toml" > "$OUT/overload-halo.out"
+bench_halo_file "$P_HALO_AUTO" 'max_in_flight = "auto"' > "$OUT/overload-halo-auto.toml"
+HALO_LOG=warn bench_start PID_ 0 "$HALO" proxy -c "$OUT/overload-halo-auto.toml" > "$OUT/overload-halo-auto.out"
 
 haproxy_cfg() { # PORT QUEUE_TIMEOUT
   bench_haproxy_head http
@@ -70,16 +74,16 @@ $(printf '    server 127.0.0.1:%s max_conns=4;\n' $B1 $B2 $B3)
 }
 CONF
 bench_start PID_ 0 nginx -c "$OUT/overload-nginx.conf" -p "$OUT"
-bench_wait_up $B1 $B2 $B3 $P_HALO $P_HAPROXY $P_HAPROXY_Q $P_NGINX
+bench_wait_up $B1 $B2 $B3 $P_HALO $P_HALO_AUTO $P_HAPROXY $P_HAPROXY_Q $P_NGINX
 
 RESULTS=$OUT/overload.jsonl
 : > "$RESULTS"
-TARGETS=("halo $P_HALO" "haproxy $P_HAPROXY" "haproxy-q50 $P_HAPROXY_Q" "nginx $P_NGINX")
+TARGETS=("halo $P_HALO" "halo-auto $P_HALO_AUTO" "haproxy $P_HAPROXY" "haproxy-q50 $P_HAPROXY_Q" "nginx $P_NGINX")
 for round in $(seq "$ROUNDS"); do
   for load in 0.5 4; do
     rate=$(python3 -c "print($CAPACITY * $load)")
-    for k in 0 1 2 3; do
-      read -r name port <<< "${TARGETS[$(( (k + round) % 4 ))]}"
+    for k in 0 1 2 3 4; do
+      read -r name port <<< "${TARGETS[$(( (k + round) % 5 ))]}"
       line=$(taskset -c 1 python3 bench/openloop.py "$port" "$rate" "$SECONDS_PER_RUN")
       echo "{\"round\": $round, \"target\": \"$name\", \"load\": $load, \"result\": $line}" >> "$RESULTS"
       sleep 1
@@ -103,7 +107,7 @@ for load in sorted({r["load"] for r in rows}):
         if r["load"] == load:
             by.setdefault(r["target"], []).append(r["result"])
     halo_p99 = med(x["admitted_p99_ms"] for x in by["halo"])
-    for name in ["halo", "haproxy", "haproxy-q50", "nginx"]:
+    for name in ["halo", "halo-auto", "haproxy", "haproxy-q50", "nginx"]:
         xs = by[name]
         p99 = med(x["admitted_p99_ms"] for x in xs)
         errs = med(sum(x["errors"].values()) for x in xs)

@@ -2,7 +2,7 @@
 # The chaos soak: the three-node cluster in network namespaces under
 # steady load while random faults hit it (kill -9 of an instance, an agent,
 # the leader, a node; SIGSTOP; link down; an etcd member down; 100 reloads;
-# apply, scale, restart, backup), then checks on the record: no failed
+# apply, a canary rollout, scale, restart, backup), then checks on the record: no failed
 # request, one leader writing at a time, no instance running twice, full
 # capacity back after each fault, every acknowledged write stored.
 #

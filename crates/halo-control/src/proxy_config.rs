@@ -283,7 +283,7 @@ mod tests {
                        max_in_flight = 64\nrate_limit = \"100/s\"\nrate_limit_burst = 300\n");
         let services = BTreeMap::from([("web".to_string(), web)]);
         let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new());
-        assert_eq!(cfg.upstreams["web"].max_in_flight, Some(64));
+        assert_eq!(cfg.upstreams["web"].max_in_flight, Some(halo_model::values::MaxInFlight::Fixed(64)));
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
         let limit = r.rate_limit.expect("the route's rate limit");
         assert_eq!((limit.count, limit.per, limit.burst), (100, std::time::Duration::from_secs(1), 300));

@@ -157,7 +157,7 @@ pub struct BalanceSection {
     pub tunnel_timeout: Option<String>,
     /// Requests in flight to the service at most, per node; past it, 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_in_flight: Option<u64>,
+    pub max_in_flight: Option<crate::values::MaxInFlight>,
     /// Requests per client address, per node: `N/s`, `N/m` or `N/h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,

@@ -172,7 +172,7 @@ pub struct BalanceSpec {
     pub session_cookie: Option<String>,
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
-    pub max_in_flight: Option<u64>,
+    pub max_in_flight: Option<values::MaxInFlight>,
     pub rate_limit: Option<values::RateLimit>,
 }
 
@@ -482,7 +482,7 @@ impl Checker<'_> {
         let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
         let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
         let tunnel = opt(self, "tunnel_timeout", b.tunnel_timeout.as_deref(), d.tunnel);
-        if b.max_in_flight.is_some_and(|n| !(1..=10_000_000).contains(&n)) {
+        if matches!(b.max_in_flight, Some(values::MaxInFlight::Fixed(n)) if !(1..=10_000_000).contains(&n)) {
             self.err("balance.max_in_flight", "accepted: 1 to 10000000 (omit it for no limit)");
         }
         let rate_limit = match (&b.rate_limit, b.rate_limit_burst) {

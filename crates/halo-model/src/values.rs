@@ -194,3 +194,47 @@ impl std::str::FromStr for HashKey {
         parsed.ok_or_else(|| format!("'{k}' is not accepted; use header:NAME, cookie:NAME, source_ip or path"))
     }
 }
+
+/// `max_in_flight`: requests in flight at most, a number or `"auto"` (a
+/// limit the proxy adapts to the upstream's latency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxInFlight {
+    Fixed(u64),
+    Auto,
+}
+
+impl serde::Serialize for MaxInFlight {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxInFlight::Fixed(n) => s.serialize_u64(*n),
+            MaxInFlight::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MaxInFlight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MaxInFlight;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of requests (1 to 10000000) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MaxInFlight, E> {
+                Ok(MaxInFlight::Fixed(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MaxInFlight, E> {
+                u64::try_from(n).map(MaxInFlight::Fixed).map_err(|_| E::custom(format!("{n} is negative; {ACCEPTED}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MaxInFlight, E> {
+                match s {
+                    "auto" => Ok(MaxInFlight::Auto),
+                    _ => Err(E::custom(format!("'{s}' is not a limit; {ACCEPTED}"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+const ACCEPTED: &str = "accepted: a number of requests (1 to 10000000), or \"auto\" for a limit adapted to the latency";

@@ -237,6 +237,14 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for (name, u) in &ups {
         w.sample("halo_upstream_shed_total", &format!("upstream=\"{}\"", escape(name)), u.shed.load(Relaxed));
     }
+    w.header(
+        "halo_upstream_concurrency_limit",
+        "gauge",
+        "The adaptive limit of requests in flight (max_in_flight = \"auto\"), by upstream, once measured.",
+    );
+    for (name, u) in ups.iter().filter(|(_, u)| u.adaptive.min_rtt().is_some()) {
+        w.sample("halo_upstream_concurrency_limit", &format!("upstream=\"{}\"", escape(name)), u.adaptive.limit());
+    }
     let eps = reg.endpoints();
     let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
     w.header("halo_endpoint_requests_total", "counter", "Requests by upstream, endpoint and status class.");

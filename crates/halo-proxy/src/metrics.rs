@@ -205,6 +205,8 @@ pub struct UpstreamStats {
     pub in_flight: AtomicU64,
     /// Requests answered 503 at once because `max_in_flight` were in flight.
     pub shed: AtomicU64,
+    /// The limit of `max_in_flight = "auto"`.
+    pub adaptive: crate::overload::Adaptive,
 }
 
 impl UpstreamStats {

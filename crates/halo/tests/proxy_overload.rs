@@ -194,3 +194,63 @@ fn bad_limits_are_refused_naming_the_field_and_what_is_accepted() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+/// `max_in_flight = "auto"` in front of a backend that serves 2 requests
+/// at once (`halo demo-app --workers 2`): under 24 clients at once part of
+/// the requests are answered 503 at once and the others 200, and the limit
+/// the proxy adapted is in its metrics. A word other than "auto" is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_limit_sheds_what_a_slow_backend_cannot_take() {
+    let addr = halo_testkit::free_addr();
+    let mut app = std::process::Command::new(BIN)
+        .args(["demo-app", "--port", &addr.port().to_string(), "--workers", "2", "--delay-ms", "20"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{addr}\"]\nmax_in_flight = \"auto\"\n"
+    );
+    let h = Halo::proxy(BIN, &text).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    eventually(Duration::from_secs(10), "the demo app answering", || async {
+        c.get(&format!("http://{addr}/healthz")).await.is_ok()
+    })
+    .await;
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut shed) = (0u32, 0u32);
+                for _ in 0..40 {
+                    match c.get(&url).await.map(|r| (r.status.as_u16(), r.body)) {
+                        Ok((200, _)) => ok += 1,
+                        Ok((503, body)) if body.contains("max_in_flight") => shed += 1,
+                        other => panic!("neither served nor shed: {other:?}"),
+                    }
+                }
+                (ok, shed)
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for t in clients {
+        let (o, s) = t.await.unwrap();
+        ok += o;
+        shed += s;
+    }
+    let _ = app.kill();
+    let _ = app.wait();
+    println!("adaptive limit: {ok} served, {shed} shed");
+    assert!(ok > 0 && shed > 0, "{ok} served, {shed} shed");
+    assert_eq!(metric(&c, &h, "halo_upstream_shed_total{upstream=\"web\"}").await, f64::from(shed));
+    let limit = metric(&c, &h, "halo_upstream_concurrency_limit{upstream=\"web\"}").await;
+    assert!((3.0..=1000.0).contains(&limit), "the adapted limit: {limit}");
+
+    let dir = TempDir::new("overload-auto");
+    let path = dir.write("proxy.toml", &text.replace("\"auto\"", "\"fast\""));
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("max_in_flight") && err.contains("\"auto\""), "{err}");
+}

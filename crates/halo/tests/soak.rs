@@ -4,7 +4,8 @@
 //! another, while faults drawn at random from the whole list hit it one
 //! after the other: kill -9 of an instance, of an agent, of the leader's
 //! agent, of a whole node; SIGSTOP of a node; its link down; one etcd
-//! member down; 100 route reloads; apply, scale and restart; a backup.
+//! member down; 100 route reloads; apply, a canary rollout, scale and
+//! restart; a backup.
 //! Every fault kind runs at least once; then more, until the time is up.
 //!
 //! Checked on the record: no failed request, fencing tokens never going
@@ -34,12 +35,13 @@ enum Fault {
     EtcdMemberDown,
     Reloads,
     Apply,
+    Rollout,
     Scale,
     Restart,
     Backup,
 }
 
-const FAULTS: [Fault; 12] = [
+const FAULTS: [Fault; 13] = [
     Fault::KillInstance,
     Fault::KillAgent,
     Fault::KillLeader,
@@ -49,6 +51,7 @@ const FAULTS: [Fault; 12] = [
     Fault::EtcdMemberDown,
     Fault::Reloads,
     Fault::Apply,
+    Fault::Rollout,
     Fault::Scale,
     Fault::Restart,
     Fault::Backup,
@@ -236,6 +239,19 @@ async fn inject(
             cli_ok(c, i, &["apply", "-f", &f.to_string_lossy(), "--wait", "--timeout", "60s"]);
             rec.web_gen = gen;
             format!("apply of web generation {gen} through {}", c.nodes[i].name)
+        }
+        Fault::Rollout => {
+            // A canary in two steps with automatic analysis, promoted while
+            // the load runs (later restarts and applies roll the same way).
+            let gen = rec.web_gen + 1;
+            let text = web_file(gen, rec.web_replicas)
+                + "[release]\nstrategy = \"canary\"\nsteps = [{ weight = 34, pause = \"1s\" }, { weight = 67, pause = \"1s\" }]\n\
+                   [release.analysis]\ninterval = \"1s\"\nmin_requests = 5\nfailure_limit = 3\n";
+            let f = dir.write("web.toml", &text);
+            let i = live_node(c, rng);
+            cli_ok(c, i, &["apply", "-f", &f.to_string_lossy(), "--wait", "--timeout", "90s"]);
+            rec.web_gen = gen;
+            format!("canary rollout of web generation {gen} through {}", c.nodes[i].name)
         }
         Fault::Scale => {
             let up = 4 + rng.below(2) as u32;

@@ -176,7 +176,7 @@ pub struct UpstreamSection {
     pub health: Option<HealthSection>,
     pub outlier: Option<OutlierSection>,
     /// Requests in flight at most; past it, 503 at once.
-    pub max_in_flight: Option<u64>,
+    pub max_in_flight: Option<halo_model::values::MaxInFlight>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -227,8 +227,9 @@ pub struct UpstreamConfig {
     pub health: Option<HealthConfig>,
     pub outlier: Option<OutlierConfig>,
     /// Requests in flight at most (a circuit breaker): past it, 503 at
-    /// once rather than a queue without bound. `None`: no limit.
-    pub max_in_flight: Option<u64>,
+    /// once rather than a queue without bound; `Auto`, a limit adapted to
+    /// the upstream's latency (`overload::Adaptive`). `None`: no limit.
+    pub max_in_flight: Option<halo_model::values::MaxInFlight>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::file::{self, HealthSection, OutlierSection, UpstreamSection};
 use super::*;
+use halo_model::values::MaxInFlight;
 
 /// The largest `max_in_flight` accepted.
 pub(super) const MAX_IN_FLIGHT: u64 = 10_000_000;
@@ -95,10 +96,10 @@ impl Validator<'_> {
         let pool = self.pool(name, u);
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
-        let max_in_flight = u.max_in_flight.filter(|n| {
-            let ok = (1..=MAX_IN_FLIGHT).contains(n);
+        let max_in_flight = u.max_in_flight.filter(|m| {
+            let ok = !matches!(m, MaxInFlight::Fixed(n) if !(1..=MAX_IN_FLIGHT).contains(n));
             if !ok {
-                let message = format!("accepted: 1 to {MAX_IN_FLIGHT} (omit it for no limit)");
+                let message = format!("accepted: 1 to {MAX_IN_FLIGHT}, or \"auto\" (omit it for no limit)");
                 self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), message);
             }
             ok
