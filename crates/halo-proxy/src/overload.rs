@@ -116,7 +116,12 @@ pub fn admit(stats: &Arc<UpstreamStats>, max: Option<MaxInFlight>) -> Result<Opt
         Some(MaxInFlight::Auto) => (stats.adaptive.limit(), true),
     };
     match stats.in_flight.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1)) {
-        Ok(_) => Ok(Some(Admitted { stats: stats.clone(), since: sampled.then(Instant::now) })),
+        Ok(n) => {
+            if sampled {
+                stats.adaptive.peak.fetch_max(n + 1, Relaxed);
+            }
+            Ok(Some(Admitted { stats: stats.clone(), since: sampled.then(Instant::now) }))
+        }
         Err(_) => {
             stats.shed.fetch_add(1, Relaxed);
             Err(Full(limit))
@@ -152,7 +157,8 @@ const MEASURE_SAMPLES: usize = 25;
 /// Netflix's gradient limiters. Every [`INTERVAL`] the p90 latency of the
 /// requests that finished is compared with the upstream's own latency
 /// (`min_rtt`): `limit = g * limit + sqrt(g * limit)` with
-/// `g = min_rtt * (1 + BUFFER) / p90`, held to 0.5..2. A queue building in
+/// `g = min_rtt * (1 + BUFFER) / p90`, held to 0.5..2 (it grows only while
+/// at least half of it is used). A queue building in
 /// front of the upstream raises the p90 and brings the limit down to about
 /// what the upstream serves at once, so past it requests are answered 503
 /// at once and the admitted ones keep their latency. `min_rtt` is the
@@ -162,6 +168,8 @@ const MEASURE_SAMPLES: usize = 25;
 /// latency, not its queue's.
 pub struct Adaptive {
     limit: AtomicU64,
+    /// The most in flight at once since the limit last moved.
+    peak: AtomicU64,
     state: std::sync::Mutex<Gradient>,
 }
 
@@ -181,6 +189,7 @@ impl Default for Adaptive {
     fn default() -> Adaptive {
         Adaptive {
             limit: AtomicU64::new(MIN_LIMIT as u64),
+            peak: AtomicU64::new(0),
             state: std::sync::Mutex::new(Gradient {
                 limit: MIN_LIMIT,
                 min_rtt: None,
@@ -234,8 +243,14 @@ impl Adaptive {
         let min_rtt = g.min_rtt.expect("measured before intervals count").as_micros() as f64;
         let p90 = percentile(&mut g.samples, 0.9).max(1) as f64;
         let gradient = (min_rtt * (1.0 + BUFFER) / p90).clamp(0.5, 2.0);
-        let next = gradient * g.limit;
-        self.set(&mut g, next + next.sqrt());
+        let peak = self.peak.swap(0, Relaxed) as f64;
+        // A limit that nothing comes near says nothing about the upstream:
+        // it grows only while used (else a light load would leave it at
+        // the maximum, and the next burst would queue behind it).
+        if gradient < 1.0 || peak >= g.limit / 2.0 {
+            let next = gradient * g.limit;
+            self.set(&mut g, next + next.sqrt());
+        }
         g.samples.clear();
         g.interval_start = Some(now);
         if g.next_measure.is_some_and(|t| now >= t) {
@@ -316,6 +331,7 @@ mod tests {
         while t < Duration::from_secs(60) {
             let admitted = offered.min(a.limit());
             let took = latency(admitted, capacity, base);
+            a.peak.fetch_max(admitted, Relaxed);
             for _ in 0..admitted {
                 a.sample(took, start + t + took);
             }
@@ -344,6 +360,8 @@ mod tests {
         // 4 at once where 12 could be served: the limit stays above them.
         let limits = run(4, 12);
         assert!(limits.iter().all(|&l| l > 4), "{limits:?}");
+        // Nor grown far past what is used: a burst would queue behind it.
+        assert!(limits.iter().all(|&l| l <= 16), "{limits:?}");
     }
 
     #[test]
