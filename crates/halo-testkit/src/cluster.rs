@@ -468,6 +468,30 @@ impl Cluster {
         }
     }
 
+    /// The node whose etcd member leads etcd's raft now, as the members
+    /// that answer say.
+    pub async fn etcd_leader(&self) -> Option<usize> {
+        for (i, nd) in self.nodes.iter().enumerate() {
+            let Ok(mut c) = etcd_client::Client::connect([nd.etcd_client().to_string()], None).await else { continue };
+            let Ok(st) = c.status().await else { continue };
+            if st.header().is_some_and(|h| h.member_id() == st.leader()) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Hands etcd's raft leadership from node `from`'s member (the leader)
+    /// to node `to`'s.
+    pub async fn move_etcd_leader(&self, from: usize, to: usize) {
+        let connect = |i: usize| etcd_client::Client::connect([self.nodes[i].etcd_client().to_string()], None);
+        let mut target = connect(to).await.expect("connect to the target member");
+        let st = target.status().await.expect("the target member's status");
+        let id = st.header().expect("a response header").member_id();
+        let mut leader = connect(from).await.expect("connect to the leading member");
+        leader.move_leader(id).await.expect("move etcd's leadership");
+    }
+
     /// SIGSTOP (`true`) or SIGCONT (`false`) of every process of node `i`.
     pub fn freeze(&self, i: usize, frozen: bool) {
         let sig = if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };

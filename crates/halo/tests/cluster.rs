@@ -26,6 +26,8 @@ enum Victim {
     Leader,
     /// A node that does not lead (leader loss has tests of its own).
     Follower,
+    /// The node whose etcd member leads etcd's raft, and not halo.
+    EtcdLeader,
 }
 
 /// One fault on one node of a fresh cluster running web x3 under load:
@@ -46,6 +48,17 @@ async fn under_fault(
     let v = match victim {
         Victim::Leader => leader,
         Victim::Follower => (leader + 1) % 3,
+        Victim::EtcdLeader => {
+            let raft = c.etcd_leader().await.expect("an etcd member leads");
+            if raft == leader {
+                // etcd's leadership moves off halo's leader first: this test
+                // is about etcd's.
+                c.move_etcd_leader(raft, (raft + 1) % 3).await;
+            }
+            let raft = c.etcd_leader().await.expect("an etcd member leads");
+            assert_ne!(raft, leader, "etcd's raft leader is still on halo's leader");
+            raft
+        }
     };
     let name = c.nodes[v].name.clone();
     let (_, old_token) = st.leader.clone().expect("a leader");
@@ -123,6 +136,12 @@ async fn node_killed_is_rescheduled_without_failed_requests() {
         None,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_leading_etcd_killed_is_rescheduled_without_failed_requests() {
+    under_fault("kill -9 of every process of etcd's raft leader", Victim::EtcdLeader, |c, i| c.kill_node(i), None)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
