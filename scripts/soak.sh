@@ -20,6 +20,10 @@ esac
 [ "$(id -u)" -eq 0 ] || { echo "the soak needs root (network namespaces)" >&2; exit 1; }
 
 export HALO_SOAK_MINUTES=$minutes
-# cargo test, not nextest: the soak runs as long as asked (it bounds
-# itself), past nextest's timeouts for one test.
-cargo test -p halo --test soak -- --ignored --nocapture
+# The workspace's own build (the test command's, nothing compiled again);
+# .config/nextest.toml lets the soak run for hours (it bounds itself).
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace -E 'binary(soak)' --run-ignored ignored-only --no-capture
+else
+  cargo test --workspace --test soak -- --ignored --nocapture
+fi
