@@ -12,8 +12,9 @@
 //! silent node's lease is gone.
 //!
 //! A node that hears from no one and cannot renew its own lease is the one
-//! cut off: it forgets what it heard, and judges a node again only once
-//! that node has answered since.
+//! cut off, and one whose probe rounds stalled was frozen itself: either
+//! forgets what it heard, and judges a node again only once that node has
+//! answered since.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -93,14 +94,19 @@ impl Peers {
     /// Probes every other live node every [`PROBE_EVERY`] (the node's
     /// task list aborts it).
     pub async fn run(self: Arc<Self>) {
+        let mut last_round = Instant::now();
         loop {
             let st = self.view.current();
             let now = Instant::now();
+            // A round far later than due: this process was frozen or
+            // starved, and what it heard before says nothing of now.
+            let stalled = now.duration_since(last_round) > SUSPECT_AFTER;
+            last_round = now;
             let silent: BTreeSet<String> = {
                 let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
                 heard.retain(|n, _| st.nodes.contains_key(n));
                 let any = heard.values().any(|p| p.last_ok.elapsed() < SUSPECT_AFTER && p.answered);
-                if !any && !(self.own_lease)() {
+                if stalled || (!any && !(self.own_lease)()) {
                     heard.values_mut().for_each(|p| p.answered = false);
                 }
                 heard.iter().filter(|(_, p)| p.silent().is_some()).map(|(n, _)| n.clone()).collect()
