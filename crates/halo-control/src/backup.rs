@@ -138,7 +138,8 @@ pub(crate) async fn take(r: &crate::reconcile::Reconciler) -> Result<Vec<u8>, Ba
     create(&*r.store, done, skipped).await
 }
 
-fn sha256(bytes: &[u8]) -> String {
+/// SHA-256 of `bytes` as lowercase hex (archives, the API token's digest).
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 

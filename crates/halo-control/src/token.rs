@@ -10,8 +10,8 @@
 //! (and removes the clear read-only token beside it).
 
 use halo_store::{Compare, Store, Txn, TxnOp};
-use sha2::{Digest, Sha256};
 
+use crate::backup::sha256;
 use crate::keys::API_TOKEN;
 use crate::node::NodeError;
 
@@ -19,19 +19,15 @@ use crate::node::NodeError;
 const LEGACY_READ_TOKEN: &str = "/halo/api-read-token";
 const PREFIX: &str = "sha256:";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What the store keeps of `token`.
 pub fn digest(token: &str) -> String {
-    format!("{PREFIX}{}", hex(&Sha256::digest(token.as_bytes())))
+    format!("{PREFIX}{}", sha256(token.as_bytes()))
 }
 
 /// The read-only token that goes with the admin token `admin` (the same
 /// on every node; it reveals nothing of `admin`).
 pub fn read_token(admin: &str) -> String {
-    hex(&Sha256::digest(format!("halo read-only API token\n{admin}").as_bytes()))[..48].to_string()
+    sha256(format!("halo read-only API token\n{admin}").as_bytes())[..48].to_string()
 }
 
 /// Checks `local` (this node's admin token) against the cluster's, which

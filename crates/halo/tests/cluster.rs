@@ -236,7 +236,8 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
 }
 
 /// Waits until no other node's proxy sends to node `v`'s endpoints (none
-/// of them listed up in its `/metrics`); the time since `t0`, the fault.
+/// of them listed up in its `/metrics`) and each says `v` does not answer
+/// it (`halo_cluster_peer_answering`); the time since `t0`, the fault.
 async fn out_of_proxies(c: &Cluster, v: usize, t0: Instant) -> Duration {
     let victim = format!("endpoint=\"{}:", c.nodes[v].ip);
     let others: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != v).collect();
@@ -244,9 +245,11 @@ async fn out_of_proxies(c: &Cluster, v: usize, t0: Instant) -> Duration {
         let mut serving = Vec::new();
         for &i in &others {
             let m = metrics(c, i).await;
-            if m.is_empty()
-                || m.lines().any(|l| l.starts_with("halo_endpoint_up{") && l.contains(&victim) && l.ends_with(" 1"))
-            {
+            let heard = format!("halo_cluster_peer_answering{{node=\"{}\"}} 0", c.nodes[v].name);
+            let sends =
+                m.lines().any(|l| l.starts_with("halo_endpoint_up{") && l.contains(&victim) && l.ends_with(" 1"));
+            // Out of the proxy because this node found it silent.
+            if m.is_empty() || sends || !m.lines().any(|l| l == heard) {
                 serving.push(c.nodes[i].name.clone());
             }
         }

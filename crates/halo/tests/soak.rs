@@ -77,7 +77,8 @@ struct Record {
 }
 
 impl Record {
-    fn sample(&mut self, c: &Cluster) {
+    /// One look at every instance process (returned).
+    fn sample(&mut self, c: &Cluster) -> Vec<(String, i32)> {
         let procs = c.instance_processes();
         let mut seen = BTreeSet::new();
         for (id, pid) in &procs {
@@ -86,6 +87,7 @@ impl Record {
             }
         }
         self.samples += 1;
+        procs
     }
 }
 
@@ -119,9 +121,8 @@ async fn full_capacity(c: &Cluster, store: &EtcdStore, rec: &mut Record, since: 
     let start = Instant::now();
     let replicas = rec.web_replicas as usize;
     loop {
-        rec.sample(c);
+        let procs = rec.sample(c);
         if let Some(st) = state(store).await {
-            let procs = c.instance_processes();
             let ids: BTreeSet<&String> = procs.iter().map(|(id, _)| id).collect();
             let web: BTreeSet<&String> = st.assignments.keys().collect();
             let ready = ready_elsewhere(&st, None);
@@ -152,7 +153,7 @@ async fn full_capacity(c: &Cluster, store: &EtcdStore, rec: &mut Record, since: 
 async fn hold(c: &Cluster, rec: &mut Record, d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {
-        rec.sample(c);
+        let _ = rec.sample(c);
         tokio::time::sleep(Duration::from_millis(100).min(end.saturating_duration_since(Instant::now()))).await;
     }
 }
