@@ -13,6 +13,7 @@ mod config;
 pub mod cron;
 mod endpoints;
 pub mod events;
+mod evict;
 mod fnv;
 mod hooks;
 pub mod keys;

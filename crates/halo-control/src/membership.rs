@@ -36,6 +36,8 @@ pub struct ClusterCounters {
     pub step_downs: AtomicU64,
     pub fenced_writes: AtomicU64,
     pub stale_orders_ignored: AtomicU64,
+    /// Leases of silent nodes this node revoked ([`crate::evict`]).
+    pub evictions: AtomicU64,
 }
 
 /// This node's membership: its lease, and its leadership if it has it.

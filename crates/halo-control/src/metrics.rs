@@ -31,6 +31,7 @@ pub(crate) fn node(m: &Membership, view: &View) -> String {
             "Assignments of a deposed leader not obeyed.",
             c.stale_orders_ignored.load(Relaxed),
         ),
+        ("evictions_total", "Silent nodes' leases this node revoked.", c.evictions.load(Relaxed)),
     ];
     for (name, help, v) in counters {
         metric(&mut out, &format!("halo_cluster_{name}"), "counter", help);

@@ -236,6 +236,7 @@ impl Node {
         node.r.adopt().await?;
         tasks.push(tokio::spawn(m.clone().run_lease()));
         tasks.push(tokio::spawn(m.clone().follow_drivers(drivers)));
+        tasks.push(tokio::spawn(crate::evict::run(m.clone(), view.clone(), node.r.peers.clone())));
         tasks.push(tokio::spawn(crate::leader::run_election(m, view)));
         tasks.push(tokio::spawn(reconcile::run(node.r.clone())));
         tasks.push(tokio::spawn(reconcile::publish_stats(node.r.clone())));

@@ -8,8 +8,9 @@
 //! node's endpoints (about 0.6 s after the fault, where the node's lease
 //! takes its TTL to expire; only here, and never the last endpoints of a
 //! service), and a floating IP whose holder is silent is taken over.
-//! Silence decides nothing for the cluster: placements move only once the
-//! silent node's lease is gone.
+//! One node's silence decides nothing for the cluster: a node that most
+//! nodes find silent loses its lease ([`crate::evict`]), and placements
+//! move once the lease is gone.
 //!
 //! A node that hears from no one and cannot renew its own lease is the one
 //! cut off, and one whose probe rounds stalled was frozen itself: either

@@ -12,7 +12,7 @@
 //! API answers `halo status` and `/metrics` from it, also while the store is
 //! unreachable ([`Freshness`] says how stale it is then).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::keys::{
     Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, ServiceRecord,
     VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT,
-    SERVICES, STATS, VIPS, VIP_NODES,
+    SERVICES, SILENT, STATS, VIPS, VIP_NODES,
 };
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
 
@@ -103,6 +103,8 @@ pub struct ClusterState {
     pub rollout_commands: BTreeMap<String, RolloutCommand>,
     /// Each node's proxy counters of the upstreams in a rollout.
     pub stats: BTreeMap<String, NodeStats>,
+    /// The nodes each node finds silent, by reporting node.
+    pub silent: BTreeMap<String, BTreeSet<String>>,
     /// Floating IPs held, by address: the holder and its fencing token.
     pub vips: BTreeMap<String, HeldVip>,
     /// Each floating IP's candidate nodes, by address then node.
@@ -196,6 +198,10 @@ impl ClusterState {
             if let Ok(n) = serde_json::from_slice::<NodeStats>(&kv.value) {
                 self.stats.insert(node.to_string(), n);
             }
+        } else if let Some(node) = key.strip_prefix(SILENT) {
+            if let Ok(s) = serde_json::from_slice::<BTreeSet<String>>(&kv.value) {
+                self.silent.insert(node.to_string(), s);
+            }
         } else if let Some(ip) = key.strip_prefix(VIPS) {
             if let Ok(holder) = serde_json::from_slice::<VipHolder>(&kv.value) {
                 self.vips.insert(ip.to_string(), HeldVip { holder, token: kv.create_revision, lease: kv.lease });
@@ -230,6 +236,8 @@ impl ClusterState {
             self.rollout_commands.remove(id);
         } else if key.starts_with(STATS) {
             self.stats.remove(id);
+        } else if key.starts_with(SILENT) {
+            self.silent.remove(id);
         } else if let Some(ip) = key.strip_prefix(VIPS) {
             self.vips.remove(ip);
         } else if let Some((ip, node)) = key.strip_prefix(VIP_NODES).and_then(|r| r.split_once('/')) {

@@ -17,15 +17,22 @@
 //! the next member and is retried there; other failures move the pin for
 //! the next request. etcd-client's own balancing over several endpoints
 //! sends requests to a dead member and fails them, hence this.
+//!
+//! Every member is asked its status every [`HEALTH_EVERY`]: the pin moves
+//! past members that did not answer (with a leader) and off the pinned one
+//! as soon as it stops. A request that is safe to send twice goes to the
+//! next member when its own does not answer ([`Again`]): a frozen member,
+//! or a follower holding a proposal for a leader that just died, would
+//! otherwise hold it for the whole request timeout.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client as etcd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::{
     Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, Listing, Revision, Store, StoreError, Txn,
@@ -36,20 +43,25 @@ use crate::{
 /// unreachable or has no leader).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long one member may take to renew a lease before the next is tried.
-const KEEP_ALIVE_ATTEMPT: Duration = Duration::from_millis(700);
+/// How long one member may take to answer a request that is safe to send
+/// again (a read, a put, a lease renewal or revocation) before the next
+/// member is tried: a follower that forwarded a proposal to a leader that
+/// just died holds it until the client gives up, and a frozen member holds
+/// every request.
+const ATTEMPT: Duration = Duration::from_millis(700);
 
-/// How often a watch checks that requests still go to its member.
-const PIN_CHECK: Duration = Duration::from_millis(500);
+/// How often every member is asked its status, and how long it may take
+/// to answer: one that does not (dead, frozen, cut off from its peers, or
+/// without a leader) is passed over when the pin moves.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+const HEALTH_WITHIN: Duration = Duration::from_millis(400);
 
 /// A handle on an etcd cluster; cheap to clone, all clones share one
 /// connection per endpoint.
 #[derive(Clone)]
 pub struct EtcdStore {
-    /// One client per member endpoint.
-    clients: Arc<Vec<etcd::Client>>,
-    /// The member requests go to.
-    pinned: Arc<AtomicUsize>,
+    /// The members and which one requests go to.
+    members: Arc<Members>,
     namespace: String,
     endpoints: Vec<String>,
 }
@@ -138,33 +150,89 @@ impl EtcdStore {
                 .map_err(|e| open(format!("{url}: {}", describe(&e))))?;
             clients.push(c);
         }
-        Ok(EtcdStore {
-            clients: Arc::new(clients),
-            pinned: Arc::new(AtomicUsize::new(0)),
-            namespace: namespace.to_string(),
-            endpoints: endpoints.to_vec(),
-        })
+        let members = Members {
+            healthy: clients.iter().map(|_| AtomicBool::new(true)).collect(),
+            clients,
+            pinned: AtomicUsize::new(0),
+            pin_moved: Notify::new(),
+        };
+        let store =
+            EtcdStore { members: Arc::new(members), namespace: namespace.to_string(), endpoints: endpoints.to_vec() };
+        if store.members.clients.len() > 1 {
+            tokio::spawn(check_members(Arc::downgrade(&store.members)));
+        }
+        Ok(store)
+    }
+
+    /// Moves the pin off member `from` (unless another task did already)
+    /// to the next member that answered its last status check, or simply
+    /// the next one when none did.
+    fn move_pin(&self, from: usize) {
+        self.members.move_pin(from);
+    }
+
+    /// The member requests go to now.
+    fn pinned(&self) -> usize {
+        self.members.pinned()
+    }
+
+    /// Returns once requests no longer go to member `at`.
+    async fn moved_off(&self, at: usize) {
+        loop {
+            let moved = self.members.pin_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.pinned() != at {
+                return;
+            }
+            moved.await;
+        }
     }
 
     /// Runs `f` on the pinned member; on a failure that left the request
     /// unapplied, moves to the next member and tries again (each member at
-    /// most twice).
-    async fn call<T, F, Fut>(&self, op: &'static str, lease: Option<LeaseId>, f: F) -> Result<T, StoreError>
+    /// most twice). `again` says when a request that may have been applied
+    /// is sent to another member too.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        lease: Option<LeaseId>,
+        again: Again,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         F: Fn(etcd::Client) -> Fut,
         Fut: Future<Output = Result<T, etcd::Error>>,
     {
-        let n = self.clients.len();
+        let n = self.members.clients.len();
         let mut last = None;
         for _ in 0..2 * n {
-            let at = self.pinned.load(Ordering::Relaxed) % n;
-            match f(self.clients[at].clone()).await {
+            let at = self.pinned();
+            let send = f(self.members.clients[at].clone());
+            let answer = match again {
+                Again::Never => Some(send.await),
+                Again::OnPinMove => tokio::select! {
+                    a = send => Some(a),
+                    _ = self.moved_off(at) => None,
+                },
+                Again::Quick => tokio::select! {
+                    a = send => Some(a),
+                    _ = self.moved_off(at) => None,
+                    _ = tokio::time::sleep(ATTEMPT) => None,
+                },
+            };
+            let Some(answer) = answer else {
+                tracing::debug!(endpoint = %self.endpoints[at], op, "etcd member did not answer in time; trying the next");
+                self.move_pin(at);
+                continue;
+            };
+            match answer {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let unapplied = not_applied(&e);
                     if unapplied || moves_pin(&e) {
                         // Another task may have moved it already.
-                        let _ = self.pinned.compare_exchange(at, (at + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+                        self.move_pin(at);
                     }
                     if !unapplied {
                         return Err(map_err(op, e, lease));
@@ -174,7 +242,14 @@ impl EtcdStore {
                 }
             }
         }
-        Err(map_err(op, last.expect("at least one attempt"), lease))
+        match last {
+            Some(e) => Err(map_err(op, e, lease)),
+            None => Err(StoreError::Backend {
+                op,
+                message: format!("no etcd member answered within {ATTEMPT:?}"),
+                maybe_applied: true,
+            }),
+        }
     }
 
     /// The endpoints this store was opened with.
@@ -204,7 +279,7 @@ impl EtcdStore {
         let key = self.full(prefix);
         let opts = etcd::GetOptions::new().with_prefix().with_revision(rev).with_count_only();
         match self
-            .call("watch", None, |c| {
+            .call("watch", None, Again::OnPinMove, |c| {
                 let key = key.clone();
                 let opts = opts.clone();
                 async move { c.kv_client().get(key, Some(opts)).await }
@@ -217,6 +292,85 @@ impl EtcdStore {
                 StoreError::Invalid(m) if m.contains("future revision") => Ok(()),
                 other => Err(other),
             },
+        }
+    }
+}
+
+/// One connection per etcd member, and the member requests go to.
+struct Members {
+    clients: Vec<etcd::Client>,
+    /// The index of the member requests go to.
+    pinned: AtomicUsize,
+    /// Woken when the pin moves.
+    pin_moved: Notify,
+    /// Whether each member answered its last status check with a leader.
+    healthy: Vec<AtomicBool>,
+}
+
+impl Members {
+    fn pinned(&self) -> usize {
+        self.pinned.load(Ordering::Relaxed) % self.clients.len()
+    }
+
+    /// Moves the pin off member `from` (unless another task did already)
+    /// to the next member that answered its last status check, or simply
+    /// the next one when none did.
+    fn move_pin(&self, from: usize) {
+        let n = self.clients.len();
+        let healthy = |i: &usize| self.healthy[*i].load(Ordering::Relaxed);
+        let to = (1..n).map(|k| (from + k) % n).find(healthy).unwrap_or((from + 1) % n);
+        if self.pinned.compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.pin_moved.notify_waiters();
+        }
+    }
+}
+
+/// When a request whose member did not answer is sent to another member.
+#[derive(Debug, Clone, Copy)]
+enum Again {
+    /// Never: it may have been applied, and applying it twice differs
+    /// (a transaction that is not [`Txn::repeatable`]).
+    Never,
+    /// Once its member lost the pin (failed its status check): a long
+    /// request that is safe to repeat (a listing, a watch, a compaction).
+    OnPinMove,
+    /// Also when its member took longer than [`ATTEMPT`]: a point read or
+    /// write that is safe to repeat (a get, a put, a fenced write, a lease
+    /// revocation).
+    Quick,
+}
+
+/// Asks every member its status every [`HEALTH_EVERY`] while the store is
+/// in use, and moves the pin off a member that did not answer in time
+/// (requests sent to a frozen member wait for their whole timeout).
+async fn check_members(members: std::sync::Weak<Members>) {
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(m) = members.upgrade() else { return };
+        let asks: Vec<_> = m
+            .clients
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                tokio::spawn(async move {
+                    let st = tokio::time::timeout(HEALTH_WITHIN, c.status()).await;
+                    matches!(st, Ok(Ok(s)) if s.leader() != 0)
+                })
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(asks.len());
+        for a in asks {
+            answers.push(a.await.unwrap_or(false));
+        }
+        for (h, ok) in m.healthy.iter().zip(&answers) {
+            h.store(*ok, Ordering::Relaxed);
+        }
+        let at = m.pinned();
+        if !answers[at] && answers.iter().any(|ok| *ok) {
+            tracing::debug!(member = at, "the pinned etcd member did not answer its status check; moving the pin");
+            m.move_pin(at);
         }
     }
 }
@@ -337,17 +491,13 @@ fn batches(events: Vec<Event>) -> Vec<Vec<Event>> {
 /// others can stay open and silent for as long as the keep-alive pings take
 /// to notice, so it is ended and resumed on the member requests now use.
 async fn pump(store: EtcdStore, at: usize, mut stream: etcd::WatchStream, tx: mpsc::Sender<Vec<Event>>) {
-    let mut check = tokio::time::interval(PIN_CHECK);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
             _ = tx.closed() => return,
-            _ = check.tick() => {
-                if store.pinned.load(Ordering::Relaxed) % store.clients.len() != at {
-                    tracing::debug!(endpoint = %store.endpoints[at], "requests moved off this member; moving the watch");
-                    return;
-                }
-                continue;
+            _ = store.moved_off(at) => {
+                tracing::debug!(endpoint = %store.endpoints[at], "requests moved off this member; moving the watch");
+                return;
             }
         };
         let resp = match msg {
@@ -385,7 +535,7 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = self.full(key);
         let resp = self
-            .call("get", None, |c| {
+            .call("get", None, Again::Quick, |c| {
                 let key = key.clone();
                 async move { c.kv_client().get(key, None).await }
             })
@@ -397,7 +547,7 @@ impl Store for EtcdStore {
         let key = self.full(prefix);
         let opts = etcd::GetOptions::new().with_prefix().with_sort(etcd::SortTarget::Key, etcd::SortOrder::Ascend);
         let resp = self
-            .call("list", None, |c| {
+            .call("list", None, Again::OnPinMove, |c| {
                 let key = key.clone();
                 let opts = opts.clone();
                 async move { c.kv_client().get(key, Some(opts)).await }
@@ -417,12 +567,12 @@ impl Store for EtcdStore {
             .when(txn.compares.iter().map(|c| self.compare(c)).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
-        let resp = self
-            .call("txn", lease, |c| {
-                let t = t.clone();
-                async move { c.kv_client().txn(t).await }
-            })
-            .await?;
+        let send = |c: etcd::Client| {
+            let t = t.clone();
+            async move { c.kv_client().txn(t).await }
+        };
+        let again = if txn.repeatable() { Again::Quick } else { Again::Never };
+        let resp = self.call("txn", lease, again, send).await?;
         Ok(TxnResult { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
     }
 
@@ -438,7 +588,7 @@ impl Store for EtcdStore {
             Err(e) => return Err(e),
         };
         let mut stream = self
-            .call("watch", None, |c| {
+            .call("watch", None, Again::OnPinMove, |c| {
                 let key = key.clone();
                 let opts = opts.clone();
                 async move { c.watch_client().watch(key, Some(opts)).await }
@@ -472,7 +622,7 @@ impl Store for EtcdStore {
             Err(_) => return Err(backend("watch", "etcd did not confirm the watch in time".into())),
         }
         let (tx, rx) = mpsc::channel(256);
-        let at = self.pinned.load(Ordering::Relaxed) % self.clients.len();
+        let at = self.pinned();
         tokio::spawn(pump(self.clone(), at, stream, tx));
         Ok(Watch::from_channel(rx))
     }
@@ -480,7 +630,7 @@ impl Store for EtcdStore {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         let opts = etcd::CompactionOptions::new().with_physical();
         match self
-            .call("compact", None, |c| {
+            .call("compact", None, Again::OnPinMove, |c| {
                 let opts = opts.clone();
                 async move { c.kv_client().compact(revision, Some(opts)).await }
             })
@@ -501,7 +651,9 @@ impl Store for EtcdStore {
             return Err(StoreError::Invalid("lease TTL must be at least 1s".into()));
         }
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let resp = self.call("grant", None, |c| async move { c.lease_client().grant(secs as i64, None).await }).await?;
+        let resp = self
+            .call("grant", None, Again::Quick, |c| async move { c.lease_client().grant(secs as i64, None).await })
+            .await?;
         Ok(resp.id())
     }
 
@@ -510,17 +662,17 @@ impl Store for EtcdStore {
     /// not answer in time loses the pin, so one dead member never costs a
     /// node its lease.
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let n = self.clients.len();
+        let n = self.members.clients.len();
         let mut last = None;
         for _ in 0..n {
-            let at = self.pinned.load(Ordering::Relaxed) % n;
-            let client = self.clients[at].clone();
+            let at = self.pinned();
+            let client = self.members.clients[at].clone();
             let attempt = async move {
                 let (mut keeper, mut stream) = client.lease_client().keep_alive(lease).await?;
                 keeper.keep_alive().await?;
                 stream.message().await
             };
-            let err = match tokio::time::timeout(KEEP_ALIVE_ATTEMPT, attempt).await {
+            let err = match tokio::time::timeout(ATTEMPT, attempt).await {
                 Ok(Ok(Some(r))) if r.ttl() > 0 => return Ok(Duration::from_secs(r.ttl() as u64)),
                 Ok(Ok(Some(_))) => return Err(StoreError::LeaseNotFound(lease)),
                 Ok(Ok(None)) => backend("keep_alive", "etcd closed the keep-alive stream".into()),
@@ -530,18 +682,18 @@ impl Store for EtcdStore {
                 },
                 Err(_) => StoreError::Backend {
                     op: "keep_alive",
-                    message: format!("no answer from {} within {KEEP_ALIVE_ATTEMPT:?}", self.endpoints[at]),
+                    message: format!("no answer from {} within {ATTEMPT:?}", self.endpoints[at]),
                     maybe_applied: true,
                 },
             };
-            let _ = self.pinned.compare_exchange(at, (at + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+            self.move_pin(at);
             last = Some(err);
         }
         Err(last.expect("at least one member"))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.call("revoke", Some(lease), |c| async move { c.lease_client().revoke(lease).await }).await?;
+        self.call("revoke", Some(lease), Again::Quick, |c| async move { c.lease_client().revoke(lease).await }).await?;
         Ok(())
     }
 }

@@ -143,6 +143,19 @@ impl Txn {
         self
     }
 
+    /// Whether applying it twice does what applying it once does: no op
+    /// writes a key a compare reads (a fenced write checks the leader key
+    /// and writes others; a compare-and-swap is not repeatable).
+    pub fn repeatable(&self) -> bool {
+        let writes = |key: &str| {
+            self.success.iter().chain(&self.failure).any(|op| match op {
+                TxnOp::Put { key: k, .. } | TxnOp::Delete(k) => k == key,
+                TxnOp::DeletePrefix(p) => key.starts_with(p.as_str()),
+            })
+        };
+        !self.compares.iter().any(|c| writes(&c.key))
+    }
+
     /// Checks what every backend refuses alike, before anything is applied.
     pub fn validate(&self) -> Result<(), StoreError> {
         let keys = self.compares.iter().map(|c| &c.key);
@@ -196,5 +209,26 @@ impl Watch {
     /// revision seen + 1).
     pub async fn next(&mut self) -> Option<Vec<Event>> {
         self.rx.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_is_repeatable_when_it_writes_no_key_it_compares() {
+        let fenced = Txn::new()
+            .when(Compare::new("/leader", CompareOp::Equal, CompareTarget::CreateRevision(6)))
+            .and_then(TxnOp::put("/assignments/a", "x", None))
+            .and_then(TxnOp::Delete("/assignments/b".into()));
+        assert!(fenced.repeatable());
+        assert!(Txn::new().and_then(TxnOp::put("/k", "v", None)).repeatable());
+        let create = Txn::new().when(Compare::absent("/leader")).and_then(TxnOp::put("/leader", "n1", None));
+        assert!(!create.repeatable());
+        let delete = Txn::new().when(Compare::exists("/k")).and_then(TxnOp::Delete("/k".into()));
+        assert!(!delete.repeatable());
+        let wipe = Txn::new().when(Compare::absent("/a/b")).or_else(TxnOp::DeletePrefix("/a/".into()));
+        assert!(!wipe.repeatable());
     }
 }

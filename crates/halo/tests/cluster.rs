@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use halo_control::keys::{assignment_key, Assignment};
+use halo_control::keys::{assignment_key, Assignment, LEADER};
 use halo_control::state::ClusterState;
 use halo_store::{EtcdStore, EventKind, Store};
 use halo_testkit::{web_service as service, Cluster};
@@ -110,6 +110,11 @@ async fn under_fault(
                     && e["message"].as_str().is_some_and(|m| m.contains(&format!("leaves {name}: the node is gone")))
             });
             assert!(moved.count() >= 1, "no reschedule event for {name}: {ev:?}");
+            // The others ended its lease rather than wait for it (evict.rs).
+            let evicted = ev.iter().any(|e| {
+                e["kind"] == "evicted" && e["message"].as_str().is_some_and(|m| m.starts_with(&format!("{name} ended")))
+            });
+            assert!(evicted, "no eviction event for {name}: {ev:?}");
             // Listed as gone until removed; a live node cannot be removed.
             let (_, out, _) = c.cli(other, &["node", "list"]);
             let row = out.lines().find(|l| l.trim_start().starts_with(&name)).unwrap_or_default().to_string();
@@ -305,10 +310,14 @@ async fn orders_of_a_deposed_leader_are_not_obeyed() {
     forged.token = token - 1;
     let key = assignment_key(&forged.placement.node, &forged.placement.id);
     store.put(&key, serde_json::to_vec(&forged).unwrap(), None).await.unwrap();
-    // The target reconciles on the change and every second: two seconds
-    // (less than the frozen leader's lease) to obey it, if it would.
+    // The target reconciles on the change and every second: while the
+    // frozen leader still holds the key (about a second and a half, until
+    // the others evict it; at most two), time to obey it, if it would. An
+    // order from before a newer election is no longer stale.
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) {
+    let still_leading =
+        || async { store.get(LEADER).await.ok().flatten().is_some_and(|kv| kv.create_revision == token) };
+    while start.elapsed() < Duration::from_secs(2) && still_leading().await {
         let started = c.instance_processes().into_iter().any(|(id, _)| id == "web-forged");
         assert!(!started, "the target started an instance ordered with a stale token");
         tokio::time::sleep(Duration::from_millis(50)).await;

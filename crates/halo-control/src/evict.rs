@@ -1,0 +1,217 @@
+//! Eviction: a node that most of the cluster finds silent loses its lease
+//! at once, instead of when the lease runs out.
+//!
+//! Each node publishes the nodes [`Peers`] finds silent under
+//! `/halo/silent/NODE`, on its own lease. A node that has itself found X
+//! silent for [`EVICT_AFTER`], and with the reports of nodes that still
+//! answer it counts a majority of the live nodes (X included) finding X
+//! silent, revokes X's node lease: X's record, endpoints and (if it led) the leader key go, the
+//! leader places X's instances elsewhere, and another node can be elected.
+//!
+//! This is what keeps a lost node's capacity coming back in seconds when
+//! that node also held the store's raft leadership: a new etcd leader
+//! gives every lease its full TTL again, so waiting for the lease would
+//! add the whole TTL after the store's own election.
+//!
+//! A false suspicion costs a node its placements, never its safety: a node
+//! whose lease is revoked finds out on its next renewal, stops leading,
+//! registers again, and its instances were already replaced under new ids.
+//! A report counts only from a node that answers here, so a frozen node's
+//! stale report is never counted; a node cut off from the others cannot
+//! reach a majority of the store to revoke anything.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use halo_store::{LeaseId, StoreError};
+
+use crate::keys::{node_key, silent_key};
+use crate::membership::Membership;
+use crate::peers::Peers;
+use crate::state::{ClusterState, View};
+
+/// How long a failed write of the report or a revocation waits to retry,
+/// and how often a node waiting for [`EVICT_AFTER`] looks again.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// How long this node must have found a node silent before it ends that
+/// node's lease: twice what takes it out of the proxy, so a node starved
+/// for a moment (a busy machine) only loses traffic for that moment.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
+
+/// Publishes this node's silent set and revokes the leases of nodes a
+/// majority finds silent (the node's task list aborts it).
+pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
+    let mut silent = peers.subscribe();
+    let mut changed = view.subscribe();
+    // What this node's report says, and on which lease.
+    let mut published: Option<(LeaseId, BTreeSet<String>)> = None;
+    let mut revoked: BTreeSet<LeaseId> = BTreeSet::new();
+    loop {
+        let mine = peers.silent_nodes();
+        let mut retry = false;
+        if let Some(lease) = m.lease() {
+            if published.as_ref().is_none_or(|(l, s)| *l != lease || *s != mine) {
+                match publish(&m, lease, &mine).await {
+                    Ok(()) => published = Some((lease, mine.clone())),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "publishing the silent nodes failed; retrying");
+                        retry = true;
+                    }
+                }
+            }
+            let st = view.current();
+            let long: BTreeSet<String> =
+                mine.iter().filter(|n| peers.silent(n).is_some_and(|d| d >= EVICT_AFTER)).cloned().collect();
+            retry |= long.len() < mine.len();
+            for (node, lease) in evictable(&st, &m.cfg.node, &mine, &long) {
+                if revoked.contains(&lease) {
+                    continue;
+                }
+                match evict(&m, &node, lease, &st, &mine).await {
+                    Ok(()) => {
+                        revoked.insert(lease);
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = %node, error = %e, "revoking a silent node's lease failed; retrying");
+                        retry = true;
+                    }
+                }
+            }
+            revoked.retain(|l| st.leases.values().any(|x| x == l));
+        }
+        let wait = if retry || m.lease().is_none() { RETRY } else { Duration::from_secs(1) };
+        tokio::select! {
+            r = silent.changed() => if r.is_err() { return },
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Writes this node's report, or removes it when nothing is silent.
+async fn publish(m: &Membership, lease: LeaseId, silent: &BTreeSet<String>) -> Result<(), StoreError> {
+    let key = silent_key(&m.cfg.node);
+    if silent.is_empty() {
+        return m.store.delete(&key).await.map(|_| ());
+    }
+    let v = serde_json::to_vec(silent).expect("a set of names encodes");
+    m.store.put(&key, v, Some(lease)).await.map(|_| ())
+}
+
+/// Revokes `node`'s lease if the store (asked now, a linearizable read)
+/// still has the node on it.
+async fn evict(
+    m: &Membership,
+    node: &str,
+    lease: LeaseId,
+    st: &ClusterState,
+    mine: &BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let now = m.store.get(&node_key(node)).await?;
+    if now.and_then(|kv| kv.lease) != Some(lease) {
+        return Ok(());
+    }
+    let reporters = reporters(st, &m.cfg.node, mine, node);
+    tracing::warn!(node = %m.cfg.node, silent = %node, ?reporters, "a majority of the cluster finds the node silent: ending its lease");
+    match m.store.revoke(lease).await {
+        Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    m.counters.evictions.fetch_add(1, Relaxed);
+    let why = format!("{node} ended: {} of {} nodes found it silent", reporters.len(), st.nodes.len());
+    m.events.warn("evicted", None, None, why);
+    Ok(())
+}
+
+/// The nodes `me` has found silent for [`EVICT_AFTER`] (`long`, among
+/// `mine`, all it finds silent) that a majority of the live nodes finds
+/// silent too, with their leases.
+fn evictable(st: &ClusterState, me: &str, mine: &BTreeSet<String>, long: &BTreeSet<String>) -> Vec<(String, LeaseId)> {
+    long.iter()
+        .filter(|n| st.nodes.contains_key(*n) && reporters(st, me, mine, n).len() * 2 > st.nodes.len())
+        .filter_map(|n| Some((n.clone(), *st.leases.get(n)?)))
+        .collect()
+}
+
+/// Who finds `node` silent: `me` (which finds `mine` silent), and every
+/// other live node whose report says so and that answers `me`.
+fn reporters(st: &ClusterState, me: &str, mine: &BTreeSet<String>, node: &str) -> Vec<String> {
+    let says = |r: &String, s: &BTreeSet<String>| {
+        r != me && r != node && !mine.contains(r) && st.nodes.contains_key(r) && s.contains(node)
+    };
+    let others = st.silent.iter().filter(|(r, s)| says(r, s)).map(|(r, _)| r.clone());
+    std::iter::once(me.to_string()).chain(others).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NodeRecord;
+
+    fn state(nodes: &[&str], reports: &[(&str, &[&str])]) -> ClusterState {
+        let mut st = ClusterState::default();
+        for (i, n) in nodes.iter().enumerate() {
+            let rec = NodeRecord {
+                name: n.to_string(),
+                addr: "127.0.0.1".parse().unwrap(),
+                zone: "z".into(),
+                capacity: 10,
+                api: "127.0.0.1:7070".parse().unwrap(),
+                drivers: vec!["exec".into()],
+            };
+            st.nodes.insert(n.to_string(), rec);
+            st.leases.insert(n.to_string(), 100 + i as LeaseId);
+        }
+        for (r, s) in reports {
+            st.silent.insert(r.to_string(), s.iter().map(|x| x.to_string()).collect());
+        }
+        st
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_most_of_the_cluster_finds_silent_is_evicted() {
+        let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"]), ("n2", &["n3"])]);
+        assert_eq!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])), vec![("n3".to_string(), 102)]);
+    }
+
+    #[test]
+    fn one_node_alone_evicts_no_one() {
+        // n2 hears n3: n1's silence is its own link's fault, or n3's
+        // answers are slow only to it.
+        let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"])]);
+        assert!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
+        // Two of four is no majority.
+        let st = state(&["n1", "n2", "n3", "n4"], &[("n1", &["n4"]), ("n2", &["n4"])]);
+        assert!(evictable(&st, "n1", &set(&["n4"]), &set(&["n4"])).is_empty());
+    }
+
+    #[test]
+    fn a_silent_nodes_report_does_not_count() {
+        // n2 is silent to n1: its report (naming n3) may be from before it froze.
+        let st = state(&["n1", "n2", "n3"], &[("n1", &["n2", "n3"]), ("n2", &["n3"])]);
+        assert!(evictable(&st, "n1", &set(&["n2", "n3"]), &set(&["n2", "n3"])).is_empty());
+        // Nor does a node's report on itself, or one from a node gone.
+        let st = state(&["n1", "n2", "n3"], &[("n3", &["n3"]), ("n9", &["n3"])]);
+        assert!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
+    }
+
+    #[test]
+    fn a_node_silent_for_a_moment_keeps_its_lease() {
+        let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"]), ("n2", &["n3"])]);
+        assert!(evictable(&st, "n1", &set(&["n3"]), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn what_this_node_hears_comes_first() {
+        // The others' reports alone evict nothing from here.
+        let st = state(&["n1", "n2", "n3"], &[("n2", &["n3"]), ("n3", &["n2"])]);
+        assert!(evictable(&st, "n1", &BTreeSet::new(), &BTreeSet::new()).is_empty());
+    }
+}
