@@ -13,6 +13,8 @@ pub enum ClientError {
     // chain, it would be said twice.
     #[error("cannot reach the halo API at {addr}: {cause} (is `halo up` running? --api or HALO_API set the address)")]
     Connect { addr: SocketAddr, cause: std::io::Error },
+    #[error("TLS with the halo API at {addr} failed: {cause} (--api-ca or HALO_API_CA names the CA that signed its certificate)")]
+    Tls { addr: SocketAddr, cause: std::io::Error },
     #[error("talking to the halo API failed")]
     Http(#[from] hyper::Error),
     #[error("the node's answer to {path} is not what this halo reads (is the node another version?): {cause}")]
@@ -26,6 +28,8 @@ pub enum ClientError {
 pub struct ApiClient {
     pub addr: SocketAddr,
     pub token: String,
+    /// HTTPS, trusting this CA.
+    pub tls: Option<std::sync::Arc<halo_proxy::config::UpstreamTls>>,
 }
 
 impl ApiClient {
@@ -59,8 +63,6 @@ impl ApiClient {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|cause| ClientError::Connect { addr: self.addr, cause })?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -68,18 +70,16 @@ impl ApiClient {
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
             .body(Full::new(body.unwrap_or_default()))
             .expect("a valid request");
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        let mut all = Vec::new();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                if status.is_success() {
-                    on_chunk(&data);
-                }
-                all.extend_from_slice(&data);
+        let (status, all) = match &self.tls {
+            None => exchange(stream, req, &mut on_chunk).await?,
+            Some(tls) => {
+                let io = tls
+                    .handshake(stream, self.addr)
+                    .await
+                    .map_err(|cause| ClientError::Tls { addr: self.addr, cause })?;
+                exchange(io, req, &mut on_chunk).await?
             }
-        }
+        };
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&all)
                 .ok()
@@ -89,4 +89,31 @@ impl ApiClient {
         }
         Ok(Bytes::from(all))
     }
+}
+
+/// One request on a connected socket; the status and the whole body, each
+/// chunk of a successful answer also given to `on_chunk` as it arrives.
+async fn exchange<IO>(
+    io: IO,
+    req: Request<Full<Bytes>>,
+    on_chunk: &mut impl FnMut(&[u8]),
+) -> Result<(StatusCode, Vec<u8>), ClientError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if status.is_success() {
+                on_chunk(&data);
+            }
+            all.extend_from_slice(&data);
+        }
+    }
+    Ok((status, all))
 }

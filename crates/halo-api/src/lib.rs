@@ -3,6 +3,7 @@
 
 mod client;
 mod server;
+mod tls;
 pub mod token;
 
 pub use client::{ApiClient, ClientError};

@@ -7,6 +7,7 @@
 //! `{"error": "..."}` with a message a person can act on.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -19,6 +20,8 @@ use axum::{Json, Router};
 use halo_control::{Node, NodeError, Outcome, RolloutCommand, StatusView};
 use halo_proxy::config::Secret;
 use serde::Deserialize;
+
+use crate::tls::{Remote, TlsApiListener};
 
 #[derive(Clone)]
 struct Api {
@@ -116,15 +119,23 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves: HTTPS only
+/// with `tls`, else plain HTTP.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Node,
     tokens: Tokens,
+    tls: Option<Arc<halo_proxy::config::TlsListener>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(node, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let app = router(node, tokens).into_make_service_with_connect_info::<Remote>();
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(tls) => {
+            let listener = TlsApiListener::new(listener, tls)?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
+    }
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -147,8 +158,8 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
             // Every change is logged: who asked, what, and how it ended.
             let from = req
                 .extensions()
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map_or_else(|| "-".to_string(), |c| c.0.to_string());
+                .get::<axum::extract::ConnectInfo<Remote>>()
+                .map_or_else(|| "-".to_string(), |c| c.0 .0.to_string());
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let resp = next.run(req).await;
             let status = resp.status().as_u16();

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use halo_model::diag::Locator;
 use halo_model::{Diagnostic, Diagnostics, FileKind, ServiceFile, ServiceSpec};
@@ -29,6 +30,26 @@ pub struct NodeConfig {
     pub backup: Option<BackupSchedule>,
     /// `[[vip]]`: floating IPs this node may hold.
     pub vips: Vec<crate::vip::VipSpec>,
+    /// `[node.tls]`: the API over HTTPS only.
+    pub api_tls: Option<ApiTls>,
+}
+
+/// The node API's TLS (`[node.tls]`).
+#[derive(Clone)]
+pub struct ApiTls {
+    /// The certificate and key it serves.
+    pub server: Arc<halo_proxy::config::TlsListener>,
+    /// The CA that signed every node's API certificate (`ca`): how this
+    /// node checks the other nodes it asks (peers' health, backup hooks).
+    pub peers: Option<Arc<halo_proxy::config::UpstreamTls>>,
+    /// That CA's file.
+    pub ca: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls").field("server", &self.server).field("peers", &self.peers).finish()
+    }
 }
 
 /// Scheduled backups of the cluster's state.
@@ -76,6 +97,15 @@ struct BackupSection {
 struct NodeSection {
     data_dir: Option<PathBuf>,
     api: Option<String>,
+    tls: Option<NodeTlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeTlsSection {
+    cert: String,
+    key: String,
+    ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +139,22 @@ enum TrackSection {
 /// Default admin API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7070";
 
+/// `[node.tls]`, its files read now (relative paths are the node file's)
+/// so that a bad one is reported with the file.
+fn api_tls(file: &str, t: &NodeTlsSection, errors: &mut Errors<'_>) -> Option<ApiTls> {
+    use halo_proxy::config::{CertFiles, MinVersion, TlsListener, UpstreamTls};
+    let base = Path::new(file).parent().map(Path::to_path_buf).unwrap_or_default();
+    let files = vec![CertFiles { cert: base.join(&t.cert), key: base.join(&t.key), names: Vec::new() }];
+    let server = TlsListener::new(files, MinVersion::Tls12)
+        .map_err(|es| es.into_iter().for_each(|(_, e)| errors.push("node.tls", e)))
+        .ok();
+    let ca = t.ca.as_ref().map(|ca| base.join(ca));
+    let peers = ca.as_ref().and_then(|ca| {
+        UpstreamTls::new(Some(ca.clone()), true, None, false).map_err(|e| errors.push("node.tls.ca", e)).ok()
+    });
+    Some(ApiTls { server: Arc::new(server?), peers: peers.map(Arc::new), ca })
+}
+
 /// Parses and validates a node file; every problem is reported, each with
 /// the file, and the line or field.
 pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
@@ -131,6 +177,7 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
     let api = api
         .parse::<SocketAddr>()
         .map_err(|_| errors.push("node.api", format!("'{api}' is not accepted; use IP:PORT, as in \"{DEFAULT_API}\"")));
+    let api_tls = parts.node.tls.as_ref().and_then(|t| api_tls(file, t, &mut errors));
     let backup = parts.backup.as_ref().and_then(|b| {
         let when = match (&b.every, &b.cron) {
             (Some(every), None) => {
@@ -195,7 +242,8 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
             for l in &mut proxy.listeners {
                 l.freebind = vips.iter().any(|v| v.address == l.addr.ip());
             }
-            Ok(NodeConfig { data_dir: parts.node.data_dir, api: api.expect("checked"), proxy, services, backup, vips })
+            let api = api.expect("checked");
+            Ok(NodeConfig { data_dir: parts.node.data_dir, api, proxy, services, backup, vips, api_tls })
         }
         Ok(_) => Err(errors.done()),
         Err(e) => {

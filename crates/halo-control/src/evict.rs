@@ -160,6 +160,7 @@ mod tests {
                 zone: "z".into(),
                 capacity: 10,
                 api: "127.0.0.1:7070".parse().unwrap(),
+                api_tls: false,
                 drivers: vec!["exec".into()],
             };
             st.nodes.insert(n.to_string(), rec);

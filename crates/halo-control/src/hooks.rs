@@ -13,6 +13,7 @@ use std::time::Duration;
 use halo_model::BackupHook;
 use halo_supervisor::Runner;
 
+use crate::keys::NodeRecord;
 use crate::reconcile::Reconciler;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
@@ -56,39 +57,31 @@ async fn from_peers(r: &Reconciler, service: &str, timeout: Duration) -> Result<
     nodes.dedup();
     let mut why = format!("no node has a ready instance of '{service}'");
     for node in nodes {
-        let Some(api) = st.nodes.get(node).map(|n| n.api) else { continue };
-        match post(api, &format!("/v1/services/{service}/backup-hook"), &r.api_token, timeout).await {
+        let Some(rec) = st.nodes.get(node) else { continue };
+        match post(r, rec, &format!("/v1/services/{service}/backup-hook"), timeout).await {
             Ok(out) => return Ok(out),
-            Err(e) => why = format!("node {node} ({api}): {e}"),
+            Err(e) => why = format!("node {node} ({}): {e}", rec.api),
         }
     }
     Err(why)
 }
 
 /// One POST to a node's API with the cluster's token; the answer's body.
-async fn post(addr: std::net::SocketAddr, path: &str, token: &str, timeout: Duration) -> Result<Vec<u8>, String> {
-    use http_body_util::BodyExt;
-    let call = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = http::Request::post(path)
-            .header(http::header::HOST, addr.to_string())
-            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        if !status.is_success() {
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            return Err(v["error"].as_str().map_or_else(|| status.to_string(), str::to_string));
-        }
-        Ok(body.to_vec())
-    };
-    tokio::time::timeout(timeout + Duration::from_secs(5), call).await.map_err(|_| "no answer in time".to_string())?
+async fn post(r: &Reconciler, node: &NodeRecord, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let req = http::Request::post(path)
+        .header(http::header::HOST, node.api.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", r.dial.token))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let call = r.dial.send(node.api, node.api_tls, req);
+    let (status, body) = tokio::time::timeout(timeout + Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "no answer in time".to_string())??;
+    if !status.is_success() {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        return Err(v["error"].as_str().map_or_else(|| status.to_string(), str::to_string));
+    }
+    Ok(body.to_vec())
 }
 
 /// Every service's backup hook, run here or by a node that has a ready

@@ -175,6 +175,9 @@ pub struct NodeRecord {
     pub capacity: u32,
     /// The node's admin API.
     pub api: SocketAddr,
+    /// The API is HTTPS only (`[node.tls]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_tls: bool,
     /// The drivers that answer on the node (`exec`, `docker`), checked
     /// every few seconds. A record without them is of a node that runs
     /// only processes.

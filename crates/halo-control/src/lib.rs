@@ -11,6 +11,7 @@ pub mod backup;
 mod backup_schedule;
 mod config;
 pub mod cron;
+pub mod dial;
 mod endpoints;
 pub mod events;
 mod evict;
@@ -33,7 +34,7 @@ mod views;
 pub mod vip;
 
 pub use backup_schedule::{newest_archive, BackupHealth};
-pub use config::{parse_node, BackupSchedule, NodeConfig, When, DEFAULT_API};
+pub use config::{parse_node, ApiTls, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
 pub use node::{Applied, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};

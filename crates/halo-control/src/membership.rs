@@ -44,6 +44,8 @@ pub struct ClusterCounters {
 pub struct Membership {
     pub cfg: ClusterConfig,
     pub api: SocketAddr,
+    /// The API is HTTPS only.
+    pub api_tls: bool,
     pub(crate) store: std::sync::Arc<dyn Store>,
     lease: Mutex<Option<LeaseId>>,
     pub(crate) last_renewed: Mutex<Option<Instant>>,
@@ -61,11 +63,12 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(cfg: ClusterConfig, api: SocketAddr, store: std::sync::Arc<dyn Store>) -> Membership {
+    pub fn new(cfg: ClusterConfig, api: SocketAddr, api_tls: bool, store: std::sync::Arc<dyn Store>) -> Membership {
         let events = crate::events::Events::start(store.clone(), &cfg.node);
         Membership {
             cfg,
             api,
+            api_tls,
             store,
             lease: Mutex::new(None),
             last_renewed: Mutex::new(None),
@@ -147,6 +150,7 @@ impl Membership {
             zone: self.cfg.zone.clone(),
             capacity: self.cfg.capacity,
             api: self.api,
+            api_tls: self.api_tls,
             drivers: self.drivers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         serde_json::to_vec(&r).expect("a node record encodes")

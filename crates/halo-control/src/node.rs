@@ -16,6 +16,7 @@ use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
 use serde::{Deserialize, Serialize};
 
+use crate::dial::Dialer;
 use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord};
 use crate::membership::{ClusterConfig, Membership};
 use crate::migrate::{migrate, MigrateError};
@@ -182,7 +183,7 @@ impl Node {
         let proxy = Proxy::start_inherited(cfg.proxy.clone(), None, inherited, paused)
             .await
             .map_err(|e| NodeError::Start(e.to_string()))?;
-        let m = Arc::new(Membership::new(opts.cluster.clone(), opts.api, store.clone()));
+        let m = Arc::new(Membership::new(opts.cluster.clone(), opts.api, cfg.api_tls.is_some(), store.clone()));
         if opts.exclusive_store {
             m.reclaim().await?;
         }
@@ -204,7 +205,7 @@ impl Node {
             feed,
             env,
             opts.data_dir.clone(),
-            opts.api_token.clone(),
+            Arc::new(Dialer::new(opts.api_token.clone(), cfg.api_tls.as_ref().and_then(|t| t.peers.clone()))),
         ));
         let mut tasks = vec![tokio::spawn(r.peers.clone().run())];
         let backups = cfg.backup.clone().map(|sched| {

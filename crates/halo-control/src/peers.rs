@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::dial::Dialer;
 use crate::state::View;
 
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -40,6 +41,7 @@ pub struct Peers {
     heard: Mutex<BTreeMap<String, Peer>>,
     /// The silent nodes, as of the last round.
     silent: tokio::sync::watch::Sender<BTreeSet<String>>,
+    dial: Arc<Dialer>,
 }
 
 /// What this node heard from another node's API.
@@ -61,13 +63,19 @@ impl Peer {
 }
 
 impl Peers {
-    pub fn new(node: &str, view: Arc<View>, own_lease: Box<dyn Fn() -> bool + Send + Sync>) -> Arc<Peers> {
+    pub fn new(
+        node: &str,
+        view: Arc<View>,
+        own_lease: Box<dyn Fn() -> bool + Send + Sync>,
+        dial: Arc<Dialer>,
+    ) -> Arc<Peers> {
         Arc::new(Peers {
             node: node.to_string(),
             view,
             own_lease,
             heard: Mutex::new(BTreeMap::new()),
             silent: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            dial,
         })
     }
 
@@ -126,9 +134,9 @@ impl Peers {
                 true
             });
             for (name, rec) in st.nodes.iter().filter(|(n, _)| **n != self.node) {
-                let (me, name, api) = (self.clone(), name.clone(), rec.api);
+                let (me, name, api, https) = (self.clone(), name.clone(), rec.api, rec.api_tls);
                 tokio::spawn(async move {
-                    let ok = healthz(api).await;
+                    let ok = healthz(&me.dial, api, https).await;
                     let mut heard = me.heard.lock().unwrap_or_else(|e| e.into_inner());
                     let p = heard.entry(name).or_insert(Peer { last_ok: now, fails: 0, answered: false });
                     if ok {
@@ -146,15 +154,11 @@ impl Peers {
 }
 
 /// Whether the node API at `api` answers `/healthz` within [`PROBE_TIMEOUT`].
-async fn healthz(api: SocketAddr) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(api).await.ok()?;
-        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: halo\r\n\r\n").await.ok()?;
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).await.ok()?;
-        let head = &buf[..n];
-        Some(head.starts_with(b"HTTP/1.") && head.get(9..12) == Some(b"200"))
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, ask).await.ok().flatten().unwrap_or(false)
+async fn healthz(dial: &Dialer, api: SocketAddr, https: bool) -> bool {
+    let req = http::Request::get("/healthz")
+        .header(http::header::HOST, "halo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("a valid request");
+    let answer = tokio::time::timeout(PROBE_TIMEOUT, dial.send(api, https, req)).await;
+    matches!(answer, Ok(Ok((status, _))) if status == http::StatusCode::OK)
 }

@@ -58,8 +58,8 @@ pub(crate) struct Reconciler {
     pub feed: ProxyFeed,
     pub env: Arc<Env>,
     pub data_dir: PathBuf,
-    /// The cluster's API token: to ask other nodes (backup hooks).
-    pub api_token: String,
+    /// How other nodes' APIs are reached, with the cluster's token.
+    pub dial: Arc<crate::dial::Dialer>,
     /// Which other nodes answer this one: a silent node's endpoints are
     /// out of this node's proxy before its lease expires.
     pub peers: Arc<crate::peers::Peers>,
@@ -81,10 +81,11 @@ impl Reconciler {
         feed: ProxyFeed,
         env: Arc<Env>,
         data_dir: PathBuf,
-        api_token: String,
+        dial: Arc<crate::dial::Dialer>,
     ) -> Reconciler {
         let lease_of = m.clone();
-        let peers = crate::peers::Peers::new(&m.cfg.node, view.clone(), Box::new(move || lease_of.lease().is_some()));
+        let own_lease = Box::new(move || lease_of.lease().is_some());
+        let peers = crate::peers::Peers::new(&m.cfg.node, view.clone(), own_lease, dial.clone());
         Reconciler {
             store,
             view,
@@ -93,7 +94,7 @@ impl Reconciler {
             feed,
             env,
             data_dir,
-            api_token,
+            dial,
             instances: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),

@@ -38,7 +38,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Re
             match tls {
                 None => serve_conn(stream, proxy, stop).await,
                 Some(t) => {
-                    let handshake = tokio::time::timeout(Duration::from_secs(10), t.acceptor().accept(stream));
+                    let handshake = tokio::time::timeout(Duration::from_secs(10), t.acceptor_http1().accept(stream));
                     match handshake.await {
                         Ok(Ok(s)) => serve_conn(s, proxy, stop).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),

@@ -99,6 +99,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cfg = parse_node(&name, &text).map_err(|e| anyhow::anyhow!("invalid node file:\n{e}"))?;
+    if cfg.api_tls.as_ref().is_some_and(|t| t.peers.is_none()) {
+        anyhow::bail!(
+            "invalid node file:\n{name}: node.tls.ca: a cluster node with an HTTPS API needs ca = \"FILE\", the CA \
+             that signed every node's API certificate (to check the other nodes it asks)"
+        );
+    }
     let data_dir = prepare_data_dir(args.data_dir.clone().or_else(|| cfg.data_dir.clone()))?;
     let cluster = ClusterConfig {
         node: args.node.clone(),

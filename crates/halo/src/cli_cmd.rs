@@ -16,20 +16,29 @@ use http::Method;
 
 use crate::output::{render, table, Output};
 
+/// The copy of `[node.tls] ca` a node keeps in its data directory, for
+/// the CLI to check the API's certificate.
+pub const API_CA: &str = "api-ca.pem";
+
 #[derive(clap::Args, Clone)]
 pub struct Target {
     /// The node's data directory, where its API address and token are.
     #[arg(long, global = true, default_value = "halo-data", env = "HALO_DATA_DIR")]
     data_dir: PathBuf,
-    /// The node's API address [default: read from the data directory].
+    /// The node's API address, IP:PORT, or https://IP:PORT for an API with
+    /// [node.tls] [default: read from the data directory].
     #[arg(long, global = true, env = "HALO_API")]
-    api: Option<SocketAddr>,
+    api: Option<String>,
+    /// The CA that signed an HTTPS API's certificate (PEM) [default: the
+    /// data directory's api-ca.pem].
+    #[arg(long, global = true, env = "HALO_API_CA")]
+    api_ca: Option<PathBuf>,
 }
 
 impl Target {
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        let addr = match self.api {
-            Some(a) => a,
+        let (text, from) = match &self.api {
+            Some(a) => (a.clone(), "--api".to_string()),
             None => {
                 let f = self.data_dir.join("api.addr");
                 let text = std::fs::read_to_string(&f).map_err(|e| {
@@ -38,8 +47,31 @@ impl Target {
                         f.display()
                     )
                 })?;
-                text.trim().parse().with_context(|| format!("{} does not hold an address", f.display()))?
+                (text.trim().to_string(), f.display().to_string())
             }
+        };
+        let (https, addr) = match text.split_once("://") {
+            Some(("https", a)) => (true, a),
+            Some(("http", a)) => (false, a),
+            _ => (false, text.as_str()),
+        };
+        let addr: SocketAddr = addr.trim_end_matches('/').parse().map_err(|_| {
+            anyhow::anyhow!("{from}: '{text}' is not accepted; use IP:PORT or https://IP:PORT, as in 127.0.0.1:7070")
+        })?;
+        let tls = if https {
+            let ca = self.api_ca.clone().unwrap_or_else(|| self.data_dir.join(API_CA));
+            if !ca.exists() {
+                anyhow::bail!(
+                    "the API at {addr} is HTTPS: give --api-ca FILE (or HALO_API_CA), the CA that signed its \
+                     certificate ({} does not exist)",
+                    ca.display()
+                );
+            }
+            let tls = halo_proxy::config::UpstreamTls::new(Some(ca), true, None, false)
+                .map_err(|e| anyhow::anyhow!("--api-ca: {e}"))?;
+            Some(std::sync::Arc::new(tls))
+        } else {
+            None
         };
         // HALO_TOKEN, else the admin token, else (a user who may only
         // read) the read-only one.
@@ -51,7 +83,7 @@ impl Target {
                     anyhow::anyhow!("cannot read the API token in {}: {e} (or set HALO_TOKEN)", self.data_dir.display())
                 })?,
         };
-        Ok(ApiClient { addr, token })
+        Ok(ApiClient { addr, token, tls })
     }
 }
 

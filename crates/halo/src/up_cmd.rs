@@ -133,6 +133,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     }
     opts.api_token = token.clone();
     let wanted: Vec<String> = inherited.as_ref().map(upstreams_with_endpoints).unwrap_or_default();
+    let cfg_tls = cfg.api_tls.clone();
     let node = Node::start_inherited(cfg, opts, store, inherited.as_mut()).await?;
     drop(inherited);
     if ready.is_some() {
@@ -149,11 +150,25 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         }
         node.proxy().resume();
     }
-    std::fs::write(data_dir.join("api.addr"), format!("{api_addr}\n"))?;
+    // Where the CLI finds this node: the address (https:// when TLS) and
+    // the CA that signed the API's certificate.
+    let api_tls = cfg_tls.as_ref().map(|t| t.server.clone());
+    let scheme = if api_tls.is_some() { "https://" } else { "" };
+    std::fs::write(data_dir.join("api.addr"), format!("{scheme}{api_addr}\n"))?;
+    let ca_copy = data_dir.join(crate::cli_cmd::API_CA);
+    match cfg_tls.as_ref().and_then(|t| t.ca.as_ref()) {
+        Some(ca) => {
+            std::fs::copy(ca, &ca_copy)
+                .with_context(|| format!("copying {} to {}", ca.display(), ca_copy.display()))?;
+        }
+        None => {
+            let _ = std::fs::remove_file(&ca_copy);
+        }
+    }
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let stop_api = Arc::new(std::sync::Mutex::new(Some(stop_api)));
     let tokens = halo_api::Tokens { admin: token, read };
-    let server = tokio::spawn(halo_api::serve(api, node.clone(), tokens, async {
+    let server = tokio::spawn(halo_api::serve(api, node.clone(), tokens, api_tls, async {
         let _ = api_stopped.await;
     }));
     for (name, addr) in node.proxy().listener_addrs() {

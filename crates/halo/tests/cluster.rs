@@ -346,6 +346,19 @@ fn agent_refuses_bad_flags_naming_what_is_accepted() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "halo agent {args:?}: {err}");
     }
+    // An HTTPS API without the CA to check the other nodes by.
+    let dir = halo_testkit::TempDir::new("agent-tls");
+    let (cert, key) = halo_testkit::TestCa::new().issue(&["10.0.0.1"]).write(&dir, "api");
+    let text = format!(
+        "[[listeners]]\nname = \"http\"\nlisten = \"10.0.0.1:8080\"\n\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let file = dir.write("node.toml", &text);
+    let args = ["agent", "--store", "127.0.0.1:1", "--node", "n1", "--advertise", "10.0.0.1", "-c"];
+    let out = std::process::Command::new(BIN).args(args).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node.tls.ca") && err.contains("ca = \"FILE\""), "{err}");
 }
 
 /// web at v2 as a canary on `node` only, in two steps.
@@ -657,4 +670,58 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
     // docs/architecture.md).
     assert_no_failures("an agent upgraded in place", &report);
     assert_eq!(c.instance_processes(), instances, "the upgrade restarted instances");
+}
+
+/// Every node's API over HTTPS (`[node.tls]`, certificates of one CA):
+/// the CLI reaches any node with the CA, and the nodes probe each other
+/// over TLS, so a node killed is still found silent and evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_https_apis_hear_each_other_and_evict_a_dead_one() {
+    let ca = halo_testkit::TestCa::new();
+    let ca_pem = ca.ca_pem();
+    let tls = |nd: &halo_testkit::ClusterNode| {
+        let dir = nd.data_dir.parent().expect("node dir");
+        let leaf = ca.issue(&[&nd.ip.to_string()]);
+        let (cert, key, ca_file) = (dir.join("api.crt"), dir.join("api.key"), dir.join("ca.pem"));
+        std::fs::write(&cert, &leaf.cert_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        format!(
+            "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            ca_file.display()
+        )
+    };
+    let mut c = Cluster::start_with(BIN, 3, &tls);
+    let cli = |c: &Cluster, i: usize, args: &[&str]| {
+        let nd = &c.nodes[i];
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&nd.data_dir)
+            .env("HALO_API", format!("https://{}", nd.api()))
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = cli(&c, 1, &["node", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(["n1", "n2", "n3"].iter().all(|n| out.contains(n)), "{out}");
+    // Plain HTTP to a node's API gets no answer.
+    assert!(halo_testkit::Client::new().get(&format!("http://{}/healthz", c.nodes[0].api())).await.is_err());
+    // Long enough for every node to have heard every other over TLS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.kill_node(2);
+    let evicted = |c: &Cluster| {
+        let (_, out, _) = cli(c, 0, &["events", "-o", "json", "-n", "1000"]);
+        let ev: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+        ev.iter().any(|e| e["kind"] == "evicted" && e["message"].as_str().is_some_and(|m| m.starts_with("n3 ended")))
+    };
+    let start = Instant::now();
+    while !evicted(&c) {
+        assert!(start.elapsed() < Duration::from_secs(20), "n3 was not evicted over TLS probes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -605,3 +605,49 @@ async fn a_damaged_store_is_refused_with_the_way_back_from_the_newest_backup() {
     back.data_dir = Some(restored);
     all_ready(&back, "demo", 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_tls_answers_only_https_and_the_cli_checks_its_certificate() {
+    use halo_testkit::{https_get, TempDir, TestCa};
+    let (ca, other) = (TestCa::new(), TestCa::new());
+    let dir = TempDir::new("api-tls");
+    let (cert, key) = ca.issue(&["127.0.0.1"]).write(&dir, "api");
+    let ca_file = dir.write("ca.pem", &ca.ca_pem());
+    let other_ca = dir.write("other-ca.pem", &other.ca_pem());
+    let tls = format!(
+        "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        ca_file.display()
+    );
+    let h = Halo::up(BIN, &(node(1) + &tls)).unwrap();
+    let api = h.api.unwrap();
+    // HTTPS with the node's certificate; plain HTTP gets no answer.
+    let trusted = ca.client(&[b"h2", b"http/1.1"]);
+    let r = https_get(api, "127.0.0.1", "/healthz", &trusted).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.alpn.as_deref(), Some(&b"http/1.1"[..]), "the API speaks HTTP/1.1 only");
+    assert!(Client::new().get(&format!("http://{api}/healthz")).await.is_err(), "plain HTTP answered");
+    // A client trusting another CA is refused in the handshake.
+    assert!(https_get(api, "127.0.0.1", "/healthz", &other.client(&[b"http/1.1"])).await.is_err());
+    // The CLI finds https:// and the CA in the data directory...
+    let (code, out, err) = h.cli(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("demo"), "{out}");
+    let data = h.data_dir.clone().unwrap();
+    assert!(std::fs::read_to_string(data.join("api.addr")).unwrap().starts_with("https://"));
+    // ...and says what is wrong with another CA, or none.
+    let url = format!("https://{api}");
+    let (code, _, err) = h.cli(&["status", "--api", &url, "--api-ca", &other_ca.to_string_lossy()]);
+    assert!(code != 0 && err.contains("TLS with the halo API") && err.contains("--api-ca"), "{err}");
+    let (code, _, err) = h.cli(&["status", "--api", &url, "--api-ca", "/nonexistent/ca.pem"]);
+    assert!(code != 0 && err.contains("--api-ca FILE") && err.contains("/nonexistent/ca.pem"), "{err}");
+    let (code, _, err) = h.cli(&["status", "--api", "ftp://x"]);
+    assert!(code != 0 && err.contains("https://IP:PORT"), "{err}");
+    // A node file whose certificate cannot be read is refused, naming it.
+    let bad = format!("{}\n[node.tls]\ncert = \"/nonexistent/api.crt\"\nkey = \"{}\"\n", node(1), key.display());
+    let f = dir.write("bad.toml", &bad);
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&f).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node.tls") && err.contains("/nonexistent/api.crt"), "{err}");
+}

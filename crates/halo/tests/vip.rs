@@ -312,7 +312,7 @@ async fn the_floating_ip_moves_off_a_killed_node_and_a_failing_proxy_with_one_ma
 async fn node_metrics(c: &Cluster, i: usize) -> String {
     let api = c.nodes[i].api();
     let token = std::fs::read_to_string(c.nodes[i].data_dir.join("token")).unwrap();
-    let client = halo_api::ApiClient { addr: api, token: token.trim().to_string() };
+    let client = halo_api::ApiClient { addr: api, token: token.trim().to_string(), tls: None };
     let bytes = client.call(http::Method::GET, "/metrics", None, |_| {}).await.unwrap();
     String::from_utf8_lossy(&bytes).into_owned()
 }

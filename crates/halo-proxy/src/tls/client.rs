@@ -83,12 +83,21 @@ impl UpstreamTls {
 
     /// The TLS handshake on a connected socket.
     pub async fn connect(&self, tcp: TcpStream, addr: SocketAddr) -> io::Result<UpIo> {
+        Ok(UpIo::Tls(Box::new(self.handshake(tcp, addr).await?)))
+    }
+
+    /// The TLS handshake on a connected socket, verifying the server as
+    /// `server_name` or else as the address it was reached at.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = match &self.server_name {
             Some(n) => ServerName::try_from(n.clone()).map_err(io::Error::other)?,
             None => ServerName::IpAddress(addr.ip().into()),
         };
-        let tls = self.connector.connect(name, tcp).await?;
-        Ok(UpIo::Tls(Box::new(tls)))
+        self.connector.connect(name, tcp).await
     }
 }
 

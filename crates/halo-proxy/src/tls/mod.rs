@@ -138,6 +138,14 @@ impl TlsListener {
         TlsAcceptor::from(self.config.clone())
     }
 
+    /// The acceptor for a server that speaks HTTP/1.1 only (the admin and
+    /// node APIs): ALPN offers no h2, which a client would otherwise pick.
+    pub fn acceptor_http1(&self) -> TlsAcceptor {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+
     /// The certificates served now.
     pub fn certificates(&self) -> Arc<CertSet> {
         self.resolver.0.load_full()
