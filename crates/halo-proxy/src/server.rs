@@ -69,8 +69,8 @@ pub struct Proxy {
     admin_addr: Option<SocketAddr>,
     /// The admin socket (a duplicate of the one served), to hand over.
     admin_socket: Option<std::net::TcpListener>,
-    /// Listeners bound but not served yet ([`Proxy::resume`]).
-    paused: Mutex<Vec<(ListenerConfig, BoundSet)>>,
+    /// While paused: listeners bound but not served yet ([`Proxy::resume`]).
+    paused: Mutex<Option<Vec<(ListenerConfig, BoundSet)>>>,
 }
 
 /// A listener being served: its configured and bound addresses and the
@@ -183,14 +183,10 @@ impl Proxy {
             listeners: Mutex::new(Vec::new()),
             admin_addr,
             admin_socket,
-            paused: Mutex::new(Vec::new()),
+            paused: Mutex::new(paused.then(Vec::new)),
         });
         for (l, set) in bound {
-            if paused {
-                proxy.paused.lock().unwrap_or_else(|e| e.into_inner()).push((l.clone(), set));
-            } else {
-                proxy.serve_listener(l, set);
-            }
+            proxy.serve_or_hold(l, set);
         }
         if let Some(l) = admin {
             if let Some(addr) = admin_addr {
@@ -256,9 +252,22 @@ impl Proxy {
 
     /// Starts accepting on the listeners of a paused start.
     pub fn resume(&self) {
-        let paused = std::mem::take(&mut *self.paused.lock().unwrap_or_else(|e| e.into_inner()));
-        for (l, set) in paused {
+        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for (l, set) in paused.into_iter().flatten() {
             self.serve_listener(&l, set);
+        }
+    }
+
+    /// Serves a bound listener, or holds it until [`Proxy::resume`] while
+    /// paused.
+    fn serve_or_hold(&self, l: &ListenerConfig, set: BoundSet) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        match paused.as_mut() {
+            Some(held) => held.push((l.clone(), set)),
+            None => {
+                drop(paused);
+                self.serve_listener(l, set);
+            }
         }
     }
 
@@ -299,9 +308,12 @@ impl Proxy {
             return Err(ReloadError::AdminChanged(format!("running {}, file {}", show(old.admin), show(new.admin))));
         }
         let n = sockets_per_listener(&old);
+        // Served, and (during a paused start) bound and held.
         let running: Vec<(String, SocketAddr)> = {
             let ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-            ls.iter().map(|l| (l.name.clone(), l.configured)).collect()
+            let held = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            let held = held.iter().flatten().map(|(l, _)| (l.name.clone(), l.addr));
+            ls.iter().map(|l| (l.name.clone(), l.configured)).chain(held).collect()
         };
         let mut added = Vec::new();
         for l in new.listeners.iter().filter(|l| !running.contains(&(l.name.clone(), l.addr))) {
@@ -323,9 +335,13 @@ impl Proxy {
                 }
                 keep
             });
+            let mut held = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = held.as_mut() {
+                held.retain(|(h, _)| new.listeners.iter().any(|l| l.name == h.name && l.addr == h.addr));
+            }
         }
         for (l, set) in added {
-            self.serve_listener(&l, set);
+            self.serve_or_hold(&l, set);
         }
         Ok(())
     }
@@ -456,5 +472,39 @@ fn sockets_per_listener(c: &Config) -> usize {
         1
     } else {
         c.workers.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A reload during a paused start (a binary upgrade waiting for its
+    /// endpoints) keeps the held listeners held: it neither binds them
+    /// again (the address is this process's already) nor serves them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_while_paused_keeps_the_held_listeners() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let text = format!(
+            "[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:{port}\"\n\n[[routes]]\nupstream = \"u\"\n\n\
+             [upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n"
+        );
+        let cfg = crate::config::parse("test.toml", &text).unwrap();
+        let proxy = Proxy::start_inherited(cfg.clone(), None, None, true).await.unwrap();
+        proxy.reload(cfg).expect("a reload while paused");
+        let ask = || async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut buf = [0u8; 12];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let early = tokio::time::timeout(Duration::from_millis(300), ask()).await;
+        assert!(early.is_err(), "a paused listener answered: {early:?}");
+        proxy.resume();
+        let answer = tokio::time::timeout(Duration::from_secs(10), ask()).await.expect("an answer after resume");
+        assert!(answer.starts_with("HTTP/1.1 5"), "{answer}");
+        proxy.shutdown(Duration::from_millis(100)).await;
     }
 }

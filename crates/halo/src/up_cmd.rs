@@ -136,20 +136,6 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     let cfg_tls = cfg.api_tls.clone();
     let node = Node::start_inherited(cfg, opts, store, inherited.as_mut()).await?;
     drop(inherited);
-    if ready.is_some() {
-        // Accept once every service that had endpoints has them again
-        // (the adopted instances pass their readiness probes).
-        let proxy = node.proxy().clone();
-        let all_back = async {
-            while !wanted.iter().all(|u| proxy.has_available_endpoint(u)) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
-        if tokio::time::timeout(std::time::Duration::from_secs(30), all_back).await.is_err() {
-            tracing::warn!("upgrade: not every service's endpoints are back after 30 s; serving anyway");
-        }
-        node.proxy().resume();
-    }
     // Where the CLI finds this node: the address (https:// when TLS) and
     // the CA that signed the API's certificate.
     let api_tls = cfg_tls.as_ref().map(|t| t.server.clone());
@@ -171,6 +157,23 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     let server = tokio::spawn(halo_api::serve(api, node.clone(), tokens, api_tls, async {
         let _ = api_stopped.await;
     }));
+    if ready.is_some() {
+        // The API answers meanwhile: the other nodes hear this node (an
+        // API silent for a second gets a node evicted). The proxy accepts
+        // once every service that had endpoints has them again (the
+        // adopted instances pass their readiness probes).
+        let proxy = node.proxy().clone();
+        let all_back = async {
+            while !wanted.iter().all(|u| proxy.has_available_endpoint(u)) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(30), all_back).await.is_err() {
+            let missing: Vec<&String> = wanted.iter().filter(|u| !proxy.has_available_endpoint(u)).collect();
+            tracing::warn!(?missing, "upgrade: not every service's endpoints are back after 30 s; serving anyway");
+        }
+        node.proxy().resume();
+    }
     for (name, addr) in node.proxy().listener_addrs() {
         println!("listening {name} {addr}");
     }
