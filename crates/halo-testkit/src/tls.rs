@@ -59,6 +59,17 @@ impl TestCa {
         self.issue_until(names, false)
     }
 
+    /// A self-signed certificate for `names` that says it is a CA, as
+    /// `openssl req -x509` makes them: its own trust anchor.
+    pub fn self_signed(names: &[&str]) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-signed certificate");
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+    }
+
     /// A certificate that expired on 2020-01-01.
     pub fn issue_expired(&self, names: &[&str]) -> Leaf {
         self.issue_until(names, true)

@@ -644,6 +644,19 @@ async fn the_api_over_tls_answers_only_https_and_the_cli_checks_its_certificate(
     assert!(code != 0 && err.contains("--api-ca FILE") && err.contains("/nonexistent/ca.pem"), "{err}");
     let (code, _, err) = h.cli(&["status", "--api", "ftp://x"]);
     assert!(code != 0 && err.contains("https://IP:PORT"), "{err}");
+    // A self-signed certificate (openssl req -x509: it says it is a CA) is
+    // its own `ca`: the CLI trusts exactly that certificate.
+    let own = TestCa::self_signed(&["127.0.0.1"]);
+    let (own_cert, own_key) = own.write(&dir, "own");
+    let own_tls = format!(
+        "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        own_cert.display(),
+        own_key.display(),
+        own_cert.display()
+    );
+    let h2 = Halo::up(BIN, &(node(1) + &own_tls)).unwrap();
+    let (code, out, err) = h2.cli(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
     // A node file whose certificate cannot be read is refused, naming it.
     let bad = format!("{}\n[node.tls]\ncert = \"/nonexistent/api.crt\"\nkey = \"{}\"\n", node(1), key.display());
     let f = dir.write("bad.toml", &bad);
