@@ -20,10 +20,10 @@
 //! stale report is never counted; a node cut off from the others cannot
 //! reach a majority of the store to revoke anything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halo_store::{LeaseId, StoreError};
 
@@ -41,6 +41,13 @@ const RETRY: Duration = Duration::from_millis(100);
 /// for a moment (a busy machine) only loses traffic for that moment.
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a node marked as upgrading (`/halo/upgrading/NODE`, from when
+/// this node first saw the mark) is spared: its API is silent while the
+/// new process starts. A handover that takes longer, or one whose
+/// processes died, is judged like any other silence, and a node whose
+/// processes died loses its lease anyway.
+pub const UPGRADE_GRACE: Duration = Duration::from_secs(10);
+
 /// Publishes this node's silent set and revokes the leases of nodes a
 /// majority finds silent (the node's task list aborts it).
 pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
@@ -49,6 +56,7 @@ pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
     // What this node's report says, and on which lease.
     let mut published: Option<(LeaseId, BTreeSet<String>)> = None;
     let mut revoked: BTreeSet<LeaseId> = BTreeSet::new();
+    let mut upgrading: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
         let mine = peers.silent_nodes();
         let mut retry = false;
@@ -63,8 +71,12 @@ pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
                 }
             }
             let st = view.current();
-            let long: BTreeSet<String> =
-                mine.iter().filter(|n| peers.silent(n).is_some_and(|d| d >= EVICT_AFTER)).cloned().collect();
+            upgrading.retain(|n, _| st.upgrading.contains(n));
+            for n in &st.upgrading {
+                upgrading.entry(n.clone()).or_insert_with(Instant::now);
+            }
+            let spared = |n: &str| upgrading.get(n).is_some_and(|t| t.elapsed() < UPGRADE_GRACE);
+            let long = silent_long(&mine, |n| peers.silent(n), spared);
             retry |= long.len() < mine.len();
             for (node, lease) in evictable(&st, &m.cfg.node, &mine, &long) {
                 if revoked.contains(&lease) {
@@ -124,6 +136,16 @@ async fn evict(
     let why = format!("{node} ended: {} of {} nodes found it silent", reporters.len(), st.nodes.len());
     m.events.warn("evicted", None, None, why);
     Ok(())
+}
+
+/// The nodes of `mine` silent for [`EVICT_AFTER`] by `silent_for`, but
+/// those `spared` (upgrading).
+fn silent_long(
+    mine: &BTreeSet<String>,
+    silent_for: impl Fn(&str) -> Option<Duration>,
+    spared: impl Fn(&str) -> bool,
+) -> BTreeSet<String> {
+    mine.iter().filter(|n| !spared(n) && silent_for(n).is_some_and(|d| d >= EVICT_AFTER)).cloned().collect()
 }
 
 /// The nodes `me` has found silent for [`EVICT_AFTER`] (`long`, among
@@ -207,6 +229,14 @@ mod tests {
     fn a_node_silent_for_a_moment_keeps_its_lease() {
         let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"]), ("n2", &["n3"])]);
         assert!(evictable(&st, "n1", &set(&["n3"]), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn an_upgrading_node_is_spared_and_a_moment_of_silence_is_not_enough() {
+        let mine = set(&["n2", "n3"]);
+        let silent_for = |n: &str| Some(Duration::from_millis(if n == "n2" { 1500 } else { 600 }));
+        assert_eq!(silent_long(&mine, silent_for, |_| false), set(&["n2"]));
+        assert!(silent_long(&mine, silent_for, |n| n == "n2").is_empty());
     }
 
     #[test]

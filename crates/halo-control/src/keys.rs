@@ -17,6 +17,7 @@
 //! | `/halo/rollouts/NAME` | [`RolloutRecord`] | none | the leader only, fenced by its token |
 //! | `/halo/rollout-commands/NAME` | [`RolloutCommand`] | none | the API (`halo rollout promote/abort`); the leader deletes it when it acts |
 //! | `/halo/silent/NODE` | the nodes NODE finds silent, a JSON list of names | the node's | each node, while any is silent ([`crate::evict`]) |
+//! | `/halo/upgrading/NODE` | the pid of the process handing over, text | none | a node's old process during a binary upgrade; the node deletes it at every start ([`crate::evict`] spares the node meanwhile) |
 //! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress |
 //! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
 //! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
@@ -49,6 +50,7 @@ pub const ROLLOUTS: &str = "/halo/rollouts/";
 pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
 pub const STATS: &str = "/halo/stats/";
 pub const SILENT: &str = "/halo/silent/";
+pub const UPGRADING: &str = "/halo/upgrading/";
 pub const VIPS: &str = "/halo/vips/";
 pub const VIP_NODES: &str = "/halo/vip-nodes/";
 pub const EVENTS: &str = "/halo/events/";
@@ -92,6 +94,10 @@ pub fn rollout_command_key(service: &str) -> String {
 
 pub fn silent_key(node: &str) -> String {
     format!("{SILENT}{node}")
+}
+
+pub fn upgrading_key(node: &str) -> String {
+    format!("{UPGRADING}{node}")
 }
 
 pub fn stats_key(node: &str) -> String {

@@ -235,6 +235,11 @@ impl Node {
         let node = Node { r, requests, backups, tasks: Arc::default(), vips, history };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
+        // A handover (or one that died half way) is over: this process
+        // serves the node's API from now on.
+        if let Err(e) = store.delete(&crate::keys::upgrading_key(&opts.cluster.node)).await {
+            tracing::warn!(error = %e, "could not clear this node's upgrade mark");
+        }
         tasks.push(tokio::spawn(m.clone().run_lease()));
         tasks.push(tokio::spawn(m.clone().follow_drivers(drivers)));
         tasks.push(tokio::spawn(crate::evict::run(m.clone(), view.clone(), node.r.peers.clone())));
@@ -585,6 +590,12 @@ impl Node {
     /// view, and closes the store, so the new process can open it and
     /// adopt the instances. The proxy serves on until [`Node::detach`].
     pub async fn release(&self) {
+        // The other nodes spare this one while its API is silent.
+        let key = crate::keys::upgrading_key(&self.r.m.cfg.node);
+        let pid = std::process::id().to_string();
+        if let Err(e) = self.r.store.put(&key, pid.into_bytes(), None).await {
+            tracing::warn!(error = %e, "could not tell the cluster this node is upgrading");
+        }
         self.r.detach_all();
         for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::keys::{
     Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, ServiceRecord,
     VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT,
-    SERVICES, SILENT, STATS, VIPS, VIP_NODES,
+    SERVICES, SILENT, STATS, UPGRADING, VIPS, VIP_NODES,
 };
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
 
@@ -105,6 +105,8 @@ pub struct ClusterState {
     pub stats: BTreeMap<String, NodeStats>,
     /// The nodes each node finds silent, by reporting node.
     pub silent: BTreeMap<String, BTreeSet<String>>,
+    /// Nodes handing over to a new process (binary upgrade).
+    pub upgrading: BTreeSet<String>,
     /// Floating IPs held, by address: the holder and its fencing token.
     pub vips: BTreeMap<String, HeldVip>,
     /// Each floating IP's candidate nodes, by address then node.
@@ -198,6 +200,8 @@ impl ClusterState {
             if let Ok(n) = serde_json::from_slice::<NodeStats>(&kv.value) {
                 self.stats.insert(node.to_string(), n);
             }
+        } else if let Some(node) = key.strip_prefix(UPGRADING) {
+            self.upgrading.insert(node.to_string());
         } else if let Some(node) = key.strip_prefix(SILENT) {
             if let Ok(s) = serde_json::from_slice::<BTreeSet<String>>(&kv.value) {
                 self.silent.insert(node.to_string(), s);
@@ -238,6 +242,8 @@ impl ClusterState {
             self.stats.remove(id);
         } else if key.starts_with(SILENT) {
             self.silent.remove(id);
+        } else if key.starts_with(UPGRADING) {
+            self.upgrading.remove(id);
         } else if let Some(ip) = key.strip_prefix(VIPS) {
             self.vips.remove(ip);
         } else if let Some((ip, node)) = key.strip_prefix(VIP_NODES).and_then(|r| r.split_once('/')) {

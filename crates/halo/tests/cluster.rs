@@ -649,6 +649,8 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
     let instances = c.instance_processes();
     let l = load(&c);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The old process marks the node as upgrading while it hands over.
+    let mut marks = store.watch(halo_control::keys::UPGRADING, 0).await.unwrap();
     let data = c.nodes[v].data_dir.clone();
     let pid = halo_testkit::upgrade(BIN, &["--data-dir".as_ref(), data.as_os_str()]).expect("halo upgrade");
     assert_ne!(pid, old);
@@ -670,6 +672,16 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
     // docs/architecture.md).
     assert_no_failures("an agent upgraded in place", &report);
     assert_eq!(c.instance_processes(), instances, "the upgrade restarted instances");
+    // Its API was silent while the new process started: the others spared it.
+    let (_, out, _) = c.cli((v + 1) % 3, &["events", "-o", "json", "-n", "1000"]);
+    let ev: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let evicted = ev.iter().any(|e| e["kind"] == "evicted");
+    assert!(!evicted, "the upgraded node was evicted: {ev:?}");
+    let st = state_now(&store).await;
+    assert!(st.upgrading.is_empty(), "an upgrade mark was left: {:?}", st.upgrading);
+    let first = tokio::time::timeout(Duration::from_secs(1), marks.next()).await.ok().flatten().unwrap_or_default();
+    let marked = first.iter().any(|e| e.kind == EventKind::Put && e.kv.key.ends_with(&format!("/{name}")));
+    assert!(marked, "no upgrade mark for {name}: {first:?}");
 }
 
 /// Every node's API over HTTPS (`[node.tls]`, certificates of one CA):
