@@ -12,10 +12,10 @@
 //! nodes find silent loses its lease ([`crate::evict`]), and placements
 //! move once the lease is gone.
 //!
-//! A node that hears from no one and cannot renew its own lease is the one
-//! cut off, and one whose probe rounds stalled was frozen itself: either
-//! forgets what it heard, and judges a node again only once that node has
-//! answered since.
+//! A node that hears from none of two or more others (or, with one other,
+//! cannot renew its own lease either) is the one cut off, and one whose
+//! probe rounds stalled was frozen itself: either forgets what it heard,
+//! and judges a node again only once that node has answered since.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -115,7 +115,13 @@ impl Peers {
                 let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
                 heard.retain(|n, _| st.nodes.contains_key(n));
                 let any = heard.values().any(|p| p.last_ok.elapsed() < SUSPECT_AFTER && p.answered);
-                if stalled || (!any && !(self.own_lease)()) {
+                // Hearing none of several nodes, this one is the one cut
+                // off (its own lease may not have run out yet: judging the
+                // others by what it heard before would, once back, take
+                // their floating IPs). With one other node, only its own
+                // lease can tell.
+                let alone = !any && (heard.len() > 1 || !(self.own_lease)());
+                if stalled || alone {
                     heard.values_mut().for_each(|p| p.answered = false);
                 }
                 heard.iter().filter(|(_, p)| p.silent().is_some()).map(|(n, _)| n.clone()).collect()

@@ -412,7 +412,10 @@ impl Vips {
                 }
                 (Some(h), _) => {
                     t.absent_since = None;
-                    if me.eligible && me.healthy {
+                    // A holder handing over to a new process (binary
+                    // upgrade) is silent for a moment; its VIP lease's TTL
+                    // still bounds how long a dead one keeps the key.
+                    if me.eligible && me.healthy && !st.upgrading.contains(&h.holder.node) {
                         self.watch_holder(l, &h, t).await;
                     }
                 }
