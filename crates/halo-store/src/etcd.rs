@@ -19,7 +19,7 @@
 //! sends requests to a dead member and fails them, hence this.
 //!
 //! Every member is asked its status every [`HEALTH_EVERY`]: the pin moves
-//! past members that did not answer (with a leader) and off the pinned one
+//! past members that did not answer (with a leader) twice in a row, and off the pinned one
 //! as soon as it stops. A request that is safe to send twice goes to the
 //! next member when its own does not answer ([`Again`]): a frozen member,
 //! or a follower holding a proposal for a leader that just died, would
@@ -346,9 +346,11 @@ enum Again {
 async fn check_members(members: std::sync::Weak<Members>) {
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut misses: Vec<u32> = Vec::new();
     loop {
         every.tick().await;
         let Some(m) = members.upgrade() else { return };
+        misses.resize(m.clients.len(), 0);
         let asks: Vec<_> = m
             .clients
             .iter()
@@ -360,10 +362,12 @@ async fn check_members(members: std::sync::Weak<Members>) {
                 })
             })
             .collect();
-        let mut answers = Vec::with_capacity(asks.len());
-        for a in asks {
-            answers.push(a.await.unwrap_or(false));
+        for (i, a) in asks.into_iter().enumerate() {
+            // Two misses in a row: one slow answer on a busy machine
+            // moves nothing.
+            misses[i] = if a.await.unwrap_or(false) { 0 } else { misses[i] + 1 };
         }
+        let answers: Vec<bool> = misses.iter().map(|n| *n < 2).collect();
         for (h, ok) in m.healthy.iter().zip(&answers) {
             h.store(*ok, Ordering::Relaxed);
         }

@@ -12,13 +12,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use halo_control::keys::{assignment_key, Assignment, LEADER};
 use halo_control::state::ClusterState;
-use halo_store::{EtcdStore, EventKind, Store};
+use halo_store::{EtcdStore, Store};
 use halo_testkit::{web_service as service, Cluster};
 
 /// Which node a fault hits.
@@ -377,19 +376,9 @@ async fn a_canary_runs_only_on_its_node_and_survives_the_leader() {
     let st = state_now(&store).await;
     let leader = leader_index(&c, &st);
     let canary_node = c.nodes[(leader + 1) % 3].name.clone();
-    // Every write of the rollout record, in order: (step, state, token).
-    let history = Arc::new(Mutex::new(Vec::<(usize, String, i64)>::new()));
-    let mut w = store.watch("/halo/rollouts/web", 0).await.unwrap();
-    let h = history.clone();
-    let watcher = tokio::spawn(async move {
-        while let Some(batch) = w.next().await {
-            for e in batch.into_iter().filter(|e| e.kind == EventKind::Put) {
-                let r: halo_control::keys::RolloutRecord = serde_json::from_slice(&e.kv.value).unwrap();
-                let state = serde_json::to_value(r.state).unwrap().as_str().unwrap().to_string();
-                h.lock().unwrap().push((r.step, state, r.token));
-            }
-        }
-    });
+    // Every write of the rollout record, in order (the observer resumes
+    // its watch when the member it watched moves).
+    let obs = Observer::start(&store).await;
     let l = load(&c);
     let dir = halo_testkit::TempDir::new("canary");
     let f = dir.write("web.toml", &canary_on(&canary_node));
@@ -418,9 +407,20 @@ async fn a_canary_runs_only_on_its_node_and_survives_the_leader() {
     println!("canary on {canary_node}: promoted {promoted:?} after the leader's agent was killed mid-step");
     c.start_agent(leader);
     let report = l.finish().await;
-    watcher.abort();
     assert_no_failures("canary across a leader failover", &report);
-    let h = history.lock().unwrap().clone();
+    // (step, state, token) of every write of web's rollout record.
+    let h: Vec<(usize, String, i64)> = obs
+        .history
+        .lock()
+        .unwrap()
+        .marks
+        .iter()
+        .filter(|(k, _)| k == "/halo/rollouts/web")
+        .map(|(_, v)| {
+            let r: halo_control::keys::RolloutRecord = serde_json::from_slice(v).unwrap();
+            (r.step, serde_json::to_value(r.state).unwrap().as_str().unwrap().to_string(), r.token)
+        })
+        .collect();
     let steps: Vec<usize> = h.iter().map(|(s, _, _)| *s).collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "a step went back: {h:?}");
     assert!(steps.contains(&0) && steps.contains(&1), "a step was skipped: {h:?}");
@@ -650,7 +650,7 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
     let l = load(&c);
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The old process marks the node as upgrading while it hands over.
-    let mut marks = store.watch(halo_control::keys::UPGRADING, 0).await.unwrap();
+    let obs = Observer::start(&store).await;
     let data = c.nodes[v].data_dir.clone();
     let pid = halo_testkit::upgrade(BIN, &["--data-dir".as_ref(), data.as_os_str()]).expect("halo upgrade");
     assert_ne!(pid, old);
@@ -679,9 +679,9 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_keeps_its_instances() {
     assert!(!evicted, "the upgraded node was evicted: {ev:?}");
     let st = state_now(&store).await;
     assert!(st.upgrading.is_empty(), "an upgrade mark was left: {:?}", st.upgrading);
-    let first = tokio::time::timeout(Duration::from_secs(1), marks.next()).await.ok().flatten().unwrap_or_default();
-    let marked = first.iter().any(|e| e.kind == EventKind::Put && e.kv.key.ends_with(&format!("/{name}")));
-    assert!(marked, "no upgrade mark for {name}: {first:?}");
+    let mark = halo_control::keys::upgrading_key(&name);
+    let marks = obs.history.lock().unwrap().marks.clone();
+    assert!(marks.iter().any(|(k, _)| *k == mark), "no upgrade mark for {name}: {marks:?}");
 }
 
 /// Every node's API over HTTPS (`[node.tls]`, certificates of one CA):

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use halo_control::keys::{Assignment, ASSIGNMENTS, LEADER};
+use halo_control::keys::{Assignment, ASSIGNMENTS, LEADER, ROLLOUTS, UPGRADING};
 use halo_control::state::{read_state, ClusterState};
 use halo_store::{EtcdStore, EventKind, Store};
 use halo_testkit::{web_service as service, Cluster, RetryLoad, RetryReport};
@@ -22,6 +22,8 @@ pub struct History {
     pub assignments: Vec<(i64, i64, String, String)>,
     /// (create revision, node) of every leader key put.
     pub leaders: Vec<(i64, String)>,
+    /// (key, value) of every put of a rollout record or an upgrade mark.
+    pub marks: Vec<(String, Vec<u8>)>,
 }
 
 /// Watches the whole cluster prefix for the test's lifetime.
@@ -50,6 +52,8 @@ impl Observer {
                             h.assignments.push((e.kv.mod_revision, a.token, a.placement.id, a.placement.node));
                         } else if e.kv.key == LEADER {
                             h.leaders.push((e.kv.create_revision, String::from_utf8_lossy(&e.kv.value).into()));
+                        } else if e.kv.key.starts_with(ROLLOUTS) || e.kv.key.starts_with(UPGRADING) {
+                            h.marks.push((e.kv.key.clone(), e.kv.value.clone()));
                         }
                     }
                 }
