@@ -32,7 +32,7 @@ pub use grpc::{grpc_call, GrpcReply, GrpcServer};
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{alive, processes_of, upgrade, Halo, Reaper};
 pub use rng::Rng;
-pub use tls::{https_get, https_h2_get, HttpsReply, HttpsServer, Leaf, TestCa};
+pub use tls::{https_get, https_h2_get, node_tls, HttpsReply, HttpsServer, Leaf, TestCa};
 pub use ws::{WsClient, WsEcho};
 
 /// The quickstart's node file (`examples/quickstart.toml`) on free ports,

@@ -226,3 +226,9 @@ impl Drop for HttpsServer {
         self.accept.abort();
     }
 }
+
+/// A node file's `[node.tls]` section serving `cert` and `key`, trusting
+/// `ca` for the other nodes.
+pub fn node_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> String {
+    format!("\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n", cert.display(), key.display(), ca.display())
+}

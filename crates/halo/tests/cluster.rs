@@ -698,12 +698,7 @@ async fn nodes_with_https_apis_hear_each_other_and_evict_a_dead_one() {
         std::fs::write(&cert, &leaf.cert_pem).unwrap();
         std::fs::write(&key, &leaf.key_pem).unwrap();
         std::fs::write(&ca_file, &ca_pem).unwrap();
-        format!(
-            "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-            cert.display(),
-            key.display(),
-            ca_file.display()
-        )
+        halo_testkit::node_tls(&cert, &key, &ca_file)
     };
     let mut c = Cluster::start_with(BIN, 3, &tls);
     let cli = |c: &Cluster, i: usize, args: &[&str]| {

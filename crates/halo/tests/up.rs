@@ -608,19 +608,13 @@ async fn a_damaged_store_is_refused_with_the_way_back_from_the_newest_backup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_over_tls_answers_only_https_and_the_cli_checks_its_certificate() {
-    use halo_testkit::{https_get, TempDir, TestCa};
+    use halo_testkit::{https_get, node_tls, TempDir, TestCa};
     let (ca, other) = (TestCa::new(), TestCa::new());
     let dir = TempDir::new("api-tls");
     let (cert, key) = ca.issue(&["127.0.0.1"]).write(&dir, "api");
     let ca_file = dir.write("ca.pem", &ca.ca_pem());
     let other_ca = dir.write("other-ca.pem", &other.ca_pem());
-    let tls = format!(
-        "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-        cert.display(),
-        key.display(),
-        ca_file.display()
-    );
-    let h = Halo::up(BIN, &(node(1) + &tls)).unwrap();
+    let h = Halo::up(BIN, &(node(1) + &node_tls(&cert, &key, &ca_file))).unwrap();
     let api = h.api.unwrap();
     // HTTPS with the node's certificate; plain HTTP gets no answer.
     let trusted = ca.client(&[b"h2", b"http/1.1"]);
@@ -648,13 +642,7 @@ async fn the_api_over_tls_answers_only_https_and_the_cli_checks_its_certificate(
     // its own `ca`: the CLI trusts exactly that certificate.
     let own = TestCa::self_signed(&["127.0.0.1"]);
     let (own_cert, own_key) = own.write(&dir, "own");
-    let own_tls = format!(
-        "\n[node.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-        own_cert.display(),
-        own_key.display(),
-        own_cert.display()
-    );
-    let h2 = Halo::up(BIN, &(node(1) + &own_tls)).unwrap();
+    let h2 = Halo::up(BIN, &(node(1) + &node_tls(&own_cert, &own_key, &own_cert))).unwrap();
     let (code, out, err) = h2.cli(&["status"]);
     assert_eq!(code, 0, "{out}{err}");
     // A node file whose certificate cannot be read is refused, naming it.

@@ -52,7 +52,7 @@ impl UpstreamTls {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS setup: {e}"))?;
-        let mut cfg = if verify {
+        let verifier = if verify {
             let Some(path) = &ca else {
                 return Err(
                     "verification needs ca = \"FILE\" (a PEM bundle of the CAs to trust), or verify = false".into()
@@ -75,11 +75,11 @@ impl UpstreamTls {
             let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            let verifier = Arc::new(ChainOrPinned { chain, pinned, provider: provider.clone() });
-            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
+            Verifier { chain: Some((chain, pinned)), provider }
         } else {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
+            Verifier { chain: None, provider }
         };
+        let mut cfg = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth();
         cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         if let Some(n) = &server_name {
             ServerName::try_from(n.clone()).map_err(|e| format!("server_name '{n}': {e}"))?;
@@ -107,18 +107,19 @@ impl UpstreamTls {
     }
 }
 
-/// `verify = true`: a certificate chained to the CA file's, or one of the
-/// file's own certificates presented as is. The second is what a
-/// self-signed certificate made with `openssl req -x509` needs: it says
-/// it is a CA, which webpki refuses as a server's certificate.
+/// Who the server may be. `verify = true` (`chain`): a certificate
+/// chained to the CA file's, or one of the file's own certificates
+/// presented as is, which is what a self-signed certificate made with
+/// `openssl req -x509` needs (it says it is a CA, and webpki refuses a CA
+/// as a server's certificate). `verify = false`: anyone. Handshake
+/// signatures are checked either way, so the connection is TLS.
 #[derive(Debug)]
-struct ChainOrPinned {
-    chain: Arc<rustls::client::WebPkiServerVerifier>,
-    pinned: Vec<CertificateDer<'static>>,
+struct Verifier {
+    chain: Option<(Arc<rustls::client::WebPkiServerVerifier>, Vec<CertificateDer<'static>>)>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOrPinned {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end: &CertificateDer<'_>,
@@ -127,9 +128,10 @@ impl ServerCertVerifier for ChainOrPinned {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.chain.verify_server_cert(end, intermediates, name, ocsp, now) {
+        let Some((chain, pinned)) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end, intermediates, name, ocsp, now) {
             Ok(v) => Ok(v),
-            Err(_) if self.pinned.iter().any(|p| p.as_ref() == end.as_ref()) => Ok(ServerCertVerified::assertion()),
+            Err(_) if pinned.iter().any(|p| p.as_ref() == end.as_ref()) => Ok(ServerCertVerified::assertion()),
             Err(e) => Err(e),
         }
     }
@@ -154,45 +156,5 @@ impl ServerCertVerifier for ChainOrPinned {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify = false`: any certificate is taken (signatures are still
-/// checked, so the handshake is TLS, but not who the peer is).
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

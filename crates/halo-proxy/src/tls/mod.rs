@@ -90,6 +90,8 @@ pub struct TlsListener {
     pub min_version: MinVersion,
     resolver: Arc<Resolver>,
     config: Arc<rustls::ServerConfig>,
+    /// The same, offering HTTP/1.1 only by ALPN.
+    config_http1: Arc<rustls::ServerConfig>,
     /// The files as last read (modified time and length), to see changes.
     stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
@@ -131,7 +133,10 @@ impl TlsListener {
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| vec![(0, format!("TLS tickets: {e}"))])?;
-        Ok(TlsListener { files, min_version, resolver, config: Arc::new(config), stamps: Mutex::new(stamps) })
+        let mut http1 = config.clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (config, config_http1) = (Arc::new(config), Arc::new(http1));
+        Ok(TlsListener { files, min_version, resolver, config, config_http1, stamps: Mutex::new(stamps) })
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -141,9 +146,7 @@ impl TlsListener {
     /// The acceptor for a server that speaks HTTP/1.1 only (the admin and
     /// node APIs): ALPN offers no h2, which a client would otherwise pick.
     pub fn acceptor_http1(&self) -> TlsAcceptor {
-        let mut config = (*self.config).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        TlsAcceptor::from(Arc::new(config))
+        TlsAcceptor::from(self.config_http1.clone())
     }
 
     /// The certificates served now.
