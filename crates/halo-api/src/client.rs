@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
+
+use halo_control::dial::exchange;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -89,31 +90,4 @@ impl ApiClient {
         }
         Ok(Bytes::from(all))
     }
-}
-
-/// One request on a connected socket; the status and the whole body, each
-/// chunk of a successful answer also given to `on_chunk` as it arrives.
-async fn exchange<IO>(
-    io: IO,
-    req: Request<Full<Bytes>>,
-    on_chunk: &mut impl FnMut(&[u8]),
-) -> Result<(StatusCode, Vec<u8>), ClientError>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
-    let resp = send.send_request(req).await?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    let mut all = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            if status.is_success() {
-                on_chunk(&data);
-            }
-            all.extend_from_slice(&data);
-        }
-    }
-    Ok((status, all))
 }

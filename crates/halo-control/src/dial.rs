@@ -37,7 +37,7 @@ impl Dialer {
         let tcp = tokio::net::TcpStream::connect(api).await.map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
         if !https {
-            return exchange(tcp, req).await;
+            return exchange(tcp, req, &mut |_| {}).await.map(body).map_err(|e| e.to_string());
         }
         let Some(tls) = &self.tls else {
             return Err(format!(
@@ -46,18 +46,38 @@ impl Dialer {
             ));
         };
         let io = tls.handshake(tcp, api).await.map_err(|e| format!("TLS with {api}: {e}"))?;
-        exchange(io, req).await
+        exchange(io, req, &mut |_| {}).await.map(body).map_err(|e| e.to_string())
     }
 }
 
-async fn exchange<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String>
+fn body((status, all): (StatusCode, Vec<u8>)) -> (StatusCode, Bytes) {
+    (status, Bytes::from(all))
+}
+
+/// One HTTP/1.1 request on a connected socket (plain or TLS): the status
+/// and the whole body, each chunk of a successful answer also given to
+/// `on_chunk` as it arrives (the CLI's log following).
+pub async fn exchange<IO>(
+    io: IO,
+    req: Request<Full<Bytes>>,
+    on_chunk: &mut impl FnMut(&[u8]),
+) -> Result<(StatusCode, Vec<u8>), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, body))
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if status.is_success() {
+                on_chunk(&data);
+            }
+            all.extend_from_slice(&data);
+        }
+    }
+    Ok((status, all))
 }

@@ -268,9 +268,26 @@ async fn wait_returns_when_a_change_is_done_or_says_how_it_failed() {
     let status = h.status();
     let ready = status["services"][0]["instances"].as_array().unwrap().iter().filter(|i| i["ready"] == true).count();
     assert_eq!(ready, 2, "--wait returned before both were ready");
+    let ids = |s: &serde_json::Value| -> Vec<(String, bool, bool)> {
+        let list = s["services"][0]["instances"].as_array().unwrap();
+        list.iter()
+            .filter(|i| i["stopping"] != true)
+            .map(|i| (i["id"].as_str().unwrap().to_string(), i["ready"] == true, i["current"] == true))
+            .collect()
+    };
+    let before = ids(&status);
     let (code, out, err) = h.cli(&["restart", "demo", "--wait"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("of the old revision to replace") && out.contains("done after"), "{out}");
+    // What it printed between polls depends on how fast the instances
+    // start; what it waited for does not: two ready instances of the new
+    // revision, none of the old left (but some may still be stopping).
+    assert!(out.starts_with("demo: ") && out.contains("done after"), "{out}");
+    let after = ids(&h.status());
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        after.iter().all(|(id, ready, current)| *ready && *current && !before.iter().any(|b| &b.0 == id)),
+        "--wait returned before the restart replaced both: {before:?} then {after:?}"
+    );
     let crashy = "name = \"crashy\"\n[run]\ncommand = \"sh\"\nargs = [\"-c\", \"exit 3\"]\n\
                   [restart]\nbackoff_initial = \"50ms\"\n[[routes]]\nhost = \"crashy.localhost\"\n";
     let (code, _, err) = h.cli_with_input(&["apply", "-f", "-", "--wait", "--timeout", "60s"], crashy);
