@@ -236,8 +236,13 @@ impl H1Conn {
         // length must not reach the client, which gets the body re-framed.
         let drop_length = framing.transfer_encoding.is_some();
         let skip = |name: &str| {
-            // A 101 says what it switched to.
-            (is_hop_by_hop(name) && !(switching && name.eq_ignore_ascii_case("upgrade")))
+            // A 101 says what it switched to: its `Upgrade` stays, though
+            // hop-by-hop and named by its `Connection: Upgrade` (RFC 6455
+            // 4.1: a client refuses a handshake without it).
+            if switching && name.eq_ignore_ascii_case("upgrade") {
+                return false;
+            }
+            is_hop_by_hop(name)
                 || (drop_length && name.eq_ignore_ascii_case("content-length"))
                 || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
         };

@@ -20,6 +20,7 @@ use crate::error::ProxyError;
 use crate::h1::UpgradeRequested;
 use crate::headers;
 use crate::metrics::{class_index, ListenerStats, UpstreamStats};
+use crate::path::PathPolicy;
 use crate::pool::{ConnectError, Pooled, Sender};
 use crate::router::{self, Route};
 use crate::server::Shared;
@@ -44,8 +45,10 @@ pub struct Downstream {
     pub stats: Arc<ListenerStats>,
     pub client: SocketAddr,
     /// The client address as forwarding headers spell it, made once per
-    /// connection rather than per request.
+    /// connection, rather than per request.
     pub client_ip: headers::ClientIp,
+    /// The listener's path rules.
+    pub paths: PathPolicy,
 }
 
 /// A successful exchange with an endpoint.
@@ -80,6 +83,12 @@ pub async fn handle(
         let mut r = error_response(&e, None);
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(r);
+    }
+    // Routed by, and forwarded with, the path the upstream will resolve.
+    match down.paths.apply(&parts.uri) {
+        Ok(None) => {}
+        Ok(Some(uri)) => parts.uri = uri,
+        Err(why) => return Ok(error_response(&ProxyError::BadRequest(why), None)),
     }
     let found = {
         let host = router::host(&parts);
@@ -160,32 +169,32 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// What RFC 9112 requires of a request before it may be forwarded: HTTP/1.1
-/// needs exactly one Host, an absolute-form target's authority must be
-/// that Host, and CONNECT (a tunnel) is refused. (Framing errors, as a
+/// What RFC 9112 requires of a request before it may be forwarded, so that
+/// it has one authority, the one it is routed by and the upstream
+/// receives: at most one Host in every HTTP version, HTTP/1.1 needs one,
+/// an absolute-form target's authority (or HTTP/2's `:authority`) must be
+/// that Host when both are given, and CONNECT (a tunnel) is refused. (Framing errors, as a
 /// body framed by both Transfer-Encoding and Content-Length, are refused
 /// by the HTTP/1.1 codec before a request exists: `h1/head.rs`.)
 fn strict(parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
-    if parts.version != http::Version::HTTP_11 {
-        // HTTP/1.0 may omit Host; HTTP/2 carries :authority instead.
-        return Ok(());
-    }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let Some(host) = hosts.next() else {
-        return Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"));
-    };
+    let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
-    if let Some(authority) = parts.uri.authority() {
-        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
-            return Err(ProxyError::BadRequest("the Host header differs from the request target's authority"));
+    match (host, parts.uri.authority()) {
+        // HTTP/1.0 may omit Host; HTTP/2 carries :authority instead.
+        (None, None) if parts.version == http::Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"))
         }
+        (Some(host), Some(authority)) if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) => {
+            Err(ProxyError::BadRequest("the Host header differs from the request target's authority"))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn record(route: &Route, out: &Outcome, class: usize, start: Instant) {

@@ -28,7 +28,16 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
     ]
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Headers a message keeps even when its `Connection` header names them:
+/// what routes and frames it (Host, Content-Length) and what halo itself
+/// sets (the request id). Naming Host in `Connection` would otherwise send
+/// the upstream a request without one.
+fn protected() -> [&'static HeaderName; 3] {
+    [&header::HOST, &header::CONTENT_LENGTH, &X_REQUEST_ID]
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header
+/// names (but never the [`protected`] ones).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the (few) names, noting which hop-by-hop ones are there:
     // most messages carry none or only `Connection: keep-alive`, and every
@@ -50,7 +59,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                     continue;
                 }
                 if let Ok(n) = HeaderName::try_from(token) {
-                    named.push(n);
+                    if !protected().contains(&&n) {
+                        named.push(n);
+                    }
                 }
             }
         }
@@ -159,6 +170,16 @@ mod tests {
         h.insert("x-b", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
+        // What routes, frames and identifies the request stays.
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, host, Content-Length, x-request-id, x-gone".parse().unwrap());
+        for n in ["host", "content-length", "x-request-id", "x-gone"] {
+            h.insert(HeaderName::from_static(n), "1".parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "host", "x-request-id"]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod history;
 mod listener;
 pub mod metrics;
 mod overload;
+pub mod path;
 mod pool;
 mod proxy_protocol;
 mod registry;

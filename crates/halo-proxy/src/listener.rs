@@ -23,6 +23,7 @@ use crate::conn::Conn;
 use crate::forward::{self, Downstream};
 use crate::h1;
 use crate::metrics::ListenerStats;
+use crate::path::PathPolicy;
 use crate::server::Shared;
 
 /// Counts open downstream connections so shutdown can wait for them.
@@ -206,12 +207,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
     // The listener's current settings: a reload may change them.
-    let (protocol, proxy_from) = match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
-        Some(l) => (l.protocol.clone(), l.proxy_protocol_from.clone()),
-        None => (ListenerProtocol::Http, Vec::new()),
-    };
+    let (protocol, proxy_from, paths) =
+        match shared.snapshot.load().config.listeners.iter().find(|l| *l.name == *ctx.name) {
+            Some(l) => (l.protocol.clone(), l.proxy_protocol_from.clone(), l.paths),
+            None => (ListenerProtocol::Http, Vec::new(), PathPolicy::default()),
+        };
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let conn = Accepted { stream, peer, listener: ctx.name.clone(), protocol, proxy_from };
+    let conn = Accepted { stream, peer, listener: ctx.name.clone(), protocol, proxy_from, paths };
     tokio::spawn(
         async move {
             conn.serve(&shared, &stats, &protocols, stop).await;
@@ -229,6 +231,7 @@ struct Accepted {
     listener: Arc<str>,
     protocol: ListenerProtocol,
     proxy_from: Vec<Cidr>,
+    paths: PathPolicy,
 }
 
 impl Accepted {
@@ -239,7 +242,7 @@ impl Accepted {
         protocols: &Protocols,
         stop: watch::Receiver<bool>,
     ) {
-        let Accepted { mut stream, peer, listener, protocol, proxy_from } = self;
+        let Accepted { mut stream, peer, listener, protocol, proxy_from, paths } = self;
         let Some(client) = proxy_header(&mut stream, peer, &protocol, &proxy_from, protocols, stats).await else {
             return;
         };
@@ -250,6 +253,7 @@ impl Accepted {
                 stats: stats.clone(),
                 client,
                 client_ip: crate::headers::ClientIp::new(client, tls),
+                paths,
             })
         };
         match protocol {

@@ -111,8 +111,16 @@ impl WsClient {
         );
         stream.write_all(req.as_bytes()).await.map_err(|e| format!("write handshake: {e}"))?;
         let (head, rest) = read_head(&mut stream).await.map_err(|e| format!("read handshake: {e}"))?;
+        // Checked as RFC 6455 4.1 has a client (every browser) check it.
         if !head.starts_with("HTTP/1.1 101") {
             return Err(format!("no 101: {}", head.lines().next().unwrap_or("")));
+        }
+        if !header(&head, "upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+            return Err(format!("missing Upgrade: websocket in {head:?}"));
+        }
+        let upgrade_option = |v: String| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        if !header(&head, "connection").is_some_and(upgrade_option) {
+            return Err(format!("missing Connection: upgrade in {head:?}"));
         }
         if header(&head, "sec-websocket-accept").as_deref() != Some(accept_key(&key).as_str()) {
             return Err(format!("wrong accept key in {head:?}"));

@@ -329,6 +329,31 @@ async fn websockets_survive_a_hundred_reloads_and_close_only_with_their_endpoint
     assert!(matches!(closed, Ok(Ok(None)) | Ok(Err(_))), "quiet tunnel not closed: {closed:?}");
 }
 
+/// A browser's WebSocket through the proxy: Chromium checks the 101 as
+/// RFC 6455 4.1 says (Upgrade, Connection, the accept key) and refuses a
+/// handshake that lacks any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_websocket_opens_through_the_proxy_and_echoes() {
+    let Some(program) = halo_testkit::chromium("the browser WebSocket test") else { return };
+    let echo = WsEcho::start("a").await;
+    let h = Halo::proxy(BIN, &ws_config(&[echo.addr], 1)).unwrap();
+    let to = h.listeners["main"];
+    let browser = halo_testkit::Browser::start(&program, 800, 600).unwrap();
+    let mut page = browser.open("about:blank").await.unwrap();
+    let js = format!(
+        "new Promise(resolve => {{
+            const ws = new WebSocket('ws://{to}/chat');
+            ws.onopen = () => ws.send('hello from a browser');
+            ws.onmessage = e => {{ resolve('echo: ' + e.data); ws.close(); }};
+            ws.onclose = e => resolve('closed before a message, code ' + e.code);
+            setTimeout(() => resolve('no answer within 20s'), 20000);
+        }})"
+    );
+    let got = page.eval(&js).await.unwrap();
+    assert_eq!(got.as_str(), Some("echo: hello from a browser"), "{got}");
+    assert_eq!(echo.upgraded.load(SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_the_upstream_refuses_is_an_ordinary_response() {
     // A plain HTTP backend answers the upgrade request normally; the

@@ -185,13 +185,17 @@ pub(crate) fn digits(s: &[u8], radix: u32) -> Option<u64> {
 }
 
 /// A CRLF-terminated line without its CRLF, or `None` when incomplete.
+/// A chunk-size or trailer line, ended by CRLF. A bare LF or CR in it
+/// (even inside a chunk extension) is refused: a peer that ends lines
+/// otherwise would frame the body differently (request smuggling).
 fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(i) => {
-            let line = buf.split_to(i).freeze();
+    match buf.iter().position(|b| *b == b'\n') {
+        Some(i) if i > 0 && buf[i - 1] == b'\r' && !buf[..i - 1].contains(&b'\r') => {
+            let line = buf.split_to(i - 1).freeze();
             buf.advance(2);
             Ok(Some(line))
         }
+        Some(_) => Err("a chunk line not ended by CRLF (a bare LF or CR)".into()),
         None if buf.len() > MAX_LINE => Err("chunk line too long".into()),
         None => Ok(None),
     }
@@ -356,6 +360,10 @@ mod tests {
     fn bad_chunks_are_errors() {
         let mut d = Decoder::Chunked(Chunk::Size);
         assert!(d.step(&mut BytesMut::from(&b"zz\r\n"[..])).is_err());
+        for bad in [&b"5;ext\nhello\r\n"[..], b"5;a\rb\r\nhello\r\n", b"5\n"] {
+            let mut d = Decoder::Chunked(Chunk::Size);
+            assert!(d.step(&mut BytesMut::from(bad)).is_err(), "{:?} was accepted", String::from_utf8_lossy(bad));
+        }
         let mut d = Decoder::Chunked(Chunk::Size);
         let mut buf = BytesMut::from(&b"2\r\nabXX"[..]);
         assert_eq!(d.step(&mut buf).unwrap(), Step::Data(Bytes::from_static(b"ab")));

@@ -64,6 +64,10 @@ pub struct ListenerSection {
     /// Open connections at most; at the limit, new ones wait in the
     /// kernel's accept queue.
     pub max_connections: Option<u64>,
+    /// standard (default), merge_slashes or off.
+    pub path_normalization: Option<String>,
+    /// keep (default), refuse or decode.
+    pub encoded_slashes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

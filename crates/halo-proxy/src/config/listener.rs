@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::file::{self, FileConfig};
 use super::{
-    CertFiles, Cidr, HashKey, HostMatch, ListenerConfig, ListenerProtocol, MinVersion, TcpForward, TlsListener,
-    UpstreamConfig, Validator,
+    CertFiles, Cidr, EncodedSlashes, HashKey, HostMatch, ListenerConfig, ListenerProtocol, MinVersion,
+    PathNormalization, PathPolicy, TcpForward, TlsListener, UpstreamConfig, Validator,
 };
 
 /// The largest `max_connections` accepted (what one process can hold).
@@ -89,6 +89,7 @@ impl Validator<'_> {
                 }
                 ok
             });
+            let paths = self.paths(line, &field, l, proto);
             if let Some(addr) = self.addr(self.loc.key(line, "listen"), &format!("{field}.listen"), &l.listen) {
                 out.push(ListenerConfig {
                     name,
@@ -97,10 +98,36 @@ impl Validator<'_> {
                     proxy_protocol_from,
                     max_connections,
                     freebind: false,
+                    paths,
                 });
             }
         }
         out
+    }
+
+    /// An http listener's path rules; `path_normalization` and
+    /// `encoded_slashes` name what is accepted.
+    fn paths(&mut self, line: usize, field: &str, l: &file::ListenerSection, proto: &str) -> PathPolicy {
+        let mut paths = PathPolicy::default();
+        let set = [("path_normalization", &l.path_normalization), ("encoded_slashes", &l.encoded_slashes)];
+        for (key, value) in set {
+            let Some(value) = value else { continue };
+            let at = self.loc.key(line, key);
+            if proto == "tcp" {
+                self.err(at, format!("{field}.{key}"), "is for http and https listeners (a tcp listener has no paths)");
+                continue;
+            }
+            let ok = match key {
+                "path_normalization" => PathNormalization::parse(value).map(|n| paths.normalization = n),
+                _ => EncodedSlashes::parse(value).map(|e| paths.encoded_slashes = e),
+            };
+            if ok.is_none() {
+                let accepted =
+                    if key == "encoded_slashes" { EncodedSlashes::ACCEPTED } else { PathNormalization::ACCEPTED };
+                self.err(at, format!("{field}.{key}"), format!("unknown value '{value}'; accepted: {accepted}"));
+            }
+        }
+        paths
     }
 
     /// An https listener's certificates, loaded now so that a bad file

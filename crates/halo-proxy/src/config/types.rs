@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use crate::path::{EncodedSlashes, PathNormalization, PathPolicy};
 pub use crate::proxy_protocol::{Cidr, Version as ProxyProtocolVersion};
 pub use crate::tls::client::UpstreamTls;
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
@@ -93,6 +94,8 @@ pub struct ListenerConfig {
     /// host may not have yet (set by the node file for its `[[vip]]`
     /// addresses, not by users).
     pub freebind: bool,
+    /// How request paths are normalised before routing (http listeners).
+    pub paths: PathPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

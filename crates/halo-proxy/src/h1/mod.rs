@@ -201,8 +201,12 @@ async fn busy_within(stream: &mut Conn, wait: Duration) -> bool {
 /// Reads until a whole head is in `buf`. `Ok(None)`: closed before any
 /// byte of a head; `Err(None)`: closed or failed mid-head.
 async fn read_head(stream: &mut Conn, buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Option<head::Refused>> {
+    // How far the bytes are known to hold no end of head: each read scans
+    // only what it added, and the head is parsed once, when it is whole
+    // (a head sent a byte at a time costs no more than one sent at once).
+    let mut scanned = 0;
     loop {
-        if !buf.is_empty() {
+        if head::ends(buf, &mut scanned, max).map_err(Some)? {
             if let Some(h) = head::parse(buf, max).map_err(Some)? {
                 return Ok(Some(h));
             }
