@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 
-use halo_control::dial::exchange;
+use halo_control::dial::{self, DialError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -61,9 +61,6 @@ impl ApiClient {
         body: Option<Bytes>,
         mut on_chunk: impl FnMut(&[u8]),
     ) -> Result<Bytes, ClientError> {
-        let stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .map_err(|cause| ClientError::Connect { addr: self.addr, cause })?;
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -71,22 +68,15 @@ impl ApiClient {
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
             .body(Full::new(body.unwrap_or_default()))
             .expect("a valid request");
-        let (status, all) = match &self.tls {
-            None => exchange(stream, req, &mut on_chunk).await?,
-            Some(tls) => {
-                let io = tls
-                    .handshake(stream, self.addr)
-                    .await
-                    .map_err(|cause| ClientError::Tls { addr: self.addr, cause })?;
-                exchange(io, req, &mut on_chunk).await?
-            }
-        };
+        let addr = self.addr;
+        let (status, all) =
+            dial::request(addr, self.tls.as_deref(), req, &mut on_chunk).await.map_err(|e| match e {
+                DialError::Connect(cause) => ClientError::Connect { addr, cause },
+                DialError::Tls(cause) => ClientError::Tls { addr, cause },
+                DialError::Http(e) => ClientError::Http(e),
+            })?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&all)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&all).into_owned());
-            return Err(ClientError::Api { status, message });
+            return Err(ClientError::Api { status, message: dial::error_message(status, &all) });
         }
         Ok(Bytes::from(all))
     }

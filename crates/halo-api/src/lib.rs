@@ -3,7 +3,6 @@
 
 mod client;
 mod server;
-mod tls;
 pub mod token;
 
 pub use client::{ApiClient, ClientError};

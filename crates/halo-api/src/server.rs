@@ -21,7 +21,9 @@ use halo_control::{Node, NodeError, Outcome, RolloutCommand, StatusView};
 use halo_proxy::config::Secret;
 use serde::Deserialize;
 
-use crate::tls::{Remote, TlsApiListener};
+/// Where a request came from, for the change log.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote(pub std::net::SocketAddr);
 
 #[derive(Clone)]
 struct Api {
@@ -120,7 +122,9 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves: HTTPS only
-/// with `tls`, else plain HTTP.
+/// with `tls`, else plain HTTP; with the limits and deadlines of
+/// `halo_proxy::http_api`, and a browser's request from another site
+/// refused before anything else (no CSRF, no DNS rebinding).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Node,
@@ -128,14 +132,34 @@ pub async fn serve(
     tls: Option<Arc<halo_proxy::config::TlsListener>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(node, tokens).into_make_service_with_connect_info::<Remote>();
-    match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
-        Some(tls) => {
-            let listener = TlsApiListener::new(listener, tls)?;
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-        }
-    }
+    use tower_service::Service;
+    let app = router(node, tokens);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let secure = tls.is_some();
+    halo_proxy::http_api::serve(
+        listener,
+        move || tls.clone(),
+        stop,
+        move |peer| {
+            let app = app.clone();
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                let mut app = app.clone();
+                async move {
+                    if let Err(why) = halo_proxy::http_api::browser_guard(req.headers(), secure) {
+                        return Ok::<_, Infallible>(ApiError(StatusCode::FORBIDDEN, why.into()).into_response());
+                    }
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(Remote(peer)));
+                    app.call(req).await
+                }
+            }
+        },
+    )
+    .await;
+    Ok(())
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -150,7 +174,11 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
                 .into(),
         )
         .into_response(),
-        Some(t) if api.read.matches(t) => next.run(req).await,
+        Some(t) if api.read.matches(t) => {
+            let mut req = req;
+            req.extensions_mut().insert(ReadOnly);
+            next.run(req).await
+        }
         Some(t) if api.admin.matches(t) => {
             if !change {
                 return next.run(req).await;
@@ -241,8 +269,21 @@ async fn apply(State(api): State<Api>, Query(q): Query<ApplyQuery>, body: Bytes)
     Ok(Json(Outcome::new(applied.name, applied.outcome.to_string())).into_response())
 }
 
-async fn get_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    Ok(([(header::CONTENT_TYPE, "application/toml")], api.node.get(&name).await?))
+/// Marks a request made with the read-only token: secrets in what it
+/// reads are redacted.
+#[derive(Debug, Clone, Copy)]
+struct ReadOnly;
+
+/// The service file as stored; for the read-only token with every
+/// environment value redacted (names kept).
+async fn get_service(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    read_only: Option<axum::Extension<ReadOnly>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let text = api.node.get(&name).await?;
+    let text = if read_only.is_some() { halo_model::redact_env(&text) } else { text };
+    Ok(([(header::CONTENT_TYPE, "application/toml")], text))
 }
 
 async fn delete_service(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

@@ -296,7 +296,13 @@ pub async fn restore(backup: &Backup, dir: &Path) -> Result<Revision, BackupErro
     if dir.join("store.redb").exists() {
         return Err(target("it already holds a store; restore into a new data directory".into()));
     }
-    std::fs::create_dir_all(dir).map_err(|e| target(e.to_string()))?;
+    // A data directory: its store and hook outputs hold secrets, so it is
+    // the owner's alone (700, files 600), as `halo up` keeps its own.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| target(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| target(e.to_string()))?;
+    }
     let store = EmbeddedStore::open(dir).await?;
     for chunk in backup.entries.chunks(1000) {
         let mut txn = Txn::new();
@@ -313,7 +319,7 @@ pub async fn restore(backup: &Backup, dir: &Path) -> Result<Revision, BackupErro
         for (service, out) in &backup.hooks {
             halo_model::check_name(service)
                 .map_err(|e| BackupError::BadRecord { key: hook_member(service), detail: e })?;
-            std::fs::write(pending.join(format!("{service}.out")), out).map_err(|e| target(e.to_string()))?;
+            write_private(&pending.join(format!("{service}.out")), out).map_err(|e| target(e.to_string()))?;
         }
     }
     Ok(floor)

@@ -136,8 +136,8 @@ async fn once(r: &Reconciler, dir: &Path, sched: &BackupSchedule) -> Result<(Pat
     // pruned, then named: never more than `keep`, never an unverified one.
     let tmp = dir.join(format!(".{name}.tmp"));
     crate::backup::write_private(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    let scratch = std::env::temp_dir().join(format!("halo-backup-verify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
+    let scratch = halo_proxy::run_dir::scratch_dir(&std::env::temp_dir(), "halo-backup-verify")
+        .map_err(|e| format!("cannot make a scratch directory for the trial restore: {e}"))?;
     let written = std::fs::read(&tmp).map_err(|e| format!("cannot read back {}: {e}", tmp.display()))?;
     let verified = crate::backup::verify(&written, &scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);

@@ -1,6 +1,6 @@
-//! How this node asks other nodes' APIs (the peers' health probes, backup
-//! hooks): one HTTP/1.1 request per connection, over TLS verified against
-//! `[node.tls] ca` when the other node's record says its API is HTTPS.
+//! How nodes ask nodes' APIs: this node's peers' health probes and backup
+//! hooks ([`Dialer`]) and the CLI's client, one HTTP/1.1 request per
+//! connection, over TLS verified against a CA when the API is HTTPS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,35 +33,71 @@ impl Dialer {
         api: SocketAddr,
         https: bool,
         req: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Bytes), String> {
-        let tcp = tokio::net::TcpStream::connect(api).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        if !https {
-            return exchange(tcp, req, &mut |_| {}).await.map(body).map_err(|e| e.to_string());
-        }
-        let Some(tls) = &self.tls else {
-            return Err(format!(
-                "the API at {api} is HTTPS: give this node [node.tls] ca = \"FILE\" (the CA that signed every node's \
-                 API certificate)"
-            ));
+    ) -> Result<(StatusCode, Vec<u8>), String> {
+        let tls = match (https, &self.tls) {
+            (false, _) => None,
+            (true, Some(tls)) => Some(&**tls),
+            (true, None) => {
+                return Err(format!(
+                    "the API at {api} is HTTPS: give this node [node.tls] ca = \"FILE\" (the CA that signed every \
+                     node's API certificate)"
+                ));
+            }
         };
-        let io = tls.handshake(tcp, api).await.map_err(|e| format!("TLS with {api}: {e}"))?;
-        exchange(io, req, &mut |_| {}).await.map(body).map_err(|e| e.to_string())
+        request(api, tls, req, &mut |_| {}).await.map_err(|e| match e {
+            DialError::Tls(e) => format!("TLS with {api}: {e}"),
+            e => e.to_string(),
+        })
     }
 }
 
-fn body((status, all): (StatusCode, Vec<u8>)) -> (StatusCode, Bytes) {
-    (status, Bytes::from(all))
+/// Why a request to a node's API got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Tls(std::io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
 }
 
-/// One HTTP/1.1 request on a connected socket (plain or TLS): the status
-/// and the whole body, each chunk of a successful answer also given to
-/// `on_chunk` as it arrives (the CLI's log following).
-pub async fn exchange<IO>(
+/// One HTTP/1.1 request on a new connection to `api`, over TLS verified by
+/// `tls` when given: the status and the whole body, each chunk of a
+/// successful answer also given to `on_chunk` as it arrives (the CLI's log
+/// following). The CLI's client and this node's [`Dialer`] both use it.
+pub async fn request(
+    api: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    req: Request<Full<Bytes>>,
+    on_chunk: &mut impl FnMut(&[u8]),
+) -> Result<(StatusCode, Vec<u8>), DialError> {
+    let tcp = tokio::net::TcpStream::connect(api).await.map_err(DialError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => exchange(tcp, req, on_chunk).await,
+        Some(tls) => exchange(tls.handshake(tcp, api).await.map_err(DialError::Tls)?, req, on_chunk).await,
+    }
+}
+
+/// What an API's error answer says: its JSON `error`, else its body as
+/// text, else its status.
+pub fn error_message(status: StatusCode, body: &[u8]) -> String {
+    let error = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+    match error {
+        Some(e) => e,
+        None if body.is_empty() => status.to_string(),
+        None => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+async fn exchange<IO>(
     io: IO,
     req: Request<Full<Bytes>>,
     on_chunk: &mut impl FnMut(&[u8]),
-) -> Result<(StatusCode, Vec<u8>), hyper::Error>
+) -> Result<(StatusCode, Vec<u8>), DialError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

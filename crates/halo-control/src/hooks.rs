@@ -1,8 +1,8 @@
 //! Services' backup hooks, run where a ready instance of the service runs
 //! on this node (its driver's runner: for a process, the service's env and
 //! working directory with the instance's `HOST`, `PORT`, `HALO_INSTANCE`
-//! and `HALO_DATA_DIR`, in a process group killed whole past the timeout;
-//! for a container, `docker exec` inside it). A backup runs `command` and
+//! and `HALO_SERVICE`, as the instance's user, in a process group killed
+//! whole past the timeout; for a container, `docker exec` inside it). A backup runs `command` and
 //! keeps its stdout; a restore runs `restore` with that output on stdin,
 //! once an instance is ready after the restore.
 
@@ -78,10 +78,9 @@ async fn post(r: &Reconciler, node: &NodeRecord, path: &str, timeout: Duration) 
         .await
         .map_err(|_| "no answer in time".to_string())??;
     if !status.is_success() {
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        return Err(v["error"].as_str().map_or_else(|| status.to_string(), str::to_string));
+        return Err(crate::dial::error_message(status, &body));
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 /// Every service's backup hook, run here or by a node that has a ready

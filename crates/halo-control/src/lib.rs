@@ -15,7 +15,7 @@ pub mod dial;
 mod endpoints;
 pub mod events;
 mod evict;
-mod fnv;
+use halo_model::fnv;
 mod hooks;
 pub mod keys;
 pub mod leader;

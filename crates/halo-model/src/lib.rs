@@ -10,7 +10,9 @@
 
 pub mod diag;
 mod file;
+pub mod fnv;
 mod kind;
+mod redact;
 pub mod release;
 pub mod run;
 pub mod values;
@@ -24,7 +26,8 @@ pub use file::{
     BackupSection, BalanceSection, ProbeSection, RestartSection, RouteSection, RunSection, ServiceFile, StopSection,
 };
 pub use kind::FileKind;
-pub use run::{DockerRun, Pull, RunDriver, RunSpec, Volume};
+pub use redact::redact_env;
+pub use run::{owner_mark, DockerRun, Pull, RunDriver, RunSpec, Volume, OWNER_VAR};
 
 /// One problem in a service file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

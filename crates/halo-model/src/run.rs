@@ -17,7 +17,35 @@ pub struct RunSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
+    /// Who the instance runs as (a user name or uid); `None`: the
+    /// default, an unprivileged user of halo's choosing where halo may
+    /// switch users (`halo-app` for processes, the image's own user for
+    /// containers).
+    pub user: Option<String>,
+    /// Its group (a name or gid); `None`: the user's own.
+    pub group: Option<String>,
     pub driver: RunDriver,
+}
+
+/// The variable that marks a node's instance processes (what the orphan
+/// sweep and the test harness look for): a digest of the node's data
+/// directory, never its path (instances must not learn where halo keeps
+/// its secrets).
+pub const OWNER_VAR: &str = "HALO_OWNER";
+
+/// The value of [`OWNER_VAR`] for the node whose data directory is
+/// `data_dir`.
+pub fn owner_mark(data_dir: &str) -> String {
+    format!("{:016x}", crate::fnv::fnv64(data_dir.as_bytes()))
+}
+
+/// Whether `s` names a user or group as `run.user`/`run.group` take it: a
+/// number, or a POSIX-portable name.
+fn account_name(s: &str) -> bool {
+    let portable = s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c));
+    portable || (!s.is_empty() && s.len() <= 10 && s.chars().all(|c| c.is_ascii_digit()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,11 +208,21 @@ pub(crate) fn validate(r: &RunSection, errors: &mut Vec<SpecError>) -> RunSpec {
             );
         }
     }
+    for (field, value) in [("run.user", &r.user), ("run.group", &r.group)] {
+        if value.as_deref().is_some_and(|v| !account_name(v)) {
+            err(field, "not accepted: a user or group name (as in \"www-data\") or a number".into());
+        }
+    }
+    if r.group.is_some() && r.user.is_none() {
+        err("run.group", "needs run.user: the group is the one the named user runs with".into());
+    }
     RunSpec {
         command: r.command.clone().unwrap_or_default(),
         args: r.args.clone(),
         env: r.env.clone(),
         workdir: r.workdir.clone(),
+        user: r.user.clone(),
+        group: r.group.clone(),
         driver,
     }
 }

@@ -5,15 +5,11 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -21,56 +17,21 @@ use crate::metrics::{escape, ListenerStats, Writer};
 use crate::server::Proxy;
 use crate::util::now_ms;
 
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
-            },
-            _ = stop.changed() => return,
-        };
+/// Serves the admin API (limits and deadlines: `http_api`) until `stop`;
+/// HTTPS when the current config says so (a reload may change it).
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: watch::Receiver<bool>) {
+    let tls = {
         let proxy = proxy.clone();
-        let stop = stop.clone();
-        // HTTPS when the current config says so (a reload may change it).
-        let tls = proxy.config().admin_tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => serve_conn(stream, proxy, stop).await,
-                Some(t) => {
-                    let handshake = tokio::time::timeout(Duration::from_secs(10), t.acceptor_http1().accept(stream));
-                    match handshake.await {
-                        Ok(Ok(s)) => serve_conn(s, proxy, stop).await,
-                        Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
-                        Err(_) => tracing::debug!("admin TLS handshake timed out"),
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// One admin connection, plain or TLS.
-async fn serve_conn<IO>(io: IO, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>)
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| {
+        move || proxy.config().admin_tls.clone()
+    };
+    crate::http_api::serve(listener, tls, stop, move |_| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(handle(&proxy, req)) }
-    });
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        // Shutting down (or handing over to a new process): idle
-        // connections close now, long before this process exits,
-        // so clients see it before they reuse them.
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(handle(&proxy, req)) }
         }
-    }
+    })
+    .await
 }
 
 fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -86,6 +47,10 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 }
 
 fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let tls = proxy.config().admin_tls.is_some();
+    if let Err(why) = crate::http_api::browser_guard(req.headers(), tls) {
+        return reply(StatusCode::FORBIDDEN, "text/plain", format!("{why}\n"));
+    }
     if req.uri().path() != "/healthz" {
         if let Some(want) = &proxy.config().admin_token {
             match bearer(req.headers()) {

@@ -75,21 +75,24 @@ pub fn bind_set(addr: SocketAddr, n: usize, freebind: bool) -> std::io::Result<B
     Ok(BoundSet { local, sockets, claim })
 }
 
-fn lock_path(addr: SocketAddr) -> PathBuf {
+/// The address's lock file, in the private runtime directory.
+fn lock_path(addr: SocketAddr) -> std::io::Result<PathBuf> {
     let name = format!("{}_{}.lock", addr.ip().to_string().replace(':', "-"), addr.port());
-    std::env::temp_dir().join("halo-listen").join(name)
+    Ok(crate::run_dir::sub("listen")?.join(name))
 }
 
 /// Takes the address's lock file, or says who holds it.
 fn claim(addr: SocketAddr) -> std::io::Result<Claim> {
-    let path = lock_path(addr);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+    use std::io::{Seek, Write};
+    let path = lock_path(addr)?;
+    let mut lock = crate::run_dir::open_private(&path)
+        .map_err(|e| Error::new(e.kind(), format!("cannot claim {addr} through {}: {e}", path.display())))?;
     match lock.try_lock() {
         Ok(()) => {
-            std::fs::write(&path, std::process::id().to_string())?;
+            // Through the locked file itself, never by its name again.
+            lock.set_len(0)?;
+            lock.rewind()?;
+            lock.write_all(std::process::id().to_string().as_bytes())?;
             Ok(Claim { lock })
         }
         Err(std::fs::TryLockError::WouldBlock) => {

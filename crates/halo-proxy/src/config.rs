@@ -186,6 +186,18 @@ impl Validator<'_> {
         let ka_line = self.loc.key(pl, "keepalive_idle");
         let keepalive_idle =
             self.duration(ka_line, "proxy.keepalive_idle", p.keepalive_idle.as_deref(), Duration::from_secs(60));
+        let mut within = |key: &str, default: u64| {
+            let line = self.loc.key(pl, key);
+            let value = match key {
+                "send_timeout" => p.send_timeout.as_deref(),
+                "request_body_timeout" => p.request_body_timeout.as_deref(),
+                _ => p.max_connection_age.as_deref(),
+            };
+            self.duration(line, &format!("proxy.{key}"), value, Duration::from_secs(default))
+        };
+        let send_timeout = within("send_timeout", 60);
+        let request_body_timeout = within("request_body_timeout", 300);
+        let max_connection_age = within("max_connection_age", 3600);
         let max_header_bytes = p.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1 << 20).contains(&max_header_bytes) {
             self.err(self.loc.key(pl, "max_header_bytes"), "proxy.max_header_bytes", "accepted: 8192 to 1048576");
@@ -231,6 +243,9 @@ impl Validator<'_> {
             max_header_bytes: max_header_bytes.clamp(8192, 1 << 20),
             header_read_timeout,
             keepalive_idle,
+            send_timeout,
+            request_body_timeout,
+            max_connection_age,
             admin,
             admin_token,
             admin_tls,

@@ -122,6 +122,10 @@ impl Worker {
 pub struct Protocols {
     pub h1: h1::Settings,
     pub h2: http2::Builder<TokioExecutor>,
+    /// An HTTP/2 connection that started no stream for this long, or is
+    /// older than `h2_max_age`, is closed gracefully.
+    pub h2_idle: Duration,
+    pub h2_max_age: Duration,
 }
 
 pub fn protocols(c: &Config) -> Protocols {
@@ -130,8 +134,10 @@ pub fn protocols(c: &Config) -> Protocols {
     let h1 = h1::Settings {
         head_timeout: c.header_read_timeout.min(c.keepalive_idle),
         max_header_bytes: c.max_header_bytes,
+        send_timeout: c.send_timeout,
+        body_timeout: c.request_body_timeout,
     };
-    Protocols { h1, h2 }
+    Protocols { h1, h2, h2_idle: c.keepalive_idle, h2_max_age: c.max_connection_age }
 }
 
 /// Whether the client opens with the HTTP/2 connection preface (looked at
@@ -349,14 +355,34 @@ async fn serve_http(
             Box::pin(h1::serve(stream, protocols.h1, stop, handler)).await;
         }
         Ok(Ok(true)) => {
+            let born = tokio::time::Instant::now();
+            let last = Arc::new(std::sync::Mutex::new(born));
+            let seen = last.clone();
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                *seen.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
                 forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
             });
             let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
+            // Idle (no new stream) or old enough: retired like a stop.
+            let (idle, max_age) = (protocols.h2_idle, protocols.h2_max_age);
+            let retire = async {
+                loop {
+                    let quiet_since = *last.lock().unwrap_or_else(|e| e.into_inner());
+                    let at = (quiet_since + idle).min(born + max_age);
+                    if tokio::time::Instant::now() >= at {
+                        return;
+                    }
+                    tokio::time::sleep_until(at).await;
+                }
+            };
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => {
                     // Finish the streams in flight, then close (GOAWAY).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = retire => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -138,6 +138,19 @@ impl Inner {
         let open_err = |message: String| StoreError::Open { path: path.display().to_string(), message };
         // Past the file's header, an error reading it is damage.
         let damaged = |message: String| StoreError::Damaged { path: path.display().to_string(), message };
+        // The store holds every service's environment: owner only, from
+        // its first byte (and closed again if an older halo left it open).
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+                .map_err(|e| open_err(e.to_string()))?;
+        }
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 open_err("already open by another process (is another halo running on this data dir?)".into())

@@ -116,7 +116,7 @@ impl Drivers {
     pub fn new(halo_exe: &Path, data_dir: &Path, node: &str) -> Drivers {
         let data_dir = data_dir.display().to_string();
         let docker = crate::DockerDriver::new(&crate::DockerDriver::socket_from_env(), node, &data_dir);
-        Drivers { exec: Arc::new(crate::ExecDriver { halo_exe: halo_exe.into(), data_dir }), docker: Arc::new(docker) }
+        Drivers { exec: Arc::new(crate::ExecDriver::new(halo_exe.into(), &data_dir)), docker: Arc::new(docker) }
     }
 
     pub fn for_run(&self, d: &RunDriver) -> &Arc<dyn Driver> {

@@ -14,6 +14,7 @@
 
 pub mod docker;
 mod driver;
+pub mod identity;
 mod instance;
 mod logs;
 mod probe;

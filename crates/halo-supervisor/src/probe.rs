@@ -126,7 +126,7 @@ mod tests {
         });
         let t = Duration::from_secs(2);
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let host = crate::runner::HostRunner { env: Default::default(), workdir: None };
+        let host = crate::runner::HostRunner { env: Default::default(), workdir: None, who: Ok(None) };
         assert_eq!(check_once(&Check::Tcp, addr, &host, t).await, Ok(()));
         assert_eq!(check_once(&Check::Http("/ok".into()), addr, &host, t).await, Ok(()));
         let e = check_once(&Check::Http("/bad".into()), addr, &host, t).await.unwrap_err();

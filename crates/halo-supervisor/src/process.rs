@@ -12,37 +12,73 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use halo_model::RunSpec;
+use halo_model::{owner_mark, RunSpec, OWNER_VAR};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::driver::{Driver, Exit, Handle, Workload};
+use crate::identity::{self, Identity};
 use crate::runner::{HostRunner, Runner};
 use crate::InstanceSpec;
 
-/// Runs instances as processes. `command = "halo"` runs `halo_exe`, this
-/// halo binary. Every process carries `HALO_DATA_DIR=data_dir` in its
-/// environment: what marks it as this halo's (the orphan sweep).
+/// Runs instances as processes, each as the user `identity` resolves
+/// (applications are not trusted). `command = "halo"` runs `halo_exe`,
+/// this halo binary. Every process carries [`OWNER_VAR`] in its
+/// environment, a digest of the data directory: what marks it as this
+/// halo's (the orphan sweep), without telling it where the data is.
 #[derive(Debug, Clone)]
 pub struct ExecDriver {
-    pub halo_exe: PathBuf,
-    pub data_dir: String,
+    halo_exe: PathBuf,
+    /// This binary, held open: an instance's user may not be able to
+    /// reach its path (a build under a home directory of mode 700), so a
+    /// switched `command = "halo"` is started through the open file.
+    halo_file: Option<Arc<std::fs::File>>,
+    mark: String,
+    /// How halo before the mark named its processes (`HALO_DATA_DIR=`
+    /// the path): the sweep still knows them after an upgrade.
+    legacy_mark: String,
 }
 
 impl ExecDriver {
+    pub fn new(halo_exe: PathBuf, data_dir: &str) -> ExecDriver {
+        let halo_file = std::fs::File::open(&halo_exe).ok().map(Arc::new);
+        ExecDriver { halo_exe, halo_file, mark: owner_mark(data_dir), legacy_mark: format!("HALO_DATA_DIR={data_dir}") }
+    }
+
     /// The environment `inst`'s process and its hooks get.
     fn env(&self, inst: &InstanceSpec, host: IpAddr) -> BTreeMap<String, String> {
         let mut env = inst.spec.run.env.clone();
         env.insert("HOST".into(), host.to_string());
         env.insert("PORT".into(), inst.port.to_string());
         env.insert("HALO_INSTANCE".into(), inst.id.clone());
-        env.insert("HALO_DATA_DIR".into(), self.data_dir.clone());
+        env.insert("HALO_SERVICE".into(), inst.spec.name.clone());
+        env.insert(OWNER_VAR.into(), self.mark.clone());
         env
     }
 
-    fn runner(&self, inst: &InstanceSpec) -> Arc<dyn Runner> {
-        // Hooks and probes reach the app on loopback.
-        Arc::new(HostRunner { env: self.env(inst, Ipv4Addr::LOCALHOST.into()), workdir: inst.spec.run.workdir.clone() })
+    fn runner(&self, inst: &InstanceSpec, who: Result<Option<Identity>, String>) -> Arc<dyn Runner> {
+        // Hooks and probes reach the app on loopback, as its user.
+        Arc::new(HostRunner {
+            env: self.env(inst, Ipv4Addr::LOCALHOST.into()),
+            workdir: inst.spec.run.workdir.clone(),
+            who,
+        })
+    }
+
+    /// What to execute for `run`: the program, and the name it is given.
+    fn program(&self, run: &RunSpec, who: Option<Identity>) -> (std::ffi::OsString, Option<&'static str>) {
+        if run.command != "halo" {
+            return (run.command.clone().into(), None);
+        }
+        match (&self.halo_file, who) {
+            // The child's own view of the descriptor it inherited: no
+            // search permission on the binary's directories is needed.
+            (Some(f), Some(_)) => {
+                use std::os::fd::AsRawFd;
+                (format!("/proc/self/fd/{}", f.as_raw_fd()).into(), Some("halo"))
+            }
+            _ => (self.halo_exe.clone().into_os_string(), None),
+        }
     }
 }
 
@@ -54,17 +90,20 @@ impl Driver for ExecDriver {
 
     async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String> {
         let run = &inst.spec.run;
-        let mut p = Proc::spawn(run, &self.env(inst, host), log, &self.halo_exe)
+        let who = identity::resolve(run.user.as_deref(), run.group.as_deref())?;
+        let (program, arg0) = self.program(run, who);
+        let mut p = Proc::spawn(run, &self.env(inst, host), log, &program, arg0, who)
             .map_err(|e| format!("cannot start {}: {e}", run.command))?;
         p.port = inst.port;
-        p.runner = Some(self.runner(inst));
+        p.runner = Some(self.runner(inst, Ok(who)));
         Ok(Box::new(p))
     }
 
     async fn adopt(&self, handle: &Handle, inst: &InstanceSpec, _log: &Path) -> Option<Box<dyn Workload>> {
         let mut p = Proc::adopt(handle.pid, handle.start_time)?;
         p.port = inst.port;
-        p.runner = Some(self.runner(inst));
+        let run = &inst.spec.run;
+        p.runner = Some(self.runner(inst, identity::resolve(run.user.as_deref(), run.group.as_deref())));
         Some(Box::new(p))
     }
 
@@ -79,14 +118,15 @@ impl Driver for ExecDriver {
     }
 
     /// Kills every process group whose leader carries this data dir's
-    /// `HALO_DATA_DIR` and is not one of `known`.
+    /// mark and is not one of `known`.
     async fn sweep(&self, known: &[Handle]) {
-        let needle = format!("HALO_DATA_DIR={}", self.data_dir);
+        let needle = format!("{OWNER_VAR}={}", self.mark);
         let Ok(entries) = std::fs::read_dir("/proc") else { return };
         for e in entries.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-            if !environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            let ours = |v: &[u8]| v == needle.as_bytes() || v == self.legacy_mark.as_bytes();
+            if !environ.split(|b| *b == 0).any(ours) {
                 continue;
             }
             let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -112,12 +152,26 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `run` with `env`, stdout and stderr appended to `log`.
-    /// `command = "halo"` runs `halo_exe`, this halo binary.
-    pub fn spawn(run: &RunSpec, env: &BTreeMap<String, String>, log: &Path, halo_exe: &Path) -> std::io::Result<Proc> {
+    /// Starts `program` with `run`'s arguments and `env`, as `who` when
+    /// given, stdout and stderr appended to `log` (opened by halo: the
+    /// instance's user needs no access to it).
+    pub fn spawn(
+        run: &RunSpec,
+        env: &BTreeMap<String, String>,
+        log: &Path,
+        program: &std::ffi::OsStr,
+        arg0: Option<&str>,
+        who: Option<Identity>,
+    ) -> std::io::Result<Proc> {
         let out = OpenOptions::new().create(true).append(true).open(log)?;
-        let program = if run.command == "halo" { halo_exe.as_os_str() } else { run.command.as_ref() };
         let mut cmd = tokio::process::Command::new(program);
+        if let Some(name) = arg0 {
+            cmd.arg0(name);
+        }
+        if let Some(id) = who {
+            // Supplementary groups go too (std drops them when root).
+            cmd.uid(id.uid).gid(id.gid);
+        }
         cmd.args(&run.args)
             .envs(env)
             .stdin(Stdio::null())
@@ -152,7 +206,9 @@ impl Workload for Proc {
     }
 
     fn runner(&self) -> Arc<dyn Runner> {
-        self.runner.clone().unwrap_or_else(|| Arc::new(HostRunner { env: BTreeMap::new(), workdir: None }))
+        self.runner
+            .clone()
+            .unwrap_or_else(|| Arc::new(HostRunner { env: BTreeMap::new(), workdir: None, who: Ok(None) }))
     }
 
     /// Waits for the process to end. An adopted process is not our child:

@@ -28,13 +28,19 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 pub struct HostRunner {
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
+    /// The instance's user (`None`: halo's own), or why it cannot be had.
+    pub who: Result<Option<crate::identity::Identity>, String>,
 }
 
 #[async_trait]
 impl Runner for HostRunner {
     async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String> {
         let (program, args) = argv.split_first().ok_or("no command given")?;
+        let who = self.who.clone()?;
         let mut cmd = tokio::process::Command::new(program);
+        if let Some(id) = who {
+            cmd.uid(id.uid).gid(id.gid);
+        }
         cmd.args(args)
             .envs(&self.env)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -54,12 +60,53 @@ impl Runner for HostRunner {
                 let _ = pipe.write_all(&input).await;
             });
         }
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(Ok(out)) => finish(program, out.status.success(), &out.status.to_string(), out.stdout, &out.stderr),
-            Ok(Err(e)) => Err(format!("{program}: {e}")),
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let run = async {
+            // Read as it comes, never more than the limit (a runaway hook
+            // is stopped, not buffered whole), and only stderr's tail.
+            let (out, err) = tokio::join!(read_capped(stdout, MAX_OUTPUT + 1), read_tail(stderr, STDERR_TAIL));
+            if out.len() > MAX_OUTPUT {
+                return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes and was killed"));
+            }
+            let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
+            finish(program, status.success(), &status.to_string(), out, &err)
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
             Err(_) => Err(format!("{program} ran past its {timeout:?} timeout and was killed")),
         }
     }
+}
+
+/// What of a command's stderr is kept (its last line is reported).
+const STDERR_TAIL: usize = 64 << 10;
+
+/// Up to `cap` bytes of `pipe`.
+async fn read_capped(pipe: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    if let Some(p) = pipe {
+        let _ = p.take(cap as u64).read_to_end(&mut out).await;
+    }
+    out
+}
+
+/// All of `pipe` read, its last `keep` bytes kept.
+async fn read_tail(pipe: Option<impl tokio::io::AsyncRead + Unpin>, keep: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut tail = Vec::new();
+    let Some(mut p) = pipe else { return tail };
+    let mut chunk = vec![0u8; 8192];
+    while let Ok(n) = p.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        tail.extend_from_slice(&chunk[..n]);
+        if tail.len() > 2 * keep {
+            tail.drain(..tail.len() - keep);
+        }
+    }
+    tail
 }
 
 /// The result of a finished command, as [`Runner::run`] gives it.
@@ -97,12 +144,17 @@ mod tests {
 
     #[tokio::test]
     async fn host_commands_get_the_env_stdin_and_a_timeout() {
-        let r = HostRunner { env: [("GREETING".to_string(), "hi".to_string())].into(), workdir: None };
+        let r = HostRunner { env: [("GREETING".to_string(), "hi".to_string())].into(), workdir: None, who: Ok(None) };
         let sh = |s: &str| vec!["sh".to_string(), "-c".to_string(), s.to_string()];
         let t = Duration::from_secs(5);
         assert_eq!(r.run(&sh("echo $GREETING; cat"), Some(b"in".to_vec()), t).await, Ok(b"hi\nin".to_vec()));
         let e = r.run(&sh("echo nope >&2; exit 3"), None, t).await.unwrap_err();
         assert!(e.contains("exit status: 3") && e.ends_with("nope"), "{e}");
+        // Output that never ends is read up to the cap, not buffered whole:
+        // `yes` writes forever.
+        let mut yes = tokio::process::Command::new("yes").stdout(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+        let got = read_capped(yes.stdout.take(), 1 << 20).await;
+        assert_eq!(got.len(), 1 << 20);
         let e = r.run(&sh("sleep 5"), None, Duration::from_millis(100)).await.unwrap_err();
         assert!(e.contains("timeout and was killed"), "{e}");
         assert!(r.run(&["/no/such/program".into()], None, t).await.unwrap_err().contains("cannot run"));

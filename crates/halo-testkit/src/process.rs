@@ -16,8 +16,8 @@ pub struct Halo {
     pub admin: Option<SocketAddr>,
     /// The node API of `halo up`.
     pub api: Option<SocketAddr>,
-    /// The data directory of `halo up`; instance processes carry it in
-    /// `HALO_DATA_DIR` and are killed with the harness.
+    /// The data directory of `halo up`; instance processes carry its
+    /// mark and are killed with the harness.
     pub data_dir: Option<PathBuf>,
     bin: String,
     args: Vec<String>,
@@ -128,11 +128,17 @@ impl Halo {
     /// Runs a CLI verb (`status`, `apply -f F`, ...) against this node;
     /// returns the exit code, stdout and stderr.
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Halo::cli`] with `env` set (as `HALO_TOKEN`).
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         let data = self.data_dir.as_ref().expect("started by Halo::up");
         let out = Command::new(&self.bin)
             .args(args)
             .arg("--data-dir")
             .arg(data)
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .output()
             .expect("run the halo CLI");
@@ -329,9 +335,11 @@ pub fn upgrade(bin: &str, args: &[&std::ffi::OsStr]) -> Result<i32, String> {
 }
 
 /// Live processes started for the node whose data directory is `dir`
-/// (their environment has `HALO_DATA_DIR=dir`).
+/// (their environment carries that node's mark, or the data directory as
+/// halo before the mark set it).
 pub fn processes_of(dir: &Path) -> Vec<i32> {
-    let needle = format!("HALO_DATA_DIR={}", dir.display());
+    let needle = format!("{}={}", halo_model::OWNER_VAR, halo_model::owner_mark(&dir.display().to_string()));
+    let legacy = format!("HALO_DATA_DIR={}", dir.display());
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut pids = Vec::new();
     for e in entries.flatten() {
@@ -340,7 +348,7 @@ pub fn processes_of(dir: &Path) -> Vec<i32> {
             .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
             .unwrap_or(true);
         let ours = std::fs::read(format!("/proc/{pid}/environ"))
-            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes() || v == legacy.as_bytes()))
             .unwrap_or(false);
         if ours && !zombie {
             pids.push(pid);

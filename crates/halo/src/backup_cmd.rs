@@ -102,7 +102,8 @@ fn create(t: &Target, out: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn verify(file: &Path) -> anyhow::Result<()> {
     let bytes = read(file)?;
-    let scratch = std::env::temp_dir().join(format!("halo-verify-{}", std::process::id()));
+    let scratch = halo_proxy::run_dir::scratch_dir(&std::env::temp_dir(), "halo-verify")
+        .context("a scratch directory for the trial restore")?;
     let result = runtime()?.block_on(backup::verify(&bytes, &scratch));
     let _ = std::fs::remove_dir_all(&scratch);
     let b = result.with_context(|| format!("{} does not verify", file.display()))?;

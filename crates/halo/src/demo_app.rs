@@ -4,7 +4,8 @@
 //!
 //! - `GET /` and any other path: `demo-app VERSION instance ID`
 //! - `GET /healthz`: 200, or 503 once `/admin/unready` was called
-//! - `POST /admin/slow?ms=N`, `/admin/fail?rate=R` (0.0-1.0), `/admin/unready`,
+//! - with `--admin` only (they take the app down; never for a public
+//!   listener): `/admin/slow?ms=N`, `/admin/fail?rate=R` (0.0-1.0), `/admin/unready`,
 //!   `/admin/ready`, `/admin/crash` (exit 1), `/admin/hang` (SIGSTOP itself),
 //!   `/admin/hog?mib=N` (allocates and touches N MiB more, kept)
 //! - with `--counter-file`: `GET /count` (the value), `POST /count` (adds one)
@@ -48,6 +49,11 @@ pub struct DemoArgs {
     /// (a backend of fixed capacity: workers / delay requests a second).
     #[arg(long)]
     workers: Option<std::num::NonZeroU32>,
+    /// Serve the fault-injection endpoints under /admin/ (slow, fail,
+    /// unready, crash, hang, hog): for tests and demonstrations; off, they
+    /// answer 404.
+    #[arg(long)]
+    admin: bool,
 }
 
 struct App {
@@ -61,6 +67,8 @@ struct App {
     counter: Option<std::path::PathBuf>,
     counting: tokio::sync::Mutex<()>,
     hogged: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// `--admin`: the fault-injection endpoints answer.
+    admin: bool,
     /// `--workers`: a permit per request being served.
     workers: Option<tokio::sync::Semaphore>,
 }
@@ -71,6 +79,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let id = std::env::var("HALO_INSTANCE").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
     let app = Arc::new(App {
+        admin: args.admin,
         version: args.version,
         id,
         delay_ms: AtomicU64::new(args.delay_ms),
@@ -127,6 +136,9 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
             }
         }
         return reply(StatusCode::OK, format!("{n}\n"));
+    }
+    if req.uri().path().starts_with("/admin/") && !app.admin {
+        return reply(StatusCode::NOT_FOUND, "not found (the /admin/ endpoints need demo-app --admin)\n".into());
     }
     match req.uri().path() {
         "/healthz" if app.unready.load(Ordering::Relaxed) => reply(StatusCode::SERVICE_UNAVAILABLE, "unready\n".into()),

@@ -28,6 +28,11 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("HALO
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// halo's private runtime directory (listen-address claims, the proxy's
+    /// upgrade socket) [default: $RUNTIME_DIRECTORY, /run/halo as root,
+    /// $XDG_RUNTIME_DIR/halo, else /tmp/halo-UID; owner-only, checked].
+    #[arg(long, global = true, env = "HALO_RUN_DIR")]
+    run_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -263,6 +268,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(dir) = cli.run_dir {
+        halo_proxy::run_dir::set(dir);
+    }
     exit(run(cli.command))
 }
 
@@ -333,7 +341,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Proxy(args) => proxy_cmd::run(args),
         Command::Check { config } => check_cmd::check(&config),
         Command::Upgrade { config, data_dir } => match (config, data_dir) {
-            (Some(c), _) => upgrade::request(&upgrade::proxy_socket(&c)),
+            (Some(c), _) => upgrade::request(&upgrade::proxy_socket(&c)?),
             (None, Some(d)) => upgrade::request(&upgrade::node_socket(&d)),
             (None, None) => Err(anyhow::anyhow!(
                 "say which halo: -c FILE for `halo proxy -c FILE`, --data-dir DIR for `halo up` or `halo agent`"

@@ -111,7 +111,7 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         Some(path) => {
             let p = proxy.clone();
             let give: crate::upgrade::Give = Arc::new(move || p.handover(&[]));
-            let socket = crate::upgrade::proxy_socket(path);
+            let socket = crate::upgrade::proxy_socket(path)?;
             let (u, l) = crate::upgrade::Upgrades::bind(socket, took_over, give, None, done_tx)?;
             tokio::spawn(u.clone().serve(l));
             Some(u)

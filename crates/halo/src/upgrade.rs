@@ -31,14 +31,13 @@ pub const FROM_ENV: &str = "HALO_UPGRADE_FROM";
 /// How long a new process may take from start to "ready".
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
-/// The upgrade socket of `halo proxy -c FILE`.
-pub fn proxy_socket(config: &Path) -> PathBuf {
+/// The upgrade socket of `halo proxy -c FILE`: in the private runtime
+/// directory (`--run-dir`), named after the file.
+pub fn proxy_socket(config: &Path) -> anyhow::Result<PathBuf> {
     let abs = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.to_string_lossy().bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    std::env::temp_dir().join("halo-upgrade").join(format!("proxy-{h:016x}.sock"))
+    let h = halo_model::fnv::fnv64(abs.to_string_lossy().as_bytes());
+    let dir = halo_proxy::run_dir::sub("upgrade").context("the runtime directory for the upgrade socket")?;
+    Ok(dir.join(format!("proxy-{h:016x}.sock")))
 }
 
 /// The upgrade socket of `halo up` and `halo agent`.

@@ -228,7 +228,12 @@ async fn service_hooks_back_up_and_restore_the_applications_data() {
     let up = |data: &std::path::Path| {
         Halo::start(BIN, &["up", "-c", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &dir.0).unwrap()
     };
-    let counter = dir.0.join("counter");
+    // The application's data, where its (unprivileged) user may write.
+    let app_dir = dir.0.join("app");
+    std::fs::create_dir(&app_dir).unwrap();
+    let open = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777);
+    std::fs::set_permissions(&app_dir, open).unwrap();
+    let counter = app_dir.join("counter");
     let svc = |on_error: &str| {
         format!(
             "name = \"counter\"\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\", \"--counter-file\", \"{c}\"]\n\

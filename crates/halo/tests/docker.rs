@@ -39,7 +39,7 @@ driver = "docker"
 image = "{image}"
 pull = "never"
 port = 8080
-args = ["demo-app", "--version", "v1"]
+args = ["demo-app", "--version", "v1", "--admin"]
 {run_extra}
 
 [services.readiness]

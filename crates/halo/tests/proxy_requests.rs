@@ -170,3 +170,59 @@ async fn heads_and_chunk_lines_end_in_crlf() {
     .await;
     assert!(!r.contains("200 OK") && !r.contains("body-bytes: 5"), "a chunk line with a bare LF was accepted: {r}");
 }
+
+/// A client that stops reading a large response is closed after the send
+/// timeout, and what it held upstream (a connection, the upstream's only
+/// in-flight place) is released for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_releases_its_upstream() {
+    let web = Backend::start("web").await;
+    let cfg = format!(
+        "[proxy]\nsend_timeout = \"1s\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\nmax_in_flight = 1\n",
+        web.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let to = h.listeners["main"];
+    // 64 MiB: far more than the socket buffers hold, and never read.
+    let mut stuck = TcpStream::connect(to).await.unwrap();
+    stuck.write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let c = halo_testkit::Client::new();
+    let url = h.url("main", "/");
+    // While it holds the one place, others are shed; once it is closed,
+    // they are served.
+    halo_testkit::eventually(Duration::from_secs(30), "the stuck client's place released", || async {
+        c.get(&url).await.is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), stuck.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the stuck client's connection is still open");
+}
+
+/// A request body must arrive whole within request_body_timeout, however
+/// steadily its bytes trickle in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_body_is_cut_at_the_total_timeout() {
+    let web = Backend::start("web").await;
+    let cfg = format!(
+        "[proxy]\nrequest_body_timeout = \"2s\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\n",
+        web.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let mut s = TcpStream::connect(h.listeners["main"]).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n").await.unwrap();
+    // A byte every 200 ms would take 5.5 hours; the proxy must give up.
+    let trickle = async {
+        for _ in 0..600 {
+            if s.write_all(b"x").await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(60), trickle).await;
+    assert!(matches!(cut, Ok(true)), "the trickled body was never cut");
+}

@@ -32,6 +32,9 @@ pub struct ProxySection {
     pub max_header_bytes: Option<usize>,
     pub header_read_timeout: Option<String>,
     pub keepalive_idle: Option<String>,
+    pub send_timeout: Option<String>,
+    pub request_body_timeout: Option<String>,
+    pub max_connection_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

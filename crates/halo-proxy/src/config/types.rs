@@ -66,7 +66,18 @@ pub struct Config {
     pub access_log: bool,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this; an HTTP/2 one
+    /// that started no stream for this long is closed gracefully (GOAWAY).
     pub keepalive_idle: Duration,
+    /// A client that takes none of a response for this long is closed,
+    /// and its upstream connection released (nginx's `send_timeout`).
+    pub send_timeout: Duration,
+    /// A request body must arrive whole within this (besides the per-read
+    /// idle limit).
+    pub request_body_timeout: Duration,
+    /// An HTTP/2 connection older than this is closed gracefully (GOAWAY:
+    /// streams in flight finish), so no client holds one forever.
+    pub max_connection_age: Duration,
     pub admin: Option<SocketAddr>,
     /// The token the admin listener wants (`admin.token_file`), read when
     /// the file is loaded or reloaded.

@@ -42,6 +42,11 @@ pub struct Settings {
     /// previous exchange (so it is also the keep-alive idle limit).
     pub head_timeout: Duration,
     pub max_header_bytes: usize,
+    /// A client that takes none of a response for this long is closed
+    /// (its upstream connection and in-flight place go with the response).
+    pub send_timeout: Duration,
+    /// A request body must arrive whole within this.
+    pub body_timeout: Duration,
 }
 
 /// Longest wait for more of a request body.
@@ -128,7 +133,8 @@ where
         let keep = keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs is held only while it runs, not by
         // the connection's idle state.
-        let next = Box::pin(exchange(stream, buf, &mut out, &handler, request, decoder, keep)).await;
+        let head = Head { request, body: decoder, keep_alive: keep, expects_continue };
+        let next = Box::pin(exchange(stream, buf, &mut out, &handler, head, settings)).await;
         match next {
             // Also when draining: the response said keep-alive, so the
             // client may send another request, which is answered with
@@ -163,14 +169,15 @@ async fn exchange<H, F>(
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
     handler: &H,
-    request: Request<()>,
-    decoder: Decoder,
-    keep: bool,
+    head: Head,
+    settings: Settings,
 ) -> Next
 where
     H: Fn(Request<DownBody>) -> F,
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
+    // `keep_alive` here is what this side decided: the client's wish, unless draining.
+    let Head { request, body: decoder, keep_alive: keep, .. } = head;
     let head_only = request.method() == Method::HEAD;
     let version = request.version();
     let (body, pump) = RequestBody::channel(&decoder);
@@ -178,11 +185,14 @@ where
     let (mut rd, mut wr) = stream.split();
     let respond = async {
         let resp = fut.await;
-        write_response(&mut wr, out, resp, head_only, version, keep).await.unwrap_or(Next::Close)
+        write_response(&mut wr, out, resp, head_only, version, keep, settings.send_timeout).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "response not delivered; closing the connection");
+            Next::Close
+        })
     };
     let read_body = async {
         match pump {
-            Some(tx) => pump_body(&mut rd, buf, decoder, tx).await,
+            Some(tx) => pump_body(&mut rd, buf, decoder, tx, settings.body_timeout).await,
             None => true,
         }
     };
@@ -234,7 +244,11 @@ async fn pump_body(
     buf: &mut BytesMut,
     mut decoder: Decoder,
     tx: mpsc::Sender<io::Result<Bytes>>,
+    total: Duration,
 ) -> bool {
+    // Each read waits at most BODY_IDLE, and the whole body `total`: a
+    // client that sends a byte now and then cannot hold the request open.
+    let deadline = tokio::time::Instant::now() + total;
     let mut wanted = true;
     let mut drained = 0u64;
     loop {
@@ -262,7 +276,8 @@ async fn pump_body(
                 if buf.capacity() - buf.len() < 512 {
                     buf.reserve(READ_CHUNK * 2);
                 }
-                let read = tokio::time::timeout(BODY_IDLE, rd.read_buf(buf)).await;
+                let by = deadline.min(tokio::time::Instant::now() + BODY_IDLE);
+                let read = tokio::time::timeout_at(by, rd.read_buf(buf)).await;
                 if !matches!(read, Ok(Ok(n)) if n > 0) {
                     if wanted {
                         let why = io::Error::new(io::ErrorKind::UnexpectedEof, "the client stopped sending the body");
@@ -285,6 +300,7 @@ async fn write_response(
     head_only: bool,
     version: Version,
     keep_alive: bool,
+    within: Duration,
 ) -> io::Result<Next> {
     let upgraded = resp.body_mut().take_upgrade();
     let exact = resp.body().size_hint().exact();
@@ -296,8 +312,8 @@ async fn write_response(
     let framing = head::encode(&mut resp, exact, head_only, version, keep_alive, out);
     let mut body = resp.into_body();
     if framing == Framing::None {
-        wr.write_all(out).await?;
-        wr.flush().await?;
+        send(wr, out, within).await?;
+        flush(wr, within).await?;
         return Ok(match upgraded {
             Some(u) => Next::Tunnel(u),
             None => next(keep_alive),
@@ -310,10 +326,10 @@ async fn write_response(
             None => {
                 // Everything so far goes out before waiting on the upstream.
                 if !out.is_empty() {
-                    wr.write_all(out).await?;
+                    send(wr, out, within).await?;
                     out.clear();
                 }
-                wr.flush().await?;
+                flush(wr, within).await?;
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             }
         };
@@ -322,8 +338,8 @@ async fn write_response(
             Some(Err(e)) => {
                 // The client cannot be told; the connection ends short.
                 tracing::debug!(error = %e, "response body failed; closing the connection");
-                wr.write_all(out).await?;
-                wr.flush().await?;
+                send(wr, out, within).await?;
+                flush(wr, within).await?;
                 return Ok(Next::Close);
             }
             Some(Ok(f)) => {
@@ -336,9 +352,9 @@ async fn write_response(
                     let _ = write!(out, "{:x}\r\n", data.len());
                 }
                 if data.len() > WRITE_HIGH {
-                    wr.write_all(out).await?;
+                    send(wr, out, within).await?;
                     out.clear();
-                    wr.write_all(&data).await?;
+                    send(wr, &data, within).await?;
                 } else {
                     out.extend_from_slice(&data);
                 }
@@ -346,7 +362,7 @@ async fn write_response(
                     out.extend_from_slice(b"\r\n");
                 }
                 if out.len() > WRITE_HIGH {
-                    wr.write_all(out).await?;
+                    send(wr, out, within).await?;
                     out.clear();
                 }
             }
@@ -355,13 +371,30 @@ async fn write_response(
     if framing == Framing::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    wr.write_all(out).await?;
-    wr.flush().await?;
+    send(wr, out, within).await?;
+    flush(wr, within).await?;
     let complete = match framing {
         Framing::Length(n) => sent == n,
         _ => true,
     };
     Ok(next(keep_alive && complete && framing != Framing::Close))
+}
+
+/// Writes `bytes`, or fails once the client has taken none of them for
+/// `within` (it stopped reading): the response, and the upstream
+/// connection it holds, are let go.
+async fn send(wr: &mut WriteHalf<'_>, bytes: &[u8], within: Duration) -> io::Result<()> {
+    match tokio::time::timeout(within, wr.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the send timeout")),
+    }
+}
+
+async fn flush(wr: &mut WriteHalf<'_>, within: Duration) -> io::Result<()> {
+    match tokio::time::timeout(within, wr.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the send timeout")),
+    }
 }
 
 fn next(reusable: bool) -> Next {

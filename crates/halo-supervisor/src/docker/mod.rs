@@ -131,8 +131,15 @@ impl DockerDriver {
             "halo.node": self.node,
             LABEL_DATA_DIR: self.data_dir,
         });
+        // run.user and run.group as Docker takes them; else the image's user.
+        let user = match (&run.user, &run.group) {
+            (Some(u), Some(g)) => format!("{u}:{g}"),
+            (Some(u), None) => u.clone(),
+            _ => String::new(),
+        };
         let mut body = json!({
             "Image": d.image,
+            "User": user,
             "Env": env,
             "Labels": labels,
             "ExposedPorts": { &port: {} },
@@ -198,7 +205,12 @@ impl DockerDriver {
 
 /// What halo sets in every container, and in commands run inside it.
 fn container_env(inst: &InstanceSpec, d: &DockerRun) -> Vec<String> {
-    vec!["HOST=0.0.0.0".into(), format!("PORT={}", d.port), format!("HALO_INSTANCE={}", inst.id)]
+    vec![
+        "HOST=0.0.0.0".into(),
+        format!("PORT={}", d.port),
+        format!("HALO_INSTANCE={}", inst.id),
+        format!("HALO_SERVICE={}", inst.service),
+    ]
 }
 
 #[async_trait]

@@ -1,4 +1,5 @@
-//! FNV-1a: one small, stable hash for the control plane. Stable across
+//! FNV-1a: one small, stable hash for the control plane and the marks
+//! it gives instances. Stable across
 //! runs and builds (unlike std's `RandomState`), so it names templates;
 //! fast on short keys, so the scheduler's maps use it (none of their keys
 //! come from outside the cluster's own store).
