@@ -82,6 +82,10 @@ if [ "$1" = configure ]; then
   if ! getent passwd halo >/dev/null; then
     adduser --system --group --home /var/lib/halo --no-create-home --gecos "halo" halo >/dev/null
   fi
+  # The applications' own user: nothing of halo's is readable to it.
+  if ! getent passwd halo-app >/dev/null; then
+    adduser --system --group --home /nonexistent --no-create-home --gecos "halo instances" halo-app >/dev/null
+  fi
   chown halo:halo /var/lib/halo
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
