@@ -120,10 +120,11 @@ up() {
     local ns ip; ns=$(ns_of "$n"); ip=$(ip_of "$n")
     printf '[node]\napi = "%s:7070"\n\n[[listeners]]\nname = "http"\nlisten = "%s:8080"\n\n[[listeners]]\nname = "vip"\nlisten = "%s:8080"\n\n[[vip]]\naddress = "%s/24"\ninterface = "eth0"\n' \
       "$ip" "$ip" "$VIP" "$VIP" >"$STATE/$n/node.toml"
-    # Each node its own TMPDIR, as separate hosts have (listeners' address
-    # claims live there, and every node listens on the floating IP).
+    # Each node its own TMPDIR and runtime directory, as separate hosts have
+    # (listeners' address claims live there, and every node listens on the
+    # floating IP).
     mkdir -p "$STATE/$n/tmp"
-    TMPDIR="$STATE/$n/tmp" HALO_LOG=${HALO_LOG:-info} ip netns exec "$ns" "$halo" agent --store "etcd://$stores" --node "$n" \
+    TMPDIR="$STATE/$n/tmp" HALO_RUN_DIR="$STATE/$n/run" HALO_LOG=${HALO_LOG:-info} ip netns exec "$ns" "$halo" agent --store "etcd://$stores" --node "$n" \
       --advertise "$ip" -c "$STATE/$n/node.toml" --data-dir "$STATE/$n/data" --token-file "$STATE/token" >"$STATE/$n/agent.log" 2>&1 &
     disown
   done

@@ -149,7 +149,7 @@ pub async fn serve(
             move |mut req: axum::http::Request<hyper::body::Incoming>| {
                 let mut app = app.clone();
                 async move {
-                    if let Err(why) = halo_proxy::http_api::browser_guard(req.headers(), secure) {
+                    if let Err(why) = halo_proxy::http_api::browser_guard(&req, secure) {
                         return Ok::<_, Infallible>(ApiError(StatusCode::FORBIDDEN, why.into()).into_response());
                     }
                     req.extensions_mut().insert(axum::extract::ConnectInfo(Remote(peer)));

@@ -162,7 +162,7 @@ impl Peers {
 /// Whether the node API at `api` answers `/healthz` within [`PROBE_TIMEOUT`].
 async fn healthz(dial: &Dialer, api: SocketAddr, https: bool) -> bool {
     let req = http::Request::get("/healthz")
-        .header(http::header::HOST, "halo")
+        .header(http::header::HOST, api.to_string())
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .expect("a valid request");
     let answer = tokio::time::timeout(PROBE_TIMEOUT, dial.send(api, https, req)).await;

@@ -48,7 +48,7 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let tls = proxy.config().admin_tls.is_some();
-    if let Err(why) = crate::http_api::browser_guard(req.headers(), tls) {
+    if let Err(why) = crate::http_api::browser_guard(&req, tls) {
         return reply(StatusCode::FORBIDDEN, "text/plain", format!("{why}\n"));
     }
     if req.uri().path() != "/healthz" {

@@ -323,13 +323,14 @@ impl Cluster {
         let ip = nd.ip.to_string();
         let docker_host =
             format!("DOCKER_HOST=unix://{}", nd.docker.as_ref().map_or(String::new(), |s| s.display().to_string()));
-        // Each node its own temporary directory, as separate hosts have:
-        // the address claims of listeners live there, and nodes may listen
-        // on the same floating address.
+        // Each node its own temporary and runtime directories, as separate
+        // hosts have: the address claims of listeners live in the runtime
+        // one, and nodes may listen on the same floating address.
         let tmp = nd.node_file.parent().expect("node dir").join("tmp");
         std::fs::create_dir_all(&tmp).expect("node tmp dir");
         let tmpdir = format!("TMPDIR={}", tmp.display());
-        let mut args = vec!["netns", "exec", &nd.ns, "env", &tmpdir];
+        let run_dir = format!("HALO_RUN_DIR={}", nd.node_file.parent().expect("node dir").join("run").display());
+        let mut args = vec!["netns", "exec", &nd.ns, "env", &tmpdir, &run_dir];
         if nd.docker.is_some() {
             args.push(&docker_host);
         }

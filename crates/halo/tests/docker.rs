@@ -405,7 +405,8 @@ timeout = "10s"
 "#,
         vol = volume.0
     );
-    let text = node(&image.tags[0], 1, &svc).replace("\"v1\"]", "\"v1\", \"--counter-file\", \"/data/count\"]");
+    let text =
+        node(&image.tags[0], 1, &svc).replace("\"--admin\"]", "\"--admin\", \"--counter-file\", \"/data/count\"]");
     let h = Halo::up(BIN, &text).unwrap();
     all_ready(&h, 1).await;
     let c = Client::new();

@@ -226,3 +226,50 @@ async fn a_trickled_request_body_is_cut_at_the_total_timeout() {
     let cut = tokio::time::timeout(Duration::from_secs(60), trickle).await;
     assert!(matches!(cut, Ok(true)), "the trickled body was never cut");
 }
+
+/// An HTTP/2 connection that starts no stream for keepalive_idle is closed
+/// (GOAWAY), though its client answers every ping; one kept busy is
+/// retired at max_connection_age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_idle_out_and_age_out() {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let web = Backend::start("web").await;
+    let cfg = format!(
+        "[proxy]\nkeepalive_idle = \"1s\"\nmax_connection_age = \"3s\"\n\
+         [[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\n",
+        web.addr
+    );
+    let h = Halo::proxy(BIN, &cfg).unwrap();
+    let to = h.listeners["main"];
+    let connect = || async move {
+        let io = TokioIo::new(TcpStream::connect(to).await.unwrap());
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let get = || http::Request::get("http://x/").body(Empty::<Bytes>::new()).unwrap();
+
+    let (mut send, ended) = connect().await;
+    assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+    let closed = tokio::time::timeout(Duration::from_secs(30), ended).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection stayed open for 30 s");
+
+    let (mut send, _ended) = connect().await;
+    let busy = async {
+        for _ in 0..150 {
+            if send.ready().await.is_err() || send.send_request(get()).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    };
+    let retired = tokio::time::timeout(Duration::from_secs(40), busy).await;
+    assert!(matches!(retired, Ok(true)), "a busy HTTP/2 connection was never retired");
+}
