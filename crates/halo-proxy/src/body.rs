@@ -28,7 +28,38 @@ use crate::tunnel::Upgraded;
 /// connection task, or by hyper's HTTP/2 server.
 pub enum DownBody {
     H1(crate::h1::RequestBody),
-    H2(Incoming),
+    H2(H2Body),
+}
+
+/// An HTTP/2 request body, which must arrive whole within `within` of
+/// its first read (HTTP/1.1 bodies have the same limit in the codec).
+pub struct H2Body {
+    body: Incoming,
+    within: std::time::Duration,
+    /// Made at the first read that has to wait: a body that is there at
+    /// once, or absent, costs no timer.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl H2Body {
+    pub fn new(body: Incoming, within: std::time::Duration) -> H2Body {
+        H2Body { body, within, deadline: None }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(f) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(f.map(|r| r.map_err(Into::into)));
+        }
+        let within = self.within;
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "the request body did not arrive whole within {within:?} (request_body_timeout)"
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl Body for DownBody {
@@ -38,21 +69,21 @@ impl Body for DownBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut *self {
             DownBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            DownBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownBody::H2(b) => b.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             DownBody::H1(b) => b.is_end_stream(),
-            DownBody::H2(b) => b.is_end_stream(),
+            DownBody::H2(b) => b.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             DownBody::H1(b) => b.size_hint(),
-            DownBody::H2(b) => b.size_hint(),
+            DownBody::H2(b) => b.body.size_hint(),
         }
     }
 }

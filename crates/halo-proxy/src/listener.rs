@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
-use crate::body::DownBody;
+use crate::body::{DownBody, H2Body};
 use crate::config::{Cidr, Config, ListenerProtocol};
 use crate::conn::Conn;
 use crate::forward::{self, Downstream};
@@ -358,9 +358,10 @@ async fn serve_http(
             let born = tokio::time::Instant::now();
             let last = Arc::new(std::sync::Mutex::new(born));
             let seen = last.clone();
+            let body_within = protocols.h1.body_timeout;
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 *seen.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
-                forward::handle(shared.clone(), down.clone(), req.map(DownBody::H2))
+                forward::handle(shared.clone(), down.clone(), req.map(|b| DownBody::H2(H2Body::new(b, body_within))))
             });
             let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
             // Idle (no new stream) or old enough: retired like a stop.

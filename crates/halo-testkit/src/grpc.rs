@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 /// A body fed through a channel, frame by frame.
-pub struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
+pub struct ChanBody(pub mpsc::Receiver<Frame<Bytes>>);
 
 impl Body for ChanBody {
     type Data = Bytes;

@@ -28,7 +28,7 @@ pub use cluster::{in_netns, web_service, Cluster, ClusterNode, Sample, Sampler};
 pub use docker::{containers_labelled, docker, docker_at, docker_available, remove_containers_of, DemoImage, Volume};
 pub use echo::EchoServer;
 pub use etcd::Etcd;
-pub use grpc::{grpc_call, GrpcReply, GrpcServer};
+pub use grpc::{grpc_call, ChanBody, GrpcReply, GrpcServer};
 pub use load::{Load, Report, RetryLoad, RetryReport};
 pub use process::{alive, processes_of, upgrade, Halo, Reaper};
 pub use rng::Rng;

@@ -225,6 +225,29 @@ async fn a_trickled_request_body_is_cut_at_the_total_timeout() {
     };
     let cut = tokio::time::timeout(Duration::from_secs(60), trickle).await;
     assert!(matches!(cut, Ok(true)), "the trickled body was never cut");
+
+    // The same over HTTP/2: the stream gets an error answer or a reset.
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(h.listeners["main"]).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let feed = tokio::spawn(async move {
+        for _ in 0..600 {
+            if tx.send(hyper::body::Frame::data(Bytes::from_static(b"x"))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let req = http::Request::post("http://x/echo").body(halo_testkit::ChanBody(rx)).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), send.send_request(req)).await;
+    feed.abort();
+    match answer {
+        Ok(Ok(r)) => assert!(!r.status().is_success(), "a trickled h2 body was accepted: {}", r.status()),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("the trickled h2 body was never cut"),
+    }
 }
 
 /// An HTTP/2 connection that starts no stream for keepalive_idle is closed
