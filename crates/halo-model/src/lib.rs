@@ -8,6 +8,7 @@
 //! proxy's config reuses them, so a policy name means the same in a service
 //! file as in a proxy file. No I/O here.
 
+pub mod clock;
 pub mod diag;
 mod file;
 pub mod fnv;
