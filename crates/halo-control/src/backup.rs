@@ -163,7 +163,7 @@ pub async fn create(
         lines.push(b'\n');
         keys += 1;
     }
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let created = halo_model::clock::unix_secs();
     let mut members = vec![Member { name: STORE.into(), size: lines.len() as u64, sha256: sha256(&lines) }];
     let mut entries: Vec<HookEntry> =
         skipped.into_iter().map(|(service, why)| HookEntry { service, member: None, error: Some(why) }).collect();

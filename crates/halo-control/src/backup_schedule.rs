@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::membership::Membership;
 use crate::reconcile::Reconciler;
 use crate::BackupSchedule;
+use halo_model::lock::LockExt;
 
 /// How scheduled backups are doing, for `/metrics` and `halo status`.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
@@ -42,7 +43,7 @@ pub struct Schedule {
 
 impl Schedule {
     fn health(&self) -> std::sync::MutexGuard<'_, BackupHealth> {
-        self.health.lock().unwrap_or_else(|e| e.into_inner())
+        self.health.locked()
     }
 
     /// Cancels the backup under way (its hooks are killed); false when none is.
@@ -74,7 +75,7 @@ pub(crate) async fn run(
             continue;
         }
         let started = Instant::now();
-        ctl.health().running_since = Some(crate::rollout::now_ms() / 1000);
+        ctl.health().running_since = Some(halo_model::clock::unix_ms() / 1000);
         let result = tokio::select! {
             r = once(&r, &dir, &sched) => r,
             _ = ctl.cancel.notified() => Err("cancelled by an operator (halo backup cancel)".to_string()),
@@ -84,7 +85,7 @@ pub(crate) async fn run(
         match result {
             Ok((file, size)) => {
                 last_ok = Instant::now();
-                h.last_success = Some(crate::rollout::now_ms() / 1000);
+                h.last_success = Some(halo_model::clock::unix_ms() / 1000);
                 h.last_size = size;
                 h.last_duration_ms = started.elapsed().as_millis() as u64;
                 h.last_file = Some(file.display().to_string());
@@ -112,7 +113,7 @@ fn wait(when: &crate::When) -> std::time::Duration {
     match when {
         crate::When::Every(every) => *every,
         crate::When::Cron(cron) => {
-            let now_ms = crate::rollout::now_ms();
+            let now_ms = halo_model::clock::unix_ms();
             match cron.next_after(now_ms / 1000) {
                 Some(next) => std::time::Duration::from_millis((next * 1000).saturating_sub(now_ms)),
                 None => {
@@ -129,7 +130,7 @@ async fn once(r: &Reconciler, dir: &Path, sched: &BackupSchedule) -> Result<(Pat
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let bytes = crate::backup::take(r).await.map_err(|e| e.to_string())?;
     let b = crate::backup::open(&bytes).map_err(|e| e.to_string())?;
-    let ms = crate::rollout::now_ms();
+    let ms = halo_model::clock::unix_ms();
     let name = format!("{PREFIX}{ms}-r{}.tar", b.manifest.revision);
     let file = dir.join(&name);
     // Written under a hidden name, verified from the disk, then the oldest

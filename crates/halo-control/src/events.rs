@@ -79,7 +79,7 @@ impl Events {
     /// Records an event; never waits.
     pub fn emit(&self, level: Level, kind: &str, service: Option<&str>, instance: Option<&str>, message: String) {
         let e = Event {
-            time_ms: unix_ms(),
+            time_ms: halo_model::clock::unix_ms(),
             node: self.node.clone(),
             level,
             kind: kind.to_string(),
@@ -99,10 +99,6 @@ impl Events {
     pub fn warn(&self, kind: &str, service: Option<&str>, instance: Option<&str>, message: String) {
         self.emit(Level::Warning, kind, service, instance, message);
     }
-}
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The key of an event: time first, so keys sort in time order.

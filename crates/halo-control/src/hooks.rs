@@ -15,6 +15,7 @@ use halo_supervisor::Runner;
 
 use crate::keys::NodeRecord;
 use crate::reconcile::Reconciler;
+use halo_model::lock::LockExt;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
 pub const RESTORE_DIR: &str = "restore";
@@ -26,7 +27,7 @@ struct Host {
 }
 
 fn host(r: &Reconciler, service: &str) -> Option<Host> {
-    let instances = r.instances.lock().unwrap_or_else(|e| e.into_inner());
+    let instances = r.instances.locked();
     instances
         .values()
         .filter(|m| m.record.service == service && m.ready())

@@ -24,6 +24,7 @@ use crate::keys::{assignment_key, Assignment, LEADER};
 use crate::membership::Membership;
 use crate::scheduler;
 use crate::state::{ClusterState, View};
+use halo_model::lock::LockExt;
 
 /// History the leader keeps when it compacts, and how often it does.
 const KEEP_REVISIONS: Revision = 10_000;
@@ -44,7 +45,7 @@ pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
         if let Some(token) = m.leading() {
             // Renewed lately? A leader that is not renewing steps down
             // before its lease can expire and another be elected.
-            let renewed = *m.last_renewed.lock().unwrap_or_else(|e| e.into_inner());
+            let renewed = *m.last_renewed.locked();
             if renewed.is_none_or(|t| t.elapsed() > m.cfg.lease_ttl * 2 / 3) {
                 m.step_down("lease not renewed in time");
             } else if watching && view.current().revision >= token && leader.is_none_or(|(_, t)| t != token) {

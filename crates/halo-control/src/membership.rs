@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use halo_store::{Compare, LeaseId, Revision, Store, StoreError, Txn, TxnOp};
 
 use crate::keys::{node_admin_key, node_key, NodeAdmin, NodeRecord};
+use halo_model::lock::LockExt;
 
 /// How this node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -94,14 +95,14 @@ impl Membership {
     /// record (under the node lease, when there is one).
     pub async fn set_drivers(&self, drivers: Vec<String>) {
         {
-            let mut now = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut now = self.drivers.locked();
             if *now == drivers {
                 return;
             }
             tracing::info!(node = %self.cfg.node, ?drivers, "drivers answering on this node");
             *now = drivers;
         }
-        let Some(lease) = *self.lease.lock().unwrap_or_else(|e| e.into_inner()) else { return };
+        let Some(lease) = *self.lease.locked() else { return };
         if let Err(e) = self.store.put(&node_key(&self.cfg.node), self.record(), Some(lease)).await {
             tracing::warn!(error = %e, "updating the node record's drivers failed");
         }
@@ -109,13 +110,9 @@ impl Membership {
 
     /// The node's lease, if it holds one that was renewed within its TTL.
     pub fn lease(&self) -> Option<LeaseId> {
-        let fresh = self
-            .last_renewed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|t| t.elapsed() < self.cfg.lease_ttl);
+        let fresh = self.last_renewed.locked().is_some_and(|t| t.elapsed() < self.cfg.lease_ttl);
         let leaving = self.leaving.load(Ordering::SeqCst);
-        (*self.lease.lock().unwrap_or_else(|e| e.into_inner())).filter(|_| fresh && !leaving)
+        (*self.lease.locked()).filter(|_| fresh && !leaving)
     }
 
     /// Leaves the cluster for good (halo is stopping its instances): ends
@@ -126,7 +123,7 @@ impl Membership {
         if self.token.swap(0, Ordering::SeqCst) > 0 {
             tracing::info!("no longer leading: leaving the cluster");
         }
-        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let lease = self.lease.locked().take();
         if let Some(lease) = lease {
             if let Err(e) = self.store.revoke(lease).await {
                 tracing::debug!(error = %e, "ending the node lease failed; it expires by itself");
@@ -151,7 +148,7 @@ impl Membership {
             capacity: self.cfg.capacity,
             api: self.api,
             api_tls: self.api_tls,
-            drivers: self.drivers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            drivers: self.drivers.locked().clone(),
         };
         serde_json::to_vec(&r).expect("a node record encodes")
     }
@@ -181,8 +178,8 @@ impl Membership {
         let admin = node_admin_key(&self.cfg.node);
         let v = serde_json::to_vec(&NodeAdmin::default()).expect("encodes");
         self.store.txn(Txn::new().when(Compare::absent(&admin)).and_then(TxnOp::put(&admin, v, None))).await?;
-        *self.last_renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+        *self.last_renewed.locked() = Some(Instant::now());
+        *self.lease.locked() = Some(lease);
         self.counters.leases_granted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %self.cfg.node, lease = format!("{lease:x}"), "registered in the cluster");
         Ok(lease)
@@ -193,7 +190,7 @@ impl Membership {
     pub async fn run_lease(self: std::sync::Arc<Self>) {
         let every = self.cfg.lease_ttl / 3;
         while !self.leaving.load(Ordering::SeqCst) {
-            let current = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+            let current = *self.lease.locked();
             match current {
                 None => {
                     if let Err(e) = self.register().await {
@@ -204,12 +201,12 @@ impl Membership {
                 }
                 Some(lease) => match self.store.keep_alive(lease).await {
                     Ok(_) => {
-                        *self.last_renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                        *self.last_renewed.locked() = Some(Instant::now());
                     }
                     Err(StoreError::LeaseNotFound(_)) => {
                         tracing::warn!(lease = format!("{lease:x}"), "the node lease expired; registering again");
                         self.counters.lease_renew_failures.fetch_add(1, Ordering::Relaxed);
-                        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        *self.lease.locked() = None;
                         self.step_down("lease expired");
                         continue;
                     }

@@ -25,6 +25,7 @@ use crate::reconcile::{self, Reconciler};
 use crate::state::View;
 use crate::views::ClusterView;
 use crate::NodeConfig;
+use halo_model::lock::LockExt;
 
 mod rollouts;
 use rollouts::stable_for;
@@ -247,7 +248,7 @@ impl Node {
         tasks.push(tokio::spawn(reconcile::run(node.r.clone())));
         tasks.push(tokio::spawn(reconcile::publish_stats(node.r.clone())));
         tasks.push(tokio::spawn(crate::hooks::restore_pending(node.r.clone())));
-        *node.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        *node.tasks.locked() = tasks;
         Ok(node)
     }
 
@@ -268,7 +269,7 @@ impl Node {
     /// is unreachable; [`ClusterView::view`] says how stale).
     pub fn cluster(&self) -> ClusterView {
         let m = &self.r.m;
-        let answered = *m.last_renewed.lock().unwrap_or_else(|e| e.into_inner());
+        let answered = *m.last_renewed.locked();
         // Renewals come every third of the TTL: two missed is a silence.
         let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
         ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
@@ -290,7 +291,7 @@ impl Node {
 
     /// How scheduled backups are doing (`None` without `[backup]`).
     pub fn backup_health(&self) -> Option<crate::backup_schedule::BackupHealth> {
-        self.backups.as_ref().map(|s| s.health.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.backups.as_ref().map(|s| s.health.locked().clone())
     }
 
     /// Cancels the scheduled backup under way, killing its hooks.
@@ -487,7 +488,7 @@ impl Node {
     /// Every service with this node's instances of it.
     pub fn status(&self) -> Vec<ServiceStatus> {
         let st = self.r.view.current();
-        let instances = self.r.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let instances = self.r.instances.locked();
         st.services
             .iter()
             .map(|(name, svc)| {
@@ -581,7 +582,7 @@ impl Node {
     }
 
     fn statuses(&self) -> Vec<Status> {
-        let instances = self.r.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let instances = self.r.instances.locked();
         instances.values().map(|m| m.status.borrow().clone()).collect()
     }
 
@@ -597,7 +598,7 @@ impl Node {
             tracing::warn!(error = %e, "could not tell the cluster this node is upgrading");
         }
         self.r.detach_all();
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self.tasks.locked().drain(..) {
             t.abort();
         }
         self.r.view.stop();

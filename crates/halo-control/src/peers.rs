@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::dial::Dialer;
 use crate::state::View;
+use halo_model::lock::LockExt;
 
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 /// A busy node answering in 300 ms is alive: only silence counts.
@@ -81,7 +82,7 @@ impl Peers {
 
     /// How long `node` has been silent, if it is.
     pub fn silent(&self, node: &str) -> Option<Duration> {
-        self.heard.lock().unwrap_or_else(|e| e.into_inner()).get(node).and_then(Peer::silent)
+        self.heard.locked().get(node).and_then(Peer::silent)
     }
 
     /// The silent nodes; changes as they go silent and answer again.
@@ -96,7 +97,7 @@ impl Peers {
 
     /// Every other live node with whether it answers (`false`: silent).
     pub fn answering(&self) -> BTreeMap<String, bool> {
-        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let heard = self.heard.locked();
         heard.iter().map(|(n, p)| (n.clone(), p.silent().is_none())).collect()
     }
 
@@ -112,7 +113,7 @@ impl Peers {
             let stalled = now.duration_since(last_round) > SUSPECT_AFTER;
             last_round = now;
             let silent: BTreeSet<String> = {
-                let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+                let mut heard = self.heard.locked();
                 heard.retain(|n, _| st.nodes.contains_key(n));
                 let any = heard.values().any(|p| p.last_ok.elapsed() < SUSPECT_AFTER && p.answered);
                 // Hearing none of several nodes, this one is the one cut
@@ -143,7 +144,7 @@ impl Peers {
                 let (me, name, api, https) = (self.clone(), name.clone(), rec.api, rec.api_tls);
                 tokio::spawn(async move {
                     let ok = healthz(&me.dial, api, https).await;
-                    let mut heard = me.heard.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut heard = me.heard.locked();
                     let p = heard.entry(name).or_insert(Peer { last_ok: now, fails: 0, answered: false });
                     if ok {
                         p.last_ok = p.last_ok.max(now);

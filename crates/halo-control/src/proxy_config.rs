@@ -15,6 +15,7 @@ use halo_proxy::config::{
 use halo_proxy::Proxy;
 
 use crate::state::{ActiveCanary, ClusterState, Svc};
+use halo_model::lock::LockExt;
 
 /// The proxy and what it was last given.
 pub(crate) struct ProxyFeed {
@@ -76,7 +77,7 @@ impl ProxyFeed {
             .collect();
         let layout: BTreeMap<String, String> =
             services.iter().map(|(n, s)| (n.clone(), format!("{}@{:?}", s.template, weights.get(n)))).collect();
-        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let mut published = self.published.locked();
         if published.layout.as_ref() != Some(&layout) {
             match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights)) {
                 Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },

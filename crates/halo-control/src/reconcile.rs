@@ -25,6 +25,7 @@ use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, Instance
 use crate::membership::Membership;
 use crate::proxy_config::ProxyFeed;
 use crate::state::{ClusterState, View};
+use halo_model::lock::LockExt;
 
 /// Between taking an instance out of the proxies and signalling it.
 const DRAIN_DELAY: Duration = Duration::from_millis(300);
@@ -106,7 +107,7 @@ impl Reconciler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Managed>> {
-        self.instances.lock().unwrap_or_else(|e| e.into_inner())
+        self.instances.locked()
     }
 
     /// The assignments to this node that it obeys. Fencing as a node sees

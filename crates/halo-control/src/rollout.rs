@@ -17,7 +17,9 @@
 //! the store, so a new leader carries on where the old one was.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use halo_model::clock::unix_ms;
 
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
 
@@ -33,10 +35,6 @@ use crate::state::{ClusterState, Svc};
 
 /// Windows kept in a rollout record, newest last.
 const KEEP_WINDOWS: usize = 10;
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// An open analysis window: when it opened and every node's counters then.
 struct Window {
@@ -111,7 +109,7 @@ impl Controller {
     ) -> Result<(), StoreError> {
         let stable = svc.stable.as_ref().expect("a canary has a stable revision");
         let release = &svc.spec.release;
-        let now = now_ms();
+        let now = unix_ms();
         let current = |r: &&RolloutRecord| r.canary_template == svc.template && r.state.active();
         let Some(rec) = st.rollouts.get(name).filter(current) else {
             tracing::info!(service = %name, canary = %svc.template, stable = %stable.template, "canary rollout begins");
@@ -262,7 +260,7 @@ impl Controller {
         *window = Window::open(st);
         let (verdict, detail) = judge(&c, a);
         Some(WindowRecord {
-            ended_ms: now_ms(),
+            ended_ms: unix_ms(),
             canary_requests: c.canary.requests,
             canary_errors: c.canary.failed,
             stable_requests: c.stable.requests,

@@ -29,6 +29,7 @@ use crate::keys::{
     SERVICES, SILENT, STATS, UPGRADING, VIPS, VIP_NODES,
 };
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
+use halo_model::lock::LockExt;
 
 /// A stored service, parsed and validated.
 #[derive(Debug)]
@@ -386,7 +387,7 @@ pub struct View {
 impl View {
     /// Stops following the store (the node is handed over).
     pub fn stop(&self) {
-        if let Some(t) = self.follower.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(t) = self.follower.locked().take() {
             t.abort();
         }
     }
@@ -405,13 +406,13 @@ impl View {
         });
         let v = view.clone();
         let task = tokio::spawn(follow(store, ROOT, listing.revision + 1, move |feed| v.feed(feed)));
-        *view.follower.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        *view.follower.locked() = Some(task);
         Ok(view)
     }
 
     /// The state now (a snapshot: later changes do not show in it).
     pub fn current(&self) -> Arc<ClusterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state.locked().clone()
     }
 
     /// Changes on every revision the view takes in.
@@ -423,7 +424,7 @@ impl View {
     /// answered this node and `patience` how long a silence is normal.
     pub fn freshness(&self, answered: Option<Instant>, patience: Duration) -> Freshness {
         let revision = self.current().revision;
-        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let h = self.health.locked();
         let silent = answered.map_or(Duration::MAX, |t| t.elapsed());
         let store_reachable = silent <= patience;
         let stale = match (h.watching, store_reachable) {
@@ -442,11 +443,11 @@ impl View {
 
     /// Whether the watch is up.
     pub fn watching(&self) -> bool {
-        self.health.lock().unwrap_or_else(|e| e.into_inner()).watching
+        self.health.locked().watching
     }
 
     fn set_watching(&self, watching: bool) {
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.health.locked();
         if h.watching != watching || watching {
             *h = Health { watching, since: Instant::now() };
         }
@@ -454,7 +455,7 @@ impl View {
 
     fn feed(&self, feed: Feed<'_>) {
         let revision = {
-            let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = self.state.locked();
             match feed {
                 Feed::Listing(l) => *guard = Arc::new(ClusterState::from_listing(l, Some(&guard))),
                 // Events change nothing the control plane acts on: no copy

@@ -13,6 +13,7 @@ pub mod diag;
 mod file;
 pub mod fnv;
 mod kind;
+pub mod lock;
 mod redact;
 pub mod release;
 pub mod run;

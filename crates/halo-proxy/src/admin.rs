@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::metrics::{escape, ListenerStats, Writer};
 use crate::server::Proxy;
 use crate::util::now_ms;
+use halo_model::lock::LockExt;
 
 /// Serves the admin API (limits and deadlines: `http_api`) until `stop`;
 /// HTTPS when the current config says so (a reload may change it).
@@ -251,8 +252,7 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             w.sample(family, &label(e), value(e));
         }
     }
-    let mut ls: Vec<_> =
-        reg.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut ls: Vec<_> = reg.listeners.locked().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     ls.sort_by(|a, b| a.0.cmp(&b.0));
     let families: [Family<ListenerStats>; 8] = [
         ("halo_listener_connections_active", "gauge", "Open downstream connections, by listener.", |s| {

@@ -16,6 +16,7 @@ use crate::endpoint::Endpoint;
 use crate::util::{rand_below, rand_u64};
 
 pub use self::maglev::Maglev;
+use halo_model::lock::LockExt;
 
 pub enum Balancer {
     /// Smooth weighted round robin (nginx's): current weights per endpoint.
@@ -91,7 +92,7 @@ impl Balancer {
             return first;
         }
         Some(match self {
-            Balancer::RoundRobin(state) => smooth_rr(&mut state.lock().unwrap_or_else(|e| e.into_inner()), c),
+            Balancer::RoundRobin(state) => smooth_rr(&mut state.locked(), c),
             Balancer::LeastRequest => least_request(c, n),
             Balancer::P2cEwma => p2c(c, n),
             Balancer::Random => weighted_random(c),

@@ -569,7 +569,7 @@ fn access_log(
     start: Instant,
 ) {
     let line = serde_json::json!({
-        "ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        "ts": halo_model::clock::unix_secs_f64(),
         "client": down.client.to_string(),
         "listener": &*down.listener,
         "method": method.as_str(),

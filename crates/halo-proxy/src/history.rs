@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::quantile;
 use crate::Proxy;
+use halo_model::lock::LockExt;
 
 /// One sample this often...
 pub const EVERY: Duration = Duration::from_secs(2);
@@ -64,7 +65,7 @@ impl History {
     /// counts) at `now_ms`: a point per name seen before, from the change
     /// since then.
     pub fn record(&self, now_ms: u64, totals: Vec<(&str, String, u64, u64, Vec<u64>)>) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.locked();
         let secs = now_ms.saturating_sub(st.last_ms) as f64 / 1000.0;
         let mut seen = BTreeMap::new();
         for (kind, name, requests, failed, latency) in totals {
@@ -106,7 +107,7 @@ impl History {
 
     /// Every route's and upstream's points, oldest first.
     pub fn series(&self) -> Vec<Series> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state.locked();
         st.rings
             .iter()
             .map(|((kind, name), ring)| Series {
@@ -129,8 +130,7 @@ impl History {
                 totals.push(("upstream", name, n, failed, latency));
             }
             drop(p);
-            let now_ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now_ms = halo_model::clock::unix_ms();
             self.record(now_ms, totals);
             tokio::time::sleep(EVERY).await;
         }

@@ -25,6 +25,7 @@ use crate::h1;
 use crate::metrics::ListenerStats;
 use crate::path::PathPolicy;
 use crate::server::Shared;
+use halo_model::lock::LockExt;
 
 /// Counts open downstream connections so shutdown can wait for them.
 #[derive(Default)]
@@ -360,7 +361,7 @@ async fn serve_http(
             let seen = last.clone();
             let body_within = protocols.h1.body_timeout;
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                *seen.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+                *seen.locked() = tokio::time::Instant::now();
                 forward::handle(shared.clone(), down.clone(), req.map(|b| DownBody::H2(H2Body::new(b, body_within))))
             });
             let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(stream), svc));
@@ -368,7 +369,7 @@ async fn serve_http(
             let (idle, max_age) = (protocols.h2_idle, protocols.h2_max_age);
             let retire = async {
                 loop {
-                    let quiet_since = *last.lock().unwrap_or_else(|e| e.into_inner());
+                    let quiet_since = *last.locked();
                     let at = (quiet_since + idle).min(born + max_age);
                     if tokio::time::Instant::now() >= at {
                         return;

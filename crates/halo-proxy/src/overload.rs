@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::config::RateLimit;
 use crate::metrics::UpstreamStats;
+use halo_model::lock::LockExt;
 use halo_model::values::MaxInFlight;
 
 /// A listener's connection slots, shared by every worker's accept loop.
@@ -210,12 +211,12 @@ impl Adaptive {
 
     /// The upstream's own latency, once measured.
     pub fn min_rtt(&self) -> Option<Duration> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).min_rtt
+        self.state.locked().min_rtt
     }
 
     /// A request admitted under this limit took `took`, finishing `now`.
     pub fn sample(&self, took: Duration, now: Instant) {
-        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.state.locked();
         // Sent before the limit was held low: its time says nothing of
         // the upstream's own latency.
         let before = g.measuring.is_some_and(|since| now.checked_sub(took).is_some_and(|sent| sent < since));

@@ -20,6 +20,7 @@ use crate::body::ProxyBody;
 use crate::client::H1Conn;
 use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTls};
 use crate::tls::client::UpIo;
+use halo_model::lock::LockExt;
 
 /// Idle lists per endpoint; workers beyond this share lists.
 const IDLE_SLOTS: usize = 16;
@@ -115,7 +116,7 @@ impl Pool {
 
     /// Applies new settings from a reload without dropping connections.
     pub fn reconfigure(&self, cfg: &PoolConfig) {
-        *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()) = cfg.idle_timeout;
+        *self.inner.idle_timeout.locked() = cfg.idle_timeout;
         let old = self.inner.cap.swap(cfg.max_per_endpoint, Relaxed);
         if cfg.max_per_endpoint > old {
             self.inner.permits.add_permits(cfg.max_per_endpoint - old);
@@ -215,9 +216,9 @@ impl Pool {
     /// Closes idle connections older than the idle timeout (called
     /// periodically, so an idle pool does not hold sockets forever).
     pub fn reap_idle(&self) {
-        let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = *self.inner.idle_timeout.locked();
         for list in self.inner.idle.iter() {
-            list.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.since.elapsed() <= timeout);
+            list.locked().retain(|c| c.since.elapsed() <= timeout);
         }
     }
 
@@ -229,8 +230,8 @@ impl Pool {
     }
 
     fn take_idle_from(&self, slot: usize) -> Option<Pooled> {
-        let timeout = *self.inner.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        let mut idle = self.inner.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = *self.inner.idle_timeout.locked();
+        let mut idle = self.inner.idle[slot].locked();
         while let Some(mut c) = idle.pop() {
             if c.since.elapsed() > timeout || !c.conn.is_usable() {
                 continue;
@@ -246,7 +247,7 @@ impl Pool {
     }
 
     async fn get_h2(&self, connect_timeout: Duration) -> Result<Pooled, ConnectError> {
-        let existing = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let existing = self.inner.h2.locked().clone();
         if let Some(s) = existing.filter(|s| !s.is_closed()) {
             return Ok(Pooled { sender: Sender::H2(s), permit: None, pool: self.inner.clone(), reused: true });
         }
@@ -256,7 +257,7 @@ impl Pool {
             .await
             .map_err(|source| ConnectError::Handshake { addr: self.inner.addr, source })?;
         self.spawn_conn(conn);
-        *self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        *self.inner.h2.locked() = Some(sender.clone());
         Ok(Pooled { sender: Sender::H2(sender), permit: None, pool: self.inner.clone(), reused: false })
     }
 }
@@ -283,9 +284,9 @@ impl Pooled {
     pub fn release(self) {
         let Pooled { sender, permit, pool, .. } = self;
         let (Sender::H1(conn), Some(permit)) = (sender, permit) else { return };
-        let timeout = *pool.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = *pool.idle_timeout.locked();
         {
-            let mut idle = pool.idle[worker_slot()].lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = pool.idle[worker_slot()].locked();
             // Drop the coldest connections once they outlived the idle timeout.
             while idle.first().is_some_and(|c| c.since.elapsed() > timeout) {
                 idle.remove(0);

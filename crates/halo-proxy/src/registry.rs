@@ -20,6 +20,7 @@ use crate::overload::ClientRate;
 use crate::retry::RetryBudget;
 use crate::router::Route;
 use crate::upstream::{Group, Slot};
+use halo_model::lock::LockExt;
 
 #[derive(Default)]
 pub struct RouteRuntime {
@@ -63,7 +64,7 @@ pub struct Snapshot {
 
 impl Registry {
     pub fn set_restores(&self, states: Vec<crate::handover::EndpointState>) {
-        let mut r = self.restores.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.restores.locked();
         r.extend(states.into_iter().map(|s| ((s.upstream.clone(), s.addr), s)));
     }
 
@@ -84,7 +85,7 @@ impl Registry {
     /// routes and forgetting state for the ones that left.
     pub fn build(&self, config: Arc<Config>) -> Snapshot {
         let groups: HashMap<String, Arc<Slot>> = {
-            let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let mut eps = self.endpoints.locked();
             let mut keep = HashMap::new();
             let groups = config
                 .upstreams
@@ -101,8 +102,8 @@ impl Registry {
             *eps = keep;
             groups
         };
-        self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).retain(|name, _| groups.contains_key(name));
-        let mut rts = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        self.upstreams.locked().retain(|name, _| groups.contains_key(name));
+        let mut rts = self.routes.locked();
         let mut keep_rts = HashMap::new();
         let routes = config
             .routes
@@ -136,7 +137,7 @@ impl Registry {
     /// The group of one upstream whose endpoints changed, keeping the
     /// state of the endpoints it still has.
     pub fn regroup(&self, u: Arc<UpstreamConfig>) -> Group {
-        let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut eps = self.endpoints.locked();
         let mut keep = HashMap::new();
         let group = self.group(&mut eps, &mut keep, u.clone());
         eps.retain(|(up, addr), ep| {
@@ -178,7 +179,7 @@ impl Registry {
                     }
                     None => {
                         let ep = Arc::new(Endpoint::new(e.addr, e.weight, u.clone()));
-                        let restore = self.restores.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                        let restore = self.restores.locked().remove(&key);
                         if let Some(s) = restore {
                             ep.restore(&s, crate::util::now_ms());
                         }
@@ -190,38 +191,31 @@ impl Registry {
                 ep
             })
             .collect();
-        let stats = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).entry(u.name.clone()).or_default().clone();
+        let stats = self.upstreams.locked().entry(u.name.clone()).or_default().clone();
         Group::new(u, list, stats)
     }
 
     /// Every upstream's counters, by name, sorted.
     pub fn upstream_stats(&self) -> Vec<(String, Arc<UpstreamStats>)> {
-        let mut v: Vec<_> = self
-            .upstreams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut v: Vec<_> = self.upstreams.locked().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     pub fn route_stats(&self) -> Vec<(String, Arc<RouteRuntime>)> {
-        let mut v: Vec<_> =
-            self.routes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<_> = self.routes.locked().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
-        let mut v: Vec<_> = self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut v: Vec<_> = self.endpoints.locked().values().cloned().collect();
         v.sort_by(|a, b| (&*a.upstream, a.addr).cmp(&(&*b.upstream, b.addr)));
         v
     }
 
     pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
-        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone()
+        self.listeners.locked().entry(name.to_string()).or_default().clone()
     }
 }
 

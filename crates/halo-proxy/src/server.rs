@@ -18,6 +18,7 @@ use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig, 
 use crate::handover::{Inherited, InheritedListener, ListenerFds, Manifest};
 use crate::listener::{protocols, Command, Drain, Worker};
 use crate::registry::{Registry, Snapshot};
+use halo_model::lock::LockExt;
 
 /// State shared by every connection of the proxy.
 pub struct Shared {
@@ -212,7 +213,7 @@ impl Proxy {
         }
         tracing::info!(listener = %l.name, addr = %bound, "listening");
         let handle = ListenerHandle { name: l.name.clone(), configured: l.addr, bound, stop, claim, sockets: dups };
-        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        self.listeners.locked().push(handle);
     }
 
     /// What a new process needs to take over (binary upgrade): the
@@ -222,7 +223,7 @@ impl Proxy {
     pub fn handover(&self, extra: &[(String, &std::net::TcpListener)]) -> std::io::Result<(Manifest, Vec<OwnedFd>)> {
         let mut m = Manifest { pid: std::process::id(), ..Manifest::default() };
         let mut fds: Vec<OwnedFd> = Vec::new();
-        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for l in self.listeners.locked().iter() {
             for s in &l.sockets {
                 fds.push(s.try_clone()?.into());
             }
@@ -252,7 +253,7 @@ impl Proxy {
 
     /// Starts accepting on the listeners of a paused start.
     pub fn resume(&self) {
-        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let paused = self.paused.locked().take();
         for (l, set) in paused.into_iter().flatten() {
             self.serve_listener(&l, set);
         }
@@ -261,7 +262,7 @@ impl Proxy {
     /// Serves a bound listener, or holds it until [`Proxy::resume`] while
     /// paused.
     fn serve_or_hold(&self, l: &ListenerConfig, set: BoundSet) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let mut paused = self.paused.locked();
         match paused.as_mut() {
             Some(held) => held.push((l.clone(), set)),
             None => {
@@ -280,7 +281,7 @@ impl Proxy {
 
     /// Bound addresses of the listeners, by name.
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
-        let ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let ls = self.listeners.locked();
         ls.iter().map(|l| (l.name.clone(), l.bound)).collect()
     }
 
@@ -301,7 +302,7 @@ impl Proxy {
     /// bind refuses the whole reload); listeners that disappear stop
     /// accepting while their open connections finish.
     pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
-        let _g = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.shared.update.locked();
         let old = self.config();
         if old.admin != new.admin {
             let show = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
@@ -310,8 +311,8 @@ impl Proxy {
         let n = sockets_per_listener(&old);
         // Served, and (during a paused start) bound and held.
         let running: Vec<(String, SocketAddr)> = {
-            let ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-            let held = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            let ls = self.listeners.locked();
+            let held = self.paused.locked();
             let held = held.iter().flatten().map(|(l, _)| (l.name.clone(), l.addr));
             ls.iter().map(|l| (l.name.clone(), l.configured)).chain(held).collect()
         };
@@ -326,7 +327,7 @@ impl Proxy {
         }
         self.install(new.clone());
         {
-            let mut ls = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ls = self.listeners.locked();
             ls.retain(|h| {
                 let keep = new.listeners.iter().any(|l| l.name == h.name && l.addr == h.configured);
                 if !keep {
@@ -335,7 +336,7 @@ impl Proxy {
                 }
                 keep
             });
-            let mut held = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            let mut held = self.paused.locked();
             if let Some(held) = held.as_mut() {
                 held.retain(|(h, _)| new.listeners.iter().any(|l| l.name == h.name && l.addr == h.addr));
             }
@@ -362,7 +363,7 @@ impl Proxy {
     /// empty set is valid: its routes answer 503 naming the upstream.
     /// [`Proxy::config`] keeps the endpoints of the last reload.
     pub fn set_endpoints(&self, upstream: &str, endpoints: Vec<EndpointConfig>) -> Result<(), ReloadError> {
-        let _g = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.shared.update.locked();
         let snap = self.shared.snapshot.load();
         let slot = snap.groups.get(upstream).ok_or_else(|| ReloadError::UnknownUpstream(upstream.into()))?;
         let mut u = (*slot.load().cfg).clone();
@@ -403,7 +404,7 @@ impl Proxy {
     /// returns. A keep-alive connection's next response says
     /// `connection: close`; one idle for a second is closed.
     pub async fn shutdown(&self, grace: Duration) {
-        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+        for l in self.listeners.locked().iter_mut() {
             let _ = l.stop.send(true);
             // Closed here too (a new process after an upgrade has its own).
             l.sockets.clear();
@@ -414,7 +415,7 @@ impl Proxy {
             tracing::warn!(left = self.drain.count.load(Relaxed), "grace period over; closing remaining connections");
         }
         let _ = self.halt.send(true);
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let threads = std::mem::take(&mut *self.threads.locked());
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();

@@ -11,6 +11,7 @@
 
 use std::sync::Mutex;
 
+use halo_model::lock::LockExt;
 use nix::unistd::{Group, Uid, User};
 
 /// The user instances run as when none is named and halo may switch.
@@ -99,7 +100,7 @@ fn lookup_group(g: &str) -> Result<Option<u32>, String> {
 /// host may race to make it: whoever loses finds it made.
 fn default_user() -> Result<(u32, u32), String> {
     static MADE: Mutex<()> = Mutex::new(());
-    let _one = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = MADE.locked();
     if let Some(found) = lookup_user(DEFAULT_USER)? {
         return Ok(found);
     }

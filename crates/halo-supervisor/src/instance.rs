@@ -5,7 +5,9 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use halo_model::clock::unix_secs;
 
 use halo_model::{Probe, RestartPolicy, ServiceSpec};
 use nix::sys::signal::Signal;
@@ -17,6 +19,7 @@ use crate::logs::LogFile;
 use crate::probe::{check_once, Tally, Verdict};
 use crate::runner::Runner;
 use crate::Env;
+use halo_model::lock::LockExt;
 
 /// What the node asks the supervisor to run.
 #[derive(Debug, Clone)]
@@ -107,10 +110,6 @@ pub struct Instance {
 /// The current run's runner, while there is a run.
 type RunnerSlot = Arc<Mutex<Option<Arc<dyn Runner>>>>;
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl Instance {
     /// Starts supervising: `adopted` (a run a previous halo started) if
     /// given, else a new run.
@@ -129,7 +128,7 @@ impl Instance {
             last_exit: None,
             probe_failures: ProbeFailures::default(),
             last_probe_error: None,
-            since: unix_now(),
+            since: unix_secs(),
         };
         let (status_tx, status_rx) = watch::channel(status);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -142,7 +141,7 @@ impl Instance {
     /// Runs commands where the current run's app runs (backup hooks);
     /// `None` between runs.
     pub fn runner(&self) -> Option<Arc<dyn Runner>> {
-        self.runner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.runner.locked().clone()
     }
 
     pub fn status(&self) -> Status {
@@ -189,14 +188,14 @@ impl Run {
             let before = (s.state, s.ready);
             f(s);
             if (s.state, s.ready) != before {
-                s.since = unix_now();
+                s.since = unix_secs();
                 tracing::info!(service = %s.service, instance = %s.id, state = s.state.as_str(), ready = s.ready, "instance");
             }
         });
     }
 
     fn set_runner(&self, r: Option<Arc<dyn Runner>>) {
-        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        *self.runner.locked() = r;
     }
 
     async fn main(mut self, mut adopted: Option<Box<dyn Workload>>) {
@@ -396,7 +395,7 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
     }
     status.send_modify(|s| {
         s.state = State::Running;
-        s.since = unix_now();
+        s.since = unix_secs();
     });
     let readiness = async {
         let p = &spec.readiness;
@@ -413,7 +412,7 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
             if ready != status.borrow().ready {
                 status.send_modify(|s| {
                     s.ready = ready;
-                    s.since = unix_now();
+                    s.since = unix_secs();
                     if ready {
                         s.last_probe_error = None;
                     }

@@ -15,6 +15,7 @@ use halo_control::{Applied, ApplyOutcome, ClusterView, Outcome, RolloutView, Sta
 use http::Method;
 
 use crate::output::{render, table, Output};
+use halo_model::clock::unix_secs;
 
 /// The copy of `[node.tls] ca` a node keeps in its data directory, for
 /// the CLI to check the API's certificate.
@@ -103,11 +104,6 @@ fn change(t: &Target, out: &Output, method: Method, path: &str, body: Option<Str
     let o = runtime()?.block_on(c.change(method, path, body.map(bytes::Bytes::from)))?;
     out.print(&o, |_| format!("{}: {}\n", o.name, o.outcome))?;
     Ok(o)
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A duration as kubectl prints ages: `45s`, `3m10s`, `2h5m`, `4d3h`.
@@ -316,7 +312,7 @@ pub fn node_list(t: &Target, out: &Output) -> anyhow::Result<()> {
 /// `halo vip list`.
 pub fn vip_list(t: &Target, out: &Output) -> anyhow::Result<()> {
     let vips: Vec<VipStatus> = read(t, "/v1/vips")?;
-    let now_ms = unix_now() * 1000;
+    let now_ms = unix_secs() * 1000;
     out.print(&vips, |wide| vips_text(&vips, now_ms, wide))
 }
 
@@ -413,7 +409,7 @@ fn nodes_text(c: &ClusterView, wide: bool) -> String {
 
 pub fn status(t: &Target, out: &Output) -> anyhow::Result<()> {
     let v: StatusView = read(t, "/v1/status")?;
-    out.print(&v, |wide| status_text(&v, unix_now(), wide))
+    out.print(&v, |wide| status_text(&v, unix_secs(), wide))
 }
 
 fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
@@ -668,7 +664,7 @@ fn count(n: usize, what: &str) -> String {
 /// crash loop or a rolled back canary of the service, or after `timeout`.
 pub fn wait(t: &Target, goal: &Goal, timeout: std::time::Duration) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let since_ms = unix_now().saturating_sub(1) * 1000;
+    let since_ms = unix_secs().saturating_sub(1) * 1000;
     let mut said = String::new();
     loop {
         let v: ClusterView = read(t, "/v1/nodes")?;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use halo_model::lock::LockExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -167,7 +168,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
         }
         "/admin/hog" => {
             let mib: usize = param("mib").and_then(|v| v.parse().ok()).unwrap_or(0).min(1 << 16);
-            let mut hogged = app.hogged.lock().unwrap_or_else(|e| e.into_inner());
+            let mut hogged = app.hogged.locked();
             for _ in 0..mib {
                 // Written, so the pages are really taken.
                 hogged.push(vec![1u8; 1 << 20]);

@@ -7,8 +7,9 @@ use std::io::Write;
 use halo_control::events::{Event, Level};
 use http::Method;
 
-use crate::cli_cmd::{age, read, runtime, unix_now, Target};
+use crate::cli_cmd::{age, read, runtime, Target};
 use crate::output::{render, table, Format, Output};
+use halo_model::clock::unix_secs;
 
 #[derive(clap::Args)]
 pub struct EventsArgs {
@@ -34,7 +35,7 @@ pub fn run(a: EventsArgs) -> anyhow::Result<()> {
     }
     if !a.follow {
         let events: Vec<Event> = read(&a.target, &path)?;
-        let now = unix_now() * 1000;
+        let now = unix_secs() * 1000;
         return a.out.print(&events, |wide| events_text(&events, now, wide));
     }
     // Following: one event a line as it comes, in fixed columns.

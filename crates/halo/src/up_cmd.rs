@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use halo_control::{parse_node, Node, NodeOptions};
+use halo_model::lock::LockExt;
 use halo_store::{EmbeddedStore, Store};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -199,7 +200,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
         Arc::new(move || {
             let (node, stop_api) = (node.clone(), stop_api.clone());
             Box::pin(async move {
-                if let Some(s) = stop_api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Some(s) = stop_api.locked().take() {
                     let _ = s.send(());
                 }
                 node.release().await;
@@ -232,13 +233,13 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
             r = &mut server, if !api_ended => {
                 api_ended = true;
                 // Stopped by a handover (its stop sender taken): fine.
-                if stop_api.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                if stop_api.locked().is_some() {
                     anyhow::bail!("the API server stopped: {r:?}");
                 }
             }
         }
     };
-    if let Some(s) = stop_api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(s) = stop_api.locked().take() {
         let _ = s.send(());
     }
     upgrades.remove_socket();

@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use halo_proxy::Proxy;
 use halo_store::{Compare, CompareOp, CompareTarget, LeaseId, Revision, Store, StoreError, Txn, TxnOp};
@@ -47,6 +47,7 @@ use crate::fnv::fnv64;
 use crate::keys::{vip_key, vip_node_key, VipCandidate, VipHolder};
 use crate::peers::Peers;
 use crate::state::{ClusterState, HeldVip, View};
+use halo_model::lock::LockExt;
 use netlink::{IfAddr, Interface};
 
 /// The VIP lease's TTL (etcd's smallest with its default election timeout).
@@ -277,18 +278,18 @@ impl Vips {
         let sent = Instant::now();
         if self.store.keep_alive(lease).await.is_ok() {
             tracing::info!(lease = format!("{lease:x}"), "continuing the floating IPs held by this node's last run");
-            *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((lease, sent));
+            *self.lease.locked() = Some((lease, sent));
         }
     }
 
     /// The VIP lease while its last renewal was sent within [`HOLD_WINDOW`].
     fn fresh(&self) -> Option<LeaseId> {
-        let l = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let l = *self.lease.locked();
         l.filter(|(_, at)| at.elapsed() < HOLD_WINDOW).map(|(id, _)| id)
     }
 
     fn lease_id(&self) -> Option<LeaseId> {
-        self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(id, _)| id)
+        self.lease.locked().map(|(id, _)| id)
     }
 
     /// Keeps the VIP lease; a lease that is gone is replaced (the tasks
@@ -299,7 +300,7 @@ impl Vips {
                 None => match self.store.grant(VIP_LEASE_TTL).await {
                     Ok(id) => {
                         tracing::debug!(lease = format!("{id:x}"), "floating IP lease granted");
-                        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, Instant::now()));
+                        *self.lease.locked() = Some((id, Instant::now()));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "cannot grant the floating IP lease; retrying");
@@ -311,7 +312,7 @@ impl Vips {
                     let sent = Instant::now();
                     match self.store.keep_alive(id).await {
                         Ok(_) => {
-                            let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut l = self.lease.locked();
                             if l.is_some_and(|(now, _)| now == id) {
                                 *l = Some((id, sent));
                             }
@@ -321,7 +322,7 @@ impl Vips {
                                 lease = format!("{id:x}"),
                                 "the floating IP lease is gone (expired or revoked)"
                             );
-                            let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut l = self.lease.locked();
                             if l.is_some_and(|(now, _)| now == id) {
                                 *l = None;
                             }
@@ -387,7 +388,7 @@ impl Vips {
         let st = self.view.current();
         let ip = l.spec.address.to_string();
         let holder = st.vips.get(&ip).cloned();
-        let held = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let held = l.held.locked().clone();
         match held {
             Some(h) => self.hold(l, h, &st, holder.as_ref(), &me, t).await,
             None => match (holder, iface) {
@@ -441,7 +442,7 @@ impl Vips {
 
     async fn campaign(&self, l: &Local, iface: Interface) {
         let Some(lease) = self.fresh() else { return };
-        let since_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let since_ms = halo_model::clock::unix_ms();
         let rec = VipHolder { node: self.node.clone(), since_ms, interface: l.spec.interface.clone() };
         let txn = Txn::new().when(Compare::absent(&l.key)).and_then(TxnOp::put(
             &l.key,
@@ -579,7 +580,7 @@ impl Vips {
                 h.phase = Phase::Up { refreshed: Instant::now(), added: Instant::now(), second_burst: false };
             }
             Phase::Up { refreshed, added, second_burst } => {
-                let confirmed = self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(_, at)| at);
+                let confirmed = self.lease.locked().map(|(_, at)| at);
                 if confirmed.is_some_and(|c| c > refreshed) && self.fresh() == Some(h.lease) {
                     if let Err(e) = netlink::put(&l.addr(&h)) {
                         tracing::warn!(node = %self.node, vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
@@ -672,7 +673,7 @@ impl Vips {
     }
 
     fn set_held(&self, l: &Local, h: Option<Held>) {
-        *l.held.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        *l.held.locked() = h;
     }
 
     /// Halo is stopping for good: every address is removed and handed over.
@@ -680,12 +681,12 @@ impl Vips {
         self.stopped.store(true, Relaxed);
         for l in &self.local {
             let _turn = l.turn.lock().await;
-            let h = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let h = l.held.locked().clone();
             if let Some(h) = h {
                 self.release(l, &h, "halo is stopping").await;
             }
         }
-        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let lease = self.lease.locked().take();
         if let Some((id, _)) = lease {
             let _ = self.store.revoke(id).await;
         }
@@ -732,7 +733,7 @@ impl Local {
 
     /// Since when the address has been on the interface, if it is.
     fn up_since(&self) -> Option<Instant> {
-        match self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.phase {
+        match self.held.locked().as_ref()?.phase {
             Phase::Up { added, .. } => Some(added),
             _ => None,
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use halo_proxy::Proxy;
 
 use super::Track;
+use halo_model::lock::LockExt;
 
 const EVERY: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -31,7 +32,7 @@ impl Health {
     }
 
     pub fn get(&self) -> Result<(), String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.locked().clone()
     }
 }
 
@@ -54,7 +55,7 @@ pub async fn run(track: Track, proxy: Arc<Proxy>, floating: impl Fn(IpAddr) -> O
                 passes += 1;
                 if now.is_err() && passes >= PASSES_TO_UP {
                     tracing::info!(check = %track, "tracked check passes again: this node may hold its floating IPs");
-                    *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Ok(());
+                    *health.0.locked() = Ok(());
                 }
             }
             Err(why) => {
@@ -64,7 +65,7 @@ pub async fn run(track: Track, proxy: Arc<Proxy>, floating: impl Fn(IpAddr) -> O
                     if now.is_ok() {
                         tracing::warn!(check = %track, reason = %why, "tracked check fails: this node may not hold its floating IPs");
                     }
-                    *health.0.lock().unwrap_or_else(|e| e.into_inner()) = Err(why);
+                    *health.0.locked() = Err(why);
                 }
             }
         }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use halo_model::lock::LockExt;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -161,7 +162,7 @@ impl TlsListener {
     pub fn refresh(&self) -> Result<bool, String> {
         let now = stamps(&self.files);
         {
-            let mut seen = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = self.stamps.locked();
             if *seen == now {
                 return Ok(false);
             }
@@ -185,9 +186,9 @@ fn stamps(files: &[CertFiles]) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-/// Seconds since the Unix epoch now.
+/// Seconds since the Unix epoch now, signed as certificate times are.
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    halo_model::clock::unix_secs() as i64
 }
 
 fn load(files: &[CertFiles]) -> Result<CertSet, Vec<(usize, String)>> {

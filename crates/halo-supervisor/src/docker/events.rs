@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::api::{escape, Client, Stream};
+use halo_model::lock::LockExt;
 
 #[derive(Debug)]
 pub struct Events {
@@ -56,7 +57,7 @@ impl Events {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
-        self.died.lock().unwrap_or_else(|e| e.into_inner())
+        self.died.locked()
     }
 
     /// Wakes for `id`'s exits from now on. Starts the stream on first use.

@@ -318,7 +318,7 @@ async fn copy_logs(api: Client, id: String, path: std::path::PathBuf, mut since:
                 }
             }
         }
-        since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        since = halo_model::clock::unix_secs();
         tokio::time::sleep(Duration::from_secs(1)).await;
         match api.call(Method::GET, &format!("/containers/{id}/json"), None).await {
             Ok(info) if info.pointer("/State/Running").and_then(Value::as_bool) == Some(true) => {}
