@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::events::EventKind;
 use crate::membership::Membership;
 use crate::reconcile::Reconciler;
 use crate::BackupSchedule;
@@ -91,13 +92,18 @@ pub(crate) async fn run(
                 h.last_file = Some(file.display().to_string());
                 h.last_error = None;
                 tracing::info!(file = %file.display(), size, "scheduled backup written and verified");
-                m.events.info("backup", None, None, format!("{} written and verified ({size} bytes)", file.display()));
+                m.events.info(
+                    EventKind::Backup,
+                    None,
+                    None,
+                    format!("{} written and verified ({size} bytes)", file.display()),
+                );
             }
             Err(e) => {
                 h.failures += 1;
                 h.last_error = Some(e.clone());
                 tracing::error!(error = %e, "scheduled backup failed");
-                m.events.warn("backup", None, None, format!("scheduled backup failed: {e}"));
+                m.events.warn(EventKind::Backup, None, None, format!("scheduled backup failed: {e}"));
             }
         }
         h.overdue = match &sched.when {

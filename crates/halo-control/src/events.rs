@@ -37,16 +37,85 @@ pub struct Event {
     pub node: String,
     /// `warning` for what needs a look, else `info`.
     pub level: Level,
-    /// What happened, one word: `exited`, `crash-loop`, `not-ready`,
-    /// `ready`, `started`, `stopping`, `placed`, `rescheduled`, `elected`,
-    /// `applied`, `scaled`, `restarted`, `deleted`, `drained`, `undrained`,
-    /// `removed`, `rollout`, `backup`.
-    pub kind: String,
+    /// What happened (one word on the wire: `exited`, `crash-loop`, ...).
+    pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
     pub message: String,
+}
+
+/// What an event says happened: the contract the CLI (`--wait`), the
+/// dashboard and scripts match on, never the wording of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// An instance's process or container ended.
+    Exited,
+    /// An instance restarts too often and waits the longest backoff.
+    CrashLoop,
+    Ready,
+    NotReady,
+    Stopped,
+    /// Ended and, by its restart policy, not started again.
+    Completed,
+    Placed,
+    Rescheduled,
+    Elected,
+    /// A node a majority found silent lost its lease.
+    Evicted,
+    Applied,
+    Scaled,
+    Restarted,
+    Deleted,
+    Drained,
+    Undrained,
+    /// A node forgotten by an operator.
+    Removed,
+    /// A rollout's step, window verdict or operator order.
+    Rollout,
+    /// A canary rolled back (by its analysis, a deadline or an operator).
+    RolledBack,
+    Backup,
+    /// A kind written by another version of halo.
+    #[serde(other)]
+    Other,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Exited => "exited",
+            EventKind::CrashLoop => "crash-loop",
+            EventKind::Ready => "ready",
+            EventKind::NotReady => "not-ready",
+            EventKind::Stopped => "stopped",
+            EventKind::Completed => "completed",
+            EventKind::Placed => "placed",
+            EventKind::Rescheduled => "rescheduled",
+            EventKind::Elected => "elected",
+            EventKind::Evicted => "evicted",
+            EventKind::Applied => "applied",
+            EventKind::Scaled => "scaled",
+            EventKind::Restarted => "restarted",
+            EventKind::Deleted => "deleted",
+            EventKind::Drained => "drained",
+            EventKind::Undrained => "undrained",
+            EventKind::Removed => "removed",
+            EventKind::Rollout => "rollout",
+            EventKind::RolledBack => "rolled-back",
+            EventKind::Backup => "backup",
+            EventKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Padded as a column asks (`{:<12}`).
+        f.pad(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,12 +146,12 @@ impl Events {
     }
 
     /// Records an event; never waits.
-    pub fn emit(&self, level: Level, kind: &str, service: Option<&str>, instance: Option<&str>, message: String) {
+    pub fn emit(&self, level: Level, kind: EventKind, service: Option<&str>, instance: Option<&str>, message: String) {
         let e = Event {
             time_ms: halo_model::clock::unix_ms(),
             node: self.node.clone(),
             level,
-            kind: kind.to_string(),
+            kind,
             service: service.map(str::to_string),
             instance: instance.map(str::to_string),
             message,
@@ -92,11 +161,11 @@ impl Events {
         }
     }
 
-    pub fn info(&self, kind: &str, service: Option<&str>, instance: Option<&str>, message: String) {
+    pub fn info(&self, kind: EventKind, service: Option<&str>, instance: Option<&str>, message: String) {
         self.emit(Level::Info, kind, service, instance, message);
     }
 
-    pub fn warn(&self, kind: &str, service: Option<&str>, instance: Option<&str>, message: String) {
+    pub fn warn(&self, kind: EventKind, service: Option<&str>, instance: Option<&str>, message: String) {
         self.emit(Level::Warning, kind, service, instance, message);
     }
 }
@@ -171,9 +240,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> = Arc::new(halo_store::EmbeddedStore::open(&dir).await.unwrap());
         let ev = Events::start(store.clone(), "n1");
-        ev.info("applied", Some("web"), None, "web created".into());
-        ev.warn("exited", Some("web"), Some("web-1-0"), "exited with status 3".into());
-        ev.info("elected", None, None, "n1 elected".into());
+        ev.info(EventKind::Applied, Some("web"), None, "web created".into());
+        ev.warn(EventKind::Exited, Some("web"), Some("web-1-0"), "exited with status 3".into());
+        ev.info(EventKind::Elected, None, None, "n1 elected".into());
         let mut got = Vec::new();
         for _ in 0..100 {
             got = list(&*store, None, 100).await.unwrap().0;
@@ -184,6 +253,10 @@ mod tests {
         }
         let kinds: Vec<&str> = got.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["applied", "exited", "elected"]);
+        // The wire spelling is the kind's name; one from another version reads as Other.
+        assert_eq!(serde_json::to_string(&EventKind::CrashLoop).unwrap(), "\"crash-loop\"");
+        assert_eq!(serde_json::from_str::<EventKind>("\"rolled-back\"").unwrap(), EventKind::RolledBack);
+        assert_eq!(serde_json::from_str::<EventKind>("\"some-new-kind\"").unwrap(), EventKind::Other);
         let listing = store.list(EVENTS).await.unwrap();
         assert!(listing.kvs.iter().all(|kv| kv.lease.is_some()), "events live on a lease");
         let web = list(&*store, Some("web"), 1).await.unwrap().0;

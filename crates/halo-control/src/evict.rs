@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use halo_store::{LeaseId, StoreError};
 
+use crate::events::EventKind;
 use crate::keys::{node_key, silent_key};
 use crate::membership::Membership;
 use crate::peers::Peers;
@@ -134,7 +135,7 @@ async fn evict(
     }
     m.counters.evictions.fetch_add(1, Relaxed);
     let why = format!("{node} ended: {} of {} nodes found it silent", reporters.len(), st.nodes.len());
-    m.events.warn("evicted", None, None, why);
+    m.events.warn(EventKind::Evicted, None, None, why);
     Ok(())
 }
 

@@ -243,9 +243,28 @@ pub struct WindowRecord {
     pub canary_errors: u64,
     pub stable_requests: u64,
     pub stable_errors: u64,
-    /// `pass`, `fail` or `hold` (too few canary requests to judge).
-    pub verdict: String,
+    pub verdict: Verdict,
     pub detail: String,
+}
+
+/// What the leader made of one analysis window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Too few canary requests to judge.
+    Hold,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Hold => "hold",
+        })
+    }
 }
 
 impl RolloutState {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, Txn, TxnOp};
 
+use crate::events::EventKind;
 use crate::keys::{assignment_key, Assignment, LEADER};
 use crate::membership::Membership;
 use crate::scheduler;
@@ -87,7 +88,7 @@ fn lead(m: &Arc<Membership>, view: &Arc<View>, token: Revision) {
     if m.token.compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         m.counters.elections_won.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %m.cfg.node, token, "elected leader");
-        m.events.info("elected", None, None, format!("{} leads (fencing token {token})", m.cfg.node));
+        m.events.info(EventKind::Elected, None, None, format!("{} leads (fencing token {token})", m.cfg.node));
         tokio::spawn(leader_loop(m.clone(), view.clone(), token));
     }
 }
@@ -151,16 +152,21 @@ async fn apply_plan(
             tracing::info!(instance = %id, node = %a.placement.node, "unassigning");
             let (svc, node) = (Some(a.placement.service.as_str()), &a.placement.node);
             if !st.nodes.contains_key(node) {
-                m.events.warn("rescheduled", svc, Some(id), format!("{id} leaves {node}: the node is gone"));
+                m.events.warn(EventKind::Rescheduled, svc, Some(id), format!("{id} leaves {node}: the node is gone"));
             } else if st.admin.get(node).is_some_and(|n| n.draining) {
-                m.events.info("rescheduled", svc, Some(id), format!("{id} leaves {node}: the node is drained"));
+                m.events.info(
+                    EventKind::Rescheduled,
+                    svc,
+                    Some(id),
+                    format!("{id} leaves {node}: the node is drained"),
+                );
             }
             ops.push(TxnOp::Delete(assignment_key(&a.placement.node, id)));
         }
     }
     for p in &plan.add {
         tracing::info!(instance = %p.id, node = %p.node, "assigning");
-        m.events.info("placed", Some(&p.service), Some(&p.id), format!("{} placed on {}", p.id, p.node));
+        m.events.info(EventKind::Placed, Some(&p.service), Some(&p.id), format!("{} placed on {}", p.id, p.node));
         let a = Assignment { placement: p.clone(), token };
         ops.push(TxnOp::put(&assignment_key(&p.node, &p.id), serde_json::to_vec(&a).expect("encodes"), None));
     }

@@ -28,6 +28,7 @@ use crate::NodeConfig;
 use halo_model::lock::LockExt;
 
 mod rollouts;
+use crate::events::EventKind;
 use rollouts::stable_for;
 
 #[derive(Debug, thiserror::Error)]
@@ -322,9 +323,9 @@ impl Node {
             return Err(NodeError::Conflict);
         }
         let (kind, what) = if draining {
-            ("drained", "drained: its instances move to other nodes, replacements first")
+            (EventKind::Drained, "drained: its instances move to other nodes, replacements first")
         } else {
-            ("undrained", "undrained: it takes instances again")
+            (EventKind::Undrained, "undrained: it takes instances again")
         };
         self.r.m.events.info(kind, None, None, format!("node {name} {what}"));
         Ok(())
@@ -341,7 +342,7 @@ impl Node {
         }
         let key = node_admin_key(name);
         self.r.store.txn(Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::Delete(key))).await?;
-        self.r.m.events.info("removed", None, None, format!("node {name} forgotten"));
+        self.r.m.events.info(EventKind::Removed, None, None, format!("node {name} forgotten"));
         Ok(())
     }
 
@@ -399,7 +400,7 @@ impl Node {
             None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
         };
         self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
-        self.r.m.events.info("applied", Some(&file.name), None, format!("{} {outcome} by apply", file.name));
+        self.r.m.events.info(EventKind::Applied, Some(&file.name), None, format!("{} {outcome} by apply", file.name));
         Ok(applied(outcome))
     }
 
@@ -431,7 +432,7 @@ impl Node {
             file.validate().map(drop).map_err(|e| NodeError::BadRequest(e.to_string()))
         })
         .await?;
-        self.r.m.events.info("scaled", Some(name), None, format!("{name} scaled to {replicas}"));
+        self.r.m.events.info(EventKind::Scaled, Some(name), None, format!("{name} scaled to {replicas}"));
         Ok(())
     }
 
@@ -442,14 +443,14 @@ impl Node {
             Ok(())
         })
         .await?;
-        self.r.m.events.info("restarted", Some(name), None, format!("{name}: rolling restart asked"));
+        self.r.m.events.info(EventKind::Restarted, Some(name), None, format!("{name}: rolling restart asked"));
         Ok(())
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
         match self.r.store.delete(&service_key(name)).await? {
             Some(_) => {
-                self.r.m.events.info("deleted", Some(name), None, format!("{name} deleted"));
+                self.r.m.events.info(EventKind::Deleted, Some(name), None, format!("{name} deleted"));
                 Ok(())
             }
             None => Err(NodeError::NotFound(name.into())),

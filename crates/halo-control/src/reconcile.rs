@@ -21,6 +21,7 @@ use halo_supervisor::{Env, Instance, InstanceSpec, Status, Workload};
 use tokio::sync::{watch, Notify};
 
 use crate::endpoints::{self, Ready};
+use crate::events::EventKind;
 use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, InstanceRecord};
 use crate::membership::Membership;
 use crate::proxy_config::ProxyFeed;
@@ -488,29 +489,29 @@ fn instance_events(ev: &crate::events::Events, before: &Status, now: &Status) {
     let (svc, id) = (Some(now.service.as_str()), Some(now.id.as_str()));
     let exit = now.last_exit.as_deref().unwrap_or("no exit status");
     if now.restarts > before.restarts {
-        ev.warn("exited", svc, id, format!("{} ended ({exit}); restart {}", now.id, now.restarts));
+        ev.warn(EventKind::Exited, svc, id, format!("{} ended ({exit}); restart {}", now.id, now.restarts));
     }
     if now.state != before.state {
         match now.state {
             State::CrashLoop => ev.warn(
-                "crash-loop",
+                EventKind::CrashLoop,
                 svc,
                 id,
                 format!("{} restarts too often ({exit}); waiting the longest backoff between tries", now.id),
             ),
-            State::Stopped => ev.info("stopped", svc, id, format!("{} stopped ({exit})", now.id)),
+            State::Stopped => ev.info(EventKind::Stopped, svc, id, format!("{} stopped ({exit})", now.id)),
             State::Completed => {
-                ev.info("completed", svc, id, format!("{} ended and is not restarted ({exit})", now.id))
+                ev.info(EventKind::Completed, svc, id, format!("{} ended and is not restarted ({exit})", now.id))
             }
             _ => {}
         }
     }
     if now.ready != before.ready && now.state == State::Running {
         if now.ready {
-            ev.info("ready", svc, id, format!("{} is ready on port {}", now.id, now.port));
+            ev.info(EventKind::Ready, svc, id, format!("{} is ready on port {}", now.id, now.port));
         } else {
             let why = now.last_probe_error.as_deref().unwrap_or("its readiness check fails");
-            ev.warn("not-ready", svc, id, format!("{} is not ready: {why}", now.id));
+            ev.warn(EventKind::NotReady, svc, id, format!("{} is not ready: {why}", now.id));
         }
     }
 }

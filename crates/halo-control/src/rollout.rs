@@ -25,6 +25,8 @@ use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, T
 
 use halo_model::release::Strategy;
 
+use crate::events::EventKind;
+use crate::keys::Verdict;
 use crate::keys::{
     rollout_command_key, rollout_key, service_key, Counters, NodeStats, RolloutCommand, RolloutRecord, RolloutState,
     ServiceRecord, StableRecord, WindowRecord, LEADER,
@@ -175,14 +177,14 @@ impl Controller {
         if let Some(w) = self.window(st, name, &release.analysis) {
             let detail = w.detail.clone();
             tracing::info!(service = %name, step = rec.step, verdict = %w.verdict, %detail, "canary window");
-            let verdict = w.verdict.clone();
+            let verdict = w.verdict;
             next.windows.push(w);
             let excess = next.windows.len().saturating_sub(KEEP_WINDOWS);
             next.windows.drain(..excess);
             let limit = release.analysis.failure_limit;
-            match verdict.as_str() {
-                "fail" => {
-                    m.events.warn("rollout", Some(name), None, format!("canary window failed: {detail}"));
+            match verdict {
+                Verdict::Fail => {
+                    m.events.warn(EventKind::Rollout, Some(name), None, format!("canary window failed: {detail}"));
                     next.failed_windows += 1;
                     if next.failed_windows >= limit {
                         let why =
@@ -193,8 +195,8 @@ impl Controller {
                     }
                     next.reason = format!("window failed ({detail}); {} of {limit} allowed", next.failed_windows);
                 }
-                "hold" => next.reason = format!("holding: {detail}"),
-                _ => {
+                Verdict::Hold => next.reason = format!("holding: {detail}"),
+                Verdict::Pass => {
                     next.passed_windows += 1;
                     next.reason = format!("step {}: window passed ({detail})", rec.step + 1);
                 }
@@ -265,7 +267,7 @@ impl Controller {
             canary_errors: c.canary.failed,
             stable_requests: c.stable.requests,
             stable_errors: c.stable.failed,
-            verdict: verdict.into(),
+            verdict,
             detail,
         })
     }
@@ -289,14 +291,14 @@ impl Controller {
         let service = match &end {
             End::Promote(why) => {
                 tracing::info!(service = %name, why, "canary promoted");
-                m.events.info("rollout", Some(name), None, format!("canary promoted: {why}"));
+                m.events.info(EventKind::Rollout, Some(name), None, format!("canary promoted: {why}"));
                 next.state = RolloutState::Promoted;
                 next.reason = why.clone();
                 ServiceRecord { stable: None, ..svc.record.clone() }
             }
             End::RollBack(state, why) => {
                 tracing::warn!(service = %name, why, "canary rolled back");
-                m.events.warn("rollout", Some(name), None, format!("canary rolled back: {why}"));
+                m.events.warn(EventKind::RolledBack, Some(name), None, format!("canary rolled back: {why}"));
                 next.state = *state;
                 next.reason = why.clone();
                 ServiceRecord { spec: stable.spec, restart_generation: stable.restart_generation, stable: None }
@@ -321,7 +323,7 @@ fn p99(latency: &[u64]) -> Option<f64> {
 }
 
 /// The verdict of one window and what it saw.
-fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (&'static str, String) {
+fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (Verdict, String) {
     let rate = |n: &Counters| if n.requests == 0 { 0.0 } else { n.failed as f64 / n.requests as f64 };
     let (cr, sr) = (rate(&c.canary), rate(&c.stable));
     let (cp, sp) = (p99(&c.canary.latency), p99(&c.stable.latency));
@@ -336,22 +338,22 @@ fn judge(c: &Counts, a: &halo_model::release::Analysis) -> (&'static str, String
         ms(sp)
     );
     if c.canary.requests < a.min_requests {
-        return ("hold", format!("{seen}; a window needs {} canary requests (min_requests)", a.min_requests));
+        return (Verdict::Hold, format!("{seen}; a window needs {} canary requests (min_requests)", a.min_requests));
     }
     if cr > a.max_error_rate {
-        return ("fail", format!("{seen}; above max_error_rate {:.2}%", a.max_error_rate * 100.0));
+        return (Verdict::Fail, format!("{seen}; above max_error_rate {:.2}%", a.max_error_rate * 100.0));
     }
     if let Some(ratio) = a.max_error_rate_vs_stable.filter(|_| sr > 0.0) {
         if cr > sr * ratio {
-            return ("fail", format!("{seen}; above {ratio}x stable's rate (max_error_rate_vs_stable)"));
+            return (Verdict::Fail, format!("{seen}; above {ratio}x stable's rate (max_error_rate_vs_stable)"));
         }
     }
     if let (Some(ratio), Some(cp), Some(sp)) = (a.max_p99_vs_stable, cp, sp) {
         if cp.max(LATENCY_FLOOR_S) > sp.max(LATENCY_FLOOR_S) * ratio {
-            return ("fail", format!("{seen}; p99 above {ratio}x stable's (max_p99_vs_stable)"));
+            return (Verdict::Fail, format!("{seen}; p99 above {ratio}x stable's (max_p99_vs_stable)"));
         }
     }
-    ("pass", seen)
+    (Verdict::Pass, seen)
 }
 
 fn put_rollout(name: &str, rec: &RolloutRecord) -> TxnOp {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use halo_api::ApiClient;
+use halo_control::events::EventKind;
 use halo_control::vip::VipStatus;
 use halo_control::{Applied, ApplyOutcome, ClusterView, Outcome, RolloutView, StatusView};
 use http::Method;
@@ -679,9 +680,10 @@ pub fn wait(t: &Target, goal: &Goal, timeout: std::time::Duration) -> anyhow::Re
         }
         if let Some(name) = goal.failing_service() {
             let events: Vec<halo_control::events::Event> = read(t, &format!("/v1/events?service={name}&limit=200"))?;
-            let failed = events.iter().filter(|e| e.time_ms >= since_ms).find(|e| {
-                e.kind == "crash-loop" || (e.kind == "rollout" && e.message.starts_with("canary rolled back"))
-            });
+            let failed = events
+                .iter()
+                .filter(|e| e.time_ms >= since_ms)
+                .find(|e| matches!(e.kind, EventKind::CrashLoop | EventKind::RolledBack));
             if let Some(e) = failed {
                 anyhow::bail!("failed: {} (on {}); `halo events --service {name}` has the story", e.message, e.node);
             }

@@ -93,7 +93,7 @@ fn events_text(events: &[Event], now_ms: u64, wide: bool) -> String {
             when,
             level(e.level).to_string(),
             e.node.clone(),
-            e.kind.clone(),
+            e.kind.to_string(),
             e.service.clone().unwrap_or_else(|| "-".into()),
             e.message.clone(),
         ];

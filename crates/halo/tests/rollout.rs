@@ -392,3 +392,20 @@ async fn a_canary_that_never_becomes_ready_is_rolled_back_at_its_deadline() {
     all_ready(&h, 2).await;
     assert!(Client::new().get(&h.url("http", "/")).await.unwrap().body.starts_with("demo-app v1"));
 }
+
+/// `apply --wait` of a canary that its analysis rolls back fails, saying
+/// so: the CLI knows by the event's kind (`rolled-back`), not its words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_wait_fails_when_the_canary_is_rolled_back() {
+    let h = Halo::up(BIN, &node()).unwrap();
+    all_ready(&h, 2).await;
+    let load = Load::start(&h.url("http", "/"), 2);
+    let text = canary("v2", ", \"--fail-rate\", \"0.5\"", "[{ weight = 50, pause = \"30s\" }]", QUICK);
+    let f = h.dir.join("bad.toml");
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap(), "--wait", "--timeout", "120s"]);
+    let _ = load.finish().await;
+    assert!(code != 0 && err.contains("failed: canary rolled back"), "{out}{err}");
+    let (_, events, _) = h.cli(&["events", "--service", "demo"]);
+    assert!(events.lines().any(|l| l.contains("rolled-back") && l.contains("canary rolled back")), "{events}");
+}

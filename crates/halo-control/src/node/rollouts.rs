@@ -6,6 +6,7 @@ use std::sync::Arc;
 use halo_model::ServiceFile;
 
 use super::{Node, NodeError};
+use crate::events::EventKind;
 use crate::keys::{rollout_command_key, service_key, RolloutCommand, RolloutState, ServiceRecord, StableRecord};
 use crate::views::RolloutView;
 
@@ -37,7 +38,12 @@ impl Node {
         }
         let v = serde_json::to_vec(&cmd).expect("encodes");
         self.r.store.put(&rollout_command_key(service), v, None).await?;
-        self.r.m.events.info("rollout", Some(service), None, format!("{cmd:?} asked by an operator").to_lowercase());
+        self.r.m.events.info(
+            EventKind::Rollout,
+            Some(service),
+            None,
+            format!("{cmd:?} asked by an operator").to_lowercase(),
+        );
         Ok(())
     }
 
