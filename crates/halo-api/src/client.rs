@@ -8,6 +8,8 @@ use http_body_util::Full;
 
 use halo_control::dial::{self, DialError};
 
+use crate::code::ErrorCode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     // The cause is in the message, not a `source`: printed with its
@@ -21,7 +23,7 @@ pub enum ClientError {
     #[error("the node's answer to {path} is not what this halo reads (is the node another version?): {cause}")]
     Decode { path: String, cause: serde_json::Error },
     #[error("{message}")]
-    Api { status: StatusCode, message: String },
+    Api { status: StatusCode, code: ErrorCode, message: String },
 }
 
 /// A node's API address and token.
@@ -76,7 +78,11 @@ impl ApiClient {
                 DialError::Http(e) => ClientError::Http(e),
             })?;
         if !status.is_success() {
-            return Err(ClientError::Api { status, message: dial::error_message(status, &all) });
+            let code = serde_json::from_slice::<serde_json::Value>(&all)
+                .ok()
+                .and_then(|v| serde_json::from_value(v.get("code")?.clone()).ok())
+                .unwrap_or(ErrorCode::Other);
+            return Err(ClientError::Api { status, code, message: dial::error_message(status, &all) });
         }
         Ok(Bytes::from(all))
     }

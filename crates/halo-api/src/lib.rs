@@ -2,8 +2,10 @@
 //! token ([`token`]), and the client the CLI uses ([`ApiClient`]).
 
 mod client;
+mod code;
 mod server;
 pub mod token;
 
 pub use client::{ApiClient, ClientError};
+pub use code::ErrorCode;
 pub use server::{router, serve, Tokens};

@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use halo_control::{Node, NodeError, Outcome, RolloutCommand, StatusView};
 use halo_proxy::config::Secret;
+
+use crate::code::ErrorCode;
 use serde::Deserialize;
 
 /// Where a request came from, for the change log.
@@ -41,28 +43,31 @@ pub struct Tokens {
     pub read: String,
 }
 
-/// An error as the API answers it.
-pub struct ApiError(StatusCode, String);
+/// An error as the API answers it: its stable code (which gives the
+/// status) and a message a person can act on.
+pub struct ApiError(ErrorCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0.status(), Json(serde_json::json!({ "error": self.1, "code": self.0 }))).into_response()
     }
 }
 
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> ApiError {
-        let status = match &e {
-            NodeError::Invalid(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            NodeError::NotFound(_) | NodeError::NoSuchNode { .. } => StatusCode::NOT_FOUND,
-            NodeError::Conflict => StatusCode::CONFLICT,
+        let code = match &e {
+            NodeError::Invalid(_) => ErrorCode::InvalidService,
+            NodeError::BadRequest(_) => ErrorCode::BadRequest,
+            NodeError::NotFound(_) => ErrorCode::NotFound,
+            NodeError::NoSuchNode { .. } => ErrorCode::NoSuchNode,
+            NodeError::Conflict => ErrorCode::Conflict,
             NodeError::Store(_)
             | NodeError::Start(_)
             | NodeError::Corrupt { .. }
             | NodeError::Migrate(_)
-            | NodeError::Backup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | NodeError::Backup(_) => ErrorCode::Internal,
         };
-        ApiError(status, e.to_string())
+        ApiError(code, e.to_string())
     }
 }
 
@@ -150,7 +155,7 @@ pub async fn serve(
                 let mut app = app.clone();
                 async move {
                     if let Err(why) = halo_proxy::http_api::browser_guard(&req, secure) {
-                        return Ok::<_, Infallible>(ApiError(StatusCode::FORBIDDEN, why.into()).into_response());
+                        return Ok::<_, Infallible>(ApiError(ErrorCode::CrossOrigin, why.into()).into_response());
                     }
                     req.extensions_mut().insert(axum::extract::ConnectInfo(Remote(peer)));
                     app.call(req).await
@@ -168,7 +173,7 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
     match given {
         // The archive holds the tokens and every service's environment.
         Some(t) if api.read.matches(t) && (change || req.uri().path() == "/v1/backup") => ApiError(
-            StatusCode::FORBIDDEN,
+            ErrorCode::ReadOnly,
             "this token is read-only: it may read status, metrics, logs, events and the dashboard; changes and \
              backups need the admin token (file 'token' in the node's data directory)"
                 .into(),
@@ -198,9 +203,9 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
             }
             resp
         }
-        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "wrong token".into()).into_response(),
+        Some(_) => ApiError(ErrorCode::Unauthorized, "wrong token".into()).into_response(),
         None => ApiError(
-            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
             "missing 'Authorization: Bearer TOKEN'; the token is in the node's data directory (file 'token')".into(),
         )
         .into_response(),
@@ -208,7 +213,7 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /ui (the dashboard), /v1/status, /v1/services/NAME, /v1/nodes, /v1/events, /v1/traffic, /metrics".into())
+    ApiError(ErrorCode::NoSuchEndpoint, "no such endpoint; see /ui (the dashboard), /v1/status, /v1/services/NAME, /v1/nodes, /v1/events, /v1/traffic, /metrics".into())
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
@@ -260,7 +265,7 @@ struct ApplyQuery {
 /// ([`halo_control::Applied`]) and changes nothing.
 async fn apply(State(api): State<Api>, Query(q): Query<ApplyQuery>, body: Bytes) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the body must be UTF-8 TOML".into()))?;
+        .map_err(|_| ApiError(ErrorCode::BadRequest, "the body must be UTF-8 TOML".into()))?;
     let dry_run = q.dry_run.unwrap_or(false);
     let applied = api.node.apply("request", text, dry_run).await?;
     if dry_run {
@@ -298,7 +303,7 @@ struct ScaleBody {
 
 async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     let b: ScaleBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError(StatusCode::BAD_REQUEST, format!("expected {{\"replicas\": N}} with N from 0 to 1000: {e}"))
+        ApiError(ErrorCode::BadRequest, format!("expected {{\"replicas\": N}} with N from 0 to 1000: {e}"))
     })?;
     api.node.scale(&name, b.replicas).await?;
     Ok(Json(Outcome::new(name, format!("scaled to {}", b.replicas))))
@@ -314,7 +319,7 @@ async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
 }
 
 async fn backup_hook(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let out = api.node.backup_hook(&name).await.map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+    let out = api.node.backup_hook(&name).await.map_err(|e| ApiError(ErrorCode::Conflict, e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out))
 }
 
@@ -334,7 +339,7 @@ async fn restore(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let plan = api.node.restore(&body, q.force.unwrap_or(false)).await.map_err(|e| match e {
-        NodeError::Backup(b) => ApiError(StatusCode::BAD_REQUEST, b.to_string()),
+        NodeError::Backup(b) => ApiError(ErrorCode::BadRequest, b.to_string()),
         other => ApiError::from(other),
     })?;
     Ok(Json(plan))
@@ -357,7 +362,7 @@ async fn rollout_order(
         "undo" => (None, "undoing"),
         other => {
             return Err(ApiError(
-                StatusCode::NOT_FOUND,
+                ErrorCode::NoSuchEndpoint,
                 format!("no rollout order '{other}'; accepted: promote, abort, pause, resume, retry, undo"),
             ))
         }

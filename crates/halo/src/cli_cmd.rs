@@ -595,7 +595,13 @@ impl Goal {
         let (file, _) = halo_model::parse_service("(file)", text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let c = t.client()?;
         let stored = runtime()?.block_on(c.call(Method::GET, &format!("/v1/services/{}", file.name), None, |_| {}));
-        let old = stored.ok().and_then(|b| halo_model::parse_service("(stored)", &String::from_utf8_lossy(&b)).ok());
+        // Only "no such service" means a new one; any other failure is said.
+        let stored = match stored {
+            Ok(b) => Some(b),
+            Err(halo_api::ClientError::Api { code: halo_api::ErrorCode::NotFound, .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let old = stored.and_then(|b| halo_model::parse_service("(stored)", &String::from_utf8_lossy(&b)).ok());
         let template = |f: &halo_model::ServiceFile| halo_control::keys::ServiceRecord::template(f, 0);
         let new_template = old.as_ref().is_none_or(|(o, _)| template(o) != template(&file));
         Goal::service(t, &file.name, file.replicas.or(Some(1)), new_template)

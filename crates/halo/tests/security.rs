@@ -147,6 +147,16 @@ async fn the_read_only_token_never_sees_an_environment_value() {
     assert!(!out.contains(secret) && out.contains("(redacted)"), "{out}");
     let r = c.send(get("/v1/services/db", &h.token())).await.unwrap();
     assert!(r.body.contains(secret), "{}", r.body);
+    // Refusals carry a stable code beside their message.
+    let code = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["code"].clone();
+    let r = c.send(get("/v1/services/nope", &h.token())).await.unwrap();
+    assert_eq!((r.status.as_u16(), code(&r.body)), (404, serde_json::json!("not_found")), "{}", r.body);
+    let scale = Request::post(h.api_url("/v1/services/db/scale"))
+        .header("authorization", format!("Bearer {}", read.trim()))
+        .body(Full::from(r#"{"replicas": 2}"#))
+        .unwrap();
+    let r = c.send(scale).await.unwrap();
+    assert_eq!((r.status.as_u16(), code(&r.body)), (403, serde_json::json!("read_only")), "{}", r.body);
 }
 
 /// Writes a request head a byte a second; true once the server closed.
@@ -230,6 +240,7 @@ async fn a_cross_origin_or_rebound_request_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("\"code\":\"cross_origin\""), "{}", r.body);
     let r = c
         .send(
             Request::get(format!("http://{api}/v1/status"))
