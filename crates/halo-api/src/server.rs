@@ -4,7 +4,8 @@
 //! `Authorization: Bearer TOKEN`: the admin token for anything, the
 //! read-only token for reads (status, metrics, logs, events, traffic; not
 //! the backup archive, which holds the tokens). Errors are JSON
-//! `{"error": "..."}` with a message a person can act on.
+//! `{"error": "...", "code": "..."}`: a message a person can act on, and
+//! a stable code (`code.rs`) programs match on.
 
 use std::convert::Infallible;
 use std::sync::Arc;
