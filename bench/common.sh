@@ -90,7 +90,12 @@ bench_need() {
 }
 
 # Builds the release binary; sets HALO.
+# HALO_BIN=PATH measures another build (an older commit's) instead.
 bench_build() {
+  if [ -n "${HALO_BIN:-}" ]; then
+    HALO=$HALO_BIN
+    return
+  fi
   cargo build --release -q -p halo
   HALO=$PWD/target/release/halo
 }

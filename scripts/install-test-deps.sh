@@ -22,6 +22,8 @@ command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v strip >/dev/null 2>&1 || need+=(binutils)
 # The floating IP tests ask which MAC answers for the address.
 command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
+# Instances run as an unprivileged user that halo makes with useradd.
+command -v useradd >/dev/null 2>&1 || need+=(passwd)
 # The dashboard test drives the real page in a headless Chromium.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # The package test builds a .deb and checks its systemd units.

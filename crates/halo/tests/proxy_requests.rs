@@ -34,6 +34,13 @@ fn config(a: &Backend, public: &Backend, rest: &Backend) -> String {
     )
 }
 
+/// The three backends of [`config`] and the proxy in front of them.
+async fn routed() -> ([Backend; 3], Halo) {
+    let (a, public, rest) = (Backend::start("a").await, Backend::start("public").await, Backend::start("rest").await);
+    let h = Halo::proxy(BIN, &config(&a, &public, &rest)).unwrap();
+    ([a, public, rest], h)
+}
+
 /// Sends `raw` and reads the answer until the proxy closes the connection.
 async fn exchange(to: SocketAddr, raw: &str) -> String {
     let mut s = TcpStream::connect(to).await.unwrap();
@@ -69,8 +76,7 @@ fn status(answer: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_authority_per_request_in_every_http_version() {
-    let (a, public, rest) = (Backend::start("a").await, Backend::start("public").await, Backend::start("rest").await);
-    let h = Halo::proxy(BIN, &config(&a, &public, &rest)).unwrap();
+    let ([a, _public, rest], h) = routed().await;
     let to = h.listeners["main"];
 
     // An absolute-form target naming another host than Host: refused in
@@ -113,8 +119,7 @@ async fn one_authority_per_request_in_every_http_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_routed_and_forwarded_as_the_upstream_resolves_them() {
-    let (a, public, rest) = (Backend::start("a").await, Backend::start("public").await, Backend::start("rest").await);
-    let h = Halo::proxy(BIN, &config(&a, &public, &rest)).unwrap();
+    let ([_a, public, _rest], h) = routed().await;
     let to = h.listeners["main"];
 
     // A dot segment, plain or escaped in either case, never matches the
@@ -152,8 +157,7 @@ async fn paths_are_routed_and_forwarded_as_the_upstream_resolves_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_and_chunk_lines_end_in_crlf() {
-    let (a, public, rest) = (Backend::start("a").await, Backend::start("public").await, Backend::start("rest").await);
-    let h = Halo::proxy(BIN, &config(&a, &public, &rest)).unwrap();
+    let (_backends, h) = routed().await;
     let to = h.listeners["main"];
     for raw in ["GET /echo HTTP/1.1\nHost: x\n\n", "GET /echo HTTP/1.1\r\nHost: x\nX: 1\r\n\r\n"] {
         let r = exchange(to, raw).await;

@@ -16,6 +16,19 @@ fn instances(h: &Halo, service: &str) -> Vec<serde_json::Value> {
     svc.map(|s| s["instances"].as_array().unwrap().clone()).unwrap_or_default()
 }
 
+/// Applies the service file `text` as `name` and waits until its one
+/// instance is ready.
+async fn apply_ready(h: &Halo, name: &str, text: &str) {
+    let f = h.dir.join(format!("{name}.toml"));
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(Duration::from_secs(20), &format!("{name} ready"), || async {
+        instances(h, name).first().is_some_and(|i| i["ready"] == true)
+    })
+    .await;
+}
+
 /// The uid of process `pid` (its real uid, from /proc).
 fn uid_of(pid: i64) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -41,14 +54,8 @@ async fn an_instance_runs_unprivileged_and_cannot_read_halos_secrets() {
          [backup]\ncommand = [\"sh\", \"-c\", \"id -u\"]\n",
         data.display()
     );
-    let f = h.dir.join("nosy.toml");
-    std::fs::write(&f, app).unwrap();
-    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    eventually(Duration::from_secs(20), "nosy ready (its probe ran unprivileged)", || async {
-        instances(&h, "nosy").first().is_some_and(|i| i["ready"] == true)
-    })
-    .await;
+    // Ready means its probe ran unprivileged.
+    apply_ready(&h, "nosy", &app).await;
     let mut logs = String::new();
     eventually(Duration::from_secs(10), "the instance's report", || {
         logs = h.cli(&["logs", "nosy", "-n", "100"]).1;
@@ -85,14 +92,8 @@ async fn run_user_names_who_an_instance_runs_as() {
     let h = Halo::up(BIN, &halo_testkit::quickstart(1)).unwrap();
     let app = "name = \"rooted\"\n[run]\ncommand = \"sleep\"\nargs = [\"1000\"]\nuser = \"root\"\n\
                [readiness]\nexec = [\"true\"]\ninterval = \"200ms\"\n";
+    apply_ready(&h, "rooted", app).await;
     let f = h.dir.join("rooted.toml");
-    std::fs::write(&f, app).unwrap();
-    let (code, out, err) = h.cli(&["apply", "-f", f.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    eventually(Duration::from_secs(20), "rooted ready", || async {
-        instances(&h, "rooted").first().is_some_and(|i| i["ready"] == true)
-    })
-    .await;
     let pid = instances(&h, "rooted")[0]["pid"].as_i64().unwrap();
     let me = uid_of(std::process::id() as i64);
     assert_eq!(uid_of(pid), me);

@@ -384,17 +384,37 @@ async fn write_response(
 /// `within` (it stopped reading): the response, and the upstream
 /// connection it holds, are let go.
 async fn send(wr: &mut WriteHalf<'_>, bytes: &[u8], within: Duration) -> io::Result<()> {
-    match tokio::time::timeout(within, wr.write_all(bytes)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the send timeout")),
-    }
+    within_send_timeout(wr.write_all(bytes), within).await
 }
 
 async fn flush(wr: &mut WriteHalf<'_>, within: Duration) -> io::Result<()> {
-    match tokio::time::timeout(within, wr.flush()).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the send timeout")),
+    within_send_timeout(wr.flush(), within).await
+}
+
+/// `io`, given `within` to finish once it has to wait. Most writes finish
+/// at once (the socket has room): they read no clock and arm no timer. The
+/// timer, when one is needed, lives in a box: a connection's futures are
+/// moved whole per request, and a timer inline would make each larger.
+async fn within_send_timeout(io: impl Future<Output = io::Result<()>>, within: Duration) -> io::Result<()> {
+    let mut io = std::pin::pin!(io);
+    let first = io.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop()));
+    if let Poll::Ready(r) = first {
+        return r;
     }
+    let mut timer = Box::pin(tokio::time::sleep(within));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = io.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 fn next(reusable: bool) -> Next {
