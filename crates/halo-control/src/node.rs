@@ -411,10 +411,10 @@ impl Node {
         for (i, r) in spec.routes.iter().enumerate() {
             let taken = st.services.iter().find(|(other, svc)| *other != name && svc.spec.routes.contains(r));
             if let Some((other, _)) = taken {
-                let host = r.host.as_deref().unwrap_or("any host");
+                let host = r.host.as_ref().map_or_else(|| "any host".to_string(), |h| h.to_string());
                 let path = match &r.path {
-                    halo_model::PathRule::Prefix(p) => format!("path_prefix {p}"),
-                    halo_model::PathRule::Exact(p) => format!("path_exact {p}"),
+                    halo_model::PathMatch::Prefix(p) => format!("path_prefix {p}"),
+                    halo_model::PathMatch::Exact(p) => format!("path_exact {p}"),
                 };
                 return Err(NodeError::BadRequest(format!(
                     "routes[{i}]: service '{other}' already routes {host}, {path}; give this one another host or \

@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use halo_model::PathRule;
 use halo_proxy::config::{
-    self, Config, EndpointConfig, EndpointEntry, Generated, HealthSection, HostMatch, OverrideSection, PathMatch,
-    RateLimitSection, RetrySection, RouteSection, SplitSection, TimeoutSection, UpstreamSection,
+    Config, EndpointConfig, HostMatch, Override, OverrideMatch, PathMatch, RouteConfig, UpstreamConfig,
 };
 use halo_proxy::Proxy;
 
@@ -103,10 +101,10 @@ impl ProxyFeed {
 }
 
 /// The node file's proxy config plus one upstream and its routes per
-/// service, each service checked by the proxy's own rules for files
-/// (`halo_proxy::config::extend`); one that fails them is left out and
-/// logged, the others go on. Service routes follow the file's own, most
-/// specific first.
+/// service, built from the service's validated spec (the rules are
+/// `halo_model::values::rules`, the proxy file's too). A service named
+/// like one of the node file's upstreams is left out and logged; the
+/// others go on. Service routes follow the file's own, most specific first.
 fn proxy_config(
     base: &Config,
     services: &BTreeMap<String, Arc<Svc>>,
@@ -116,20 +114,18 @@ fn proxy_config(
     let mut cfg = base.clone();
     let mut routes = Vec::new();
     for (name, svc) in services {
-        let generated = sections(name, svc, endpoints, canary_weights.get(name).copied());
-        match config::extend(base, &format!("service {name}"), &generated) {
-            Ok(mut one) => {
-                routes.extend(one.routes.drain(base.routes.len()..));
-                for (u, cfg_u) in std::mem::take(&mut one.upstreams) {
-                    if generated.upstreams.contains_key(&u) {
-                        cfg.upstreams.insert(u, cfg_u);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(service = %name, error = %e, "the service's routes are refused by the proxy; left out")
-            }
+        let canary = canary_weights.get(name).copied();
+        let upstreams = upstreams(name, svc, endpoints, canary);
+        if let Some(taken) = upstreams.iter().find(|u| base.upstreams.contains_key(&u.name)) {
+            tracing::error!(
+                service = %name,
+                upstream = %taken.name,
+                "the service's upstream is already an upstream of the node file; its routes are left out"
+            );
+            continue;
         }
+        cfg.upstreams.extend(upstreams.into_iter().map(|u| (u.name.clone(), u)));
+        routes.extend(service_routes(name, svc, canary));
     }
     routes.sort_by_key(|r| {
         let host = match &r.host {
@@ -148,97 +144,74 @@ fn proxy_config(
     cfg
 }
 
-/// The release's cohort as a route override to the canary's upstream.
-fn cohort(name: &str, release: &halo_model::release::ReleaseSpec) -> Option<Vec<OverrideSection>> {
-    use halo_model::release::Cohort;
-    let (header, cookie, value) = match release.cohort.clone()? {
-        Cohort::Header { name, value } => (Some(name), None, value),
-        Cohort::Cookie { name, value } => (None, Some(name), value),
-    };
-    Some(vec![OverrideSection { header, cookie, value, upstream: canary_upstream(name) }])
-}
-
 /// The upstream of a service's canary instances during a rollout.
 pub(crate) fn canary_upstream(service: &str) -> String {
     format!("{service}.canary")
 }
 
-/// A service's upstream (and its canary's, when `canary` has its weight)
-/// and routes in the proxy file's own terms: a weight above 0 splits the
-/// routes, the cohort goes to the canary whatever the weight.
-fn sections(
+/// A service's upstream, and its canary's while a rollout has one.
+fn upstreams(
     name: &str,
     svc: &Svc,
     endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
     canary: Option<u32>,
-) -> Generated {
-    let canary_weight = canary.unwrap_or(0);
-    let b = svc.file.balance.clone().unwrap_or_default();
-    let upstream = |name: &str| UpstreamSection {
-        endpoints: endpoints.get(name).into_iter().flatten().map(|e| EndpointEntry::Addr(e.addr.to_string())).collect(),
-        policy: b.policy.clone(),
-        hash_key: b.hash_key.clone(),
-        session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
+) -> Vec<UpstreamConfig> {
+    let b = &svc.spec.balance;
+    let upstream = |name: String| {
+        let mut u = UpstreamConfig::new(&name);
+        u.endpoints = endpoints.get(&name).cloned().unwrap_or_default();
+        u.policy = b.policy;
+        u.hash_key = b.hash_key.clone();
+        u.session_cookie = b.session_cookie.clone();
         // Readiness probes decide membership; passive outlier detection
         // (on by default) still ejects an endpoint that fails requests.
-        health: Some(HealthSection { enabled: Some(false), ..Default::default() }),
-        max_in_flight: b.max_in_flight,
-        ..Default::default()
+        u.health = None;
+        u.max_in_flight = b.max_in_flight;
+        u
     };
-    let mut upstreams = BTreeMap::from([(name.to_string(), upstream(name))]);
+    let mut out = vec![upstream(name.to_string())];
     if canary.is_some() {
-        upstreams.insert(canary_upstream(name), upstream(&canary_upstream(name)));
+        out.push(upstream(canary_upstream(name)));
     }
-    let split = if canary_weight > 0 {
-        let mut split = vec![(canary_upstream(name), canary_weight)];
-        if canary_weight < 100 {
-            split.push((name.to_string(), 100 - canary_weight));
-        }
-        Some(split)
-    } else {
-        None
+    out
+}
+
+/// A service's routes: a canary weight above 0 splits them, and the
+/// release's cohort goes to the canary whatever the weight.
+fn service_routes(name: &str, svc: &Svc, canary: Option<u32>) -> Vec<RouteConfig> {
+    let canary_weight = canary.unwrap_or(0);
+    let split = match canary_weight {
+        0 => vec![(name.to_string(), 1)],
+        w if w >= 100 => vec![(canary_upstream(name), 100)],
+        w => vec![(canary_upstream(name), w), (name.to_string(), 100 - w)],
     };
-    let routes = svc
-        .spec
+    let overrides: Vec<Override> = canary.and_then(|_| cohort(name, &svc.spec.release)).into_iter().collect();
+    let b = &svc.spec.balance;
+    svc.spec
         .routes
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let (path_prefix, path_exact) = match &r.path {
-                PathRule::Prefix(p) => (Some(p.clone()), None),
-                PathRule::Exact(p) => (None, Some(p.clone())),
-            };
-            RouteSection {
-                name: Some(format!("{name}.{i}")),
-                host: r.host.clone(),
-                path_prefix,
-                path_exact,
-                upstream: split.is_none().then(|| name.to_string()),
-                overrides: canary.and_then(|_| cohort(name, &svc.spec.release)),
-                split: split.as_ref().map(|s| {
-                    s.iter()
-                        .map(|(upstream, weight)| SplitSection { upstream: upstream.clone(), weight: *weight })
-                        .collect()
-                }),
-                timeouts: Some(TimeoutSection {
-                    connect: b.connect_timeout.clone(),
-                    first_byte: b.first_byte_timeout.clone(),
-                    request: b.request_timeout.clone(),
-                    idle: b.idle_timeout.clone(),
-                    tunnel: b.tunnel_timeout.clone(),
-                }),
-                // The service file caps retries at 10 as the proxy does.
-                retry: Some(RetrySection {
-                    attempts: b.retries.map(|n| n.min(10)),
-                    statuses: b.retry_statuses.clone(),
-                    ..Default::default()
-                }),
-                rate_limit: b.rate_limit.clone().map(|rate| RateLimitSection { rate, burst: b.rate_limit_burst }),
-                ..Default::default()
-            }
+            let mut route = RouteConfig::new(format!("{name}.{i}"), split.clone());
+            route.host = r.host.clone();
+            route.path = Some(r.path.clone());
+            route.overrides = overrides.clone();
+            route.timeouts = b.timeouts.clone();
+            route.retry = b.retry.clone();
+            route.rate_limit = b.rate_limit;
+            route
         })
-        .collect();
-    Generated { upstreams, routes }
+        .collect()
+}
+
+/// The release's cohort as a route override to the canary's upstream.
+fn cohort(name: &str, release: &halo_model::release::ReleaseSpec) -> Option<Override> {
+    use halo_model::release::Cohort;
+    let (matcher, value) = match release.cohort.clone()? {
+        Cohort::Header { name, value } => (OverrideMatch::Header(name), value),
+        Cohort::Cookie { name, value } => (OverrideMatch::Cookie(name), value),
+    };
+    Some(Override { matcher, value, upstream: canary_upstream(name) })
 }
 
 #[cfg(test)]
@@ -252,29 +225,49 @@ mod tests {
     }
 
     #[test]
-    fn services_go_through_the_proxy_rules_and_a_refused_one_leaves_the_others() {
-        let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-        let good = svc(
-            "name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nhost = \"WEB.example\"\n[balance]\nretries = 50\n",
-        );
-        // A stored service whose balance section no longer passes (written
-        // by another version, say): only it is left out.
-        let mut bad = svc("name = \"old\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/old\"\n");
-        let mut file = bad.file.clone();
-        file.balance = Some(halo_model::BalanceSection { policy: Some("fastest".into()), ..Default::default() });
-        Arc::get_mut(&mut bad).unwrap().file = file;
-        let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), bad)]);
+    fn a_services_spec_becomes_its_upstream_and_routes_and_a_clash_leaves_the_others() {
+        let base = halo_proxy::config::parse_with_services(
+            "node",
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[upstreams.old]\nendpoints = [\"127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        let good = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nhost = \"WEB.example\"\n[balance]\n\
+                        retries = 10\nretry_statuses = [503]\ntry_timeout = \"250ms\"\nconnect_timeout = \"2s\"\n\
+                        idle_timeout = \"0\"\n");
+        // A stored service named like a static upstream (the node file
+        // changed after it was applied): only it is left out.
+        let clash = svc("name = \"old\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/old\"\n");
+        let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), clash)]);
         let eps =
             BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
         let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new());
-        assert!(cfg.upstreams.contains_key("web") && !cfg.upstreams.contains_key("old"), "{:?}", cfg.upstreams.keys());
+        assert!(cfg.upstreams.contains_key("web"), "{:?}", cfg.upstreams.keys());
+        assert_eq!(cfg.upstreams["old"].endpoints[0].addr, ([127, 0, 0, 1], 1).into(), "the node file's upstream stays");
         assert_eq!(cfg.upstreams["web"].endpoints.len(), 1);
         assert!(cfg.upstreams["web"].health.is_none() && cfg.upstreams["web"].outlier.is_some());
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
-        // The proxy's own rules applied: hosts lowercased, retries capped.
         assert!(matches!(&r.host, Some(HostMatch::Exact(h)) if h == "web.example"), "{:?}", r.host);
-        assert_eq!(r.retry.attempts, 10);
+        assert_eq!((r.retry.attempts, r.retry.statuses.as_slice()), (10, &[503][..]));
+        assert_eq!(r.retry.try_timeout, halo_model::values::TryTimeout::Fixed(std::time::Duration::from_millis(250)));
+        assert_eq!((r.timeouts.connect, r.timeouts.idle), (std::time::Duration::from_secs(2), None));
         assert!(!cfg.routes.iter().any(|r| r.name.starts_with("old.")));
+    }
+
+    #[test]
+    fn a_canary_splits_the_routes_and_its_cohort_overrides_them() {
+        let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[release]\n\
+                       strategy = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }]\ncohort = { header = \"X-Canary\", value = \"1\" }\n");
+        let services = BTreeMap::from([("web".to_string(), web)]);
+        for (weight, split) in [(0, vec![("web", 1)]), (25, vec![("web.canary", 25), ("web", 75)]), (100, vec![("web.canary", 100)])] {
+            let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::from([("web".to_string(), weight)]));
+            assert!(cfg.upstreams.contains_key("web.canary"));
+            let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
+            let got: Vec<(&str, u32)> = r.split.iter().map(|(u, w)| (u.as_str(), *w)).collect();
+            assert_eq!(got, split, "weight {weight}");
+            assert!(matches!(&r.overrides[..], [o] if o.upstream == "web.canary" && o.value == "1"
+                && matches!(&o.matcher, OverrideMatch::Header(h) if h == "x-canary")));
+        }
     }
 
     #[test]

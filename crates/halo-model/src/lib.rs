@@ -21,7 +21,8 @@ pub mod values;
 
 use std::time::Duration;
 
-use values::{parse_duration, HashKey, Policy, RetryPolicy, Timeouts};
+use values::{parse_duration, rules, HashKey, Policy, RetryPolicy, Timeouts};
+pub use values::{HostMatch, PathMatch};
 
 pub use diag::{Diagnostic, Diagnostics};
 pub use file::{
@@ -160,14 +161,8 @@ pub struct StopSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
     /// Exact host or `*.example.com`; `None` matches any host.
-    pub host: Option<String>,
-    pub path: PathRule,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathRule {
-    Prefix(String),
-    Exact(String),
+    pub host: Option<HostMatch>,
+    pub path: PathMatch,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -424,29 +419,22 @@ impl Checker<'_> {
 
     fn route(&mut self, i: usize, r: &RouteSection) -> RouteSpec {
         let f = |name: &str| format!("routes[{i}].{name}");
-        if let Some(h) = &r.host {
-            let bare = h.strip_prefix("*.").unwrap_or(h);
-            if bare.is_empty() || bare.contains(['*', '/', ' ', ':']) {
-                self.err(&f("host"), format!("'{h}' is not accepted; use a host name or *.example.com"));
-            }
-        }
+        let host = r.host.as_deref().and_then(|h| HostMatch::parse(h).map_err(|e| self.err(&f("host"), e)).ok());
         let path = match (&r.path_prefix, &r.path) {
             (Some(_), Some(_)) => {
                 self.err(&f("path"), "set path_prefix or path, not both");
-                PathRule::Prefix("/".into())
+                PathMatch::Prefix("/".into())
             }
-            (Some(p), None) | (None, Some(p)) if !p.starts_with('/') => {
-                self.err(
-                    &f(if r.path.is_some() { "path" } else { "path_prefix" }),
-                    format!("'{p}' must start with '/'"),
-                );
-                PathRule::Prefix("/".into())
+            (Some(p), None) | (None, Some(p)) if rules::path(p).is_err() => {
+                let e = rules::path(p).unwrap_err();
+                self.err(&f(if r.path.is_some() { "path" } else { "path_prefix" }), e);
+                PathMatch::Prefix("/".into())
             }
-            (None, Some(p)) => PathRule::Exact(p.clone()),
-            (Some(p), None) => PathRule::Prefix(p.clone()),
-            (None, None) => PathRule::Prefix("/".into()),
+            (None, Some(p)) => PathMatch::Exact(p.clone()),
+            (Some(p), None) => PathMatch::Prefix(p.clone()),
+            (None, None) => PathMatch::Prefix("/".into()),
         };
-        RouteSpec { host: r.host.as_ref().map(|h| h.to_ascii_lowercase()), path }
+        RouteSpec { host, path }
     }
 
     fn balance(&mut self, b: &BalanceSection) -> BalanceSpec {
@@ -456,14 +444,13 @@ impl Checker<'_> {
         });
         let hash_key =
             b.hash_key.as_deref().and_then(|k| k.parse().map_err(|e: String| self.err("balance.hash_key", e)).ok());
-        if policy == Policy::ConsistentHash && b.hash_key.is_none() {
-            self.err(
-                "balance.hash_key",
-                "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)",
-            );
+        if b.hash_key.is_none() {
+            let _ = rules::hash_key(policy, None).map_err(|e| self.err("balance.hash_key", e));
         }
         let mut retry = RetryPolicy::default();
-        retry.attempts = b.retries.unwrap_or(retry.attempts).min(10);
+        if let Some(n) = b.retries {
+            retry.attempts = rules::retries(n).map_err(|e| self.err("balance.retries", e)).unwrap_or(rules::MAX_RETRIES);
+        }
         if let Some(t) = &b.try_timeout {
             match values::TryTimeout::parse(t) {
                 Ok(t) => retry.try_timeout = t,
@@ -471,25 +458,23 @@ impl Checker<'_> {
             }
         }
         if let Some(st) = &b.retry_statuses {
-            if let Some(bad) = st.iter().find(|s| !(500..=599).contains(*s)) {
-                self.err("balance.retry_statuses", format!("{bad} is not accepted; retry statuses are 500 to 599"));
-            }
+            let _ = rules::retry_statuses(st).map_err(|e| self.err("balance.retry_statuses", e));
             retry.statuses = st.clone();
         }
         let d = Timeouts::default();
-        let min = Duration::from_millis(1);
-        let connect = self.duration("balance.connect_timeout", b.connect_timeout.as_deref(), d.connect, min);
-        let opt = |c: &mut Self, name: &str, v: Option<&str>, default: Option<Duration>| {
-            v.map(|v| c.duration(&format!("balance.{name}"), Some(v), Duration::ZERO, Duration::ZERO))
-                .map_or(default, |d| (!d.is_zero()).then_some(d))
+        let connect = b.connect_timeout.as_deref().map_or(d.connect, |v| {
+            rules::connect_timeout(v).map_err(|e| self.err("balance.connect_timeout", e)).unwrap_or(d.connect)
+        });
+        let opt = |c: &mut Self, name: &str, v: Option<&str>, default: Option<Duration>| match v {
+            None => default,
+            Some(v) => rules::optional_timeout(v).map_err(|e| c.err(&format!("balance.{name}"), e)).unwrap_or(default),
         };
         let first_byte = opt(self, "first_byte_timeout", b.first_byte_timeout.as_deref(), d.first_byte);
         let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
         let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
         let tunnel = opt(self, "tunnel_timeout", b.tunnel_timeout.as_deref(), d.tunnel);
-        if matches!(b.max_in_flight, Some(values::MaxInFlight::Fixed(n)) if !(1..=10_000_000).contains(&n)) {
-            self.err("balance.max_in_flight", "accepted: 1 to 10000000 (omit it for no limit)");
-        }
+        let max_in_flight =
+            b.max_in_flight.and_then(|m| rules::max_in_flight(m).map_err(|e| self.err("balance.max_in_flight", e)).ok());
         let rate_limit = match (&b.rate_limit, b.rate_limit_burst) {
             (Some(r), burst) => values::RateLimit::parse(r, burst).map_err(|e| self.err("balance.rate_limit", e)).ok(),
             (None, Some(_)) => {
@@ -504,7 +489,7 @@ impl Checker<'_> {
             session_cookie: b.session_cookie.clone().filter(|c| !c.is_empty()),
             retry,
             timeouts: Timeouts { connect, first_byte, request, idle, tunnel },
-            max_in_flight: b.max_in_flight,
+            max_in_flight,
             rate_limit,
         }
     }

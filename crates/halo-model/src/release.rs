@@ -125,7 +125,7 @@ pub struct ReleaseSpec {
 /// Who always sees the canary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cohort {
-    Header { name: String, value: String },
+    Header { name: http::HeaderName, value: String },
     Cookie { name: String, value: String },
 }
 
@@ -201,7 +201,7 @@ pub fn validate(r: &ReleaseSection, errors: &mut Vec<SpecError>) -> ReleaseSpec 
     }
     spec.cohort = r.cohort.as_ref().and_then(|c| match (&c.header, &c.cookie) {
         (Some(h), None) if http::HeaderName::try_from(h.as_str()).is_ok() && !c.value.is_empty() => {
-            Some(Cohort::Header { name: h.to_ascii_lowercase(), value: c.value.clone() })
+            Some(Cohort::Header { name: http::HeaderName::try_from(h.as_str()).ok()?, value: c.value.clone() })
         }
         (None, Some(k)) if !k.is_empty() && !k.contains([';', '=', ' ']) && !c.value.is_empty() => {
             Some(Cohort::Cookie { name: k.clone(), value: c.value.clone() })

@@ -41,7 +41,7 @@ fn a_full_file_validates() {
     assert_eq!(spec.liveness.as_ref().unwrap().failure_threshold, 2);
     assert_eq!(spec.restart.policy, RestartPolicy::OnFailure);
     assert_eq!(spec.stop, StopSpec { signal: StopSignal::Int, grace_period: Duration::from_secs(3) });
-    assert_eq!(spec.routes[0].path, PathRule::Prefix("/api".into()));
+    assert_eq!(spec.routes[0].path, PathMatch::Prefix("/api".into()));
     assert_eq!(spec.balance.policy, Policy::ConsistentHash);
     assert_eq!(spec.balance.timeouts.connect, Duration::from_millis(500));
     // What the store keeps reads back to the same spec.

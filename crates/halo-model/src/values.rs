@@ -238,3 +238,128 @@ impl<'de> serde::Deserialize<'de> for MaxInFlight {
 }
 
 const ACCEPTED: &str = "accepted: a number of requests (1 to 10000000), or \"auto\" for a limit adapted to the latency";
+
+/// The rules a route's settings follow wherever they are written, a
+/// service file's `[balance]` or a proxy file's route: one set, so a
+/// setting accepted in one is accepted, with the same meaning, in the
+/// other.
+pub mod rules {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    use super::{parse_duration, HashKey, MaxInFlight, Policy};
+
+    /// Retries after the first try, at most.
+    pub const MAX_RETRIES: u32 = 10;
+    /// Response statuses a request may be retried on: server errors.
+    pub const RETRY_STATUSES: RangeInclusive<u16> = 500..=599;
+    /// The largest `max_in_flight` accepted.
+    pub const MAX_IN_FLIGHT: u64 = 10_000_000;
+
+    pub fn retries(n: u32) -> Result<u32, String> {
+        if n > MAX_RETRIES {
+            return Err(format!("{n} is not accepted; accepted: 0 to {MAX_RETRIES} retries"));
+        }
+        Ok(n)
+    }
+
+    pub fn retry_statuses(statuses: &[u16]) -> Result<(), String> {
+        match statuses.iter().find(|s| !RETRY_STATUSES.contains(*s)) {
+            Some(bad) => Err(format!(
+                "{bad} is not accepted; retry statuses are {} to {} (server errors)",
+                RETRY_STATUSES.start(),
+                RETRY_STATUSES.end()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A consistent hash needs a key to hash.
+    pub fn hash_key(policy: Policy, key: Option<&HashKey>) -> Result<(), String> {
+        if policy == Policy::ConsistentHash && key.is_none() {
+            return Err("consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)".into());
+        }
+        Ok(())
+    }
+
+    pub fn max_in_flight(m: MaxInFlight) -> Result<MaxInFlight, String> {
+        match m {
+            MaxInFlight::Fixed(n) if !(1..=MAX_IN_FLIGHT).contains(&n) => {
+                Err(format!("accepted: 1 to {MAX_IN_FLIGHT}, or \"auto\" (omit it for no limit)"))
+            }
+            m => Ok(m),
+        }
+    }
+
+    /// The connect timeout: above 0.
+    pub fn connect_timeout(given: &str) -> Result<Duration, String> {
+        match parse_duration(given)? {
+            d if d.is_zero() => Err("must be above 0".into()),
+            d => Ok(d),
+        }
+    }
+
+    /// An optional timeout: `"0"` turns it off.
+    pub fn optional_timeout(given: &str) -> Result<Option<Duration>, String> {
+        parse_duration(given).map(|d| (!d.is_zero()).then_some(d))
+    }
+
+    /// A route's path: absolute.
+    pub fn path(p: &str) -> Result<(), String> {
+        if !p.starts_with('/') {
+            return Err(format!("'{p}' must start with '/'"));
+        }
+        Ok(())
+    }
+}
+
+/// A route's (or an SNI certificate's) host: exact, or `*.example.com`
+/// for any subdomain; lower-case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// `example.com` or `*.example.com`, any case; the error says what is
+    /// accepted.
+    pub fn parse(h: &str) -> Result<HostMatch, String> {
+        let lower = h.to_ascii_lowercase();
+        let bad = || format!("'{h}' is not accepted; use a host name or *.example.com");
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        if bare.is_empty() || bare.contains(['*', '/', ' ', ':']) {
+            return Err(bad());
+        }
+        Ok(match lower.strip_prefix("*.") {
+            Some(rest) => HostMatch::Suffix(format!(".{rest}")),
+            None => HostMatch::Exact(lower),
+        })
+    }
+
+    /// Whether `host` (lower-case) matches: a wildcard matches any
+    /// subdomain, not the parent itself.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(e) => host == e,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+/// A route's path: a prefix (whole segments) or one exact path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}

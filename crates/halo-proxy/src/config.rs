@@ -26,6 +26,7 @@ pub use self::file::{
 use self::locate::Locator;
 pub use self::types::*;
 pub use halo_model::values::parse_duration;
+use halo_model::values::rules;
 
 /// One problem found in a config file: file, line (0 when it is not
 /// tied to one), field and message, as every file halo reads reports them.
@@ -55,7 +56,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 }
 
 /// [`parse`] for a node file: a tcp listener may name an upstream the
-/// file does not have, a service's (generated later, [`extend`]); until
+/// file does not have, a service's (the control plane adds it later); until
 /// it exists, the listener's connections are closed.
 pub fn parse_with_services(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     parse_as(file, text, true)
@@ -68,7 +69,7 @@ fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, Conf
     }
     let raw: FileConfig = halo_model::diag::deserialize(file, text)?;
     let mut v =
-        Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), fed: false, services_later };
+        Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), services_later };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)
@@ -77,41 +78,6 @@ fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, Conf
         errors.sort();
         Err(errors)
     }
-}
-
-/// Upstreams and routes a program generates rather than a person writes
-/// (the control plane: one upstream and its routes per service), in the
-/// file's own section types.
-#[derive(Debug, Default)]
-pub struct Generated {
-    pub upstreams: BTreeMap<String, UpstreamSection>,
-    pub routes: Vec<RouteSection>,
-}
-
-/// `base` plus `generated`, checked by the same rules as a file's sections
-/// (`source` names them in errors). A generated upstream may have no
-/// endpoint yet: its endpoints are fed later ([`crate::Proxy::set_endpoints`]).
-/// A name `base` already has is refused.
-pub fn extend(base: &Config, source: &str, generated: &Generated) -> Result<Config, ConfigErrors> {
-    let mut v =
-        Validator { loc: Locator::new(""), file: source.into(), errors: Vec::new(), fed: true, services_later: false };
-    let mut cfg = base.clone();
-    for (name, u) in &generated.upstreams {
-        if cfg.upstreams.contains_key(name) {
-            v.err(0, format!("upstreams.{name}"), "is already an upstream of the node file");
-            continue;
-        }
-        let up = v.upstream(name, u);
-        cfg.upstreams.insert(name.clone(), up);
-    }
-    let listeners = http_listeners(&cfg.listeners);
-    let routes: Vec<RouteConfig> =
-        generated.routes.iter().enumerate().map(|(i, r)| v.route(i, r, &cfg.upstreams, &listeners)).collect();
-    if !v.errors.is_empty() {
-        return Err(halo_model::Diagnostics(v.errors));
-    }
-    cfg.routes.extend(routes);
-    Ok(cfg)
 }
 
 /// The names routes may name: the http listeners'.
@@ -123,8 +89,6 @@ struct Validator<'a> {
     loc: Locator<'a>,
     file: String,
     errors: Vec<ConfigError>,
-    /// Upstreams may start empty (generated ones, fed later).
-    fed: bool,
     /// A tcp listener may name an upstream that comes later (a service's).
     services_later: bool,
 }
@@ -281,9 +245,7 @@ impl Validator<'_> {
             (None, None) => None,
         };
         if let Some(PathMatch::Prefix(p) | PathMatch::Exact(p)) = &path {
-            if !p.starts_with('/') {
-                self.err(line, f("path"), format!("'{p}' must start with '/'"));
-            }
+            let _ = rules::path(p).map_err(|e| self.err(line, f("path"), e));
         }
         let methods = r
             .methods
@@ -429,17 +391,16 @@ impl Validator<'_> {
         let Some(t) = &r.timeouts else { return d };
         let tl = self.loc.key(line, "timeouts");
         // A given "0" turns an optional timeout off.
+        let field = |key: &str| format!("routes[{i}].timeouts.{key}");
         let opt = |v: &mut Self, key: &str, val: &Option<String>, def: Option<Duration>| match val {
             None => def,
-            Some(s) => Some(v.duration(tl, &format!("routes[{i}].timeouts.{key}"), Some(s), Duration::ZERO))
-                .filter(|d| !d.is_zero()),
+            Some(s) => rules::optional_timeout(s).map_err(|e| v.err(tl, field(key), e)).unwrap_or(def),
         };
-        let connect = opt(self, "connect", &t.connect, Some(d.connect));
-        if connect.is_none() {
-            self.err(tl, format!("routes[{i}].timeouts.connect"), "must be above 0");
-        }
+        let connect = t.connect.as_deref().map_or(d.connect, |s| {
+            rules::connect_timeout(s).map_err(|e| self.err(tl, field("connect"), e)).unwrap_or(d.connect)
+        });
         Timeouts {
-            connect: connect.unwrap_or(d.connect),
+            connect,
             first_byte: opt(self, "first_byte", &t.first_byte, d.first_byte),
             request: opt(self, "request", &t.request, d.request),
             idle: opt(self, "idle", &t.idle, d.idle),
@@ -452,11 +413,7 @@ impl Validator<'_> {
         let Some(rs) = &r.retry else { return d };
         let field = |k: &str| format!("routes[{i}].retry.{k}");
         let statuses = rs.statuses.clone().unwrap_or(d.statuses.clone());
-        for s in &statuses {
-            if !(100..=599).contains(s) {
-                self.err(line, field("statuses"), format!("{s} is not an HTTP status (100-599)"));
-            }
-        }
+        let _ = rules::retry_statuses(&statuses).map_err(|e| self.err(line, field("statuses"), e));
         let budget_ratio = rs.budget_ratio.unwrap_or(d.budget_ratio);
         if !(0.0..=1.0).contains(&budget_ratio) {
             self.err(
@@ -465,10 +422,9 @@ impl Validator<'_> {
                 "accepted: 0.0 to 1.0 (share of recent requests that may be retried)",
             );
         }
-        let attempts = rs.attempts.unwrap_or(d.attempts);
-        if attempts > 10 {
-            self.err(line, field("attempts"), "accepted: 0 to 10 retries");
-        }
+        let attempts = rs.attempts.map_or(d.attempts, |n| {
+            rules::retries(n).map_err(|e| self.err(line, field("attempts"), e)).unwrap_or(rules::MAX_RETRIES)
+        });
         let try_timeout = match rs.try_timeout.as_deref().map(halo_model::values::TryTimeout::parse) {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
@@ -479,7 +435,7 @@ impl Validator<'_> {
         };
         RetryPolicy {
             try_timeout,
-            attempts: attempts.min(10),
+            attempts,
             statuses,
             budget_ratio: budget_ratio.clamp(0.0, 1.0),
             budget_min_per_sec: rs.budget_min_per_sec.unwrap_or(d.budget_min_per_sec),

@@ -2,6 +2,7 @@
 //! connection, retry on another endpoint when that is safe and the budget
 //! allows, and build the response.
 
+use halo_model::values::rules::MAX_RETRIES;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -279,12 +280,12 @@ async fn attempts(
     // A body that cannot be replayed is held here until first sent, and comes
     // back only if the connection provably did not take it.
     let mut pending = Some(body);
-    // At most 11 tries (attempts is capped at 10): no allocation needed.
-    // Try k went to tried[k]; every try picks a new endpoint.
-    let mut tried = [usize::MAX; 11];
+    // At most MAX_RETRIES + 1 tries: no allocation needed. Try k went to
+    // tried[k]; every try picks a new endpoint.
+    let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
     let mut last: Option<ProxyError> = None;
     let mut granted = false;
-    for attempt in 0..=policy.attempts {
+    for attempt in 0..=policy.attempts.min(MAX_RETRIES) {
         let now = if attempt == 0 { start_ms } else { crate::util::now_ms() };
         let Some(pick) = group.pick(parts, client, &tried[..attempt as usize], now) else { break };
         if attempt > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {

@@ -131,9 +131,9 @@ fn read_file(file: &Path) -> anyhow::Result<(String, String)> {
 pub fn apply(t: &Target, out: &Output, file: &Path, dry_run: bool, w: &WaitArgs) -> anyhow::Result<()> {
     let (name, text) = read_file(file)?;
     // Validate here too, so errors name the file the user wrote.
-    halo_model::parse_service(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (file, _) = halo_model::parse_service(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     if !dry_run {
-        let goal = w.wait.then(|| Goal::of_apply(t, &text)).transpose()?;
+        let goal = w.wait.then(|| Goal::of_apply(t, &file)).transpose()?;
         change(t, out, Method::PUT, "/v1/services", Some(text))?;
         return goal.map_or(Ok(()), |g| wait(t, &g, w.timeout));
     }
@@ -591,8 +591,7 @@ pub enum Goal {
 
 impl Goal {
     /// The goal of applying `text`, from what the node has now (read before the change).
-    pub fn of_apply(t: &Target, text: &str) -> anyhow::Result<Goal> {
-        let (file, _) = halo_model::parse_service("(file)", text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub fn of_apply(t: &Target, file: &halo_model::ServiceFile) -> anyhow::Result<Goal> {
         let c = t.client()?;
         let stored = runtime()?.block_on(c.call(Method::GET, &format!("/v1/services/{}", file.name), None, |_| {}));
         // Only "no such service" means a new one; any other failure is said.
@@ -603,7 +602,7 @@ impl Goal {
         };
         let old = stored.and_then(|b| halo_model::parse_service("(stored)", &String::from_utf8_lossy(&b)).ok());
         let template = |f: &halo_model::ServiceFile| halo_control::keys::ServiceRecord::template(f, 0);
-        let new_template = old.as_ref().is_none_or(|(o, _)| template(o) != template(&file));
+        let new_template = old.as_ref().is_none_or(|(o, _)| template(o) != template(file));
         Goal::service(t, &file.name, file.replicas.or(Some(1)), new_template)
     }
 

@@ -86,3 +86,39 @@ fn zero_turns_optional_timeouts_off() {
     assert_eq!(c.routes[0].timeouts.first_byte, None);
     assert_eq!(c.routes[0].timeouts.request, Some(Duration::from_secs(5)));
 }
+
+/// A route setting means the same in a proxy file as in a service file's
+/// `[balance]`: refused in one, refused in the other with the same words.
+#[test]
+fn service_files_and_proxy_files_share_one_set_of_route_rules() {
+    let cases = [
+        ("retries = 11", "retry = { attempts = 11 }"),
+        ("retry_statuses = [404]", "retry = { statuses = [404] }"),
+        ("connect_timeout = \"0\"", "timeouts = { connect = \"0\" }"),
+        ("idle_timeout = \"soon\"", "timeouts = { idle = \"soon\" }"),
+        ("max_in_flight = 0", "max_in_flight = 0"),
+        ("policy = \"consistent_hash\"", "policy = \"consistent_hash\""),
+    ];
+    for (service, proxy) in cases {
+        let svc = format!("name = \"web\"\n[run]\ncommand = \"x\"\n[balance]\n{service}\n");
+        let svc_err = halo_model::parse_service("s.toml", &svc).unwrap_err();
+        let file = if proxy.starts_with("retry") || proxy.starts_with("timeouts") {
+            format!("[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"web\"\n{proxy}\n[upstreams.web]\nendpoints = [\"127.0.0.1:1\"]\n")
+        } else {
+            format!("[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"127.0.0.1:1\"]\n{proxy}\n")
+        };
+        let proxy_err = parse("p.toml", &file).unwrap_err();
+        let (a, b) = (&svc_err.0[0].message, &proxy_err.0[0].message);
+        assert_eq!(a, b, "{service} / {proxy}: {svc_err} / {proxy_err}");
+    }
+    // Accepted alike: the bounds themselves.
+    let svc = "name = \"web\"\n[run]\ncommand = \"x\"\n[balance]\nretries = 10\nretry_statuses = [500, 599]\n";
+    let spec = halo_model::parse_service("s.toml", svc).unwrap().1;
+    let file = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"web\"\n\
+                retry = { attempts = 10, statuses = [500, 599] }\n[upstreams.web]\nendpoints = [\"127.0.0.1:1\"]\n";
+    let cfg = parse("p.toml", file).unwrap();
+    assert_eq!(
+        (spec.balance.retry.attempts, &spec.balance.retry.statuses),
+        (cfg.routes[0].retry.attempts, &cfg.routes[0].retry.statuses)
+    );
+}

@@ -11,7 +11,7 @@ pub use crate::path::{EncodedSlashes, PathNormalization, PathPolicy};
 pub use crate::proxy_protocol::{Cidr, Version as ProxyProtocolVersion};
 pub use crate::tls::client::UpstreamTls;
 pub use crate::tls::{CertFiles, MinVersion, TlsListener};
-pub use halo_model::values::{HashKey, Policy, RateLimit, RetryPolicy, Timeouts};
+pub use halo_model::values::{HashKey, HostMatch, PathMatch, Policy, RateLimit, RetryPolicy, Timeouts};
 
 /// A token: compared in constant time, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -172,43 +172,6 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostMatch {
-    Exact(String),
-    /// `*.example.com` stored as `.example.com`.
-    Suffix(String),
-}
-
-impl HostMatch {
-    /// `example.com` or `*.example.com`, any case; the error says what is
-    /// accepted.
-    pub fn parse(h: &str) -> Result<HostMatch, String> {
-        let h = h.to_ascii_lowercase();
-        match h.strip_prefix("*.") {
-            Some(rest) if !rest.is_empty() && !rest.contains('*') => Ok(HostMatch::Suffix(format!(".{rest}"))),
-            _ if h.contains('*') || h.is_empty() => {
-                Err(format!("'{h}' is not accepted; use an exact host or *.example.com"))
-            }
-            _ => Ok(HostMatch::Exact(h)),
-        }
-    }
-
-    /// Whether `host` (lower-case) matches: a wildcard matches any
-    /// subdomain, not the parent itself.
-    pub fn matches(&self, host: &str) -> bool {
-        match self {
-            HostMatch::Exact(e) => host == e,
-            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    Prefix(String),
-    Exact(String),
-}
-
 /// Sends matching requests to one upstream, whatever the split says.
 #[derive(Debug, Clone)]
 pub struct Override {
@@ -221,6 +184,26 @@ pub struct Override {
 pub enum OverrideMatch {
     Header(HeaderName),
     Cookie(String),
+}
+
+impl RouteConfig {
+    /// A route to `split` (upstream names and weights) for any request,
+    /// with the default timeouts and retries.
+    pub fn new(name: String, split: Vec<(String, u32)>) -> RouteConfig {
+        RouteConfig {
+            name,
+            listeners: None,
+            host: None,
+            path: None,
+            methods: Vec::new(),
+            headers: Vec::new(),
+            split,
+            overrides: Vec::new(),
+            timeouts: Timeouts::default(),
+            retry: RetryPolicy::default(),
+            rate_limit: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +227,29 @@ pub struct UpstreamConfig {
     /// once rather than a queue without bound; `Auto`, a limit adapted to
     /// the upstream's latency (`overload::Adaptive`). `None`: no limit.
     pub max_in_flight: Option<halo_model::values::MaxInFlight>,
+}
+
+impl UpstreamConfig {
+    /// An upstream with no endpoints yet and every default a file would
+    /// get: round robin over HTTP/1.1, the default pool, health checks and
+    /// outlier detection.
+    pub fn new(name: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_string(),
+            endpoints: Vec::new(),
+            policy: Policy::RoundRobin,
+            hash_key: None,
+            session_cookie: None,
+            slow_start: None,
+            protocol: UpstreamProtocol::Http1,
+            send_proxy_protocol: None,
+            tls: None,
+            pool: PoolConfig::default(),
+            health: Some(HealthConfig::default()),
+            outlier: Some(OutlierConfig::default()),
+            max_in_flight: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,16 +5,13 @@ use std::time::Duration;
 
 use super::file::{self, HealthSection, OutlierSection, UpstreamSection};
 use super::*;
-use halo_model::values::MaxInFlight;
-
-/// The largest `max_in_flight` accepted.
-pub(super) const MAX_IN_FLIGHT: u64 = 10_000_000;
+use halo_model::values::rules;
 
 impl Validator<'_> {
     pub(super) fn upstream(&mut self, name: &str, u: &UpstreamSection) -> UpstreamConfig {
         let line = self.loc.table(&format!("upstreams.{name}"));
         let f = |k: &str| format!("upstreams.{name}.{k}");
-        if u.endpoints.is_empty() && !self.fed {
+        if u.endpoints.is_empty() {
             self.err(line, f("endpoints"), "at least one endpoint is required, as in endpoints = [\"127.0.0.1:9000\"]");
         }
         let mut endpoints = Vec::new();
@@ -42,12 +39,8 @@ impl Validator<'_> {
         let hash_key = u.hash_key.as_deref().and_then(|k| {
             k.parse::<HashKey>().map_err(|e| self.err(self.loc.key(line, "hash_key"), f("hash_key"), e)).ok()
         });
-        if policy == Policy::ConsistentHash && hash_key.is_none() && u.hash_key.is_none() {
-            self.err(
-                self.loc.key(line, "policy"),
-                f("hash_key"),
-                "consistent_hash needs hash_key (header:NAME, cookie:NAME, source_ip or path)",
-            );
+        if u.hash_key.is_none() {
+            let _ = rules::hash_key(policy, None).map_err(|e| self.err(self.loc.key(line, "policy"), f("hash_key"), e));
         }
         let sl = self.loc.key(line, "slow_start");
         let slow_start = u
@@ -96,13 +89,8 @@ impl Validator<'_> {
         let pool = self.pool(name, u);
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
-        let max_in_flight = u.max_in_flight.filter(|m| {
-            let ok = !matches!(m, MaxInFlight::Fixed(n) if !(1..=MAX_IN_FLIGHT).contains(n));
-            if !ok {
-                let message = format!("accepted: 1 to {MAX_IN_FLIGHT}, or \"auto\" (omit it for no limit)");
-                self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), message);
-            }
-            ok
+        let max_in_flight = u.max_in_flight.and_then(|m| {
+            rules::max_in_flight(m).map_err(|e| self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), e)).ok()
         });
         UpstreamConfig {
             name: name.to_string(),
