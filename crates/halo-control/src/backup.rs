@@ -274,7 +274,7 @@ fn check_record(key: &str, value: &[u8]) -> Result<(), BackupError> {
     let json = |r: Result<(), serde_json::Error>| r.map_err(|e| bad(e.to_string()));
     if key.starts_with(SERVICES) {
         let rec: ServiceRecord = serde_json::from_slice(value).map_err(|e| bad(e.to_string()))?;
-        halo_model::parse_service(key, &rec.spec).map_err(|e| bad(e.to_string()))?;
+        halo_model::parse_stored_service(key, &rec.spec).map_err(|e| bad(e.to_string()))?;
     } else if key.starts_with(ASSIGNMENTS) {
         json(serde_json::from_slice::<Assignment>(value).map(drop))?;
     } else if key.starts_with(INSTANCES) {

@@ -472,7 +472,7 @@ impl Node {
         let key = service_key(name);
         let kv = self.r.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
         let mut rec: ServiceRecord = decode(&key, &kv.value)?;
-        let (mut file, _) = halo_model::parse_service(&key, &rec.spec)?;
+        let (mut file, _) = halo_model::parse_stored_service(&key, &rec.spec)?;
         f(&mut file, &mut rec.restart_generation)?;
         rec.spec = file.to_toml();
         self.put_if_unchanged(&key, kv.mod_revision, &rec).await

@@ -242,7 +242,11 @@ mod tests {
             BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
         let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new());
         assert!(cfg.upstreams.contains_key("web"), "{:?}", cfg.upstreams.keys());
-        assert_eq!(cfg.upstreams["old"].endpoints[0].addr, ([127, 0, 0, 1], 1).into(), "the node file's upstream stays");
+        assert_eq!(
+            cfg.upstreams["old"].endpoints[0].addr,
+            ([127, 0, 0, 1], 1).into(),
+            "the node file's upstream stays"
+        );
         assert_eq!(cfg.upstreams["web"].endpoints.len(), 1);
         assert!(cfg.upstreams["web"].health.is_none() && cfg.upstreams["web"].outlier.is_some());
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
@@ -259,7 +263,9 @@ mod tests {
         let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[release]\n\
                        strategy = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }]\ncohort = { header = \"X-Canary\", value = \"1\" }\n");
         let services = BTreeMap::from([("web".to_string(), web)]);
-        for (weight, split) in [(0, vec![("web", 1)]), (25, vec![("web.canary", 25), ("web", 75)]), (100, vec![("web.canary", 100)])] {
+        for (weight, split) in
+            [(0, vec![("web", 1)]), (25, vec![("web.canary", 25), ("web", 75)]), (100, vec![("web.canary", 100)])]
+        {
             let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::from([("web".to_string(), weight)]));
             assert!(cfg.upstreams.contains_key("web.canary"));
             let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");

@@ -335,11 +335,12 @@ impl ClusterState {
 
 fn parse_service(kv: &KeyValue) -> Result<Arc<Svc>, String> {
     let record = serde_json::from_slice::<ServiceRecord>(&kv.value).map_err(|e| e.to_string())?;
-    let (file, spec) = halo_model::parse_service(&kv.key, &record.spec).map_err(|e| e.to_string())?;
+    let (file, spec) = halo_model::parse_stored_service(&kv.key, &record.spec).map_err(|e| e.to_string())?;
     let template = ServiceRecord::template(&file, record.restart_generation);
     let stable = match &record.stable {
         Some(st) => {
-            let (f, s) = halo_model::parse_service(&kv.key, &st.spec).map_err(|e| format!("stable revision: {e}"))?;
+            let (f, s) =
+                halo_model::parse_stored_service(&kv.key, &st.spec).map_err(|e| format!("stable revision: {e}"))?;
             Some(Revisioned { template: ServiceRecord::template(&f, st.restart_generation), spec: Arc::new(s) })
         }
         None => None,

@@ -202,6 +202,23 @@ pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec
     }
 }
 
+/// Reads back a stored service file: as [`parse_service`], except that a
+/// `balance.retries` above [`values::rules::MAX_RETRIES`], which an older
+/// halo stored and ran as that many, still runs so rather than leaving a
+/// running service unreadable. The file comes back as stored (its
+/// template, and so its instances, stay).
+pub fn parse_stored_service(key: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), Diagnostics> {
+    let max = rules::MAX_RETRIES;
+    let Ok(stored) = toml::from_str::<ServiceFile>(text) else { return parse_service(key, text) };
+    if !stored.balance.as_ref().is_some_and(|b| b.retries.is_some_and(|n| n > max)) {
+        return parse_service(key, text);
+    }
+    let mut capped = stored.clone();
+    capped.balance.as_mut().expect("checked").retries = Some(max);
+    let (_, spec) = parse_service(key, &capped.to_toml())?;
+    Ok((stored, spec))
+}
+
 /// Service names: what a DNS label accepts.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -449,7 +466,8 @@ impl Checker<'_> {
         }
         let mut retry = RetryPolicy::default();
         if let Some(n) = b.retries {
-            retry.attempts = rules::retries(n).map_err(|e| self.err("balance.retries", e)).unwrap_or(rules::MAX_RETRIES);
+            retry.attempts =
+                rules::retries(n).map_err(|e| self.err("balance.retries", e)).unwrap_or(rules::MAX_RETRIES);
         }
         if let Some(t) = &b.try_timeout {
             match values::TryTimeout::parse(t) {
@@ -473,8 +491,9 @@ impl Checker<'_> {
         let request = opt(self, "request_timeout", b.request_timeout.as_deref(), d.request);
         let idle = opt(self, "idle_timeout", b.idle_timeout.as_deref(), d.idle);
         let tunnel = opt(self, "tunnel_timeout", b.tunnel_timeout.as_deref(), d.tunnel);
-        let max_in_flight =
-            b.max_in_flight.and_then(|m| rules::max_in_flight(m).map_err(|e| self.err("balance.max_in_flight", e)).ok());
+        let max_in_flight = b
+            .max_in_flight
+            .and_then(|m| rules::max_in_flight(m).map_err(|e| self.err("balance.max_in_flight", e)).ok());
         let rate_limit = match (&b.rate_limit, b.rate_limit_burst) {
             (Some(r), burst) => values::RateLimit::parse(r, burst).map_err(|e| self.err("balance.rate_limit", e)).ok(),
             (None, Some(_)) => {

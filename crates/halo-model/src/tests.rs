@@ -191,3 +191,18 @@ fn a_node_or_proxy_file_is_named_for_what_it_is() {
     let e = parse_service("p.toml", "[[listeners]]\nlisten = \"127.0.0.1:1\"\n").unwrap_err().to_string();
     assert!(e.contains("this is a proxy file") && e.contains("halo proxy -c FILE"), "{e}");
 }
+
+#[test]
+fn a_stored_file_with_more_retries_than_accepted_still_reads_and_runs_with_the_cap() {
+    let text = "name = \"web\"\n[run]\ncommand = \"x\"\n[balance]\nretries = 50\n";
+    let e = parse_service("new.toml", text).unwrap_err();
+    assert!(e.to_string().contains("accepted: 0 to 10 retries"), "{e}");
+    let (file, spec) = crate::parse_stored_service("/halo/services/web", text).unwrap();
+    assert_eq!(file.balance.unwrap().retries, Some(50), "the file stays as stored");
+    assert_eq!(spec.balance.retry.attempts, 10);
+    assert!(crate::parse_stored_service(
+        "k",
+        "name = \"web\"\n[run]\ncommand = \"x\"\n[balance]\nretries = 5\npolicy = \"x\"\n"
+    )
+    .is_err());
+}

@@ -68,8 +68,7 @@ fn parse_as(file: &str, text: &str, services_later: bool) -> Result<Config, Conf
         return Err(halo_model::Diagnostics::of_file(file, message));
     }
     let raw: FileConfig = halo_model::diag::deserialize(file, text)?;
-    let mut v =
-        Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), services_later };
+    let mut v = Validator { loc: Locator::new(text), file: file.into(), errors: Vec::new(), services_later };
     let config = v.config(raw);
     if v.errors.is_empty() {
         Ok(config)

@@ -125,7 +125,7 @@ pub(super) fn stable_for(
         .stable
         .clone()
         .unwrap_or(StableRecord { spec: old.spec.clone(), restart_generation: old.restart_generation });
-    let (stable_file, _) = halo_model::parse_service(key, &stable.spec)?;
+    let (stable_file, _) = halo_model::parse_stored_service(key, &stable.spec)?;
     let stable_template = ServiceRecord::template(&stable_file, stable.restart_generation);
     let new_template = ServiceRecord::template(file, old.restart_generation);
     Ok((stable_template != new_template).then_some(stable))

@@ -90,7 +90,9 @@ impl Validator<'_> {
         let health = self.health(name, u.health.as_ref());
         let outlier = self.outlier(name, u.outlier.as_ref());
         let max_in_flight = u.max_in_flight.and_then(|m| {
-            rules::max_in_flight(m).map_err(|e| self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), e)).ok()
+            rules::max_in_flight(m)
+                .map_err(|e| self.err(self.loc.key(line, "max_in_flight"), f("max_in_flight"), e))
+                .ok()
         });
         UpstreamConfig {
             name: name.to_string(),
