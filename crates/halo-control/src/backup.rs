@@ -129,13 +129,13 @@ fn hook_member(service: &str) -> String {
 /// A backup of the cluster as this node sees it now: every service's hook
 /// this node can run (one failing with `on_error = "fail"` fails it all),
 /// then the store.
-pub(crate) async fn take(r: &crate::reconcile::Reconciler) -> Result<Vec<u8>, BackupError> {
+pub(crate) async fn take(r: &crate::hooks::Hooks) -> Result<Vec<u8>, BackupError> {
     let (done, failed) = crate::hooks::backup_all(r).await;
     if let Some((service, why, _)) = failed.iter().find(|(_, _, fatal)| *fatal) {
         return Err(BackupError::Hook { service: service.clone(), why: why.clone() });
     }
     let skipped = failed.into_iter().map(|(s, why, _)| (s, why)).collect();
-    create(&*r.store, done, skipped).await
+    create(&*r.ctx.store, done, skipped).await
 }
 
 /// SHA-256 of `bytes` as lowercase hex (archives, the API token's digest).

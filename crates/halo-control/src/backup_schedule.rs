@@ -12,8 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::events::EventKind;
-use crate::membership::Membership;
-use crate::reconcile::Reconciler;
+use crate::hooks::Hooks;
 use crate::BackupSchedule;
 use halo_model::lock::LockExt;
 
@@ -60,17 +59,11 @@ impl Schedule {
 const PREFIX: &str = "halo-backup-";
 
 /// Runs the schedule for as long as the node runs.
-pub(crate) async fn run(
-    sched: BackupSchedule,
-    dir: PathBuf,
-    r: Arc<Reconciler>,
-    m: Arc<Membership>,
-    ctl: Arc<Schedule>,
-) {
+pub(crate) async fn run(sched: BackupSchedule, dir: PathBuf, r: Arc<Hooks>, ctl: Arc<Schedule>) {
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(wait(&sched.when)).await;
-        if m.leading().is_none() {
+        if r.ctx.m.leading().is_none() {
             last_ok = Instant::now();
             ctl.health().overdue = false;
             continue;
@@ -92,7 +85,7 @@ pub(crate) async fn run(
                 h.last_file = Some(file.display().to_string());
                 h.last_error = None;
                 tracing::info!(file = %file.display(), size, "scheduled backup written and verified");
-                m.events.info(
+                r.ctx.m.events.info(
                     EventKind::Backup,
                     None,
                     None,
@@ -103,7 +96,7 @@ pub(crate) async fn run(
                 h.failures += 1;
                 h.last_error = Some(e.clone());
                 tracing::error!(error = %e, "scheduled backup failed");
-                m.events.warn(EventKind::Backup, None, None, format!("scheduled backup failed: {e}"));
+                r.ctx.m.events.warn(EventKind::Backup, None, None, format!("scheduled backup failed: {e}"));
             }
         }
         h.overdue = match &sched.when {
@@ -132,7 +125,7 @@ fn wait(when: &crate::When) -> std::time::Duration {
 }
 
 /// One backup: written, verified, then the oldest past `keep` removed.
-async fn once(r: &Reconciler, dir: &Path, sched: &BackupSchedule) -> Result<(PathBuf, u64), String> {
+async fn once(r: &Hooks, dir: &Path, sched: &BackupSchedule) -> Result<(PathBuf, u64), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let bytes = crate::backup::take(r).await.map_err(|e| e.to_string())?;
     let b = crate::backup::open(&bytes).map_err(|e| e.to_string())?;

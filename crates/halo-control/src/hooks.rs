@@ -13,12 +13,19 @@ use std::time::Duration;
 use halo_model::BackupHook;
 use halo_supervisor::Runner;
 
+use crate::ctx::NodeCtx;
 use crate::keys::NodeRecord;
-use crate::reconcile::Reconciler;
-use halo_model::lock::LockExt;
+use crate::reconcile::Instances;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
 pub const RESTORE_DIR: &str = "restore";
+
+/// Where hooks run: this node's instances, or another node's through
+/// its API.
+pub(crate) struct Hooks {
+    pub ctx: Arc<NodeCtx>,
+    pub local: Arc<Instances>,
+}
 
 /// One ready local instance of a service.
 struct Host {
@@ -26,17 +33,13 @@ struct Host {
     runner: Arc<dyn Runner>,
 }
 
-fn host(r: &Reconciler, service: &str) -> Option<Host> {
-    let instances = r.instances.locked();
-    instances
-        .values()
-        .filter(|m| m.record.service == service && m.ready())
-        .find_map(|m| Some(Host { id: m.record.id.clone(), runner: m.runner()? }))
+fn host(r: &Hooks, service: &str) -> Option<Host> {
+    r.local.ready_runner(service).map(|(id, runner)| Host { id, runner })
 }
 
 /// Runs `service`'s backup hook in one of this node's ready instances.
-pub(crate) async fn run_here(r: &Reconciler, service: &str) -> Result<Vec<u8>, String> {
-    let st = r.view.current();
+pub(crate) async fn run_here(r: &Hooks, service: &str) -> Result<Vec<u8>, String> {
+    let st = r.ctx.view.current();
     let hook = st.services.get(service).and_then(|s| s.spec.backup.clone());
     let hook = hook.ok_or_else(|| format!("service '{service}' has no [backup] hook"))?;
     let h = host(r, service).ok_or_else(|| format!("no ready instance of '{service}' on this node"))?;
@@ -46,12 +49,12 @@ pub(crate) async fn run_here(r: &Reconciler, service: &str) -> Result<Vec<u8>, S
 /// Asks the nodes with a ready instance of `service` to run its hook
 /// (`POST /v1/services/NAME/backup-hook` on their API), one after another
 /// until one answers.
-async fn from_peers(r: &Reconciler, service: &str, timeout: Duration) -> Result<Vec<u8>, String> {
-    let st = r.view.current();
+async fn from_peers(r: &Hooks, service: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let st = r.ctx.view.current();
     let mut nodes: Vec<&str> = st
         .endpoints
         .values()
-        .filter(|(s, e)| s == service && e.node != r.m.cfg.node)
+        .filter(|(s, e)| s == service && e.node != r.ctx.m.cfg.node)
         .map(|(_, e)| e.node.as_str())
         .collect();
     nodes.sort_unstable();
@@ -68,13 +71,13 @@ async fn from_peers(r: &Reconciler, service: &str, timeout: Duration) -> Result<
 }
 
 /// One POST to a node's API with the cluster's token; the answer's body.
-async fn post(r: &Reconciler, node: &NodeRecord, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+async fn post(r: &Hooks, node: &NodeRecord, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
     let req = http::Request::post(path)
         .header(http::header::HOST, node.api.to_string())
-        .header(http::header::AUTHORIZATION, format!("Bearer {}", r.dial.token))
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", r.ctx.dial.token))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let call = r.dial.send(node.api, node.api_tls, req);
+    let call = r.ctx.dial.send(node.api, node.api_tls, req);
     let (status, body) = tokio::time::timeout(timeout + Duration::from_secs(5), call)
         .await
         .map_err(|_| "no answer in time".to_string())??;
@@ -87,8 +90,8 @@ async fn post(r: &Reconciler, node: &NodeRecord, path: &str, timeout: Duration) 
 /// Every service's backup hook, run here or by a node that has a ready
 /// instance: (service, output) for those that succeeded, (service, why)
 /// for the others, and whether a failure must fail the whole backup.
-pub(crate) async fn backup_all(r: &Reconciler) -> (Vec<(String, Vec<u8>)>, Vec<(String, String, bool)>) {
-    let st = r.view.current();
+pub(crate) async fn backup_all(r: &Hooks) -> (Vec<(String, Vec<u8>)>, Vec<(String, String, bool)>) {
+    let st = r.ctx.view.current();
     let (mut done, mut failed) = (Vec::new(), Vec::new());
     for (name, svc) in &st.services {
         let Some(hook) = &svc.spec.backup else { continue };
@@ -110,14 +113,15 @@ pub(crate) async fn backup_all(r: &Reconciler) -> (Vec<(String, Vec<u8>)>, Vec<(
 /// Runs the restore hooks whose outputs wait in the data dir, each once an
 /// instance of its service is ready here; a done one is removed, a failed
 /// one kept as `NAME.out.failed` with the reason logged.
-pub(crate) async fn restore_pending(r: Arc<Reconciler>) {
-    let dir = r.data_dir.join(RESTORE_DIR);
+pub(crate) async fn restore_pending(r: Arc<Hooks>) {
+    let dir = r.ctx.data_dir.join(RESTORE_DIR);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "out")) {
             let Some(service) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else { continue };
-            let hook: Option<BackupHook> = r.view.current().services.get(&service).and_then(|s| s.spec.backup.clone());
+            let hook: Option<BackupHook> =
+                r.ctx.view.current().services.get(&service).and_then(|s| s.spec.backup.clone());
             let Some(restore) = hook.as_ref().and_then(|h| h.restore.clone()) else {
                 set_aside(&path, "the service has no [backup] restore command");
                 continue;

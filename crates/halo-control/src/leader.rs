@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, Txn, TxnOp};
 
+use crate::ctx::NodeCtx;
 use crate::events::EventKind;
 use crate::keys::{assignment_key, Assignment, LEADER};
 use crate::membership::Membership;
@@ -38,7 +39,8 @@ const OPS_PER_TXN: usize = 100;
 /// loop. Whether the key is taken, and by whom, comes from the view: a
 /// node campaigns only when [`campaign`] says so, so an idle cluster costs
 /// the store no polling.
-pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
+pub(crate) async fn run_election(ctx: Arc<NodeCtx>) {
+    let (m, view) = (&ctx.m, &ctx.view);
     loop {
         let tick = tokio::time::sleep(Duration::from_millis(250));
         let watching = view.watching();
@@ -56,14 +58,14 @@ pub async fn run_election(m: Arc<Membership>, view: Arc<View>) {
             let me = m.cfg.node.as_bytes().to_vec();
             let txn = Txn::new().when(Compare::absent(LEADER)).and_then(TxnOp::put(LEADER, me.clone(), Some(lease)));
             match m.store.txn(txn).await {
-                Ok(r) if r.succeeded => lead(&m, &view, r.revision),
+                Ok(r) if r.succeeded => lead(&ctx, r.revision),
                 Ok(_) => {
                     // Taken: remember its token; it may still be ours from
                     // before a transient step-down.
                     if let Ok(Some(kv)) = m.store.get(LEADER).await {
                         m.see_token(kv.create_revision);
                         if kv.value == me && kv.lease == Some(lease) {
-                            lead(&m, &view, kv.create_revision);
+                            lead(&ctx, kv.create_revision);
                         }
                     }
                 }
@@ -83,13 +85,14 @@ fn campaign(watching: bool, leader: Option<&(String, Revision)>, me: &str) -> bo
     !watching || leader.is_none_or(|(name, _)| name == me)
 }
 
-fn lead(m: &Arc<Membership>, view: &Arc<View>, token: Revision) {
+fn lead(ctx: &NodeCtx, token: Revision) {
+    let m = &ctx.m;
     m.see_token(token);
     if m.token.compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         m.counters.elections_won.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %m.cfg.node, token, "elected leader");
         m.events.info(EventKind::Elected, None, None, format!("{} leads (fencing token {token})", m.cfg.node));
-        tokio::spawn(leader_loop(m.clone(), view.clone(), token));
+        ctx.tasks.spawn(leader_loop(m.clone(), ctx.view.clone(), token));
     }
 }
 

@@ -11,6 +11,7 @@ pub mod backup;
 mod backup_schedule;
 mod config;
 pub mod cron;
+mod ctx;
 pub mod dial;
 mod endpoints;
 pub mod events;
@@ -37,5 +38,8 @@ pub use backup_schedule::{newest_archive, BackupHealth};
 pub use config::{parse_node, ApiTls, BackupSchedule, NodeConfig, When, DEFAULT_API};
 pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
-pub use node::{Applied, ApplyOutcome, InstanceView, Node, NodeError, NodeOptions, ServiceStatus};
-pub use views::{ClusterServiceView, ClusterView, NodeView, Outcome, PlacementView, RolloutView, StatusView};
+pub use node::{Node, NodeError, NodeOptions};
+pub use views::{
+    Applied, ApplyOutcome, ClusterServiceView, ClusterView, InstanceView, NodeView, Outcome, PlacementView,
+    RolloutView, ServiceStatus, StatusView,
+};

@@ -14,8 +14,8 @@ use halo_model::{Diagnostics, ServiceFile};
 use halo_proxy::Proxy;
 use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
-use serde::{Deserialize, Serialize};
 
+use crate::ctx::NodeCtx;
 use crate::dial::Dialer;
 use crate::keys::{node_admin_key, service_key, NodeAdmin, ServiceRecord};
 use crate::membership::{ClusterConfig, Membership};
@@ -23,7 +23,7 @@ use crate::migrate::{migrate, MigrateError};
 use crate::proxy_config::ProxyFeed;
 use crate::reconcile::{self, Reconciler};
 use crate::state::View;
-use crate::views::ClusterView;
+use crate::views::{Applied, ApplyOutcome, ClusterView, InstanceView, ServiceStatus};
 use crate::NodeConfig;
 use halo_model::lock::LockExt;
 
@@ -55,51 +55,6 @@ pub enum NodeError {
     Backup(#[from] crate::backup::BackupError),
     #[error("cannot start the node: {0}")]
     Start(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplyOutcome {
-    Created,
-    Updated,
-    Unchanged,
-}
-
-impl std::fmt::Display for ApplyOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ApplyOutcome::Created => "created",
-            ApplyOutcome::Updated => "updated",
-            ApplyOutcome::Unchanged => "unchanged",
-        })
-    }
-}
-
-/// What `apply` did, or would do: the stored file before and after.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Applied {
-    pub name: String,
-    pub outcome: ApplyOutcome,
-    pub before: Option<String>,
-    pub after: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceView {
-    #[serde(flatten)]
-    pub status: Status,
-    /// Being drained and stopped.
-    pub stopping: bool,
-    /// Runs the current spec (false: waiting to be replaced).
-    pub current: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub replicas: u32,
-    pub ready: usize,
-    pub instances: Vec<InstanceView>,
 }
 
 /// How a node runs, beyond its node file.
@@ -145,14 +100,13 @@ impl NodeOptions {
 /// A running node: supervisor, proxy, reconciler, membership and election.
 #[derive(Clone)]
 pub struct Node {
+    ctx: Arc<NodeCtx>,
     r: Arc<Reconciler>,
+    hooks: Arc<crate::hooks::Hooks>,
     /// Scheduled backups' health (when the node file has `[backup]`).
     backups: Option<Arc<crate::backup_schedule::Schedule>>,
     /// Every store request this node makes, counted.
     requests: Arc<Counted>,
-    /// The node's loops (lease, election, reconcile...), stopped when the
-    /// node is handed over to a new process.
-    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// The node file's floating IPs, when it has `[[vip]]`.
     vips: Option<Arc<crate::vip::Vips>>,
     /// The proxy's counters of the last minutes, for the dashboard.
@@ -200,41 +154,39 @@ impl Node {
             host: opts.bind,
         });
         let feed = ProxyFeed::new(proxy, cfg.proxy.clone());
-        let r = Arc::new(Reconciler::new(
-            store.clone(),
-            view.clone(),
-            m.clone(),
-            feed,
-            env,
-            opts.data_dir.clone(),
-            Arc::new(Dialer::new(opts.api_token.clone(), cfg.api_tls.as_ref().and_then(|t| t.peers.clone()))),
-        ));
-        let mut tasks = vec![tokio::spawn(r.peers.clone().run())];
+        let dial = Arc::new(Dialer::new(opts.api_token.clone(), cfg.api_tls.as_ref().and_then(|t| t.peers.clone())));
+        let ctx = Arc::new(NodeCtx::new(store.clone(), view.clone(), m.clone(), dial, env, opts.data_dir.clone()));
+        let r = Arc::new(Reconciler::new(ctx.clone(), feed));
+        let hooks = Arc::new(crate::hooks::Hooks { ctx: ctx.clone(), local: r.instances.clone() });
+        let tasks = &ctx.tasks;
+        tasks.spawn(ctx.peers.clone().run());
         let backups = cfg.backup.clone().map(|sched| {
             let ctl = Arc::new(crate::backup_schedule::Schedule::default());
             let dir = sched.archive_dir(&opts.data_dir);
-            tasks.push(tokio::spawn(crate::backup_schedule::run(sched, dir, r.clone(), m.clone(), ctl.clone())));
+            tasks.spawn(crate::backup_schedule::run(sched, dir, hooks.clone(), ctl.clone()));
             ctl
         });
         let vips = if cfg.vips.is_empty() {
             None
         } else {
             let proxy = r.feed.proxy.clone();
-            let (v, t) = crate::vip::Vips::start(
-                &opts.cluster.node,
-                &cfg.vips,
-                store.clone(),
-                view.clone(),
-                proxy,
-                r.peers.clone(),
+            let peers = ctx.peers.clone();
+            Some(
+                crate::vip::Vips::start(
+                    &opts.cluster.node,
+                    &cfg.vips,
+                    store.clone(),
+                    view.clone(),
+                    proxy,
+                    peers,
+                    tasks,
+                )
+                .await,
             )
-            .await;
-            tasks.extend(t);
-            Some(v)
         };
         let history = Arc::new(halo_proxy::history::History::default());
-        tasks.push(tokio::spawn(history.clone().run(Arc::downgrade(&r.feed.proxy))));
-        let node = Node { r, requests, backups, tasks: Arc::default(), vips, history };
+        tasks.spawn(history.clone().run(Arc::downgrade(&r.feed.proxy)));
+        let node = Node { ctx: ctx.clone(), r, hooks, requests, backups, vips, history };
         node.create_file_services(&cfg).await?;
         node.r.adopt().await?;
         // A handover (or one that died half way) is over: this process
@@ -242,14 +194,13 @@ impl Node {
         if let Err(e) = store.delete(&crate::keys::upgrading_key(&opts.cluster.node)).await {
             tracing::warn!(error = %e, "could not clear this node's upgrade mark");
         }
-        tasks.push(tokio::spawn(m.clone().run_lease()));
-        tasks.push(tokio::spawn(m.clone().follow_drivers(drivers)));
-        tasks.push(tokio::spawn(crate::evict::run(m.clone(), view.clone(), node.r.peers.clone())));
-        tasks.push(tokio::spawn(crate::leader::run_election(m, view)));
-        tasks.push(tokio::spawn(reconcile::run(node.r.clone())));
-        tasks.push(tokio::spawn(reconcile::publish_stats(node.r.clone())));
-        tasks.push(tokio::spawn(crate::hooks::restore_pending(node.r.clone())));
-        *node.tasks.locked() = tasks;
+        tasks.spawn(m.clone().run_lease());
+        tasks.spawn(m.clone().follow_drivers(drivers));
+        tasks.spawn(crate::evict::run(m.clone(), view.clone(), ctx.peers.clone()));
+        tasks.spawn(crate::leader::run_election(ctx.clone()));
+        tasks.spawn(reconcile::run(node.r.clone()));
+        tasks.spawn(reconcile::publish_stats(node.r.clone()));
+        tasks.spawn(crate::hooks::restore_pending(node.hooks.clone()));
         Ok(node)
     }
 
@@ -259,7 +210,7 @@ impl Node {
             let key = service_key(&file.name);
             let rec = ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None };
             let txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(&key, json(&rec), None));
-            if self.r.store.txn(txn).await?.succeeded {
+            if self.ctx.store.txn(txn).await?.succeeded {
                 tracing::info!(service = %file.name, "service created from the node file");
             }
         }
@@ -269,25 +220,25 @@ impl Node {
     /// The cluster as this node's view has it, now (also while the store
     /// is unreachable; [`ClusterView::view`] says how stale).
     pub fn cluster(&self) -> ClusterView {
-        let m = &self.r.m;
+        let m = &self.ctx.m;
         let answered = *m.last_renewed.locked();
         // Renewals come every third of the TTL: two missed is a silence.
-        let freshness = self.r.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
-        ClusterView::new(&m.cfg.node, &self.r.view.current(), freshness)
+        let freshness = self.ctx.view.freshness(answered, m.cfg.lease_ttl * 2 / 3);
+        ClusterView::new(&m.cfg.node, &self.ctx.view.current(), freshness)
     }
 
     /// Restores the archive `bytes` into this running cluster: says what
     /// would change, and changes it when `force`.
     pub async fn restore(&self, bytes: &[u8], force: bool) -> Result<crate::backup::RestorePlan, NodeError> {
         let b = crate::backup::open(bytes)?;
-        let pending = self.r.data_dir.join(crate::hooks::RESTORE_DIR);
-        Ok(crate::backup::restore_running(&b, &*self.r.store, &pending, force).await?)
+        let pending = self.ctx.data_dir.join(crate::hooks::RESTORE_DIR);
+        Ok(crate::backup::restore_running(&b, &*self.ctx.store, &pending, force).await?)
     }
 
     /// Runs `service`'s backup hook in one of this node's ready instances
     /// (another node taking a backup asks this way); its output.
     pub async fn backup_hook(&self, service: &str) -> Result<Vec<u8>, NodeError> {
-        crate::hooks::run_here(&self.r, service).await.map_err(NodeError::BadRequest)
+        crate::hooks::run_here(&self.hooks, service).await.map_err(NodeError::BadRequest)
     }
 
     /// How scheduled backups are doing (`None` without `[backup]`).
@@ -308,7 +259,7 @@ impl Node {
 
     /// A backup archive of the cluster's state now ([`crate::backup`]).
     pub async fn backup(&self) -> Result<Vec<u8>, NodeError> {
-        Ok(crate::backup::take(&self.r).await?)
+        Ok(crate::backup::take(&self.hooks).await?)
     }
 
     /// Marks a node as draining (its instances move elsewhere, replacements
@@ -319,7 +270,7 @@ impl Node {
         let v = serde_json::to_vec(&NodeAdmin { draining }).expect("encodes");
         // Only if unchanged since read: a concurrent remove is not undone.
         let txn = Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::put(&key, v, None));
-        if !self.r.store.txn(txn).await?.succeeded {
+        if !self.ctx.store.txn(txn).await?.succeeded {
             return Err(NodeError::Conflict);
         }
         let (kind, what) = if draining {
@@ -327,7 +278,7 @@ impl Node {
         } else {
             (EventKind::Undrained, "undrained: it takes instances again")
         };
-        self.r.m.events.info(kind, None, None, format!("node {name} {what}"));
+        self.ctx.m.events.info(kind, None, None, format!("node {name} {what}"));
         Ok(())
     }
 
@@ -335,28 +286,28 @@ impl Node {
     /// `halo node list`. A live node is refused.
     pub async fn remove_node(&self, name: &str) -> Result<(), NodeError> {
         let rev = self.known_node(name).await?;
-        if self.r.view.current().nodes.contains_key(name) {
+        if self.ctx.view.current().nodes.contains_key(name) {
             return Err(NodeError::BadRequest(format!(
                 "node '{name}' is alive (it holds a lease); stop its agent first (drain it to move its instances)"
             )));
         }
         let key = node_admin_key(name);
-        self.r.store.txn(Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::Delete(key))).await?;
-        self.r.m.events.info(EventKind::Removed, None, None, format!("node {name} forgotten"));
+        self.ctx.store.txn(Txn::new().when(Compare::mod_revision(&key, rev)).and_then(TxnOp::Delete(key))).await?;
+        self.ctx.m.events.info(EventKind::Removed, None, None, format!("node {name} forgotten"));
         Ok(())
     }
 
     /// The mod revision of `name`'s admin record (0: none), if it is a node
     /// the view knows (live or gone).
     async fn known_node(&self, name: &str) -> Result<i64, NodeError> {
-        let st = self.r.view.current();
+        let st = self.ctx.view.current();
         if !st.nodes.contains_key(name) && !st.admin.contains_key(name) {
             let mut known: Vec<&str> = st.nodes.keys().chain(st.admin.keys()).map(String::as_str).collect();
             known.sort();
             known.dedup();
             return Err(NodeError::NoSuchNode { name: name.to_string(), known: known.join(", ") });
         }
-        Ok(self.r.store.get(&node_admin_key(name)).await?.map_or(0, |kv| kv.mod_revision))
+        Ok(self.ctx.store.get(&node_admin_key(name)).await?.map_or(0, |kv| kv.mod_revision))
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -375,7 +326,7 @@ impl Node {
         }
         self.check_routes_free(&file.name, &spec)?;
         let key = service_key(&file.name);
-        let current = self.r.store.get(&key).await?;
+        let current = self.ctx.store.get(&key).await?;
         let after = file.to_toml();
         let before = match &current {
             Some(kv) => Some(decode::<ServiceRecord>(&key, &kv.value)?.spec),
@@ -400,14 +351,14 @@ impl Node {
             None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
         };
         self.put_if_unchanged(&key, current.map_or(0, |kv| kv.mod_revision), &rec).await?;
-        self.r.m.events.info(EventKind::Applied, Some(&file.name), None, format!("{} {outcome} by apply", file.name));
+        self.ctx.m.events.info(EventKind::Applied, Some(&file.name), None, format!("{} {outcome} by apply", file.name));
         Ok(applied(outcome))
     }
 
     /// A route another service has already would take no traffic (the
     /// first service keeps it): refused, naming that service.
     fn check_routes_free(&self, name: &str, spec: &halo_model::ServiceSpec) -> Result<(), NodeError> {
-        let st = self.r.view.current();
+        let st = self.ctx.view.current();
         for (i, r) in spec.routes.iter().enumerate() {
             let taken = st.services.iter().find(|(other, svc)| *other != name && svc.spec.routes.contains(r));
             if let Some((other, _)) = taken {
@@ -432,7 +383,7 @@ impl Node {
             file.validate().map(drop).map_err(|e| NodeError::BadRequest(e.to_string()))
         })
         .await?;
-        self.r.m.events.info(EventKind::Scaled, Some(name), None, format!("{name} scaled to {replicas}"));
+        self.ctx.m.events.info(EventKind::Scaled, Some(name), None, format!("{name} scaled to {replicas}"));
         Ok(())
     }
 
@@ -443,14 +394,14 @@ impl Node {
             Ok(())
         })
         .await?;
-        self.r.m.events.info(EventKind::Restarted, Some(name), None, format!("{name}: rolling restart asked"));
+        self.ctx.m.events.info(EventKind::Restarted, Some(name), None, format!("{name}: rolling restart asked"));
         Ok(())
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
-        match self.r.store.delete(&service_key(name)).await? {
+        match self.ctx.store.delete(&service_key(name)).await? {
             Some(_) => {
-                self.r.m.events.info(EventKind::Deleted, Some(name), None, format!("{name} deleted"));
+                self.ctx.m.events.info(EventKind::Deleted, Some(name), None, format!("{name} deleted"));
                 Ok(())
             }
             None => Err(NodeError::NotFound(name.into())),
@@ -460,7 +411,7 @@ impl Node {
     /// The service file as stored.
     pub async fn get(&self, name: &str) -> Result<String, NodeError> {
         let key = service_key(name);
-        let kv = self.r.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
+        let kv = self.ctx.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
         Ok(decode::<ServiceRecord>(&key, &kv.value)?.spec)
     }
 
@@ -470,7 +421,7 @@ impl Node {
         f: impl FnOnce(&mut ServiceFile, &mut u64) -> Result<(), NodeError>,
     ) -> Result<(), NodeError> {
         let key = service_key(name);
-        let kv = self.r.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
+        let kv = self.ctx.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
         let mut rec: ServiceRecord = decode(&key, &kv.value)?;
         let (mut file, _) = halo_model::parse_stored_service(&key, &rec.spec)?;
         f(&mut file, &mut rec.restart_generation)?;
@@ -480,7 +431,7 @@ impl Node {
 
     async fn put_if_unchanged(&self, key: &str, mod_revision: i64, rec: &ServiceRecord) -> Result<(), NodeError> {
         let txn = Txn::new().when(Compare::mod_revision(key, mod_revision)).and_then(TxnOp::put(key, json(rec), None));
-        if !self.r.store.txn(txn).await?.succeeded {
+        if !self.ctx.store.txn(txn).await?.succeeded {
             return Err(NodeError::Conflict);
         }
         Ok(())
@@ -488,8 +439,8 @@ impl Node {
 
     /// Every service with this node's instances of it.
     pub fn status(&self) -> Vec<ServiceStatus> {
-        let st = self.r.view.current();
-        let instances = self.r.instances.locked();
+        let st = self.ctx.view.current();
+        let instances = self.r.instances.lock();
         st.services
             .iter()
             .map(|(name, svc)| {
@@ -519,7 +470,7 @@ impl Node {
                 "instance: '{id}' is not an instance id (lowercase letters, digits and '-', as `halo status` shows)"
             )));
         }
-        let dir = self.r.env.logs_dir.join(service);
+        let dir = self.ctx.env.logs_dir.join(service);
         let mut ids: Vec<String> = std::fs::read_dir(&dir)
             .map_err(|_| NodeError::NotFound(service.into()))?
             .flatten()
@@ -532,18 +483,18 @@ impl Node {
                 return Err(NodeError::BadRequest(format!("service '{service}' has no instance '{want}'")));
             }
         }
-        Ok(ids.into_iter().map(|id| (id.clone(), LogFile::at(&self.r.env.logs_dir, service, &id))).collect())
+        Ok(ids.into_iter().map(|id| (id.clone(), LogFile::at(&self.ctx.env.logs_dir, service, &id))).collect())
     }
 
     /// This node's metrics (membership, election, instances) and the
     /// cluster's as its view has them, in Prometheus text format.
     pub fn metrics(&self) -> String {
-        let mut out = crate::metrics::node(&self.r.m, &self.r.view);
-        out.push_str(&crate::metrics::peers(&self.r.peers));
+        let mut out = crate::metrics::node(&self.ctx.m, &self.ctx.view);
+        out.push_str(&crate::metrics::peers(&self.ctx.peers));
         out.push_str(&crate::metrics::instances(&self.statuses()));
         out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
         out.push_str(&self.cluster().metrics());
-        out.push_str(&crate::metrics::rollouts(&self.r.view.current()));
+        out.push_str(&crate::metrics::rollouts(&self.ctx.view.current()));
         if let Some(h) = self.backup_health() {
             out.push_str(&crate::metrics::backups(&h));
         }
@@ -552,7 +503,7 @@ impl Node {
         }
         out.push_str("# HELP halo_events_dropped_total Events this node could not record (store away, queue full).\n");
         out.push_str("# TYPE halo_events_dropped_total counter\n");
-        let dropped = self.r.m.events.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = self.ctx.m.events.dropped.load(std::sync::atomic::Ordering::Relaxed);
         out.push_str(&format!("halo_events_dropped_total {dropped}\n"));
         out
     }
@@ -569,22 +520,21 @@ impl Node {
         service: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<crate::events::Event>, halo_store::Revision), NodeError> {
-        Ok(crate::events::list(&*self.r.store, service, limit).await?)
+        Ok(crate::events::list(&*self.ctx.store, service, limit).await?)
     }
 
     /// A watch of the events written after `from`.
     pub async fn watch_events(&self, from: halo_store::Revision) -> Result<halo_store::Watch, NodeError> {
-        Ok(self.r.store.watch(crate::keys::EVENTS, from).await?)
+        Ok(self.ctx.store.watch(crate::keys::EVENTS, from).await?)
     }
 
     /// The cluster's floating IPs: holders, and every node's standing.
     pub fn vips(&self) -> Vec<crate::vip::VipStatus> {
-        crate::vip::list(&self.r.view.current())
+        crate::vip::list(&self.ctx.view.current())
     }
 
     fn statuses(&self) -> Vec<Status> {
-        let instances = self.r.instances.locked();
-        instances.values().map(|m| m.status.borrow().clone()).collect()
+        self.r.instances.statuses()
     }
 
     /// Hands the node over to a new process (binary upgrade): leaves every
@@ -593,17 +543,17 @@ impl Node {
     /// adopt the instances. The proxy serves on until [`Node::detach`].
     pub async fn release(&self) {
         // The other nodes spare this one while its API is silent.
-        let key = crate::keys::upgrading_key(&self.r.m.cfg.node);
+        let key = crate::keys::upgrading_key(&self.ctx.m.cfg.node);
         let pid = std::process::id().to_string();
-        if let Err(e) = self.r.store.put(&key, pid.into_bytes(), None).await {
+        if let Err(e) = self.ctx.store.put(&key, pid.into_bytes(), None).await {
             tracing::warn!(error = %e, "could not tell the cluster this node is upgrading");
         }
         self.r.detach_all();
-        for t in self.tasks.locked().drain(..) {
-            t.abort();
-        }
-        self.r.view.stop();
-        self.r.store.close().await;
+        // No leader loop of this process ticks on: the next one campaigns.
+        self.ctx.m.step_down("handing the node over to a new process");
+        self.ctx.tasks.stop().await;
+        self.ctx.view.stop();
+        self.ctx.store.close().await;
     }
 
     /// Leaves every instance running and unsupervised, then drains the
@@ -621,6 +571,8 @@ impl Node {
             v.release_all().await;
         }
         self.r.stop_all().await;
+        self.ctx.m.step_down("shutting down");
+        self.ctx.tasks.stop().await;
         self.r.feed.proxy.shutdown(grace).await;
     }
 }

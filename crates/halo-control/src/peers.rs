@@ -105,7 +105,11 @@ impl Peers {
     /// task list aborts it).
     pub async fn run(self: Arc<Self>) {
         let mut last_round = Instant::now();
+        // Probes in flight: they end with this loop (dropping the set
+        // aborts them), never on their own after it.
+        let mut probes = tokio::task::JoinSet::new();
         loop {
+            while probes.try_join_next().is_some() {}
             let st = self.view.current();
             let now = Instant::now();
             // A round far later than due: this process was frozen or
@@ -142,7 +146,7 @@ impl Peers {
             });
             for (name, rec) in st.nodes.iter().filter(|(n, _)| **n != self.node) {
                 let (me, name, api, https) = (self.clone(), name.clone(), rec.api, rec.api_tls);
-                tokio::spawn(async move {
+                probes.spawn(async move {
                     let ok = healthz(&me.dial, api, https).await;
                     let mut heard = me.heard.locked();
                     let p = heard.entry(name).or_insert(Peer { last_ok: now, fails: 0, answered: false });

@@ -10,22 +10,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use halo_model::ServiceSpec;
-use halo_store::Store;
-use halo_supervisor::{Env, Instance, InstanceSpec, Status, Workload};
+use halo_supervisor::{Instance, InstanceSpec, Status, Workload};
 use tokio::sync::{watch, Notify};
 
+use crate::ctx::NodeCtx;
 use crate::endpoints::{self, Ready};
 use crate::events::EventKind;
 use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, InstanceRecord};
-use crate::membership::Membership;
 use crate::proxy_config::ProxyFeed;
-use crate::state::{ClusterState, View};
+use crate::state::ClusterState;
 use halo_model::lock::LockExt;
 
 /// Between taking an instance out of the proxies and signalling it.
@@ -53,19 +51,36 @@ impl Managed {
     }
 }
 
+/// This node's instances, by id: the reconciler's, which hooks read to
+/// find a ready one of a service.
+#[derive(Default)]
+pub(crate) struct Instances(Mutex<BTreeMap<String, Managed>>);
+
+impl Instances {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Managed>> {
+        self.0.locked()
+    }
+
+    /// One ready instance of `service` here that can run commands: its id
+    /// and runner.
+    pub fn ready_runner(&self, service: &str) -> Option<(String, Arc<dyn halo_supervisor::Runner>)> {
+        let instances = self.lock();
+        instances
+            .values()
+            .filter(|m| m.record.service == service && m.ready())
+            .find_map(|m| Some((m.record.id.clone(), m.runner()?)))
+    }
+
+    /// Every instance's status now.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.lock().values().map(|m| m.status.borrow().clone()).collect()
+    }
+}
+
 pub(crate) struct Reconciler {
-    pub store: Arc<dyn Store>,
-    pub view: Arc<View>,
-    pub m: Arc<Membership>,
+    pub ctx: Arc<NodeCtx>,
     pub feed: ProxyFeed,
-    pub env: Arc<Env>,
-    pub data_dir: PathBuf,
-    /// How other nodes' APIs are reached, with the cluster's token.
-    pub dial: Arc<crate::dial::Dialer>,
-    /// Which other nodes answer this one: a silent node's endpoints are
-    /// out of this node's proxy before its lease expires.
-    pub peers: Arc<crate::peers::Peers>,
-    pub instances: Mutex<BTreeMap<String, Managed>>,
+    pub instances: Arc<Instances>,
     /// Instance state changes wake the loop through this.
     pub wake: Notify,
     /// Set by [`Reconciler::stop_all`] and [`Reconciler::detach_all`]:
@@ -76,39 +91,16 @@ pub(crate) struct Reconciler {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reconciler {
-    pub fn new(
-        store: Arc<dyn Store>,
-        view: Arc<View>,
-        m: Arc<Membership>,
-        feed: ProxyFeed,
-        env: Arc<Env>,
-        data_dir: PathBuf,
-        dial: Arc<crate::dial::Dialer>,
-    ) -> Reconciler {
-        let lease_of = m.clone();
-        let own_lease = Box::new(move || lease_of.lease().is_some());
-        let peers = crate::peers::Peers::new(&m.cfg.node, view.clone(), own_lease, dial.clone());
-        Reconciler {
-            store,
-            view,
-            m,
-            peers,
-            feed,
-            env,
-            data_dir,
-            dial,
-            instances: Mutex::new(BTreeMap::new()),
-            wake: Notify::new(),
-            shutting_down: AtomicBool::new(false),
-        }
+    pub fn new(ctx: Arc<NodeCtx>, feed: ProxyFeed) -> Reconciler {
+        Reconciler { ctx, feed, instances: Arc::default(), wake: Notify::new(), shutting_down: AtomicBool::new(false) }
     }
 
     fn node(&self) -> &str {
-        &self.m.cfg.node
+        self.ctx.node()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Managed>> {
-        self.instances.locked()
+        self.instances.lock()
     }
 
     /// The assignments to this node that it obeys. Fencing as a node sees
@@ -117,14 +109,14 @@ impl Reconciler {
     fn assigned(&self, st: &ClusterState) -> BTreeMap<String, Assignment> {
         let mut out = BTreeMap::new();
         for (id, a) in st.assignments.iter().filter(|(_, a)| a.placement.node == self.node()) {
-            let max = self.m.max_token.load(Ordering::SeqCst);
+            let max = self.ctx.m.max_token.load(Ordering::SeqCst);
             let at = st.assigned_at.get(id).copied().unwrap_or(0);
             if a.token < max && at > max {
-                self.m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
+                self.ctx.m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(instance = %id, token = a.token, max, "ignoring an order of a deposed leader");
                 continue;
             }
-            self.m.see_token(a.token);
+            self.ctx.m.see_token(a.token);
             out.insert(id.clone(), a.clone());
         }
         out
@@ -136,7 +128,7 @@ impl Reconciler {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let st = self.view.current();
+        let st = self.ctx.view.current();
         let assigned = self.assigned(&st);
         let (stop, start) = {
             let instances = self.lock();
@@ -162,7 +154,7 @@ impl Reconciler {
                 tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
             }
         }
-        endpoints::sync(&*self.store, &self.m, &st, &self.ready(), &self.unjudged()).await;
+        endpoints::sync(&*self.ctx.store, &self.ctx.m, &st, &self.ready(), &self.unjudged()).await;
         self.publish_from(&st);
     }
 
@@ -203,16 +195,16 @@ impl Reconciler {
     /// every other node's endpoints (as the view has them), but those of
     /// nodes that do not answer this one.
     pub fn publish(&self) {
-        self.publish_from(&self.view.current());
+        self.publish_from(&self.ctx.view.current());
     }
 
     fn publish_from(&self, st: &ClusterState) {
         let mut eps: Vec<(String, String, SocketAddr)> = Vec::new();
         for r in self.ready() {
-            eps.push((r.service, r.template, (self.m.cfg.addr, r.port).into()));
+            eps.push((r.service, r.template, (self.ctx.m.cfg.addr, r.port).into()));
         }
         let remote = st.endpoints.values().filter(|(_, e)| e.node != self.node());
-        eps.extend(answering(remote, &self.peers.silent_nodes(), &eps));
+        eps.extend(answering(remote, &self.ctx.peers.silent_nodes(), &eps));
         self.feed.publish(st, eps);
     }
 
@@ -220,7 +212,7 @@ impl Reconciler {
     fn free_port(&self) -> std::io::Result<u16> {
         let taken: BTreeSet<u16> = self.lock().values().map(|m| m.status.borrow().port).collect();
         for _ in 0..20 {
-            let port = std::net::TcpListener::bind((self.env.host, 0))?.local_addr()?.port();
+            let port = std::net::TcpListener::bind((self.ctx.env.host, 0))?.local_addr()?.port();
             if !taken.contains(&port) {
                 return Ok(port);
             }
@@ -242,7 +234,7 @@ impl Reconciler {
             start_time: None,
             container: None,
         };
-        self.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
+        self.ctx.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
         self.supervise(instance_spec(spec, &r), r, None)
     }
 
@@ -254,13 +246,13 @@ impl Reconciler {
         record: InstanceRecord,
         adopted: Option<Box<dyn Workload>>,
     ) -> Result<(), Error> {
-        let instance = Instance::start(self.env.clone(), ispec, adopted)?;
+        let instance = Instance::start(self.ctx.env.clone(), ispec, adopted)?;
         let status = instance.subscribe();
         self.lock().insert(
             record.id.clone(),
             Managed { record: record.clone(), status: status.clone(), instance: Some(instance) },
         );
-        tokio::spawn(follow_status(self.clone(), record, status));
+        self.ctx.tasks.spawn(follow_status(self.clone(), record, status));
         Ok(())
     }
 
@@ -273,20 +265,20 @@ impl Reconciler {
         let Some((instance, record)) = taken else { return };
         self.publish();
         let me = self.clone();
-        tokio::spawn(async move {
+        self.ctx.tasks.spawn_to_end(async move {
             // Other nodes' proxies stop sending once the endpoint is gone.
-            if let Err(e) = me.store.delete(&endpoint_key(&record.service, &record.id)).await {
+            if let Err(e) = me.ctx.store.delete(&endpoint_key(&record.service, &record.id)).await {
                 tracing::debug!(instance = %record.id, error = %e, "withdrawing the endpoint failed");
             }
             // Requests the proxies sent before the removal finish first.
             tokio::time::sleep(DRAIN_DELAY).await;
             instance.stop().await;
-            if let Err(e) = me.store.delete(&instance_key(me.node(), &record.service, &record.id)).await {
+            if let Err(e) = me.ctx.store.delete(&instance_key(me.node(), &record.service, &record.id)).await {
                 tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
             }
             me.lock().remove(&record.id);
             // Scaled away or replaced: its log goes with it.
-            halo_supervisor::LogFile::at(&me.env.logs_dir, &record.service, &record.id).remove();
+            halo_supervisor::LogFile::at(&me.ctx.env.logs_dir, &record.service, &record.id).remove();
             me.wake.notify_one();
         });
     }
@@ -298,31 +290,31 @@ impl Reconciler {
     /// deleted services. Then every driver removes what it runs for this
     /// data directory that no record names.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), halo_store::StoreError> {
-        let st = self.view.current();
-        let listing = self.store.list(&instances_of(self.node())).await?;
+        let st = self.ctx.view.current();
+        let listing = self.ctx.store.list(&instances_of(self.node())).await?;
         let mut known = Vec::new();
         let mut to_adopt = Vec::new();
         for kv in listing.kvs {
             let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
                 tracing::warn!(key = %kv.key, "unreadable instance record removed");
-                self.store.delete(&kv.key).await?;
+                self.ctx.store.delete(&kv.key).await?;
                 continue;
             };
             let Some(handle) = rec.handle() else {
-                self.store.delete(&kv.key).await?;
+                self.ctx.store.delete(&kv.key).await?;
                 continue;
             };
-            let driver = self.env.drivers.for_handle(&handle);
+            let driver = self.ctx.env.drivers.for_handle(&handle);
             let Some(svc) = st.services.get(&rec.service) else {
                 tracing::info!(instance = %rec.id, "stopping instance of a deleted service");
                 driver.remove(&handle).await;
-                self.store.delete(&kv.key).await?;
+                self.ctx.store.delete(&kv.key).await?;
                 continue;
             };
             let ispec = instance_spec(svc.spec_for(&rec.template).unwrap_or(&svc.spec), &rec);
-            let log = halo_supervisor::LogFile::at(&self.env.logs_dir, &rec.service, &rec.id).path;
+            let log = halo_supervisor::LogFile::at(&self.ctx.env.logs_dir, &rec.service, &rec.id).path;
             let Some(run) = driver.adopt(&handle, &ispec, &log).await else {
-                self.store.delete(&kv.key).await?;
+                self.ctx.store.delete(&kv.key).await?;
                 continue;
             };
             let container = handle.container.as_deref().unwrap_or("-");
@@ -332,7 +324,7 @@ impl Reconciler {
         }
         // Before anything new starts: what runs now and is in no record is
         // an orphan.
-        for driver in self.env.drivers.all() {
+        for driver in self.ctx.env.drivers.all() {
             driver.sweep(&known).await;
         }
         for (ispec, rec, run) in to_adopt {
@@ -351,7 +343,7 @@ impl Reconciler {
         self.shutting_down.store(true, Ordering::SeqCst);
         let all: Vec<Instance> = self.lock().values_mut().filter_map(|m| m.instance.take()).collect();
         self.publish();
-        self.m.leave().await;
+        self.ctx.m.leave().await;
         tokio::time::sleep(DRAIN_DELAY).await;
         let stops: Vec<_> = all.into_iter().map(|i| tokio::spawn(i.stop())).collect();
         for s in stops {
@@ -374,8 +366,8 @@ impl Reconciler {
 /// The reconcile loop: on every change of the view, every instance state
 /// change, and once a second.
 pub(crate) async fn run(r: Arc<Reconciler>) {
-    let mut changed = r.view.subscribe();
-    let mut silent = r.peers.subscribe();
+    let mut changed = r.ctx.view.subscribe();
+    let mut silent = r.ctx.peers.subscribe();
     loop {
         r.reconcile().await;
         tokio::select! {
@@ -417,7 +409,7 @@ pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
     let mut last: Option<(crate::keys::NodeStats, Option<halo_store::LeaseId>)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let st = r.view.current();
+        let st = r.ctx.view.current();
         let names: BTreeSet<String> = st
             .services
             .keys()
@@ -430,14 +422,14 @@ pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
                 .map(|(n, requests, failed, latency)| (n, crate::keys::Counters { requests, failed, latency }))
                 .collect(),
         };
-        let Some(lease) = r.m.lease() else { continue };
+        let Some(lease) = r.ctx.m.lease() else { continue };
         if last.as_ref().is_some_and(|(s, l)| *s == now && *l == Some(lease)) || (last.is_none() && names.is_empty()) {
             continue;
         }
         let done = if names.is_empty() {
-            r.store.delete(&key).await.map(drop)
+            r.ctx.store.delete(&key).await.map(drop)
         } else {
-            r.store.put(&key, serde_json::to_vec(&now).expect("encodes"), Some(lease)).await.map(drop)
+            r.ctx.store.put(&key, serde_json::to_vec(&now).expect("encodes"), Some(lease)).await.map(drop)
         };
         match done {
             Ok(()) => last = (!names.is_empty()).then_some((now, Some(lease))),
@@ -454,7 +446,7 @@ async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut statu
     loop {
         let s = status.borrow_and_update().clone();
         if let Some(before) = &seen {
-            instance_events(&r.m.events, before, &s);
+            instance_events(&r.ctx.m.events, before, &s);
         }
         seen = Some(s.clone());
         // Counters (probe failures) change often; only a change of what the
@@ -470,7 +462,7 @@ async fn follow_status(r: Arc<Reconciler>, mut record: InstanceRecord, mut statu
                 record.port = s.port;
                 let key = instance_key(r.node(), &record.service, &record.id);
                 let v = serde_json::to_vec(&record).expect("an instance record encodes");
-                if let Err(e) = r.store.put(&key, v, None).await {
+                if let Err(e) = r.ctx.store.put(&key, v, None).await {
                     tracing::warn!(instance = %record.id, error = %e, "recording the instance's pid failed");
                 }
             }

@@ -1,6 +1,7 @@
 //! What `halo status`, `halo node list` and `/metrics` show of the
 //! cluster, built from the node's view (no store read).
 
+use halo_supervisor::Status;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{ClusterState, Freshness};
@@ -269,7 +270,7 @@ impl RolloutView {
 /// and scheduled backups (when this node runs them).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
-    pub services: Vec<crate::node::ServiceStatus>,
+    pub services: Vec<ServiceStatus>,
     pub cluster: ClusterView,
     pub backup: Option<crate::backup_schedule::BackupHealth>,
 }
@@ -285,4 +286,49 @@ impl Outcome {
     pub fn new(name: impl Into<String>, outcome: impl Into<String>) -> Outcome {
         Outcome { name: name.into(), outcome: outcome.into() }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+impl std::fmt::Display for ApplyOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyOutcome::Created => "created",
+            ApplyOutcome::Updated => "updated",
+            ApplyOutcome::Unchanged => "unchanged",
+        })
+    }
+}
+
+/// What `apply` did, or would do: the stored file before and after.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    pub name: String,
+    pub outcome: ApplyOutcome,
+    pub before: Option<String>,
+    pub after: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub status: Status,
+    /// Being drained and stopped.
+    pub stopping: bool,
+    /// Runs the current spec (false: waiting to be replaced).
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub replicas: u32,
+    pub ready: usize,
+    pub instances: Vec<InstanceView>,
 }

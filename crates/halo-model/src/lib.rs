@@ -210,7 +210,7 @@ pub fn parse_service(file: &str, text: &str) -> Result<(ServiceFile, ServiceSpec
 pub fn parse_stored_service(key: &str, text: &str) -> Result<(ServiceFile, ServiceSpec), Diagnostics> {
     let max = rules::MAX_RETRIES;
     let Ok(stored) = toml::from_str::<ServiceFile>(text) else { return parse_service(key, text) };
-    if !stored.balance.as_ref().is_some_and(|b| b.retries.is_some_and(|n| n > max)) {
+    if stored.balance.as_ref().is_none_or(|b| b.retries.is_none_or(|n| n <= max)) {
         return parse_service(key, text);
     }
     let mut capped = stored.clone();

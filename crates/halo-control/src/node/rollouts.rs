@@ -13,7 +13,7 @@ use crate::views::RolloutView;
 impl Node {
     /// The canary rollout of `service`: in progress, or the last one.
     pub fn rollout(&self, service: &str) -> Result<RolloutView, NodeError> {
-        let st = self.r.view.current();
+        let st = self.ctx.view.current();
         if !st.services.contains_key(service) {
             return Err(NodeError::NotFound(service.into()));
         }
@@ -27,7 +27,7 @@ impl Node {
 
     /// Asks the leader to promote or abort the canary of `service` now.
     pub async fn rollout_command(&self, service: &str, cmd: RolloutCommand) -> Result<(), NodeError> {
-        let st = self.r.view.current();
+        let st = self.ctx.view.current();
         if !st.services.contains_key(service) {
             return Err(NodeError::NotFound(service.into()));
         }
@@ -37,8 +37,8 @@ impl Node {
             )));
         }
         let v = serde_json::to_vec(&cmd).expect("encodes");
-        self.r.store.put(&rollout_command_key(service), v, None).await?;
-        self.r.m.events.info(
+        self.ctx.store.put(&rollout_command_key(service), v, None).await?;
+        self.ctx.m.events.info(
             EventKind::Rollout,
             Some(service),
             None,
@@ -90,7 +90,7 @@ impl Node {
         states: &[RolloutState],
         verb: &str,
     ) -> Result<(Arc<crate::state::Svc>, crate::keys::RolloutRecord), NodeError> {
-        let st = self.r.view.current();
+        let st = self.ctx.view.current();
         let svc = st.services.get(service).ok_or_else(|| NodeError::NotFound(service.into()))?.clone();
         if st.canary(service).is_some() {
             return Err(NodeError::BadRequest(format!(

@@ -207,14 +207,15 @@ enum Phase {
 
 impl Vips {
     /// Starts the VIP lease and one task per floating IP of the node file.
-    pub async fn start(
+    pub(crate) async fn start(
         node: &str,
         specs: &[VipSpec],
         store: Arc<dyn Store>,
         view: Arc<View>,
         proxy: Arc<Proxy>,
         peers: Arc<Peers>,
-    ) -> (Arc<Vips>, Vec<tokio::task::JoinHandle<()>>) {
+        tasks: &crate::ctx::Tasks,
+    ) -> Arc<Vips> {
         // One check per distinct `track`: the proxy's verdict is the same
         // for every floating IP.
         let mut checks: Vec<(Track, Arc<track::Health>)> = Vec::new();
@@ -250,7 +251,7 @@ impl Vips {
             stopped: AtomicBool::new(false),
         });
         v.adopt().await;
-        let mut tasks = vec![tokio::spawn(v.clone().renew())];
+        tasks.spawn(v.clone().renew());
         for (track, health) in checks {
             let floating = {
                 let v = Arc::downgrade(&v);
@@ -259,12 +260,12 @@ impl Vips {
                     v.local.iter().find(|o| o.spec.address == ip).map(|o| o.is_up())
                 }
             };
-            tasks.push(tokio::spawn(track::run(track, proxy.clone(), floating, health)));
+            tasks.spawn(track::run(track, proxy.clone(), floating, health));
         }
         for l in &v.local {
-            tasks.push(tokio::spawn(v.clone().run_one(l.clone())));
+            tasks.spawn(v.clone().run_one(l.clone()));
         }
-        (v, tasks)
+        v
     }
 
     /// A previous process of this node (before a restart or a binary
