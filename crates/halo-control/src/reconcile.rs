@@ -103,23 +103,17 @@ impl Reconciler {
         self.instances.lock()
     }
 
-    /// The assignments to this node that it obeys. Fencing as a node sees
-    /// it: an order written after a newer leader was elected, by an older
-    /// one, is not obeyed.
+    /// The assignments to this node that it obeys ([`obeyed`]), noting the
+    /// tokens seen and the orders ignored.
     fn assigned(&self, st: &ClusterState) -> BTreeMap<String, Assignment> {
-        let mut out = BTreeMap::new();
-        for (id, a) in st.assignments.iter().filter(|(_, a)| a.placement.node == self.node()) {
-            let max = self.ctx.m.max_token.load(Ordering::SeqCst);
-            let at = st.assigned_at.get(id).copied().unwrap_or(0);
-            if a.token < max && at > max {
-                self.ctx.m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(instance = %id, token = a.token, max, "ignoring an order of a deposed leader");
-                continue;
-            }
-            self.ctx.m.see_token(a.token);
-            out.insert(id.clone(), a.clone());
+        let m = &self.ctx.m;
+        let o = obeyed(st, self.node(), m.max_token.load(Ordering::SeqCst));
+        for (id, token) in &o.ignored {
+            m.counters.stale_orders_ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(instance = %id, token, max = o.max_token, "ignoring an order of a deposed leader");
         }
-        out
+        m.see_token(o.max_token);
+        o.orders
     }
 
     /// One pass: stop what is no longer assigned here, start what is,
@@ -130,25 +124,15 @@ impl Reconciler {
         }
         let st = self.ctx.view.current();
         let assigned = self.assigned(&st);
-        let (stop, start) = {
+        let c = {
             let instances = self.lock();
-            let stop: Vec<String> = instances
-                .iter()
-                .filter(|(id, mi)| !mi.stopping() && !assigned.contains_key(*id))
-                .map(|(id, _)| id.clone())
-                .collect();
-            let start: Vec<&Assignment> =
-                assigned.values().filter(|a| !instances.contains_key(&a.placement.id)).collect();
-            (stop, start)
+            changes(&st, &assigned, instances.iter().map(|(id, m)| (id.as_str(), m.stopping())))
         };
-        for id in &stop {
+        for id in &c.stop {
             tracing::info!(instance = %id, "no longer assigned here; stopping");
             self.stop_instance(id);
         }
-        for a in start {
-            let Some(svc) = st.services.get(&a.placement.service) else { continue };
-            // An assignment of a revision being replaced is not started again.
-            let Some(spec) = svc.spec_for(&a.placement.template) else { continue };
+        for (a, spec) in c.start {
             tracing::info!(instance = %a.placement.id, "assigned here; starting");
             if let Err(e) = self.start_new(spec, a).await {
                 tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
@@ -365,6 +349,67 @@ impl Reconciler {
 
 /// The reconcile loop: on every change of the view, every instance state
 /// change, and once a second.
+/// The orders a node obeys, and what it learned of the tokens.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Obeyed {
+    pub orders: BTreeMap<String, Assignment>,
+    /// Orders of a deposed leader: (instance, token).
+    pub ignored: Vec<(String, halo_store::Revision)>,
+    /// The highest fencing token seen.
+    pub max_token: halo_store::Revision,
+}
+
+/// The assignments to `node` in `st` that it obeys, knowing tokens up to
+/// `max_token`. Fencing as a node sees it: an order written after a newer
+/// leader was elected (`assigned_at` past the newest token), by an older
+/// one, is not obeyed. Tokens are learned in key order as they are met.
+pub(crate) fn obeyed(st: &ClusterState, node: &str, max_token: halo_store::Revision) -> Obeyed {
+    let mut o = Obeyed { max_token, ..Obeyed::default() };
+    for (id, a) in st.assignments.iter().filter(|(_, a)| a.placement.node == node) {
+        let at = st.assigned_at.get(id).copied().unwrap_or(0);
+        if a.token < o.max_token && at > o.max_token {
+            o.ignored.push((id.clone(), a.token));
+            continue;
+        }
+        o.max_token = o.max_token.max(a.token);
+        o.orders.insert(id.clone(), a.clone());
+    }
+    o
+}
+
+/// What a pass changes: instances to stop, assignments to start.
+#[derive(Debug, Default)]
+pub(crate) struct Changes<'a> {
+    pub stop: Vec<String>,
+    pub start: Vec<(&'a Assignment, &'a Arc<ServiceSpec>)>,
+}
+
+/// The diff of what is assigned here against what runs (`running`: id
+/// and whether its stop has begun): every running instance not assigned
+/// and not already stopping stops; every assignment not running starts,
+/// with its revision's spec (one of a revision being replaced, or of a
+/// service gone, does not).
+pub(crate) fn changes<'a, 'r>(
+    st: &'a ClusterState,
+    assigned: &'a BTreeMap<String, Assignment>,
+    running: impl Iterator<Item = (&'r str, bool)>,
+) -> Changes<'a> {
+    let mut c = Changes::default();
+    let mut present = BTreeSet::new();
+    for (id, stopping) in running {
+        present.insert(id.to_string());
+        if !stopping && !assigned.contains_key(id) {
+            c.stop.push(id.to_string());
+        }
+    }
+    for a in assigned.values().filter(|a| !present.contains(&a.placement.id)) {
+        let Some(svc) = st.services.get(&a.placement.service) else { continue };
+        let Some(spec) = svc.spec_for(&a.placement.template) else { continue };
+        c.start.push((a, spec));
+    }
+    c
+}
+
 pub(crate) async fn run(r: Arc<Reconciler>) {
     let mut changed = r.ctx.view.subscribe();
     let mut silent = r.ctx.peers.subscribe();
@@ -540,5 +585,150 @@ mod tests {
         assert_eq!(kept, [1, 3]);
         let none = answering(remote.iter(), &BTreeSet::new(), &local);
         assert_eq!(none.len(), 4, "nothing silent: every endpoint stays");
+    }
+
+    fn order(id: &str, node: &str, template: &str, token: i64, at: i64) -> (String, Assignment, i64) {
+        let placement = crate::scheduler::Placement {
+            id: id.into(),
+            service: "web".into(),
+            template: template.into(),
+            node: node.into(),
+        };
+        (id.to_string(), Assignment { placement, token }, at)
+    }
+
+    /// A state with the service web (template of `run`, and a stable one
+    /// while `canary`) and `orders`.
+    fn state(orders: &[(String, Assignment, i64)], canary: bool) -> (ClusterState, String, Option<String>) {
+        let text = |cmd: &str| format!("name = \"web\"\n[run]\ncommand = \"{cmd}\"\n");
+        let (f, spec) = halo_model::parse_service("t", &text("v2")).unwrap();
+        let (sf, sspec) = halo_model::parse_service("t", &text("v1")).unwrap();
+        let template = crate::keys::ServiceRecord::template(&f, 0);
+        let stable_template = crate::keys::ServiceRecord::template(&sf, 0);
+        let stable =
+            canary.then(|| crate::state::Revisioned { template: stable_template.clone(), spec: Arc::new(sspec) });
+        let record = crate::keys::ServiceRecord { spec: f.to_toml(), restart_generation: 0, stable: None };
+        let svc = crate::state::Svc {
+            revision: 1,
+            record,
+            file: f,
+            spec: Arc::new(spec),
+            template: template.clone(),
+            stable,
+        };
+        let mut st = ClusterState::default();
+        st.services.insert("web".into(), Arc::new(svc));
+        for (id, a, at) in orders {
+            st.assignments.insert(id.clone(), a.clone());
+            st.assigned_at.insert(id.clone(), *at);
+        }
+        (st, template, canary.then_some(stable_template))
+    }
+
+    #[test]
+    fn a_node_obeys_its_own_orders_but_not_a_deposed_leaders_written_after_the_new_one_won() {
+        let (st, t, _) = state(
+            &[
+                order("web-1", "n1", "x", 10, 11),
+                order("web-2", "n2", "x", 10, 12),
+                // Token 8 written at revision 13, after token 10 won: deposed.
+                order("web-3", "n1", "x", 8, 13),
+                // Token 8 written at revision 9, before: still obeyed.
+                order("web-0", "n1", "x", 8, 9),
+            ],
+            false,
+        );
+        let _ = t;
+        let o = obeyed(&st, "n1", 0);
+        assert_eq!(o.orders.keys().collect::<Vec<_>>(), ["web-0", "web-1"]);
+        assert_eq!(o.ignored, vec![("web-3".to_string(), 8)]);
+        assert_eq!(o.max_token, 10);
+        // A node that already knew token 12: web-1 was written (at 11)
+        // before token 12 existed, web-3 (at 13) after.
+        let o = obeyed(&st, "n1", 12);
+        assert_eq!(o.orders.keys().collect::<Vec<_>>(), ["web-0", "web-1"]);
+        assert_eq!(o.ignored, vec![("web-3".to_string(), 8)]);
+        assert_eq!(o.max_token, 12);
+    }
+
+    #[test]
+    fn a_pass_stops_what_is_not_assigned_and_starts_what_is_with_its_revisions_spec() {
+        let (mut st, t, stable) = state(&[], true);
+        let stable = stable.unwrap();
+        for (id, a, at) in [
+            order("web-1", "n1", &t, 1, 2),
+            order("web-2", "n1", &stable, 1, 2),
+            order("web-3", "n1", "gone", 1, 2),
+            order("web-4", "n1", &t, 1, 2),
+        ] {
+            st.assignments.insert(id.clone(), a);
+            st.assigned_at.insert(id, at);
+        }
+        let assigned = obeyed(&st, "n1", 0).orders;
+        let running = [("web-4", false), ("web-5", false), ("web-6", true)];
+        let c = changes(&st, &assigned, running.into_iter());
+        assert_eq!(c.stop, ["web-5"], "web-6 is stopping already");
+        let start: Vec<(&str, &str)> = c
+            .start
+            .iter()
+            .map(|(a, spec)| {
+                (
+                    a.placement.id.as_str(),
+                    if Arc::ptr_eq(spec, &st.services["web"].spec) { "current" } else { "stable" },
+                )
+            })
+            .collect();
+        // web-3's revision is neither: being replaced, not started again.
+        assert_eq!(start, [("web-1", "current"), ("web-2", "stable")]);
+    }
+
+    /// Whatever runs and whatever is assigned: after a pass's changes (the
+    /// stops done, the starts running) what runs and is not stopping is
+    /// exactly what is assigned with a known revision, and a second pass
+    /// changes nothing.
+    #[test]
+    fn property_a_pass_converges_in_one_step() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for case in 0..500 {
+            let (mut st, t, stable) = state(&[], next(2) == 0);
+            let templates = [Some(t.clone()), stable.clone(), Some("old".to_string())];
+            for i in 0..next(8) {
+                let template = templates[next(3) as usize].clone().unwrap_or_else(|| t.clone());
+                let (id, a, at) = order(&format!("web-{i}"), if next(3) == 0 { "n2" } else { "n1" }, &template, 1, 2);
+                st.assignments.insert(id.clone(), a);
+                st.assigned_at.insert(id, at);
+            }
+            let mut running: BTreeMap<String, bool> =
+                (0..next(8)).map(|i| (format!("web-{}", next(10).max(i)), next(4) == 0)).collect();
+            let assigned = obeyed(&st, "n1", 0).orders;
+            let c = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), *s)));
+            for id in &c.stop {
+                assert!(!assigned.contains_key(id), "case {case}: stopping assigned {id}");
+                running.insert(id.clone(), true);
+            }
+            for (a, _) in &c.start {
+                assert!(!running.contains_key(&a.placement.id), "case {case}: starting {} twice", a.placement.id);
+                running.insert(a.placement.id.clone(), false);
+            }
+            let live: BTreeSet<&String> = running.iter().filter(|(_, s)| !**s).map(|(id, _)| id).collect();
+            let wanted: BTreeSet<&String> = assigned
+                .iter()
+                .filter(|(_, a)| st.services["web"].spec_for(&a.placement.template).is_some())
+                .map(|(id, _)| id)
+                .collect();
+            // An assigned instance still stopping starts again once its
+            // stop is over (it leaves the instances then).
+            let present: BTreeSet<&String> = running.keys().collect();
+            assert!(present.is_superset(&wanted), "case {case}: {present:?} lacks some of {wanted:?}");
+            assert!(live.iter().all(|id| assigned.contains_key(*id)), "case {case}: {live:?} runs unassigned");
+            let again = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), *s)));
+            assert!(again.stop.is_empty() && again.start.is_empty(), "case {case}: a second pass changes {again:?}");
+        }
     }
 }
