@@ -9,8 +9,6 @@
 //! for it ([`Decoder`]). A connection goes back to the pool only after its
 //! body ended cleanly and neither side asked to close it.
 
-pub mod decode;
-
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -25,8 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::body::ProxyBody;
 use crate::tls::client::UpIo;
 
-pub use self::decode::Decoder;
-use self::decode::Framing;
+pub use crate::decode::Decoder;
+use crate::decode::Framing;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;

@@ -1,11 +1,10 @@
 //! Errors a proxied request can end in, each with the status the client gets
 //! and whether another attempt on another endpoint is safe.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-
-use crate::pool::ConnectError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -122,4 +121,19 @@ impl ProxyError {
 /// Whole seconds to wait, at least 1 (what `Retry-After` can say).
 fn retry_secs(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Why no connection could be had; none of these reached the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("no free connection to {0} within the connect timeout (pool full)")]
+    PoolFull(SocketAddr),
+    #[error("handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
 }

@@ -14,7 +14,7 @@ use http::{header, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::body::{DownBody, ProxyBody, RespBody, Source};
+use crate::body::{DownBody, ProxyBody};
 use crate::client::ClientError;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::error::ProxyError;
@@ -23,8 +23,9 @@ use crate::headers;
 use crate::metrics::{class_index, ListenerStats, UpstreamStats};
 use crate::path::PathPolicy;
 use crate::pool::{ConnectError, Pooled, Sender};
+use crate::response::{RespBody, Source};
 use crate::router::{self, Route};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::tunnel::Upgraded;
 use crate::upstream::Group;
 
@@ -273,7 +274,7 @@ async fn attempts(
     let group = route.group(parts);
     out.upstream = group.endpoints.first().map(|e| e.upstream.clone());
     out.upstream_stats = Some(group.stats.clone());
-    let admitted = crate::overload::admit(&group.stats, group.cfg.max_in_flight)
+    let admitted = crate::overload::admit(&group.stats.limiter, group.cfg.max_in_flight)
         .map_err(|full| ProxyError::Overloaded { upstream: group.cfg.name.clone(), limit: full.0 })?;
     let policy = &route.cfg.retry;
     let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
@@ -518,7 +519,7 @@ fn respond(
                 early,
                 busy: x.inflight,
                 idle: route.cfg.timeouts.tunnel,
-                shared: shared.clone(),
+                grace: shared.snapshot.load().config.grace_period,
                 stats: down.stats.clone(),
             };
             return Response::from_parts(parts, RespBody::upgrade(u));

@@ -144,6 +144,19 @@ pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
     v
 }
 
+/// The value of cookie `name` in the request, if present.
+pub fn cookie<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +204,13 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=example.com");
+    }
+
+    #[test]
+    fn cookie_lookup() {
+        let (p, _) =
+            http::Request::builder().uri("/").header("cookie", "a=1; halo-track=beta").body(()).unwrap().into_parts();
+        assert_eq!(cookie(&p, "halo-track"), Some("beta"));
+        assert_eq!(cookie(&p, "b"), None);
     }
 }

@@ -16,13 +16,13 @@
 //! reloads), `tcp` (L4 listeners), `tunnel` (bytes both ways, for
 //! TCP and HTTP Upgrade).
 
-mod admin;
 mod balance;
 mod bind;
 mod body;
 mod client;
 pub mod config;
 mod conn;
+mod decode;
 mod endpoint;
 mod error;
 mod forward;
@@ -39,10 +39,12 @@ pub mod path;
 mod pool;
 mod proxy_protocol;
 mod registry;
+mod response;
 mod retry;
 mod router;
 pub mod run_dir;
 mod server;
+mod shared;
 mod sni;
 mod tcp;
 mod tls;
@@ -50,6 +52,6 @@ mod tunnel;
 mod upstream;
 mod util;
 
-pub use admin::{bearer as admin_bearer, render_metrics};
 pub use error::ProxyError as RequestError;
+pub use server::admin::{bearer as admin_bearer, render_metrics};
 pub use server::{Proxy, ProxyError, ReloadError};

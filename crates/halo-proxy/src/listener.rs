@@ -24,7 +24,7 @@ use crate::forward::{self, Downstream};
 use crate::h1;
 use crate::metrics::ListenerStats;
 use crate::path::PathPolicy;
-use crate::server::Shared;
+use crate::shared::Shared;
 use halo_model::lock::LockExt;
 
 /// Counts open downstream connections so shutdown can wait for them.

@@ -201,12 +201,8 @@ pub struct UpstreamStats {
     /// Time to the response head of recent tries: what `auto` per-try
     /// timeouts derive from.
     pub first_byte: RecentLatency,
-    /// Requests in flight (counted when the upstream has `max_in_flight`).
-    pub in_flight: AtomicU64,
-    /// Requests answered 503 at once because `max_in_flight` were in flight.
-    pub shed: AtomicU64,
-    /// The limit of `max_in_flight = "auto"`.
-    pub adaptive: crate::overload::Adaptive,
+    /// The upstream's `max_in_flight` state.
+    pub limiter: std::sync::Arc<crate::overload::Limiter>,
 }
 
 impl UpstreamStats {

@@ -25,7 +25,6 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::Notify;
 
 use crate::config::RateLimit;
-use crate::metrics::UpstreamStats;
 use halo_model::lock::LockExt;
 use halo_model::values::MaxInFlight;
 
@@ -99,7 +98,7 @@ impl ConnLimit {
 /// place until the response (its body included) is done; under an
 /// adaptive limit its time is then a sample.
 pub struct Admitted {
-    stats: Arc<UpstreamStats>,
+    limiter: Arc<Limiter>,
     since: Option<Instant>,
 }
 
@@ -107,10 +106,23 @@ pub struct Admitted {
 #[derive(Debug)]
 pub struct Full(pub u64);
 
+/// An upstream's `max_in_flight` state: requests in flight, those shed,
+/// and the adaptive limit. Kept with the upstream's counters (across
+/// reloads) and counted only when the upstream has a limit.
+#[derive(Default)]
+pub struct Limiter {
+    /// Requests in flight (counted when the upstream has `max_in_flight`).
+    pub in_flight: AtomicU64,
+    /// Requests answered 503 at once because `max_in_flight` were in flight.
+    pub shed: AtomicU64,
+    /// The limit of `max_in_flight = "auto"`.
+    pub adaptive: Adaptive,
+}
+
 /// Admits a request to the upstream of `stats` when fewer than its limit
 /// are in flight (`None`: no limit, nothing held); refused and counted as
 /// shed otherwise.
-pub fn admit(stats: &Arc<UpstreamStats>, max: Option<MaxInFlight>) -> Result<Option<Admitted>, Full> {
+pub fn admit(stats: &Arc<Limiter>, max: Option<MaxInFlight>) -> Result<Option<Admitted>, Full> {
     let (limit, sampled) = match max {
         None => return Ok(None),
         Some(MaxInFlight::Fixed(n)) => (n, false),
@@ -121,7 +133,7 @@ pub fn admit(stats: &Arc<UpstreamStats>, max: Option<MaxInFlight>) -> Result<Opt
             if sampled {
                 stats.adaptive.peak.fetch_max(n + 1, Relaxed);
             }
-            Ok(Some(Admitted { stats: stats.clone(), since: sampled.then(Instant::now) }))
+            Ok(Some(Admitted { limiter: stats.clone(), since: sampled.then(Instant::now) }))
         }
         Err(_) => {
             stats.shed.fetch_add(1, Relaxed);
@@ -132,9 +144,9 @@ pub fn admit(stats: &Arc<UpstreamStats>, max: Option<MaxInFlight>) -> Result<Opt
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Relaxed);
+        self.limiter.in_flight.fetch_sub(1, Relaxed);
         if let Some(t) = self.since {
-            self.stats.adaptive.sample(t.elapsed(), Instant::now());
+            self.limiter.adaptive.sample(t.elapsed(), Instant::now());
         }
     }
 }
@@ -367,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_fixed_limit_and_auto_both_shed_past_their_limit() {
-        let stats = Arc::new(UpstreamStats::default());
+        let stats = Arc::new(Limiter::default());
         let held: Vec<_> = (0..3).map(|_| admit(&stats, Some(MaxInFlight::Auto)).unwrap()).collect();
         assert!(matches!(admit(&stats, Some(MaxInFlight::Auto)), Err(Full(3))), "auto starts measuring at 3");
         drop(held);

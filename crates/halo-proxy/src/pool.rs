@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::body::ProxyBody;
 use crate::client::H1Conn;
 use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTls};
+pub use crate::error::ConnectError;
 use crate::tls::client::UpIo;
 use halo_model::lock::LockExt;
 
@@ -37,21 +38,6 @@ pub fn set_worker(index: usize) {
 
 fn worker_slot() -> usize {
     WORKER.with(|w| w.get())
-}
-
-/// Why no connection could be had; none of these reached the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("connect to {0} timed out")]
-    Timeout(SocketAddr),
-    #[error("no free connection to {0} within the connect timeout (pool full)")]
-    PoolFull(SocketAddr),
-    #[error("handshake with {addr}: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
-    #[error("TLS handshake with {addr}: {source}")]
-    Tls { addr: SocketAddr, source: std::io::Error },
 }
 
 pub struct Pool {

@@ -12,32 +12,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Config, RateLimit, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::health;
-use crate::metrics::{ListenerStats, RouteStats, UpstreamStats};
-use crate::overload::ClientRate;
-use crate::retry::RetryBudget;
-use crate::router::Route;
+use crate::metrics::{ListenerStats, UpstreamStats};
+use crate::router::{Route, RouteRuntime};
 use crate::upstream::{Group, Slot};
 use halo_model::lock::LockExt;
-
-#[derive(Default)]
-pub struct RouteRuntime {
-    pub stats: RouteStats,
-    pub budget: RetryBudget,
-    /// The per-client rate limit and its clients' state, kept across
-    /// reloads while the limit is unchanged.
-    pub rate: arc_swap::ArcSwapOption<ClientRate>,
-}
-
-impl RouteRuntime {
-    fn set_rate(&self, cfg: Option<RateLimit>) {
-        if self.rate.load().as_ref().map(|r| r.cfg) != cfg {
-            self.rate.store(cfg.map(|c| Arc::new(ClientRate::new(c))));
-        }
-    }
-}
 
 type EndpointMap = HashMap<(String, SocketAddr), Arc<Endpoint>>;
 

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use http::request::Parts;
 
 use crate::config::{OverrideMatch, PathMatch, RouteConfig};
-use crate::registry::RouteRuntime;
+use crate::headers::cookie;
+use crate::metrics::RouteStats;
+use crate::overload::ClientRate;
+use crate::retry::RetryBudget;
 use crate::upstream::{Group, Slot};
 use crate::util::rand_below;
 
@@ -98,17 +101,23 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// The value of cookie `name` in the request, if present.
-pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
-    parts
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// A route's state that outlives a reload (the registry keeps it by
+/// route name): counters, retry budget, rate limiter.
+#[derive(Default)]
+pub struct RouteRuntime {
+    pub stats: RouteStats,
+    pub budget: RetryBudget,
+    /// The per-client rate limit and its clients' state, kept across
+    /// reloads while the limit is unchanged.
+    pub rate: arc_swap::ArcSwapOption<ClientRate>,
+}
+
+impl RouteRuntime {
+    pub(crate) fn set_rate(&self, cfg: Option<crate::config::RateLimit>) {
+        if self.rate.load().as_ref().map(|r| r.cfg) != cfg {
+            self.rate.store(cfg.map(|c| Arc::new(ClientRate::new(c))));
+        }
+    }
 }
 
 /// The request's host, lower-cased, without port: from `Host` (HTTP/1.1) or
@@ -152,13 +161,5 @@ mod tests {
         assert_eq!(host(&p), "www.example.com");
         let (p, _) = http::Request::builder().uri("http://[::1]:80/").body(()).unwrap().into_parts();
         assert_eq!(host(&p), "::1");
-    }
-
-    #[test]
-    fn cookie_lookup() {
-        let (p, _) =
-            http::Request::builder().uri("/").header("cookie", "a=1; halo-track=beta").body(()).unwrap().into_parts();
-        assert_eq!(cookie(&p, "halo-track"), Some("beta"));
-        assert_eq!(cookie(&p, "b"), None);
     }
 }

@@ -17,18 +17,11 @@ use crate::bind::{bind, bind_set, BoundSet, Claim};
 use crate::config::{self, Config, ConfigErrors, EndpointConfig, ListenerConfig, ListenerProtocol};
 use crate::handover::{Inherited, InheritedListener, ListenerFds, Manifest};
 use crate::listener::{protocols, Command, Drain, Worker};
-use crate::registry::{Registry, Snapshot};
+use crate::registry::Registry;
+use crate::shared::Shared;
 use halo_model::lock::LockExt;
 
-/// State shared by every connection of the proxy.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub registry: Registry,
-    /// The file reloads read, when the config came from a file.
-    pub source: Option<PathBuf>,
-    /// Serialises reloads and endpoint updates.
-    update: Mutex<()>,
-}
+pub(crate) mod admin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -193,7 +186,7 @@ impl Proxy {
             if let Some(addr) = admin_addr {
                 tracing::info!(%addr, "admin listening");
             }
-            tokio::spawn(crate::admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
+            tokio::spawn(admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
         }
         Ok(proxy)
     }

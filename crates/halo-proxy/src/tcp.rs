@@ -22,7 +22,7 @@ use crate::conn::Conn;
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::metrics::ListenerStats;
 use crate::proxy_protocol;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::sni::{self, Hello};
 use crate::tunnel::{End, Tunnel};
 use crate::util::now_ms;
@@ -126,7 +126,7 @@ async fn splice(
         idle: fwd.idle_timeout,
         endpoint: ep,
     };
-    match tunnel.run(shared, stats).await {
+    match tunnel.run(shared.snapshot.load().config.grace_period, stats).await {
         End::Closed => {}
         end => tracing::debug!(client.addr = %peer, endpoint = %ep.addr, %end, "tcp connection closed"),
     }

@@ -23,7 +23,6 @@ use tokio::net::TcpStream;
 use crate::conn::{Conn, OwnedRead, OwnedWrite};
 use crate::endpoint::{Endpoint, InflightGuard};
 use crate::metrics::ListenerStats;
-use crate::server::Shared;
 use crate::util::now_ms;
 
 /// Read size per direction while bytes flow.
@@ -57,8 +56,9 @@ pub struct Tunnel<'a> {
 }
 
 impl Tunnel<'_> {
-    /// Runs the tunnel to its end; counts its bytes in `stats`.
-    pub async fn run(self, shared: &Shared, stats: &ListenerStats) -> End {
+    /// Runs the tunnel to its end; counts its bytes in `stats`. Once its
+    /// endpoint is retired it lasts `grace` at most.
+    pub async fn run(self, grace: Duration, stats: &ListenerStats) -> End {
         let (mut cr, mut cw) = self.client.into_split();
         let (mut ur, mut uw) = Conn::Plain(self.upstream).into_split();
         let last = AtomicU64::new(now_ms());
@@ -71,7 +71,6 @@ impl Tunnel<'_> {
         };
         let retired = async {
             self.endpoint.retired().await;
-            let grace = shared.snapshot.load().config.grace_period;
             tokio::time::sleep(grace).await;
         };
         let end = tokio::select! {
@@ -93,7 +92,8 @@ pub struct Upgraded {
     /// Keeps the endpoint counted as busy; its endpoint is the tunnel's.
     pub busy: InflightGuard,
     pub idle: Option<Duration>,
-    pub shared: Arc<Shared>,
+    /// The proxy's grace period when the request came.
+    pub grace: Duration,
     pub stats: Arc<ListenerStats>,
 }
 
@@ -101,9 +101,9 @@ impl Upgraded {
     /// Runs the tunnel with the client's connection and the bytes it sent
     /// after its request head.
     pub async fn run(self, client: Conn, client_early: &[u8]) -> End {
-        let Upgraded { upstream, early, busy, idle, shared, stats } = self;
+        let Upgraded { upstream, early, busy, idle, grace, stats } = self;
         let tunnel = Tunnel { client, client_early, upstream, upstream_early: &early, idle, endpoint: &busy.0 };
-        tunnel.run(&shared, &stats).await
+        tunnel.run(grace, &stats).await
     }
 }
 

@@ -9,8 +9,8 @@ use http::request::Parts;
 use crate::balance::{Balancer, Candidates};
 use crate::config::{HashKey, UpstreamConfig};
 use crate::endpoint::Endpoint;
+use crate::headers::cookie;
 use crate::metrics::UpstreamStats;
-use crate::router::cookie;
 use crate::util::{hash64, now_ms};
 
 /// Where routes find an upstream's current group: swapped on its own when

@@ -232,3 +232,8 @@ fn check(krate: &str) {
 fn halo_control_has_no_import_cycles() {
     check("halo-control");
 }
+
+#[test]
+fn halo_proxy_has_no_import_cycles() {
+    check("halo-proxy");
+}

@@ -8,8 +8,8 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::decode::Step;
 use super::*;
+use crate::decode::Step;
 
 /// An upstream that answers each request it reads with the next script entry
 /// and returns what it received.

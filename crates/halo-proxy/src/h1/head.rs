@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
-use crate::client::decode::{digits, Chunk, Decoder};
+use crate::decode::{digits, Chunk, Decoder};
 
 /// Most header lines a request may have (past it: 431).
 pub const MAX_HEADERS: usize = 100;

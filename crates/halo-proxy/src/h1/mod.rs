@@ -4,7 +4,7 @@
 //! after another (pipelined requests are answered in order).
 //!
 //! A request body is read by the connection task itself, concurrently
-//! with the exchange, and passed to the request's [`RequestBody`] through
+//! with the exchange, and passed to the request's [`crate::body::RequestBody`] through
 //! a small channel (backpressure: the client is read only as fast as the
 //! upstream takes it). What the forwarding code does not read is drained,
 //! up to a limit, so the connection can be kept.
@@ -24,13 +24,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::body::{DownBody, RespBody};
-use crate::client::decode::{Decoder, Step};
+use crate::body::{DownBody, RequestBody};
 use crate::conn::{Conn, ReadHalf, WriteHalf};
+use crate::decode::{Decoder, Step};
+use crate::response::RespBody;
 use crate::tunnel::Upgraded;
 pub use head::UpgradeRequested;
 use head::{Framing, Head};
@@ -426,68 +427,11 @@ fn next(reusable: bool) -> Next {
 }
 
 /// The next frame if it is ready now; `None` when it is not.
-fn poll_ready(body: &mut RespBody) -> Option<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+fn poll_ready(body: &mut RespBody) -> Option<Option<Result<Frame<Bytes>, crate::response::BodyError>>> {
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     match Pin::new(body).poll_frame(&mut cx) {
         Poll::Ready(f) => Some(f),
         Poll::Pending => None,
-    }
-}
-
-/// A request body as the connection task reads it.
-pub struct RequestBody {
-    rx: Option<mpsc::Receiver<io::Result<Bytes>>>,
-    /// Bytes still to come when the length is known.
-    left: Option<u64>,
-}
-
-impl RequestBody {
-    /// The body `decoder` frames, and the sender the connection task feeds
-    /// (none for a request without a body).
-    fn channel(decoder: &Decoder) -> (RequestBody, Option<mpsc::Sender<io::Result<Bytes>>>) {
-        if decoder.is_done() {
-            return (RequestBody { rx: None, left: Some(0) }, None);
-        }
-        let (tx, rx) = mpsc::channel(4);
-        (RequestBody { rx: Some(rx), left: decoder.remaining() }, Some(tx))
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let Some(rx) = self.rx.as_mut() else { return Poll::Ready(None) };
-        match rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                if let Some(left) = self.left.as_mut() {
-                    *left = left.saturating_sub(b.len() as u64);
-                }
-                Poll::Ready(Some(Ok(Frame::data(b))))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.rx = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                self.rx = None;
-                self.left = Some(0);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.rx.is_none() || self.left == Some(0)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.left {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::new(),
-        }
     }
 }

@@ -1,5 +1,6 @@
-//! Response body framing (RFC 9112 section 6): fixed length, chunked, or
-//! until the connection closes.
+//! HTTP/1.1 body framing (RFC 9112 section 6): fixed length, chunked, or
+//! until the connection closes. The bottom of the proxy: the upstream
+//! client reads responses with it, the h1 server requests.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;

@@ -193,7 +193,11 @@ pub fn render_metrics(proxy: &Proxy) -> String {
         "Requests in flight, by upstream (counted for upstreams with max_in_flight).",
     );
     for (name, u) in &ups {
-        w.sample("halo_upstream_in_flight", &format!("upstream=\"{}\"", escape(name)), u.in_flight.load(Relaxed));
+        w.sample(
+            "halo_upstream_in_flight",
+            &format!("upstream=\"{}\"", escape(name)),
+            u.limiter.in_flight.load(Relaxed),
+        );
     }
     w.header(
         "halo_upstream_shed_total",
@@ -201,15 +205,19 @@ pub fn render_metrics(proxy: &Proxy) -> String {
         "Requests answered 503 at once because max_in_flight requests were in flight, by upstream.",
     );
     for (name, u) in &ups {
-        w.sample("halo_upstream_shed_total", &format!("upstream=\"{}\"", escape(name)), u.shed.load(Relaxed));
+        w.sample("halo_upstream_shed_total", &format!("upstream=\"{}\"", escape(name)), u.limiter.shed.load(Relaxed));
     }
     w.header(
         "halo_upstream_concurrency_limit",
         "gauge",
         "The adaptive limit of requests in flight (max_in_flight = \"auto\"), by upstream, once measured.",
     );
-    for (name, u) in ups.iter().filter(|(_, u)| u.adaptive.min_rtt().is_some()) {
-        w.sample("halo_upstream_concurrency_limit", &format!("upstream=\"{}\"", escape(name)), u.adaptive.limit());
+    for (name, u) in ups.iter().filter(|(_, u)| u.limiter.adaptive.min_rtt().is_some()) {
+        w.sample(
+            "halo_upstream_concurrency_limit",
+            &format!("upstream=\"{}\"", escape(name)),
+            u.limiter.adaptive.limit(),
+        );
     }
     let eps = reg.endpoints();
     let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
