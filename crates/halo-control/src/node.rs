@@ -489,23 +489,23 @@ impl Node {
     /// This node's metrics (membership, election, instances) and the
     /// cluster's as its view has them, in Prometheus text format.
     pub fn metrics(&self) -> String {
-        let mut out = crate::metrics::node(&self.ctx.m, &self.ctx.view);
-        out.push_str(&crate::metrics::peers(&self.ctx.peers));
-        out.push_str(&crate::metrics::instances(&self.statuses()));
-        out.push_str(&crate::metrics::store_requests(&self.requests.counts()));
-        out.push_str(&self.cluster().metrics());
-        out.push_str(&crate::metrics::rollouts(&self.ctx.view.current()));
+        let mut w = halo_proxy::metrics::Writer::default();
+        crate::metrics::node(&mut w, &self.ctx.m, &self.ctx.view);
+        crate::metrics::peers(&mut w, &self.ctx.peers);
+        crate::metrics::instances(&mut w, &self.statuses());
+        crate::metrics::store_requests(&mut w, &self.requests.counts());
+        self.cluster().metrics(&mut w);
+        crate::metrics::rollouts(&mut w, &self.ctx.view.current());
         if let Some(h) = self.backup_health() {
-            out.push_str(&crate::metrics::backups(&h));
+            crate::metrics::backups(&mut w, &h);
         }
         if let Some(v) = &self.vips {
-            out.push_str(&v.metrics());
+            v.metrics(&mut w);
         }
-        out.push_str("# HELP halo_events_dropped_total Events this node could not record (store away, queue full).\n");
-        out.push_str("# TYPE halo_events_dropped_total counter\n");
         let dropped = self.ctx.m.events.dropped.load(std::sync::atomic::Ordering::Relaxed);
-        out.push_str(&format!("halo_events_dropped_total {dropped}\n"));
-        out
+        let help = "Events this node could not record (store away, queue full).";
+        w.single("halo_events_dropped_total", "counter", help, dropped);
+        w.out
     }
 
     /// The last minutes of this node's proxy, per route and upstream.

@@ -141,37 +141,36 @@ impl ClusterView {
     }
 
     /// Cluster metrics in Prometheus text format.
-    pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP halo_cluster_nodes Nodes by liveness.\n# TYPE halo_cluster_nodes gauge\n");
+    pub fn metrics(&self, w: &mut halo_proxy::metrics::Writer) {
+        w.header("halo_cluster_nodes", "gauge", "Nodes by liveness.");
         let alive = self.nodes.iter().filter(|n| n.alive).count();
-        out.push_str(&format!("halo_cluster_nodes{{state=\"alive\"}} {alive}\n"));
-        out.push_str(&format!("halo_cluster_nodes{{state=\"gone\"}} {}\n", self.nodes.len() - alive));
-        out.push_str("# HELP halo_cluster_leader Which node leads (1).\n# TYPE halo_cluster_leader gauge\n");
+        w.labelled("halo_cluster_nodes", &[("state", "alive")], alive);
+        w.labelled("halo_cluster_nodes", &[("state", "gone")], self.nodes.len() - alive);
+        w.header("halo_cluster_leader", "gauge", "Which node leads (1).");
         if let Some(l) = &self.leader {
-            out.push_str(&format!("halo_cluster_leader{{node=\"{l}\"}} 1\n"));
+            w.labelled("halo_cluster_leader", &[("node", l)], 1);
         }
-        out.push_str(
-            "# HELP halo_cluster_placements Placements per service and node.\n# TYPE halo_cluster_placements gauge\n",
-        );
+        w.header("halo_cluster_placements", "gauge", "Placements per service and node.");
         let mut counts = std::collections::BTreeMap::new();
         for p in &self.placements {
             *counts.entry((&p.service, &p.node)).or_insert(0) += 1;
         }
         for ((s, n), c) in counts {
-            out.push_str(&format!("halo_cluster_placements{{service=\"{s}\",node=\"{n}\"}} {c}\n"));
+            w.labelled("halo_cluster_placements", &[("service", s), ("node", n)], c);
         }
-        out.push_str(
-            "# HELP halo_cluster_pending Replicas of each service not ready yet.\n# TYPE halo_cluster_pending gauge\n",
-        );
+        w.header("halo_cluster_pending", "gauge", "Replicas of each service not ready yet.");
         for s in &self.services {
-            out.push_str(&format!("halo_cluster_pending{{service=\"{}\"}} {}\n", s.name, s.pending));
+            w.labelled("halo_cluster_pending", &[("service", &s.name)], s.pending);
         }
-        out.push_str("# HELP halo_cluster_view_revision Store revision this node's view is at.\n# TYPE halo_cluster_view_revision gauge\n");
-        out.push_str(&format!("halo_cluster_view_revision {}\n", self.view.revision));
-        out.push_str("# HELP halo_cluster_view_stale_seconds How long this node's view has not followed the store (0: watching).\n# TYPE halo_cluster_view_stale_seconds gauge\n");
-        out.push_str(&format!("halo_cluster_view_stale_seconds {:.3}\n", self.view.stale_ms as f64 / 1000.0));
-        out
+        let revision_help = "Store revision this node's view is at.";
+        w.single("halo_cluster_view_revision", "gauge", revision_help, self.view.revision);
+        let stale_help = "How long this node's view has not followed the store (0: watching).";
+        w.single(
+            "halo_cluster_view_stale_seconds",
+            "gauge",
+            stale_help,
+            format!("{:.3}", self.view.stale_ms as f64 / 1000.0),
+        );
     }
 }
 

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod diag;
 mod file;
 pub mod fnv;
+pub mod health;
 mod kind;
 pub mod lock;
 mod redact;

@@ -17,6 +17,7 @@ use crate::config::UpstreamConfig;
 use crate::metrics::EndpointStats;
 use crate::pool::Pool;
 use crate::util::{hash64, ms, now_ms};
+use halo_model::health::{Tally, Verdict};
 
 /// Latency assumed for an endpoint with no sample yet.
 const DEFAULT_RTT_NS: u64 = 1_000_000;
@@ -119,25 +120,21 @@ impl Endpoint {
     }
 
     /// Records an active check result; returns the new state when it changed.
-    pub fn active_result(&self, ok: bool, rise: u32, fall: u32, streak: &mut i64) -> Option<bool> {
-        *streak = match (ok, *streak) {
-            (true, s) if s >= 0 => s + 1,
-            (true, _) => 1,
-            (false, s) if s <= 0 => s - 1,
-            (false, _) => -1,
-        };
+    pub fn active_result(&self, ok: bool, rise: u32, fall: u32, tally: &mut Tally) -> Option<bool> {
         let up = self.health.active_up.load(Relaxed);
-        if !up && ok && *streak >= i64::from(rise) {
-            self.health.up_since_ms.store(now_ms(), Relaxed);
-            self.health.consecutive_failures.store(0, Relaxed);
-            self.health.active_up.store(true, Relaxed);
-            return Some(true);
+        match tally.record(ok, rise, fall) {
+            Verdict::Passing if !up => {
+                self.health.up_since_ms.store(now_ms(), Relaxed);
+                self.health.consecutive_failures.store(0, Relaxed);
+                self.health.active_up.store(true, Relaxed);
+                Some(true)
+            }
+            Verdict::Failing if up => {
+                self.health.active_up.store(false, Relaxed);
+                Some(false)
+            }
+            _ => None,
         }
-        if up && !ok && -*streak >= i64::from(fall) {
-            self.health.active_up.store(false, Relaxed);
-            return Some(false);
-        }
-        None
     }
 
     /// Records a request outcome for passive health. `ejected_share` tells

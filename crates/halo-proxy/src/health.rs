@@ -33,7 +33,7 @@ pub fn spawn_checker(ep: &Arc<Endpoint>, rt: Option<&tokio::runtime::Handle>) {
 }
 
 async fn run(weak: Weak<Endpoint>) {
-    let mut streak: i64 = 0;
+    let mut tally = halo_model::health::Tally::default();
     let mut good_since_ejection = 0u32;
     loop {
         let Some(ep) = weak.upgrade() else { return };
@@ -49,7 +49,7 @@ async fn run(weak: Weak<Endpoint>) {
         if !ok {
             ep.stats.health_checks_failed.fetch_add(1, Relaxed);
         }
-        match (ep.active_result(ok, cfg.rise, cfg.fall, &mut streak), &result) {
+        match (ep.active_result(ok, cfg.rise, cfg.fall, &mut tally), &result) {
             (Some(false), Err(why)) => {
                 tracing::warn!(upstream = %ep.upstream, endpoint = %ep.addr, reason = %why, "endpoint down: active health checks fail")
             }

@@ -236,6 +236,9 @@ pub struct ListenerStats {
 }
 
 /// Helpers that write Prometheus families; label values are escaped.
+/// Prometheus text exposition: the one writer of every `/metrics` halo
+/// serves (the proxy's admin API and the node API).
+#[derive(Default)]
 pub struct Writer {
     pub out: String,
 }
@@ -249,8 +252,25 @@ impl Writer {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
+    /// One sample; `labels` already written (`a="x",b="y"`), or empty.
     pub fn sample(&mut self, name: &str, labels: &str, v: impl std::fmt::Display) {
-        let _ = writeln!(self.out, "{name}{{{labels}}} {v}");
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {v}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {v}");
+        }
+    }
+
+    /// One sample with its labels' values escaped.
+    pub fn labelled(&mut self, name: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
+        let labels: Vec<String> = labels.iter().map(|(k, val)| format!("{k}=\"{}\"", escape(val))).collect();
+        self.sample(name, &labels.join(","), v);
+    }
+
+    /// A family of one unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
+        self.header(name, kind, help);
+        self.sample(name, "", v);
     }
 
     pub fn classes(&mut self, name: &str, labels: &str, counts: &[AtomicU64; 6]) {

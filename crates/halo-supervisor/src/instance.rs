@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 use crate::driver::{Exit, Workload};
 use crate::logs::LogFile;
-use crate::probe::{check_once, Tally, Verdict};
+use crate::probe::check_once;
 use crate::runner::Runner;
 use crate::Env;
+use halo_model::health::{Tally, Verdict};
 use halo_model::lock::LockExt;
 
 /// What the node asks the supervisor to run.
@@ -386,7 +387,7 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
         loop {
             let r = check_once(&p.check, addr, runner, p.timeout).await;
             failed.note("startup", p.failure_threshold, &r, status, |f| f.startup += 1);
-            match tally.record(p, r.is_ok()) {
+            match tally.record(r.is_ok(), p.success_threshold, p.failure_threshold) {
                 Verdict::Passing => break,
                 Verdict::Failing => return format!("startup probe failed: {}", r.err().unwrap_or_default()),
                 Verdict::Undecided => tokio::time::sleep(p.interval).await,
@@ -404,7 +405,7 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
         loop {
             let r = check_once(&p.check, addr, runner, p.timeout).await;
             failed.note("readiness", p.failure_threshold, &r, status, |f| f.readiness += 1);
-            let ready = match tally.record(p, r.is_ok()) {
+            let ready = match tally.record(r.is_ok(), p.success_threshold, p.failure_threshold) {
                 Verdict::Passing => true,
                 Verdict::Failing => false,
                 Verdict::Undecided => status.borrow().ready,
@@ -484,7 +485,7 @@ async fn liveness(p: &Probe, addr: SocketAddr, runner: &dyn Runner, status: &wat
         tokio::time::sleep(p.interval).await;
         let r = check_once(&p.check, addr, runner, p.timeout).await;
         failed.note("liveness", p.failure_threshold, &r, status, |f| f.liveness += 1);
-        if tally.record(p, r.is_ok()) == Verdict::Failing {
+        if tally.record(r.is_ok(), p.success_threshold, p.failure_threshold) == Verdict::Failing {
             return format!("liveness probe failed: {}", r.err().unwrap_or_default());
         }
     }

@@ -1,10 +1,11 @@
-//! Probes: one check of an instance (HTTP GET, TCP connect or a command),
-//! and the thresholds that turn check results into pass or fail.
+//! Probes: one check of an instance (HTTP GET, TCP connect or a command).
+//! The thresholds that turn results into pass or fail are
+//! `halo_model::health::Tally`, as every health check's.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use halo_model::{Check, Probe};
+use halo_model::Check;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -52,64 +53,9 @@ async fn connect(check: &Check, addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Consecutive results against a probe's thresholds.
-#[derive(Debug, Default)]
-pub struct Tally {
-    passes: u32,
-    failures: u32,
-}
-
-/// What one result changed.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Reached `success_threshold` passes in a row.
-    Passing,
-    /// Reached `failure_threshold` failures in a row.
-    Failing,
-    Undecided,
-}
-
-impl Tally {
-    pub fn record(&mut self, probe: &Probe, ok: bool) -> Verdict {
-        if ok {
-            self.passes += 1;
-            self.failures = 0;
-            if self.passes >= probe.success_threshold {
-                return Verdict::Passing;
-            }
-        } else {
-            self.failures += 1;
-            self.passes = 0;
-            if self.failures >= probe.failure_threshold {
-                return Verdict::Failing;
-            }
-        }
-        Verdict::Undecided
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn thresholds_need_results_in_a_row() {
-        let p = Probe {
-            check: Check::Tcp,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            success_threshold: 2,
-            failure_threshold: 3,
-        };
-        let mut t = Tally::default();
-        assert_eq!(t.record(&p, true), Verdict::Undecided);
-        assert_eq!(t.record(&p, false), Verdict::Undecided);
-        assert_eq!(t.record(&p, true), Verdict::Undecided, "a failure resets the passes");
-        assert_eq!(t.record(&p, true), Verdict::Passing);
-        assert_eq!(t.record(&p, false), Verdict::Undecided);
-        assert_eq!(t.record(&p, false), Verdict::Undecided);
-        assert_eq!(t.record(&p, false), Verdict::Failing);
-    }
 
     #[tokio::test]
     async fn checks_against_real_sockets() {

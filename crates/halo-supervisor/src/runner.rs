@@ -69,7 +69,7 @@ impl Runner for HostRunner {
                 return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes and was killed"));
             }
             let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
-            finish(program, status.success(), &status.to_string(), out, &err)
+            finish(program, status.success(), &exit_status(status), out, &err)
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
@@ -109,6 +109,16 @@ async fn read_tail(pipe: Option<impl tokio::io::AsyncRead + Unpin>, keep: usize)
     tail
 }
 
+/// How a process ended, as messages say it: `status 3`, `signal 9`.
+fn exit_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        (None, None) => status.to_string(),
+    }
+}
+
 /// The result of a finished command, as [`Runner::run`] gives it.
 pub(crate) fn finish(
     program: &str,
@@ -119,7 +129,10 @@ pub(crate) fn finish(
 ) -> Result<Vec<u8>, String> {
     if !success {
         let err = String::from_utf8_lossy(stderr);
-        return Err(format!("{program} failed ({status}): {}", err.trim().lines().last().unwrap_or("")));
+        return Err(match err.trim().lines().last() {
+            Some(said) => format!("{program} exited with {status}: {said}"),
+            None => format!("{program} exited with {status}"),
+        });
     }
     if stdout.len() > MAX_OUTPUT {
         return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes"));
@@ -149,7 +162,7 @@ mod tests {
         let t = Duration::from_secs(5);
         assert_eq!(r.run(&sh("echo $GREETING; cat"), Some(b"in".to_vec()), t).await, Ok(b"hi\nin".to_vec()));
         let e = r.run(&sh("echo nope >&2; exit 3"), None, t).await.unwrap_err();
-        assert!(e.contains("exit status: 3") && e.ends_with("nope"), "{e}");
+        assert!(e.contains("exited with status 3") && e.ends_with("nope"), "{e}");
         // Output that never ends is read up to the cap, not buffered whole:
         // `yes` writes forever.
         let mut yes = tokio::process::Command::new("yes").stdout(Stdio::piped()).kill_on_drop(true).spawn().unwrap();

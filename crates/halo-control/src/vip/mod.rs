@@ -694,9 +694,7 @@ impl Vips {
     }
 
     /// This node's floating IP metrics.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
+    pub fn metrics(&self, w: &mut halo_proxy::metrics::Writer) {
         let families = [
             ("halo_vip_held", "gauge", "Whether this node has the floating IP on its interface."),
             (
@@ -710,7 +708,7 @@ impl Vips {
             ("halo_vip_held_seconds_total", "counter", "Time this node has held the floating IP."),
         ];
         for (name, kind, help) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            w.header(name, kind, help);
             for l in &self.local {
                 let v = match name {
                     "halo_vip_held" => u64::from(l.is_up()).to_string(),
@@ -720,10 +718,9 @@ impl Vips {
                     "halo_vip_conflicts_total" => l.conflicts.load(Relaxed).to_string(),
                     _ => format!("{:.3}", l.held_time().as_secs_f64()),
                 };
-                let _ = writeln!(out, "{name}{{address=\"{}\"}} {v}", l.spec.address);
+                w.labelled(name, &[("address", &l.spec.address.to_string())], v);
             }
         }
-        out
     }
 }
 

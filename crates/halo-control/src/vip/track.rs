@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use halo_model::health::{Tally, Verdict};
 use halo_proxy::Proxy;
+use halo_supervisor::{HostRunner, Runner};
 
 use super::Track;
 use halo_model::lock::LockExt;
@@ -36,38 +38,36 @@ impl Health {
     }
 }
 
-/// Runs `track` until the task is aborted.
+/// Runs `track` until the task is cancelled.
 /// `floating(ip)` says whether `ip` is one of this node's floating IPs and
 /// if so whether it is on the interface now: a listener bound to a
 /// floating address can only be reached from here while this node holds it.
 pub async fn run(track: Track, proxy: Arc<Proxy>, floating: impl Fn(IpAddr) -> Option<bool>, health: Arc<Health>) {
-    let (mut fails, mut passes) = (0u32, 0u32);
+    let mut tally = Tally::default();
+    // A command runs as halo, in a process group killed whole past its
+    // timeout, as instances' exec probes do.
+    let runner = HostRunner { env: Default::default(), workdir: None, who: Ok(None) };
     loop {
         let verdict = match &track {
             Track::None => Ok(()),
             Track::Proxy => listeners_answer(&proxy, &floating).await,
-            Track::Exec(argv) => exec(argv).await,
+            Track::Exec(argv) => {
+                runner.run(argv, None, EXEC_TIMEOUT).await.map(drop).map_err(|e| format!("check: {e}"))
+            }
         };
         let now = health.get();
-        match verdict {
-            Ok(()) => {
-                fails = 0;
-                passes += 1;
-                if now.is_err() && passes >= PASSES_TO_UP {
-                    tracing::info!(check = %track, "tracked check passes again: this node may hold its floating IPs");
-                    *health.0.locked() = Ok(());
-                }
+        match (tally.record(verdict.is_ok(), PASSES_TO_UP, FAILS_TO_DOWN), verdict) {
+            (Verdict::Passing, _) if now.is_err() => {
+                tracing::info!(check = %track, "tracked check passes again: this node may hold its floating IPs");
+                *health.0.locked() = Ok(());
             }
-            Err(why) => {
-                passes = 0;
-                fails += 1;
-                if fails >= FAILS_TO_DOWN && now.as_ref().err() != Some(&why) {
-                    if now.is_ok() {
-                        tracing::warn!(check = %track, reason = %why, "tracked check fails: this node may not hold its floating IPs");
-                    }
-                    *health.0.locked() = Err(why);
+            (Verdict::Failing, Err(why)) if now.as_ref().err() != Some(&why) => {
+                if now.is_ok() {
+                    tracing::warn!(check = %track, reason = %why, "tracked check fails: this node may not hold its floating IPs");
                 }
+                *health.0.locked() = Err(why);
             }
+            _ => {}
         }
         tokio::time::sleep(if matches!(track, Track::Exec(_)) { EXEC_EVERY } else { EVERY }).await;
     }
@@ -95,29 +95,4 @@ async fn listeners_answer(proxy: &Proxy, floating: &impl Fn(IpAddr) -> Option<bo
         }
     }
     Ok(())
-}
-
-async fn exec(argv: &[String]) -> Result<(), String> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let shown = argv.join(" ");
-    match tokio::time::timeout(EXEC_TIMEOUT, cmd.output()).await {
-        Err(_) => Err(format!("check `{shown}` did not finish within {EXEC_TIMEOUT:?}")),
-        Ok(Err(e)) => Err(format!("check `{shown}` cannot run: {e}")),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let said = String::from_utf8_lossy(if out.stderr.is_empty() { &out.stdout } else { &out.stderr })
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            let status = out.status.code().map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
-            Err(if said.is_empty() {
-                format!("check `{shown}` exited with {status}")
-            } else {
-                format!("check `{shown}` exited with {status}: {said}")
-            })
-        }
-    }
 }

@@ -488,7 +488,7 @@ impl Runner for ContainerRunner {
         match result {
             Ok(Ok((stdout, stderr))) => {
                 let code = inspect.get("ExitCode").and_then(Value::as_i64).unwrap_or(-1);
-                finish(&program, code == 0, &format!("exit status: {code}"), stdout, &stderr)
+                finish(&program, code == 0, &format!("status {code}"), stdout, &stderr)
             }
             Ok(Err(e)) => Err(e),
             Err(_) => {
