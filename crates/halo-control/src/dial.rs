@@ -33,20 +33,15 @@ impl Dialer {
         api: SocketAddr,
         https: bool,
         req: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Vec<u8>), String> {
+    ) -> Result<(StatusCode, Vec<u8>), SendError> {
         let tls = match (https, &self.tls) {
             (false, _) => None,
             (true, Some(tls)) => Some(&**tls),
-            (true, None) => {
-                return Err(format!(
-                    "the API at {api} is HTTPS: give this node [node.tls] ca = \"FILE\" (the CA that signed every \
-                     node's API certificate)"
-                ));
-            }
+            (true, None) => return Err(SendError::NoCa(api)),
         };
         request(api, tls, req, &mut |_| {}).await.map_err(|e| match e {
-            DialError::Tls(e) => format!("TLS with {api}: {e}"),
-            e => e.to_string(),
+            DialError::Tls(source) => SendError::Tls { api, source },
+            e => SendError::Dial(e),
         })
     }
 }
@@ -60,6 +55,20 @@ pub enum DialError {
     Tls(std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+}
+
+/// Why another node's API gave this one no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(
+        "the API at {0} is HTTPS: give this node [node.tls] ca = \"FILE\" (the CA that signed every node's API \
+         certificate)"
+    )]
+    NoCa(SocketAddr),
+    #[error("TLS with {api}: {source}")]
+    Tls { api: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Dial(DialError),
 }
 
 /// One HTTP/1.1 request on a new connection to `api`, over TLS verified by

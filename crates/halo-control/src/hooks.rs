@@ -11,14 +11,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halo_model::BackupHook;
-use halo_supervisor::Runner;
+use halo_supervisor::{RunError, Runner};
 
 use crate::ctx::NodeCtx;
+use crate::dial::SendError;
 use crate::keys::NodeRecord;
 use crate::reconcile::Instances;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
 pub const RESTORE_DIR: &str = "restore";
+
+/// Why a hook did not run, or failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HookError {
+    #[error("service '{0}' has no [backup] hook")]
+    NoHook(String),
+    #[error("no ready instance of '{0}' on this node")]
+    NotHere(String),
+    #[error("no node has a ready instance of '{0}'")]
+    Nowhere(String),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The last node asked did not run it.
+    #[error("node {node} ({api}): {why}")]
+    Peer { node: String, api: std::net::SocketAddr, why: PeerError },
+}
 
 /// Where hooks run: this node's instances, or another node's through
 /// its API.
@@ -38,18 +55,18 @@ fn host(r: &Hooks, service: &str) -> Option<Host> {
 }
 
 /// Runs `service`'s backup hook in one of this node's ready instances.
-pub(crate) async fn run_here(r: &Hooks, service: &str) -> Result<Vec<u8>, String> {
+pub(crate) async fn run_here(r: &Hooks, service: &str) -> Result<Vec<u8>, HookError> {
     let st = r.ctx.view.current();
     let hook = st.services.get(service).and_then(|s| s.spec.backup.clone());
-    let hook = hook.ok_or_else(|| format!("service '{service}' has no [backup] hook"))?;
-    let h = host(r, service).ok_or_else(|| format!("no ready instance of '{service}' on this node"))?;
-    h.runner.run(&hook.command, None, hook.timeout).await
+    let hook = hook.ok_or_else(|| HookError::NoHook(service.into()))?;
+    let h = host(r, service).ok_or_else(|| HookError::NotHere(service.into()))?;
+    Ok(h.runner.run(&hook.command, None, hook.timeout).await?)
 }
 
 /// Asks the nodes with a ready instance of `service` to run its hook
 /// (`POST /v1/services/NAME/backup-hook` on their API), one after another
 /// until one answers.
-async fn from_peers(r: &Hooks, service: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+async fn from_peers(r: &Hooks, service: &str, timeout: Duration) -> Result<Vec<u8>, HookError> {
     let st = r.ctx.view.current();
     let mut nodes: Vec<&str> = st
         .endpoints
@@ -59,30 +76,41 @@ async fn from_peers(r: &Hooks, service: &str, timeout: Duration) -> Result<Vec<u
         .collect();
     nodes.sort_unstable();
     nodes.dedup();
-    let mut why = format!("no node has a ready instance of '{service}'");
+    let mut why = HookError::Nowhere(service.into());
     for node in nodes {
         let Some(rec) = st.nodes.get(node) else { continue };
         match post(r, rec, &format!("/v1/services/{service}/backup-hook"), timeout).await {
             Ok(out) => return Ok(out),
-            Err(e) => why = format!("node {node} ({}): {e}", rec.api),
+            Err(e) => why = HookError::Peer { node: node.into(), api: rec.api, why: e },
         }
     }
     Err(why)
 }
 
+/// Why another node did not run a hook for this one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerError {
+    #[error(transparent)]
+    Dial(#[from] SendError),
+    #[error("no answer in time")]
+    Timeout,
+    /// Its API answered with an error (its words).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// One POST to a node's API with the cluster's token; the answer's body.
-async fn post(r: &Hooks, node: &NodeRecord, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+async fn post(r: &Hooks, node: &NodeRecord, path: &str, timeout: Duration) -> Result<Vec<u8>, PeerError> {
     let req = http::Request::post(path)
         .header(http::header::HOST, node.api.to_string())
         .header(http::header::AUTHORIZATION, format!("Bearer {}", r.ctx.dial.token))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .map_err(|e| e.to_string())?;
+        .expect("a valid request");
     let call = r.ctx.dial.send(node.api, node.api_tls, req);
-    let (status, body) = tokio::time::timeout(timeout + Duration::from_secs(5), call)
-        .await
-        .map_err(|_| "no answer in time".to_string())??;
+    let (status, body) =
+        tokio::time::timeout(timeout + Duration::from_secs(5), call).await.map_err(|_| PeerError::Timeout)??;
     if !status.is_success() {
-        return Err(crate::dial::error_message(status, &body));
+        return Err(PeerError::Refused(crate::dial::error_message(status, &body)));
     }
     Ok(body)
 }
@@ -96,14 +124,14 @@ pub(crate) async fn backup_all(r: &Hooks) -> (Vec<(String, Vec<u8>)>, Vec<(Strin
     for (name, svc) in &st.services {
         let Some(hook) = &svc.spec.backup else { continue };
         let result = match host(r, name) {
-            Some(h) => h.runner.run(&hook.command, None, hook.timeout).await,
+            Some(h) => h.runner.run(&hook.command, None, hook.timeout).await.map_err(HookError::from),
             None => from_peers(r, name, hook.timeout).await,
         };
         match result {
             Ok(out) => done.push((name.clone(), out)),
             Err(why) => {
-                tracing::warn!(service = %name, why, "backup hook failed");
-                failed.push((name.clone(), why, hook.fail_backup));
+                tracing::warn!(service = %name, %why, "backup hook failed");
+                failed.push((name.clone(), why.to_string(), hook.fail_backup));
             }
         }
     }
@@ -140,7 +168,7 @@ pub(crate) async fn restore_pending(r: Arc<Hooks>) {
                     tracing::info!(service, instance = %h.id, "restore hook done");
                     let _ = std::fs::remove_file(&path);
                 }
-                Err(why) => set_aside(&path, &why),
+                Err(why) => set_aside(&path, &why.to_string()),
             }
         }
     }

@@ -238,7 +238,7 @@ impl Node {
     /// Runs `service`'s backup hook in one of this node's ready instances
     /// (another node taking a backup asks this way); its output.
     pub async fn backup_hook(&self, service: &str) -> Result<Vec<u8>, NodeError> {
-        crate::hooks::run_here(&self.hooks, service).await.map_err(NodeError::BadRequest)
+        crate::hooks::run_here(&self.hooks, service).await.map_err(|e| NodeError::BadRequest(e.to_string()))
     }
 
     /// How scheduled backups are doing (`None` without `[backup]`).

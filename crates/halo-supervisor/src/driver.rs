@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use halo_model::RunDriver;
 use nix::sys::signal::Signal;
 
+use crate::error::StartError;
 use crate::runner::Runner;
 use crate::InstanceSpec;
 
@@ -84,7 +85,7 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Starts one run of `inst`, its app told to listen on `host` and the
     /// instance's port, its output appended to `log`. The error says what
     /// is wrong in words an operator can act on.
-    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String>;
+    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, StartError>;
 
     /// Takes over the run `handle` names if it still runs and is `inst`'s.
     async fn adopt(&self, handle: &Handle, inst: &InstanceSpec, log: &Path) -> Option<Box<dyn Workload>>;

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use halo_model::lock::LockExt;
 use nix::unistd::{Group, Uid, User};
 
+use crate::error::IdentityError;
+
 /// The user instances run as when none is named and halo may switch.
 pub const DEFAULT_USER: &str = "halo-app";
 
@@ -27,30 +29,33 @@ pub struct Identity {
 /// Resolves `user`/`group` (names or numbers) into the identity to run
 /// as: `None` runs as halo's own user. The error says what is wrong and
 /// what would work.
-pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identity>, String> {
+pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identity>, IdentityError> {
     let may_switch = may_switch();
     let me = Uid::effective().as_raw();
     let (uid, primary) = match user {
         Some(u) => lookup_user(u)?.ok_or_else(|| {
-            format!("run.user = '{u}': no such user on this node; create it (useradd --system {u}) or name another")
+            IdentityError(format!(
+                "run.user = '{u}': no such user on this node; create it (useradd --system {u}) or name another"
+            ))
         })?,
         None if may_switch => default_user()?,
         None => return Ok(None),
     };
     let gid = match group {
-        Some(g) => lookup_group(g)?
-            .ok_or_else(|| format!("run.group = '{g}': no such group on this node; create it or name another"))?,
+        Some(g) => lookup_group(g)?.ok_or_else(|| {
+            IdentityError(format!("run.group = '{g}': no such group on this node; create it or name another"))
+        })?,
         None => primary,
     };
     if !may_switch {
         if uid == me && group.is_none() {
             return Ok(None);
         }
-        return Err(format!(
+        return Err(IdentityError(format!(
             "run.user = '{}': halo runs as uid {me} without CAP_SETUID and CAP_SETGID, so it can start instances only \
              as itself; run halo as root (or give it those two capabilities), or remove run.user",
             user.unwrap_or_default()
-        ));
+        )));
     }
     Ok(Some(Identity { uid, gid }))
 }
@@ -72,7 +77,7 @@ pub fn may_switch() -> bool {
     eff & (1 << CAP_SETUID) != 0 && eff & (1 << CAP_SETGID) != 0
 }
 
-fn lookup_user(u: &str) -> Result<Option<(u32, u32)>, String> {
+fn lookup_user(u: &str) -> Result<Option<(u32, u32)>, IdentityError> {
     let found = match u.parse::<u32>() {
         Ok(n) => User::from_uid(Uid::from_raw(n)),
         Err(_) => User::from_name(u),
@@ -81,24 +86,24 @@ fn lookup_user(u: &str) -> Result<Option<(u32, u32)>, String> {
         Ok(Some(user)) => Ok(Some((user.uid.as_raw(), user.gid.as_raw()))),
         // A uid with no entry is still a uid; its group is its number.
         Ok(None) => Ok(u.parse::<u32>().ok().map(|n| (n, n))),
-        Err(e) => Err(format!("run.user = '{u}': cannot read the user database: {e}")),
+        Err(e) => Err(IdentityError(format!("run.user = '{u}': cannot read the user database: {e}"))),
     }
 }
 
-fn lookup_group(g: &str) -> Result<Option<u32>, String> {
+fn lookup_group(g: &str) -> Result<Option<u32>, IdentityError> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(Some(n));
     }
     match Group::from_name(g) {
         Ok(found) => Ok(found.map(|gr| gr.gid.as_raw())),
-        Err(e) => Err(format!("run.group = '{g}': cannot read the group database: {e}")),
+        Err(e) => Err(IdentityError(format!("run.group = '{g}': cannot read the group database: {e}"))),
     }
 }
 
 /// The default user, made (a system user with its own group, no home,
 /// no shell) the first time it is needed. Several halo processes on one
 /// host may race to make it: whoever loses finds it made.
-fn default_user() -> Result<(u32, u32), String> {
+fn default_user() -> Result<(u32, u32), IdentityError> {
     static MADE: Mutex<()> = Mutex::new(());
     let _one = MADE.locked();
     if let Some(found) = lookup_user(DEFAULT_USER)? {
@@ -116,10 +121,10 @@ fn default_user() -> Result<(u32, u32), String> {
         Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
         Err(e) => e.to_string(),
     };
-    Err(format!(
+    Err(IdentityError(format!(
         "instances run as the unprivileged user '{DEFAULT_USER}', which does not exist and could not be made \
          (useradd: {why}); make it (useradd --system --user-group {DEFAULT_USER}), or name one with run.user"
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -133,9 +138,9 @@ mod tests {
             assert_eq!(root, Ok(Some(Identity { uid: 0, gid: 0 })));
             assert_eq!(resolve(Some("0"), Some("0")), Ok(Some(Identity { uid: 0, gid: 0 })));
         }
-        let e = resolve(Some("no-such-user-here"), None).unwrap_err();
+        let e = resolve(Some("no-such-user-here"), None).unwrap_err().0;
         assert!(e.contains("no such user") && e.contains("useradd"), "{e}");
-        let e = resolve(Some("root"), Some("no-such-group-here")).unwrap_err();
+        let e = resolve(Some("root"), Some("no-such-group-here")).unwrap_err().0;
         assert!(e.contains("no such group"), "{e}");
     }
 }

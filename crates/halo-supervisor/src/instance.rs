@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::driver::{Exit, Workload};
+use crate::error::ProbeError;
 use crate::logs::LogFile;
 use crate::probe::check_once;
 use crate::runner::Runner;
@@ -258,7 +259,7 @@ impl Run {
                 }
                 Err(e) => {
                     tracing::warn!(instance = %self.spec.id, error = %e, "starting the instance failed");
-                    Outcome::Exited(Exit { success: false, detail: e })
+                    Outcome::Exited(Exit { success: false, detail: e.to_string() })
                 }
             };
             let (success, detail) = match outcome {
@@ -389,7 +390,9 @@ async fn probes(spec: &ServiceSpec, addr: SocketAddr, runner: &dyn Runner, statu
             failed.note("startup", p.failure_threshold, &r, status, |f| f.startup += 1);
             match tally.record(r.is_ok(), p.success_threshold, p.failure_threshold) {
                 Verdict::Passing => break,
-                Verdict::Failing => return format!("startup probe failed: {}", r.err().unwrap_or_default()),
+                Verdict::Failing => {
+                    return format!("startup probe failed: {}", r.err().map(|e| e.to_string()).unwrap_or_default())
+                }
                 Verdict::Undecided => tokio::time::sleep(p.interval).await,
             }
         }
@@ -449,7 +452,7 @@ impl FailureLog {
         &mut self,
         probe: &str,
         threshold: u32,
-        r: &Result<(), String>,
+        r: &Result<(), ProbeError>,
         status: &watch::Sender<Status>,
         count: impl FnOnce(&mut ProbeFailures),
     ) {
@@ -486,7 +489,7 @@ async fn liveness(p: &Probe, addr: SocketAddr, runner: &dyn Runner, status: &wat
         let r = check_once(&p.check, addr, runner, p.timeout).await;
         failed.note("liveness", p.failure_threshold, &r, status, |f| f.liveness += 1);
         if tally.record(r.is_ok(), p.success_threshold, p.failure_threshold) == Verdict::Failing {
-            return format!("liveness probe failed: {}", r.err().unwrap_or_default());
+            return format!("liveness probe failed: {}", r.err().map(|e| e.to_string()).unwrap_or_default());
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod docker;
 mod driver;
+mod error;
 pub mod identity;
 mod instance;
 mod logs;
@@ -25,6 +26,7 @@ use std::path::PathBuf;
 
 pub use docker::DockerDriver;
 pub use driver::{Driver, Drivers, Exit, Handle, Workload};
+pub use error::{IdentityError, ProbeError, RunError, StartError};
 pub use instance::{Instance, InstanceSpec, ProbeFailures, State, Status};
 pub use logs::LogFile;
 pub use probe::check_once;

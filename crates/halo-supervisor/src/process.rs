@@ -17,6 +17,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::driver::{Driver, Exit, Handle, Workload};
+use crate::error::{IdentityError, StartError};
 use crate::identity::{self, Identity};
 use crate::runner::{HostRunner, Runner};
 use crate::InstanceSpec;
@@ -56,7 +57,7 @@ impl ExecDriver {
         env
     }
 
-    fn runner(&self, inst: &InstanceSpec, who: Result<Option<Identity>, String>) -> Arc<dyn Runner> {
+    fn runner(&self, inst: &InstanceSpec, who: Result<Option<Identity>, IdentityError>) -> Arc<dyn Runner> {
         // Hooks and probes reach the app on loopback, as its user.
         Arc::new(HostRunner {
             env: self.env(inst, Ipv4Addr::LOCALHOST.into()),
@@ -88,12 +89,12 @@ impl Driver for ExecDriver {
         "exec"
     }
 
-    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String> {
+    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, StartError> {
         let run = &inst.spec.run;
         let who = identity::resolve(run.user.as_deref(), run.group.as_deref())?;
         let (program, arg0) = self.program(run, who);
         let mut p = Proc::spawn(run, &self.env(inst, host), log, &program, arg0, who)
-            .map_err(|e| format!("cannot start {}: {e}", run.command))?;
+            .map_err(|e| StartError::Spawn { command: run.command.clone(), reason: e.to_string() })?;
         p.port = inst.port;
         p.runner = Some(self.runner(inst, Ok(who)));
         Ok(Box::new(p))

@@ -11,6 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
+use crate::error::{IdentityError, RunError};
+
 /// The most a command may write to stdout; past it the command fails.
 pub const MAX_OUTPUT: usize = 1 << 30;
 
@@ -20,7 +22,7 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     /// Runs `argv` with `stdin` fed to it; its stdout when it exits with
     /// status 0 within `timeout`, else why not (stderr's last line
     /// included).
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String>;
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError>;
 }
 
 /// Runs commands on the host with an instance's environment.
@@ -29,13 +31,13 @@ pub struct HostRunner {
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
     /// The instance's user (`None`: halo's own), or why it cannot be had.
-    pub who: Result<Option<crate::identity::Identity>, String>,
+    pub who: Result<Option<crate::identity::Identity>, IdentityError>,
 }
 
 #[async_trait]
 impl Runner for HostRunner {
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String> {
-        let (program, args) = argv.split_first().ok_or("no command given")?;
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError> {
+        let (program, args) = argv.split_first().ok_or(RunError::NoCommand)?;
         let who = self.who.clone()?;
         let mut cmd = tokio::process::Command::new(program);
         if let Some(id) = who {
@@ -51,7 +53,7 @@ impl Runner for HostRunner {
         if let Some(dir) = &self.workdir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| RunError::Spawn { program: program.clone(), reason: e.to_string() })?;
         // Whatever ends this command (its timeout, a caller dropping this
         // future) ends its whole process group.
         let _group = KillGroup(child.id());
@@ -66,14 +68,15 @@ impl Runner for HostRunner {
             // is stopped, not buffered whole), and only stderr's tail.
             let (out, err) = tokio::join!(read_capped(stdout, MAX_OUTPUT + 1), read_tail(stderr, STDERR_TAIL));
             if out.len() > MAX_OUTPUT {
-                return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes and was killed"));
+                return Err(RunError::TooMuchOutput { program: program.clone(), limit: MAX_OUTPUT });
             }
-            let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
+            let status =
+                child.wait().await.map_err(|e| RunError::Spawn { program: program.clone(), reason: e.to_string() })?;
             finish(program, status.success(), &exit_status(status), out, &err)
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
-            Err(_) => Err(format!("{program} ran past its {timeout:?} timeout and was killed")),
+            Err(_) => Err(RunError::Timeout { program: program.clone(), timeout }),
         }
     }
 }
@@ -126,16 +129,13 @@ pub(crate) fn finish(
     status: &str,
     stdout: Vec<u8>,
     stderr: &[u8],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, RunError> {
     if !success {
-        let err = String::from_utf8_lossy(stderr);
-        return Err(match err.trim().lines().last() {
-            Some(said) => format!("{program} exited with {status}: {said}"),
-            None => format!("{program} exited with {status}"),
-        });
+        let stderr = String::from_utf8_lossy(stderr).into_owned();
+        return Err(RunError::Exited { program: program.to_string(), status: status.to_string(), stderr });
     }
     if stdout.len() > MAX_OUTPUT {
-        return Err(format!("{program} wrote more than {MAX_OUTPUT} bytes"));
+        return Err(RunError::TooMuchOutput { program: program.to_string(), limit: MAX_OUTPUT });
     }
     Ok(stdout)
 }
@@ -162,6 +162,8 @@ mod tests {
         let t = Duration::from_secs(5);
         assert_eq!(r.run(&sh("echo $GREETING; cat"), Some(b"in".to_vec()), t).await, Ok(b"hi\nin".to_vec()));
         let e = r.run(&sh("echo nope >&2; exit 3"), None, t).await.unwrap_err();
+        assert!(matches!(&e, RunError::Exited { status, .. } if status == "status 3"), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("exited with status 3") && e.ends_with("nope"), "{e}");
         // Output that never ends is read up to the cap, not buffered whole:
         // `yes` writes forever.
@@ -169,7 +171,8 @@ mod tests {
         let got = read_capped(yes.stdout.take(), 1 << 20).await;
         assert_eq!(got.len(), 1 << 20);
         let e = r.run(&sh("sleep 5"), None, Duration::from_millis(100)).await.unwrap_err();
-        assert!(e.contains("timeout and was killed"), "{e}");
-        assert!(r.run(&["/no/such/program".into()], None, t).await.unwrap_err().contains("cannot run"));
+        assert!(matches!(e, RunError::Timeout { .. }) && e.to_string().contains("timeout and was killed"), "{e}");
+        let e = r.run(&["/no/such/program".into()], None, t).await.unwrap_err();
+        assert!(matches!(e, RunError::Spawn { .. }) && e.to_string().contains("cannot run"), "{e}");
     }
 }

@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::driver::{Driver, Exit, Handle, Workload};
+use crate::error::{RunError, StartError};
 use crate::runner::{finish, Runner, MAX_OUTPUT};
 use crate::InstanceSpec;
 use api::{escape, ApiError, Client, Stream};
@@ -80,30 +81,30 @@ impl DockerDriver {
     }
 
     /// The image is here, or pulled as `pull` says.
-    async fn ensure_image(&self, d: &DockerRun) -> Result<(), String> {
+    async fn ensure_image(&self, d: &DockerRun) -> Result<(), StartError> {
         let have = match self.api.call(Method::GET, &format!("/images/{}/json", d.image), None).await {
             Ok(_) => true,
             Err(e) if e.is_not_found() => false,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(StartError::Runtime(e.to_string())),
         };
         match (d.pull, have) {
-            (Pull::Never, false) => Err(format!(
+            (Pull::Never, false) => Err(StartError::Image(format!(
                 "image '{}' is not on this node and run.pull = \"never\"; build or load it here \
                  (docker build, docker load, docker import), or set pull = \"if_missing\"",
                 d.image
-            )),
+            ))),
             (Pull::Never | Pull::IfMissing, true) => Ok(()),
             (Pull::IfMissing, false) | (Pull::Always, _) => self.pull(&d.image).await,
         }
     }
 
-    async fn pull(&self, image: &str) -> Result<(), String> {
+    async fn pull(&self, image: &str) -> Result<(), StartError> {
         let (name, tag) = match image.rsplit_once(':') {
             Some((n, t)) if !t.contains('/') && !image.contains('@') => (n, t),
             _ => (image, "latest"),
         };
         let path = format!("/images/create?fromImage={}&tag={}", escape(name), escape(tag));
-        let failed = |e: String| format!("pulling image '{image}' failed: {e}");
+        let failed = |e: String| StartError::Image(format!("pulling image '{image}' failed: {e}"));
         let resp = self.api.send(Method::POST, &path, None).await.map_err(|e| failed(e.to_string()))?;
         let mut progress = Stream::new(resp);
         while let Some(v) = progress.next_json().await.map_err(|e| failed(e.to_string()))? {
@@ -179,9 +180,12 @@ impl DockerDriver {
         }
     }
 
-    async fn workload(&self, id: String, inst: &InstanceSpec, log: &Path, since: u64) -> Result<Container, String> {
-        let info =
-            self.api.call(Method::GET, &format!("/containers/{id}/json"), None).await.map_err(|e| e.to_string())?;
+    async fn workload(&self, id: String, inst: &InstanceSpec, log: &Path, since: u64) -> Result<Container, StartError> {
+        let info = self
+            .api
+            .call(Method::GET, &format!("/containers/{id}/json"), None)
+            .await
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
         let RunDriver::Docker(d) = &inst.spec.run.driver else { unreachable!("docker driver for a docker service") };
         let ip: Option<Ipv4Addr> =
             info.pointer("/NetworkSettings/IPAddress").and_then(Value::as_str).and_then(|s| s.parse().ok());
@@ -219,24 +223,30 @@ impl Driver for DockerDriver {
         "docker"
     }
 
-    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, String> {
+    async fn start(&self, inst: &InstanceSpec, host: IpAddr, log: &Path) -> Result<Box<dyn Workload>, StartError> {
         let RunDriver::Docker(d) = &inst.spec.run.driver else {
-            return Err("the docker driver runs only services with run.driver = \"docker\"".into());
+            return Err(StartError::WrongDriver(
+                "the docker driver runs only services with run.driver = \"docker\"".into(),
+            ));
         };
         self.ensure_image(d).await?;
         let name = self.name_of(inst);
         // One container per instance: whatever holds the name goes first.
-        self.remove_container(&name).await.map_err(|e| e.to_string())?;
+        self.remove_container(&name).await.map_err(|e| StartError::Runtime(e.to_string()))?;
         let body = self.create_body(inst, d, host);
         let created = self
             .api
             .call(Method::POST, &format!("/containers/create?name={name}"), Some(&body))
             .await
-            .map_err(|e| format!("creating the container failed: {e}"))?;
-        let id = created.get("Id").and_then(Value::as_str).ok_or("the daemon gave no container id")?.to_string();
+            .map_err(|e| StartError::Runtime(format!("creating the container failed: {e}")))?;
+        let id = created
+            .get("Id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| StartError::Runtime("the daemon gave no container id".into()))?
+            .to_string();
         if let Err(e) = self.api.call(Method::POST, &format!("/containers/{id}/start"), None).await {
             let _ = self.remove_container(&id).await;
-            return Err(format!("starting the container failed: {e}"));
+            return Err(StartError::Runtime(format!("starting the container failed: {e}")));
         }
         tracing::info!(instance = %inst.id, container = %&id[..12], image = %d.image, "container started");
         Ok(Box::new(self.workload(id, inst, log, 0).await?))
@@ -440,8 +450,9 @@ pub struct ContainerRunner {
 
 #[async_trait]
 impl Runner for ContainerRunner {
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String> {
-        let program = argv.first().ok_or("no command given")?.clone();
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError> {
+        let program = argv.first().ok_or(RunError::NoCommand)?.clone();
+        let runtime = |e: String| RunError::Runtime(e);
         let body = json!({
             "AttachStdin": stdin.is_some(),
             "AttachStdout": true,
@@ -453,17 +464,21 @@ impl Runner for ContainerRunner {
             .api
             .call(Method::POST, &format!("/containers/{}/exec", self.id), Some(&body))
             .await
-            .map_err(|e| format!("cannot run {program} in the container: {e}"))?;
-        let exec = created.get("Id").and_then(Value::as_str).ok_or("the daemon gave no exec id")?.to_string();
+            .map_err(|e| runtime(format!("cannot run {program} in the container: {e}")))?;
+        let exec = created
+            .get("Id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| runtime("the daemon gave no exec id".into()))?
+            .to_string();
         let talk = async {
             let mut io = self
                 .api
                 .hijack(&format!("/exec/{exec}/start"), &json!({"Detach": false, "Tty": false}))
                 .await
-                .map_err(|e| format!("cannot run {program} in the container: {e}"))?;
+                .map_err(|e| runtime(format!("cannot run {program} in the container: {e}")))?;
             if let Some(input) = &stdin {
-                io.write_all(input).await.map_err(|e| format!("{program}: writing its stdin: {e}"))?;
-                io.shutdown().await.map_err(|e| format!("{program}: closing its stdin: {e}"))?;
+                io.write_all(input).await.map_err(|e| runtime(format!("{program}: writing its stdin: {e}")))?;
+                io.shutdown().await.map_err(|e| runtime(format!("{program}: closing its stdin: {e}")))?;
             }
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
             let mut buf = bytes::BytesMut::new();
@@ -478,7 +493,7 @@ impl Runner for ContainerRunner {
                 match io.read(&mut chunk).await {
                     Ok(0) => break,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(e) => return Err(format!("{program}: reading its output: {e}")),
+                    Err(e) => return Err(runtime(format!("{program}: reading its output: {e}"))),
                 }
             }
             Ok((stdout, stderr))
@@ -496,7 +511,7 @@ impl Runner for ContainerRunner {
                 if let Some(pid) = inspect.get("Pid").and_then(Value::as_i64).filter(|p| *p > 0) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
-                Err(format!("{program} ran past its {timeout:?} timeout and was killed"))
+                Err(RunError::Timeout { program, timeout })
             }
         }
     }
