@@ -226,7 +226,8 @@ impl H1Conn {
                 }
             }
         }
-        let (decoder, framed) = Decoder::for_response(status, head_only, &framing).map_err(ClientError::Parse)?;
+        let (decoder, framed) =
+            Decoder::for_response(status, head_only, &framing).map_err(|e| ClientError::Parse(e.to_string()))?;
         // After a 101 the connection speaks another protocol: never reused.
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         let keep_alive = framed && !switching && if version == Version::HTTP_10 { keep } else { !close };

@@ -8,6 +8,26 @@ use http::StatusCode;
 /// Longest chunk-size line (size, extensions) or trailer line accepted.
 const MAX_LINE: usize = 4096;
 
+/// Why a body's framing is refused: each one a way a peer could frame
+/// the body otherwise than we do (request smuggling), or a broken peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    #[error("unreadable transfer-encoding")]
+    TransferEncoding,
+    #[error("invalid content-length {0:?}")]
+    ContentLength(String),
+    #[error("conflicting content-length headers")]
+    ConflictingLengths,
+    #[error("invalid chunk size")]
+    ChunkSize,
+    #[error("missing CRLF after chunk data")]
+    ChunkEnd,
+    #[error("a chunk line not ended by CRLF (a bare LF or CR)")]
+    BareLineEnd,
+    #[error("chunk line too long")]
+    LineTooLong,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoder {
     /// No body (HEAD, 204, 304, 1xx) or a body fully read.
@@ -70,7 +90,7 @@ impl<'a> Framing<'a> {
 impl Decoder {
     /// The framing of a response; the flag is false when the body only ends
     /// at connection close (no reuse possible).
-    pub fn for_response(status: StatusCode, head_only: bool, f: &Framing<'_>) -> Result<(Decoder, bool), String> {
+    pub fn for_response(status: StatusCode, head_only: bool, f: &Framing<'_>) -> Result<(Decoder, bool), FramingError> {
         if head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -79,7 +99,7 @@ impl Decoder {
             return Ok((Decoder::Done, true));
         }
         if let Some(te) = f.transfer_encoding {
-            let te = std::str::from_utf8(te).map_err(|_| "unreadable transfer-encoding".to_string())?;
+            let te = std::str::from_utf8(te).map_err(|_| FramingError::TransferEncoding)?;
             if te.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")) {
                 return Ok((Decoder::Chunked(Chunk::Size), true));
             }
@@ -87,9 +107,9 @@ impl Decoder {
         }
         if let Some(first) = f.content_length {
             let n = digits(first.trim_ascii(), 10)
-                .ok_or_else(|| format!("invalid content-length {:?}", String::from_utf8_lossy(first)))?;
+                .ok_or_else(|| FramingError::ContentLength(String::from_utf8_lossy(first).into_owned()))?;
             if f.conflicting_lengths {
-                return Err("conflicting content-length headers".into());
+                return Err(FramingError::ConflictingLengths);
             }
             return Ok((if n == 0 { Decoder::Done } else { Decoder::Length(n) }, true));
         }
@@ -110,7 +130,7 @@ impl Decoder {
     }
 
     /// Takes what it can from `buf`.
-    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, String> {
+    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, FramingError> {
         loop {
             match self {
                 Decoder::Done => return Ok(Step::End),
@@ -137,7 +157,7 @@ impl Decoder {
                         // chunk-size [BWS ; ext]: only hex digits (no sign,
                         // no 0x, no spaces inside), at most 16 of them.
                         let size = line.split(|b| *b == b';').next().unwrap_or_default();
-                        let size = digits(size.trim_ascii_end(), 16).ok_or_else(|| "invalid chunk size".to_string())?;
+                        let size = digits(size.trim_ascii_end(), 16).ok_or(FramingError::ChunkSize)?;
                         *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
@@ -153,7 +173,7 @@ impl Decoder {
                             return Ok(Step::More);
                         }
                         if &buf[..2] != b"\r\n" {
-                            return Err("missing CRLF after chunk data".into());
+                            return Err(FramingError::ChunkEnd);
                         }
                         buf.advance(2);
                         *state = Chunk::Size;
@@ -189,15 +209,15 @@ pub(crate) fn digits(s: &[u8], radix: u32) -> Option<u64> {
 /// A chunk-size or trailer line, ended by CRLF. A bare LF or CR in it
 /// (even inside a chunk extension) is refused: a peer that ends lines
 /// otherwise would frame the body differently (request smuggling).
-fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, FramingError> {
     match buf.iter().position(|b| *b == b'\n') {
         Some(i) if i > 0 && buf[i - 1] == b'\r' && !buf[..i - 1].contains(&b'\r') => {
             let line = buf.split_to(i - 1).freeze();
             buf.advance(2);
             Ok(Some(line))
         }
-        Some(_) => Err("a chunk line not ended by CRLF (a bare LF or CR)".into()),
-        None if buf.len() > MAX_LINE => Err("chunk line too long".into()),
+        Some(_) => Err(FramingError::BareLineEnd),
+        None if buf.len() > MAX_LINE => Err(FramingError::LineTooLong),
         None => Ok(None),
     }
 }
@@ -288,7 +308,7 @@ mod tests {
 
     /// Feeds `input` in random pieces; the body, whether it ended, and the
     /// bytes left after it. Errors are returned, never panics.
-    fn feed(rng: &mut Rng, d: &mut Decoder, input: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), String> {
+    fn feed(rng: &mut Rng, d: &mut Decoder, input: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), FramingError> {
         let (mut buf, mut out, mut fed) = (BytesMut::new(), Vec::new(), 0);
         loop {
             match d.step(&mut buf)? {

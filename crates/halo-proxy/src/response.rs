@@ -28,7 +28,7 @@ pub enum BodyError {
     #[error("upstream body: {0}")]
     Read(#[from] std::io::Error),
     #[error("upstream body: {0}")]
-    Framing(String),
+    Framing(#[from] crate::decode::FramingError),
     #[error("upstream closed the connection in the middle of the body")]
     Truncated,
     #[error("upstream body idle for longer than {0:?}")]
