@@ -71,6 +71,30 @@ async fn run(weak: Weak<Endpoint>) {
     }
 }
 
+/// Why an active check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("sending the PROXY header: {0}")]
+    ProxyHeader(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The HTTP or HTTP/2 exchange broke.
+    #[error("{what}: {source}")]
+    Exchange { what: String, source: hyper::Error },
+    #[error("GET {path} answered {status}, expected {expected}")]
+    Status { path: String, status: u16, expected: String },
+    #[error("grpc health check answered HTTP {0}")]
+    GrpcHttp(u16),
+    #[error("grpc health check answered grpc-status {0}")]
+    GrpcStatus(String),
+    #[error("service '{0}' is not SERVING")]
+    NotServing(String),
+}
+
 /// One probe; `Ok` when the endpoint answered as expected in time, else
 /// what went wrong (`GET /healthz answered 503`). An upstream that takes
 /// PROXY protocol headers gets a LOCAL one first; an upstream behind TLS is
@@ -80,10 +104,10 @@ pub async fn probe(
     cfg: &HealthConfig,
     proxy: Option<ProxyProtocolVersion>,
     tls: Option<&UpstreamTls>,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     match tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind, proxy, tls)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", cfg.timeout.as_millis())),
+        Err(_) => Err(CheckError::Timeout(cfg.timeout)),
     }
 }
 
@@ -92,17 +116,17 @@ async fn probe_inner(
     kind: &HealthKind,
     proxy: Option<ProxyProtocolVersion>,
     tls: Option<&UpstreamTls>,
-) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+) -> Result<(), CheckError> {
+    let mut stream = TcpStream::connect(addr).await.map_err(CheckError::Connect)?;
     if let Some(v) = proxy {
         let local = crate::proxy_protocol::encode_local(v);
-        stream.write_all(&local).await.map_err(|e| format!("sending the PROXY header: {e}"))?;
+        stream.write_all(&local).await.map_err(CheckError::ProxyHeader)?;
     }
     if *kind == HealthKind::Tcp {
         return Ok(());
     }
     let stream = match tls {
-        Some(t) => t.connect(stream, addr).await.map_err(|e| format!("TLS: {e}"))?,
+        Some(t) => t.connect(stream, addr).await.map_err(CheckError::Tls)?,
         None => UpIo::Plain(stream),
     };
     let (path, expect_status) = match kind {
@@ -112,37 +136,42 @@ async fn probe_inner(
     };
     let (mut sender, conn) = http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
+        .map_err(|source| CheckError::Exchange { what: "HTTP handshake".into(), source })?;
     tokio::spawn(conn);
     let req = http::Request::get(path.as_str())
         .header(http::header::HOST, addr.to_string())
         .header(http::header::USER_AGENT, "halo-health-check")
         .header(http::header::CONNECTION, "close")
         .body(Empty::new())
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("GET {path}: {e}"))?;
+        .expect("a checked path makes a valid request");
+    let resp =
+        sender.send_request(req).await.map_err(|source| CheckError::Exchange { what: format!("GET {path}"), source })?;
     let status = resp.status();
     let good = match expect_status {
         Some(s) => status.as_u16() == *s,
         None => status.is_success() || status.is_redirection(),
     };
-    match (good, expect_status) {
-        (true, _) => Ok(()),
-        (false, Some(want)) => Err(format!("GET {path} answered {}, expected {want}", status.as_u16())),
-        (false, None) => Err(format!("GET {path} answered {}, expected 2xx or 3xx", status.as_u16())),
+    let expected = match expect_status {
+        Some(want) => want.to_string(),
+        None => "2xx or 3xx".to_string(),
+    };
+    match good {
+        true => Ok(()),
+        false => Err(CheckError::Status { path: path.clone(), status: status.as_u16(), expected }),
     }
 }
 
 /// `grpc.health.v1.Health/Check` for `service`: `Ok` when the answer is
 /// SERVING with grpc-status 0.
-async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> Result<(), String> {
+async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> Result<(), CheckError> {
+    let grpc = |source| CheckError::Exchange { what: "grpc health check".into(), source };
     use http_body_util::{BodyExt, Full};
     let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(stream),
     )
     .await
-    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    .map_err(|source| CheckError::Exchange { what: "HTTP/2 handshake".into(), source })?;
     tokio::spawn(conn);
     // HealthCheckRequest { string service = 1; } in one length-prefixed message.
     let mut msg = vec![0x0a];
@@ -155,25 +184,25 @@ async fn grpc_check(stream: UpIo, addr: SocketAddr, service: &str) -> Result<(),
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .header(http::header::USER_AGENT, "halo-health-check")
-        .body(Full::new(bytes::Bytes::from(body)));
-    let req = req.map_err(|e| format!("grpc health check: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("grpc health check: {e}"))?;
+        .body(Full::new(bytes::Bytes::from(body)))
+        .expect("a valid request");
+    let resp = sender.send_request(req).await.map_err(grpc)?;
     if !resp.status().is_success() {
-        return Err(format!("grpc health check answered HTTP {}", resp.status().as_u16()));
+        return Err(CheckError::GrpcHttp(resp.status().as_u16()));
     }
     let head_status = resp.headers().get("grpc-status").cloned();
-    let collected = resp.into_body().collect().await.map_err(|e| format!("grpc health check: {e}"))?;
+    let collected = resp.into_body().collect().await.map_err(grpc)?;
     let status = collected.trailers().and_then(|t| t.get("grpc-status").cloned()).or(head_status);
     if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
         let shown = status.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("none");
-        return Err(format!("grpc health check answered grpc-status {shown}"));
+        return Err(CheckError::GrpcStatus(shown.to_string()));
     }
     // HealthCheckResponse { ServingStatus status = 1; }, SERVING = 1.
     let data = collected.to_bytes();
     if data.len() >= 5 && data[5..] == [0x08, 0x01] {
         Ok(())
     } else {
-        Err(format!("service '{service}' is not SERVING"))
+        Err(CheckError::NotServing(service.to_string()))
     }
 }
 
