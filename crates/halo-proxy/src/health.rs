@@ -144,8 +144,10 @@ async fn probe_inner(
         .header(http::header::CONNECTION, "close")
         .body(Empty::new())
         .expect("a checked path makes a valid request");
-    let resp =
-        sender.send_request(req).await.map_err(|source| CheckError::Exchange { what: format!("GET {path}"), source })?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|source| CheckError::Exchange { what: format!("GET {path}"), source })?;
     let status = resp.status();
     let good = match expect_status {
         Some(s) => status.as_u16() == *s,
