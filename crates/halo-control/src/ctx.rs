@@ -4,14 +4,12 @@
 //! node's tasks. The reconciler, hooks, backups, the leader and the API
 //! each take this, not one another.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use halo_proxy::tasks::Tasks;
 use halo_store::Store;
 use halo_supervisor::Env;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::dial::Dialer;
 use crate::membership::Membership;
@@ -50,80 +48,5 @@ impl NodeCtx {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.m.cfg.node
-    }
-}
-
-/// Every task of a node: each one is spawned here, and [`Tasks::stop`]
-/// cancels them all and waits until each has ended. Nothing a node starts
-/// is detached.
-#[derive(Clone, Default)]
-pub(crate) struct Tasks {
-    tracker: TaskTracker,
-    cancel: CancellationToken,
-}
-
-impl Tasks {
-    /// Runs `task` until it ends or the node stops, whichever is first
-    /// (a stopped task is dropped at the point where it waits).
-    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let cancel = self.cancel.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = task => {}
-            }
-        });
-    }
-
-    /// Runs `task` to its end even when the node stops (an instance being
-    /// stopped is stopped whole); [`Tasks::stop`] waits for it.
-    pub fn spawn_to_end(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tracker.spawn(task);
-    }
-
-    /// Cancels every task and waits for all to end; one spawned later ends
-    /// at once.
-    pub async fn stop(&self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-    }
-
-    /// Tasks not yet ended.
-    #[cfg(test)]
-    pub fn running(&self) -> usize {
-        self.tracker.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn stop_cancels_every_task_and_waits_for_them() {
-        let tasks = Tasks::default();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(4);
-        for _ in 0..3 {
-            let tx = tx.clone();
-            // Holds its sender until dropped: the channel closes only once
-            // every task has ended.
-            tasks.spawn(async move {
-                let _tx = tx;
-                std::future::pending::<()>().await
-            });
-        }
-        drop(tx);
-        assert_eq!(tasks.running(), 3);
-        tasks.stop().await;
-        assert_eq!(tasks.running(), 0);
-        assert!(rx.recv().await.is_none(), "every task dropped what it held");
-        // Spawned after the stop: ends at once.
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tasks.spawn(async move {
-            let _tx = tx;
-            std::future::pending::<()>().await
-        });
-        assert!(rx.await.is_err());
     }
 }

@@ -345,7 +345,8 @@ impl Node {
         let rec = match &current {
             Some(kv) => {
                 let old: ServiceRecord = decode(&key, &kv.value)?;
-                let stable = stable_for(&key, &old, &file, &spec)?;
+                let seen = self.seen(&file.name, kv.mod_revision);
+                let stable = stable_for(&key, &old, seen.as_deref(), &file, &spec)?;
                 ServiceRecord { spec: file.to_toml(), restart_generation: old.restart_generation, stable }
             }
             None => ServiceRecord { spec: file.to_toml(), restart_generation: 0, stable: None },
@@ -423,10 +424,19 @@ impl Node {
         let key = service_key(name);
         let kv = self.ctx.store.get(&key).await?.ok_or_else(|| NodeError::NotFound(name.into()))?;
         let mut rec: ServiceRecord = decode(&key, &kv.value)?;
-        let (mut file, _) = halo_model::parse_stored_service(&key, &rec.spec)?;
+        let mut file = match self.seen(name, kv.mod_revision) {
+            Some(svc) => svc.file.clone(),
+            None => halo_model::parse_stored_service(&key, &rec.spec)?.0,
+        };
         f(&mut file, &mut rec.restart_generation)?;
         rec.spec = file.to_toml();
         self.put_if_unchanged(&key, kv.mod_revision, &rec).await
+    }
+
+    /// The view's reading of service `name` if the view has the stored
+    /// revision `mod_revision` (a stored file is parsed once, by the view).
+    fn seen(&self, name: &str, mod_revision: i64) -> Option<Arc<crate::state::Svc>> {
+        self.ctx.view.current().services.get(name).filter(|s| s.revision == mod_revision).cloned()
     }
 
     async fn put_if_unchanged(&self, key: &str, mod_revision: i64, rec: &ServiceRecord) -> Result<(), NodeError> {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -23,16 +23,8 @@ use crate::endpoint::Endpoint;
 use crate::tls::client::UpIo;
 use crate::util::rand_below;
 
-/// Starts the checker of a new endpoint.
-pub fn spawn_checker(ep: &Arc<Endpoint>, rt: Option<&tokio::runtime::Handle>) {
-    let weak = Arc::downgrade(ep);
-    match rt.cloned().or_else(|| tokio::runtime::Handle::try_current().ok()) {
-        Some(rt) => drop(rt.spawn(run(weak))),
-        None => tracing::error!(endpoint = %ep.addr, "no runtime for active health checks"),
-    }
-}
-
-async fn run(weak: Weak<Endpoint>) {
+/// The checker of an endpoint, for as long as the endpoint lives.
+pub async fn checker(weak: Weak<Endpoint>) {
     let mut tally = halo_model::health::Tally::default();
     let mut good_since_ejection = 0u32;
     loop {

@@ -46,6 +46,7 @@ pub mod run_dir;
 mod server;
 mod shared;
 mod sni;
+pub mod tasks;
 mod tcp;
 mod tls;
 mod tunnel;

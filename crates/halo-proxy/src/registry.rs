@@ -30,6 +30,9 @@ pub struct Registry {
     pub listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
     /// The runtime that runs health checks (the control runtime).
     control: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// The background tasks: active checks, certificate watching, the
+    /// admin API; stopped with the proxy.
+    tasks: crate::tasks::Tasks,
     /// Health an old process handed over (binary upgrade), given to each
     /// endpoint when it is created: at start, or when its upstream's
     /// endpoints are fed later.
@@ -57,9 +60,14 @@ impl Registry {
     /// the control runtime, or the current one when none was set.
     pub fn spawn_control(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         match self.control.get().cloned().or_else(|| tokio::runtime::Handle::try_current().ok()) {
-            Some(rt) => drop(rt.spawn(task)),
+            Some(rt) => self.tasks.spawn_on(task, &rt),
             None => tracing::error!("no runtime for background tasks"),
         }
+    }
+
+    /// Cancels the background tasks and waits until each has ended.
+    pub async fn stop_tasks(&self) {
+        self.tasks.stop().await;
     }
 
     /// Builds the snapshot for `config`, creating state for new endpoints and
@@ -164,7 +172,7 @@ impl Registry {
                         if let Some(s) = restore {
                             ep.restore(&s, crate::util::now_ms());
                         }
-                        health::spawn_checker(&ep, self.control.get());
+                        self.spawn_control(health::checker(Arc::downgrade(&ep)));
                         ep
                     }
                 };

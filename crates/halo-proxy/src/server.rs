@@ -186,7 +186,7 @@ impl Proxy {
             if let Some(addr) = admin_addr {
                 tracing::info!(%addr, "admin listening");
             }
-            tokio::spawn(admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
+            proxy.shared.registry.spawn_control(admin::serve(l, proxy.clone(), proxy.stop.subscribe()));
         }
         Ok(proxy)
     }
@@ -415,6 +415,7 @@ impl Proxy {
             }
         })
         .await;
+        self.shared.registry.stop_tasks().await;
     }
 }
 

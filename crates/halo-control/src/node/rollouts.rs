@@ -112,9 +112,12 @@ impl Node {
 /// change under `strategy = "canary"` (or `blue_green`) keeps the revision stable instances
 /// run (the one already kept, during a canary) so the new one rolls out as
 /// a canary; going back to that revision, or any other strategy, keeps none.
+/// `seen` is the view's reading of `old` when the view has its revision:
+/// then its templates are known and nothing is parsed again.
 pub(super) fn stable_for(
     key: &str,
     old: &ServiceRecord,
+    seen: Option<&crate::state::Svc>,
     file: &ServiceFile,
     spec: &halo_model::ServiceSpec,
 ) -> Result<Option<StableRecord>, NodeError> {
@@ -125,8 +128,13 @@ pub(super) fn stable_for(
         .stable
         .clone()
         .unwrap_or(StableRecord { spec: old.spec.clone(), restart_generation: old.restart_generation });
-    let (stable_file, _) = halo_model::parse_stored_service(key, &stable.spec)?;
-    let stable_template = ServiceRecord::template(&stable_file, stable.restart_generation);
+    let stable_template = match seen {
+        Some(svc) => svc.stable.as_ref().map_or_else(|| svc.template.clone(), |s| s.template.clone()),
+        None => {
+            let (stable_file, _) = halo_model::parse_stored_service(key, &stable.spec)?;
+            ServiceRecord::template(&stable_file, stable.restart_generation)
+        }
+    };
     let new_template = ServiceRecord::template(file, old.restart_generation);
     Ok((stable_template != new_template).then_some(stable))
 }

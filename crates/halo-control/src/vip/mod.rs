@@ -214,7 +214,7 @@ impl Vips {
         view: Arc<View>,
         proxy: Arc<Proxy>,
         peers: Arc<Peers>,
-        tasks: &crate::ctx::Tasks,
+        tasks: &halo_proxy::tasks::Tasks,
     ) -> Arc<Vips> {
         // One check per distinct `track`: the proxy's verdict is the same
         // for every floating IP.
