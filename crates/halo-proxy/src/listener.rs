@@ -267,7 +267,10 @@ impl Accepted {
             ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, client, shared, &fwd, stats)).await,
             ListenerProtocol::Http => serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop).await,
             ListenerProtocol::Https(t) => {
-                let handshake = tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream));
+                // Boxed, and gone once done: a TLS handshake's state is
+                // over a kilobyte, which every connection's task would
+                // otherwise hold for its whole life.
+                let handshake = Box::pin(tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream)));
                 match handshake.await {
                     Ok(Ok(s)) => {
                         stats.tls_handshakes.fetch_add(1, Relaxed);
@@ -310,7 +313,9 @@ async fn proxy_header(
     if !trusted && matches!(protocol, ListenerProtocol::Tcp(_)) {
         return Some(peer);
     }
-    let read = tokio::time::timeout(protocols.h1.head_timeout, crate::proxy_protocol::accept(stream, peer, trusted));
+    // Boxed as the TLS handshake: only while the header is read.
+    let read =
+        Box::pin(tokio::time::timeout(protocols.h1.head_timeout, crate::proxy_protocol::accept(stream, peer, trusted)));
     match read.await {
         Ok(Ok(client)) => Some(client.unwrap_or(peer)),
         Ok(Err(e)) => {

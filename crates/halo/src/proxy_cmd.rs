@@ -98,15 +98,12 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(a) = proxy.admin_addr() {
         println!("admin {a}");
     }
-    println!("ready");
-    tracing::info!(workers, "halo proxy running");
     // Binary upgrades: for a proxy run from a config file.
     let (done_tx, mut upgraded) = tokio::sync::mpsc::channel(1);
     let took_over = ready.is_some();
     if let Some(r) = ready {
         r.confirm()?;
     }
-    crate::notify::ready(took_over);
     let upgrades = match &source {
         Some(path) => {
             let p = proxy.clone();
@@ -118,6 +115,11 @@ async fn serve(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Ready once everything is: a service manager may run `halo upgrade`
+    // (systemd's ExecReload) the moment it hears it.
+    println!("ready");
+    tracing::info!(workers, "halo proxy running");
+    crate::notify::ready(took_over);
     let mut usr2 = signal(SignalKind::user_defined2())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;

@@ -180,13 +180,10 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     }
     println!("api {api_addr}");
     println!("data {}", data_dir.display());
-    println!("ready");
-    tracing::info!(api = %api_addr, data_dir = %data_dir.display(), "halo up");
     let took_over = ready.is_some();
     if let Some(r) = ready {
         r.confirm()?;
     }
-    crate::notify::ready(took_over);
     // Binary upgrades: the sockets (proxy listeners, admin, API) go to the
     // new process; then this one stops its API and control plane and
     // closes the store, and drains.
@@ -210,6 +207,11 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
     let socket = crate::upgrade::node_socket(&data_dir);
     let (upgrades, l) = crate::upgrade::Upgrades::bind(socket, took_over, give, Some(release), done_tx)?;
     tokio::spawn(upgrades.clone().serve(l));
+    // Ready once everything is, the upgrade socket too: a service manager
+    // may run `halo upgrade` (systemd's ExecReload) the moment it hears it.
+    println!("ready");
+    tracing::info!(api = %api_addr, data_dir = %data_dir.display(), "halo up");
+    crate::notify::ready(took_over);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
