@@ -39,11 +39,6 @@ impl Tally {
         }
         Verdict::Undecided
     }
-
-    /// Failures in a row so far.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
 }
 
 #[cfg(test)]
@@ -62,6 +57,5 @@ mod tests {
         assert_eq!(t.record(false, rise, fall), Verdict::Undecided);
         assert_eq!(t.record(false, rise, fall), Verdict::Undecided);
         assert_eq!(t.record(false, rise, fall), Verdict::Failing);
-        assert_eq!(t.failures(), 3);
     }
 }
