@@ -49,12 +49,19 @@ fn main() {
             .map(|i| {
                 (
                     format!("svc{i:05}"),
-                    ServiceWant { replicas, template: "t1".into(), driver: "exec".into(), canary: None },
+                    ServiceWant {
+                        replicas,
+                        template: "t1".into(),
+                        driver: "exec".into(),
+                        canary: None,
+                        stateful: None,
+                    },
                 )
             })
             .collect(),
         placements: BTreeMap::new(),
         ready: BTreeSet::new(),
+        gone_for: BTreeMap::new(),
     };
     let (scratch, plan) = time(5, &snap);
     println!(

@@ -225,7 +225,12 @@ pub fn parse_node(file: &str, text: &str) -> Result<NodeConfig, Diagnostics> {
         for l in &p.listeners {
             let halo_proxy::config::ListenerProtocol::Tcp(t) = &l.protocol else { continue };
             for name in t.upstream.iter().chain(t.sni.iter().map(|(_, u)| u)) {
-                let known = p.upstreams.contains_key(name) || services.iter().any(|(f, _)| f.name == *name);
+                // A service's name, or a replicated service's replicas.
+                let known = p.upstreams.contains_key(name)
+                    || services.iter().any(|(f, spec)| {
+                        f.name == *name
+                            || (spec.replicated() && *name == crate::proxy_config::replica_upstream(&f.name, None))
+                    });
                 if !known {
                     tracing::warn!(
                         "{file}: listener '{}' forwards to '{name}', which is neither an upstream nor a service of this \

@@ -78,6 +78,12 @@ pub enum EventKind {
     /// A canary rolled back (by its analysis, a deadline or an operator).
     RolledBack,
     Backup,
+    /// A stateful instance became its service's primary.
+    Promoted,
+    /// A primary stopped serving writes (fenced, failed, handed over).
+    Demoted,
+    /// A stateful instance's data was made from the primary (clone, rewind).
+    Cloned,
     /// A kind written by another version of halo.
     #[serde(other)]
     Other,
@@ -106,6 +112,9 @@ impl EventKind {
             EventKind::Rollout => "rollout",
             EventKind::RolledBack => "rolled-back",
             EventKind::Backup => "backup",
+            EventKind::Promoted => "promoted",
+            EventKind::Demoted => "demoted",
+            EventKind::Cloned => "cloned",
             EventKind::Other => "other",
         }
     }

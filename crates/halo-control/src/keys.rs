@@ -54,6 +54,77 @@ pub const UPGRADING: &str = "/halo/upgrading/";
 pub const VIPS: &str = "/halo/vips/";
 pub const VIP_NODES: &str = "/halo/vip-nodes/";
 pub const EVENTS: &str = "/halo/events/";
+pub const PRIMARIES: &str = "/halo/primaries/";
+pub const ROLES: &str = "/halo/roles/";
+
+/// The key naming a stateful service's primary: on the primary node's
+/// role lease; its create revision is the primary's fencing token.
+pub fn primary_key(service: &str) -> String {
+    format!("{PRIMARIES}{service}")
+}
+
+/// Where a node publishes one stateful instance's role and position.
+pub fn role_key(service: &str, id: &str) -> String {
+    format!("{ROLES}{service}/{id}")
+}
+
+/// A stateful instance's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Serves writes under the current token.
+    Primary,
+    /// Follows the primary of its token.
+    Replica,
+    /// Was primary and was fenced: not reached, rewound before it serves.
+    Demoted,
+    /// Not running: its data is being made, or it waits for a primary.
+    Waiting,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Demoted => "demoted",
+            Role::Waiting => "waiting",
+        }
+    }
+}
+
+/// Which instance of a stateful service is its primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryRecord {
+    pub instance: String,
+    pub node: String,
+    /// When it took the key, Unix milliseconds (its node's clock).
+    pub since_ms: u64,
+}
+
+/// A stateful instance as its node sees it (on the node's lease, written
+/// when it changes and with each new position, at most 4 times a second).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleRecord {
+    pub node: String,
+    pub role: Role,
+    /// The token of the primary it is (role primary) or follows (replica).
+    #[serde(default)]
+    pub token: Revision,
+    /// What its `position` hook last printed, read as a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Its `check` passes (and its process runs).
+    pub healthy: bool,
+    /// Whether its data directory holds data (an empty one is cloned).
+    pub has_data: bool,
+    /// Where it listens (host:port as other nodes reach it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+    /// Why it is not serving its role, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
 
 pub fn vip_key(ip: &IpAddr) -> String {
     format!("{VIPS}{ip}")

@@ -103,6 +103,8 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
     let mut compacted = Instant::now();
     let mut unplaced = BTreeMap::new();
     let mut rollouts = crate::rollout::Controller::default();
+    // When this leader first found each node that placements name gone.
+    let mut gone_since: BTreeMap<String, Instant> = BTreeMap::new();
     // The view must have seen the election (and later our own writes).
     let mut seen_up_to = token;
     while m.leading() == Some(token) {
@@ -117,7 +119,14 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
                     tracing::debug!(error = %e, "compacting the store's history failed");
                 }
             }
-            let plan = scheduler::schedule(&st.snapshot());
+            let mut snap = st.snapshot();
+            let named: std::collections::BTreeSet<&String> =
+                st.assignments.values().map(|a| &a.placement.node).filter(|n| !st.nodes.contains_key(*n)).collect();
+            gone_since.retain(|n, _| named.contains(n));
+            for n in named {
+                snap.gone_for.insert(n.clone(), gone_since.entry(n.clone()).or_insert_with(Instant::now).elapsed());
+            }
+            let plan = scheduler::schedule(&snap);
             if plan.unplaced != unplaced {
                 if !plan.unplaced.is_empty() {
                     tracing::warn!(unplaced = ?plan.unplaced, "replicas without a node with room (capacity, drains)");

@@ -200,6 +200,7 @@ impl Node {
         tasks.spawn(crate::leader::run_election(ctx.clone()));
         tasks.spawn(reconcile::run(node.r.clone()));
         tasks.spawn(reconcile::publish_stats(node.r.clone()));
+        tasks.spawn(crate::roles::run(node.r.clone(), node.r.stateful.clone()));
         tasks.spawn(crate::hooks::restore_pending(node.hooks.clone()));
         Ok(node)
     }
@@ -461,6 +462,7 @@ impl Node {
                         status: m.status.borrow().clone(),
                         stopping: m.stopping(),
                         current: m.record.template == svc.template,
+                        role: crate::views::RoleView::of(&st, name, &m.record.id),
                     })
                     .collect();
                 instances.sort_by_cached_key(|i| id_order(name, &i.status.id));

@@ -13,7 +13,40 @@ use halo_proxy::config::{
 use halo_proxy::Proxy;
 
 use crate::state::{ActiveCanary, ClusterState, Svc};
+use crate::stateful::decide::routable;
 use halo_model::lock::LockExt;
+
+/// One ready instance as the proxy is fed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ep {
+    pub service: String,
+    pub id: String,
+    pub template: String,
+    pub addr: SocketAddr,
+}
+
+/// The upstream of a stateful service's replicas, those further behind
+/// than `max_lag` left out (`None`: every replica that follows).
+pub(crate) fn replica_upstream(service: &str, max_lag: Option<u64>) -> String {
+    match max_lag {
+        None => format!("{service}.replica"),
+        Some(n) => format!("{service}.replica.lag{n}"),
+    }
+}
+
+/// A replicated service's replica upstreams: `NAME.replica` always (a
+/// node file's listener may name it), one more per `max_lag` its routes ask.
+fn replica_lags(svc: &Svc) -> Vec<Option<u64>> {
+    let mut lags = vec![None];
+    for r in &svc.spec.routes {
+        if let halo_model::RouteRole::Replica { max_lag: Some(n) } = r.role {
+            if !lags.contains(&Some(n)) {
+                lags.push(Some(n));
+            }
+        }
+    }
+    lags
+}
 
 /// The proxy and what it was last given.
 pub(crate) struct ProxyFeed {
@@ -42,24 +75,48 @@ impl ProxyFeed {
     /// that changed, one upstream at a time. During a canary with a ready
     /// canary instance, the canary's endpoints form the upstream
     /// `NAME.canary` and the routes split by the step's weight.
-    pub fn publish(&self, st: &ClusterState, endpoints: Vec<(String, String, SocketAddr)>) {
+    ///
+    /// A stateful service with replicas: its upstream reaches the primary
+    /// only (once promoted under the current token), `NAME.replica` the
+    /// replicas that follow it ([`crate::stateful::decide::routable`]).
+    pub fn publish(&self, st: &ClusterState, endpoints: Vec<Ep>) {
         let services = &st.services;
         let canaries: BTreeMap<&String, ActiveCanary> =
             services.keys().filter_map(|n| st.canary(n).map(|c| (n, c))).collect();
         let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
-        for name in services.keys() {
+        let mut roles = BTreeMap::new();
+        for (name, svc) in services {
             eps.insert(name.clone(), Vec::new());
             if canaries.contains_key(name) {
                 eps.insert(canary_upstream(name), Vec::new());
             }
+            if svc.spec.replicated() {
+                for lag in replica_lags(svc) {
+                    eps.insert(replica_upstream(name, lag), Vec::new());
+                }
+                roles.insert(name, routable(st.primaries.get(name), st.roles.get(name)));
+            }
         }
-        for (service, template, addr) in endpoints {
-            let upstream = match canaries.get(&service) {
-                Some(c) if c.canary_template == template => canary_upstream(&service),
-                _ => service,
+        for e in endpoints {
+            let ep = EndpointConfig { addr: e.addr, weight: 1 };
+            if let Some(r) = roles.get(&e.service) {
+                if r.primary.as_ref() == Some(&e.id) {
+                    eps.entry(e.service.clone()).or_default().push(ep);
+                } else if let Some((_, lag)) = r.replicas.iter().find(|(id, _)| *id == e.id) {
+                    for max in replica_lags(&services[&e.service]) {
+                        if max.is_none_or(|m| lag.is_some_and(|l| l <= m)) {
+                            eps.entry(replica_upstream(&e.service, max)).or_default().push(ep);
+                        }
+                    }
+                }
+                continue;
+            }
+            let upstream = match canaries.get(&e.service) {
+                Some(c) if c.canary_template == e.template => canary_upstream(&e.service),
+                _ => e.service,
             };
             if let Some(list) = eps.get_mut(&upstream) {
-                list.push(EndpointConfig { addr, weight: 1 });
+                list.push(ep);
             }
         }
         for list in eps.values_mut() {
@@ -173,6 +230,11 @@ fn upstreams(
     if canary.is_some() {
         out.push(upstream(canary_upstream(name)));
     }
+    if svc.spec.replicated() {
+        // A demoted primary loses its clients at once.
+        out[0].removal_grace = Some(std::time::Duration::ZERO);
+        out.extend(replica_lags(svc).into_iter().map(|lag| upstream(replica_upstream(name, lag))));
+    }
     out
 }
 
@@ -192,7 +254,13 @@ fn service_routes(name: &str, svc: &Svc, canary: Option<u32>) -> Vec<RouteConfig
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let mut route = RouteConfig::new(format!("{name}.{i}"), split.clone());
+            let split = match r.role {
+                halo_model::RouteRole::Replica { max_lag } if svc.spec.replicated() => {
+                    vec![(replica_upstream(name, max_lag), 1)]
+                }
+                _ => split.clone(),
+            };
+            let mut route = RouteConfig::new(format!("{name}.{i}"), split);
             route.host = r.host.clone();
             route.path = Some(r.path.clone());
             route.overrides = overrides.clone();

@@ -9,7 +9,6 @@
 //! stability): the view then stays as it last was.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,8 +21,9 @@ use crate::ctx::NodeCtx;
 use crate::endpoints::{self, Ready};
 use crate::events::EventKind;
 use crate::keys::{endpoint_key, instance_key, instances_of, Assignment, InstanceRecord};
-use crate::proxy_config::ProxyFeed;
+use crate::proxy_config::{Ep, ProxyFeed};
 use crate::state::ClusterState;
+use crate::stateful::{Admit, Stateful};
 use halo_model::lock::LockExt;
 
 /// Between taking an instance out of the proxies and signalling it.
@@ -86,13 +86,23 @@ pub(crate) struct Reconciler {
     /// Set by [`Reconciler::stop_all`] and [`Reconciler::detach_all`]:
     /// nothing is started any more.
     shutting_down: AtomicBool,
+    /// Stateful instances: their data, made before they start.
+    pub stateful: Arc<Stateful>,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reconciler {
     pub fn new(ctx: Arc<NodeCtx>, feed: ProxyFeed) -> Reconciler {
-        Reconciler { ctx, feed, instances: Arc::default(), wake: Notify::new(), shutting_down: AtomicBool::new(false) }
+        let stateful = Stateful::new(ctx.clone());
+        Reconciler {
+            ctx,
+            feed,
+            instances: Arc::default(),
+            wake: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+            stateful,
+        }
     }
 
     fn node(&self) -> &str {
@@ -126,13 +136,19 @@ impl Reconciler {
         let assigned = self.assigned(&st);
         let c = {
             let instances = self.lock();
-            changes(&st, &assigned, instances.iter().map(|(id, m)| (id.as_str(), m.stopping())))
+            let running = instances.iter().map(|(id, m)| (id.as_str(), m.record.template.as_str(), m.stopping()));
+            changes(&st, &assigned, running)
         };
         for id in &c.stop {
             tracing::info!(instance = %id, "no longer assigned here; stopping");
             self.stop_instance(id);
         }
         for (a, spec) in c.start {
+            let p = &a.placement;
+            if let Admit::Wait(why) = self.stateful.admit(&st, spec, &p.id, &p.template) {
+                tracing::debug!(instance = %p.id, why, "not starting yet");
+                continue;
+            }
             tracing::info!(instance = %a.placement.id, "assigned here; starting");
             if let Err(e) = self.start_new(spec, a).await {
                 tracing::error!(instance = %a.placement.id, error = %e, "starting an instance failed");
@@ -183,11 +199,16 @@ impl Reconciler {
     }
 
     fn publish_from(&self, st: &ClusterState) {
-        let mut eps: Vec<(String, String, SocketAddr)> = Vec::new();
+        let mut eps: Vec<Ep> = Vec::new();
         for r in self.ready() {
-            eps.push((r.service, r.template, (self.ctx.m.cfg.addr, r.port).into()));
+            eps.push(Ep {
+                service: r.service,
+                id: r.id,
+                template: r.template,
+                addr: (self.ctx.m.cfg.addr, r.port).into(),
+            });
         }
-        let remote = st.endpoints.values().filter(|(_, e)| e.node != self.node());
+        let remote = st.endpoints.iter().filter(|(_, (_, e))| e.node != self.node());
         eps.extend(answering(remote, &self.ctx.peers.silent_nodes(), &eps));
         self.feed.publish(st, eps);
     }
@@ -219,7 +240,20 @@ impl Reconciler {
             container: None,
         };
         self.ctx.store.put(&instance_key(self.node(), &r.service, &r.id), serde_json::to_vec(&r)?, None).await?;
-        self.supervise(instance_spec(spec, &r), r, None)
+        let ispec = self.instance_spec(spec, &r);
+        self.supervise(ispec, r, None)
+    }
+
+    /// What the supervisor runs for `record`, under `spec` (a stateful
+    /// instance's with its data directory).
+    fn instance_spec(&self, spec: &Arc<ServiceSpec>, record: &InstanceRecord) -> InstanceSpec {
+        InstanceSpec {
+            id: record.id.clone(),
+            service: record.service.clone(),
+            spec: crate::stateful::instance_spec(&self.ctx.data_dir, spec, &record.id),
+            port: record.port,
+            revision: record.template.clone(),
+        }
     }
 
     /// Supervises `record`'s instance: `adopted`, the run a previous halo
@@ -261,8 +295,12 @@ impl Reconciler {
                 tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");
             }
             me.lock().remove(&record.id);
-            // Scaled away or replaced: its log goes with it.
-            halo_supervisor::LogFile::at(&me.ctx.env.logs_dir, &record.service, &record.id).remove();
+            // Scaled away or replaced: its log goes with it (a stateful
+            // instance's stays, as its data does).
+            let st = me.ctx.view.current();
+            if st.services.get(&record.service).is_none_or(|s| s.spec.stateful.is_none()) {
+                halo_supervisor::LogFile::at(&me.ctx.env.logs_dir, &record.service, &record.id).remove();
+            }
             me.wake.notify_one();
         });
     }
@@ -295,7 +333,7 @@ impl Reconciler {
                 self.ctx.store.delete(&kv.key).await?;
                 continue;
             };
-            let ispec = instance_spec(svc.spec_for(&rec.template).unwrap_or(&svc.spec), &rec);
+            let ispec = self.instance_spec(svc.spec_for(&rec.template).unwrap_or(&svc.spec), &rec);
             let log = halo_supervisor::LogFile::at(&self.ctx.env.logs_dir, &rec.service, &rec.id).path;
             let Some(run) = driver.adopt(&handle, &ispec, &log).await else {
                 self.ctx.store.delete(&kv.key).await?;
@@ -384,21 +422,23 @@ pub(crate) struct Changes<'a> {
     pub start: Vec<(&'a Assignment, &'a Arc<ServiceSpec>)>,
 }
 
-/// The diff of what is assigned here against what runs (`running`: id
-/// and whether its stop has begun): every running instance not assigned
-/// and not already stopping stops; every assignment not running starts,
-/// with its revision's spec (one of a revision being replaced, or of a
-/// service gone, does not).
+/// The diff of what is assigned here against what runs (`running`: id,
+/// template and whether its stop has begun): every running instance not
+/// assigned, or assigned with another template (a stateful instance
+/// replaced in place), and not already stopping stops; every assignment
+/// not running starts, with its revision's spec (one of a revision being
+/// replaced, or of a service gone, does not).
 pub(crate) fn changes<'a, 'r>(
     st: &'a ClusterState,
     assigned: &'a BTreeMap<String, Assignment>,
-    running: impl Iterator<Item = (&'r str, bool)>,
+    running: impl Iterator<Item = (&'r str, &'r str, bool)>,
 ) -> Changes<'a> {
     let mut c = Changes::default();
     let mut present = BTreeSet::new();
-    for (id, stopping) in running {
+    for (id, template, stopping) in running {
         present.insert(id.to_string());
-        if !stopping && !assigned.contains_key(id) {
+        let current = assigned.get(id).is_some_and(|a| a.placement.template == template);
+        if !stopping && !current {
             c.stop.push(id.to_string());
         }
     }
@@ -419,30 +459,30 @@ pub(crate) async fn run(r: Arc<Reconciler>) {
             _ = changed.changed() => {}
             _ = silent.changed() => {}
             _ = r.wake.notified() => {}
+            _ = r.stateful.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
 
-/// Other nodes' endpoints as (service, template, address), without those
-/// of `silent` nodes, unless that would leave a service with no endpoint
-/// at all (with `local`, this node's own): then a silent node's may be
-/// wrong about it, and its endpoints stay for the proxy's own health to
-/// judge.
+/// Other nodes' endpoints (by instance id), without those of `silent`
+/// nodes, unless that would leave a service with no endpoint at all
+/// (with `local`, this node's own): then a silent node's may be wrong
+/// about it, and its endpoints stay for the proxy's own health to judge.
 fn answering<'a>(
-    remote: impl Iterator<Item = &'a (String, crate::keys::EndpointRecord)>,
+    remote: impl Iterator<Item = (&'a String, &'a (String, crate::keys::EndpointRecord))>,
     silent: &BTreeSet<String>,
-    local: &[(String, String, SocketAddr)],
-) -> Vec<(String, String, SocketAddr)> {
-    let remote: Vec<_> =
-        remote.map(|(s, e)| (s.clone(), e.template.clone(), e.addr, silent.contains(&e.node))).collect();
+    local: &[Ep],
+) -> Vec<Ep> {
+    let remote: Vec<(Ep, bool)> = remote
+        .map(|(id, (s, e))| {
+            let ep = Ep { service: s.clone(), id: id.clone(), template: e.template.clone(), addr: e.addr };
+            (ep, silent.contains(&e.node))
+        })
+        .collect();
     let served: BTreeSet<&String> =
-        local.iter().map(|(s, ..)| s).chain(remote.iter().filter(|r| !r.3).map(|(s, ..)| s)).collect();
-    remote
-        .iter()
-        .filter(|(s, .., quiet)| !quiet || !served.contains(s))
-        .map(|(s, t, a, _)| (s.clone(), t.clone(), *a))
-        .collect()
+        local.iter().map(|e| &e.service).chain(remote.iter().filter(|r| !r.1).map(|(e, _)| &e.service)).collect();
+    remote.iter().filter(|(e, quiet)| !quiet || !served.contains(&e.service)).map(|(e, _)| e.clone()).collect()
 }
 
 /// Publishes this node's proxy counters of the upstreams in a rollout
@@ -553,37 +593,36 @@ fn instance_events(ev: &crate::events::Events, before: &Status, now: &Status) {
     }
 }
 
-/// What the supervisor runs for `record`, under `spec`.
-fn instance_spec(spec: &Arc<ServiceSpec>, record: &InstanceRecord) -> InstanceSpec {
-    InstanceSpec {
-        id: record.id.clone(),
-        service: record.service.clone(),
-        spec: spec.clone(),
-        port: record.port,
-        revision: record.template.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::EndpointRecord;
+    use std::net::SocketAddr;
 
-    fn ep(service: &str, node: &str, port: u16) -> (String, EndpointRecord) {
+    fn ep(service: &str, node: &str, port: u16) -> (String, (String, EndpointRecord)) {
         let addr = SocketAddr::from(([10, 0, 0, node[1..].parse::<u8>().unwrap()], port));
-        (service.to_string(), EndpointRecord { node: node.into(), addr, template: "t".into() })
+        (
+            format!("{service}-{port}"),
+            (service.to_string(), EndpointRecord { node: node.into(), addr, template: "t".into() }),
+        )
     }
 
     #[test]
     fn a_silent_nodes_endpoints_go_unless_they_are_a_services_last() {
         let remote = [ep("web", "n2", 1), ep("web", "n3", 2), ep("db", "n3", 3), ep("api", "n3", 4)];
         let silent = BTreeSet::from(["n3".to_string()]);
-        let local = vec![("api".to_string(), "t".to_string(), SocketAddr::from(([10, 0, 0, 1], 5)))];
-        let kept: Vec<u16> = answering(remote.iter(), &silent, &local).iter().map(|(_, _, a)| a.port()).collect();
+        let local = vec![Ep {
+            service: "api".into(),
+            id: "api-5".into(),
+            template: "t".into(),
+            addr: SocketAddr::from(([10, 0, 0, 1], 5)),
+        }];
+        let pairs = || remote.iter().map(|(id, e)| (id, e));
+        let kept: Vec<u16> = answering(pairs(), &silent, &local).iter().map(|e| e.addr.port()).collect();
         // web keeps n2's, db has only n3's (kept for the proxy to judge),
         // api is served here.
         assert_eq!(kept, [1, 3]);
-        let none = answering(remote.iter(), &BTreeSet::new(), &local);
+        let none = answering(pairs(), &BTreeSet::new(), &local);
         assert_eq!(none.len(), 4, "nothing silent: every endpoint stays");
     }
 
@@ -665,7 +704,7 @@ mod tests {
             st.assigned_at.insert(id, at);
         }
         let assigned = obeyed(&st, "n1", 0).orders;
-        let running = [("web-4", false), ("web-5", false), ("web-6", true)];
+        let running = [("web-4", t.as_str(), false), ("web-5", t.as_str(), false), ("web-6", t.as_str(), true)];
         let c = changes(&st, &assigned, running.into_iter());
         assert_eq!(c.stop, ["web-5"], "web-6 is stopping already");
         let start: Vec<(&str, &str)> = c
@@ -707,7 +746,8 @@ mod tests {
             let mut running: BTreeMap<String, bool> =
                 (0..next(8)).map(|i| (format!("web-{}", next(10).max(i)), next(4) == 0)).collect();
             let assigned = obeyed(&st, "n1", 0).orders;
-            let c = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), *s)));
+            let template = |id: &str| assigned.get(id).map_or("x", |a| a.placement.template.as_str());
+            let c = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), template(id), *s)));
             for id in &c.stop {
                 assert!(!assigned.contains_key(id), "case {case}: stopping assigned {id}");
                 running.insert(id.clone(), true);
@@ -727,7 +767,7 @@ mod tests {
             let present: BTreeSet<&String> = running.keys().collect();
             assert!(present.is_superset(&wanted), "case {case}: {present:?} lacks some of {wanted:?}");
             assert!(live.iter().all(|id| assigned.contains_key(*id)), "case {case}: {live:?} runs unassigned");
-            let again = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), *s)));
+            let again = changes(&st, &assigned, running.iter().map(|(id, s)| (id.as_str(), template(id), *s)));
             assert!(again.stop.is_empty() && again.start.is_empty(), "case {case}: a second pass changes {again:?}");
         }
     }

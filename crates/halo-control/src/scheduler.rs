@@ -21,6 +21,14 @@
 //! - scaling down removes the not-ready first, then from the most crowded
 //!   node; nothing healthy is moved otherwise (a returning node is not
 //!   rebalanced onto).
+//!
+//! A stateful service ([`StatefulWant`]) is placed by ordinal instead:
+//! `NAME-0` .. `NAME-(replicas-1)`, each once. Its data is where it runs,
+//! so a placement stays on its node, also while the node is gone, until
+//! the node has been gone `replace_after` (then the same name is placed
+//! elsewhere and starts from a copy); a new template replaces placements
+//! in place (same name, same node), one at a time once all are ready,
+//! the primary last; scaling down removes the highest ordinals.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -50,6 +58,17 @@ pub struct ServiceWant {
     /// During a canary: this many placements of the canary's template
     /// besides `replicas` of `template` (the stable one keeps its capacity).
     pub canary: Option<CanaryWant>,
+    /// Placed by ordinal, kept where their data is.
+    pub stateful: Option<StatefulWant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatefulWant {
+    /// A placement whose node has been gone this long is placed elsewhere;
+    /// `None`: never.
+    pub replace_after: Option<std::time::Duration>,
+    /// The primary's instance: replaced last when the template changes.
+    pub primary: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -84,6 +103,9 @@ pub struct Snapshot {
     pub placements: BTreeMap<String, Placement>,
     /// Ids of placements whose instance is ready (has an endpoint).
     pub ready: BTreeSet<String>,
+    /// How long each node that placements name but that is not live has
+    /// been gone (as the leader measured it).
+    pub gone_for: BTreeMap<String, std::time::Duration>,
 }
 
 /// What to change: placements to add and ids to remove.
@@ -118,6 +140,8 @@ pub fn schedule(snap: &Snapshot) -> Plan {
                 *l += 1;
                 by_service.entry(p.service.as_str()).or_default().push(p);
             }
+            // Data stays with its node while it may come back.
+            None if waits_for_its_node(snap, p) => by_service.entry(p.service.as_str()).or_default().push(p),
             _ => plan.remove.push(id.clone()),
         }
     }
@@ -127,6 +151,11 @@ pub fn schedule(snap: &Snapshot) -> Plan {
     let mut seq = 0u32;
     for (name, want) in &snap.services {
         let mut mine = by_service.remove(name.as_str()).unwrap_or_default();
+        if let Some(s) = &want.stateful {
+            let strict = answering.contains(want.driver.as_str());
+            StatefulPass { snap, name, want, stateful: s, strict }.plan(mine, &mut fleet, &mut plan);
+            continue;
+        }
         if let Some(c) = &want.canary {
             let canary: Vec<&Placement>;
             (canary, mine) = mine.into_iter().partition(|p| p.template == c.template);
@@ -201,6 +230,86 @@ pub fn schedule(snap: &Snapshot) -> Plan {
         plan.add.extend(placed_here);
     }
     plan
+}
+
+/// Whether `p`, on a node that is not live, stays: its service is
+/// stateful and the node has not been gone its `replace_after`.
+fn waits_for_its_node(snap: &Snapshot, p: &Placement) -> bool {
+    let Some(s) = snap.services.get(&p.service).and_then(|w| w.stateful.as_ref()) else { return false };
+    let gone = snap.gone_for.get(&p.node).copied().unwrap_or_default();
+    s.replace_after.is_none_or(|after| gone < after)
+}
+
+/// The ordinal of a stateful instance id `NAME-K`.
+pub fn ordinal(service: &str, id: &str) -> Option<u32> {
+    let k = id.strip_prefix(service)?.strip_prefix('-')?;
+    (!k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) && (k == "0" || !k.starts_with('0')))
+        .then(|| k.parse().ok())
+        .flatten()
+}
+
+/// The placements of one stateful service: one per ordinal below
+/// `replicas`, each where it is.
+struct StatefulPass<'s> {
+    snap: &'s Snapshot,
+    name: &'s str,
+    want: &'s ServiceWant,
+    stateful: &'s StatefulWant,
+    /// Only nodes whose driver answers (some node's does).
+    strict: bool,
+}
+
+impl StatefulPass<'_> {
+    fn plan<'a>(&self, mine: Vec<&'a Placement>, fleet: &mut Fleet<'a>, plan: &mut Plan) {
+        let target = self.want.replicas;
+        let mut kept: BTreeMap<u32, &Placement> = BTreeMap::new();
+        for p in mine {
+            match ordinal(self.name, &p.id) {
+                Some(k) if k < target && !kept.contains_key(&k) => {
+                    kept.insert(k, p);
+                }
+                _ => {
+                    plan.remove.push(p.id.clone());
+                    if self.snap.nodes.contains_key(&p.node) {
+                        fleet.add(&p.node, -1);
+                    }
+                }
+            }
+        }
+        let is_ready = |p: &Placement| self.snap.ready.contains(&p.id);
+        let live = |p: &Placement| self.snap.nodes.contains_key(&p.node);
+        // A new template: in place, one at a time, once every other is
+        // ready; the primary last.
+        let all_ready = kept.values().all(|p| is_ready(p));
+        let mut outdated: Vec<&&Placement> =
+            kept.values().filter(|p| p.template != self.want.template && live(p)).collect();
+        outdated.sort_by_key(|p| (self.stateful.primary.as_deref() == Some(p.id.as_str()), std::cmp::Reverse(&p.id)));
+        if all_ready {
+            if let Some(p) = outdated.first() {
+                plan.add.push(Placement { template: self.want.template.clone(), ..(**p).clone() });
+            }
+        }
+        let mut placed: Vec<Placement> = Vec::new();
+        for k in 0..target {
+            if kept.contains_key(&k) {
+                continue;
+            }
+            let counted = kept.values().copied().chain(placed.iter());
+            let runs = |n: &str| !self.strict || fleet.nodes[n].drivers.contains(&self.want.driver);
+            let Some(node) = fleet.pick_where(counted, runs) else {
+                *plan.unplaced.entry(self.name.to_string()).or_insert(0) += 1;
+                continue;
+            };
+            fleet.add(node, 1);
+            placed.push(Placement {
+                id: format!("{}-{k}", self.name),
+                service: self.name.to_string(),
+                template: self.want.template.clone(),
+                node: node.to_string(),
+            });
+        }
+        plan.add.extend(placed);
+    }
 }
 
 /// The canary placements of one service: exactly `target` of `template`,

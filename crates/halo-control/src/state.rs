@@ -24,11 +24,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::keys::{
-    Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, RolloutCommand, RolloutRecord, ServiceRecord,
-    VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN, ROLLOUTS, ROLLOUT_COMMANDS, ROOT,
-    SERVICES, SILENT, STATS, UPGRADING, VIPS, VIP_NODES,
+    Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, PrimaryRecord, RoleRecord, RolloutCommand,
+    RolloutRecord, ServiceRecord, VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN,
+    PRIMARIES, ROLES, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, SILENT, STATS, UPGRADING, VIPS, VIP_NODES,
 };
-use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot};
+use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot, StatefulWant};
 use halo_model::lock::LockExt;
 
 /// A stored service, parsed and validated.
@@ -112,6 +112,20 @@ pub struct ClusterState {
     pub vips: BTreeMap<String, HeldVip>,
     /// Each floating IP's candidate nodes, by address then node.
     pub vip_candidates: BTreeMap<String, BTreeMap<String, VipCandidate>>,
+    /// Each stateful service's primary, by service.
+    pub primaries: BTreeMap<String, HeldPrimary>,
+    /// Each stateful instance's role as its node published it, by service
+    /// then instance.
+    pub roles: BTreeMap<String, BTreeMap<String, RoleRecord>>,
+}
+
+/// A stateful service's primary as the store has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldPrimary {
+    pub record: PrimaryRecord,
+    /// The key's create revision: the primary's fencing token.
+    pub token: Revision,
+    pub lease: Option<LeaseId>,
 }
 
 /// A floating IP's holder as the store has it.
@@ -215,6 +229,15 @@ impl ClusterState {
             if let Ok(c) = serde_json::from_slice::<VipCandidate>(&kv.value) {
                 self.vip_candidates.entry(ip.to_string()).or_default().insert(node.to_string(), c);
             }
+        } else if let Some(service) = key.strip_prefix(PRIMARIES) {
+            if let Ok(record) = serde_json::from_slice::<PrimaryRecord>(&kv.value) {
+                let held = HeldPrimary { record, token: kv.create_revision, lease: kv.lease };
+                self.primaries.insert(service.to_string(), held);
+            }
+        } else if let Some((service, id)) = key.strip_prefix(ROLES).and_then(|r| r.split_once('/')) {
+            if let Ok(r) = serde_json::from_slice::<RoleRecord>(&kv.value) {
+                self.roles.entry(service.to_string()).or_default().insert(id.to_string(), r);
+            }
         }
     }
 
@@ -252,6 +275,15 @@ impl ClusterState {
                 c.remove(node);
                 if c.is_empty() {
                     self.vip_candidates.remove(ip);
+                }
+            }
+        } else if let Some(service) = key.strip_prefix(PRIMARIES) {
+            self.primaries.remove(service);
+        } else if let Some((service, id)) = key.strip_prefix(ROLES).and_then(|r| r.split_once('/')) {
+            if let Some(r) = self.roles.get_mut(service) {
+                r.remove(id);
+                if r.is_empty() {
+                    self.roles.remove(service);
                 }
             }
         }
@@ -304,7 +336,11 @@ impl ClusterState {
                 .iter()
                 .map(|(n, s)| {
                     let driver = |t: &str| s.spec_for(t).unwrap_or(&s.spec).run.driver.name().to_string();
-                    let want = match self.canary(n) {
+                    let stateful = s.spec.stateful.as_ref().map(|x| StatefulWant {
+                        replace_after: x.replace_after,
+                        primary: self.primaries.get(n).map(|p| p.record.instance.clone()),
+                    });
+                    let want = match self.canary(n).filter(|_| stateful.is_none()) {
                         Some(c) => ServiceWant {
                             replicas: s.spec.replicas,
                             driver: driver(&c.stable_template),
@@ -316,12 +352,14 @@ impl ClusterState {
                                 nodes: s.spec.release.canary_nodes.clone(),
                                 zone: s.spec.release.canary_zone.clone(),
                             }),
+                            stateful: None,
                         },
                         None => ServiceWant {
                             replicas: s.spec.replicas,
                             template: s.template.clone(),
                             driver: driver(&s.template),
                             canary: None,
+                            stateful,
                         },
                     };
                     (n.clone(), want)
@@ -329,6 +367,7 @@ impl ClusterState {
                 .collect(),
             placements: self.assignments.iter().map(|(id, a)| (id.clone(), a.placement.clone())).collect(),
             ready: self.endpoints.keys().filter(|id| self.assignments.contains_key(*id)).cloned().collect(),
+            gone_for: BTreeMap::new(),
         }
     }
 }

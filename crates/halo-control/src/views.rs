@@ -322,6 +322,44 @@ pub struct InstanceView {
     pub stopping: bool,
     /// Runs the current spec (false: waiting to be replaced).
     pub current: bool,
+    /// A replicated stateful instance's role, as its node published it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<RoleView>,
+}
+
+/// A stateful instance's role in `halo status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleView {
+    pub role: crate::stateful::Role,
+    /// The token it serves or follows.
+    pub token: i64,
+    pub position: Option<u64>,
+    /// How far behind the primary's position (replicas).
+    pub lag: Option<u64>,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl RoleView {
+    /// `id`'s role in `service` as the view has it.
+    pub fn of(st: &crate::state::ClusterState, service: &str, id: &str) -> Option<RoleView> {
+        let roles = st.roles.get(service)?;
+        let r = roles.get(id)?;
+        let primary = st.primaries.get(service).and_then(|p| roles.get(&p.record.instance)).and_then(|p| p.position);
+        let lag = match r.role {
+            crate::stateful::Role::Replica => primary.zip(r.position).map(|(p, m)| p.saturating_sub(m)),
+            _ => None,
+        };
+        Some(RoleView {
+            role: r.role,
+            token: r.token,
+            position: r.position,
+            lag,
+            healthy: r.healthy,
+            reason: r.reason.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -31,6 +31,8 @@ pub struct ServiceFile {
     pub release: Option<crate::release::ReleaseSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stateful: Option<crate::stateful::StatefulSection>,
 }
 
 /// `[backup]`: the service's own backup hook.
@@ -131,6 +133,13 @@ pub struct RouteSection {
     pub path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A stateful service's: `primary` (the default) or `replica`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// With `role = "replica"`: replicas further behind the primary than
+    /// this (in `position` units) are left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

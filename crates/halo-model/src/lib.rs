@@ -18,6 +18,7 @@ pub mod lock;
 mod redact;
 pub mod release;
 pub mod run;
+pub mod stateful;
 pub mod values;
 
 use std::time::Duration;
@@ -76,6 +77,16 @@ pub struct ServiceSpec {
     pub release: release::ReleaseSpec,
     /// The service's own backup hook.
     pub backup: Option<BackupHook>,
+    /// Instances with stable names and data of their own; with replicas, a
+    /// primary.
+    pub stateful: Option<stateful::StatefulSpec>,
+}
+
+impl ServiceSpec {
+    /// Whether the service has a primary and replicas.
+    pub fn replicated(&self) -> bool {
+        self.stateful.is_some() && stateful::StatefulSpec::replicated(self.replicas)
+    }
 }
 
 /// A service's backup hook: `command` writes its data to stdout inside a
@@ -164,6 +175,19 @@ pub struct RouteSpec {
     /// Exact host or `*.example.com`; `None` matches any host.
     pub host: Option<HostMatch>,
     pub path: PathMatch,
+    /// Which instances of a stateful service the route reaches.
+    pub role: RouteRole,
+}
+
+/// Which instances of a stateful service a route reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RouteRole {
+    /// The primary only (every route of a stateless service: all).
+    #[default]
+    Primary,
+    /// The replicas that follow the primary, those further behind than
+    /// `max_lag` left out.
+    Replica { max_lag: Option<u64> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -334,6 +358,24 @@ impl ServiceFile {
         let balance = c.balance(self.balance.as_ref().unwrap_or(&BalanceSection::default()));
         let release = release::validate(self.release.as_ref().unwrap_or(&Default::default()), c.errors);
         let backup = self.backup.as_ref().map(|b| c.backup(b));
+        let stateful = self.stateful.as_ref().map(|s| stateful::validate(s, replicas, c.errors));
+        if stateful.is_some() && release.strategy != release::Strategy::Rolling {
+            c.err(
+                "release.strategy",
+                "a stateful service is replaced in place, one instance at a time (its data stays with it); accepted: rolling",
+            );
+        }
+        if stateful.is_none() {
+            for (i, r) in self.routes.iter().enumerate() {
+                if r.role.is_some() || r.max_lag.is_some() {
+                    let field = if r.role.is_some() { "role" } else { "max_lag" };
+                    c.err(
+                        &format!("routes[{i}].{field}"),
+                        "is for a stateful service (one with [stateful]); a stateless service's routes reach every instance",
+                    );
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(ServiceSpec {
                 name: self.name.clone(),
@@ -348,6 +390,7 @@ impl ServiceFile {
                 balance,
                 release,
                 backup,
+                stateful,
             })
         } else {
             Err(SpecErrors(errors))
@@ -452,7 +495,19 @@ impl Checker<'_> {
             (Some(p), None) => PathMatch::Prefix(p.clone()),
             (None, None) => PathMatch::Prefix("/".into()),
         };
-        RouteSpec { host, path }
+        let role = match (r.role.as_deref(), r.max_lag) {
+            (None | Some("primary"), None) => RouteRole::Primary,
+            (Some("replica"), max_lag) => RouteRole::Replica { max_lag },
+            (None | Some("primary"), Some(_)) => {
+                self.err(&f("max_lag"), "is for role = \"replica\" routes (the primary is never behind)");
+                RouteRole::Primary
+            }
+            (Some(other), _) => {
+                self.err(&f("role"), format!("'{other}' is not a role; accepted: primary, replica"));
+                RouteRole::Primary
+            }
+        };
+        RouteSpec { host, path, role }
     }
 
     fn balance(&mut self, b: &BalanceSection) -> BalanceSpec {

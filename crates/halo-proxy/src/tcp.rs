@@ -126,7 +126,8 @@ async fn splice(
         idle: fwd.idle_timeout,
         endpoint: ep,
     };
-    match tunnel.run(shared.snapshot.load().config.grace_period, stats).await {
+    let grace = ep.settings.load().removal_grace.unwrap_or(shared.snapshot.load().config.grace_period);
+    match tunnel.run(grace, stats).await {
         End::Closed => {}
         end => tracing::debug!(client.addr = %peer, endpoint = %ep.addr, %end, "tcp connection closed"),
     }

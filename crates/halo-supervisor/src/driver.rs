@@ -101,6 +101,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Removes every run of this node's halo that none of `known` names
     /// (left by a halo that died before it recorded them).
     async fn sweep(&self, known: &[Handle]);
+
+    /// Runs commands as `inst`'s hooks would run once it runs, while no
+    /// run exists (a stateful instance's data is made before it starts);
+    /// `None` where a hook can only run inside a run (a container).
+    fn runner_for(&self, _inst: &InstanceSpec) -> Option<Arc<dyn Runner>> {
+        None
+    }
 }
 
 /// The drivers of a node.

@@ -112,6 +112,11 @@ impl Driver for ExecDriver {
         true
     }
 
+    fn runner_for(&self, inst: &InstanceSpec) -> Option<Arc<dyn Runner>> {
+        let run = &inst.spec.run;
+        Some(self.runner(inst, identity::resolve(run.user.as_deref(), run.group.as_deref())))
+    }
+
     async fn remove(&self, handle: &Handle) {
         if alive(handle.pid, handle.start_time) {
             let _ = killpg(Pid::from_raw(handle.pid), Signal::SIGKILL);

@@ -22,7 +22,19 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     /// Runs `argv` with `stdin` fed to it; its stdout when it exits with
     /// status 0 within `timeout`, else why not (stderr's last line
     /// included).
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError>;
+    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError> {
+        self.run_with(argv, &BTreeMap::new(), stdin, timeout).await
+    }
+
+    /// As [`Runner::run`], with `env` set beside the run's own
+    /// environment (a stateful hook's role and primary).
+    async fn run_with(
+        &self,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RunError>;
 }
 
 /// Runs commands on the host with an instance's environment.
@@ -36,7 +48,13 @@ pub struct HostRunner {
 
 #[async_trait]
 impl Runner for HostRunner {
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError> {
+    async fn run_with(
+        &self,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RunError> {
         let (program, args) = argv.split_first().ok_or(RunError::NoCommand)?;
         let who = self.who.clone()?;
         let mut cmd = tokio::process::Command::new(program);
@@ -45,6 +63,7 @@ impl Runner for HostRunner {
         }
         cmd.args(args)
             .envs(&self.env)
+            .envs(env)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -473,6 +473,11 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
         header.push("CONTAINER");
     }
     header.extend(["PORT", "RESTARTS", "LAST EXIT"]);
+    // Stateful instances with replicas: their role, how far behind, the token.
+    let roles = v.services.iter().flat_map(|s| &s.instances).any(|i| i.role.is_some());
+    if roles {
+        header.extend(["ROLE", "LAG", "TOKEN"]);
+    }
     if wide {
         header.extend(["AGE", "PROBE FAILURES (S/R/L)"]);
     }
@@ -514,6 +519,16 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
                 st.restarts.to_string(),
                 st.last_exit.clone().unwrap_or_else(|| "-".into()),
             ]);
+            if roles {
+                match &i.role {
+                    Some(r) => row.extend([
+                        r.role.as_str().to_string(),
+                        r.lag.map_or("-".to_string(), |l| l.to_string()),
+                        r.token.to_string(),
+                    ]),
+                    None => row.extend(["-".to_string(), "-".to_string(), "-".to_string()]),
+                }
+            }
             if wide {
                 let f = &st.probe_failures;
                 row.push(age(now.saturating_sub(st.since)));

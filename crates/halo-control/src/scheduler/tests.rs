@@ -15,7 +15,13 @@ fn snap(nodes: &[(&str, &str, u32)], services: &[(&str, u32, &str)]) -> Snapshot
             .map(|(s, r, t)| {
                 (
                     s.to_string(),
-                    ServiceWant { replicas: *r, template: t.to_string(), driver: "exec".into(), canary: None },
+                    ServiceWant {
+                        replicas: *r,
+                        template: t.to_string(),
+                        driver: "exec".into(),
+                        canary: None,
+                        stateful: None,
+                    },
                 )
             })
             .collect(),
@@ -103,8 +109,10 @@ fn a_service_goes_only_where_its_driver_answers_unless_none_does() {
     converge(&mut s);
     assert_eq!((on(&s, "a"), on(&s, "b"), on(&s, "c")), (0, 0, 4));
     // An exec service is not held to docker nodes.
-    s.services
-        .insert("job".into(), ServiceWant { replicas: 3, template: "j".into(), driver: "exec".into(), canary: None });
+    s.services.insert(
+        "job".into(),
+        ServiceWant { replicas: 3, template: "j".into(), driver: "exec".into(), canary: None, stateful: None },
+    );
     converge(&mut s);
     let job_on_a = s.placements.values().filter(|p| p.service == "job" && p.node == "a").count();
     assert!(job_on_a >= 1, "{:?}", s.placements);
@@ -243,7 +251,13 @@ fn property_converges_spread_even_never_twice_deterministic() {
         for i in 0..1 + rng.next(4) {
             s.services.insert(
                 format!("s{i}"),
-                ServiceWant { replicas: rng.next(8) as u32, template: "t".into(), driver: "exec".into(), canary: None },
+                ServiceWant {
+                    replicas: rng.next(8) as u32,
+                    template: "t".into(),
+                    driver: "exec".into(),
+                    canary: None,
+                    stateful: None,
+                },
             );
         }
         // Some history: converge, then a random fault or change.
@@ -299,4 +313,103 @@ fn property_converges_spread_even_never_twice_deterministic() {
             }
         }
     }
+}
+
+fn stateful(s: &mut Snapshot, service: &str, replace_after: Option<u64>) {
+    let w = s.services.get_mut(service).unwrap();
+    w.stateful = Some(StatefulWant { replace_after: replace_after.map(std::time::Duration::from_secs), primary: None });
+}
+
+/// Applies `plan` where a stateful placement may be added again (in
+/// place, or moved), marking what it adds ready only when `ready`.
+fn apply_stateful(s: &mut Snapshot, plan: &Plan, ready: bool) {
+    for id in &plan.remove {
+        s.placements.remove(id);
+        s.ready.remove(id);
+    }
+    for p in &plan.add {
+        s.placements.insert(p.id.clone(), p.clone());
+        if ready {
+            s.ready.insert(p.id.clone());
+        } else {
+            s.ready.remove(&p.id);
+        }
+    }
+    s.revision += 1;
+}
+
+#[test]
+fn a_stateful_service_is_placed_by_ordinal_and_stays_with_its_data() {
+    let mut s = snap(&[("n1", "a", 10), ("n2", "b", 10), ("n3", "c", 10)], &[("pg", 3, "t1")]);
+    stateful(&mut s, "pg", Some(300));
+    let plan = schedule(&s);
+    let mut ids: Vec<&str> = plan.add.iter().map(|p| p.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["pg-0", "pg-1", "pg-2"]);
+    apply_stateful(&mut s, &plan, true);
+    assert!(per_node(&s, "pg").values().all(|n| *n == 1), "one per node: {:?}", per_node(&s, "pg"));
+    assert!(schedule(&s).is_empty(), "a placed set is left alone");
+    let on_n2 = s.placements.values().find(|p| p.node == "n2").unwrap().id.clone();
+    // n2 goes: its instance waits for it (its data is there) ...
+    s.nodes.remove("n2");
+    s.ready.remove(&on_n2);
+    s.gone_for.insert("n2".into(), std::time::Duration::from_secs(299));
+    assert!(schedule(&s).is_empty(), "replaced before replace_after: {:?}", schedule(&s));
+    // ... until it has been gone replace_after: the same name elsewhere.
+    s.gone_for.insert("n2".into(), std::time::Duration::from_secs(300));
+    let plan = schedule(&s);
+    assert_eq!(plan.remove, std::slice::from_ref(&on_n2));
+    assert_eq!(plan.add.len(), 1);
+    assert_eq!(plan.add[0].id, on_n2);
+    assert_ne!(plan.add[0].node, "n2");
+    // `never`: it waits for its node however long.
+    stateful(&mut s, "pg", None);
+    s.gone_for.insert("n2".into(), std::time::Duration::from_secs(86_400));
+    assert!(schedule(&s).is_empty());
+}
+
+#[test]
+fn a_stateful_template_change_replaces_in_place_one_at_a_time_primary_last() {
+    let mut s = snap(&[("n1", "a", 10), ("n2", "a", 10), ("n3", "a", 10)], &[("pg", 3, "t1")]);
+    stateful(&mut s, "pg", Some(300));
+    let plan = schedule(&s);
+    apply_stateful(&mut s, &plan, true);
+    let before: BTreeMap<String, String> = s.placements.values().map(|p| (p.id.clone(), p.node.clone())).collect();
+    s.services.get_mut("pg").unwrap().template = "t2".into();
+    s.services.get_mut("pg").unwrap().stateful.as_mut().unwrap().primary = Some("pg-2".into());
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        let plan = schedule(&s);
+        if plan.is_empty() {
+            break;
+        }
+        assert!(plan.remove.is_empty(), "nothing removed: {plan:?}");
+        assert_eq!(plan.add.len(), 1, "one at a time: {plan:?}");
+        order.push(plan.add[0].id.clone());
+        // Not ready yet: nothing else moves.
+        apply_stateful(&mut s, &plan, false);
+        assert!(schedule(&s).is_empty(), "the next waits for the last to be ready");
+        let id = order.last().unwrap().clone();
+        s.ready.insert(id);
+    }
+    assert_eq!(order, ["pg-1", "pg-0", "pg-2"], "highest ordinal first, the primary last");
+    let after: BTreeMap<String, String> = s.placements.values().map(|p| (p.id.clone(), p.node.clone())).collect();
+    assert_eq!(before, after, "every instance stays on its node");
+    assert!(s.placements.values().all(|p| p.template == "t2"));
+}
+
+#[test]
+fn a_stateful_scale_down_removes_the_highest_ordinals() {
+    let mut s = snap(&[("n1", "a", 10), ("n2", "a", 10)], &[("pg", 4, "t1")]);
+    stateful(&mut s, "pg", Some(300));
+    let plan = schedule(&s);
+    apply_stateful(&mut s, &plan, true);
+    s.services.get_mut("pg").unwrap().replicas = 2;
+    let mut removed = schedule(&s).remove;
+    removed.sort();
+    assert_eq!(removed, ["pg-2", "pg-3"]);
+    assert_eq!(ordinal("pg", "pg-10"), Some(10));
+    assert_eq!(ordinal("pg", "pg-01"), None);
+    assert_eq!(ordinal("pg", "pg-x"), None);
+    assert_eq!(ordinal("pg", "pgx-1"), None);
 }

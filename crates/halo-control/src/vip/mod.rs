@@ -35,7 +35,7 @@ mod track;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,7 @@ use halo_proxy::Proxy;
 use halo_store::{Compare, CompareOp, CompareTarget, LeaseId, Revision, Store, StoreError, Txn, TxnOp};
 use serde::Serialize;
 
+use crate::fast_lease::FastLease;
 use crate::fnv::fnv64;
 use crate::keys::{vip_key, vip_node_key, VipCandidate, VipHolder};
 use crate::peers::Peers;
@@ -50,9 +51,7 @@ use crate::state::{ClusterState, HeldVip, View};
 use halo_model::lock::LockExt;
 use netlink::{IfAddr, Interface};
 
-/// The VIP lease's TTL (etcd's smallest with its default election timeout).
-pub const VIP_LEASE_TTL: Duration = Duration::from_secs(2);
-pub const RENEW_EVERY: Duration = Duration::from_millis(150);
+pub use crate::fast_lease::{RENEW_EVERY, TTL as VIP_LEASE_TTL};
 /// A holder whose last successful renewal was sent longer ago removes
 /// the address.
 pub const HOLD_WINDOW: Duration = Duration::from_millis(500);
@@ -154,12 +153,11 @@ pub struct Vips {
     node: String,
     store: Arc<dyn Store>,
     view: Arc<View>,
-    /// The VIP lease and when the last successful renewal was sent.
-    lease: Mutex<Option<(LeaseId, Instant)>>,
+    /// The VIP lease.
+    lease: FastLease,
     local: Vec<Arc<Local>>,
     /// What this node hears from the others.
     peers: Arc<Peers>,
-    stopped: AtomicBool,
 }
 
 /// One floating IP on this node.
@@ -245,13 +243,13 @@ impl Vips {
             node: node.to_string(),
             store,
             view,
-            lease: Mutex::new(None),
+            lease: FastLease::new("floating IP", HOLD_WINDOW),
             local,
             peers,
-            stopped: AtomicBool::new(false),
         });
         v.adopt().await;
-        tasks.spawn(v.clone().renew());
+        let renewing = v.clone();
+        tasks.spawn(async move { renewing.lease.renew(&*renewing.store).await });
         for (track, health) in checks {
             let floating = {
                 let v = Arc::downgrade(&v);
@@ -276,65 +274,16 @@ impl Vips {
         let Some(lease) = st.vips.values().filter(|h| h.holder.node == self.node).find_map(|h| h.lease) else {
             return;
         };
-        let sent = Instant::now();
-        if self.store.keep_alive(lease).await.is_ok() {
-            tracing::info!(lease = format!("{lease:x}"), "continuing the floating IPs held by this node's last run");
-            *self.lease.locked() = Some((lease, sent));
-        }
+        self.lease.adopt(&*self.store, lease).await;
     }
 
     /// The VIP lease while its last renewal was sent within [`HOLD_WINDOW`].
     fn fresh(&self) -> Option<LeaseId> {
-        let l = *self.lease.locked();
-        l.filter(|(_, at)| at.elapsed() < HOLD_WINDOW).map(|(id, _)| id)
+        self.lease.fresh()
     }
 
     fn lease_id(&self) -> Option<LeaseId> {
-        self.lease.locked().map(|(id, _)| id)
-    }
-
-    /// Keeps the VIP lease; a lease that is gone is replaced (the tasks
-    /// see their keys went with it).
-    async fn renew(self: Arc<Self>) {
-        while !self.stopped.load(Relaxed) {
-            match self.lease_id() {
-                None => match self.store.grant(VIP_LEASE_TTL).await {
-                    Ok(id) => {
-                        tracing::debug!(lease = format!("{id:x}"), "floating IP lease granted");
-                        *self.lease.locked() = Some((id, Instant::now()));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot grant the floating IP lease; retrying");
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        continue;
-                    }
-                },
-                Some(id) => {
-                    let sent = Instant::now();
-                    match self.store.keep_alive(id).await {
-                        Ok(_) => {
-                            let mut l = self.lease.locked();
-                            if l.is_some_and(|(now, _)| now == id) {
-                                *l = Some((id, sent));
-                            }
-                        }
-                        Err(StoreError::LeaseNotFound(_)) => {
-                            tracing::warn!(
-                                lease = format!("{id:x}"),
-                                "the floating IP lease is gone (expired or revoked)"
-                            );
-                            let mut l = self.lease.locked();
-                            if l.is_some_and(|(now, _)| now == id) {
-                                *l = None;
-                            }
-                            continue;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "renewing the floating IP lease failed"),
-                    }
-                }
-            }
-            tokio::time::sleep(RENEW_EVERY).await;
-        }
+        self.lease.id()
     }
 
     /// The loop of one floating IP.
@@ -343,7 +292,7 @@ impl Vips {
         loop {
             {
                 let _turn = l.turn.lock().await;
-                if self.stopped.load(Relaxed) {
+                if self.lease.stopped() {
                     return;
                 }
                 self.step(&l, &mut t).await;
@@ -581,7 +530,7 @@ impl Vips {
                 h.phase = Phase::Up { refreshed: Instant::now(), added: Instant::now(), second_burst: false };
             }
             Phase::Up { refreshed, added, second_burst } => {
-                let confirmed = self.lease.locked().map(|(_, at)| at);
+                let confirmed = self.lease.renewed();
                 if confirmed.is_some_and(|c| c > refreshed) && self.fresh() == Some(h.lease) {
                     if let Err(e) = netlink::put(&l.addr(&h)) {
                         tracing::warn!(node = %self.node, vip = %l.spec.address, error = %e, "refreshing the floating IP failed");
@@ -679,7 +628,7 @@ impl Vips {
 
     /// Halo is stopping for good: every address is removed and handed over.
     pub async fn release_all(&self) {
-        self.stopped.store(true, Relaxed);
+        self.lease.stop();
         for l in &self.local {
             let _turn = l.turn.lock().await;
             let h = l.held.locked().clone();
@@ -687,10 +636,7 @@ impl Vips {
                 self.release(l, &h, "halo is stopping").await;
             }
         }
-        let lease = self.lease.locked().take();
-        if let Some((id, _)) = lease {
-            let _ = self.store.revoke(id).await;
-        }
+        self.lease.end(&*self.store).await;
     }
 
     /// This node's floating IP metrics.

@@ -227,6 +227,11 @@ pub struct UpstreamConfig {
     /// once rather than a queue without bound; `Auto`, a limit adapted to
     /// the upstream's latency (`overload::Adaptive`). `None`: no limit.
     pub max_in_flight: Option<halo_model::values::MaxInFlight>,
+    /// How long a connection (tcp, or an upgraded one) to an endpoint
+    /// removed from the upstream lasts; `None`: the proxy's grace period.
+    /// A stateful service's primary upstream has zero: a demoted primary
+    /// loses its clients at once.
+    pub removal_grace: Option<Duration>,
 }
 
 impl UpstreamConfig {
@@ -248,6 +253,7 @@ impl UpstreamConfig {
             health: Some(HealthConfig::default()),
             outlier: Some(OutlierConfig::default()),
             max_in_flight: None,
+            removal_grace: None,
         }
     }
 }

@@ -108,6 +108,7 @@ impl Validator<'_> {
             health,
             outlier,
             max_in_flight,
+            removal_grace: None,
         }
     }
 

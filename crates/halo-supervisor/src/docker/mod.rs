@@ -450,7 +450,15 @@ pub struct ContainerRunner {
 
 #[async_trait]
 impl Runner for ContainerRunner {
-    async fn run(&self, argv: &[String], stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, RunError> {
+    async fn run_with(
+        &self,
+        argv: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RunError> {
+        let mut all = self.env.clone();
+        all.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
         let program = argv.first().ok_or(RunError::NoCommand)?.clone();
         let runtime = |e: String| RunError::Runtime(e);
         let body = json!({
@@ -458,7 +466,7 @@ impl Runner for ContainerRunner {
             "AttachStdout": true,
             "AttachStderr": true,
             "Cmd": argv,
-            "Env": self.env,
+            "Env": all,
         });
         let created = self
             .api
