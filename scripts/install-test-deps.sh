@@ -26,6 +26,10 @@ command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
 # The dashboard test drives the real page in a headless Chromium.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The stateful tests run real PostgreSQL servers (examples/postgres.toml),
+# and psql as their client.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 # The package test builds a .deb and checks its systemd units.
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)

@@ -55,6 +55,12 @@ impl FastLease {
         self.lease.locked().map(|(_, at)| at)
     }
 
+    /// Whether the last successful renewal was sent within `d`: the node
+    /// reached the store that lately.
+    pub fn renewed_within(&self, d: Duration) -> bool {
+        self.renewed().is_some_and(|at| at.elapsed() < d)
+    }
+
     pub fn id(&self) -> Option<LeaseId> {
         self.lease.locked().map(|(id, _)| id)
     }

@@ -54,6 +54,9 @@ pub(crate) struct ProxyFeed {
     /// The node file's proxy config: listeners, static routes and upstreams.
     pub base: Config,
     published: Mutex<Published>,
+    /// What a stateful service's primary upstream passes before each
+    /// connection (this node's role lease renewed lately).
+    pub primary_gate: Option<halo_proxy::config::Gate>,
 }
 
 #[derive(Default)]
@@ -66,7 +69,7 @@ struct Published {
 
 impl ProxyFeed {
     pub fn new(proxy: Arc<Proxy>, base: Config) -> ProxyFeed {
-        ProxyFeed { proxy, base, published: Mutex::default() }
+        ProxyFeed { proxy, base, published: Mutex::default(), primary_gate: None }
     }
 
     /// Feeds the proxy every service of `st` with `endpoints` (service,
@@ -134,7 +137,7 @@ impl ProxyFeed {
             services.iter().map(|(n, s)| (n.clone(), format!("{}@{:?}", s.template, weights.get(n)))).collect();
         let mut published = self.published.locked();
         if published.layout.as_ref() != Some(&layout) {
-            match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights)) {
+            match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights, self.primary_gate.as_ref())) {
                 Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },
                 Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
             }
@@ -167,12 +170,13 @@ fn proxy_config(
     services: &BTreeMap<String, Arc<Svc>>,
     endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
     canary_weights: &BTreeMap<String, u32>,
+    primary_gate: Option<&halo_proxy::config::Gate>,
 ) -> Config {
     let mut cfg = base.clone();
     let mut routes = Vec::new();
     for (name, svc) in services {
         let canary = canary_weights.get(name).copied();
-        let upstreams = upstreams(name, svc, endpoints, canary);
+        let upstreams = upstreams(name, svc, endpoints, canary, primary_gate);
         if let Some(taken) = upstreams.iter().find(|u| base.upstreams.contains_key(&u.name)) {
             tracing::error!(
                 service = %name,
@@ -212,6 +216,7 @@ fn upstreams(
     svc: &Svc,
     endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
     canary: Option<u32>,
+    primary_gate: Option<&halo_proxy::config::Gate>,
 ) -> Vec<UpstreamConfig> {
     let b = &svc.spec.balance;
     let upstream = |name: String| {
@@ -233,6 +238,7 @@ fn upstreams(
     if svc.spec.replicated() {
         // A demoted primary loses its clients at once.
         out[0].removal_grace = Some(std::time::Duration::ZERO);
+        out[0].gate = primary_gate.cloned();
         out.extend(replica_lags(svc).into_iter().map(|lag| upstream(replica_upstream(name, lag))));
     }
     out
@@ -308,7 +314,7 @@ mod tests {
         let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), clash)]);
         let eps =
             BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
-        let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new());
+        let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new(), None);
         assert!(cfg.upstreams.contains_key("web"), "{:?}", cfg.upstreams.keys());
         assert_eq!(
             cfg.upstreams["old"].endpoints[0].addr,
@@ -334,7 +340,8 @@ mod tests {
         for (weight, split) in
             [(0, vec![("web", 1)]), (25, vec![("web.canary", 25), ("web", 75)]), (100, vec![("web.canary", 100)])]
         {
-            let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::from([("web".to_string(), weight)]));
+            let cfg =
+                proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::from([("web".to_string(), weight)]), None);
             assert!(cfg.upstreams.contains_key("web.canary"));
             let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
             let got: Vec<(&str, u32)> = r.split.iter().map(|(u, w)| (u.as_str(), *w)).collect();
@@ -350,7 +357,7 @@ mod tests {
         let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[balance]\n\
                        max_in_flight = 64\nrate_limit = \"100/s\"\nrate_limit_burst = 300\n");
         let services = BTreeMap::from([("web".to_string(), web)]);
-        let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new());
+        let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new(), None);
         assert_eq!(cfg.upstreams["web"].max_in_flight, Some(halo_model::values::MaxInFlight::Fixed(64)));
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
         let limit = r.rate_limit.expect("the route's rate limit");

@@ -93,8 +93,11 @@ pub(crate) struct Reconciler {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reconciler {
-    pub fn new(ctx: Arc<NodeCtx>, feed: ProxyFeed) -> Reconciler {
+    pub fn new(ctx: Arc<NodeCtx>, mut feed: ProxyFeed) -> Reconciler {
         let stateful = Stateful::new(ctx.clone());
+        let s = Arc::downgrade(&stateful);
+        let current = move || s.upgrade().is_some_and(|s| s.lease.renewed_within(crate::stateful::ROUTE_WINDOW));
+        feed.primary_gate = Some(halo_proxy::config::Gate(Arc::new(current)));
         Reconciler {
             ctx,
             feed,

@@ -42,6 +42,9 @@ struct Local {
     taken: Option<(Revision, Instant)>,
     /// A primary's process not running since.
     down_since: Option<Instant>,
+    /// A primary frozen (its process group stopped) while its node's role
+    /// lease is not fresh.
+    frozen: bool,
     next_check: Instant,
     next_position: Instant,
     /// The furthest the current primary was seen at.
@@ -66,6 +69,7 @@ impl Local {
             reason: None,
             taken: None,
             down_since: None,
+            frozen: false,
             next_check: Instant::now(),
             next_position: Instant::now(),
             last_primary_position: None,
@@ -79,6 +83,7 @@ struct Running {
     runner: Option<Arc<dyn Runner>>,
     up: bool,
     ready: bool,
+    pid: Option<i32>,
 }
 
 pub(crate) async fn run(r: Arc<Reconciler>, s: Arc<Stateful>) {
@@ -124,7 +129,12 @@ async fn step(r: &Arc<Reconciler>, s: &Arc<Stateful>, locals: &mut BTreeMap<Stri
             let instances = r.instances.lock();
             instances.get(&id).filter(|m| !m.stopping()).map(|m| {
                 let status = m.status.borrow();
-                Running { runner: m.runner(), up: status.state == halo_supervisor::State::Running, ready: m.ready() }
+                Running {
+                    runner: m.runner(),
+                    up: status.state == halo_supervisor::State::Running,
+                    ready: m.ready(),
+                    pid: status.pid,
+                }
             })
         };
         One { r, s, st: &st, id: &id, spec: &spec, running }.step(l).await;
@@ -168,29 +178,27 @@ impl One<'_> {
         let ev = &self.r.ctx.m.events;
         let svc = Some(self.spec.name.as_str());
         let id = self.id;
-        // A rewound or re-cloned former primary starts again as a replica.
+        // A demoted instance that stopped starts again as a standby (the
+        // admission starts nothing else without the key): it waits, and may
+        // be promoted, or is rewound when another is.
         if l.role == Role::Demoted && self.running.is_none() {
-            let dir = data_dir(&self.r.ctx.data_dir, self.spec, id);
-            if read_marker(&dir).is_some_and(|m| m.role == Role::Replica) {
-                *l = Local::new(&self.spec.name, read_marker(&dir));
-            }
+            l.role = Role::Waiting;
         }
-        // 1. Fencing: a primary serves only under its own fresh key.
+        // 1. Fencing: a primary serves only under its own key, and only
+        // while its node's role lease is fresh; in between (the store slow
+        // or away: an etcd election, a cut) it is frozen, not stopped.
         if l.role == Role::Primary {
-            let fresh = self.s.lease.fresh();
             let ours = self.held().is_some_and(|h| h.record.instance == id && h.token == l.token);
-            let lease_ok = self.held().is_some_and(|h| h.lease.is_some() && h.lease == fresh);
-            let why = match (ours, lease_ok) {
-                (false, _) => Some("the primary key is gone or another's".to_string()),
-                (true, false) => {
-                    Some(format!("its node could not renew the role lease within {:?}", crate::stateful::HOLD_WINDOW))
-                }
-                _ => None,
-            };
-            if let Some(why) = why {
-                self.demote(l, &why).await;
+            let fresh = self.held().is_some_and(|h| h.lease.is_some() && h.lease == self.s.lease.fresh());
+            if !ours {
+                self.demote(l, "the primary key is gone or another's").await;
                 return;
             }
+            if !fresh {
+                self.freeze(l, true);
+                return;
+            }
+            self.freeze(l, false);
         }
         // 2. A primary whose process stays down hands over.
         if l.role == Role::Primary && !self.up() {
@@ -306,12 +314,39 @@ impl One<'_> {
         l.following
     }
 
+    /// Freezes or thaws a primary's process group; while frozen, a restart
+    /// would start it as a standby.
+    fn freeze(&self, l: &mut Local, frozen: bool) {
+        if l.frozen == frozen {
+            return;
+        }
+        let dir = data_dir(&self.r.ctx.data_dir, self.spec, self.id);
+        let start_as = if frozen { Role::Replica } else { Role::Primary };
+        if let Err(e) = crate::stateful::write_role_file(&dir, start_as) {
+            tracing::error!(instance = %self.id, error = %e, "cannot write the role file");
+        }
+        if let Some(pid) = self.running.as_ref().and_then(|r| r.pid) {
+            if let Err(e) = halo_supervisor::freeze_group(pid, frozen) {
+                tracing::warn!(instance = %self.id, pid, error = %e, "cannot signal the primary's process group");
+            }
+        }
+        l.frozen = frozen;
+        if frozen {
+            tracing::warn!(instance = %self.id, window = ?crate::stateful::HOLD_WINDOW,
+                "this node's role lease was not renewed in time: the primary is frozen until it is");
+        } else {
+            tracing::info!(instance = %self.id, "the role lease is fresh again: the primary runs on");
+        }
+    }
+
     /// Takes the key when this instance is the one to (its node's role
     /// lease fresh): the promotion follows after [`GUARD`].
     async fn campaign(&self, l: &mut Local) {
         let s = self.spec.stateful.as_ref().expect("stateful");
         let Some(roles) = self.st.roles.get(&self.spec.name) else { return };
-        let live: BTreeSet<String> = self.st.nodes.keys().cloned().collect();
+        // Nodes with a lease that answer this one.
+        let silent = self.r.ctx.peers.silent_nodes();
+        let live: BTreeSet<String> = self.st.nodes.keys().filter(|n| !silent.contains(*n)).cloned().collect();
         if let Err(why) = may_campaign(&self.spec.name, self.id, roles, &live, s, l.last_primary_position) {
             tracing::trace!(instance = %self.id, why, "not campaigning");
             return;
@@ -400,7 +435,8 @@ impl One<'_> {
         let ev = &self.r.ctx.m.events;
         let (svc, id) = (Some(self.spec.name.as_str()), self.id);
         let s = self.spec.stateful.as_ref().expect("stateful");
-        let demoted = match (&s.hooks.demote, self.ready()) {
+        // A frozen primary is stopped (the stop thaws it first).
+        let demoted = match (&s.hooks.demote, self.ready() && !l.frozen) {
             (Some(argv), true) => self
                 .hook(argv, Role::Demoted, None)
                 .await
@@ -414,6 +450,7 @@ impl One<'_> {
         l.role = Role::Demoted;
         l.healthy = false;
         l.taken = None;
+        l.frozen = false;
         let how = if demoted { "demoted" } else { "stopped" };
         ev.warn(EventKind::Demoted, svc, Some(id), format!("{id} {how}: {why} (token {})", l.token));
     }

@@ -51,6 +51,12 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
         tracing::warn!(client.addr = %peer, upstream, "no such upstream (yet); closing the connection");
         return;
     };
+    let closed = || group.cfg.gate.as_ref().is_some_and(|g| !g.open());
+    if closed() {
+        stats.unserved.fetch_add(1, Relaxed);
+        tracing::warn!(client.addr = %peer, upstream, "the upstream's gate is closed (this node's view of the cluster may be stale); closing the connection");
+        return;
+    }
     let mut tried = [usize::MAX; 10];
     for attempt in 0..fwd.connect_tries as usize {
         let Some(i) = group.pick_conn(peer, &tried[..attempt], now_ms()) else { break };
@@ -66,6 +72,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
                     }
                 }
                 if first_sign(&client, &upstream, fwd.idle_timeout).await {
+                    if closed() {
+                        stats.unserved.fetch_add(1, Relaxed);
+                        return;
+                    }
                     ep.passive_result(true, || false);
                     splice(client, upstream, ep, shared, fwd, stats, peer).await;
                     return;

@@ -30,7 +30,7 @@ pub use error::{IdentityError, ProbeError, RunError, StartError};
 pub use instance::{Instance, InstanceSpec, ProbeFailures, State, Status};
 pub use logs::LogFile;
 pub use probe::check_once;
-pub use process::{alive, start_time, ExecDriver};
+pub use process::{alive, freeze_group, start_time, ExecDriver};
 pub use runner::{HostRunner, Runner};
 
 /// What every instance of a node shares.

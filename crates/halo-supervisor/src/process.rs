@@ -275,6 +275,14 @@ pub fn start_time(pid: i32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// Freezes (SIGSTOP) or thaws (SIGCONT) the process group an instance's
+/// process `pid` leads: a frozen server acknowledges nothing (a stateful
+/// primary fenced while its node cannot reach the store).
+pub fn freeze_group(pid: i32, frozen: bool) -> std::io::Result<()> {
+    let sig = if frozen { Signal::SIGSTOP } else { Signal::SIGCONT };
+    killpg(Pid::from_raw(pid), sig).map_err(std::io::Error::from)
+}
+
 /// Whether `pid` is still the process that started at `start_time` and
 /// has not exited (a zombie has).
 pub fn alive(pid: i32, start_time: u64) -> bool {

@@ -48,7 +48,9 @@ pub fn may_campaign(
     let key = |id: &str, r: &RoleRecord| (r.position, std::cmp::Reverse(ordinal(service, id).unwrap_or(u32::MAX)));
     let best = alive
         .iter()
-        .filter(|(_, r)| r.has_data && r.healthy && r.position.is_some() && r.role != Role::Demoted)
+        .filter(|(_, r)| r.has_data && r.healthy && r.position.is_some())
+        // A primary's record outlives its key for a moment; it is no candidate.
+        .filter(|(_, r)| matches!(r.role, Role::Replica | Role::Waiting))
         .max_by_key(|(id, r)| key(id, r))
         .map(|(id, _)| id.as_str());
     if best != Some(me) {

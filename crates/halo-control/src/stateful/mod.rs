@@ -52,6 +52,11 @@ pub const HOLD_WINDOW: Duration = Duration::from_millis(500);
 /// After taking the key, the new primary waits this long before it
 /// promotes: longer than [`HOLD_WINDOW`] and a tick of the old one.
 pub const GUARD: Duration = Duration::from_millis(700);
+/// A node whose role lease was last renewed longer ago than this sends
+/// no new connection to any primary: its view may be stale (it was
+/// frozen, or cut off), and a primary it still names may have been
+/// replaced.
+pub const ROUTE_WINDOW: Duration = Duration::from_secs(1);
 /// How often the role loop looks.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How often each instance's `position` is asked.
@@ -135,7 +140,7 @@ pub fn write_marker(dir: &Path, m: Marker) -> std::io::Result<()> {
 }
 
 /// Sets only how the process starts (the state stays).
-fn write_role_file(dir: &Path, role: Role) -> std::io::Result<()> {
+pub fn write_role_file(dir: &Path, role: Role) -> std::io::Result<()> {
     write_file(dir, ROLE_FILE, if role == Role::Primary { b"primary\n" } else { b"replica\n" })
 }
 

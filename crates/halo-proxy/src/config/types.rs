@@ -232,6 +232,27 @@ pub struct UpstreamConfig {
     /// A stateful service's primary upstream has zero: a demoted primary
     /// loses its clients at once.
     pub removal_grace: Option<Duration>,
+    /// Checked before each tcp connection to the endpoints: closed, the
+    /// client is refused. A stateful primary is reached only while this
+    /// node knows the cluster's state is current (set by the control
+    /// plane, never by a file).
+    pub gate: Option<Gate>,
+}
+
+/// A condition a connection to an upstream must pass ([`UpstreamConfig::gate`]).
+#[derive(Clone)]
+pub struct Gate(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Gate {
+    pub fn open(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.open() { "Gate(open)" } else { "Gate(closed)" })
+    }
 }
 
 impl UpstreamConfig {
@@ -254,6 +275,7 @@ impl UpstreamConfig {
             outlier: Some(OutlierConfig::default()),
             max_in_flight: None,
             removal_grace: None,
+            gate: None,
         }
     }
 }

@@ -109,6 +109,7 @@ impl Validator<'_> {
             outlier,
             max_in_flight,
             removal_grace: None,
+            gate: None,
         }
     }
 

@@ -1,0 +1,463 @@
+//! Stateful services with real PostgreSQL (`examples/postgres.toml` and
+//! its hooks) and psql as the client: a primary and streaming replicas on
+//! one node, kept across kill -9 of halo; on the three-node harness, the
+//! faults of the primary's node (kill -9, SIGSTOP, a link cut) under a
+//! write load that records every acknowledged insert and which server
+//! took it; a lost node's replica cloned elsewhere; bad input refused.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use halo_testkit::{eventually, Cluster, Halo, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halo");
+
+/// The PostgreSQL recipe, its scripts copied where the `postgres` user can
+/// read them (a checkout under a private home cannot be).
+struct Recipe {
+    dir: TempDir,
+}
+
+impl Recipe {
+    fn new() -> Recipe {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("pg-recipe");
+        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/postgres"));
+        for e in std::fs::read_dir(&src).expect("examples/postgres") {
+            let e = e.expect("entry");
+            let to = dir.0.join(e.file_name());
+            std::fs::copy(e.path(), &to).expect("copy a hook");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Recipe { dir }
+    }
+
+    /// `examples/postgres.toml` on free loopback ports, with the hooks here.
+    fn node_file(&self) -> String {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/postgres.toml"))
+            .expect("examples/postgres.toml");
+        text.replace("examples/postgres/", &format!("{}/", self.dir.0.display()))
+            .replace("127.0.0.1:7070", "127.0.0.1:0")
+            .replace("127.0.0.1:5432", "127.0.0.1:0")
+            .replace("127.0.0.1:5433", "127.0.0.1:0")
+    }
+
+    /// The recipe's service as a file of its own (`halo apply -f`), with
+    /// `set` lines added to its `[stateful]`.
+    fn service_file(&self, set: &[(&str, toml::Value)]) -> PathBuf {
+        let node: toml::Value = toml::from_str(&self.node_file()).expect("the node file reads");
+        let mut svc = node["services"][0].clone();
+        let stateful = svc.get_mut("stateful").and_then(|s| s.as_table_mut()).expect("[stateful]");
+        for (k, v) in set {
+            stateful.insert(k.to_string(), v.clone());
+        }
+        self.dir.write("pg.toml", &toml::to_string(&svc).expect("serialises"))
+    }
+}
+
+/// psql against `addr` (from namespace `ns` when given): the output, or
+/// why it failed. Every call is a new connection; none lasts past 6 s.
+fn psql(ns: Option<&str>, addr: SocketAddr, sql: &str) -> Result<String, String> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "timeout", "-k", "1", "5", "psql"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("timeout");
+            c.args(["-k", "1", "5", "psql"]);
+            c
+        }
+    };
+    let out = cmd
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-XAtqv", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "2")
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// One acknowledged insert.
+#[derive(Debug, Clone)]
+struct Ack {
+    id: u64,
+    at: Instant,
+    /// The server that took it (`addr:port` as it saw the connection).
+    server: String,
+}
+
+/// A client inserting rows one connection at a time, round robin over
+/// `targets`, recording every acknowledged insert; failures are retried
+/// on the next target. Stops by itself after 5 minutes.
+struct Writes {
+    acks: Arc<Mutex<Vec<Ack>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writes {
+    fn start(ns: Option<String>, targets: Vec<SocketAddr>) -> Writes {
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acks.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let began = Instant::now();
+            let mut id = 0u64;
+            while !s.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(300) {
+                id += 1;
+                let target = targets[id as usize % targets.len()];
+                let sql = format!(
+                    "insert into w(id) values ({id}) returning host(inet_server_addr()) || ':' || inet_server_port()"
+                );
+                if let Ok(server) = psql(ns.as_deref(), target, &sql) {
+                    a.lock().unwrap().push(Ack { id, at: Instant::now(), server });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Writes { acks, stop, thread: Some(thread) }
+    }
+
+    fn acks(&self) -> Vec<Ack> {
+        self.acks.lock().unwrap().clone()
+    }
+
+    fn finish(mut self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.acks()
+    }
+}
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A stateful instance as `halo status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+struct Inst {
+    node: usize,
+    id: String,
+    role: String,
+    token: i64,
+    ready: bool,
+    pid: i64,
+    port: u16,
+}
+
+fn insts(status: &serde_json::Value, node: usize) -> Vec<Inst> {
+    let Some(services) = status["services"].as_array() else { return Vec::new() };
+    let pg = services.iter().find(|s| s["name"] == "pg");
+    let list = pg.and_then(|s| s["instances"].as_array()).cloned().unwrap_or_default();
+    list.iter()
+        .filter(|i| i["stopping"] == false)
+        .map(|i| Inst {
+            node,
+            id: i["id"].as_str().unwrap_or("").to_string(),
+            role: i["role"]["role"].as_str().unwrap_or("-").to_string(),
+            token: i["role"]["token"].as_i64().unwrap_or(0),
+            ready: i["ready"] == true,
+            pid: i["pid"].as_i64().unwrap_or(0),
+            port: i["port"].as_u64().unwrap_or(0) as u16,
+        })
+        .collect()
+}
+
+/// Exactly one ready primary and `replicas` ready replicas following its
+/// token.
+fn settled(all: &[Inst], replicas: usize) -> Option<Inst> {
+    let primaries: Vec<&Inst> = all.iter().filter(|i| i.role == "primary" && i.ready).collect();
+    let [p] = primaries[..] else { return None };
+    let following = all.iter().filter(|i| i.role == "replica" && i.ready && i.token == p.token).count();
+    (following == replicas && all.len() == replicas + 1).then(|| p.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_serves_a_primary_and_two_streaming_replicas_and_kill_9_of_halo_keeps_them() {
+    let recipe = Recipe::new();
+    let mut h = Halo::up_logged(BIN, &recipe.node_file()).expect("halo up");
+    let (w, r) = (h.listeners["pg-primary"], h.listeners["pg-replicas"]);
+    let mut before = Vec::new();
+    eventually(Duration::from_secs(60), "a primary and two replicas following it", || {
+        before = insts(&h.status(), 0);
+        std::future::ready(settled(&before, 2).is_some())
+    })
+    .await;
+    let primary = settled(&before, 2).unwrap();
+    println!("roles: {before:?}");
+    psql(None, w, "create table t(id int primary key)").expect("create through the primary's listener");
+    psql(None, w, "insert into t select generate_series(1, 100)").expect("insert");
+    eventually(Duration::from_secs(20), "the replicas' listener reads the rows", || {
+        std::future::ready(psql(None, r, "select count(*) from t").as_deref() == Ok("100"))
+    })
+    .await;
+    assert_eq!(psql(None, r, "select pg_is_in_recovery()").as_deref(), Ok("t"), "5433 reaches a replica");
+    let refused = psql(None, r, "insert into t values (1000)").unwrap_err();
+    assert!(refused.contains("read-only"), "a replica refuses writes: {refused}");
+    // The data lives in each instance's own directory, beside halo's.
+    let volumes = PathBuf::from(format!("{}-volumes", h.data_dir.as_ref().unwrap().display()));
+    for i in &before {
+        assert!(volumes.join(&i.id).join("pgdata/PG_VERSION").exists(), "{}'s data under {}", i.id, volumes.display());
+    }
+
+    // kill -9 of halo: the same postmasters are adopted, roles kept.
+    h.restart().expect("halo again");
+    let mut after = Vec::new();
+    eventually(Duration::from_secs(30), "the instances adopted with their roles", || {
+        after = insts(&h.status(), 0);
+        std::future::ready(settled(&after, 2).is_some())
+    })
+    .await;
+    let key = |v: &[Inst]| -> Vec<(String, String, i64, i64)> {
+        let mut k: Vec<_> = v.iter().map(|i| (i.id.clone(), i.role.clone(), i.token, i.pid)).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(key(&before), key(&after), "same processes, same roles, same token after kill -9 of halo");
+    let w = h.listeners["pg-primary"];
+    psql(None, w, "insert into t values (101)").expect("a write after the restart");
+    let r = h.listeners["pg-replicas"];
+    eventually(Duration::from_secs(20), "the replicas have it", || {
+        std::future::ready(psql(None, r, "select count(*) from t").as_deref() == Ok("101"))
+    })
+    .await;
+
+    // Bad input is refused, naming the field; nothing running changes.
+    let bad = [
+        ("name = \"db\"\nreplicas = 2\n[run]\ncommand = \"x\"\n[stateful]\n", "stateful.promote"),
+        ("name = \"db\"\n[run]\ncommand = \"x\"\n[stateful]\nreplace_after = \"soon\"\n", "stateful.replace_after"),
+        ("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nrole = \"replica\"\n", "routes[0].role"),
+        (
+            "name = \"db\"\n[run]\ncommand = \"x\"\n[stateful]\n[release]\nstrategy = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }]\n",
+            "release.strategy",
+        ),
+    ];
+    for (text, field) in bad {
+        let file = recipe.dir.write("bad.toml", text);
+        let (code, _, err) = h.cli(&["apply", "-f", &file.to_string_lossy()]);
+        assert_ne!(code, 0, "{text} was accepted");
+        assert!(err.contains(field), "the error names {field}: {err}");
+    }
+    assert_eq!(key(&insts(&h.status(), 0)), key(&after), "nothing running changed");
+    println!("primary {} (token {}) kept across kill -9 of halo", primary.id, primary.token);
+}
+
+/// A process's state letter (`R`, `S`, `T` for stopped...).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// The three-node harness with the recipe's listeners on every node.
+fn pg_cluster(recipe: &Recipe, set: &[(&str, toml::Value)]) -> Cluster {
+    let c = Cluster::start_with(BIN, 3, &|nd| {
+        format!(
+            "[[listeners]]\nname = \"pg-primary\"\nlisten = \"{ip}:5432\"\nprotocol = \"tcp\"\nupstream = \"pg\"\nidle_timeout = \"0\"\n\n\
+             [[listeners]]\nname = \"pg-replicas\"\nlisten = \"{ip}:5433\"\nprotocol = \"tcp\"\nupstream = \"pg.replica\"\nidle_timeout = \"0\"\n",
+            ip = nd.ip
+        )
+    });
+    let file = recipe.service_file(set);
+    let (code, out, err) = c.cli(0, &["apply", "-f", &file.to_string_lossy()]);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    c
+}
+
+fn cluster_insts(c: &Cluster, skip: Option<usize>) -> Vec<Inst> {
+    (0..c.nodes.len())
+        .filter(|i| Some(*i) != skip)
+        .flat_map(|i| c.status(i).map(|s| insts(&s, i)).unwrap_or_default())
+        .collect()
+}
+
+async fn wait_settled(c: &Cluster, skip: Option<usize>, replicas: usize, within: Duration, what: &str) -> Inst {
+    let mut all = Vec::new();
+    eventually(within, what, || {
+        all = cluster_insts(c, skip);
+        std::future::ready(settled(&all, replicas).is_some())
+    })
+    .await;
+    settled(&all, replicas).unwrap()
+}
+
+fn pg_addr(c: &Cluster, node: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(c.nodes[node].ip.into(), port)
+}
+
+/// The rows the primary reachable at `addr` has, by id.
+fn ids(ns: &str, addr: SocketAddr) -> std::collections::BTreeSet<u64> {
+    let out = psql(Some(ns), addr, "select id from w order by id").expect("read the rows");
+    out.lines().filter_map(|l| l.parse().ok()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_reaches() {
+    let recipe = Recipe::new();
+    let mut c = pg_cluster(&recipe, &[]);
+    let ns = c.client_ns();
+    let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
+    psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != p.node).collect();
+    let writes = Writes::start(Some(ns.clone()), survivors.iter().map(|i| pg_addr(&c, *i, 5432)).collect());
+    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 20)).await;
+    let killed = Instant::now();
+    c.kill_node(p.node);
+    eventually(Duration::from_secs(30), "a write acknowledged after the kill", || {
+        std::future::ready(writes.acks().iter().any(|a| a.at > killed))
+    })
+    .await;
+    let first = writes.acks().iter().find(|a| a.at > killed).map(|a| a.at - killed).unwrap();
+    println!("kill -9 of the primary's node {}: first acknowledged write after {first:?}", c.nodes[p.node].name);
+    let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a new primary and one replica").await;
+    assert_ne!(q.node, p.node);
+    assert!(q.token > p.token, "the new token {} is above the old {}", q.token, p.token);
+    for i in &survivors {
+        let r =
+            psql(Some(&ns), pg_addr(&c, *i, 5432), "insert into w(id) values (-1 - inet_server_port()) returning 1");
+        assert!(r.is_ok() || r.as_ref().unwrap_err().contains("duplicate"), "node {i}'s listener writes: {r:?}");
+        let _ = psql(Some(&ns), pg_addr(&c, *i, 5432), "delete from w where id < 0");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acks = writes.finish();
+    let have = ids(&ns, pg_addr(&c, survivors[0], 5432));
+    let after: Vec<&Ack> = acks.iter().filter(|a| a.at > killed).collect();
+    let missing_after: Vec<u64> = after.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
+    assert!(missing_after.is_empty(), "writes acknowledged by the new primary are all there: {missing_after:?}");
+    let lost = acks.iter().filter(|a| a.at <= killed && !have.contains(&a.id)).count();
+    println!(
+        "{} writes acknowledged ({} after the kill); {lost} acknowledged by the old primary are not on the new one (asynchronous replication)",
+        acks.len(),
+        after.len()
+    );
+}
+
+/// Faults that leave the old primary's node alive: SIGSTOP for 15 s, or
+/// its link cut. A replica elsewhere is promoted; the old primary never
+/// takes a write through any listener after the new one took its first;
+/// it comes back a replica of the new primary; the token only grows.
+async fn isolated_primary(freeze: bool) {
+    let recipe = Recipe::new();
+    let mut c = pg_cluster(&recipe, &[]);
+    let ns = c.client_ns();
+    let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
+    psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
+    let old_server = format!("{}:{}", c.nodes[p.node].ip, p.port);
+    let writes = Writes::start(Some(ns.clone()), (0..3).map(|i| pg_addr(&c, i, 5432)).collect());
+    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 20)).await;
+    let what = if freeze { "SIGSTOP" } else { "a link cut" };
+    let began = Instant::now();
+    if freeze {
+        c.freeze(p.node, true);
+    } else {
+        c.cut(p.node, true);
+    }
+    let mut tokens = vec![p.token];
+    let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a primary elsewhere").await;
+    tokens.push(q.token);
+    assert_ne!(q.node, p.node);
+    println!("{what} of the primary's node: {} promoted (token {}) after {:?}", q.id, q.token, began.elapsed());
+    if !freeze {
+        // Cut off, its node stops the primary taking writes by itself: the
+        // process is frozen (or gone).
+        eventually(Duration::from_secs(20), "the cut-off primary frozen or stopped", || {
+            let procs = c.instance_processes();
+            let pid = procs.iter().find(|(id, _)| *id == p.id).map(|(_, pid)| *pid);
+            std::future::ready(pid.is_none_or(|pid| process_state(pid) == Some('T')))
+        })
+        .await;
+    }
+    let held = Duration::from_secs(15).saturating_sub(began.elapsed());
+    tokio::time::sleep(held).await;
+    if freeze {
+        c.freeze(p.node, false);
+    } else {
+        c.cut(p.node, false);
+    }
+    // The old primary comes back as a replica of the new one.
+    let mut back = Vec::new();
+    eventually(Duration::from_secs(90), "the old primary rewound and following", || {
+        back = cluster_insts(&c, None);
+        if let Some(t) = back.iter().map(|i| i.token).max() {
+            tokens.push(t);
+        }
+        std::future::ready(settled(&back, 2).is_some_and(|n| n.id == q.id))
+    })
+    .await;
+    let old = back.iter().find(|i| i.id == p.id).expect("the old primary's instance").clone();
+    assert_eq!((old.role.as_str(), old.token), ("replica", q.token), "{back:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acks = writes.finish();
+    let first_new = acks
+        .iter()
+        .find(|a| a.server != old_server && a.at > began)
+        .map(|a| a.at)
+        .expect("the new primary took writes");
+    let late: Vec<&Ack> = acks.iter().filter(|a| a.server == old_server && a.at >= first_new).collect();
+    assert!(late.is_empty(), "the old primary took writes after the new one's first: {late:?}");
+    assert!(tokens.windows(2).all(|w| w[0] <= w[1]), "the token only grows: {tokens:?}");
+    tokens.dedup();
+    // It follows: a row written now reaches it.
+    psql(Some(&ns), pg_addr(&c, q.node, 5432), "insert into w(id) values (999999999)").expect("a write");
+    let direct = pg_addr(&c, old.node, old.port);
+    eventually(Duration::from_secs(20), "the old primary has the new row", || {
+        std::future::ready(psql(Some(&ns), direct, "select count(*) from w where id = 999999999").as_deref() == Ok("1"))
+    })
+    .await;
+    println!(
+        "{what}: {} writes acknowledged; none by the old primary after the new one's first; tokens {tokens:?}",
+        acks.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_the_primarys_node_promotes_elsewhere_and_the_old_one_is_rewound() {
+    isolated_primary(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_primary_stops_itself_and_comes_back_a_replica() {
+    isolated_primary(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_replica_is_cloned_elsewhere_after_replace_after() {
+    let recipe = Recipe::new();
+    let mut c = pg_cluster(&recipe, &[("replace_after", toml::Value::String("3s".into()))]);
+    let ns = c.client_ns();
+    let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
+    psql(Some(&ns), pg_addr(&c, p.node, 5432), "create table w(id bigint primary key)").expect("create");
+    psql(Some(&ns), pg_addr(&c, p.node, 5432), "insert into w select generate_series(1, 1000)").expect("rows");
+    let all = cluster_insts(&c, None);
+    let victim = all.iter().find(|i| i.role == "replica").expect("a replica").clone();
+    c.kill_node(victim.node);
+    let mut now: BTreeMap<String, Inst> = BTreeMap::new();
+    eventually(Duration::from_secs(90), "the lost replica recreated on another node", || {
+        let all = cluster_insts(&c, Some(victim.node));
+        now = all.iter().map(|i| (i.id.clone(), i.clone())).collect();
+        let back = now.get(&victim.id);
+        std::future::ready(settled(&all, 2).is_some() && back.is_some_and(|b| b.node != victim.node))
+    })
+    .await;
+    let moved = &now[&victim.id];
+    let direct = pg_addr(&c, moved.node, moved.port);
+    assert_eq!(psql(Some(&ns), direct, "select count(*) from w").as_deref(), Ok("1000"), "cloned with the data");
+    let (_, events, _) = c.cli(p.node, &["events"]);
+    assert!(events.contains(&format!("{} cloned from", victim.id)), "{events}");
+    println!("{} moved from {} to {}", victim.id, c.nodes[victim.node].name, c.nodes[moved.node].name);
+}
