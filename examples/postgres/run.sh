@@ -8,7 +8,8 @@ set -eu
 role=$(cat "$HALO_DATA_DIR/halo-role" 2>/dev/null || echo replica)
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   [ "$role" = primary ] || { echo "no data in $PGDATA: halo clones a replica before it starts" >&2; exit 1; }
-  rm -rf "$PGDATA"
+  # initdb refuses a directory with anything in it: data that lost its
+  # PG_VERSION is never overwritten.
   "$BIN/initdb" -D "$PGDATA" -U postgres --auth=trust >/dev/null
   cat >>"$PGDATA/postgresql.conf" <<CONF
 wal_level = replica

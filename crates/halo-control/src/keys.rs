@@ -124,6 +124,10 @@ pub struct RoleRecord {
     /// Why it is not serving its role, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// While the service has no primary: why this instance does not take
+    /// the key (`None`: it may).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidacy: Option<String>,
 }
 
 pub fn vip_key(ip: &IpAddr) -> String {

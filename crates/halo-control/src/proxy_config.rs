@@ -86,45 +86,7 @@ impl ProxyFeed {
         let services = &st.services;
         let canaries: BTreeMap<&String, ActiveCanary> =
             services.keys().filter_map(|n| st.canary(n).map(|c| (n, c))).collect();
-        let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
-        let mut roles = BTreeMap::new();
-        for (name, svc) in services {
-            eps.insert(name.clone(), Vec::new());
-            if canaries.contains_key(name) {
-                eps.insert(canary_upstream(name), Vec::new());
-            }
-            if svc.spec.replicated() {
-                for lag in replica_lags(svc) {
-                    eps.insert(replica_upstream(name, lag), Vec::new());
-                }
-                roles.insert(name, routable(st.primaries.get(name), st.roles.get(name)));
-            }
-        }
-        for e in endpoints {
-            let ep = EndpointConfig { addr: e.addr, weight: 1 };
-            if let Some(r) = roles.get(&e.service) {
-                if r.primary.as_ref() == Some(&e.id) {
-                    eps.entry(e.service.clone()).or_default().push(ep);
-                } else if let Some((_, lag)) = r.replicas.iter().find(|(id, _)| *id == e.id) {
-                    for max in replica_lags(&services[&e.service]) {
-                        if max.is_none_or(|m| lag.is_some_and(|l| l <= m)) {
-                            eps.entry(replica_upstream(&e.service, max)).or_default().push(ep);
-                        }
-                    }
-                }
-                continue;
-            }
-            let upstream = match canaries.get(&e.service) {
-                Some(c) if c.canary_template == e.template => canary_upstream(&e.service),
-                _ => e.service,
-            };
-            if let Some(list) = eps.get_mut(&upstream) {
-                list.push(ep);
-            }
-        }
-        for list in eps.values_mut() {
-            list.sort_by_key(|e| e.addr);
-        }
+        let eps = upstream_endpoints(st, &canaries, endpoints);
         // The canary takes its share (or its cohort) only once it has a
         // ready instance.
         let weights: BTreeMap<String, u32> = canaries
@@ -158,6 +120,58 @@ impl ProxyFeed {
             }
         }
     }
+}
+
+/// Each service upstream's endpoints: a service's ready instances, the
+/// canary's in `NAME.canary`; a replicated stateful service's primary
+/// alone in `NAME`, its replicas in `NAME.replica` (and in each
+/// `NAME.replica.lagN` while at most N behind).
+fn upstream_endpoints(
+    st: &ClusterState,
+    canaries: &BTreeMap<&String, ActiveCanary>,
+    endpoints: Vec<Ep>,
+) -> BTreeMap<String, Vec<EndpointConfig>> {
+    let services = &st.services;
+    let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
+    let mut roles = BTreeMap::new();
+    for (name, svc) in services {
+        eps.insert(name.clone(), Vec::new());
+        if canaries.contains_key(name) {
+            eps.insert(canary_upstream(name), Vec::new());
+        }
+        if svc.spec.replicated() {
+            for lag in replica_lags(svc) {
+                eps.insert(replica_upstream(name, lag), Vec::new());
+            }
+            roles.insert(name, routable(st.primaries.get(name), st.roles.get(name)));
+        }
+    }
+    for e in endpoints {
+        let ep = EndpointConfig { addr: e.addr, weight: 1 };
+        if let Some(r) = roles.get(&e.service) {
+            if r.primary.as_ref() == Some(&e.id) {
+                eps.entry(e.service.clone()).or_default().push(ep);
+            } else if let Some((_, lag)) = r.replicas.iter().find(|(id, _)| *id == e.id) {
+                for max in replica_lags(&services[&e.service]) {
+                    if max.is_none_or(|m| lag.is_some_and(|l| l <= m)) {
+                        eps.entry(replica_upstream(&e.service, max)).or_default().push(ep);
+                    }
+                }
+            }
+            continue;
+        }
+        let upstream = match canaries.get(&e.service) {
+            Some(c) if c.canary_template == e.template => canary_upstream(&e.service),
+            _ => e.service,
+        };
+        if let Some(list) = eps.get_mut(&upstream) {
+            list.push(ep);
+        }
+    }
+    for list in eps.values_mut() {
+        list.sort_by_key(|e| e.addr);
+    }
+    eps
 }
 
 /// The node file's proxy config plus one upstream and its routes per
@@ -362,5 +376,72 @@ mod tests {
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
         let limit = r.rate_limit.expect("the route's rate limit");
         assert_eq!((limit.count, limit.per, limit.burst), (100, std::time::Duration::from_secs(1), 300));
+    }
+
+    #[test]
+    fn a_replicated_service_reaches_its_promoted_primary_and_its_replicas_by_lag() {
+        use crate::keys::{PrimaryRecord, RoleRecord};
+        use crate::stateful::Role;
+        let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let pg = svc("name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\npromote = [\"p\"]\n\
+                      follow = [\"f\"]\nposition = [\"q\"]\nclone = [\"c\"]\n[[routes]]\npath = \"/w\"\n\
+                      [[routes]]\npath = \"/r\"\nrole = \"replica\"\n[[routes]]\npath = \"/fresh\"\nrole = \"replica\"\nmax_lag = 100\n");
+        let mut st = ClusterState::default();
+        st.services.insert("pg".into(), pg);
+        let role = |role: Role, position: u64| RoleRecord {
+            node: "n1".into(),
+            role,
+            token: 9,
+            position: Some(position),
+            healthy: true,
+            has_data: true,
+            addr: None,
+            reason: None,
+            candidacy: None,
+        };
+        st.primaries.insert(
+            "pg".into(),
+            crate::state::HeldPrimary {
+                record: PrimaryRecord { instance: "pg-1".into(), node: "n1".into(), since_ms: 0 },
+                token: 9,
+                lease: None,
+            },
+        );
+        st.roles.insert(
+            "pg".into(),
+            BTreeMap::from([
+                ("pg-0".to_string(), role(Role::Replica, 950)),
+                ("pg-1".to_string(), role(Role::Primary, 1000)),
+                ("pg-2".to_string(), role(Role::Replica, 500)),
+            ]),
+        );
+        let ep = |id: &str, port: u16| Ep {
+            service: "pg".into(),
+            id: id.into(),
+            template: "t".into(),
+            addr: ([127, 0, 0, 1], port).into(),
+        };
+        let eps = upstream_endpoints(&st, &BTreeMap::new(), vec![ep("pg-0", 1), ep("pg-1", 2), ep("pg-2", 3)]);
+        let ports = |u: &str| eps[u].iter().map(|e| e.addr.port()).collect::<Vec<_>>();
+        assert_eq!(ports("pg"), [2], "the primary alone");
+        assert_eq!(ports("pg.replica"), [1, 3], "every replica that follows");
+        assert_eq!(ports("pg.replica.lag100"), [1], "50 behind is in, 500 is not");
+        // The key taken but the primary not promoted yet: nothing.
+        st.roles.get_mut("pg").unwrap().get_mut("pg-1").unwrap().role = Role::Replica;
+        let eps = upstream_endpoints(&st, &BTreeMap::new(), vec![ep("pg-0", 1), ep("pg-1", 2), ep("pg-2", 3)]);
+        assert!(eps["pg"].is_empty() && eps["pg.replica"].is_empty());
+        // Routes: role = "replica" to the replicas' upstream; the primary's
+        // upstream loses a demoted primary's connections at once.
+        let services = st.services.clone();
+        let gate = halo_proxy::config::Gate(Arc::new(|| false));
+        let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new(), Some(&gate));
+        let split = |name: &str| cfg.routes.iter().find(|r| r.name == name).unwrap().split[0].0.clone();
+        assert_eq!(
+            (split("pg.0"), split("pg.1"), split("pg.2")),
+            ("pg".into(), "pg.replica".into(), "pg.replica.lag100".into())
+        );
+        assert_eq!(cfg.upstreams["pg"].removal_grace, Some(std::time::Duration::ZERO));
+        assert!(cfg.upstreams["pg"].gate.as_ref().is_some_and(|g| !g.open()));
+        assert!(cfg.upstreams["pg.replica"].gate.is_none());
     }
 }

@@ -38,6 +38,8 @@ struct Local {
     tally: Tally,
     healthy: bool,
     reason: Option<String>,
+    /// Why it does not campaign, while there is no primary.
+    candidacy: Option<String>,
     /// The key taken (token, when): promoted after [`GUARD`].
     taken: Option<(Revision, Instant)>,
     /// A primary's process not running since.
@@ -67,6 +69,7 @@ impl Local {
             tally: Tally::default(),
             healthy: false,
             reason: None,
+            candidacy: None,
             taken: None,
             down_since: None,
             frozen: false,
@@ -267,6 +270,7 @@ impl One<'_> {
             None if l.taken.is_none() && l.role != Role::Primary => self.campaign(l).await,
             Some(h) if h.record.instance != id => {
                 l.taken = None;
+                l.candidacy = None;
                 self.end_silent_term(h).await;
             }
             None => l.taken = None,
@@ -348,9 +352,13 @@ impl One<'_> {
         let silent = self.r.ctx.peers.silent_nodes();
         let live: BTreeSet<String> = self.st.nodes.keys().filter(|n| !silent.contains(*n)).cloned().collect();
         if let Err(why) = may_campaign(&self.spec.name, self.id, roles, &live, s, l.last_primary_position) {
-            tracing::trace!(instance = %self.id, why, "not campaigning");
+            if l.candidacy.as_ref() != Some(&why) {
+                tracing::info!(instance = %self.id, why, "the service has no primary; this instance does not take the key");
+                l.candidacy = Some(why);
+            }
             return;
         }
+        l.candidacy = None;
         let Some(lease) = self.s.lease.fresh() else { return };
         let key = primary_key(&self.spec.name);
         let rec = PrimaryRecord {
@@ -482,6 +490,7 @@ async fn publish(r: &Reconciler, id: &str, l: &mut Local, dir: &std::path::Path,
         has_data: read_marker(dir).is_some(),
         addr: port.map(|p| (r.ctx.m.cfg.addr, p).into()),
         reason: l.reason.clone(),
+        candidacy: l.candidacy.clone(),
     };
     let stored = st.roles.get(&l.service).and_then(|m| m.get(id));
     if l.published.as_ref() == Some(&rec) && stored == Some(&rec) {

@@ -339,6 +339,9 @@ pub struct RoleView {
     pub healthy: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// While the service has no primary: why this one does not take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidacy: Option<String>,
 }
 
 impl RoleView {
@@ -358,6 +361,7 @@ impl RoleView {
             lag,
             healthy: r.healthy,
             reason: r.reason.clone(),
+            candidacy: r.candidacy.clone(),
         })
     }
 }

@@ -150,6 +150,11 @@ pub(crate) fn validate(s: &StatefulSection, replicas: u32, errors: &mut Vec<Spec
     let restart_grace = duration("restart_grace", s.restart_grace.as_deref(), Duration::from_secs(5), Duration::ZERO);
     let replace_after = match s.replace_after.as_deref() {
         Some("never") => None,
+        Some(v) if parse_duration(v).is_err() => {
+            let e = parse_duration(v).unwrap_err();
+            err("replace_after", format!("{e}; or \"never\" (a lost node's instance waits for it)"));
+            None
+        }
         v => Some(duration("replace_after", v, Duration::from_secs(300), Duration::from_secs(1))),
     };
     if let Some(d) = &s.data {

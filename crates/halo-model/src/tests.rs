@@ -206,3 +206,56 @@ fn a_stored_file_with_more_retries_than_accepted_still_reads_and_runs_with_the_c
     )
     .is_err());
 }
+
+#[test]
+fn a_stateful_service_needs_its_hooks_only_with_replicas_and_every_bad_field_is_named() {
+    let base = "name = \"pg\"\n[run]\ncommand = \"x\"\n";
+    // One instance: stable name and data, no hooks needed.
+    let (_, spec) = parse_service("s.toml", &format!("{base}[stateful]\n")).unwrap();
+    let s = spec.stateful.as_ref().unwrap();
+    assert!(!spec.replicated());
+    assert_eq!(s.replace_after, Some(std::time::Duration::from_secs(300)));
+    assert_eq!(s.failure_threshold, 3);
+    // Three: a primary and replicas, which need promote, follow, position, clone.
+    let e = parse_service("s.toml", &format!("name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\n"))
+        .unwrap_err()
+        .to_string();
+    for hook in ["promote", "follow", "position", "clone"] {
+        assert!(e.contains(&format!("stateful.{hook}: is needed with 3 replicas")), "{e}");
+    }
+    let hooks = "promote = [\"p\"]\nfollow = [\"f\"]\nposition = [\"q\"]\nclone = [\"c\"]\n";
+    let ok =
+        format!("name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\n{hooks}replace_after = \"never\"\n");
+    let (_, spec) = parse_service("s.toml", &ok).unwrap();
+    assert!(spec.replicated());
+    assert_eq!(spec.stateful.unwrap().replace_after, None);
+    for (extra, field, words) in [
+        ("replace_after = \"soon\"\n", "stateful.replace_after", "or \"never\""),
+        ("replace_after = \"10ms\"\n", "stateful.replace_after", "too short"),
+        ("data = \"relative/{instance}\"\n", "stateful.data", "absolute path with {instance}"),
+        ("data = \"/srv/pg\"\n", "stateful.data", "absolute path with {instance}"),
+        ("rewind = []\n", "stateful.rewind", "give the program"),
+        ("failure_threshold = 0\n", "stateful.failure_threshold", "at least 1"),
+        ("hook_timeout = \"x\"\n", "stateful.hook_timeout", "not a duration"),
+    ] {
+        let text = format!("name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\n{hooks}{extra}");
+        let e = parse_service("s.toml", &text).unwrap_err().to_string();
+        assert!(e.contains(field) && e.contains(words), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn a_route_role_is_for_stateful_services_and_max_lag_for_replica_routes() {
+    let e = parse_service("s.toml", "name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nrole = \"replica\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("routes[0].role: is for a stateful service"), "{e}");
+    let stateful = "name = \"pg\"\n[run]\ncommand = \"x\"\n[stateful]\n";
+    let e = parse_service("s.toml", &format!("{stateful}[[routes]]\nrole = \"leader\"\n")).unwrap_err().to_string();
+    assert!(e.contains("routes[0].role: 'leader' is not a role; accepted: primary, replica"), "{e}");
+    let e = parse_service("s.toml", &format!("{stateful}[[routes]]\nmax_lag = 5\n")).unwrap_err().to_string();
+    assert!(e.contains("routes[0].max_lag: is for role = \"replica\" routes"), "{e}");
+    let (_, spec) =
+        parse_service("s.toml", &format!("{stateful}[[routes]]\nrole = \"replica\"\nmax_lag = 5\n")).unwrap();
+    assert_eq!(spec.routes[0].role, crate::RouteRole::Replica { max_lag: Some(5) });
+}

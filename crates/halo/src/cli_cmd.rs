@@ -543,6 +543,19 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
         out.push_str(&not_ready.join("\n"));
         out.push('\n');
     }
+    // A stateful service without a primary: why each instance does not
+    // take over (too far behind, unhealthy, another further ahead).
+    let waiting: Vec<String> = v
+        .services
+        .iter()
+        .flat_map(|s| &s.instances)
+        .filter_map(|i| Some(format!("  {}: {}", i.status.id, i.role.as_ref()?.candidacy.as_ref()?)))
+        .collect();
+    if !waiting.is_empty() {
+        out.push_str("no primary; not taking over:\n");
+        out.push_str(&waiting.join("\n"));
+        out.push('\n');
+    }
     out
 }
 

@@ -461,3 +461,77 @@ async fn a_lost_nodes_replica_is_cloned_elsewhere_after_replace_after() {
     assert!(events.contains(&format!("{} cloned from", victim.id)), "{events}");
     println!("{} moved from {} to {}", victim.id, c.nodes[victim.node].name, c.nodes[moved.node].name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_further_behind_than_max_lag_on_failover_is_not_promoted() {
+    let recipe = Recipe::new();
+    let node = recipe
+        .node_file()
+        .replace("replicas = 3", "replicas = 2")
+        .replace("max_lag_on_failover = 16777216", "max_lag_on_failover = 1048576")
+        .replace("[services.stop]", "[services.restart]\nbackoff_max = \"1s\"\n\n[services.stop]");
+    let h = Halo::up_logged(BIN, &node).expect("halo up");
+    let w = h.listeners["pg-primary"];
+    let mut all = Vec::new();
+    eventually(Duration::from_secs(60), "a primary and a replica", || {
+        all = insts(&h.status(), 0);
+        std::future::ready(settled(&all, 1).is_some())
+    })
+    .await;
+    let p = settled(&all, 1).unwrap();
+    let r = all.iter().find(|i| i.role == "replica").unwrap().clone();
+    let direct = |i: &Inst| SocketAddr::from(([127, 0, 0, 1], i.port));
+    psql(None, w, "create table big(x text)").expect("create");
+    // The replica stops streaming; 4 MB more reach the primary only.
+    psql(None, direct(&r), "alter system set primary_conninfo = ''").expect("detach the replica");
+    psql(None, direct(&r), "select pg_reload_conf()").expect("reload");
+    eventually(Duration::from_secs(20), "the replica's WAL receiver stopped", || {
+        std::future::ready(psql(None, direct(&r), "select count(*) from pg_stat_wal_receiver").as_deref() == Ok("0"))
+    })
+    .await;
+    psql(None, w, "insert into big select repeat('x', 1000) from generate_series(1, 4000)").expect("4 MB");
+    eventually(Duration::from_secs(20), "the replica's lag past 1 MB", || {
+        let s = h.status();
+        let lag = s["services"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == r.id.as_str())
+            .and_then(|i| i["role"]["lag"].as_u64());
+        std::future::ready(lag.is_some_and(|l| l > 1 << 20))
+    })
+    .await;
+    // The primary's data becomes unreadable and its process dies: it
+    // cannot come back, and after restart_grace it hands over.
+    let pgdata =
+        PathBuf::from(format!("{}-volumes", h.data_dir.as_ref().unwrap().display())).join(&p.id).join("pgdata");
+    chmod(&pgdata, 0o000);
+    let _ = Command::new("kill").args(["-KILL", &format!("-{}", p.pid)]).status();
+    let mut why = String::new();
+    eventually(Duration::from_secs(60), "the replica refusing to take over, too far behind", || {
+        let s = h.status();
+        let list = s["services"][0]["instances"].as_array().cloned().unwrap_or_default();
+        let primary = list.iter().any(|i| i["role"]["role"] == "primary");
+        let me = list.iter().find(|i| i["id"] == r.id.as_str());
+        why = me.and_then(|i| i["role"]["candidacy"].as_str()).unwrap_or("").to_string();
+        std::future::ready(!primary && why.contains("max_lag_on_failover"))
+    })
+    .await;
+    println!("{} does not take over: {why}", r.id);
+    let (_, text, _) = h.cli(&["status"]);
+    assert!(text.contains("no primary; not taking over:") && text.contains("max_lag_on_failover"), "{text}");
+    // The old primary's data comes back: it starts as a standby, is the
+    // furthest ahead, and is promoted again with the next token; nothing lost.
+    chmod(&pgdata, 0o700);
+    eventually(Duration::from_secs(60), "the old primary promoted again", || {
+        all = insts(&h.status(), 0);
+        std::future::ready(settled(&all, 1).is_some_and(|q| q.id == p.id && q.token > p.token))
+    })
+    .await;
+    assert_eq!(psql(None, h.listeners["pg-primary"], "select count(*) from big").as_deref(), Ok("4000"));
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

@@ -96,7 +96,17 @@ mod tests {
     use crate::keys::PrimaryRecord;
 
     fn rec(node: &str, role: Role, position: Option<u64>, healthy: bool, has_data: bool) -> RoleRecord {
-        RoleRecord { node: node.into(), role, token: 7, position, healthy, has_data, addr: None, reason: None }
+        RoleRecord {
+            node: node.into(),
+            role,
+            token: 7,
+            position,
+            healthy,
+            has_data,
+            addr: None,
+            reason: None,
+            candidacy: None,
+        }
     }
 
     fn spec(max_lag: Option<u64>) -> StatefulSpec {
