@@ -217,7 +217,7 @@ fn a_stateful_service_needs_its_hooks_only_with_replicas_and_every_bad_field_is_
     assert_eq!(s.replace_after, Some(std::time::Duration::from_secs(300)));
     assert_eq!(s.failure_threshold, 3);
     // Three: a primary and replicas, which need promote, follow, position, clone.
-    let e = parse_service("s.toml", &format!("name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\n"))
+    let e = parse_service("s.toml", "name = \"pg\"\nreplicas = 3\n[run]\ncommand = \"x\"\n[stateful]\n")
         .unwrap_err()
         .to_string();
     for hook in ["promote", "follow", "position", "clone"] {
