@@ -127,7 +127,6 @@ async fn step(r: &Arc<Reconciler>, s: &Arc<Stateful>, locals: &mut BTreeMap<Stri
     }
     for (id, spec) in mine {
         let dir = data_dir(&r.ctx.data_dir, &spec, &id);
-        let l = locals.entry(id.clone()).or_insert_with(|| Local::new(&spec.name, read_marker(&dir)));
         let running = {
             let instances = r.instances.lock();
             instances.get(&id).filter(|m| !m.stopping()).map(|m| {
@@ -140,6 +139,19 @@ async fn step(r: &Arc<Reconciler>, s: &Arc<Stateful>, locals: &mut BTreeMap<Stri
                 }
             })
         };
+        let l = locals.entry(id.clone()).or_insert_with(|| {
+            // A former primary that does not run (halo restarted, its
+            // process stopped) starts as a standby: it waits.
+            let marker = read_marker(&dir);
+            match marker {
+                Some(m) if m.role == Role::Primary && running.is_none() => {
+                    let mut l = Local::new(&spec.name, None);
+                    l.token = m.token;
+                    l
+                }
+                _ => Local::new(&spec.name, marker),
+            }
+        });
         One { r, s, st: &st, id: &id, spec: &spec, running }.step(l).await;
         publish(r, &id, l, &dir, &st).await;
     }
@@ -274,6 +286,13 @@ impl One<'_> {
                 self.end_silent_term(h).await;
             }
             None => l.taken = None,
+            Some(h) if l.role != Role::Primary && l.taken.is_none() => {
+                // Ours from this node's last run (the role lease adopted):
+                // the key never went, so no guard; promoted as it runs.
+                if h.lease.is_some() && h.lease == self.s.lease.id() && h.record.node == self.r.ctx.node() {
+                    l.taken = Some((h.token, Instant::now().checked_sub(GUARD).unwrap_or_else(Instant::now)));
+                }
+            }
             Some(_) => {}
         }
         // 5. Promotion after the guard.
@@ -417,7 +436,7 @@ impl One<'_> {
         let dir = data_dir(&self.r.ctx.data_dir, self.spec, id);
         if self.up() && !self.ready() {
             // Started, not answering yet: promoted once it does.
-            l.taken = Some((token, Instant::now() - GUARD));
+            l.taken = Some((token, Instant::now().checked_sub(GUARD).unwrap_or_else(Instant::now)));
             return;
         }
         if self.ready() {

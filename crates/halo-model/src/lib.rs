@@ -83,9 +83,11 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    /// Whether the service has a primary and replicas.
+    /// Whether the service has a primary (and replicas): more than one
+    /// instance, or the replication hooks given (a service scaled to one
+    /// keeps its primary, and scales out again from it).
     pub fn replicated(&self) -> bool {
-        self.stateful.is_some() && stateful::StatefulSpec::replicated(self.replicas)
+        self.stateful.as_ref().is_some_and(|s| s.replicated(self.replicas))
     }
 }
 
@@ -359,6 +361,12 @@ impl ServiceFile {
         let release = release::validate(self.release.as_ref().unwrap_or(&Default::default()), c.errors);
         let backup = self.backup.as_ref().map(|b| c.backup(b));
         let stateful = self.stateful.as_ref().map(|s| stateful::validate(s, replicas, c.errors));
+        if stateful.as_ref().is_some_and(|s| s.replicated(replicas)) && matches!(run.driver, RunDriver::Docker(_)) {
+            c.err(
+                "run.driver",
+                "a stateful service with replicas runs its clone and rewind hooks on the host before the instance starts; accepted: exec (docker takes one replica, with a named volume)",
+            );
+        }
         if stateful.is_some() && release.strategy != release::Strategy::Rolling {
             c.err(
                 "release.strategy",

@@ -90,10 +90,10 @@ pub struct Hooks {
 }
 
 impl StatefulSpec {
-    /// Whether the service replicates: more than one instance, so a
-    /// primary and replicas.
-    pub fn replicated(replicas: u32) -> bool {
-        replicas > 1
+    /// Whether the service has a primary: more than one instance, or the
+    /// replication hooks given.
+    pub fn replicated(&self, replicas: u32) -> bool {
+        replicas > 1 || self.hooks.promote.is_some()
     }
 }
 
@@ -119,14 +119,19 @@ pub(crate) fn validate(s: &StatefulSection, replicas: u32, errors: &mut Vec<Spec
         rewind: hook("rewind", &s.rewind, &mut err),
         check: hook("check", &s.check, &mut err),
     };
-    if StatefulSpec::replicated(replicas) {
-        let given = [&s.promote, &s.follow, &s.position, &s.clone];
+    let given = [&s.promote, &s.follow, &s.position, &s.clone];
+    if replicas > 1 || given.iter().any(|h| h.is_some()) {
         for (name, v) in NEEDED.iter().zip(given) {
             if v.is_none() {
+                let why = if replicas > 1 {
+                    format!("is needed with {replicas} replicas (a primary and replicas)")
+                } else {
+                    format!("is needed with the other replication hooks ({})", NEEDED.join(", "))
+                };
                 err(
                     name,
                     format!(
-                        "is needed with {replicas} replicas (a primary and replicas); give the hook, as in {name} = [\"scripts/{name}.sh\"], or run 1 replica"
+                        "{why}; give the hook, as in {name} = [\"scripts/{name}.sh\"], or run 1 replica without them"
                     ),
                 );
             }

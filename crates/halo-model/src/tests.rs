@@ -245,6 +245,26 @@ fn a_stateful_service_needs_its_hooks_only_with_replicas_and_every_bad_field_is_
 }
 
 #[test]
+fn a_replicated_stateful_service_runs_on_the_exec_driver() {
+    let hooks = "promote = [\"p\"]\nfollow = [\"f\"]\nposition = [\"q\"]\nclone = [\"c\"]\n";
+    let text = format!(
+        "name = \"pg\"\nreplicas = 2\n[run]\ndriver = \"docker\"\nimage = \"pg\"\nport = 5432\n[stateful]\n{hooks}"
+    );
+    let e = parse_service("s.toml", &text).unwrap_err().to_string();
+    assert!(e.contains("run.driver: a stateful service with replicas") && e.contains("accepted: exec"), "{e}");
+    // One instance with no replication hooks: a named volume, no primary.
+    let one = text.replace("replicas = 2", "replicas = 1").replace(hooks, "");
+    assert!(parse_service("s.toml", &one).is_ok());
+    // Replication hooks make a primary, even of one instance.
+    let e = parse_service("s.toml", &text.replace("replicas = 2", "replicas = 1")).unwrap_err().to_string();
+    assert!(e.contains("run.driver"), "{e}");
+    let e = parse_service("s.toml", "name = \"pg\"\n[run]\ncommand = \"x\"\n[stateful]\npromote = [\"p\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stateful.follow: is needed with the other replication hooks"), "{e}");
+}
+
+#[test]
 fn a_route_role_is_for_stateful_services_and_max_lag_for_replica_routes() {
     let e = parse_service("s.toml", "name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nrole = \"replica\"\n")
         .unwrap_err()

@@ -238,6 +238,22 @@ async fn one_node_serves_a_primary_and_two_streaming_replicas_and_kill_9_of_halo
     })
     .await;
 
+    // A graceful stop (every instance stopped) and a start: the same
+    // primary, writable again, with its data.
+    h.signal("TERM");
+    assert_eq!(h.wait(Duration::from_secs(60)), Some(0), "halo stops");
+    h.restart().expect("halo again");
+    let mut again = Vec::new();
+    eventually(Duration::from_secs(60), "the same primary after a restart", || {
+        again = insts(&h.status(), 0);
+        std::future::ready(settled(&again, 2).is_some_and(|p| p.id == primary.id))
+    })
+    .await;
+    let w = h.listeners["pg-primary"];
+    psql(None, w, "insert into t values (102)").expect("a write after a graceful restart");
+    assert_eq!(psql(None, w, "select count(*) from t").as_deref(), Ok("102"), "nothing lost");
+    let after = again;
+
     // Bad input is refused, naming the field; nothing running changes.
     let bad = [
         ("name = \"db\"\nreplicas = 2\n[run]\ncommand = \"x\"\n[stateful]\n", "stateful.promote"),
@@ -534,4 +550,56 @@ async fn a_replica_further_behind_than_max_lag_on_failover_is_not_promoted() {
 fn chmod(path: &std::path::Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `bench/stateful.sh`: `HALO_BENCH_RUNS` (default 10) faults
+/// (`HALO_BENCH_FAULT`: kill, stop or cut) of the primary's node, each on a
+/// fresh three-node cluster under the write load, timed from the fault to
+/// the first write acknowledged through a surviving node's listener; and
+/// how many writes the old primary acknowledged after the new one's first
+/// (0 is the rule). One `RESULT` line per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/stateful.sh runs it"]
+async fn bench_failover() {
+    let runs: usize = std::env::var("HALO_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let fault = std::env::var("HALO_BENCH_FAULT").unwrap_or_else(|_| "kill".into());
+    let recipe = Recipe::new();
+    for run in 0..runs {
+        let mut c = pg_cluster(&recipe, &[]);
+        let ns = c.client_ns();
+        let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas").await;
+        psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
+        let old_server = format!("{}:{}", c.nodes[p.node].ip, p.port);
+        // A frozen or cut-off node's own listener too: the one that could
+        // still reach the old primary.
+        let targets: Vec<SocketAddr> =
+            (0..3).filter(|i| *i != p.node || fault != "kill").map(|i| pg_addr(&c, i, 5432)).collect();
+        let writes = Writes::start(Some(ns.clone()), targets);
+        eventually(Duration::from_secs(20), "writes", || std::future::ready(writes.acks().len() >= 10)).await;
+        let at = Instant::now();
+        match fault.as_str() {
+            "kill" => c.kill_node(p.node),
+            "stop" => c.freeze(p.node, true),
+            "cut" => c.cut(p.node, true),
+            other => panic!("HALO_BENCH_FAULT={other}: accepted: kill, stop, cut"),
+        }
+        eventually(Duration::from_secs(30), "a write after the fault", || {
+            std::future::ready(writes.acks().iter().any(|a| a.at > at && a.server != old_server))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let acks = writes.finish();
+        let first = acks.iter().find(|a| a.at > at && a.server != old_server).map(|a| a.at).unwrap();
+        let late = acks.iter().filter(|a| a.server == old_server && a.at >= first).count();
+        println!(
+            "RESULT fault={fault} run={run} first_write_ms={} old_primary_writes_after={late}",
+            (first - at).as_millis()
+        );
+        if fault == "stop" {
+            c.freeze(p.node, false);
+        }
+        if fault == "cut" {
+            c.cut(p.node, false);
+        }
+    }
 }
