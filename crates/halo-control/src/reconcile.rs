@@ -369,6 +369,11 @@ impl Reconciler {
         let all: Vec<Instance> = self.lock().values_mut().filter_map(|m| m.instance.take()).collect();
         self.publish();
         self.ctx.m.leave().await;
+        // Primaries here hand over at once (their keys go with the role
+        // lease): every proxy drops them now, and a replica elsewhere is
+        // promoted after the guard, by which time these have their stop
+        // signal.
+        self.stateful.lease.end(&*self.ctx.store).await;
         tokio::time::sleep(DRAIN_DELAY).await;
         let stops: Vec<_> = all.into_iter().map(|i| tokio::spawn(i.stop())).collect();
         for s in stops {
