@@ -460,3 +460,42 @@ timeout = "10s"
     drop(h);
     halo_testkit::remove_containers_of(&restored);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_containers_data_stays_in_its_named_volume_when_it_is_replaced() {
+    if !docker_available("stateful volumes") {
+        return;
+    }
+    let image = DemoImage::build(BIN, &[&tag("stateful")]).unwrap();
+    let text = node(&image.tags[0], 1, "").replace("\"--admin\"]", "\"--admin\", \"--counter-file\", \"/data/count\"]")
+        + "\n[services.stateful]\nmount = \"/data\"\n";
+    let dir = halo_testkit::TempDir::new("docker-stateful");
+    let data = dir.0.join("data");
+    // Removed after the containers (dropped after `h`), even on failure.
+    let _volume =
+        halo_testkit::Volume(format!("halo-web-0-{}", &halo_model::owner_mark(&data.display().to_string())[..8]));
+    let cfg = dir.write("halo.toml", &text);
+    let h =
+        Halo::start(BIN, &["up", "-c", cfg.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &dir.0).unwrap();
+    all_ready(&h, 1).await;
+    assert_eq!(instances(&h)[0]["id"], "web-0", "a stable name");
+    let c = Client::new();
+    let post = || c.send(http::Request::post(h.url("http", "/count")).body(http_body_util::Full::default()).unwrap());
+    for _ in 0..3 {
+        assert_eq!(post().await.unwrap().status, 200);
+    }
+    let before = ready_containers(&h);
+    // A restart replaces the container in place: same name, same volume.
+    let (code, out, err) = h.cli(&["restart", "web", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(Duration::from_secs(30), "a new container for web-0", || {
+        let now = ready_containers(&h);
+        std::future::ready(now.len() == 1 && now != before && instances(&h)[0]["id"] == "web-0")
+    })
+    .await;
+    let get = c.send(http::Request::get(h.url("http", "/count")).body(http_body_util::Full::default()).unwrap());
+    assert_eq!(get.await.unwrap().body.trim(), "3", "the count lived through the replacement");
+    assert_eq!(inspect(&ready_containers(&h)[0], "{{range .Mounts}}{{.Name}}{{end}}").trim(), _volume.0);
+    drop(h);
+    halo_testkit::remove_containers_of(&data);
+}

@@ -149,6 +149,54 @@ impl Drop for Writes {
     }
 }
 
+/// One psql session kept open (statements on its stdin, one line of
+/// output each); killed on drop.
+struct Session {
+    child: std::process::Child,
+    out: std::sync::mpsc::Receiver<String>,
+}
+
+impl Session {
+    fn open(ns: &str, addr: SocketAddr) -> Session {
+        use std::io::BufRead;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "psql", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("psql");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, out) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Session { child, out }
+    }
+
+    /// The statement's one line of output, or `None` when the session
+    /// ended (or gave nothing within 10 s).
+    fn query(&mut self, sql: &str) -> Option<String> {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut()?;
+        writeln!(stdin, "{sql}").ok()?;
+        stdin.flush().ok()?;
+        self.out.recv_timeout(Duration::from_secs(10)).ok()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A stateful instance as `halo status` shows it.
 #[derive(Debug, Clone, PartialEq)]
 struct Inst {
@@ -376,6 +424,13 @@ async fn isolated_primary(freeze: bool) {
     let old_server = format!("{}:{}", c.nodes[p.node].ip, p.port);
     let writes = Writes::start(Some(ns.clone()), (0..3).map(|i| pg_addr(&c, i, 5432)).collect());
     eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 20)).await;
+    // A session open through another node's listener to the old primary.
+    let other = (0..3).find(|i| *i != p.node).unwrap();
+    let mut session = Session::open(&ns, pg_addr(&c, other, 5432));
+    assert_eq!(
+        session.query("select host(inet_server_addr()) || ':' || inet_server_port();"),
+        Some(format!("{}:{}", c.nodes[p.node].ip, p.port))
+    );
     let what = if freeze { "SIGSTOP" } else { "a link cut" };
     let began = Instant::now();
     if freeze {
@@ -387,6 +442,13 @@ async fn isolated_primary(freeze: bool) {
     let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a primary elsewhere").await;
     tokens.push(q.token);
     assert_ne!(q.node, p.node);
+    // That session was closed when the primary changed: its next write
+    // fails, and never reaches the old primary.
+    assert_eq!(
+        session.query("insert into w(id) values (-7) returning id;"),
+        None,
+        "a session to the old primary lives on"
+    );
     println!("{what} of the primary's node: {} promoted (token {}) after {:?}", q.id, q.token, began.elapsed());
     if !freeze {
         // Cut off, its node stops the primary taking writes by itself: the
@@ -435,6 +497,8 @@ async fn isolated_primary(freeze: bool) {
         std::future::ready(psql(Some(&ns), direct, "select count(*) from w where id = 999999999").as_deref() == Ok("1"))
     })
     .await;
+    let stray = psql(Some(&ns), pg_addr(&c, q.node, 5432), "select count(*) from w where id = -7");
+    assert_eq!(stray.as_deref(), Ok("0"), "the closed session's write went nowhere");
     println!(
         "{what}: {} writes acknowledged; none by the old primary after the new one's first; tokens {tokens:?}",
         acks.len()

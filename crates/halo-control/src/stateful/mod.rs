@@ -90,14 +90,22 @@ pub fn data_dir(node_data: &Path, spec: &ServiceSpec, id: &str) -> PathBuf {
     }
 }
 
+/// The docker volume of instance `id` on the node whose data directory is
+/// `node_data`: `halo-ID-` and 8 hex digits of the node's mark (two nodes
+/// sharing a daemon keep their own).
+pub fn volume_name(node_data: &Path, id: &str) -> String {
+    let mark = halo_model::owner_mark(&node_data.display().to_string());
+    format!("halo-{id}-{}", &mark[..8])
+}
+
 /// `spec` as instance `id` runs it: `HALO_DATA_DIR` set, and with docker a
-/// named volume `halo-ID` mounted there.
+/// named volume ([`volume_name`]) mounted there.
 pub fn instance_spec(node_data: &Path, spec: &Arc<ServiceSpec>, id: &str) -> Arc<ServiceSpec> {
     let Some(s) = &spec.stateful else { return spec.clone() };
     let mut out = (**spec).clone();
     let dir = match &mut out.run.driver {
         halo_model::RunDriver::Docker(d) => {
-            d.volumes.push(Volume { source: format!("halo-{id}"), target: s.mount.clone(), read_only: false });
+            d.volumes.push(Volume { source: volume_name(node_data, id), target: s.mount.clone(), read_only: false });
             s.mount.clone()
         }
         halo_model::RunDriver::Exec => data_dir(node_data, spec, id).display().to_string(),
