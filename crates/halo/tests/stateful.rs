@@ -237,7 +237,7 @@ fn settled(all: &[Inst], replicas: usize) -> Option<Inst> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_node_serves_a_primary_and_two_streaming_replicas_and_kill_9_of_halo_keeps_them() {
+async fn one_node_serves_a_primary_and_two_streaming_replicas_kept_across_restarts_and_upgrades_of_halo() {
     let recipe = Recipe::new();
     let mut h = Halo::up_logged(BIN, &recipe.node_file()).expect("halo up");
     let (w, r) = (h.listeners["pg-primary"], h.listeners["pg-replicas"]);
@@ -319,7 +319,27 @@ async fn one_node_serves_a_primary_and_two_streaming_replicas_and_kill_9_of_halo
         assert!(err.contains(field), "the error names {field}: {err}");
     }
     assert_eq!(key(&insts(&h.status(), 0)), key(&after), "nothing running changed");
-    println!("primary {} (token {}) kept across kill -9 of halo", primary.id, primary.token);
+
+    // A binary upgrade: the new process adopts the same postmasters and
+    // serves the same primary under the same token.
+    let data = h.data_dir.clone().unwrap();
+    let mut reaper = halo_testkit::Reaper::default();
+    let old = h.pid();
+    let pid = halo_testkit::upgrade(BIN, &["--data-dir".as_ref(), data.as_os_str()]).expect("halo upgrade");
+    reaper.0.push(pid);
+    eventually(Duration::from_secs(30), "the old process handed over and exited", || {
+        std::future::ready(!halo_testkit::alive(old))
+    })
+    .await;
+    let mut upgraded = Vec::new();
+    eventually(Duration::from_secs(30), "the roles after the upgrade", || {
+        upgraded = insts(&h.status(), 0);
+        std::future::ready(settled(&upgraded, 2).is_some())
+    })
+    .await;
+    assert_eq!(key(&upgraded), key(&after), "same processes, roles and token after a binary upgrade");
+    psql(None, h.listeners["pg-primary"], "insert into t values (103)").expect("a write after the upgrade");
+    println!("primary {} (token {}) kept across kill -9 of halo and an upgrade", primary.id, primary.token);
 }
 
 /// A process's state letter (`R`, `S`, `T` for stopped...).
