@@ -1,10 +1,10 @@
 #!/bin/sh
-# halo's `check`: a primary takes a write transaction; a replica answers
-# as a standby.
+# halo's `check`: a primary takes a write (one row, rewritten: a primary
+# made read-only, or out of disk, fails it); a replica answers as a standby.
 set -eu
 . "$(dirname "$0")/lib.sh"
 if [ "${HALO_ROLE:-}" = primary ]; then
-  sql "select txid_current()" >/dev/null
+  sql "insert into halo_heartbeat values (1, now()) on conflict (id) do update set at = excluded.at" >/dev/null
 else
   standby=$(sql 'select pg_is_in_recovery()')
   [ "$standby" = t ] || { echo "a primary where a replica was expected" >&2; exit 1; }

@@ -23,7 +23,10 @@ CONF
   # Trust on loopback for the one-machine demo; use scram-sha-256 and a
   # password file (PGPASSFILE) across machines.
   printf 'host all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n' >>"$PGDATA/pg_hba.conf"
-  echo "CREATE ROLE replicator WITH REPLICATION LOGIN;" | "$BIN/postgres" --single -D "$PGDATA" postgres >/dev/null
+  # The replication user, and the row check.sh writes on the primary.
+  printf '%s\n' "CREATE ROLE replicator WITH REPLICATION LOGIN;" \
+    "CREATE TABLE halo_heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);" |
+    "$BIN/postgres" --single -D "$PGDATA" postgres >/dev/null
 fi
 if [ "$role" = primary ]; then rm -f "$PGDATA/standby.signal"; else touch "$PGDATA/standby.signal"; fi
 exec "$BIN/postgres" -D "$PGDATA" -p "$PORT" -c listen_addresses="$HOST"

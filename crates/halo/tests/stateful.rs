@@ -687,3 +687,30 @@ async fn bench_failover() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failing_its_check_hands_over_and_is_rewound() {
+    let recipe = Recipe::new();
+    let h = Halo::up_logged(BIN, &recipe.node_file()).expect("halo up");
+    let mut all = Vec::new();
+    eventually(Duration::from_secs(60), "a primary and two replicas", || {
+        all = insts(&h.status(), 0);
+        std::future::ready(settled(&all, 2).is_some())
+    })
+    .await;
+    let p = settled(&all, 2).unwrap();
+    // The primary takes no writes any more (what a full disk or an
+    // operator's mistake does): its check fails, it hands over.
+    let direct = SocketAddr::from(([127, 0, 0, 1], p.port));
+    psql(None, direct, "alter system set default_transaction_read_only = on").expect("alter system");
+    psql(None, direct, "select pg_reload_conf()").expect("reload");
+    eventually(Duration::from_secs(60), "another primary, the old one rewound and following", || {
+        all = insts(&h.status(), 0);
+        std::future::ready(settled(&all, 2).is_some_and(|q| q.id != p.id && q.token > p.token))
+    })
+    .await;
+    let (_, events, _) = h.cli(&["events"]);
+    assert!(events.contains(&format!("{} stopped: its check failed 3 times in a row", p.id)), "{events}");
+    assert!(events.contains(&format!("{} rewound to follow", p.id)), "{events}");
+    psql(None, h.listeners["pg-primary"], "create table after_check(id int)").expect("the new primary writes");
+}
