@@ -57,6 +57,9 @@ pub struct ClusterServiceView {
     /// Ready placements of `template`.
     #[serde(default)]
     pub current_ready: usize,
+    /// A stateful service's primary: instance, node and fencing token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<(String, String, i64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +117,10 @@ impl ClusterView {
                     template: svc.template.clone(),
                     current: current.len(),
                     current_ready: current.iter().filter(|p| st.endpoints.contains_key(&p.id)).count(),
+                    primary: st
+                        .primaries
+                        .get(name)
+                        .map(|p| (p.record.instance.clone(), p.record.node.clone(), p.token)),
                 }
             })
             .collect();

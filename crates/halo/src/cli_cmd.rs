@@ -436,16 +436,25 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
     let clustered = c.nodes.len() > 1;
     if clustered {
         out.push_str(&nodes_text(c, wide));
-        let mut t = table(&["SERVICE", "REPLICAS", "PLACED", "READY", "PENDING", "OUTDATED"]);
+        let primaries = c.services.iter().any(|s| s.primary.is_some());
+        let mut header = vec!["SERVICE", "REPLICAS", "PLACED", "READY", "PENDING", "OUTDATED"];
+        if primaries {
+            header.push("PRIMARY (NODE, TOKEN)");
+        }
+        let mut t = table(&header);
         for s in &c.services {
-            t.add_row(vec![
+            let mut row = vec![
                 s.name.clone(),
                 s.replicas.to_string(),
                 s.placed.to_string(),
                 s.ready.to_string(),
                 s.pending.to_string(),
                 s.placed.saturating_sub(s.current).to_string(),
-            ]);
+            ];
+            if primaries {
+                row.push(s.primary.as_ref().map_or("-".into(), |(i, n, t)| format!("{i} ({n}, {t})")));
+            }
+            t.add_row(row);
         }
         out.push_str(&render(t, 2));
         out.push_str("instances on this node:\n");

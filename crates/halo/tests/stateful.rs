@@ -411,6 +411,9 @@ async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_re
     let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a new primary and one replica").await;
     assert_ne!(q.node, p.node);
     assert!(q.token > p.token, "the new token {} is above the old {}", q.token, p.token);
+    let (_, text, _) = c.cli(q.node, &["status"]);
+    let shown = format!("{} ({}, {})", q.id, c.nodes[q.node].name, q.token);
+    assert!(text.contains("PRIMARY (NODE, TOKEN)") && text.contains(&shown), "{text}");
     for i in &survivors {
         let r =
             psql(Some(&ns), pg_addr(&c, *i, 5432), "insert into w(id) values (-1 - inet_server_port()) returning 1");
