@@ -15,7 +15,7 @@ RUNS=${1:-10}
 shift || true
 FAULTS=${*:-kill stop cut}
 scripts/install-test-deps.sh >/dev/null
-cargo build --release -p halo --tests >/dev/null 2>&1
+cargo build --release -p halo --bin halo --test stateful >/dev/null 2>&1
 for fault in $FAULTS; do
   HALO_BENCH_RUNS=$RUNS HALO_BENCH_FAULT=$fault cargo test --release -q -p halo --test stateful bench_failover \
     -- --ignored --nocapture --exact 2>/dev/null | grep '^RESULT' | tee "target/bench-stateful-$fault.txt" >&2

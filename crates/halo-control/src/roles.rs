@@ -378,7 +378,9 @@ impl One<'_> {
             return;
         }
         l.candidacy = None;
-        let Some(lease) = self.s.lease.fresh() else { return };
+        // The lease it holds, fresh or not: the compare-and-swap reaches the
+        // store or fails, and the promotion waits for a fresh lease.
+        let Some(lease) = self.s.lease.id() else { return };
         let key = primary_key(&self.spec.name);
         let rec = PrimaryRecord {
             instance: self.id.to_string(),
@@ -405,8 +407,11 @@ impl One<'_> {
     /// the same key. Only a node with a healthy replica of the service
     /// does this.
     async fn end_silent_term(&self, h: &HeldPrimary) {
-        let (Some(lease), Some(_)) = (h.lease, self.s.lease.fresh()) else { return };
-        if self.r.ctx.peers.silent(&h.record.node).is_none() || !self.up() {
+        let Some(lease) = h.lease else { return };
+        // Silent to this node, or out of the cluster already (evicted: its
+        // node lease is gone, and the peers no longer probe it).
+        let gone = !self.st.nodes.contains_key(&h.record.node);
+        if (self.r.ctx.peers.silent(&h.record.node).is_none() && !gone) || !self.up() {
             return;
         }
         let key = primary_key(&self.spec.name);

@@ -98,36 +98,41 @@ struct Ack {
     server: String,
 }
 
-/// A client inserting rows one connection at a time, round robin over
-/// `targets`, recording every acknowledged insert; failures are retried
-/// on the next target. Stops by itself after 5 minutes.
+/// Clients inserting rows, one per target listener (a listener that
+/// hangs delays only its own), each insert a new connection, recording
+/// every acknowledged insert and the server that took it. Ids are unique
+/// across clients. They stop by themselves after 5 minutes.
 struct Writes {
     acks: Arc<Mutex<Vec<Ack>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Writes {
     fn start(ns: Option<String>, targets: Vec<SocketAddr>) -> Writes {
         let acks = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (acks.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let began = Instant::now();
-            let mut id = 0u64;
-            while !s.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(300) {
-                id += 1;
-                let target = targets[id as usize % targets.len()];
-                let sql = format!(
-                    "insert into w(id) values ({id}) returning host(inet_server_addr()) || ':' || inet_server_port()"
-                );
-                if let Ok(server) = psql(ns.as_deref(), target, &sql) {
-                    a.lock().unwrap().push(Ack { id, at: Instant::now(), server });
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Writes { acks, stop, thread: Some(thread) }
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let threads = targets
+            .into_iter()
+            .map(|target| {
+                let (a, s, next, ns) = (acks.clone(), stop.clone(), next.clone(), ns.clone());
+                std::thread::spawn(move || {
+                    let began = Instant::now();
+                    while !s.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(300) {
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        let sql = format!(
+                            "insert into w(id) values ({id}) returning host(inet_server_addr()) || ':' || inet_server_port()"
+                        );
+                        if let Ok(server) = psql(ns.as_deref(), target, &sql) {
+                            a.lock().unwrap().push(Ack { id, at: Instant::now(), server });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            })
+            .collect();
+        Writes { acks, stop, threads }
     }
 
     fn acks(&self) -> Vec<Ack> {
@@ -136,10 +141,12 @@ impl Writes {
 
     fn finish(mut self) -> Vec<Ack> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.acks()
+        let mut acks = self.acks();
+        acks.sort_by_key(|a| a.at);
+        acks
     }
 }
 
@@ -663,6 +670,24 @@ async fn bench_failover() {
             (0..3).filter(|i| *i != p.node || fault != "kill").map(|i| pg_addr(&c, i, 5432)).collect();
         let writes = Writes::start(Some(ns.clone()), targets);
         eventually(Duration::from_secs(20), "writes", || std::future::ready(writes.acks().len() >= 10)).await;
+        // HALO_BENCH_ETCD_LEADER=with|apart: etcd's raft leader moved onto
+        // the primary's node, or off it, before the fault (else as it is).
+        let want = std::env::var("HALO_BENCH_ETCD_LEADER").unwrap_or_default();
+        if let Some(now) = c.etcd_leader().await {
+            let to = match want.as_str() {
+                "with" => Some(p.node),
+                "apart" => Some((p.node + 1) % 3),
+                _ => None,
+            };
+            if let Some(to) = to.filter(|t| *t != now) {
+                c.move_etcd_leader(now, to).await;
+                eventually(Duration::from_secs(10), "etcd's leader moved", || async {
+                    c.etcd_leader().await == Some(to)
+                })
+                .await;
+            }
+        }
+        let etcd_leader = c.etcd_leader().await == Some(p.node);
         let at = Instant::now();
         match fault.as_str() {
             "kill" => c.kill_node(p.node),
@@ -679,7 +704,7 @@ async fn bench_failover() {
         let first = acks.iter().find(|a| a.at > at && a.server != old_server).map(|a| a.at).unwrap();
         let late = acks.iter().filter(|a| a.server == old_server && a.at >= first).count();
         println!(
-            "RESULT fault={fault} run={run} first_write_ms={} old_primary_writes_after={late}",
+            "RESULT fault={fault} run={run} first_write_ms={} old_primary_writes_after={late} etcd_leader_on_it={etcd_leader}",
             (first - at).as_millis()
         );
         if fault == "stop" {

@@ -10,10 +10,11 @@
 //! floating IP's holder's is), so the key goes at once.
 //!
 //! **Never two primaries.** A primary acts only while its role lease is
-//! fresh (last renewal sent within [`HOLD_WINDOW`]): past it, or once the
-//! key is gone or another's, it is demoted (`demote`, or its process is
-//! stopped). The new primary promotes no earlier than [`GUARD`] after the
-//! key went, longer than the window. Proxies reach only a primary whose
+//! fresh (last renewal sent within [`HOLD_WINDOW`]): past it its process
+//! group is frozen until a renewal succeeds; once the key is gone or
+//! another's, it is demoted (`demote`, or its process is stopped). The new
+//! primary promotes no earlier than [`GUARD`] after it took the key,
+//! longer than the window. Proxies reach only a primary whose
 //! published role is primary *under the current token*: a frozen or cut
 //! off old primary is never reached once a new one took the key.
 //!
@@ -48,10 +49,11 @@ use crate::state::ClusterState;
 
 /// A primary whose role lease's last renewal was sent longer ago stops
 /// serving writes.
-pub const HOLD_WINDOW: Duration = Duration::from_millis(500);
+pub const HOLD_WINDOW: Duration = Duration::from_millis(400);
 /// After taking the key, the new primary waits this long before it
-/// promotes: longer than [`HOLD_WINDOW`] and a tick of the old one.
-pub const GUARD: Duration = Duration::from_millis(700);
+/// promotes: longer than [`HOLD_WINDOW`] and a tick of the old one's loop
+/// (100 ms to spare).
+pub const GUARD: Duration = Duration::from_millis(550);
 /// A node whose role lease was last renewed longer ago than this sends
 /// no new connection to any primary: its view may be stale (it was
 /// frozen, or cut off), and a primary it still names may have been
