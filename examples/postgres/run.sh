@@ -1,11 +1,11 @@
 #!/bin/sh
 # Runs one PostgreSQL instance (halo's `run.command`). halo writes
-# $HALO_DATA_DIR/halo-role before each start: `primary` starts a primary
+# $HALO_STATE_DIR/halo-role before each start: `primary` starts a primary
 # (a new service's first instance makes the database), anything else a
 # read-only standby (halo's `clone` made its data).
 set -eu
 . "$(dirname "$0")/lib.sh"
-role=$(cat "$HALO_DATA_DIR/halo-role" 2>/dev/null || echo replica)
+role=$(cat "$HALO_STATE_DIR/halo-role" 2>/dev/null || echo replica)
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   [ "$role" = primary ] || { echo "no data in $PGDATA: halo clones a replica before it starts" >&2; exit 1; }
   # initdb refuses a directory with anything in it: data that lost its

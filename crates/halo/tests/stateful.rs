@@ -349,6 +349,25 @@ async fn one_node_serves_a_primary_and_two_streaming_replicas_kept_across_restar
     println!("primary {} (token {}) kept across kill -9 of halo and an upgrade", primary.id, primary.token);
 }
 
+/// The tokens of `pg`'s promotions in the order the cluster's events have
+/// them (as node `i` reads them).
+fn promotions(c: &Cluster, i: usize) -> Vec<i64> {
+    let (code, out, err) = c.cli(i, &["events", "--service", "pg", "-n", "500", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<serde_json::Value> = serde_json::from_str(&out).expect("events as json");
+    let mut promoted: Vec<(u64, i64)> = events
+        .iter()
+        .filter(|e| e["kind"] == "promoted")
+        .filter_map(|e| {
+            let m = e["message"].as_str()?;
+            let token = m.rsplit("(token ").next()?.trim_end_matches(')').parse().ok()?;
+            Some((e["time_ms"].as_u64()?, token))
+        })
+        .collect();
+    promoted.sort_by_key(|(t, _)| *t);
+    promoted.into_iter().map(|(_, token)| token).collect()
+}
+
 /// A process's state letter (`R`, `S`, `T` for stopped...).
 fn process_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -468,9 +487,7 @@ async fn isolated_primary(freeze: bool) {
     } else {
         c.cut(p.node, true);
     }
-    let mut tokens = vec![p.token];
     let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a primary elsewhere").await;
-    tokens.push(q.token);
     assert_ne!(q.node, p.node);
     // That session was closed when the primary changed: its next write
     // fails, and never reaches the old primary.
@@ -500,9 +517,6 @@ async fn isolated_primary(freeze: bool) {
     let mut back = Vec::new();
     eventually(Duration::from_secs(90), "the old primary rewound and following", || {
         back = cluster_insts(&c, None);
-        if let Some(t) = back.iter().map(|i| i.token).max() {
-            tokens.push(t);
-        }
         std::future::ready(settled(&back, 2).is_some_and(|n| n.id == q.id))
     })
     .await;
@@ -517,8 +531,10 @@ async fn isolated_primary(freeze: bool) {
         .expect("the new primary took writes");
     let late: Vec<&Ack> = acks.iter().filter(|a| a.server == old_server && a.at >= first_new).collect();
     assert!(late.is_empty(), "the old primary took writes after the new one's first: {late:?}");
-    assert!(tokens.windows(2).all(|w| w[0] <= w[1]), "the token only grows: {tokens:?}");
-    tokens.dedup();
+    // Every promotion, in the order the cluster recorded them, under a
+    // greater token than the one before.
+    let tokens = promotions(&c, q.node);
+    assert!(tokens.len() >= 2 && tokens.windows(2).all(|w| w[0] < w[1]), "the token only grows: {tokens:?}");
     // It follows: a row written now reaches it.
     psql(Some(&ns), pg_addr(&c, q.node, 5432), "insert into w(id) values (999999999)").expect("a write");
     let direct = pg_addr(&c, old.node, old.port);
@@ -615,6 +631,9 @@ async fn a_replica_further_behind_than_max_lag_on_failover_is_not_promoted() {
     let pgdata =
         PathBuf::from(format!("{}-volumes", h.data_dir.as_ref().unwrap().display())).join(&p.id).join("pgdata");
     chmod(&pgdata, 0o000);
+    // Its process group: the postmaster leads it (never a pid of 0 or 1,
+    // which kill(1) would take as this group or every process).
+    assert!(p.pid > 1, "the primary's pid: {p:?}");
     let _ = Command::new("kill").args(["-KILL", &format!("-{}", p.pid)]).status();
     let mut why = String::new();
     eventually(Duration::from_secs(60), "the replica refusing to take over, too far behind", || {

@@ -18,7 +18,7 @@
 //! published role is primary *under the current token*: a frozen or cut
 //! off old primary is never reached once a new one took the key.
 //!
-//! **Data.** The instance's data directory (`HALO_DATA_DIR`) outlives its
+//! **Data.** The instance's data directory (`HALO_STATE_DIR`) outlives its
 //! process and halo; halo keeps two files there: `halo-role` (`primary`
 //! or `replica`: how the process must start) and `halo-state.json` (the
 //! role and token it last served, which tells a former primary apart). A
@@ -100,7 +100,7 @@ pub fn volume_name(node_data: &Path, id: &str) -> String {
     format!("halo-{id}-{}", &mark[..8])
 }
 
-/// `spec` as instance `id` runs it: `HALO_DATA_DIR` set, and with docker a
+/// `spec` as instance `id` runs it: `HALO_STATE_DIR` set, and with docker a
 /// named volume ([`volume_name`]) mounted there.
 pub fn instance_spec(node_data: &Path, spec: &Arc<ServiceSpec>, id: &str) -> Arc<ServiceSpec> {
     let Some(s) = &spec.stateful else { return spec.clone() };
@@ -112,7 +112,7 @@ pub fn instance_spec(node_data: &Path, spec: &Arc<ServiceSpec>, id: &str) -> Arc
         }
         halo_model::RunDriver::Exec => data_dir(node_data, spec, id).display().to_string(),
     };
-    out.run.env.insert("HALO_DATA_DIR".into(), dir);
+    out.run.env.insert("HALO_STATE_DIR".into(), dir);
     Arc::new(out)
 }
 
