@@ -190,8 +190,6 @@ impl One<'_> {
 
     async fn step(&self, l: &mut Local) {
         let s = self.spec.stateful.as_ref().expect("stateful");
-        let ev = &self.r.ctx.m.events;
-        let svc = Some(self.spec.name.as_str());
         let id = self.id;
         // A demoted instance that stopped starts again as a standby (the
         // admission starts nothing else without the key): it waits, and may
@@ -236,7 +234,7 @@ impl One<'_> {
             if now >= l.next_check {
                 l.next_check = now + CHECK_EVERY;
                 let ok = match &s.hooks.check {
-                    Some(argv) => self.hook(argv, l.role, self.following(l)).await.map(drop),
+                    Some(argv) => self.hook(argv, l.role, l.following).await.map(drop),
                     None => Ok(()),
                 };
                 match l.tally.record(ok.is_ok(), 1, s.failure_threshold) {
@@ -260,7 +258,7 @@ impl One<'_> {
             if now >= l.next_position {
                 l.next_position = now + POSITION_EVERY;
                 if let Some(argv) = &s.hooks.position {
-                    match self.hook(argv, l.role, self.following(l)).await {
+                    match self.hook(argv, l.role, l.following).await {
                         Ok(out) => match parse_position(&String::from_utf8_lossy(&out)) {
                             Ok(p) => l.position = Some(p),
                             Err(e) => l.reason = Some(format!("position: {e}")),
@@ -330,11 +328,6 @@ impl One<'_> {
                 }
             }
         }
-        let _ = (ev, svc);
-    }
-
-    fn following(&self, l: &Local) -> Option<SocketAddr> {
-        l.following
     }
 
     /// Freezes or thaws a primary's process group; while frozen, a restart

@@ -279,6 +279,10 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// process `pid` leads: a frozen server acknowledges nothing (a stateful
 /// primary fenced while its node cannot reach the store).
 pub fn freeze_group(pid: i32, frozen: bool) -> std::io::Result<()> {
+    // killpg(0) is the caller's own group, killpg(1) every process.
+    if pid <= 1 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no process group {pid}")));
+    }
     let sig = if frozen { Signal::SIGSTOP } else { Signal::SIGCONT };
     killpg(Pid::from_raw(pid), sig).map_err(std::io::Error::from)
 }
