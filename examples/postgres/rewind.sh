@@ -3,5 +3,9 @@
 # when it fails halo clones the instance anew.
 set -eu
 . "$(dirname "$0")/lib.sh"
-"$BIN/pg_rewind" -D "$PGDATA" -R \
-  --source-server="host=$HALO_PRIMARY_HOST port=$HALO_PRIMARY_PORT user=postgres dbname=postgres"
+source="host=$HALO_PRIMARY_HOST port=$HALO_PRIMARY_PORT user=postgres dbname=postgres"
+# A primary just promoted records its new timeline in its control file
+# only at its next checkpoint; pg_rewind reads the timeline there (and
+# would make a server that cannot start): a checkpoint first.
+"$BIN/psql" -d "$source" -XAtqv ON_ERROR_STOP=1 -c checkpoint >/dev/null
+"$BIN/pg_rewind" -D "$PGDATA" -R --source-server="$source"

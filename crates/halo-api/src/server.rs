@@ -82,6 +82,7 @@ pub fn router(node: Node, tokens: Tokens) -> Router {
         .route("/v1/services/{name}", get(get_service).delete(delete_service))
         .route("/v1/services/{name}/scale", post(scale))
         .route("/v1/services/{name}/restart", post(restart))
+        .route("/v1/services/{name}/switchover", post(switchover))
         .route("/v1/services/{name}/logs", get(logs))
         .route("/v1/services/{name}/backup-hook", post(backup_hook))
         .route("/v1/services/{name}/rollout", get(rollout))
@@ -313,6 +314,28 @@ async fn scale(State(api): State<Api>, Path(name): Path<String>, body: Bytes) ->
 async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.restart(&name).await?;
     Ok(Json(Outcome::new(name, "restarting")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverBody {
+    #[serde(default)]
+    to: Option<String>,
+}
+
+async fn switchover(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let b: SwitchoverBody = if body.is_empty() {
+        SwitchoverBody { to: None }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(ErrorCode::BadRequest, format!("expected {{}} or {{\"to\": \"INSTANCE\"}}: {e}")))?
+    };
+    let token = api.node.switchover(&name, b.to.as_deref()).await?;
+    Ok(Json(Outcome::new(name, format!("switching over from the primary of token {token}"))))
 }
 
 async fn backup(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {

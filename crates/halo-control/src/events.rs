@@ -84,6 +84,10 @@ pub enum EventKind {
     Demoted,
     /// A stateful instance's data was made from the primary (clone, rewind).
     Cloned,
+    /// A planned handover of a primary (`halo switchover`).
+    Switchover,
+    /// A synchronous primary named its standby.
+    Synchronous,
     /// A kind written by another version of halo.
     #[serde(other)]
     Other,
@@ -115,6 +119,8 @@ impl EventKind {
             EventKind::Promoted => "promoted",
             EventKind::Demoted => "demoted",
             EventKind::Cloned => "cloned",
+            EventKind::Switchover => "switchover",
+            EventKind::Synchronous => "synchronous",
             EventKind::Other => "other",
         }
     }

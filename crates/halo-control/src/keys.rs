@@ -56,6 +56,8 @@ pub const VIP_NODES: &str = "/halo/vip-nodes/";
 pub const EVENTS: &str = "/halo/events/";
 pub const PRIMARIES: &str = "/halo/primaries/";
 pub const ROLES: &str = "/halo/roles/";
+pub const SYNC: &str = "/halo/sync/";
+pub const SWITCHOVERS: &str = "/halo/switchovers/";
 
 /// The key naming a stateful service's primary: on the primary node's
 /// role lease; its create revision is the primary's fencing token.
@@ -66,6 +68,51 @@ pub fn primary_key(service: &str) -> String {
 /// Where a node publishes one stateful instance's role and position.
 pub fn role_key(service: &str, id: &str) -> String {
     format!("{ROLES}{service}/{id}")
+}
+
+/// A synchronous service's standbys: written by its primary (no lease:
+/// it must outlive the primary), read by the candidates of a failover.
+pub fn sync_key(service: &str) -> String {
+    format!("{SYNC}{service}")
+}
+
+/// A planned switchover of a stateful service, asked for by an operator.
+pub fn switchover_key(service: &str) -> String {
+    format!("{SWITCHOVERS}{service}")
+}
+
+/// Which instances may hold every write the primary of `token`
+/// acknowledged: each such write is on `primary` and on at least one of
+/// `standbys`. Empty: on the primary only (no failover may promote
+/// another). Changed only by that primary, under its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub token: Revision,
+    pub primary: String,
+    pub standbys: Vec<String>,
+}
+
+/// An operator's switchover, then the old primary's handover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRecord {
+    /// The primary's term it moves away from.
+    pub token: Revision,
+    /// The instance to promote; `None`: the primary chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    pub asked_ms: u64,
+    /// Set by the old primary once it has stopped taking writes, and
+    /// with the key handed back: its last position and the chosen target
+    /// (which promotes without waiting out the guard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed: Option<Handed>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handed {
+    pub to: String,
+    pub position: Option<u64>,
+    pub at_ms: u64,
 }
 
 /// A stateful instance's role.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use halo_model::{Diagnostics, ServiceFile};
 use halo_proxy::Proxy;
-use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
+use halo_store::{Compare, CompareOp, CompareTarget, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
 
 use crate::ctx::NodeCtx;
@@ -400,14 +400,84 @@ impl Node {
         Ok(())
     }
 
-    pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
-        match self.ctx.store.delete(&service_key(name)).await? {
-            Some(_) => {
-                self.ctx.m.events.info(EventKind::Deleted, Some(name), None, format!("{name} deleted"));
-                Ok(())
-            }
-            None => Err(NodeError::NotFound(name.into())),
+    /// `halo switchover`: asks `name`'s primary to hand over to `to` (or
+    /// the replica it chooses). Returns the token of the primary asked.
+    pub async fn switchover(&self, name: &str, to: Option<&str>) -> Result<i64, NodeError> {
+        let st = self.ctx.view.current();
+        let svc = st.services.get(name).ok_or_else(|| NodeError::NotFound(name.into()))?;
+        if !svc.spec.replicated() {
+            return Err(NodeError::BadRequest(format!(
+                "{name} has no primary to switch over (a stateful service with 2 or more replicas has)"
+            )));
         }
+        let Some(held) = st.primaries.get(name) else {
+            return Err(NodeError::BadRequest(format!("{name} has no primary now; a failover is under way")));
+        };
+        let roles = st.roles.get(name).cloned().unwrap_or_default();
+        let eligible: Vec<&String> = roles
+            .iter()
+            .filter(|(_, r)| r.role == crate::keys::Role::Replica && r.token == held.token && r.healthy)
+            .map(|(id, _)| id)
+            .collect();
+        if let Some(to) = to {
+            if to == held.record.instance {
+                return Err(NodeError::BadRequest(format!("{to} is the primary already")));
+            }
+            if !eligible.iter().any(|e| *e == to) {
+                let list: Vec<&str> = eligible.iter().map(|s| s.as_str()).collect();
+                return Err(NodeError::BadRequest(format!(
+                    "{to} is not a healthy replica following the primary; accepted: {}",
+                    if list.is_empty() { "none now".to_string() } else { list.join(", ") }
+                )));
+            }
+        } else if eligible.is_empty() {
+            return Err(NodeError::BadRequest(format!(
+                "no healthy replica follows {}: nothing to switch over to",
+                held.record.instance
+            )));
+        }
+        let rec = crate::keys::SwitchoverRecord {
+            token: held.token,
+            to: to.map(str::to_string),
+            asked_ms: halo_model::clock::unix_ms(),
+            handed: None,
+        };
+        let (pkey, skey) = (crate::keys::primary_key(name), crate::keys::switchover_key(name));
+        // Only of this primary's term, and one at a time (a record of an
+        // earlier term or run out is replaced).
+        let current = self.ctx.store.get(&skey).await?;
+        let busy =
+            current.as_ref().and_then(|kv| serde_json::from_slice::<crate::keys::SwitchoverRecord>(&kv.value).ok());
+        let live = crate::stateful::decide::switchover_state(busy.as_ref(), Some(held.token), rec.asked_ms);
+        if live != crate::stateful::decide::SwitchoverState::None {
+            return Err(NodeError::BadRequest(format!("a switchover of {name} is under way already")));
+        }
+        let txn = Txn::new()
+            .when(Compare::new(&pkey, CompareOp::Equal, CompareTarget::CreateRevision(held.token)))
+            .when(Compare::mod_revision(&skey, current.map_or(0, |kv| kv.mod_revision)))
+            .and_then(TxnOp::put(&skey, serde_json::to_vec(&rec).expect("encodes"), None));
+        if !self.ctx.store.txn(txn).await?.succeeded {
+            return Err(NodeError::Conflict);
+        }
+        let whom = to.map_or("the replica it chooses".to_string(), str::to_string);
+        let msg = format!("switchover asked: {} hands over to {whom}", held.record.instance);
+        self.ctx.m.events.info(EventKind::Switchover, Some(name), None, msg);
+        Ok(held.token)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
+        // With it, what its primary kept about it (a stateful service).
+        let key = service_key(name);
+        let txn = Txn::new()
+            .when(Compare::exists(&key))
+            .and_then(TxnOp::Delete(key))
+            .and_then(TxnOp::Delete(crate::keys::sync_key(name)));
+        let txn = txn.and_then(TxnOp::Delete(crate::keys::switchover_key(name)));
+        if !self.ctx.store.txn(txn).await?.succeeded {
+            return Err(NodeError::NotFound(name.into()));
+        }
+        self.ctx.m.events.info(EventKind::Deleted, Some(name), None, format!("{name} deleted"));
+        Ok(())
     }
 
     /// The service file as stored.

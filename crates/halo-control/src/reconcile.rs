@@ -279,6 +279,16 @@ impl Reconciler {
 
     /// Drain (out of every proxy first), stop, forget.
     pub fn stop_instance(self: &Arc<Self>, id: &str) {
+        self.stop_after(id, DRAIN_DELAY)
+    }
+
+    /// Stops an instance no proxy reaches any more (a primary handing
+    /// over): no delay for requests in flight.
+    pub fn stop_drained(self: &Arc<Self>, id: &str) {
+        self.stop_after(id, Duration::ZERO)
+    }
+
+    fn stop_after(self: &Arc<Self>, id: &str, drain: Duration) {
         let taken = {
             let mut instances = self.lock();
             instances.get_mut(id).and_then(|m| m.instance.take().map(|i| (i, m.record.clone())))
@@ -292,7 +302,7 @@ impl Reconciler {
                 tracing::debug!(instance = %record.id, error = %e, "withdrawing the endpoint failed");
             }
             // Requests the proxies sent before the removal finish first.
-            tokio::time::sleep(DRAIN_DELAY).await;
+            tokio::time::sleep(drain).await;
             instance.stop().await;
             if let Err(e) = me.ctx.store.delete(&instance_key(me.node(), &record.service, &record.id)).await {
                 tracing::warn!(instance = %record.id, error = %e, "removing the instance record failed");

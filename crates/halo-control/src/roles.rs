@@ -13,18 +13,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use halo_model::health::{Tally, Verdict};
-use halo_model::stateful::parse_position;
+use halo_model::stateful::{parse_position, Synchronous};
 use halo_model::ServiceSpec;
 use halo_store::{Compare, CompareOp, CompareTarget, Revision, StoreError, Txn, TxnOp};
 use halo_supervisor::Runner;
 
 use crate::events::EventKind;
-use crate::keys::{primary_key, role_key, PrimaryRecord, RoleRecord};
+use crate::keys::{
+    primary_key, role_key, switchover_key, sync_key, Handed, PrimaryRecord, RoleRecord, SwitchoverRecord, SyncRecord,
+};
 use crate::reconcile::Reconciler;
 use crate::state::{ClusterState, HeldPrimary};
-use crate::stateful::decide::may_campaign;
+use crate::stateful::decide::{choose_standby, may_campaign, may_take_handover, switchover_state, SwitchoverState};
 use crate::stateful::{
-    data_dir, hook_env, read_marker, write_marker, Marker, Role, Stateful, CHECK_EVERY, GUARD, POSITION_EVERY, TICK,
+    data_dir, hook_env, read_marker, write_marker, Marker, Role, Stateful, CHECK_EVERY, GUARD, POSITION_EVERY,
+    SWITCHOVER_DRAIN, TICK,
 };
 
 /// One stateful instance of this node, as the loop keeps it.
@@ -51,7 +54,38 @@ struct Local {
     next_position: Instant,
     /// The furthest the current primary was seen at.
     last_primary_position: Option<u64>,
+    /// A primary's synchronous standby, as it keeps it.
+    sync: SyncState,
+    /// A primary's planned handover, under way.
+    handover: Option<Handover>,
     published: Option<RoleRecord>,
+}
+
+/// A synchronous primary's standby. The recorded standbys (the service's
+/// [`SyncRecord`]) must always include one that has every write the
+/// primary acknowledged: a new standby is added to the record before
+/// `set_synchronous` names it, and the old one leaves the record only
+/// once the new one has reached the primary's position of when it was
+/// named.
+#[derive(Default)]
+struct SyncState {
+    /// What `set_synchronous` last named in this term (`None`: nothing yet).
+    applied: Option<Option<String>>,
+    /// A standby named, and the primary's position it must reach before
+    /// it is the only one recorded.
+    pending: Option<(String, u64)>,
+}
+
+/// A primary's planned handover to `to` (`halo switchover`).
+enum Handover {
+    /// Synchronous: making the target the standby first.
+    Syncing { to: String },
+    /// No longer published as primary (proxies close its connections);
+    /// stopped after [`SWITCHOVER_DRAIN`].
+    Draining { to: String, since: Instant },
+    /// Its process stopping cleanly (the replicas get its last writes),
+    /// at `position` when it stopped taking them.
+    Stopping { to: String, position: Option<u64> },
 }
 
 impl Local {
@@ -76,6 +110,8 @@ impl Local {
             next_check: Instant::now(),
             next_position: Instant::now(),
             last_primary_position: None,
+            sync: SyncState::default(),
+            handover: None,
             published: None,
         }
     }
@@ -212,6 +248,11 @@ impl One<'_> {
                 return;
             }
             self.freeze(l, false);
+            // A planned handover past its first phase owns the tick.
+            if l.handover.as_ref().is_some_and(|h| !matches!(h, Handover::Syncing { .. })) {
+                self.hand_over(l).await;
+                return;
+            }
         }
         // 2. A primary whose process stays down hands over.
         if l.role == Role::Primary && !self.up() {
@@ -266,6 +307,13 @@ impl One<'_> {
                         Err(e) => tracing::debug!(instance = %id, error = %e, "position hook failed"),
                     }
                 }
+            }
+        }
+        // A primary's planned handover, and its synchronous standby.
+        if l.role == Role::Primary && self.ready() {
+            self.hand_over(l).await;
+            if l.role == Role::Primary && !matches!(l.handover, Some(Handover::Draining { .. })) {
+                self.keep_synchronous(l).await;
             }
         }
         if let Some(p) = self.held() {
@@ -330,6 +378,256 @@ impl One<'_> {
         }
     }
 
+    /// Nodes with a lease that answer this one.
+    fn live(&self) -> BTreeSet<String> {
+        let silent = self.r.ctx.peers.silent_nodes();
+        self.st.nodes.keys().filter(|n| !silent.contains(*n)).cloned().collect()
+    }
+
+    /// The primary's side of a switchover: choose the target (make it the
+    /// synchronous standby first), stop being reached, stop cleanly, then
+    /// hand the key back with a record naming the target and this
+    /// primary's last position; the target promotes without the guard.
+    async fn hand_over(&self, l: &mut Local) {
+        let s = self.spec.stateful.as_ref().expect("stateful");
+        let (name, id) = (self.spec.name.as_str(), self.id);
+        let ev = &self.r.ctx.m.events;
+        let sw = self.st.switchovers.get(name);
+        let asked = match switchover_state(sw, Some(l.token), halo_model::clock::unix_ms()) {
+            SwitchoverState::Asked { to } => Some(to),
+            _ => None,
+        };
+        let roles = self.st.roles.get(name).cloned().unwrap_or_default();
+        let live = self.live();
+        let eligible = |to: &str| choose_standby(name, l.token, &roles, &live, None, Some(to)).as_deref() == Some(to);
+        match l.handover.take() {
+            None => {
+                let Some(to) = asked else {
+                    // Of an earlier term, or run out: nobody acts on it.
+                    if let Some(sw) = sw.filter(|sw| sw.token <= l.token) {
+                        if sw.token == l.token && sw.handed.is_none() {
+                            ev.warn(EventKind::Switchover, Some(name), Some(id), "the switchover ran out".into());
+                        }
+                        let _ = self.r.ctx.store.delete(&switchover_key(name)).await;
+                    }
+                    return;
+                };
+                let current = l.sync.applied.clone().flatten();
+                let target = match to {
+                    Some(t) => Some(t.to_string()),
+                    None => choose_standby(name, l.token, &roles, &live, current.as_deref(), None),
+                };
+                match target {
+                    Some(t) if eligible(&t) => {
+                        ev.info(
+                            EventKind::Switchover,
+                            Some(name),
+                            Some(id),
+                            format!("switching over from {id} to {t}"),
+                        );
+                        l.handover = Some(if s.synchronous == Synchronous::Off {
+                            Handover::Draining { to: t, since: Instant::now() }
+                        } else {
+                            Handover::Syncing { to: t }
+                        });
+                    }
+                    t => {
+                        let why = match t {
+                            Some(t) => format!("{t} is not a healthy replica following {id}"),
+                            None => format!("no healthy replica follows {id}"),
+                        };
+                        self.abandon(&why).await;
+                    }
+                }
+            }
+            Some(Handover::Syncing { to }) => {
+                if asked.is_none() || !eligible(&to) {
+                    self.abandon(&format!("{to} is no longer a healthy replica, or the switchover ran out")).await;
+                    return;
+                }
+                let recorded = self.st.sync.get(name).filter(|(r, _)| r.token == l.token).map(|(r, _)| &r.standbys);
+                let settled = l.sync.applied == Some(Some(to.clone()))
+                    && l.sync.pending.is_none()
+                    && recorded.is_some_and(|r| r == std::slice::from_ref(&to));
+                l.handover = Some(if settled {
+                    Handover::Draining { to, since: Instant::now() }
+                } else {
+                    Handover::Syncing { to }
+                });
+            }
+            Some(Handover::Draining { to, since }) => {
+                if since.elapsed() < SWITCHOVER_DRAIN {
+                    l.handover = Some(Handover::Draining { to, since });
+                    return;
+                }
+                // No proxy sends it anything now: its last position, then
+                // a clean stop (the replicas get everything it wrote).
+                let position = match &s.hooks.position {
+                    Some(argv) => self.hook(argv, Role::Primary, None).await.ok(),
+                    None => None,
+                };
+                let position = position.and_then(|out| parse_position(&String::from_utf8_lossy(&out)).ok());
+                self.r.stop_drained(id);
+                l.handover = Some(Handover::Stopping { to, position });
+            }
+            Some(Handover::Stopping { to, position }) => {
+                if self.r.instances.lock().contains_key(id) {
+                    l.handover = Some(Handover::Stopping { to, position });
+                    return;
+                }
+                let key = primary_key(name);
+                let now = halo_model::clock::unix_ms();
+                let rec = SwitchoverRecord {
+                    token: l.token,
+                    to: Some(to.clone()),
+                    asked_ms: sw.map_or(now, |sw| sw.asked_ms),
+                    handed: Some(Handed { to: to.clone(), position, at_ms: now }),
+                };
+                let txn = Txn::new()
+                    .when(Compare::new(&key, CompareOp::Equal, CompareTarget::CreateRevision(l.token)))
+                    .and_then(TxnOp::Delete(key.clone()))
+                    .and_then(TxnOp::put(&switchover_key(name), serde_json::to_vec(&rec).expect("encodes"), None));
+                match self.r.ctx.store.txn(txn).await {
+                    Ok(t) if t.succeeded => {
+                        l.role = Role::Demoted;
+                        l.healthy = false;
+                        let msg =
+                            format!("{id} stopped and handed the primary to {to} (switchover; token {})", l.token);
+                        ev.info(EventKind::Switchover, Some(name), Some(id), msg);
+                    }
+                    Ok(_) => l.role = Role::Demoted,
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "handing the key over failed; trying again");
+                        l.handover = Some(Handover::Stopping { to, position });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends a switchover that cannot go on: the primary stays.
+    async fn abandon(&self, why: &str) {
+        let (name, id) = (self.spec.name.as_str(), self.id);
+        let _ = self.r.ctx.store.delete(&switchover_key(name)).await;
+        let msg = format!("switchover abandoned: {why}; {id} stays the primary");
+        self.r.ctx.m.events.warn(EventKind::Switchover, Some(name), Some(id), msg);
+    }
+
+    /// A synchronous primary keeps one healthy replica as its standby
+    /// (see [`SyncState`] for the order of the steps): each tick does at
+    /// most one step.
+    async fn keep_synchronous(&self, l: &mut Local) {
+        let s = self.spec.stateful.as_ref().expect("stateful");
+        if s.synchronous == Synchronous::Off || l.frozen {
+            return;
+        }
+        let (name, id) = (self.spec.name.as_str(), self.id);
+        let recorded = self.st.sync.get(name).filter(|(r, _)| r.token == l.token).map(|(r, _)| r.standbys.clone());
+        let Some(recorded) = recorded else {
+            // This term's record (promote wrote it; a restart of halo may not have).
+            self.record_sync(id, l.token, Vec::new()).await;
+            return;
+        };
+        let roles = self.st.roles.get(name).cloned().unwrap_or_default();
+        let prefer = match &l.handover {
+            Some(Handover::Syncing { to }) => Some(to.as_str()),
+            _ => None,
+        };
+        let current = l.sync.applied.clone().flatten();
+        let mut want = choose_standby(name, l.token, &roles, &self.live(), current.as_deref(), prefer);
+        if want.is_none() && s.synchronous == Synchronous::Strict && l.sync.applied.is_some() {
+            // Strict: writes wait for the standby named (or any) until one is back.
+            want = current.clone();
+        }
+        if let Some((b, p0)) = l.sync.pending.clone() {
+            if want.as_ref() == Some(&b) {
+                let at = roles.get(&b).filter(|r| r.token == l.token).and_then(|r| r.position);
+                if at.is_some_and(|p| p >= p0) && self.record_sync(id, l.token, vec![b.clone()]).await {
+                    tracing::info!(instance = %id, standby = %b, "the synchronous standby is recorded");
+                    l.sync.pending = None;
+                }
+                return;
+            }
+            l.sync.pending = None;
+        }
+        if l.sync.applied.as_ref() == Some(&want) {
+            match &want {
+                Some(b) if recorded != std::slice::from_ref(b) => self.catch_up(l, b.clone()).await,
+                _ => {}
+            }
+            return;
+        }
+        // The record first: a new standby joins it before it is named
+        // (until then the old one may hold the last write); with none, no
+        // failover may pass over this primary.
+        match &want {
+            Some(b) if !recorded.is_empty() && !recorded.contains(b) => {
+                let mut both = recorded.clone();
+                both.push(b.clone());
+                self.record_sync(id, l.token, both).await;
+                return;
+            }
+            None if !recorded.is_empty() => {
+                self.record_sync(id, l.token, Vec::new()).await;
+                return;
+            }
+            _ => {}
+        }
+        let argv = s.hooks.set_synchronous.as_ref().expect("validated: synchronous has set_synchronous");
+        let runner = self.running.as_ref().and_then(|r| r.runner.clone());
+        let Some(runner) = runner else { return };
+        let mut env = hook_env(Role::Primary, None);
+        env.insert("HALO_SYNC_STANDBYS".into(), want.clone().unwrap_or_default());
+        env.insert("HALO_SYNCHRONOUS".into(), s.synchronous.as_str().into());
+        match runner.run_with(argv, &env, None, s.hook_timeout).await {
+            Ok(_) => {
+                let who = want.as_deref().unwrap_or(if s.synchronous == Synchronous::Strict { "any" } else { "none" });
+                let msg = format!("{id}'s synchronous standby: {who}");
+                self.r.ctx.m.events.info(EventKind::Synchronous, Some(name), Some(id), msg);
+                l.sync.applied = Some(want.clone());
+                if let Some(b) = want {
+                    self.catch_up(l, b).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "the set_synchronous hook failed");
+                l.reason = Some(format!("set_synchronous: {e}"));
+            }
+        }
+    }
+
+    /// The standby just named must reach the primary's position of now
+    /// before it is the only one recorded.
+    async fn catch_up(&self, l: &mut Local, standby: String) {
+        let s = self.spec.stateful.as_ref().expect("stateful");
+        let Some(argv) = &s.hooks.position else { return };
+        match self.hook(argv, Role::Primary, None).await {
+            Ok(out) => match parse_position(&String::from_utf8_lossy(&out)) {
+                Ok(p) => l.sync.pending = Some((standby, p)),
+                Err(e) => l.reason = Some(format!("position: {e}")),
+            },
+            Err(e) => tracing::debug!(instance = %self.id, error = %e, "position hook failed"),
+        }
+    }
+
+    /// Writes the service's synchronous standbys for the term `token`, if
+    /// that term's key is still there.
+    async fn record_sync(&self, id: &str, token: Revision, standbys: Vec<String>) -> bool {
+        let name = &self.spec.name;
+        let rec = SyncRecord { token, primary: id.to_string(), standbys };
+        let key = primary_key(name);
+        let txn = Txn::new()
+            .when(Compare::new(&key, CompareOp::Equal, CompareTarget::CreateRevision(token)))
+            .and_then(TxnOp::put(&sync_key(name), serde_json::to_vec(&rec).expect("encodes"), None));
+        match self.r.ctx.store.txn(txn).await {
+            Ok(t) => t.succeeded,
+            Err(e) => {
+                tracing::debug!(service = %name, error = %e, "recording the synchronous standbys failed");
+                false
+            }
+        }
+    }
+
     /// Freezes or thaws a primary's process group; while frozen, a restart
     /// would start it as a standby.
     fn freeze(&self, l: &mut Local, frozen: bool) {
@@ -360,10 +658,33 @@ impl One<'_> {
     async fn campaign(&self, l: &mut Local) {
         let s = self.spec.stateful.as_ref().expect("stateful");
         let Some(roles) = self.st.roles.get(&self.spec.name) else { return };
-        // Nodes with a lease that answer this one.
-        let silent = self.r.ctx.peers.silent_nodes();
-        let live: BTreeSet<String> = self.st.nodes.keys().filter(|n| !silent.contains(*n)).cloned().collect();
-        if let Err(why) = may_campaign(&self.spec.name, self.id, roles, &live, s, l.last_primary_position) {
+        let live = self.live();
+        let sync = self.st.sync.get(&self.spec.name).filter(|_| s.synchronous != Synchronous::Off);
+        let switchover = self.st.switchovers.get(&self.spec.name);
+        let handed = match switchover_state(switchover, None, halo_model::clock::unix_ms()) {
+            SwitchoverState::Handed(h) => Some(h),
+            _ => None,
+        };
+        let allowed = match handed {
+            Some(h) if h.to == self.id && switchover.is_some_and(|sw| sw.token != l.token) => {
+                Err("a switchover target that does not follow the old primary".to_string())
+            }
+            Some(h) => may_take_handover(self.id, h, l.healthy, l.position),
+            None => may_campaign(
+                &self.spec.name,
+                self.id,
+                roles,
+                &live,
+                s,
+                l.last_primary_position,
+                sync.map(|(rec, _)| rec),
+            ),
+        };
+        if let Err(why) = allowed {
+            if handed.is_some_and(|h| h.to == self.id) {
+                // Catching up: ask its position again at once.
+                l.next_position = Instant::now();
+            }
             if l.candidacy.as_ref() != Some(&why) {
                 tracing::info!(instance = %self.id, why, "the service has no primary; this instance does not take the key");
                 l.candidacy = Some(why);
@@ -380,12 +701,22 @@ impl One<'_> {
             node: self.r.ctx.node().to_string(),
             since_ms: halo_model::clock::unix_ms(),
         };
-        let txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(
+        let mut txn = Txn::new().when(Compare::absent(&key)).and_then(TxnOp::put(
             &key,
             serde_json::to_vec(&rec).expect("encodes"),
             Some(lease),
         ));
+        if s.synchronous != Synchronous::Off {
+            // Decided on these standbys: only if they are still the ones.
+            txn = txn.when(Compare::mod_revision(&sync_key(&self.spec.name), sync.map_or(0, |(_, rev)| *rev)));
+        }
         match self.r.ctx.store.txn(txn).await {
+            Ok(t) if t.succeeded && handed.is_some() => {
+                // The old primary stopped before it handed the key over:
+                // no guard to wait out.
+                tracing::info!(instance = %self.id, token = t.revision, "took the primary key a switchover handed over");
+                l.taken = Some((t.revision, Instant::now().checked_sub(GUARD).unwrap_or_else(Instant::now)));
+            }
             Ok(t) if t.succeeded => {
                 tracing::info!(instance = %self.id, token = t.revision, "took the primary key; promoting after {GUARD:?}");
                 l.taken = Some((t.revision, Instant::now()));
@@ -437,6 +768,11 @@ impl One<'_> {
             l.taken = Some((token, Instant::now().checked_sub(GUARD).unwrap_or_else(Instant::now)));
             return;
         }
+        if s.synchronous != Synchronous::Off && !self.record_sync(id, token, Vec::new()).await {
+            // Before it takes a write: no failover may go past it.
+            l.taken = Some((token, Instant::now().checked_sub(GUARD).unwrap_or_else(Instant::now)));
+            return;
+        }
         if self.ready() {
             let argv = s.hooks.promote.as_ref().expect("validated: a replicated service has promote");
             if let Err(e) = self.hook(argv, Role::Primary, None).await {
@@ -451,6 +787,8 @@ impl One<'_> {
         l.role = Role::Primary;
         l.token = token;
         l.following = None;
+        l.sync = SyncState::default();
+        l.handover = None;
         let how = if self.ready() { "promoted" } else { "starts as the first primary" };
         ev.info(EventKind::Promoted, svc, Some(id), format!("{id} {how} on {} (token {token})", self.r.ctx.node()));
     }
@@ -476,6 +814,7 @@ impl One<'_> {
         l.healthy = false;
         l.taken = None;
         l.frozen = false;
+        l.handover = None;
         let how = if demoted { "demoted" } else { "stopped" };
         ev.warn(EventKind::Demoted, svc, Some(id), format!("{id} {how}: {why} (token {})", l.token));
     }
@@ -498,9 +837,11 @@ async fn release(r: &Reconciler, st: &ClusterState, service: &str, id: &str, tok
 /// Writes the instance's role record when it changed (on the node lease).
 async fn publish(r: &Reconciler, id: &str, l: &mut Local, dir: &std::path::Path, st: &ClusterState) {
     let port = r.instances.lock().get(id).map(|m| m.status.borrow().port);
+    // A primary handing over is no longer reached.
+    let handing = matches!(l.handover, Some(Handover::Draining { .. } | Handover::Stopping { .. }));
     let rec = RoleRecord {
         node: r.ctx.node().to_string(),
-        role: l.role,
+        role: if handing { Role::Demoted } else { l.role },
         token: l.token,
         position: l.position,
         healthy: l.healthy,

@@ -26,8 +26,10 @@ use tokio::sync::watch;
 use crate::keys::{
     Assignment, EndpointRecord, NodeAdmin, NodeRecord, NodeStats, PrimaryRecord, RoleRecord, RolloutCommand,
     RolloutRecord, ServiceRecord, VipCandidate, VipHolder, ASSIGNMENTS, ENDPOINTS, LEADER, NODES, NODE_ADMIN,
-    PRIMARIES, ROLES, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, SILENT, STATS, UPGRADING, VIPS, VIP_NODES,
+    PRIMARIES, ROLES, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, SILENT, STATS, SWITCHOVERS, SYNC, UPGRADING, VIPS,
+    VIP_NODES,
 };
+use crate::keys::{SwitchoverRecord, SyncRecord};
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot, StatefulWant};
 use halo_model::lock::LockExt;
 
@@ -117,6 +119,10 @@ pub struct ClusterState {
     /// Each stateful instance's role as its node published it, by service
     /// then instance.
     pub roles: BTreeMap<String, BTreeMap<String, RoleRecord>>,
+    /// Each synchronous service's standbys, with the key's mod revision.
+    pub sync: BTreeMap<String, (SyncRecord, Revision)>,
+    /// Switchovers asked for, by service.
+    pub switchovers: BTreeMap<String, SwitchoverRecord>,
 }
 
 /// A stateful service's primary as the store has it.
@@ -238,6 +244,14 @@ impl ClusterState {
             if let Ok(r) = serde_json::from_slice::<RoleRecord>(&kv.value) {
                 self.roles.entry(service.to_string()).or_default().insert(id.to_string(), r);
             }
+        } else if let Some(service) = key.strip_prefix(SYNC) {
+            if let Ok(r) = serde_json::from_slice::<SyncRecord>(&kv.value) {
+                self.sync.insert(service.to_string(), (r, kv.mod_revision));
+            }
+        } else if let Some(service) = key.strip_prefix(SWITCHOVERS) {
+            if let Ok(r) = serde_json::from_slice::<SwitchoverRecord>(&kv.value) {
+                self.switchovers.insert(service.to_string(), r);
+            }
         }
     }
 
@@ -279,6 +293,10 @@ impl ClusterState {
             }
         } else if let Some(service) = key.strip_prefix(PRIMARIES) {
             self.primaries.remove(service);
+        } else if let Some(service) = key.strip_prefix(SYNC) {
+            self.sync.remove(service);
+        } else if let Some(service) = key.strip_prefix(SWITCHOVERS) {
+            self.switchovers.remove(service);
         } else if let Some((service, id)) = key.strip_prefix(ROLES).and_then(|r| r.split_once('/')) {
             if let Some(r) = self.roles.get_mut(service) {
                 r.remove(id);

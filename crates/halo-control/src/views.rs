@@ -60,6 +60,9 @@ pub struct ClusterServiceView {
     /// A stateful service's primary: instance, node and fencing token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<(String, String, i64)>,
+    /// The primary serves (promoted under its token; proxies reach it).
+    #[serde(default)]
+    pub primary_serving: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +124,7 @@ impl ClusterView {
                         .primaries
                         .get(name)
                         .map(|p| (p.record.instance.clone(), p.record.node.clone(), p.token)),
+                    primary_serving: crate::stateful::Stateful::primary_addr(st, name).is_some(),
                 }
             })
             .collect();
@@ -344,6 +348,10 @@ pub struct RoleView {
     /// How far behind the primary's position (replicas).
     pub lag: Option<u64>,
     pub healthy: bool,
+    /// A synchronous standby of the current primary (every write it
+    /// acknowledges is on this instance, or another standby recorded).
+    #[serde(default)]
+    pub synchronous: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// While the service has no primary: why this one does not take over.
@@ -367,6 +375,10 @@ impl RoleView {
             position: r.position,
             lag,
             healthy: r.healthy,
+            synchronous: st
+                .sync
+                .get(service)
+                .is_some_and(|(s, _)| s.token == r.token && s.standbys.iter().any(|x| x == id)),
             reason: r.reason.clone(),
             candidacy: r.candidacy.clone(),
         })

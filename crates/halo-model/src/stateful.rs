@@ -38,6 +38,10 @@ pub struct StatefulSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_synchronous: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous: Option<SyncSetting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_timeout: Option<String>,
@@ -49,6 +53,14 @@ pub struct StatefulSection {
     pub max_lag_on_failover: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_threshold: Option<u32>,
+}
+
+/// `synchronous` as written: `true`, `false` or `"strict"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SyncSetting {
+    Flag(bool),
+    Mode(String),
 }
 
 /// A validated `[stateful]`.
@@ -75,6 +87,32 @@ pub struct StatefulSpec {
     /// `check` failures in a row that end a primary's term, or take a
     /// replica out of rotation.
     pub failure_threshold: u32,
+    pub synchronous: Synchronous,
+}
+
+/// Whether a write is acknowledged only once a replica has it too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Asynchronous replication: a failover may lose the writes the new
+    /// primary had not received.
+    #[default]
+    Off,
+    /// One healthy replica is the synchronous standby (`set_synchronous`);
+    /// with none healthy the primary goes on alone (and a failover waits
+    /// for it: no other instance has every acknowledged write).
+    On,
+    /// As `On`, but writes wait while no replica can be the standby.
+    Strict,
+}
+
+impl Synchronous {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Synchronous::Off => "off",
+            Synchronous::On => "on",
+            Synchronous::Strict => "strict",
+        }
+    }
 }
 
 /// The hooks: each a program and its arguments.
@@ -87,6 +125,7 @@ pub struct Hooks {
     pub clone: Option<Vec<String>>,
     pub rewind: Option<Vec<String>>,
     pub check: Option<Vec<String>>,
+    pub set_synchronous: Option<Vec<String>>,
 }
 
 impl StatefulSpec {
@@ -118,7 +157,28 @@ pub(crate) fn validate(s: &StatefulSection, replicas: u32, errors: &mut Vec<Spec
         clone: hook("clone", &s.clone, &mut err),
         rewind: hook("rewind", &s.rewind, &mut err),
         check: hook("check", &s.check, &mut err),
+        set_synchronous: hook("set_synchronous", &s.set_synchronous, &mut err),
     };
+    let synchronous = match &s.synchronous {
+        None | Some(SyncSetting::Flag(false)) => Synchronous::Off,
+        Some(SyncSetting::Flag(true)) => Synchronous::On,
+        Some(SyncSetting::Mode(v)) if v == "strict" => Synchronous::Strict,
+        Some(SyncSetting::Mode(v)) => {
+            err("synchronous", format!("'{v}' is not a mode; give true, false or \"strict\""));
+            Synchronous::Off
+        }
+    };
+    if synchronous != Synchronous::Off {
+        if hooks.set_synchronous.is_none() {
+            err(
+                "set_synchronous",
+                "is needed with synchronous replication; give the hook that names the synchronous standby, as in set_synchronous = [\"scripts/set_synchronous.sh\"]".into(),
+            );
+        }
+        if replicas < 2 && s.promote.is_none() {
+            err("synchronous", "needs a primary and replicas (replicas = 2 or more)".into());
+        }
+    }
     let given = [&s.promote, &s.follow, &s.position, &s.clone];
     if replicas > 1 || given.iter().any(|h| h.is_some()) {
         for (name, v) in NEEDED.iter().zip(given) {
@@ -192,6 +252,7 @@ pub(crate) fn validate(s: &StatefulSection, replicas: u32, errors: &mut Vec<Spec
         restart_grace,
         max_lag_on_failover: s.max_lag_on_failover,
         failure_threshold,
+        synchronous,
     }
 }
 

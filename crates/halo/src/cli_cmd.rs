@@ -226,6 +226,11 @@ pub fn restart(t: &Target, out: &Output, name: &str) -> anyhow::Result<Outcome> 
     change(t, out, Method::POST, &format!("/v1/services/{name}/restart"), None)
 }
 
+pub fn switchover(t: &Target, out: &Output, name: &str, to: Option<&str>) -> anyhow::Result<Outcome> {
+    let body = serde_json::json!({ "to": to }).to_string();
+    change(t, out, Method::POST, &format!("/v1/services/{name}/switchover"), Some(body))
+}
+
 pub fn delete(t: &Target, out: &Output, name: &str) -> anyhow::Result<Outcome> {
     change(t, out, Method::DELETE, &format!("/v1/services/{name}"), None)
 }
@@ -531,7 +536,7 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
             if roles {
                 match &i.role {
                     Some(r) => row.extend([
-                        r.role.as_str().to_string(),
+                        if r.synchronous { format!("{} (sync)", r.role.as_str()) } else { r.role.as_str().to_string() },
                         r.lag.map_or("-".to_string(), |l| l.to_string()),
                         r.token.to_string(),
                     ]),
@@ -624,6 +629,8 @@ pub enum Goal {
     Deleted(String),
     /// The node holds no placement.
     Drained(String),
+    /// A primary of a later term than `token` serves (`to`, if named).
+    Switchover { name: String, token: i64, to: Option<String> },
 }
 
 impl Goal {
@@ -650,11 +657,18 @@ impl Goal {
         Ok(Goal::Service { name: name.to_string(), replicas, new_template, before })
     }
 
+    /// A switchover of `name`'s primary (of the term now) to `to`.
+    pub fn switchover(t: &Target, name: &str, to: Option<&str>) -> anyhow::Result<Goal> {
+        let v: ClusterView = read(t, "/v1/nodes")?;
+        let token = v.services.iter().find(|s| s.name == name).and_then(|s| s.primary.as_ref()).map_or(0, |p| p.2);
+        Ok(Goal::Switchover { name: name.to_string(), token, to: to.map(str::to_string) })
+    }
+
     /// The service whose crash loops and rollbacks fail the wait.
     fn failing_service(&self) -> Option<&str> {
         match self {
             Goal::Service { name, .. } => Some(name),
-            Goal::Deleted(_) | Goal::Drained(_) => None,
+            Goal::Deleted(_) | Goal::Drained(_) | Goal::Switchover { .. } => None,
         }
     }
 
@@ -689,6 +703,18 @@ impl Goal {
             Goal::Drained(node) => {
                 let left = v.placements.iter().filter(|p| &p.node == node).count();
                 (left == 0, format!("node {node}: {} left to move", count(left, "instance")))
+            }
+            Goal::Switchover { name, token, to } => {
+                let s = v.services.iter().find(|s| &s.name == name);
+                match s.and_then(|s| s.primary.clone().map(|p| (p, s.primary_serving))) {
+                    Some(((id, node, t), serving)) if t > *token => {
+                        let done = serving && to.as_ref().is_none_or(|to| *to == id);
+                        let state = if serving { "serves" } else { "is being promoted" };
+                        (done, format!("{name}: {id} on {node} {state} (token {t})"))
+                    }
+                    Some(((id, _, _), _)) => (false, format!("{name}: {id} is handing over")),
+                    None => (false, format!("{name}: no primary for a moment")),
+                }
             }
         }
     }

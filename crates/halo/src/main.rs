@@ -112,6 +112,22 @@ enum Command {
         #[command(flatten)]
         out: Output,
     },
+    /// Move a stateful service's primary to a replica: the primary stops
+    /// taking writes (halo closes its connections), the replica catches up
+    /// to it and is promoted, the old primary follows it.
+    Switchover {
+        service: String,
+        /// The replica to promote (default: the synchronous standby, else
+        /// the healthy replica furthest ahead).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        wait: cli_cmd::WaitArgs,
+        #[command(flatten)]
+        target: cli_cmd::Target,
+        #[command(flatten)]
+        out: Output,
+    },
     /// What happened in the cluster (exits, restarts, reschedules,
     /// elections, drains, API changes, rollouts, backups); -f follows.
     Events(events_cmd::EventsArgs),
@@ -318,6 +334,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             let goal = wait.wait.then(|| cli_cmd::Goal::service(&target, &service, None, true)).transpose()?;
             cli_cmd::restart(&target, &out, &service)?;
             goal.map_or(Ok(()), |g| cli_cmd::wait(&target, &g, wait.timeout))
+        }
+        Command::Switchover { service, to, wait, target, out } => {
+            let goal = cli_cmd::Goal::switchover(&target, &service, to.as_deref())?;
+            cli_cmd::switchover(&target, &out, &service, to.as_deref())?;
+            if wait.wait {
+                cli_cmd::wait(&target, &goal, wait.timeout)?;
+            }
+            Ok(())
         }
         Command::Logs { service, follow, instance, lines, target } => {
             cli_cmd::logs(&target, &service, follow, instance.as_deref(), lines)

@@ -214,6 +214,8 @@ struct Inst {
     ready: bool,
     pid: i64,
     port: u16,
+    /// A synchronous standby of the current primary.
+    sync: bool,
 }
 
 fn insts(status: &serde_json::Value, node: usize) -> Vec<Inst> {
@@ -230,6 +232,7 @@ fn insts(status: &serde_json::Value, node: usize) -> Vec<Inst> {
             ready: i["ready"] == true,
             pid: i["pid"].as_i64().unwrap_or(0),
             port: i["port"].as_u64().unwrap_or(0) as u16,
+            sync: i["role"]["synchronous"] == true,
         })
         .collect()
 }
@@ -314,6 +317,11 @@ async fn one_node_serves_a_primary_and_two_streaming_replicas_kept_across_restar
         ("name = \"db\"\nreplicas = 2\n[run]\ncommand = \"x\"\n[stateful]\n", "stateful.promote"),
         ("name = \"db\"\n[run]\ncommand = \"x\"\n[stateful]\nreplace_after = \"soon\"\n", "stateful.replace_after"),
         ("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\nrole = \"replica\"\n", "routes[0].role"),
+        (
+            "name = \"db\"\nreplicas = 2\n[run]\ncommand = \"x\"\n[stateful]\npromote = [\"p\"]\nfollow = [\"f\"]\nposition = [\"q\"]\nclone = [\"c\"]\nsynchronous = true\n",
+            "stateful.set_synchronous",
+        ),
+        ("name = \"db\"\n[run]\ncommand = \"x\"\n[stateful]\nsynchronous = \"always\"\n", "stateful.synchronous"),
         (
             "name = \"db\"\n[run]\ncommand = \"x\"\n[stateful]\n[release]\nstrategy = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }]\n",
             "release.strategy",
@@ -759,4 +767,200 @@ async fn a_primary_failing_its_check_hands_over_and_is_rewound() {
     assert!(events.contains(&format!("{} stopped: its check failed 3 times in a row", p.id)), "{events}");
     assert!(events.contains(&format!("{} rewound to follow", p.id)), "{events}");
     psql(None, h.listeners["pg-primary"], "create table after_check(id int)").expect("the new primary writes");
+}
+
+/// The replica of `all` recorded as the primary's synchronous standby.
+fn standby(all: &[Inst], primary: &Inst) -> Option<Inst> {
+    all.iter().find(|i| i.role == "replica" && i.sync && i.token == primary.token).cloned()
+}
+
+async fn wait_standby(c: &Cluster, skip: Option<usize>, replicas: usize, what: &str) -> (Inst, Inst) {
+    let mut all = Vec::new();
+    eventually(Duration::from_secs(60), what, || {
+        all = cluster_insts(c, skip);
+        std::future::ready(settled(&all, replicas).and_then(|p| standby(&all, &p)).is_some())
+    })
+    .await;
+    let p = settled(&all, replicas).unwrap();
+    let s = standby(&all, &p).unwrap();
+    (p, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_promotes_the_standby_and_loses_no_acknowledged_write_when_the_primarys_node_is_killed() {
+    let recipe = Recipe::new();
+    let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(true))]);
+    let ns = c.client_ns();
+    let (p, s) = wait_standby(&c, None, 2, "a primary with a synchronous standby on three nodes").await;
+    println!("primary {} on node {}, synchronous standby {} on node {}", p.id, p.node, s.id, s.node);
+    psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != p.node).collect();
+    let writes = Writes::start(Some(ns.clone()), survivors.iter().map(|i| pg_addr(&c, *i, 5432)).collect());
+    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 30)).await;
+    let killed = Instant::now();
+    c.kill_node(p.node);
+    eventually(Duration::from_secs(30), "a write acknowledged after the kill", || {
+        std::future::ready(writes.acks().iter().any(|a| a.at > killed))
+    })
+    .await;
+    let first = writes.acks().iter().find(|a| a.at > killed).map(|a| a.at - killed).unwrap();
+    println!("kill -9 of the primary's node: first acknowledged write after {first:?}");
+    let (q, t) = wait_standby(&c, Some(p.node), 1, "the new primary with the last replica as its standby").await;
+    assert_eq!(q.id, s.id, "the synchronous standby was promoted, not the other replica");
+    assert!(q.token > p.token);
+    assert_ne!(t.id, q.id);
+    let acks = writes.finish();
+    let have = ids(&ns, pg_addr(&c, survivors[0], 5432));
+    let lost: Vec<u64> = acks.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
+    println!("{} writes acknowledged, {} lost", acks.len(), lost.len());
+    assert!(lost.is_empty(), "acknowledged writes lost in synchronous mode: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_names_another_standby_when_the_standbys_node_is_killed_and_writes_go_on() {
+    let recipe = Recipe::new();
+    let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(true))]);
+    let ns = c.client_ns();
+    let (p, s) = wait_standby(&c, None, 2, "a primary with a synchronous standby on three nodes").await;
+    psql(Some(&ns), pg_addr(&c, p.node, 5432), "create table w(id bigint primary key)").expect("create");
+    let writes = Writes::start(Some(ns.clone()), vec![pg_addr(&c, p.node, 5432)]);
+    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 20)).await;
+    let killed = Instant::now();
+    c.kill_node(s.node);
+    // Commits wait on the lost standby until the primary names the other.
+    eventually(Duration::from_secs(60), "writes acknowledged again after the standby's node was killed", || {
+        std::future::ready(writes.acks().iter().filter(|a| a.at > killed).count() >= 5)
+    })
+    .await;
+    let first = writes.acks().iter().find(|a| a.at > killed).map(|a| a.at - killed).unwrap();
+    println!("kill -9 of the standby's node: first acknowledged write after {first:?}");
+    let (q, t) = wait_standby(&c, Some(s.node), 1, "the other replica recorded as the standby").await;
+    assert_eq!(q.id, p.id, "the primary stays");
+    assert_ne!(t.id, s.id);
+    let acks = writes.finish();
+    let have = ids(&ns, pg_addr(&c, p.node, 5432));
+    assert!(acks.iter().all(|a| have.contains(&a.id)), "every acknowledged write is on the primary");
+    // The new standby has every write the primary acknowledged.
+    let standby = SocketAddr::new(c.nodes[t.node].ip.into(), t.port);
+    let last = acks.last().unwrap().id;
+    eventually(Duration::from_secs(20), "the standby has the last acknowledged write", || {
+        std::future::ready(
+            psql(Some(&ns), standby, &format!("select count(*) from w where id = {last}")).as_deref() == Ok("1"),
+        )
+    })
+    .await;
+}
+
+/// The longest time between two acknowledged writes in `acks` (sorted).
+fn max_gap(acks: &[Ack]) -> Duration {
+    acks.windows(2).map(|w| w[1].at - w[0].at).max().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_moves_the_primary_with_writes_running_and_loses_nothing() {
+    let recipe = Recipe::new();
+    let text = recipe.node_file().replace("synchronous = false", "synchronous = true");
+    let h = Halo::up_logged(BIN, &text).expect("halo up");
+    let _story = Story(&h);
+    let w = h.listeners["pg-primary"];
+    let mut all = Vec::new();
+    eventually(Duration::from_secs(90), "a primary with a synchronous standby", || {
+        all = insts(&h.status(), 0);
+        std::future::ready(settled(&all, 2).and_then(|p| standby(&all, &p)).is_some())
+    })
+    .await;
+    let p = settled(&all, 2).unwrap();
+    let s = standby(&all, &p).unwrap();
+    let other = all.iter().find(|i| i.id != p.id && i.id != s.id).unwrap().clone();
+    psql(None, w, "create table w(id bigint primary key)").expect("create");
+
+    // Bad input: refused, naming what is accepted; nothing changes.
+    let (code, _, err) = h.cli(&["switchover", "pg", "--to", "pg-9"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("pg-9 is not a healthy replica") && err.contains("accepted:"), "{err}");
+    let (code, _, err) = h.cli(&["switchover", "pg", "--to", &p.id]);
+    assert!(code != 0 && err.contains("is the primary already"), "{err}");
+    let (code, _, err) = h.cli(&["switchover", "nosuch"]);
+    assert!(code != 0 && err.contains("nosuch"), "{err}");
+
+    // To the replica that is not the standby: it is made the standby first.
+    let writes = Writes::start(None, vec![w]);
+    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 20)).await;
+    let asked = Instant::now();
+    let (code, out, err) = h.cli(&["switchover", "pg", "--to", &other.id, "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "switchover: {out}{err}");
+    println!("{out}");
+    let mut after = Vec::new();
+    eventually(Duration::from_secs(60), "the old primary back as a replica of the new one", || {
+        after = insts(&h.status(), 0);
+        std::future::ready(settled(&after, 2).is_some_and(|q| q.id == other.id && q.token > p.token))
+    })
+    .await;
+    eventually(Duration::from_secs(20), "writes acknowledged by the new primary", || {
+        std::future::ready(writes.acks().iter().filter(|a| a.at > asked).count() >= 20)
+    })
+    .await;
+    let acks = writes.finish();
+    let have = ids_local(w);
+    let lost: Vec<u64> = acks.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost in the switchover: {lost:?}");
+    let old = format!("127.0.0.1:{}", p.port);
+    let new_first = acks.iter().position(|a| a.server != old).expect("a write on the new primary");
+    assert!(
+        acks[new_first..].iter().all(|a| a.server != old),
+        "the old primary took a write after the new one's first"
+    );
+    println!(
+        "switchover {} -> {}: {} writes, none lost; the longest gap between acknowledged writes {:?}",
+        p.id,
+        other.id,
+        acks.len(),
+        max_gap(&acks)
+    );
+    let q = settled(&after, 2).unwrap();
+    let events = h.cli(&["events", "--service", "pg", "-n", "200"]).1;
+    assert!(events.contains(&format!("{} stopped and handed the primary to {}", p.id, other.id)), "{events}");
+
+    // Without --to: the standby it chose is promoted.
+    let (p2, s2) = (q.clone(), standby(&after, &q));
+    let (code, out, err) = h.cli(&["switchover", "pg", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "switchover: {out}{err}");
+    println!("{out}");
+    let mut again = Vec::new();
+    eventually(Duration::from_secs(60), "settled after the second switchover", || {
+        again = insts(&h.status(), 0);
+        std::future::ready(settled(&again, 2).is_some_and(|q| q.id != p2.id && q.token > p2.token))
+    })
+    .await;
+    if let Some(s2) = s2 {
+        assert_eq!(settled(&again, 2).unwrap().id, s2.id, "the synchronous standby took over");
+    }
+    psql(None, h.listeners["pg-primary"], "insert into w(id) values (-1)").expect("a write after both switchovers");
+}
+
+/// On a failure, what halo said: its events and its log's last lines.
+struct Story<'a>(&'a Halo);
+
+impl Drop for Story<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!("--- events\n{}", self.0.cli(&["events", "-n", "100"]).1);
+        eprintln!("--- status\n{}", self.0.cli(&["status"]).1);
+        for i in 0..3 {
+            eprintln!("--- pg-{i}\n{}", self.0.cli(&["logs", "pg", "--instance", &format!("pg-{i}"), "-n", "25"]).1);
+        }
+        if let Some(log) = &self.0.log {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- log (last 150 lines)\n{}", lines[lines.len().saturating_sub(150)..].join("\n"));
+        }
+    }
+}
+
+/// The rows the primary at `addr` (this machine) has, by id.
+fn ids_local(addr: SocketAddr) -> std::collections::BTreeSet<u64> {
+    let out = psql(None, addr, "select id from w order by id").expect("read the rows");
+    out.lines().filter_map(|l| l.parse().ok()).collect()
 }

@@ -59,6 +59,10 @@ pub const GUARD: Duration = Duration::from_millis(550);
 /// frozen, or cut off), and a primary it still names may have been
 /// replaced.
 pub const ROUTE_WINDOW: Duration = Duration::from_secs(1);
+/// In a switchover, how long the old primary waits, once no longer
+/// published as primary, for every node's proxy to stop reaching it
+/// before it stops.
+pub const SWITCHOVER_DRAIN: Duration = Duration::from_millis(150);
 /// How often the role loop looks.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How often each instance's `position` is asked.
@@ -237,6 +241,21 @@ impl Stateful {
             Ok(()) => Admit::Start,
             Err(e) => Admit::Wait(format!("cannot write {}: {e}", dir.join(ROLE_FILE).display())),
         };
+        let switchover = decide::switchover_state(
+            st.switchovers.get(&spec.name),
+            held.map(|h| h.token),
+            halo_model::clock::unix_ms(),
+        );
+        match switchover {
+            // The primary stopping to hand over stays stopped.
+            decide::SwitchoverState::Asked { .. } if mine => {
+                return Admit::Wait("a switchover: the primary hands over".into())
+            }
+            decide::SwitchoverState::Handed(h) if h.to != id => {
+                return Admit::Wait(format!("a switchover: {} takes over", h.to))
+            }
+            _ => {}
+        }
         if mine {
             // Ours (a new service's first instance, or a primary that
             // restarts while it holds the key).
@@ -244,6 +263,11 @@ impl Stateful {
         }
         let Some((primary, token, addr)) = Self::primary_addr(st, &spec.name) else {
             return match marker {
+                // A former primary waits for the one that took the key to
+                // be promoted, then rewinds from it.
+                Some(m) if m.role == Role::Primary && held.is_some_and(|h| h.token != m.token) => {
+                    Admit::Wait("a former primary waits for the new one".into())
+                }
                 // Read-only until one is promoted: it may be the one.
                 Some(_) => start_as(Role::Replica),
                 None => Admit::Wait("no data yet and no primary to clone from".into()),
