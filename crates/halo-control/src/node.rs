@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use halo_model::{Diagnostics, ServiceFile};
 use halo_proxy::Proxy;
-use halo_store::{Compare, CompareOp, CompareTarget, Counted, Store, StoreError, Txn, TxnOp};
+use halo_store::{Compare, Counted, Store, StoreError, Txn, TxnOp};
 use halo_supervisor::{Drivers, Env, LogFile, Status};
 
 use crate::ctx::NodeCtx;
@@ -436,28 +436,10 @@ impl Node {
                 held.record.instance
             )));
         }
-        let rec = crate::keys::SwitchoverRecord {
-            token: held.token,
-            to: to.map(str::to_string),
-            asked_ms: halo_model::clock::unix_ms(),
-            handed: None,
-        };
-        let (pkey, skey) = (crate::keys::primary_key(name), crate::keys::switchover_key(name));
-        // Only of this primary's term, and one at a time (a record of an
-        // earlier term or run out is replaced).
-        let current = self.ctx.store.get(&skey).await?;
-        let busy =
-            current.as_ref().and_then(|kv| serde_json::from_slice::<crate::keys::SwitchoverRecord>(&kv.value).ok());
-        let live = crate::stateful::decide::switchover_state(busy.as_ref(), Some(held.token), rec.asked_ms);
-        if live != crate::stateful::decide::SwitchoverState::None {
-            return Err(NodeError::BadRequest(format!("a switchover of {name} is under way already")));
-        }
-        let txn = Txn::new()
-            .when(Compare::new(&pkey, CompareOp::Equal, CompareTarget::CreateRevision(held.token)))
-            .when(Compare::mod_revision(&skey, current.map_or(0, |kv| kv.mod_revision)))
-            .and_then(TxnOp::put(&skey, serde_json::to_vec(&rec).expect("encodes"), None));
-        if !self.ctx.store.txn(txn).await?.succeeded {
-            return Err(NodeError::Conflict);
+        match crate::stateful::ask_switchover(&*self.ctx.store, name, held.token, to).await? {
+            Some(true) => {}
+            Some(false) => return Err(NodeError::Conflict),
+            None => return Err(NodeError::BadRequest(format!("a switchover of {name} is under way already"))),
         }
         let whom = to.map_or("the replica it chooses".to_string(), str::to_string);
         let msg = format!("switchover asked: {} hands over to {whom}", held.record.instance);

@@ -143,6 +143,9 @@ impl Reconciler {
             changes(&st, &assigned, running)
         };
         for id in &c.stop {
+            if self.switch_over_first(&st, &assigned, id).await {
+                continue;
+            }
             tracing::info!(instance = %id, "no longer assigned here; stopping");
             self.stop_instance(id);
         }
@@ -159,6 +162,36 @@ impl Reconciler {
         }
         endpoints::sync(&*self.ctx.store, &self.ctx.m, &st, &self.ready(), &self.unjudged()).await;
         self.publish_from(&st);
+    }
+
+    /// A primary replaced in place (a new template: `halo restart`, a
+    /// changed file) hands over first, when a healthy replica follows it:
+    /// asks a switchover and is not stopped now (the handover stops it;
+    /// it starts again as a replica, of the new template).
+    async fn switch_over_first(&self, st: &ClusterState, assigned: &BTreeMap<String, Assignment>, id: &str) -> bool {
+        let Some(a) = assigned.get(id) else { return false };
+        let service = &a.placement.service;
+        let Some(held) = st.primaries.get(service).filter(|h| h.record.instance == id) else { return false };
+        let followed = st.roles.get(service).is_some_and(|roles| {
+            roles.values().any(|r| r.role == crate::keys::Role::Replica && r.token == held.token && r.healthy)
+        });
+        if !followed || !st.services.get(service).is_some_and(|s| s.spec.replicated()) {
+            return false;
+        }
+        match crate::stateful::ask_switchover(&*self.ctx.store, service, held.token, None).await {
+            Ok(Some(true)) => {
+                let msg = format!("{id} is the primary: it switches over before it restarts with the new template");
+                self.ctx.m.events.info(crate::events::EventKind::Switchover, Some(service), Some(id), msg);
+                true
+            }
+            // Under way already: the handover stops it.
+            Ok(None) => true,
+            Ok(Some(false)) => false,
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "asking a switchover failed; trying again");
+                true
+            }
+        }
     }
 
     /// Endpoint keys of this node's instances that are up but whose

@@ -21,31 +21,39 @@ const BIN: &str = env!("CARGO_BIN_EXE_halo");
 /// read them (a checkout under a private home cannot be).
 struct Recipe {
     dir: TempDir,
+    /// `postgres` or `redis`: `examples/NAME.toml` and `examples/NAME/`.
+    name: &'static str,
 }
 
 impl Recipe {
     fn new() -> Recipe {
+        Recipe::of("postgres")
+    }
+
+    fn of(name: &'static str) -> Recipe {
         use std::os::unix::fs::PermissionsExt;
         let dir = TempDir::new("pg-recipe");
-        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/postgres"));
-        for e in std::fs::read_dir(&src).expect("examples/postgres") {
+        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples")).join(name);
+        for e in std::fs::read_dir(&src).expect("the recipe's scripts") {
             let e = e.expect("entry");
             let to = dir.0.join(e.file_name());
             std::fs::copy(e.path(), &to).expect("copy a hook");
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Recipe { dir }
+        Recipe { dir, name }
     }
 
-    /// `examples/postgres.toml` on free loopback ports, with the hooks here.
+    /// `examples/NAME.toml` on free loopback ports, with the hooks here.
     fn node_file(&self) -> String {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/postgres.toml"))
-            .expect("examples/postgres.toml");
-        text.replace("examples/postgres/", &format!("{}/", self.dir.0.display()))
+        let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
+        let text = std::fs::read_to_string(examples.join(format!("{}.toml", self.name))).expect("the recipe's file");
+        text.replace(&format!("examples/{}/", self.name), &format!("{}/", self.dir.0.display()))
             .replace("127.0.0.1:7070", "127.0.0.1:0")
             .replace("127.0.0.1:5432", "127.0.0.1:0")
             .replace("127.0.0.1:5433", "127.0.0.1:0")
+            .replace("127.0.0.1:6380", "127.0.0.1:0")
+            .replace("127.0.0.1:6381", "127.0.0.1:0")
     }
 
     /// The recipe's service as a file of its own (`halo apply -f`), with
@@ -219,8 +227,12 @@ struct Inst {
 }
 
 fn insts(status: &serde_json::Value, node: usize) -> Vec<Inst> {
+    insts_of(status, node, "pg")
+}
+
+fn insts_of(status: &serde_json::Value, node: usize, service: &str) -> Vec<Inst> {
     let Some(services) = status["services"].as_array() else { return Vec::new() };
-    let pg = services.iter().find(|s| s["name"] == "pg");
+    let pg = services.iter().find(|s| s["name"] == service);
     let list = pg.and_then(|s| s["instances"].as_array()).cloned().unwrap_or_default();
     list.iter()
         .filter(|i| i["stopping"] == false)
@@ -963,4 +975,72 @@ impl Drop for Story<'_> {
 fn ids_local(addr: SocketAddr) -> std::collections::BTreeSet<u64> {
     let out = psql(None, addr, "select id from w order by id").expect("read the rows");
     out.lines().filter_map(|l| l.parse().ok()).collect()
+}
+
+/// redis-cli against `addr`: its output, or why it failed.
+fn redis(addr: SocketAddr, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("timeout")
+        .args(["-k", "1", "5", "redis-cli", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !text.starts_with("ERR") && !text.starts_with("READONLY") && !text.is_empty() {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_runs_with_the_same_hooks_contract_fails_over_and_switches_over() {
+    let recipe = Recipe::of("redis");
+    let h = Halo::up_logged(BIN, &recipe.node_file()).expect("halo up");
+    let _story = Story(&h);
+    let (w, r) = (h.listeners["redis-primary"], h.listeners["redis-replicas"]);
+    let status = |h: &Halo| insts_of(&h.status(), 0, "redis");
+    let mut all = Vec::new();
+    eventually(Duration::from_secs(60), "a Redis primary with a synchronous standby", || {
+        all = status(&h);
+        std::future::ready(settled(&all, 2).and_then(|p| standby(&all, &p)).is_some())
+    })
+    .await;
+    let p = settled(&all, 2).unwrap();
+    assert_eq!(redis(w, &["set", "k", "1"]).as_deref(), Ok("OK"), "a write through the primary's listener");
+    // WAIT: the write is on a replica before the client goes on.
+    assert_eq!(redis(w, &["wait", "1", "5000"]).as_deref(), Ok("2"), "both replicas acknowledge");
+    eventually(Duration::from_secs(10), "the replicas' listener reads it", || {
+        std::future::ready(redis(r, &["get", "k"]).as_deref() == Ok("1"))
+    })
+    .await;
+    let refused = redis(r, &["set", "k", "2"]).unwrap_err();
+    assert!(refused.contains("READONLY"), "a replica refuses writes: {refused}");
+
+    let (code, out, err) = h.cli(&["switchover", "redis", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "switchover: {out}{err}");
+    let mut after = Vec::new();
+    eventually(Duration::from_secs(60), "the old primary back as a replica of the new one", || {
+        after = status(&h);
+        std::future::ready(settled(&after, 2).is_some_and(|q| q.id != p.id && q.token > p.token))
+    })
+    .await;
+    assert_eq!(redis(w, &["get", "k"]).as_deref(), Ok("1"), "the write is on the new primary");
+    assert_eq!(redis(w, &["set", "k", "3"]).as_deref(), Ok("OK"), "the new primary takes writes");
+
+    // The primary turned into a replica behind halo's back: its check
+    // fails, it hands over, the standby is promoted with the write.
+    let q = settled(&after, 2).unwrap();
+    redis(w, &["wait", "2", "5000"]).expect("the replicas have the write");
+    let direct = SocketAddr::from(([127, 0, 0, 1], q.port));
+    redis(direct, &["replicaof", "127.0.0.1", "1"]).expect("replicaof");
+    let mut again = Vec::new();
+    eventually(Duration::from_secs(60), "another primary after the old one failed its check", || {
+        again = status(&h);
+        std::future::ready(again.iter().any(|i| i.role == "primary" && i.ready && i.id != q.id && i.token > q.token))
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the write read through the primary's listener", || {
+        std::future::ready(redis(w, &["get", "k"]).as_deref() == Ok("3"))
+    })
+    .await;
 }

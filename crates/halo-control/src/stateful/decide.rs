@@ -55,7 +55,12 @@ pub fn may_campaign(
     let key = |id: &str, r: &RoleRecord| (r.position, std::cmp::Reverse(ordinal(service, id).unwrap_or(u32::MAX)));
     if let Some(sync) = sync {
         if sync.primary == me {
-            return Ok(());
+            // It has every write it acknowledged, unless it was demoted
+            // since (then it is made a replica first).
+            return match mine.role {
+                Role::Replica | Role::Waiting => Ok(()),
+                _ => Err("the last primary, demoted: it follows the next one".into()),
+            };
         }
         if sync.standbys.is_empty() {
             return Err(format!(

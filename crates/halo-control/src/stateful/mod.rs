@@ -45,6 +45,7 @@ use tokio::sync::Notify;
 use crate::ctx::NodeCtx;
 use crate::events::EventKind;
 use crate::fast_lease::FastLease;
+use crate::keys::{primary_key, switchover_key, SwitchoverRecord};
 use crate::state::ClusterState;
 
 /// A primary whose role lease's last renewal was sent longer ago stops
@@ -380,6 +381,32 @@ fn set_aside(dir: &Path) -> std::io::Result<()> {
             Err(e)
         }
     })
+}
+
+/// Asks the primary of `token` to hand over to `to` (or the replica it
+/// chooses): `None` when a switchover is under way already, `Some(false)`
+/// when the primary changed meanwhile.
+pub async fn ask_switchover(
+    store: &dyn halo_store::Store,
+    service: &str,
+    token: Revision,
+    to: Option<&str>,
+) -> Result<Option<bool>, halo_store::StoreError> {
+    use halo_store::{Compare, CompareOp, CompareTarget, Txn, TxnOp};
+    let rec =
+        SwitchoverRecord { token, to: to.map(str::to_string), asked_ms: halo_model::clock::unix_ms(), handed: None };
+    let (pkey, skey) = (primary_key(service), switchover_key(service));
+    // One at a time; a record of an earlier term, or run out, is replaced.
+    let current = store.get(&skey).await?;
+    let busy = current.as_ref().and_then(|kv| serde_json::from_slice::<SwitchoverRecord>(&kv.value).ok());
+    if decide::switchover_state(busy.as_ref(), Some(token), rec.asked_ms) != decide::SwitchoverState::None {
+        return Ok(None);
+    }
+    let txn = Txn::new()
+        .when(Compare::new(&pkey, CompareOp::Equal, CompareTarget::CreateRevision(token)))
+        .when(Compare::mod_revision(&skey, current.map_or(0, |kv| kv.mod_revision)))
+        .and_then(TxnOp::put(&skey, serde_json::to_vec(&rec).expect("encodes"), None));
+    Ok(Some(store.txn(txn).await?.succeeded))
 }
 
 /// What a hook gets beside the instance's environment: `HALO_ROLE`, and
