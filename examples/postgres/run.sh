@@ -25,7 +25,8 @@ CONF
   printf 'host all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n' >>"$PGDATA/pg_hba.conf"
   # The replication user, and the row check.sh writes on the primary.
   printf '%s\n' "CREATE ROLE replicator WITH REPLICATION LOGIN;" \
-    "CREATE TABLE halo_heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);" |
+    "CREATE TABLE halo_heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);" \
+    "CREATE TABLE halo_term (token bigint PRIMARY KEY, at timestamptz NOT NULL);" |
     "$BIN/postgres" --single -D "$PGDATA" postgres >/dev/null
 fi
 if [ "$role" = primary ]; then rm -f "$PGDATA/standby.signal"; else touch "$PGDATA/standby.signal"; fi

@@ -218,10 +218,16 @@ impl One<'_> {
         self.running.as_ref().is_some_and(|r| r.up && r.ready)
     }
 
-    async fn hook(&self, argv: &[String], role: Role, primary: Option<SocketAddr>) -> Result<Vec<u8>, String> {
+    async fn hook(
+        &self,
+        argv: &[String],
+        role: Role,
+        token: Revision,
+        primary: Option<SocketAddr>,
+    ) -> Result<Vec<u8>, String> {
         let runner = self.running.as_ref().and_then(|r| r.runner.clone()).ok_or("the instance is not running")?;
         let timeout = self.spec.stateful.as_ref().expect("stateful").hook_timeout;
-        runner.run_with(argv, &hook_env(role, primary), None, timeout).await.map_err(|e| e.to_string())
+        runner.run_with(argv, &hook_env(role, token, primary), None, timeout).await.map_err(|e| e.to_string())
     }
 
     async fn step(&self, l: &mut Local) {
@@ -275,7 +281,7 @@ impl One<'_> {
             if now >= l.next_check {
                 l.next_check = now + CHECK_EVERY;
                 let ok = match &s.hooks.check {
-                    Some(argv) => self.hook(argv, l.role, l.following).await.map(drop),
+                    Some(argv) => self.hook(argv, l.role, l.token, l.following).await.map(drop),
                     None => Ok(()),
                 };
                 match l.tally.record(ok.is_ok(), 1, s.failure_threshold) {
@@ -299,7 +305,7 @@ impl One<'_> {
             if now >= l.next_position {
                 l.next_position = now + POSITION_EVERY;
                 if let Some(argv) = &s.hooks.position {
-                    match self.hook(argv, l.role, l.following).await {
+                    match self.hook(argv, l.role, l.token, l.following).await {
                         Ok(out) => match parse_position(&String::from_utf8_lossy(&out)) {
                             Ok(p) => l.position = Some(p),
                             Err(e) => l.reason = Some(format!("position: {e}")),
@@ -360,7 +366,7 @@ impl One<'_> {
                     self.r.stop_instance(id);
                 } else if l.token != token || l.following != Some(addr) {
                     let follow = s.hooks.follow.as_ref().expect("validated: a replicated service has follow");
-                    match self.hook(follow, Role::Replica, Some(addr)).await {
+                    match self.hook(follow, Role::Replica, token, Some(addr)).await {
                         Ok(_) => {
                             l.role = Role::Replica;
                             l.token = token;
@@ -463,7 +469,7 @@ impl One<'_> {
                 // No proxy sends it anything now: its last position, then
                 // a clean stop (the replicas get everything it wrote).
                 let position = match &s.hooks.position {
-                    Some(argv) => self.hook(argv, Role::Primary, None).await.ok(),
+                    Some(argv) => self.hook(argv, Role::Primary, l.token, None).await.ok(),
                     None => None,
                 };
                 let position = position.and_then(|out| parse_position(&String::from_utf8_lossy(&out)).ok());
@@ -576,7 +582,7 @@ impl One<'_> {
         let argv = s.hooks.set_synchronous.as_ref().expect("validated: synchronous has set_synchronous");
         let runner = self.running.as_ref().and_then(|r| r.runner.clone());
         let Some(runner) = runner else { return };
-        let mut env = hook_env(Role::Primary, None);
+        let mut env = hook_env(Role::Primary, l.token, None);
         env.insert("HALO_SYNC_STANDBYS".into(), want.clone().unwrap_or_default());
         env.insert("HALO_SYNCHRONOUS".into(), s.synchronous.as_str().into());
         match runner.run_with(argv, &env, None, s.hook_timeout).await {
@@ -601,7 +607,7 @@ impl One<'_> {
     async fn catch_up(&self, l: &mut Local, standby: String) {
         let s = self.spec.stateful.as_ref().expect("stateful");
         let Some(argv) = &s.hooks.position else { return };
-        match self.hook(argv, Role::Primary, None).await {
+        match self.hook(argv, Role::Primary, l.token, None).await {
             Ok(out) => match parse_position(&String::from_utf8_lossy(&out)) {
                 Ok(p) => l.sync.pending = Some((standby, p)),
                 Err(e) => l.reason = Some(format!("position: {e}")),
@@ -775,7 +781,7 @@ impl One<'_> {
         }
         if self.ready() {
             let argv = s.hooks.promote.as_ref().expect("validated: a replicated service has promote");
-            if let Err(e) = self.hook(argv, Role::Primary, None).await {
+            if let Err(e) = self.hook(argv, Role::Primary, token, None).await {
                 ev.warn(EventKind::Demoted, svc, Some(id), format!("promoting {id} failed: {e}; handing the key back"));
                 release(self.r, self.st, &self.spec.name, id, token).await;
                 return;
@@ -801,7 +807,7 @@ impl One<'_> {
         // A frozen primary is stopped (the stop thaws it first).
         let demoted = match (&s.hooks.demote, self.ready() && !l.frozen) {
             (Some(argv), true) => self
-                .hook(argv, Role::Demoted, None)
+                .hook(argv, Role::Demoted, l.token, None)
                 .await
                 .map_err(|e| tracing::warn!(instance = %id, error = %e, "demote failed; stopping the instance"))
                 .is_ok(),

@@ -13,89 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use halo_testkit::{eventually, Cluster, Halo, TempDir};
+mod common;
+
+use common::{psql, Recipe};
+use halo_testkit::{eventually, Cluster, Halo};
 
 const BIN: &str = env!("CARGO_BIN_EXE_halo");
-
-/// The PostgreSQL recipe, its scripts copied where the `postgres` user can
-/// read them (a checkout under a private home cannot be).
-struct Recipe {
-    dir: TempDir,
-    /// `postgres` or `redis`: `examples/NAME.toml` and `examples/NAME/`.
-    name: &'static str,
-}
-
-impl Recipe {
-    fn new() -> Recipe {
-        Recipe::of("postgres")
-    }
-
-    fn of(name: &'static str) -> Recipe {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = TempDir::new("pg-recipe");
-        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples")).join(name);
-        for e in std::fs::read_dir(&src).expect("the recipe's scripts") {
-            let e = e.expect("entry");
-            let to = dir.0.join(e.file_name());
-            std::fs::copy(e.path(), &to).expect("copy a hook");
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Recipe { dir, name }
-    }
-
-    /// `examples/NAME.toml` on free loopback ports, with the hooks here.
-    fn node_file(&self) -> String {
-        let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
-        let text = std::fs::read_to_string(examples.join(format!("{}.toml", self.name))).expect("the recipe's file");
-        text.replace(&format!("examples/{}/", self.name), &format!("{}/", self.dir.0.display()))
-            .replace("127.0.0.1:7070", "127.0.0.1:0")
-            .replace("127.0.0.1:5432", "127.0.0.1:0")
-            .replace("127.0.0.1:5433", "127.0.0.1:0")
-            .replace("127.0.0.1:6380", "127.0.0.1:0")
-            .replace("127.0.0.1:6381", "127.0.0.1:0")
-    }
-
-    /// The recipe's service as a file of its own (`halo apply -f`), with
-    /// `set` lines added to its `[stateful]`.
-    fn service_file(&self, set: &[(&str, toml::Value)]) -> PathBuf {
-        let node: toml::Value = toml::from_str(&self.node_file()).expect("the node file reads");
-        let mut svc = node["services"][0].clone();
-        let stateful = svc.get_mut("stateful").and_then(|s| s.as_table_mut()).expect("[stateful]");
-        for (k, v) in set {
-            stateful.insert(k.to_string(), v.clone());
-        }
-        self.dir.write("pg.toml", &toml::to_string(&svc).expect("serialises"))
-    }
-}
-
-/// psql against `addr` (from namespace `ns` when given): the output, or
-/// why it failed. Every call is a new connection; none lasts past 6 s.
-fn psql(ns: Option<&str>, addr: SocketAddr, sql: &str) -> Result<String, String> {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "timeout", "-k", "1", "5", "psql"]);
-            c
-        }
-        None => {
-            let mut c = Command::new("timeout");
-            c.args(["-k", "1", "5", "psql"]);
-            c
-        }
-    };
-    let out = cmd
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-d", "postgres"])
-        .args(["-XAtqv", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "2")
-        .output()
-        .expect("run psql");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
 
 /// One acknowledged insert.
 #[derive(Debug, Clone)]

@@ -322,7 +322,7 @@ impl Stateful {
         };
         let driver = self.ctx.env.drivers.for_run(&spec.run.driver);
         let runner = driver.runner_for(&ispec).ok_or("hooks of this driver run only inside a running instance")?;
-        let env = hook_env(Role::Replica, Some(addr));
+        let env = hook_env(Role::Replica, token, Some(addr));
         let dir = data_dir(&self.ctx.data_dir, spec, id);
         let ev = &self.ctx.m.events;
         let svc = Some(spec.name.as_str());
@@ -409,10 +409,14 @@ pub async fn ask_switchover(
     Ok(Some(store.txn(txn).await?.succeeded))
 }
 
-/// What a hook gets beside the instance's environment: `HALO_ROLE`, and
-/// the primary's address.
-pub fn hook_env(role: Role, primary: Option<SocketAddr>) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::from([("HALO_ROLE".to_string(), role.as_str().to_string())]);
+/// What a hook gets beside the instance's environment: `HALO_ROLE`,
+/// `HALO_TOKEN` (the fencing token of the term it serves or follows, 0
+/// for none yet), and the primary's address.
+pub fn hook_env(role: Role, token: Revision, primary: Option<SocketAddr>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("HALO_ROLE".to_string(), role.as_str().to_string()),
+        ("HALO_TOKEN".to_string(), token.to_string()),
+    ]);
     if let Some(a) = primary {
         env.insert("HALO_PRIMARY_HOST".into(), a.ip().to_string());
         env.insert("HALO_PRIMARY_PORT".into(), a.port().to_string());

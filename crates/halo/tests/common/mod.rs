@@ -1,7 +1,8 @@
 //! What the multi-node tests (`cluster.rs`) and the chaos soak (`soak.rs`)
 //! share: a three-node cluster running web, a watch on the store that
 //! records every assignment write and leader change and checks the
-//! history, waits on the cluster state, and the load client's verdict.
+//! history, waits on the cluster state, and the load client's verdict;
+//! with the stateful tests (`stateful.rs`), the database recipes and psql.
 #![allow(dead_code)] // each test file uses its own part
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +12,11 @@ use std::time::{Duration, Instant};
 use halo_control::keys::{Assignment, ASSIGNMENTS, LEADER, ROLLOUTS, UPGRADING};
 use halo_control::state::{read_state, ClusterState};
 use halo_store::{EtcdStore, EventKind, Store};
-use halo_testkit::{web_service as service, Cluster, RetryLoad, RetryReport};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use halo_testkit::{web_service as service, Cluster, RetryLoad, RetryReport, TempDir};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_halo");
 
@@ -112,6 +117,7 @@ pub async fn state_now(store: &EtcdStore) -> ClusterState {
 pub fn ready_elsewhere(st: &ClusterState, except: Option<&str>) -> usize {
     st.assignments
         .values()
+        .filter(|a| a.placement.service == "web")
         .filter(|a| Some(a.placement.node.as_str()) != except && st.nodes.contains_key(&a.placement.node))
         .filter(|a| st.endpoints.contains_key(&a.placement.id))
         .count()
@@ -146,6 +152,19 @@ pub async fn cluster_with_web(replicas: u32) -> (Cluster, EtcdStore) {
 
 pub async fn cluster_with_web_in(replicas: u32, zones: &'static [&'static str]) -> (Cluster, EtcdStore) {
     let c = tokio::task::spawn_blocking(|| Cluster::start_zoned(BIN, zones)).await.unwrap();
+    web_on(c, replicas).await
+}
+
+/// Three nodes whose node files end with `extra`'s text, running web.
+pub async fn cluster_with_web_and(
+    replicas: u32,
+    extra: fn(&halo_testkit::ClusterNode) -> String,
+) -> (Cluster, EtcdStore) {
+    let c = tokio::task::spawn_blocking(move || Cluster::start_with(BIN, 3, &extra)).await.unwrap();
+    web_on(c, replicas).await
+}
+
+async fn web_on(c: Cluster, replicas: u32) -> (Cluster, EtcdStore) {
     let store = EtcdStore::connect(&c.etcd_endpoints(), "").await.unwrap();
     until(&store, Instant::now(), Duration::from_secs(15), "three nodes and a leader", |st| {
         st.nodes.len() == 3 && st.leader.is_some()
@@ -212,5 +231,85 @@ pub async fn assert_converged(c: &Cluster, store: &EtcdStore, replicas: usize) {
             "not converged after 30s: processes {ids:?}, assigned {assigned:?}, ready {ready}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The PostgreSQL recipe, its scripts copied where the `postgres` user can
+/// read them (a checkout under a private home cannot be).
+pub struct Recipe {
+    pub dir: TempDir,
+    /// `postgres` or `redis`: `examples/NAME.toml` and `examples/NAME/`.
+    pub name: &'static str,
+}
+
+impl Recipe {
+    pub fn new() -> Recipe {
+        Recipe::of("postgres")
+    }
+
+    pub fn of(name: &'static str) -> Recipe {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("pg-recipe");
+        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples")).join(name);
+        for e in std::fs::read_dir(&src).expect("the recipe's scripts") {
+            let e = e.expect("entry");
+            let to = dir.0.join(e.file_name());
+            std::fs::copy(e.path(), &to).expect("copy a hook");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Recipe { dir, name }
+    }
+
+    /// `examples/NAME.toml` on free loopback ports, with the hooks here.
+    pub fn node_file(&self) -> String {
+        let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
+        let text = std::fs::read_to_string(examples.join(format!("{}.toml", self.name))).expect("the recipe's file");
+        text.replace(&format!("examples/{}/", self.name), &format!("{}/", self.dir.0.display()))
+            .replace("127.0.0.1:7070", "127.0.0.1:0")
+            .replace("127.0.0.1:5432", "127.0.0.1:0")
+            .replace("127.0.0.1:5433", "127.0.0.1:0")
+            .replace("127.0.0.1:6380", "127.0.0.1:0")
+            .replace("127.0.0.1:6381", "127.0.0.1:0")
+    }
+
+    /// The recipe's service as a file of its own (`halo apply -f`), with
+    /// `set` lines added to its `[stateful]`.
+    pub fn service_file(&self, set: &[(&str, toml::Value)]) -> PathBuf {
+        let node: toml::Value = toml::from_str(&self.node_file()).expect("the node file reads");
+        let mut svc = node["services"][0].clone();
+        let stateful = svc.get_mut("stateful").and_then(|s| s.as_table_mut()).expect("[stateful]");
+        for (k, v) in set {
+            stateful.insert(k.to_string(), v.clone());
+        }
+        self.dir.write("pg.toml", &toml::to_string(&svc).expect("serialises"))
+    }
+}
+
+/// psql against `addr` (from namespace `ns` when given): the output, or
+/// why it failed. Every call is a new connection; none lasts past 6 s.
+pub fn psql(ns: Option<&str>, addr: SocketAddr, sql: &str) -> Result<String, String> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "timeout", "-k", "1", "5", "psql"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("timeout");
+            c.args(["-k", "1", "5", "psql"]);
+            c
+        }
+    };
+    let out = cmd
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-XAtqv", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "2")
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
