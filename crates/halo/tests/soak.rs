@@ -162,6 +162,13 @@ async fn full_capacity(c: &Cluster, store: &EtcdStore, rec: &mut Record, since: 
             {
                 return since.elapsed();
             }
+            if start.elapsed() >= RESTORE_WITHIN {
+                let live = (0..c.nodes.len()).find(|&i| c.nodes[i].agent.is_some()).unwrap_or(0);
+                eprintln!("--- events\n{}", c.cli(live, &["events", "-n", "200"]).1);
+                for i in 0..c.nodes.len() {
+                    eprintln!("--- status of {}\n{}", c.nodes[i].name, c.cli(i, &["status"]).1);
+                }
+            }
             assert!(
                 start.elapsed() < RESTORE_WITHIN,
                 "{what}: capacity not back after {RESTORE_WITHIN:?}: {} nodes, leader {:?}, processes {procs:?}, \

@@ -407,9 +407,9 @@ async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_re
 /// its link cut. A replica elsewhere is promoted; the old primary never
 /// takes a write through any listener after the new one took its first;
 /// it comes back a replica of the new primary; the token only grows.
-async fn isolated_primary(freeze: bool) {
+async fn isolated_primary(freeze: bool, sync: bool) {
     let recipe = Recipe::new();
-    let mut c = pg_cluster(&recipe, &[]);
+    let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(sync))]);
     let ns = c.client_ns();
     let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
     psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
@@ -487,6 +487,16 @@ async fn isolated_primary(freeze: bool) {
     .await;
     let stray = psql(Some(&ns), pg_addr(&c, q.node, 5432), "select count(*) from w where id = -7");
     assert_eq!(stray.as_deref(), Ok("0"), "the closed session's write went nowhere");
+    if sync {
+        let have = ids(&ns, pg_addr(&c, q.node, 5432));
+        let lost: Vec<u64> = acks.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
+        assert!(lost.is_empty(), "acknowledged writes lost in synchronous mode: {lost:?}");
+        let story = ClusterStory(&c);
+        let (r, s) = wait_standby(&c, None, 2, "the new primary with a synchronous standby").await;
+        assert_eq!(r.id, q.id);
+        println!("{} is the synchronous standby of {}", s.id, r.id);
+        drop(story);
+    }
     println!(
         "{what}: {} writes acknowledged; none by the old primary after the new one's first; tokens {tokens:?}",
         acks.len()
@@ -494,13 +504,13 @@ async fn isolated_primary(freeze: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigstop_of_the_primarys_node_promotes_elsewhere_and_the_old_one_is_rewound() {
-    isolated_primary(true).await;
+async fn sigstop_of_a_synchronous_primarys_node_promotes_elsewhere_loses_nothing_and_the_old_one_is_rewound() {
+    isolated_primary(true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_primary_stops_itself_and_comes_back_a_replica() {
-    isolated_primary(false).await;
+    isolated_primary(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,30 +617,106 @@ fn chmod(path: &std::path::Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// `bench/stateful.sh`: `HALO_BENCH_RUNS` (default 10) faults
-/// (`HALO_BENCH_FAULT`: kill, stop or cut) of the primary's node, each on a
-/// fresh three-node cluster under the write load, timed from the fault to
-/// the first write acknowledged through a surviving node's listener; and
-/// how many writes the old primary acknowledged after the new one's first
-/// (0 is the rule). One `RESULT` line per run.
+/// The benchmark's settings from the environment: `HALO_BENCH_RUNS`
+/// (default 10), `HALO_BENCH_FAULT` (kill, stop, cut or switchover of the
+/// primary's node) and `HALO_BENCH_SYNC` (1: synchronous replication).
+fn bench_settings() -> (usize, String, bool) {
+    let runs = std::env::var("HALO_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let fault = std::env::var("HALO_BENCH_FAULT").unwrap_or_else(|_| "kill".into());
+    assert!(
+        ["kill", "stop", "cut", "switchover"].contains(&fault.as_str()),
+        "HALO_BENCH_FAULT={fault}: accepted: kill, stop, cut, switchover"
+    );
+    let sync = std::env::var("HALO_BENCH_SYNC").is_ok_and(|v| v == "1");
+    (runs, fault, sync)
+}
+
+/// One benchmark run's fault on the primary's node `node` (a switchover
+/// by `switch`), under writes through `targets`; then the record: the
+/// time from the fault to the first write a new primary acknowledged,
+/// the longest gap between two acknowledged writes around it, writes the
+/// old primary (`old_server`) acknowledged after the new one's first, and
+/// acknowledged writes not on the new primary (read through `read`).
+#[allow(clippy::too_many_arguments)]
+async fn bench_run(
+    c: &mut Cluster,
+    ns: &str,
+    node: usize,
+    old_server: &str,
+    targets: Vec<SocketAddr>,
+    fault: &str,
+    within: Duration,
+    switch: &dyn Fn(&Cluster),
+) -> String {
+    let writes = Writes::start(Some(ns.to_string()), targets);
+    eventually(Duration::from_secs(20), "writes", || std::future::ready(writes.acks().len() >= 10)).await;
+    let at = Instant::now();
+    match fault {
+        "kill" => c.kill_node(node),
+        "stop" => c.freeze(node, true),
+        "cut" => c.cut(node, true),
+        _ => switch(c),
+    }
+    eventually(within, "a write acknowledged by a new primary after the fault", || {
+        std::future::ready(writes.acks().iter().any(|a| a.at > at && a.server != old_server))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acks = writes.finish();
+    let first = acks.iter().find(|a| a.at > at && a.server != old_server).map(|a| a.at).unwrap();
+    let late = acks.iter().filter(|a| a.server == old_server && a.at >= first).count();
+    let gap = acks
+        .windows(2)
+        .filter(|w| w[1].at >= at && w[0].at <= first)
+        .map(|w| w[1].at.saturating_duration_since(w[0].at.max(at)))
+        .max()
+        .unwrap_or_default();
+    let reader = (0..c.nodes.len()).filter(|i| *i != node).map(|i| pg_addr(c, i, 5432)).collect::<Vec<_>>();
+    let mut have = None;
+    for _ in 0..50 {
+        have = reader.iter().find_map(|a| psql(Some(ns), *a, "select id from w").ok());
+        if have.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let have: std::collections::BTreeSet<u64> =
+        have.expect("the new primary answers").lines().filter_map(|l| l.parse().ok()).collect();
+    let lost = acks.iter().filter(|a| !have.contains(&a.id)).count();
+    if fault == "stop" {
+        c.freeze(node, false);
+    }
+    if fault == "cut" {
+        c.cut(node, false);
+    }
+    format!(
+        "first_write_ms={} gap_ms={} old_primary_writes_after={late} lost={lost} acked={}",
+        (first - at).as_millis(),
+        gap.as_millis(),
+        acks.len()
+    )
+}
+
+/// `bench/stateful.sh`: faults of the primary's node (or a switchover),
+/// each on a fresh three-node cluster under the write load: [`bench_run`]'s
+/// record. One `RESULT` line per run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: bench/stateful.sh runs it"]
 async fn bench_failover() {
-    let runs: usize = std::env::var("HALO_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let fault = std::env::var("HALO_BENCH_FAULT").unwrap_or_else(|_| "kill".into());
+    let (runs, fault, sync) = bench_settings();
     let recipe = Recipe::new();
+    let set = [("synchronous", toml::Value::Boolean(sync))];
     for run in 0..runs {
-        let mut c = pg_cluster(&recipe, &[]);
+        let mut c = pg_cluster(&recipe, &set);
         let ns = c.client_ns();
-        let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas").await;
+        let (p, _) = if sync {
+            wait_standby(&c, None, 2, "a primary with a synchronous standby").await
+        } else {
+            let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas").await;
+            (p.clone(), p)
+        };
         psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
         let old_server = format!("{}:{}", c.nodes[p.node].ip, p.port);
-        // A frozen or cut-off node's own listener too: the one that could
-        // still reach the old primary.
-        let targets: Vec<SocketAddr> =
-            (0..3).filter(|i| *i != p.node || fault != "kill").map(|i| pg_addr(&c, i, 5432)).collect();
-        let writes = Writes::start(Some(ns.clone()), targets);
-        eventually(Duration::from_secs(20), "writes", || std::future::ready(writes.acks().len() >= 10)).await;
         // HALO_BENCH_ETCD_LEADER=with|apart: etcd's raft leader moved onto
         // the primary's node, or off it, before the fault (else as it is).
         let want = std::env::var("HALO_BENCH_ETCD_LEADER").unwrap_or_default();
@@ -649,32 +735,150 @@ async fn bench_failover() {
             }
         }
         let etcd_leader = c.etcd_leader().await == Some(p.node);
-        let at = Instant::now();
-        match fault.as_str() {
-            "kill" => c.kill_node(p.node),
-            "stop" => c.freeze(p.node, true),
-            "cut" => c.cut(p.node, true),
-            other => panic!("HALO_BENCH_FAULT={other}: accepted: kill, stop, cut"),
+        // A frozen or cut-off node's own listener too: the one that could
+        // still reach the old primary.
+        let targets = (0..3).filter(|i| *i != p.node || fault != "kill").map(|i| pg_addr(&c, i, 5432)).collect();
+        let other = (p.node + 1) % 3;
+        let switch = |c: &Cluster| {
+            let (code, out, err) = c.cli(other, &["switchover", "pg"]);
+            assert_eq!(code, 0, "halo switchover: {out}{err}");
+        };
+        let rec = bench_run(&mut c, &ns, p.node, &old_server, targets, &fault, Duration::from_secs(30), &switch).await;
+        println!("RESULT system=halo sync={sync} fault={fault} run={run} {rec} etcd_leader_on_it={etcd_leader}");
+    }
+}
+
+/// Patroni 3 (Debian's) on the same three-node harness and the same
+/// 3-member etcd, with HAProxy on every node routing port 5432 to the
+/// member whose REST API answers `/primary`, as Patroni's documentation
+/// sets it up; `HALO_BENCH_PATRONI=defaults|tight` (ttl 30, loop_wait 10,
+/// retry_timeout 10, or the least its documentation allows: 20, 1, 3).
+/// The halo agents run too, idle (no service). One `RESULT` line per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/stateful.sh runs it"]
+async fn bench_patroni() {
+    let (runs, fault, sync) = bench_settings();
+    let tight = std::env::var("HALO_BENCH_PATRONI").is_ok_and(|v| v == "tight");
+    let (ttl, loop_wait, retry) = if tight { (20, 1, 3) } else { (30, 10, 10) };
+    for run in 0..runs {
+        let mut c = Cluster::start(BIN, 3);
+        let ns = c.client_ns();
+        let dir = halo_testkit::TempDir::new("patroni");
+        chmod(&dir.0, 0o755);
+        let hosts: Vec<String> = c.nodes.iter().map(|n| format!("{}:2379", n.ip)).collect();
+        let servers: String = c
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("    server pg{i} {}:5433 maxconn 100 check port 8008\n", n.ip))
+            .collect();
+        for (i, n) in c.nodes.iter().enumerate() {
+            let home = dir.0.join(format!("pg{i}"));
+            std::fs::create_dir(&home).expect("mkdir");
+            let yml = format!(
+                "scope: bench\nname: pg{i}\nrestapi:\n  listen: {ip}:8008\n  connect_address: {ip}:8008\n\
+                 etcd3:\n  hosts: {hosts}\n\
+                 bootstrap:\n  dcs:\n    ttl: {ttl}\n    loop_wait: {loop_wait}\n    retry_timeout: {retry}\n\
+                 \x20   maximum_lag_on_failover: 16777216\n    synchronous_mode: {sync}\n\
+                 \x20   postgresql:\n      use_pg_rewind: true\n      parameters:\n        wal_level: replica\n\
+                 \x20       hot_standby: 'on'\n        wal_log_hints: 'on'\n        max_wal_senders: 10\n\
+                 \x20       max_replication_slots: 10\n        wal_keep_size: 512MB\n\
+                 \x20 initdb:\n  - auth: trust\n\
+                 \x20 pg_hba:\n  - host replication replicator 0.0.0.0/0 trust\n  - host all all 0.0.0.0/0 trust\n\
+                 postgresql:\n  listen: {ip}:5433\n  connect_address: {ip}:5433\n  data_dir: {home}/data\n\
+                 \x20 bin_dir: {bin}\n  pgpass: {home}/pgpass\n\
+                 \x20 authentication:\n    superuser:\n      username: postgres\n      password: bench\n\
+                 \x20   replication:\n      username: replicator\n      password: bench\n\
+                 \x20 parameters:\n    unix_socket_directories: '{home}'\n",
+                ip = n.ip,
+                hosts = hosts.join(","),
+                home = home.display(),
+                bin = pg_bin(),
+            );
+            let cfg = home.join("patroni.yml");
+            std::fs::write(&cfg, yml).expect("patroni.yml");
+            let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&home).status().expect("chown");
+            assert!(chown.success());
+            let log = std::fs::File::create(home.join("patroni.log")).expect("log");
+            let _patroni = Command::new("ip")
+                .args(["netns", "exec", &n.ns, "runuser", "-u", "postgres", "--", "patroni"])
+                .arg(&cfg)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("patroni");
+            let haproxy = format!(
+                "global\n    maxconn 300\ndefaults\n    mode tcp\n    retries 2\n    timeout client 30m\n\
+                 \x20   timeout connect 4s\n    timeout server 30m\n    timeout check 5s\n\
+                 listen primary\n    bind {ip}:5432\n    option httpchk OPTIONS /primary\n\
+                 \x20   http-check expect status 200\n\
+                 \x20   default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions\n{servers}",
+                ip = n.ip
+            );
+            let hcfg = home.join("haproxy.cfg");
+            std::fs::write(&hcfg, haproxy).expect("haproxy.cfg");
+            let _haproxy = Command::new("ip")
+                .args(["netns", "exec", &n.ns, "haproxy", "-db", "-f"])
+                .arg(&hcfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("haproxy");
         }
-        eventually(Duration::from_secs(30), "a write after the fault", || {
-            std::future::ready(writes.acks().iter().any(|a| a.at > at && a.server != old_server))
+        // Settled: a leader and two streaming replicas (one a synchronous
+        // standby in synchronous mode), and HAProxy routing to the leader.
+        let mut leader = None;
+        eventually(Duration::from_secs(120), "Patroni: a leader and two streaming replicas", || {
+            leader = patroni_settled(&c, &ns, sync);
+            std::future::ready(leader.is_some())
         })
         .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let acks = writes.finish();
-        let first = acks.iter().find(|a| a.at > at && a.server != old_server).map(|a| a.at).unwrap();
-        let late = acks.iter().filter(|a| a.server == old_server && a.at >= first).count();
-        println!(
-            "RESULT fault={fault} run={run} first_write_ms={} old_primary_writes_after={late} etcd_leader_on_it={etcd_leader}",
-            (first - at).as_millis()
-        );
-        if fault == "stop" {
-            c.freeze(p.node, false);
-        }
-        if fault == "cut" {
-            c.cut(p.node, false);
-        }
+        let p = leader.unwrap();
+        eventually(Duration::from_secs(30), "HAProxy reaches the leader", || {
+            std::future::ready(psql(Some(&ns), pg_addr(&c, 0, 5432), "select 1").is_ok())
+        })
+        .await;
+        psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
+        let old_server = format!("{}:5433", c.nodes[p].ip);
+        let targets = (0..3).filter(|i| *i != p || fault != "kill").map(|i| pg_addr(&c, i, 5432)).collect();
+        let switch = |c: &Cluster| {
+            let url = format!("http://{}:8008/switchover", c.nodes[p].ip);
+            let body = format!("{{\"leader\": \"pg{p}\"}}");
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "curl", "-s", "-m", "60", "-XPOST", &url, "-d", &body])
+                .output()
+                .expect("curl");
+            assert!(out.status.success(), "patroni switchover: {}", String::from_utf8_lossy(&out.stdout));
+        };
+        let within = Duration::from_secs(if tight { 60 } else { 90 });
+        let rec = bench_run(&mut c, &ns, p, &old_server, targets, &fault, within, &switch).await;
+        let how = if tight { "tight" } else { "defaults" };
+        println!("RESULT system=patroni-{how} sync={sync} fault={fault} run={run} {rec}");
     }
+}
+
+/// PostgreSQL's bin directory (the newest installed).
+fn pg_bin() -> String {
+    let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL").flatten().collect();
+    v.sort_by_key(|e| e.file_name());
+    v.last().expect("a PostgreSQL version").path().join("bin").display().to_string()
+}
+
+/// The node of Patroni's leader once it runs with two streaming replicas
+/// (in synchronous mode, one of them its synchronous standby).
+fn patroni_settled(c: &Cluster, ns: &str, sync: bool) -> Option<usize> {
+    let url = format!("http://{}:8008/cluster", c.nodes[0].ip);
+    let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-s", "-m", "2", &url]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let members = v["members"].as_array()?;
+    let leader = members.iter().find(|m| m["role"] == "leader" && m["state"] == "running")?;
+    let streaming = members
+        .iter()
+        .filter(|m| m["role"] != "leader" && (m["state"] == "running" || m["state"] == "streaming"))
+        .count();
+    let standby = members.iter().any(|m| m["role"] == "sync_standby");
+    let name = leader["name"].as_str()?;
+    (streaming == 2 && (!sync || standby)).then(|| name.trim_start_matches("pg").parse().ok()).flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -890,6 +1094,17 @@ impl Drop for Story<'_> {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("--- log (last 150 lines)\n{}", lines[lines.len().saturating_sub(150)..].join("\n"));
+        }
+    }
+}
+
+/// On a failure, what the cluster said of pg: its events.
+struct ClusterStory<'a>(&'a Cluster);
+
+impl Drop for ClusterStory<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- events\n{}", self.0.cli(0, &["events", "--service", "pg", "-n", "120"]).1);
         }
     }
 }
