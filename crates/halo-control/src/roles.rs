@@ -27,7 +27,7 @@ use crate::state::{ClusterState, HeldPrimary};
 use crate::stateful::decide::{choose_standby, may_campaign, may_take_handover, switchover_state, SwitchoverState};
 use crate::stateful::{
     data_dir, hook_env, read_marker, write_marker, Marker, Role, Stateful, CHECK_EVERY, GUARD, POSITION_EVERY,
-    SWITCHOVER_DRAIN, TICK,
+    STALL_AFTER, SWITCHOVER_DRAIN, TICK,
 };
 
 /// One stateful instance of this node, as the loop keeps it.
@@ -54,6 +54,9 @@ struct Local {
     next_position: Instant,
     /// The furthest the current primary was seen at.
     last_primary_position: Option<u64>,
+    /// A replica's position while it differs from the primary's, and since
+    /// when it has not moved.
+    stalled: Option<(u64, Instant)>,
     /// A primary's synchronous standby, as it keeps it.
     sync: SyncState,
     /// A primary's planned handover, under way.
@@ -110,6 +113,7 @@ impl Local {
             next_check: Instant::now(),
             next_position: Instant::now(),
             last_primary_position: None,
+            stalled: None,
             sync: SyncState::default(),
             handover: None,
             published: None,
@@ -364,6 +368,19 @@ impl One<'_> {
                     tracing::info!(instance = %id, primary = %primary, "a former primary: stopping it to rewind it");
                     l.role = Role::Demoted;
                     self.r.stop_instance(id);
+                } else if l.role == Role::Replica && l.token == token && self.stalled(l, &primary, token) {
+                    // It does not stream from the primary (it diverged: a
+                    // synchronous standby promoted behind it; or its
+                    // receiver fails): rewound, as a former primary is.
+                    let msg = format!(
+                        "{id} does not stream from {primary} (at {:?} for {STALL_AFTER:?}, away from the primary's position): rewinding it",
+                        l.position
+                    );
+                    self.r.ctx.m.events.warn(EventKind::Cloned, Some(&self.spec.name), Some(id), msg);
+                    let _ = write_marker(&dir, Marker { role: Role::Demoted, token });
+                    l.role = Role::Demoted;
+                    l.stalled = None;
+                    self.r.stop_instance(id);
                 } else if l.token != token || l.following != Some(addr) {
                     let follow = s.hooks.follow.as_ref().expect("validated: a replicated service has follow");
                     match self.hook(follow, Role::Replica, token, Some(addr)).await {
@@ -380,6 +397,26 @@ impl One<'_> {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether this replica's position has stayed put, away from the
+    /// primary's, for [`STALL_AFTER`].
+    fn stalled(&self, l: &mut Local, primary: &str, token: Revision) -> bool {
+        let theirs = self.st.roles.get(&self.spec.name).and_then(|r| r.get(primary));
+        let theirs = theirs.filter(|r| r.token == token).and_then(|r| r.position);
+        match (l.position, theirs) {
+            (Some(mine), Some(theirs)) if mine != theirs => match l.stalled {
+                Some((at, since)) if at == mine => since.elapsed() >= STALL_AFTER,
+                _ => {
+                    l.stalled = Some((mine, Instant::now()));
+                    false
+                }
+            },
+            _ => {
+                l.stalled = None;
+                false
             }
         }
     }
@@ -405,7 +442,8 @@ impl One<'_> {
         };
         let roles = self.st.roles.get(name).cloned().unwrap_or_default();
         let live = self.live();
-        let eligible = |to: &str| choose_standby(name, l.token, &roles, &live, None, Some(to)).as_deref() == Some(to);
+        let eligible =
+            |to: &str| choose_standby(name, l.token, &roles, &live, None, Some(to), l.position).as_deref() == Some(to);
         match l.handover.take() {
             None => {
                 let Some(to) = asked else {
@@ -421,7 +459,7 @@ impl One<'_> {
                 let current = l.sync.applied.clone().flatten();
                 let target = match to {
                     Some(t) => Some(t.to_string()),
-                    None => choose_standby(name, l.token, &roles, &live, current.as_deref(), None),
+                    None => choose_standby(name, l.token, &roles, &live, current.as_deref(), None, l.position),
                 };
                 match target {
                     Some(t) if eligible(&t) => {
@@ -540,7 +578,7 @@ impl One<'_> {
             _ => None,
         };
         let current = l.sync.applied.clone().flatten();
-        let mut want = choose_standby(name, l.token, &roles, &self.live(), current.as_deref(), prefer);
+        let mut want = choose_standby(name, l.token, &roles, &self.live(), current.as_deref(), prefer, l.position);
         if want.is_none() && s.synchronous == Synchronous::Strict && l.sync.applied.is_some() {
             // Strict: writes wait for the standby named (or any) until one is back.
             want = current.clone();

@@ -163,7 +163,9 @@ pub fn may_take_handover(me: &str, handed: &Handed, healthy: bool, position: Opt
 /// The synchronous standby the primary of `token` should have: `prefer`
 /// (a switchover's target) or else `current` while eligible, else the
 /// eligible replica furthest ahead (ties: the lowest ordinal). Eligible:
-/// a healthy replica following `token`, on a live node. `None`: none is.
+/// a healthy replica following `token`, on a live node, and not ahead of
+/// the primary's `position` (one that is has diverged: it cannot stream
+/// from it). `None`: none is.
 pub fn choose_standby(
     service: &str,
     token: Revision,
@@ -171,11 +173,16 @@ pub fn choose_standby(
     live: &BTreeSet<String>,
     current: Option<&str>,
     prefer: Option<&str>,
+    position: Option<u64>,
 ) -> Option<String> {
     let eligible = |id: &str| {
-        roles
-            .get(id)
-            .is_some_and(|r| r.role == Role::Replica && r.token == token && r.healthy && live.contains(&r.node))
+        roles.get(id).is_some_and(|r| {
+            r.role == Role::Replica
+                && r.token == token
+                && r.healthy
+                && live.contains(&r.node)
+                && !matches!((r.position, position), (Some(a), Some(p)) if a > p)
+        })
     };
     if let Some(p) = prefer.or(current).filter(|p| eligible(p)) {
         return Some(p.to_string());
@@ -360,14 +367,21 @@ mod tests {
         ]
         .into();
         let all = live(&["n1", "n2", "n3"]);
-        assert_eq!(choose_standby("pg", 7, &roles, &all, None, None).as_deref(), Some("pg-2"));
-        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-1"), None).as_deref(), Some("pg-1"));
-        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-1"), Some("pg-2")).as_deref(), Some("pg-2"));
+        assert_eq!(choose_standby("pg", 7, &roles, &all, None, None, None).as_deref(), Some("pg-2"));
+        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-1"), None, None).as_deref(), Some("pg-1"));
+        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-1"), Some("pg-2"), None).as_deref(), Some("pg-2"));
         // pg-1's node silent: pg-2.
-        assert_eq!(choose_standby("pg", 7, &roles, &live(&["n1", "n3"]), Some("pg-1"), None).as_deref(), Some("pg-2"));
+        assert_eq!(
+            choose_standby("pg", 7, &roles, &live(&["n1", "n3"]), Some("pg-1"), None, None).as_deref(),
+            Some("pg-2")
+        );
         // pg-2 unhealthy, pg-1 follows an older token: none.
         roles.get_mut("pg-2").unwrap().healthy = false;
         roles.get_mut("pg-1").unwrap().token = 6;
-        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-2"), None), None);
+        assert_eq!(choose_standby("pg", 7, &roles, &all, Some("pg-2"), None, None), None);
+        // A replica ahead of the primary diverged: not the standby.
+        roles.get_mut("pg-2").unwrap().healthy = true;
+        assert_eq!(choose_standby("pg", 7, &roles, &all, None, None, Some(350)), None);
+        assert_eq!(choose_standby("pg", 7, &roles, &all, None, None, Some(400)).as_deref(), Some("pg-2"));
     }
 }

@@ -64,6 +64,9 @@ pub const ROUTE_WINDOW: Duration = Duration::from_secs(1);
 /// published as primary, for every node's proxy to stop reaching it
 /// before it stops.
 pub const SWITCHOVER_DRAIN: Duration = Duration::from_millis(150);
+/// A replica whose position stays put, away from its primary's, this long
+/// does not stream from it: it is rewound.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
 /// How often the role loop looks.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How often each instance's `position` is asked.
@@ -276,7 +279,8 @@ impl Stateful {
         };
         let hook = match marker {
             None => "clone",
-            Some(m) if m.role == Role::Primary && m.token != token => "rewind",
+            // A former primary, or a replica that could not follow.
+            Some(m) if (m.role == Role::Primary && m.token != token) || m.role == Role::Demoted => "rewind",
             Some(_) => return start_as(Role::Replica),
         };
         self.prep.locked().insert(id.to_string(), Prep::Running(hook));
