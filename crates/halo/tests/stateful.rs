@@ -765,6 +765,7 @@ async fn bench_patroni() {
         let ns = c.client_ns();
         let dir = halo_testkit::TempDir::new("patroni");
         chmod(&dir.0, 0o755);
+        let mut children = Children(Vec::new());
         let hosts: Vec<String> = c.nodes.iter().map(|n| format!("{}:2379", n.ip)).collect();
         let servers: String = c
             .nodes
@@ -800,13 +801,14 @@ async fn bench_patroni() {
             let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&home).status().expect("chown");
             assert!(chown.success());
             let log = std::fs::File::create(home.join("patroni.log")).expect("log");
-            let _patroni = Command::new("ip")
+            let patroni = Command::new("ip")
                 .args(["netns", "exec", &n.ns, "runuser", "-u", "postgres", "--", "patroni"])
                 .arg(&cfg)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .expect("patroni");
+            children.0.push(patroni);
             let haproxy = format!(
                 "global\n    maxconn 300\ndefaults\n    mode tcp\n    retries 2\n    timeout client 30m\n\
                  \x20   timeout connect 4s\n    timeout server 30m\n    timeout check 5s\n\
@@ -817,13 +819,14 @@ async fn bench_patroni() {
             );
             let hcfg = home.join("haproxy.cfg");
             std::fs::write(&hcfg, haproxy).expect("haproxy.cfg");
-            let _haproxy = Command::new("ip")
+            let haproxy = Command::new("ip")
                 .args(["netns", "exec", &n.ns, "haproxy", "-db", "-f"])
                 .arg(&hcfg)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("haproxy");
+            children.0.push(haproxy);
         }
         // Settled: a leader and two streaming replicas (one a synchronous
         // standby in synchronous mode), and HAProxy routing to the leader.
@@ -854,6 +857,19 @@ async fn bench_patroni() {
         let rec = bench_run(&mut c, &ns, p, &old_server, targets, &fault, within, &switch).await;
         let how = if tight { "tight" } else { "defaults" };
         println!("RESULT system=patroni-{how} sync={sync} fault={fault} run={run} {rec}");
+    }
+}
+
+/// Processes killed and reaped on drop (the harness's teardown kills what
+/// they started in the namespaces).
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
