@@ -243,6 +243,10 @@ impl One<'_> {
         if l.role == Role::Demoted && self.running.is_none() {
             l.role = Role::Waiting;
         }
+        // A process started again is told whom to follow again.
+        if self.running.is_none() {
+            l.following = None;
+        }
         // 1. Fencing: a primary serves only under its own key, and only
         // while its node's role lease is fresh; in between (the store slow
         // or away: an etcd election, a cut) it is frozen, not stopped.

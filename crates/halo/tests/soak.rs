@@ -164,7 +164,7 @@ async fn full_capacity(c: &Cluster, store: &EtcdStore, rec: &mut Record, since: 
             }
             if start.elapsed() >= RESTORE_WITHIN {
                 let live = (0..c.nodes.len()).find(|&i| c.nodes[i].agent.is_some()).unwrap_or(0);
-                eprintln!("--- events\n{}", c.cli(live, &["events", "-n", "200"]).1);
+                eprintln!("--- events\n{}", c.cli(live, &["events", "--service", "pg", "-n", "150"]).1);
                 for i in 0..c.nodes.len() {
                     eprintln!("--- status of {}\n{}", c.nodes[i].name, c.cli(i, &["status"]).1);
                 }

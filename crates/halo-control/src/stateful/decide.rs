@@ -163,9 +163,10 @@ pub fn may_take_handover(me: &str, handed: &Handed, healthy: bool, position: Opt
 /// The synchronous standby the primary of `token` should have: `prefer`
 /// (a switchover's target) or else `current` while eligible, else the
 /// eligible replica furthest ahead (ties: the lowest ordinal). Eligible:
-/// a healthy replica following `token`, on a live node, and not ahead of
-/// the primary's `position` (one that is has diverged: it cannot stream
-/// from it). `None`: none is.
+/// a healthy replica following `token`, on a live node, and (unless it is
+/// `current`: two positions read at different moments may cross) not
+/// ahead of the primary's `position` (one that is has diverged: it cannot
+/// stream from it). `None`: none is.
 pub fn choose_standby(
     service: &str,
     token: Revision,
@@ -181,7 +182,7 @@ pub fn choose_standby(
                 && r.token == token
                 && r.healthy
                 && live.contains(&r.node)
-                && !matches!((r.position, position), (Some(a), Some(p)) if a > p)
+                && (current == Some(id) || !matches!((r.position, position), (Some(a), Some(p)) if a > p))
         })
     };
     if let Some(p) = prefer.or(current).filter(|p| eligible(p)) {
