@@ -445,7 +445,9 @@ impl One<'_> {
             _ => None,
         };
         let roles = self.st.roles.get(name).cloned().unwrap_or_default();
-        let live = self.live();
+        // A drained node takes no new primary.
+        let mut live = self.live();
+        live.retain(|n| !self.st.admin.get(n).is_some_and(|a| a.draining));
         let eligible =
             |to: &str| choose_standby(name, l.token, &roles, &live, None, Some(to), l.position).as_deref() == Some(to);
         match l.handover.take() {
@@ -457,6 +459,23 @@ impl One<'_> {
                             ev.warn(EventKind::Switchover, Some(name), Some(id), "the switchover ran out".into());
                         }
                         let _ = self.r.ctx.store.delete(&switchover_key(name)).await;
+                        return;
+                    }
+                    // A primary on a drained node hands over to a replica
+                    // elsewhere (its instances stay: their data is there).
+                    let node = self.r.ctx.node();
+                    if self.st.admin.get(node).is_some_and(|a| a.draining) {
+                        let current = l.sync.applied.clone().flatten();
+                        let to = choose_standby(name, l.token, &roles, &live, current.as_deref(), None, l.position);
+                        if let Some(to) = to {
+                            let store = &*self.r.ctx.store;
+                            if let Ok(Some(true)) =
+                                crate::stateful::ask_switchover(store, name, l.token, Some(&to)).await
+                            {
+                                let msg = format!("{id}'s node {node} is drained: switching over to {to}");
+                                ev.info(EventKind::Switchover, Some(name), Some(id), msg);
+                            }
+                        }
                     }
                     return;
                 };

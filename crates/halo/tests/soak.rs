@@ -431,7 +431,18 @@ async fn inject(
             for pid in &pids {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
             }
-            format!("kill -9 of pg's primary {id} ({} process groups)", pids.len())
+            // Capacity is judged once it runs again (restarted in place).
+            let began = Instant::now();
+            while began.elapsed() < RESTORE_WITHIN
+                && !c.instance_processes().iter().any(|(p, pid)| *p == id && !pids.contains(pid))
+            {
+                hold(c, rec, Duration::from_millis(100)).await;
+            }
+            format!(
+                "kill -9 of pg's primary {id} ({} process groups), running again after {:.2?}",
+                pids.len(),
+                began.elapsed()
+            )
         }
         Fault::Switchover => {
             let i = live_node(c, rng);

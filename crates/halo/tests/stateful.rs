@@ -972,7 +972,7 @@ async fn synchronous_mode_promotes_the_standby_and_loses_no_acknowledged_write_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synchronous_mode_names_another_standby_when_the_standbys_node_is_killed_and_writes_go_on() {
+async fn synchronous_mode_names_another_standby_when_the_standbys_node_is_killed_and_a_drain_switches_over() {
     let recipe = Recipe::new();
     let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(true))]);
     let ns = c.client_ns();
@@ -1004,6 +1004,22 @@ async fn synchronous_mode_names_another_standby_when_the_standbys_node_is_killed
         )
     })
     .await;
+
+    // Draining the primary's node hands the primary to the replica
+    // elsewhere; the instance stays on its node, a replica now.
+    let name = c.nodes[p.node].name.clone();
+    let (code, out, err) = c.cli(t.node, &["node", "drain", &name]);
+    assert_eq!(code, 0, "drain: {out}{err}");
+    let mut after = Vec::new();
+    eventually(Duration::from_secs(60), "the primary moved off the drained node", || {
+        after = cluster_insts(&c, Some(s.node));
+        std::future::ready(settled(&after, 1).is_some_and(|q| q.node == t.node && q.token > p.token))
+    })
+    .await;
+    let old = after.iter().find(|i| i.id == p.id).expect("the old primary's instance stays");
+    assert_eq!((old.node, old.role.as_str()), (p.node, "replica"), "{after:?}");
+    let r = psql(Some(&ns), pg_addr(&c, t.node, 5432), "insert into w(id) values (-5) returning id");
+    assert_eq!(r.as_deref(), Ok("-5"), "a write after the drain's switchover");
 }
 
 /// The longest time between two acknowledged writes in `acks` (sorted).
