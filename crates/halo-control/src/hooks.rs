@@ -6,6 +6,7 @@
 //! keeps its stdout; a restore runs `restore` with that output on stdin,
 //! once an instance is ready after the restore.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,9 @@ use halo_supervisor::{RunError, Runner};
 
 use crate::ctx::NodeCtx;
 use crate::dial::SendError;
-use crate::keys::NodeRecord;
+use crate::keys::{NodeRecord, Role};
 use crate::reconcile::Instances;
+use crate::stateful::Stateful;
 
 /// Where hook outputs wait after `halo backup restore`, in the data dir.
 pub const RESTORE_DIR: &str = "restore";
@@ -50,8 +52,32 @@ struct Host {
     runner: Arc<dyn Runner>,
 }
 
+/// A ready local instance to run `service`'s hook beside: of a stateful
+/// service, a healthy replica when there is one (a backup reads there,
+/// not on the primary).
 fn host(r: &Hooks, service: &str) -> Option<Host> {
-    r.local.ready_runner(service).map(|(id, runner)| Host { id, runner })
+    let st = r.ctx.view.current();
+    let replicas: Vec<String> = st
+        .roles
+        .get(service)
+        .map(|roles| {
+            roles.iter().filter(|(_, x)| x.role == Role::Replica && x.healthy).map(|(id, _)| id.clone()).collect()
+        })
+        .unwrap_or_default();
+    r.local.ready_runner(service, &replicas).map(|(id, runner)| Host { id, runner })
+}
+
+/// What a backup or restore hook gets beside its instance's environment:
+/// for a service with a primary, where the primary serves
+/// (`HALO_PRIMARY_HOST`, `HALO_PRIMARY_PORT`) and its `HALO_TOKEN`.
+fn hook_env(st: &crate::state::ClusterState, service: &str) -> BTreeMap<String, String> {
+    match Stateful::primary_addr(st, service) {
+        Some((_, token, addr)) => crate::stateful::hook_env(Role::Primary, token, Some(addr))
+            .into_iter()
+            .filter(|(k, _)| k != "HALO_ROLE")
+            .collect(),
+        None => BTreeMap::new(),
+    }
 }
 
 /// Runs `service`'s backup hook in one of this node's ready instances.
@@ -60,7 +86,7 @@ pub(crate) async fn run_here(r: &Hooks, service: &str) -> Result<Vec<u8>, HookEr
     let hook = st.services.get(service).and_then(|s| s.spec.backup.clone());
     let hook = hook.ok_or_else(|| HookError::NoHook(service.into()))?;
     let h = host(r, service).ok_or_else(|| HookError::NotHere(service.into()))?;
-    Ok(h.runner.run(&hook.command, None, hook.timeout).await?)
+    Ok(h.runner.run_with(&hook.command, &hook_env(&st, service), None, hook.timeout).await?)
 }
 
 /// Asks the nodes with a ready instance of `service` to run its hook
@@ -76,6 +102,13 @@ async fn from_peers(r: &Hooks, service: &str, timeout: Duration) -> Result<Vec<u
         .collect();
     nodes.sort_unstable();
     nodes.dedup();
+    // Of a stateful service, the nodes with a healthy replica first.
+    let replica_on = |n: &str| {
+        st.roles
+            .get(service)
+            .is_some_and(|roles| roles.values().any(|x| x.node == n && x.role == Role::Replica && x.healthy))
+    };
+    nodes.sort_by_key(|n| !replica_on(n));
     let mut why = HookError::Nowhere(service.into());
     for node in nodes {
         let Some(rec) = st.nodes.get(node) else { continue };
@@ -124,7 +157,11 @@ pub(crate) async fn backup_all(r: &Hooks) -> (Vec<(String, Vec<u8>)>, Vec<(Strin
     for (name, svc) in &st.services {
         let Some(hook) = &svc.spec.backup else { continue };
         let result = match host(r, name) {
-            Some(h) => h.runner.run(&hook.command, None, hook.timeout).await.map_err(HookError::from),
+            Some(h) => h
+                .runner
+                .run_with(&hook.command, &hook_env(&st, name), None, hook.timeout)
+                .await
+                .map_err(HookError::from),
             None => from_peers(r, name, hook.timeout).await,
         };
         match result {
@@ -155,6 +192,12 @@ pub(crate) async fn restore_pending(r: Arc<Hooks>) {
                 continue;
             };
             let Some(h) = host(&r, &service) else { continue };
+            // A service with a primary is restored into it: once one serves.
+            let st = r.ctx.view.current();
+            let replicated = st.services.get(&service).is_some_and(|s| s.spec.replicated());
+            if replicated && Stateful::primary_addr(&st, &service).is_none() {
+                continue;
+            }
             let input = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -163,7 +206,7 @@ pub(crate) async fn restore_pending(r: Arc<Hooks>) {
                 }
             };
             let timeout = hook.map_or(Duration::from_secs(600), |h| h.timeout);
-            match h.runner.run(&restore, Some(input), timeout).await {
+            match h.runner.run_with(&restore, &hook_env(&st, &service), Some(input), timeout).await {
                 Ok(_) => {
                     tracing::info!(service, instance = %h.id, "restore hook done");
                     let _ = std::fs::remove_file(&path);

@@ -63,12 +63,13 @@ impl Instances {
 
     /// One ready instance of `service` here that can run commands: its id
     /// and runner.
-    pub fn ready_runner(&self, service: &str) -> Option<(String, Arc<dyn halo_supervisor::Runner>)> {
+    /// A ready instance of `service` and its runner: one of `prefer` when
+    /// one is ready, else any.
+    pub fn ready_runner(&self, service: &str, prefer: &[String]) -> Option<(String, Arc<dyn halo_supervisor::Runner>)> {
         let instances = self.lock();
-        instances
-            .values()
-            .filter(|m| m.record.service == service && m.ready())
-            .find_map(|m| Some((m.record.id.clone(), m.runner()?)))
+        let mut ready: Vec<_> = instances.values().filter(|m| m.record.service == service && m.ready()).collect();
+        ready.sort_by_key(|m| !prefer.contains(&m.record.id));
+        ready.into_iter().find_map(|m| Some((m.record.id.clone(), m.runner()?)))
     }
 
     /// Every instance's status now.

@@ -1214,3 +1214,40 @@ async fn redis_runs_with_the_same_hooks_contract_fails_over_and_switches_over() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_backup_is_restored_into_the_primary_and_reaches_the_replicas() {
+    let recipe = Recipe::new();
+    let h = Halo::up_logged(BIN, &recipe.node_file()).expect("halo up");
+    let _story = Story(&h);
+    let (w, r) = (h.listeners["pg-primary"], h.listeners["pg-replicas"]);
+    eventually(Duration::from_secs(60), "a primary and two replicas", || {
+        std::future::ready(settled(&insts(&h.status(), 0), 2).is_some())
+    })
+    .await;
+    psql(None, w, "create table t(id int primary key)").expect("create");
+    psql(None, w, "insert into t select generate_series(1, 100)").expect("insert");
+    let archive = recipe.dir.0.join("pg-backup.tar");
+    let (code, out, err) = h.cli(&["backup", "create", "--out", &archive.to_string_lossy()]);
+    assert_eq!(code, 0, "backup: {out}{err}");
+    // After the backup: rows deleted, a table dropped.
+    psql(None, w, "delete from t where id > 10").expect("delete");
+    psql(None, w, "create table later(x int)").expect("create later");
+    let (code, out, err) = h.cli(&["backup", "restore", &archive.to_string_lossy(), "--force"]);
+    assert_eq!(code, 0, "restore: {out}{err}");
+    eventually(Duration::from_secs(60), "the primary has the rows of the backup", || {
+        std::future::ready(psql(None, w, "select count(*) from t").as_deref() == Ok("100"))
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the replicas have them too", || {
+        std::future::ready(psql(None, r, "select count(*) from t").as_deref() == Ok("100"))
+    })
+    .await;
+    // The hook's input is gone once it ran (a failed one would stay, .failed).
+    let restore_dir = h.data_dir.as_ref().unwrap().join("restore");
+    eventually(Duration::from_secs(10), "the restore input removed", || {
+        std::future::ready(std::fs::read_dir(&restore_dir).map_or(true, |mut d| d.next().is_none()))
+    })
+    .await;
+    psql(None, w, "insert into t values (101)").expect("a write after the restore");
+}
