@@ -29,7 +29,8 @@ if ! command -v patroni >/dev/null || ! command -v haproxy >/dev/null; then
 fi
 cargo build --release -p halo --bin halo --test stateful >/dev/null 2>&1
 out=target/bench-stateful.txt
-: >"$out"
+# HALO_BENCH_APPEND=1 adds to the last invocation's runs (the table is of all).
+[ "${HALO_BENCH_APPEND:-0}" = 1 ] || : >"$out"
 for fault in $FAULTS; do
   for mode in $MODES; do
     sync=0; [ "$mode" = sync ] && sync=1

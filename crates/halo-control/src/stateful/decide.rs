@@ -164,7 +164,8 @@ pub fn may_take_handover(me: &str, handed: &Handed, healthy: bool, position: Opt
 /// (a switchover's target) or else `current` while eligible, else the
 /// eligible replica furthest ahead (ties: the lowest ordinal). Eligible:
 /// a healthy replica following `token`, on a live node, and (unless it is
-/// `current`: two positions read at different moments may cross) not
+/// `current` or `prefer`: two positions read at different moments may
+/// cross; a diverged one is rewound by its node anyway) not
 /// ahead of the primary's `position` (one that is has diverged: it cannot
 /// stream from it). `None`: none is.
 pub fn choose_standby(
@@ -182,7 +183,9 @@ pub fn choose_standby(
                 && r.token == token
                 && r.healthy
                 && live.contains(&r.node)
-                && (current == Some(id) || !matches!((r.position, position), (Some(a), Some(p)) if a > p))
+                && (current == Some(id)
+                    || prefer == Some(id)
+                    || !matches!((r.position, position), (Some(a), Some(p)) if a > p))
         })
     };
     if let Some(p) = prefer.or(current).filter(|p| eligible(p)) {
