@@ -584,10 +584,11 @@ async fn a_replica_further_behind_than_max_lag_on_failover_is_not_promoted() {
     let pgdata =
         PathBuf::from(format!("{}-volumes", h.data_dir.as_ref().unwrap().display())).join(&p.id).join("pgdata");
     chmod(&pgdata, 0o000);
-    // Its process group: the postmaster leads it (never a pid of 0 or 1,
-    // which kill(1) would take as this group or every process).
-    assert!(p.pid > 1, "the primary's pid: {p:?}");
-    let _ = Command::new("kill").args(["-KILL", &format!("-{}", p.pid)]).status();
+    // Its postmaster only, checked to be one (its backends end with it).
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).unwrap_or_default();
+    assert!(p.pid > 1 && comm.trim() == "postgres", "the primary's pid {} is not a postmaster: {comm:?}", p.pid);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9 of the postmaster");
     let mut why = String::new();
     eventually(Duration::from_secs(60), "the replica refusing to take over, too far behind", || {
         let s = h.status();
