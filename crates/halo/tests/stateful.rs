@@ -361,10 +361,27 @@ fn ids(ns: &str, addr: SocketAddr) -> std::collections::BTreeSet<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_reaches() {
+    killed_primary_node(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_promotes_the_standby_and_loses_no_acknowledged_write_when_the_primarys_node_is_killed() {
+    killed_primary_node(true).await;
+}
+
+/// kill -9 of the primary's node under writes through the other nodes'
+/// listeners: a replica (with `sync`, the synchronous standby, and then
+/// no acknowledged write is lost) is promoted and every other node reaches it.
+async fn killed_primary_node(sync: bool) {
     let recipe = Recipe::new();
-    let mut c = pg_cluster(&recipe, &[]);
+    let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(sync))]);
     let ns = c.client_ns();
-    let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
+    let (p, s) = if sync {
+        wait_standby(&c, None, 2, "a primary with a synchronous standby on three nodes").await
+    } else {
+        let p = wait_settled(&c, None, 2, Duration::from_secs(90), "a primary and two replicas on three nodes").await;
+        (p.clone(), p)
+    };
     psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
     let survivors: Vec<usize> = (0..3).filter(|i| *i != p.node).collect();
     let writes = Writes::start(Some(ns.clone()), survivors.iter().map(|i| pg_addr(&c, *i, 5432)).collect());
@@ -380,6 +397,12 @@ async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_re
     let q = wait_settled(&c, Some(p.node), 1, Duration::from_secs(30), "a new primary and one replica").await;
     assert_ne!(q.node, p.node);
     assert!(q.token > p.token, "the new token {} is above the old {}", q.token, p.token);
+    if sync {
+        assert_eq!(q.id, s.id, "the synchronous standby was promoted, not the other replica");
+        let (r, t) = wait_standby(&c, Some(p.node), 1, "the new primary with the last replica as its standby").await;
+        assert_eq!(r.id, q.id);
+        assert_ne!(t.id, q.id);
+    }
     let (_, text, _) = c.cli(q.node, &["status"]);
     let shown = format!("{} ({}, {})", q.id, c.nodes[q.node].name, q.token);
     assert!(text.contains("PRIMARY (NODE, TOKEN)") && text.contains(&shown), "{text}");
@@ -395,12 +418,17 @@ async fn kill_9_of_the_primarys_node_promotes_a_replica_that_every_other_node_re
     let after: Vec<&Ack> = acks.iter().filter(|a| a.at > killed).collect();
     let missing_after: Vec<u64> = after.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
     assert!(missing_after.is_empty(), "writes acknowledged by the new primary are all there: {missing_after:?}");
-    let lost = acks.iter().filter(|a| a.at <= killed && !have.contains(&a.id)).count();
+    let lost: Vec<u64> = acks.iter().filter(|a| a.at <= killed && !have.contains(&a.id)).map(|a| a.id).collect();
     println!(
-        "{} writes acknowledged ({} after the kill); {lost} acknowledged by the old primary are not on the new one (asynchronous replication)",
+        "{} writes acknowledged ({} after the kill); {} acknowledged by the old primary are not on the new one ({})",
         acks.len(),
-        after.len()
+        after.len(),
+        lost.len(),
+        if sync { "synchronous" } else { "asynchronous replication" }
     );
+    if sync {
+        assert!(lost.is_empty(), "acknowledged writes lost in synchronous mode: {lost:?}");
+    }
 }
 
 /// Faults that leave the old primary's node alive: SIGSTOP for 15 s, or
@@ -766,6 +794,7 @@ async fn bench_patroni() {
         let ns = c.client_ns();
         let dir = halo_testkit::TempDir::new("patroni");
         chmod(&dir.0, 0o755);
+        let _logs = KeepLogs(dir.0.clone());
         let mut children = Children(Vec::new());
         let hosts: Vec<String> = c.nodes.iter().map(|n| format!("{}:2379", n.ip)).collect();
         let servers: String = c
@@ -861,6 +890,23 @@ async fn bench_patroni() {
     }
 }
 
+/// On a failure, Patroni's logs are copied to `target/patroni-logs/`.
+struct KeepLogs(PathBuf);
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let to = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/patroni-logs"));
+        let _ = std::fs::create_dir_all(&to);
+        for i in 0..3 {
+            let _ = std::fs::copy(self.0.join(format!("pg{i}/patroni.log")), to.join(format!("pg{i}.log")));
+        }
+        eprintln!("Patroni's logs: {}", to.display());
+    }
+}
+
 /// Processes killed and reaped on drop (the harness's teardown kills what
 /// they started in the namespaces).
 struct Children(Vec<std::process::Child>);
@@ -940,36 +986,6 @@ async fn wait_standby(c: &Cluster, skip: Option<usize>, replicas: usize, what: &
     let p = settled(&all, replicas).unwrap();
     let s = standby(&all, &p).unwrap();
     (p, s)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synchronous_mode_promotes_the_standby_and_loses_no_acknowledged_write_when_the_primarys_node_is_killed() {
-    let recipe = Recipe::new();
-    let mut c = pg_cluster(&recipe, &[("synchronous", toml::Value::Boolean(true))]);
-    let ns = c.client_ns();
-    let (p, s) = wait_standby(&c, None, 2, "a primary with a synchronous standby on three nodes").await;
-    println!("primary {} on node {}, synchronous standby {} on node {}", p.id, p.node, s.id, s.node);
-    psql(Some(&ns), pg_addr(&c, 0, 5432), "create table w(id bigint primary key)").expect("create");
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != p.node).collect();
-    let writes = Writes::start(Some(ns.clone()), survivors.iter().map(|i| pg_addr(&c, *i, 5432)).collect());
-    eventually(Duration::from_secs(20), "writes acknowledged", || std::future::ready(writes.acks().len() >= 30)).await;
-    let killed = Instant::now();
-    c.kill_node(p.node);
-    eventually(Duration::from_secs(30), "a write acknowledged after the kill", || {
-        std::future::ready(writes.acks().iter().any(|a| a.at > killed))
-    })
-    .await;
-    let first = writes.acks().iter().find(|a| a.at > killed).map(|a| a.at - killed).unwrap();
-    println!("kill -9 of the primary's node: first acknowledged write after {first:?}");
-    let (q, t) = wait_standby(&c, Some(p.node), 1, "the new primary with the last replica as its standby").await;
-    assert_eq!(q.id, s.id, "the synchronous standby was promoted, not the other replica");
-    assert!(q.token > p.token);
-    assert_ne!(t.id, q.id);
-    let acks = writes.finish();
-    let have = ids(&ns, pg_addr(&c, survivors[0], 5432));
-    let lost: Vec<u64> = acks.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect();
-    println!("{} writes acknowledged, {} lost", acks.len(), lost.len());
-    assert!(lost.is_empty(), "acknowledged writes lost in synchronous mode: {lost:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
