@@ -30,6 +30,10 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # and psql as their client.
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# The Redis recipe's test (examples/redis.toml) runs Debian's Redis 7 and
+# redis-cli.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 # The package test builds a .deb and checks its systemd units.
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
