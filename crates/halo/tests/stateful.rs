@@ -1110,7 +1110,15 @@ async fn switchover_moves_the_primary_with_writes_running_and_loses_nothing() {
     assert!(events.contains(&format!("{} stopped and handed the primary to {}", p.id, other.id)), "{events}");
 
     // Without --to: the standby it chose is promoted.
-    let (p2, s2) = (q.clone(), standby(&after, &q));
+    // The new primary's standby recorded first: the one a switchover
+    // without --to must promote.
+    let mut now = Vec::new();
+    eventually(Duration::from_secs(60), "the new primary with a synchronous standby", || {
+        now = insts(&h.status(), 0);
+        std::future::ready(settled(&now, 2).is_some_and(|x| x.id == q.id) && standby(&now, &q).is_some())
+    })
+    .await;
+    let (p2, s2) = (q.clone(), standby(&now, &q).unwrap());
     let (code, out, err) = h.cli(&["switchover", "pg", "--wait", "--timeout", "60s"]);
     assert_eq!(code, 0, "switchover: {out}{err}");
     println!("{out}");
@@ -1120,9 +1128,7 @@ async fn switchover_moves_the_primary_with_writes_running_and_loses_nothing() {
         std::future::ready(settled(&again, 2).is_some_and(|q| q.id != p2.id && q.token > p2.token))
     })
     .await;
-    if let Some(s2) = s2 {
-        assert_eq!(settled(&again, 2).unwrap().id, s2.id, "the synchronous standby took over");
-    }
+    assert_eq!(settled(&again, 2).unwrap().id, s2.id, "the synchronous standby took over");
     psql(None, h.listeners["pg-primary"], "insert into w(id) values (-1)").expect("a write after both switchovers");
 }
 
