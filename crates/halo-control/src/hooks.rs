@@ -72,10 +72,7 @@ fn host(r: &Hooks, service: &str) -> Option<Host> {
 /// (`HALO_PRIMARY_HOST`, `HALO_PRIMARY_PORT`) and its `HALO_TOKEN`.
 fn hook_env(st: &crate::state::ClusterState, service: &str) -> BTreeMap<String, String> {
     match Stateful::primary_addr(st, service) {
-        Some((_, token, addr)) => crate::stateful::hook_env(Role::Primary, token, Some(addr))
-            .into_iter()
-            .filter(|(k, _)| k != "HALO_ROLE")
-            .collect(),
+        Some((_, token, addr)) => crate::stateful::term_env(token, Some(addr)),
         None => BTreeMap::new(),
     }
 }

@@ -417,10 +417,15 @@ pub async fn ask_switchover(
 /// `HALO_TOKEN` (the fencing token of the term it serves or follows, 0
 /// for none yet), and the primary's address.
 pub fn hook_env(role: Role, token: Revision, primary: Option<SocketAddr>) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::from([
-        ("HALO_ROLE".to_string(), role.as_str().to_string()),
-        ("HALO_TOKEN".to_string(), token.to_string()),
-    ]);
+    let mut env = term_env(token, primary);
+    env.insert("HALO_ROLE".to_string(), role.as_str().to_string());
+    env
+}
+
+/// The term's part of a hook's environment: `HALO_TOKEN` and the
+/// primary's address (a backup or restore hook gets only this).
+pub fn term_env(token: Revision, primary: Option<SocketAddr>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("HALO_TOKEN".to_string(), token.to_string())]);
     if let Some(a) = primary {
         env.insert("HALO_PRIMARY_HOST".into(), a.ip().to_string());
         env.insert("HALO_PRIMARY_PORT".into(), a.port().to_string());
