@@ -1,11 +1,12 @@
-//! Eviction: a node that most of the cluster finds silent loses its lease
-//! at once, instead of when the lease runs out.
+//! Eviction: a node that a majority of its probers finds silent loses its
+//! lease at once, instead of when the lease runs out.
 //!
-//! Each node publishes the nodes [`Peers`] finds silent under
-//! `/halo/silent/NODE`, on its own lease. A node that has itself found X
-//! silent for [`EVICT_AFTER`], and with the reports of nodes that still
-//! answer it counts a majority of the live nodes (X included) finding X
-//! silent, revokes X's node lease: X's record, endpoints and (if it led) the leader key go, the
+//! Each node publishes the targets it finds silent itself
+//! ([`Peers::found_silent`]) under `/halo/silent/NODE`, on its own lease.
+//! A prober of X that has itself found X silent for [`EVICT_AFTER`], and
+//! counts a majority of X's probers reporting it ([`peers::reporters`],
+//! [`peers::is_majority`]: the rule that takes X out of every proxy),
+//! revokes X's node lease: X's record, endpoints and (if it led) the leader key go, the
 //! leader places X's instances elsewhere, and another node can be elected.
 //!
 //! This is what keeps a lost node's capacity coming back in seconds when
@@ -16,9 +17,9 @@
 //! A false suspicion costs a node its placements, never its safety: a node
 //! whose lease is revoked finds out on its next renewal, stops leading,
 //! registers again, and its instances were already replaced under new ids.
-//! A report counts only from a node that answers here, so a frozen node's
-//! stale report is never counted; a node cut off from the others cannot
-//! reach a majority of the store to revoke anything.
+//! A report counts only from a node that no one reports silent, so a
+//! frozen node's stale report is never counted; a node cut off from the
+//! others cannot reach a majority of the store to revoke anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -30,7 +31,7 @@ use halo_store::{LeaseId, StoreError};
 use crate::events::EventKind;
 use crate::keys::{node_key, silent_key};
 use crate::membership::Membership;
-use crate::peers::Peers;
+use crate::peers::{self, Peers};
 use crate::state::{ClusterState, View};
 
 /// How long a failed write of the report or a revocation waits to retry,
@@ -59,7 +60,7 @@ pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
     let mut revoked: BTreeSet<LeaseId> = BTreeSet::new();
     let mut upgrading: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
-        let mine = peers.silent_nodes();
+        let mine = peers.found_silent();
         let mut retry = false;
         if let Some(lease) = m.lease() {
             if published.as_ref().is_none_or(|(l, s)| *l != lease || *s != mine) {
@@ -77,13 +78,14 @@ pub async fn run(m: Arc<Membership>, view: Arc<View>, peers: Arc<Peers>) {
                 upgrading.entry(n.clone()).or_insert_with(Instant::now);
             }
             let spared = |n: &str| upgrading.get(n).is_some_and(|t| t.elapsed() < UPGRADE_GRACE);
-            let long = silent_long(&mine, |n| peers.silent(n), spared);
-            retry |= long.len() < mine.len();
-            for (node, lease) in evictable(&st, &m.cfg.node, &mine, &long) {
+            let long = silent_long(&mine, |n| peers.silent_here(n), spared);
+            retry |= !mine.is_empty();
+            let ring = peers.ring(&st);
+            for (node, lease) in evictable(&st, &ring, &m.cfg.node, &mine, &long) {
                 if revoked.contains(&lease) {
                     continue;
                 }
-                match evict(&m, &node, lease, &st, &mine).await {
+                match evict(&m, &node, lease, &st, &ring, &mine).await {
                     Ok(()) => {
                         revoked.insert(lease);
                     }
@@ -121,20 +123,22 @@ async fn evict(
     node: &str,
     lease: LeaseId,
     st: &ClusterState,
+    ring: &[String],
     mine: &BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let now = m.store.get(&node_key(node)).await?;
     if now.and_then(|kv| kv.lease) != Some(lease) {
         return Ok(());
     }
-    let reporters = reporters(st, &m.cfg.node, mine, node);
-    tracing::warn!(node = %m.cfg.node, silent = %node, ?reporters, "a majority of the cluster finds the node silent: ending its lease");
+    let reporters = peers::reporters(ring, &st.silent, &m.cfg.node, mine, node);
+    tracing::warn!(node = %m.cfg.node, silent = %node, ?reporters, "a majority of its probers finds the node silent: ending its lease");
     match m.store.revoke(lease).await {
         Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
         Err(e) => return Err(e),
     }
     m.counters.evictions.fetch_add(1, Relaxed);
-    let why = format!("{node} ended: {} of {} nodes found it silent", reporters.len(), st.nodes.len());
+    let probers = peers::probers(ring, node, peers::PROBERS).len();
+    let why = format!("{node} ended: {} of its {probers} probers found it silent", reporters.len());
     m.events.warn(EventKind::Evicted, None, None, why);
     Ok(())
 }
@@ -150,23 +154,20 @@ fn silent_long(
 }
 
 /// The nodes `me` has found silent for [`EVICT_AFTER`] (`long`, among
-/// `mine`, all it finds silent) that a majority of the live nodes finds
+/// `mine`, all it finds silent) that a majority of their probers finds
 /// silent too, with their leases.
-fn evictable(st: &ClusterState, me: &str, mine: &BTreeSet<String>, long: &BTreeSet<String>) -> Vec<(String, LeaseId)> {
+fn evictable(
+    st: &ClusterState,
+    ring: &[String],
+    me: &str,
+    mine: &BTreeSet<String>,
+    long: &BTreeSet<String>,
+) -> Vec<(String, LeaseId)> {
     long.iter()
-        .filter(|n| st.nodes.contains_key(*n) && reporters(st, me, mine, n).len() * 2 > st.nodes.len())
+        .filter(|n| st.nodes.contains_key(*n))
+        .filter(|n| peers::is_majority(ring.len(), peers::reporters(ring, &st.silent, me, mine, n).len()))
         .filter_map(|n| Some((n.clone(), *st.leases.get(n)?)))
         .collect()
-}
-
-/// Who finds `node` silent: `me` (which finds `mine` silent), and every
-/// other live node whose report says so and that answers `me`.
-fn reporters(st: &ClusterState, me: &str, mine: &BTreeSet<String>, node: &str) -> Vec<String> {
-    let says = |r: &String, s: &BTreeSet<String>| {
-        r != me && r != node && !mine.contains(r) && st.nodes.contains_key(r) && s.contains(node)
-    };
-    let others = st.silent.iter().filter(|(r, s)| says(r, s)).map(|(r, _)| r.clone());
-    std::iter::once(me.to_string()).chain(others).collect()
 }
 
 #[cfg(test)]
@@ -195,6 +196,11 @@ mod tests {
         st
     }
 
+    fn ev(st: &ClusterState, me: &str, mine: &BTreeSet<String>, long: &BTreeSet<String>) -> Vec<(String, LeaseId)> {
+        let ring = peers::ring_order(st.nodes.keys());
+        evictable(st, &ring, me, mine, long)
+    }
+
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| n.to_string()).collect()
     }
@@ -202,7 +208,7 @@ mod tests {
     #[test]
     fn a_node_most_of_the_cluster_finds_silent_is_evicted() {
         let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"]), ("n2", &["n3"])]);
-        assert_eq!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])), vec![("n3".to_string(), 102)]);
+        assert_eq!(ev(&st, "n1", &set(&["n3"]), &set(&["n3"])), vec![("n3".to_string(), 102)]);
     }
 
     #[test]
@@ -210,26 +216,26 @@ mod tests {
         // n2 hears n3: n1's silence is its own link's fault, or n3's
         // answers are slow only to it.
         let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"])]);
-        assert!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
+        assert!(ev(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
         // Two of four is no majority.
         let st = state(&["n1", "n2", "n3", "n4"], &[("n1", &["n4"]), ("n2", &["n4"])]);
-        assert!(evictable(&st, "n1", &set(&["n4"]), &set(&["n4"])).is_empty());
+        assert!(ev(&st, "n1", &set(&["n4"]), &set(&["n4"])).is_empty());
     }
 
     #[test]
     fn a_silent_nodes_report_does_not_count() {
         // n2 is silent to n1: its report (naming n3) may be from before it froze.
         let st = state(&["n1", "n2", "n3"], &[("n1", &["n2", "n3"]), ("n2", &["n3"])]);
-        assert!(evictable(&st, "n1", &set(&["n2", "n3"]), &set(&["n2", "n3"])).is_empty());
+        assert!(ev(&st, "n1", &set(&["n2", "n3"]), &set(&["n2", "n3"])).is_empty());
         // Nor does a node's report on itself, or one from a node gone.
         let st = state(&["n1", "n2", "n3"], &[("n3", &["n3"]), ("n9", &["n3"])]);
-        assert!(evictable(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
+        assert!(ev(&st, "n1", &set(&["n3"]), &set(&["n3"])).is_empty());
     }
 
     #[test]
     fn a_node_silent_for_a_moment_keeps_its_lease() {
         let st = state(&["n1", "n2", "n3"], &[("n1", &["n3"]), ("n2", &["n3"])]);
-        assert!(evictable(&st, "n1", &set(&["n3"]), &BTreeSet::new()).is_empty());
+        assert!(ev(&st, "n1", &set(&["n3"]), &BTreeSet::new()).is_empty());
     }
 
     #[test]
@@ -244,6 +250,6 @@ mod tests {
     fn what_this_node_hears_comes_first() {
         // The others' reports alone evict nothing from here.
         let st = state(&["n1", "n2", "n3"], &[("n2", &["n3"]), ("n3", &["n2"])]);
-        assert!(evictable(&st, "n1", &BTreeSet::new(), &BTreeSet::new()).is_empty());
+        assert!(ev(&st, "n1", &BTreeSet::new(), &BTreeSet::new()).is_empty());
     }
 }

@@ -73,6 +73,10 @@ pub struct NodeOptions {
     pub exclusive_store: bool,
     /// The cluster's API token, to ask other nodes' APIs (backup hooks).
     pub api_token: String,
+    /// What runs the instances; `None`: processes and containers
+    /// ([`Drivers::new`]). A simulation of many nodes in one process
+    /// gives its own.
+    pub drivers: Option<Drivers>,
 }
 
 impl NodeOptions {
@@ -93,6 +97,7 @@ impl NodeOptions {
             bind: [127, 0, 0, 1].into(),
             exclusive_store: true,
             api_token: String::new(),
+            drivers: None,
         }
     }
 }
@@ -143,7 +148,10 @@ impl Node {
         if opts.exclusive_store {
             m.reclaim().await?;
         }
-        let drivers = Drivers::new(&opts.halo_exe, &opts.data_dir, &opts.cluster.node);
+        let drivers = match &opts.drivers {
+            Some(d) => d.clone(),
+            None => Drivers::new(&opts.halo_exe, &opts.data_dir, &opts.cluster.node),
+        };
         m.set_drivers(drivers.available().await).await;
         m.register().await?;
         let view = View::start(store.clone()).await?;

@@ -82,6 +82,9 @@ pub struct ActiveCanary {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     pub revision: Revision,
+    /// The revision the set of live nodes last changed at (what follows
+    /// the node set recomputes only then: [`crate::peers`]' ring).
+    pub nodes_revision: Revision,
     /// Live nodes (holding a lease), by name.
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Each live node's lease.
@@ -157,6 +160,7 @@ impl ClusterState {
             st.put(kv, prev);
         }
         st.revision = listing.revision;
+        st.nodes_revision = listing.revision;
         st
     }
 
@@ -166,6 +170,9 @@ impl ClusterState {
             match e.kind {
                 EventKind::Put => self.put(&e.kv, None),
                 EventKind::Delete => self.delete(&e.kv.key),
+            }
+            if e.kv.key.starts_with(NODES) {
+                self.nodes_revision = e.kv.mod_revision;
             }
             self.revision = self.revision.max(e.kv.mod_revision);
         }

@@ -365,6 +365,14 @@ impl Proxy {
         Ok(())
     }
 
+    /// The endpoints `upstream` sends to now (`None`: no such upstream).
+    pub fn endpoints(&self, upstream: &str) -> Option<Vec<SocketAddr>> {
+        let snap = self.shared.snapshot.load();
+        let slot = snap.groups.get(upstream)?;
+        let eps = slot.load().cfg.endpoints.iter().map(|e| e.addr).collect();
+        Some(eps)
+    }
+
     /// Each upstream's requests so far, how many failed (5xx, or an error
     /// the proxy answered for), and their latency histogram (counts per
     /// bucket of [`crate::metrics::BUCKETS`], then +Inf), whatever

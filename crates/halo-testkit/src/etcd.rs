@@ -61,6 +61,11 @@ impl Etcd {
         self.members[0].1.to_string()
     }
 
+    /// Every member's process id (to read its CPU time and memory).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|(c, _)| c.id()).collect()
+    }
+
     /// Every member's client address.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|(_, a)| a.to_string()).collect()

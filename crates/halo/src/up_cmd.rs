@@ -117,6 +117,7 @@ pub async fn serve(cfg: halo_control::NodeConfig, data_dir: PathBuf, role: Role)
                 bind: [0, 0, 0, 0].into(),
                 exclusive_store: false,
                 api_token: String::new(),
+                drivers: None,
             };
             (Arc::new(store), opts)
         }
