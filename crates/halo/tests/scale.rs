@@ -67,15 +67,30 @@ impl Link {
     }
 }
 
-/// The shared etcd client as one node reaches it: through its link.
+/// The shared etcd client as one node reaches it: through its link,
+/// counting its requests.
 struct LinkedStore {
     inner: Arc<dyn Store>,
     link: Arc<Link>,
+    counts: Arc<Requests>,
+}
+
+/// One node's store requests, by kind.
+#[derive(Default)]
+struct Requests {
+    /// get, list
+    reads: AtomicU64,
+    /// txn (put, delete), compact, revoke
+    writes: AtomicU64,
+    /// grant, keep-alive
+    leases: AtomicU64,
+    watches: AtomicU64,
 }
 
 #[async_trait]
 impl Store for LinkedStore {
     async fn get(&self, key: &str) -> Result<Option<halo_store::KeyValue>, StoreError> {
+        self.counts.reads.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let r = self.inner.get(key).await;
         self.link.pass().await?;
@@ -83,6 +98,7 @@ impl Store for LinkedStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        self.counts.reads.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let r = self.inner.list(prefix).await;
         self.link.pass().await?;
@@ -90,6 +106,7 @@ impl Store for LinkedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        self.counts.writes.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let r = self.inner.txn(txn).await;
         self.link.pass().await?;
@@ -97,6 +114,7 @@ impl Store for LinkedStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch, StoreError> {
+        self.counts.watches.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let mut w = self.inner.watch(prefix, from).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -112,11 +130,13 @@ impl Store for LinkedStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.counts.writes.fetch_add(1, Relaxed);
         self.link.pass().await?;
         self.inner.compact(revision).await
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.counts.leases.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let r = self.inner.grant(ttl).await;
         self.link.pass().await?;
@@ -124,6 +144,7 @@ impl Store for LinkedStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        self.counts.leases.fetch_add(1, Relaxed);
         self.link.pass().await?;
         let r = self.inner.keep_alive(lease).await;
         self.link.pass().await?;
@@ -131,6 +152,7 @@ impl Store for LinkedStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.counts.writes.fetch_add(1, Relaxed);
         self.link.pass().await?;
         self.inner.revoke(lease).await
     }
@@ -237,6 +259,7 @@ struct SimNode {
     name: String,
     node: Node,
     link: Arc<Link>,
+    requests: Arc<Requests>,
     api: tokio::task::JoinHandle<()>,
 }
 
@@ -275,7 +298,9 @@ impl Sim {
     fn start_node(&self, i: usize) -> impl std::future::Future<Output = SimNode> + 'static {
         let name = format!("n{i:04}");
         let link = Link::new();
-        let store: Arc<dyn Store> = Arc::new(LinkedStore { inner: self.store.clone(), link: link.clone() });
+        let requests = Arc::new(Requests::default());
+        let counts = requests.clone();
+        let store: Arc<dyn Store> = Arc::new(LinkedStore { inner: self.store.clone(), link: link.clone(), counts });
         let data_dir = self._dir.0.join(&name);
         let probes = self.probes.clone();
         async move {
@@ -304,7 +329,7 @@ impl Sim {
             };
             let node = Node::start(cfg, opts, store).await.expect("the node starts");
             let api = tokio::spawn(serve_healthz(listener, link.clone(), probes));
-            SimNode { name, node, link, api }
+            SimNode { name, node, link, requests, api }
         }
     }
 
@@ -515,4 +540,198 @@ async fn fifty_simulated_nodes_place_every_instance_once_and_replace_a_killed_no
     })
     .await;
     sim.stop().await;
+}
+
+/// CPU seconds `pid` has used (user and system).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    // utime and stime are the 14th and 15th fields (11 and 12 after the name).
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// Resident memory of `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+}
+
+/// etcd's own counters: gRPC messages received, and bytes in and out.
+fn etcd_counters(endpoint: &str) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(endpoint).expect("etcd answers");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: etcd\r\n\r\n").expect("ask etcd");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("etcd's metrics");
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let bytes = sum("etcd_network_client_grpc_received_bytes_total") + sum("etcd_network_client_grpc_sent_bytes_total");
+    (sum("grpc_server_msg_received_total"), bytes)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64()
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// What an idle window of `secs` costs: probes per node per second, etcd
+/// messages and bytes per second, CPU of this process per node (percent
+/// of a core) and of etcd (percent), store reads per node per second.
+async fn idle_window(sim: &Sim, secs: u64) -> serde_json::Value {
+    let me = std::process::id();
+    let etcd = sim.etcd.pids()[0];
+    let n = sim.nodes.len() as f64;
+    let reads = || sim.nodes.iter().map(|x| x.requests.reads.load(Relaxed)).sum::<u64>() as f64;
+    let (p0, (m0, b0), c0, e0, r0) =
+        (sim.probes.load(Relaxed), etcd_counters(&sim.etcd.endpoint()), cpu_secs(me), cpu_secs(etcd), reads());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (p1, (m1, b1), c1, e1, r1) =
+        (sim.probes.load(Relaxed), etcd_counters(&sim.etcd.endpoint()), cpu_secs(me), cpu_secs(etcd), reads());
+    let s = secs as f64;
+    serde_json::json!({
+        "probes_per_node_s": (p1 - p0) as f64 / n / s,
+        "etcd_msgs_s": (m1 - m0) / s,
+        "etcd_kib_s": (b1 - b0) / 1024.0 / s,
+        "cpu_per_node_pct": (c1 - c0) / s / n * 100.0,
+        "etcd_cpu_pct": (e1 - e0) / s * 100.0,
+        "reads_per_node_s": (r1 - r0) / n / s,
+    })
+}
+
+/// The figures of `docs/benchmarks.md` at HALO_SCALE_NODES simulated
+/// nodes with HALO_SCALE_SERVICES services of HALO_SCALE_REPLICAS: one
+/// JSON line on stdout (`bench/scale.sh` runs it).
+#[test]
+#[ignore = "a benchmark: bench/scale.sh runs it"]
+fn bench_scale() {
+    let n = env_or("HALO_SCALE_NODES", 100);
+    let services = env_or("HALO_SCALE_SERVICES", 500);
+    let replicas = env_or("HALO_SCALE_REPLICAS", 3);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+    let out = rt.block_on(async {
+        let long = Duration::from_secs(900);
+        let me = std::process::id();
+        let rss0 = rss_mib(me);
+        let t = Instant::now();
+        let sim = Sim::start(n).await;
+        sim.until("every node registered and a leader", long, |st| st.nodes.len() == n && st.leader.is_some()).await;
+        let start_s = t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mem_empty = (rss_mib(me) - rss0) / n as f64;
+        let idle_empty = idle_window(&sim, 10).await;
+
+        let t = Instant::now();
+        sim.apply(services, replicas as u32).await;
+        let applied_s = t.elapsed().as_secs_f64();
+        let none = BTreeSet::new();
+        sim.until("every instance placed once and ready", long, |st| settled(st, replicas, &none)).await;
+        let place_s = t.elapsed().as_secs_f64();
+        let mem_full = (rss_mib(me) - rss0) / n as f64;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_full = idle_window(&sim, 10).await;
+
+        // One `halo scale` of one service: what it costs the nodes that
+        // do not host it, and etcd, over the idle rate.
+        let st = sim.state().await;
+        let hosts = |st: &ClusterState| -> BTreeSet<String> {
+            st.assignments
+                .values()
+                .filter(|a| a.placement.service == "s00000")
+                .map(|a| a.placement.node.clone())
+                .collect()
+        };
+        let before: Vec<u64> = sim.nodes.iter().map(|x| x.requests.reads.load(Relaxed)).collect();
+        let (m0, b0) = etcd_counters(&sim.etcd.endpoint());
+        let t = Instant::now();
+        sim.nodes[0].node.scale("s00000", replicas as u32 + 1).await.expect("scale");
+        let st2 = sim
+            .until("the scaled service ready", long, |st| {
+                counts(st).get("s00000") == Some(&(replicas + 1, replicas + 1))
+            })
+            .await;
+        let scale_s = t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let dt = t.elapsed().as_secs_f64();
+        let (m1, b1) = etcd_counters(&sim.etcd.endpoint());
+        let hosting: BTreeSet<String> = hosts(&st).union(&hosts(&st2)).cloned().collect();
+        let others: Vec<f64> = sim
+            .nodes
+            .iter()
+            .zip(&before)
+            .filter(|(x, _)| !hosting.contains(&x.name))
+            .map(|(x, b)| (x.requests.reads.load(Relaxed) - b) as f64)
+            .collect();
+        let idle_msgs = idle_full["etcd_msgs_s"].as_f64().unwrap_or(0.0);
+        let idle_kib = idle_full["etcd_kib_s"].as_f64().unwrap_or(0.0);
+        let scale = serde_json::json!({
+            "ready_s": scale_s,
+            "etcd_msgs_over_idle": (m1 - m0) - idle_msgs * dt,
+            "etcd_kib_over_idle": (b1 - b0) / 1024.0 - idle_kib * dt,
+            "reads_per_other_node": others.iter().sum::<f64>() / others.len().max(1) as f64,
+            "reads_per_other_node_max": others.iter().cloned().fold(0.0, f64::max),
+        });
+
+        // A node with instances dies.
+        let st = sim.state().await;
+        let victim = busy_follower(&st);
+        let t = Instant::now();
+        let mut times = kill_and_watch_proxies(&sim, &victim, &st, long).await;
+        times.sort();
+        let off = BTreeSet::from([victim.clone()]);
+        let want = |st: &ClusterState| {
+            let c = counts(st);
+            let scaled = c.get("s00000") == Some(&(replicas + 1, replicas + 1));
+            scaled
+                && c.iter().filter(|(s, _)| *s != "s00000").all(|(_, (p, r))| *p == replicas && *r == replicas)
+                && !st.assignments.values().any(|a| off.contains(&a.placement.node))
+        };
+        sim.until("the killed node's instances replaced", long, want).await;
+        let kill = serde_json::json!({
+            "out_of_proxies_p50_s": percentile(&times, 0.5),
+            "out_of_proxies_p99_s": percentile(&times, 0.99),
+            "out_of_proxies_max_s": percentile(&times, 1.0),
+            "replaced_s": t.elapsed().as_secs_f64(),
+        });
+
+        // The leader freezes.
+        let st = sim.state().await;
+        let (leader, _) = st.leader.clone().expect("a leader");
+        let t = Instant::now();
+        sim.node(&leader).link.set(LinkState::Frozen);
+        sim.until("another node leads", long, |st| st.leader.as_ref().is_some_and(|(n, _)| *n != leader)).await;
+        let new_leader_s = t.elapsed().as_secs_f64();
+        let off2 = BTreeSet::from([victim.clone(), leader.clone()]);
+        let want2 = |st: &ClusterState| want(st) && !st.assignments.values().any(|a| off2.contains(&a.placement.node));
+        sim.until("the frozen leader's instances replaced", long, want2).await;
+        let leader_replaced_s = t.elapsed().as_secs_f64();
+        sim.node(&leader).link.set(LinkState::Up);
+
+        let out = serde_json::json!({
+            "nodes": n, "services": services, "replicas": replicas,
+            "start_s": start_s,
+            "mem_per_node_mib_empty": mem_empty,
+            "mem_per_node_mib_full": mem_full,
+            "idle_empty": idle_empty,
+            "idle_full": idle_full,
+            "apply_s": applied_s,
+            "place_s": place_s,
+            "instances_per_s": (services * replicas) as f64 / place_s,
+            "scale": scale,
+            "kill": kill,
+            "freeze_leader": { "new_leader_s": new_leader_s, "replaced_s": leader_replaced_s },
+        });
+        sim.stop().await;
+        out
+    });
+    println!("SCALE {out}");
 }
