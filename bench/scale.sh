@@ -20,7 +20,7 @@ NS=${*:-10 100 300 1000}
 SERVICES=${SERVICES:-500}
 REPLICAS=${REPLICAS:-3}
 command -v etcd >/dev/null || scripts/install-test-deps.sh >/dev/null
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo test --release -q -p halo --test scale --no-run 2>/dev/null
 OUT=$(mktemp -d /tmp/halo-scale.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT

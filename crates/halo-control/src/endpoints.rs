@@ -37,9 +37,7 @@ pub(crate) async fn sync(store: &dyn Store, m: &Membership, st: &ClusterState, r
         })
         .collect();
     let stored: BTreeMap<String, (&EndpointRecord, Option<i64>)> = st
-        .endpoints
-        .iter()
-        .filter(|(_, (_, e))| e.node == m.cfg.node)
+        .endpoints_of(&m.cfg.node)
         .map(|(id, (service, e))| (endpoint_key(service, id), (e, st.endpoint_leases.get(id).copied().flatten())))
         .collect();
     for (key, e) in &want {

@@ -123,7 +123,7 @@ async fn evict(
     node: &str,
     lease: LeaseId,
     st: &ClusterState,
-    ring: &[String],
+    ring: &peers::Ring,
     mine: &BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let now = m.store.get(&node_key(node)).await?;
@@ -137,7 +137,7 @@ async fn evict(
         Err(e) => return Err(e),
     }
     m.counters.evictions.fetch_add(1, Relaxed);
-    let probers = peers::probers(ring, node, peers::PROBERS).len();
+    let probers = ring.probers(node, peers::PROBERS).len();
     let why = format!("{node} ended: {} of its {probers} probers found it silent", reporters.len());
     m.events.warn(EventKind::Evicted, None, None, why);
     Ok(())
@@ -158,7 +158,7 @@ fn silent_long(
 /// silent too, with their leases.
 fn evictable(
     st: &ClusterState,
-    ring: &[String],
+    ring: &peers::Ring,
     me: &str,
     mine: &BTreeSet<String>,
     long: &BTreeSet<String>,
@@ -197,7 +197,7 @@ mod tests {
     }
 
     fn ev(st: &ClusterState, me: &str, mine: &BTreeSet<String>, long: &BTreeSet<String>) -> Vec<(String, LeaseId)> {
-        let ring = peers::ring_order(st.nodes.keys());
+        let ring = peers::Ring::new(st.nodes.keys());
         evictable(st, &ring, me, mine, long)
     }
 

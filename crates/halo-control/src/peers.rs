@@ -60,7 +60,7 @@ pub struct Peers {
     own_lease: Box<dyn Fn() -> bool + Send + Sync>,
     heard: Mutex<BTreeMap<String, Peer>>,
     /// The live nodes in ring order, as of the node set's revision.
-    ring: Mutex<(Revision, Arc<Vec<String>>)>,
+    ring: Mutex<(Revision, Arc<Ring>)>,
     /// Nodes silent to the cluster, since when this node knows it.
     confirmed: Mutex<BTreeMap<String, Instant>>,
     /// The silent nodes (this node's own findings and the cluster's), as
@@ -99,7 +99,7 @@ impl Peers {
             view,
             own_lease,
             heard: Mutex::new(BTreeMap::new()),
-            ring: Mutex::new((-1, Arc::new(Vec::new()))),
+            ring: Mutex::new((-1, Arc::new(Ring::default()))),
             confirmed: Mutex::new(BTreeMap::new()),
             silent: tokio::sync::watch::Sender::new(BTreeSet::new()),
             dial,
@@ -140,10 +140,10 @@ impl Peers {
 
     /// The live nodes in ring order (recomputed only when the node set
     /// changed).
-    pub fn ring(&self, st: &ClusterState) -> Arc<Vec<String>> {
+    pub fn ring(&self, st: &ClusterState) -> Arc<Ring> {
         let mut ring = self.ring.locked();
         if ring.0 != st.nodes_revision {
-            *ring = (st.nodes_revision, Arc::new(ring_order(st.nodes.keys())));
+            *ring = (st.nodes_revision, Arc::new(Ring::new(st.nodes.keys())));
         }
         ring.1.clone()
     }
@@ -169,7 +169,7 @@ impl Peers {
             };
             let st = self.view.current();
             let ring = self.ring(&st);
-            let targets = targets(&ring, &self.node, PROBERS);
+            let targets = ring.targets(&self.node, PROBERS);
             if round {
                 while probes.try_join_next().is_some() {}
                 let now = Instant::now();
@@ -235,26 +235,48 @@ impl Peers {
     }
 }
 
-/// The ring: `nodes` ordered by a stable hash of their names (so a node's
-/// neighbours do not follow from how it was named), ties by name.
-pub fn ring_order<'a>(nodes: impl Iterator<Item = &'a String>) -> Vec<String> {
-    let mut ring: Vec<String> = nodes.cloned().collect();
-    ring.sort_by_cached_key(|n| (halo_model::fnv::fnv64(n.as_bytes()), n.clone()));
-    ring
+/// The live nodes on a ring, ordered by a stable hash of their names (so
+/// a node's neighbours do not follow from how it was named), ties by name.
+#[derive(Debug, Default)]
+pub struct Ring {
+    order: Vec<String>,
+    at: BTreeMap<String, usize>,
 }
 
-/// The `k` nodes after `me` on `ring` (every other node when there are
-/// no more than `k`); none when `me` is not on it.
-pub fn targets(ring: &[String], me: &str, k: usize) -> Vec<String> {
-    let Some(at) = ring.iter().position(|n| n == me) else { return Vec::new() };
-    (1..ring.len()).take(k).map(|i| ring[(at + i) % ring.len()].clone()).collect()
-}
+impl Ring {
+    pub fn new<'a>(nodes: impl Iterator<Item = &'a String>) -> Ring {
+        let mut order: Vec<String> = nodes.cloned().collect();
+        order.sort_by_cached_key(|n| (halo_model::fnv::fnv64(n.as_bytes()), n.clone()));
+        let at = order.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        Ring { order, at }
+    }
 
-/// The `k` nodes before `node` on `ring`: the ones that probe it.
-pub fn probers(ring: &[String], node: &str, k: usize) -> Vec<String> {
-    let Some(at) = ring.iter().position(|n| n == node) else { return Vec::new() };
-    let n = ring.len();
-    (1..n).take(k).map(|i| ring[(at + n - i) % n].clone()).collect()
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn contains(&self, node: &str) -> bool {
+        self.at.contains_key(node)
+    }
+
+    /// The `k` nodes after `me` (every other node when there are no more
+    /// than `k`); none when `me` is not on the ring.
+    pub fn targets(&self, me: &str, k: usize) -> Vec<String> {
+        let Some(&at) = self.at.get(me) else { return Vec::new() };
+        let n = self.order.len();
+        (1..n).take(k).map(|i| self.order[(at + i) % n].clone()).collect()
+    }
+
+    /// The `k` nodes before `node`: the ones that probe it.
+    pub fn probers(&self, node: &str, k: usize) -> Vec<String> {
+        let Some(&at) = self.at.get(node) else { return Vec::new() };
+        let n = self.order.len();
+        (1..n).take(k).map(|i| self.order[(at + n - i) % n].clone()).collect()
+    }
 }
 
 /// Who finds `node` silent, as `me` (which finds `mine` silent itself)
@@ -262,14 +284,14 @@ pub fn probers(ring: &[String], node: &str, k: usize) -> Vec<String> {
 /// that `me` finds silent or that another live node reports silent (its
 /// report may be from before it froze).
 pub fn reporters(
-    ring: &[String],
+    ring: &Ring,
     reports: &BTreeMap<String, BTreeSet<String>>,
     me: &str,
     mine: &BTreeSet<String>,
     node: &str,
 ) -> Vec<String> {
     let accused = |r: &str| reports.iter().any(|(by, s)| by != r && ring.contains(by) && s.contains(r));
-    probers(ring, node, PROBERS)
+    ring.probers(node, PROBERS)
         .into_iter()
         .filter(|r| {
             if r == me {
@@ -295,7 +317,7 @@ pub fn is_majority(ring_len: usize, reporters: usize) -> bool {
 
 /// The nodes silent to the cluster, as `me` counts the reports.
 pub fn confirmed(
-    ring: &[String],
+    ring: &Ring,
     reports: &BTreeMap<String, BTreeSet<String>>,
     me: &str,
     mine: &BTreeSet<String>,
@@ -333,15 +355,15 @@ mod tests {
 
     #[test]
     fn each_node_probes_a_few_and_is_probed_by_as_many() {
-        let ring = ring_order(names(1000).iter());
+        let ring = Ring::new(names(1000).iter());
         let mut probed: BTreeMap<String, usize> = BTreeMap::new();
-        for n in &ring {
-            let t = targets(&ring, n, PROBERS);
+        for n in &ring.order {
+            let t = ring.targets(n, PROBERS);
             assert_eq!(t.len(), PROBERS);
             assert!(!t.contains(n));
             for x in t {
                 *probed.entry(x.clone()).or_default() += 1;
-                assert!(probers(&ring, &x, PROBERS).contains(n), "{n} probes {x}, so it is one of its probers");
+                assert!(ring.probers(&x, PROBERS).contains(n), "{n} probes {x}, so it is one of its probers");
             }
         }
         assert!(probed.values().all(|c| *c == PROBERS));
@@ -349,48 +371,48 @@ mod tests {
 
     #[test]
     fn a_small_cluster_probes_everyone() {
-        let ring = ring_order(names(3).iter());
-        assert_eq!(targets(&ring, "n1", PROBERS).len(), 2);
-        assert_eq!(probers(&ring, "n1", PROBERS).len(), 2);
-        assert!(targets(&ring, "n9", PROBERS).is_empty());
+        let ring = Ring::new(names(3).iter());
+        assert_eq!(ring.targets("n1", PROBERS).len(), 2);
+        assert_eq!(ring.probers("n1", PROBERS).len(), 2);
+        assert!(ring.targets("n9", PROBERS).is_empty());
     }
 
     #[test]
     fn three_nodes_need_both_others_and_two_never_judge_each_other() {
-        let ring = ring_order(names(3).iter());
+        let ring = Ring::new(names(3).iter());
         let reports = BTreeMap::from([("n2".to_string(), set(&["n3"]))]);
         assert_eq!(confirmed(&ring, &reports, "n1", &set(&["n3"])), set(&["n3"]));
         assert!(confirmed(&ring, &reports, "n1", &BTreeSet::new()).is_empty());
-        let ring = ring_order(names(2).iter());
+        let ring = Ring::new(names(2).iter());
         assert!(confirmed(&ring, &BTreeMap::new(), "n1", &set(&["n2"])).is_empty());
     }
 
     #[test]
     fn a_large_cluster_needs_a_majority_of_the_probers() {
-        let ring = ring_order(names(100).iter());
-        let x = ring[50].clone();
-        let p = probers(&ring, &x, PROBERS);
+        let ring = Ring::new(names(100).iter());
+        let x = ring.order[50].clone();
+        let p = ring.probers(&x, PROBERS);
         let one = BTreeMap::from([(p[0].clone(), set(&[&x]))]);
         // A node that probes none of them learns it from the reports.
-        let me = ring[10].clone();
+        let me = ring.order[10].clone();
         assert!(confirmed(&ring, &one, &me, &BTreeSet::new()).is_empty());
         let two = BTreeMap::from([(p[0].clone(), set(&[&x])), (p[1].clone(), set(&[&x]))]);
         assert_eq!(confirmed(&ring, &two, &me, &BTreeSet::new()), set(&[&x]));
         // A report from a node that does not probe it does not count.
-        let other = BTreeMap::from([(p[0].clone(), set(&[&x])), (ring[10].clone(), set(&[&x]))]);
-        assert!(confirmed(&ring, &other, &ring[20], &BTreeSet::new()).is_empty());
+        let other = BTreeMap::from([(p[0].clone(), set(&[&x])), (ring.order[10].clone(), set(&[&x]))]);
+        assert!(confirmed(&ring, &other, &ring.order[20], &BTreeSet::new()).is_empty());
     }
 
     #[test]
     fn a_report_from_a_node_reported_silent_does_not_count() {
-        let ring = ring_order(names(100).iter());
-        let x = ring[50].clone();
-        let p = probers(&ring, &x, PROBERS);
+        let ring = Ring::new(names(100).iter());
+        let x = ring.order[50].clone();
+        let p = ring.probers(&x, PROBERS);
         // p[0] froze with its old report on x; its own prober reports it.
-        let accuser = probers(&ring, &p[0], PROBERS)[0].clone();
+        let accuser = ring.probers(&p[0], PROBERS)[0].clone();
         let reports =
             BTreeMap::from([(p[0].clone(), set(&[&x])), (p[1].clone(), set(&[&x])), (accuser.clone(), set(&[&p[0]]))]);
-        assert!(!confirmed(&ring, &reports, &ring[10], &BTreeSet::new()).contains(&x));
+        assert!(!confirmed(&ring, &reports, &ring.order[10], &BTreeSet::new()).contains(&x));
         // Nor one from a node this node finds silent.
         let reports = BTreeMap::from([(p[0].clone(), set(&[&x])), (p[1].clone(), set(&[&x]))]);
         assert!(confirmed(&ring, &reports, &p[2], &set(&[&p[0]])).is_empty());

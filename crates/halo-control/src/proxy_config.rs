@@ -82,7 +82,8 @@ impl ProxyFeed {
     /// A stateful service with replicas: its upstream reaches the primary
     /// only (once promoted under the current token), `NAME.replica` the
     /// replicas that follow it ([`crate::stateful::decide::routable`]).
-    pub fn publish(&self, st: &ClusterState, endpoints: Vec<Ep>) {
+    /// Returns whether the proxy took all of it.
+    pub fn publish(&self, st: &ClusterState, endpoints: Vec<Ep>) -> bool {
         let services = &st.services;
         let canaries: BTreeMap<&String, ActiveCanary> =
             services.keys().filter_map(|n| st.canary(n).map(|c| (n, c))).collect();
@@ -101,10 +102,14 @@ impl ProxyFeed {
         if published.layout.as_ref() != Some(&layout) {
             match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights, self.primary_gate.as_ref())) {
                 Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },
-                Err(e) => tracing::error!(error = %e, "updating the proxy failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "updating the proxy failed");
+                    return false;
+                }
             }
-            return;
+            return true;
         }
+        let mut ok = true;
         for (name, list) in eps {
             if published.endpoints.get(&name) == Some(&list) {
                 continue;
@@ -116,9 +121,11 @@ impl ProxyFeed {
                 Err(e) => {
                     tracing::error!(service = %name, error = %e, "updating the proxy's endpoints failed");
                     published.layout = None;
+                    ok = false;
                 }
             }
         }
+        ok
     }
 }
 

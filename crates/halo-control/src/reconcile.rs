@@ -89,7 +89,12 @@ pub(crate) struct Reconciler {
     shutting_down: AtomicBool,
     /// Stateful instances: their data, made before they start.
     pub stateful: Arc<Stateful>,
+    /// What the proxy was last fed from: the view's routing revision,
+    /// this node's ready instances and the silent nodes.
+    fed: Mutex<Option<FedFrom>>,
 }
+
+type FedFrom = (halo_store::Revision, Vec<Ep>, BTreeSet<String>);
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -106,6 +111,7 @@ impl Reconciler {
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             stateful,
+            fed: Mutex::new(None),
         }
     }
 
@@ -245,9 +251,17 @@ impl Reconciler {
                 addr: (self.ctx.m.cfg.addr, r.port).into(),
             });
         }
+        let silent = self.ctx.peers.silent_nodes();
+        // Nothing the proxy is fed from changed: no work per change
+        // elsewhere in the cluster.
+        let key = (st.routing_revision, eps.clone(), silent.clone());
+        let mut fed = self.fed.locked();
+        if fed.as_ref() == Some(&key) {
+            return;
+        }
         let remote = st.endpoints.iter().filter(|(_, (_, e))| e.node != self.node());
-        eps.extend(answering(remote, &self.ctx.peers.silent_nodes(), &eps));
-        self.feed.publish(st, eps);
+        eps.extend(answering(remote, &silent, &eps));
+        *fed = self.feed.publish(st, eps).then_some(key);
     }
 
     /// Free port for a new instance, not one a live instance has.
@@ -455,7 +469,7 @@ pub(crate) struct Obeyed {
 /// one, is not obeyed. Tokens are learned in key order as they are met.
 pub(crate) fn obeyed(st: &ClusterState, node: &str, max_token: halo_store::Revision) -> Obeyed {
     let mut o = Obeyed { max_token, ..Obeyed::default() };
-    for (id, a) in st.assignments.iter().filter(|(_, a)| a.placement.node == node) {
+    for (id, a) in st.assigned_to(node) {
         let at = st.assigned_at.get(id).copied().unwrap_or(0);
         if a.token < o.max_token && at > o.max_token {
             o.ignored.push((id.clone(), a.token));
@@ -709,9 +723,8 @@ mod tests {
         };
         let mut st = ClusterState::default();
         st.services.insert("web".into(), Arc::new(svc));
-        for (id, a, at) in orders {
-            st.assignments.insert(id.clone(), a.clone());
-            st.assigned_at.insert(id.clone(), *at);
+        for (_, a, at) in orders {
+            st.assign(a.clone(), *at);
         }
         (st, template, canary.then_some(stable_template))
     }
@@ -746,14 +759,13 @@ mod tests {
     fn a_pass_stops_what_is_not_assigned_and_starts_what_is_with_its_revisions_spec() {
         let (mut st, t, stable) = state(&[], true);
         let stable = stable.unwrap();
-        for (id, a, at) in [
+        for (_, a, at) in [
             order("web-1", "n1", &t, 1, 2),
             order("web-2", "n1", &stable, 1, 2),
             order("web-3", "n1", "gone", 1, 2),
             order("web-4", "n1", &t, 1, 2),
         ] {
-            st.assignments.insert(id.clone(), a);
-            st.assigned_at.insert(id, at);
+            st.assign(a, at);
         }
         let assigned = obeyed(&st, "n1", 0).orders;
         let running = [("web-4", t.as_str(), false), ("web-5", t.as_str(), false), ("web-6", t.as_str(), true)];
@@ -791,9 +803,8 @@ mod tests {
             let templates = [Some(t.clone()), stable.clone(), Some("old".to_string())];
             for i in 0..next(8) {
                 let template = templates[next(3) as usize].clone().unwrap_or_else(|| t.clone());
-                let (id, a, at) = order(&format!("web-{i}"), if next(3) == 0 { "n2" } else { "n1" }, &template, 1, 2);
-                st.assignments.insert(id.clone(), a);
-                st.assigned_at.insert(id, at);
+                let (_, a, at) = order(&format!("web-{i}"), if next(3) == 0 { "n2" } else { "n1" }, &template, 1, 2);
+                st.assign(a, at);
             }
             let mut running: BTreeMap<String, bool> =
                 (0..next(8)).map(|i| (format!("web-{}", next(10).max(i)), next(4) == 0)).collect();

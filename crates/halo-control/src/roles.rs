@@ -148,10 +148,8 @@ async fn step(r: &Arc<Reconciler>, s: &Arc<Stateful>, locals: &mut BTreeMap<Stri
     let st = r.ctx.view.current();
     let node = r.ctx.node();
     let mine: BTreeMap<String, Arc<ServiceSpec>> = st
-        .assignments
-        .values()
-        .filter(|a| a.placement.node == node)
-        .filter_map(|a| {
+        .assigned_to(node)
+        .filter_map(|(_, a)| {
             let svc = st.services.get(&a.placement.service)?;
             let spec = svc.spec_for(&a.placement.template).unwrap_or(&svc.spec);
             spec.replicated().then(|| (a.placement.id.clone(), spec.clone()))

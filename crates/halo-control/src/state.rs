@@ -99,10 +99,20 @@ pub struct ClusterState {
     pub assignments: BTreeMap<String, Assignment>,
     /// The mod revision of each assignment (fencing as agents see it).
     pub assigned_at: BTreeMap<String, Revision>,
+    /// The instance ids assigned to each node: what a node acts on costs
+    /// what it runs, not what the cluster runs ([`ClusterState::assigned_to`]).
+    by_node: BTreeMap<String, BTreeSet<String>>,
     /// Ready instances by id: (service, endpoint).
     pub endpoints: BTreeMap<String, (String, EndpointRecord)>,
     /// The lease each endpoint is attached to.
     pub endpoint_leases: BTreeMap<String, Option<LeaseId>>,
+    /// The endpoint ids of each node's instances.
+    endpoints_on: BTreeMap<String, BTreeSet<String>>,
+    /// The revision anything the proxies are fed from last changed at
+    /// (services, endpoints, rollouts, primaries, roles): a node feeds its
+    /// proxy again only when it moved (or its own instances or silent
+    /// nodes changed).
+    pub routing_revision: Revision,
     /// Canary rollouts by service.
     pub rollouts: BTreeMap<String, RolloutRecord>,
     /// Operators' orders waiting for the leader, by service.
@@ -161,6 +171,7 @@ impl ClusterState {
         }
         st.revision = listing.revision;
         st.nodes_revision = listing.revision;
+        st.routing_revision = listing.revision;
         st
     }
 
@@ -171,8 +182,12 @@ impl ClusterState {
                 EventKind::Put => self.put(&e.kv, None),
                 EventKind::Delete => self.delete(&e.kv.key),
             }
-            if e.kv.key.starts_with(NODES) {
+            let key = e.kv.key.as_str();
+            if key.starts_with(NODES) {
                 self.nodes_revision = e.kv.mod_revision;
+            }
+            if [SERVICES, ENDPOINTS, ROLLOUTS, PRIMARIES, ROLES].iter().any(|p| key.starts_with(p)) {
+                self.routing_revision = e.kv.mod_revision;
             }
             self.revision = self.revision.max(e.kv.mod_revision);
         }
@@ -207,13 +222,14 @@ impl ClusterState {
             }
         } else if key.starts_with(ASSIGNMENTS) {
             if let Ok(a) = serde_json::from_slice::<Assignment>(&kv.value) {
-                self.assigned_at.insert(a.placement.id.clone(), kv.mod_revision);
-                self.assignments.insert(a.placement.id.clone(), a);
+                self.assign(a, kv.mod_revision);
             }
         } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
             let Some((service, id)) = rest.split_once('/') else { return };
             if let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) {
+                self.remove_endpoint(id);
                 self.endpoint_leases.insert(id.to_string(), kv.lease);
+                self.endpoints_on.entry(e.node.clone()).or_default().insert(id.to_string());
                 self.endpoints.insert(id.to_string(), (service.to_string(), e));
             }
         } else if let Some(name) = key.strip_prefix(ROLLOUTS) {
@@ -274,11 +290,9 @@ impl ClusterState {
         } else if key.starts_with(SERVICES) {
             self.services.remove(id);
         } else if key.starts_with(ASSIGNMENTS) {
-            self.assignments.remove(id);
-            self.assigned_at.remove(id);
+            self.unassign(id);
         } else if key.starts_with(ENDPOINTS) {
-            self.endpoints.remove(id);
-            self.endpoint_leases.remove(id);
+            self.remove_endpoint(id);
         } else if key.starts_with(ROLLOUTS) {
             self.rollouts.remove(id);
         } else if key.starts_with(ROLLOUT_COMMANDS) {
@@ -312,6 +326,52 @@ impl ClusterState {
                 }
             }
         }
+    }
+
+    /// Records assignment `a`, written at revision `at`.
+    pub fn assign(&mut self, a: Assignment, at: Revision) {
+        let id = a.placement.id.clone();
+        self.unassign(&id);
+        self.by_node.entry(a.placement.node.clone()).or_default().insert(id.clone());
+        self.assigned_at.insert(id.clone(), at);
+        self.assignments.insert(id, a);
+    }
+
+    fn unassign(&mut self, id: &str) {
+        self.assigned_at.remove(id);
+        let Some(old) = self.assignments.remove(id) else { return };
+        if let Some(ids) = self.by_node.get_mut(&old.placement.node) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_node.remove(&old.placement.node);
+            }
+        }
+    }
+
+    fn remove_endpoint(&mut self, id: &str) {
+        self.endpoint_leases.remove(id);
+        let Some((_, old)) = self.endpoints.remove(id) else { return };
+        if let Some(ids) = self.endpoints_on.get_mut(&old.node) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.endpoints_on.remove(&old.node);
+            }
+        }
+    }
+
+    /// The endpoints of `node`'s instances: (id, (service, record)).
+    pub fn endpoints_of<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl Iterator<Item = (&'a String, &'a (String, EndpointRecord))> + 'a {
+        let ids = self.endpoints_on.get(node).into_iter().flatten();
+        ids.filter_map(|id| self.endpoints.get_key_value(id))
+    }
+
+    /// The assignments to `node`, by instance id.
+    pub fn assigned_to<'a>(&'a self, node: &str) -> impl Iterator<Item = (&'a String, &'a Assignment)> + 'a {
+        let ids = self.by_node.get(node).into_iter().flatten();
+        ids.filter_map(|id| self.assignments.get_key_value(id))
     }
 
     /// The canary of `service` in progress, if any: the service has a
@@ -595,5 +655,51 @@ pub async fn follow(store: Arc<dyn Store>, prefix: &'static str, from: Revision,
             }
         }
         on(Feed::Broken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{assignment_key, endpoint_key};
+    use crate::scheduler::Placement;
+
+    fn put(key: String, value: Vec<u8>, rev: Revision) -> Event {
+        let kv = KeyValue { key, value, create_revision: rev, mod_revision: rev, version: 1, lease: None };
+        Event { kind: EventKind::Put, kv }
+    }
+
+    fn del(key: String, rev: Revision) -> Event {
+        let kv = KeyValue { key, value: Vec::new(), create_revision: 0, mod_revision: rev, version: 0, lease: None };
+        Event { kind: EventKind::Delete, kv }
+    }
+
+    fn assignment(id: &str, node: &str) -> Vec<u8> {
+        let placement = Placement { id: id.into(), service: "web".into(), template: "t".into(), node: node.into() };
+        serde_json::to_vec(&Assignment { placement, token: 1 }).unwrap()
+    }
+
+    fn endpoint(node: &str) -> Vec<u8> {
+        let e = EndpointRecord { node: node.into(), addr: "127.0.0.1:1".parse().unwrap(), template: "t".into() };
+        serde_json::to_vec(&e).unwrap()
+    }
+
+    #[test]
+    fn what_each_node_runs_is_indexed_as_it_changes() {
+        let mut st = ClusterState::default();
+        st.apply(&[put(assignment_key("n1", "web-1"), assignment("web-1", "n1"), 2)]);
+        st.apply(&[put(assignment_key("n1", "web-2"), assignment("web-2", "n1"), 3)]);
+        st.apply(&[put(endpoint_key("web", "web-1"), endpoint("n1"), 4)]);
+        let on = |st: &ClusterState, n: &str| st.assigned_to(n).map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        assert_eq!(on(&st, "n1"), ["web-1", "web-2"]);
+        assert_eq!(st.endpoints_of("n1").count(), 1);
+        assert_eq!(st.routing_revision, 4);
+        // Written again for another node, then deleted.
+        st.apply(&[put(assignment_key("n2", "web-2"), assignment("web-2", "n2"), 5)]);
+        assert_eq!((on(&st, "n1"), on(&st, "n2")), (vec!["web-1".to_string()], vec!["web-2".to_string()]));
+        st.apply(&[del(assignment_key("n1", "web-1"), 6), del(endpoint_key("web", "web-1"), 6)]);
+        assert!(on(&st, "n1").is_empty() && st.endpoints_of("n1").count() == 0);
+        assert_eq!(st.assigned_at.len(), 1);
+        assert_eq!(st.routing_revision, 6, "an endpoint went");
     }
 }
