@@ -21,13 +21,19 @@ SERVICES=${SERVICES:-500}
 REPLICAS=${REPLICAS:-3}
 command -v etcd >/dev/null || scripts/install-test-deps.sh >/dev/null
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-cargo test --release -q -p halo --test scale --no-run 2>/dev/null
+# The test binary, built once: every N runs the same build.
+BIN=$(cargo test --release -q -p halo --test scale --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "scale" and m.get("executable"):
+        print(m["executable"])')
 OUT=$(mktemp -d /tmp/halo-scale.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 for n in $NS; do
   echo "== $n nodes, $SERVICES services x $REPLICAS" >&2
   HALO_SCALE_NODES=$n HALO_SCALE_SERVICES=$SERVICES HALO_SCALE_REPLICAS=$REPLICAS RUST_LOG=error \
-    cargo test --release -q -p halo --test scale -- --ignored --exact bench_scale --nocapture 2>"$OUT/err-$n" \
+    "$BIN" --ignored --exact bench_scale --nocapture 2>"$OUT/err-$n" \
     | sed -n 's/^SCALE //p' >"$OUT/$n.json" || { tail -20 "$OUT/err-$n" >&2; exit 1; }
   cat "$OUT/$n.json" >&2
 done

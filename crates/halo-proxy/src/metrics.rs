@@ -192,6 +192,17 @@ pub struct EndpointStats {
     pub latency: Histogram,
 }
 
+impl EndpointStats {
+    /// Whether anything was ever counted here (an idle endpoint's series
+    /// would all be zero: `/metrics` leaves them out).
+    pub fn any(&self) -> bool {
+        self.requests.iter().any(|c| c.load(Relaxed) > 0)
+            || [&self.tcp_connections, &self.connect_failures, &self.ejections, &self.health_checks_failed]
+                .iter()
+                .any(|c| c.load(Relaxed) > 0)
+    }
+}
+
 /// Per upstream, whatever endpoints it has had: what a canary analysis
 /// compares between revisions.
 #[derive(Default)]

@@ -219,8 +219,16 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             u.limiter.adaptive.limit(),
         );
     }
-    let eps = reg.endpoints();
+    let all = reg.endpoints();
     let label = |e: &crate::endpoint::Endpoint| format!("upstream=\"{}\",endpoint=\"{}\"", escape(&e.upstream), e.addr);
+    // Every endpoint's `halo_endpoint_up`; its other series only once
+    // something happened there: thousands of idle endpoints (a large
+    // cluster's) cost one series each, not thirty of zeros.
+    let eps: Vec<_> = all
+        .iter()
+        .filter(|e| e.stats.any() || e.inflight.load(Relaxed) > 0 || e.pool.open_connections() > 0)
+        .cloned()
+        .collect();
     w.header("halo_endpoint_requests_total", "counter", "Requests by upstream, endpoint and status class.");
     for e in &eps {
         w.classes("halo_endpoint_requests_total", &label(e), &e.stats.requests);
@@ -231,7 +239,7 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     }
     let now = now_ms();
     w.header("halo_endpoint_up", "gauge", "1 when the endpoint takes traffic (up by active checks and not ejected).");
-    for e in &eps {
+    for e in &all {
         w.sample("halo_endpoint_up", &label(e), u8::from(e.available(now)));
     }
     let per_endpoint: [Family<crate::endpoint::Endpoint>; 6] = [
