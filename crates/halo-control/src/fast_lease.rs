@@ -25,11 +25,14 @@ pub struct FastLease {
     /// Held fresh within this of the last renewal sent.
     window: Duration,
     stopped: AtomicBool,
+    /// Whether anything needs the lease now: while not, no request is
+    /// made (a node with nothing to hold costs the store nothing).
+    wanted: AtomicBool,
 }
 
 impl FastLease {
     pub fn new(what: &'static str, window: Duration) -> FastLease {
-        FastLease { what, lease: Mutex::new(None), window, stopped: AtomicBool::new(false) }
+        FastLease { what, lease: Mutex::new(None), window, stopped: AtomicBool::new(false), wanted: AtomicBool::new(true) }
     }
 
     /// Takes over `lease`, a previous process's of this node (a restart,
@@ -65,6 +68,12 @@ impl FastLease {
         self.lease.locked().map(|(id, _)| id)
     }
 
+    /// Says whether anything needs the lease: while not, it is not
+    /// renewed (and runs out; a new one is granted when wanted again).
+    pub fn want(&self, wanted: bool) {
+        self.wanted.store(wanted, Relaxed);
+    }
+
     /// Stops renewing (the lease runs out by itself).
     pub fn stop(&self) {
         self.stopped.store(true, Relaxed);
@@ -87,6 +96,12 @@ impl FastLease {
     /// replaced (its keys went with it).
     pub async fn renew(&self, store: &dyn Store) {
         while !self.stopped.load(Relaxed) {
+            if !self.wanted.load(Relaxed) {
+                // Left to run out: nothing is attached to it.
+                *self.lease.locked() = None;
+                tokio::time::sleep(RENEW_EVERY).await;
+                continue;
+            }
             match self.id() {
                 None => match store.grant(TTL).await {
                     Ok(id) => {

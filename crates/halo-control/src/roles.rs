@@ -135,6 +135,9 @@ pub(crate) async fn run(r: Arc<Reconciler>, s: Arc<Stateful>) {
     if let Some(lease) = st.primaries.values().filter(|p| p.record.node == node).find_map(|p| p.lease) {
         s.lease.adopt(&*r.ctx.store, lease).await;
     }
+    // Renewed only while this node has an instance that may be primary
+    // (each step says): no store request at all on other nodes.
+    s.lease.want(false);
     let renewing = s.clone();
     r.ctx.tasks.spawn(async move { renewing.lease.renew(&*renewing.ctx.store).await });
     let mut locals: BTreeMap<String, Local> = BTreeMap::new();
@@ -155,6 +158,8 @@ async fn step(r: &Arc<Reconciler>, s: &Arc<Stateful>, locals: &mut BTreeMap<Stri
             spec.replicated().then(|| (a.placement.id.clone(), spec.clone()))
         })
         .collect();
+    let holds = st.primaries.values().any(|p| p.record.node == node);
+    s.lease.want(holds || !mine.is_empty() || !locals.is_empty());
     let gone: Vec<String> = locals.keys().filter(|id| !mine.contains_key(*id)).cloned().collect();
     for id in gone {
         let l = locals.remove(&id).expect("listed");

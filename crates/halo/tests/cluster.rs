@@ -164,6 +164,53 @@ async fn frozen_node_is_replaced_and_stops_its_instances_when_thawed() {
     .await;
 }
 
+/// Faults that follow each other, on the node that leads each time: a
+/// 15 s SIGSTOP of every process of the leader's node (its etcd member
+/// included), the thaw; then, once converged, kill -9 of the next
+/// leader's node. Each time the node is out of every other proxy and
+/// capacity comes back on the others, no request fails, one leader writes
+/// at a time; the recovery times are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_that_follow_each_other_are_recovered_from_each_time() {
+    let (mut c, store) = cluster_with_web(3).await;
+    let obs = Observer::start(&store).await;
+    let l = load(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (round, what) in ["SIGSTOP for 15 s", "then kill -9"].iter().enumerate() {
+        let st = state_now(&store).await;
+        let v = leader_index(&c, &st);
+        let name = c.nodes[v].name.clone();
+        let (_, old_token) = st.leader.clone().expect("a leader");
+        let t0 = Instant::now();
+        if round == 0 {
+            c.freeze(v, true);
+        } else {
+            c.kill_node(v);
+        }
+        let out = out_of_proxies(&c, v, t0).await;
+        let failover = until(&store, t0, Duration::from_secs(20), "a new leader", |st| {
+            st.leader.as_ref().is_some_and(|(n, t)| *n != name && *t > old_token)
+        })
+        .await;
+        let restored = until(&store, t0, Duration::from_secs(20), "capacity restored on the other nodes", |st| {
+            ready_elsewhere(st, Some(&name)) == 3
+        })
+        .await;
+        println!(
+            "{what} of the leader {name}: out of every other proxy after {out:?}, new leader after {failover:?}, \
+             capacity restored after {restored:?}"
+        );
+        if round == 0 {
+            tokio::time::sleep(Duration::from_secs(15).saturating_sub(t0.elapsed())).await;
+            c.freeze(v, false);
+            assert_converged(&c, &store, 3).await;
+        }
+    }
+    let report = l.finish().await;
+    assert_no_failures("faults that follow each other", &report);
+    obs.check();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_and_restarted() {
     under_fault(
