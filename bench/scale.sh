@@ -53,7 +53,7 @@ L = [
  ("idle, with services: etcd msgs/s, KiB/s", lambda r: f'{r["idle_full"]["etcd_msgs_s"]:.0f}, {r["idle_full"]["etcd_kib_s"]:.0f}'),
  ("idle CPU per node, empty / with services (% of a core)", lambda r: f'{r["idle_empty"]["cpu_per_node_pct"]:.3f} / {r["idle_full"]["cpu_per_node_pct"]:.3f}'),
  ("idle etcd CPU, empty / with services (%)", lambda r: f'{r["idle_empty"]["etcd_cpu_pct"]:.0f} / {r["idle_full"]["etcd_cpu_pct"]:.0f}'),
- ("idle store reads per node per s", lambda r: f'{r["idle_full"]["reads_per_node_s"]:.2f}'),
+ ("idle store requests per node per s: reads, writes, lease renewals", lambda r: f'{r["idle_full"]["reads_per_node_s"]:.2f}, {r["idle_full"].get("writes_per_node_s", 0):.2f}, {r["idle_full"].get("leases_per_node_s", 0):.2f}'),
  ("placement: instances/s (all ready, s)", lambda r: f'{r["instances_per_s"]:.0f} ({r["place_s"]:.1f})'),
  ("one scale: ready (s)", lambda r: f'{r["scale"]["ready_s"]:.2f}'),
  ("one scale: etcd msgs, KiB over idle", lambda r: f'{r["scale"]["etcd_msgs_over_idle"]:.0f}, {r["scale"]["etcd_kib_over_idle"]:.0f}'),

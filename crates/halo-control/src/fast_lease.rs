@@ -32,7 +32,13 @@ pub struct FastLease {
 
 impl FastLease {
     pub fn new(what: &'static str, window: Duration) -> FastLease {
-        FastLease { what, lease: Mutex::new(None), window, stopped: AtomicBool::new(false), wanted: AtomicBool::new(true) }
+        FastLease {
+            what,
+            lease: Mutex::new(None),
+            window,
+            stopped: AtomicBool::new(false),
+            wanted: AtomicBool::new(true),
+        }
     }
 
     /// Takes over `lease`, a previous process's of this node (a restart,

@@ -188,7 +188,7 @@ fn upstream_endpoints(
 /// others go on. Service routes follow the file's own, most specific first.
 fn proxy_config(
     base: &Config,
-    services: &BTreeMap<String, Arc<Svc>>,
+    services: &crate::state::Map<String, Arc<Svc>>,
     endpoints: &BTreeMap<String, Vec<EndpointConfig>>,
     canary_weights: &BTreeMap<String, u32>,
     primary_gate: Option<&halo_proxy::config::Gate>,
@@ -332,7 +332,7 @@ mod tests {
         // A stored service named like a static upstream (the node file
         // changed after it was applied): only it is left out.
         let clash = svc("name = \"old\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/old\"\n");
-        let services = BTreeMap::from([("web".to_string(), good), ("old".to_string(), clash)]);
+        let services = crate::state::Map::from_iter([("web".to_string(), good), ("old".to_string(), clash)]);
         let eps =
             BTreeMap::from([("web".to_string(), vec![EndpointConfig { addr: ([127, 0, 0, 1], 9).into(), weight: 1 }])]);
         let cfg = proxy_config(&base, &services, &eps, &BTreeMap::new(), None);
@@ -357,7 +357,7 @@ mod tests {
         let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[release]\n\
                        strategy = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }]\ncohort = { header = \"X-Canary\", value = \"1\" }\n");
-        let services = BTreeMap::from([("web".to_string(), web)]);
+        let services = crate::state::Map::from_iter([("web".to_string(), web)]);
         for (weight, split) in
             [(0, vec![("web", 1)]), (25, vec![("web.canary", 25), ("web", 75)]), (100, vec![("web.canary", 100)])]
         {
@@ -377,7 +377,7 @@ mod tests {
         let base = halo_proxy::config::parse("node", "[[listeners]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let web = svc("name = \"web\"\n[run]\ncommand = \"x\"\n[[routes]]\npath = \"/\"\n[balance]\n\
                        max_in_flight = 64\nrate_limit = \"100/s\"\nrate_limit_burst = 300\n");
-        let services = BTreeMap::from([("web".to_string(), web)]);
+        let services = crate::state::Map::from_iter([("web".to_string(), web)]);
         let cfg = proxy_config(&base, &services, &BTreeMap::new(), &BTreeMap::new(), None);
         assert_eq!(cfg.upstreams["web"].max_in_flight, Some(halo_model::values::MaxInFlight::Fixed(64)));
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");

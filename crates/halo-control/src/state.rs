@@ -33,6 +33,11 @@ use crate::keys::{SwitchoverRecord, SyncRecord};
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot, StatefulWant};
 use halo_model::lock::LockExt;
 
+/// The view's maps: persistent (a copy shares all but what changes), so
+/// taking a revision's events costs what they change, not what the
+/// cluster holds, while readers keep the revision they took.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+
 /// A stored service, parsed and validated.
 #[derive(Debug)]
 pub struct Svc {
@@ -86,28 +91,28 @@ pub struct ClusterState {
     /// the node set recomputes only then: [`crate::peers`]' ring).
     pub nodes_revision: Revision,
     /// Live nodes (holding a lease), by name.
-    pub nodes: BTreeMap<String, NodeRecord>,
+    pub nodes: Map<String, NodeRecord>,
     /// Each live node's lease.
-    pub leases: BTreeMap<String, LeaseId>,
+    pub leases: Map<String, LeaseId>,
     /// Admin records: every node ever registered and not removed.
-    pub admin: BTreeMap<String, NodeAdmin>,
+    pub admin: Map<String, NodeAdmin>,
     /// The leader's name and fencing token.
     pub leader: Option<(String, Revision)>,
     /// Valid services; a stored one that does not validate is logged and left out.
-    pub services: BTreeMap<String, Arc<Svc>>,
+    pub services: Map<String, Arc<Svc>>,
     /// Placements by instance id.
-    pub assignments: BTreeMap<String, Assignment>,
+    pub assignments: Map<String, Assignment>,
     /// The mod revision of each assignment (fencing as agents see it).
-    pub assigned_at: BTreeMap<String, Revision>,
+    pub assigned_at: Map<String, Revision>,
     /// The instance ids assigned to each node: what a node acts on costs
     /// what it runs, not what the cluster runs ([`ClusterState::assigned_to`]).
-    by_node: BTreeMap<String, BTreeSet<String>>,
+    by_node: Map<String, imbl::OrdSet<String>>,
     /// Ready instances by id: (service, endpoint).
-    pub endpoints: BTreeMap<String, (String, EndpointRecord)>,
+    pub endpoints: Map<String, (String, EndpointRecord)>,
     /// The lease each endpoint is attached to.
-    pub endpoint_leases: BTreeMap<String, Option<LeaseId>>,
+    pub endpoint_leases: Map<String, Option<LeaseId>>,
     /// The endpoint ids of each node's instances.
-    endpoints_on: BTreeMap<String, BTreeSet<String>>,
+    endpoints_on: Map<String, imbl::OrdSet<String>>,
     /// The revision anything the proxies are fed from last changed at
     /// (services, endpoints, rollouts, primaries, roles): a node feeds its
     /// proxy again only when it moved (or its own instances or silent
@@ -131,7 +136,7 @@ pub struct ClusterState {
     pub primaries: BTreeMap<String, HeldPrimary>,
     /// Each stateful instance's role as its node published it, by service
     /// then instance.
-    pub roles: BTreeMap<String, BTreeMap<String, RoleRecord>>,
+    pub roles: Map<String, BTreeMap<String, RoleRecord>>,
     /// Each synchronous service's standbys, with the key's mod revision.
     pub sync: BTreeMap<String, (SyncRecord, Revision)>,
     /// Switchovers asked for, by service.
