@@ -32,9 +32,9 @@ OUT=$(mktemp -d /tmp/halo-scale.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 for n in $NS; do
   echo "== $n nodes, $SERVICES services x $REPLICAS" >&2
-  HALO_SCALE_NODES=$n HALO_SCALE_SERVICES=$SERVICES HALO_SCALE_REPLICAS=$REPLICAS RUST_LOG=error \
+  HALO_SCALE_NODES=$n HALO_SCALE_SERVICES=$SERVICES HALO_SCALE_REPLICAS=$REPLICAS RUST_BACKTRACE=0 \
     "$BIN" --ignored --exact bench_scale --nocapture 2>"$OUT/err-$n" \
-    | sed -n 's/^SCALE //p' >"$OUT/$n.json" || { tail -20 "$OUT/err-$n" >&2; exit 1; }
+    | sed -n 's/^SCALE //p' >"$OUT/$n.json" || { grep -A3 panicked "$OUT/err-$n" | head -20 >&2; exit 1; }
   cat "$OUT/$n.json" >&2
 done
 TABLE=$(python3 - "$OUT" $NS <<'PY'

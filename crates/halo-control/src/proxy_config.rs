@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use halo_proxy::config::{
     Config, EndpointConfig, HostMatch, Override, OverrideMatch, PathMatch, RouteConfig, UpstreamConfig,
@@ -65,6 +66,26 @@ struct Published {
     /// from (`None`: nothing installed yet, or the last install failed).
     layout: Option<BTreeMap<String, String>>,
     endpoints: BTreeMap<String, Vec<EndpointConfig>>,
+    /// When the last new config went in.
+    reloaded: Option<Instant>,
+}
+
+/// How often at most a new config goes in for services added: a thousand
+/// services applied at once cost each node a few configs, not a thousand.
+/// Endpoints of the upstreams the proxy has go in meanwhile; a service
+/// changed or gone (a rollout's step, a switch) goes in at once.
+pub(crate) const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// What a feed of the proxy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fed {
+    /// The proxy has all of it.
+    Done,
+    /// Its endpoints went in but a new config waits until then
+    /// ([`RELOAD_EVERY`]): feed it again at that time.
+    Later(Instant),
+    /// The proxy refused some of it (logged); feed it again.
+    Failed,
 }
 
 impl ProxyFeed {
@@ -82,8 +103,7 @@ impl ProxyFeed {
     /// A stateful service with replicas: its upstream reaches the primary
     /// only (once promoted under the current token), `NAME.replica` the
     /// replicas that follow it ([`crate::stateful::decide::routable`]).
-    /// Returns whether the proxy took all of it.
-    pub fn publish(&self, st: &ClusterState, endpoints: Vec<Ep>) -> bool {
+    pub fn publish(&self, st: &ClusterState, endpoints: Vec<Ep>) -> Fed {
         let services = &st.services;
         let canaries: BTreeMap<&String, ActiveCanary> =
             services.keys().filter_map(|n| st.canary(n).map(|c| (n, c))).collect();
@@ -99,19 +119,33 @@ impl ProxyFeed {
         let layout: BTreeMap<String, String> =
             services.iter().map(|(n, s)| (n.clone(), format!("{}@{:?}", s.template, weights.get(n)))).collect();
         let mut published = self.published.locked();
+        let mut fed = Fed::Done;
         if published.layout.as_ref() != Some(&layout) {
-            match self.proxy.reload(proxy_config(&self.base, services, &eps, &weights, self.primary_gate.as_ref())) {
-                Ok(()) => *published = Published { layout: Some(layout), endpoints: eps },
-                Err(e) => {
-                    tracing::error!(error = %e, "updating the proxy failed");
-                    return false;
+            // Only services added (none changed or gone: a rollout's
+            // switch goes in at once) may wait for the next config.
+            let only_added =
+                published.layout.as_ref().is_some_and(|old| old.iter().all(|(n, t)| layout.get(n) == Some(t)));
+            let due = published.reloaded.map(|at| at + RELOAD_EVERY).filter(|due| *due > Instant::now());
+            match due {
+                Some(due) if only_added => fed = Fed::Later(due),
+                _ => {
+                    let cfg = proxy_config(&self.base, services, &eps, &weights, self.primary_gate.as_ref());
+                    let reloaded = Some(Instant::now());
+                    match self.proxy.reload(cfg) {
+                        Ok(()) => *published = Published { layout: Some(layout), endpoints: eps, reloaded },
+                        Err(e) => {
+                            tracing::error!(error = %e, "updating the proxy failed");
+                            published.reloaded = reloaded;
+                            return Fed::Failed;
+                        }
+                    }
+                    return Fed::Done;
                 }
             }
-            return true;
         }
-        let mut ok = true;
         for (name, list) in eps {
-            if published.endpoints.get(&name) == Some(&list) {
+            // An upstream of the config to come waits for it.
+            if published.endpoints.get(&name).is_none_or(|l| *l == list) {
                 continue;
             }
             match self.proxy.set_endpoints(&name, list.clone()) {
@@ -121,11 +155,11 @@ impl ProxyFeed {
                 Err(e) => {
                     tracing::error!(service = %name, error = %e, "updating the proxy's endpoints failed");
                     published.layout = None;
-                    ok = false;
+                    fed = Fed::Failed;
                 }
             }
         }
-        ok
+        fed
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halo_model::ServiceSpec;
 use halo_supervisor::{Instance, InstanceSpec, Status, Workload};
@@ -89,12 +89,17 @@ pub(crate) struct Reconciler {
     shutting_down: AtomicBool,
     /// Stateful instances: their data, made before they start.
     pub stateful: Arc<Stateful>,
-    /// What the proxy was last fed from: the view's routing revision,
-    /// this node's ready instances and the silent nodes.
-    fed: Mutex<Option<FedFrom>>,
+    /// What the proxy was last fed from (the view's routing revision,
+    /// this node's ready instances and the silent nodes), when, and when
+    /// a feed held back is due.
+    fed: Mutex<Option<Fed>>,
 }
 
 type FedFrom = (halo_store::Revision, Vec<Ep>, BTreeSet<String>);
+type Fed = (FedFrom, Instant, Option<Instant>);
+
+/// How often at most the rest of the cluster's changes reach the proxy.
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -256,12 +261,42 @@ impl Reconciler {
         // elsewhere in the cluster.
         let key = (st.routing_revision, eps.clone(), silent.clone());
         let mut fed = self.fed.locked();
-        if fed.as_ref() == Some(&key) {
+        let Some((last, _, _)) = fed.as_ref() else { return self.feed_now(st, eps, key, &mut fed) };
+        if *last == key {
             return;
         }
+        // This node's own instances and the silent nodes go in at once;
+        // the rest of the cluster's changes at most every PUBLISH_EVERY
+        // (a burst of placements costs each node a feed per period, not
+        // one per change).
+        let urgent = (&last.1, &last.2) != (&key.1, &key.2);
+        let due = fed.as_ref().map_or(Instant::now(), |(_, at, _)| *at + PUBLISH_EVERY);
+        if urgent || Instant::now() >= due {
+            return self.feed_now(st, eps, key, &mut fed);
+        }
+        if let Some((_, _, pending)) = fed.as_mut() {
+            *pending = Some(due);
+        }
+    }
+
+    fn feed_now(&self, st: &ClusterState, mut eps: Vec<Ep>, key: FedFrom, fed: &mut Option<Fed>) {
+        let silent = &key.2;
         let remote = st.endpoints.iter().filter(|(_, (_, e))| e.node != self.node());
-        eps.extend(answering(remote, &silent, &eps));
-        *fed = self.feed.publish(st, eps).then_some(key);
+        eps.extend(answering(remote, silent, &eps));
+        *fed = match self.feed.publish(st, eps) {
+            crate::proxy_config::Fed::Done => Some((key, Instant::now(), None)),
+            // Not all of it: the key is not what the proxy has.
+            crate::proxy_config::Fed::Later(due) => {
+                let next = due.min(Instant::now() + PUBLISH_EVERY);
+                Some(((-1, key.1, key.2), Instant::now(), Some(next)))
+            }
+            crate::proxy_config::Fed::Failed => None,
+        };
+    }
+
+    /// When a feed held back by [`PUBLISH_EVERY`] is due.
+    fn feed_due(&self) -> Option<Instant> {
+        self.fed.locked().as_ref().and_then(|(_, _, due)| *due)
     }
 
     /// Free port for a new instance, not one a live instance has.
@@ -452,7 +487,7 @@ impl Reconciler {
 }
 
 /// The reconcile loop: on every change of the view, every instance state
-/// change, and once a second.
+/// change, when a held-back feed of the proxy is due, and once a second.
 /// The orders a node obeys, and what it learned of the tokens.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Obeyed {
@@ -521,12 +556,13 @@ pub(crate) async fn run(r: Arc<Reconciler>) {
     let mut silent = r.ctx.peers.subscribe();
     loop {
         r.reconcile().await;
+        let due = r.feed_due().map_or(tokio::time::Instant::now() + Duration::from_secs(1), Into::into);
         tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
             _ = changed.changed() => {}
             _ = silent.changed() => {}
             _ = r.wake.notified() => {}
             _ = r.stateful.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
