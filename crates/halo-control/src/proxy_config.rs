@@ -3,7 +3,7 @@
 //! node) and its routes. A new config only when services or their
 //! templates change; endpoint changes are fed per upstream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -143,7 +143,38 @@ impl ProxyFeed {
                 }
             }
         }
-        for (name, list) in eps {
+        match self.set_lists(&mut published, eps) {
+            Fed::Done => fed,
+            other => other,
+        }
+    }
+
+    /// Feeds the proxy the endpoints of the `changed` services alone, from
+    /// `endpoints` (theirs): a change costs what it changed. `None` when
+    /// that is not enough (a service new to the proxy or gone, or in a
+    /// canary): [`ProxyFeed::publish`] then.
+    pub fn publish_some(&self, st: &ClusterState, changed: &BTreeSet<String>, endpoints: Vec<Ep>) -> Option<Fed> {
+        let mut published = self.published.locked();
+        let layout = published.layout.as_ref()?;
+        let mut by_service: BTreeMap<String, Vec<Ep>> = BTreeMap::new();
+        for e in endpoints {
+            by_service.entry(e.service.clone()).or_default().push(e);
+        }
+        let mut lists = BTreeMap::new();
+        for name in changed {
+            let svc = st.services.get(name)?;
+            if !layout.contains_key(name) || st.canary(name).is_some() {
+                return None;
+            }
+            lists.extend(service_upstreams(st, name, svc, None, by_service.remove(name).unwrap_or_default()));
+        }
+        Some(self.set_lists(&mut published, lists))
+    }
+
+    /// Sets each upstream's endpoints that changed.
+    fn set_lists(&self, published: &mut Published, lists: BTreeMap<String, Vec<EndpointConfig>>) -> Fed {
+        let mut fed = Fed::Done;
+        for (name, list) in lists {
             // An upstream of the config to come waits for it.
             if published.endpoints.get(&name).is_none_or(|l| *l == list) {
                 continue;
@@ -172,38 +203,54 @@ fn upstream_endpoints(
     canaries: &BTreeMap<&String, ActiveCanary>,
     endpoints: Vec<Ep>,
 ) -> BTreeMap<String, Vec<EndpointConfig>> {
-    let services = &st.services;
-    let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
-    let mut roles = BTreeMap::new();
-    for (name, svc) in services {
-        eps.insert(name.clone(), Vec::new());
-        if canaries.contains_key(name) {
-            eps.insert(canary_upstream(name), Vec::new());
-        }
-        if svc.spec.replicated() {
-            for lag in replica_lags(svc) {
-                eps.insert(replica_upstream(name, lag), Vec::new());
-            }
-            roles.insert(name, routable(st.primaries.get(name), st.roles.get(name)));
-        }
+    let mut by_service: BTreeMap<String, Vec<Ep>> = BTreeMap::new();
+    for e in endpoints {
+        by_service.entry(e.service.clone()).or_default().push(e);
     }
+    let mut eps = BTreeMap::new();
+    for (name, svc) in &st.services {
+        let mine = by_service.remove(name).unwrap_or_default();
+        eps.extend(service_upstreams(st, name, svc, canaries.get(name), mine));
+    }
+    eps
+}
+
+/// [`upstream_endpoints`] of one service, from its endpoints.
+fn service_upstreams(
+    st: &ClusterState,
+    name: &str,
+    svc: &Svc,
+    canary: Option<&ActiveCanary>,
+    endpoints: Vec<Ep>,
+) -> BTreeMap<String, Vec<EndpointConfig>> {
+    let mut eps: BTreeMap<String, Vec<EndpointConfig>> = BTreeMap::new();
+    eps.insert(name.to_string(), Vec::new());
+    if canary.is_some() {
+        eps.insert(canary_upstream(name), Vec::new());
+    }
+    let roles = svc.spec.replicated().then(|| {
+        for lag in replica_lags(svc) {
+            eps.insert(replica_upstream(name, lag), Vec::new());
+        }
+        routable(st.primaries.get(name), st.roles.get(name))
+    });
     for e in endpoints {
         let ep = EndpointConfig { addr: e.addr, weight: 1 };
-        if let Some(r) = roles.get(&e.service) {
+        if let Some(r) = &roles {
             if r.primary.as_ref() == Some(&e.id) {
-                eps.entry(e.service.clone()).or_default().push(ep);
+                eps.entry(name.to_string()).or_default().push(ep);
             } else if let Some((_, lag)) = r.replicas.iter().find(|(id, _)| *id == e.id) {
-                for max in replica_lags(&services[&e.service]) {
+                for max in replica_lags(svc) {
                     if max.is_none_or(|m| lag.is_some_and(|l| l <= m)) {
-                        eps.entry(replica_upstream(&e.service, max)).or_default().push(ep);
+                        eps.entry(replica_upstream(name, max)).or_default().push(ep);
                     }
                 }
             }
             continue;
         }
-        let upstream = match canaries.get(&e.service) {
-            Some(c) if c.canary_template == e.template => canary_upstream(&e.service),
-            _ => e.service,
+        let upstream = match canary {
+            Some(c) if c.canary_template == e.template => canary_upstream(name),
+            _ => name.to_string(),
         };
         if let Some(list) = eps.get_mut(&upstream) {
             list.push(ep);

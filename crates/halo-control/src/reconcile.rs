@@ -95,8 +95,24 @@ pub(crate) struct Reconciler {
     fed: Mutex<Option<Fed>>,
 }
 
-type FedFrom = (halo_store::Revision, Vec<Ep>, BTreeSet<String>);
-type Fed = (FedFrom, Instant, Option<Instant>);
+/// What the proxy was fed from.
+#[derive(Debug, PartialEq, Eq)]
+struct FedFrom {
+    /// The view's routing revision (-1: the proxy has not all of it).
+    routing: halo_store::Revision,
+    layout: halo_store::Revision,
+    /// This node's ready instances.
+    local: Vec<Ep>,
+    silent: BTreeSet<String>,
+}
+
+/// The last feed of the proxy: from what, when, and when the next is due
+/// (one held back).
+struct Fed {
+    from: FedFrom,
+    at: Instant,
+    due: Option<Instant>,
+}
 
 /// How often at most the rest of the cluster's changes reach the proxy.
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
@@ -259,36 +275,59 @@ impl Reconciler {
         let silent = self.ctx.peers.silent_nodes();
         // Nothing the proxy is fed from changed: no work per change
         // elsewhere in the cluster.
-        let key = (st.routing_revision, eps.clone(), silent.clone());
+        let key = FedFrom { routing: st.routing_revision, layout: st.layout_revision, local: eps, silent };
         let mut fed = self.fed.locked();
-        let Some((last, _, _)) = fed.as_ref() else { return self.feed_now(st, eps, key, &mut fed) };
-        if *last == key {
+        let Some(last) = fed.as_mut() else { return self.feed_now(st, key, &mut fed) };
+        if last.from == key {
             return;
         }
         // This node's own instances and the silent nodes go in at once;
         // the rest of the cluster's changes at most every PUBLISH_EVERY
         // (a burst of placements costs each node a feed per period, not
         // one per change).
-        let urgent = (&last.1, &last.2) != (&key.1, &key.2);
-        let due = fed.as_ref().map_or(Instant::now(), |(_, at, _)| *at + PUBLISH_EVERY);
-        if urgent || Instant::now() >= due {
-            return self.feed_now(st, eps, key, &mut fed);
+        let urgent = (&last.from.local, &last.from.silent) != (&key.local, &key.silent);
+        let due = last.at + PUBLISH_EVERY;
+        if !urgent && Instant::now() < due {
+            last.due = Some(due);
+            return;
         }
-        if let Some((_, _, pending)) = fed.as_mut() {
-            *pending = Some(due);
-        }
+        self.feed_now(st, key, &mut fed)
     }
 
-    fn feed_now(&self, st: &ClusterState, mut eps: Vec<Ep>, key: FedFrom, fed: &mut Option<Fed>) {
-        let silent = &key.2;
-        let remote = st.endpoints.iter().filter(|(_, (_, e))| e.node != self.node());
-        eps.extend(answering(remote, silent, &eps));
-        *fed = match self.feed.publish(st, eps) {
-            crate::proxy_config::Fed::Done => Some((key, Instant::now(), None)),
-            // Not all of it: the key is not what the proxy has.
+    /// Feeds the proxy: the services whose routing changed since the last
+    /// feed when the view can say which (their endpoints alone), else all.
+    fn feed_now(&self, st: &ClusterState, key: FedFrom, fed: &mut Option<Fed>) {
+        let me = self.node();
+        let changed = fed
+            .as_ref()
+            .map(|f| &f.from)
+            .filter(|l| l.routing >= 0 && l.layout == key.layout && l.silent == key.silent);
+        let changed = changed.and_then(|l| {
+            let mut changed = st.routed_since(l.routing)?;
+            // This node's own instances that came or went: their services.
+            let moved = l.local.iter().filter(|e| !key.local.contains(e));
+            changed.extend(moved.chain(key.local.iter().filter(|e| !l.local.contains(e))).map(|e| e.service.clone()));
+            Some(changed)
+        });
+        let some = changed.and_then(|changed| {
+            let local: Vec<Ep> = key.local.iter().filter(|e| changed.contains(&e.service)).cloned().collect();
+            let remote = changed.iter().flat_map(|s| st.endpoints_of_service(s)).filter(|(_, (_, e))| e.node != me);
+            let mut eps = answering(remote, &key.silent, &local);
+            eps.extend(local);
+            self.feed.publish_some(st, &changed, eps)
+        });
+        let done = some.unwrap_or_else(|| {
+            let remote = st.endpoints.iter().filter(|(_, (_, e))| e.node != me);
+            let mut eps = answering(remote, &key.silent, &key.local);
+            eps.extend(key.local.iter().cloned());
+            self.feed.publish(st, eps)
+        });
+        let now = Instant::now();
+        *fed = match done {
+            crate::proxy_config::Fed::Done => Some(Fed { from: key, at: now, due: None }),
+            // Not all of it: what the proxy has is not this key.
             crate::proxy_config::Fed::Later(due) => {
-                let next = due.min(Instant::now() + PUBLISH_EVERY);
-                Some(((-1, key.1, key.2), Instant::now(), Some(next)))
+                Some(Fed { from: FedFrom { routing: -1, ..key }, at: now, due: Some(due.min(now + PUBLISH_EVERY)) })
             }
             crate::proxy_config::Fed::Failed => None,
         };
@@ -296,7 +335,7 @@ impl Reconciler {
 
     /// When a feed held back by [`PUBLISH_EVERY`] is due.
     fn feed_due(&self) -> Option<Instant> {
-        self.fed.locked().as_ref().and_then(|(_, _, due)| *due)
+        self.fed.locked().as_ref().and_then(|f| f.due)
     }
 
     /// Free port for a new instance, not one a live instance has.

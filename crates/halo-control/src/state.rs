@@ -118,6 +118,15 @@ pub struct ClusterState {
     /// proxy again only when it moved (or its own instances or silent
     /// nodes changed).
     pub routing_revision: Revision,
+    /// The revision a service or rollout record last changed at (what a
+    /// proxy's routes and upstreams are built from).
+    pub layout_revision: Revision,
+    /// The endpoint ids of each service.
+    endpoints_by_service: Map<String, imbl::OrdSet<String>>,
+    /// The last [`ROUTING_LOG`] routing changes: (revision, service).
+    routing_log: imbl::OrdSet<(Revision, String)>,
+    /// Changes at or before this revision may be missing from the log.
+    routing_log_floor: Revision,
     /// Canary rollouts by service.
     pub rollouts: BTreeMap<String, RolloutRecord>,
     /// Operators' orders waiting for the leader, by service.
@@ -161,6 +170,16 @@ pub struct HeldVip {
     pub lease: Option<LeaseId>,
 }
 
+/// How many routing changes the view remembers ([`ClusterState::routed_since`]).
+const ROUTING_LOG: usize = 4096;
+
+/// The service a key routes (its record, endpoints, rollout, primary or
+/// roles), if it is one of those.
+fn routed_service(key: &str) -> Option<&str> {
+    let rest = [SERVICES, ENDPOINTS, ROLLOUTS, PRIMARIES, ROLES].iter().find_map(|p| key.strip_prefix(p))?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
 /// The last path segment: the name or id a key is for.
 fn last(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
@@ -177,6 +196,8 @@ impl ClusterState {
         st.revision = listing.revision;
         st.nodes_revision = listing.revision;
         st.routing_revision = listing.revision;
+        st.layout_revision = listing.revision;
+        st.routing_log_floor = listing.revision;
         st
     }
 
@@ -191,8 +212,17 @@ impl ClusterState {
             if key.starts_with(NODES) {
                 self.nodes_revision = e.kv.mod_revision;
             }
-            if [SERVICES, ENDPOINTS, ROLLOUTS, PRIMARIES, ROLES].iter().any(|p| key.starts_with(p)) {
+            if let Some(service) = routed_service(key) {
                 self.routing_revision = e.kv.mod_revision;
+                self.routing_log.insert((e.kv.mod_revision, service.to_string()));
+                if self.routing_log.len() > ROUTING_LOG {
+                    if let Some((rev, _)) = self.routing_log.remove_min() {
+                        self.routing_log_floor = self.routing_log_floor.max(rev);
+                    }
+                }
+            }
+            if key.starts_with(SERVICES) || key.starts_with(ROLLOUTS) {
+                self.layout_revision = e.kv.mod_revision;
             }
             self.revision = self.revision.max(e.kv.mod_revision);
         }
@@ -235,6 +265,7 @@ impl ClusterState {
                 self.remove_endpoint(id);
                 self.endpoint_leases.insert(id.to_string(), kv.lease);
                 self.endpoints_on.entry(e.node.clone()).or_default().insert(id.to_string());
+                self.endpoints_by_service.entry(service.to_string()).or_default().insert(id.to_string());
                 self.endpoints.insert(id.to_string(), (service.to_string(), e));
             }
         } else if let Some(name) = key.strip_prefix(ROLLOUTS) {
@@ -355,13 +386,38 @@ impl ClusterState {
 
     fn remove_endpoint(&mut self, id: &str) {
         self.endpoint_leases.remove(id);
-        let Some((_, old)) = self.endpoints.remove(id) else { return };
+        let Some((service, old)) = self.endpoints.remove(id) else { return };
         if let Some(ids) = self.endpoints_on.get_mut(&old.node) {
             ids.remove(id);
             if ids.is_empty() {
                 self.endpoints_on.remove(&old.node);
             }
         }
+        if let Some(ids) = self.endpoints_by_service.get_mut(&service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.endpoints_by_service.remove(&service);
+            }
+        }
+    }
+
+    /// The endpoints of `service`'s instances: (id, (service, record)).
+    pub fn endpoints_of_service<'a>(
+        &'a self,
+        service: &str,
+    ) -> impl Iterator<Item = (&'a String, &'a (String, EndpointRecord))> + 'a {
+        let ids = self.endpoints_by_service.get(service).into_iter().flatten();
+        ids.filter_map(|id| self.endpoints.get_key_value(id))
+    }
+
+    /// The services whose routing changed after revision `since`; `None`
+    /// when the log does not reach back that far.
+    pub fn routed_since(&self, since: Revision) -> Option<BTreeSet<String>> {
+        if since < self.routing_log_floor {
+            return None;
+        }
+        let from = (since + 1, String::new());
+        Some(self.routing_log.range(from..).map(|(_, s)| s.clone()).collect())
     }
 
     /// The endpoints of `node`'s instances: (id, (service, record)).
