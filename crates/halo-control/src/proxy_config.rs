@@ -117,7 +117,7 @@ impl ProxyFeed {
             .map(|(n, c)| ((*n).clone(), c.weight))
             .collect();
         let layout: BTreeMap<String, String> =
-            services.iter().map(|(n, s)| (n.clone(), format!("{}@{:?}", s.template, weights.get(n)))).collect();
+            services.iter().map(|(n, s)| (n.clone(), layout_entry(&s.template, weights.get(n)))).collect();
         let mut published = self.published.locked();
         let mut fed = Fed::Done;
         if published.layout.as_ref() != Some(&layout) {
@@ -161,14 +161,28 @@ impl ProxyFeed {
             by_service.entry(e.service.clone()).or_default().push(e);
         }
         let mut lists = BTreeMap::new();
+        let mut added = false;
         for name in changed {
+            // Gone, or in a canary: a new config now.
             let svc = st.services.get(name)?;
-            if !layout.contains_key(name) || st.canary(name).is_some() {
+            if st.canary(name).is_some() {
                 return None;
             }
-            lists.extend(service_upstreams(st, name, svc, None, by_service.remove(name).unwrap_or_default()));
+            match layout.get(name) {
+                // New: it waits for the next config.
+                None => added = true,
+                Some(entry) if *entry != layout_entry(&svc.template, None) => return None,
+                Some(_) => {
+                    let eps = by_service.remove(name).unwrap_or_default();
+                    lists.extend(service_upstreams(st, name, svc, None, eps));
+                }
+            }
         }
-        Some(self.set_lists(&mut published, lists))
+        let fed = self.set_lists(&mut published, lists);
+        if added && fed == Fed::Done {
+            return Some(Fed::Later(published.reloaded.map_or_else(Instant::now, |at| at + RELOAD_EVERY)));
+        }
+        Some(fed)
     }
 
     /// Sets each upstream's endpoints that changed.
@@ -192,6 +206,12 @@ impl ProxyFeed {
         }
         fed
     }
+}
+
+/// What a service's routes and upstreams are built from: its template and
+/// its canary's weight.
+fn layout_entry(template: &str, weight: Option<&u32>) -> String {
+    format!("{template}@{weight:?}")
 }
 
 /// Each service upstream's endpoints: a service's ready instances, the

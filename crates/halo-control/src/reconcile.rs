@@ -112,6 +112,9 @@ struct Fed {
     from: FedFrom,
     at: Instant,
     due: Option<Instant>,
+    /// When a full feed is owed: services added go into the proxy's
+    /// config at most every [`crate::proxy_config::RELOAD_EVERY`].
+    full: Option<Instant>,
 }
 
 /// How often at most the rest of the cluster's changes reach the proxy.
@@ -278,17 +281,18 @@ impl Reconciler {
         let key = FedFrom { routing: st.routing_revision, layout: st.layout_revision, local: eps, silent };
         let mut fed = self.fed.locked();
         let Some(last) = fed.as_mut() else { return self.feed_now(st, key, &mut fed) };
-        if last.from == key {
+        let owed = last.full.is_some_and(|at| Instant::now() >= at);
+        if last.from == key && !owed {
             return;
         }
         // This node's own instances and the silent nodes go in at once;
         // the rest of the cluster's changes at most every PUBLISH_EVERY
         // (a burst of placements costs each node a feed per period, not
         // one per change).
-        let urgent = (&last.from.local, &last.from.silent) != (&key.local, &key.silent);
+        let urgent = owed || (&last.from.local, &last.from.silent) != (&key.local, &key.silent);
         let due = last.at + PUBLISH_EVERY;
         if !urgent && Instant::now() < due {
-            last.due = Some(due);
+            last.due = Some(last.full.map_or(due, |f| f.min(due)));
             return;
         }
         self.feed_now(st, key, &mut fed)
@@ -298,17 +302,18 @@ impl Reconciler {
     /// feed when the view can say which (their endpoints alone), else all.
     fn feed_now(&self, st: &ClusterState, key: FedFrom, fed: &mut Option<Fed>) {
         let me = self.node();
-        let changed = fed
-            .as_ref()
-            .map(|f| &f.from)
-            .filter(|l| l.routing >= 0 && l.layout == key.layout && l.silent == key.silent);
-        let changed = changed.and_then(|l| {
+        let now = Instant::now();
+        // A full feed is owed (services added wait for the next config).
+        let owed = fed.as_ref().and_then(|f| f.full);
+        let last = fed.as_ref().filter(|_| owed.is_none_or(|at| now < at)).map(|f| &f.from);
+        let changed = last.filter(|l| l.routing >= 0 && l.silent == key.silent).and_then(|l| {
             let mut changed = st.routed_since(l.routing)?;
             // This node's own instances that came or went: their services.
             let moved = l.local.iter().filter(|e| !key.local.contains(e));
             changed.extend(moved.chain(key.local.iter().filter(|e| !l.local.contains(e))).map(|e| e.service.clone()));
             Some(changed)
         });
+        let partial = changed.is_some();
         let some = changed.and_then(|changed| {
             let local: Vec<Ep> = key.local.iter().filter(|e| changed.contains(&e.service)).cloned().collect();
             let remote = changed.iter().flat_map(|s| st.endpoints_of_service(s)).filter(|(_, (_, e))| e.node != me);
@@ -322,12 +327,13 @@ impl Reconciler {
             eps.extend(key.local.iter().cloned());
             self.feed.publish(st, eps)
         });
-        let now = Instant::now();
+        // A partial feed leaves a full one owed as it was.
+        let owed = owed.filter(|_| partial && some.is_some());
         *fed = match done {
-            crate::proxy_config::Fed::Done => Some(Fed { from: key, at: now, due: None }),
-            // Not all of it: what the proxy has is not this key.
-            crate::proxy_config::Fed::Later(due) => {
-                Some(Fed { from: FedFrom { routing: -1, ..key }, at: now, due: Some(due.min(now + PUBLISH_EVERY)) })
+            crate::proxy_config::Fed::Done => Some(Fed { from: key, at: now, due: owed, full: owed }),
+            crate::proxy_config::Fed::Later(at) => {
+                let at = owed.map_or(at, |o| o.min(at));
+                Some(Fed { from: key, at: now, due: Some(at), full: Some(at) })
             }
             crate::proxy_config::Fed::Failed => None,
         };
