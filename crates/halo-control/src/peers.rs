@@ -69,6 +69,10 @@ pub struct Peers {
     dial: Arc<Dialer>,
 }
 
+/// What the cluster's verdict was counted from: the reports' and the
+/// ring's revisions, and this node's own findings.
+type CountedFrom = (Revision, Revision, BTreeSet<String>);
+
 /// What this node heard from another node's API.
 struct Peer {
     /// When the last answered probe was sent.
@@ -157,6 +161,10 @@ impl Peers {
         // Probes in flight: they end with this loop (dropping the set
         // aborts them), never on their own after it.
         let mut probes = tokio::task::JoinSet::new();
+        // The cluster's verdict, and what it was counted from (the reports'
+        // and the ring's revisions, this node's findings): counted again
+        // only when one of them moved.
+        let mut counted: Option<(CountedFrom, BTreeSet<String>)> = None;
         loop {
             let round = tokio::select! {
                 _ = tokio::time::sleep_until(next_round) => true,
@@ -209,7 +217,15 @@ impl Peers {
                 }
             }
             let mine = self.found_silent();
-            let cluster = confirmed(&ring, &st.silent, &self.node, &mine);
+            let from = (st.silent_revision, st.nodes_revision, mine.clone());
+            let cluster = match &counted {
+                Some((f, c)) if *f == from => c.clone(),
+                _ => {
+                    let c = confirmed(&ring, &st.silent, &self.node, &mine);
+                    counted = Some((from, c.clone()));
+                    c
+                }
+            };
             {
                 let mut c = self.confirmed.locked();
                 c.retain(|n, _| cluster.contains(n));
@@ -290,14 +306,31 @@ pub fn reporters(
     mine: &BTreeSet<String>,
     node: &str,
 ) -> Vec<String> {
-    let accused = |r: &str| reports.iter().any(|(by, s)| by != r && ring.contains(by) && s.contains(r));
+    counted(ring, reports, &accused(ring, reports), me, mine, node)
+}
+
+/// The nodes a live node other than themselves reports silent.
+fn accused<'a>(ring: &Ring, reports: &'a BTreeMap<String, BTreeSet<String>>) -> BTreeSet<&'a String> {
+    let live = reports.iter().filter(|(by, _)| ring.contains(by));
+    live.flat_map(|(by, s)| s.iter().filter(move |n| *n != by)).collect()
+}
+
+/// [`reporters`] with the accused nodes known.
+fn counted(
+    ring: &Ring,
+    reports: &BTreeMap<String, BTreeSet<String>>,
+    accused: &BTreeSet<&String>,
+    me: &str,
+    mine: &BTreeSet<String>,
+    node: &str,
+) -> Vec<String> {
     ring.probers(node, PROBERS)
         .into_iter()
         .filter(|r| {
             if r == me {
                 mine.contains(node)
             } else {
-                !mine.contains(r) && !accused(r) && reports.get(r).is_some_and(|s| s.contains(node))
+                !mine.contains(r) && !accused.contains(r) && reports.get(r).is_some_and(|s| s.contains(node))
             }
         })
         .collect()
@@ -322,11 +355,12 @@ pub fn confirmed(
     me: &str,
     mine: &BTreeSet<String>,
 ) -> BTreeSet<String> {
+    let accused = accused(ring, reports);
     let named: BTreeSet<&String> = reports.values().flatten().chain(mine).collect();
     named
         .into_iter()
         .filter(|n| *n != me && ring.contains(n))
-        .filter(|n| is_majority(ring.len(), reporters(ring, reports, me, mine, n).len()))
+        .filter(|n| is_majority(ring.len(), counted(ring, reports, &accused, me, mine, n).len()))
         .cloned()
         .collect()
 }

@@ -90,6 +90,8 @@ pub struct ClusterState {
     /// The revision the set of live nodes last changed at (what follows
     /// the node set recomputes only then: [`crate::peers`]' ring).
     pub nodes_revision: Revision,
+    /// The revision a node's silence report last changed at.
+    pub silent_revision: Revision,
     /// Live nodes (holding a lease), by name.
     pub nodes: Map<String, NodeRecord>,
     /// Each live node's lease.
@@ -195,6 +197,7 @@ impl ClusterState {
         }
         st.revision = listing.revision;
         st.nodes_revision = listing.revision;
+        st.silent_revision = listing.revision;
         st.routing_revision = listing.revision;
         st.layout_revision = listing.revision;
         st.routing_log_floor = listing.revision;
@@ -211,6 +214,9 @@ impl ClusterState {
             let key = e.kv.key.as_str();
             if key.starts_with(NODES) {
                 self.nodes_revision = e.kv.mod_revision;
+            }
+            if key.starts_with(SILENT) {
+                self.silent_revision = e.kv.mod_revision;
             }
             if let Some(service) = routed_service(key) {
                 self.routing_revision = e.kv.mod_revision;
