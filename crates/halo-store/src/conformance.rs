@@ -21,7 +21,7 @@ use crate::{Compare, CompareOp, CompareTarget, Event, EventKind, Store, StoreErr
 macro_rules! conformance_tests {
     ($fresh:path) => {
         $crate::conformance_tests!(@cases $fresh;
-            put_get_and_revisions, list_by_prefix_is_sorted_and_bounded, delete_and_recreate,
+            put_get_and_revisions, list_by_prefix_is_sorted_and_bounded, a_large_listing_is_whole, delete_and_recreate,
             txn_compare_and_swap, txn_is_atomic_and_checks_leases, concurrent_cas_loses_no_update,
             watch_from_a_revision_replays_then_follows, watch_filters_by_prefix_and_sees_deletes,
             watch_from_compacted_revision_fails, lease_keep_alive_and_expiry, lease_revoke_deletes_keys,
@@ -75,6 +75,26 @@ pub async fn list_by_prefix_is_sorted_and_bounded<S: Store>(s: &S) {
     assert!(l.revision >= last, "listing revision {} is older than the last write {last}", l.revision);
     assert!(s.list("/nothing/").await.unwrap().kvs.is_empty());
     assert_eq!(s.list("").await.unwrap().kvs.len(), 6, "the empty prefix lists everything");
+}
+
+/// More than gRPC's 4 MiB message limit in one listing (a large
+/// cluster's root): every key, in order, at one revision.
+pub async fn a_large_listing_is_whole<S: Store>(s: &S) {
+    let value = vec![b'x'; 4096];
+    let mut last = 0;
+    for chunk in 0..12 {
+        let mut txn = Txn::new();
+        for i in 0..100 {
+            txn = txn.and_then(TxnOp::put(&format!("/big/{:05}", chunk * 100 + i), value.clone(), None));
+        }
+        last = s.txn(txn).await.unwrap().revision;
+    }
+    s.put("/bigger", b"outside".to_vec(), None).await.unwrap();
+    let l = s.list("/big/").await.unwrap();
+    assert_eq!(l.kvs.len(), 1200);
+    assert!(l.kvs.windows(2).all(|w| w[0].key < w[1].key), "listed in key order");
+    assert!(l.kvs.iter().all(|kv| kv.value == value && kv.mod_revision <= l.revision));
+    assert!(l.revision >= last);
 }
 
 pub async fn delete_and_recreate<S: Store>(s: &S) {

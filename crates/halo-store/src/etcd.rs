@@ -54,6 +54,20 @@ const ATTEMPT: Duration = Duration::from_millis(700);
 /// to answer: one that does not (dead, frozen, cut off from its peers, or
 /// without a leader) is passed over when the pin moves.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
+/// Keys per page of a listing ([`EtcdStore::list`]).
+const LIST_PAGE: i64 = 500;
+
+/// The end of the key range that has `prefix` (its last byte that is not
+/// 0xff, plus one; all keys from there on when there is none).
+fn prefix_end(mut prefix: Vec<u8>) -> Vec<u8> {
+    while let Some(b) = prefix.pop() {
+        if b < 0xff {
+            prefix.push(b + 1);
+            return prefix;
+        }
+    }
+    vec![0]
+}
 const HEALTH_WITHIN: Duration = Duration::from_millis(400);
 
 /// A handle on an etcd cluster; cheap to clone, all clones share one
@@ -547,18 +561,41 @@ impl Store for EtcdStore {
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
+    /// In pages of [`LIST_PAGE`] keys, all read at the first page's
+    /// revision: one answer for a large cluster's root would pass gRPC's
+    /// 4 MiB message limit (the whole connection fails then).
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let key = self.full(prefix);
-        let opts = etcd::GetOptions::new().with_prefix().with_sort(etcd::SortTarget::Key, etcd::SortOrder::Ascend);
-        let resp = self
-            .call("list", None, Again::OnPinMove, |c| {
-                let key = key.clone();
-                let opts = opts.clone();
-                async move { c.kv_client().get(key, Some(opts)).await }
-            })
-            .await?;
-        let kvs = resp.kvs().iter().map(|kv| self.kv(kv)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Listing { kvs, revision: resp.header().map_or(0, |h| h.revision()) })
+        let end = prefix_end(self.full(prefix).into_bytes());
+        let mut from = self.full(prefix).into_bytes();
+        let (mut kvs, mut revision) = (Vec::new(), 0);
+        loop {
+            let mut opts = etcd::GetOptions::new()
+                .with_range(end.clone())
+                .with_sort(etcd::SortTarget::Key, etcd::SortOrder::Ascend)
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .call("list", None, Again::OnPinMove, |c| {
+                    let (key, opts) = (from.clone(), opts.clone());
+                    async move { c.kv_client().get(key, Some(opts)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                kvs.push(self.kv(kv)?);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(Listing { kvs, revision }),
+            }
+        }
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
