@@ -266,12 +266,20 @@ struct SimNode {
 /// The simulated cluster.
 struct Sim {
     etcd: Etcd,
+    /// The harness's own client (to read the state).
     store: Arc<dyn Store>,
+    /// The nodes' clients, one per [`NODES_PER_CLIENT`] nodes: one HTTP/2
+    /// connection carrying hundreds of nodes' watches is refused by the
+    /// h2 crate's guard ("too_many_data_frames"), where real nodes each
+    /// have their own.
+    clients: Vec<Arc<dyn Store>>,
     nodes: Vec<SimNode>,
     /// `/healthz` answers, every node's.
     probes: Arc<AtomicU64>,
     _dir: TempDir,
 }
+
+const NODES_PER_CLIENT: usize = 20;
 
 const SIM_NODE: &str =
     "[node]\napi = \"127.0.0.1:7070\"\n\n[proxy]\nworkers = 1\n\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:0\"\n";
@@ -281,7 +289,13 @@ impl Sim {
         let etcd = Etcd::start();
         let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&[etcd.endpoint()], "").await.expect("connect"));
         let dir = TempDir::new("sim");
-        let mut sim = Sim { etcd, store, nodes: Vec::new(), probes: Arc::new(AtomicU64::new(0)), _dir: dir };
+        let mut clients = Vec::new();
+        for _ in 0..n.div_ceil(NODES_PER_CLIENT) {
+            let c: Arc<dyn Store> = Arc::new(EtcdStore::connect(&[etcd.endpoint()], "").await.expect("connect"));
+            clients.push(c);
+        }
+        let probes = Arc::new(AtomicU64::new(0));
+        let mut sim = Sim { etcd, store, clients, nodes: Vec::new(), probes, _dir: dir };
         // A few at a time: each registers, lists the root and starts its loops.
         let mut started = Vec::new();
         for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
@@ -300,7 +314,8 @@ impl Sim {
         let link = Link::new();
         let requests = Arc::new(Requests::default());
         let counts = requests.clone();
-        let store: Arc<dyn Store> = Arc::new(LinkedStore { inner: self.store.clone(), link: link.clone(), counts });
+        let inner = self.clients[i / NODES_PER_CLIENT].clone();
+        let store: Arc<dyn Store> = Arc::new(LinkedStore { inner, link: link.clone(), counts });
         let data_dir = self._dir.0.join(&name);
         let probes = self.probes.clone();
         async move {
