@@ -352,9 +352,20 @@ impl Sim {
         self.nodes.iter().find(|n| n.name == name).expect("a node of the simulation")
     }
 
-    /// The store's state, read now.
+    /// The store's state, read now (a store too busy to answer is asked
+    /// again, for at most a minute).
     async fn state(&self) -> ClusterState {
-        read_state(&*self.store).await.expect("read the state")
+        let start = Instant::now();
+        loop {
+            match read_state(&*self.store).await {
+                Ok(st) => return st,
+                Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("reading the state failed ({e}); again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("reading the state failed for a minute: {e}"),
+            }
+        }
     }
 
     /// Waits (at most `within`) for `cond` on the store's state.
