@@ -70,10 +70,10 @@ struct Published {
     reloaded: Option<Instant>,
 }
 
-/// How often at most a new config goes in for services added: a thousand
-/// services applied at once cost each node a few configs, not a thousand.
-/// Endpoints of the upstreams the proxy has go in meanwhile; a service
-/// changed or gone (a rollout's step, a switch) goes in at once.
+/// How often at most a new config goes in for services added that have
+/// nothing to route to yet: a thousand services applied at once cost each
+/// node a few configs, not a thousand. A service changed or gone (a
+/// rollout's step, a switch), or one with a ready instance, goes in at once.
 pub(crate) const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// What a feed of the proxy did.
@@ -121,10 +121,13 @@ impl ProxyFeed {
         let mut published = self.published.locked();
         let mut fed = Fed::Done;
         if published.layout.as_ref() != Some(&layout) {
-            // Only services added (none changed or gone: a rollout's
-            // switch goes in at once) may wait for the next config.
-            let only_added =
-                published.layout.as_ref().is_some_and(|old| old.iter().all(|(n, t)| layout.get(n) == Some(t)));
+            // Only services added with nothing to route to yet (none
+            // changed or gone: a rollout's switch goes in at once, and a
+            // service ready is routed) may wait for the next config.
+            let only_added = published.layout.as_ref().is_some_and(|old| {
+                old.iter().all(|(n, t)| layout.get(n) == Some(t))
+                    && layout.keys().filter(|n| !old.contains_key(*n)).all(|n| eps.get(n).is_none_or(Vec::is_empty))
+            });
             let due = published.reloaded.map(|at| at + RELOAD_EVERY).filter(|due| *due > Instant::now());
             match due {
                 Some(due) if only_added => fed = Fed::Later(due),
@@ -169,7 +172,9 @@ impl ProxyFeed {
                 return None;
             }
             match layout.get(name) {
-                // New: it waits for the next config.
+                // New and ready: into the config now (ready means
+                // routed). New with nothing to route to: it may wait.
+                None if by_service.get(name).is_some_and(|e| !e.is_empty()) => return None,
                 None => added = true,
                 Some(entry) if *entry != layout_entry(&svc.template, None) => return None,
                 Some(_) => {
