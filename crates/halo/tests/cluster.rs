@@ -288,7 +288,9 @@ async fn etcd_trouble_keeps_traffic_flowing_then_drain_and_scale() {
 
 /// Waits until no other node's proxy sends to node `v`'s endpoints (none
 /// of them listed up in its `/metrics`) and each says `v` does not answer
-/// it (`halo_cluster_peer_answering`); the time since `t0`, the fault.
+/// it (`halo_cluster_peer_answering` 0, or no longer listed: `v` was
+/// evicted, a check that came late must not wait for ever); the time
+/// since `t0`, the fault.
 async fn out_of_proxies(c: &Cluster, v: usize, t0: Instant) -> Duration {
     let victim = format!("endpoint=\"{}:", c.nodes[v].ip);
     let others: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != v).collect();
@@ -296,11 +298,13 @@ async fn out_of_proxies(c: &Cluster, v: usize, t0: Instant) -> Duration {
         let mut serving = Vec::new();
         for &i in &others {
             let m = metrics(c, i).await;
-            let heard = format!("halo_cluster_peer_answering{{node=\"{}\"}} 0", c.nodes[v].name);
+            let probed = format!("halo_cluster_peer_answering{{node=\"{}\"}}", c.nodes[v].name);
             let sends =
                 m.lines().any(|l| l.starts_with("halo_endpoint_up{") && l.contains(&victim) && l.ends_with(" 1"));
-            // Out of the proxy because this node found it silent.
-            if m.is_empty() || sends || !m.lines().any(|l| l == heard) {
+            // Out of the proxy because this node found it silent, or out of
+            // the cluster already (evicted: no longer probed at all).
+            let answers = m.lines().any(|l| l.starts_with(&probed) && !l.ends_with(" 0"));
+            if m.is_empty() || sends || answers {
                 serving.push(c.nodes[i].name.clone());
             }
         }
