@@ -108,13 +108,13 @@ pub struct ClusterState {
     pub assigned_at: Map<String, Revision>,
     /// The instance ids assigned to each node: what a node acts on costs
     /// what it runs, not what the cluster runs ([`ClusterState::assigned_to`]).
-    by_node: Map<String, imbl::OrdSet<String>>,
+    by_node: Index,
     /// Ready instances by id: (service, endpoint).
     pub endpoints: Map<String, (String, EndpointRecord)>,
     /// The lease each endpoint is attached to.
     pub endpoint_leases: Map<String, Option<LeaseId>>,
     /// The endpoint ids of each node's instances.
-    endpoints_on: Map<String, imbl::OrdSet<String>>,
+    endpoints_on: Index,
     /// The revision anything the proxies are fed from last changed at
     /// (services, endpoints, rollouts, primaries, roles): a node feeds its
     /// proxy again only when it moved (or its own instances or silent
@@ -124,7 +124,7 @@ pub struct ClusterState {
     /// proxy's routes and upstreams are built from).
     pub layout_revision: Revision,
     /// The endpoint ids of each service.
-    endpoints_by_service: Map<String, imbl::OrdSet<String>>,
+    endpoints_by_service: Index,
     /// The last [`ROUTING_LOG`] routing changes: (revision, service).
     routing_log: imbl::OrdSet<(Revision, String)>,
     /// Changes at or before this revision may be missing from the log.
@@ -170,6 +170,31 @@ pub struct HeldVip {
     /// The key's create revision.
     pub token: Revision,
     pub lease: Option<LeaseId>,
+}
+
+/// Ids by what they belong to (a node, a service).
+type Index = Map<String, imbl::OrdSet<String>>;
+
+fn index(ix: &mut Index, key: &str, id: &str) {
+    ix.entry(key.to_string()).or_default().insert(id.to_string());
+}
+
+fn unindex(ix: &mut Index, key: &str, id: &str) {
+    if let Some(ids) = ix.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            ix.remove(key);
+        }
+    }
+}
+
+/// The entries of `map` that `ix` files under `key`.
+fn indexed<'a, V: Clone>(
+    ix: &'a Index,
+    key: &str,
+    map: &'a Map<String, V>,
+) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
+    ix.get(key).into_iter().flatten().filter_map(|id| map.get_key_value(id))
 }
 
 /// How many routing changes the view remembers ([`ClusterState::routed_since`]).
@@ -270,8 +295,8 @@ impl ClusterState {
             if let Ok(e) = serde_json::from_slice::<EndpointRecord>(&kv.value) {
                 self.remove_endpoint(id);
                 self.endpoint_leases.insert(id.to_string(), kv.lease);
-                self.endpoints_on.entry(e.node.clone()).or_default().insert(id.to_string());
-                self.endpoints_by_service.entry(service.to_string()).or_default().insert(id.to_string());
+                index(&mut self.endpoints_on, &e.node, id);
+                index(&mut self.endpoints_by_service, service, id);
                 self.endpoints.insert(id.to_string(), (service.to_string(), e));
             }
         } else if let Some(name) = key.strip_prefix(ROLLOUTS) {
@@ -374,7 +399,7 @@ impl ClusterState {
     pub fn assign(&mut self, a: Assignment, at: Revision) {
         let id = a.placement.id.clone();
         self.unassign(&id);
-        self.by_node.entry(a.placement.node.clone()).or_default().insert(id.clone());
+        index(&mut self.by_node, &a.placement.node, &id);
         self.assigned_at.insert(id.clone(), at);
         self.assignments.insert(id, a);
     }
@@ -382,29 +407,14 @@ impl ClusterState {
     fn unassign(&mut self, id: &str) {
         self.assigned_at.remove(id);
         let Some(old) = self.assignments.remove(id) else { return };
-        if let Some(ids) = self.by_node.get_mut(&old.placement.node) {
-            ids.remove(id);
-            if ids.is_empty() {
-                self.by_node.remove(&old.placement.node);
-            }
-        }
+        unindex(&mut self.by_node, &old.placement.node, id);
     }
 
     fn remove_endpoint(&mut self, id: &str) {
         self.endpoint_leases.remove(id);
         let Some((service, old)) = self.endpoints.remove(id) else { return };
-        if let Some(ids) = self.endpoints_on.get_mut(&old.node) {
-            ids.remove(id);
-            if ids.is_empty() {
-                self.endpoints_on.remove(&old.node);
-            }
-        }
-        if let Some(ids) = self.endpoints_by_service.get_mut(&service) {
-            ids.remove(id);
-            if ids.is_empty() {
-                self.endpoints_by_service.remove(&service);
-            }
-        }
+        unindex(&mut self.endpoints_on, &old.node, id);
+        unindex(&mut self.endpoints_by_service, &service, id);
     }
 
     /// The endpoints of `service`'s instances: (id, (service, record)).
@@ -412,8 +422,7 @@ impl ClusterState {
         &'a self,
         service: &str,
     ) -> impl Iterator<Item = (&'a String, &'a (String, EndpointRecord))> + 'a {
-        let ids = self.endpoints_by_service.get(service).into_iter().flatten();
-        ids.filter_map(|id| self.endpoints.get_key_value(id))
+        indexed(&self.endpoints_by_service, service, &self.endpoints)
     }
 
     /// The services whose routing changed after revision `since`; `None`
@@ -431,14 +440,12 @@ impl ClusterState {
         &'a self,
         node: &str,
     ) -> impl Iterator<Item = (&'a String, &'a (String, EndpointRecord))> + 'a {
-        let ids = self.endpoints_on.get(node).into_iter().flatten();
-        ids.filter_map(|id| self.endpoints.get_key_value(id))
+        indexed(&self.endpoints_on, node, &self.endpoints)
     }
 
     /// The assignments to `node`, by instance id.
     pub fn assigned_to<'a>(&'a self, node: &str) -> impl Iterator<Item = (&'a String, &'a Assignment)> + 'a {
-        let ids = self.by_node.get(node).into_iter().flatten();
-        ids.filter_map(|id| self.assignments.get_key_value(id))
+        indexed(&self.by_node, node, &self.assignments)
     }
 
     /// The canary of `service` in progress, if any: the service has a

@@ -87,30 +87,35 @@ struct Requests {
     watches: AtomicU64,
 }
 
+impl LinkedStore {
+    /// Counts the request, which waits while the link is frozen and fails
+    /// while it is cut (its answer too: a node frozen meanwhile gets it
+    /// once thawed).
+    async fn through<T>(
+        &self,
+        count: &AtomicU64,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        count.fetch_add(1, Relaxed);
+        self.link.pass().await?;
+        let r = call.await;
+        self.link.pass().await?;
+        r
+    }
+}
+
 #[async_trait]
 impl Store for LinkedStore {
     async fn get(&self, key: &str) -> Result<Option<halo_store::KeyValue>, StoreError> {
-        self.counts.reads.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        let r = self.inner.get(key).await;
-        self.link.pass().await?;
-        r
+        self.through(&self.counts.reads, self.inner.get(key)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        self.counts.reads.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        let r = self.inner.list(prefix).await;
-        self.link.pass().await?;
-        r
+        self.through(&self.counts.reads, self.inner.list(prefix)).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        self.counts.writes.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        let r = self.inner.txn(txn).await;
-        self.link.pass().await?;
-        r
+        self.through(&self.counts.writes, self.inner.txn(txn)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch, StoreError> {
@@ -130,31 +135,19 @@ impl Store for LinkedStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.counts.writes.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        self.inner.compact(revision).await
+        self.through(&self.counts.writes, self.inner.compact(revision)).await
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.counts.leases.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        let r = self.inner.grant(ttl).await;
-        self.link.pass().await?;
-        r
+        self.through(&self.counts.leases, self.inner.grant(ttl)).await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.counts.leases.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        let r = self.inner.keep_alive(lease).await;
-        self.link.pass().await?;
-        r
+        self.through(&self.counts.leases, self.inner.keep_alive(lease)).await
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.counts.writes.fetch_add(1, Relaxed);
-        self.link.pass().await?;
-        self.inner.revoke(lease).await
+        self.through(&self.counts.writes, self.inner.revoke(lease)).await
     }
 
     /// The client is every node's: one node letting go closes nothing.
