@@ -28,11 +28,11 @@ bench_halo_upstream() { # [LINE...]: [upstreams.b] (with LINEs) and TCP checks e
   if [ $# -gt 0 ]; then printf '%s\n' "$@"; fi
   printf '[upstreams.b.health]\ntype = "tcp"\ninterval = "2s"\n'
 }
-bench_halo_file() { # PORT [LINE...]: one worker, one listener on PORT, every request to upstream b (with LINEs)
+bench_halo_file() { # PORT [LINE...]: one worker, one listener on PORT, every request to upstream b (with LINEs; HALO_ROUTE: the route's lines)
   local port=$1
   shift
   printf '[proxy]\nworkers = 1\n[[listeners]]\nname = "main"\nlisten = "127.0.0.1:%s"\n' "$port"
-  printf '[[routes]]\nupstream = "b"\n'
+  printf '[[routes]]\nname = "r"\nupstream = "b"\n%s\n' "${HALO_ROUTE:-}"
   bench_halo_upstream "$@"
 }
 bench_haproxy_head() { # MODE [GLOBAL...]: one thread, the same timeouts; keep-alive and reuse in http mode

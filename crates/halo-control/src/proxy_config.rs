@@ -453,7 +453,7 @@ mod tests {
         let r = cfg.routes.iter().find(|r| r.name == "web.0").expect("web's route");
         assert!(matches!(&r.host, Some(HostMatch::Exact(h)) if h == "web.example"), "{:?}", r.host);
         assert_eq!((r.retry.attempts, r.retry.statuses.as_slice()), (10, &[503][..]));
-        assert_eq!(r.retry.try_timeout, halo_model::values::TryTimeout::Fixed(std::time::Duration::from_millis(250)));
+        assert_eq!(r.retry.try_timeout, halo_model::values::Adaptive::Fixed(std::time::Duration::from_millis(250)));
         assert_eq!((r.timeouts.connect, r.timeouts.idle), (std::time::Duration::from_secs(2), None));
         assert!(!cfg.routes.iter().any(|r| r.name.starts_with("old.")));
     }

@@ -158,6 +158,8 @@ pub struct BalanceSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub try_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout: Option<String>,

@@ -534,9 +534,15 @@ impl Checker<'_> {
                 rules::retries(n).map_err(|e| self.err("balance.retries", e)).unwrap_or(rules::MAX_RETRIES);
         }
         if let Some(t) = &b.try_timeout {
-            match values::TryTimeout::parse(t) {
+            match values::Adaptive::parse(t) {
                 Ok(t) => retry.try_timeout = t,
                 Err(e) => self.err("balance.try_timeout", e),
+            }
+        }
+        if let Some(t) = &b.hedge {
+            match values::Adaptive::parse(t) {
+                Ok(t) => retry.hedge = t,
+                Err(e) => self.err("balance.hedge", e),
             }
         }
         if let Some(st) = &b.retry_statuses {

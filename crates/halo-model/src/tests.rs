@@ -113,11 +113,11 @@ fn unknown_fields_and_syntax_errors_say_where() {
 
 #[test]
 fn try_timeouts_parse() {
-    use values::TryTimeout;
-    assert_eq!(TryTimeout::parse("auto"), Ok(TryTimeout::Auto));
-    assert_eq!(TryTimeout::parse("300ms"), Ok(TryTimeout::Fixed(Duration::from_millis(300))));
-    assert_eq!(TryTimeout::parse("off"), Ok(TryTimeout::Off));
-    assert!(TryTimeout::parse("0").unwrap_err().contains("\"off\""));
+    use values::Adaptive;
+    assert_eq!(Adaptive::parse("auto"), Ok(Adaptive::Auto));
+    assert_eq!(Adaptive::parse("300ms"), Ok(Adaptive::Fixed(Duration::from_millis(300))));
+    assert_eq!(Adaptive::parse("off"), Ok(Adaptive::Off));
+    assert!(Adaptive::parse("0").unwrap_err().contains("\"off\""));
     let text = "name = \"web\"\n[run]\ncommand = \"/bin/app\"\n[balance]\ntry_timeout = \"soon\"\n";
     let e = parse_service("x.toml", text).unwrap_err().to_string();
     assert!(e.contains("balance.try_timeout") && e.contains("\"auto\""), "{e}");

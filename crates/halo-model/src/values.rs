@@ -105,26 +105,30 @@ pub struct RetryPolicy {
     pub body_cap: usize,
     /// How long one try of an idempotent, replayable request waits for the
     /// response head before it is abandoned and retried elsewhere.
-    pub try_timeout: TryTimeout,
+    pub try_timeout: Adaptive,
+    /// How long a safe request (GET, HEAD, OPTIONS) waits for its first
+    /// response head before a second try goes to another endpoint, both
+    /// running and the first head winning; off unless set.
+    pub hedge: Adaptive,
 }
 
-/// The per-try timeout: derived from the upstream's recent latency
-/// (`auto`), fixed, or off (a try waits the whole first-byte timeout).
+/// A per-try timeout or a hedge delay: derived from the upstream's recent
+/// latency (`auto`), fixed, or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TryTimeout {
+pub enum Adaptive {
     Auto,
     Fixed(Duration),
     Off,
 }
 
-impl TryTimeout {
-    pub fn parse(s: &str) -> Result<TryTimeout, String> {
+impl Adaptive {
+    pub fn parse(s: &str) -> Result<Adaptive, String> {
         match s.trim() {
-            "auto" => Ok(TryTimeout::Auto),
-            "off" => Ok(TryTimeout::Off),
+            "auto" => Ok(Adaptive::Auto),
+            "off" => Ok(Adaptive::Off),
             d => match parse_duration(d) {
-                Ok(d) if d.is_zero() => Err("0 is not accepted; use \"off\" to turn per-try timeouts off".into()),
-                Ok(d) => Ok(TryTimeout::Fixed(d)),
+                Ok(d) if d.is_zero() => Err("0 is not accepted; use \"off\" to turn it off".into()),
+                Ok(d) => Ok(Adaptive::Fixed(d)),
                 Err(e) => Err(format!("{e}; or \"auto\" (from the upstream's recent latency) or \"off\"")),
             },
         }
@@ -139,7 +143,8 @@ impl Default for RetryPolicy {
             budget_ratio: 0.2,
             budget_min_per_sec: 10,
             body_cap: 64 * 1024,
-            try_timeout: TryTimeout::Auto,
+            try_timeout: Adaptive::Auto,
+            hedge: Adaptive::Off,
         }
     }
 }

@@ -424,16 +424,19 @@ impl Validator<'_> {
         let attempts = rs.attempts.map_or(d.attempts, |n| {
             rules::retries(n).map_err(|e| self.err(line, field("attempts"), e)).unwrap_or(rules::MAX_RETRIES)
         });
-        let try_timeout = match rs.try_timeout.as_deref().map(halo_model::values::TryTimeout::parse) {
+        let mut adaptive = |key: &str, v: Option<&str>, default| match v.map(halo_model::values::Adaptive::parse) {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
-                self.err(line, field("try_timeout"), e);
-                d.try_timeout
+                self.err(line, field(key), e);
+                default
             }
-            None => d.try_timeout,
+            None => default,
         };
+        let try_timeout = adaptive("try_timeout", rs.try_timeout.as_deref(), d.try_timeout);
+        let hedge = adaptive("hedge", rs.hedge.as_deref(), d.hedge);
         RetryPolicy {
             try_timeout,
+            hedge,
             attempts,
             statuses,
             budget_ratio: budget_ratio.clamp(0.0, 1.0),

@@ -51,6 +51,10 @@ struct Health {
     /// When the endpoint last came up (ms, see `util::now_ms`); 0 = never went down.
     up_since_ms: AtomicU64,
     consecutive_failures: AtomicU32,
+    /// Tries, and tries that failed (a 5xx or no answer), since the
+    /// failure rates were last judged ([`crate::outlier`]).
+    tries: AtomicU64,
+    failed_tries: AtomicU64,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
 }
@@ -137,12 +141,21 @@ impl Endpoint {
         }
     }
 
-    /// Records a request outcome for passive health. `ejected_share` tells
-    /// whether one more ejection would exceed the upstream's cap; returns true
-    /// when this call ejected the endpoint.
-    pub fn passive_result(&self, ok: bool, may_eject: impl FnOnce() -> bool) -> bool {
+    /// Records a try's outcome for passive health: `ok` says whether it
+    /// breaks a run of consecutive failures (a gateway error or no answer
+    /// does not), `answered` whether it counts as a success for the failure
+    /// rate (any answer below 500). `may_eject` tells whether one more
+    /// ejection keeps within the upstream's cap; returns true when this call
+    /// ejected the endpoint.
+    pub fn passive_result(&self, ok: bool, answered: bool, may_eject: impl FnOnce() -> bool) -> bool {
+        self.health.tries.fetch_add(1, Relaxed);
+        if !answered {
+            self.health.failed_tries.fetch_add(1, Relaxed);
+        }
         if ok {
-            self.health.consecutive_failures.store(0, Relaxed);
+            if self.health.consecutive_failures.load(Relaxed) != 0 {
+                self.health.consecutive_failures.store(0, Relaxed);
+            }
             return false;
         }
         let Some(outlier) = self.settings.load().outlier.clone() else { return false };
@@ -151,13 +164,24 @@ impl Endpoint {
         if n < outlier.consecutive_failures || self.ejected(now) || !may_eject() {
             return false;
         }
+        self.eject(&outlier, now, format_args!("{n} consecutive failures"));
+        true
+    }
+
+    /// Tries and failed tries since the last call.
+    pub fn take_tries(&self) -> (u64, u64) {
+        (self.health.tries.swap(0, Relaxed), self.health.failed_tries.swap(0, Relaxed))
+    }
+
+    /// Takes the endpoint out of its group for a time that doubles with
+    /// each ejection in a row, up to the maximum.
+    pub fn eject(&self, outlier: &crate::config::OutlierConfig, now: u64, why: std::fmt::Arguments) {
         let times = self.health.ejections.fetch_add(1, Relaxed).min(16);
         let span = (ms(outlier.base_ejection) << times).min(ms(outlier.max_ejection));
         self.health.ejected_until_ms.store(now + span, Relaxed);
         self.health.consecutive_failures.store(0, Relaxed);
         self.stats.ejections.fetch_add(1, Relaxed);
-        tracing::warn!(upstream = %self.upstream, endpoint = %self.addr, ejected_ms = span, "endpoint ejected after consecutive failures");
-        true
+        tracing::warn!(upstream = %self.upstream, endpoint = %self.addr, ejected_ms = span, "endpoint ejected: {why}");
     }
 
     /// The health a new process should carry on with (binary upgrade).

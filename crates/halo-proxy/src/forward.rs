@@ -39,6 +39,10 @@ const STALE_TRIES: usize = 3;
 const AUTO_FACTOR: u32 = 4;
 const AUTO_FLOOR: Duration = Duration::from_millis(250);
 const AUTO_UNKNOWN: Duration = Duration::from_secs(1);
+/// `auto` hedges: a second try after this many times the upstream's recent
+/// p95 time to the response head, at least `HEDGE_FLOOR`.
+const HEDGE_FACTOR: u32 = 2;
+const HEDGE_FLOOR: Duration = Duration::from_millis(1);
 
 /// Where a request came in (one per downstream connection).
 pub struct Downstream {
@@ -278,60 +282,75 @@ async fn attempts(
         .map_err(|full| ProxyError::Overloaded { upstream: group.cfg.name.clone(), limit: full.0 })?;
     let policy = &route.cfg.retry;
     let safe = idempotent(&parts.method) && !matches!(body, ProxyBody::Stream(_));
+    let hedge = if hedgeable(&parts.method, &group) && safe && policy.attempts > 0 {
+        delay(policy.hedge, &group, Delay::Hedge)
+    } else {
+        None
+    };
     // A body that cannot be replayed is held here until first sent, and comes
     // back only if the connection provably did not take it.
     let mut pending = Some(body);
-    // At most MAX_RETRIES + 1 tries: no allocation needed. Try k went to
-    // tried[k]; every try picks a new endpoint.
+    // At most MAX_RETRIES + 1 tries (a hedge is one of them): no allocation
+    // needed. Every try picks a new endpoint; tried[..n] are those taken.
     let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
+    let mut n = 0;
     let mut last: Option<ProxyError> = None;
     let mut granted = false;
-    for attempt in 0..=policy.attempts.min(MAX_RETRIES) {
-        let now = if attempt == 0 { start_ms } else { crate::util::now_ms() };
-        let Some(pick) = group.pick(parts, client, &tried[..attempt as usize], now) else { break };
-        if attempt > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {
+    let max = policy.attempts.min(MAX_RETRIES) as usize;
+    while n <= max {
+        let now = if n == 0 { start_ms } else { crate::util::now_ms() };
+        let Some(pick) = group.pick(parts, client, &tried[..n], now) else { break };
+        if n > 0 && !std::mem::take(&mut granted) && !retry_granted(route) {
             break;
         }
-        tried[attempt as usize] = pick.index;
-        let ep = group.endpoints[pick.index].clone();
-        out.endpoint = Some(ep.clone());
-        out.tries = attempt + 1;
+        tried[n] = pick.index;
+        n += 1;
+        let mut ep = group.endpoints[pick.index].clone();
         let Some(body) = pending.as_ref().and_then(ProxyBody::replay).or_else(|| pending.take()) else { break };
-        let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
         // A try that may be abandoned: the request is safe to replay and a
         // retry is left (whether another endpoint can take it is asked only
         // if the timer fires: it walks the group).
-        let per_try =
-            if safe && attempt < policy.attempts { per_try_timeout(policy.try_timeout, &group) } else { None };
-        match send(route, &ep, &group, parts, body, per_try, &tried[..=attempt as usize]).await {
+        let per_try = if safe && n <= max { delay(policy.try_timeout, &group, Delay::Try) } else { None };
+        let result = match hedge.filter(|_| n == 1 && n <= max) {
+            Some(after) => {
+                let second = pending.as_ref().and_then(ProxyBody::replay).unwrap_or(ProxyBody::Empty);
+                let hedged =
+                    hedged(route, &group, parts, client, (&ep, body), second, after, (&mut tried, &mut n)).await;
+                // (No session cookie to set: a hedged group has none.)
+                if let Some(winner) = hedged.0 {
+                    ep = winner;
+                }
+                hedged.1
+            }
+            None => send(route, &ep, &group, parts, body, per_try, &tried[..n]).await,
+        };
+        out.endpoint = Some(ep.clone());
+        out.tries = n as u32;
+        let set_cookie = pick.set_cookie.then(|| (group.cfg.session_cookie.clone().unwrap_or_default(), ep.id.clone()));
+        match result {
             Ok((resp, conn, inflight)) => {
                 let status = resp.status().as_u16();
                 let retry_status = policy.statuses.contains(&status);
-                ep.passive_result(!(retry_status && status >= 500), || group.may_eject());
+                ep.passive_result(!(retry_status && status >= 500), status < 500, || group.may_eject());
+                group.judge_failure_rates();
                 // Another try is only worth it when there is somewhere else to
                 // go; otherwise the client gets this response as it is.
-                let again =
-                    retry_status && safe && attempt < policy.attempts && has_other(&group, &tried[..=attempt as usize]);
+                let again = retry_status && safe && n <= max && has_other(&group, &tried[..n]);
                 if !again || !retry_granted(route) {
                     return Ok(Exchange { resp, conn, inflight, admitted, set_cookie });
                 }
                 granted = true;
-                tracing::debug!(endpoint = %ep.addr, attempt, status, "retrying on a retried status");
+                tracing::debug!(endpoint = %ep.addr, tries = n, status, "retrying on a retried status");
             }
             Err((e, unsent)) => {
                 // `send` abandoned the try only with a retry granted.
                 granted = matches!(e, ProxyError::TryTimeout(_));
-                if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
-                    ep.passive_result(false, || group.may_eject());
-                    if matches!(e, ProxyError::Connect(_)) {
-                        ep.stats.connect_failures.fetch_add(1, Relaxed);
-                    }
-                }
+                failed_try(&ep, &group, &e);
                 if unsent.is_some() {
                     pending = unsent;
                 }
                 let retry = pending.is_some() && e.retryable(safe);
-                tracing::debug!(endpoint = %ep.addr, attempt, error = %e, retry, "attempt failed");
+                tracing::debug!(endpoint = %ep.addr, tries = n, error = %e, retry, "try failed");
                 last = Some(e);
                 if !retry {
                     break;
@@ -342,19 +361,105 @@ async fn attempts(
     Err(last.unwrap_or_else(|| ProxyError::NoEndpoint(group.cfg.name.clone())))
 }
 
-/// The per-try timeout of `t` for `group` now.
-fn per_try_timeout(t: halo_model::values::TryTimeout, group: &Group) -> Option<Duration> {
-    use halo_model::values::TryTimeout;
-    match t {
-        TryTimeout::Off => None,
-        TryTimeout::Fixed(d) => Some(d),
-        TryTimeout::Auto => Some(
+/// Counts a failed try against its endpoint's passive health.
+fn failed_try(ep: &Endpoint, group: &Group, e: &ProxyError) {
+    if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
+        ep.passive_result(false, false, || group.may_eject());
+        group.judge_failure_rates();
+        if matches!(e, ProxyError::Connect(_)) {
+            ep.stats.connect_failures.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Whether a request may be hedged: a safe method (two concurrent
+/// PUTs or DELETEs could race each other at the application), and no
+/// session cookie (the endpoint then matters).
+fn hedgeable(m: &Method, group: &Group) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS) && group.cfg.session_cookie.is_none()
+}
+
+/// The first try of a hedged request: past `after` without a response
+/// head, a second try goes to another endpoint when the retry budget
+/// grants it, both run, and the first head to arrive wins; the other try
+/// is dropped (its connection closed). A try that fails leaves the other
+/// to answer. Returns the endpoint that answered when it was the second.
+#[allow(clippy::too_many_arguments)]
+async fn hedged(
+    route: &Route,
+    group: &Group,
+    parts: &http::request::Parts,
+    client: SocketAddr,
+    (first, body): (&Arc<Endpoint>, ProxyBody),
+    second_body: ProxyBody,
+    after: Duration,
+    (tried, n): (&mut [usize], &mut usize),
+) -> (Option<Arc<Endpoint>>, SendResult) {
+    let a = send(route, first, group, parts, body, None, &[]);
+    tokio::pin!(a);
+    tokio::select! {
+        r = &mut a => return (None, r),
+        _ = tokio::time::sleep(after) => {}
+    }
+    let now = crate::util::now_ms();
+    let Some(pick) = group.pick(parts, client, &tried[..*n], now) else { return (None, a.await) };
+    if !retry_granted(route) {
+        return (None, a.await);
+    }
+    route.rt.stats.hedges.fetch_add(1, Relaxed);
+    tried[*n] = pick.index;
+    *n += 1;
+    let ep = &group.endpoints[pick.index];
+    let b = send(route, ep, group, parts, second_body, None, &[]);
+    tokio::pin!(b);
+    tokio::select! {
+        r = &mut a => match r {
+            Ok(x) => (None, Ok(x)),
+            Err((e, _)) => {
+                failed_try(first, group, &e);
+                (Some(ep.clone()), b.await)
+            }
+        },
+        r = &mut b => match r {
+            Ok(x) => {
+                route.rt.stats.hedges_won.fetch_add(1, Relaxed);
+                (Some(ep.clone()), Ok(x))
+            }
+            Err((e, _)) => {
+                failed_try(ep, group, &e);
+                (None, a.await)
+            }
+        },
+    }
+}
+
+/// Which delay [`delay`] derives.
+#[derive(Clone, Copy)]
+enum Delay {
+    /// A per-try timeout: `AUTO_FACTOR` x the recent p99 time to the
+    /// response head, at least `AUTO_FLOOR`.
+    Try,
+    /// A hedge: `HEDGE_FACTOR` x the recent p95, at least `HEDGE_FLOOR`;
+    /// none until there are samples.
+    Hedge,
+}
+
+/// The delay `t` gives for `group` now.
+fn delay(t: halo_model::values::Adaptive, group: &Group, kind: Delay) -> Option<Duration> {
+    use halo_model::values::Adaptive;
+    match (t, kind) {
+        (Adaptive::Off, _) => None,
+        (Adaptive::Fixed(d), _) => Some(d),
+        (Adaptive::Auto, Delay::Try) => Some(
             group
                 .stats
                 .first_byte
                 .p99(crate::util::now_ms())
                 .map_or(AUTO_UNKNOWN, |p| (p * AUTO_FACTOR).max(AUTO_FLOOR)),
         ),
+        (Adaptive::Auto, Delay::Hedge) => {
+            group.stats.first_byte.p95(crate::util::now_ms()).map(|p| (p * HEDGE_FACTOR).max(HEDGE_FLOOR))
+        }
     }
 }
 

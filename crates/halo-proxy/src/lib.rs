@@ -34,6 +34,7 @@ pub mod history;
 pub mod http_api;
 mod listener;
 pub mod metrics;
+mod outlier;
 mod overload;
 pub mod path;
 mod pool;

@@ -78,12 +78,15 @@ pub fn class_index(status: u16) -> usize {
 }
 
 /// Latencies of the last ten seconds in [`BUCKETS`], one slot per second,
-/// and the 99th percentile of them, recomputed at most four times a second.
+/// and their 95th and 99th percentiles, recomputed at most four times a
+/// second.
 #[derive(Default)]
 pub struct RecentLatency {
     slots: [RecentSlot; 10],
-    /// The last p99 in microseconds plus one (0: not enough samples).
+    /// The last p99 (the bound of its bucket) and p95 (interpolated in its
+    /// bucket) in microseconds plus one (0: not enough samples).
     p99_us: AtomicU64,
+    p95_us: AtomicU64,
     computed_ms: AtomicU64,
 }
 
@@ -110,39 +113,59 @@ impl RecentLatency {
     }
 
     /// The upper bound of the bucket holding the 99th percentile of the
-    /// last ten seconds, if there were enough samples.
+    /// last ten seconds, if there were enough samples (a timeout's view:
+    /// never below the real figure).
     pub fn p99(&self, now_ms: u64) -> Option<Duration> {
-        if now_ms.saturating_sub(self.computed_ms.load(Relaxed)) >= 250 {
-            self.computed_ms.store(now_ms, Relaxed);
-            let now_s = now_ms / 1000;
-            let mut counts = [0u64; BUCKETS.len() + 1];
-            for slot in &self.slots {
-                let sec = slot.second.load(Relaxed);
-                if sec + 10 > now_s && sec <= now_s {
-                    for (sum, c) in counts.iter_mut().zip(&slot.counts) {
-                        *sum += c.load(Relaxed);
-                    }
+        self.refresh(now_ms);
+        stored(&self.p99_us)
+    }
+
+    /// The 95th percentile of the last ten seconds, interpolated in its
+    /// bucket, if there were enough samples (a hedge's view: the latency
+    /// most requests stay under).
+    pub fn p95(&self, now_ms: u64) -> Option<Duration> {
+        self.refresh(now_ms);
+        stored(&self.p95_us)
+    }
+
+    fn refresh(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.computed_ms.load(Relaxed)) < 250 {
+            return;
+        }
+        self.computed_ms.store(now_ms, Relaxed);
+        let now_s = now_ms / 1000;
+        let mut counts = [0u64; BUCKETS.len() + 1];
+        for slot in &self.slots {
+            let sec = slot.second.load(Relaxed);
+            if sec + 10 > now_s && sec <= now_s {
+                for (sum, c) in counts.iter_mut().zip(&slot.counts) {
+                    *sum += c.load(Relaxed);
                 }
             }
-            let total: u64 = counts.iter().sum();
-            let mut p99 = 0;
-            if total >= MIN_SAMPLES {
-                let mut cum = 0;
-                for (i, c) in counts.iter().enumerate() {
-                    cum += c;
-                    if cum * 100 >= total * 99 {
-                        let bound = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
-                        p99 = (bound * 1e6) as u64 + 1;
-                        break;
-                    }
+        }
+        let total: u64 = counts.iter().sum();
+        let (mut p99, mut p95) = (0, 0);
+        if total >= MIN_SAMPLES {
+            let mut cum = 0;
+            for (i, c) in counts.iter().enumerate() {
+                cum += c;
+                if cum * 100 >= total * 99 {
+                    let bound = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+                    p99 = (bound * 1e6) as u64 + 1;
+                    break;
                 }
             }
-            self.p99_us.store(p99, Relaxed);
+            p95 = quantile(&counts, 0.95).map_or(0, |s| (s * 1e6) as u64 + 1);
         }
-        match self.p99_us.load(Relaxed) {
-            0 => None,
-            us => Some(Duration::from_micros(us - 1)),
-        }
+        self.p99_us.store(p99, Relaxed);
+        self.p95_us.store(p95, Relaxed);
+    }
+}
+
+fn stored(us: &AtomicU64) -> Option<Duration> {
+    match us.load(Relaxed) {
+        0 => None,
+        us => Some(Duration::from_micros(us - 1)),
     }
 }
 
@@ -153,6 +176,10 @@ pub struct RouteStats {
     pub retries_denied: AtomicU64,
     /// Tries abandoned at their per-try timeout (and retried elsewhere).
     pub try_timeouts: AtomicU64,
+    /// Second tries sent while the first was still waiting (hedges), and
+    /// how many of them answered first.
+    pub hedges: AtomicU64,
+    pub hedges_won: AtomicU64,
     /// Requests answered 429: their client was over the route's rate limit.
     pub rate_limited: AtomicU64,
     pub latency: Histogram,
@@ -214,6 +241,9 @@ pub struct UpstreamStats {
     pub first_byte: RecentLatency,
     /// The upstream's `max_in_flight` state.
     pub limiter: std::sync::Arc<crate::overload::Limiter>,
+    /// When its endpoints' failure rates were last judged (ms, see
+    /// `util::now_ms`; 0: never).
+    pub rates_judged_ms: AtomicU64,
 }
 
 impl UpstreamStats {

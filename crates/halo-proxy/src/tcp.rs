@@ -76,7 +76,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
                         stats.unserved.fetch_add(1, Relaxed);
                         return;
                     }
-                    ep.passive_result(true, || false);
+                    ep.passive_result(true, true, || false);
                     splice(client, upstream, ep, shared, fwd, stats, peer).await;
                     return;
                 }
@@ -86,7 +86,8 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
             Err(_) => format!("no answer within {:?}", fwd.connect_timeout),
         };
         ep.stats.connect_failures.fetch_add(1, Relaxed);
-        ep.passive_result(false, || group.may_eject());
+        ep.passive_result(false, false, || group.may_eject());
+        group.judge_failure_rates();
         tracing::debug!(endpoint = %ep.addr, attempt, error = %failure, "tcp connect failed");
     }
     stats.unserved.fetch_add(1, Relaxed);

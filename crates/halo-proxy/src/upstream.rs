@@ -2,6 +2,7 @@
 //! (shared runtime state from the registry) and its balancer.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -11,6 +12,7 @@ use crate::config::{HashKey, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::headers::cookie;
 use crate::metrics::UpstreamStats;
+use crate::outlier::Tries;
 use crate::util::{hash64, now_ms};
 
 /// Where routes find an upstream's current group: swapped on its own when
@@ -71,6 +73,50 @@ impl Group {
         let now = now_ms();
         let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
         (ejected + 1) * 100 <= self.endpoints.len() * o.max_ejected_percent as usize
+    }
+
+    /// Ejects the endpoints whose failure rate stands out from the rest
+    /// of the group's ([`crate::outlier`]), once per interval: the first
+    /// try to finish past it judges the tries since the last time, the
+    /// worst first while the cap allows. Costs a clock read otherwise.
+    pub fn judge_failure_rates(&self) {
+        let Some(o) = &self.cfg.outlier else { return };
+        let Some(rate) = &o.failure_rate else { return };
+        let now = now_ms();
+        let last = self.stats.rates_judged_ms.load(Relaxed);
+        if now < last + crate::util::ms(rate.interval)
+            || self.stats.rates_judged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
+            return;
+        }
+        let tries: Vec<Tries> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                let (total, failed) = e.take_tries();
+                Tries { total, failed }
+            })
+            .collect();
+        if last == 0 {
+            // The first interval starts now.
+            return;
+        }
+        for found in crate::outlier::judge(&tries, rate) {
+            let ep = &self.endpoints[found.index];
+            if ep.ejected(now) || !self.may_eject() {
+                continue;
+            }
+            ep.eject(
+                o,
+                now,
+                format_args!(
+                    "{:.1}% of its {} tries failed against {:.1}% for the rest of the group",
+                    found.rate * 100.0,
+                    tries[found.index].total,
+                    found.rest * 100.0
+                ),
+            );
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! length), `/chunked/N` (N bytes in 16 KiB chunks, no length: chunked
 //! encoding), anything else (`backend=NAME`).
 //! Every response carries `x-backend: NAME`. [`Backend::set_status`] makes
-//! every non-health path answer with a fixed status.
+//! every non-health path answer with a fixed status, [`Backend::set_fail_every`]
+//! one request in N answer 500.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ struct State {
     healthy: AtomicBool,
     status: AtomicU16,
     delay_ms: AtomicU64,
+    /// Every this many non-health requests, one answers 500 (0: none).
+    fail_every: AtomicU64,
     stats: BackendStats,
     last_headers: Mutex<Option<http::HeaderMap>>,
 }
@@ -66,6 +69,7 @@ impl Backend {
             healthy: AtomicBool::new(true),
             status: AtomicU16::new(0),
             delay_ms: AtomicU64::new(0),
+            fail_every: AtomicU64::new(0),
             stats: BackendStats::default(),
             last_headers: Mutex::new(None),
         });
@@ -113,6 +117,12 @@ impl Backend {
     /// Every non-health request answers `status` (0 restores normal answers).
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, SeqCst);
+    }
+
+    /// One non-health request in `n` answers 500, the others as usual (a
+    /// gray failure; 0 stops it).
+    pub fn set_fail_every(&self, n: u64) {
+        self.state.fail_every.store(n, SeqCst);
     }
 
     /// Every non-health request waits this long first.
@@ -199,7 +209,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         state.stats.health_checks.fetch_add(1, SeqCst);
         return if state.healthy.load(SeqCst) { reply(200, "ok".into()) } else { reply(503, "down".into()) };
     }
-    state.stats.requests.fetch_add(1, SeqCst);
+    let nth = state.stats.requests.fetch_add(1, SeqCst) + 1;
+    let every = state.fail_every.load(SeqCst);
+    if every > 0 && nth.is_multiple_of(every) {
+        return reply(500, format!("backend={} failed one in {every}", state.name));
+    }
     if req.method() == http::Method::POST {
         state.stats.posts.fetch_add(1, SeqCst);
     }

@@ -521,3 +521,110 @@ async fn a_frozen_backend_fails_no_get_its_tries_move_elsewhere_and_it_is_ejecte
     let r = c.send(Request::post(&url).body(Full::new(Bytes::from_static(b"x"))).unwrap()).await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_is_answered_by_the_faster_endpoint_and_a_post_is_never_hedged() {
+    let (fast, slow) = (Backend::start("fast").await, Backend::start("slow").await);
+    slow.set_delay(Duration::from_secs(2));
+    let up = format!(
+        "{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nenabled = false",
+        eps(&[&fast, &slow])
+    );
+    let h = Halo::proxy(BIN, &config("retry = { hedge = \"100ms\", try_timeout = \"off\" }", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    // Round robin sends every other first try to the slow endpoint; its
+    // hedge goes to the fast one, which answers first.
+    for _ in 0..4 {
+        let r = c.get(&url).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.backend()), (200, Some("fast")), "{}", r.body);
+    }
+    assert!(slow.requests() >= 1, "no first try went to the slow endpoint");
+    assert!(metric(&c, &h, "halo_route_hedges_won_total{route=\"r\"}").await >= 1.0);
+    // A POST is not hedged: the one sent to the slow endpoint waits for it.
+    let hedges = metric(&c, &h, "halo_route_hedges_total{route=\"r\"}").await;
+    let mut answered_by = Vec::new();
+    for _ in 0..2 {
+        let req = Request::post(&url).body(Full::new(Bytes::from_static(b"x"))).unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        answered_by.push(r.backend().unwrap_or_default().to_string());
+    }
+    answered_by.sort();
+    assert_eq!(answered_by, ["fast", "slow"]);
+    assert_eq!(metric(&c, &h, "halo_route_hedges_total{route=\"r\"}").await, hedges);
+}
+
+/// Ejected endpoints of `web` as the admin API lists them.
+async fn ejected(c: &Client, h: &Halo) -> Vec<String> {
+    let s = status_json(c, h).await;
+    let eps = s["endpoints"].as_array().cloned().unwrap_or_default();
+    eps.iter().filter(|e| e["ejected"] == true).map(|e| e["addr"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_more_often_than_the_rest_is_ejected_and_comes_back() {
+    let (a, b, x) = (Backend::start("a").await, Backend::start("b").await, Backend::start("x").await);
+    // One request in ten: never five in a row, and no health check sees it.
+    b.set_fail_every(10);
+    let up = format!(
+        "{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nconsecutive_failures = 1000\n\
+         base_ejection = \"2s\"\nfailure_rate_interval = \"500ms\"\nfailure_rate_min_requests = 20",
+        eps(&[&a, &b, &x])
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    let b_ejections = format!("halo_endpoint_ejections_total{{upstream=\"web\",endpoint=\"{}\"}}", b.addr);
+    eventually(Duration::from_secs(30), "b ejected for its failure rate", || async {
+        for _ in 0..20 {
+            c.get(&url).await.unwrap();
+        }
+        metric(&c, &h, &b_ejections).await >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&c, &h, "halo_endpoint_ejections_total").await, metric(&c, &h, &b_ejections).await);
+    // Healed, it serves again once its ejection ends.
+    b.set_fail_every(0);
+    let before = b.requests();
+    eventually(Duration::from_secs(30), "b serves again", || async {
+        for _ in 0..10 {
+            c.get(&url).await.unwrap();
+        }
+        b.requests() > before && ejected(&c, &h).await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_rate_ejections_never_take_more_than_the_share_allowed() {
+    let (a, b, x) = (Backend::start("a").await, Backend::start("b").await, Backend::start("x").await);
+    b.set_fail_every(2);
+    x.set_fail_every(2);
+    let up = format!(
+        "{}\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nconsecutive_failures = 1000\n\
+         base_ejection = \"300ms\"\nmax_ejection = \"300ms\"\nmax_ejected_percent = 50\n\
+         failure_rate_interval = \"1s\"\nfailure_rate_min_requests = 20",
+        eps(&[&a, &b, &x])
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    let url = h.url("main", "/");
+    // Both failing endpoints stand out (each judged against the rest of the
+    // group, the other failing one included: hence a 1 s interval, enough
+    // tries for the difference to be significant), but 50% of three allows
+    // one out at a time: every sample holds at most one, while ejections go
+    // on.
+    eventually(Duration::from_secs(60), "both failing endpoints ejected in turn", || async {
+        for _ in 0..20 {
+            c.get(&url).await.unwrap();
+        }
+        let out = ejected(&c, &h).await;
+        assert!(out.len() <= 1, "more than the allowed share ejected: {out:?}");
+        let of = |addr| format!("halo_endpoint_ejections_total{{upstream=\"web\",endpoint=\"{addr}\"}}");
+        metric(&c, &h, &of(b.addr)).await >= 1.0 && metric(&c, &h, &of(x.addr)).await >= 1.0
+    })
+    .await;
+    let a_label = format!("halo_endpoint_ejections_total{{upstream=\"web\",endpoint=\"{}\"}}", a.addr);
+    assert_eq!(metric(&c, &h, &a_label).await, 0.0);
+}

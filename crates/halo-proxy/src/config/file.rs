@@ -158,6 +158,7 @@ pub struct RetrySection {
     pub budget_min_per_sec: Option<u32>,
     pub body_cap: Option<usize>,
     pub try_timeout: Option<String>,
+    pub hedge: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,4 +227,7 @@ pub struct OutlierSection {
     pub base_ejection: Option<String>,
     pub max_ejection: Option<String>,
     pub max_ejected_percent: Option<u32>,
+    pub failure_rate_interval: Option<String>,
+    pub failure_rate_min_requests: Option<u64>,
+    pub failure_rate_excess_percent: Option<u32>,
 }

@@ -122,3 +122,29 @@ fn service_files_and_proxy_files_share_one_set_of_route_rules() {
         (cfg.routes[0].retry.attempts, &cfg.routes[0].retry.statuses)
     );
 }
+
+#[test]
+fn hedges_and_failure_rates_are_checked() {
+    let good = format!(
+        "{GOOD}\n[upstreams.web.outlier]\nfailure_rate_interval = \"2s\"\nfailure_rate_min_requests = 10\n\
+         failure_rate_excess_percent = 20\n"
+    );
+    let c = parse("t.toml", &good.replace("upstream = \"web\"", "upstream = \"web\"\nretry = { hedge = \"auto\" }"))
+        .unwrap();
+    assert_eq!(c.routes[0].retry.hedge, halo_model::values::Adaptive::Auto);
+    let rate = c.upstreams["web"].outlier.as_ref().unwrap().failure_rate.clone().unwrap();
+    assert_eq!((rate.interval, rate.min_requests, rate.excess_percent), (Duration::from_secs(2), 10, 20));
+    let off = format!("{GOOD}\n[upstreams.web.outlier]\nfailure_rate_interval = \"off\"\n");
+    assert_eq!(parse("t.toml", &off).unwrap().upstreams["web"].outlier.as_ref().unwrap().failure_rate, None);
+
+    let bad = format!(
+        "{GOOD}\n[upstreams.web.outlier]\nfailure_rate_interval = \"0s\"\nfailure_rate_min_requests = 0\n\
+         failure_rate_excess_percent = 0\n"
+    )
+    .replace("upstream = \"web\"", "upstream = \"web\"\nretry = { hedge = \"soon\" }");
+    let s = parse("t.toml", &bad).unwrap_err().to_string();
+    assert!(s.contains("routes[0].retry.hedge") && s.contains("\"auto\""), "{s}");
+    assert!(s.contains("upstreams.web.outlier.failure_rate_interval") && s.contains("\"off\""), "{s}");
+    assert!(s.contains("upstreams.web.outlier.failure_rate_min_requests: must be at least 1"), "{s}");
+    assert!(s.contains("failure_rate_excess_percent") && s.contains("1 to 100"), "{s}");
+}

@@ -353,6 +353,27 @@ pub struct OutlierConfig {
     pub base_ejection: Duration,
     pub max_ejection: Duration,
     pub max_ejected_percent: u32,
+    /// Ejection of an endpoint whose failure rate stands out from the rest
+    /// of its group's ([`crate::outlier`]); `None`: off.
+    pub failure_rate: Option<FailureRate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRate {
+    /// How often the rates are judged, each time over the tries since.
+    pub interval: Duration,
+    /// Tries an endpoint, and the rest of the group, need in an interval
+    /// to be judged.
+    pub min_requests: u64,
+    /// Percentage points by which an endpoint's failure rate must exceed
+    /// the rest of the group's (besides being significant).
+    pub excess_percent: u32,
+}
+
+impl Default for FailureRate {
+    fn default() -> Self {
+        FailureRate { interval: Duration::from_secs(5), min_requests: 50, excess_percent: 5 }
+    }
 }
 
 impl Default for OutlierConfig {
@@ -362,6 +383,7 @@ impl Default for OutlierConfig {
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(300),
             max_ejected_percent: 50,
+            failure_rate: Some(FailureRate::default()),
         }
     }
 }

@@ -211,11 +211,32 @@ impl Validator<'_> {
         let base_ejection = self.duration(bl, &f("base_ejection"), o.base_ejection.as_deref(), d.base_ejection);
         let ml = self.loc.key(line, "max_ejection");
         let max_ejection = self.duration(ml, &f("max_ejection"), o.max_ejection.as_deref(), d.max_ejection);
+        let fd = FailureRate::default();
+        let il = self.loc.key(line, "failure_rate_interval");
+        let failure_rate = match o.failure_rate_interval.as_deref().map(str::trim) {
+            Some("off") => None,
+            v => {
+                let interval = self.duration(il, &f("failure_rate_interval"), v, fd.interval);
+                if interval.is_zero() {
+                    self.err(il, f("failure_rate_interval"), "0 is not accepted; use \"off\" to turn it off");
+                }
+                let min_requests = o.failure_rate_min_requests.unwrap_or(fd.min_requests);
+                if min_requests == 0 {
+                    self.err(line, f("failure_rate_min_requests"), "must be at least 1");
+                }
+                let excess = o.failure_rate_excess_percent.unwrap_or(fd.excess_percent);
+                if !(1..=100).contains(&excess) {
+                    self.err(line, f("failure_rate_excess_percent"), "accepted: 1 to 100 (percentage points)");
+                }
+                Some(FailureRate { interval, min_requests: min_requests.max(1), excess_percent: excess.clamp(1, 100) })
+            }
+        };
         Some(OutlierConfig {
             consecutive_failures: consecutive_failures.max(1),
             base_ejection,
             max_ejection: max_ejection.max(base_ejection),
             max_ejected_percent: pct.min(100),
+            failure_rate,
         })
     }
 }

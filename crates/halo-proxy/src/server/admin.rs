@@ -127,41 +127,38 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for (name, rt) in &routes {
         w.classes("halo_route_requests_total", &format!("route=\"{}\"", escape(name)), &rt.stats.requests);
     }
-    w.header("halo_route_retries_total", "counter", "Retries made, by route.");
-    for (name, rt) in &routes {
-        w.sample("halo_route_retries_total", &format!("route=\"{}\"", escape(name)), rt.stats.retries.load(Relaxed));
-    }
-    w.header("halo_route_retries_denied_total", "counter", "Retries refused by the retry budget, by route.");
-    for (name, rt) in &routes {
-        w.sample(
-            "halo_route_retries_denied_total",
-            &format!("route=\"{}\"", escape(name)),
-            rt.stats.retries_denied.load(Relaxed),
-        );
-    }
-    w.header(
-        "halo_route_try_timeouts_total",
-        "counter",
-        "Tries abandoned at their per-try timeout and retried on another endpoint, by route.",
-    );
-    for (name, rt) in &routes {
-        w.sample(
+    let per_route: [Family<crate::metrics::RouteStats>; 6] = [
+        ("halo_route_retries_total", "counter", "Retries made, by route.", |s| s.retries.load(Relaxed)),
+        ("halo_route_retries_denied_total", "counter", "Retries refused by the retry budget, by route.", |s| {
+            s.retries_denied.load(Relaxed)
+        }),
+        (
             "halo_route_try_timeouts_total",
-            &format!("route=\"{}\"", escape(name)),
-            rt.stats.try_timeouts.load(Relaxed),
-        );
-    }
-    w.header(
-        "halo_route_rate_limited_total",
-        "counter",
-        "Requests answered 429 because their client was over the route's rate limit, by route.",
-    );
-    for (name, rt) in &routes {
-        w.sample(
+            "counter",
+            "Tries abandoned at their per-try timeout and retried on another endpoint, by route.",
+            |s| s.try_timeouts.load(Relaxed),
+        ),
+        (
+            "halo_route_hedges_total",
+            "counter",
+            "Second tries sent to another endpoint while the first still waited for its answer (hedges), by route.",
+            |s| s.hedges.load(Relaxed),
+        ),
+        ("halo_route_hedges_won_total", "counter", "Hedges that answered before the first try, by route.", |s| {
+            s.hedges_won.load(Relaxed)
+        }),
+        (
             "halo_route_rate_limited_total",
-            &format!("route=\"{}\"", escape(name)),
-            rt.stats.rate_limited.load(Relaxed),
-        );
+            "counter",
+            "Requests answered 429 because their client was over the route's rate limit, by route.",
+            |s| s.rate_limited.load(Relaxed),
+        ),
+    ];
+    for (family, kind, help, value) in per_route {
+        w.header(family, kind, help);
+        for (name, rt) in &routes {
+            w.sample(family, &format!("route=\"{}\"", escape(name)), value(&rt.stats));
+        }
     }
     w.header(
         "halo_route_grpc_responses_total",
