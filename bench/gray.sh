@@ -117,7 +117,11 @@ EJECT=$OUT/gray-eject.tsv
 echo -e "round\tseconds_to_ejection" > "$EJECT"
 for round in $(seq "$ROUNDS"); do
   gray_backends healthy
-  sleep 12 # past any earlier ejection
+  # Past any earlier ejection (each one in a row lasts twice the last).
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$P_ADMIN/metrics" | grep -q "^halo_endpoint_up{upstream=\"b\",endpoint=\"127.0.0.1:$B1\"} 1" && break
+    sleep 0.5
+  done
   start_ej=$(ejections); start_ej=${start_ej:-0}
   taskset -c 1 wrk -t1 -c32 -d25s "http://127.0.0.1:$P_HALO/" > /dev/null &
   wrk_pid=$!

@@ -503,6 +503,12 @@ async fn send(
         };
         let inflight = InflightGuard::new(ep.clone());
         let sent_at = Instant::now();
+        // A reused connection the upstream closed as the request went out
+        // (its keep-alive timeout, a reload: nginx closes idle connections)
+        // says nothing of the endpoint's health: a replayable request goes
+        // again on another connection, and no failure is counted.
+        let mut spare = if conn.reused { body.replay() } else { None };
+        let mut stale = false;
         let fut = async {
             match &mut conn.sender {
                 Sender::H1(c) => match c.send(parts, body).await {
@@ -519,7 +525,14 @@ async fn send(
                         Ok(r)
                     }
                     Err((ClientError::NotSent(e), back)) => Err((ProxyError::NotSent(e.into()), back)),
-                    Err((e, _)) => Err((ProxyError::Upstream(e.into()), None)),
+                    Err((e, _)) => {
+                        stale = match &e {
+                            ClientError::Closed => true,
+                            ClientError::Io(io) => io.kind() == std::io::ErrorKind::ConnectionReset,
+                            _ => false,
+                        };
+                        Err((ProxyError::Upstream(e.into()), None))
+                    }
                 },
                 Sender::H2(_) if asks_upgrade => Err((ProxyError::UpgradeNeedsHttp1(ep.upstream.to_string()), None)),
                 Sender::H2(s) => {
@@ -570,6 +583,11 @@ async fn send(
             // fresh one on the same endpoint.
             Err((ProxyError::NotSent(_), Some(b))) if conn.reused => {
                 body = b;
+                continue;
+            }
+            Err(_) if stale && spare.is_some() => {
+                tracing::debug!(endpoint = %ep.addr, "a reused connection closed before answering; sending again");
+                body = spare.take().unwrap_or(ProxyBody::Empty);
                 continue;
             }
             Err((e, b)) => return Err((e, b)),

@@ -27,6 +27,7 @@ use crate::util::rand_below;
 pub async fn checker(weak: Weak<Endpoint>) {
     let mut tally = halo_model::health::Tally::default();
     let mut good_since_ejection = 0u32;
+    let mut ejections_seen = 0u64;
     loop {
         let Some(ep) = weak.upgrade() else { return };
         ep.pool.reap_idle();
@@ -50,9 +51,20 @@ pub async fn checker(weak: Weak<Endpoint>) {
             }
             (None, _) => {}
         }
-        // An endpoint that keeps passing checks after an ejection has its
-        // ejection backoff forgiven.
-        good_since_ejection = if ok { good_since_ejection + 1 } else { 0 };
+        // An endpoint that keeps passing checks after an ejection, back in
+        // service and not ejected again meanwhile, has its ejection backoff
+        // forgiven (checks passed while it is out prove nothing of the
+        // requests it failed).
+        let ejections = ep.stats.ejections.load(Relaxed);
+        if ejections != ejections_seen {
+            ejections_seen = ejections;
+            good_since_ejection = 0;
+        }
+        if !ok {
+            good_since_ejection = 0;
+        } else if !ep.ejected(crate::util::now_ms()) {
+            good_since_ejection += 1;
+        }
         if good_since_ejection >= 30 && ep.ejection_count() > 0 {
             ep.reset_ejection_backoff();
         }

@@ -79,7 +79,8 @@ pub fn class_index(status: u16) -> usize {
 
 /// Latencies of the last ten seconds in [`BUCKETS`], one slot per second,
 /// and their 95th and 99th percentiles, recomputed at most four times a
-/// second.
+/// second from at least [`MIN_SAMPLES`] (with fewer, the last figures
+/// stand).
 #[derive(Default)]
 pub struct RecentLatency {
     slots: [RecentSlot; 10],
@@ -144,21 +145,23 @@ impl RecentLatency {
             }
         }
         let total: u64 = counts.iter().sum();
-        let (mut p99, mut p95) = (0, 0);
-        if total >= MIN_SAMPLES {
-            let mut cum = 0;
-            for (i, c) in counts.iter().enumerate() {
-                cum += c;
-                if cum * 100 >= total * 99 {
-                    let bound = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
-                    p99 = (bound * 1e6) as u64 + 1;
-                    break;
-                }
-            }
-            p95 = quantile(&counts, 0.95).map_or(0, |s| (s * 1e6) as u64 + 1);
+        if total < MIN_SAMPLES {
+            // A quiet spell keeps the last figures: traffic that comes back
+            // after one is timed (and hedged) as before, not from nothing.
+            return;
         }
-        self.p99_us.store(p99, Relaxed);
-        self.p95_us.store(p95, Relaxed);
+        let mut cum = 0;
+        for (i, c) in counts.iter().enumerate() {
+            cum += c;
+            if cum * 100 >= total * 99 {
+                let bound = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+                self.p99_us.store((bound * 1e6) as u64 + 1, Relaxed);
+                break;
+            }
+        }
+        if let Some(s) = quantile(&counts, 0.95) {
+            self.p95_us.store((s * 1e6) as u64 + 1, Relaxed);
+        }
     }
 }
 
@@ -330,7 +333,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recent_p99_needs_samples_and_forgets_old_seconds() {
+    fn recent_percentiles_need_samples_keep_through_a_quiet_spell_and_forget_old_seconds() {
         let r = RecentLatency::default();
         for _ in 0..10 {
             r.observe(Duration::from_millis(2), 5_000);
@@ -343,7 +346,15 @@ mod tests {
             r.observe(Duration::from_millis(400), 5_000);
         }
         assert_eq!(r.p99(5_300), Some(Duration::from_micros(2_500)));
-        // Ten seconds later none of it counts.
-        assert_eq!(r.p99(16_000), None);
+        // p95 is interpolated in its bucket (1 ms to 2.5 ms).
+        let p95 = r.p95(5_300).unwrap();
+        assert!(p95 > Duration::from_millis(1) && p95 < Duration::from_micros(2_500), "{p95:?}");
+        // Ten seconds later none of it counts, but with nothing newer the
+        // last figures stand.
+        assert_eq!(r.p99(16_000), Some(Duration::from_micros(2_500)));
+        for _ in 0..100 {
+            r.observe(Duration::from_millis(40), 16_500);
+        }
+        assert_eq!(r.p99(16_500), Some(Duration::from_millis(50)));
     }
 }

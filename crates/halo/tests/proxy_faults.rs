@@ -628,3 +628,51 @@ async fn failure_rate_ejections_never_take_more_than_the_share_allowed() {
     let a_label = format!("halo_endpoint_ejections_total{{upstream=\"web\",endpoint=\"{}\"}}", a.addr);
     assert_eq!(metric(&c, &h, &a_label).await, 0.0);
 }
+
+/// A server that answers the first request of each connection with
+/// keep-alive, then closes the connection when the second arrives,
+/// unanswered: the race of a server closing an idle connection (its
+/// keep-alive timeout, a reload) as a request goes out on it.
+async fn closes_reused_connections() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for answered in [true, false] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 1024];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    if answered {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_by_the_upstream_is_sent_again_and_not_a_failure() {
+    let (addr, server) = closes_reused_connections().await;
+    let up = format!(
+        "endpoints = [\"{addr}\"]\n[upstreams.web.health]\nenabled = false\n[upstreams.web.outlier]\nconsecutive_failures = 1"
+    );
+    let h = Halo::proxy(BIN, &config("", &up)).unwrap();
+    let c = Client::new();
+    for _ in 0..10 {
+        let r = c.get(&h.url("main", "/")).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+    }
+    assert_eq!(metric(&c, &h, "halo_endpoint_ejections_total").await, 0.0);
+    server.abort();
+}

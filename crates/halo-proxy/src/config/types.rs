@@ -372,7 +372,7 @@ pub struct FailureRate {
 
 impl Default for FailureRate {
     fn default() -> Self {
-        FailureRate { interval: Duration::from_secs(5), min_requests: 50, excess_percent: 5 }
+        FailureRate { interval: Duration::from_secs(3), min_requests: 50, excess_percent: 5 }
     }
 }
 
