@@ -7,7 +7,12 @@
 # cost per connection, and a sample of the idle connections must still
 # answer. Rounds interleave the proxies.
 #
-# Usage: bench/idle.sh [ROUNDS] [N]   (defaults 3, 5000)   Env: OUT=bench/out BASE=19300
+# halo's median is checked against IDLE_LIMIT bytes per connection (the
+# last recorded figure plus a margin): past it the script says so and
+# exits 2, so a change that makes idle connections cost more is seen.
+#
+# Usage: bench/idle.sh [ROUNDS] [N]   (defaults 3, 5000)
+# Env: OUT=bench/out BASE=19300 IDLE_LIMIT=bytes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +45,7 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round done" >&2
 done
 
-python3 - "$RESULTS" "$N" <<'PY' | tee "$OUT/idle.md"
+python3 - "$RESULTS" "$N" "${IDLE_LIMIT:-5200}" <<'PY' | tee "$OUT/idle.md"
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 n = int(sys.argv[2])
@@ -51,4 +56,10 @@ for t in ("halo", "haproxy", "nginx"):
     per = [float(x["per_conn_bytes"]) for x in r]
     after = [float(x["after_kb"]) / 1024 for x in r]
     print(f"| {t} | {statistics.median(per):.0f} ({min(per):.0f}-{max(per):.0f}) | {statistics.median(after):.1f} | {', '.join(x['answering'] for x in r)} |")
+halo = statistics.median(float(x["per_conn_bytes"]) for x in rows if x["target"] == "halo")
+limit = float(sys.argv[3])
+if halo > limit:
+    print(f"\nREGRESSION: halo holds {halo:.0f} bytes per idle connection, over the limit of {limit:.0f} (IDLE_LIMIT)")
+    sys.exit(2)
+print(f"\nhalo within the limit: {halo:.0f} <= {limit:.0f} bytes per idle connection")
 PY

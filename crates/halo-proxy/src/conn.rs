@@ -39,18 +39,25 @@ impl UpIo {
 
 impl Conn {
     /// Resolves when a read would find bytes (or an end): the socket is
-    /// readable, or the TLS layer holds decrypted bytes already.
-    pub async fn readable(&mut self) -> io::Result<()> {
+    /// readable, or the TLS layer holds decrypted bytes already. Polled,
+    /// not a future of tokio's: the socket keeps the waker, so a connection
+    /// waiting here (an idle keep-alive one) holds a pointer, not a waiter
+    /// of some 250 bytes.
+    pub fn readable(&mut self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| self.poll_readable(cx))
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Conn::Plain(s) => s.readable().await,
+            Conn::Plain(s) => s.poll_read_ready(cx),
             Conn::Tls(s) => {
                 let (tcp, session) = s.get_mut();
                 match session.process_new_packets() {
                     Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
-                        tcp.readable().await
+                        tcp.poll_read_ready(cx)
                     }
                     // Bytes, an end or an error: the next read says which.
-                    _ => Ok(()),
+                    _ => Poll::Ready(Ok(())),
                 }
             }
         }

@@ -265,29 +265,46 @@ impl Accepted {
         };
         match protocol {
             ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, client, shared, &fwd, stats)).await,
-            ListenerProtocol::Http => serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop).await,
+            // Boxed, as everything after the accept: the task holds only
+            // the state of the protocol in use, for as long as it is used.
+            ListenerProtocol::Http => {
+                Box::pin(serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop)).await
+            }
             ListenerProtocol::Https(t) => {
-                // Boxed, and gone once done: a TLS handshake's state is
-                // over a kilobyte, which every connection's task would
-                // otherwise hold for its whole life.
-                let handshake = Box::pin(tokio::time::timeout(protocols.h1.head_timeout, t.acceptor().accept(stream)));
-                match handshake.await {
-                    Ok(Ok(s)) => {
-                        stats.tls_handshakes.fetch_add(1, Relaxed);
-                        drop(t);
-                        let conn = Conn::Tls(Box::new(s));
-                        serve_http(conn, down(), shared.clone(), protocols, stop).await
-                    }
-                    Ok(Err(e)) => {
-                        stats.tls_handshake_failures.fetch_add(1, Relaxed);
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        stats.tls_handshake_failures.fetch_add(1, Relaxed);
-                        tracing::debug!("TLS handshake timed out");
-                    }
+                // Boxed, and gone once done: a TLS handshake's state (and
+                // its result, until boxed) is over a kilobyte, which every
+                // connection's task would otherwise hold for its whole life.
+                let conn = Box::pin(tls_handshake(stream, &t, protocols.h1.head_timeout, stats)).await;
+                drop(t);
+                if let Some(conn) = conn {
+                    Box::pin(serve_http(conn, down(), shared.clone(), protocols, stop)).await
                 }
             }
+        }
+    }
+}
+
+/// The TLS connection, once its handshake is done within `within`.
+async fn tls_handshake(
+    stream: TcpStream,
+    t: &crate::config::TlsListener,
+    within: Duration,
+    stats: &ListenerStats,
+) -> Option<Conn> {
+    match tokio::time::timeout(within, t.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => {
+            stats.tls_handshakes.fetch_add(1, Relaxed);
+            Some(Conn::Tls(Box::new(s)))
+        }
+        Ok(Err(e)) => {
+            stats.tls_handshake_failures.fetch_add(1, Relaxed);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            stats.tls_handshake_failures.fetch_add(1, Relaxed);
+            tracing::debug!("TLS handshake timed out");
+            None
         }
     }
 }

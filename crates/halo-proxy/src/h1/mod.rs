@@ -80,7 +80,8 @@ where
     let mut buf = BytesMut::new();
     match exchanges(&mut stream, &mut buf, settings, stop, handler).await {
         Some(upgraded) => {
-            let end = upgraded.run(stream, &buf).await;
+            // Boxed: a tunnel's state is carried only by tunnels.
+            let end = Box::pin(upgraded.run(stream, &buf)).await;
             tracing::debug!(%end, "tunnel closed");
         }
         None => {
@@ -116,25 +117,22 @@ where
         let head = match head {
             Ok(Ok(Some(h))) => h,
             Ok(Err(Some(refused))) => {
-                if stream.write_all(&head::refusal(&refused)).await.is_ok() {
-                    let _ = stream.flush().await;
-                }
+                let refusal = head::refusal(&refused);
+                Box::pin(async {
+                    if stream.write_all(&refusal).await.is_ok() {
+                        let _ = stream.flush().await;
+                    }
+                })
+                .await;
                 return None;
             }
             // Closed, failed, or silent past the head timeout.
             Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return None,
         };
-        let Head { request, body: decoder, keep_alive, expects_continue } = head;
-        if expects_continue {
-            let sent = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-            if sent.is_err() || stream.flush().await.is_err() {
-                return None;
-            }
-        }
-        let keep = keep_alive && !*stop.borrow();
-        // Boxed: what one exchange needs is held only while it runs, not by
-        // the connection's idle state.
-        let head = Head { request, body: decoder, keep_alive: keep, expects_continue };
+        let keep = head.keep_alive && !*stop.borrow();
+        // Boxed: what one exchange needs (the head among it) is held only
+        // while it runs, not by the connection's idle state.
+        let head = Head { keep_alive: keep, ..head };
         let next = Box::pin(exchange(stream, buf, &mut out, &handler, head, settings)).await;
         match next {
             // Also when draining: the response said keep-alive, so the
@@ -178,7 +176,13 @@ where
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     // `keep_alive` here is what this side decided: the client's wish, unless draining.
-    let Head { request, body: decoder, keep_alive: keep, .. } = head;
+    let Head { request, body: decoder, keep_alive: keep, expects_continue } = head;
+    if expects_continue {
+        let sent = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        if sent.is_err() || stream.flush().await.is_err() {
+            return Next::Close;
+        }
+    }
     let head_only = request.method() == Method::HEAD;
     let version = request.version();
     let (body, pump) = RequestBody::channel(&decoder);
