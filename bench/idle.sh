@@ -45,7 +45,7 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round done" >&2
 done
 
-python3 - "$RESULTS" "$N" "${IDLE_LIMIT:-5200}" <<'PY' | tee "$OUT/idle.md"
+python3 - "$RESULTS" "$N" "${IDLE_LIMIT:-3200}" <<'PY' | tee "$OUT/idle.md"
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 n = int(sys.argv[2])

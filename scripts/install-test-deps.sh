@@ -11,7 +11,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # Network namespaces, veth pairs and a bridge for the multi-node harness.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
-# The cluster script (scripts/cluster.sh smoke) checks the nodes with curl.
+# The cluster script (scripts/cluster.sh smoke) checks the nodes with curl; proxy tests use it as a real client.
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # The docker tests' image carries a static busybox for hooks and probes
 # inside the container.

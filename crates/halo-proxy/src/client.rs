@@ -89,6 +89,15 @@ impl H1Conn {
         H1Conn { io, buf: BytesMut::with_capacity(8 * 1024), out: Vec::with_capacity(1024), _open: OpenGuard(open) }
     }
 
+    /// Gives the buffers back while the connection idles in its pool (they
+    /// are taken again by the next exchange's first read and write).
+    pub fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        self.out = Vec::new();
+    }
+
     /// Whether an idle connection can be reused: the upstream has not closed
     /// it and sent nothing unasked. Costs a syscall only when the reactor saw
     /// the socket readable.

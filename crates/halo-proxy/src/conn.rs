@@ -47,7 +47,7 @@ impl Conn {
         std::future::poll_fn(move |cx| self.poll_readable(cx))
     }
 
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Conn::Plain(s) => s.poll_read_ready(cx),
             Conn::Tls(s) => {

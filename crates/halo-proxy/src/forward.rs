@@ -55,6 +55,8 @@ pub struct Downstream {
     pub client_ip: headers::ClientIp,
     /// The listener's path rules.
     pub paths: PathPolicy,
+    /// Holds the connection counted as open while anything serves it.
+    pub _open: crate::open::Open,
 }
 
 /// A successful exchange with an endpoint.

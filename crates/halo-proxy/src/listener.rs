@@ -14,7 +14,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::body::{DownBody, H2Body};
@@ -23,34 +23,12 @@ use crate::conn::Conn;
 use crate::forward::{self, Downstream};
 use crate::h1;
 use crate::metrics::ListenerStats;
+use crate::open::Drain;
+use crate::open::Open;
+use crate::park::{Lot, Wake};
 use crate::path::PathPolicy;
 use crate::shared::Shared;
 use halo_model::lock::LockExt;
-
-/// Counts open downstream connections so shutdown can wait for them.
-#[derive(Default)]
-pub struct Drain {
-    pub count: std::sync::atomic::AtomicUsize,
-    idle: Notify,
-}
-
-impl Drain {
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.count.load(Relaxed) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn done(&self) {
-        if self.count.fetch_sub(1, Relaxed) == 1 {
-            self.idle.notify_waiters();
-        }
-    }
-}
 
 /// What a worker is told to do.
 pub enum Command {
@@ -85,6 +63,7 @@ impl Worker {
                 crate::pool::set_worker(index);
             }
             rt.block_on(async move {
+                let lot = Lot::start(stop.clone());
                 loop {
                     tokio::select! {
                         cmd = commands.recv() => match cmd {
@@ -103,6 +82,7 @@ impl Worker {
                                     protocols: protocols.clone(),
                                     drain: drain.clone(),
                                     stop: stop.clone(),
+                                    lot: lot.clone(),
                                 };
                                 tokio::spawn(accept_loop(listener, ctx, listener_stop));
                             }
@@ -166,6 +146,8 @@ struct AcceptCtx {
     stats: Arc<ListenerStats>,
     drain: Arc<Drain>,
     stop: watch::Receiver<bool>,
+    /// The worker's idle keep-alive connections.
+    lot: Arc<Lot>,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: watch::Receiver<bool>) {
@@ -206,10 +188,11 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, mut listener_stop: w
 
 /// Serves an accepted connection, which holds the slot taken for it.
 fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
-    let (drain, stop) = (ctx.drain.clone(), ctx.stop.clone());
+    let stop = ctx.stop.clone();
     let _ = stream.set_nodelay(true);
-    ctx.stats.accepted.fetch_add(1, Relaxed);
-    drain.count.fetch_add(1, Relaxed);
+    // Counted until the connection is gone, whichever task (or the lot)
+    // holds it then.
+    let open = Open::new(ctx.stats.clone(), ctx.drain.clone());
     let stats = ctx.stats.clone();
     let protocols = ctx.protocols.clone();
     let shared = ctx.shared.clone();
@@ -220,15 +203,9 @@ fn serve(stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
             None => (ListenerProtocol::Http, Vec::new(), PathPolicy::default()),
         };
     let span = tracing::debug_span!("conn", client.addr = %peer, listener = %ctx.name);
-    let conn = Accepted { stream, peer, listener: ctx.name.clone(), protocol, proxy_from, paths };
-    tokio::spawn(
-        async move {
-            conn.serve(&shared, &stats, &protocols, stop).await;
-            stats.conns.close();
-            drain.done();
-        }
-        .instrument(span),
-    );
+    let conn =
+        Accepted { stream, peer, listener: ctx.name.clone(), protocol, proxy_from, paths, open, lot: ctx.lot.clone() };
+    tokio::spawn(async move { conn.serve(&shared, &stats, &protocols, stop).await }.instrument(span));
 }
 
 /// An accepted connection and the settings of its listener.
@@ -239,6 +216,8 @@ struct Accepted {
     protocol: ListenerProtocol,
     proxy_from: Vec<Cidr>,
     paths: PathPolicy,
+    open: Open,
+    lot: Arc<Lot>,
 }
 
 impl Accepted {
@@ -249,7 +228,7 @@ impl Accepted {
         protocols: &Protocols,
         stop: watch::Receiver<bool>,
     ) {
-        let Accepted { mut stream, peer, listener, protocol, proxy_from, paths } = self;
+        let Accepted { mut stream, peer, listener, protocol, proxy_from, paths, open, lot } = self;
         let Some(client) = proxy_header(&mut stream, peer, &protocol, &proxy_from, protocols, stats).await else {
             return;
         };
@@ -261,14 +240,19 @@ impl Accepted {
                 client,
                 client_ip: crate::headers::ClientIp::new(client, tls),
                 paths,
+                _open: open,
             })
         };
         match protocol {
-            ListenerProtocol::Tcp(fwd) => Box::pin(crate::tcp::serve(stream, client, shared, &fwd, stats)).await,
+            ListenerProtocol::Tcp(fwd) => {
+                let down = down();
+                Box::pin(crate::tcp::serve(stream, client, shared, &fwd, stats)).await;
+                drop(down);
+            }
             // Boxed, as everything after the accept: the task holds only
             // the state of the protocol in use, for as long as it is used.
             ListenerProtocol::Http => {
-                Box::pin(serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop)).await
+                Box::pin(serve_http(Conn::Plain(stream), down(), shared.clone(), protocols, stop, lot)).await
             }
             ListenerProtocol::Https(t) => {
                 // Boxed, and gone once done: a TLS handshake's state (and
@@ -277,7 +261,7 @@ impl Accepted {
                 let conn = Box::pin(tls_handshake(stream, &t, protocols.h1.head_timeout, stats)).await;
                 drop(t);
                 if let Some(conn) = conn {
-                    Box::pin(serve_http(conn, down(), shared.clone(), protocols, stop)).await
+                    Box::pin(serve_http(conn, down(), shared.clone(), protocols, stop, lot)).await
                 }
             }
         }
@@ -356,6 +340,7 @@ async fn serve_http(
     shared: Arc<Shared>,
     protocols: &Protocols,
     mut stop: watch::Receiver<bool>,
+    lot: Arc<Lot>,
 ) {
     let peer = down.client;
     let h2 = match &stream {
@@ -375,7 +360,7 @@ async fn serve_http(
             };
             // Boxed, as the HTTP/2 side: the task holds only the
             // protocol in use.
-            Box::pin(h1::serve(stream, protocols.h1, stop, handler)).await;
+            Box::pin(h1::serve(stream, protocols.h1, stop, handler, Some(lot), Wake::Readable)).await;
         }
         Ok(Ok(true)) => {
             let born = tokio::time::Instant::now();

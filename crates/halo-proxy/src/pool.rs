@@ -25,6 +25,8 @@ use halo_model::lock::LockExt;
 
 /// Idle lists per endpoint; workers beyond this share lists.
 const IDLE_SLOTS: usize = 16;
+/// A pooled connection idle this long gives its buffers back.
+const BUFFERS_KEPT: Duration = Duration::from_secs(1);
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -199,12 +201,20 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections older than the idle timeout (called
-    /// periodically, so an idle pool does not hold sockets forever).
+    /// Closes idle connections older than the idle timeout, and has those
+    /// idle for [`BUFFERS_KEPT`] give their buffers back (called about once
+    /// a second, so an idle pool holds neither sockets forever nor memory
+    /// while it waits; a busy one keeps its buffers).
     pub fn reap_idle(&self) {
         let timeout = *self.inner.idle_timeout.locked();
         for list in self.inner.idle.iter() {
-            list.locked().retain(|c| c.since.elapsed() <= timeout);
+            list.locked().retain_mut(|c| {
+                let idle = c.since.elapsed();
+                if idle >= BUFFERS_KEPT {
+                    c.conn.release_buffers();
+                }
+                idle <= timeout
+            });
         }
     }
 

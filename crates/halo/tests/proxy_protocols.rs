@@ -844,3 +844,66 @@ async fn tls_to_upstreams_verifies_their_certificates() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("upstreams.u.tls: verification needs ca = \"FILE\""), "{err}");
 }
+
+/// A keep-alive connection quiet after its exchange is parked (no task, no
+/// buffer, no timer of its own) and resumed by its next request: curl
+/// reuses one connection for requests a third of a second apart, over
+/// plain HTTP and over TLS. A parked connection is closed at
+/// keepalive_idle and counted as open until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keep_alive_connections_resume_and_expire() {
+    let ca = TestCa::new();
+    let web = Backend::start("web").await;
+    let dir = TempDir::new("parked");
+    ca.issue(&["127.0.0.1"]).write(&dir, "a");
+    let ca_file = dir.write("ca.pem", &ca.ca_pem());
+    let cfg = format!(
+        "[proxy]\nkeepalive_idle = \"2s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+         [listeners.tls]\ncertificates = [{}]\n\
+         [[routes]]\nupstream = \"web\"\n[upstreams.web]\nendpoints = [\"{}\"]\n",
+        cert_entry("a"),
+        web.addr
+    );
+    let cfg_path = dir.write("proxy.toml", &cfg);
+    let h = Halo::start(BIN, &["proxy", "-c", &cfg_path.to_string_lossy()], &dir.0).unwrap();
+    for url in [format!("http://{}/", h.listeners["main"]), format!("https://{}/", h.listeners["tls"])] {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--cacert",
+                &ca_file.to_string_lossy(),
+                "--rate",
+                "3/s",
+                "-w",
+                "%{http_code} %{num_connects}\\n",
+            ])
+            .args(std::iter::repeat_n(["-o", "/dev/null", &url], 4).flatten())
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text, "200 1\n200 0\n200 0\n200 0\n", "{url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Silent after one exchange: closed by the proxy at keepalive_idle.
+    let mut s = tokio::net::TcpStream::connect(h.listeners["main"]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a parked connection outlived keepalive_idle by 28 s");
+    assert!(String::from_utf8_lossy(&seen).contains("backend=web"), "{}", String::from_utf8_lossy(&seen));
+    let c = Client::new();
+    eventually(Duration::from_secs(10), "no connection counted open", || async {
+        metric(&c, &h, "halo_listener_connections_active").await == 0.0
+    })
+    .await;
+}

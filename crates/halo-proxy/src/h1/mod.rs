@@ -19,6 +19,7 @@ mod head;
 use std::future::Future;
 use std::io::{self, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use crate::body::{DownBody, RequestBody};
 use crate::conn::{Conn, ReadHalf, WriteHalf};
 use crate::decode::{Decoder, Step};
+use crate::park::{Lot, Wake};
 use crate::response::RespBody;
 use crate::tunnel::Upgraded;
 pub use head::UpgradeRequested;
@@ -71,33 +73,73 @@ const IDLE_RELEASE: Duration = Duration::from_millis(100);
 /// Serves one connection until it closes or fails; once `stop` flips, the
 /// next response closes it, or [`DRAIN_IDLE`] without a request does. The
 /// close is a clean one (TLS sends close_notify, which strict clients
-/// require), or the connection becomes a tunnel after a 101.
-pub async fn serve<H, F>(mut stream: Conn, settings: Settings, stop: watch::Receiver<bool>, handler: H)
-where
-    H: Fn(Request<DownBody>) -> F,
+/// require), or the connection becomes a tunnel after a 101. With a `lot`,
+/// a connection quiet after an exchange is parked there and this task
+/// ends; the lot starts another (`woke` says why) when it has work.
+pub async fn serve<H, F>(
+    mut stream: Conn,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+    lot: Option<Arc<Lot>>,
+    woke: Wake,
+) where
+    H: Fn(Request<DownBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<RespBody>> + Send + 'static,
 {
     let mut buf = BytesMut::new();
-    match exchanges(&mut stream, &mut buf, settings, stop, handler).await {
-        Some(upgraded) => {
+    let ended = match woke {
+        Wake::Expired => Ended::Close,
+        Wake::Readable | Wake::Stop => {
+            exchanges(&mut stream, &mut buf, settings, &mut stop, &handler, lot.is_some()).await
+        }
+    };
+    match ended {
+        Ended::Tunnel(upgraded) => {
             // Boxed: a tunnel's state is carried only by tunnels.
             let end = Box::pin(upgraded.run(stream, &buf)).await;
             tracing::debug!(%end, "tunnel closed");
         }
-        None => {
+        Ended::Close => {
             let _ = tokio::time::timeout(CLOSE_WITHIN, stream.shutdown()).await;
+        }
+        Ended::Idle => {
+            let Some(lot) = lot else { return };
+            let again = lot.clone();
+            let idle = settings.head_timeout.saturating_sub(IDLE_RELEASE);
+            lot.park(stream, idle, Box::new(move |conn, woke| resume(conn, settings, stop, handler, again, woke)));
         }
     }
 }
 
-/// The exchanges of one connection; the tunnel it became, if it did.
+/// Serves a connection the lot hands back, in a task of its own.
+fn resume<H, F>(conn: Conn, settings: Settings, stop: watch::Receiver<bool>, handler: H, lot: Arc<Lot>, woke: Wake)
+where
+    H: Fn(Request<DownBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<RespBody>> + Send + 'static,
+{
+    tokio::spawn(serve(conn, settings, stop, handler, Some(lot), woke));
+}
+
+/// How a connection's exchanges ended.
+enum Ended {
+    Close,
+    /// A 101 made it a tunnel.
+    Tunnel(Box<Upgraded>),
+    /// Quiet after an exchange, its buffers given back: to be parked.
+    Idle,
+}
+
+/// The exchanges of one connection, until it closes, becomes a tunnel, or
+/// (with `park`) goes quiet.
 async fn exchanges<H, F>(
     stream: &mut Conn,
     buf: &mut BytesMut,
     settings: Settings,
-    mut stop: watch::Receiver<bool>,
-    handler: H,
-) -> Option<Box<Upgraded>>
+    stop: &mut watch::Receiver<bool>,
+    handler: &H,
+    park: bool,
+) -> Ended
 where
     H: Fn(Request<DownBody>) -> F,
     F: Future<Output = Response<RespBody>> + Send + 'static,
@@ -124,31 +166,35 @@ where
                     }
                 })
                 .await;
-                return None;
+                return Ended::Close;
             }
             // Closed, failed, or silent past the head timeout.
-            Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return None,
+            Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return Ended::Close,
         };
         let keep = head.keep_alive && !*stop.borrow();
         // Boxed: what one exchange needs (the head among it) is held only
         // while it runs, not by the connection's idle state.
         let head = Head { keep_alive: keep, ..head };
-        let next = Box::pin(exchange(stream, buf, &mut out, &handler, head, settings)).await;
+        let next = Box::pin(exchange(stream, buf, &mut out, handler, head, settings)).await;
         match next {
             // Also when draining: the response said keep-alive, so the
             // client may send another request, which is answered with
             // `connection: close`.
             Next::Request => {}
-            Next::Close => return None,
-            Next::Tunnel(upgraded) => return Some(upgraded),
+            Next::Close => return Ended::Close,
+            Next::Tunnel(upgraded) => return Ended::Tunnel(upgraded),
         }
         if out.capacity() > WRITE_HIGH {
             out = Vec::new();
         }
         if buf.is_empty() && !busy_within(stream, IDLE_RELEASE).await {
-            // Nothing pipelined and nothing coming: hold no buffer while idle.
+            // Nothing pipelined and nothing coming: hold no buffer while
+            // idle, nor a task when there is a lot to park in.
             *buf = BytesMut::new();
             out = Vec::new();
+            if park && !*stop.borrow() {
+                return Ended::Idle;
+            }
         }
     }
 }
