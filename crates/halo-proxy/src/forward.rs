@@ -316,8 +316,12 @@ async fn attempts(
         let result = match hedge.filter(|_| n == 1 && n <= max) {
             Some(after) => {
                 let second = pending.as_ref().and_then(ProxyBody::replay).unwrap_or(ProxyBody::Empty);
+                // Boxed: two tries' state, carried only by hedged requests
+                // (inline it doubled every request's future, which HTTP/2
+                // moves into a task per stream).
                 let hedged =
-                    hedged(route, &group, parts, client, (&ep, body), second, after, (&mut tried, &mut n)).await;
+                    Box::pin(hedged(route, &group, parts, client, (&ep, body), second, after, (&mut tried, &mut n)))
+                        .await;
                 // (No session cookie to set: a hedged group has none.)
                 if let Some(winner) = hedged.0 {
                     ep = winner;

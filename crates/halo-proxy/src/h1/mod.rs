@@ -172,10 +172,11 @@ where
             Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return Ended::Close,
         };
         let keep = head.keep_alive && !*stop.borrow();
-        // Boxed: what one exchange needs (the head among it) is held only
-        // while it runs, not by the connection's idle state.
+        // Not boxed: an idle connection leaves its task for the lot, so the
+        // exchange's state inline costs nothing while idle, where a box cost
+        // an allocation and a 2 KB copy per request (2.7% of the CPU).
         let head = Head { keep_alive: keep, ..head };
-        let next = Box::pin(exchange(stream, buf, &mut out, handler, head, settings)).await;
+        let next = exchange(stream, buf, &mut out, handler, head, settings).await;
         match next {
             // Also when draining: the response said keep-alive, so the
             // client may send another request, which is answered with
