@@ -528,9 +528,12 @@ async fn binary_upgrades_of_a_node_under_load_fail_nothing_and_keep_its_instance
         )
         .await;
         serving = pid;
-        // The new process adopted the instances: same processes, no restart;
-        // its API (the same socket) answers with the same token.
-        assert_eq!(ready_pids(&h, "demo"), pids, "upgrade {i} restarted instances");
+        // The new process adopted the instances: same processes, no restart
+        // (a restart has new pids, and this never holds); its API (the same
+        // socket) answers with the same token. Waited for, not sampled: on a
+        // busy machine an adopted instance may miss a probe on the way.
+        let what = format!("upgrade {i}: the same instances ready");
+        eventually(Duration::from_secs(20), &what, || async { ready_pids(&h, "demo") == pids }).await;
     }
     let Report { ok, failed } = load.finish().await;
     println!("requests across 3 node upgrades: ok {ok}, failed {}", failed.len());
