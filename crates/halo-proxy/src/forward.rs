@@ -312,8 +312,7 @@ async fn attempts(
         // A try that may be abandoned: the request is safe to replay and a
         // retry is left (whether another endpoint can take it is asked only
         // if the timer fires: it walks the group).
-        let per_try = if safe && n <= max { delay(policy.try_timeout, &group, Delay::Try) } else { None };
-        let result = match hedge.filter(|_| n == 1 && n <= max) {
+        let result = match hedge.filter(|_| n == 1) {
             Some(after) => {
                 let second = pending.as_ref().and_then(ProxyBody::replay).unwrap_or(ProxyBody::Empty);
                 // Boxed: two tries' state, carried only by hedged requests
@@ -328,7 +327,10 @@ async fn attempts(
                 }
                 hedged.1
             }
-            None => send(route, &ep, &group, parts, body, per_try, &tried[..n]).await,
+            None => {
+                let per_try = if safe && n <= max { delay(policy.try_timeout, &group, Delay::Try) } else { None };
+                send(route, &ep, &group, parts, body, per_try, &tried[..n]).await
+            }
         };
         out.endpoint = Some(ep.clone());
         out.tries = n as u32;
@@ -338,7 +340,6 @@ async fn attempts(
                 let status = resp.status().as_u16();
                 let retry_status = policy.statuses.contains(&status);
                 ep.passive_result(!(retry_status && status >= 500), status < 500, || group.may_eject());
-                group.judge_failure_rates();
                 // Another try is only worth it when there is somewhere else to
                 // go; otherwise the client gets this response as it is.
                 let again = retry_status && safe && n <= max && has_other(&group, &tried[..n]);
@@ -371,7 +372,7 @@ async fn attempts(
 fn failed_try(ep: &Endpoint, group: &Group, e: &ProxyError) {
     if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
         ep.passive_result(false, false, || group.may_eject());
-        group.judge_failure_rates();
+        group.judge_failure_rates(crate::util::now_ms());
         if matches!(e, ProxyError::Connect(_)) {
             ep.stats.connect_failures.fetch_add(1, Relaxed);
         }
@@ -583,6 +584,9 @@ async fn send(
                 let now = crate::util::ms_at(done.into_std());
                 ep.observe_rtt(done - sent_at, now);
                 group.stats.first_byte.observe(done - sent_at, now);
+                // Judged with the clock read for the try just answered: no
+                // clock read of its own on the hot path.
+                group.judge_failure_rates(now);
                 return Ok((resp, conn, inflight));
             }
             // A pooled connection died before taking the request: try a

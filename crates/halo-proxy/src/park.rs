@@ -91,7 +91,8 @@ impl StdWake for SlotWaker {
 
 impl Lot {
     /// A lot and its watcher, spawned on the current runtime (the
-    /// worker's); the watcher ends when `stop` flips and the lot is empty.
+    /// worker's); the watcher ends when `stop` flips, having handed every
+    /// parked connection back (later parks are handed back at once).
     pub fn start(stop: watch::Receiver<bool>) -> Arc<Lot> {
         let lot = Arc::new(Lot { slots: Mutex::new(Slots::default()), woken: Arc::new(Woken::default()) });
         tokio::spawn(watch_lot(lot.clone(), stop));

@@ -87,7 +87,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared, fwd: &T
         };
         ep.stats.connect_failures.fetch_add(1, Relaxed);
         ep.passive_result(false, false, || group.may_eject());
-        group.judge_failure_rates();
+        group.judge_failure_rates(crate::util::now_ms());
         tracing::debug!(endpoint = %ep.addr, attempt, error = %failure, "tcp connect failed");
     }
     stats.unserved.fetch_add(1, Relaxed);

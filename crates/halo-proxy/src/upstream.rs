@@ -78,11 +78,11 @@ impl Group {
     /// Ejects the endpoints whose failure rate stands out from the rest
     /// of the group's ([`crate::outlier`]), once per interval: the first
     /// try to finish past it judges the tries since the last time, the
-    /// worst first while the cap allows. Costs a clock read otherwise.
-    pub fn judge_failure_rates(&self) {
+    /// worst first while the cap allows; `now` from [`crate::util::now_ms`]
+    /// (the caller's clock read: otherwise this costs a comparison).
+    pub fn judge_failure_rates(&self, now: u64) {
         let Some(o) = &self.cfg.outlier else { return };
         let Some(rate) = &o.failure_rate else { return };
-        let now = now_ms();
         let last = self.stats.rates_judged_ms.load(Relaxed);
         if now < last + crate::util::ms(rate.interval)
             || self.stats.rates_judged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_err()
