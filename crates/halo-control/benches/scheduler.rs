@@ -55,6 +55,7 @@ fn main() {
                         driver: "exec".into(),
                         canary: None,
                         stateful: None,
+                        min_ready: None,
                     },
                 )
             })

@@ -18,7 +18,8 @@
 //! | `/halo/rollout-commands/NAME` | [`RolloutCommand`] | none | the API (`halo rollout promote/abort`); the leader deletes it when it acts |
 //! | `/halo/silent/NODE` | the nodes NODE finds silent, a JSON list of names | the node's | each node, while any is silent ([`crate::evict`]) |
 //! | `/halo/upgrading/NODE` | the pid of the process handing over, text | none | a node's old process during a binary upgrade; the node deletes it at every start ([`crate::evict`] spares the node meanwhile) |
-//! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress |
+//! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress or a service autoscales |
+//! | `/halo/scale/NAME` | [`ScaleRecord`] | none | the leader only, fenced by its token: an autoscaled service's replica count |
 //! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
 //! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
 //! | `/halo/events/MS-NODE-SEQ` | [`crate::events::Event`] | the node's events lease (an hour, not renewed) | each node, for what it saw ([`crate::events`]); the view skips them |
@@ -49,6 +50,7 @@ pub const INSTANCES: &str = "/halo/instances/";
 pub const ROLLOUTS: &str = "/halo/rollouts/";
 pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
 pub const STATS: &str = "/halo/stats/";
+pub const SCALES: &str = "/halo/scale/";
 pub const SILENT: &str = "/halo/silent/";
 pub const UPGRADING: &str = "/halo/upgrading/";
 pub const VIPS: &str = "/halo/vips/";
@@ -226,6 +228,10 @@ pub fn stats_key(node: &str) -> String {
     format!("{STATS}{node}")
 }
 
+pub fn scale_key(service: &str) -> String {
+    format!("{SCALES}{service}")
+}
+
 pub fn service_key(name: &str) -> String {
     format!("{SERVICES}{name}")
 }
@@ -289,6 +295,8 @@ impl ServiceRecord {
         f.replicas = None;
         f.release = None;
         f.backup = None;
+        f.autoscale = None;
+        f.budget = None;
         format!("{:016x}", fnv64(format!("{}\n#{generation}", f.to_toml()).as_bytes()))
     }
 }
@@ -449,6 +457,18 @@ pub struct Counters {
     /// Requests per latency bucket (the proxy's bounds, then +Inf).
     #[serde(default)]
     pub latency: Vec<u64>,
+    /// The sum of those latencies, in microseconds: over a window, divided
+    /// by its length, the mean number of requests in flight.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub latency_sum_us: u64,
+    /// Requests the proxy holds now for an instance to start (a gauge,
+    /// not a counter: scale from zero).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waiting: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Counters {
@@ -461,12 +481,17 @@ impl Counters {
             requests: self.requests.saturating_sub(then.requests),
             failed: self.failed.saturating_sub(then.failed),
             latency: latency.collect(),
+            latency_sum_us: self.latency_sum_us.saturating_sub(then.latency_sum_us),
+            waiting: self.waiting,
         }
     }
 
+    /// Adds `o`'s counts (and its waiting requests) to these.
     pub fn add(&mut self, o: &Counters) {
         self.requests += o.requests;
         self.failed += o.failed;
+        self.latency_sum_us += o.latency_sum_us;
+        self.waiting += o.waiting;
         if self.latency.len() < o.latency.len() {
             self.latency.resize(o.latency.len(), 0);
         }
@@ -474,6 +499,40 @@ impl Counters {
             *a += b;
         }
     }
+}
+
+/// An autoscaled service's replica count, as the leader last decided it,
+/// and what it measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScaleRecord {
+    pub replicas: u32,
+    /// Ready instances when it was written.
+    #[serde(default)]
+    pub ready: u32,
+    /// Each target and the value measured per ready instance.
+    #[serde(default)]
+    pub measured: Vec<Measured>,
+    /// Why the count is what it is (the last change), or what holds it.
+    #[serde(default)]
+    pub reason: String,
+    /// When the count last changed (unix ms).
+    #[serde(default)]
+    pub changed_ms: u64,
+    /// When this was written (unix ms).
+    #[serde(default)]
+    pub at_ms: u64,
+    /// The fencing token of the leader that wrote it.
+    pub token: Revision,
+}
+
+/// One autoscaling target and what was measured against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    /// `in_flight`, `rps` or `p99` (ms).
+    pub metric: String,
+    pub target: f64,
+    /// Per ready instance (`None`: nothing to measure yet).
+    pub value: Option<f64>,
 }
 
 /// What a node writes before it starts an instance and updates with its

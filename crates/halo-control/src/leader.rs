@@ -103,6 +103,8 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
     let mut compacted = Instant::now();
     let mut unplaced = BTreeMap::new();
     let mut rollouts = crate::rollout::Controller::default();
+    let mut autoscaler = crate::autoscale::Controller::default();
+    let mut held = BTreeMap::new();
     // When this leader first found each node that placements name gone.
     let mut gone_since: BTreeMap<String, Instant> = BTreeMap::new();
     // The view must have seen the election (and later our own writes).
@@ -120,6 +122,18 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
                 }
             }
             let mut snap = st.snapshot();
+            // The counts decided now go into this plan (the record follows
+            // in the view).
+            for (name, replicas) in autoscaler.tick(&m, token, &st, &mut seen_up_to).await {
+                if let Some(w) = snap.services.get_mut(&name) {
+                    w.replicas = replicas;
+                    let budget = st.services.get(&name).and_then(|s| s.spec.budget);
+                    w.min_ready = budget.map(|b| b.floor(replicas));
+                }
+            }
+            if m.leading() != Some(token) {
+                break;
+            }
             let named: std::collections::BTreeSet<&String> =
                 st.assignments.values().map(|a| &a.placement.node).filter(|n| !st.nodes.contains_key(*n)).collect();
             gone_since.retain(|n, _| named.contains(n));
@@ -132,6 +146,15 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
                     tracing::warn!(unplaced = ?plan.unplaced, "replicas without a node with room (capacity, drains)");
                 }
                 unplaced = plan.unplaced.clone();
+            }
+            if plan.held != held {
+                for (service, why) in &plan.held {
+                    if held.get(service) != Some(why) {
+                        tracing::info!(service = %service, why = %why, "a displacement waits for its budget");
+                        m.events.info(EventKind::Rescheduled, Some(service), None, why.clone());
+                    }
+                }
+                held = plan.held.clone();
             }
             if !plan.is_empty() {
                 if let Err(e) = apply_plan(&m, token, &st, &plan, &mut seen_up_to).await {

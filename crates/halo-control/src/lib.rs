@@ -7,6 +7,7 @@
 //! [`keys`] owns every key the pipeline writes; [`membership`] the node's
 //! lease; [`migrate`] brings older stores to the current layout.
 
+mod autoscale;
 pub mod backup;
 mod backup_schedule;
 mod config;
@@ -43,6 +44,6 @@ pub use keys::RolloutCommand;
 pub use membership::ClusterConfig;
 pub use node::{Node, NodeError, NodeOptions};
 pub use views::{
-    Applied, ApplyOutcome, ClusterServiceView, ClusterView, InstanceView, NodeView, Outcome, PlacementView,
-    RolloutView, ServiceStatus, StatusView,
+    Applied, ApplyOutcome, AutoscaleView, ClusterServiceView, ClusterView, InstanceView, NodeView, Outcome,
+    PlacementView, RolloutView, ServiceStatus, StatusView,
 };

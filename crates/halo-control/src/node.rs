@@ -389,6 +389,14 @@ impl Node {
     /// Sets the replica count.
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<(), NodeError> {
         self.modify(name, |file, _| {
+            if let Some(a) = &file.autoscale {
+                return Err(NodeError::BadRequest(format!(
+                    "{name} is autoscaled between {} and {} ([autoscale] in its file); change min and max there \
+                     (halo apply), or remove [autoscale] to set replicas by hand",
+                    a.min.unwrap_or(1),
+                    a.max
+                )));
+            }
             file.replicas = Some(replicas);
             file.validate().map(drop).map_err(|e| NodeError::BadRequest(e.to_string()))
         })
@@ -527,7 +535,7 @@ impl Node {
                     .collect();
                 instances.sort_by_cached_key(|i| id_order(name, &i.status.id));
                 let ready = instances.iter().filter(|i| i.status.ready && !i.stopping).count();
-                ServiceStatus { name: name.clone(), replicas: svc.spec.replicas, ready, instances }
+                ServiceStatus { name: name.clone(), replicas: st.replicas(name), ready, instances }
             })
             .collect()
     }

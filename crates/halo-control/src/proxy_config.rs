@@ -117,7 +117,7 @@ impl ProxyFeed {
             .map(|(n, c)| ((*n).clone(), c.weight))
             .collect();
         let layout: BTreeMap<String, String> =
-            services.iter().map(|(n, s)| (n.clone(), layout_entry(&s.template, weights.get(n)))).collect();
+            services.iter().map(|(n, s)| (n.clone(), layout_entry(s, weights.get(n)))).collect();
         let mut published = self.published.locked();
         let mut fed = Fed::Done;
         if published.layout.as_ref() != Some(&layout) {
@@ -176,7 +176,7 @@ impl ProxyFeed {
                 // routed). New with nothing to route to: it may wait.
                 None if by_service.get(name).is_some_and(|e| !e.is_empty()) => return None,
                 None => added = true,
-                Some(entry) if *entry != layout_entry(&svc.template, None) => return None,
+                Some(entry) if *entry != layout_entry(svc, None) => return None,
                 Some(_) => {
                     let eps = by_service.remove(name).unwrap_or_default();
                     lists.extend(service_upstreams(st, name, svc, None, eps));
@@ -213,10 +213,17 @@ impl ProxyFeed {
     }
 }
 
-/// What a service's routes and upstreams are built from: its template and
-/// its canary's weight.
-fn layout_entry(template: &str, weight: Option<&u32>) -> String {
-    format!("{template}@{weight:?}")
+/// What a service's routes and upstreams are built from: its template,
+/// its canary's weight, and how long a request waits for a first instance
+/// (a service that scales to zero).
+fn layout_entry(svc: &Svc, weight: Option<&u32>) -> String {
+    format!("{}@{weight:?}@{:?}", svc.template, cold_start(svc))
+}
+
+/// How requests wait while a service at zero starts its first instance.
+fn cold_start(svc: &Svc) -> Option<halo_proxy::config::ColdStart> {
+    let a = svc.spec.autoscale.as_ref().filter(|a| a.scales_to_zero())?;
+    Some(halo_proxy::config::ColdStart { timeout: a.cold_start_timeout, queue: a.cold_start_queue })
 }
 
 /// Each service upstream's endpoints: a service's ready instances, the
@@ -359,6 +366,7 @@ fn upstreams(
         u
     };
     let mut out = vec![upstream(name.to_string())];
+    out[0].cold_start = cold_start(svc);
     if canary.is_some() {
         out.push(upstream(canary_upstream(name)));
     }

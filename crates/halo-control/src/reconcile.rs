@@ -632,26 +632,47 @@ fn answering<'a>(
     remote.iter().filter(|(e, quiet)| !quiet || !served.contains(&e.service)).map(|(e, _)| e.clone()).collect()
 }
 
-/// Publishes this node's proxy counters of the upstreams in a rollout
-/// (`/halo/stats/NODE`, on the node lease) four times a second while they
-/// change, for the leader's canary analysis; removes them when no rollout
-/// is left.
+/// Publishes this node's proxy counters of the upstreams in a rollout or
+/// of autoscaled services (`/halo/stats/NODE`, on the node lease) four
+/// times a second while they change, and at once when a request starts
+/// waiting for a service at zero, for the leader's canary analysis and
+/// autoscaler; removes them when neither is left.
 pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
     let key = crate::keys::stats_key(r.node());
     let mut last: Option<(crate::keys::NodeStats, Option<halo_store::LeaseId>)> = None;
+    let demand = r.feed.proxy.demand();
+    let mut next = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        next += Duration::from_millis(250);
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = demand.notified() => {}
+        }
+        next = next.max(tokio::time::Instant::now() - Duration::from_millis(250));
         let st = r.ctx.view.current();
         let names: BTreeSet<String> = st
             .services
-            .keys()
-            .filter(|n| st.canary(n).is_some())
-            .flat_map(|n| [n.clone(), crate::proxy_config::canary_upstream(n)])
+            .iter()
+            .flat_map(|(n, s)| {
+                let canary = st.canary(n).is_some();
+                let scaled = canary || s.spec.autoscale.is_some();
+                let up = scaled.then(|| n.clone());
+                up.into_iter().chain(canary.then(|| crate::proxy_config::canary_upstream(n)))
+            })
             .collect();
-        let upstreams = r.feed.proxy.upstream_totals().into_iter().filter(|(n, ..)| names.contains(n));
+        let upstreams = r.feed.proxy.upstream_totals().into_iter().filter(|u| names.contains(&u.name));
         let now = crate::keys::NodeStats {
             upstreams: upstreams
-                .map(|(n, requests, failed, latency)| (n, crate::keys::Counters { requests, failed, latency }))
+                .map(|u| {
+                    let c = crate::keys::Counters {
+                        requests: u.requests,
+                        failed: u.failed,
+                        latency: u.latency,
+                        latency_sum_us: u.latency_sum_us,
+                        waiting: u.waiting,
+                    };
+                    (u.name, c)
+                })
                 .collect(),
         };
         let Some(lease) = r.ctx.m.lease() else { continue };

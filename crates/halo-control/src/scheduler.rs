@@ -60,6 +60,10 @@ pub struct ServiceWant {
     pub canary: Option<CanaryWant>,
     /// Placed by ordinal, kept where their data is.
     pub stateful: Option<StatefulWant>,
+    /// The fewest ready placements a displacement (drain, new template,
+    /// driver gone) may leave: the service's disruption budget. `None`:
+    /// `replicas` (every replacement ready before what it replaces goes).
+    pub min_ready: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,6 +119,9 @@ pub struct Plan {
     pub remove: Vec<String>,
     /// Replicas that could not be placed (no node with room).
     pub unplaced: BTreeMap<String, u32>,
+    /// Displaced placements kept for now by their service's budget, by
+    /// service: why (what a drain waits for).
+    pub held: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -217,15 +224,33 @@ pub fn schedule(snap: &Snapshot) -> Plan {
             continue;
         }
         let mut ready_total = keep.iter().chain(&old).filter(|p| is_ready(p)).count();
+        let floor = want.min_ready.map_or(target, |m| (m as usize).min(target));
         let mut old_sorted = old.clone();
         old_sorted.sort_by_key(|p| (is_ready(p), p.id.clone()));
+        let mut held = Vec::new();
         for p in old_sorted {
             if !is_ready(p) {
                 plan.remove.push(p.id.clone());
-            } else if ready_total > target {
+            } else if ready_total > floor {
                 plan.remove.push(p.id.clone());
                 ready_total -= 1;
+            } else {
+                held.push(format!("{} on {}", p.id, p.node));
             }
+        }
+        if !held.is_empty() {
+            let budget = match want.min_ready {
+                Some(_) => format!("its budget keeps {floor} ready"),
+                None => "without a [budget] every replica stays ready".to_string(),
+            };
+            plan.held.insert(
+                name.clone(),
+                format!(
+                    "{} {} until a replacement is ready: {ready_total} ready, {budget}",
+                    held.join(", "),
+                    if held.len() == 1 { "waits" } else { "wait" }
+                ),
+            );
         }
         plan.add.extend(placed_here);
     }

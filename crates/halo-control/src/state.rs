@@ -29,7 +29,7 @@ use crate::keys::{
     PRIMARIES, ROLES, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, SILENT, STATS, SWITCHOVERS, SYNC, UPGRADING, VIPS,
     VIP_NODES,
 };
-use crate::keys::{SwitchoverRecord, SyncRecord};
+use crate::keys::{ScaleRecord, SwitchoverRecord, SyncRecord, SCALES};
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot, StatefulWant};
 use halo_model::lock::LockExt;
 
@@ -133,8 +133,11 @@ pub struct ClusterState {
     pub rollouts: BTreeMap<String, RolloutRecord>,
     /// Operators' orders waiting for the leader, by service.
     pub rollout_commands: BTreeMap<String, RolloutCommand>,
-    /// Each node's proxy counters of the upstreams in a rollout.
+    /// Each node's proxy counters of the upstreams in a rollout or of
+    /// autoscaled services.
     pub stats: BTreeMap<String, NodeStats>,
+    /// Autoscaled services' replica counts as the leader decided them.
+    pub scales: BTreeMap<String, ScaleRecord>,
     /// The nodes each node finds silent, by reporting node.
     pub silent: BTreeMap<String, BTreeSet<String>>,
     /// Nodes handing over to a new process (binary upgrade).
@@ -311,6 +314,10 @@ impl ClusterState {
             if let Ok(n) = serde_json::from_slice::<NodeStats>(&kv.value) {
                 self.stats.insert(node.to_string(), n);
             }
+        } else if let Some(service) = key.strip_prefix(SCALES) {
+            if let Ok(r) = serde_json::from_slice::<ScaleRecord>(&kv.value) {
+                self.scales.insert(service.to_string(), r);
+            }
         } else if let Some(node) = key.strip_prefix(UPGRADING) {
             self.upgrading.insert(node.to_string());
         } else if let Some(node) = key.strip_prefix(SILENT) {
@@ -366,6 +373,8 @@ impl ClusterState {
             self.rollout_commands.remove(id);
         } else if key.starts_with(STATS) {
             self.stats.remove(id);
+        } else if let Some(service) = key.strip_prefix(SCALES) {
+            self.scales.remove(service);
         } else if key.starts_with(SILENT) {
             self.silent.remove(id);
         } else if key.starts_with(UPGRADING) {
@@ -477,6 +486,16 @@ impl ClusterState {
     }
 
     /// What the scheduler decides from.
+    /// The replicas `name` asks for now: its file's, or, autoscaled, the
+    /// leader's last decision within the file's bounds.
+    pub fn replicas(&self, name: &str) -> u32 {
+        let Some(s) = self.services.get(name) else { return 0 };
+        match &s.spec.autoscale {
+            Some(a) => self.scales.get(name).map_or(s.spec.replicas, |r| r.replicas).clamp(a.min, a.max),
+            None => s.spec.replicas,
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             revision: self.revision,
@@ -499,9 +518,11 @@ impl ClusterState {
                         replace_after: x.replace_after,
                         primary: self.primaries.get(n).map(|p| p.record.instance.clone()),
                     });
+                    let replicas = self.replicas(n);
+                    let min_ready = s.spec.budget.map(|b| b.floor(replicas));
                     let want = match self.canary(n).filter(|_| stateful.is_none()) {
                         Some(c) => ServiceWant {
-                            replicas: s.spec.replicas,
+                            replicas,
                             driver: driver(&c.stable_template),
                             template: c.stable_template,
                             canary: Some(CanaryWant {
@@ -512,13 +533,15 @@ impl ClusterState {
                                 zone: s.spec.release.canary_zone.clone(),
                             }),
                             stateful: None,
+                            min_ready,
                         },
                         None => ServiceWant {
-                            replicas: s.spec.replicas,
+                            replicas,
                             template: s.template.clone(),
                             driver: driver(&s.template),
                             canary: None,
                             stateful,
+                            min_ready,
                         },
                     };
                     (n.clone(), want)

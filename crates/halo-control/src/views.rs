@@ -63,6 +63,29 @@ pub struct ClusterServiceView {
     /// The primary serves (promoted under its token; proxies reach it).
     #[serde(default)]
     pub primary_serving: bool,
+    /// The fewest ready instances a drain or an update leaves (its
+    /// `[budget]`; without one, every replica).
+    #[serde(default)]
+    pub min_ready: u32,
+    /// How the replica count follows load, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleView>,
+}
+
+/// An autoscaled service: its bounds, targets, what was measured, and the
+/// leader's last decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscaleView {
+    pub min: u32,
+    pub max: u32,
+    /// Each target and the value per ready instance (p99 in ms).
+    pub targets: Vec<crate::keys::Measured>,
+    /// Why the count is what it is.
+    pub reason: String,
+    /// When the count last changed (unix ms; 0: not yet).
+    pub changed_ms: u64,
+    /// When the leader last measured (unix ms; 0: not yet).
+    pub measured_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,10 +136,10 @@ impl ClusterView {
                 let current: Vec<_> = placed.iter().filter(|p| p.template == svc.template).collect();
                 ClusterServiceView {
                     name: name.clone(),
-                    replicas: svc.spec.replicas,
+                    replicas: st.replicas(name),
                     placed: placed.len(),
                     ready,
-                    pending: (svc.spec.replicas as usize).saturating_sub(ready),
+                    pending: (st.replicas(name) as usize).saturating_sub(ready),
                     template: svc.template.clone(),
                     current: current.len(),
                     current_ready: current.iter().filter(|p| st.endpoints.contains_key(&p.id)).count(),
@@ -125,6 +148,23 @@ impl ClusterView {
                         .get(name)
                         .map(|p| (p.record.instance.clone(), p.record.node.clone(), p.token)),
                     primary_serving: crate::stateful::Stateful::primary_addr(st, name).is_some(),
+                    min_ready: svc.spec.floor(st.replicas(name)),
+                    autoscale: svc.spec.autoscale.as_ref().map(|a| {
+                        let rec = st.scales.get(name);
+                        let targets = a.targets.iter().map(|t| crate::keys::Measured {
+                            metric: t.name().to_string(),
+                            target: t.value(),
+                            value: None,
+                        });
+                        AutoscaleView {
+                            min: a.min,
+                            max: a.max,
+                            targets: rec.map_or_else(|| targets.collect(), |r| r.measured.clone()),
+                            reason: rec.map(|r| r.reason.clone()).unwrap_or_default(),
+                            changed_ms: rec.map_or(0, |r| r.changed_ms),
+                            measured_ms: rec.map_or(0, |r| r.at_ms),
+                        }
+                    }),
                 }
             })
             .collect();

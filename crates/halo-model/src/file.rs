@@ -33,6 +33,10 @@ pub struct ServiceFile {
     pub backup: Option<BackupSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stateful: Option<crate::stateful::StatefulSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::AutoscaleSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::autoscale::BudgetSection>,
 }
 
 /// `[backup]`: the service's own backup hook.

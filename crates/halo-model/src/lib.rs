@@ -8,6 +8,7 @@
 //! proxy's config reuses them, so a policy name means the same in a service
 //! file as in a proxy file. No I/O here.
 
+pub mod autoscale;
 pub mod clock;
 pub mod diag;
 mod file;
@@ -80,6 +81,12 @@ pub struct ServiceSpec {
     /// Instances with stable names and data of their own; with replicas, a
     /// primary.
     pub stateful: Option<stateful::StatefulSpec>,
+    /// The replica count follows load between bounds (`replicas` is where
+    /// it starts).
+    pub autoscale: Option<autoscale::AutoscaleSpec>,
+    /// The fewest ready instances a drain, an update or maintenance may
+    /// leave; `None`: every replica stays ready (replacements first).
+    pub budget: Option<autoscale::Budget>,
 }
 
 impl ServiceSpec {
@@ -88,6 +95,12 @@ impl ServiceSpec {
     /// keeps its primary, and scales out again from it).
     pub fn replicated(&self) -> bool {
         self.stateful.as_ref().is_some_and(|s| s.replicated(self.replicas))
+    }
+
+    /// The fewest ready instances a voluntary disruption may leave when
+    /// the service asks for `replicas` (its budget, or all of them).
+    pub fn floor(&self, replicas: u32) -> u32 {
+        self.budget.map_or(replicas, |b| b.floor(replicas))
     }
 }
 
@@ -338,14 +351,18 @@ impl ServiceFile {
         if let Err(e) = check_name(&self.name) {
             c.err("name", e);
         }
+        let autoscale = self.autoscale.as_ref().map(|a| autoscale::validate(a, self.replicas, MAX_REPLICAS, c.errors));
         let replicas = match self.replicas {
             Some(n) if n > MAX_REPLICAS => {
                 c.err("replicas", format!("{n} is too many; accepted: 0 to {MAX_REPLICAS}"));
                 1
             }
             Some(n) => n,
-            None => 1,
+            None => autoscale.as_ref().map_or(1, |a| a.min),
         };
+        let fewest = autoscale.as_ref().map_or(replicas, |a| a.min);
+        let budget =
+            self.budget.as_ref().and_then(|b| autoscale::validate_budget(b, fewest, autoscale.is_some(), c.errors));
         let run = run::validate(&self.run, c.errors);
         let startup = self.startup.as_ref().map(|p| c.probe("startup", p, (Duration::from_millis(500), 1, 60)));
         let readiness = c.probe(
@@ -371,6 +388,12 @@ impl ServiceFile {
             c.err(
                 "release.strategy",
                 "a stateful service is replaced in place, one instance at a time (its data stays with it); accepted: rolling",
+            );
+        }
+        if stateful.is_some() && autoscale.is_some() {
+            c.err(
+                "autoscale",
+                "a stateful service's instances hold data of their own; it is scaled by hand (replicas), not by load",
             );
         }
         if stateful.is_none() {
@@ -399,6 +422,8 @@ impl ServiceFile {
                 release,
                 backup,
                 stateful,
+                autoscale,
+                budget,
             })
         } else {
             Err(SpecErrors(errors))

@@ -21,6 +21,10 @@ pub enum ProxyError {
     UpgradeNeedsHttp1(String),
     #[error("no healthy endpoint in upstream '{0}'")]
     NoEndpoint(String),
+    /// A service at zero instances did not get one within its
+    /// `cold_start_timeout`, or its queue of held requests was full.
+    #[error("upstream '{upstream}' has no instance yet: {why}")]
+    ColdStart { upstream: String, why: &'static str },
     /// The upstream's circuit breaker: `limit` requests were in flight.
     #[error("upstream '{upstream}' has its limit of {limit} requests in flight (max_in_flight)")]
     Overloaded { upstream: String, limit: u64 },
@@ -55,7 +59,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NoEndpoint(_) | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded { .. } | ProxyError::ColdStart { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpgradeNeedsHttp1(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
@@ -101,7 +107,7 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::RateLimited(d) => Some(retry_secs(*d)),
-            ProxyError::Overloaded { .. } => Some(1),
+            ProxyError::Overloaded { .. } | ProxyError::ColdStart { .. } => Some(1),
             _ => None,
         }
     }

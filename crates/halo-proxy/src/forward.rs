@@ -277,7 +277,12 @@ async fn attempts(
     start_ms: u64,
     out: &mut Outcome,
 ) -> Result<Exchange, ProxyError> {
-    let group = route.group(parts);
+    let mut group = route.group(parts);
+    if group.endpoints.is_empty() {
+        if let Some(cold) = group.cfg.cold_start {
+            group = cold_start(route, parts, group, cold).await?;
+        }
+    }
     out.upstream = group.endpoints.first().map(|e| e.upstream.clone());
     out.upstream_stats = Some(group.stats.clone());
     let admitted = crate::overload::admit(&group.stats.limiter, group.cfg.max_in_flight)
@@ -369,6 +374,45 @@ async fn attempts(
 }
 
 /// Counts a failed try against its endpoint's passive health.
+/// Holds a request for an upstream with no endpoint until one comes (a
+/// service at zero starting its first instance), at most `cold.timeout`
+/// and `cold.queue` requests at once; the group to send it to.
+async fn cold_start(
+    route: &Route,
+    parts: &http::request::Parts,
+    group: Arc<Group>,
+    cold: crate::config::ColdStart,
+) -> Result<Arc<Group>, ProxyError> {
+    let stats = group.stats.clone();
+    let refuse = |why| ProxyError::ColdStart { upstream: group.cfg.name.clone(), why };
+    if stats.waiting.fetch_add(1, Relaxed) >= u64::from(cold.queue) {
+        stats.waiting.fetch_sub(1, Relaxed);
+        return Err(refuse("its queue of held requests (cold_start_queue) is full"));
+    }
+    // Counted out however this ends (the request may be dropped).
+    struct Held<'a>(&'a std::sync::atomic::AtomicU64);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Relaxed);
+        }
+    }
+    let _held = Held(&stats.waiting);
+    stats.demand.notify_one();
+    let deadline = tokio::time::Instant::now() + cold.timeout;
+    loop {
+        let changed = stats.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let now = route.group(parts);
+        if !now.endpoints.is_empty() {
+            return Ok(now);
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return Err(refuse("none started within its cold_start_timeout"));
+        }
+    }
+}
+
 fn failed_try(ep: &Endpoint, group: &Group, e: &ProxyError) {
     if e.is_endpoint_failure() && !matches!(e, ProxyError::Connect(ConnectError::PoolFull(_))) {
         ep.passive_result(false, false, || group.may_eject());

@@ -126,8 +126,8 @@ impl History {
             for (name, n, failed, latency) in p.route_totals() {
                 totals.push(("route", name, n, failed, latency));
             }
-            for (name, n, failed, latency) in p.upstream_totals() {
-                totals.push(("upstream", name, n, failed, latency));
+            for u in p.upstream_totals() {
+                totals.push(("upstream", u.name, u.requests, u.failed, u.latency));
             }
             drop(p);
             let now_ms = halo_model::clock::unix_ms();

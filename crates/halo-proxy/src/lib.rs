@@ -58,4 +58,4 @@ mod util;
 
 pub use error::ProxyError as RequestError;
 pub use server::admin::{bearer as admin_bearer, render_metrics};
-pub use server::{Proxy, ProxyError, ReloadError};
+pub use server::{Proxy, ProxyError, ReloadError, UpstreamTotals};

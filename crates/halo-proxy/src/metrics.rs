@@ -34,6 +34,11 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Relaxed)).collect()
     }
 
+    /// The sum of every observation, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -247,6 +252,13 @@ pub struct UpstreamStats {
     /// When its endpoints' failure rates were last judged (ms, see
     /// `util::now_ms`; 0: never).
     pub rates_judged_ms: AtomicU64,
+    /// Requests held now for a first endpoint (`cold_start`).
+    pub waiting: AtomicU64,
+    /// Notified when the upstream's endpoints or config change.
+    pub changed: tokio::sync::Notify,
+    /// Notified when a request starts waiting: the proxy's one signal of
+    /// demand for an upstream at zero, shared by every upstream.
+    pub demand: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl UpstreamStats {

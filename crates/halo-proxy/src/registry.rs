@@ -37,6 +37,9 @@ pub struct Registry {
     /// endpoint when it is created: at start, or when its upstream's
     /// endpoints are fed later.
     restores: Mutex<HashMap<(String, SocketAddr), crate::handover::EndpointState>>,
+    /// Notified when a request starts waiting for an upstream's first
+    /// endpoint (every upstream's [`UpstreamStats::demand`]).
+    pub demand: Arc<tokio::sync::Notify>,
 }
 
 /// One immutable routing snapshot.
@@ -180,8 +183,12 @@ impl Registry {
                 ep
             })
             .collect();
-        let stats = self.upstreams.locked().entry(u.name.clone()).or_default().clone();
+        let stats = self.upstreams.locked().entry(u.name.clone()).or_insert_with(|| self.new_stats()).clone();
         Group::new(u, list, stats)
+    }
+
+    fn new_stats(&self) -> Arc<UpstreamStats> {
+        Arc::new(UpstreamStats { demand: self.demand.clone(), ..UpstreamStats::default() })
     }
 
     /// Every upstream's counters, by name, sorted.

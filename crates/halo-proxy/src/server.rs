@@ -51,6 +51,21 @@ pub enum ReloadError {
 }
 
 /// A running proxy. Dropping it does not stop it; call [`Proxy::shutdown`].
+/// One upstream's counters ([`Proxy::upstream_totals`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTotals {
+    pub name: String,
+    pub requests: u64,
+    /// 5xx, or an error the proxy answered for.
+    pub failed: u64,
+    /// Requests per bucket of [`crate::metrics::BUCKETS`], then +Inf.
+    pub latency: Vec<u64>,
+    /// The sum of their latencies, in microseconds.
+    pub latency_sum_us: u64,
+    /// Requests held now for a first endpoint.
+    pub waiting: u64,
+}
+
 pub struct Proxy {
     shared: Arc<Shared>,
     /// Tells the workers' connections to finish and close.
@@ -362,8 +377,16 @@ impl Proxy {
         let slot = snap.groups.get(upstream).ok_or_else(|| ReloadError::UnknownUpstream(upstream.into()))?;
         let mut u = (*slot.load().cfg).clone();
         u.endpoints = endpoints;
-        slot.store(Arc::new(self.shared.registry.regroup(Arc::new(u))));
+        let group = Arc::new(self.shared.registry.regroup(Arc::new(u)));
+        slot.store(group.clone());
+        group.stats.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Notified when a request starts waiting for an upstream with no
+    /// endpoint to get one ([`UpstreamConfig::cold_start`]).
+    pub fn demand(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.registry.demand.clone()
     }
 
     /// The endpoints `upstream` sends to now (`None`: no such upstream).
@@ -374,13 +397,23 @@ impl Proxy {
         Some(eps)
     }
 
-    /// Each upstream's requests so far, how many failed (5xx, or an error
-    /// the proxy answered for), and their latency histogram (counts per
-    /// bucket of [`crate::metrics::BUCKETS`], then +Inf), whatever
-    /// endpoints it had.
-    pub fn upstream_totals(&self) -> Vec<(String, u64, u64, Vec<u64>)> {
+    /// Each upstream's counters so far, whatever endpoints it had.
+    pub fn upstream_totals(&self) -> Vec<UpstreamTotals> {
         let stats = self.shared.registry.upstream_stats();
-        stats.into_iter().map(|(name, s)| (name, s.totals().0, s.totals().1, s.latency.counts())).collect()
+        stats
+            .into_iter()
+            .map(|(name, s)| {
+                let (requests, failed) = s.totals();
+                UpstreamTotals {
+                    name,
+                    requests,
+                    failed,
+                    latency: s.latency.counts(),
+                    latency_sum_us: s.latency.sum_us(),
+                    waiting: s.waiting.load(Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// [`Proxy::upstream_totals`] for each route.
@@ -400,6 +433,9 @@ impl Proxy {
         let snap = self.shared.registry.build(Arc::new(cfg));
         watch_certificates(&self.shared, &snap.config);
         self.shared.snapshot.store(Arc::new(snap));
+        for (_, s) in self.shared.registry.upstream_stats() {
+            s.changed.notify_waiters();
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then

@@ -418,6 +418,44 @@ pub fn status(t: &Target, out: &Output) -> anyhow::Result<()> {
     out.print(&v, |wide| status_text(&v, unix_secs(), wide))
 }
 
+/// Each autoscaled service: its count and bounds, every target against
+/// what was measured, and the leader's last decision.
+fn autoscale_text(c: &ClusterView, now: u64) -> String {
+    let mut out = String::new();
+    for s in &c.services {
+        let Some(a) = &s.autoscale else { continue };
+        let targets: Vec<String> = a
+            .targets
+            .iter()
+            .map(|m| {
+                let unit = if m.metric == "p99" { "ms" } else { "" };
+                match m.value {
+                    Some(v) => format!("{} {v:.1}{unit} (target {}{unit})", m.metric, m.target),
+                    None => format!("{} - (target {}{unit})", m.metric, m.target),
+                }
+            })
+            .collect();
+        out.push_str(&format!(
+            "autoscaling {}: replicas {} ({} to {}), {} ready; per instance {}\n",
+            s.name,
+            s.replicas,
+            a.min,
+            a.max,
+            s.ready,
+            targets.join(", ")
+        ));
+        if !a.reason.is_empty() {
+            let when = if a.changed_ms > 0 {
+                format!(" ({} ago)", age(now.saturating_sub(a.changed_ms / 1000)))
+            } else {
+                String::new()
+            };
+            out.push_str(&format!("  {}{when}\n", a.reason));
+        }
+    }
+    out
+}
+
 fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
     let mut out = String::new();
     let c = &v.cluster;
@@ -464,6 +502,7 @@ fn status_text(v: &StatusView, now: u64, wide: bool) -> String {
         out.push_str(&render(t, 2));
         out.push_str("instances on this node:\n");
     }
+    out.push_str(&autoscale_text(c, now));
     if v.services.is_empty() {
         out.push_str("no services; declare one with `halo apply -f FILE`\n");
         return out;
@@ -647,7 +686,9 @@ impl Goal {
         let old = stored.and_then(|b| halo_model::parse_service("(stored)", &String::from_utf8_lossy(&b)).ok());
         let template = |f: &halo_model::ServiceFile| halo_control::keys::ServiceRecord::template(f, 0);
         let new_template = old.as_ref().is_none_or(|(o, _)| template(o) != template(file));
-        Goal::service(t, &file.name, file.replicas.or(Some(1)), new_template)
+        // An autoscaled service's count is the leader's to choose.
+        let replicas = if file.autoscale.is_some() { None } else { file.replicas.or(Some(1)) };
+        Goal::service(t, &file.name, replicas, new_template)
     }
 
     /// A goal for `name`, remembering its revision now.
@@ -701,8 +742,23 @@ impl Goal {
                 (!listed && left == 0, format!("{name}: {} left", count(left, "instance")))
             }
             Goal::Drained(node) => {
-                let left = v.placements.iter().filter(|p| &p.node == node).count();
-                (left == 0, format!("node {node}: {} left to move", count(left, "instance")))
+                let left: Vec<&halo_control::PlacementView> = v.placements.iter().filter(|p| &p.node == node).collect();
+                let mut say = format!("node {node}: {} left to move", count(left.len(), "instance"));
+                // What holds each service's last ones: its budget.
+                let mut held: Vec<String> = Vec::new();
+                for s in v.services.iter().filter(|s| left.iter().any(|p| p.service == s.name)) {
+                    let ready_here = left.iter().filter(|p| p.service == s.name && p.ready).count();
+                    if ready_here > 0 && s.ready <= s.min_ready as usize {
+                        held.push(format!(
+                            "{} waits for a replacement ({} ready, keeps {})",
+                            s.name, s.ready, s.min_ready
+                        ));
+                    }
+                }
+                if !held.is_empty() {
+                    say.push_str(&format!("; {}", held.join("; ")));
+                }
+                (left.is_empty(), say)
             }
             Goal::Switchover { name, token, to } => {
                 let s = v.services.iter().find(|s| &s.name == name);

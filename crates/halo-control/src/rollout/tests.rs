@@ -33,7 +33,7 @@ fn svc(release: &str) -> Svc {
 
 /// Every node's counters: canary and stable requests and failures so far.
 fn stats(canary: (u64, u64), stable: (u64, u64)) -> BTreeMap<String, NodeStats> {
-    let c = |(requests, failed)| Counters { requests, failed, latency: Vec::new() };
+    let c = |(requests, failed)| Counters { requests, failed, ..Counters::default() };
     let upstreams = BTreeMap::from([("web.canary".to_string(), c(canary)), ("web".to_string(), c(stable))]);
     BTreeMap::from([("n1".to_string(), NodeStats { upstreams })])
 }

@@ -21,6 +21,7 @@ fn snap(nodes: &[(&str, &str, u32)], services: &[(&str, u32, &str)]) -> Snapshot
                         driver: "exec".into(),
                         canary: None,
                         stateful: None,
+                        min_ready: None,
                     },
                 )
             })
@@ -111,7 +112,14 @@ fn a_service_goes_only_where_its_driver_answers_unless_none_does() {
     // An exec service is not held to docker nodes.
     s.services.insert(
         "job".into(),
-        ServiceWant { replicas: 3, template: "j".into(), driver: "exec".into(), canary: None, stateful: None },
+        ServiceWant {
+            replicas: 3,
+            template: "j".into(),
+            driver: "exec".into(),
+            canary: None,
+            stateful: None,
+            min_ready: None,
+        },
     );
     converge(&mut s);
     let job_on_a = s.placements.values().filter(|p| p.service == "job" && p.node == "a").count();
@@ -257,6 +265,7 @@ fn property_converges_spread_even_never_twice_deterministic() {
                     driver: "exec".into(),
                     canary: None,
                     stateful: None,
+                    min_ready: None,
                 },
             );
         }

@@ -237,6 +237,17 @@ pub struct UpstreamConfig {
     /// node knows the cluster's state is current (set by the control
     /// plane, never by a file).
     pub gate: Option<Gate>,
+    /// With no endpoint, hold a request (up to `queue` at once) this long
+    /// for one to come: a service scaled to zero starting its first
+    /// instance (set by the control plane, never by a file).
+    pub cold_start: Option<ColdStart>,
+}
+
+/// How requests wait for an upstream with no endpoint ([`UpstreamConfig::cold_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColdStart {
+    pub timeout: Duration,
+    pub queue: u32,
 }
 
 /// A condition a connection to an upstream must pass ([`UpstreamConfig::gate`]).
@@ -276,6 +287,7 @@ impl UpstreamConfig {
             max_in_flight: None,
             removal_grace: None,
             gate: None,
+            cold_start: None,
         }
     }
 }

@@ -110,6 +110,7 @@ impl Validator<'_> {
             max_in_flight,
             removal_grace: None,
             gate: None,
+            cold_start: None,
         }
     }
 
