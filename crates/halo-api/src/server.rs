@@ -97,6 +97,7 @@ pub fn router(node: Node, tokens: Tokens) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}/undrain", post(undrain))
+        .route("/v1/maintenance", get(maintenance).post(maintain).delete(cancel_maintenance))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -251,6 +252,44 @@ async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl 
 async fn remove_node(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     api.node.remove_node(&name).await?;
     Ok(Json(Outcome::new(name, "removed")))
+}
+
+#[derive(Deserialize)]
+struct MaintainBody {
+    #[serde(default)]
+    nodes: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    command: String,
+    #[serde(default = "one")]
+    max_unavailable: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn maintain(State(api): State<Api>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let b: MaintainBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            ErrorCode::BadRequest,
+            format!(
+                "expected {{\"nodes\": [NAME...] or \"all\": true, \"command\": CMD, \"max_unavailable\": N}}: {e}"
+            ),
+        )
+    })?;
+    Ok(Json(api.node.maintain(&b.nodes, b.all, &b.command, b.max_unavailable).await?))
+}
+
+async fn maintenance(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
+    let rec = api.node.maintenance().ok_or_else(|| {
+        ApiError(ErrorCode::NotFound, "no maintenance has been asked for (`halo node maintain`)".into())
+    })?;
+    Ok(Json(rec))
+}
+
+async fn cancel_maintenance(State(api): State<Api>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(api.node.cancel_maintenance().await?))
 }
 
 async fn undrain(State(api): State<Api>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

@@ -88,6 +88,8 @@ pub enum EventKind {
     Switchover,
     /// A synchronous primary named its standby.
     Synchronous,
+    /// A step of a rolling node maintenance (`halo node maintain`).
+    Maintenance,
     /// A kind written by another version of halo.
     #[serde(other)]
     Other,
@@ -121,6 +123,7 @@ impl EventKind {
             EventKind::Cloned => "cloned",
             EventKind::Switchover => "switchover",
             EventKind::Synchronous => "synchronous",
+            EventKind::Maintenance => "maintenance",
             EventKind::Other => "other",
         }
     }

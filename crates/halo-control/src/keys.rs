@@ -19,6 +19,8 @@
 //! | `/halo/silent/NODE` | the nodes NODE finds silent, a JSON list of names | the node's | each node, while any is silent ([`crate::evict`]) |
 //! | `/halo/upgrading/NODE` | the pid of the process handing over, text | none | a node's old process during a binary upgrade; the node deletes it at every start ([`crate::evict`] spares the node meanwhile) |
 //! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress or a service autoscales |
+//! | `/halo/maintenance` | [`crate::maintenance::MaintenanceRecord`] | none | the API creates it (`halo node maintain`); the leader advances it, fenced |
+//! | `/halo/maintenance-results/NODE` | [`crate::maintenance::MaintenanceResult`] | none | the node, when its maintenance command ended |
 //! | `/halo/scale/NAME` | [`ScaleRecord`] | none | the leader only, fenced by its token: an autoscaled service's replica count |
 //! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
 //! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
@@ -51,6 +53,8 @@ pub const ROLLOUTS: &str = "/halo/rollouts/";
 pub const ROLLOUT_COMMANDS: &str = "/halo/rollout-commands/";
 pub const STATS: &str = "/halo/stats/";
 pub const SCALES: &str = "/halo/scale/";
+pub const MAINTENANCE: &str = "/halo/maintenance";
+pub const MAINTENANCE_RESULTS: &str = "/halo/maintenance-results/";
 pub const SILENT: &str = "/halo/silent/";
 pub const UPGRADING: &str = "/halo/upgrading/";
 pub const VIPS: &str = "/halo/vips/";
@@ -226,6 +230,10 @@ pub fn upgrading_key(node: &str) -> String {
 
 pub fn stats_key(node: &str) -> String {
     format!("{STATS}{node}")
+}
+
+pub fn maintenance_result_key(node: &str) -> String {
+    format!("{MAINTENANCE_RESULTS}{node}")
 }
 
 pub fn scale_key(service: &str) -> String {

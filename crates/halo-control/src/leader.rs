@@ -162,6 +162,7 @@ async fn leader_loop(m: Arc<Membership>, view: Arc<View>, token: Revision) {
                 }
             }
             rollouts.tick(&m, token, &st).await;
+            crate::maintenance::tick(&m, token, &st, &mut seen_up_to).await;
         }
         tokio::select! {
             _ = changed.changed() => {}

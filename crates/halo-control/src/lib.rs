@@ -22,6 +22,7 @@ use halo_model::fnv;
 mod hooks;
 pub mod keys;
 pub mod leader;
+pub mod maintenance;
 pub mod membership;
 mod metrics;
 pub mod migrate;

@@ -27,6 +27,7 @@ use crate::views::{Applied, ApplyOutcome, ClusterView, InstanceView, ServiceStat
 use crate::NodeConfig;
 use halo_model::lock::LockExt;
 
+mod maintain;
 mod rollouts;
 use crate::events::EventKind;
 use rollouts::stable_for;
@@ -208,6 +209,7 @@ impl Node {
         tasks.spawn(crate::leader::run_election(ctx.clone()));
         tasks.spawn(reconcile::run(node.r.clone()));
         tasks.spawn(reconcile::publish_stats(node.r.clone()));
+        tasks.spawn(crate::maintenance::run_here(ctx.clone()));
         tasks.spawn(crate::roles::run(node.r.clone(), node.r.stateful.clone()));
         tasks.spawn(crate::hooks::restore_pending(node.hooks.clone()));
         Ok(node)

@@ -29,7 +29,7 @@ use crate::keys::{
     PRIMARIES, ROLES, ROLLOUTS, ROLLOUT_COMMANDS, ROOT, SERVICES, SILENT, STATS, SWITCHOVERS, SYNC, UPGRADING, VIPS,
     VIP_NODES,
 };
-use crate::keys::{ScaleRecord, SwitchoverRecord, SyncRecord, SCALES};
+use crate::keys::{ScaleRecord, SwitchoverRecord, SyncRecord, MAINTENANCE, MAINTENANCE_RESULTS, SCALES};
 use crate::scheduler::{CanaryWant, NodeInfo, ServiceWant, Snapshot, StatefulWant};
 use halo_model::lock::LockExt;
 
@@ -138,6 +138,10 @@ pub struct ClusterState {
     pub stats: BTreeMap<String, NodeStats>,
     /// Autoscaled services' replica counts as the leader decided them.
     pub scales: BTreeMap<String, ScaleRecord>,
+    /// The rolling maintenance, if one was asked for, with its revision.
+    pub maintenance: Option<(crate::maintenance::MaintenanceRecord, Revision)>,
+    /// Each node's last maintenance command result.
+    pub maintenance_results: BTreeMap<String, crate::maintenance::MaintenanceResult>,
     /// The nodes each node finds silent, by reporting node.
     pub silent: BTreeMap<String, BTreeSet<String>>,
     /// Nodes handing over to a new process (binary upgrade).
@@ -318,6 +322,14 @@ impl ClusterState {
             if let Ok(r) = serde_json::from_slice::<ScaleRecord>(&kv.value) {
                 self.scales.insert(service.to_string(), r);
             }
+        } else if key == MAINTENANCE {
+            if let Ok(r) = serde_json::from_slice(&kv.value) {
+                self.maintenance = Some((r, kv.mod_revision));
+            }
+        } else if let Some(node) = key.strip_prefix(MAINTENANCE_RESULTS) {
+            if let Ok(r) = serde_json::from_slice(&kv.value) {
+                self.maintenance_results.insert(node.to_string(), r);
+            }
         } else if let Some(node) = key.strip_prefix(UPGRADING) {
             self.upgrading.insert(node.to_string());
         } else if let Some(node) = key.strip_prefix(SILENT) {
@@ -375,6 +387,10 @@ impl ClusterState {
             self.stats.remove(id);
         } else if let Some(service) = key.strip_prefix(SCALES) {
             self.scales.remove(service);
+        } else if key == MAINTENANCE {
+            self.maintenance = None;
+        } else if let Some(node) = key.strip_prefix(MAINTENANCE_RESULTS) {
+            self.maintenance_results.remove(node);
         } else if key.starts_with(SILENT) {
             self.silent.remove(id);
         } else if key.starts_with(UPGRADING) {

@@ -390,6 +390,12 @@ impl ServiceFile {
                 "a stateful service is replaced in place, one instance at a time (its data stays with it); accepted: rolling",
             );
         }
+        if stateful.is_some() && budget.is_some() {
+            c.err(
+                "budget",
+                "a stateful service's instances stay with their data (never drained elsewhere) and are updated one at a time; a budget is for stateless services",
+            );
+        }
         if stateful.is_some() && autoscale.is_some() {
             c.err(
                 "autoscale",

@@ -8,6 +8,7 @@ mod demo_app;
 mod etcd_args;
 mod events_cmd;
 mod flag_file;
+mod maintain_cmd;
 mod notify;
 mod output;
 mod proxy_cmd;
@@ -226,6 +227,12 @@ enum NodeCommand {
         #[command(flatten)]
         out: Output,
     },
+    /// Rolling maintenance: drain one node at a time (within every
+    /// service's budget), run a command on it, wait for it to be back,
+    /// undrain it, go on. Carried on by whichever node leads.
+    Maintain(maintain_cmd::MaintainArgs),
+    /// The maintenance under way or the last one; --cancel stops it.
+    Maintenance(maintain_cmd::MaintenanceArgs),
 }
 
 #[derive(Subcommand)]
@@ -305,6 +312,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             NodeCommand::Undrain { name, out } => cli_cmd::node_drain(&target, &out, &name, false).map(drop),
             NodeCommand::Remove { name, out } => cli_cmd::node_remove(&target, &out, &name),
+            NodeCommand::Maintain(a) => maintain_cmd::maintain(&target, a),
+            NodeCommand::Maintenance(a) => maintain_cmd::maintenance(&target, a),
         },
         Command::Vip { command: VipCommand::List { out }, target } => cli_cmd::vip_list(&target, &out),
         Command::Rollout { command, target } => {

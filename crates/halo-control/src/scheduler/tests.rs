@@ -179,6 +179,49 @@ fn drain_starts_replacements_before_removing() {
 }
 
 #[test]
+fn a_budget_lets_a_drain_go_ahead_of_its_replacements_down_to_its_floor_and_no_further() {
+    // n1 and n2 drained at once; web has one placement on each node and a
+    // budget of 2 ready: one of the two may go at once, the other waits
+    // for a replacement to be ready, and the reason says so.
+    let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10), ("n3", "z", 10)], &[("web", 3, "t1")]);
+    converge(&mut s);
+    s.services.get_mut("web").unwrap().min_ready = Some(2);
+    s.nodes.get_mut("n1").unwrap().draining = true;
+    s.nodes.get_mut("n2").unwrap().draining = true;
+    let plan = schedule(&s);
+    assert_eq!(plan.add.len(), 2, "two replacements on n3: {plan:?}");
+    assert_eq!(plan.remove.len(), 1, "one displaced goes at once, down to the floor: {plan:?}");
+    let held = &plan.held["web"];
+    assert!(held.ends_with("waits until a replacement is ready: 2 ready, its budget keeps 2 ready"), "{held}");
+    // Replacements not ready yet: nothing more goes.
+    for id in &plan.remove {
+        s.placements.remove(id);
+        s.ready.remove(id);
+    }
+    for p in &plan.add {
+        s.placements.insert(p.id.clone(), p.clone());
+    }
+    let plan = schedule(&s);
+    assert!(plan.remove.is_empty() && plan.add.is_empty(), "below the floor: {plan:?}");
+    // One ready: the last displaced one goes.
+    let new: Vec<String> =
+        s.placements.values().filter(|p| p.node == "n3" && !s.ready.contains(&p.id)).map(|p| p.id.clone()).collect();
+    assert_eq!(new.len(), 2);
+    s.ready.insert(new[0].clone());
+    let plan = schedule(&s);
+    assert_eq!(plan.remove.len(), 1, "{plan:?}");
+    assert!(plan.held.is_empty());
+    // Without a budget, neither goes before its replacement is ready.
+    let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10), ("n3", "z", 10)], &[("web", 3, "t1")]);
+    converge(&mut s);
+    s.nodes.get_mut("n1").unwrap().draining = true;
+    s.nodes.get_mut("n2").unwrap().draining = true;
+    let plan = schedule(&s);
+    assert!(plan.remove.is_empty(), "{plan:?}");
+    assert!(plan.held["web"].contains("without a [budget] every replica stays ready"), "{plan:?}");
+}
+
+#[test]
 fn template_change_rolls_one_at_a_time_keeping_capacity() {
     let mut s = snap(&[("n1", "z", 10), ("n2", "z", 10)], &[("web", 2, "t1")]);
     converge(&mut s);
