@@ -57,12 +57,29 @@ pub fn maintain(t: &Target, a: MaintainArgs) -> anyhow::Result<()> {
     follow(t, rec.id, a.wait.timeout)
 }
 
-/// Prints each node's progress until the maintenance `id` ends.
+/// Prints each node's progress until the maintenance `id` ends. The node
+/// asked may be one under maintenance: while its API does not answer, the
+/// wait goes on (until `timeout`).
 fn follow(t: &Target, id: u64, timeout: std::time::Duration) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut said: Vec<String> = Vec::new();
+    let mut away = false;
     loop {
-        let rec = call(t, Method::GET, None)?;
+        let rec = match call(t, Method::GET, None) {
+            Ok(rec) => {
+                away = false;
+                rec
+            }
+            Err(e) if started.elapsed() < timeout => {
+                if !away {
+                    println!("(the node's API does not answer, it may be under maintenance: {e}; still waiting)");
+                    away = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         anyhow::ensure!(rec.id == id, "another maintenance replaced this one");
         for s in &rec.nodes {
             let line = format!("{}: {} ({})", s.node, phase(s.phase), s.detail);

@@ -112,9 +112,17 @@ async fn a_rolling_maintenance_restarting_each_agent_keeps_every_budget_and_fail
     let sampler = ReadySampler::start(&store);
     // The command kills the node's agent; the test starts it again, as
     // systemd's Restart= would.
-    let (code, out, err) = c.cli(0, &["node", "maintain", "--all", "--command", "echo patched; kill -9 $HALO_PID"]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("maintenance asked: n1, n2, n3 (1 at a time)"), "{out}");
+    let (bin, api, dir) = (BIN.to_string(), c.nodes[0].api().to_string(), c.nodes[0].data_dir.clone());
+    let command = "echo patched; kill -9 $HALO_PID";
+    let waiting = std::thread::spawn(move || {
+        std::process::Command::new(bin)
+            .args(["node", "maintain", "--all", "--command", command, "--wait", "--timeout", "120s", "--data-dir"])
+            .arg(dir)
+            .env("HALO_API", api)
+            .output()
+            .expect("halo node maintain")
+    });
+    until(&store, Instant::now(), Duration::from_secs(10), "a maintenance asked for", |st| st.maintenance.is_some()).await;
     let (code, _, err) = c.cli(1, &["node", "maintain", "n1", "--command", "true"]);
     assert!(code != 0 && err.contains("a maintenance is under way"), "{err}");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -147,6 +155,16 @@ async fn a_rolling_maintenance_restarting_each_agent_keeps_every_budget_and_fail
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(restarted, 3, "every node's agent was killed by its command and started again");
+    // --wait told the story, through its own node's restart.
+    let out = tokio::task::block_in_place(|| waiting.join().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "maintain --wait: {text}");
+    assert!(text.contains("maintenance asked: n1, n2, n3 (1 at a time)"), "{text}");
+    // (Phases shorter than its half-second poll may go unprinted.)
+    for n in ["n1", "n2", "n3"] {
+        assert!(text.contains(&format!("{n}: done (the command succeeded; the node is back)")), "{n}: {text}");
+    }
+    assert!(text.contains("done after"), "{text}");
     assert_eq!(most_under_way, 1, "more than one node under maintenance at once");
     // Every node back and undrained, web whole again.
     until(&store, Instant::now(), Duration::from_secs(30), "three nodes, none drained, web ready", |st| {

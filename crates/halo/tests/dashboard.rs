@@ -130,6 +130,21 @@ async fn the_dashboard_signs_in_shows_instances_and_traffic_and_follows_a_kill()
     .await;
     load.abort();
 
+    // An autoscaled service shows its bounds, target and measured value.
+    let scaled = "name = \"scaled\"\n[run]\ncommand = \"halo\"\nargs = [\"demo-app\"]\n[[routes]]\nhost = \"scaled.localhost\"\n\
+                  [autoscale]\nmin = 1\nmax = 4\nin_flight = 8\n";
+    let (code, _, err) = h.cli_with_input(&["apply", "-f", "-"], scaled);
+    assert_eq!(code, 0, "{err}");
+    until(
+        &mut page,
+        Duration::from_secs(30),
+        "the autoscaled service's bounds and target",
+        "(() => { const r = document.querySelector('[data-test=autoscale][data-service=scaled]'); \
+         return !!r && r.textContent.includes('(1 to 4)') && r.textContent.includes('in_flight') \
+         && r.textContent.includes('(target 8)'); })()",
+    )
+    .await;
+
     let png = page.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

@@ -74,8 +74,24 @@ function services(status) {
     const cls = s.ready >= s.replicas ? "ok" : "warn";
     return `<h3 data-test="service" data-name="${esc(s.name)}">${esc(s.name)} <span class="${cls}">${s.ready}/${s.replicas} ready</span>` +
       (s.placed > s.current ? ` <span class="warn">${s.placed - s.current} of the old revision</span>` : "") + "</h3>" +
+      autoscale(s) +
       table(["Instance", "Node", "State", "Ready", "Restarts", "Last exit", "Probe failures (s/r/l)", "Why not ready"], rows);
   }).join("");
+}
+
+// An autoscaled service: its bounds, each target against what was
+// measured per ready instance, and the leader's last decision.
+function autoscale(s) {
+  const a = s.autoscale;
+  if (!a) return "";
+  const targets = a.targets.map((t) => {
+    const unit = t.metric === "p99" ? " ms" : "";
+    const v = t.value == null ? "-" : t.value.toFixed(1) + unit;
+    return `${esc(t.metric)} ${v} (target ${t.target}${unit})`;
+  }).join(", ");
+  return `<p data-test="autoscale" data-service="${esc(s.name)}" data-replicas="${s.replicas}">` +
+    `autoscaling ${s.replicas} replicas (${a.min} to ${a.max}); per instance ${targets}` +
+    (a.reason ? ` <span class="muted">${esc(a.reason)}</span>` : "") + "</p>";
 }
 
 function traffic(series) {
