@@ -283,6 +283,10 @@ fn check_record(key: &str, value: &[u8]) -> Result<(), BackupError> {
         json(serde_json::from_slice::<NodeAdmin>(value).map(drop))?;
     } else if key.starts_with(ROLLOUTS) {
         json(serde_json::from_slice::<RolloutRecord>(value).map(drop))?;
+    } else if key.starts_with(crate::keys::SCALES) {
+        json(serde_json::from_slice::<crate::keys::ScaleRecord>(value).map(drop))?;
+    } else if key == crate::keys::MAINTENANCE {
+        json(serde_json::from_slice::<crate::keys::MaintenanceRecord>(value).map(drop))?;
     } else if key == SCHEMA || key == API_TOKEN {
         std::str::from_utf8(value).map_err(|_| bad("not text".into()))?;
     }

@@ -19,8 +19,8 @@
 //! | `/halo/silent/NODE` | the nodes NODE finds silent, a JSON list of names | the node's | each node, while any is silent ([`crate::evict`]) |
 //! | `/halo/upgrading/NODE` | the pid of the process handing over, text | none | a node's old process during a binary upgrade; the node deletes it at every start ([`crate::evict`] spares the node meanwhile) |
 //! | `/halo/stats/NODE` | [`NodeStats`] | the node's | each node, while a rollout is in progress or a service autoscales |
-//! | `/halo/maintenance` | [`crate::maintenance::MaintenanceRecord`] | none | the API creates it (`halo node maintain`); the leader advances it, fenced |
-//! | `/halo/maintenance-results/NODE` | [`crate::maintenance::MaintenanceResult`] | none | the node, when its maintenance command ended |
+//! | `/halo/maintenance` | [`MaintenanceRecord`] | none | the API creates it (`halo node maintain`); the leader advances it, fenced |
+//! | `/halo/maintenance-results/NODE` | [`MaintenanceResult`] | none | the node, when its maintenance command ended |
 //! | `/halo/scale/NAME` | [`ScaleRecord`] | none | the leader only, fenced by its token: an autoscaled service's replica count |
 //! | `/halo/vips/IP` | [`VipHolder`] | the holder's VIP lease | the node taking the floating IP (create-if-absent); its create revision is the VIP's **fencing token** |
 //! | `/halo/vip-nodes/IP/NODE` | [`VipCandidate`] | the node's VIP lease | each node that declares the VIP: whether it may hold it, and why not |
@@ -507,6 +507,78 @@ impl Counters {
             *a += b;
         }
     }
+}
+
+/// A rolling maintenance over some nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceRecord {
+    /// Unix ms when asked for: names each node's run.
+    pub id: u64,
+    /// Run with `sh -c` on each node.
+    pub command: String,
+    /// Nodes under maintenance at once.
+    pub max_unavailable: u32,
+    /// In the order they go.
+    pub nodes: Vec<NodeStep>,
+    pub state: RunState,
+    /// Why it ended, when it did not succeed.
+    #[serde(default)]
+    pub reason: String,
+    /// The fencing token of the leader that last wrote it (0: the API).
+    #[serde(default)]
+    pub token: Revision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// One node's way through the maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStep {
+    pub node: String,
+    pub phase: Phase,
+    /// What it waits for, or how it ended.
+    #[serde(default)]
+    pub detail: String,
+    /// Drained before the maintenance drained it: left drained after.
+    #[serde(default)]
+    pub was_draining: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Pending,
+    /// Drained; its instances move elsewhere within their budgets.
+    Draining,
+    /// Empty: the node runs the command.
+    Running,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    /// Draining or running: the node is out of service for the maintenance.
+    pub fn under_way(self) -> bool {
+        matches!(self, Phase::Draining | Phase::Running)
+    }
+}
+
+/// What a node reports when its command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceResult {
+    /// [`crate::maintenance::run_id`] of the run.
+    pub run: String,
+    /// The exit status (`None`: ended by a signal).
+    pub status: Option<i32>,
+    /// The last lines of its output.
+    pub output: String,
 }
 
 /// An autoscaled service's replica count, as the leader last decided it,

@@ -18,85 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use halo_store::{Compare, CompareOp, CompareTarget, Revision, Txn, TxnOp};
-use serde::{Deserialize, Serialize};
-
 use crate::ctx::NodeCtx;
 use crate::events::EventKind;
 use crate::keys::{maintenance_result_key, node_admin_key, NodeAdmin, LEADER, MAINTENANCE};
+pub use crate::keys::{MaintenanceRecord, MaintenanceResult, NodeStep, Phase, RunState};
 use crate::membership::Membership;
 use crate::state::ClusterState;
-
-/// A rolling maintenance over some nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaintenanceRecord {
-    /// Unix ms when asked for: names each node's run.
-    pub id: u64,
-    /// Run with `sh -c` on each node.
-    pub command: String,
-    /// Nodes under maintenance at once.
-    pub max_unavailable: u32,
-    /// In the order they go.
-    pub nodes: Vec<NodeStep>,
-    pub state: RunState,
-    /// Why it ended, when it did not succeed.
-    #[serde(default)]
-    pub reason: String,
-    /// The fencing token of the leader that last wrote it (0: the API).
-    #[serde(default)]
-    pub token: Revision,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-/// One node's way through the maintenance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStep {
-    pub node: String,
-    pub phase: Phase,
-    /// What it waits for, or how it ended.
-    #[serde(default)]
-    pub detail: String,
-    /// Drained before the maintenance drained it: left drained after.
-    #[serde(default)]
-    pub was_draining: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Pending,
-    /// Drained; its instances move elsewhere within their budgets.
-    Draining,
-    /// Empty: the node runs the command.
-    Running,
-    Done,
-    Failed,
-}
-
-impl Phase {
-    fn under_way(self) -> bool {
-        matches!(self, Phase::Draining | Phase::Running)
-    }
-}
-
-/// What a node reports when its command ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaintenanceResult {
-    /// [`run_id`] of the run.
-    pub run: String,
-    /// The exit status (`None`: ended by a signal).
-    pub status: Option<i32>,
-    /// The last lines of its output.
-    pub output: String,
-}
+use halo_store::{Compare, CompareOp, CompareTarget, Revision, Txn, TxnOp};
 
 /// The name of `node`'s run in maintenance `id`.
 pub fn run_id(id: u64, node: &str) -> String {

@@ -139,9 +139,9 @@ pub struct ClusterState {
     /// Autoscaled services' replica counts as the leader decided them.
     pub scales: BTreeMap<String, ScaleRecord>,
     /// The rolling maintenance, if one was asked for, with its revision.
-    pub maintenance: Option<(crate::maintenance::MaintenanceRecord, Revision)>,
+    pub maintenance: Option<(crate::keys::MaintenanceRecord, Revision)>,
     /// Each node's last maintenance command result.
-    pub maintenance_results: BTreeMap<String, crate::maintenance::MaintenanceResult>,
+    pub maintenance_results: BTreeMap<String, crate::keys::MaintenanceResult>,
     /// The nodes each node finds silent, by reporting node.
     pub silent: BTreeMap<String, BTreeSet<String>>,
     /// Nodes handing over to a new process (binary upgrade).

@@ -122,7 +122,8 @@ async fn a_rolling_maintenance_restarting_each_agent_keeps_every_budget_and_fail
             .output()
             .expect("halo node maintain")
     });
-    until(&store, Instant::now(), Duration::from_secs(10), "a maintenance asked for", |st| st.maintenance.is_some()).await;
+    until(&store, Instant::now(), Duration::from_secs(10), "a maintenance asked for", |st| st.maintenance.is_some())
+        .await;
     let (code, _, err) = c.cli(1, &["node", "maintain", "n1", "--command", "true"]);
     assert!(code != 0 && err.contains("a maintenance is under way"), "{err}");
     let deadline = Instant::now() + Duration::from_secs(120);
