@@ -51,7 +51,14 @@ listen = "127.0.0.1:$P_HALO"
 CONF
 "$HALO" up -c "$OUT/autoscale-node.toml" --data-dir "$DATA" > "$OUT/autoscale-up.log" 2>&1 &
 HALO_PID=$!
-PIDS+=($HALO_PID)
+# halo's instances outlive a killed halo (by design): SIGTERM stops them,
+# given the time to.
+autoscale_cleanup() {
+  kill "$HALO_PID" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$HALO_PID" 2>/dev/null || break; sleep 0.1; done
+  bench_cleanup
+}
+trap autoscale_cleanup EXIT
 for _ in $(seq 100); do H status >/dev/null 2>&1 && break; sleep 0.1; done
 
 # The fixed pools HAProxy (A1, A2) and nginx (A3, A4) send to: the same
@@ -61,7 +68,10 @@ declare -A POOL_PIDS
 pool() { # NAME PORT PORT
   local name=$1 port
   shift
-  for p in ${POOL_PIDS[$name]:-}; do kill "$p" 2>/dev/null || true; done
+  for p in ${POOL_PIDS[$name]:-}; do
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   POOL_PIDS[$name]=""
   for port in "$@"; do
     "$HALO" demo-app --port "$port" --delay-ms 20 --workers 2 > /dev/null 2>&1 &
@@ -70,6 +80,7 @@ pool() { # NAME PORT PORT
   done
   for port in "$@"; do
     for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/healthz" && break; sleep 0.05; done
+    curl -sf -o /dev/null "http://127.0.0.1:$port/healthz" || { echo "the pool's $port does not answer" >&2; exit 1; }
   done
 }
 pool haproxy $A1 $A2
@@ -166,6 +177,7 @@ step_round() { # ROUND NAME PORT PID
     # From 2 instances each round.
     H delete step > /dev/null 2>&1 || true
     for _ in $(seq 100); do H get step > /dev/null 2>&1 || break; sleep 0.1; done
+    sleep 1 # (the leader forgets its count: a new service starts from its file)
     service step 2 'min = 2
 max = 12
 in_flight = 1.5

@@ -11,8 +11,12 @@
 //!
 //! The rules, as Kubernetes' HPA has them where it has them:
 //! - each target asks for `ceil(total / target)` instances (`p99`:
-//!   `ceil(ready x measured / target)`), and the highest ask wins; within
-//!   10% of the target nothing changes;
+//!   `ceil(ready x measured / target)`) over `window` (default 30 s), and
+//!   the highest ask wins; within 10% of the target nothing changes;
+//! - over the last tenth of the window (at least a second), a burst that
+//!   asks for twice the count or more is acted on at once (Knative's panic
+//!   mode): a step of load is followed within seconds, and a stall of a
+//!   few hundred milliseconds is averaged away;
 //! - up at once, at most doubling per pass;
 //! - down only to the highest count asked for over `scale_down_window`
 //!   (a new leader first measures that long), so a load that swings around
@@ -41,17 +45,30 @@ const TOLERANCE: f64 = 0.1;
 /// `halo status` shows).
 const REFRESH: Duration = Duration::from_secs(2);
 
-/// What the proxies measured of one service over the window, all nodes
-/// and instances together.
+/// What the proxies measured of one service over a window, all nodes and
+/// instances together.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Signals {
-    /// Ready instances now.
-    pub ready: u32,
+pub(crate) struct Load {
     /// Mean requests in flight (the latencies' sum over the window's length).
     pub in_flight: f64,
     pub rps: f64,
     /// 99th percentile latency, seconds (`None`: no request).
     pub p99: Option<f64>,
+}
+
+/// What one pass knows of one service.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Signals {
+    /// Ready instances now.
+    pub ready: u32,
+    /// Over `window`: what the count follows.
+    pub load: Load,
+    /// Over the last tenth of it (at least a second): a burst that asks
+    /// for twice the count or more is acted on at once.
+    pub burst: Load,
+    /// A burst was acted on within the last window: the burst's ask
+    /// counts whatever its size, until the window has seen it.
+    pub bursting: bool,
     /// Requests held by the proxies for a first instance, now.
     pub waiting: u64,
     /// Since the last request (or held request).
@@ -64,60 +81,40 @@ pub(crate) struct Recommendation {
     pub replicas: u32,
     pub reason: String,
     pub measured: Vec<Measured>,
+    /// The burst window asked for twice the count or more.
+    pub burst: bool,
 }
 
-/// The count `s` asks for when the service asks for `current` now.
-pub(crate) fn recommend(spec: &AutoscaleSpec, current: u32, s: &Signals) -> Recommendation {
-    let per = |total: f64| if s.ready == 0 { None } else { Some(total / f64::from(s.ready)) };
-    let measured: Vec<Measured> = spec
-        .targets
+/// Each target against `load` per ready instance.
+fn measure(spec: &AutoscaleSpec, ready: u32, load: &Load) -> Vec<Measured> {
+    let per = |total: f64| if ready == 0 { None } else { Some(total / f64::from(ready)) };
+    spec.targets
         .iter()
         .map(|t| {
             let value = match t {
-                Target::InFlight(_) => per(s.in_flight),
-                Target::Rps(_) => per(s.rps),
-                Target::P99(_) => s.p99.map(|p| p * 1000.0).filter(|_| s.ready > 0),
+                Target::InFlight(_) => per(load.in_flight),
+                Target::Rps(_) => per(load.rps),
+                Target::P99(_) => load.p99.map(|p| p * 1000.0).filter(|_| ready > 0),
             };
             Measured { metric: t.name().to_string(), target: t.value(), value }
         })
-        .collect();
-    // At zero a service stays there until a request comes; above it, it
-    // keeps one until idle for scale_to_zero_after.
-    let demand = s.waiting > 0 || s.rps > 0.0;
-    let at_least = match spec.min {
-        0 if current == 0 => u32::from(demand),
-        0 => u32::from(demand || s.idle_for < spec.scale_to_zero_after),
-        min => min,
-    };
-    let done = |replicas: u32, reason: String| {
-        let replicas = replicas.clamp(at_least, spec.max);
-        let reason = if replicas == 0 && current > 0 {
-            format!("no request for {} (scale_to_zero_after)", secs(s.idle_for))
-        } else {
-            reason
-        };
-        Recommendation { replicas, reason, measured: measured.clone() }
-    };
-    if current == 0 || s.ready == 0 {
-        if s.waiting > 0 {
-            return done(current.max(1), format!("{} waiting for a first instance", plural(s.waiting, "request")));
-        }
-        if current == 0 && at_least == 0 {
-            return done(0, format!("no request for {}", secs(s.idle_for)));
-        }
-        return done(current, "no ready instance to measure yet".into());
-    }
+        .collect()
+}
+
+/// The count `load` asks for (the highest of its targets'), and the words
+/// for the target that asked it; `None` when nothing was measured.
+fn ask(spec: &AutoscaleSpec, current: u32, ready: u32, load: &Load) -> Option<(u32, String)> {
     let mut best: Option<(u32, String)> = None;
-    for (t, m) in spec.targets.iter().zip(&measured) {
+    for (t, m) in spec.targets.iter().zip(measure(spec, ready, load)) {
         let Some(value) = m.value else { continue };
         let ratio = value / m.target;
         let want = if (ratio - 1.0).abs() <= TOLERANCE {
             current
         } else {
             let total = match t {
-                Target::InFlight(_) => s.in_flight,
-                Target::Rps(_) => s.rps,
-                Target::P99(_) => f64::from(s.ready) * ratio * m.target,
+                Target::InFlight(_) => load.in_flight,
+                Target::Rps(_) => load.rps,
+                Target::P99(_) => f64::from(ready) * ratio * m.target,
             };
             (total / m.target - 1e-9).ceil().max(0.0) as u32
         };
@@ -134,10 +131,58 @@ pub(crate) fn recommend(spec: &AutoscaleSpec, current: u32, s: &Signals) -> Reco
             best = Some((want, why));
         }
     }
-    match best {
-        Some((want, why)) => done(want, why),
-        None => done(current, "nothing measured yet".into()),
+    best
+}
+
+/// The count `s` asks for when the service asks for `current` now.
+pub(crate) fn recommend(spec: &AutoscaleSpec, current: u32, s: &Signals) -> Recommendation {
+    let measured = measure(spec, s.ready, &s.load);
+    // At zero a service stays there until a request comes; above it, it
+    // keeps one until idle for scale_to_zero_after.
+    let demand = s.waiting > 0 || s.burst.rps > 0.0;
+    let at_least = match spec.min {
+        0 if current == 0 => u32::from(demand),
+        0 => u32::from(demand || s.idle_for < spec.scale_to_zero_after),
+        min => min,
+    };
+    let done = |replicas: u32, reason: String| {
+        let replicas = replicas.clamp(at_least, spec.max);
+        let reason = if replicas == 0 && current > 0 {
+            format!("no request for {} (scale_to_zero_after)", secs(s.idle_for))
+        } else {
+            reason
+        };
+        Recommendation { replicas, reason, measured: measured.clone(), burst: false }
+    };
+    if at_least == 0 && current > 0 {
+        // Idle for scale_to_zero_after: what the window still holds of the
+        // last requests asks for nothing.
+        return done(0, String::new());
     }
+    if current == 0 || s.ready == 0 {
+        if s.waiting > 0 {
+            return done(current.max(1), format!("{} waiting for a first instance", plural(s.waiting, "request")));
+        }
+        if current == 0 && at_least == 0 {
+            return done(0, format!("no request for {}", secs(s.idle_for)));
+        }
+        return done(current, "no ready instance to measure yet".into());
+    }
+    let steady = ask(spec, current, s.ready, &s.load);
+    // A burst of twice the count's worth or more: at once, not averaged
+    // away over the window; and what the burst window asks for counts
+    // until the window has seen it.
+    let burst = ask(spec, current, s.ready, &s.burst);
+    let big = burst.as_ref().is_some_and(|(want, _)| *want >= current.saturating_mul(2));
+    let burst = burst.filter(|_| big || s.bursting);
+    let mut rec = match (steady, burst) {
+        (Some((w, _)), Some((b, why))) if b > w => done(b, format!("{why} (a burst)")),
+        (Some((w, why)), _) => done(w, why),
+        (None, Some((b, why))) => done(b, format!("{why} (a burst)")),
+        (None, None) => done(current, "nothing measured yet".into()),
+    };
+    rec.burst = big;
+    rec
 }
 
 /// A change of count, and the event's words.
@@ -234,6 +279,8 @@ struct Follow {
     /// Recommendations of the last scale_down_window, oldest first.
     past: VecDeque<(Instant, u32)>,
     last_request: Instant,
+    /// When a burst last asked for twice the count.
+    last_burst: Option<Instant>,
     written: Option<(Instant, ScaleRecord)>,
 }
 
@@ -245,11 +292,12 @@ impl Follow {
             samples: VecDeque::new(),
             past: VecDeque::new(),
             last_request: now,
+            last_burst: None,
             written: None,
         }
     }
 
-    /// The signals over `window` ending now.
+    /// The signals over `window` (and its last tenth) ending now.
     fn signals(&mut self, window: Duration, ready: u32, now: Instant) -> Signals {
         let total = self.tally.total.clone();
         if total.waiting > 0 || self.samples.back().is_some_and(|(_, c)| c.requests < total.requests) {
@@ -260,23 +308,42 @@ impl Follow {
         while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= window {
             self.samples.pop_front();
         }
-        let (then, first) = self.samples.front().cloned().expect("just pushed");
-        let grew = total.since(&first);
-        let span = now.duration_since(then).as_secs_f64();
-        let (in_flight, rps) = if span > 0.0 {
-            (grew.latency_sum_us as f64 / 1e6 / span, grew.requests as f64 / span)
-        } else {
-            (0.0, 0.0)
+        let over = |span: Duration| {
+            // The newest sample at least `span` old (else the oldest).
+            let (then, first) = self
+                .samples
+                .iter()
+                .rev()
+                .find(|(at, _)| now.duration_since(*at) >= span)
+                .or(self.samples.front())
+                .cloned()
+                .expect("just pushed");
+            let grew = total.since(&first);
+            let secs = now.duration_since(then).as_secs_f64();
+            if secs <= 0.0 {
+                return Load::default();
+            }
+            Load {
+                in_flight: grew.latency_sum_us as f64 / 1e6 / secs,
+                rps: grew.requests as f64 / secs,
+                p99: halo_proxy::metrics::quantile(&grew.latency, 0.99),
+            }
         };
         Signals {
             ready,
-            in_flight,
-            rps,
-            p99: halo_proxy::metrics::quantile(&grew.latency, 0.99),
+            load: over(window),
+            burst: over(burst_window(window)),
+            bursting: self.last_burst.is_some_and(|at| now.duration_since(at) < window),
             waiting: total.waiting,
             idle_for: now.duration_since(self.last_request),
         }
     }
+}
+
+/// The window a burst is measured over: a tenth of `window`, at least a
+/// second (at most `window`).
+pub(crate) fn burst_window(window: Duration) -> Duration {
+    (window / 10).max(Duration::from_secs(1)).min(window)
 }
 
 /// The leader's autoscaling state.
@@ -320,6 +387,9 @@ impl Controller {
             let stored = st.scales.get(name);
             let current = stored.map_or(svc.spec.replicas, |r| r.replicas);
             let rec = recommend(spec, current, &signals);
+            if rec.burst {
+                f.last_burst = Some(now);
+            }
             f.past.retain(|(at, _)| now.duration_since(*at) <= spec.scale_down_window);
             let past: Vec<(Duration, u32)> = f.past.iter().map(|(at, n)| (now.duration_since(*at), *n)).collect();
             let change = if st.canary(name).is_some() {

@@ -89,7 +89,8 @@ pub struct AutoscaleSpec {
     pub max: u32,
     /// At least one.
     pub targets: Vec<Target>,
-    /// What a measurement averages over.
+    /// What a measurement averages over (a burst is measured over its
+    /// last tenth, at least a second).
     pub window: Duration,
     /// A scale-down takes the highest count asked for over this long.
     pub scale_down_window: Duration,
@@ -164,7 +165,7 @@ pub fn validate(
     };
     let ms = Duration::from_millis;
     let p99 = a.p99.as_ref().map(|_| duration("autoscale.p99", &a.p99, ms(100), ms(1)));
-    let window = duration("autoscale.window", &a.window, Duration::from_secs(2), ms(500));
+    let window = duration("autoscale.window", &a.window, Duration::from_secs(30), Duration::from_secs(1));
     let scale_down_window =
         duration("autoscale.scale_down_window", &a.scale_down_window, Duration::from_secs(300), Duration::ZERO);
     let scale_to_zero_after = duration(

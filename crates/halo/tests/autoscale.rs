@@ -72,7 +72,7 @@ async fn a_step_of_load_scales_up_within_seconds_and_its_end_scales_down_after_t
     let text = service(
         "demo",
         None,
-        "min = 1\nmax = 6\nin_flight = 4\nscale_down_window = \"6s\"",
+        "min = 1\nmax = 6\nin_flight = 4\nwindow = \"5s\"\nscale_down_window = \"6s\"",
         ", \"--delay-ms\", \"50\"",
     );
     let (code, out, err) = apply(&h, "demo", &text);
@@ -120,7 +120,7 @@ async fn a_load_swinging_twenty_percent_around_its_target_scales_once() {
     let text = service(
         "demo",
         Some(2),
-        "min = 1\nmax = 8\nin_flight = 5\nscale_down_window = \"60s\"",
+        "min = 1\nmax = 8\nin_flight = 5\nwindow = \"10s\"\nscale_down_window = \"60s\"",
         ", \"--delay-ms\", \"50\"",
     );
     let (code, out, err) = apply(&h, "demo", &text);

@@ -7,7 +7,7 @@ fn spec(min: u32, max: u32, targets: Vec<Target>) -> AutoscaleSpec {
         min,
         max,
         targets,
-        window: Duration::from_secs(2),
+        window: Duration::from_secs(30),
         scale_down_window: Duration::from_secs(60),
         scale_to_zero_after: Duration::from_secs(120),
         cold_start_timeout: Duration::from_secs(30),
@@ -16,8 +16,9 @@ fn spec(min: u32, max: u32, targets: Vec<Target>) -> AutoscaleSpec {
 }
 
 /// Runs passes every `every` over `load(t)` (total requests in flight),
-/// new instances ready `start` after they are asked for; the count after
-/// each pass.
+/// measured as the mean over the window and over the burst window, new
+/// instances ready `start` after they are asked for; the count after each
+/// pass.
 fn run(
     s: &AutoscaleSpec,
     from: u32,
@@ -30,14 +31,30 @@ fn run(
     let mut asked: Vec<(Duration, u32)> = Vec::new(); // when each count was set
     let mut past: VecDeque<(Duration, u32)> = VecDeque::new();
     let mut counts = Vec::new();
+    let mut seen: VecDeque<(Duration, f64)> = VecDeque::new();
+    let mut last_burst: Option<Duration> = None;
     for i in 0..passes {
         let now = every * i as u32;
         // Ready: the count set at least `start` ago, never more than asked.
         let ready = asked.iter().rev().find(|(at, _)| now >= *at + start).map_or(from, |(_, n)| *n).min(current);
-        let l = load(now);
-        let sig =
-            Signals { ready, in_flight: l, rps: l * 100.0, p99: Some(0.01), waiting: 0, idle_for: Duration::ZERO };
+        seen.push_back((now, load(now)));
+        let mean = |span: Duration| {
+            let xs: Vec<f64> = seen.iter().filter(|(at, _)| now - *at <= span).map(|(_, l)| *l).collect();
+            let l = xs.iter().sum::<f64>() / xs.len() as f64;
+            Load { in_flight: l, rps: l * 100.0, p99: Some(0.01) }
+        };
+        let sig = Signals {
+            ready,
+            load: mean(s.window),
+            burst: mean(burst_window(s.window)),
+            bursting: last_burst.is_some_and(|at| now - at < s.window),
+            waiting: 0,
+            idle_for: Duration::ZERO,
+        };
         let rec = recommend(s, current, &sig);
+        if rec.burst {
+            last_burst = Some(now);
+        }
         past.retain(|(at, _)| now - *at <= s.scale_down_window);
         let p: Vec<(Duration, u32)> = past.iter().map(|(at, n)| (now - *at, *n)).collect();
         if let Some(c) = decide(s, current, &rec, &p, now + s.scale_down_window) {
@@ -66,13 +83,14 @@ fn a_step_up_doubles_per_pass_to_what_the_load_needs_and_a_drop_waits_for_the_wi
     let counts = run(&s, 1, every, 400, Duration::from_secs(3), load);
     let at = |t: Duration| counts[(t.as_millis() / every.as_millis()) as usize];
     assert_eq!(at(Duration::from_millis(9500)), 1);
-    // 1 -> 2 -> 4 -> 5 in three passes: demand, not the ready count, decides.
-    assert_eq!(&counts[20..24], &[2, 4, 5, 5], "{counts:?}");
+    // The burst: 5 within 3 s of the step (demand, not the ready count,
+    // decides), and no further.
+    assert_eq!(at(Duration::from_secs(13)), 5, "{counts:?}");
+    assert!(counts.iter().all(|n| *n <= 5), "{counts:?}");
     assert_eq!(at(Duration::from_secs(39)), 5);
-    // The drop: held for the whole scale_down_window, then down at once.
+    // The drop: held for the whole scale_down_window, then down.
     assert_eq!(at(Duration::from_secs(99)), 5, "{counts:?}");
-    assert_eq!(at(Duration::from_secs(101)), 1, "{counts:?}");
-    assert_eq!(changes(&counts), 4);
+    assert_eq!(at(Duration::from_secs(135)), 1, "{counts:?}");
 }
 
 #[test]
@@ -83,14 +101,26 @@ fn a_load_swinging_twenty_percent_around_the_target_scales_once_for_ten_minutes(
     let load = |t: Duration| 40.0 * (1.0 + 0.2 * (t.as_secs_f64() * std::f64::consts::TAU / 30.0).sin());
     let counts = run(&s, 4, every, 1200, Duration::from_secs(2), load);
     assert!(changes(&counts) <= 1, "{} changes: {counts:?}", changes(&counts));
-    assert_eq!(*counts.last().unwrap(), 5, "sized for the peaks (48 in flight, 10 each)");
+    // The same swing in a square wave with short stalls: 200 ms of three
+    // times the load twice a minute (what a paused process makes of the
+    // mean), in the half-second pass that holds them.
+    let stalls = |t: Duration| {
+        let swing = if t.as_secs() % 30 < 15 { 48.0 } else { 32.0 };
+        if t.as_millis() % 30_000 == 20_000 {
+            swing * (1.0 + 2.0 * 0.2 / 0.5)
+        } else {
+            swing
+        }
+    };
+    let counts = run(&s, 4, every, 1200, Duration::from_secs(2), stalls);
+    assert!(changes(&counts) <= 1, "{} changes: {counts:?}", changes(&counts));
 }
 
 #[test]
 fn within_the_tolerance_nothing_changes() {
     let s = spec(1, 10, vec![Target::Rps(100.0)]);
     for rps in [1850.0, 2000.0, 2150.0] {
-        let sig = Signals { ready: 20, rps, ..Signals::default() };
+        let sig = Signals { ready: 20, load: Load { rps, ..Load::default() }, ..Signals::default() };
         let rec = recommend(&AutoscaleSpec { max: 40, ..s.clone() }, 20, &sig);
         assert_eq!(rec.replicas, 20, "at {rps}: {}", rec.reason);
     }
@@ -99,13 +129,14 @@ fn within_the_tolerance_nothing_changes() {
 #[test]
 fn the_highest_target_wins_and_the_reason_names_it() {
     let s = spec(1, 10, vec![Target::InFlight(8.0), Target::Rps(100.0), Target::P99(Duration::from_millis(50))]);
-    let sig = Signals { ready: 2, in_flight: 10.0, rps: 600.0, p99: Some(0.04), ..Signals::default() };
+    let load = Load { in_flight: 10.0, rps: 600.0, p99: Some(0.04) };
+    let sig = Signals { ready: 2, load: load.clone(), burst: load, ..Signals::default() };
     let rec = recommend(&s, 2, &sig);
     assert_eq!(rec.replicas, 6);
     assert_eq!(rec.reason, "rps 300.0 per instance > 100");
     let c = decide(&s, 2, &rec, &[], Duration::ZERO).unwrap();
     assert_eq!(c, Change { to: 4, reason: "rps 300.0 per instance > 100".into() }, "at most doubled");
-    let p99 = Signals { ready: 3, in_flight: 3.0, rps: 30.0, p99: Some(0.1), ..Signals::default() };
+    let p99 = Signals { ready: 3, load: Load { in_flight: 3.0, rps: 30.0, p99: Some(0.1) }, ..Signals::default() };
     let rec = recommend(&s, 3, &p99);
     assert_eq!((rec.replicas, rec.reason.as_str()), (6, "p99 100.0ms per instance > 50ms"));
     assert_eq!(rec.measured.len(), 3);
@@ -115,7 +146,7 @@ fn the_highest_target_wins_and_the_reason_names_it() {
 #[test]
 fn a_new_leader_measures_a_whole_window_before_it_scales_down() {
     let s = spec(1, 10, vec![Target::InFlight(8.0)]);
-    let sig = Signals { ready: 6, in_flight: 8.0, ..Signals::default() };
+    let sig = Signals { ready: 6, load: Load { in_flight: 8.0, ..Load::default() }, ..Signals::default() };
     let rec = recommend(&s, 6, &sig);
     assert_eq!(rec.replicas, 1);
     assert_eq!(decide(&s, 6, &rec, &[], Duration::from_secs(30)), None);
@@ -138,7 +169,12 @@ fn from_zero_on_a_held_request_and_back_to_zero_when_idle() {
     // scale_to_zero_after, whatever the scale-down window says.
     let quiet = Signals { ready: 1, idle_for: Duration::from_secs(119), ..Signals::default() };
     assert_eq!(recommend(&s, 1, &quiet).replicas, 1);
-    let gone = Signals { idle_for: Duration::from_secs(120), ..quiet };
+    // (The window still holds the last requests: they ask for nothing.)
+    let gone = Signals {
+        idle_for: Duration::from_secs(120),
+        load: Load { in_flight: 0.001, rps: 0.05, p99: Some(0.02) },
+        ..quiet
+    };
     let rec = recommend(&s, 1, &gone);
     assert_eq!(rec.replicas, 0);
     assert_eq!(decide(&s, 1, &rec, &[(Duration::from_secs(1), 1)], Duration::ZERO).map(|c| c.to), Some(0));
@@ -147,7 +183,7 @@ fn from_zero_on_a_held_request_and_back_to_zero_when_idle() {
 #[test]
 fn counts_outside_new_bounds_move_into_them() {
     let s = spec(2, 5, vec![Target::InFlight(8.0)]);
-    let rec = Recommendation { replicas: 5, reason: String::new(), measured: Vec::new() };
+    let rec = Recommendation { replicas: 5, reason: String::new(), measured: Vec::new(), burst: false };
     assert_eq!(decide(&s, 9, &rec, &[], Duration::ZERO).unwrap(), Change { to: 5, reason: "bounds are 2 to 5".into() });
     assert_eq!(decide(&s, 1, &rec, &[], Duration::ZERO).unwrap().to, 2);
 }
