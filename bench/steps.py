@@ -24,8 +24,9 @@ MAX_CONNS = 4000
 
 idle = []
 open_conns = 0
-# second -> [latencies of 2xx], failures
+# second -> [latencies of 2xx], failures; failures and resends by kind
 ok, failed = {}, {}
+kinds, retried = {}, {}
 
 
 def segments():
@@ -70,9 +71,10 @@ async def exchange(reader, writer):
     return status, close
 
 
-async def one(due, second):
+async def one(due, second, fresh=False):
     global open_conns
-    conn = idle.pop() if idle else None
+    conn = None if fresh or not idle else idle.pop()
+    reused = conn is not None
     if conn is None:
         if open_conns >= MAX_CONNS:
             failed[second] = failed.get(second, 0) + 1
@@ -82,8 +84,19 @@ async def one(due, second):
         if conn is None:
             conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", PORT), TIMEOUT)
         status, close = await asyncio.wait_for(exchange(*conn), TIMEOUT)
-    except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
+        close_conn(conn)
+        # A kept-alive connection the server closed as the request went
+        # out: sent again on a new one, as HTTP clients do.
+        if reused:
+            retried[type(e).__name__] = retried.get(type(e).__name__, 0) + 1
+            return await one(due, second, fresh=True)
         failed[second] = failed.get(second, 0) + 1
+        kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
+        return
+    except asyncio.TimeoutError:
+        failed[second] = failed.get(second, 0) + 1
+        kinds["timeout"] = kinds.get("timeout", 0) + 1
         close_conn(conn)
         return
     took = (time.monotonic() - due) * 1000
@@ -91,6 +104,7 @@ async def one(due, second):
         ok.setdefault(second, []).append(took)
     else:
         failed[second] = failed.get(second, 0) + 1
+        kinds[f"status_{status}"] = kinds.get(f"status_{status}", 0) + 1
     if close:
         close_conn(conn)
     else:
@@ -132,7 +146,8 @@ async def main():
         print(json.dumps({"second": s, "rate": rate_at(s + 0.5, segs), "ok": len(lat), "failed": failed.get(s, 0),
                           "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}))
     every = [x for v in ok.values() for x in v]
-    print(json.dumps({"summary": True, "ok": len(every), "failed": sum(failed.values()),
+    print(json.dumps({"summary": True, "ok": len(every), "failed": sum(failed.values()), "failures": kinds,
+                      "resent_on_a_new_connection": retried,
                       "p99_ms": pct(every, 0.99), "elapsed_s": round(time.monotonic() - start, 2)}))
 
 
