@@ -14,6 +14,8 @@ import json
 import sys
 import time
 
+from http1 import exchange, pct
+
 PORT, RATE, SECONDS = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 TIMEOUT = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
 MAX_CONNS = int(sys.argv[5]) if len(sys.argv) > 5 else 4000
@@ -28,25 +30,6 @@ def error(kind):
     errors[kind] = errors.get(kind, 0) + 1
 
 
-async def exchange(reader, writer):
-    writer.write(REQUEST)
-    status = int((await reader.readline()).split()[1])
-    length, close = 0, False
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b""):
-            break
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and b"close" in value.lower():
-            close = True
-    if length:
-        await reader.readexactly(length)
-    return status, close
-
-
 async def one(due):
     global open_conns
     conn = idle.pop() if idle else None
@@ -58,7 +41,7 @@ async def one(due):
     try:
         if conn is None:
             conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", PORT), TIMEOUT)
-        status, close = await asyncio.wait_for(exchange(*conn), TIMEOUT)
+        status, close = await asyncio.wait_for(exchange(*conn, REQUEST), TIMEOUT)
     except asyncio.TimeoutError:
         error("timeout")
         close_conn(conn)
@@ -85,13 +68,6 @@ def close_conn(conn):
     open_conns -= 1
     if conn is not None:
         conn[1].close()
-
-
-def pct(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(len(values) * p))], 2)
 
 
 async def main():

@@ -16,6 +16,8 @@ import json
 import sys
 import time
 
+from http1 import exchange, pct
+
 PORT, HOST = int(sys.argv[1]), sys.argv[2]
 SCHEDULE = sys.argv[3]
 TIMEOUT = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
@@ -52,25 +54,6 @@ def rate_at(t, segs):
     return None
 
 
-async def exchange(reader, writer):
-    writer.write(REQUEST)
-    status = int((await reader.readline()).split()[1])
-    length, close = 0, False
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b""):
-            break
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and b"close" in value.lower():
-            close = True
-    if length:
-        await reader.readexactly(length)
-    return status, close
-
-
 async def one(due, second, fresh=False):
     global open_conns
     conn = None if fresh or not idle else idle.pop()
@@ -83,7 +66,7 @@ async def one(due, second, fresh=False):
     try:
         if conn is None:
             conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", PORT), TIMEOUT)
-        status, close = await asyncio.wait_for(exchange(*conn), TIMEOUT)
+        status, close = await asyncio.wait_for(exchange(*conn, REQUEST), TIMEOUT)
     except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
         close_conn(conn)
         # A kept-alive connection the server closed as the request went
@@ -116,13 +99,6 @@ def close_conn(conn):
     open_conns -= 1
     if conn is not None:
         conn[1].close()
-
-
-def pct(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(len(values) * p))], 2)
 
 
 async def main():
