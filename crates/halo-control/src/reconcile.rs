@@ -633,23 +633,30 @@ fn answering<'a>(
 }
 
 /// Publishes this node's proxy counters of the upstreams in a rollout or
-/// of autoscaled services (`/halo/stats/NODE`, on the node lease) four
-/// times a second while they change, and at once when a request starts
-/// waiting for a service at zero, for the leader's canary analysis and
-/// autoscaler; removes them when neither is left.
+/// of autoscaled services (`/halo/stats/NODE`, on the node lease) while
+/// they change: four times a second during a rollout (its windows may be
+/// short), once a second for autoscaling alone (its window is 30 s, its
+/// burst window at least 1 s: a store write per node and second is what a
+/// large cluster can take), and at once when a request starts waiting for
+/// a service at zero. Removes them when neither is left.
 pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
     let key = crate::keys::stats_key(r.node());
     let mut last: Option<(crate::keys::NodeStats, Option<halo_store::LeaseId>)> = None;
     let demand = r.feed.proxy.demand();
     let mut next = tokio::time::Instant::now();
+    let mut put_at = tokio::time::Instant::now();
     loop {
         next += Duration::from_millis(250);
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = demand.notified() => {}
-        }
+        let asked = tokio::select! {
+            _ = tokio::time::sleep_until(next) => false,
+            _ = demand.notified() => true,
+        };
         next = next.max(tokio::time::Instant::now() - Duration::from_millis(250));
         let st = r.ctx.view.current();
+        let rollout = st.services.keys().any(|n| st.canary(n).is_some());
+        if !rollout && !asked && put_at.elapsed() < Duration::from_millis(990) {
+            continue;
+        }
         let names: BTreeSet<String> = st
             .services
             .iter()
@@ -684,6 +691,7 @@ pub(crate) async fn publish_stats(r: Arc<Reconciler>) {
         } else {
             r.ctx.store.put(&key, serde_json::to_vec(&now).expect("encodes"), Some(lease)).await.map(drop)
         };
+        put_at = tokio::time::Instant::now();
         match done {
             Ok(()) => last = (!names.is_empty()).then_some((now, Some(lease))),
             Err(e) => tracing::debug!(error = %e, "publishing proxy counters failed"),
