@@ -45,6 +45,10 @@ const TOLERANCE: f64 = 0.1;
 /// `halo status` shows).
 const REFRESH: Duration = Duration::from_secs(2);
 
+/// Nodes publish their counters about once a second while they change: no
+/// change for this long is no traffic.
+const QUIET: Duration = Duration::from_millis(1500);
+
 /// What the proxies measured of one service over a window, all nodes and
 /// instances together.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -298,28 +302,38 @@ impl Follow {
     }
 
     /// The signals over `window` (and its last tenth) ending now.
+    ///
+    /// Samples are the totals as they changed, timed when the change was
+    /// seen: nodes publish about once a second, so a rate taken between two
+    /// leader passes would count one publication too many or too few (twice
+    /// the load, over a second). A rate ends at the last change while
+    /// publications come, and at now once they stop (no traffic: it decays).
     fn signals(&mut self, window: Duration, ready: u32, now: Instant) -> Signals {
         let total = self.tally.total.clone();
         if total.waiting > 0 || self.samples.back().is_some_and(|(_, c)| c.requests < total.requests) {
             self.last_request = now;
         }
-        self.samples.push_back((now, total.clone()));
-        // Keep the newest sample at least `window` old, and none older.
-        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= window {
+        if self.samples.back().is_none_or(|(_, c)| *c != total) {
+            self.samples.push_back((now, total.clone()));
+        }
+        // Keep the newest sample a window older than now, and none older.
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= window + QUIET {
             self.samples.pop_front();
         }
+        let (last_at, _) = *self.samples.back().expect("one at least");
+        let end = if now.duration_since(last_at) < QUIET { last_at } else { now };
         let over = |span: Duration| {
-            // The newest sample at least `span` old (else the oldest).
+            // The newest sample at least `span` before the end (else the oldest).
             let (then, first) = self
                 .samples
                 .iter()
                 .rev()
-                .find(|(at, _)| now.duration_since(*at) >= span)
+                .find(|(at, _)| end.saturating_duration_since(*at) >= span)
                 .or(self.samples.front())
                 .cloned()
-                .expect("just pushed");
+                .expect("one at least");
             let grew = total.since(&first);
-            let secs = now.duration_since(then).as_secs_f64();
+            let secs = end.saturating_duration_since(then).as_secs_f64();
             if secs <= 0.0 {
                 return Load::default();
             }

@@ -197,3 +197,43 @@ fn a_tally_keeps_growing_through_a_node_restart() {
     t.update(&BTreeMap::from([("a".to_string(), c(130, 0)), ("b".to_string(), c(5, 0))]));
     assert_eq!((t.total.requests, t.total.waiting), (185, 0), "b restarted: its 5 count from zero");
 }
+
+#[test]
+fn rates_follow_publications_not_the_leaders_passes() {
+    // One node publishes once a second: 100 requests a second, 20 ms each
+    // (2 in flight). The leader looks when a publication arrives (its view
+    // changed) and every 300 ms. Every pass measures the same, not one
+    // publication too many or too few over the burst window.
+    let t0 = Instant::now();
+    let mut f = Follow::new(t0);
+    let window = Duration::from_secs(10);
+    let published = |secs: u64| Counters {
+        requests: secs * 100,
+        latency_sum_us: secs * 100 * 20_000,
+        latency: vec![0, 0, 0, 0, 0, secs * 100],
+        ..Counters::default()
+    };
+    let mut rates = Vec::new();
+    // Passes (ms): every 300, and 2 ms after each publication.
+    let mut passes: Vec<u64> = (0..60).map(|p| p * 300).chain((1..18).map(|s| s * 1000 + 2)).collect();
+    passes.sort();
+    for ms in passes {
+        let now = t0 + Duration::from_millis(ms);
+        let secs = ms / 1000;
+        f.tally.update(&BTreeMap::from([("n1".to_string(), published(secs))]));
+        let s = f.signals(window, 1, now);
+        if ms >= 3000 {
+            rates.push((ms, s.burst.rps, s.burst.in_flight, s.load.rps));
+        }
+    }
+    for (pass, burst, in_flight, load) in &rates {
+        assert!((99.0..=101.0).contains(burst), "pass {pass}: {burst} requests/s over the burst window");
+        assert!((1.98..=2.02).contains(in_flight), "pass {pass}: {in_flight} in flight");
+        assert!((99.0..=101.0).contains(load), "pass {pass}: {load} requests/s over the window");
+    }
+    // Publications stop (no traffic): the rates decay to nothing.
+    let stopped = t0 + Duration::from_millis(17_700);
+    let s = f.signals(window, 1, stopped + Duration::from_secs(5));
+    assert!(s.burst.rps == 0.0 || s.burst.rps < 5.0, "{:?}", s.burst);
+    assert!(s.load.rps < 70.0, "{:?}", s.load);
+}
